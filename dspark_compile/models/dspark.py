@@ -1,0 +1,218 @@
+"""The DSpark draft head (DSPARK.md §2), grafted onto a target: it shares the target's embedding and LM head.
+
+One forward drafts a whole block: the parallel backbone reads the context features (KV injection) and the
+block [anchor, mask, ..., mask]; then the Markov head samples x_1..x_G left to right (the loop is unrolled, so
+an exported graph contains it) and the confidence head scores each position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dspark_compile.config import DraftConfig
+from dspark_compile.models.layers import AttentionProjections, RMSNorm, RotaryEmbedding, SwiGLU, attend, write_cache
+
+
+class DraftLayer(nn.Module):
+    """A Qwen3 decoder layer whose keys/values also come from the context features (KV injection)."""
+
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        base = cfg.base
+        self.self_attn = AttentionProjections(base)
+        self.mlp = SwiGLU(base.hidden_size, base.intermediate_size)
+        self.input_layernorm = RMSNorm(base.hidden_size, base.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(base.hidden_size, base.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, ctx: torch.Tensor, rope_blk: tuple[torch.Tensor, torch.Tensor],
+        rope_ctx: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor, cache_len: torch.Tensor, mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.self_attn
+        h = self.input_layernorm(x)
+        q = attn.query(h, *rope_blk)
+        k_ctx, v_ctx = attn.key_value(ctx, *rope_ctx)  # context entries are cached across rounds
+        k_cache = write_cache(kv[0], k_ctx, cache_len)
+        v_cache = write_cache(kv[1], v_ctx, cache_len)
+        k_blk, v_blk = attn.key_value(h, *rope_blk)  # block entries are attended but never cached
+        k = torch.cat((k_cache, k_blk.to(k_cache.dtype)), dim=2)
+        v = torch.cat((v_cache, v_blk.to(v_cache.dtype)), dim=2)
+        x = x + attn.o_proj(attend(q, k, v, mask, attn.scale))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, torch.stack((k_cache, v_cache))
+
+
+class MarkovHead(nn.Module):
+    """Low-rank transition bias B(x_{k-1}) = W2 · W1[x_{k-1}], optionally gated or recurrent (``rnn``)."""
+
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__()
+        r, h, v = cfg.markov_rank, cfg.base.hidden_size, cfg.base.vocab_size
+        self.kind = cfg.markov_head_type or "vanilla"
+        self.rank = r
+        self.markov_w1 = nn.Embedding(v, r)
+        self.markov_w2 = nn.Linear(r, v, bias=False)
+        if self.kind == "gated":
+            self.gate_proj = nn.Linear(h + r, r)
+        if self.kind == "rnn":
+            self.joint_proj = nn.Linear(2 * r + h, 3 * r)
+
+    def step(self, prev: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """prev [B] token ids, hidden [B, H], state [B, r] -> (bias [B, V], new state)."""
+        e = self.markov_w1(prev)
+        if self.kind == "gated":
+            e = e * torch.sigmoid(self.gate_proj(torch.cat((hidden, e), dim=-1)))
+            return self.markov_w2(e), state
+        if self.kind == "rnn":
+            gate, cand, out = self.joint_proj(torch.cat((state, e, hidden), dim=-1)).chunk(3, dim=-1)
+            g = torch.sigmoid(gate)
+            new_state = g * state + (1.0 - g) * torch.tanh(cand)
+            return self.markov_w2(torch.tanh(out)), new_state
+        return self.markov_w2(e), state
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features.to(self.proj.weight.dtype)).squeeze(-1).to(torch.float32)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Smallest index i with cumsum(p)[i] > u * sum(p); the rule SpecVerify uses too (docs/PROGRAM.md)."""
+    cdf = torch.cumsum(probs, dim=-1)
+    threshold = uniforms.unsqueeze(-1) * cdf[..., -1:]
+    idx = (cdf <= threshold).to(torch.int64).sum(dim=-1)
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
+class DSparkDraft(nn.Module):
+    """Draft backbone + Markov head + confidence head over a static context cache (docs/PROGRAM.md)."""
+
+    def __init__(self, cfg: DraftConfig, embed_tokens: nn.Embedding, lm_head: nn.Linear) -> None:
+        super().__init__()
+        base = cfg.base
+        self.cfg = cfg
+        self.block_size = cfg.block_size
+        self.embed_tokens = embed_tokens  # the graft: the target's own modules, not copies
+        self.lm_head = lm_head
+        self.fc = nn.Linear(cfg.num_taps * base.hidden_size, base.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(base.hidden_size, base.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(base.num_hidden_layers))
+        self.norm = RMSNorm(base.hidden_size, base.rms_norm_eps)
+        self.rotary = RotaryEmbedding(base.head_dim, base.rope)
+        self.markov_head = MarkovHead(cfg) if cfg.markov_rank > 0 else None
+        self.confidence_head = None
+        if cfg.enable_confidence_head:
+            extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
+            self.confidence_head = ConfidenceHead(base.hidden_size + extra)
+
+    def context_features(self, taps: torch.Tensor) -> torch.Tensor:
+        """ctx = RMSNorm_hidden_norm(fc(taps)) (§2, context features)."""
+        return self.hidden_norm(self.fc(taps.to(self.fc.weight.dtype)))
+
+    def backbone(
+        self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
+        draft_kv: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block hidden states [B, G, H] (after the final norm) and the updated context cache."""
+        bsz, c, _ = ctx_taps.shape
+        g = self.block_size
+        dev = anchor.device
+        s = draft_kv.shape[-2]
+        ctx = self.context_features(ctx_taps)
+        ctx_pos = cache_len.view(bsz, 1) + torch.arange(c, device=dev).view(1, c)
+        anchor_pos = cache_len + ctx_count
+        blk_pos = anchor_pos.view(bsz, 1) + torch.arange(g, device=dev).view(1, g)
+        block_ids = torch.full((bsz, g), self.cfg.mask_token_id, dtype=torch.int64, device=dev)
+        block_ids = torch.cat((anchor.view(bsz, 1).to(torch.int64), block_ids[:, 1:]), dim=1)
+        x = self.embed_tokens(block_ids)
+        rope_blk = self.rotary(blk_pos, x.dtype)
+        rope_ctx = self.rotary(ctx_pos, x.dtype)
+        # Block queries see every committed context slot (< anchor position) and the whole block (not causal).
+        ctx_visible = torch.arange(s, device=dev).view(1, 1, s) < anchor_pos.view(bsz, 1, 1)
+        mask = torch.cat((ctx_visible.expand(bsz, g, s), torch.ones(bsz, g, g, dtype=torch.bool, device=dev)), dim=2)
+        mask = mask.unsqueeze(1)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, ctx, rope_blk, rope_ctx, draft_kv[i], cache_len, mask)
+            new_kv.append(kv)
+        return self.norm(x), torch.stack(new_kv)
+
+    def forward(
+        self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
+        draft_kv: torch.Tensor, temperature: torch.Tensor | None = None, uniforms: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (draft_tokens [B, G], confidence_logits [B, G], draft_probs [B, G, V] or the Markov-adjusted
+        logits when greedy, draft_kv_out)."""
+        hidden, kv_out = self.backbone(anchor, ctx_taps, ctx_count, cache_len, draft_kv)
+        tokens, conf, probs = self.propose(hidden, anchor, temperature, uniforms)
+        return tokens, conf, probs, kv_out
+
+    def propose(
+        self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
+        uniforms: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Markov sampling left to right (§2): logits_k = U_k + bias(x_{k-1}); x_0 = anchor."""
+        bsz, g, _ = hidden.shape
+        base_logits = self.lm_head(hidden).to(torch.float32)
+        prev = anchor.to(torch.int64)
+        state = hidden.new_zeros(bsz, self.cfg.markov_rank) if self.markov_head is not None else None
+        sampling = temperature is not None and uniforms is not None
+        if sampling:
+            greedy_row = temperature <= 0
+            inv_t = 1.0 / torch.where(greedy_row, torch.ones_like(temperature), temperature)
+        tokens, confs, outs = [], [], []
+        for k in range(g):
+            h_k = hidden[:, k]
+            logits_k = base_logits[:, k]
+            if self.markov_head is not None:
+                bias, state = self.markov_head.step(prev, h_k, state)
+                logits_k = logits_k + bias.to(torch.float32)
+            if self.confidence_head is not None:
+                feats = h_k
+                if self.cfg.confidence_head_with_markov:
+                    feats = torch.cat((h_k, self.markov_head.markov_w1(prev).to(h_k.dtype)), dim=-1)
+                confs.append(self.confidence_head(feats))
+            else:
+                confs.append(torch.zeros(bsz, dtype=torch.float32, device=hidden.device))
+            best = torch.argmax(logits_k, dim=-1)
+            if sampling:
+                probs_k = torch.softmax(logits_k * inv_t.unsqueeze(-1), dim=-1)
+                x_k = torch.where(greedy_row, best, sample_inverse_cdf(probs_k, uniforms[:, k]))
+                outs.append(probs_k)
+            else:
+                x_k = best
+                outs.append(logits_k)
+            tokens.append(x_k)
+            prev = x_k
+        return torch.stack(tokens, dim=1), torch.stack(confs, dim=1), torch.stack(outs, dim=1)
+
+    def new_cache(self, batch: int, slots: int, *, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+        b = self.cfg.base
+        w = self.fc.weight
+        return torch.zeros(b.num_hidden_layers, 2, batch, b.num_key_value_heads, slots, b.head_dim,
+                           dtype=dtype or w.dtype, device=device or w.device)
+
+    @classmethod
+    def from_weights(cls, cfg: DraftConfig, get: Callable[[str], torch.Tensor], *, embed_tokens: nn.Embedding,
+                     lm_head: nn.Linear, dtype: torch.dtype = torch.float32) -> DSparkDraft:
+        """Build from DeepSpec tensor names; ``embed_tokens``/``lm_head`` are the target's (the graft)."""
+        with torch.device("meta"):
+            model = cls(cfg, nn.Embedding(1, 1), nn.Linear(1, 1, bias=False))
+        state = {name: get(name).to(dtype) for name, _ in model.named_parameters()
+                 if not name.startswith(("embed_tokens.", "lm_head."))}
+        model.load_state_dict(state, assign=True, strict=False)
+        model.embed_tokens = embed_tokens
+        model.lm_head = lm_head
+        model.rotary = RotaryEmbedding(cfg.base.head_dim, cfg.base.rope)
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise RuntimeError(f"draft parameters not loaded: {missing}")
+        return model.eval()

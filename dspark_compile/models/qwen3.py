@@ -1,0 +1,106 @@
+"""Our Qwen3 target with an explicit static KV cache and hidden-state taps (DSPARK.md §2, "context features").
+
+``transformers`` is only a test oracle; nothing here imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from dspark_compile.config import TargetConfig
+from dspark_compile.models.layers import AttentionProjections, RMSNorm, RotaryEmbedding, SwiGLU, attend, write_cache
+
+
+class Qwen3Layer(nn.Module):
+    def __init__(self, cfg: TargetConfig) -> None:
+        super().__init__()
+        self.self_attn = AttentionProjections(cfg)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, cache_len: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv [2, B, KV, S, D]; returns the layer output and the updated kv."""
+        attn = self.self_attn
+        h = self.input_layernorm(x)
+        q = attn.query(h, cos, sin)
+        k_new, v_new = attn.key_value(h, cos, sin)
+        k = write_cache(kv[0], k_new, cache_len)
+        v = write_cache(kv[1], v_new, cache_len)
+        x = x + attn.o_proj(attend(q, k, v, mask, attn.scale))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, torch.stack((k, v))
+
+
+class Qwen3Target(nn.Module):
+    """Qwen3ForCausalLM forward over a static cache: slot = absolute position (docs/PROGRAM.md)."""
+
+    def __init__(self, cfg: TargetConfig, tap_layer_ids: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tap_layer_ids = tuple(int(i) for i in tap_layer_ids)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen3Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
+
+    def forward(
+        self, input_ids: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids [B, T] at positions cache_len[b] + t; kv_cache [L, 2, B, KV, S, D].
+
+        Returns (hidden after the final norm [B, T, H], taps [B, T, NT*H], kv_cache_out).
+        Tap id -1 is the embedding output, id i the output of decoder layer i (HF hidden_states[i + 1]).
+        """
+        bsz, t = input_ids.shape
+        s = kv_cache.shape[-2]
+        positions = cache_len.view(bsz, 1) + torch.arange(t, device=input_ids.device).view(1, t)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        slots = torch.arange(s, device=input_ids.device).view(1, 1, 1, s)
+        mask = slots <= positions.view(bsz, 1, t, 1)  # causal over the committed prefix and this chunk
+        taps: dict[int, torch.Tensor] = {-1: x}
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, kv_cache[i], cache_len, mask)
+            new_layers.append(kv)
+            taps[i] = x
+        tapped = [taps[i] for i in self.tap_layer_ids]
+        tap_tensor = torch.cat(tapped, dim=-1) if tapped else x[..., :0]
+        return self.norm(x), tap_tensor, torch.stack(new_layers)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).to(torch.float32)
+
+    def new_cache(self, batch: int, slots: int, *, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+        c = self.cfg
+        w = self.embed_tokens.weight
+        return torch.zeros(c.num_hidden_layers, 2, batch, c.num_key_value_heads, slots, c.head_dim,
+                           dtype=dtype or w.dtype, device=device or w.device)
+
+    @classmethod
+    def from_weights(cls, cfg: TargetConfig, get: Callable[[str], torch.Tensor], *, tap_layer_ids: Sequence[int] = (),
+                     dtype: torch.dtype = torch.float32) -> Qwen3Target:
+        """Build from Hugging Face tensor names (``get(name)`` returns one tensor)."""
+        with torch.device("meta"):
+            model = cls(cfg, tap_layer_ids)
+        loaded: dict[str, torch.Tensor] = {}  # tied embeddings load once and share storage
+        state = {}
+        for name, _ in model.named_parameters():
+            hf = "lm_head.weight" if name == "lm_head.weight" else f"model.{name}"
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                hf = "model.embed_tokens.weight"
+            if hf not in loaded:
+                loaded[hf] = get(hf).to(dtype)
+            state[name] = loaded[hf]
+        model.load_state_dict(state, assign=True, strict=True)
+        model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
+        return model.eval()
