@@ -1,0 +1,83 @@
+"""The Python API behind every CLI command, for users' own build scripts.
+
+    from dspark_compile import api
+    report = api.inspect_pair("qwen3-8b/", "dspark_qwen3_8b_block7/")
+    results = api.generate("qwen3-8b/", "dspark.../", [[1, 2, 3]], max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dspark_compile.checkpoint import load_draft, load_target, validate_pair
+from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy
+from dspark_compile.runtime.decode import generate as _generate
+
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _count(store: Any, names: Sequence[str]) -> int:
+    total = 0
+    for n in names:
+        c = 1
+        for d in store.shape(n):
+            c *= d
+        total += c
+    return total
+
+
+def inspect_pair(target_dir: str | Path, draft_dir: str | Path, *, allow_nonfinite: bool = False) -> dict[str, Any]:
+    """Architecture, parameter counts, taps, block size, Markov rank, memory per dtype and a verdict."""
+    target = load_target(target_dir, allow_nonfinite=allow_nonfinite)
+    draft = load_draft(draft_dir, allow_nonfinite=allow_nonfinite)
+    problems = validate_pair(target, draft)
+    tc, dc = target.config, draft.config
+    target_params = _count(target.weights, target.weights.names())
+    shared = ("embed_tokens.weight", "lm_head.weight")
+    draft_own = [n for n in draft.weights.names() if n not in shared]
+    draft_params = _count(draft.weights, draft_own)
+    return {
+        "target": {
+            "path": str(target.path), "architecture": tc.architecture, "parameters": target_params,
+            "layers": tc.num_hidden_layers, "hidden_size": tc.hidden_size, "vocab_size": tc.vocab_size,
+            "heads": tc.num_attention_heads, "kv_heads": tc.num_key_value_heads, "head_dim": tc.head_dim,
+            "tied_embeddings": tc.tie_word_embeddings, "rope_theta": tc.rope.theta,
+            "stored_dtypes": sorted({target.weights.dtype(n) for n in target.weights.names()}),
+        },
+        "draft": {
+            "path": str(draft.path), "architecture": dc.base.architecture,
+            "parameters_excluding_shared": draft_params, "layers": dc.base.num_hidden_layers,
+            "block_size": dc.block_size, "target_layer_ids": list(dc.target_layer_ids),
+            "mask_token_id": dc.mask_token_id, "markov_rank": dc.markov_rank,
+            "markov_head_type": dc.markov_head_type, "confidence_head": dc.enable_confidence_head,
+            "confidence_head_with_markov": dc.confidence_head_with_markov,
+            "stored_dtypes": sorted({draft.weights.dtype(n) for n in draft.weights.names()}),
+        },
+        "memory_bytes": {k: (target_params + draft_params) * b for k, b in BYTES.items()},
+        "compatible": not problems,
+        "problems": problems,
+    }
+
+
+def generate(target_dir: str | Path, draft_dir: str | Path | None, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, block_size: int | None = None,
+             verify: str = "fixed", confidence_threshold: float | None = None, baseline: bool = False,
+             dtype: str = "fp32", device: str = "cpu", allow_nonfinite: bool = False) -> list[GenerationResult]:
+    """Decode with the PyTorch reference program (speculative, or target-only with ``baseline=True``)."""
+    from dspark_compile.runtime.torch_backend import TorchBackend
+
+    if block_size is not None and block_size < 1:
+        from dspark_compile.errors import UsageError
+
+        raise UsageError(f"--block-size must be >= 1, found {block_size}")
+    policy = VerifyPolicy.parse(verify)
+    if confidence_threshold is not None:
+        policy = VerifyPolicy("threshold", threshold=confidence_threshold)
+        VerifyPolicy.parse(f"threshold={confidence_threshold}")  # range check
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, policy=policy)
+    backend = TorchBackend.from_pair(Path(target_dir), None if baseline or draft_dir is None else Path(draft_dir),
+                                     dtype=dtype, device=device, block_size=block_size,
+                                     allow_nonfinite=allow_nonfinite)
+    return _generate(backend, prompts, params, speculative=not baseline)

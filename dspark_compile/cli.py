@@ -1,0 +1,206 @@
+"""`dspark-compile`: a thin click shell over :mod:`dspark_compile.api`.
+
+Exit codes: 0 success; 1 internal error (a bug: traceback printed); 2 bad input (one line on stderr);
+3 a build step rejected its input; 4 an optional backend (TensorRT, onnxruntime, tritonserver, GPU) is
+unavailable; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from dspark_compile.errors import DsparkError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("dspark_compile")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise UsageError(f"--prompt-ids {text!r}: give comma-separated token ids, e.g. --prompt-ids 1,2,3")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"--prompt-ids {text!r}: token ids must be integers, e.g. --prompt-ids 1,2,3") from None
+
+
+def read_prompt_file(path: Path) -> list[list[int]]:
+    """JSON Lines: each line a list of ids or an object with `prompt_ids` (or `prompt`)."""
+    if not path.is_file():
+        raise UsageError(f"{path}: prompt file not found; pass a JSON Lines file with one id list per line")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); expected e.g. [1, 2, 3]") from None
+        ids = row.get("prompt_ids", row.get("prompt")) if isinstance(row, dict) else row
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise UsageError(f"{path}:{n}: expected a list of integer token ids or {{\"prompt_ids\": [...]}}")
+        prompts.append(ids)
+    if not prompts:
+        raise UsageError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def prompts_from(prompt_ids: tuple[str, ...], prompt_file: Path | None) -> list[list[int]]:
+    if bool(prompt_ids) == bool(prompt_file):
+        raise UsageError("give exactly one of --prompt-ids (repeatable) or --prompt-file")
+    if prompt_file is not None:
+        return read_prompt_file(prompt_file)
+    return [parse_prompt_ids(p) for p in prompt_ids]
+
+
+def emit(obj: Any, as_json: bool, human: Callable[[Any], None] | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, separators=(",", ":")))
+    elif human is not None:
+        human(obj)
+    else:
+        click.echo(json.dumps(obj, indent=2))
+
+
+def common(fn: F) -> F:
+    @click.option("--debug", is_flag=True, help="Show tracebacks for user errors too.")
+    @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
+    @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, debug: bool, verbose: int, quiet: bool, **kwargs: Any) -> Any:
+        _setup_logging(verbose, quiet)
+        click.get_current_context().meta["debug"] = debug
+        return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dspark-compile")
+def cli() -> None:
+    """Compile a Qwen3 target + DSpark draft head into speculative-decoding engines."""
+
+
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("draft", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf weights.")
+@common
+def inspect(target: Path, draft: Path, as_json: bool, allow_nonfinite: bool) -> None:
+    """Describe a (target, draft) pair and say whether it is compatible."""
+    from dspark_compile import api
+
+    report = api.inspect_pair(target, draft, allow_nonfinite=allow_nonfinite)
+
+    def human(r: dict[str, Any]) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="dspark-compile inspect", show_header=True)
+        t.add_column("")
+        t.add_column("target")
+        t.add_column("draft")
+        tg, dr = r["target"], r["draft"]
+        t.add_row("path", tg["path"], dr["path"])
+        t.add_row("architecture", tg["architecture"], dr["architecture"])
+        t.add_row("parameters", f"{tg['parameters']:,}", f"{dr['parameters_excluding_shared']:,} (+ shared)")
+        t.add_row("layers", str(tg["layers"]), str(dr["layers"]))
+        t.add_row("taps / block", "", f"{dr['target_layer_ids']} / γ={dr['block_size']}")
+        t.add_row("markov", "", f"{dr['markov_head_type']} r={dr['markov_rank']}")
+        t.add_row("confidence head", "", str(dr["confidence_head"]))
+        con = Console()
+        con.print(t)
+        for k, v in r["memory_bytes"].items():
+            con.print(f"memory {k}: {v / 2**20:.1f} MiB")
+        con.print("[green]compatible[/green]" if r["compatible"] else "[red]NOT compatible[/red]")
+        for p in r["problems"]:
+            con.print(f"  - {p}")
+
+    emit(report, as_json, human)
+    if not report["compatible"]:
+        sys.exit(2)
+
+
+@cli.command()
+@click.option("--target", required=True, type=click.Path(path_type=Path), help="Target checkpoint directory.")
+@click.option("--draft", type=click.Path(path_type=Path), help="DSpark draft checkpoint directory.")
+@click.option("--prompt-ids", multiple=True, help="Comma-separated token ids; repeat for a batch.")
+@click.option("--prompt-file", type=click.Path(path_type=Path), help="JSON Lines file of prompts.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--block-size", type=int, help="Draft block γ (default: the draft's block_size).")
+@click.option("--confidence-threshold", type=float, help="Static confidence threshold for the verify length.")
+@click.option("--verify", default="fixed", show_default=True, help="fixed | threshold=X | schedule")
+@click.option("--baseline", is_flag=True, help="Target-only decoding.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf weights.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per prompt.")
+@common
+def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prompt_file: Path | None,
+             max_new_tokens: int, temperature: float, seed: int, block_size: int | None,
+             confidence_threshold: float | None, verify: str, baseline: bool, dtype: str, device: str,
+             allow_nonfinite: bool, as_json: bool) -> None:
+    """Decode with the PyTorch reference program."""
+    from dspark_compile import api
+
+    if draft is None and not baseline:
+        raise UsageError("--draft is required unless --baseline is given")
+    prompts = prompts_from(prompt_ids, prompt_file)
+    results = api.generate(target, draft, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                           seed=seed, block_size=block_size, verify=verify,
+                           confidence_threshold=confidence_threshold, baseline=baseline, dtype=dtype,
+                           device=device, allow_nonfinite=allow_nonfinite)
+    _print_results(results, as_json)
+
+
+def _print_results(results: list[Any], as_json: bool) -> None:
+    for r in results:
+        obj = r.to_json()
+        if as_json:
+            obj["rounds"] = [{"draft": x["draft"], "accepted": x["accepted"]} for x in obj["rounds"]]
+            click.echo(json.dumps(obj, separators=(",", ":")))
+        else:
+            click.echo(f"tokens: {' '.join(map(str, obj['tokens']))}")
+            if obj["rounds"]:
+                click.echo(f"rounds: {len(obj['rounds'])}  mean accepted (bonus counted): {obj['mean_accepted']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one stderr line and a documented exit code."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except DsparkError as e:
+        if "--debug" in (argv if argv is not None else sys.argv):
+            raise
+        click.echo(f"error: {e.one_line()}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()} (see --help)", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The speculative decode loop (DSPARK.md §4) for a batch of requests, shared by every backend.
+
+Round accounting follows the authors' evaluator so acceptance lengths are comparable with the golden traces:
+rounds run while the number of generated tokens (the prefill token included) is at most ``max_new_tokens``,
+and the output is cut to ``max_new_tokens`` (and after the first EOS, which is kept).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dspark_compile.errors import UsageError
+from dspark_compile.runtime.backend import Backend
+from dspark_compile.runtime.sampling import sample_from_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyPolicy:
+    """How many drafted tokens each request verifies per round.
+
+    ``fixed``: all G; ``threshold``: the leading positions with sigmoid(confidence) >= threshold (DeepSpec's
+    static rule); ``schedule``: the confidence-scheduled verification of §5 over the whole batch.
+    """
+
+    kind: str = "fixed"
+    threshold: float = 0.5
+    sps: Mapping[int, float] | None = None
+    temperatures: tuple[float, ...] | None = None  # Sequential Temperature Scaling of the confidence logits
+    smoothed: bool = False
+
+    @classmethod
+    def parse(cls, text: str, **kwargs: Any) -> VerifyPolicy:
+        text = text.strip()
+        if text == "fixed":
+            return cls("fixed", **kwargs)
+        if text == "schedule":
+            return cls("schedule", **kwargs)
+        if text.startswith("threshold"):
+            _, _, value = text.partition("=")
+            try:
+                thr = float(value) if value else 0.5
+            except ValueError:
+                raise UsageError(f"--verify {text!r}: the threshold must be a number in [0, 1], e.g. threshold=0.5")
+            if not 0.0 <= thr <= 1.0:
+                raise UsageError(f"--verify {text!r}: the threshold must be in [0, 1], found {thr}")
+            return cls("threshold", threshold=thr, **kwargs)
+        raise UsageError(f"--verify {text!r} is not a verification mode; use fixed, threshold=X or schedule")
+
+    def probabilities(self, confidence_logits: np.ndarray) -> np.ndarray:
+        logits = confidence_logits.astype(np.float64)
+        if self.temperatures is not None:
+            logits = logits / np.asarray(self.temperatures[: logits.shape[1]], dtype=np.float64)
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def lengths(self, confidence_logits: np.ndarray, block: int) -> np.ndarray:
+        rows = confidence_logits.shape[0]
+        if self.kind == "fixed":
+            return np.full(rows, block, dtype=np.int64)
+        probs = self.probabilities(confidence_logits)
+        if self.kind == "threshold":
+            from dspark_compile.runtime.scheduler import threshold_lengths
+
+            return np.asarray(threshold_lengths(probs.tolist(), self.threshold), dtype=np.int64)
+        from dspark_compile.runtime.scheduler import schedule, schedule_smoothed
+
+        if self.sps is None:
+            raise UsageError("--verify schedule needs an SPS profile (run `dspark-compile profile BUILD_DIR`)")
+        fn = schedule_smoothed if self.smoothed else schedule
+        return np.asarray(fn(probs.tolist(), self.sps), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    seed: int = 0
+    policy: VerifyPolicy = field(default_factory=VerifyPolicy)
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be >= 1, found {self.max_new_tokens}")
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0 (0 = greedy), found {self.temperature}")
+
+
+@dataclass
+class GenerationResult:
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def mean_accepted(self) -> float:
+        return float(np.mean([r["accepted"] for r in self.rounds])) if self.rounds else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "rounds": self.rounds, "mean_accepted": self.mean_accepted}
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    rng: np.random.Generator
+    result: GenerationResult
+    generated: int = 0  # tokens produced so far, before truncation
+    target_len: int = 0  # target cache length = anchor position
+    draft_len: int = 0  # draft context cache length
+    pending_ctx: np.ndarray | None = None  # taps of committed positions the draft has not seen
+    anchor: int = 0
+    done: bool = False
+
+
+RoundCallback = Callable[[int, list[int], dict[str, Any]], None]
+
+
+def _validate_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
+    if not prompts:
+        raise UsageError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in p]
+        if not ids:
+            raise UsageError(f"prompt {i} is empty; give at least one token id")
+        bad = [t for t in ids if t < 0 or t >= vocab]
+        if bad:
+            raise UsageError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        out.append(ids)
+    return out
+
+
+def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: GenerationParams,
+             on_round: RoundCallback | None = None, *, speculative: bool = True) -> list[GenerationResult]:
+    """Decode ``prompts`` as one batch. ``speculative=False`` is target-only decoding (same graphs, G = 0).
+
+    ``on_round(request_index, new_tokens, round)`` streams each request's committed tokens as they appear.
+    """
+    info = backend.info
+    prompts = _validate_prompts(prompts, info.vocab_size)
+    g = info.block_size if speculative else 0
+    if params.policy.kind != "fixed" and speculative and not info.has_confidence:
+        raise UsageError(f"--verify {params.policy.kind} needs a draft with a confidence head; use --verify fixed")
+    sampling = params.temperature > 0
+    if sampling and not info.sampling:
+        raise UsageError("these graphs were built for greedy verification only; rebuild with --verify-mode sampling "
+                         "or use temperature 0")
+    slots = max(len(p) for p in prompts) + params.max_new_tokens + g + 2
+    if info.max_slots is not None and slots > info.max_slots:
+        raise UsageError(f"prompt + max_new_tokens need {slots} cache slots but the build allows {info.max_slots}; "
+                         "shorten the prompt or rebuild with a larger --max-context")
+    reqs = [_Request(i, p, np.random.default_rng([params.seed, i]), GenerationResult(prompt=p))
+            for i, p in enumerate(prompts)]
+    bsz = len(reqs)
+    backend.start(bsz, slots)
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    ids = np.zeros((bsz, int(lengths.max())), dtype=np.int64)
+    for r in reqs:
+        ids[r.index, : len(r.prompt)] = r.prompt
+    last_logits, taps = backend.prefill(ids, lengths)
+    for r in reqs:
+        first = sample_from_logits(last_logits[r.index], params.temperature, r.rng.random())
+        r.target_len = len(r.prompt)
+        r.pending_ctx = taps[r.index, : len(r.prompt)]
+        r.anchor = first
+        _commit(r, [first], params, info.eos_token_ids, on_round, None)
+
+    active = [r for r in reqs if not r.done]
+    rows = np.array([r.index for r in active], dtype=np.int64)
+    if len(active) < bsz:
+        backend.select(rows)
+    while active:
+        _round(backend, active, params, g, sampling, on_round)
+        still = [i for i, r in enumerate(active) if not r.done]
+        if len(still) < len(active):
+            if still:
+                backend.select(np.array(still, dtype=np.int64))
+            active = [active[i] for i in still]
+    return [r.result for r in reqs]
+
+
+def _round(backend: Backend, active: list[_Request], params: GenerationParams, g: int, sampling: bool,
+           on_round: RoundCallback | None) -> None:
+    bsz = len(active)
+    anchor = np.array([r.anchor for r in active], dtype=np.int64)
+    target_len = np.array([r.target_len for r in active], dtype=np.int64)
+    temperature = np.full(bsz, params.temperature, dtype=np.float32) if sampling else None
+    if g > 0:
+        width = max(r.pending_ctx.shape[0] for r in active)
+        feat = active[0].pending_ctx.shape[1]
+        ctx = np.zeros((bsz, width, feat), dtype=active[0].pending_ctx.dtype)
+        counts = np.zeros(bsz, dtype=np.int64)
+        for i, r in enumerate(active):
+            n = r.pending_ctx.shape[0]
+            ctx[i, :n] = r.pending_ctx
+            counts[i] = n
+        draft_len = np.array([r.draft_len for r in active], dtype=np.int64)
+        u_draft = np.stack([r.rng.random(g, dtype=np.float32) for r in active]) if sampling else None
+        d = backend.draft(anchor, ctx, counts, draft_len, temperature, u_draft)
+        verify_len = params.policy.lengths(d.confidence_logits, g)
+        tokens = np.concatenate((anchor[:, None], d.tokens), axis=1)
+        for r, n in zip(active, counts, strict=True):
+            r.draft_len += int(n)
+    else:
+        d = None
+        verify_len = np.zeros(bsz, dtype=np.int64)
+        tokens = anchor[:, None]
+    u_verify = np.stack([r.rng.random(g + 1, dtype=np.float32) for r in active]) if sampling else None
+    v = backend.verify(tokens, target_len, verify_len, d.probs if (d is not None and sampling) else None,
+                       temperature, u_verify)
+    for i, r in enumerate(active):
+        j = int(v.accepted[i])
+        ell = int(verify_len[i])
+        new = [int(t) for t in tokens[i, 1 : j + 1]] + [int(v.next_token[i])]
+        rnd: dict[str, Any] = {"draft": [int(t) for t in tokens[i, 1 : ell + 1]], "accepted": j + 1}
+        if d is not None:
+            rnd["confidence_logits"] = [round(float(c), 6) for c in d.confidence_logits[i, :ell]]
+        r.target_len += j + 1
+        r.pending_ctx = v.taps[i, : j + 1]
+        r.anchor = new[-1]
+        _commit(r, new, params, backend.info.eos_token_ids, on_round, rnd)
+
+
+def _commit(r: _Request, new: list[int], params: GenerationParams, eos: tuple[int, ...],
+            on_round: RoundCallback | None, rnd: dict[str, Any] | None) -> None:
+    if rnd is not None:
+        r.result.rounds.append(rnd)
+    room = params.max_new_tokens - len(r.result.tokens)
+    visible = new[: max(room, 0)]
+    hit_eos = False
+    if params.stop_on_eos and eos:
+        for k, t in enumerate(visible):
+            if t in eos:
+                visible = visible[: k + 1]
+                hit_eos = True
+                break
+    r.result.tokens.extend(visible)
+    r.generated += len(new)
+    if on_round is not None and (visible or rnd is not None):
+        on_round(r.index, visible, rnd or {})
+    # The reference evaluator keeps drafting while generated <= max_new_tokens (see module docstring).
+    if hit_eos or r.generated > params.max_new_tokens:
+        r.done = True
