@@ -1,0 +1,1 @@
+"""Host-side runtime: the decode loop and its verify-length policies."""
