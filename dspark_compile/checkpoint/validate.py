@@ -1,0 +1,187 @@
+"""Check that a target and a draft fit together: tensor names, shapes, dtypes and the DSpark config fields."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+from dspark_compile.checkpoint.load import (
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    DraftCheckpoint,
+    TargetCheckpoint,
+)
+from dspark_compile.checkpoint.names import (
+    TensorSpec,
+    draft_tensor_specs,
+    draft_weight_name,
+    target_tensor_specs,
+    target_weight_name,
+)
+from dspark_compile.checkpoint.store import WeightStore
+from dspark_compile.errors import ValidationError
+
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+
+
+def validate_pair(target: TargetCheckpoint, draft: DraftCheckpoint) -> list[str]:
+    """Every inconsistency of the pair, one line each (file, field, expected, found); ``[]`` if none.
+
+    Reads only configs and safetensors headers, never tensor data. Draft ``embed_tokens``/``lm_head`` copies
+    that differ from the target's are not a problem (the graft shares the target's): the graft reports them
+    as warnings through :func:`shared_weights_differ`.
+    """
+    return [
+        *_check_tensors(target.weights, target_tensor_specs(target.config), "target"),
+        *_check_tensors(draft.weights, draft_tensor_specs(draft.config), "draft"),
+        *_check_configs(target, draft),
+    ]
+
+
+def check_pair(target: TargetCheckpoint, draft: DraftCheckpoint) -> None:
+    """Raise :class:`ValidationError` listing every problem of :func:`validate_pair`."""
+    problems = validate_pair(target, draft)
+    if problems:
+        raise ValidationError(problems)
+
+
+def shared_weights_differ(target: TargetCheckpoint, draft: DraftCheckpoint) -> list[str]:
+    """Compare the draft's frozen ``embed_tokens``/``lm_head`` copies with the target's, value for value.
+
+    Returns one line per differing tensor; tensors absent from the draft or of another shape are skipped
+    (a missing copy is fine, a wrong shape is reported by :func:`validate_pair`). Rows are compared in
+    chunks, so no full vocabulary matrix is held twice.
+    """
+    embed = target_weight_name("embed_tokens")
+    head = target_weight_name("lm_head")
+    if head not in target.weights:
+        head = embed
+    lines = []
+    pairs = ((draft_weight_name("embed_tokens"), embed), (draft_weight_name("lm_head"), head))
+    for draft_name, target_name in pairs:
+        if draft_name not in draft.weights or target_name not in target.weights:
+            continue
+        if draft.weights.shape(draft_name) != target.weights.shape(target_name):
+            continue
+        differing, max_delta = _compare(target.weights, target_name, draft.weights, draft_name)
+        if differing:
+            total = math.prod(target.weights.shape(target_name))
+            lines.append(
+                f"{draft.weights.file_of(draft_name)}: `{draft_name}` differs from the target's "
+                f"`{target_name}` ({differing} of {total} values, max |diff| {max_delta:.3g}, draft "
+                f"{draft.weights.dtype(draft_name)} vs target {target.weights.dtype(target_name)}); the "
+                "compiled graph uses the target's copy."
+            )
+    return lines
+
+
+def _compare(a: WeightStore, a_name: str, b: WeightStore, b_name: str) -> tuple[int, float]:
+    """Count differing values and the largest absolute difference (in float32 when the dtypes differ)."""
+    differing, max_delta, row = 0, 0.0, 0
+    for a_chunk in a.iter_row_chunks(a_name):
+        if a_chunk.dim() < 2:
+            b_chunk = b.get(b_name)
+        else:
+            b_chunk = b.get_rows(b_name, row, row + a_chunk.shape[0])
+            row += a_chunk.shape[0]
+        if a_chunk.dtype != b_chunk.dtype:
+            a_chunk, b_chunk = a_chunk.float(), b_chunk.float()
+        count = int((a_chunk != b_chunk).sum())
+        if count:
+            differing += count
+            max_delta = max(max_delta, float((a_chunk.float() - b_chunk.float()).abs().max()))
+    return differing, max_delta
+
+
+def _weights_file(weights: WeightStore) -> Path:
+    """The file that lists a checkpoint's tensors: ``model.safetensors``, else the shard index."""
+    single = weights.path / SAFETENSORS_FILE
+    return single if single.is_file() else weights.path / SAFETENSORS_INDEX
+
+
+def _check_tensors(weights: WeightStore, specs: dict[str, TensorSpec], role: str) -> list[str]:
+    problems = []
+    where = _weights_file(weights)
+    for name, spec in specs.items():
+        if name not in weights:
+            if spec.required:
+                problems.append(
+                    f"{where}: {role} tensor `{name}` is missing; expected shape {list(spec.shape)} "
+                    f"= {spec.why}. The checkpoint does not match its config.json; re-export it."
+                )
+            continue
+        shape = weights.shape(name)
+        if shape != spec.shape:
+            problems.append(
+                f"{weights.file_of(name)}: {role} tensor `{name}` has shape {list(shape)}, expected "
+                f"{list(spec.shape)} = {spec.why} from config.json; re-export the checkpoint or fix "
+                "config.json."
+            )
+        if weights.dtype(name) not in WEIGHT_DTYPES:
+            problems.append(
+                f"{weights.file_of(name)}: {role} tensor `{name}` has dtype {weights.dtype(name)}, expected "
+                f"one of {', '.join(WEIGHT_DTYPES)}; convert the checkpoint (quantized weights are not "
+                "supported)."
+            )
+    for name in weights.names():
+        if name not in specs:
+            problems.append(
+                f"{weights.file_of(name)}: unexpected {role} tensor `{name}` {list(weights.shape(name))}; "
+                f"config.json does not call for it{_extra_hint(name)}. Fix config.json or remove the tensor."
+            )
+    return problems
+
+
+def _extra_hint(name: str) -> str:
+    if name.startswith("markov_head."):
+        return " (check `markov_rank` and `markov_head_type`)"
+    if name.startswith("confidence_head."):
+        return " (check `enable_confidence_head`)"
+    if name.startswith(("layers.", "model.layers.")):
+        return " (check `num_hidden_layers` and `attention_bias`)"
+    return ""
+
+
+def _check_configs(target: TargetCheckpoint, draft: DraftCheckpoint) -> list[str]:
+    t, d = target.config, draft.config
+    d_file, t_file = draft.path / "config.json", target.path / "config.json"
+    problems = []
+    for field in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        found, expected = getattr(d.base, field), getattr(t, field)
+        if found != expected:
+            problems.append(
+                f"{d_file}: `{field}` is {found}, expected {expected} (the target's `{field}` in {t_file}); "
+                "use the draft trained for this target."
+            )
+    last = t.num_hidden_layers - 1
+    ids = list(d.target_layer_ids)
+    for layer_id in ids:
+        if layer_id != -1 and not 0 <= layer_id <= last:
+            problems.append(
+                f"{d_file}: `target_layer_ids` contains {layer_id}, expected -1 (embeddings) or a target "
+                f"layer in [0, {last}] ({t_file} has num_hidden_layers={t.num_hidden_layers}); fix "
+                "target_layer_ids."
+            )
+        elif layer_id == last:
+            problems.append(
+                f"{d_file}: `target_layer_ids` contains {layer_id}, the target's last layer, which DSpark "
+                f"does not allow; expected ids in {{-1}} ∪ [0, {last - 1}]. Fix target_layer_ids."
+            )
+    if any(b <= a for a, b in itertools.pairwise(ids)):
+        problems.append(
+            f"{d_file}: `target_layer_ids` is {ids}, expected strictly increasing ids; fix the list."
+        )
+    if d.num_target_layers != t.num_hidden_layers:
+        problems.append(
+            f"{d_file}: `num_target_layers` is {d.num_target_layers}, expected {t.num_hidden_layers} (the "
+            f"target's `num_hidden_layers` in {t_file}); use the draft trained for this target."
+        )
+    if d.block_size < 1:
+        problems.append(f"{d_file}: `block_size` is {d.block_size}, expected >= 1.")
+    if not 0 <= d.mask_token_id < t.vocab_size:
+        problems.append(
+            f"{d_file}: `mask_token_id` is {d.mask_token_id}, expected a token id in [0, {t.vocab_size}) "
+            "(the target's vocab_size); use the draft trained for this target."
+        )
+    return problems
