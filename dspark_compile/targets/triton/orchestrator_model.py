@@ -1,0 +1,463 @@
+"""The ``dspark`` Triton model (python backend, decoupled): runs the DSpark loop and streams tokens.
+
+Copied into the repository as ``dspark/1/model.py``. Each request carries ``prompt_ids`` (INT64 [-1]) and
+optional ``max_new_tokens`` (INT32 [1]), ``temperature`` (FP32 [1]), ``seed`` (INT64 [1]); the model answers
+with one response per decode round (``tokens`` = the newly committed ids, ``accepted`` = tokens that round
+committed) and then the final flag. Invalid requests get one error response; the model keeps serving.
+
+``execute`` only validates and queues: a worker thread batches the queued requests into one
+:func:`~dspark_compile.runtime.decode.generate` call and streams from its round callback, so concurrent
+requests share the graphs' batch dimension. Greedy requests are batched together; a sampling request runs
+alone so its random stream depends only on its seed (``generate`` seeds each row with ``[seed, row]``).
+
+The config's ``backend_mode`` picks who runs the three graphs:
+- ``bls``: the engine models of the same repository, through BLS calls (:class:`BlsBackend`); GPU servers.
+- ``onnxruntime_inprocess``: our onnxruntime backend in this process, on the ONNX copy under ``build_dir``;
+  for servers that have only the python backend (the CPU tests here).
+- ``factory``: ``backend_factory`` (``module:callable``) called with ``build_dir``; any other in-process
+  executor of the Backend protocol, e.g. the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import re
+import site
+import sys
+from pathlib import Path
+
+
+def _extend_sys_path() -> None:
+    """Put the ``python_path`` entries of our config.pbtxt on sys.path, before numpy is imported.
+
+    The stub's interpreter is isolated (it ignores PYTHONPATH) and imports this file before ``initialize``
+    sees the config, and protobuf is not importable yet, hence a regex over the text the writer produced.
+    ``site.addsitedir`` also runs the ``.pth`` files there (editable installs).
+    """
+    config = Path(__file__).resolve().parents[1] / "config.pbtxt"
+    if not config.is_file():
+        return
+    found = re.search(r'key:\s*"python_path"\s*value\s*\{\s*string_value:\s*"([^"]*)"', config.read_text())
+    if not found:
+        return
+    root = config.parents[1]
+    before = list(sys.path)
+    for entry in filter(None, found.group(1).split(":")):
+        site.addsitedir(str(root / entry))  # absolute entries stay absolute
+    sys.path[:] = [p for p in sys.path if p not in before] + before
+
+
+_extend_sys_path()
+
+import importlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import queue  # noqa: E402
+import secrets  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+from collections import deque  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from dspark_compile.errors import DsparkError, UsageError  # noqa: E402
+from dspark_compile.runtime.backend import Backend, DraftOutput, ModelInfo, VerifyOutput  # noqa: E402
+from dspark_compile.runtime.decode import GenerationParams, generate  # noqa: E402
+
+BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Requests and limits (transport-independent, unit-tested without Triton)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask for, fixed when the model loads."""
+
+    vocab_size: int
+    block_size: int
+    max_context: int | None  # cache slots: prompt + max_new_tokens + G + 2 must fit (docs/PROGRAM.md)
+    default_max_new_tokens: int
+    sampling: bool
+
+    @classmethod
+    def of(cls, info: ModelInfo, max_context: int | None, default_max_new_tokens: int) -> Limits:
+        bounds = [b for b in (max_context, info.max_slots) if b is not None]
+        return cls(info.vocab_size, info.block_size, min(bounds) if bounds else None, default_max_new_tokens,
+                   info.sampling)
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    seed: int
+
+
+def parse_request(inputs: Mapping[str, np.ndarray | None], limits: Limits) -> RequestSpec:
+    """Check one request's tensors; raise UsageError naming the input and what is allowed."""
+    prompt_ids = inputs.get("prompt_ids")
+    if prompt_ids is None:
+        raise UsageError("input `prompt_ids` (INT64 [n]) is missing")
+    prompt = np.asarray(prompt_ids)
+    if prompt.dtype != np.int64 or prompt.ndim != 1:
+        raise UsageError(f"input `prompt_ids` must be INT64 with shape [n], found {prompt.dtype} "
+                         f"{list(prompt.shape)}")
+    if prompt.size == 0:
+        raise UsageError("input `prompt_ids` is empty; give at least one token id")
+    bad = prompt[(prompt < 0) | (prompt >= limits.vocab_size)]
+    if bad.size:
+        raise UsageError(f"input `prompt_ids`: token id {int(bad[0])} is outside the vocabulary "
+                         f"[0, {limits.vocab_size})")
+    max_new = _scalar(inputs, "max_new_tokens", np.int32, limits.default_max_new_tokens)
+    if max_new < 1:
+        raise UsageError(f"input `max_new_tokens` must be >= 1, found {max_new}")
+    temperature = _scalar(inputs, "temperature", np.float32, 0.0)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UsageError(f"input `temperature` must be a finite number >= 0 (0 = greedy), found "
+                         f"{temperature}")
+    if temperature > 0 and not limits.sampling:
+        raise UsageError("input `temperature` > 0 needs graphs built for sampling; send 0 or rebuild with "
+                         "--verify-mode sampling")
+    seed = _scalar(inputs, "seed", np.int64, None)
+    if limits.max_context is not None:
+        need = prompt.size + max_new + limits.block_size + 2
+        if need > limits.max_context:
+            raise UsageError(f"prompt ({prompt.size} tokens) + max_new_tokens ({max_new}) need {need} cache "
+                             f"slots but this model allows {limits.max_context}; shorten the prompt or "
+                             "max_new_tokens")
+    return RequestSpec([int(t) for t in prompt], int(max_new), float(temperature),
+                       int(seed) if seed is not None else secrets.randbits(63))
+
+
+def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, dtype: type, default: Any) -> Any:
+    value = inputs.get(name)
+    if value is None:
+        return default
+    array = np.asarray(value)
+    if array.dtype != dtype or array.size != 1:
+        raise UsageError(f"input `{name}` must be {np.dtype(dtype).name} with shape [1], found {array.dtype} "
+                         f"{list(array.shape)}")
+    return array.reshape(()).item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The batching worker
+
+
+class Stream:
+    """Where one request's answers go; the Triton adapter wraps a response sender."""
+
+    def send(self, tokens: list[int], accepted: int) -> None:
+        raise NotImplementedError
+
+    def finish(self, error: str | None = None) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Job:
+    spec: RequestSpec
+    stream: Stream
+    sent: int = 0
+    finished: bool = False
+
+    def deliver(self, tokens: list[int], accepted: int, eos: tuple[int, ...]) -> None:
+        if self.finished:
+            return
+        tokens = tokens[: self.spec.max_new_tokens - self.sent]
+        if tokens:
+            self.sent += len(tokens)
+            self.stream.send(tokens, accepted)
+        if self.sent >= self.spec.max_new_tokens or (tokens and tokens[-1] in eos):
+            self.end()
+
+    def end(self, error: str | None = None) -> None:
+        if not self.finished:
+            self.finished = True
+            self.stream.finish(error)
+
+
+@dataclass
+class Orchestrator:
+    """Queues validated requests and runs them in batches on one backend, from one worker thread."""
+
+    backend: Backend
+    max_batch: int = 16
+    on_error: Callable[[str], None] = print
+    _queue: queue.Queue[Job | None] = field(default_factory=queue.Queue, init=False)
+    _held: deque[Job] = field(default_factory=deque, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dspark-orchestrator", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        while True:
+            try:
+                job = self._held.popleft() if self._held else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.end("the model is being unloaded")
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        head = self._held.popleft() if self._held else self._queue.get()
+        if head is None:
+            return None
+        batch = [head]
+        # A sampling request runs alone: its rng is seeded by (seed, row) and must not depend on others.
+        while head.spec.temperature == 0 and len(batch) < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)
+                break
+            (batch if job.spec.temperature == 0 else self._held).append(job)
+        return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        head = batch[0].spec
+        params = GenerationParams(max_new_tokens=max(j.spec.max_new_tokens for j in batch),
+                                  temperature=head.temperature, seed=head.seed)
+        eos = self.backend.info.eos_token_ids
+
+        def on_round(index: int, tokens: list[int], rnd: dict[str, Any]) -> None:
+            batch[index].deliver(tokens, int(rnd.get("accepted", len(tokens))), eos)
+
+        try:
+            generate(self.backend, [j.spec.prompt for j in batch], params, on_round)
+        except DsparkError as exc:
+            error = exc.one_line()
+        except Exception as exc:  # a backend failure must not take the model down with it
+            self.on_error(f"dspark: generation failed: {traceback.format_exc()}")
+            error = f"internal error in the DSpark orchestrator: {type(exc).__name__}: {exc}"
+        else:
+            error = None
+        for job in batch:
+            job.end(error)
+
+
+# ----------------------------------------------------------------------------------------------------
+# BLS backend: the three graphs as models of the same Triton server
+
+
+class BlsError(RuntimeError):
+    """A BLS call to one of the engine models failed."""
+
+
+@dataclass
+class BlsBackend:
+    """Implements the Backend protocol by calling the graph models through BLS.
+
+    The caches live here as host arrays between rounds (the graphs are stateless), exactly like the
+    onnxruntime backend; ``select`` drops finished rows. Optional graph inputs the caller leaves out
+    (``temperature``, ``uniforms``, ``draft_probs`` of a sampling build used greedily) are sent as zeros,
+    which the graphs read as greedy.
+    """
+
+    info: ModelInfo
+    models: Mapping[str, str]  # graph -> Triton model name
+    signatures: Mapping[str, Mapping[str, Any]]  # graph -> {"inputs": [TensorSpec JSON], "outputs": [...]}
+    _kv: np.ndarray | None = field(default=None, init=False, repr=False)
+    _draft_kv: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_parameter(cls, text: str) -> BlsBackend:
+        raw = json.loads(text)
+        return cls(ModelInfo(**{**raw["info"], "eos_token_ids": tuple(raw["info"]["eos_token_ids"])}),
+                   raw["models"], raw["signatures"])
+
+    def _spec(self, graph: str, name: str) -> Mapping[str, Any] | None:
+        return next((t for t in self.signatures[graph]["inputs"] if t["name"] == name), None)
+
+    def _empty_cache(self, graph: str, name: str, batch: int, slots: int) -> np.ndarray:
+        spec = self._spec(graph, name)
+        if spec is None:
+            raise BlsError(f"graph {graph} has no input `{name}`")
+        shape = list(spec["dims"])
+        shape[2] = batch  # [layers, 2, B, KV, S, D]
+        if shape[4] == -1:
+            shape[4] = slots
+        return np.zeros(shape, dtype=_numpy_dtype(spec["data_type"]))
+
+    def start(self, batch: int, slots: int) -> None:
+        self._kv = self._empty_cache("target_prefill", "kv_cache", batch, slots)
+        self._draft_kv = (self._empty_cache("draft_propose", "draft_kv", batch, slots)
+                          if "draft_propose" in self.models else None)
+
+    def _infer(self, graph: str, inputs: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+        tensors = []
+        for spec in self.signatures[graph]["inputs"]:
+            dtype = _numpy_dtype(spec["data_type"])
+            value = inputs.get(spec["name"])
+            if value is None:
+                value = np.zeros(self._zeros_shape(graph, spec["name"], inputs), dtype)
+            tensors.append(pb_utils.Tensor(spec["name"], np.ascontiguousarray(value, dtype=dtype)))
+        outputs = [spec["name"] for spec in self.signatures[graph]["outputs"]]
+        kwargs: dict[str, Any] = {}
+        if hasattr(pb_utils, "PreferredMemory"):  # ask for host outputs: we keep them as numpy arrays
+            kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        request = pb_utils.InferenceRequest(model_name=self.models[graph], requested_output_names=outputs,
+                                            inputs=tensors, **kwargs)
+        response = request.exec()
+        if response.has_error():
+            raise BlsError(f"model {self.models[graph]}: {response.error().message()}")
+        result = {}
+        for name in outputs:
+            tensor = pb_utils.get_output_tensor_by_name(response, name)
+            if tensor is None:
+                raise BlsError(f"model {self.models[graph]} returned no `{name}`")
+            result[name] = tensor.as_numpy()
+        return result
+
+    def _zeros_shape(self, graph: str, name: str, inputs: Mapping[str, np.ndarray | None]) -> tuple[int, ...]:
+        batch = int(next(v for v in inputs.values() if v is not None and v.ndim == 1).shape[0])
+        g = self.info.block_size
+        shapes = {"temperature": (batch,), "uniforms": (batch, g + 1 if graph == "target_verify" else g),
+                  "draft_probs": (batch, g, self.info.vocab_size)}
+        if name not in shapes:
+            raise BlsError(f"graph {graph} needs input `{name}`, which the decode loop did not provide")
+        return shapes[name]
+
+    def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self._infer("target_prefill",
+                          {"input_ids": input_ids, "input_lengths": lengths, "kv_cache": self._kv})
+        self._kv = out["kv_cache_out"]
+        return out["last_logits"], out["taps"]
+
+    def draft(self, anchor: np.ndarray, ctx_taps: np.ndarray, ctx_count: np.ndarray, cache_len: np.ndarray,
+              temperature: np.ndarray | None, uniforms: np.ndarray | None) -> DraftOutput:
+        out = self._infer("draft_propose", {
+            "anchor": anchor, "ctx_taps": ctx_taps, "ctx_count": ctx_count, "cache_len": cache_len,
+            "draft_kv": self._draft_kv, "temperature": temperature, "uniforms": uniforms})
+        self._draft_kv = out["draft_kv_out"]
+        return DraftOutput(out["draft_tokens"], out["confidence_logits"],
+                           out.get("draft_probs") if temperature is not None else None)
+
+    def verify(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray,
+               draft_probs: np.ndarray | None, temperature: np.ndarray | None,
+               uniforms: np.ndarray | None) -> VerifyOutput:
+        out = self._infer("target_verify", {
+            "tokens": tokens, "cache_len": cache_len, "verify_len": verify_len, "kv_cache": self._kv,
+            "draft_probs": draft_probs, "temperature": temperature, "uniforms": uniforms})
+        self._kv = out["kv_cache_out"]
+        return VerifyOutput(out["accepted"], out["next_token"], out["taps"])
+
+    def select(self, rows: np.ndarray) -> None:
+        assert self._kv is not None
+        self._kv = np.ascontiguousarray(self._kv[:, :, rows])
+        if self._draft_kv is not None:
+            self._draft_kv = np.ascontiguousarray(self._draft_kv[:, :, rows])
+
+
+def _numpy_dtype(triton_type: str) -> np.dtype:
+    name = triton_type.removeprefix("TYPE_").lower()
+    names = {"fp32": "float32", "fp16": "float16", "fp64": "float64"}
+    if name == "bf16":
+        raise BlsError("bf16 graph inputs cannot be sent from numpy; build the engines with fp16 or fp32 I/O")
+    return np.dtype(names.get(name, name))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton glue
+
+
+class _SenderStream(Stream):
+    def __init__(self, sender: Any) -> None:
+        self.sender = sender
+
+    def send(self, tokens: list[int], accepted: int) -> None:
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("tokens", np.asarray(tokens, dtype=np.int64)),
+            pb_utils.Tensor("accepted", np.asarray([accepted], dtype=np.int32)),
+        ]))
+
+    def finish(self, error: str | None = None) -> None:
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if error is None:
+            self.sender.send(flags=final)
+        else:
+            self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)), flags=final)
+
+
+def load_backend(parameters: Mapping[str, str], repository: Path) -> Backend:
+    mode = parameters.get("backend_mode", "")
+    if mode not in BACKEND_MODES:
+        raise UsageError(f"dspark/config.pbtxt: parameter `backend_mode` is {mode!r}; expected one of "
+                         f"{', '.join(BACKEND_MODES)}")
+    if mode == "bls":
+        return BlsBackend.from_parameter(parameters["model_info"])
+    build_dir = repository / parameters["build_dir"]
+    if mode == "onnxruntime_inprocess":
+        from dspark_compile.runtime.onnxruntime_backend import OrtBackend
+
+        return OrtBackend.load(build_dir)
+    module, _, attr = parameters["backend_factory"].partition(":")
+    factory: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        factory = getattr(factory, part)
+    return factory(build_dir)
+
+
+class TritonPythonModel:
+    """Triton's entry points; all logic lives in :class:`Orchestrator` and :func:`parse_request`."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise UsageError("dspark/config.pbtxt: the orchestrator streams tokens and must be decoupled")
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        repository = Path(args["model_repository"]).parent
+        backend = load_backend(parameters, repository)
+        max_context = int(parameters["max_context"]) if parameters.get("max_context") else None
+        self.limits = Limits.of(backend.info, max_context, int(parameters.get("default_max_new_tokens", 64)))
+        self.orchestrator = Orchestrator(backend, max_batch=int(parameters.get("max_batch", 16)),
+                                         on_error=pb_utils.Logger.log_error)
+        self.orchestrator.start()
+
+    def execute(self, requests: Sequence[Any]) -> None:
+        for request in requests:
+            stream = _SenderStream(request.get_response_sender())
+            try:
+                inputs = {name: _input(request, name) for name in
+                          ("prompt_ids", "max_new_tokens", "temperature", "seed")}
+                spec = parse_request(inputs, self.limits)
+            except DsparkError as exc:
+                stream.finish(exc.one_line())
+                continue
+            except Exception as exc:  # never let one request take the model down
+                pb_utils.Logger.log_error(f"dspark: bad request: {traceback.format_exc()}")
+                stream.finish(f"invalid request: {type(exc).__name__}: {exc}")
+                continue
+            self.orchestrator.submit(Job(spec, stream))
+        return None
+
+    def finalize(self) -> None:
+        self.orchestrator.stop()
+
+
+def _input(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()

@@ -1,0 +1,208 @@
+"""``config.pbtxt`` of the Triton models: built as Triton's ``ModelConfig`` protobuf, validated by parsing.
+
+Configs are built as ``tritonclient.grpc.model_config_pb2.ModelConfig`` messages and printed with
+``text_format``, so they are well-formed by construction; :func:`validate_config` parses the written text
+back and adds the checks the server would otherwise only report at load time (name = directory, a known
+platform/backend, sane dims, unique tensor names), so a broken repository fails the build, not the deployment.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dspark_compile.errors import BackendUnavailableError, BuildError
+
+try:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+except ImportError as exc:  # the [triton] extra is optional for the rest of the compiler
+    raise BackendUnavailableError(
+        f"the Triton target needs `tritonclient[grpc]` (for Triton's ModelConfig protobuf): {exc}; "
+        "install it with `pip install 'dspark-compile[triton]'`"
+    ) from exc
+
+PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
+INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU")
+MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
+
+# ONNX TensorProto element types -> Triton data types (the subset our graphs can carry).
+ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
+                  7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: Triton data type name and full dims (-1 = dynamic; no implicit batch dim)."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "data_type": self.data_type, "dims": list(self.dims)}
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+    @classmethod
+    def from_onnx(cls, path: Path) -> GraphSignature:
+        """Read the I/O of an ONNX file without loading its (external) weights."""
+        import onnx
+
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise BuildError(f"{path}: cannot read the ONNX graph ({exc}); rebuild it with "
+                             "`dspark-compile build`") from exc
+        initializers = {init.name for init in model.graph.initializer}
+        inputs = tuple(_onnx_tensor(v, path) for v in model.graph.input if v.name not in initializers)
+        outputs = tuple(_onnx_tensor(v, path) for v in model.graph.output)
+        return cls(inputs, outputs)
+
+
+def _onnx_tensor(value: Any, path: Path) -> TensorSpec:
+    tensor_type = value.type.tensor_type
+    if tensor_type.elem_type not in ONNX_TO_TRITON:
+        raise BuildError(f"{path}: tensor `{value.name}` has ONNX element type {tensor_type.elem_type}, "
+                         f"which Triton cannot carry; expected one of {sorted(ONNX_TO_TRITON)}")
+    if not tensor_type.HasField("shape"):
+        raise BuildError(f"{path}: tensor `{value.name}` has no shape; re-export with static ranks")
+    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
+                 for d in tensor_type.shape.dim)
+    return TensorSpec(value.name, ONNX_TO_TRITON[tensor_type.elem_type], dims)
+
+
+def _tensor(message: Any, spec: TensorSpec) -> None:
+    message.name = spec.name
+    message.data_type = mc.DataType.Value(spec.data_type)
+    message.dims.extend(spec.dims)
+    if spec.optional:
+        message.optional = True
+
+
+def graph_model_config(name: str, signature: GraphSignature, *, platform: str,
+                       instance_kind: str = "KIND_GPU", instances: int = 1) -> Any:
+    """A ModelConfig for one of the three graphs.
+
+    ``max_batch_size`` is 0 and Triton's dynamic batcher is off: the KV caches carry the batch in their third
+    dim, and the orchestrator already batches concurrent requests into one call, so dims are the full shapes.
+    """
+    if platform not in PLATFORMS:
+        raise BuildError(f"Triton platform {platform!r} is not supported; expected one of "
+                         f"{', '.join(PLATFORMS)}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise BuildError(f"instance kind {instance_kind!r}: expected one of {', '.join(INSTANCE_KINDS)}")
+    if platform == "tensorrt_plan" and instance_kind != "KIND_GPU":
+        raise BuildError(f"model {name}: TensorRT engines run only on GPU instances; use KIND_GPU")
+    config = mc.ModelConfig(name=name, platform=platform, max_batch_size=0,
+                            default_model_filename=MODEL_FILES[platform])
+    for spec in signature.inputs:
+        _tensor(config.input.add(), spec)
+    for spec in signature.outputs:
+        _tensor(config.output.add(), spec)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(instance_kind), count=instances)
+    return config
+
+
+ORCHESTRATOR_INPUTS = (
+    TensorSpec("prompt_ids", "TYPE_INT64", (-1,)),
+    TensorSpec("max_new_tokens", "TYPE_INT32", (1,), optional=True),
+    TensorSpec("temperature", "TYPE_FP32", (1,), optional=True),
+    TensorSpec("seed", "TYPE_INT64", (1,), optional=True),
+)
+ORCHESTRATOR_OUTPUTS = (
+    TensorSpec("tokens", "TYPE_INT64", (-1,)),
+    TensorSpec("accepted", "TYPE_INT32", (1,)),
+)
+
+
+def orchestrator_config(name: str, parameters: Mapping[str, str | int | float | Mapping[str, Any]]) -> Any:
+    """The decoupled python-backend model that runs the DSpark loop and streams tokens.
+
+    One CPU instance: it holds every request's state and batches concurrent requests itself.
+    """
+    config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    config.model_transaction_policy.decoupled = True
+    for spec in ORCHESTRATOR_INPUTS:
+        _tensor(config.input.add(), spec)
+    for spec in ORCHESTRATOR_OUTPUTS:
+        _tensor(config.output.add(), spec)
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    for key, value in parameters.items():
+        text = json.dumps(value, sort_keys=True) if isinstance(value, Mapping) else str(value)
+        config.parameters[key].string_value = text
+    return config
+
+
+def render(config: Any) -> str:
+    return text_format.MessageToString(config, as_utf8=True)
+
+
+def parse_config(text: str, path: Path) -> Any:
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise BuildError(f"{path}: not a valid Triton ModelConfig: {exc}") from exc
+    return config
+
+
+def validate_config(path: Path) -> Any:
+    """Parse ``path`` with Triton's ModelConfig protobuf and check what the server checks at load time."""
+    config = parse_config(path.read_text(), path)
+    model_dir = path.parent
+    problems = list(_config_problems(config, model_dir.name))
+    if not problems:
+        filename = config.default_model_filename or MODEL_FILES.get(config.platform or config.backend, "")
+        versions = [d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()]
+        if not versions:
+            problems.append("no version directory (expected 1/)")
+        problems += [f"{v.name}/{filename} is missing" for v in versions if not (v / filename).exists()]
+    if problems:
+        raise BuildError(f"{path}: {'; '.join(problems)}; this is a bug in the repository writer, please "
+                         "report it")
+    return config
+
+
+def _config_problems(config: Any, dir_name: str) -> Iterable[str]:
+    if config.name != dir_name:
+        yield f"name {config.name!r} differs from its directory {dir_name!r}"
+    if bool(config.platform) == bool(config.backend):
+        yield "exactly one of `platform` and `backend` must be set"
+    if config.platform and config.platform not in PLATFORMS:
+        yield f"platform {config.platform!r} is not one of {', '.join(PLATFORMS)}"
+    if config.max_batch_size < 0:
+        yield f"max_batch_size {config.max_batch_size} is negative"
+    if config.model_transaction_policy.decoupled and config.backend != "python":
+        yield "only the python backend model may be decoupled here"
+    seen: set[str] = set()
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        if not tensors:
+            yield f"no {kind}s"
+        for t in tensors:
+            if t.name in seen:
+                yield f"tensor name {t.name!r} is used twice"
+            seen.add(t.name)
+            if t.data_type == mc.TYPE_INVALID:
+                yield f"{kind} {t.name!r} has no data_type"
+            if not t.dims or any(d == 0 or d < -1 for d in t.dims):
+                yield f"{kind} {t.name!r} has dims {list(t.dims)}; expected a non-empty list of -1 / positive"
+    for group in config.instance_group:
+        if group.count < 1:
+            yield f"instance_group count {group.count} must be >= 1"
+        if config.platform == "tensorrt_plan" and group.kind != mc.ModelInstanceGroup.KIND_GPU:
+            yield "TensorRT engines need KIND_GPU instances"

@@ -1,0 +1,275 @@
+"""Write ``OUT/triton/``: a Triton model repository for a build directory.
+
+Layout (one model per graph plus the orchestrator; every model has version ``1/``)::
+
+    triton/
+      dspark_target_prefill/{config.pbtxt, 1/model.plan | 1/model.onnx (+ external data)}
+      dspark_target_verify/...
+      dspark_draft/...                    (absent for a target-only build)
+      dspark/{config.pbtxt, 1/model.py}   decoupled python-backend orchestrator
+      dspark/build/{onnx/, *.json}        only for the in-process modes: what OrtBackend.load() reads
+
+The repository is assembled in a temporary directory next to its destination, every ``config.pbtxt`` is
+validated with Triton's ModelConfig protobuf, and only then is it renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dspark_compile.config import parse_draft_config, parse_target_config
+from dspark_compile.errors import BuildError, UsageError
+from dspark_compile.ir import TritonRepository
+from dspark_compile.runtime.backend import ModelInfo
+from dspark_compile.targets.triton import pbtxt
+
+log = logging.getLogger(__name__)
+
+# Graph file stem in BUILD/onnx (and BUILD/engines) -> Triton model name.
+GRAPH_MODELS = {"target_prefill": "dspark_target_prefill", "target_verify": "dspark_target_verify",
+                "draft_propose": "dspark_draft"}
+REQUIRED_GRAPHS = ("target_prefill", "target_verify")
+ORCHESTRATOR = "dspark"
+IN_PROCESS_BUILD = f"{ORCHESTRATOR}/build"
+BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
+PLATFORM_CHOICES = ("auto", *pbtxt.PLATFORMS)
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """How to lay out the repository.
+
+    ``platform``: ``auto`` serves TensorRT engines when BUILD/engines holds one per graph, else the ONNX
+    graphs. ``python_path``: directories (absolute or repository-relative) the orchestrator's interpreter
+    needs for numpy and dspark_compile; ``None`` = this interpreter's site-packages, right for the bundled
+    server here, to be set for a server container with another environment.
+    """
+
+    backend_mode: str = "bls"
+    platform: str = "auto"
+    instance_kind: str = "KIND_GPU"
+    graph_instances: int = 1
+    python_path: tuple[str, ...] | None = None
+    max_batch: int = 16
+    default_max_new_tokens: int = 64
+    max_context: int | None = None
+    backend_factory: str | None = None
+    model_info: ModelInfo | None = None  # for bls; default: derive_model_info(build_dir)
+
+    def __post_init__(self) -> None:
+        if self.backend_mode not in BACKEND_MODES:
+            raise UsageError(f"Triton backend_mode {self.backend_mode!r}: expected one of "
+                             f"{', '.join(BACKEND_MODES)}")
+        if self.platform not in PLATFORM_CHOICES:
+            raise UsageError(f"Triton platform {self.platform!r}: expected one of "
+                             f"{', '.join(PLATFORM_CHOICES)}")
+        if (self.backend_mode == "factory") != (self.backend_factory is not None):
+            raise UsageError("Triton backend_factory ('module:callable') is needed by, and only by, "
+                             "backend_mode factory")
+        for name in ("graph_instances", "max_batch", "default_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"Triton option {name} must be >= 1, found {getattr(self, name)}")
+        for entry in self.python_path or ():
+            if any(c in entry for c in '":\\'):
+                raise UsageError(f"python_path entry {entry!r} must not contain '\"', ':' or '\\'")
+
+
+def write_triton_repository(build_dir: Path, out_dir: Path, options: TritonOptions | None = None
+                            ) -> TritonRepository:
+    """Write ``out_dir/triton`` for the graphs in ``build_dir`` (replacing an older one) and validate it."""
+    options = options or TritonOptions()
+    build_dir = Path(build_dir)
+    graphs = _find_graphs(build_dir)
+    platform = _choose_platform(build_dir, graphs, options.platform)
+    signatures = {g: pbtxt.GraphSignature.from_onnx(path) for g, path in graphs.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / "triton"
+    staging = Path(tempfile.mkdtemp(prefix=".triton-", dir=out_dir))
+    try:
+        for graph, onnx_path in graphs.items():
+            _write_graph_model(staging / GRAPH_MODELS[graph], graph, onnx_path, build_dir, signatures[graph],
+                               platform, options)
+        _write_orchestrator(staging / ORCHESTRATOR, build_dir, graphs, signatures, options)
+        models = tuple(d.name for d in sorted(staging.iterdir()) if pbtxt.validate_config(d / "config.pbtxt"))
+        if final.exists():
+            retired = Path(tempfile.mkdtemp(prefix=".triton-old-", dir=out_dir))
+            final.rename(retired / "triton")
+            staging.rename(final)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("wrote Triton repository %s (%s graphs, orchestrator mode %s)", final, platform,
+             options.backend_mode)
+    return TritonRepository(final, models)
+
+
+def _find_graphs(build_dir: Path) -> dict[str, Path]:
+    onnx_dir = build_dir / "onnx"
+    graphs = {g: onnx_dir / f"{g}.onnx" for g in GRAPH_MODELS if (onnx_dir / f"{g}.onnx").is_file()}
+    missing = [g for g in REQUIRED_GRAPHS if g not in graphs]
+    if missing:
+        raise UsageError(f"{onnx_dir}: {', '.join(f'{g}.onnx' for g in missing)} not found; expected a build "
+                         "directory written by `dspark-compile build`")
+    return graphs
+
+
+def _choose_platform(build_dir: Path, graphs: dict[str, Path], wanted: str) -> str:
+    plans = {g: build_dir / "engines" / f"{g}.plan" for g in graphs}
+    have_all = all(p.is_file() for p in plans.values())
+    if wanted == "auto":
+        return "tensorrt_plan" if have_all else "onnxruntime_onnx"
+    if wanted == "tensorrt_plan" and not have_all:
+        missing = ", ".join(str(p) for p in plans.values() if not p.is_file())
+        raise UsageError(f"--triton-platform tensorrt_plan: engine(s) {missing} not found; build them with "
+                         "--target tensorrt or use --triton-platform onnxruntime_onnx")
+    return wanted
+
+
+def _write_graph_model(model_dir: Path, graph: str, onnx_path: Path, build_dir: Path,
+                       signature: pbtxt.GraphSignature, platform: str, options: TritonOptions) -> None:
+    version = model_dir / "1"
+    version.mkdir(parents=True)
+    if platform == "tensorrt_plan":
+        _link_or_copy(build_dir / "engines" / f"{graph}.plan", version / "model.plan")
+    else:
+        _link_or_copy(onnx_path, version / "model.onnx")
+        # External-data locations are relative to the .onnx file and survive its rename to model.onnx.
+        for location in external_data_files(onnx_path):
+            target = version / location
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(onnx_path.parent / location, target)
+    kind = "KIND_GPU" if platform == "tensorrt_plan" else options.instance_kind
+    config = pbtxt.graph_model_config(model_dir.name, signature, platform=platform, instance_kind=kind,
+                                      instances=options.graph_instances)
+    (model_dir / "config.pbtxt").write_text(pbtxt.render(config))
+
+
+def _write_orchestrator(model_dir: Path, build_dir: Path, graphs: dict[str, Path],
+                        signatures: dict[str, pbtxt.GraphSignature], options: TritonOptions) -> None:
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copyfile(Path(__file__).with_name("orchestrator_model.py"), model_dir / "1" / "model.py")
+    python_path = default_python_path() if options.python_path is None else options.python_path
+    parameters: dict[str, Any] = {
+        "backend_mode": options.backend_mode,
+        "python_path": ":".join(python_path),
+        "max_batch": options.max_batch,
+        "default_max_new_tokens": options.default_max_new_tokens,
+    }
+    if options.max_context is not None:
+        parameters["max_context"] = options.max_context
+    if options.backend_mode == "bls":
+        info = options.model_info or derive_model_info(build_dir, signatures)
+        parameters["model_info"] = {
+            "info": asdict(info),
+            "models": {g: GRAPH_MODELS[g] for g in graphs},
+            "signatures": {g: {"inputs": [t.to_json() for t in s.inputs],
+                               "outputs": [t.to_json() for t in s.outputs]} for g, s in signatures.items()},
+        }
+    else:
+        parameters["build_dir"] = IN_PROCESS_BUILD
+        _copy_build_for_inprocess(build_dir, model_dir.parent / IN_PROCESS_BUILD)
+    if options.backend_factory is not None:
+        parameters["backend_factory"] = options.backend_factory
+    config = pbtxt.orchestrator_config(ORCHESTRATOR, parameters)
+    (model_dir / "config.pbtxt").write_text(pbtxt.render(config))
+
+
+def derive_model_info(build_dir: Path, signatures: dict[str, pbtxt.GraphSignature]) -> ModelInfo:
+    """The ModelInfo of a build, for the BLS backend (which, unlike OrtBackend, cannot inspect the graphs).
+
+    Sizes come from the graph signatures, the rest from ``build_spec.json`` and the checkpoint configs it
+    names (the same fields TorchBackend uses): block size, confidence head, EOS ids, cache capacity.
+    """
+    spec_path = build_dir / "build_spec.json"
+    try:
+        spec = json.loads(spec_path.read_text())
+        target = parse_target_config(json.loads((Path(spec["target"]) / "config.json").read_text()),
+                                     Path(spec["target"]) / "config.json")
+        draft = None
+        if "draft_propose" in signatures:
+            draft = parse_draft_config(json.loads((Path(spec["draft"]) / "config.json").read_text()),
+                                       Path(spec["draft"]) / "config.json")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{spec_path}: cannot read the build spec or the checkpoint configs it names "
+                         f"({type(exc).__name__}: {exc}); the bls mode needs them (or "
+                         "TritonOptions.model_info)") from exc
+    prefill, verify = signatures["target_prefill"], signatures["target_verify"]
+    vocab, taps = prefill.output("last_logits"), prefill.output("taps")
+    if vocab is None or taps is None or vocab.dims[-1] < 1 or taps.dims[-1] < 1:
+        raise BuildError(f"{build_dir / 'onnx' / 'target_prefill.onnx'}: `last_logits` [B, V] and `taps` "
+                         "[B, T, F] must exist with static V and F")
+    block = 0
+    if draft is not None:
+        block = int(spec.get("block_size") or draft.block_size)
+    return ModelInfo(vocab_size=vocab.dims[-1], block_size=block, tap_width=taps.dims[-1],
+                     has_confidence=draft is not None and draft.enable_confidence_head,
+                     eos_token_ids=target.eos_token_ids, max_slots=spec.get("max_context"),
+                     sampling=verify.input("temperature") is not None)
+
+
+def default_python_path() -> tuple[str, ...]:
+    """This interpreter's site-packages plus the directory holding dspark_compile (if not installed there)."""
+    paths = sysconfig.get_paths()
+    package_root = str(Path(__file__).resolve().parents[3])
+    return tuple(dict.fromkeys((paths["purelib"], paths["platlib"], package_root)))
+
+
+def external_data_files(onnx_path: Path) -> list[str]:
+    """Relative locations of the external-data files an ONNX model references (weights not loaded).
+
+    Walks subgraphs too; onnx only offers this walk as a private helper (``_get_all_tensors``).
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    found: dict[str, None] = {}
+
+    def visit(graph: Any) -> None:
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(sub)
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                entries = {e.key: e.value for e in tensor.external_data}
+                found.setdefault(entries["location"], None)
+
+    visit(model.graph)
+    for location in found:
+        if Path(location).is_absolute() or ".." in Path(location).parts:
+            raise BuildError(f"{onnx_path}: external data location {location!r} leaves the model directory; "
+                             "re-export with relative locations")
+        if not (onnx_path.parent / location).is_file():
+            raise BuildError(f"{onnx_path}: external data file {location!r} is missing")
+    return list(found)
+
+
+def _copy_build_for_inprocess(build_dir: Path, dest: Path) -> None:
+    # What OrtBackend.load() reads: the ONNX graphs and the top-level JSON files (manifest, profiles). Engines
+    # and earlier outputs (possibly this very repository) stay out.
+    shutil.copytree(build_dir / "onnx", dest / "onnx", copy_function=_link_or_copy)
+    for path in build_dir.iterdir():
+        if path.is_file():
+            _link_or_copy(path, dest / path.name)
+
+
+def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Hard-link (weights can be GBs) and fall back to a copy across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
