@@ -8,8 +8,14 @@ from pathlib import Path
 
 import torch
 
-from dspark_compile.checkpoint import DraftCheckpoint, TargetCheckpoint, check_pair, load_draft, load_target
-from dspark_compile.checkpoint import shared_weights_differ
+from dspark_compile.checkpoint import (
+    DraftCheckpoint,
+    TargetCheckpoint,
+    check_pair,
+    load_draft,
+    load_target,
+    shared_weights_differ,
+)
 from dspark_compile.errors import UsageError
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target

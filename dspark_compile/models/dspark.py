@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from dspark_compile.config import DraftConfig
-from dspark_compile.models.layers import AttentionProjections, RMSNorm, RotaryEmbedding, SwiGLU, attend, write_cache
+from dspark_compile.models.layers import (
+    AttentionProjections,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    attend,
+    write_cache,
+)
 
 
 class DraftLayer(nn.Module):

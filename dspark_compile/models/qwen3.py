@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from dspark_compile.config import TargetConfig
-from dspark_compile.models.layers import AttentionProjections, RMSNorm, RotaryEmbedding, SwiGLU, attend, write_cache
+from dspark_compile.models.layers import (
+    AttentionProjections,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    attend,
+    write_cache,
+)
 
 
 class Qwen3Layer(nn.Module):

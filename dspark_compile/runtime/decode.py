@@ -47,7 +47,8 @@ class VerifyPolicy:
             try:
                 thr = float(value) if value else 0.5
             except ValueError:
-                raise UsageError(f"--verify {text!r}: the threshold must be a number in [0, 1], e.g. threshold=0.5")
+                raise UsageError(
+                    f"--verify {text!r}: the threshold must be a number in [0, 1], e.g. threshold=0.5") from None
             if not 0.0 <= thr <= 1.0:
                 raise UsageError(f"--verify {text!r}: the threshold must be in [0, 1], found {thr}")
             return cls("threshold", threshold=thr, **kwargs)

@@ -1,0 +1,133 @@
+"""Pass `partition`: cut the grafted program into the three graphs of docs/PROGRAM.md.
+
+Each graph is a small ``nn.Module`` wrapper over the shared target/draft modules, with example inputs and the
+dynamic dimensions the exporter needs. Verification itself is not part of these modules: `insert_spec_verify`
+adds it to the exported verify graph as one ``dspark::SpecVerify`` node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dspark_compile.models.dspark import DSparkDraft
+from dspark_compile.models.qwen3 import Qwen3Target
+from dspark_compile.program import DecodeProgram
+from dspark_compile.spec import BuildSpec
+
+
+class TargetPrefill(nn.Module):
+    def __init__(self, target: Qwen3Target) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, input_ids: torch.Tensor, input_lengths: torch.Tensor,
+                kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zero = torch.zeros_like(input_lengths)
+        hidden, taps, kv = self.target(input_ids, zero, kv_cache)
+        # Only the last prompt position's logits leave the graph ([B, V], not [B, T, V]).
+        idx = (input_lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+        last = torch.gather(hidden, 1, idx).squeeze(1)
+        return self.target.logits(last), taps, kv
+
+
+class TargetVerifyLogits(nn.Module):
+    """The target half of target_verify; SpecVerify consumes ``logits`` after export."""
+
+    def __init__(self, target: Qwen3Target) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, tokens: torch.Tensor, cache_len: torch.Tensor,
+                kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden, taps, kv = self.target(tokens, cache_len, kv_cache)
+        return self.target.logits(hidden), taps, kv
+
+
+class DraftProposeGreedy(nn.Module):
+    def __init__(self, draft: DSparkDraft) -> None:
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
+                draft_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens, conf, _, kv = self.draft(anchor, ctx_taps, ctx_count, cache_len, draft_kv)
+        return tokens, conf, kv
+
+
+class DraftProposeSampling(nn.Module):
+    def __init__(self, draft: DSparkDraft) -> None:
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
+                draft_kv: torch.Tensor, temperature: torch.Tensor,
+                uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens, conf, probs, kv = self.draft(anchor, ctx_taps, ctx_count, cache_len, draft_kv, temperature, uniforms)
+        return tokens, conf, probs, kv
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph to export: module, example inputs (by name, in order), output names, dynamic dims."""
+
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: tuple[str, ...]
+    dynamic: dict[str, dict[int, str]]
+
+
+@dataclass(frozen=True)
+class PartitionedProgram:
+    program: DecodeProgram
+    graphs: tuple[GraphSpec, ...]
+
+    def graph(self, name: str) -> GraphSpec:
+        return next(g for g in self.graphs if g.name == name)
+
+
+def partition(program: DecodeProgram, spec: BuildSpec) -> PartitionedProgram:
+    target, draft = program.target, program.draft
+    if draft is None:
+        raise ValueError("partition needs a draft")
+    g = spec.block_size or draft.cfg.block_size
+    draft.block_size = g
+    dt = target.embed_tokens.weight.dtype
+    b, t, s = 2, 5, 16  # example sizes; every one of them is dynamic in the graph
+    kv = target.new_cache(b, s)
+    dkv = draft.new_cache(b, s)
+    tap_w = len(target.tap_layer_ids) * target.cfg.hidden_size
+    i64 = torch.int64
+    cache_dims = {2: "batch", 4: "cache_slots"}
+    prefill = GraphSpec(
+        "target_prefill", TargetPrefill(target),
+        {"input_ids": torch.ones(b, t, dtype=i64), "input_lengths": torch.tensor([t, t - 2]), "kv_cache": kv},
+        ("last_logits", "taps", "kv_cache_out"),
+        {"input_ids": {0: "batch", 1: "prompt_len"}, "input_lengths": {0: "batch"}, "kv_cache": cache_dims},
+    )
+    verify = GraphSpec(
+        "target_verify", TargetVerifyLogits(target),
+        {"tokens": torch.ones(b, g + 1, dtype=i64), "cache_len": torch.tensor([3, 4]), "kv_cache": kv},
+        ("logits", "taps", "kv_cache_out"),
+        {"tokens": {0: "batch", 1: "verify_tokens"}, "cache_len": {0: "batch"}, "kv_cache": cache_dims},
+    )
+    draft_inputs = {
+        "anchor": torch.ones(b, dtype=i64), "ctx_taps": torch.zeros(b, 3, tap_w, dtype=dt),
+        "ctx_count": torch.tensor([3, 2]), "cache_len": torch.tensor([2, 4]), "draft_kv": dkv,
+    }
+    draft_dyn: dict[str, dict[int, str]] = {
+        "anchor": {0: "batch"}, "ctx_taps": {0: "batch", 1: "ctx_len"}, "ctx_count": {0: "batch"},
+        "cache_len": {0: "batch"}, "draft_kv": cache_dims,
+    }
+    if spec.verify_mode == "sampling":
+        draft_inputs |= {"temperature": torch.ones(b), "uniforms": torch.full((b, g), 0.5)}
+        draft_dyn |= {"temperature": {0: "batch"}, "uniforms": {0: "batch"}}
+        propose = GraphSpec("draft_propose", DraftProposeSampling(draft), draft_inputs,
+                            ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_out"), draft_dyn)
+    else:
+        propose = GraphSpec("draft_propose", DraftProposeGreedy(draft), draft_inputs,
+                            ("draft_tokens", "confidence_logits", "draft_kv_out"), draft_dyn)
+    return PartitionedProgram(program, (prefill, verify, propose))

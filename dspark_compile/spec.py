@@ -1,0 +1,142 @@
+"""`BuildSpec`: the one frozen configuration every pass receives.
+
+Read from a TOML (or YAML) file with `--spec`; every field can be overridden by the CLI flag of the same name
+(dashes for underscores). The effective spec is saved into the build as ``build_spec.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dspark_compile.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DTYPES = ("fp32", "fp16", "bf16")
+VERIFY_MODES = ("greedy", "sampling")
+TARGETS = ("onnx", "tensorrt", "triton", "torch")
+TRT_FLAVORS = ("auto", "full", "rtx")
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    target: Path
+    draft: Path
+    out: Path
+    dtype: str = "fp32"
+    block_size: int | None = None  # None: the draft's trained block size
+    max_batch: int = 8
+    max_context: int = 2048  # cache slots the engines are profiled for
+    verify_mode: str = "sampling"  # sampling graphs also serve temperature-0 (greedy) requests
+    targets: tuple[str, ...] = ("onnx",)
+    trt_flavor: str = "auto"
+    no_plugin: bool = False
+    opset: int = 18
+    allow_nonfinite: bool = False
+    kv_buckets: tuple[int, ...] = field(default_factory=tuple)  # TensorRT profiles; empty = one up to max_context
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str, found: Any) -> UsageError:
+            return UsageError(f"build spec field `{name}`: expected {expected}, found {found!r}")
+
+        if self.dtype not in DTYPES:
+            raise bad("dtype", " | ".join(DTYPES), self.dtype)
+        if self.verify_mode not in VERIFY_MODES:
+            raise bad("verify_mode", " | ".join(VERIFY_MODES), self.verify_mode)
+        if self.block_size is not None and not (isinstance(self.block_size, int) and 1 <= self.block_size <= 64):
+            raise bad("block_size", "an integer in [1, 64]", self.block_size)
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise bad("max_batch", "an integer >= 1", self.max_batch)
+        if not isinstance(self.max_context, int) or self.max_context < 16:
+            raise bad("max_context", "an integer >= 16", self.max_context)
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise bad("targets", f"a comma-separated subset of {', '.join(TARGETS)}", ",".join(self.targets))
+        if self.trt_flavor not in TRT_FLAVORS:
+            raise bad("trt_flavor", " | ".join(TRT_FLAVORS), self.trt_flavor)
+        if not isinstance(self.opset, int) or not 18 <= self.opset <= 23:
+            raise bad("opset", "an integer in [18, 23]", self.opset)
+
+    def with_targets(self) -> tuple[str, ...]:
+        """Targets in build order (ONNX first: every other target consumes it)."""
+        wanted = set(self.targets)
+        if wanted & {"tensorrt", "triton"}:
+            wanted.add("onnx")
+        return tuple(t for t in TARGETS if t in wanted)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        return out
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(BuildSpec)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = FIELDS[name]
+    if name in ("target", "draft", "out"):
+        return Path(str(value))
+    if name in ("targets", "kv_buckets"):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise UsageError(f"build spec field `{name}`: expected a list, found {value!r}")
+        return tuple(int(i) if name == "kv_buckets" else str(i).strip() for i in items if str(i).strip())
+    if f.type in ("bool",) and not isinstance(value, bool):
+        raise UsageError(f"build spec field `{name}`: expected true/false, found {value!r}")
+    return value
+
+
+def load_spec_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"{path}: build spec file not found")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = tomllib.loads(text)
+    except Exception as e:  # tomllib / yaml parse errors carry line numbers
+        raise UsageError(f"{path}: not a valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'} "
+                         f"build spec ({' '.join(str(e).split())})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: a build spec must be a table of fields")
+    raw = raw.get("build", raw)
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise UsageError(f"{path}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(FIELDS)}")
+    base = path.parent
+    for key in ("target", "draft", "out"):
+        if key in raw and not Path(str(raw[key])).is_absolute():
+            raw[key] = str(base / str(raw[key]))
+    return raw
+
+
+def make_spec(spec_file: Path | None = None, **overrides: Any) -> BuildSpec:
+    """Spec file values, then every non-None override; missing target/draft/out is a usage error."""
+    raw: dict[str, Any] = load_spec_file(spec_file) if spec_file is not None else {}
+    raw |= {k: v for k, v in overrides.items() if v is not None}
+    for key in ("target", "draft", "out"):
+        if key not in raw:
+            raise UsageError(f"`{key}` is required (flag --{key} or the spec file)")
+    try:
+        values = {k: _coerce(k, v) for k, v in raw.items()}
+        return BuildSpec(**values)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"invalid build spec: {e}") from None
+
+
+def save_spec(spec: BuildSpec, path: Path) -> None:
+    path.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
