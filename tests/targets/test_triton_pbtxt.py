@@ -96,7 +96,7 @@ def test_onnx_repository_layout(tmp_path: Path) -> None:
     assert info["info"] == {"vocab_size": VOCAB, "block_size": BLOCK, "tap_width": TAPS,
                             "has_confidence": False, "eos_token_ids": [], "max_slots": 96, "sampling": True}
     assert (root / "dspark" / "1" / "model.py").read_text().startswith('"""The ``dspark`` Triton model')
-    assert not (root / "dspark" / "build").exists()
+    assert params["max_context"] == "96"  # from build_spec.json
 
 
 def test_tensorrt_repository_and_rewrite_replaces_old(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_tensorrt_repository_and_rewrite_replaces_old(tmp_path: Path) -> None:
     assert (repo.directory / "dspark_target_verify" / "1" / "model.plan").is_file()
 
 
-def test_inprocess_repository_carries_the_onnx_build(tmp_path: Path) -> None:
+def test_inprocess_repository_names_the_build_relative_to_itself(tmp_path: Path) -> None:
     build = write_fake_build(tmp_path / "build", draft=False)
     repo = write_triton_repository(build, tmp_path / "out", TritonOptions(
         backend_mode="onnxruntime_inprocess", instance_kind="KIND_CPU",
@@ -119,10 +119,9 @@ def test_inprocess_repository_carries_the_onnx_build(tmp_path: Path) -> None:
     assert "dspark_draft" not in repo.models
     config = _load(repo.directory / "dspark" / "config.pbtxt")
     params = {k: v.string_value for k, v in config.parameters.items()}
-    assert params["build_dir"] == "dspark/build" and params["python_path"] == "/opt/env/site-packages"
+    assert params["build_dir"] == "../../build" and params["python_path"] == "/opt/env/site-packages"
     assert params["max_context"] == "64" and "model_info" not in params
-    assert (repo.directory / "dspark" / "build" / "onnx" / "target_verify.onnx.data").is_file()
-    assert (repo.directory / "dspark" / "build" / "build_spec.json").is_file()
+    assert (repo.directory / params["build_dir"]).resolve() == build.resolve()
 
 
 def test_user_mistakes_are_reported(tmp_path: Path) -> None:

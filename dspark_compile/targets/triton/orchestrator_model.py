@@ -12,8 +12,8 @@ alone so its random stream depends only on its seed (``generate`` seeds each row
 
 The config's ``backend_mode`` picks who runs the three graphs:
 - ``bls``: the engine models of the same repository, through BLS calls (:class:`BlsBackend`); GPU servers.
-- ``onnxruntime_inprocess``: our onnxruntime backend in this process, on the ONNX copy under ``build_dir``;
-  for servers that have only the python backend (the CPU tests here).
+- ``onnxruntime_inprocess``: our onnxruntime backend in this process, on the build directory ``build_dir``
+  (relative to the repository); for servers that have only the python backend (the CPU tests here).
 - ``factory``: ``backend_factory`` (``module:callable``) called with ``build_dir``; any other in-process
   executor of the Backend protocol, e.g. the PyTorch reference.
 """

@@ -7,7 +7,9 @@ Layout (one model per graph plus the orchestrator; every model has version ``1/`
       dspark_target_verify/...
       dspark_draft/...                    (absent for a target-only build)
       dspark/{config.pbtxt, 1/model.py}   decoupled python-backend orchestrator
-      dspark/build/{onnx/, *.json}        only for the in-process modes: what OrtBackend.load() reads
+
+In the in-process modes the orchestrator loads the build directory itself (its ``manifest.json`` is written
+after this step), named relative to the repository, so ``OUT`` must move as a whole.
 
 The repository is assembled in a temporary directory next to its destination, every ``config.pbtxt`` is
 validated with Triton's ModelConfig protobuf, and only then is it renamed into place.
@@ -38,7 +40,6 @@ GRAPH_MODELS = {"target_prefill": "dspark_target_prefill", "target_verify": "dsp
                 "draft_propose": "dspark_draft"}
 REQUIRED_GRAPHS = ("target_prefill", "target_verify")
 ORCHESTRATOR = "dspark"
-IN_PROCESS_BUILD = f"{ORCHESTRATOR}/build"
 BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
 PLATFORM_CHOICES = ("auto", *pbtxt.PLATFORMS)
 
@@ -98,7 +99,7 @@ def write_triton_repository(build_dir: Path, out_dir: Path, options: TritonOptio
         for graph, onnx_path in graphs.items():
             _write_graph_model(staging / GRAPH_MODELS[graph], graph, onnx_path, build_dir, signatures[graph],
                                platform, options)
-        _write_orchestrator(staging / ORCHESTRATOR, build_dir, graphs, signatures, options)
+        _write_orchestrator(staging / ORCHESTRATOR, build_dir, final, graphs, signatures, options)
         models = tuple(d.name for d in sorted(staging.iterdir()) if pbtxt.validate_config(d / "config.pbtxt"))
         if final.exists():
             retired = Path(tempfile.mkdtemp(prefix=".triton-old-", dir=out_dir))
@@ -156,7 +157,7 @@ def _write_graph_model(model_dir: Path, graph: str, onnx_path: Path, build_dir: 
     (model_dir / "config.pbtxt").write_text(pbtxt.render(config))
 
 
-def _write_orchestrator(model_dir: Path, build_dir: Path, graphs: dict[str, Path],
+def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, graphs: dict[str, Path],
                         signatures: dict[str, pbtxt.GraphSignature], options: TritonOptions) -> None:
     (model_dir / "1").mkdir(parents=True)
     shutil.copyfile(Path(__file__).with_name("orchestrator_model.py"), model_dir / "1" / "model.py")
@@ -167,8 +168,9 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, graphs: dict[str, Path
         "max_batch": options.max_batch,
         "default_max_new_tokens": options.default_max_new_tokens,
     }
-    if options.max_context is not None:
-        parameters["max_context"] = options.max_context
+    max_context = options.max_context or _spec_field(build_dir, "max_context")
+    if max_context is not None:
+        parameters["max_context"] = int(max_context)
     if options.backend_mode == "bls":
         info = options.model_info or derive_model_info(build_dir, signatures)
         parameters["model_info"] = {
@@ -178,8 +180,7 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, graphs: dict[str, Path
                                "outputs": [t.to_json() for t in s.outputs]} for g, s in signatures.items()},
         }
     else:
-        parameters["build_dir"] = IN_PROCESS_BUILD
-        _copy_build_for_inprocess(build_dir, model_dir.parent / IN_PROCESS_BUILD)
+        parameters["build_dir"] = os.path.relpath(build_dir.resolve(), repository.resolve())
     if options.backend_factory is not None:
         parameters["backend_factory"] = options.backend_factory
     config = pbtxt.orchestrator_config(ORCHESTRATOR, parameters)
@@ -219,6 +220,13 @@ def derive_model_info(build_dir: Path, signatures: dict[str, pbtxt.GraphSignatur
                      sampling=verify.input("temperature") is not None)
 
 
+def _spec_field(build_dir: Path, name: str) -> Any:
+    try:
+        return json.loads((build_dir / "build_spec.json").read_text()).get(name)
+    except (OSError, ValueError):
+        return None
+
+
 def default_python_path() -> tuple[str, ...]:
     """This interpreter's site-packages plus the directory holding dspark_compile (if not installed there)."""
     paths = sysconfig.get_paths()
@@ -256,15 +264,6 @@ def external_data_files(onnx_path: Path) -> list[str]:
         if not (onnx_path.parent / location).is_file():
             raise BuildError(f"{onnx_path}: external data file {location!r} is missing")
     return list(found)
-
-
-def _copy_build_for_inprocess(build_dir: Path, dest: Path) -> None:
-    # What OrtBackend.load() reads: the ONNX graphs and the top-level JSON files (manifest, profiles). Engines
-    # and earlier outputs (possibly this very repository) stay out.
-    shutil.copytree(build_dir / "onnx", dest / "onnx", copy_function=_link_or_copy)
-    for path in build_dir.iterdir():
-        if path.is_file():
-            _link_or_copy(path, dest / path.name)
 
 
 def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
