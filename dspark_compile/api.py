@@ -81,3 +81,62 @@ def generate(target_dir: str | Path, draft_dir: str | Path | None, prompts: Sequ
                                      dtype=dtype, device=device, block_size=block_size,
                                      allow_nonfinite=allow_nonfinite)
     return _generate(backend, prompts, params, speculative=not baseline)
+
+
+def build(spec_file: str | Path | None = None, *, stop_after: str | None = None, dump_after: tuple[str, ...] = (),
+          progress: bool = True, **overrides: Any) -> Any:
+    """Run the compiler pipeline; ``overrides`` are BuildSpec fields (target, draft, out, dtype, ...)."""
+    from dspark_compile.pipeline import PassManager
+    from dspark_compile.spec import make_spec
+
+    spec = make_spec(Path(spec_file) if spec_file is not None else None, **overrides)
+    return PassManager(progress=progress).run(spec, stop_after=stop_after, dump_after=dump_after)
+
+
+def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device: str = "cpu") -> Any:
+    """A runtime backend over a build: ``onnxruntime`` runs its graphs, ``torch`` re-grafts its checkpoints."""
+    from dspark_compile.errors import UsageError
+    from dspark_compile.runtime.onnxruntime_backend import OrtBackend, read_manifest
+
+    build_dir = Path(build_dir)
+    if backend == "onnxruntime":
+        return OrtBackend.load(build_dir)
+    if backend == "torch":
+        from dspark_compile.runtime.torch_backend import TorchBackend
+
+        manifest = read_manifest(build_dir)
+        spec = manifest["spec"]
+        return TorchBackend.from_pair(Path(spec["target"]), Path(spec["draft"]), dtype=spec["dtype"], device=device,
+                                      block_size=manifest["program"]["block_size"],
+                                      allow_nonfinite=spec.get("allow_nonfinite", False))
+    raise UsageError(f"--backend {backend!r}: use onnxruntime or torch")
+
+
+def run(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str = "onnxruntime",
+        max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, verify: str = "fixed",
+        baseline: bool = False, device: str = "cpu") -> list[GenerationResult]:
+    """Decode with a build's graphs (or its torch program), exactly like :func:`generate`."""
+    be = load_backend(build_dir, backend, device=device)
+    policy = VerifyPolicy.parse(verify, **_schedule_inputs(Path(build_dir), verify))
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, policy=policy)
+    return _generate(be, prompts, params, speculative=not baseline)
+
+
+def _schedule_inputs(build_dir: Path, verify: str) -> dict[str, Any]:
+    """For --verify schedule: the build's SPS profile and (if present) its confidence calibration."""
+    if verify != "schedule":
+        return {}
+    import json
+
+    from dspark_compile.errors import UsageError
+
+    prof = build_dir / "sps_profile.json"
+    if not prof.is_file():
+        raise UsageError(f"{prof}: missing; run `dspark-compile profile {build_dir}` before --verify schedule")
+    data = json.loads(prof.read_text())
+    out: dict[str, Any] = {"sps": {int(b): float(s) for b, s in zip(data["batch_sizes"], data["steps_per_second"],
+                                                                      strict=True)}}
+    cal = build_dir / "calibration.json"
+    if cal.is_file():
+        out["temperatures"] = tuple(float(t) for t in json.loads(cal.read_text())["temperatures"])
+    return out

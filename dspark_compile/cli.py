@@ -170,6 +170,71 @@ def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prom
     _print_results(results, as_json)
 
 
+@cli.command()
+@click.option("--spec", "spec_file", type=click.Path(path_type=Path), help="TOML/YAML build spec.")
+@click.option("--target", type=click.Path(path_type=Path), help="Target checkpoint directory.")
+@click.option("--draft", type=click.Path(path_type=Path), help="DSpark draft checkpoint directory.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory (replaced atomically).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--block-size", type=int, help="Drafts per round γ (≤ the draft's trained block size).")
+@click.option("--max-batch", type=int)
+@click.option("--max-context", type=int, help="Cache slots the engines are profiled for.")
+@click.option("--verify-mode", type=click.Choice(["greedy", "sampling"]))
+@click.option("--targets", help="Comma-separated: onnx, tensorrt, triton, torch.")
+@click.option("--trt-flavor", type=click.Choice(["auto", "full", "rtx"]))
+@click.option("--no-plugin", is_flag=True, default=None, help="Decompose SpecVerify even for full TensorRT.")
+@click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf weights.")
+@click.option("--stop-after", help="Stop after this pass (the build is still finalised).")
+@click.option("--dump-after", multiple=True, help="Copy the artifacts as they are after this pass into dump/.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+@common
+def build(spec_file: Path | None, as_json: bool, stop_after: str | None, dump_after: tuple[str, ...],
+          **fields: Any) -> None:
+    """Compile TARGET + DRAFT into ONNX graphs, TensorRT engines and a Triton repository."""
+    from dspark_compile import api
+
+    res = api.build(spec_file, stop_after=stop_after, dump_after=dump_after, progress=not as_json, **fields)
+    summary = {
+        "out": str(res.out),
+        "stopped_after": res.stopped_after,
+        "passes": res.manifest["passes"],
+        "artifacts": [{k: a[k] for k in ("path", "bytes", "sha256")} for a in res.manifest["artifacts"]],
+        "engines": res.manifest.get("engines"),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, separators=(",", ":")))
+        return
+    click.echo(f"built {res.out}")
+    for p in summary["passes"]:
+        click.echo(f"  {p['name']:<24} {p['seconds']:8.2f}s")
+    total = sum(a["bytes"] for a in summary["artifacts"])
+    click.echo(f"  {len(summary['artifacts'])} artifacts, {total / 2**20:.1f} MiB; see manifest.json")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--prompt-ids", multiple=True, help="Comma-separated token ids; repeat for a batch.")
+@click.option("--prompt-file", type=click.Path(path_type=Path), help="JSON Lines file of prompts.")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch"]))
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--verify", default="fixed", show_default=True, help="fixed | threshold=X | schedule")
+@click.option("--baseline", is_flag=True, help="Target-only decoding.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per prompt.")
+@common
+def run(build_dir: Path, prompt_ids: tuple[str, ...], prompt_file: Path | None, backend: str, max_new_tokens: int,
+        temperature: float, seed: int, verify: str, baseline: bool, device: str, as_json: bool) -> None:
+    """Decode with a build's graphs; prints the same output as `generate`."""
+    from dspark_compile import api
+
+    prompts = prompts_from(prompt_ids, prompt_file)
+    results = api.run(build_dir, prompts, backend=backend, max_new_tokens=max_new_tokens, temperature=temperature,
+                      seed=seed, verify=verify, baseline=baseline, device=device)
+    _print_results(results, as_json)
+
+
 def _print_results(results: list[Any], as_json: bool) -> None:
     for r in results:
         obj = r.to_json()
