@@ -140,3 +140,33 @@ def _schedule_inputs(build_dir: Path, verify: str) -> dict[str, Any]:
     if cal.is_file():
         out["temperatures"] = tuple(float(t) for t in json.loads(cal.read_text())["temperatures"])
     return out
+
+
+def demo(out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """The built-in tiny example end to end: make a random Qwen3 + DSpark pair, build every target this machine
+    can build, decode with onnxruntime, and check the result against the PyTorch reference and target-only
+    decoding (greedy speculative decoding must be lossless)."""
+    import importlib.util
+
+    from dspark_compile.examples import make_tiny_pair
+
+    out = Path(out)
+    target_dir, draft_dir = make_tiny_pair(out / "example", seed=0)
+    targets = ["onnx", "triton"]
+    if importlib.util.find_spec("tensorrt") or importlib.util.find_spec("tensorrt_rtx_bindings"):
+        targets.insert(1, "tensorrt")
+    res = build(target=target_dir, draft=draft_dir, out=out / "build", targets=",".join(targets), max_context=256,
+                max_batch=4, progress=progress)
+    prompts = [[1, 2, 3, 4, 5], [17, 3, 99, 250, 7, 7, 7, 12], [300, 301, 302], list(range(40, 72))]
+    spec_ort = run(res.out, prompts, backend="onnxruntime", max_new_tokens=24)
+    spec_torch = run(res.out, prompts, backend="torch", max_new_tokens=24)
+    baseline = run(res.out, prompts, backend="onnxruntime", max_new_tokens=24, baseline=True)
+    return {
+        "build": str(res.out),
+        "targets": targets,
+        "passes": res.manifest["passes"],
+        "onnxruntime_equals_torch": [a.tokens == b.tokens for a, b in zip(spec_ort, spec_torch, strict=True)],
+        "lossless_vs_target_only": [a.tokens == b.tokens for a, b in zip(spec_ort, baseline, strict=True)],
+        "mean_accepted": [round(r.mean_accepted, 3) for r in spec_ort],
+        "tokens": [r.tokens for r in spec_ort],
+    }

@@ -182,6 +182,9 @@ def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prom
 @click.option("--verify-mode", type=click.Choice(["greedy", "sampling"]))
 @click.option("--targets", help="Comma-separated: onnx, tensorrt, triton, torch.")
 @click.option("--trt-flavor", type=click.Choice(["auto", "full", "rtx"]))
+@click.option("--triton-mode", type=click.Choice(["bls", "onnxruntime_inprocess"]),
+              help="How the Triton orchestrator runs the graphs.")
+@click.option("--kv-buckets", help="Comma-separated cache-slot bucket edges for TensorRT profiles.")
 @click.option("--no-plugin", is_flag=True, default=None, help="Decompose SpecVerify even for full TensorRT.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf weights.")
 @click.option("--stop-after", help="Stop after this pass (the build is still finalised).")
@@ -233,6 +236,31 @@ def run(build_dir: Path, prompt_ids: tuple[str, ...], prompt_file: Path | None, 
     results = api.run(build_dir, prompts, backend=backend, max_new_tokens=max_new_tokens, temperature=temperature,
                       seed=seed, verify=verify, baseline=baseline, device=device)
     _print_results(results, as_json)
+
+
+@cli.command()
+@click.option("--out", default="dspark-demo-out", show_default=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with the results.")
+@common
+def demo(out: Path, as_json: bool) -> None:
+    """Build the built-in tiny example (no files needed) and check the engines decode losslessly."""
+    from dspark_compile import api
+
+    report = api.demo(out, progress=not as_json)
+    ok = all(report["onnxruntime_equals_torch"]) and all(report["lossless_vs_target_only"])
+    report["ok"] = ok
+    if as_json:
+        click.echo(json.dumps(report, separators=(",", ":")))
+    else:
+        click.echo(f"built {report['build']} (targets: {', '.join(report['targets'])})")
+        for p in report["passes"]:
+            click.echo(f"  {p['name']:<24} {p['seconds']:8.2f}s")
+        click.echo(f"onnxruntime == PyTorch reference: {report['onnxruntime_equals_torch']}")
+        click.echo(f"speculative == target-only (lossless): {report['lossless_vs_target_only']}")
+        click.echo(f"mean accepted per round (bonus counted): {report['mean_accepted']}")
+        click.echo("demo OK" if ok else "demo FAILED")
+    if not ok:
+        sys.exit(1)
 
 
 def _print_results(results: list[Any], as_json: bool) -> None:

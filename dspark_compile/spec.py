@@ -24,6 +24,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 VERIFY_MODES = ("greedy", "sampling")
 TARGETS = ("onnx", "tensorrt", "triton", "torch")
 TRT_FLAVORS = ("auto", "full", "rtx")
+TRITON_MODES = ("bls", "onnxruntime_inprocess")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class BuildSpec:
     opset: int = 18
     allow_nonfinite: bool = False
     kv_buckets: tuple[int, ...] = field(default_factory=tuple)  # TensorRT profiles; empty = one up to max_context
+    triton_mode: str = "bls"  # bls | onnxruntime_inprocess (servers with only the python backend)
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str, found: Any) -> UsageError:
@@ -62,6 +64,8 @@ class BuildSpec:
             raise bad("targets", f"a comma-separated subset of {', '.join(TARGETS)}", ",".join(self.targets))
         if self.trt_flavor not in TRT_FLAVORS:
             raise bad("trt_flavor", " | ".join(TRT_FLAVORS), self.trt_flavor)
+        if self.triton_mode not in TRITON_MODES:
+            raise bad("triton_mode", " | ".join(TRITON_MODES), self.triton_mode)
         if not isinstance(self.opset, int) or not 18 <= self.opset <= 23:
             raise bad("opset", "an integer in [18, 23]", self.opset)
 
