@@ -113,10 +113,17 @@ def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device:
 
 
 def run(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str = "onnxruntime",
-        max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, verify: str = "fixed",
+        max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, verify: str = "auto",
         baseline: bool = False, device: str = "cpu") -> list[GenerationResult]:
-    """Decode with a build's graphs (or its torch program), exactly like :func:`generate`."""
+    """Decode with a build's graphs (or its torch program), exactly like :func:`generate`.
+
+    ``verify="auto"`` uses the confidence scheduler when the build has been profiled (sps_profile.json) and
+    the draft has a confidence head, else verifies every draft.
+    """
     be = load_backend(build_dir, backend, device=device)
+    if verify == "auto":
+        profiled = (Path(build_dir) / "sps_profile.json").is_file()
+        verify = "schedule" if profiled and be.info.has_confidence else "fixed"
     policy = VerifyPolicy.parse(verify, **_schedule_inputs(Path(build_dir), verify))
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, policy=policy)
     return _generate(be, prompts, params, speculative=not baseline)
@@ -170,3 +177,34 @@ def demo(out: str | Path, *, progress: bool = True) -> dict[str, Any]:
         "mean_accepted": [round(r.mean_accepted, 3) for r in spec_ort],
         "tokens": [r.tokens for r in spec_ort],
     }
+
+
+def profile(build_dir: str | Path, *, backend: str = "onnxruntime", max_batch: int | None = None,
+            context: int = 256, repeats: int = 5, device: str = "cpu") -> dict[str, Any]:
+    """Measure SPS(B) of the build's verify graph and write sps_profile.json / .png into the build."""
+    from dspark_compile.passes.profile_sps import profile_sps, write_profile
+    from dspark_compile.runtime.onnxruntime_backend import read_manifest
+
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    be = load_backend(build_dir, backend, device=device)
+    sync = None
+    if backend == "torch" and device.startswith("cuda"):
+        import torch
+
+        sync = torch.cuda.synchronize
+    prof = profile_sps(be, max_batch=max_batch or manifest["spec"]["max_batch"], context=context, repeats=repeats,
+                       backend_name=backend, device=device, sync=sync)
+    write_profile(prof, build_dir)
+    return prof.to_json()
+
+
+def calibrate(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str = "onnxruntime",
+              max_new_tokens: int = 64, device: str = "cpu") -> dict[str, Any]:
+    """Fit Sequential Temperature Scaling on held-out prompts; writes calibration.json + reliability.png."""
+    from dspark_compile.passes.calibrate import calibrate_build
+
+    cal = calibrate_build(load_backend(build_dir, backend, device=device), prompts, Path(build_dir),
+                          max_new_tokens=max_new_tokens)
+    return {"temperatures": list(cal.temperatures), "ece_before": list(cal.ece_before),
+            "ece_after": list(cal.ece_after)}

@@ -222,7 +222,9 @@ def build(spec_file: Path | None, as_json: bool, stop_after: str | None, dump_af
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--verify", default="fixed", show_default=True, help="fixed | threshold=X | schedule")
+@click.option("--verify", default="auto", show_default=True,
+              help="fixed | threshold=X | schedule | auto (schedule when the build has an SPS profile and the "
+                   "draft a confidence head, else fixed)")
 @click.option("--baseline", is_flag=True, help="Target-only decoding.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per prompt.")
@@ -236,6 +238,52 @@ def run(build_dir: Path, prompt_ids: tuple[str, ...], prompt_file: Path | None, 
     results = api.run(build_dir, prompts, backend=backend, max_new_tokens=max_new_tokens, temperature=temperature,
                       seed=seed, verify=verify, baseline=baseline, device=device)
     _print_results(results, as_json)
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch"]))
+@click.option("--max-batch", type=int, help="Requests to profile up to (default: the build's max_batch).")
+@click.option("--context", default=256, show_default=True, type=int, help="Committed tokens in the cache.")
+@click.option("--repeats", default=5, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@common
+def profile(build_dir: Path, backend: str, max_batch: int | None, context: int, repeats: int, device: str,
+            as_json: bool) -> None:
+    """Measure SPS(B) of the verify graph (for --verify schedule); writes sps_profile.json/.png."""
+    from dspark_compile import api
+
+    prof = api.profile(build_dir, backend=backend, max_batch=max_batch, context=context, repeats=repeats,
+                       device=device)
+    if as_json:
+        click.echo(json.dumps(prof, separators=(",", ":")))
+    else:
+        for b, s in zip(prof["batch_sizes"], prof["steps_per_second"], strict=True):
+            click.echo(f"SPS({b:4d}) = {s:10.1f} steps/s")
+        click.echo(f"wrote {build_dir / 'sps_profile.json'}")
+
+
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Held-out prompts (JSON Lines).")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch"]))
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@common
+def calibrate(build_dir: Path, data: Path, backend: str, max_new_tokens: int, device: str, as_json: bool) -> None:
+    """Sequential Temperature Scaling of the confidence head; writes calibration.json + reliability.png."""
+    from dspark_compile import api
+
+    res = api.calibrate(build_dir, read_prompt_file(data), backend=backend, max_new_tokens=max_new_tokens,
+                        device=device)
+    if as_json:
+        click.echo(json.dumps(res, separators=(",", ":")))
+    else:
+        for k, (t, b, a) in enumerate(zip(res["temperatures"], res["ece_before"], res["ece_after"], strict=True), 1):
+            click.echo(f"position {k}: T={t:.3f}  ECE {b} -> {a}")
+        click.echo(f"wrote {build_dir / 'calibration.json'}")
 
 
 @cli.command()

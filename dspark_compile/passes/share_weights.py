@@ -2,14 +2,15 @@
 
 Prefill and verify contain the same target weights and the draft graph contains the target's embedding and
 LM head (the graft); on disk each is written once and every graph's external-data entries point into the one
-file. Tensors are copied one at a time (memory-mapped), so peak memory stays at the largest tensor.
+file. Tensors are copied one at a time with plain reads (no mapping that would count the whole file as
+resident), so peak memory stays at the largest tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
-import mmap
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -28,7 +29,7 @@ def share_weights(graphs: OnnxGraphs) -> OnnxGraphs:
     target = directory / WEIGHTS_FILE
     seen: dict[str, tuple[int, int]] = {}
     old_files: set[Path] = set()
-    maps: dict[Path, mmap.mmap] = {}
+    handles: dict[Path, Any] = {}
     with target.open("wb") as out:
         for path in graphs.all_paths():
             model = onnx.load(str(path), load_external_data=False)
@@ -37,13 +38,13 @@ def share_weights(graphs: OnnxGraphs) -> OnnxGraphs:
                     continue
                 info = _external(init)
                 src = directory / info["location"]
-                if src not in maps:
-                    with src.open("rb") as f:
-                        maps[src] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                if src not in handles:
+                    handles[src] = src.open("rb")
                     old_files.add(src)
                 offset = int(info.get("offset", 0))
-                length = int(info.get("length", len(maps[src]) - offset))
-                data = maps[src][offset : offset + length]
+                length = int(info["length"]) if "length" in info else src.stat().st_size - offset
+                handles[src].seek(offset)
+                data = handles[src].read(length)
                 key = hashlib.sha256(data).hexdigest()
                 if key not in seen:
                     pos = out.tell()
@@ -57,8 +58,8 @@ def share_weights(graphs: OnnxGraphs) -> OnnxGraphs:
                     entry = init.external_data.add()
                     entry.key, entry.value = k, v
             onnx.save(model, str(path))
-    for m in maps.values():
-        m.close()
+    for h in handles.values():
+        h.close()
     for f in old_files:
         if f != target:
             f.unlink()

@@ -1,0 +1,117 @@
+"""Post-build pass `profile_sps`: measure SPS(B), verify steps per second at a verify batch of B tokens.
+
+The scheduler (DSPARK.md §5) maximises τ · SPS(B), so it needs the engine's real cost curve. B counts tokens
+(Σ_r 1 + ℓ_r): below γ+1 one request verifies B tokens; above, ⌈B/(γ+1)⌉ requests of up to γ+1 tokens each.
+Each point is the median of timed verify calls over a warm cache of `context` committed tokens.
+Writes BUILD/sps_profile.json and BUILD/sps_profile.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dspark_compile.runtime.backend import Backend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpsProfile:
+    batch_sizes: tuple[int, ...]
+    steps_per_second: tuple[float, ...]
+    backend: str
+    device: str
+    context: int
+    block_size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch_sizes": list(self.batch_sizes), "steps_per_second": list(self.steps_per_second),
+                "backend": self.backend, "device": self.device, "context": self.context,
+                "block_size": self.block_size}
+
+    def as_mapping(self) -> dict[int, float]:
+        return dict(zip(self.batch_sizes, self.steps_per_second, strict=True))
+
+
+def token_grid(block: int, max_batch: int) -> list[int]:
+    small = list(range(1, block + 1))
+    return small + [r * (block + 1) for r in range(1, max_batch + 1)]
+
+
+def shape_for(tokens: int, block: int) -> tuple[int, int]:
+    """(requests, tokens per request) for a verify batch of ``tokens`` tokens."""
+    if tokens <= block + 1:
+        return 1, tokens
+    return -(-tokens // (block + 1)), block + 1
+
+
+def profile_sps(backend: Backend, *, max_batch: int, context: int = 256, repeats: int = 5,
+                backend_name: str = "", device: str = "cpu", sync: Callable[[], None] | None = None) -> SpsProfile:
+    g = backend.info.block_size
+    rng = np.random.default_rng(0)
+    points, sps = [], []
+    for b_tokens in token_grid(g, max_batch):
+        reqs, t = shape_for(b_tokens, g)
+        backend.start(reqs, context + t + 2)
+        tokens = rng.integers(0, backend.info.vocab_size, size=(reqs, t), dtype=np.int64)
+        cache_len = np.full(reqs, context, dtype=np.int64)
+        verify_len = np.full(reqs, t - 1, dtype=np.int64)
+        extra: tuple[Any, ...] = (None, None, None)
+        if backend.info.sampling:  # greedy rows (temperature 0) still run the sampling graph's full path
+            extra = (np.full((reqs, t - 1, backend.info.vocab_size), 1.0 / backend.info.vocab_size, np.float32),
+                     np.zeros(reqs, np.float32), np.zeros((reqs, t), np.float32))
+        args = (tokens, cache_len, verify_len, *extra)
+
+        def call(args: tuple[Any, ...] = args) -> None:
+            backend.verify(*args)
+
+        call()  # warm-up (allocation, kernel selection)
+        times = []
+        for _ in range(repeats):
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            call()
+            if sync:
+                sync()
+            times.append(time.perf_counter() - t0)
+        points.append(reqs * t)
+        sps.append(1.0 / statistics.median(times))
+        log.info("SPS(%d) = %.1f steps/s", reqs * t, sps[-1])
+    # Points may repeat when rounding requests up; keep the last (largest shape) per B.
+    curve = dict(zip(points, sps, strict=True))
+    keys = sorted(curve)
+    return SpsProfile(tuple(keys), tuple(round(curve[k], 3) for k in keys), backend_name, device, context, g)
+
+
+def write_profile(profile: SpsProfile, build_dir: Path) -> Path:
+    path = build_dir / "sps_profile.json"
+    path.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
+    plot_profile(profile, build_dir / "sps_profile.png")
+    return path
+
+
+def plot_profile(profile: SpsProfile, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(profile.batch_sizes, profile.steps_per_second, marker="o")
+    ax.set_xlabel("verify batch B (tokens)")
+    ax.set_ylabel("steps / s")
+    ax.set_title(f"SPS(B) — {profile.backend} on {profile.device}, context {profile.context}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
