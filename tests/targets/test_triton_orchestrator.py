@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from google.protobuf import json_format
-from test_triton_standin import BLOCK, VOCAB, StandInBackend, reference, write_fake_build
+from test_triton_standin import BLOCK, MAX_SLOTS, VOCAB, StandInBackend, reference, write_fake_build
 
 from dspark_compile.errors import UsageError
 from dspark_compile.runtime.decode import GenerationParams, generate
@@ -88,6 +88,9 @@ class FakeSender:
     def __init__(self) -> None:
         self.sent: list[tuple[FakeResponse | None, int]] = []
         self.done = threading.Event()
+
+    def is_cancelled(self) -> bool:
+        return False
 
     def send(self, response: FakeResponse | None = None, flags: int = 0) -> None:
         self.sent.append((response, flags))
@@ -194,8 +197,9 @@ class ListStream:
         return [t for chunk, _ in self.chunks for t in chunk]
 
 
-def _run_jobs(orch: types.ModuleType, backend: Any, specs: list[Any]) -> list[ListStream]:
-    runner = orch.Orchestrator(backend, max_batch=4)
+def _run_jobs(orch: types.ModuleType, backend: Any, specs: list[Any], max_slots: int | None = None
+              ) -> list[ListStream]:
+    runner = orch.Orchestrator(backend, max_batch=4, max_slots=max_slots)
     streams = [ListStream() for _ in specs]
     for spec, stream in zip(specs, streams, strict=True):
         runner.submit(orch.Job(spec, stream))  # queued before the worker starts: batching is deterministic
@@ -219,11 +223,41 @@ def test_fake_pb_utils_orchestrator_batches_greedy_and_isolates_sampling(orch: t
     assert backend.batches == [4, 1, 2]
 
 
+def test_fake_pb_utils_requests_that_fit_alone_but_not_together_run_apart(orch: types.ModuleType) -> None:
+    backend = StandInBackend()
+    long_prompt = orch.RequestSpec([1] * 80, 8, 0.0, 0)  # 80 + 8 + G + 2 = 94 slots
+    long_answer = orch.RequestSpec([2, 3], 80, 0.0, 0)  # 2 + 80 + G + 2 = 88 slots; together 166 > 96
+    streams = _run_jobs(orch, backend, [long_prompt, long_answer], max_slots=MAX_SLOTS)
+    assert [s.error for s in streams] == [None, None] and backend.batches == [1, 1]
+    assert streams[1].tokens == reference([2, 3], 80)
+
+
 def test_fake_pb_utils_orchestrator_stops_at_eos(orch: types.ModuleType) -> None:
     prompt = [3, 4]
     eos = reference(prompt, 10)[4]
     streams = _run_jobs(orch, StandInBackend(eos_token_ids=(eos,)), [orch.RequestSpec(prompt, 30, 0.0, 0)])
     assert streams[0].tokens == reference(prompt, 10)[:5] and streams[0].error is None
+
+
+class BrokenStream(ListStream):
+    """A client that disconnected after its first response."""
+
+    def send(self, tokens: list[int], accepted: int) -> None:
+        if self.chunks:
+            raise ConnectionError("client went away")
+        super().send(tokens, accepted)
+
+
+def test_fake_pb_utils_a_failing_stream_does_not_break_its_batch(orch: types.ModuleType) -> None:
+    runner = orch.Orchestrator(StandInBackend(), max_batch=4)
+    broken, healthy = BrokenStream(), ListStream()
+    runner.submit(orch.Job(orch.RequestSpec([1, 2], 20, 0.0, 0), broken))
+    runner.submit(orch.Job(orch.RequestSpec([3, 4], 20, 0.0, 0), healthy))
+    runner.start()
+    assert healthy.done.wait(30) and broken.done.wait(30)
+    runner.stop()
+    assert healthy.error is None and healthy.tokens == reference([3, 4], 20)
+    assert len(broken.chunks) == 1 and broken.error is not None and "client went away" in broken.error
 
 
 class FlakyBackend(StandInBackend):
@@ -294,6 +328,10 @@ def _bls_parameter(tmp_path: Path) -> str:
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_fake_pb_utils_bls_backend_runs_the_decode_loop(orch: types.ModuleType, tmp_path: Path,
                                                         temperature: float) -> None:
+    """BlsBackend packs the decode loop's arrays into BLS requests and threads the caches between calls.
+
+    Only checkable with a fake pb_utils: the bundled server cannot load TensorRT / onnxruntime models.
+    """
     backend = orch.BlsBackend.from_parameter(_bls_parameter(tmp_path))
     assert backend.info == StandInBackend().info
     calls = _fake_engine_models(dict(backend.models))
@@ -310,6 +348,7 @@ def test_fake_pb_utils_bls_backend_runs_the_decode_loop(orch: types.ModuleType, 
 
 
 def test_fake_pb_utils_bls_error_names_the_model(orch: types.ModuleType, tmp_path: Path) -> None:
+    """A failed BLS call (engine model missing or erroring) surfaces as an error naming that model."""
     backend = orch.BlsBackend.from_parameter(_bls_parameter(tmp_path))
     FAKE_MODELS.clear()
     FAKE_MODELS["dspark_target_prefill"] = lambda x: (_ for _ in ()).throw(RuntimeError("engine not loaded"))

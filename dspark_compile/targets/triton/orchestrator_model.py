@@ -50,6 +50,7 @@ _extend_sys_path()
 
 import importlib  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import math  # noqa: E402
 import queue  # noqa: E402
 import secrets  # noqa: E402
@@ -68,6 +69,7 @@ from dspark_compile.runtime.backend import Backend, DraftOutput, ModelInfo, Veri
 from dspark_compile.runtime.decode import GenerationParams, generate  # noqa: E402
 
 BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,14 +175,22 @@ class Job:
         tokens = tokens[: self.spec.max_new_tokens - self.sent]
         if tokens:
             self.sent += len(tokens)
-            self.stream.send(tokens, accepted)
+            try:
+                self.stream.send(tokens, accepted)
+            except Exception as exc:  # the client went away: drop this request, not its whole batch
+                log.warning("dspark: dropping a request whose stream failed: %s", exc)
+                self.end(f"stream failed: {exc}")  # Triton still wants the final flag to release it
+                return
         if self.sent >= self.spec.max_new_tokens or (tokens and tokens[-1] in eos):
             self.end()
 
     def end(self, error: str | None = None) -> None:
         if not self.finished:
             self.finished = True
-            self.stream.finish(error)
+            try:
+                self.stream.finish(error)
+            except Exception as exc:
+                log.warning("dspark: could not finish a request's stream: %s", exc)
 
 
 @dataclass
@@ -189,7 +199,8 @@ class Orchestrator:
 
     backend: Backend
     max_batch: int = 16
-    on_error: Callable[[str], None] = print
+    max_slots: int | None = None  # a batch needs max(prompt) + max(max_new_tokens) + G + 2 cache slots
+    on_error: Callable[[str], None] = log.error
     _queue: queue.Queue[Job | None] = field(default_factory=queue.Queue, init=False)
     _held: deque[Job] = field(default_factory=deque, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -234,8 +245,15 @@ class Orchestrator:
             if job is None:
                 self._queue.put(None)
                 break
-            (batch if job.spec.temperature == 0 else self._held).append(job)
+            (batch if job.spec.temperature == 0 and self._fits([*batch, job]) else self._held).append(job)
         return batch
+
+    def _fits(self, jobs: list[Job]) -> bool:
+        if self.max_slots is None:
+            return True
+        need = (max(len(j.spec.prompt) for j in jobs) + max(j.spec.max_new_tokens for j in jobs)
+                + self.backend.info.block_size + 2)
+        return need <= self.max_slots
 
     def _run(self, batch: list[Job]) -> None:
         head = batch[0].spec
@@ -389,6 +407,8 @@ class _SenderStream(Stream):
         self.sender = sender
 
     def send(self, tokens: list[int], accepted: int) -> None:
+        if self.sender.is_cancelled():
+            raise ConnectionError("the client cancelled the request")
         self.sender.send(pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("tokens", np.asarray(tokens, dtype=np.int64)),
             pb_utils.Tensor("accepted", np.asarray([accepted], dtype=np.int32)),
@@ -434,6 +454,7 @@ class TritonPythonModel:
         max_context = int(parameters["max_context"]) if parameters.get("max_context") else None
         self.limits = Limits.of(backend.info, max_context, int(parameters.get("default_max_new_tokens", 64)))
         self.orchestrator = Orchestrator(backend, max_batch=int(parameters.get("max_batch", 16)),
+                                         max_slots=self.limits.max_context,
                                          on_error=pb_utils.Logger.log_error)
         self.orchestrator.start()
 
