@@ -1,0 +1,28 @@
+"""``dspark::SpecVerify``: lossless verification of drafted tokens (specification: README.md here).
+
+Re-exports the dependency-light parts; ``kernel`` (needs ``triton``) and ``trt_plugin`` (needs full
+TensorRT when called) are imported explicitly by their users.
+"""
+
+from __future__ import annotations
+
+from dspark_compile.plugins.spec_verify.reference import (
+    decision_margin,
+    random_inputs,
+    spec_verify_reference,
+    spec_verify_torch,
+)
+from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY, make_model, make_node
+
+__all__ = [
+    "GREEDY",
+    "MODES",
+    "SAMPLING",
+    "SPEC_VERIFY",
+    "decision_margin",
+    "make_model",
+    "make_node",
+    "random_inputs",
+    "spec_verify_reference",
+    "spec_verify_torch",
+]

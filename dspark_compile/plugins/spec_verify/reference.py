@@ -1,0 +1,263 @@
+"""Reference implementations of ``dspark::SpecVerify`` (specification: README.md beside this file).
+
+* :func:`spec_verify_reference` — NumPy, one request and one position at a time: the ground truth.
+* :func:`spec_verify_torch` — the same rules vectorised in torch ops with no data-dependent Python control
+  flow, so ``torch.export``/ONNX export can trace it; the PyTorch reference runtime uses it.
+* :func:`decision_margin` — how close the reference's float decisions came to their thresholds (float64), so
+  tests and the GPU benchmark can tell a real disagreement from a near-tie.
+* :func:`random_inputs` — inputs with a controllable acceptance rate, for tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING
+
+Q_FLOOR = 1e-8  # draft probabilities are clamped to this before dividing (README, sampling rule 2)
+RESIDUAL_FLOOR = 1e-8  # a residual summing to at most this is replaced by p_j (sampling rule 3)
+
+
+def _as_numpy(x: Any, dtype: type) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        # bf16/fp16 -> fp32 is exact, and NumPy has no bf16.
+        x = x.float() if x.is_floating_point() else x
+        x = x.numpy()
+    return np.asarray(x).astype(dtype)
+
+
+def _check_args(mode: str, draft_probs: Any, temperature: Any, uniforms: Any) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
+    if mode == SAMPLING and (draft_probs is None or temperature is None or uniforms is None):
+        raise ValueError("mode 'sampling' needs draft_probs, temperature and uniforms")
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def inverse_cdf(weights: np.ndarray, u: float) -> int:
+    """Smallest i with cumsum(w)[i] > u * sum(w); the last positive weight if rounding leaves none."""
+    w = weights.astype(np.float32)
+    above = np.nonzero(np.cumsum(w, dtype=np.float32) > np.float32(u) * w.sum(dtype=np.float32))[0]
+    if above.size:
+        return int(above[0])
+    return int(np.nonzero(w > 0)[0][-1])
+
+
+def spec_verify_reference(
+    target_logits: Any,
+    draft_tokens: Any,
+    verify_len: Any,
+    *,
+    mode: str,
+    draft_probs: Any = None,
+    temperature: Any = None,
+    uniforms: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(accepted, next_token)``, both int64 [B]. Accepts NumPy arrays or (CPU/GPU) torch tensors."""
+    _check_args(mode, draft_probs, temperature, uniforms)
+    logits = _as_numpy(target_logits, np.float32)
+    drafts = _as_numpy(draft_tokens, np.int64)
+    batch, gamma = drafts.shape
+    lengths = np.clip(_as_numpy(verify_len, np.int64), 0, gamma)
+    if mode == SAMPLING:
+        q = _as_numpy(draft_probs, np.float32)
+        temps = _as_numpy(temperature, np.float32)
+        u = _as_numpy(uniforms, np.float32)
+    accepted = np.zeros(batch, dtype=np.int64)
+    next_token = np.zeros(batch, dtype=np.int64)
+    for b in range(batch):
+        ell = int(lengths[b])
+        if mode == GREEDY or not temps[b] > 0:
+            targets = logits[b].argmax(axis=-1)  # first index of the maximum on ties
+            j = 0
+            while j < ell and drafts[b, j] == targets[j]:
+                j += 1
+            accepted[b], next_token[b] = j, targets[j]
+            continue
+        p = _softmax(logits[b] / temps[b])  # [G+1, V] float32
+        j = 0
+        while j < ell:
+            x = drafts[b, j]
+            ratio = p[j, x] / max(q[b, j, x], np.float32(Q_FLOOR))
+            if not u[b, j] < min(np.float32(1.0), ratio):
+                break
+            j += 1
+        if j < ell:
+            w = np.maximum(p[j] - q[b, j], np.float32(0.0))
+            if w.sum(dtype=np.float32) <= RESIDUAL_FLOOR:
+                w = p[j]
+        else:
+            w = p[j]
+        accepted[b], next_token[b] = j, inverse_cdf(w, u[b, gamma])
+    return accepted, next_token
+
+
+def decision_margin(
+    target_logits: Any,
+    draft_tokens: Any,
+    verify_len: Any,
+    *,
+    mode: str,
+    draft_probs: Any = None,
+    temperature: Any = None,
+    uniforms: Any = None,
+) -> np.ndarray:
+    """Per request, the smallest |u − threshold| among the float decisions on the reference path (float64).
+
+    Greedy requests have no float decision (inf). For sampling: every acceptance test made (including the
+    rejecting one) and the final draw, where the distance is to the nearest normalised CDF step — a
+    conservative bound, since only the two steps around the crossing matter when weights are non-zero.
+    """
+    _check_args(mode, draft_probs, temperature, uniforms)
+    drafts = _as_numpy(draft_tokens, np.int64)
+    batch, gamma = drafts.shape
+    margin = np.full(batch, np.inf)
+    if mode == GREEDY:
+        return margin
+    logits = _as_numpy(target_logits, np.float64)
+    lengths = np.clip(_as_numpy(verify_len, np.int64), 0, gamma)
+    q = _as_numpy(draft_probs, np.float64)
+    temps = _as_numpy(temperature, np.float64)
+    u = _as_numpy(uniforms, np.float64)
+    for b in range(batch):
+        if not temps[b] > 0:
+            continue
+        p = _softmax(logits[b] / temps[b])
+        ell, j, gaps = int(lengths[b]), 0, []
+        while j < ell:
+            x = drafts[b, j]
+            threshold = min(1.0, p[j, x] / max(q[b, j, x], Q_FLOOR))
+            gaps.append(abs(u[b, j] - threshold))
+            if not u[b, j] < threshold:
+                break
+            j += 1
+        w = p[j]
+        if j < ell:
+            residual = np.maximum(p[j] - q[b, j], 0.0)
+            w = residual if residual.sum() > RESIDUAL_FLOOR else p[j]
+        cdf = np.cumsum(w) / w.sum()
+        gaps.append(float(np.min(np.abs(cdf - u[b, gamma]))))
+        margin[b] = min(gaps)
+    return margin
+
+
+def _leading_count(passed: torch.Tensor) -> torch.Tensor:
+    """Number of leading True values along the last axis (int64)."""
+    return torch.cumprod(passed.to(torch.int64), dim=-1).sum(dim=-1)
+
+
+def _inverse_cdf_torch(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Vectorised :func:`inverse_cdf` over the rows of ``w`` [B, V] with ``u`` [B]."""
+    above = torch.cumsum(w, dim=-1) > (u * w.sum(dim=-1))[:, None]
+    first_above = above.to(torch.int32).argmax(dim=-1)  # first True: argmax returns the first maximum
+    positions = torch.arange(w.shape[-1], device=w.device)
+    last_positive = torch.where(w > 0, positions, -1).amax(dim=-1)
+    return torch.where(above.any(dim=-1), first_above, last_positive)
+
+
+def spec_verify_torch(
+    target_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    verify_len: torch.Tensor,
+    *,
+    mode: str,
+    draft_probs: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised :func:`spec_verify_reference`; ``mode`` is static, everything else traced."""
+    _check_args(mode, draft_probs, temperature, uniforms)
+    logits = target_logits.float()
+    gamma = draft_tokens.shape[1]
+    targets = logits.argmax(dim=-1)  # [B, G+1]
+    lengths = verify_len.clamp(0, gamma)
+    match = draft_tokens == targets[:, :gamma]
+    if mode == GREEDY:
+        # Position tests are independent: "stop at the first failure before ℓ" = min(ℓ, leading passes).
+        accepted = torch.minimum(_leading_count(match), lengths)
+        return accepted, targets.gather(1, accepted[:, None]).squeeze(1)
+
+    assert draft_probs is not None and temperature is not None and uniforms is not None
+    greedy_row = ~(temperature > 0)
+    temps = torch.where(greedy_row, torch.ones_like(temperature), temperature)
+    p = torch.softmax(logits / temps[:, None, None], dim=-1)  # [B, G+1, V]
+    picked = draft_tokens[:, :, None]
+    q_x = draft_probs.gather(2, picked).squeeze(2).clamp_min(Q_FLOOR)
+    ratio = p[:, :gamma].gather(2, picked).squeeze(2) / q_x
+    passed = uniforms[:, :gamma] < ratio.clamp(max=1.0)
+    passed = torch.where(greedy_row[:, None], match, passed)
+    accepted = torch.minimum(_leading_count(passed), lengths)
+
+    vocab = p.shape[-1]
+    p_j = p.gather(1, accepted[:, None, None].expand(-1, 1, vocab)).squeeze(1)
+    q_index = accepted.clamp(max=gamma - 1)  # row ℓ = G has no q; its residual is never used
+    q_j = draft_probs.gather(1, q_index[:, None, None].expand(-1, 1, vocab)).squeeze(1)
+    residual = (p_j - q_j).clamp_min(0.0)
+    use_residual = (accepted < lengths) & (residual.sum(dim=-1) > RESIDUAL_FLOOR)
+    weights = torch.where(use_residual[:, None], residual, p_j)
+    drawn = _inverse_cdf_torch(weights, uniforms[:, gamma])
+    greedy_next = targets.gather(1, accepted[:, None]).squeeze(1)
+    return accepted, torch.where(greedy_row, greedy_next, drawn)
+
+
+def random_inputs(
+    batch: int,
+    gamma: int,
+    vocab: int,
+    *,
+    mode: str,
+    generator: torch.Generator,
+    device: str | torch.device = "cpu",
+    logits_dtype: torch.dtype = torch.float32,
+    match_prob: float = 0.8,
+    logit_scale: float = 3.0,
+    draft_noise: float = 0.5,
+    greedy_row_prob: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Keyword arguments for the implementations (``target_logits``, ``draft_tokens``, ...), on ``device``.
+
+    Greedy drafts equal the target argmax with probability ``match_prob`` per position; sampling drafts are
+    drawn from draft distributions close to the target's (logits plus ``draft_noise`` Gaussian noise), so
+    acceptance runs of all lengths occur. ``greedy_row_prob`` sets some sampling temperatures to 0.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
+    g = generator
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=g, device=device)
+
+    logits = (randn(batch, gamma + 1, vocab) * logit_scale).to(logits_dtype)
+    verify_len = torch.randint(0, gamma + 1, (batch,), generator=g, device=device)
+    targets = logits.float().argmax(dim=-1)[:, :gamma]
+    # A random token that differs from the target: shift by 1..V-1 modulo V.
+    other = (targets + torch.randint(1, max(vocab, 2), targets.shape, generator=g, device=device)) % vocab
+    greedy_drafts = torch.where(rand(batch, gamma) < match_prob, targets, other)
+    inputs = {"target_logits": logits, "verify_len": verify_len}
+    if mode == GREEDY:
+        return inputs | {"draft_tokens": greedy_drafts}
+
+    temperature = 0.5 + rand(batch)
+    temperature = torch.where(rand(batch) < greedy_row_prob, torch.zeros_like(temperature), temperature)
+    draft_temps = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    draft_logits = logits[:, :gamma].float() + draft_noise * randn(batch, gamma, vocab)
+    draft_probs = torch.softmax(draft_logits / draft_temps[:, None, None], dim=-1)
+    sampled = torch.multinomial(draft_probs.reshape(-1, vocab), 1, generator=g).reshape(batch, gamma)
+    drafts = torch.where((temperature > 0)[:, None], sampled, greedy_drafts)
+    return inputs | {
+        "draft_tokens": drafts,
+        "draft_probs": draft_probs,
+        "temperature": temperature,
+        "uniforms": rand(batch, gamma + 1),
+    }
