@@ -213,9 +213,13 @@ def test_golden_pair_served_with_onnxruntime_inprocess(tmp_path: Path) -> None:
         for case in golden:
             reply = grpc_generate(running.grpc_url, request(case["prompt"], 48), timeout_s=120)
             assert reply.error is None and reply.tokens == case["tokens"]
-        with ThreadPoolExecutor(max_workers=len(golden)) as pool:
-            replies = list(pool.map(lambda c: grpc_generate(running.grpc_url, request(c["prompt"], 48),
-                                                            timeout_s=120), golden))
-        assert [r.tokens for r in replies] == [c["tokens"] for c in golden]
+        # 16 concurrent clients: every golden prompt with four lengths (greedy: a prefix of the 48 tokens).
+        jobs = [(case, n) for n in (5, 17, 33, 48) for case in golden]
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            replies = list(pool.map(
+                lambda job: grpc_generate(running.grpc_url, request(job[0]["prompt"], job[1]), timeout_s=120), jobs))
+        assert [r.tokens for r in replies] == [case["tokens"][:n] for case, n in jobs]
+        for bad in (MALFORMED["empty prompt"], request(golden[0]["prompt"], 128), request([384], 4)):
+            assert grpc_generate(running.grpc_url, bad).error is not None
         sse = http_generate_stream(running.http_url, {"prompt_ids": golden[0]["prompt"], "max_new_tokens": 48})
         assert sse.tokens == golden[0]["tokens"]
