@@ -123,7 +123,9 @@ class _DecomposeSampling(pattern.RewriteRuleClassBase):
         accepted = op.Min(_leading_count(op, passed), lengths)
 
         p_j = _pick_row(op, p, accepted)
-        q_j = _pick_row(op, draft_probs, op.Min(accepted, op.Sub(op.Squeeze(gamma), _i64(op, 1))))
+        # One zero row appended: row j = ℓ (never used as a residual) exists even when G = 0.
+        q_padded = op.Pad(draft_probs, _i64(op, 0, 0, 0, 0, 1, 0), _f32(op, 0.0))
+        q_j = _pick_row(op, q_padded, accepted)
         residual = op.Max(op.Sub(p_j, q_j), _f32(op, 0.0))
         residual_ok = op.Greater(op.ReduceSum(residual, _i64(op, 1, 2), keepdims=0), _f32(op, RESIDUAL_FLOOR))
         use_residual = op.And(op.Less(accepted, lengths), residual_ok)

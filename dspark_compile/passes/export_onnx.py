@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def _export_one(gs: GraphSpec, path: Path, opset: int) -> None:
+    # The exporter logs one warning per missing optional op library (torchvision); not our users' concern.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
         try:

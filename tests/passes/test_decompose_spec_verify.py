@@ -99,6 +99,9 @@ CASES: dict[str, tuple[str, dict, Callable[[Inputs], Inputs] | None]] = {
     "sampling_fp16": (SAMPLING, dict(batch=24, gamma=7, vocab=64, logits_dtype=torch.float16,
                                      greedy_row_prob=0.2), None),
     "sampling_bf16": (SAMPLING, dict(batch=24, gamma=7, vocab=64, logits_dtype=torch.bfloat16), None),
+    # G = 0: target-only decoding runs through the same verify graph (one token, no drafts).
+    "greedy_gamma0": (GREEDY, dict(batch=16, gamma=0, vocab=64), None),
+    "sampling_gamma0": (SAMPLING, dict(batch=16, gamma=0, vocab=64, greedy_row_prob=0.2), None),
 }
 
 

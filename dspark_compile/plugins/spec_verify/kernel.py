@@ -173,8 +173,8 @@ def spec_verify_triton(
         raise ValueError("spec_verify_triton needs CUDA tensors (or TRITON_INTERPRET=1 to run on the CPU)")
     batch, rows, vocab = target_logits.shape
     gamma = draft_tokens.shape[1]
-    if rows != gamma + 1 or gamma < 1:
-        raise ValueError(f"target_logits has {rows} rows per request, draft_tokens {gamma}: need G+1, G >= 1")
+    if rows != gamma + 1:
+        raise ValueError(f"target_logits has {rows} rows per request, draft_tokens {gamma}: need G+1")
     block = min(block_v, triton.next_power_of_2(vocab))
     accepted = torch.empty(batch, dtype=torch.int64, device=target_logits.device)
     next_token = torch.empty_like(accepted)

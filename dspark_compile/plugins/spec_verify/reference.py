@@ -198,8 +198,10 @@ def spec_verify_torch(
 
     vocab = p.shape[-1]
     p_j = p.gather(1, accepted[:, None, None].expand(-1, 1, vocab)).squeeze(1)
-    q_index = accepted.clamp(max=gamma - 1)  # row ℓ = G has no q; its residual is never used
-    q_j = draft_probs.gather(1, q_index[:, None, None].expand(-1, 1, vocab)).squeeze(1)
+    # Row j = ℓ has no draft distribution (its residual is never used): pad one zero row, so G = 0
+    # (target-only decoding through the same graph) needs no special case.
+    q_padded = torch.nn.functional.pad(draft_probs, (0, 0, 0, 1))
+    q_j = q_padded.gather(1, accepted[:, None, None].expand(-1, 1, vocab)).squeeze(1)
     residual = (p_j - q_j).clamp_min(0.0)
     use_residual = (accepted < lengths) & (residual.sum(dim=-1) > RESIDUAL_FLOOR)
     weights = torch.where(use_residual[:, None], residual, p_j)
