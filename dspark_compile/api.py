@@ -68,14 +68,15 @@ def generate(target_dir: str | Path, draft_dir: str | Path | None, prompts: Sequ
     """Decode with the PyTorch reference program (speculative, or target-only with ``baseline=True``)."""
     from dspark_compile.runtime.torch_backend import TorchBackend
 
-    if block_size is not None and block_size < 1:
-        from dspark_compile.errors import UsageError
+    from dspark_compile.errors import UsageError
 
+    if block_size is not None and block_size < 1:
         raise UsageError(f"--block-size must be >= 1, found {block_size}")
     policy = VerifyPolicy.parse(verify)
     if confidence_threshold is not None:
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise UsageError(f"--confidence-threshold must be in [0, 1], found {confidence_threshold}")
         policy = VerifyPolicy("threshold", threshold=confidence_threshold)
-        VerifyPolicy.parse(f"threshold={confidence_threshold}")  # range check
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, policy=policy)
     backend = TorchBackend.from_pair(Path(target_dir), None if baseline or draft_dir is None else Path(draft_dir),
                                      dtype=dtype, device=device, block_size=block_size,
@@ -121,32 +122,9 @@ def run(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str
     the draft has a confidence head, else verifies every draft.
     """
     be = load_backend(build_dir, backend, device=device)
-    if verify == "auto":
-        profiled = (Path(build_dir) / "sps_profile.json").is_file()
-        verify = "schedule" if profiled and be.info.has_confidence else "fixed"
-    policy = VerifyPolicy.parse(verify, **_schedule_inputs(Path(build_dir), verify))
+    policy = VerifyPolicy.for_build(Path(build_dir), verify, has_confidence=be.info.has_confidence)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, policy=policy)
     return _generate(be, prompts, params, speculative=not baseline)
-
-
-def _schedule_inputs(build_dir: Path, verify: str) -> dict[str, Any]:
-    """For --verify schedule: the build's SPS profile and (if present) its confidence calibration."""
-    if verify != "schedule":
-        return {}
-    import json
-
-    from dspark_compile.errors import UsageError
-
-    prof = build_dir / "sps_profile.json"
-    if not prof.is_file():
-        raise UsageError(f"{prof}: missing; run `dspark-compile profile {build_dir}` before --verify schedule")
-    data = json.loads(prof.read_text())
-    out: dict[str, Any] = {"sps": {int(b): float(s) for b, s in zip(data["batch_sizes"], data["steps_per_second"],
-                                                                      strict=True)}}
-    cal = build_dir / "calibration.json"
-    if cal.is_file():
-        out["temperatures"] = tuple(float(t) for t in json.loads(cal.read_text())["temperatures"])
-    return out
 
 
 def demo(out: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -196,7 +174,17 @@ def profile(build_dir: str | Path, *, backend: str = "onnxruntime", max_batch: i
     prof = profile_sps(be, max_batch=max_batch or manifest["spec"]["max_batch"], context=context, repeats=repeats,
                        backend_name=backend, device=device, sync=sync)
     write_profile(prof, build_dir)
+    _copy_into_triton(build_dir, "sps_profile.json")
     return prof.to_json()
+
+
+def _copy_into_triton(build_dir: Path, name: str) -> None:
+    """A bls-mode Triton orchestrator reads the profile/calibration from its own model directory."""
+    import shutil
+
+    model_dir = build_dir / "triton" / "dspark"
+    if model_dir.is_dir():
+        shutil.copy2(build_dir / name, model_dir / name)
 
 
 def calibrate(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str = "onnxruntime",
@@ -206,5 +194,6 @@ def calibrate(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backen
 
     cal = calibrate_build(load_backend(build_dir, backend, device=device), prompts, Path(build_dir),
                           max_new_tokens=max_new_tokens)
+    _copy_into_triton(Path(build_dir), "calibration.json")
     return {"temperatures": list(cal.temperatures), "ece_before": list(cal.ece_before),
             "ece_after": list(cal.ece_after)}

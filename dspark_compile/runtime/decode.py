@@ -7,9 +7,11 @@ and the output is cut to ``max_new_tokens`` (and after the first EOS, which is k
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,35 @@ class VerifyPolicy:
             return cls("threshold", threshold=thr, **kwargs)
         raise UsageError(f"--verify {text!r} is not a verification mode; use fixed, threshold=X or schedule")
 
+    @classmethod
+    def for_build(cls, directory: Path, verify: str, *, has_confidence: bool) -> VerifyPolicy:
+        """The policy for a build (or a Triton model directory) that may hold ``sps_profile.json`` (from
+        `dspark-compile profile`) and ``calibration.json`` (from `dspark-compile calibrate`).
+
+        ``auto`` = ``schedule`` when the profile exists and the draft has a confidence head, else ``fixed``.
+        """
+        prof = directory / "sps_profile.json"
+        if verify == "auto":
+            verify = "schedule" if prof.is_file() and has_confidence else "fixed"
+        if verify != "schedule":
+            return cls.parse(verify)
+        if not prof.is_file():
+            raise UsageError(f"{prof}: missing; run `dspark-compile profile BUILD_DIR` before --verify schedule")
+        try:
+            data = json.loads(prof.read_text())
+            sps = {int(b): float(v) for b, v in zip(data["batch_sizes"], data["steps_per_second"], strict=True)}
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{prof}: not a valid SPS profile ({e}); run `dspark-compile profile` again") from None
+        temps = None
+        cal = directory / "calibration.json"
+        if cal.is_file():
+            try:
+                temps = tuple(float(t) for t in json.loads(cal.read_text())["temperatures"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UsageError(f"{cal}: not a valid calibration ({e}); run `dspark-compile calibrate` "
+                                 "again") from None
+        return cls("schedule", sps=sps, temperatures=temps)
+
     def probabilities(self, confidence_logits: np.ndarray) -> np.ndarray:
         logits = confidence_logits.astype(np.float64)
         if self.temperatures is not None:
@@ -87,19 +118,23 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise UsageError(f"max_new_tokens must be >= 1, found {self.max_new_tokens}")
+            raise UsageError(f"--max-new-tokens (max_new_tokens) must be >= 1, found {self.max_new_tokens}")
         if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0 (0 = greedy), found {self.temperature}")
+            raise UsageError(f"--temperature (temperature) must be >= 0 (0 = greedy), found {self.temperature}")
 
 
 @dataclass
 class GenerationResult:
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
-    rounds: list[dict[str, Any]] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # empty for target-only decoding
+    speculative: bool = True
 
     @property
     def mean_accepted(self) -> float:
+        """Tokens committed per target step, the bonus token counted (1.0 for target-only decoding)."""
+        if not self.speculative:
+            return 1.0
         return float(np.mean([r["accepted"] for r in self.rounds])) if self.rounds else 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -157,7 +192,7 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: Generat
     if info.max_slots is not None and slots > info.max_slots:
         raise UsageError(f"prompt + max_new_tokens need {slots} cache slots but the build allows {info.max_slots}; "
                          "shorten the prompt or rebuild with a larger --max-context")
-    reqs = [_Request(i, p, np.random.default_rng([params.seed, i]), GenerationResult(prompt=p))
+    reqs = [_Request(i, p, np.random.default_rng([params.seed, i]), GenerationResult(prompt=p, speculative=g > 0))
             for i, p in enumerate(prompts)]
     bsz = len(reqs)
     backend.start(bsz, slots)
@@ -231,7 +266,7 @@ def _round(backend: Backend, active: list[_Request], params: GenerationParams, g
 
 def _commit(r: _Request, new: list[int], params: GenerationParams, eos: tuple[int, ...],
             on_round: RoundCallback | None, rnd: dict[str, Any] | None) -> None:
-    if rnd is not None:
+    if rnd is not None and r.result.speculative:
         r.result.rounds.append(rnd)
     room = params.max_new_tokens - len(r.result.tokens)
     visible = new[: max(room, 0)]

@@ -57,7 +57,7 @@ class TorchBackend:
         zero = torch.zeros(ids.shape[0], dtype=torch.int64, device=self.device)
         hidden, taps, self._kv = self.target_model(ids, zero, self._kv)
         last = hidden[torch.arange(ids.shape[0], device=self.device), self._t(lengths) - 1]
-        return self.target_model.logits(last).cpu().numpy(), taps.cpu().numpy()
+        return self.target_model.logits(last).cpu().numpy(), _host(taps)
 
     @torch.inference_mode()
     def draft(self, anchor: np.ndarray, ctx_taps: np.ndarray, ctx_count: np.ndarray, cache_len: np.ndarray,
@@ -86,10 +86,15 @@ class TorchBackend:
             accepted, nxt = spec_verify_torch(logits, t[:, 1:], self._t(verify_len), mode="sampling",
                                               draft_probs=self._t(draft_probs), temperature=self._t(temperature),
                                               uniforms=self._t(uniforms))
-        return VerifyOutput(accepted.cpu().numpy(), nxt.cpu().numpy(), taps.cpu().numpy())
+        return VerifyOutput(accepted.cpu().numpy(), nxt.cpu().numpy(), _host(taps))
 
     def select(self, rows: np.ndarray) -> None:
         idx = self._t(rows)
         self._kv = self._kv.index_select(2, idx)
         if self._draft_kv is not None:
             self._draft_kv = self._draft_kv.index_select(2, idx)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """To NumPy; bf16 (which NumPy lacks) travels as float32 and is cast back when fed to the draft."""
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy()

@@ -116,12 +116,7 @@ def test_random_pairs_greedy_lossless(shape: str, make_pair: Any) -> None:
         assert all(len(r["draft"]) == block for res in batch for r in res.rounds)
 
 
-@pytest.mark.parametrize("dtype", [
-    "fp16",
-    pytest.param("bf16", marks=pytest.mark.xfail(
-        raises=TypeError, strict=True,
-        reason="bug: TorchBackend.prefill/verify call .numpy() on bf16 taps (runtime/torch_backend.py:60)")),
-])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_precision_program_matches_its_target_only(dtype: str, make_pair: Any) -> None:
     """README: greedy equality holds within one precision; the program against its own target-only decode."""
     target_dir, draft_dir = make_pair(seed=3, markov_head_type="rnn", block_size=4)

@@ -66,7 +66,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from dspark_compile.errors import DsparkError, UsageError  # noqa: E402
 from dspark_compile.runtime.backend import Backend, DraftOutput, ModelInfo, VerifyOutput  # noqa: E402
-from dspark_compile.runtime.decode import GenerationParams, generate  # noqa: E402
+from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate  # noqa: E402
 
 BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ class Orchestrator:
     max_batch: int = 16
     max_slots: int | None = None  # a batch needs max(prompt) + max(max_new_tokens) + G + 2 cache slots
     on_error: Callable[[str], None] = log.error
+    policy: VerifyPolicy = field(default_factory=VerifyPolicy)  # verify lengths: fixed, threshold or scheduler
     _queue: queue.Queue[Job | None] = field(default_factory=queue.Queue, init=False)
     _held: deque[Job] = field(default_factory=deque, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -258,7 +259,7 @@ class Orchestrator:
     def _run(self, batch: list[Job]) -> None:
         head = batch[0].spec
         params = GenerationParams(max_new_tokens=max(j.spec.max_new_tokens for j in batch),
-                                  temperature=head.temperature, seed=head.seed)
+                                  temperature=head.temperature, seed=head.seed, policy=self.policy)
         eos = self.backend.info.eos_token_ids
 
         def on_round(index: int, tokens: list[int], rnd: dict[str, Any]) -> None:
@@ -453,9 +454,15 @@ class TritonPythonModel:
         backend = load_backend(parameters, repository)
         max_context = int(parameters["max_context"]) if parameters.get("max_context") else None
         self.limits = Limits.of(backend.info, max_context, int(parameters.get("default_max_new_tokens", 64)))
+        # Verify lengths (DSPARK.md §5): `verify` = fixed | threshold=X | schedule | auto; the SPS profile and
+        # calibration come from the build (in-process modes) or from this model's own directory (bls).
+        policy_dir = (repository / parameters["build_dir"] if parameters.get("build_dir")
+                      else Path(args["model_repository"]))
+        policy = VerifyPolicy.for_build(policy_dir, parameters.get("verify", "auto"),
+                                        has_confidence=backend.info.has_confidence)
         self.orchestrator = Orchestrator(backend, max_batch=int(parameters.get("max_batch", 16)),
                                          max_slots=self.limits.max_context,
-                                         on_error=pb_utils.Logger.log_error)
+                                         on_error=pb_utils.Logger.log_error, policy=policy)
         self.orchestrator.start()
 
     def execute(self, requests: Sequence[Any]) -> None:

@@ -1,0 +1,51 @@
+"""Greedy losslessness with the confidence scheduler choosing the verify lengths (issue 6, item 4)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate
+from dspark_compile.runtime.torch_backend import TorchBackend
+
+FLAT = {1: 100.0, 64: 100.0}  # verifying more costs nothing: admit every prefix with a > 0
+STEEP = {b: 1000.0 / b for b in range(1, 65)}  # SPS = k/B: no admission ever raises throughput
+MIXED = {1: 100.0, 8: 95.0, 16: 60.0, 64: 20.0}
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir: Path) -> tuple[TorchBackend, dict]:
+    pair = golden_dir / "dspark_tiny"
+    backend = TorchBackend.from_pair(pair / "target", pair / "draft")
+    return backend, json.loads((pair / "decode_greedy.json").read_text())
+
+
+@pytest.mark.parametrize("sps", [FLAT, STEEP, MIXED], ids=["flat", "steep", "mixed"])
+@pytest.mark.parametrize("smoothed", [False, True], ids=["plain", "smoothed"])
+def test_scheduled_greedy_equals_target_only(golden: tuple[TorchBackend, dict], sps: dict, smoothed: bool) -> None:
+    backend, data = golden
+    prompts = [g["prompt"] for g in data["baseline"]]
+    policy = VerifyPolicy("schedule", sps=sps, smoothed=smoothed)
+    results = generate(backend, prompts, GenerationParams(max_new_tokens=48, policy=policy))
+    for res, want in zip(results, data["baseline"], strict=True):
+        assert res.tokens == want["tokens"]
+    lengths = [len(r["draft"]) for res in results for r in res.rounds]
+    if sps is STEEP:
+        assert max(lengths) == 0  # nothing is verified: one committed token per round
+    if sps is FLAT:
+        # Admission continues while Θ strictly grows; survival products below ~1e-12 of τ no longer count.
+        assert min(lengths) >= 1 and np.mean(lengths) > 3.0
+
+
+def test_threshold_and_schedule_policies_from_a_build_dir(tmp_path: Path) -> None:
+    (tmp_path / "sps_profile.json").write_text(json.dumps({"batch_sizes": [1, 8], "steps_per_second": [5.0, 4.0]}))
+    (tmp_path / "calibration.json").write_text(json.dumps({"temperatures": [2.0] * 7}))
+    pol = VerifyPolicy.for_build(tmp_path, "auto", has_confidence=True)
+    assert pol.kind == "schedule" and pol.sps == {1: 5.0, 8: 4.0} and pol.temperatures == (2.0,) * 7
+    assert VerifyPolicy.for_build(tmp_path, "auto", has_confidence=False).kind == "fixed"
+    assert VerifyPolicy.for_build(tmp_path / "nope", "auto", has_confidence=True).kind == "fixed"
+    # Calibration divides the logits by t_k before the sigmoid: logit 2 at T=2 is sigmoid(1).
+    np.testing.assert_allclose(pol.probabilities(np.full((1, 7), 2.0)), 1 / (1 + np.exp(-1.0)))
