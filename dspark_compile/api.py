@@ -66,9 +66,8 @@ def generate(target_dir: str | Path, draft_dir: str | Path | None, prompts: Sequ
              verify: str = "fixed", confidence_threshold: float | None = None, baseline: bool = False,
              dtype: str = "fp32", device: str = "cpu", allow_nonfinite: bool = False) -> list[GenerationResult]:
     """Decode with the PyTorch reference program (speculative, or target-only with ``baseline=True``)."""
-    from dspark_compile.runtime.torch_backend import TorchBackend
-
     from dspark_compile.errors import UsageError
+    from dspark_compile.runtime.torch_backend import TorchBackend
 
     if block_size is not None and block_size < 1:
         raise UsageError(f"--block-size must be >= 1, found {block_size}")
