@@ -64,6 +64,7 @@ class TritonOptions:
     max_context: int | None = None
     backend_factory: str | None = None
     model_info: ModelInfo | None = None  # for bls; default: derive_model_info(build_dir)
+    verify: str = "auto"  # fixed | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
 
     def __post_init__(self) -> None:
         if self.backend_mode not in BACKEND_MODES:
@@ -167,6 +168,7 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         "python_path": ":".join(python_path),
         "max_batch": options.max_batch,
         "default_max_new_tokens": options.default_max_new_tokens,
+        "verify": options.verify,
     }
     max_context = options.max_context or _spec_field(build_dir, "max_context")
     if max_context is not None:
