@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import signal
-import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -172,32 +173,38 @@ class PassManager:
 
     def run(self, spec: BuildSpec, *, stop_after: str | None = None, dump_after: tuple[str, ...] = (),
             on_pass: Callable[[str, float], None] | None = None) -> BuildResult:
-        for name in (stop_after, *dump_after):
-            if name is not None and name not in PASS_NAMES:
-                raise UsageError(f"unknown pass {name!r}; passes: {', '.join(PASS_NAMES)}")
+        asked = [("--stop-after", stop_after)] if stop_after is not None else []
+        for flag, name in [*asked, *(("--dump-after", n) for n in dump_after)]:
+            if name not in PASS_NAMES:
+                raise UsageError(f"{flag} {name}: unknown pass; passes: {', '.join(PASS_NAMES)}")
         out = spec.out.resolve()
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out}: exists and is not a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        state = BuildState(spec=dataclasses.replace(spec, out=out), workdir=work)
         steps = [s for s in self.steps if s.enabled(spec)]
         if stop_after is not None:
             steps = steps[: [s.name for s in steps].index(stop_after) + 1] if stop_after in [
                 s.name for s in steps] else steps
             if steps[-1].name != "manifest":
                 steps.append(next(s for s in self.steps if s.name == "manifest"))
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans up like Ctrl-C
+        # SIGTERM cleans up like Ctrl-C. The handler goes in before the temporary directory exists, so a
+        # SIGTERM right after it appears still removes it; Python allows handlers only in the main thread.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
+        work: Path | None = None
         try:
+            work = _make_workdir(out)
+            state = BuildState(spec=dataclasses.replace(spec, out=out), workdir=work)
             save_spec(state.spec, work / "build_spec.json")
             self._run_steps(steps, state, dump_after, on_pass)
             _replace_dir(work, out)
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if in_main:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         import json
 
         manifest = json.loads((out / "manifest.json").read_text())
@@ -207,10 +214,15 @@ class PassManager:
                    on_pass: Callable[[str, float], None] | None) -> None:
         progress = None
         if self.progress:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+            # On stderr, and only on a terminal: stdout stays the command's output (a non-terminal rich
+            # progress still writes a blank line there), and logs and CI output get no bars.
+            console = Console(stderr=True)
             progress = Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.completed}/"
-                                "{task.total}"), TimeElapsedColumn(), transient=True)
+                                "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
+                                disable=not console.is_terminal)
             progress.start()
             task = progress.add_task("build", total=len(steps))
         try:
@@ -242,6 +254,14 @@ class PassManager:
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _make_workdir(out: Path) -> Path:
+    """``.<out>.partial-<pid>-<random>`` beside ``out``, created with ``mkdir`` so that the umask applies: the
+    renamed build must be as readable as any directory (``tempfile.mkdtemp`` would make it owner-only, 0700)."""
+    work = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    work.mkdir()
+    return work
 
 
 def _replace_dir(new: Path, out: Path) -> None:

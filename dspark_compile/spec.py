@@ -27,6 +27,18 @@ TRT_FLAVORS = ("auto", "full", "rtx")
 TRITON_MODES = ("bls", "onnxruntime_inprocess")
 
 
+class SpecFieldError(UsageError):
+    """One field has a bad value; ``field`` lets :func:`make_spec` name where the value came from."""
+
+    def __init__(self, field: str, expected: str, found: Any) -> None:
+        self.field = field
+        super().__init__(f"build spec field `{field}`: expected {expected}, found {found!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML `true` is not a size
+
+
 @dataclass(frozen=True)
 class BuildSpec:
     target: Path
@@ -46,18 +58,16 @@ class BuildSpec:
     triton_mode: str = "bls"  # bls | onnxruntime_inprocess (servers with only the python backend)
 
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str, found: Any) -> UsageError:
-            return UsageError(f"build spec field `{name}`: expected {expected}, found {found!r}")
-
+        bad = SpecFieldError
         if self.dtype not in DTYPES:
             raise bad("dtype", " | ".join(DTYPES), self.dtype)
         if self.verify_mode not in VERIFY_MODES:
             raise bad("verify_mode", " | ".join(VERIFY_MODES), self.verify_mode)
-        if self.block_size is not None and not (isinstance(self.block_size, int) and 1 <= self.block_size <= 64):
+        if self.block_size is not None and not (_is_int(self.block_size) and 1 <= self.block_size <= 64):
             raise bad("block_size", "an integer in [1, 64]", self.block_size)
-        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+        if not _is_int(self.max_batch) or self.max_batch < 1:
             raise bad("max_batch", "an integer >= 1", self.max_batch)
-        if not isinstance(self.max_context, int) or self.max_context < 16:
+        if not _is_int(self.max_context) or self.max_context < 16:
             raise bad("max_context", "an integer >= 16", self.max_context)
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
@@ -66,7 +76,7 @@ class BuildSpec:
             raise bad("trt_flavor", " | ".join(TRT_FLAVORS), self.trt_flavor)
         if self.triton_mode not in TRITON_MODES:
             raise bad("triton_mode", " | ".join(TRITON_MODES), self.triton_mode)
-        if not isinstance(self.opset, int) or not 18 <= self.opset <= 23:
+        if not _is_int(self.opset) or not 18 <= self.opset <= 23:
             raise bad("opset", "an integer in [18, 23]", self.opset)
 
     def with_targets(self) -> tuple[str, ...]:
@@ -94,10 +104,10 @@ def _coerce(name: str, value: Any) -> Any:
     if name in ("targets", "kv_buckets"):
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
-            raise UsageError(f"build spec field `{name}`: expected a list, found {value!r}")
+            raise SpecFieldError(name, "a list", value)
         return tuple(int(i) if name == "kv_buckets" else str(i).strip() for i in items if str(i).strip())
     if f.type in ("bool",) and not isinstance(value, bool):
-        raise UsageError(f"build spec field `{name}`: expected true/false, found {value!r}")
+        raise SpecFieldError(name, "true/false", value)
     return value
 
 
@@ -129,18 +139,38 @@ def load_spec_file(path: Path) -> dict[str, Any]:
 
 
 def make_spec(spec_file: Path | None = None, **overrides: Any) -> BuildSpec:
-    """Spec file values, then every non-None override; missing target/draft/out is a usage error."""
-    raw: dict[str, Any] = load_spec_file(spec_file) if spec_file is not None else {}
-    raw |= {k: v for k, v in overrides.items() if v is not None}
+    """Spec file values, then every non-None override; missing target/draft/out is a usage error.
+
+    A bad value is reported with where it came from: the flag (``--max-batch: ...``) or the spec file.
+    """
+    from_file: dict[str, Any] = load_spec_file(spec_file) if spec_file is not None else {}
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    raw = from_file | flags
     for key in ("target", "draft", "out"):
         if key not in raw:
             raise UsageError(f"`{key}` is required (flag --{key} or the spec file)")
+
+    def source(name: str) -> str:
+        return f"--{name.replace('_', '-')}" if name in flags or spec_file is None else str(spec_file)
+
+    values = {}
+    for k, v in raw.items():
+        try:
+            values[k] = _coerce(k, v) if k in FIELDS else v
+        except SpecFieldError as e:
+            raise UsageError(f"{source(k)}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{source(k)}: build spec field `{k}`: {e}") from None
     try:
-        values = {k: _coerce(k, v) for k, v in raw.items()}
         return BuildSpec(**values)
-    except (TypeError, ValueError) as e:
+    except SpecFieldError as e:
+        raise UsageError(f"{source(e.field)}: {e}") from None
+    except TypeError as e:  # an unknown keyword from a Python caller
         raise UsageError(f"invalid build spec: {e}") from None
 
 
 def save_spec(spec: BuildSpec, path: Path) -> None:
-    path.write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+    """The effective spec without ``out``: where a build is written is not one of its inputs, and two builds of
+    the same inputs must be byte-identical wherever they go."""
+    fields = {k: v for k, v in spec.to_json().items() if k != "out"}
+    path.write_text(json.dumps(fields, indent=2) + "\n")

@@ -27,10 +27,13 @@ class TargetPrefill(nn.Module):
                 kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         zero = torch.zeros_like(input_lengths)
         hidden, taps, kv = self.target(input_ids, zero, kv_cache)
-        # Only the last prompt position's logits leave the graph ([B, V], not [B, T, V]).
+        # Only the last prompt position's logits leave the graph ([B, V], not [B, T, V]). The LM head runs on
+        # [B, 1, H] like in target_verify and draft_propose, so the exporter stores its weight in the same
+        # (transposed) layout in all three graphs and share_weights keeps one copy; on [B, H] it would emit a
+        # Gemm over the untransposed weight, a second copy of the largest tensor.
         idx = (input_lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-        last = torch.gather(hidden, 1, idx).squeeze(1)
-        return self.target.logits(last), taps, kv
+        last = torch.gather(hidden, 1, idx)
+        return self.target.logits(last).squeeze(1), taps, kv
 
 
 class TargetVerifyLogits(nn.Module):

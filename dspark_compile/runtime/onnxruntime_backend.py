@@ -31,6 +31,8 @@ def _import_ort() -> Any:
 
 
 def read_manifest(build_dir: Path) -> dict[str, Any]:
+    if not build_dir.is_dir():
+        raise UsageError(f"{build_dir}: no such build directory; pass the --out directory of `dspark-compile build`")
     path = build_dir / "manifest.json"
     if not path.is_file():
         raise UsageError(f"{build_dir}: no manifest.json; pass the output directory of `dspark-compile build`")
@@ -40,6 +42,11 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: not valid JSON ({e.msg}); rebuild the directory") from None
     if not manifest.get("program"):
         raise UsageError(f"{path}: the build has no ONNX graphs (was it stopped early?); rebuild with --targets onnx")
+    ran = [p.get("name") for p in manifest.get("passes", [])]
+    if "check_onnx" not in ran:  # e.g. --stop-after export_onnx: graphs exist but are not the final ones
+        last = next((n for n in reversed(ran) if n != "manifest"), None)
+        raise UsageError(f"{path}: the build stopped after pass `{last}`, before its graphs were final; rebuild "
+                         "without --stop-after")
     return manifest
 
 

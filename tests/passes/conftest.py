@@ -1,0 +1,118 @@
+"""Fixtures of the pass tests: the golden pair compiled once per session, and helpers to run single passes on
+copies of its graphs.
+
+One build takes ~30 s on 2 CPU cores (ONNX export dominates), so every test reads the same build. It is made
+with ``dump_after=("export_onnx",)``: ``dump/after_export_onnx/onnx`` holds the graphs exactly as exported, the
+input of every later ONNX pass. The build lives at a fixed place in the session's base temp directory, so test
+files outside tests/passes (which cannot see these fixtures) reuse it by building with the same recipe.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dspark_compile import api
+from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
+
+GOLDEN_DUMPS = ("export_onnx",)
+VOCAB, BLOCK, TAP_WIDTH = 384, 7, 192  # the golden pair (shared/golden/README.md)
+
+
+def golden_build_dir(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's one build of ``dspark_tiny`` (default spec: sampling graphs); built on first use."""
+    out = tmp_path_factory.getbasetemp() / "golden_build"
+    if not out.is_dir():  # the build is renamed into place only when complete
+        pair = golden_dir / "dspark_tiny"
+        api.build(target=pair / "target", draft=pair / "draft", out=out, dump_after=GOLDEN_DUMPS, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def golden_pair(golden_dir: Path) -> tuple[Path, Path]:
+    return golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft"
+
+
+@pytest.fixture(scope="session")
+def golden_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return golden_build_dir(golden_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def exported_dir(golden_build: Path) -> Path:
+    """The three graphs as `export_onnx` wrote them (per-graph external data, verify ending in logits)."""
+    return golden_build / "dump" / "after_export_onnx" / "onnx"
+
+
+@pytest.fixture
+def exported_copy(exported_dir: Path, tmp_path: Path) -> OnnxGraphs:
+    """A private copy of the exported graphs, as the `OnnxGraphs` value `export_onnx` returns."""
+    directory = tmp_path / "onnx"
+    shutil.copytree(exported_dir, directory)
+    return OnnxGraphs(directory, "sampling", BLOCK)
+
+
+@pytest.fixture
+def built_copy(golden_build: Path, tmp_path: Path) -> OnnxGraphs:
+    """A private copy of the finished build's graphs (after share_weights)."""
+    directory = tmp_path / "onnx"
+    shutil.copytree(golden_build / "onnx", directory)
+    return OnnxGraphs(directory, "sampling", BLOCK, variants={"target_verify": (PORTABLE, PLUGIN)})
+
+
+def ort_session(path: Path) -> Any:
+    ort = pytest.importorskip("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_graph(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort_session(path)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def sample_feeds(path: Path, seed: int = 0, slots: int = 24) -> dict[str, np.ndarray]:
+    """Valid random inputs (batch 2, ragged lengths, random caches) for any golden graph, raw or final,
+    chosen by its input names (docs/PROGRAM.md)."""
+    rng = np.random.default_rng(seed)
+    session = ort_session(path)
+    b = 2
+    values: dict[str, Any] = {
+        "input_ids": rng.integers(0, VOCAB, (b, 6)), "input_lengths": [6, 3],
+        "tokens": rng.integers(0, VOCAB, (b, BLOCK + 1)), "cache_len": [3, 9], "verify_len": [BLOCK, 2],
+        "temperature": np.array([0.0, 0.9], np.float32), "anchor": rng.integers(0, VOCAB, b),
+        "ctx_taps": rng.normal(size=(b, 4, TAP_WIDTH)).astype(np.float32), "ctx_count": [4, 2],
+    }
+    feeds = {}
+    for spec in session.get_inputs():
+        dims = [b if d == "batch" else slots if d == "cache_slots" else d for d in spec.shape]
+        if spec.name in ("kv_cache", "draft_kv"):
+            feeds[spec.name] = rng.normal(size=dims).astype(np.float32)
+        elif spec.name == "draft_probs":
+            q = rng.random((b, BLOCK, VOCAB)).astype(np.float32)
+            feeds[spec.name] = q / q.sum(-1, keepdims=True)
+        elif spec.name == "uniforms":  # [B, G] for the draft, [B, G+1] for verification
+            feeds[spec.name] = rng.random((b, BLOCK if dims[1] == BLOCK else BLOCK + 1)).astype(np.float32)
+        else:
+            value = np.asarray(values[spec.name])
+            feeds[spec.name] = value if value.dtype == np.float32 else value.astype(np.int64)
+    return feeds
+
+
+@pytest.fixture(scope="session")
+def run_onnx() -> Callable[[Path, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``run_onnx(path, feeds) -> {output name: array}`` with onnxruntime (CPU)."""
+    return run_graph
+
+
+@pytest.fixture(scope="session")
+def feeds_for() -> Callable[..., dict[str, np.ndarray]]:
+    """``feeds_for(path, seed=0)``: valid random inputs for a golden graph (see :func:`sample_feeds`)."""
+    return sample_feeds

@@ -1,0 +1,119 @@
+"""OrtBackend through `api.run`: the golden build decodes the authors' tokens, and a missing or unfinished build
+is a UsageError that says what is wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dspark_compile import api
+from dspark_compile.errors import UsageError
+from dspark_compile.runtime.backend import ModelInfo
+from dspark_compile.runtime.onnxruntime_backend import OrtBackend
+
+pytest.importorskip("onnxruntime")
+
+GOLDEN_DUMPS = ("export_onnx",)
+
+
+@pytest.fixture(scope="session")
+def golden_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same build as tests/passes/conftest.py's ``golden_build`` (same place, same recipe), whose fixtures are
+    not visible here: whichever test file asks first builds it (~30 s), the others reuse it."""
+    out = tmp_path_factory.getbasetemp() / "golden_build"
+    if not out.is_dir():  # the build is renamed into place only when complete
+        pair = golden_dir / "dspark_tiny"
+        api.build(target=pair / "target", draft=pair / "draft", out=out, dump_after=GOLDEN_DUMPS, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir: Path) -> dict[str, Any]:
+    return json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())
+
+
+@pytest.fixture
+def build_copy(golden_build: Path, tmp_path: Path) -> Path:
+    """A private copy of the golden build (final graphs only), to damage."""
+    copy = tmp_path / "build"
+    shutil.copytree(golden_build, copy, ignore=shutil.ignore_patterns("dump"))
+    return copy
+
+
+def _assert_golden(results: list[Any], expected: list[dict[str, Any]]) -> None:
+    for got, want in zip(results, expected, strict=True):
+        assert got.tokens == want["tokens"]
+        assert [r["accepted"] for r in got.rounds] == want["acceptance_lengths"]
+
+
+@pytest.mark.parametrize(("verify", "trace"), [("fixed", "greedy"), ("auto", "greedy"),
+                                               ("threshold=0.5", "threshold_0.5")])
+def test_run_reproduces_the_golden_traces(golden_build: Path, golden: dict[str, Any], verify: str,
+                                          trace: str) -> None:
+    prompts = [e["prompt"] for e in golden[trace]]
+    results = api.run(golden_build, prompts, backend="onnxruntime", max_new_tokens=48, verify=verify)
+    _assert_golden(results, golden[trace])
+
+
+def test_model_info_comes_from_the_manifest(golden_build: Path) -> None:
+    backend = OrtBackend.load(golden_build)
+    assert backend.info == ModelInfo(vocab_size=384, block_size=7, tap_width=192, has_confidence=True,
+                                     eos_token_ids=(), sampling=True)
+    assert backend.provider == "CPUExecutionProvider"
+
+
+def test_missing_build_directory(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"no-build: no such build directory; pass the --out directory"):
+        api.run(tmp_path / "no-build", [[1, 2, 3]])
+
+
+def test_missing_manifest(build_copy: Path) -> None:
+    (build_copy / "manifest.json").unlink()
+    with pytest.raises(UsageError, match=r"build: no manifest\.json; pass the output directory of `dspark-compile"):
+        api.run(build_copy, [[1, 2, 3]])
+
+
+def test_corrupt_manifest(build_copy: Path) -> None:
+    (build_copy / "manifest.json").write_text('{"format": 1,')
+    with pytest.raises(UsageError, match=r"manifest\.json: not valid JSON \(.*\); rebuild the directory"):
+        api.run(build_copy, [[1, 2, 3]])
+
+
+def test_missing_graph_file(build_copy: Path) -> None:
+    (build_copy / "onnx" / "draft_propose.onnx").unlink()
+    with pytest.raises(UsageError, match=r"onnx/draft_propose\.onnx: missing; rebuild with `dspark-compile build"):
+        api.run(build_copy, [[1, 2, 3]])
+
+
+def test_build_stopped_early(build_copy: Path) -> None:
+    path = build_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["passes"] = manifest["passes"][:5] + manifest["passes"][-1:]  # as --stop-after export_onnx writes it
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match=r"stopped after pass `export_onnx`, before its graphs were final"):
+        api.run(build_copy, [[1, 2, 3]])
+
+
+@pytest.fixture(scope="module")
+def greedy_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pair = golden_dir / "dspark_tiny"
+    out = tmp_path_factory.mktemp("greedy") / "build"
+    api.build(target=pair / "target", draft=pair / "draft", out=out, verify_mode="greedy", progress=False)
+    return out
+
+
+@pytest.mark.slow  # builds the greedy-mode graphs (~30 s)
+def test_greedy_mode_build_reproduces_the_golden_tokens(greedy_build: Path, golden: dict[str, Any]) -> None:
+    prompts = [e["prompt"] for e in golden["greedy"]]
+    assert OrtBackend.load(greedy_build).info.sampling is False
+    _assert_golden(api.run(greedy_build, prompts, max_new_tokens=48, verify="fixed"), golden["greedy"])
+
+
+@pytest.mark.slow  # uses the greedy-mode build
+def test_temperature_on_a_greedy_build_is_a_usage_error(greedy_build: Path) -> None:
+    with pytest.raises(UsageError, match=r"built for greedy verification only; rebuild with --verify-mode sampling"):
+        api.run(greedy_build, [[1, 2, 3]], temperature=0.8)

@@ -1,0 +1,208 @@
+"""`dspark-compile build` / `run` through the real entry point (`cli.main`): JSON output, spec files and their
+precedence, and one clear stderr line with exit code 2 for every bad spec file or flag."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dspark_compile import api
+from dspark_compile.cli import main
+from dspark_compile.spec import FIELDS
+
+GOLDEN_DUMPS = ("export_onnx",)
+
+
+@pytest.fixture(scope="session")
+def golden_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same build as tests/passes/conftest.py's ``golden_build`` (same place, same recipe), whose fixtures are
+    not visible here: whichever test file asks first builds it (~30 s), the others reuse it."""
+    out = tmp_path_factory.getbasetemp() / "golden_build"
+    if not out.is_dir():  # the build is renamed into place only when complete
+        pair = golden_dir / "dspark_tiny"
+        api.build(target=pair / "target", draft=pair / "draft", out=out, dump_after=GOLDEN_DUMPS, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(golden_dir: Path) -> tuple[str, str]:
+    return str(golden_dir / "dspark_tiny" / "target"), str(golden_dir / "dspark_tiny" / "draft")
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the entry point in-process: (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_build_json_prints_one_line(pair: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "build"
+    code, stdout, err = _cli(["build", "--target", pair[0], "--draft", pair[1], "--out", str(out), "--stop-after",
+                              "graft", "--json"], capsys)
+    assert (code, err) == (0, "")
+    lines = stdout.splitlines()
+    assert len(lines) == 1
+    summary = json.loads(lines[0])
+    assert summary["out"] == str(out.resolve())
+    assert summary["stopped_after"] == "graft"
+    assert [p["name"] for p in summary["passes"]] == ["load", "validate", "graft", "manifest"]
+    spec_file = out / "build_spec.json"
+    assert summary["artifacts"] == [{"path": "build_spec.json", "bytes": spec_file.stat().st_size,
+                                     "sha256": hashlib.sha256(spec_file.read_bytes()).hexdigest()}]
+    assert summary["engines"] is None
+
+
+def test_run_json_reproduces_the_golden_tokens(golden_build: Path, golden_dir: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    golden = json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())["greedy"]
+    argv = ["run", str(golden_build), "--max-new-tokens", "48", "--verify", "fixed", "--json"]
+    for e in golden:
+        argv += ["--prompt-ids", ",".join(map(str, e["prompt"]))]
+    code, stdout, err = _cli(argv, capsys)
+    assert (code, err) == (0, "")
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert len(rows) == len(golden)
+    for row, want in zip(rows, golden, strict=True):
+        assert row["tokens"] == want["tokens"]
+        assert [r["accepted"] for r in row["rounds"]] == want["acceptance_lengths"]
+        assert row["mean_accepted"] == pytest.approx(want["mean_accepted"])
+
+
+EVERY_FIELD = """\
+[build]
+target = "{target}"
+draft = "{draft}"
+out = "built"  # relative: resolved against this file's directory
+dtype = "fp16"
+block_size = 5
+max_batch = 4
+max_context = 512
+verify_mode = "greedy"
+targets = ["onnx", "triton"]
+trt_flavor = "rtx"
+no_plugin = true
+opset = 19
+allow_nonfinite = true
+kv_buckets = [128, 512]
+triton_mode = "onnxruntime_inprocess"
+"""
+
+
+def test_spec_file_with_every_field_and_flag_precedence(pair: tuple[str, str], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "spec.toml"
+    spec.write_text(EVERY_FIELD.format(target=pair[0], draft=pair[1]))
+    assert {line.split(" =")[0] for line in spec.read_text().splitlines()[1:]} == set(FIELDS)  # every field
+    from_file = {"target": pair[0], "draft": pair[1], "dtype": "fp16", "block_size": 5, "max_batch": 4,
+                 "max_context": 512, "verify_mode": "greedy", "targets": ["onnx", "triton"], "trt_flavor": "rtx",
+                 "no_plugin": True, "opset": 19, "allow_nonfinite": True, "kv_buckets": [128, 512],
+                 "triton_mode": "onnxruntime_inprocess"}
+
+    code, _, err = _cli(["build", "--spec", str(spec), "--stop-after", "load", "--json"], capsys)
+    assert (code, err) == (0, "")
+    assert json.loads((tmp_path / "built" / "build_spec.json").read_text()) == from_file
+
+    out = tmp_path / "flags-win"
+    code, stdout, err = _cli(["build", "--spec", str(spec), "--out", str(out), "--dtype", "fp32", "--block-size", "3",
+                              "--targets", "onnx", "--max-batch", "2", "--kv-buckets", "64", "--stop-after", "load",
+                              "--json"], capsys)
+    assert (code, err) == (0, "")
+    assert json.loads(stdout)["out"] == str(out)
+    flags = {"dtype": "fp32", "block_size": 3, "targets": ["onnx"], "max_batch": 2, "kv_buckets": [64]}
+    assert json.loads((out / "build_spec.json").read_text()) == from_file | flags
+
+
+BAD_SPECS: dict[str, tuple[str, str]] = {  # name -> (file content, expected error after "error: <file>: ")
+    "unknown field": ('frobnicate = 1\n', "unknown field(s) frobnicate; known fields: target, draft, out, "),
+    "invalid TOML": ('dtype = \n', "not a valid TOML build spec (Invalid value (at line 4, column 9))"),
+    "dtype fp8": ('dtype = "fp8"\n', "build spec field `dtype`: expected fp32 | fp16 | bf16, found 'fp8'"),
+    "targets foo": ('targets = ["foo"]\n',
+                    "build spec field `targets`: expected a comma-separated subset of onnx, tensorrt, triton, "
+                    "torch, found 'foo'"),
+    "block_size true": ("block_size = true\n", "build spec field `block_size`: expected an integer in [1, 64], "
+                                               "found True"),
+    "kv_buckets text": ('kv_buckets = ["big"]\n', "build spec field `kv_buckets`: invalid literal for int()"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_bad_spec_file_is_one_line_naming_the_file(pair: tuple[str, str], tmp_path: Path, case: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    content, expected = BAD_SPECS[case]
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f'target = "{pair[0]}"\ndraft = "{pair[1]}"\nout = "o"\n{content}')
+    code, stdout, err = _cli(["build", "--spec", str(spec)], capsys)
+    assert (code, stdout) == (2, "")
+    assert _one_error_line(err).startswith(f"error: {spec}: {expected}")
+    assert list(tmp_path.iterdir()) == [spec]
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("", "error: `target` is required (flag --target or the spec file)"),
+    (None, "error: {spec}: build spec file not found"),
+])
+def test_missing_target_or_spec_file(tmp_path: Path, content: str | None, expected: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "spec.toml"
+    if content is not None:
+        spec.write_text(content)
+    code, _, err = _cli(["build", "--spec", str(spec)], capsys)
+    assert code == 2
+    assert _one_error_line(err) == expected.format(spec=spec)
+
+
+BAD_FLAGS: dict[str, tuple[list[str], str]] = {  # name -> (extra argv, start of the error line)
+    "unknown flag": (["--frobnicate"], "error: No such option '--frobnicate'. (see --help)"),
+    "targets foo": (["--targets", "foo"], "error: --targets: build spec field `targets`: expected a "),
+    "block size 0": (["--block-size", "0"], "error: --block-size: build spec field `block_size`: expected an "
+                                            "integer in [1, 64], found 0"),
+    "dtype fp8": (["--dtype", "fp8"], "error: Invalid value for '--dtype': 'fp8' is not one of"),
+    "max context": (["--max-context", "8"], "error: --max-context: build spec field `max_context`: expected an "
+                                            "integer >= 16, found 8"),
+    "stop after": (["--stop-after", "export"], "error: --stop-after export: unknown pass; passes: load, "),
+    "dump after": (["--dump-after", "optimise"], "error: --dump-after optimise: unknown pass; passes: load, "),
+    "block size too large": (["--block-size", "9"], "error: --block-size 9 exceeds the draft's trained block_size 7 "),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flag_is_one_line_naming_the_flag(pair: tuple[str, str], tmp_path: Path, case: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    extra, expected = BAD_FLAGS[case]
+    argv = ["build", "--target", pair[0], "--draft", pair[1], "--out", str(tmp_path / "out"), *extra]
+    code, stdout, err = _cli(argv, capsys)
+    assert (code, stdout) == (2, "")
+    assert _one_error_line(err).startswith(expected)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a partial directory
+
+
+@pytest.mark.parametrize("argv", [["build", "--frobnicate"], ["build", "--spec", "{spec}"],
+                                  ["run", "{missing}", "--prompt-ids", "1,2"]])
+def test_process_exit_code_and_no_traceback(tmp_path: Path, argv: list[str]) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_text('target = "t"\ndraft = "d"\nout = "o"\ndtype = "fp8"\n')
+    argv = [a.format(spec=spec, missing=tmp_path / "missing") for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "dspark_compile.cli", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    line = _one_error_line(proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert ("--frobnicate" in line) or (str(spec) in line) or (str(tmp_path / "missing") in line)
