@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,27 +31,40 @@ SHAPES = {
 PLAIN_EXPORT = r"""
 import sys, torch, transformers
 model = transformers.Qwen3ForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+class Logits(torch.nn.Module):  # logits only: the plain baseline exports no cache
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+    def forward(self, ids):
+        return self.m(input_ids=ids, use_cache=False).logits
 ids = torch.ones(1, 8, dtype=torch.long)
 with torch.no_grad():
-    prog = torch.onnx.export(model, (ids,), input_names=["input_ids"], dynamic_axes={"input_ids": {0: "b", 1: "t"}},
-                             dynamo=True, opset_version=18)
+    prog = torch.onnx.export(Logits(model), (ids,), input_names=["input_ids"],
+                             dynamic_axes={"input_ids": {0: "b", 1: "t"}}, dynamo=True, opset_version=18)
 prog.save(sys.argv[2], external_data=True)
 """
 
 
 def measure(cmd: list[str]) -> dict[str, float]:
-    """Run ``cmd`` in a child; its wall time and peak RSS (the child's ru_maxrss, KiB on Linux)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Run ``cmd`` under GNU time: its wall time and peak RSS (``%M``, KiB), one child at a time."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB=%M", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        print("warning: peak RSS of this child did not exceed an earlier child's; run sizes separately",
-              file=sys.stderr)
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": peak * 1024}
+    peak_kb = int(proc.stderr.rsplit("PEAK_RSS_KB=", 1)[1].split()[0])
+    return {"wall_s": round(wall, 2), "peak_rss_bytes": peak_kb * 1024}
+
+
+def loaded_bytes(target: Path, draft: Path) -> tuple[int, int]:
+    """Bytes of the weights a build actually loads: the target's, plus the draft's own (the graft shares the
+    target's embedding and LM head instead of loading the draft's copies)."""
+    from dspark_compile.checkpoint import load_draft, load_target
+
+    t, d = load_target(target, allow_nonfinite=True), load_draft(draft, allow_nonfinite=True)
+    tb = sum(t.weights.info(n).nbytes for n in t.weights.names())
+    db = sum(d.weights.info(n).nbytes for n in d.weights.names() if n not in ("embed_tokens.weight", "lm_head.weight"))
+    return tb, db
 
 
 def weight_bytes(directory: Path) -> int:
@@ -70,7 +82,7 @@ def run_size(name: str, work: Path) -> dict[str, object]:
         make_tiny_pair(pair_dir, **shape, draft_layers=5, block_size=7, target_layer_ids=(1, 13, 24),
                        markov_rank=256, tie_word_embeddings=True, dtype=torch.bfloat16, seed=0)
     target, draft = pair_dir / "target", pair_dir / "draft"
-    tw, dw = weight_bytes(target), weight_bytes(draft)
+    tw, dw = loaded_bytes(target, draft)
     out = work / f"build-{name}"
     shutil.rmtree(out, ignore_errors=True)
     ours = measure([sys.executable, "-m", "dspark_compile.cli", "build", "--target", str(target), "--draft",
@@ -86,7 +98,8 @@ def run_size(name: str, work: Path) -> dict[str, object]:
     weights = tw + dw
     return {
         "shape": name, **shape,
-        "target_weight_bytes": tw, "draft_weight_bytes": dw,
+        "target_weight_bytes": tw, "draft_own_weight_bytes": dw, "checkpoint_file_bytes": weight_bytes(target)
+        + weight_bytes(draft),
         "dspark_build": {**ours, "onnx_dir_bytes": build_bytes,
                          "peak_rss_over_weights": round(ours["peak_rss_bytes"] / weights, 3)},
         "plain_torch_onnx_export_target_only": {**plain, "onnx_dir_bytes": plain_bytes,

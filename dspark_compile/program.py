@@ -63,13 +63,18 @@ def graft(pair: CheckpointPair, *, dtype: str = "fp32", device: str = "cpu") -> 
     """Build the modules; the draft reuses the target's embedding and LM head (warns if its copies differ)."""
     tdt = torch_dtype(dtype)
     t = pair.target
+    if pair.draft is not None:
+        for line in shared_weights_differ(t, pair.draft):
+            log.warning("%s; the graft uses the target's copy", line)
+        # The comparison read both embeddings through the files' memory maps; drop those maps before the
+        # modules take (memory-mapped) views of their weights, or the draft's unused copies stay resident.
+        t.weights.release()
+        pair.draft.weights.release()
     draft_cfg = pair.draft.config if pair.draft is not None else None
     taps = draft_cfg.target_layer_ids if draft_cfg is not None else ()
     target = Qwen3Target.from_weights(t.config, t.weights.get, tap_layer_ids=taps, dtype=tdt).to(device)
     draft = None
     if pair.draft is not None:
-        for line in shared_weights_differ(t, pair.draft):
-            log.warning("%s; the graft uses the target's copy", line)
         draft = DSparkDraft.from_weights(draft_cfg, pair.draft.weights.get, embed_tokens=target.embed_tokens,
                                          lm_head=target.lm_head, dtype=tdt).to(device)
     return DecodeProgram(pair, target, draft, dtype)

@@ -91,9 +91,17 @@ def load_draft(path: str | Path, *, allow_nonfinite: bool = False) -> DraftCheck
 
 def check_finite(weights: WeightStore) -> None:
     """Raise if any floating tensor holds NaN or Inf; reads tensor by tensor in bounded chunks."""
+    try:
+        _scan_finite(weights)
+    finally:
+        weights.release()
+
+
+def _scan_finite(weights: WeightStore) -> None:
     for name in weights.names():
         if weights.dtype(name) not in FLOAT_DTYPES:
             continue
+        weights.release()  # keep at most one tensor's pages mapped
         nan = inf = 0
         for chunk in weights.iter_row_chunks(name):
             if not bool(torch.isfinite(chunk).all()):

@@ -108,6 +108,11 @@ class WeightStore:
                 "Re-download or re-export the checkpoint."
             ) from exc
 
+    def release(self) -> None:
+        """Close the open files. Their memory maps count as resident memory once read through, so a scan over
+        every tensor (the NaN check) releases them instead of keeping the whole checkpoint mapped."""
+        self._handles.clear()
+
     def _handle(self, file: Path) -> Any:
         handle = self._handles.get(file)
         if handle is None:

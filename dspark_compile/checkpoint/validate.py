@@ -65,6 +65,8 @@ def shared_weights_differ(target: TargetCheckpoint, draft: DraftCheckpoint) -> l
         if draft.weights.shape(draft_name) != target.weights.shape(target_name):
             continue
         differing, max_delta = _compare(target.weights, target_name, draft.weights, draft_name)
+        target.weights.release()  # unmap what the comparison paged in (a vocabulary matrix each)
+        draft.weights.release()
         if differing:
             total = math.prod(target.weights.shape(target_name))
             lines.append(

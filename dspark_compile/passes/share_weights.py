@@ -43,15 +43,13 @@ def share_weights(graphs: OnnxGraphs) -> OnnxGraphs:
                     old_files.add(src)
                 offset = int(info.get("offset", 0))
                 length = int(info["length"]) if "length" in info else src.stat().st_size - offset
-                handles[src].seek(offset)
-                data = handles[src].read(length)
-                key = hashlib.sha256(data).hexdigest()
+                key = _digest(handles[src], offset, length)
                 if key not in seen:
                     pos = out.tell()
                     pad = (-pos) % ALIGN
                     out.write(b"\0" * pad)
                     seen[key] = (pos + pad, length)
-                    out.write(data)
+                    _copy(handles[src], offset, length, out)
                 new_offset, new_length = seen[key]
                 del init.external_data[:]
                 for k, v in (("location", WEIGHTS_FILE), ("offset", str(new_offset)), ("length", str(new_length))):
@@ -64,3 +62,28 @@ def share_weights(graphs: OnnxGraphs) -> OnnxGraphs:
         if f != target:
             f.unlink()
     return graphs
+
+
+CHUNK = 1 << 24  # tensors are hashed and copied in 16 MiB pieces: memory stays flat whatever their size
+
+
+def _digest(f: Any, offset: int, length: int) -> str:
+    h = hashlib.sha256()
+    f.seek(offset)
+    left = length
+    while left:
+        block = f.read(min(CHUNK, left))
+        if not block:
+            raise OSError(f"{f.name}: external data ends before offset {offset} + {length}")
+        h.update(block)
+        left -= len(block)
+    return f"{h.hexdigest()}:{length}"
+
+
+def _copy(f: Any, offset: int, length: int, out: Any) -> None:
+    f.seek(offset)
+    left = length
+    while left:
+        block = f.read(min(CHUNK, left))
+        out.write(block)
+        left -= len(block)
