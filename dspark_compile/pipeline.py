@@ -252,8 +252,17 @@ class PassManager:
                 progress.stop()
 
 
+class BuildTerminated(KeyboardInterrupt):
+    """SIGTERM during a build, raised like Ctrl-C so that the same cleanup runs.
+
+    A subclass on purpose: when a plain KeyboardInterrupt passes through an ``eval``/``exec`` of source text
+    (torch's exporter runs some), CPython ends the process by SIGINT at exit even though the CLI handled it
+    and asked for exit code 130; it checks for exactly KeyboardInterrupt, not subclasses.
+    """
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise BuildTerminated(f"signal {signum}")
 
 
 def _make_workdir(out: Path) -> Path:

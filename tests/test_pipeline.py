@@ -433,6 +433,35 @@ def test_build_in_a_worker_thread(golden_pair: tuple[Path, Path], tmp_path: Path
     assert threading.current_thread() is threading.main_thread()
 
 
+SIGTERM_INSIDE_EVAL = """
+import sys
+from pathlib import Path
+from dspark_compile.pipeline import PIPELINE, PassManager, Step
+from dspark_compile.spec import BuildSpec
+
+def terminate(state):  # SIGTERM lands while eval() of source text runs, as inside torch's exporter
+    eval("__import__('os').kill(__import__('os').getpid(), 15) or sum(range(10 ** 7))")
+
+steps = (Step("load", terminate), PIPELINE[-1])
+try:
+    PassManager(steps, progress=False).run(BuildSpec(Path("t"), Path("d"), Path(sys.argv[1])))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_sigterm_exit_status_survives_eval(tmp_path: Path) -> None:
+    """Run as ``python -m`` (like the CLI), CPython exits by SIGINT when a plain KeyboardInterrupt crossed an
+    eval of source text; the SIGTERM handler raises a subclass, so the handled interrupt keeps exit code 130."""
+    (tmp_path / "script").mkdir()
+    (tmp_path / "script" / "sigterm_inside_eval.py").write_text(SIGTERM_INSIDE_EVAL)
+    (tmp_path / "builds").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "sigterm_inside_eval", str(tmp_path / "builds" / "out")],
+                          cwd=tmp_path / "script", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert list((tmp_path / "builds").iterdir()) == []
+
+
 def _start_cli_build(pair: tuple[Path, Path], out: Path) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "dspark_compile.cli", "build", "--target", str(pair[0]), "--draft", str(pair[1]),
            "--out", str(out), "--json"]
