@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,13 @@ def ort_backend(golden_build: Path) -> Backend:
 
 
 @pytest.fixture(scope="module")
-def torch_backend(golden_build: Path) -> TorchBackend:
-    return api.load_backend(golden_build, "torch")
+def torch_backend(golden_build: Path) -> Iterator[TorchBackend]:
+    # One intra-op thread: for these tiny matrices it is as fast, and it does not slow down tenfold when another
+    # process holds one of the two cores (threads waiting at each op for a descheduled sibling).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield api.load_backend(golden_build, "torch")
+    torch.set_num_threads(threads)
 
 
 def _decode(backend: Backend, prompts: list[list[int]], **params: Any) -> list[GenerationResult]:
