@@ -109,12 +109,46 @@ def run_size(name: str, work: Path) -> dict[str, object]:
     }
 
 
+def plot(results: dict, png: Path) -> None:
+    """Peak RSS and wall time per size, ours vs the plain export, with the weights as the reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    x = range(len(runs))
+    gib = 2**30
+    ours = [r["dspark_build"]["peak_rss_bytes"] / gib for r in runs]
+    plain = [r["plain_torch_onnx_export_target_only"]["peak_rss_bytes"] / gib for r in runs]
+    weights = [(r["target_weight_bytes"] + r["draft_own_weight_bytes"]) / gib for r in runs]
+    axes[0].bar([i - 0.2 for i in x], ours, 0.4, label="dspark-compile build (target + draft)")
+    axes[0].bar([i + 0.2 for i in x], plain, 0.4, label="plain torch.onnx.export (target only)")
+    axes[0].scatter(list(x), [1.3 * w for w in weights], marker="_", s=600, color="k", label="goal 1.3 x weights")
+    axes[0].set_ylabel("peak RSS (GiB)")
+    axes[1].bar([i - 0.2 for i in x], [r["dspark_build"]["wall_s"] for r in runs], 0.4)
+    axes[1].bar([i + 0.2 for i in x], [r["plain_torch_onnx_export_target_only"]["wall_s"] for r in runs], 0.4)
+    axes[1].set_ylabel("wall time (s), 2 CPU cores")
+    for ax in axes:
+        ax.set_xticks(list(x), [r["shape"] for r in runs])
+    axes[0].legend(fontsize=7)
+    fig.suptitle("ONNX export of a random-weight bf16 Qwen3 target (+ DSpark draft)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--sizes", default="0.6b")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dspark-bench"))
+    ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from an existing JSON.")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads((args.out / "export_memory.json").read_text()), args.out / "export_memory.png")
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                "goal": "peak RSS of build <= 1.3 x weight bytes", "runs": []}
@@ -123,6 +157,7 @@ def main() -> None:
         print(json.dumps(results["runs"][-1], indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "export_memory.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / "export_memory.png")
 
 
 if __name__ == "__main__":
