@@ -196,3 +196,39 @@ def calibrate(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backen
     _copy_into_triton(Path(build_dir), "calibration.json")
     return {"temperatures": list(cal.temperatures), "ece_before": list(cal.ece_before),
             "ece_after": list(cal.ece_after)}
+
+
+def bench(build_dir: str | Path, *, batches: Sequence[int] = (1, 4, 16, 64), max_new_tokens: int = 64,
+          prompts: Sequence[Sequence[int]] | None = None, repeats: int = 10, context: int = 1024,
+          dtype: str = "bf16", device: str = "auto") -> dict[str, Any]:
+    """Speed of a build's program with the torch target: T_target(1), T_verify(γ+1), T_draft, their overhead
+    ratio and byte floor, and (greedy decoding of ``prompts``) τ and tokens/s speculative vs target-only, per
+    batch size. CUDA graphs in ``dtype`` when a GPU is visible; else the eager PyTorch backend on the CPU in
+    fp32, with a logged notice (``device="cuda"`` then raises BackendUnavailableError). Without ``prompts``,
+    8 seeded random prompts of 64 tokens are decoded (τ is then only indicative)."""
+    import numpy as np
+
+    from dspark_compile.runtime.onnxruntime_backend import read_manifest
+    from dspark_compile.targets.torch.bench import run_bench
+    from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
+
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    spec = manifest["spec"]
+
+    def factory() -> Any:
+        return CudaGraphBackend.create(spec["target"], spec["draft"], dtype=dtype, device=device,
+                                       block_size=manifest["program"]["block_size"],
+                                       allow_nonfinite=spec.get("allow_nonfinite", False))
+
+    source = "given"
+    if prompts is None:
+        vocab = int(manifest["program"]["vocab_size"])
+        rng = np.random.default_rng(0)
+        prompts = rng.integers(0, vocab, size=(8, 64)).tolist()
+        source = "random"
+    report = run_bench(factory, prompts, batches=batches, max_new_tokens=max_new_tokens, repeats=repeats,
+                       context=context)
+    report["build"] = str(build_dir)
+    report["prompts"] = source
+    return report

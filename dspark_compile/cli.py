@@ -311,6 +311,48 @@ def demo(out: Path, as_json: bool) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--batch", "batch", default="1,4,16,64", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--prompt-file", type=click.Path(path_type=Path),
+              help="Held-out prompts (JSON Lines) for τ and tokens/s; default 8 random prompts.")
+@click.option("--repeats", default=10, show_default=True, type=int, help="Timed calls per step time.")
+@click.option("--context", default=1024, show_default=True, type=int, help="Cached tokens for the step times.")
+@click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu (auto: CUDA when visible).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with every number.")
+@common
+def bench(build_dir: Path, batch: str, max_new_tokens: int, prompt_file: Path | None, repeats: int, context: int,
+          dtype: str, device: str, as_json: bool) -> None:
+    """Decode speed with the torch target (CUDA graphs on a GPU): step times, overhead ratio, τ, tokens/s."""
+    from dspark_compile import api
+
+    try:
+        batches = [int(b) for b in batch.split(",") if b.strip()]
+    except ValueError:
+        raise UsageError(f"--batch {batch!r}: give comma-separated integers, e.g. --batch 1,4,16,64") from None
+    if not batches or min(batches) < 1:
+        raise UsageError(f"--batch {batch!r}: batch sizes must be >= 1")
+    prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
+    rep = api.bench(build_dir, batches=batches, max_new_tokens=max_new_tokens, prompts=prompts, repeats=repeats,
+                    context=context, dtype=dtype, device=device)
+    if as_json:
+        click.echo(json.dumps(rep, separators=(",", ":")))
+        return
+    be = rep["backend"]
+    click.echo(f"{be['backend']} on {rep['device']} ({be['dtype']}), γ={rep['gamma']}, context {rep['context']}, "
+               f"copy bandwidth {rep['copy_bandwidth_gb_s']:.0f} GB/s, target byte floor "
+               f"{rep.get('target_floor_ms', float('nan')):.3f} ms")
+    for r in rep["batches"]:
+        line = (f"B={r['batch']:3d}  T_target {r['t_target_ms']:8.3f} ms  T_verify {r.get('t_verify_ms', 0):8.3f} ms  "
+                f"T_draft {r.get('t_draft_ms', 0):8.3f} ms  overhead {r.get('overhead_ratio', 0):.3f}")
+        if "tau" in r:
+            line += (f"  tau {r['tau']:.3f}  spec {r['spec_tokens_per_s']:.1f} tok/s  target "
+                     f"{r['target_tokens_per_s']:.1f} tok/s  speedup/tau {r['speedup_over_tau']:.3f}")
+        click.echo(line)
+
+
 def _print_results(results: list[Any], as_json: bool) -> None:
     for r in results:
         obj = r.to_json()

@@ -1,0 +1,353 @@
+"""Speed of a backend, measured the way DSPARK.md §1 accounts for it: L = (T_draft + T_verify) / τ.
+
+:func:`run_bench` measures, through the Backend protocol (so host transfers and the host loop's view are
+included), per batch size B:
+
+* ``t_target_ms`` — one target-only decode step: verify with no drafts (tokens [B, 1]) at a cache of
+  ``context`` committed tokens;
+* ``t_verify_ms`` — a speculative verify of γ+1 tokens per request at the same cache length;
+* ``t_draft_ms`` — one draft proposal (context of γ+1 new rows, the block at position ``context``);
+* ``overhead_ratio`` = (T_draft + T_verify(γ+1)) / T_target(1): how much a speculative round costs over one
+  plain decode step (τ must beat it for speculation to pay);
+* with ``decode=True`` (trained weights): real greedy decoding of the prompts at fixed γ — τ (mean tokens
+  committed per round, bonus counted), tokens/s speculative and target-only over the same prompts and
+  ``max_new_tokens``, their ratio and that ratio over τ, and whether both produced the same tokens.
+
+The byte floor of a step is the bytes it must read (the weights) over the device's copy bandwidth, measured in
+the same run (a large device-to-device copy, bytes read + written). Timings are medians of ``repeats`` calls
+after warm-up calls (which capture the CUDA graphs).
+
+:func:`random_pair` builds a pair of any shape (:data:`QWEN3_8B`) with random weights directly on the device,
+for timing without checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dspark_compile.config import DraftConfig, RopeConfig, TargetConfig
+from dspark_compile.errors import UsageError
+from dspark_compile.models.dspark import DSparkDraft
+from dspark_compile.models.layers import RotaryEmbedding
+from dspark_compile.models.qwen3 import Qwen3Target
+from dspark_compile.runtime.backend import Backend
+from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy, generate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCHES = (1, 4, 16, 64)
+
+
+# ------------------------------------------------------------------------------------------------ bookkeeping
+def copy_bandwidth(nbytes: int, seconds: float) -> float:
+    """Bytes/s of a copy of ``nbytes``: it reads and writes them, so 2 · nbytes / seconds."""
+    return 2.0 * nbytes / seconds
+
+
+def byte_floor_ms(nbytes: int, bandwidth: float) -> float:
+    """The fastest a step that reads ``nbytes`` can run at ``bandwidth`` bytes/s, in ms."""
+    return 1e3 * nbytes / bandwidth
+
+
+def overhead_ratio(t_draft: float, t_verify: float, t_target: float) -> float:
+    """(T_draft + T_verify(γ+1)) / T_target(1)."""
+    return (t_draft + t_verify) / t_target
+
+
+def speedup_over_tau(spec_tps: float, target_tps: float, tau: float) -> float:
+    """(speculative tokens/s ÷ target-only tokens/s) ÷ τ; 1 would be a free speculative round."""
+    return spec_tps / target_tps / tau
+
+
+def param_bytes(params: Sequence[torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def target_bytes(target: nn.Module) -> int:
+    """All target weights (the issue's floor counts the embedding table too)."""
+    return param_bytes(list({id(p): p for p in target.parameters()}.values()))
+
+
+def draft_read_bytes(draft: DSparkDraft) -> int:
+    """Bytes one draft proposal reads: its own weights, the shared LM head once, the Markov W2 once per
+    drafted position; W1 and the embedding are gathered rows only (not counted)."""
+    shared = {id(p) for p in (*draft.embed_tokens.parameters(), *draft.lm_head.parameters())}
+    own = [p for p in {id(p): p for p in draft.parameters()}.values() if id(p) not in shared]
+    total = param_bytes(own) + param_bytes(list(draft.lm_head.parameters()))
+    if draft.markov_head is not None:
+        total -= param_bytes([draft.markov_head.markov_w1.weight])
+        total += (draft.block_size - 1) * param_bytes([draft.markov_head.markov_w2.weight])
+    return total
+
+
+def measure_copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), median of ``repeats``."""
+    device = torch.device(device)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    del src, dst
+    return copy_bandwidth(nbytes, statistics.median(times))
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, *, warmup: int = 2,
+                   device: torch.device | None = None) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_prompts(path: str | Path) -> list[list[int]]:
+    """JSON Lines of id lists or objects with ``prompt_ids``. (cli.read_prompt_file imports click, which the
+    benchmark's GPU machine may lack, hence this small reader.)"""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: prompt file not found; give a JSON Lines file with one id list per line")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        ids = row.get("prompt_ids", row.get("prompt")) if isinstance(row, dict) else row
+        if not isinstance(ids, list) or not ids:
+            raise UsageError(f"{path}:{n}: expected a non-empty list of token ids or {{\"prompt_ids\": [...]}}")
+        prompts.append([int(t) for t in ids])
+    if not prompts:
+        raise UsageError(f"{path}: no prompts in the file")
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------ random pairs
+@dataclass(frozen=True)
+class PairShape:
+    """Shapes of a (Qwen3 target, DSpark draft) pair, for random-weight timing."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    draft_layers: int
+    block_size: int
+    markov_rank: int
+    target_layer_ids: tuple[int, ...]
+    rope_theta: float = 1e6
+
+    def configs(self) -> tuple[TargetConfig, DraftConfig]:
+        base = TargetConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                            head_dim=self.head_dim, rms_norm_eps=1e-6, rope=RopeConfig(self.rope_theta))
+        draft_base = replace(base, num_hidden_layers=self.draft_layers, architecture="Qwen3DSparkModel")
+        draft = DraftConfig(base=draft_base, block_size=self.block_size, target_layer_ids=self.target_layer_ids,
+                            num_target_layers=self.num_layers, mask_token_id=self.vocab_size - 1,
+                            markov_rank=self.markov_rank, markov_head_type="vanilla" if self.markov_rank else None,
+                            enable_confidence_head=True, confidence_head_with_markov=self.markov_rank > 0)
+        return base, draft
+
+
+QWEN3_8B = PairShape(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                     num_kv_heads=8, head_dim=128, draft_layers=5, block_size=7, markov_rank=256,
+                     target_layer_ids=(1, 9, 17, 25, 33))
+"""Qwen3-8B (untied, 16.4 GB in bf16) with the released draft's shape: 5 layers, γ = 7, Markov rank 256."""
+
+SMOKE = PairShape(vocab_size=2048, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
+                  num_kv_heads=2, head_dim=64, draft_layers=2, block_size=7, markov_rank=32,
+                  target_layer_ids=(0, 1, 2))
+"""A small shape that exercises the same code paths in seconds (script smoke tests)."""
+
+
+def random_pair(shape: PairShape, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                std: float = 0.02) -> tuple[Qwen3Target, DSparkDraft]:
+    """A grafted pair with N(0, std) matrices and unit norms, allocated directly on ``device`` (no CPU copy)."""
+    tcfg, dcfg = shape.configs()
+    device = torch.device(device)
+    with torch.device("meta"):
+        target = Qwen3Target(tcfg, dcfg.target_layer_ids).to(dtype)
+        draft = DSparkDraft(dcfg, nn.Embedding(1, 1), nn.Linear(1, 1, bias=False)).to(dtype)
+    target = target.to_empty(device=device)
+    draft = draft.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for module in (target, draft):
+            for name, p in module.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=gen)
+    draft.embed_tokens = target.embed_tokens
+    draft.lm_head = target.lm_head
+    target.rotary = RotaryEmbedding(tcfg.head_dim, tcfg.rope).to(device)
+    draft.rotary = RotaryEmbedding(dcfg.base.head_dim, dcfg.base.rope).to(device)
+    for p in (*target.parameters(), *draft.parameters()):
+        p.requires_grad_(False)
+    return target.eval(), draft.eval()
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+def step_times(backend: Backend, batch: int, *, context: int, repeats: int, slots: int | None = None,
+               seed: int = 0) -> dict[str, float]:
+    """T_target(1), T_verify(γ+1) and T_draft in ms at ``batch`` requests and ``context`` cached tokens
+    (cache capacity ``slots``, default just enough)."""
+    info = backend.info
+    g = info.block_size
+    rng = np.random.default_rng(seed)
+    device = getattr(backend, "device", None)
+    backend.start(batch, max(slots or 0, context + g + 2))
+    cache_len = np.full(batch, context, dtype=np.int64)
+
+    def verify(t: int) -> Callable[[], Any]:
+        tokens = rng.integers(0, info.vocab_size, size=(batch, t), dtype=np.int64)
+        vlen = np.full(batch, t - 1, dtype=np.int64)
+        return lambda: backend.verify(tokens, cache_len, vlen, None, None, None)
+
+    out = {"t_target_ms": 1e3 * median_seconds(verify(1), repeats, device=device)}
+    if g > 0:
+        out["t_verify_ms"] = 1e3 * median_seconds(verify(g + 1), repeats, device=device)
+        anchor = rng.integers(0, info.vocab_size, size=batch, dtype=np.int64)
+        ctx = rng.standard_normal((batch, g + 1, info.tap_width), dtype=np.float32)
+        count = np.full(batch, g + 1, dtype=np.int64)
+        draft_len = np.full(batch, context - g - 1, dtype=np.int64)
+        out["t_draft_ms"] = 1e3 * median_seconds(
+            lambda: backend.draft(anchor, ctx, count, draft_len, None, None), repeats, device=device)
+        out["overhead_ratio"] = overhead_ratio(out["t_draft_ms"], out["t_verify_ms"], out["t_target_ms"])
+    return out
+
+
+def _decode_all(backend: Backend, prompts: list[list[int]], batch: int, params: GenerationParams,
+                speculative: bool) -> tuple[list[GenerationResult], float]:
+    results: list[GenerationResult] = []
+    device = getattr(backend, "device", None)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        results += generate(backend, prompts[i : i + batch], params, speculative=speculative)
+    return results, time.perf_counter() - t0
+
+
+def decode_speed(backend: Backend, prompts: Sequence[Sequence[int]], batch: int, *, max_new_tokens: int,
+                 min_prompts: int = 8) -> dict[str, Any]:
+    """Greedy decoding of max(batch, min_prompts) prompts (cycled) in batches of ``batch``, speculative and
+    target-only, each timed after an untimed pass that captures its graphs."""
+    count = max(batch, min_prompts)
+    chosen = [list(prompts[i % len(prompts)]) for i in range(count)]
+    params = GenerationParams(max_new_tokens=max_new_tokens, policy=VerifyPolicy("fixed"))
+    out: dict[str, Any] = {"prompts": count}
+    results = {}
+    for speculative in (True, False):
+        _decode_all(backend, chosen, batch, params, speculative)  # warm-up: graph capture
+        res, seconds = _decode_all(backend, chosen, batch, params, speculative)
+        results[speculative] = res
+        tokens = sum(len(r.tokens) for r in res)
+        out["spec_tokens_per_s" if speculative else "target_tokens_per_s"] = tokens / seconds
+    rounds = [r["accepted"] for res in results[True] for r in res.rounds]
+    out["tau"] = float(np.mean(rounds)) if rounds else 0.0
+    out["speedup"] = out["spec_tokens_per_s"] / out["target_tokens_per_s"]
+    out["speedup_over_tau"] = speedup_over_tau(out["spec_tokens_per_s"], out["target_tokens_per_s"], out["tau"])
+    same = [a.tokens == b.tokens for a, b in zip(results[True], results[False], strict=True)]
+    out["lossless_fraction"] = sum(same) / len(same)
+    return out
+
+
+def run_bench(backend_factory: Callable[[], Backend], prompts: Sequence[Sequence[int]] | None = None, *,
+              batches: Sequence[int] = DEFAULT_BATCHES, gamma: int | None = None, max_new_tokens: int = 64,
+              repeats: int = 10, context: int = 1024, decode: bool = True, bandwidth: float | None = None,
+              decode_prompts: int = 8, on_result: Callable[[dict[str, Any]], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Step times, overhead ratio, byte floors and (``decode`` with ``prompts``) τ and tokens/s per batch.
+
+    ``gamma`` must equal the backend's block size when given (the factory decides γ). ``bandwidth`` skips the
+    copy measurement (bytes/s). Decoding uses max(batch, ``decode_prompts``) prompts per batch size.
+    ``on_result`` is called with each batch's numbers as they come; once ``should_stop()`` is true the
+    remaining batch sizes are listed under ``skipped_batches``.
+    """
+    backend = backend_factory()
+    info = backend.info
+    if gamma is not None and gamma != info.block_size:
+        raise UsageError(f"gamma={gamma} but the backend drafts {info.block_size} tokens per round; build the "
+                         "backend with block_size=gamma")
+    device = getattr(backend, "device", torch.device("cpu"))
+    bw = bandwidth if bandwidth is not None else measure_copy_bandwidth(
+        device, nbytes=(1 << 30) if torch.device(device).type == "cuda" else (1 << 26))
+    report: dict[str, Any] = {
+        "backend": describe(backend),
+        "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
+        "gamma": info.block_size, "context": context, "repeats": repeats, "max_new_tokens": max_new_tokens,
+        "copy_bandwidth_gb_s": bw / 1e9,
+    }
+    target = getattr(backend, "target_model", None)
+    draft = getattr(backend, "draft_model", None)
+    if target is not None:
+        tb = target_bytes(target)
+        report |= {"target_weight_bytes": tb, "target_floor_ms": byte_floor_ms(tb, bw)}
+        if draft is not None:
+            db = draft_read_bytes(draft)
+            report |= {"draft_read_bytes": db, "draft_floor_ms": byte_floor_ms(db, bw),
+                       "overhead_floor": (tb + db) / tb}
+    rows: list[dict[str, Any]] = []
+    report["skipped_batches"] = []
+    for b in batches:
+        if should_stop is not None and should_stop():
+            report["skipped_batches"].append(b)
+            continue
+        row: dict[str, Any] = {"batch": b, **step_times(backend, b, context=context, repeats=repeats)}
+        if "target_floor_ms" in report:
+            row["target_vs_floor"] = row["t_target_ms"] / report["target_floor_ms"]
+        if decode and prompts and info.block_size > 0:
+            row |= decode_speed(backend, prompts, b, max_new_tokens=max_new_tokens, min_prompts=decode_prompts)
+        log.info("batch %d: %s", b, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        rows.append(row)
+        if on_result is not None:
+            on_result(row)
+    report["batches"] = rows
+    report["backend"] = describe(backend)  # with the final capture/replay counts
+    return report
+
+
+def describe(backend: Backend) -> dict[str, Any]:
+    """The backend's own description, or its class, device and dtype."""
+    if hasattr(backend, "describe"):
+        return backend.describe()
+    target = getattr(backend, "target_model", None)
+    dtype = str(target.embed_tokens.weight.dtype).removeprefix("torch.") if target is not None else "?"
+    return {"backend": type(backend).__name__, "device": str(getattr(backend, "device", "?")), "dtype": dtype}

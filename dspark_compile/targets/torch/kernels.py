@@ -1,0 +1,261 @@
+"""Fused OpenAI-Triton kernels of the torch target's decode step.
+
+A decode step of an 8B model is a few hundred matrix-vector products plus, written as plain torch ops, about
+60 elementwise kernels per layer (RMSNorm alone is eight). Inside a CUDA graph each still costs a few
+microseconds, which at batch 1 is as much as the weights' read time, so the step fuses them:
+
+* :func:`add_rmsnorm` — residual add (in place) + RMSNorm, optionally copying the new residual into a tap slot;
+* :func:`qk_norm_rope` — per-head q/k RMSNorm + RoPE on the fused q|k|v projection output, q written for
+  attention, k and v written straight into the static KV cache at their slots (slot −1: not written);
+* :func:`silu_mul` — SwiGLU's silu(gate) · up on the fused gate|up projection output;
+* :func:`decode_attention` — split-K attention for decode-sized queries (a batch-1 step is otherwise a
+  handful of thread blocks reading the whole cache window).
+
+Each replays the rounding of the torch modules it replaces (``models/layers.py``): every torch op rounds to
+the model dtype, so the kernels compute in float32 and round at the same points. Reductions and rsqrt may
+differ from torch's by an ulp in float32. The kernels run on CUDA tensors, or on the CPU under
+``TRITON_INTERPRET=1`` (how the tests check them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """Round float32 ``x`` to ``dtype`` and back: the rounding a torch op in ``dtype`` performs."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
+                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < H
+    dt = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        d = tl.load(delta_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + d, dt)
+        tl.store(x_ptr + row * H + offs, x.to(dt), mask=mask)
+    if HAS_TAP:
+        tl.store(tap_ptr + row * tap_stride + offs, x.to(tap_ptr.dtype.element_ty), mask=mask)
+    var = tl.sum(x * x, axis=0) / H
+    y = _round(x * tl.rsqrt(var + eps), dt)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * H + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                tap: torch.Tensor | None = None) -> torch.Tensor:
+    """``x += delta`` in place (when given), ``tap[:] = x`` (when given), return ``weight * rmsnorm(x)``.
+
+    ``x``/``delta`` are contiguous [M, H]; ``tap`` is an [M, H] column slice of a contiguous tap buffer.
+    """
+    m, h = x.shape
+    assert x.is_contiguous() and (delta is None or delta.is_contiguous())
+    out = torch.empty_like(x)
+    block = triton.next_power_of_2(h)
+    tap_stride = tap.stride(0) if tap is not None else 0
+    if tap is not None:
+        assert tap.stride(1) == 1 and tap.shape == x.shape
+    _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, tap if tap is not None else x,
+                              tap_stride, h, eps, HAS_DELTA=delta is not None, HAS_TAP=tap is not None,
+                              BLOCK=block, num_warps=max(1, min(8, block // 512)))
+    return out
+
+
+@triton.jit
+def _head_norm(base, w1, w2, offs, mask, HALF, eps, dt: tl.constexpr):
+    """Load one head (two halves) and apply the per-head RMSNorm with weight halves w1/w2."""
+    x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF)
+    r = tl.rsqrt(var + eps)
+    return _round(w1 * _round(x1 * r, dt), dt), _round(w2 * _round(x2 * r, dt), dt)
+
+
+@triton.jit
+def _rope(y1, y2, c1, c2, s1, s2, dt: tl.constexpr):
+    """x·cos + rotate_half(x)·sin with rotate_half(x) = [−x2, x1], rounding after each op like torch."""
+    o1 = _round(_round(y1 * c1, dt) + _round(-y2 * s1, dt), dt)
+    o2 = _round(_round(y2 * c2, dt) + _round(y1 * s2, dt), dt)
+    return o1, o2
+
+
+@triton.jit
+def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr,
+                         R, Q_START, HQ, KVH, HALF, c_sb, c_sh, c_ss, eps, BLOCK: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    b = m // R
+    r = m % R
+    d = 2 * HALF
+    dt = q_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)
+    mask = offs < HALF
+    row = qkv_ptr + m * (HQ + 2 * KVH) * d
+    c1 = tl.load(cos_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + m * d + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + m * d + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    if h < HQ:
+        if r >= Q_START:
+            w1 = tl.load(qw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(qw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+            y1, y2 = _head_norm(row + h * d, w1, w2, offs, mask, HALF, eps, dt)
+            o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
+            dst = q_ptr + ((b * HQ + h) * (R - Q_START) + (r - Q_START)) * d
+            tl.store(dst + offs, o1.to(dt), mask=mask)
+            tl.store(dst + HALF + offs, o2.to(dt), mask=mask)
+    else:
+        kh = h - HQ
+        slot = tl.load(slot_ptr + m)
+        if slot >= 0:
+            w1 = tl.load(kw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w2 = tl.load(kw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+            y1, y2 = _head_norm(row + (HQ + kh) * d, w1, w2, offs, mask, HALF, eps, dt)
+            o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
+            cache = b * c_sb + kh * c_sh + slot * c_ss
+            cdt = k_ptr.dtype.element_ty
+            tl.store(k_ptr + cache + offs, o1.to(cdt), mask=mask)
+            tl.store(k_ptr + cache + HALF + offs, o2.to(cdt), mask=mask)
+            v_src = row + (HQ + KVH + kh) * d
+            tl.store(v_ptr + cache + offs, tl.load(v_src + offs, mask=mask).to(cdt), mask=mask)
+            tl.store(v_ptr + cache + HALF + offs, tl.load(v_src + HALF + offs, mask=mask).to(cdt), mask=mask)
+
+
+def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                 q_norm: torch.Tensor, k_norm: torch.Tensor, eps: float, q_out: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, *, rows: int, q_start: int) -> None:
+    """Normalise/rotate the q|k|v rows of ``qkv`` [B·rows, (Hq+2KV)·D] and store them.
+
+    ``cos``/``sin`` [B·rows, D] per row; ``slots`` [B·rows] int64 cache slot of each row's k/v (−1 = skip);
+    rows ``r >= q_start`` of each batch entry are queries, written to ``q_out`` [B, Hq, rows − q_start, D];
+    ``k_cache``/``v_cache`` are [B, KV, S, D] views with a contiguous last axis.
+    """
+    m = qkv.shape[0]
+    _, hq, _, d = q_out.shape
+    kvh = k_cache.shape[1]
+    assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and q_out.is_contiguous()
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and d % 2 == 0
+    sb, sh, ss, _ = k_cache.stride()
+    half = d // 2
+    _qk_norm_rope_kernel[(m, hq + kvh)](qkv, cos, sin, slots, q_norm, k_norm, q_out, k_cache, v_cache, rows,
+                                        q_start, hq, kvh, half, sb, sh, ss, eps,
+                                        BLOCK=triton.next_power_of_2(half), num_warps=1)
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < INTER
+    dt = out_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * 2 * INTER + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * INTER + INTER + offs, mask=mask, other=0.0).to(tl.float32)
+    s = _round(g / (1.0 + tl.exp(-g)), dt)
+    tl.store(out_ptr + row * INTER + offs, (s * u).to(dt), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[M, 2I] (gate | up) -> silu(gate) · up, [M, I]."""
+    m, two_i = gate_up.shape
+    inter = two_i // 2
+    assert gate_up.is_contiguous()
+    out = torch.empty(m, inter, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    _silu_mul_kernel[(m, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, part_o, part_m, part_l, T, GROUP, KVH, W, CHUNK, SPLITS,
+                       c_sb, c_sh, c_ss, scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = bh // KVH
+    kvh = bh % KVH
+    mq = GROUP * T
+    rows = tl.arange(0, BLOCK_M)
+    rmask = rows < mq
+    lim = tl.load(limit_ptr + b * T + rows % T, mask=rmask, other=0)  # query row g·T + t sees slots < limit[b, t]
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (bh * mq + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, W)
+    base = b * c_sb + kvh * c_sh
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kmask = cols < end
+        offs = base + cols[:, None] * c_ss + d[None, :]
+        k = tl.load(k_ptr + offs, mask=kmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        vis = (cols[None, :] < lim[:, None]) & kmask[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
+        p = tl.where(vis, tl.exp(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + offs, mask=kmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    part = (bh * SPLITS + split) * mq + rows
+    tl.store(part_m + part, m_i, mask=rmask)
+    tl.store(part_l + part, l_i, mask=rmask)
+    tl.store(part_o + part[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+
+
+@triton.jit
+def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    bh = r // MQ
+    i = r % MQ
+    s = tl.arange(0, BLOCK_S)
+    smask = s < SPLITS
+    idx = (bh * SPLITS + s) * MQ + i
+    m = tl.load(part_m + idx, mask=smask, other=float("-inf"))
+    l_s = tl.load(part_l + idx, mask=smask, other=0.0)
+    top = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+    d = tl.arange(0, D)
+    o = tl.load(part_o + idx[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l_s, axis=0)
+    tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: torch.Tensor, scale: float, *,
+                     chunk: int = 64) -> torch.Tensor:
+    """Split-K ("flash decoding") attention for a few query rows per request.
+
+    q [B, Hq, T, D] contiguous; k/v [B, KV, W, D] cache windows (last axis contiguous, same strides); query
+    (b, ·, t) sees slots < limit[b, t]. Grid: one program per (b, KV head, chunk of ``chunk`` slots), so a
+    batch-1 step still spreads over W/chunk · KV blocks; a second kernel merges the chunks' softmax partials.
+    Returns [B, Hq, T, D] in q's dtype. Scores and sums in float32.
+    """
+    bsz, hq, t, dh = q.shape
+    kvh, window = k.shape[1], k.shape[2]
+    group = hq // kvh
+    mq = group * t
+    assert q.is_contiguous() and k.stride() == v.stride() and k.stride(-1) == 1 and limit.is_contiguous()
+    assert dh == triton.next_power_of_2(dh) and mq <= 64
+    splits = triton.cdiv(window, chunk)
+    part_o = torch.empty(bsz * kvh, splits, mq, dh, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(bsz * kvh, splits, mq, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    sb, sh, ss, _ = k.stride()
+    block_m = max(16, triton.next_power_of_2(mq))
+    _attn_split_kernel[(bsz * kvh, splits)](q, k, v, limit, part_o, part_m, part_l, t, group, kvh, window, chunk,
+                                            splits, sb, sh, ss, scale, D=dh, BLOCK_M=block_m, BLOCK_N=min(64, chunk),
+                                            num_warps=4)
+    out = torch.empty_like(q)
+    _attn_combine_kernel[(bsz * kvh * mq,)](part_o, part_m, part_l, out, mq, splits, D=dh,
+                                            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=1)
+    return out
