@@ -93,7 +93,7 @@ def _sample(program: DecodeProgram, temperature: float, *, speculative: bool = T
         params = GenerationParams(max_new_tokens=2, temperature=temperature, seed=seed)
         results = generate(backend, [PROMPT] * BATCH, params, speculative=speculative)
         tokens += [r.tokens for r in results]
-        accepted += [r.rounds[0]["accepted"] for r in results]
+        accepted += [r.rounds[0]["accepted"] if speculative else 1 for r in results]  # target-only: no rounds
     return np.asarray(tokens), np.asarray(accepted)
 
 
