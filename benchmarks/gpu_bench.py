@@ -189,8 +189,8 @@ def bench_variants(ctx: dict[str, Any], args: argparse.Namespace, clock: Clock) 
     target, draft = ctx["pair_8b"]
     cuda = ctx["device"] == "cuda"
     variants = {
-        "default (graphs, fused, sdpa, window 256)": {},
-        "attention triton split-K": {"attention": "triton"},
+        "default (graphs, fused, split-K attention, window 256)": {},
+        "attention SDPA (memory-efficient kernel)": {"attention": "sdpa"},
         "attention reference (fp32 matmuls)": {"attention": "reference"},
         "unfused module ops": {"fused": False},
         "whole cache (no window), S=4096": {"kv_bucket": None, "slots": 4096},

@@ -421,3 +421,17 @@ def test_cuda_graphs_equal_torch_backend_random_pair_batch3(make_pair: Any) -> N
     a = _decode(CudaGraphBackend(prog.target, prog.draft, eos_token_ids=(eos,)), prompts)
     _same(a, _decode(TorchBackend(ref.target_model, ref.draft_model, eos_token_ids=(eos,)), prompts))
     assert be.stats["replays"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graphs_are_recaptured_after_the_batch_bucket_changes(golden_dir: Path) -> None:
+    """start() with a new bucket drops the graphs; the next captures need a fresh pool (an H100 run once fell
+    back to eager here: PyTorch's allocator asserts when capturing into a pool whose graphs are all gone)."""
+    from dspark_compile.targets.torch.bench import step_times
+
+    prog = build_program(golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft", device="cuda")
+    be = CudaGraphBackend(prog.target, prog.draft)
+    for batch in (1, 4, 16, 1):
+        step_times(be, batch, context=40, repeats=2)
+        assert be._steps and all(s.graph is not None for s in be._steps.values()), f"batch {batch}: eager fallback"

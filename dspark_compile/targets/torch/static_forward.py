@@ -116,7 +116,7 @@ class StaticProgram:
         # Grouped-query heads as extra query rows of their KV head (as models.layers.attend): no copy of k/v.
         out = F.scaled_dot_product_attention(q.reshape(bsz, kvh, (hq // kvh) * t, d), k, v, attn_mask=mask,
                                              scale=scale)
-        return out.view(bsz, hq, t, d).transpose(1, 2).reshape(bsz, t, hq * d)
+        return out.reshape(bsz, hq, t, d).transpose(1, 2).reshape(bsz, t, hq * d)  # SDPA may return it strided
 
     def _fused_layer(self, layer: nn.Module, fw: _Fused, x: torch.Tensor, delta: torch.Tensor | None,
                      inputs: tuple[torch.Tensor, ...], kv: torch.Tensor, mask: torch.Tensor, window: int,
