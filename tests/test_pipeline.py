@@ -44,16 +44,6 @@ GOLDEN_DUMPS = ("export_onnx",)
 MAX_NEW = 48  # the golden traces' max_new_tokens
 
 
-@pytest.fixture(scope="session")
-def golden_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same build as tests/passes/conftest.py's ``golden_build`` (same place, same recipe), whose fixtures are
-    not visible here: whichever test file asks first builds it (~30 s), the others reuse it."""
-    out = tmp_path_factory.getbasetemp() / "golden_build"
-    if not out.is_dir():  # the build is renamed into place only when complete
-        pair = golden_dir / "dspark_tiny"
-        api.build(target=pair / "target", draft=pair / "draft", out=out, dump_after=GOLDEN_DUMPS, progress=False)
-    return out
-
 
 @pytest.fixture(scope="module")
 def golden_pair(golden_dir: Path) -> tuple[Path, Path]:

@@ -17,30 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dspark_compile import api
 from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
 
-GOLDEN_DUMPS = ("export_onnx",)
 VOCAB, BLOCK, TAP_WIDTH = 384, 7, 192  # the golden pair (shared/golden/README.md)
-
-
-def golden_build_dir(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's one build of ``dspark_tiny`` (default spec: sampling graphs); built on first use."""
-    out = tmp_path_factory.getbasetemp() / "golden_build"
-    if not out.is_dir():  # the build is renamed into place only when complete
-        pair = golden_dir / "dspark_tiny"
-        api.build(target=pair / "target", draft=pair / "draft", out=out, dump_after=GOLDEN_DUMPS, progress=False)
-    return out
 
 
 @pytest.fixture(scope="session")
 def golden_pair(golden_dir: Path) -> tuple[Path, Path]:
     return golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft"
-
-
-@pytest.fixture(scope="session")
-def golden_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return golden_build_dir(golden_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

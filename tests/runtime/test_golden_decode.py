@@ -7,7 +7,6 @@ ids, drafts, accepted lengths and generated tokens identical. Every comparison r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,6 @@ MAX_NEW = 48
 PAIRS = ("dspark_tiny", "dspark_tiny_random")
 MODES = ("greedy", "threshold_0.5")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread is faster and immune to other processes competing for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
