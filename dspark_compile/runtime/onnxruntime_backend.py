@@ -1,8 +1,10 @@
 """Executes a build's portable ONNX graphs with onnxruntime (the same host loop as the PyTorch reference).
 
-The KV caches stay onnxruntime values between calls. On CPU they are NumPy arrays handed back in; with
-onnxruntime-gpu (CUDAExecutionProvider) the caches are bound as device OrtValues through IO binding, so they
-never cross to the host between rounds.
+The KV caches are NumPy arrays handed from one call's outputs to the next call's inputs. The CUDA execution
+provider is picked when onnxruntime-gpu is installed, but the caches still cross to the host between calls:
+IO binding of device-resident caches is not implemented yet (onnxruntime-gpu could not be tested here; its
+wheels are too large to carry to the GPU machine). For GPU serving use the TensorRT engines or the
+CUDA-graph torch target.
 """
 
 from __future__ import annotations
