@@ -38,7 +38,7 @@ def tiny_pair(make_pair: MakePair) -> tuple[Path, Path]:
 def golden_dir() -> Path:
     """``shared/golden``; skips the test when it is not there."""
     if not (GOLDEN / "dspark_tiny").is_dir():
-        pytest.skip(f"golden vectors not found at {GOLDEN} (set DSPARK_GOLDEN_DIR or put shared/ beside "
+        pytest.skip(reason=f"golden vectors not found at {GOLDEN} (set DSPARK_GOLDEN_DIR or put shared/ beside "
                     "the repository)")
     return GOLDEN
 

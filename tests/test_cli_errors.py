@@ -231,7 +231,7 @@ def _run(args: list[str], entry: str = "module") -> Outcome:
         script = Path(sys.executable).with_name("dspark-compile")
         found = str(script) if script.is_file() else shutil.which("dspark-compile")
         if found is None:
-            pytest.skip("the dspark-compile console script is not installed")
+            pytest.skip(reason="the dspark-compile console script is not installed")
         command = [found]
     proc = subprocess.run([*command, *args], capture_output=True, text=True, env=_env(), timeout=300, check=False)
     return Outcome(proc.returncode, proc.stdout, proc.stderr)

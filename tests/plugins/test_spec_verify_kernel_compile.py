@@ -29,7 +29,7 @@ def toolchain() -> None:
         triton.compile(ASTSource(_probe, signature={"x_ptr": "*fp32", "BLOCK": "constexpr"},
                                  constexprs={"BLOCK": 32}), target=GPUTarget("cuda", 90, 32))
     except Exception as exc:  # any toolchain failure: the reason is what matters
-        pytest.skip(f"Triton {triton.__version__} cannot compile CUDA kernels without a GPU here: {exc!r}")
+        pytest.skip(reason=f"Triton {triton.__version__} cannot compile CUDA kernels without a GPU here: {exc!r}")
 
 
 @pytest.mark.parametrize("logits_dtype", ["fp32", "fp16", "bf16"])
