@@ -15,6 +15,17 @@ from dspark_compile.runtime.backend import DraftOutput, ModelInfo, VerifyOutput
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def program_info(target: Qwen3Target, draft: DSparkDraft | None, eos_token_ids: tuple[int, ...] = ()) -> ModelInfo:
+    """What the host loop needs to know about a program built from PyTorch modules."""
+    return ModelInfo(
+        vocab_size=target.cfg.vocab_size,
+        block_size=draft.block_size if draft is not None else 0,
+        tap_width=len(target.tap_layer_ids) * target.cfg.hidden_size,
+        has_confidence=draft is not None and draft.confidence_head is not None,
+        eos_token_ids=eos_token_ids,
+    )
+
+
 class TorchBackend:
     """Holds the grafted program (target + draft sharing embedding and LM head) and its caches."""
 
@@ -25,14 +36,7 @@ class TorchBackend:
         self.device = target.embed_tokens.weight.device
         if draft is not None and block_size is not None:
             draft.block_size = int(block_size)
-        g = draft.block_size if draft is not None else 0
-        self.info = ModelInfo(
-            vocab_size=target.cfg.vocab_size,
-            block_size=g,
-            tap_width=len(target.tap_layer_ids) * target.cfg.hidden_size,
-            has_confidence=draft is not None and draft.confidence_head is not None,
-            eos_token_ids=eos_token_ids,
-        )
+        self.info = program_info(target, draft, eos_token_ids)
         self._kv: torch.Tensor | None = None
         self._draft_kv: torch.Tensor | None = None
 

@@ -39,7 +39,8 @@ import torch
 from dspark_compile.errors import BackendUnavailableError
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
-from dspark_compile.runtime.backend import DraftOutput, ModelInfo, VerifyOutput
+from dspark_compile.runtime.backend import DraftOutput, VerifyOutput
+from dspark_compile.runtime.torch_backend import program_info
 from dspark_compile.targets.torch.static_forward import StaticProgram
 
 log = logging.getLogger(__name__)
@@ -174,14 +175,7 @@ class CudaGraphBackend:
         self.spec_verify = spec_verify or ("triton" if cuda else "torch")
         self.program = StaticProgram(target, draft, fused=cuda if fused is None else fused,
                                      attention=attention or ("triton" if cuda else "reference"))
-        g = draft.block_size if draft is not None else 0
-        self.info = ModelInfo(
-            vocab_size=target.cfg.vocab_size,
-            block_size=g,
-            tap_width=len(target.tap_layer_ids) * target.cfg.hidden_size,
-            has_confidence=draft is not None and draft.confidence_head is not None,
-            eos_token_ids=eos_token_ids,
-        )
+        self.info = program_info(target, draft, eos_token_ids)
         self._pool = _GraphPool(self.graphs)
         self._kv: torch.Tensor | None = None
         self._draft_kv: torch.Tensor | None = None
