@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def inverse_cdf(weights: np.ndarray, u: float) -> int:
-    """Smallest index i with cumsum(w)[i] > u * sum(w) (docs/PROGRAM.md); w is non-negative."""
-    cdf = np.cumsum(weights.astype(np.float32), dtype=np.float32)
-    idx = int(np.count_nonzero(cdf <= np.float32(u) * cdf[-1]))
-    return min(idx, weights.shape[-1] - 1)
+from dspark_compile.plugins.spec_verify.reference import inverse_cdf  # the one draw rule (README there)
 
 
 def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
