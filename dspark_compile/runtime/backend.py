@@ -1,28 +1,113 @@
-"""The interface every executor of the three graphs implements (docs/PROGRAM.md).
+"""The contracts between the host decode loop and the executors of a build (docs/PROGRAM.md).
 
-The host loop (:mod:`dspark_compile.runtime.decode`) talks NumPy to a backend; a backend owns the KV caches
-of one batch between calls, so the loop never touches device memory.
+Two protocols live here while the executors move over:
+
+* :class:`DecodeBackend` — the device-resident round. The executor owns the KV caches, the taps, the draft
+  probabilities and each row's random stream; per call the host sees only O(B·G) numbers (accept counts,
+  tokens, the next block's drafts and confidences), fetched with one synchronisation.
+* :class:`Backend` — the older per-graph protocol (NumPy in, NumPy out), kept until every executor speaks
+  :class:`DecodeBackend`.
+
+:class:`ProgramInfo` is the one description of a built program that the manifest, the Triton repository and
+every executor read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
 
 import numpy as np
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ProgramInfo:
+    """What a runtime needs to drive a program without its checkpoints; computed once (partition) per build."""
+
     vocab_size: int
-    block_size: int
-    tap_width: int
+    block_size: int  # G: drafts per round (0: no draft, target-only)
+    tap_width: int  # NT * H
     has_confidence: bool
     eos_token_ids: tuple[int, ...] = ()
-    max_slots: int | None = None  # cache capacity the graphs were built for (None = unbounded)
-    sampling: bool = True  # whether the graphs accept temperature/uniforms
+    max_slots: int | None = None  # cache capacity the graphs/engines were built for (None = unbounded)
+    sampling: bool = True  # whether the graphs take temperature/uniforms (verify mode "sampling")
+    dtype: str = "fp32"
+    family: str = "qwen3"
+    hidden_size: int = 0
+    target_layers: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    draft_layers: int = 0
+    draft_kv_heads: int = 0
+    draft_head_dim: int = 0
+    tap_layer_ids: tuple[int, ...] = ()
+    markov_head: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        out["tap_layer_ids"] = list(self.tap_layer_ids)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProgramInfo:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in known}
+        for key in ("eos_token_ids", "tap_layer_ids"):
+            if key in kw:
+                kw[key] = tuple(int(t) for t in kw[key])
+        return cls(**kw)
 
 
+# ------------------------------------------------------------------------------------ device-resident round
+@dataclass(frozen=True)
+class Proposal:
+    """The host's view of one device call (prefill or round): O(B·G) numbers, fetched with one sync.
+
+    After ``prefill``: ``accepted`` is all zeros and ``next_token`` is the first generated token. After
+    ``round``: ``accepted[b]`` drafts of the block verified this round were accepted, and ``next_token[b]`` is
+    the target's correction (accepted < verify_len) or bonus token; the round committed
+    ``previous.drafts[b, :accepted[b]] + [next_token[b]]``. ``drafts``/``confidence_logits`` are the *next*
+    block, drafted in the same call from the context just committed ([B, 0] when decoding target-only).
+    """
+
+    accepted: np.ndarray  # [B] int64
+    next_token: np.ndarray  # [B] int64
+    drafts: np.ndarray  # [B, G] int64
+    confidence_logits: np.ndarray  # [B, G] float32
+
+
+class DecodeBackend(Protocol):
+    """A batch of requests whose whole decode state lives where the executor runs.
+
+    Random numbers come from :func:`dspark_compile.runtime.sampling.counter_uniforms`: row ``b`` of the batch
+    draws ``UNIFORMS_PER_CALL(G)`` numbers per call at counter ``calls_b * UNIFORMS_PER_CALL(G)`` of the
+    stream keyed by ``seeds[b]`` (verify/first token at ``[0, G+1)``, drafts at ``[G+1, 2G+1)``), so a row's
+    output depends on its seed and never on which rows share its batch.
+    """
+
+    info: ProgramInfo
+
+    def start(self, batch: int, slots: int, *, temperature: np.ndarray, seeds: np.ndarray,
+              speculative: bool = True) -> None:
+        """Empty caches for ``batch`` rows of ``slots`` positions; per-row temperature [B] and seed [B]."""
+
+    def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> Proposal:
+        """Prompts [B, T] (right-padded) -> first token, and the first block of drafts."""
+
+    def round(self, verify_len: np.ndarray) -> Proposal:
+        """Verify ``verify_len[b]`` ≤ G pending drafts per row, commit, and draft the next block."""
+
+    def select(self, rows: np.ndarray) -> None:
+        """Keep only these rows (finished requests leave); every per-row state moves with its row."""
+
+
+def uniforms_per_call(block_size: int) -> int:
+    """Random numbers one row consumes per device call: G+1 for verification (or the first token), G drafts."""
+    return 2 * block_size + 1
+
+
+# ------------------------------------------------------------------------------------ per-graph (older) protocol
 @dataclass(frozen=True)
 class DraftOutput:
     tokens: np.ndarray  # [B, G] int64
@@ -37,8 +122,11 @@ class VerifyOutput:
     taps: np.ndarray  # [B, G+1, F]
 
 
+ModelInfo = ProgramInfo  # the older name; removed once every caller says ProgramInfo
+
+
 class Backend(Protocol):
-    info: ModelInfo
+    info: ProgramInfo
 
     def start(self, batch: int, slots: int) -> None:
         """Allocate empty caches for a new batch of ``batch`` requests and ``slots`` positions."""
