@@ -64,7 +64,7 @@ class ProgramInfo:
 class Proposal:
     """The host's view of one device call (prefill or round): O(B·G) numbers, fetched with one sync.
 
-    After ``prefill``: ``accepted`` is all zeros and ``next_token`` is the first generated token. After
+    After ``admit``: ``accepted`` is all zeros and ``next_token`` is the first generated token. After
     ``round``: ``accepted[b]`` drafts of the block verified this round were accepted, and ``next_token[b]`` is
     the target's correction (accepted < verify_len) or bonus token; the round committed
     ``previous.drafts[b, :accepted[b]] + [next_token[b]]``. ``drafts``/``confidence_logits`` are the *next*
@@ -78,28 +78,34 @@ class Proposal:
 
 
 class DecodeBackend(Protocol):
-    """A batch of requests whose whole decode state lives where the executor runs.
+    """Up to ``rows`` concurrent requests whose whole decode state lives where the executor runs.
 
-    Random numbers come from :func:`dspark_compile.runtime.sampling.counter_uniforms`: row ``b`` of the batch
-    draws ``UNIFORMS_PER_CALL(G)`` numbers per call at counter ``calls_b * UNIFORMS_PER_CALL(G)`` of the
-    stream keyed by ``seeds[b]`` (verify/first token at ``[0, G+1)``, drafts at ``[G+1, 2G+1)``), so a row's
-    output depends on its seed and never on which rows share its batch.
+    Live requests are rows ``0..n-1``, in the order they were admitted: ``admit`` appends rows, ``select``
+    keeps some and compacts them (order kept). That is enough for continuous batching: requests join between
+    rounds (``admit``) and leave (``select``) while the others keep their caches.
+
+    Random numbers come from :func:`dspark_compile.runtime.sampling.counter_uniforms`: a row draws
+    ``uniforms_per_call(G)`` numbers per device call (admit or round), at counter ``calls * uniforms_per_call(G)``
+    of the stream keyed by its seed (verification / first token at ``[0, G+1)``, drafts at ``[G+1, 2G+1)``), so
+    its output depends on its prompt, temperature and seed, never on which rows share its batch.
     """
 
     info: ProgramInfo
 
-    def start(self, batch: int, slots: int, *, temperature: np.ndarray, seeds: np.ndarray,
-              speculative: bool = True) -> None:
-        """Empty caches for ``batch`` rows of ``slots`` positions; per-row temperature [B] and seed [B]."""
+    def start(self, rows: int, slots: int, *, speculative: bool = True) -> None:
+        """Caches for up to ``rows`` requests of up to ``slots`` positions each; no live rows yet.
+        ``speculative=False`` decodes target-only (G = 0: no drafts, ``verify_len`` all zero)."""
 
-    def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> Proposal:
-        """Prompts [B, T] (right-padded) -> first token, and the first block of drafts."""
+    def admit(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
+              seeds: np.ndarray) -> Proposal:
+        """Prefill ``k`` new requests (prompts [k, T] right-padded, lengths/temperature/seeds [k]) into rows
+        ``n..n+k-1``: their first token and first block of drafts."""
 
     def round(self, verify_len: np.ndarray) -> Proposal:
-        """Verify ``verify_len[b]`` ≤ G pending drafts per row, commit, and draft the next block."""
+        """Every live row: verify ``verify_len[b]`` ≤ G pending drafts, commit, draft the next block."""
 
     def select(self, rows: np.ndarray) -> None:
-        """Keep only these rows (finished requests leave); every per-row state moves with its row."""
+        """Keep only these live rows (increasing), compacted to ``0..len(rows)-1``; all per-row state moves."""
 
 
 def uniforms_per_call(block_size: int) -> int:
