@@ -18,8 +18,8 @@ from dspark_compile.passes.manifest import write_manifest
 from dspark_compile.pipeline import BuildState
 from dspark_compile.spec import BuildSpec
 
-PASSES = ["load", "validate", "graft", "partition", "export_onnx", "insert_spec_verify", "decompose_spec_verify",
-          "optimize_onnx", "share_weights", "check_onnx", "manifest"]
+PASSES = ["load", "validate", "graft", "partition", "export_onnx", "decompose_spec_verify", "optimize_onnx",
+          "share_weights", "check_onnx", "manifest"]
 
 
 def _sha256(path: Path) -> str:

@@ -1,7 +1,8 @@
 """The one machine-readable description of the ``dspark::SpecVerify`` node (see README.md beside this file).
 
-The compiler's insertion pass builds nodes with :func:`make_node`, the decomposition pass validates nodes
-with :meth:`OpSchema.check_node`, and tests compare graphs against :data:`SPEC_VERIFY` itself.
+The exporter writes the node from :meth:`OpSchema.onnx_op_schema` (``op.py``), :func:`make_node` builds it for
+stand-alone models, the decomposition pass validates nodes with :meth:`OpSchema.check_node`, and tests compare
+graphs against :data:`SPEC_VERIFY` itself.
 onnx's own ``OpSchema`` registry was not used: registering a schema is process-global and onnx's checker
 then applies it to every model, which would couple unrelated tests and runtimes.
 """
