@@ -133,3 +133,23 @@ def test_split_chunk_counts_dtypes_and_gammas(mode: str) -> None:
 
 def test_split_ties_across_chunk_boundaries() -> None:
     _run(TIES)
+
+
+# The op's CUDA kernel is spec_verify_triton (CUDA tensors dispatch to it; on the CPU its registered function is
+# called directly): a few named cases, G = 0 included.
+OP_CUDA_KERNEL = PRELUDE + textwrap.dedent(
+    """
+    from dspark_compile.plugins.spec_verify.op import spec_verify
+    cuda_kernel = spec_verify._backend_fns["cuda"]
+    names = ["greedy_ties", "greedy_gamma0", "sampling_random", "sampling_gamma0"]
+    for name in names:
+        mode, inputs = cases.make_case(name)
+        accepted, next_token = cuda_kernel(**inputs, mode=mode)
+        cases.assert_matches_reference(mode, inputs, accepted.numpy(), next_token.numpy())
+    print("checked", len(names))
+    """
+)
+
+
+def test_op_cuda_kernel_is_the_triton_kernel() -> None:
+    _run(OP_CUDA_KERNEL)
