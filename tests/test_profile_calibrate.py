@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from dspark_compile.cli import cli
-from dspark_compile.passes.profile_sps import shape_for, token_grid
+from dspark_compile.tools.profile_sps import shape_for, token_grid
 from tests.conftest import build_golden
 
 

@@ -1,8 +1,9 @@
 """The DSpark draft head (DSPARK.md §2), grafted onto a target: it shares the target's embedding and LM head.
 
 One forward drafts a whole block: the parallel backbone reads the context features (KV injection) and the
-block [anchor, mask, ..., mask]; then the Markov head samples x_1..x_G left to right (the loop is unrolled, so
-an exported graph contains it) and the confidence head scores each position.
+block [anchor, mask, ..., mask] (G positions); then x_1..x_G are drawn left to right (argmax, or an
+inverse-CDF sample when the row has a temperature), each biased by the Markov head when the draft has one (the
+loop is unrolled, so an exported graph contains it), and the confidence head, if any, scores each position.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class ConfidenceHead(nn.Module):
 
 
 def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Smallest index i with cumsum(p)[i] > u * sum(p); the rule SpecVerify uses too (docs/PROGRAM.md)."""
+    """Smallest index i with cumsum(p)[i] > u * sum(p), or V-1 when rounding leaves none. (SpecVerify's
+    reference falls back to the last positive weight instead: the two differ only in that corner.)"""
     cdf = torch.cumsum(probs, dim=-1)
     threshold = uniforms.unsqueeze(-1) * cdf[..., -1:]
     idx = (cdf <= threshold).to(torch.int64).sum(dim=-1)

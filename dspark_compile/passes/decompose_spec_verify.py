@@ -23,6 +23,8 @@ import onnx
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from dspark_compile.artifacts import PLUGIN, PORTABLE
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
 from dspark_compile.plugins.spec_verify.reference import Q_FLOOR, RESIDUAL_FLOOR
 from dspark_compile.plugins.spec_verify.schema import GREEDY, SAMPLING, SPEC_VERIFY
@@ -154,21 +156,31 @@ def decompose_spec_verify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
 
     Raises :class:`BuildError` for a malformed SpecVerify node or a default opset below 15.
     """
-    nodes = _spec_verify_nodes(model)
-    if not nodes:
+    if not _spec_verify_nodes(model):
         return model, False
+    model_ir = ir.serde.deserialize_model(model)
+    decompose_model(model_ir)
+    return ir.serde.serialize_model(model_ir), True
+
+
+def decompose_model(model_ir: ir.Model) -> None:
+    """Rewrite every SpecVerify node of ``model_ir`` in place."""
+    graphs = [model_ir.graph, *model_ir.functions.values()]
+    nodes = [ir.serde.serialize_node(node) for graph in graphs for node in graph
+             if (node.domain, node.op_type) == (SPEC_VERIFY.domain, SPEC_VERIFY.name)]
+    if not nodes:
+        return
     for node in nodes:
         try:
             SPEC_VERIFY.check_node(node)
         except ValueError as exc:
             raise BuildError(f"decompose_spec_verify: {exc}") from exc
-    opsets = {o.domain: o.version for o in model.opset_import}
+    opsets = dict(model_ir.opset_imports)
     if opsets.get("", opsets.get("ai.onnx", 0)) < MIN_OPSET:
         raise BuildError(
             f"decompose_spec_verify: the model imports default opset {opsets.get('', 'none')}; the "
             f"decomposition needs >= {MIN_OPSET}. Export the graph with opset_version=18."
         )
-    model_ir = ir.serde.deserialize_model(model)
     before = {id(node) for node in _all_nodes(model_ir)}
     count = _RULES.apply_to_model(model_ir)
     # Subgraphs of control-flow nodes are out of scope; fail loudly instead of leaving a node behind.
@@ -180,4 +192,12 @@ def decompose_spec_verify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool
         node.name = f"{NODE_PREFIX}/{node.op_type}_{index}"
     if not any(node.domain == SPEC_VERIFY.domain for node in _all_nodes(model_ir)):
         model_ir.opset_imports.pop(SPEC_VERIFY.domain, None)
-    return ir.serde.serialize_model(model_ir), True
+
+
+def run(state: BuildState) -> None:
+    """The plugin variant stays for full TensorRT; the portable one (standard ops) is what everything else runs."""
+    assert state.onnx is not None
+    plugin = state.onnx.model("target_verify", PLUGIN)
+    portable = plugin.clone()  # the weights are shared, not copied
+    decompose_model(portable)
+    state.onnx.models["target_verify"] = {PORTABLE: portable, PLUGIN: plugin}

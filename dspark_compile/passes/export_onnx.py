@@ -1,7 +1,7 @@
-"""Pass `export_onnx`: trace each partitioned graph with torch.export and write ONNX (opset >= 18).
+"""Pass `export_onnx`: trace each partitioned graph with torch.export into an in-memory ONNX model (opset >= 18).
 
-Dynamic axes: batch, prompt/verify/context length and cache slots. Weights go to external data beside each
-graph (`share_weights` later merges them into one file, so shared tensors are stored once).
+Dynamic axes: batch, prompt/verify/context length and cache slots. The weights stay the modules' own tensors
+(no copy); `share_weights` writes them to disk once, for all graphs.
 """
 
 from __future__ import annotations
@@ -10,19 +10,19 @@ import contextlib
 import io
 import logging
 import warnings
-from pathlib import Path
 
+import onnx_ir as ir
 import torch
 
+from dspark_compile.artifacts import PORTABLE, OnnxGraphs
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
-from dspark_compile.ir import OnnxGraphs
-from dspark_compile.passes.partition import GraphSpec, PartitionedProgram
-from dspark_compile.spec import BuildSpec
+from dspark_compile.passes.partition import GraphSpec
 
 log = logging.getLogger(__name__)
 
 
-def _export_one(gs: GraphSpec, path: Path, opset: int) -> None:
+def export_graph(gs: GraphSpec, opset: int) -> ir.Model:
     # The exporter logs one warning per missing optional op library (torchvision); not our users' concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
@@ -35,14 +35,11 @@ def _export_one(gs: GraphSpec, path: Path, opset: int) -> None:
         except Exception as e:  # the exporter's own errors are long; keep the first line, log the rest
             log.debug("export of %s failed", gs.name, exc_info=True)
             raise BuildError(f"ONNX export of graph {gs.name} failed: {str(e).splitlines()[0]}") from e
-        onnx_program.save(str(path), external_data=True)
+    return onnx_program.model
 
 
-def export_onnx(parts: PartitionedProgram, spec: BuildSpec, out_dir: Path) -> OnnxGraphs:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for gs in parts.graphs:
-        _export_one(gs, out_dir / f"{gs.name}.onnx", spec.opset)
-    draft = parts.program.draft
-    assert draft is not None
-    # Until insert_spec_verify runs, target_verify.onnx ends in raw logits.
-    return OnnxGraphs(out_dir, spec.verify_mode, draft.block_size)
+def run(state: BuildState) -> None:
+    assert state.parts is not None and state.info is not None
+    models = {gs.name: {PORTABLE: export_graph(gs, state.spec.opset)} for gs in state.parts.graphs}
+    # Until insert_spec_verify runs, target_verify ends in raw logits.
+    state.onnx = OnnxGraphs(state.workdir / "onnx", state.spec.verify_mode, state.info.block_size, models)

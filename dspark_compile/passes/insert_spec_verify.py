@@ -8,55 +8,62 @@ own schema object, so graph and plugin cannot drift apart.
 
 from __future__ import annotations
 
-import dataclasses
+import numpy as np
+import onnx_ir as ir
 
-import onnx
-from onnx import helper
-
-from dspark_compile.ir import PLUGIN, OnnxGraphs
+from dspark_compile.artifacts import PLUGIN, PORTABLE
+from dspark_compile.build_state import BuildState
 from dspark_compile.plugins.spec_verify.schema import SPEC_VERIFY, make_node
 
 # Symbolic dims of the exported graph, so the new inputs share them.
 DIMS = {"B": "batch", "G": "draft_len", "G+1": "verify_tokens", "V": None}
 
 
-def add_spec_verify(model: onnx.ModelProto, mode: str, vocab: int, block: int) -> onnx.ModelProto:
+def add_spec_verify(model: ir.Model, mode: str, vocab: int) -> None:
+    """Edit ``model`` (the exported target_verify) in place."""
     g = model.graph
-    logits = next(o for o in g.output if o.name == "logits")
-    specs = SPEC_VERIFY.inputs_for(mode)
+    logits = next(o for o in g.outputs if o.name == "logits")
     names = ["logits"]
-    for spec in specs[1:]:
+    values = [logits]
+    for spec in SPEC_VERIFY.inputs_for(mode)[1:]:
         if spec.name == "draft_tokens":  # the drafts are tokens[:, 1:] of the existing input
-            names.append(_draft_tokens(g))
-            continue
-        dims = [vocab if d == "V" else DIMS[d] for d in spec.shape]
-        g.input.append(helper.make_tensor_value_info(spec.name, spec.dtypes[0], dims))
+            values.append(_draft_tokens(g))
+        else:
+            dims = [vocab if d == "V" else DIMS[d] for d in spec.shape]
+            value = ir.Value(name=spec.name, type=ir.TensorType(ir.DataType(spec.dtypes[0])), shape=ir.Shape(dims))
+            g.inputs.append(value)
+            values.append(value)
         names.append(spec.name)
-    g.node.append(make_node(mode, names, [o.name for o in SPEC_VERIFY.outputs], name="spec_verify"))
-    keep = [o for o in g.output if o.name != "logits"]
-    del g.output[:]
-    for o in SPEC_VERIFY.outputs:
-        g.output.append(helper.make_tensor_value_info(o.name, o.dtypes[0], [DIMS[d] for d in o.shape]))
-    g.output.extend(keep)
-    del logits
-    model.opset_import.append(SPEC_VERIFY.opset_import())
-    return model
+    proto = make_node(mode, names, [o.name for o in SPEC_VERIFY.outputs], name="spec_verify")
+    node = ir.Node(SPEC_VERIFY.domain, SPEC_VERIFY.name, values, name="spec_verify", num_outputs=2,
+                   attributes=[ir.AttrString(a.name, a.s.decode()) for a in proto.attribute])
+    for value, spec in zip(node.outputs, SPEC_VERIFY.outputs, strict=True):
+        value.name = spec.name
+        value.type = ir.TensorType(ir.DataType(spec.dtypes[0]))
+        value.shape = ir.Shape([DIMS[d] for d in spec.shape])
+    g.append(node)
+    keep = [o for o in g.outputs if o.name != "logits"]
+    g.outputs.clear()
+    g.outputs.extend([*node.outputs, *keep])
+    model.opset_imports[SPEC_VERIFY.domain] = SPEC_VERIFY.opset_version
 
 
-def _draft_tokens(g: onnx.GraphProto) -> str:
-    starts = helper.make_tensor("sv_start", onnx.TensorProto.INT64, [1], [1])
-    ends = helper.make_tensor("sv_end", onnx.TensorProto.INT64, [1], [2**62])
-    axes = helper.make_tensor("sv_axis", onnx.TensorProto.INT64, [1], [1])
-    g.initializer.extend([starts, ends, axes])
-    g.node.append(helper.make_node("Slice", ["tokens", "sv_start", "sv_end", "sv_axis"], ["draft_tokens"],
-                                   name="draft_tokens_slice"))
-    return "draft_tokens"
+def _draft_tokens(g: ir.Graph) -> ir.Value:
+    consts = []
+    for name, value in (("sv_start", 1), ("sv_end", 2**62), ("sv_axis", 1)):
+        const = ir.Value(name=name, const_value=ir.tensor(np.array([value], np.int64), name=name))
+        g.register_initializer(const)
+        consts.append(const)
+    tokens = next(v for v in g.inputs if v.name == "tokens")
+    node = ir.Node("", "Slice", [tokens, *consts], name="draft_tokens_slice")
+    node.outputs[0].name = "draft_tokens"
+    g.append(node)
+    return node.outputs[0]
 
 
-def insert_spec_verify(graphs: OnnxGraphs, vocab: int) -> OnnxGraphs:
-    raw = graphs.path("target_verify")
-    model = onnx.load(str(raw), load_external_data=False)
-    model = add_spec_verify(model, graphs.verify_mode, vocab, graphs.block_size)
-    onnx.save(model, str(graphs.path("target_verify", PLUGIN)))
-    raw.unlink()
-    return dataclasses.replace(graphs, variants={**graphs.variants, "target_verify": (PLUGIN,)})
+def run(state: BuildState) -> None:
+    assert state.onnx is not None and state.info is not None
+    graphs = state.onnx
+    model = graphs.models["target_verify"].pop(PORTABLE)
+    add_spec_verify(model, graphs.verify_mode, state.info.vocab_size)
+    graphs.models["target_verify"][PLUGIN] = model

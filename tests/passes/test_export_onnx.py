@@ -12,11 +12,13 @@ import pytest
 import torch
 from torch import nn
 
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
-from dspark_compile.passes.export_onnx import export_onnx
-from dspark_compile.passes.graft import graft
-from dspark_compile.passes.load import load
+from dspark_compile.passes import graft as graft_pass
+from dspark_compile.passes import load as load_pass
+from dspark_compile.passes.export_onnx import export_graph
 from dspark_compile.passes.partition import GraphSpec, PartitionedProgram, partition
+from dspark_compile.program import CheckpointPair, DecodeProgram
 from dspark_compile.spec import BuildSpec
 
 CACHE = [4, 2, "batch", 2, "cache_slots", 16]
@@ -42,6 +44,22 @@ SIGNATURES = {  # name -> (inputs, outputs), each (name, dtype, shape)
          ("draft_probs", "FLOAT", ["batch", 7, 384]), ("draft_kv_out", "FLOAT", DRAFT_CACHE)],
     ),
 }
+
+
+def load(spec: BuildSpec) -> CheckpointPair:
+    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
+    state = BuildState(spec=spec, workdir=spec.out.parent)
+    load_pass.run(state)
+    assert state.pair is not None
+    return state.pair
+
+
+def graft(pair: CheckpointPair, spec: BuildSpec) -> DecodeProgram:
+    """Pass `graft` on a state holding ``pair``; the program it leaves."""
+    state = BuildState(spec=spec, workdir=spec.out.parent, pair=pair)
+    graft_pass.run(state)
+    assert state.program is not None
+    return state.program
 
 
 def _describe(values) -> list[tuple[str, str, list]]:
@@ -92,8 +110,7 @@ class _Unexportable(nn.Module):
         return x - 1
 
 
-def test_export_failure_is_a_build_error_naming_the_graph(parts: PartitionedProgram, tmp_path: Path) -> None:
+def test_export_failure_is_a_build_error_naming_the_graph() -> None:
     broken = GraphSpec("target_prefill", _Unexportable(), {"x": torch.ones(2, 3)}, ("y",), {"x": {0: "batch"}})
-    spec = BuildSpec(Path("t"), Path("d"), tmp_path / "out")
     with pytest.raises(BuildError, match=r"^ONNX export of graph target_prefill failed: "):
-        export_onnx(PartitionedProgram(parts.program, (broken,)), spec, tmp_path / "onnx")
+        export_graph(broken, 18)

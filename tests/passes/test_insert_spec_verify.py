@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper, numpy_helper
 
-from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
-from dspark_compile.passes.insert_spec_verify import insert_spec_verify
-from dspark_compile.pipeline import PIPELINE, BuildState
+from dspark_compile.artifacts import PLUGIN, OnnxGraphs
+from dspark_compile.build_state import BuildState
+from dspark_compile.passes import decompose_spec_verify, insert_spec_verify
 from dspark_compile.plugins.spec_verify.reference import spec_verify_reference
 from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY
+from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.spec import BuildSpec
 
 VOCAB, G = 384, 7
@@ -25,16 +27,20 @@ SHAPES = {"verify_len": ["batch"], "draft_probs": ["batch", "draft_len", VOCAB],
           "uniforms": ["batch", "verify_tokens"]}
 
 
-def _insert(graphs: OnnxGraphs, mode: str) -> OnnxGraphs:
-    return insert_spec_verify(dataclasses.replace(graphs, verify_mode=mode), VOCAB)
+def _insert(graphs: OnnxGraphs, mode: str, tmp_path: Path) -> BuildState:
+    """Run the pass on (in-memory copies of) the exported graphs; the state it leaves."""
+    state = BuildState(spec=BuildSpec(Path("t"), Path("d"), tmp_path / "out", verify_mode=mode), workdir=tmp_path,
+                       onnx=dataclasses.replace(graphs, verify_mode=mode),
+                       info=ProgramInfo(vocab_size=VOCAB, block_size=G, tap_width=192, has_confidence=True))
+    insert_spec_verify.run(state)
+    return state
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_node_and_graph_follow_the_schema(exported_copy: OnnxGraphs, mode: str) -> None:
-    graphs = _insert(exported_copy, mode)
-    assert graphs.variants == {"target_verify": (PLUGIN,)}
-    assert not graphs.path("target_verify", PORTABLE).exists()  # the raw graph is replaced, not kept
-    model = onnx.load(str(graphs.path("target_verify", PLUGIN)), load_external_data=False)
+def test_node_and_graph_follow_the_schema(exported_copy: OnnxGraphs, mode: str, tmp_path: Path) -> None:
+    graphs = _insert(exported_copy, mode, tmp_path).onnx
+    assert graphs.variants["target_verify"] == (PLUGIN,)  # the raw graph is replaced, not kept
+    model = ir.to_proto(graphs.model("target_verify", PLUGIN))
     nodes = [n for n in model.graph.node if (n.op_type, n.domain) == (SPEC_VERIFY.name, SPEC_VERIFY.domain)]
     assert len(nodes) == 1
     node = nodes[0]
@@ -67,11 +73,10 @@ def test_node_and_graph_follow_the_schema(exported_copy: OnnxGraphs, mode: str) 
 def test_decisions_equal_the_reference(exported_copy: OnnxGraphs, exported_dir: Path, tmp_path: Path, mode: str,
                                        run_onnx: Callable[..., dict[str, np.ndarray]],
                                        feeds_for: Callable[..., dict[str, np.ndarray]]) -> None:
-    graphs = _insert(exported_copy, mode)
-    state = BuildState(spec=BuildSpec(Path("t"), Path("d"), tmp_path / "out", verify_mode=mode),
-                       workdir=tmp_path, onnx=graphs)
-    next(step for step in PIPELINE if step.name == "decompose_spec_verify").run(state)
-    portable = state.onnx.path("target_verify", PORTABLE)
+    state = _insert(exported_copy, mode, tmp_path)
+    decompose_spec_verify.run(state)
+    state.onnx.save(tmp_path / "graphs")
+    portable = tmp_path / "graphs" / "target_verify.onnx"
     feeds = feeds_for(portable, seed=3)
     # Drafts that are the target's own greedy choices: all 7 in row 0, the first 3 in row 1.
     raw = exported_dir / "target_verify.onnx"

@@ -14,8 +14,9 @@ import onnx
 import pytest
 
 import dspark_compile
-from dspark_compile.passes.manifest import write_manifest
-from dspark_compile.pipeline import BuildState
+from dspark_compile.build_state import BuildState
+from dspark_compile.passes import manifest as manifest_pass
+from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.spec import BuildSpec
 
 PASSES = ["load", "validate", "graft", "partition", "export_onnx", "insert_spec_verify", "decompose_spec_verify",
@@ -39,7 +40,9 @@ def test_sections(manifest: dict[str, Any], golden_pair: tuple[Path, Path]) -> N
     assert manifest["program"] == {
         "vocab_size": 384, "hidden_size": 64, "target_layers": 4, "draft_layers": 2, "kv_heads": 2, "head_dim": 16,
         "draft_kv_heads": 2, "draft_head_dim": 16, "block_size": 7, "tap_layer_ids": [0, 1, 2], "tap_width": 192,
-        "has_confidence": True, "markov_head": "vanilla", "eos_token_ids": [], "dtype": "fp32"}
+        "has_confidence": True, "markov_head": "vanilla", "eos_token_ids": [], "dtype": "fp32", "max_slots": 2048,
+        "sampling": True, "family": "qwen3"}
+    assert ProgramInfo.from_json(manifest["program"]).to_json() == manifest["program"]
     assert manifest["graphs"] == {"verify_mode": "sampling", "block_size": 7,
                                   "variants": {"target_verify": ["portable", "plugin"]}}
     assert manifest["engines"] is None and manifest["triton"] is None
@@ -99,7 +102,9 @@ def test_early_stopped_state(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     state = BuildState(spec=BuildSpec(Path("t"), Path("d"), tmp_path / "out"), workdir=tmp_path,
                        timings=[("load", 0.5)])
-    manifest = json.loads(write_manifest(state).read_text())
-    assert manifest["inputs"] == [] and manifest["program"] is None and manifest["graphs"] is None
-    assert manifest["passes"] == [{"name": "load", "seconds": 0.5}]
-    assert manifest["artifacts"] == [{"path": "notes.txt", "bytes": 1, "sha256": hashlib.sha256(b"x").hexdigest()}]
+    manifest_pass.run(state)
+    assert json.loads((tmp_path / "manifest.json").read_text()) == state.manifest
+    written = state.manifest
+    assert written["inputs"] == [] and written["program"] is None and written["graphs"] is None
+    assert written["passes"] == [{"name": "load", "seconds": 0.5}]
+    assert written["artifacts"] == [{"path": "notes.txt", "bytes": 1, "sha256": hashlib.sha256(b"x").hexdigest()}]
