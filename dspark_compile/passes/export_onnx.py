@@ -1,25 +1,40 @@
 """Pass `export_onnx`: trace each partitioned graph with torch.export into an in-memory ONNX model (opset >= 18).
 
 Dynamic axes: batch, prompt/verify/context length and cache slots. The weights stay the modules' own tensors
-(no copy); `share_weights` writes them to disk once, for all graphs.
+(no copy); `share_weights` writes them to disk once, for all graphs. The exporter's own optimiser is off:
+`optimize_onnx` folds and cleans every graph once, after the verification is in (the exporter's pass cost a
+third of the export and would fold transposed copies of the weights).
+
+Tracing costs time per operator, not per weight byte, so a large program is traced in worker processes, one
+graph each, over modules on the ``meta`` device (no weights loaded there); the parent attaches its real
+tensors to the returned graphs by name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
+import multiprocessing
+import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 
+import onnx
 import onnx_ir as ir
 import torch
+from onnx_ir.tensor_adapters import TorchTensor
 
 from dspark_compile.artifacts import PORTABLE, OnnxGraphs
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
-from dspark_compile.passes.partition import GraphSpec
+from dspark_compile.passes.partition import GraphSpec, PartitionedProgram, partition
+from dspark_compile.spec import BuildSpec
 
 log = logging.getLogger(__name__)
+PARALLEL_BYTES = 256 << 20  # programs with more weight bytes than this are traced in worker processes
+_ON_META = "__weights_attached_by_the_parent__"  # external-data location of a weight a worker did not have
 
 
 def export_graph(gs: GraphSpec, opset: int) -> ir.Model:
@@ -30,7 +45,7 @@ def export_graph(gs: GraphSpec, opset: int) -> ir.Model:
         try:
             onnx_program = torch.onnx.export(
                 gs.module, tuple(gs.inputs.values()), input_names=list(gs.inputs), output_names=list(gs.outputs),
-                dynamic_axes=gs.dynamic, dynamo=True, opset_version=opset, verbose=False,
+                dynamic_axes=gs.dynamic, dynamo=True, opset_version=opset, verbose=False, optimize=False,
             )
         except Exception as e:  # the exporter's own errors are long; keep the first line, log the rest
             log.debug("export of %s failed", gs.name, exc_info=True)
@@ -38,8 +53,64 @@ def export_graph(gs: GraphSpec, opset: int) -> ir.Model:
     return onnx_program.model
 
 
+def export_graphs(parts: PartitionedProgram, spec: BuildSpec, *, workers: int = 1) -> dict[str, ir.Model]:
+    """Every graph of ``parts``, traced here (``workers=1``) or in ``workers`` processes over meta modules."""
+    if workers <= 1:
+        return {gs.name: export_graph(gs, spec.opset) for gs in parts.graphs}
+    context = multiprocessing.get_context("spawn")  # a fork would copy the weights and the OpenMP pool
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {gs.name: pool.submit(_export_on_meta, spec, gs.name) for gs in parts.graphs}
+        return {gs.name: _attach(ir.from_proto(onnx.load_from_string(futures[gs.name].result())), gs.module)
+                for gs in parts.graphs}
+
+
+def _export_on_meta(spec: BuildSpec, name: str) -> bytes:
+    """Worker: trace graph ``name`` of ``spec``'s program built on the meta device; the serialised graph, each
+    weight a placeholder that :func:`_attach` replaces."""
+    from dspark_compile.models.dspark import DSparkDraft
+    from dspark_compile.models.layers import RotaryEmbedding
+    from dspark_compile.models.qwen3 import Qwen3Target
+    from dspark_compile.program import DecodeProgram, load_pair, torch_dtype
+
+    torch.set_num_threads(1)
+    pair = load_pair(spec.target, spec.draft, allow_nonfinite=True)  # configs and headers only
+    assert pair.draft is not None
+    tc, dc, dtype = pair.target.config, pair.draft.config, torch_dtype(spec.dtype)
+    with torch.device("meta"):  # the same modules as make_program builds, without their weights
+        target = Qwen3Target(tc, dc.target_layer_ids).to(dtype)
+        target.rotary = RotaryEmbedding(tc.head_dim, tc.rope)
+        draft = DSparkDraft(dc, target.embed_tokens, target.lm_head).to(dtype)
+        draft.rotary = RotaryEmbedding(dc.base.head_dim, dc.base.rope)
+    gs = partition(DecodeProgram(pair, target.eval(), draft.eval(), spec.dtype), spec).graph(name)
+    gs = dataclasses.replace(gs, inputs={k: v.to("meta") for k, v in gs.inputs.items()})
+    model = export_graph(gs, spec.opset)
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or not isinstance(tensor.raw, torch.Tensor) or not tensor.raw.is_meta:
+            continue
+        value.const_value = ir.ExternalTensor(_ON_META, 0, tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
+                                              name=value.name)
+    return ir.to_proto(model).SerializeToString()
+
+
+def _attach(model: ir.Model, module: torch.nn.Module) -> ir.Model:
+    """Give ``model`` the real tensors of ``module`` where a worker left placeholders."""
+    state = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.location == _ON_META:
+            if value.name not in state:
+                raise BuildError(f"ONNX export: weight {value.name} of the traced graph is not a module tensor")
+            value.const_value = TorchTensor(state[value.name].detach(), name=value.name)
+    return model
+
+
 def run(state: BuildState) -> None:
     assert state.parts is not None and state.info is not None
-    models = {gs.name: {PORTABLE: export_graph(gs, state.spec.opset)} for gs in state.parts.graphs}
+    program = state.parts.program
+    weight_bytes = sum(p.numel() * p.element_size() for p in program.target.parameters())
+    workers = min(len(state.parts.graphs), os.cpu_count() or 1) if weight_bytes > PARALLEL_BYTES else 1
+    models = export_graphs(state.parts, state.spec, workers=workers)
     # Until insert_spec_verify runs, target_verify ends in raw logits.
-    state.onnx = OnnxGraphs(state.workdir / "onnx", state.spec.verify_mode, state.info.block_size, models)
+    state.onnx = OnnxGraphs(state.workdir / "onnx", state.spec.verify_mode, state.info.block_size,
+                            {name: {PORTABLE: model} for name, model in models.items()})

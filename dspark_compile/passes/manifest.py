@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dspark_compile
+from dspark_compile.artifacts import PORTABLE
 from dspark_compile.build_state import BuildState
 
 DEPENDENCIES = ("torch", "numpy", "safetensors", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "click", "rich",
@@ -64,7 +65,7 @@ def run(state: BuildState) -> None:
         "passes": [{"name": n, "seconds": round(t, 4)} for n, t in state.timings],
         "program": state.info.to_json() if state.info is not None and onnx is not None else None,
         "graphs": {"verify_mode": onnx.verify_mode, "block_size": onnx.block_size,
-                   "variants": {k: list(v) for k, v in onnx.variants.items()}} if onnx else None,
+                   "variants": {k: list(v) for k, v in onnx.variants.items() if v != (PORTABLE,)}} if onnx else None,
         "engines": None if state.engines is None else {
             "flavor": state.engines.flavor, "tensorrt_version": state.engines.trt_version,
             "plans": [{"graph": e.graph, "plan": e.plan.name, "precision": e.precision, "plugin": e.uses_plugin}

@@ -74,7 +74,7 @@ class OrtBackend:
         ort = _import_ort()
         build_dir = Path(build_dir)
         manifest = read_manifest(build_dir)
-        check_onnxruntime_dtype(ProgramInfo.from_json(manifest["program"]))
+        check_onnxruntime_dtype(ProgramInfo.from_json(manifest["program"]).dtype)
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         opts = ort.SessionOptions()

@@ -8,14 +8,14 @@ says what to do instead. fp32 and fp16 builds run.
 from __future__ import annotations
 
 from dspark_compile.errors import BackendUnavailableError
-from dspark_compile.runtime.backend import ProgramInfo
 
 UNSUPPORTED = ("bf16",)
 
 
-def check_onnxruntime_dtype(info: ProgramInfo, what: str = "onnxruntime") -> None:
-    """Raise :class:`BackendUnavailableError` (exit code 4) when ``what`` cannot run ``info.dtype`` graphs."""
-    if info.dtype in UNSUPPORTED:
+def check_onnxruntime_dtype(dtype: str, what: str = "onnxruntime") -> None:
+    """Raise :class:`BackendUnavailableError` (exit code 4) when ``what`` cannot run graphs of ``dtype``
+    (a build's ``ProgramInfo.dtype``)."""
+    if dtype in UNSUPPORTED:
         raise BackendUnavailableError(
-            f"{what} cannot run {info.dtype} graphs (onnxruntime has no {info.dtype} CPU kernels for them); "
+            f"{what} cannot run {dtype} graphs (onnxruntime has no {dtype} CPU kernels for them); "
             "decode this build with `--backend torch`, or rebuild with `--dtype fp32` (or fp16) for onnxruntime")

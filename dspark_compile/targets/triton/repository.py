@@ -100,7 +100,7 @@ def write_triton_repository(build_dir: Path, out_dir: Path, options: TritonOptio
     io = dict(io) if io is not None else {g: _read_io(path) for g, path in graphs.items()}
     info = options.model_info or _manifest_info(build_dir, required=options.backend_mode == "bls")
     if info is not None and (platform == "onnxruntime_onnx" or options.backend_mode == "onnxruntime_inprocess"):
-        check_onnxruntime_dtype(info, "the Triton repository's onnxruntime models")
+        check_onnxruntime_dtype(info.dtype, "the Triton repository's onnxruntime models")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "triton"
