@@ -15,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
-import multiprocessing
 import os
+import shutil
+import subprocess
+import sys
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
-import onnx
 import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor
@@ -53,19 +55,43 @@ def export_graph(gs: GraphSpec, opset: int) -> ir.Model:
     return onnx_program.model
 
 
-def export_graphs(parts: PartitionedProgram, spec: BuildSpec, *, workers: int = 1) -> dict[str, ir.Model]:
-    """Every graph of ``parts``, traced here (``workers=1``) or in ``workers`` processes over meta modules."""
+def export_graphs(parts: PartitionedProgram, spec: BuildSpec, scratch: Path, *,
+                  workers: int = 1) -> dict[str, ir.Model]:
+    """Every graph of ``parts``, traced here (``workers=1``) or by ``workers`` child interpreters over meta
+    modules, which write their graphs (without weights) into ``scratch``."""
     if workers <= 1:
         return {gs.name: export_graph(gs, spec.opset) for gs in parts.graphs}
-    context = multiprocessing.get_context("spawn")  # a fork would copy the weights and the OpenMP pool
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {gs.name: pool.submit(_export_on_meta, spec, gs.name) for gs in parts.graphs}
-        return {gs.name: _attach(ir.from_proto(onnx.load_from_string(futures[gs.name].result())), gs.module)
-                for gs in parts.graphs}
+    # Fresh interpreters (`python -m`), not multiprocessing: a fork would copy the weights and the OpenMP pool,
+    # and multiprocessing's spawn re-imports the caller's __main__.
+    scratch.mkdir(parents=True, exist_ok=True)
+    spec_file = scratch / "spec.json"
+    spec_file.write_text(json.dumps(spec.to_json()))
+    pending, running, models = list(parts.graphs), [], {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                gs = pending.pop(0)
+                cmd = [sys.executable, "-m", __name__, str(spec_file), gs.name, str(scratch / f"{gs.name}.onnx")]
+                with (scratch / f"{gs.name}.log").open("w") as log_file:
+                    running.append((gs, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log_file)))
+            gs, proc = running[0]
+            if proc.wait() != 0:
+                err = (scratch / f"{gs.name}.log").read_text().strip()
+                last = err.splitlines()[-1] if err else f"exit code {proc.returncode}"
+                raise BuildError(last.removeprefix("error: ") if last.startswith("error: ") else
+                                 f"ONNX export of graph {gs.name} failed in its worker process: {last}")
+            running.pop(0)
+            models[gs.name] = _attach(ir.load(scratch / f"{gs.name}.onnx"), gs.module)
+    finally:  # an error or an interrupt ends the other workers too
+        for _, proc in running:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(scratch)
+    return {gs.name: models[gs.name] for gs in parts.graphs}
 
 
-def _export_on_meta(spec: BuildSpec, name: str) -> bytes:
-    """Worker: trace graph ``name`` of ``spec``'s program built on the meta device; the serialised graph, each
+def _export_on_meta(spec: BuildSpec, name: str, out: Path) -> None:
+    """Worker: trace graph ``name`` of ``spec``'s program built on the meta device and write it to ``out``, each
     weight a placeholder that :func:`_attach` replaces."""
     from dspark_compile.models.dspark import DSparkDraft
     from dspark_compile.models.layers import RotaryEmbedding
@@ -90,7 +116,7 @@ def _export_on_meta(spec: BuildSpec, name: str) -> bytes:
             continue
         value.const_value = ir.ExternalTensor(_ON_META, 0, tensor.nbytes, dtype=tensor.dtype, shape=tensor.shape,
                                               name=value.name)
-    return ir.to_proto(model).SerializeToString()
+    ir.save(model, out)
 
 
 def _attach(model: ir.Model, module: torch.nn.Module) -> ir.Model:
@@ -110,7 +136,18 @@ def run(state: BuildState) -> None:
     program = state.parts.program
     weight_bytes = sum(p.numel() * p.element_size() for p in program.target.parameters())
     workers = min(len(state.parts.graphs), os.cpu_count() or 1) if weight_bytes > PARALLEL_BYTES else 1
-    models = export_graphs(state.parts, state.spec, workers=workers)
+    models = export_graphs(state.parts, state.spec, state.workdir / "export-workers", workers=workers)
     # Until insert_spec_verify runs, target_verify ends in raw logits.
     state.onnx = OnnxGraphs(state.workdir / "onnx", state.spec.verify_mode, state.info.block_size,
                             {name: {PORTABLE: model} for name, model in models.items()})
+
+
+if __name__ == "__main__":  # the worker of export_graphs: SPEC_JSON GRAPH_NAME OUT_ONNX
+    from dspark_compile.errors import DsparkError
+    from dspark_compile.spec import make_spec
+
+    try:
+        _export_on_meta(make_spec(**json.loads(Path(sys.argv[1]).read_text())), sys.argv[2], Path(sys.argv[3]))
+    except DsparkError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)

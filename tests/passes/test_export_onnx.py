@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
 from dspark_compile.passes import graft as graft_pass
 from dspark_compile.passes import load as load_pass
-from dspark_compile.passes.export_onnx import export_graph
+from dspark_compile.passes.export_onnx import export_graph, export_graphs
 from dspark_compile.passes.partition import GraphSpec, PartitionedProgram, partition
 from dspark_compile.program import CheckpointPair, DecodeProgram
 from dspark_compile.spec import BuildSpec
@@ -114,3 +115,21 @@ def test_export_failure_is_a_build_error_naming_the_graph() -> None:
     broken = GraphSpec("target_prefill", _Unexportable(), {"x": torch.ones(2, 3)}, ("y",), {"x": {0: "batch"}})
     with pytest.raises(BuildError, match=r"^ONNX export of graph target_prefill failed: "):
         export_graph(broken, 18)
+
+
+@pytest.mark.slow  # three worker interpreters trace the graphs again (~1 min on 2 free cores)
+def test_workers_over_meta_modules_export_what_the_build_exports(
+        parts: PartitionedProgram, exported_dir: Path, tmp_path: Path,
+        run_onnx: Callable[..., dict[str, np.ndarray]], feeds_for: Callable[..., dict[str, np.ndarray]]) -> None:
+    spec = BuildSpec(parts.program.pair.target.path, parts.program.pair.draft.path, tmp_path / "out")
+    models = export_graphs(parts, spec, tmp_path / "scratch", workers=2)
+    assert not (tmp_path / "scratch").exists()
+    for name, model in models.items():
+        path = tmp_path / f"{name}.onnx"
+        ir.save(model, path, external_data=f"{name}.onnx.data")
+        built = onnx.load(str(exported_dir / f"{name}.onnx"), load_external_data=False)
+        assert [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node] == [
+            n.op_type for n in built.graph.node], name
+        feeds = feeds_for(exported_dir / f"{name}.onnx", seed=4)
+        old, new = run_onnx(exported_dir / f"{name}.onnx", feeds), run_onnx(path, feeds)
+        assert all(np.array_equal(old[k], new[k]) for k in old), name
