@@ -133,12 +133,14 @@ def _attach(model: ir.Model, module: torch.nn.Module) -> ir.Model:
 
 def run(state: BuildState) -> None:
     assert state.parts is not None and state.info is not None
+    directory = state.workdir / "onnx"
+    directory.mkdir(parents=True, exist_ok=True)  # where the graphs will go: a build past this point is exporting
     program = state.parts.program
     weight_bytes = sum(p.numel() * p.element_size() for p in program.target.parameters())
     workers = min(len(state.parts.graphs), os.cpu_count() or 1) if weight_bytes > PARALLEL_BYTES else 1
     models = export_graphs(state.parts, state.spec, state.workdir / "export-workers", workers=workers)
     # Until insert_spec_verify runs, target_verify ends in raw logits.
-    state.onnx = OnnxGraphs(state.workdir / "onnx", state.spec.verify_mode, state.info.block_size,
+    state.onnx = OnnxGraphs(directory, state.spec.verify_mode, state.info.block_size,
                             {name: {PORTABLE: model} for name, model in models.items()})
 
 
