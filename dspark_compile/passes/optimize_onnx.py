@@ -28,7 +28,8 @@ def optimize(model: ir.Model) -> None:
     ir.passes.common.ClearMetadataAndDocStringPass()(model)
     # The pass leaves the values' metadata (the exporter records where each one was traced): clear it too.
     nodes = ir.traversal.RecursiveGraphIterator(model.graph)
-    for value in (*model.graph.inputs, *(out for node in nodes for out in node.outputs)):
+    graph = model.graph
+    for value in (*graph.inputs, *graph.initializers.values(), *(out for node in nodes for out in node.outputs)):
         value.metadata_props.clear()
 
 
