@@ -54,6 +54,7 @@ def test_rtx_engines_for_every_graph(rtx_build: Path, dtype: str) -> None:
     assert inspect["plugin_layers"] == []
 
 
+@pytest.mark.slow  # the shared RTX build, when no test above made it
 def test_triton_repository_serves_the_engines(golden_rtx_build: Path) -> None:
     """`package_triton` after `build_tensorrt`: one tensorrt_plan model per graph holding that graph's engine,
     and the BLS orchestrator sized by the build spec."""

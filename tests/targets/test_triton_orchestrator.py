@@ -387,7 +387,6 @@ def test_fake_pb_utils_model_streams_and_survives_bad_requests(orch: types.Modul
         model.finalize()
 
 
-@pytest.mark.slow
 def test_fake_pb_utils_bls_backend_on_the_golden_graphs(orch: types.ModuleType, golden_dir: Path,
                                                         golden_build: Path, golden_triton: Callable[..., Any]) -> None:
     """BlsBackend against the golden pair's real graphs, each fake BLS model an onnxruntime session on the
