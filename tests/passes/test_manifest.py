@@ -22,8 +22,8 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-PASSES = ["load", "validate", "graft", "partition", "export_onnx", "insert_spec_verify", "decompose_spec_verify",
-          "optimize_onnx", "share_weights", "check_onnx", "manifest"]
+PASSES = ["load", "validate", "graft", "partition", "export_onnx", "decompose_spec_verify", "optimize_onnx",
+          "share_weights", "check_onnx", "manifest"]
 
 
 def _sha256(path: Path) -> str:
