@@ -1,7 +1,7 @@
 """The compiler, as an ordered table of passes (one file each under `passes/`).
 
-    load → validate → graft → partition → export_onnx → insert_spec_verify → decompose_spec_verify
-    → optimize_onnx → share_weights → check_onnx → build_tensorrt → package_triton → manifest
+    load → validate → graft → partition → export_onnx → decompose_spec_verify → optimize_onnx → share_weights
+    → check_onnx → build_tensorrt → package_triton → manifest
 
 Each pass is a function ``run(state: BuildState) -> None`` in its own file. `PassManager` runs the table for a
 `BuildSpec`: it times each pass, shows progress, can stop after or dump after a named pass, and writes into a
@@ -32,7 +32,6 @@ from dspark_compile.passes import (
     decompose_spec_verify,
     export_onnx,
     graft,
-    insert_spec_verify,
     load,
     manifest,
     optimize_onnx,
@@ -60,7 +59,6 @@ PIPELINE: tuple[Step, ...] = (
     Step("graft", graft.run),
     Step("partition", partition.run),
     Step("export_onnx", export_onnx.run, artifacts="onnx"),
-    Step("insert_spec_verify", insert_spec_verify.run, artifacts="onnx"),
     Step("decompose_spec_verify", decompose_spec_verify.run, artifacts="onnx"),
     Step("optimize_onnx", optimize_onnx.run, artifacts="onnx"),
     Step("share_weights", share_weights.run, artifacts="onnx"),

@@ -1,25 +1,21 @@
-"""Replace every ``dspark::SpecVerify`` node with standard ONNX ops, for runtimes without plugins.
+"""Pass `decompose_spec_verify`: rewrite every ``dspark::SpecVerify`` node into standard ONNX ops.
 
-onnxruntime and TensorRT-RTX cannot run the custom node (TensorRT-RTX's parser even aborts the process on
-it), so this pass rewrites it into ops both handle, following the README's rules with the same vectorised
-formulation as ``spec_verify_torch``:
+onnxruntime and TensorRT-RTX cannot run the custom node (TensorRT-RTX's parser even aborts on it). The
+exported verify graph stays as the plugin variant; its rewrite is the portable one. The rules are the README's,
+vectorised as in ``spec_verify_torch``, with no Loop/If and every dimension (B, G, V) dynamic:
 
-* all G acceptance tests at once; accepted = min(ℓ, leading passes), the leading count being
-  ``ReduceSum(CumSum(Not(pass)) == 0)`` — no Loop/If, every dimension (B, G, V) dynamic;
-* the inverse-CDF draw as a count: the first i with cumsum(w)[i] > u·sum(w) equals the number of i with
-  cumsum(w)[i] <= u·sum(w), because a cumulative sum of non-negative weights never decreases; a count of V
-  means "none" and selects the last positive weight, found the same way with a reversed CumSum.
+* accepted = min(ℓ, leading passes), the leading count being ``ReduceSum(CumSum(Not(pass)) == 0)``;
+* the inverse-CDF draw as a count: the first i with cumsum(w)[i] > u·sum(w) is the number of i with
+  cumsum(w)[i] <= u·sum(w) (a cumulative sum of non-negative weights never decreases); a count of V means
+  "none" and selects the last positive weight, found the same way with a reversed CumSum.
 
-The replacement needs opset >= 15 (Shape with start/end) and is unchanged through 18, the compiler's.
-Logits of any float dtype are cast to float32 first (exact for fp16/bf16, keeps ArgMax ties intact).
-Written as an onnxscript rewrite rule (pattern → replacement) so that the library handles graph surgery,
-including graph outputs and nodes inside functions.
+Needs opset >= 15 (Shape with start/end). Logits of any float dtype are cast to float32 first (exact, keeps
+ArgMax ties). An onnxscript rewrite rule (pattern → replacement), so the library does the graph surgery.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
@@ -146,58 +142,43 @@ def _all_nodes(model: ir.Model) -> list[ir.Node]:
     return [node for graph in graphs for node in ir.traversal.RecursiveGraphIterator(graph)]
 
 
-def _spec_verify_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    graphs = [model.graph, *model.functions]
-    return [node for graph in graphs for node in graph.node if SPEC_VERIFY.is_node(node)]
-
-
-def decompose_spec_verify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """Return ``(model without dspark::SpecVerify, changed)``; the input model is not modified.
+def decompose_spec_verify(model: ir.Model) -> ir.Model:
+    """Rewrite every ``dspark::SpecVerify`` node of ``model`` (in place) into standard ops; returns ``model``.
 
     Raises :class:`BuildError` for a malformed SpecVerify node or a default opset below 15.
     """
-    if not _spec_verify_nodes(model):
-        return model, False
-    model_ir = ir.serde.deserialize_model(model)
-    decompose_model(model_ir)
-    return ir.serde.serialize_model(model_ir), True
-
-
-def decompose_model(model_ir: ir.Model) -> None:
-    """Rewrite every SpecVerify node of ``model_ir`` in place."""
-    graphs = [model_ir.graph, *model_ir.functions.values()]
-    nodes = [ir.serde.serialize_node(node) for graph in graphs for node in graph
-             if (node.domain, node.op_type) == (SPEC_VERIFY.domain, SPEC_VERIFY.name)]
+    nodes = [node for node in _all_nodes(model) if (node.op_type, node.domain) == (SPEC_VERIFY.name,
+                                                                                   SPEC_VERIFY.domain)]
     if not nodes:
-        return
+        return model
     for node in nodes:
         try:
-            SPEC_VERIFY.check_node(node)
+            SPEC_VERIFY.check_node(ir.serde.serialize_node(node))
         except ValueError as exc:
             raise BuildError(f"decompose_spec_verify: {exc}") from exc
-    opsets = dict(model_ir.opset_imports)
-    if opsets.get("", opsets.get("ai.onnx", 0)) < MIN_OPSET:
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset < MIN_OPSET:
         raise BuildError(
-            f"decompose_spec_verify: the model imports default opset {opsets.get('', 'none')}; the "
-            f"decomposition needs >= {MIN_OPSET}. Export the graph with opset_version=18."
+            f"decompose_spec_verify: the model imports default opset {opset or 'none'}; the decomposition needs "
+            f">= {MIN_OPSET}. Export the graph with opset_version=18."
         )
-    before = {id(node) for node in _all_nodes(model_ir)}
-    count = _RULES.apply_to_model(model_ir)
+    before = {id(node) for node in _all_nodes(model)}
+    count = _RULES.apply_to_model(model)
     # Subgraphs of control-flow nodes are out of scope; fail loudly instead of leaving a node behind.
     if count != len(nodes):
         raise BuildError(f"decompose_spec_verify: rewrote {count} of {len(nodes)} SpecVerify nodes")
     # Engine inspection finds the verification layers by this prefix (targets/tensorrt/inspect.py).
-    added = [node for node in _all_nodes(model_ir) if id(node) not in before]
+    added = [node for node in _all_nodes(model) if id(node) not in before]
     for index, node in enumerate(added):
         node.name = f"{NODE_PREFIX}/{node.op_type}_{index}"
-    if not any(node.domain == SPEC_VERIFY.domain for node in _all_nodes(model_ir)):
-        model_ir.opset_imports.pop(SPEC_VERIFY.domain, None)
+    if not any(node.domain == SPEC_VERIFY.domain for node in _all_nodes(model)):
+        model.opset_imports.pop(SPEC_VERIFY.domain, None)
+    return model
 
 
 def run(state: BuildState) -> None:
-    """The plugin variant stays for full TensorRT; the portable one (standard ops) is what everything else runs."""
+    """The exported verify graph stays as the plugin variant (full TensorRT); its decomposition, which shares
+    its weights, is the portable one that everything else runs."""
     assert state.onnx is not None
-    plugin = state.onnx.model("target_verify", PLUGIN)
-    portable = plugin.clone()  # the weights are shared, not copied
-    decompose_model(portable)
-    state.onnx.models["target_verify"] = {PORTABLE: portable, PLUGIN: plugin}
+    plugin = state.onnx.model("target_verify", PORTABLE)
+    state.onnx.models["target_verify"] = {PORTABLE: decompose_spec_verify(plugin.clone()), PLUGIN: plugin}

@@ -1,7 +1,8 @@
 """Pass `export_onnx`: trace each partitioned graph with torch.export into an in-memory ONNX model (opset >= 18).
 
 Dynamic axes: batch, prompt/verify/context length and cache slots. The weights stay the modules' own tensors
-(no copy); `share_weights` writes them to disk once, for all graphs. The exporter's own optimiser is off:
+(no copy); `share_weights` writes them to disk once, for all graphs. The `dspark::spec_verify` op becomes one
+`dspark::SpecVerify` node through the exporter's translation table. The exporter's own optimiser is off:
 `optimize_onnx` folds and cleans every graph once, after the verification is in (the exporter's pass cost a
 third of the export and would fold transposed copies of the weights).
 
@@ -32,6 +33,7 @@ from dspark_compile.artifacts import PORTABLE, OnnxGraphs
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
 from dspark_compile.passes.partition import GraphSpec, PartitionedProgram, partition
+from dspark_compile.plugins.spec_verify.op import onnx_translation
 from dspark_compile.spec import BuildSpec
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ def export_graph(gs: GraphSpec, opset: int) -> ir.Model:
             onnx_program = torch.onnx.export(
                 gs.module, tuple(gs.inputs.values()), input_names=list(gs.inputs), output_names=list(gs.outputs),
                 dynamic_axes=gs.dynamic, dynamo=True, opset_version=opset, verbose=False, optimize=False,
+                custom_translation_table=onnx_translation(),
             )
         except Exception as e:  # the exporter's own errors are long; keep the first line, log the rest
             log.debug("export of %s failed", gs.name, exc_info=True)
@@ -139,7 +142,7 @@ def run(state: BuildState) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in program.target.parameters())
     workers = min(len(state.parts.graphs), os.cpu_count() or 1) if weight_bytes > PARALLEL_BYTES else 1
     models = export_graphs(state.parts, state.spec, state.workdir / "export-workers", workers=workers)
-    # Until insert_spec_verify runs, target_verify ends in raw logits.
+    # Until decompose_spec_verify runs, target_verify holds the dspark::SpecVerify node.
     state.onnx = OnnxGraphs(directory, state.spec.verify_mode, state.info.block_size,
                             {name: {PORTABLE: model} for name, model in models.items()})
 

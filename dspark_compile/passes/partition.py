@@ -1,8 +1,8 @@
 """Pass `partition`: cut the grafted program into the three graphs of docs/PROGRAM.md.
 
 Each graph is a small ``nn.Module`` wrapper over the shared target/draft modules, with example inputs and the
-dynamic dimensions the exporter needs. Verification itself is not part of these modules: `insert_spec_verify`
-adds it to the exported verify graph as one ``dspark::SpecVerify`` node.
+dynamic dimensions the exporter needs. The verify module ends in the ``dspark::spec_verify`` op, which the
+exporter writes as one ``dspark::SpecVerify`` node.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from dspark_compile.build_state import BuildState
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
+from dspark_compile.plugins.spec_verify.op import spec_verify
 from dspark_compile.program import DecodeProgram
 from dspark_compile.spec import BuildSpec
 
@@ -37,17 +38,21 @@ class TargetPrefill(nn.Module):
         return self.target.logits(last).squeeze(1), taps, kv
 
 
-class TargetVerifyLogits(nn.Module):
-    """The target half of target_verify; SpecVerify consumes ``logits`` after export."""
+class TargetVerify(nn.Module):
+    """The target over [anchor, drafts], then SpecVerify on its logits and the drafts ``tokens[:, 1:]``."""
 
-    def __init__(self, target: Qwen3Target) -> None:
+    def __init__(self, target: Qwen3Target, mode: str) -> None:
         super().__init__()
         self.target = target
+        self.mode = mode
 
-    def forward(self, tokens: torch.Tensor, cache_len: torch.Tensor,
-                kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor, verify_len: torch.Tensor,
+                draft_probs: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
+                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden, taps, kv = self.target(tokens, cache_len, kv_cache)
-        return self.target.logits(hidden), taps, kv
+        accepted, next_token = spec_verify(self.target.logits(hidden), tokens[:, 1:], verify_len, draft_probs,
+                                           temperature, uniforms, mode=self.mode)
+        return accepted, next_token, taps, kv
 
 
 class DraftProposeGreedy(nn.Module):
@@ -112,12 +117,18 @@ def partition(program: DecodeProgram, spec: BuildSpec) -> PartitionedProgram:
         ("last_logits", "taps", "kv_cache_out"),
         {"input_ids": {0: "batch", 1: "prompt_len"}, "input_lengths": {0: "batch"}, "kv_cache": cache_dims},
     )
-    verify = GraphSpec(
-        "target_verify", TargetVerifyLogits(target),
-        {"tokens": torch.ones(b, g + 1, dtype=i64), "cache_len": torch.tensor([3, 4]), "kv_cache": kv},
-        ("logits", "taps", "kv_cache_out"),
-        {"tokens": {0: "batch", 1: "verify_tokens"}, "cache_len": {0: "batch"}, "kv_cache": cache_dims},
-    )
+    verify_inputs = {"tokens": torch.ones(b, g + 1, dtype=i64), "cache_len": torch.tensor([3, 4]), "kv_cache": kv,
+                     "verify_len": torch.tensor([g, 1])}
+    verify_dyn = {"tokens": {0: "batch", 1: "verify_tokens"}, "cache_len": {0: "batch"}, "kv_cache": cache_dims,
+                  "verify_len": {0: "batch"}}
+    if spec.verify_mode == "sampling":
+        vocab = target.cfg.vocab_size
+        verify_inputs |= {"draft_probs": torch.full((b, g, vocab), 1.0 / vocab), "temperature": torch.ones(b),
+                          "uniforms": torch.full((b, g + 1), 0.5)}
+        verify_dyn |= {"draft_probs": {0: "batch", 1: "draft_len"}, "temperature": {0: "batch"},
+                       "uniforms": {0: "batch", 1: "verify_tokens"}}
+    verify = GraphSpec("target_verify", TargetVerify(target, spec.verify_mode), verify_inputs,
+                       ("accepted", "next_token", "taps", "kv_cache_out"), verify_dyn)
     draft_inputs = {
         "anchor": torch.ones(b, dtype=i64), "ctx_taps": torch.zeros(b, 3, tap_w, dtype=dt),
         "ctx_count": torch.tensor([3, 2]), "cache_len": torch.tensor([2, 4]), "draft_kv": dkv,

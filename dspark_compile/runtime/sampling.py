@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dspark_compile.plugins.spec_verify.reference import inverse_cdf  # the one draw rule (README there)
+from dspark_compile.plugins.spec_verify.reference import inverse_cdf_torch  # the one draw rule (README there)
 
 
 def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -19,7 +19,7 @@ def sample_from_logits(logits: np.ndarray, temperature: float, u: float) -> int:
     """Greedy (first argmax) at temperature 0, else an inverse-CDF draw from softmax(logits / T)."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    return inverse_cdf(softmax(logits, temperature), u)
+    return int(inverse_cdf_torch(torch.from_numpy(softmax(logits, temperature)), torch.tensor(u, dtype=torch.float32)))
 
 
 # Counter-based uniforms (splitmix64): row b's n-th number depends only on (seed_b, n), on any device and in

@@ -12,7 +12,7 @@ import pytest
 
 from dspark_compile.artifacts import PLUGIN, PORTABLE, OnnxGraphs
 from dspark_compile.build_state import BuildState
-from dspark_compile.passes import decompose_spec_verify, insert_spec_verify, optimize_onnx
+from dspark_compile.passes import decompose_spec_verify, optimize_onnx
 
 
 def _signature(model: onnx.ModelProto) -> list[str]:
@@ -21,9 +21,8 @@ def _signature(model: onnx.ModelProto) -> list[str]:
 
 @pytest.fixture
 def decomposed(exported_copy: OnnxGraphs, tmp_path: Path, state_with: Callable[..., BuildState]) -> BuildState:
-    """The state as the pipeline hands it to optimize_onnx (after insert + decompose)."""
+    """The state as the pipeline hands it to optimize_onnx (after decompose)."""
     state = state_with(tmp_path, exported_copy)
-    insert_spec_verify.run(state)
     decompose_spec_verify.run(state)
     assert exported_copy.variants == {"target_prefill": (PORTABLE,), "target_verify": (PORTABLE, PLUGIN),
                                       "draft_propose": (PORTABLE,)}
