@@ -44,7 +44,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dspark_compile.passes.profile_sps import SpsProfile, plot_profile, profile_sps
 from dspark_compile.runtime.decode import GenerationParams, generate
 from dspark_compile.targets.torch.bench import (
     QWEN3_8B,
@@ -56,6 +55,7 @@ from dspark_compile.targets.torch.bench import (
     step_times,
 )
 from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
+from dspark_compile.tools.profile_sps import SpsProfile, plot_profile, profile_sps
 
 GOALS = {
     "8b_target_vs_floor_batch1": ("<=", 1.3),
@@ -152,9 +152,8 @@ def bench_trained(ctx: dict[str, Any], args: argparse.Namespace, clock: Clock) -
 
 def bench_sps(ctx: dict[str, Any], args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
     be = ctx["backend_8b"]
-    sync = torch.cuda.synchronize if ctx["device"] == "cuda" else None
     prof = profile_sps(_Greedy(be), max_batch=args.sps_max_batch, context=args.context, repeats=5,
-                       backend_name="torch-cuda-graph", device=ctx["device_name"], sync=sync)
+                       backend_name="torch-cuda-graph", device=ctx["device_name"])
     data = prof.to_json()
     _write(args.out / "sps_8b.json", data)
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dspark_compile.checkpoint import load_draft, load_target, validate_pair
+from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy
 from dspark_compile.runtime.decode import generate as _generate
 
@@ -105,10 +106,9 @@ def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device:
         from dspark_compile.runtime.torch_backend import TorchBackend
 
         manifest = read_manifest(build_dir)
-        spec = manifest["spec"]
-        return TorchBackend.from_pair(Path(spec["target"]), Path(spec["draft"]), dtype=spec["dtype"], device=device,
-                                      block_size=manifest["program"]["block_size"],
-                                      allow_nonfinite=spec.get("allow_nonfinite", False))
+        spec, info = manifest["spec"], ProgramInfo.from_json(manifest["program"])
+        return TorchBackend.from_pair(Path(spec["target"]), Path(spec["draft"]), dtype=info.dtype, device=device,
+                                      block_size=info.block_size, allow_nonfinite=spec.get("allow_nonfinite", False))
     raise UsageError(f"--backend {backend!r}: use onnxruntime or torch")
 
 
@@ -159,19 +159,14 @@ def demo(out: str | Path, *, progress: bool = True) -> dict[str, Any]:
 def profile(build_dir: str | Path, *, backend: str = "onnxruntime", max_batch: int | None = None,
             context: int = 256, repeats: int = 5, device: str = "cpu") -> dict[str, Any]:
     """Measure SPS(B) of the build's verify graph and write sps_profile.json / .png into the build."""
-    from dspark_compile.passes.profile_sps import profile_sps, write_profile
     from dspark_compile.runtime.onnxruntime_backend import read_manifest
+    from dspark_compile.tools.profile_sps import profile_sps, write_profile
 
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     be = load_backend(build_dir, backend, device=device)
-    sync = None
-    if backend == "torch" and device.startswith("cuda"):
-        import torch
-
-        sync = torch.cuda.synchronize
     prof = profile_sps(be, max_batch=max_batch or manifest["spec"]["max_batch"], context=context, repeats=repeats,
-                       backend_name=backend, device=device, sync=sync)
+                       backend_name=backend, device=device)
     write_profile(prof, build_dir)
     _copy_into_triton(build_dir, "sps_profile.json")
     return prof.to_json()
@@ -189,7 +184,7 @@ def _copy_into_triton(build_dir: Path, name: str) -> None:
 def calibrate(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str = "onnxruntime",
               max_new_tokens: int = 64, device: str = "cpu") -> dict[str, Any]:
     """Fit Sequential Temperature Scaling on held-out prompts; writes calibration.json + reliability.png."""
-    from dspark_compile.passes.calibrate import calibrate_build
+    from dspark_compile.tools.calibrate import calibrate_build
 
     cal = calibrate_build(load_backend(build_dir, backend, device=device), prompts, Path(build_dir),
                           max_new_tokens=max_new_tokens)
@@ -214,18 +209,16 @@ def bench(build_dir: str | Path, *, batches: Sequence[int] = (1, 4, 16, 64), max
 
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
-    spec = manifest["spec"]
+    spec, info = manifest["spec"], ProgramInfo.from_json(manifest["program"])
 
     def factory() -> Any:
         return CudaGraphBackend.create(spec["target"], spec["draft"], dtype=dtype, device=device,
-                                       block_size=manifest["program"]["block_size"],
-                                       allow_nonfinite=spec.get("allow_nonfinite", False))
+                                       block_size=info.block_size, allow_nonfinite=spec.get("allow_nonfinite", False))
 
     source = "given"
     if prompts is None:
-        vocab = int(manifest["program"]["vocab_size"])
         rng = np.random.default_rng(0)
-        prompts = rng.integers(0, vocab, size=(8, 64)).tolist()
+        prompts = rng.integers(0, info.vocab_size, size=(8, 64)).tolist()
         source = "random"
     report = run_bench(factory, prompts, batches=batches, max_new_tokens=max_new_tokens, repeats=repeats,
                        context=context)

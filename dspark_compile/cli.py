@@ -82,8 +82,8 @@ def common(fn: F) -> F:
     @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool, verbose: int, quiet: bool, **kwargs: Any) -> Any:
+        del debug  # read by main() from argv: it decides before click parses whether errors get a traceback
         _setup_logging(verbose, quiet)
-        click.get_current_context().meta["debug"] = debug
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -180,7 +180,7 @@ def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prom
 @click.option("--max-batch", type=int)
 @click.option("--max-context", type=int, help="Cache slots the engines are profiled for.")
 @click.option("--verify-mode", type=click.Choice(["greedy", "sampling"]))
-@click.option("--targets", help="Comma-separated: onnx, tensorrt, triton, torch.")
+@click.option("--targets", help="Comma-separated: onnx, tensorrt, triton.")
 @click.option("--trt-flavor", type=click.Choice(["auto", "full", "rtx"]))
 @click.option("--triton-mode", type=click.Choice(["bls", "onnxruntime_inprocess"]),
               help="How the Triton orchestrator runs the graphs.")

@@ -3,9 +3,10 @@
     load → validate → graft → partition → export_onnx → decompose_spec_verify → optimize_onnx → share_weights
     → check_onnx → build_tensorrt → package_triton → manifest
 
-`PassManager` runs the table for a `BuildSpec`: it times each pass, shows progress, can stop after or dump
-after a named pass, and writes into a temporary directory beside the output that is renamed into place
-only when every pass succeeded (an interrupted or failed build leaves no output directory behind).
+Each pass is a function ``run(state: BuildState) -> None`` in its own file. `PassManager` runs the table for a
+`BuildSpec`: it times each pass, shows progress, can stop after or dump after a named pass, and writes into a
+temporary directory beside the output that is renamed into place only when every pass succeeded (an
+interrupted or failed build leaves no output directory behind).
 """
 
 from __future__ import annotations
@@ -19,32 +20,29 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import UsageError
-from dspark_compile.ir import Engines, OnnxGraphs, TritonRepository
-from dspark_compile.program import CheckpointPair, DecodeProgram
+from dspark_compile.passes import (
+    build_tensorrt,
+    check_onnx,
+    decompose_spec_verify,
+    export_onnx,
+    graft,
+    load,
+    manifest,
+    optimize_onnx,
+    package_triton,
+    partition,
+    share_weights,
+    validate,
+)
 from dspark_compile.spec import BuildSpec, save_spec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BuildState:
-    """What the passes have produced so far; each field is written by exactly one pass."""
-
-    spec: BuildSpec
-    workdir: Path
-    pair: CheckpointPair | None = None
-    program: DecodeProgram | None = None
-    parts: Any = None  # PartitionedProgram (torch modules; kept untyped to avoid importing torch.onnx early)
-    onnx: OnnxGraphs | None = None
-    engines: Engines | None = None
-    triton: TritonRepository | None = None
-    manifest: Path | None = None
-    timings: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -52,95 +50,22 @@ class Step:
     name: str
     run: Callable[[BuildState], None]
     enabled: Callable[[BuildSpec], bool] = lambda spec: True
-    artifacts: str | None = None  # what --dump-after copies: a subdirectory of the build
-
-
-def _load(s: BuildState) -> None:
-    from dspark_compile.passes.load import load
-
-    s.pair = load(s.spec)
-
-
-def _validate(s: BuildState) -> None:
-    from dspark_compile.passes.validate import validate
-
-    s.pair = validate(s.pair, s.spec)
-
-
-def _graft(s: BuildState) -> None:
-    from dspark_compile.passes.graft import graft
-
-    s.program = graft(s.pair, s.spec)
-
-
-def _partition(s: BuildState) -> None:
-    from dspark_compile.passes.partition import partition
-
-    s.parts = partition(s.program, s.spec)
-
-
-def _export(s: BuildState) -> None:
-    from dspark_compile.passes.export_onnx import export_onnx
-
-    s.onnx = export_onnx(s.parts, s.spec, s.workdir / "onnx")
-
-
-def _decompose(s: BuildState) -> None:
-    from dspark_compile.passes.decompose_spec_verify import decompose_spec_verify_file
-
-    # The plugin variant stays for full TensorRT; the portable one (standard ops) is what everything else runs.
-    s.onnx = decompose_spec_verify_file(s.onnx)
-
-
-def _optimize(s: BuildState) -> None:
-    from dspark_compile.passes.optimize_onnx import optimize_onnx
-
-    s.onnx = optimize_onnx(s.onnx)
-
-
-def _share(s: BuildState) -> None:
-    from dspark_compile.passes.share_weights import share_weights
-
-    s.onnx = share_weights(s.onnx)
-
-
-def _check(s: BuildState) -> None:
-    from dspark_compile.passes.check_onnx import check_onnx
-
-    s.onnx = check_onnx(s.onnx)
-
-
-def _tensorrt(s: BuildState) -> None:
-    from dspark_compile.passes.build_tensorrt import build_tensorrt
-
-    s.engines = build_tensorrt(s.onnx, s.spec, s.workdir / "engines")
-
-
-def _triton(s: BuildState) -> None:
-    from dspark_compile.passes.package_triton import package_triton
-
-    s.triton = package_triton(s.workdir, s.onnx, s.engines, s.spec)
-
-
-def _manifest(s: BuildState) -> None:
-    from dspark_compile.passes.manifest import write_manifest
-
-    s.manifest = write_manifest(s)
+    artifacts: str | None = None  # what --dump-after writes: a subdirectory of the build
 
 
 PIPELINE: tuple[Step, ...] = (
-    Step("load", _load),
-    Step("validate", _validate),
-    Step("graft", _graft),
-    Step("partition", _partition),
-    Step("export_onnx", _export, artifacts="onnx"),
-    Step("decompose_spec_verify", _decompose, artifacts="onnx"),
-    Step("optimize_onnx", _optimize, artifacts="onnx"),
-    Step("share_weights", _share, artifacts="onnx"),
-    Step("check_onnx", _check),
-    Step("build_tensorrt", _tensorrt, lambda spec: "tensorrt" in spec.targets, artifacts="engines"),
-    Step("package_triton", _triton, lambda spec: "triton" in spec.targets, artifacts="triton"),
-    Step("manifest", _manifest),
+    Step("load", load.run),
+    Step("validate", validate.run),
+    Step("graft", graft.run),
+    Step("partition", partition.run),
+    Step("export_onnx", export_onnx.run, artifacts="onnx"),
+    Step("decompose_spec_verify", decompose_spec_verify.run, artifacts="onnx"),
+    Step("optimize_onnx", optimize_onnx.run, artifacts="onnx"),
+    Step("share_weights", share_weights.run, artifacts="onnx"),
+    Step("check_onnx", check_onnx.run),
+    Step("build_tensorrt", build_tensorrt.run, lambda spec: "tensorrt" in spec.targets, artifacts="engines"),
+    Step("package_triton", package_triton.run, lambda spec: "triton" in spec.targets, artifacts="triton"),
+    Step("manifest", manifest.run),
 )
 PASS_NAMES = tuple(step.name for step in PIPELINE)
 
@@ -192,10 +117,8 @@ class PassManager:
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-        import json
-
-        manifest = json.loads((out / "manifest.json").read_text())
-        return BuildResult(out, manifest, tuple(state.timings), stop_after)
+        assert state.manifest is not None
+        return BuildResult(out, state.manifest, tuple(state.timings), stop_after)
 
     def _run_steps(self, steps: list[Step], state: BuildState, dump_after: tuple[str, ...],
                    on_pass: Callable[[str, float], None] | None) -> None:
@@ -216,6 +139,8 @@ class PassManager:
             for step in steps:
                 if progress is not None:
                     progress.update(task, description=step.name)
+                if step.name == "manifest" and state.onnx is not None and not _graphs_written(state):
+                    state.written.update(state.onnx.save(state.onnx.directory))  # stopped before share_weights
                 t0 = time.perf_counter()
                 if step.name == "manifest":
                     state.timings.append((step.name, 0.0))
@@ -229,14 +154,22 @@ class PassManager:
                 if on_pass is not None:
                     on_pass(step.name, dt)
                 if step.name in dump_after and step.artifacts:
-                    src = state.workdir / step.artifacts
-                    if src.exists():
-                        shutil.copytree(src, state.workdir / "dump" / f"after_{step.name}" / step.artifacts)
+                    dump = state.workdir / "dump" / f"after_{step.name}" / step.artifacts
+                    if step.artifacts == "onnx" and state.onnx is not None and not _graphs_written(state):
+                        state.written.update(state.onnx.save(dump))
+                    elif (state.workdir / step.artifacts).exists():
+                        shutil.copytree(state.workdir / step.artifacts, dump)
                 if progress is not None:
                     progress.advance(task)
         finally:
             if progress is not None:
                 progress.stop()
+
+
+def _graphs_written(state: BuildState) -> bool:
+    """Whether `share_weights` has written the graphs (before it, they exist only in memory)."""
+    assert state.onnx is not None
+    return any(path.parent == state.onnx.directory for path in state.written)
 
 
 class BuildTerminated(KeyboardInterrupt):

@@ -19,6 +19,7 @@ from dspark_compile.checkpoint import (
 from dspark_compile.errors import UsageError
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
+from dspark_compile.runtime.backend import ProgramInfo
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,24 @@ class DecodeProgram:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.pair.target.config.eos_token_ids
 
+    def info(self, *, sampling: bool = True, max_slots: int | None = None) -> ProgramInfo:
+        """The one description of this program that the manifest, the Triton repository and the executors read."""
+        tc = self.pair.target.config
+        draft = self.draft
+        dc = draft.cfg if draft is not None else None
+        return ProgramInfo(
+            vocab_size=tc.vocab_size, block_size=draft.block_size if draft is not None else 0,
+            tap_width=len(self.target.tap_layer_ids) * tc.hidden_size,
+            has_confidence=draft is not None and draft.confidence_head is not None,
+            eos_token_ids=tuple(tc.eos_token_ids), max_slots=max_slots, sampling=sampling, dtype=self.dtype,
+            hidden_size=tc.hidden_size, target_layers=tc.num_hidden_layers, kv_heads=tc.num_key_value_heads,
+            head_dim=tc.head_dim, draft_layers=dc.base.num_hidden_layers if dc is not None else 0,
+            draft_kv_heads=dc.base.num_key_value_heads if dc is not None else 0,
+            draft_head_dim=dc.base.head_dim if dc is not None else 0,
+            tap_layer_ids=tuple(self.target.tap_layer_ids),
+            markov_head=dc.markov_head_type if dc is not None else None,
+        )
+
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
@@ -52,14 +71,13 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def load_pair(target_dir: Path, draft_dir: Path | None, *, allow_nonfinite: bool = False) -> CheckpointPair:
+    """Open both checkpoints (lazy, memory-mapped); whether they fit together is :func:`check_pair`'s job."""
     target = load_target(Path(target_dir), allow_nonfinite=allow_nonfinite)
     draft = load_draft(Path(draft_dir), allow_nonfinite=allow_nonfinite) if draft_dir is not None else None
-    if draft is not None:
-        check_pair(target, draft)
     return CheckpointPair(target, draft)
 
 
-def graft(pair: CheckpointPair, *, dtype: str = "fp32", device: str = "cpu") -> DecodeProgram:
+def make_program(pair: CheckpointPair, *, dtype: str = "fp32", device: str = "cpu") -> DecodeProgram:
     """Build the modules; the draft reuses the target's embedding and LM head (warns if its copies differ)."""
     tdt = torch_dtype(dtype)
     t = pair.target
@@ -82,4 +100,7 @@ def graft(pair: CheckpointPair, *, dtype: str = "fp32", device: str = "cpu") -> 
 
 def build_program(target_dir: Path, draft_dir: Path | None, *, dtype: str = "fp32", device: str = "cpu",
                   allow_nonfinite: bool = False) -> DecodeProgram:
-    return graft(load_pair(target_dir, draft_dir, allow_nonfinite=allow_nonfinite), dtype=dtype, device=device)
+    pair = load_pair(target_dir, draft_dir, allow_nonfinite=allow_nonfinite)
+    if pair.draft is not None:
+        check_pair(pair.target, pair.draft)
+    return make_program(pair, dtype=dtype, device=device)

@@ -22,7 +22,7 @@ else:  # pragma: no cover
 
 DTYPES = ("fp32", "fp16", "bf16")
 VERIFY_MODES = ("greedy", "sampling")
-TARGETS = ("onnx", "tensorrt", "triton", "torch")
+TARGETS = ("onnx", "tensorrt", "triton")
 TRT_FLAVORS = ("auto", "full", "rtx")
 TRITON_MODES = ("bls", "onnxruntime_inprocess")
 
@@ -78,13 +78,6 @@ class BuildSpec:
             raise bad("triton_mode", " | ".join(TRITON_MODES), self.triton_mode)
         if not _is_int(self.opset) or not 18 <= self.opset <= 23:
             raise bad("opset", "an integer in [18, 23]", self.opset)
-
-    def with_targets(self) -> tuple[str, ...]:
-        """Targets in build order (ONNX first: every other target consumes it)."""
-        wanted = set(self.targets)
-        if wanted & {"tensorrt", "triton"}:
-            wanted.add("onnx")
-        return tuple(t for t in TARGETS if t in wanted)
 
     def to_json(self) -> dict[str, Any]:
         out = {}

@@ -132,7 +132,7 @@ def _build_cases(root: Path) -> dict[str, Case]:
     absurd = copy(good_t, "absurd_header")
     weights = absurd / "model.safetensors"
     weights.write_bytes((2**62).to_bytes(8, "little") + weights.read_bytes()[8:])
-    cases["absurd_header_size"] = Case(gen(target=str(absurd)), (str(weights), "header length"))
+    cases["absurd_header_size"] = Case(gen(target=str(absurd)), (str(weights), "header too large"))
 
     wrong_shape = copy(good_d, "wrong_shape")
     path = _edit_weights(wrong_shape, lambda w: w.update({"fc.weight": torch.zeros(32, 64)}))

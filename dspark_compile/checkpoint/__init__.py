@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from dspark_compile.checkpoint.header import TensorInfo, read_header
 from dspark_compile.checkpoint.load import (
     DraftCheckpoint,
     TargetCheckpoint,
@@ -16,30 +15,30 @@ from dspark_compile.checkpoint.load import (
     load_target,
 )
 from dspark_compile.checkpoint.names import (
-    TensorSpec,
-    draft_tensor_specs,
+    WeightSpec,
     draft_weight_name,
-    target_tensor_specs,
+    draft_weight_specs,
     target_weight_name,
+    target_weight_specs,
 )
-from dspark_compile.checkpoint.store import WeightStore
+from dspark_compile.checkpoint.store import TensorInfo, WeightStore, read_header
 from dspark_compile.checkpoint.validate import check_pair, shared_weights_differ, validate_pair
 
 __all__ = [
     "DraftCheckpoint",
     "TargetCheckpoint",
     "TensorInfo",
-    "TensorSpec",
+    "WeightSpec",
     "WeightStore",
     "check_finite",
     "check_pair",
-    "draft_tensor_specs",
     "draft_weight_name",
+    "draft_weight_specs",
     "load_draft",
     "load_target",
     "read_header",
     "shared_weights_differ",
-    "target_tensor_specs",
     "target_weight_name",
+    "target_weight_specs",
     "validate_pair",
 ]

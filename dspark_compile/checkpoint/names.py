@@ -2,7 +2,7 @@
 
 Target: Hugging Face ``Qwen3ForCausalLM`` (``model.layers.{i}.…``). Draft: DeepSpec ``Qwen3DSparkModel``
 (``layers.{i}.…`` plus ``fc``, ``hidden_norm``, ``markov_head.*``, ``confidence_head.proj``), checked
-against the golden checkpoints in ``shared/golden`` and DeepSpec's ``markov_head.py``.
+against the golden checkpoints in ``tests/data/golden`` and DeepSpec's ``markov_head.py``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ DRAFT_GLOBALS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class WeightSpec:
     """The shape a tensor must have, how it follows from the config, and whether it may be absent."""
 
     shape: tuple[int, ...]
@@ -86,13 +86,13 @@ def _name(kind: str, layer: int | None, suffix: str, globals_: dict[str, str], l
     raise ValueError(f"unknown tensor kind {kind!r}; expected one of {sorted({*LAYER_PARTS, *globals_})}")
 
 
-def target_tensor_specs(cfg: TargetConfig) -> dict[str, TensorSpec]:
+def target_weight_specs(cfg: TargetConfig) -> dict[str, WeightSpec]:
     """Every tensor a Qwen3 target with this config holds (``lm_head`` optional when embeddings are tied)."""
     v, h = cfg.vocab_size, cfg.hidden_size
     specs = {
-        target_weight_name("embed_tokens"): TensorSpec((v, h), "[vocab_size, hidden_size]"),
-        target_weight_name("norm"): TensorSpec((h,), "[hidden_size]"),
-        target_weight_name("lm_head"): TensorSpec((v, h), "[vocab_size, hidden_size]",
+        target_weight_name("embed_tokens"): WeightSpec((v, h), "[vocab_size, hidden_size]"),
+        target_weight_name("norm"): WeightSpec((h,), "[hidden_size]"),
+        target_weight_name("lm_head"): WeightSpec((v, h), "[vocab_size, hidden_size]",
                                                   required=not cfg.tie_word_embeddings),
     }
     for layer in range(cfg.num_hidden_layers):
@@ -100,7 +100,7 @@ def target_tensor_specs(cfg: TargetConfig) -> dict[str, TensorSpec]:
     return specs
 
 
-def draft_tensor_specs(cfg: DraftConfig) -> dict[str, TensorSpec]:
+def draft_weight_specs(cfg: DraftConfig) -> dict[str, WeightSpec]:
     """Every tensor a DSpark draft with this config holds (DSPARK.md §2-3).
 
     ``embed_tokens``/``lm_head`` are optional: they are frozen copies of the target's, and the compiled
@@ -109,55 +109,55 @@ def draft_tensor_specs(cfg: DraftConfig) -> dict[str, TensorSpec]:
     base = cfg.base
     v, h, r = base.vocab_size, base.hidden_size, cfg.markov_rank
     specs = {
-        draft_weight_name("embed_tokens"): TensorSpec((v, h), "[vocab_size, hidden_size]", required=False),
-        draft_weight_name("lm_head"): TensorSpec((v, h), "[vocab_size, hidden_size]", required=False),
-        draft_weight_name("norm"): TensorSpec((h,), "[hidden_size]"),
-        draft_weight_name("hidden_norm"): TensorSpec((h,), "[hidden_size]"),
-        draft_weight_name("fc"): TensorSpec(
+        draft_weight_name("embed_tokens"): WeightSpec((v, h), "[vocab_size, hidden_size]", required=False),
+        draft_weight_name("lm_head"): WeightSpec((v, h), "[vocab_size, hidden_size]", required=False),
+        draft_weight_name("norm"): WeightSpec((h,), "[hidden_size]"),
+        draft_weight_name("hidden_norm"): WeightSpec((h,), "[hidden_size]"),
+        draft_weight_name("fc"): WeightSpec(
             (h, cfg.num_taps * h), f"[hidden_size, len(target_layer_ids)={cfg.num_taps} * hidden_size]"),
     }
     for layer in range(base.num_hidden_layers):
         specs.update(_layer_specs(base, layer, draft_weight_name))
     if r > 0:
-        specs[draft_weight_name("markov_w1")] = TensorSpec((v, r), f"[vocab_size, markov_rank={r}]")
-        specs[draft_weight_name("markov_w2")] = TensorSpec((v, r), f"[vocab_size, markov_rank={r}]")
+        specs[draft_weight_name("markov_w1")] = WeightSpec((v, r), f"[vocab_size, markov_rank={r}]")
+        specs[draft_weight_name("markov_w2")] = WeightSpec((v, r), f"[vocab_size, markov_rank={r}]")
         if cfg.markov_head_type == "gated":
-            specs[draft_weight_name("markov_gate")] = TensorSpec(
+            specs[draft_weight_name("markov_gate")] = WeightSpec(
                 (r, h + r), f"[markov_rank={r}, hidden_size + markov_rank] (gated Markov head)")
-            specs[draft_weight_name("markov_gate", suffix="bias")] = TensorSpec(
+            specs[draft_weight_name("markov_gate", suffix="bias")] = WeightSpec(
                 (r,), f"[markov_rank={r}] (gated Markov head)")
         elif cfg.markov_head_type == "rnn":
-            specs[draft_weight_name("markov_joint")] = TensorSpec(
+            specs[draft_weight_name("markov_joint")] = WeightSpec(
                 (3 * r, 2 * r + h),
                 f"[3*markov_rank, 2*markov_rank + hidden_size] with markov_rank={r} (rnn head)")
-            specs[draft_weight_name("markov_joint", suffix="bias")] = TensorSpec(
+            specs[draft_weight_name("markov_joint", suffix="bias")] = WeightSpec(
                 (3 * r,), f"[3*markov_rank] with markov_rank={r} (rnn head)")
     if cfg.enable_confidence_head:
         width = h + r if cfg.confidence_head_with_markov else h
         why = (f"[1, hidden_size + markov_rank={r}] (confidence_head_with_markov)"
                if cfg.confidence_head_with_markov else "[1, hidden_size]")
-        specs[draft_weight_name("confidence")] = TensorSpec((1, width), why)
-        specs[draft_weight_name("confidence", suffix="bias")] = TensorSpec((1,), "[1]")
+        specs[draft_weight_name("confidence")] = WeightSpec((1, width), why)
+        specs[draft_weight_name("confidence", suffix="bias")] = WeightSpec((1,), "[1]")
     return specs
 
 
-def _layer_specs(cfg: TargetConfig, layer: int, name: Callable[..., str]) -> dict[str, TensorSpec]:
+def _layer_specs(cfg: TargetConfig, layer: int, name: Callable[..., str]) -> dict[str, WeightSpec]:
     h, q, kv, d, inter = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.head_dim, cfg.intermediate_size
     specs = {
-        name("q_proj", layer): TensorSpec((q, h), "[num_attention_heads*head_dim, hidden_size]"),
-        name("k_proj", layer): TensorSpec((kv, h), "[num_key_value_heads*head_dim, hidden_size]"),
-        name("v_proj", layer): TensorSpec((kv, h), "[num_key_value_heads*head_dim, hidden_size]"),
-        name("o_proj", layer): TensorSpec((h, q), "[hidden_size, num_attention_heads*head_dim]"),
-        name("q_norm", layer): TensorSpec((d,), "[head_dim]"),
-        name("k_norm", layer): TensorSpec((d,), "[head_dim]"),
-        name("gate_proj", layer): TensorSpec((inter, h), "[intermediate_size, hidden_size]"),
-        name("up_proj", layer): TensorSpec((inter, h), "[intermediate_size, hidden_size]"),
-        name("down_proj", layer): TensorSpec((h, inter), "[hidden_size, intermediate_size]"),
-        name("input_layernorm", layer): TensorSpec((h,), "[hidden_size]"),
-        name("post_attention_layernorm", layer): TensorSpec((h,), "[hidden_size]"),
+        name("q_proj", layer): WeightSpec((q, h), "[num_attention_heads*head_dim, hidden_size]"),
+        name("k_proj", layer): WeightSpec((kv, h), "[num_key_value_heads*head_dim, hidden_size]"),
+        name("v_proj", layer): WeightSpec((kv, h), "[num_key_value_heads*head_dim, hidden_size]"),
+        name("o_proj", layer): WeightSpec((h, q), "[hidden_size, num_attention_heads*head_dim]"),
+        name("q_norm", layer): WeightSpec((d,), "[head_dim]"),
+        name("k_norm", layer): WeightSpec((d,), "[head_dim]"),
+        name("gate_proj", layer): WeightSpec((inter, h), "[intermediate_size, hidden_size]"),
+        name("up_proj", layer): WeightSpec((inter, h), "[intermediate_size, hidden_size]"),
+        name("down_proj", layer): WeightSpec((h, inter), "[hidden_size, intermediate_size]"),
+        name("input_layernorm", layer): WeightSpec((h,), "[hidden_size]"),
+        name("post_attention_layernorm", layer): WeightSpec((h,), "[hidden_size]"),
     }
     if cfg.attention_bias:
         for part, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
-            specs[name(part, layer, suffix="bias")] = TensorSpec(
+            specs[name(part, layer, suffix="bias")] = WeightSpec(
                 (size,), f"[{part} output size] (attention_bias)")
     return specs

@@ -1,19 +1,64 @@
-"""Lazy name → tensor access over the safetensors files of one checkpoint directory."""
+"""Lazy name → tensor access over the safetensors files of one checkpoint directory.
+
+safetensors' own ``safe_open`` checks each file (header length, JSON, dtypes, shapes, offsets that tile the
+data exactly) before anything is read; its errors are turned into one line that names the file and the fix.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from dspark_compile.checkpoint.header import DTYPE_BYTES, TORCH_DTYPES, TensorInfo, read_header
 from dspark_compile.errors import CheckpointError
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+}
+"""The safetensors dtypes this package reads, as torch dtypes."""
+
+_RECOVER = "Re-download or re-export the checkpoint (e.g. `save_pretrained(..., safe_serialization=True)`)."
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint: its file, safetensors dtype string (``"BF16"``), shape and size."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file by name, after safetensors has checked the whole header."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            entries = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            infos = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in entries.items()}
+    except SafetensorError as exc:
+        reason = str(exc).removeprefix("Error while deserializing header: ")
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({reason}). {_RECOVER}") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the safetensors file ({exc.strerror or exc}).") from exc
+    out = {}
+    for name, (dtype, shape) in infos.items():
+        if dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"{path}: tensor `{name}` has unsupported dtype {dtype!r}; expected one of "
+                                  f"{', '.join(TORCH_DTYPES)}. Convert the checkpoint to bf16, fp16 or fp32.")
+        out[name] = TensorInfo(name, path, dtype, shape, math.prod(shape) * TORCH_DTYPES[dtype].itemsize)
+    return out
 
 
 class WeightStore:
@@ -90,7 +135,7 @@ class WeightStore:
             yield self._read(name, None)
             return
         rows = info.shape[0]
-        row_bytes = max(1, math.prod(info.shape[1:]) * DTYPE_BYTES[info.dtype])
+        row_bytes = max(1, math.prod(info.shape[1:]) * TORCH_DTYPES[info.dtype].itemsize)
         step = max(1, max_bytes // row_bytes)
         for start in range(0, rows, step):
             yield self._read(name, (start, min(rows, start + step)))

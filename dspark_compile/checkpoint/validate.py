@@ -13,11 +13,11 @@ from dspark_compile.checkpoint.load import (
     TargetCheckpoint,
 )
 from dspark_compile.checkpoint.names import (
-    TensorSpec,
-    draft_tensor_specs,
+    WeightSpec,
     draft_weight_name,
-    target_tensor_specs,
+    draft_weight_specs,
     target_weight_name,
+    target_weight_specs,
 )
 from dspark_compile.checkpoint.store import WeightStore
 from dspark_compile.errors import ValidationError
@@ -33,8 +33,8 @@ def validate_pair(target: TargetCheckpoint, draft: DraftCheckpoint) -> list[str]
     as warnings through :func:`shared_weights_differ`.
     """
     return [
-        *_check_tensors(target.weights, target_tensor_specs(target.config), "target"),
-        *_check_tensors(draft.weights, draft_tensor_specs(draft.config), "draft"),
+        *_check_tensors(target.weights, target_weight_specs(target.config), "target"),
+        *_check_tensors(draft.weights, draft_weight_specs(draft.config), "draft"),
         *_check_configs(target, draft),
     ]
 
@@ -102,7 +102,7 @@ def _weights_file(weights: WeightStore) -> Path:
     return single if single.is_file() else weights.path / SAFETENSORS_INDEX
 
 
-def _check_tensors(weights: WeightStore, specs: dict[str, TensorSpec], role: str) -> list[str]:
+def _check_tensors(weights: WeightStore, specs: dict[str, WeightSpec], role: str) -> list[str]:
     problems = []
     where = _weights_file(weights)
     for name, spec in specs.items():

@@ -1,8 +1,9 @@
 """The DSpark draft head (DSPARK.md §2), grafted onto a target: it shares the target's embedding and LM head.
 
 One forward drafts a whole block: the parallel backbone reads the context features (KV injection) and the
-block [anchor, mask, ..., mask]; then the Markov head samples x_1..x_G left to right (the loop is unrolled, so
-an exported graph contains it) and the confidence head scores each position.
+block [anchor, mask, ..., mask] (G positions); then x_1..x_G are drawn left to right (argmax, or an
+inverse-CDF sample when the row has a temperature), each biased by the Markov head when the draft has one (the
+loop is unrolled, so an exported graph contains it), and the confidence head, if any, scores each position.
 """
 
 from __future__ import annotations

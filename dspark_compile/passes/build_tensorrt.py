@@ -9,9 +9,9 @@ or `--no-plugin`, gets the portable variant. Optimization profiles cover batch 1
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from dspark_compile.ir import GRAPH_NAMES, PLUGIN, PORTABLE, Engine, Engines, OnnxGraphs
+from dspark_compile.artifacts import GRAPH_NAMES, PLUGIN, PORTABLE, Engine, Engines
+from dspark_compile.build_state import BuildState
 from dspark_compile.spec import BuildSpec
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,12 @@ def dim_ranges(spec: BuildSpec, block: int, slots: tuple[int, int]) -> dict[str,
     }
 
 
-def build_tensorrt(graphs: OnnxGraphs, spec: BuildSpec, out_dir: Path) -> Engines:
+def run(state: BuildState) -> None:
+    """The engine builder is a separate process that parses the graph files `share_weights` wrote."""
     from dspark_compile.targets.tensorrt import Profile, build_engine, load_trt
+
+    graphs, spec, out_dir = state.onnx, state.spec, state.workdir / "engines"
+    assert graphs is not None
 
     flavor = load_trt(spec.trt_flavor)
     use_plugin = flavor.supports_plugins and not spec.no_plugin
@@ -58,4 +62,4 @@ def build_tensorrt(graphs: OnnxGraphs, spec: BuildSpec, out_dir: Path) -> Engine
         log.info("engine %s: %d layers, %.1f MiB, %.1fs", name, res.num_layers, res.plan_bytes / 2**20, res.seconds)
         engines.append(Engine(graph=name, plan=res.plan_path, metadata=res.metadata_path, inspector=res.inspector_path,
                               flavor=res.flavor, precision=res.precision, uses_plugin=variant == PLUGIN))
-    return Engines(out_dir, tuple(engines), flavor.name, flavor.version)
+    state.engines = Engines(out_dir, tuple(engines), flavor.name, flavor.version)

@@ -1,33 +1,34 @@
-"""Pass `check_onnx`: the full ONNX checker (with shape inference) on every portable graph.
+"""Pass `check_onnx`: the full ONNX checker (with shape inference) on every portable graph, in memory.
 
 The plugin variant holds a custom-domain node the checker cannot type; it gets the structural check only,
-plus a check of its SpecVerify node against the plugin's schema.
+plus a check of its SpecVerify node against the plugin's schema. onnx-ir's CheckerPass hands the checker the
+graph with its weights as typed inputs, so no weight is serialised or read.
 """
 
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 
+from dspark_compile.artifacts import PLUGIN
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
-from dspark_compile.ir import PLUGIN, OnnxGraphs
 from dspark_compile.plugins.spec_verify.schema import SPEC_VERIFY
 
 
-def check_onnx(graphs: OnnxGraphs) -> OnnxGraphs:
-    for name, variants in [(n, graphs.variants.get(n, ("portable",))) for n in
-                           ("target_prefill", "target_verify", "draft_propose")]:
-        for variant in variants:
-            path = graphs.path(name, variant)
-            try:
-                if variant == PLUGIN:
-                    onnx.checker.check_model(str(path))
-                    model = onnx.load(str(path), load_external_data=False)
-                    nodes = [n for n in model.graph.node if SPEC_VERIFY.is_node(n)]
-                    if len(nodes) != 1:
-                        raise BuildError(f"{path}: expected one {SPEC_VERIFY.plugin_id} node, found {len(nodes)}")
-                    SPEC_VERIFY.check_node(nodes[0])
-                else:
-                    onnx.checker.check_model(str(path), full_check=True)
-            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
-                raise BuildError(f"{path}: ONNX checker failed: {' '.join(str(e).split())[:400]}") from e
-    return graphs
+def run(state: BuildState) -> None:
+    assert state.onnx is not None
+    for name, variant, model in state.onnx.items():
+        path = state.onnx.path(name, variant)
+        try:
+            if variant == PLUGIN:
+                ir.passes.common.CheckerPass()(model)
+                nodes = [ir.serde.serialize_node(n) for n in model.graph
+                         if (n.domain, n.op_type) == (SPEC_VERIFY.domain, SPEC_VERIFY.name)]
+                if len(nodes) != 1:
+                    raise BuildError(f"{path}: expected one {SPEC_VERIFY.plugin_id} node, found {len(nodes)}")
+                SPEC_VERIFY.check_node(nodes[0])
+            else:
+                ir.passes.common.CheckerPass(full_check=True)(model)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
+            raise BuildError(f"{path}: ONNX checker failed: {' '.join(str(e).split())[:400]}") from e

@@ -15,15 +15,13 @@ ArgMax ties). An onnxscript rewrite rule (pattern → replacement), so the libra
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from dspark_compile.artifacts import PLUGIN, PORTABLE
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
-from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
 from dspark_compile.plugins.spec_verify.reference import Q_FLOOR, RESIDUAL_FLOOR
 from dspark_compile.plugins.spec_verify.schema import GREEDY, SAMPLING, SPEC_VERIFY
 
@@ -178,12 +176,9 @@ def decompose_spec_verify(model: ir.Model) -> ir.Model:
     return model
 
 
-def decompose_spec_verify_file(graphs: OnnxGraphs) -> OnnxGraphs:
-    """The file flow: keep the exported verify graph as the plugin variant, write its decomposition as the
-    portable one (both share the exported external data, which neither reads)."""
-    portable, plugin = graphs.path("target_verify", PORTABLE), graphs.path("target_verify", PLUGIN)
-    proto = onnx.load(str(portable), load_external_data=False)
-    onnx.save(proto, str(plugin))
-    model = decompose_spec_verify(ir.serde.deserialize_model(proto))
-    onnx.save(ir.serde.serialize_model(model), str(portable))
-    return dataclasses.replace(graphs, variants={**graphs.variants, "target_verify": (PORTABLE, PLUGIN)})
+def run(state: BuildState) -> None:
+    """The exported verify graph stays as the plugin variant (full TensorRT); its decomposition, which shares
+    its weights, is the portable one that everything else runs."""
+    assert state.onnx is not None
+    plugin = state.onnx.model("target_verify", PORTABLE)
+    state.onnx.models["target_verify"] = {PORTABLE: decompose_spec_verify(plugin.clone()), PLUGIN: plugin}

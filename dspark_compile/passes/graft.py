@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dspark_compile.program import CheckpointPair, DecodeProgram
-from dspark_compile.program import graft as graft_pair
-from dspark_compile.spec import BuildSpec
+from dspark_compile.build_state import BuildState
+from dspark_compile.program import make_program
 
 
-def graft(pair: CheckpointPair, spec: BuildSpec) -> DecodeProgram:
-    return graft_pair(pair, dtype=spec.dtype, device="cpu")
+def run(state: BuildState) -> None:
+    assert state.pair is not None
+    state.program = make_program(state.pair, dtype=state.spec.dtype, device="cpu")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dspark_compile.checkpoint import load_draft, load_target
-from dspark_compile.program import CheckpointPair
-from dspark_compile.spec import BuildSpec
+from dspark_compile.build_state import BuildState
+from dspark_compile.program import load_pair
 
 
-def load(spec: BuildSpec) -> CheckpointPair:
-    target = load_target(spec.target, allow_nonfinite=spec.allow_nonfinite)
-    draft = load_draft(spec.draft, allow_nonfinite=spec.allow_nonfinite)
-    return CheckpointPair(target, draft)
+def run(state: BuildState) -> None:
+    spec = state.spec
+    state.pair = load_pair(spec.target, spec.draft, allow_nonfinite=spec.allow_nonfinite)

@@ -8,21 +8,23 @@ backend, such as the one used in CI).
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from dspark_compile.ir import Engines, OnnxGraphs, TritonRepository
-from dspark_compile.spec import BuildSpec
+from dspark_compile.artifacts import GRAPH_NAMES, PORTABLE
+from dspark_compile.build_state import BuildState
 
 
-def package_triton(build_dir: Path, graphs: OnnxGraphs, engines: Engines | None, spec: BuildSpec) -> TritonRepository:
+def run(state: BuildState) -> None:
     from dspark_compile.targets.triton.repository import TritonOptions, write_triton_repository
 
-    del graphs  # found on disk in build_dir/onnx; engines in build_dir/engines
+    spec, graphs, engines = state.spec, state.onnx, state.engines
+    assert graphs is not None and state.info is not None
     options = TritonOptions(
         backend_mode=spec.triton_mode,
         platform="auto" if engines is not None else "onnxruntime_onnx",
         max_batch=spec.max_batch,
         max_context=spec.max_context,
         instance_kind="KIND_GPU" if engines is not None else "KIND_CPU",
+        model_info=state.info,
     )
-    return write_triton_repository(build_dir, build_dir, options)
+    paths = {name: graphs.path(name, PORTABLE) for name in GRAPH_NAMES if PORTABLE in graphs.models.get(name, {})}
+    state.triton = write_triton_repository(state.workdir, state.workdir, options, graphs=paths,
+                                           io={name: state.written[path] for name, path in paths.items()})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dspark_compile.build_state import BuildState
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.plugins.spec_verify.op import spec_verify
@@ -145,3 +146,10 @@ def partition(program: DecodeProgram, spec: BuildSpec) -> PartitionedProgram:
         propose = GraphSpec("draft_propose", DraftProposeGreedy(draft), draft_inputs,
                             ("draft_tokens", "confidence_logits", "draft_kv_out"), draft_dyn)
     return PartitionedProgram(program, (prefill, verify, propose))
+
+
+def run(state: BuildState) -> None:
+    """The graphs to export, and the one ProgramInfo of the build (with the block size partition settled)."""
+    assert state.program is not None
+    state.parts = partition(state.program, state.spec)
+    state.info = state.program.info(sampling=state.spec.verify_mode == "sampling", max_slots=state.spec.max_context)

@@ -1,89 +1,52 @@
-"""Pass `share_weights`: store every distinct weight tensor once, in `weights.bin`, for all graphs.
+"""Pass `share_weights`: write every graph once, and every distinct weight tensor once, in `weights.bin`.
 
 Prefill and verify contain the same target weights and the draft graph contains the target's embedding and
 LM head (the graft); on disk each is written once and every graph's external-data entries point into the one
-file. Tensors are copied one at a time with plain reads (no mapping that would count the whole file as
-resident), so peak memory stays at the largest tensor.
+file. Tensors are hashed and written one at a time, so memory stays at the graphs plus the largest tensor.
 """
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-from typing import Any
 
-import onnx
+import onnx_ir as ir
 
-from dspark_compile.ir import OnnxGraphs
+from dspark_compile.artifacts import GraphIO
+from dspark_compile.build_state import BuildState
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096  # page-aligned offsets let runtimes memory-map tensors
+# Tensors under 1 KiB (norm scales, small constants) stay in the graph file: there they cost less than a
+# 4 KiB-aligned slot, and check_onnx's in-memory checker finds them without the weights file.
+INLINE_BYTES = 1024
 
 
-def _external(init: onnx.TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in init.external_data}
-
-
-def share_weights(graphs: OnnxGraphs) -> OnnxGraphs:
-    directory = graphs.directory
-    target = directory / WEIGHTS_FILE
+def run(state: BuildState) -> None:
+    assert state.onnx is not None
+    directory = state.onnx.directory
+    directory.mkdir(parents=True, exist_ok=True)
     seen: dict[str, tuple[int, int]] = {}
-    old_files: set[Path] = set()
-    handles: dict[Path, Any] = {}
-    with target.open("wb") as out:
-        for path in graphs.all_paths():
-            model = onnx.load(str(path), load_external_data=False)
-            for init in model.graph.initializer:
-                if init.data_location != onnx.TensorProto.EXTERNAL:
+    with (directory / WEIGHTS_FILE).open("wb") as out:
+        for _, _, model in state.onnx.items():
+            for value in model.graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None:
                     continue
-                info = _external(init)
-                src = directory / info["location"]
-                if src not in handles:
-                    handles[src] = src.open("rb")
-                    old_files.add(src)
-                offset = int(info.get("offset", 0))
-                length = int(info["length"]) if "length" in info else src.stat().st_size - offset
-                key = _digest(handles[src], offset, length)
+                if tensor.nbytes < INLINE_BYTES:
+                    if isinstance(tensor, ir.ExternalTensor):  # a graph loaded from a file, not exported
+                        value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
+                    continue
+                data = tensor.tobytes()
+                key = f"{hashlib.sha256(data).hexdigest()}:{len(data)}"
                 if key not in seen:
                     pos = out.tell()
-                    pad = (-pos) % ALIGN
-                    out.write(b"\0" * pad)
-                    seen[key] = (pos + pad, length)
-                    _copy(handles[src], offset, length, out)
-                new_offset, new_length = seen[key]
-                del init.external_data[:]
-                for k, v in (("location", WEIGHTS_FILE), ("offset", str(new_offset)), ("length", str(new_length))):
-                    entry = init.external_data.add()
-                    entry.key, entry.value = k, v
-            onnx.save(model, str(path))
-    for h in handles.values():
-        h.close()
-    for f in old_files:
-        if f != target:
-            f.unlink()
-    return graphs
-
-
-CHUNK = 1 << 24  # tensors are hashed and copied in 16 MiB pieces: memory stays flat whatever their size
-
-
-def _digest(f: Any, offset: int, length: int) -> str:
-    h = hashlib.sha256()
-    f.seek(offset)
-    left = length
-    while left:
-        block = f.read(min(CHUNK, left))
-        if not block:
-            raise OSError(f"{f.name}: external data ends before offset {offset} + {length}")
-        h.update(block)
-        left -= len(block)
-    return f"{h.hexdigest()}:{length}"
-
-
-def _copy(f: Any, offset: int, length: int, out: Any) -> None:
-    f.seek(offset)
-    left = length
-    while left:
-        block = f.read(min(CHUNK, left))
-        out.write(block)
-        left -= len(block)
+                    out.write(b"\0" * ((-pos) % ALIGN))
+                    seen[key] = (out.tell(), len(data))
+                    out.write(data)
+                offset, length = seen[key]
+                value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, dtype=tensor.dtype,
+                                                      shape=tensor.shape, name=value.name, base_dir=directory)
+    for name, variant, model in state.onnx.items():
+        path = state.onnx.path(name, variant)
+        ir.save(model, path)
+        state.written[path] = GraphIO.of(model)

@@ -128,9 +128,6 @@ class VerifyOutput:
     taps: np.ndarray  # [B, G+1, F]
 
 
-ModelInfo = ProgramInfo  # the older name; removed once every caller says ProgramInfo
-
-
 class Backend(Protocol):
     info: ProgramInfo
 

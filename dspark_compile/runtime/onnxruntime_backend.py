@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from dspark_compile.artifacts import GRAPH_NAMES
 from dspark_compile.errors import BackendUnavailableError, UsageError
-from dspark_compile.ir import GRAPH_NAMES
-from dspark_compile.runtime.backend import DraftOutput, ModelInfo, VerifyOutput
+from dspark_compile.runtime.backend import DraftOutput, ProgramInfo, VerifyOutput
+from dspark_compile.runtime.onnxruntime_dtypes import check_onnxruntime_dtype
 
 log = logging.getLogger(__name__)
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": None}
@@ -64,9 +65,7 @@ class OrtBackend:
         if self.dtype is None:
             raise BackendUnavailableError("bf16 graphs cannot be fed from NumPy; run them with TensorRT or the "
                                           "torch backend, or build with --dtype fp16/fp32 for onnxruntime")
-        self.info = ModelInfo(vocab_size=prog["vocab_size"], block_size=prog["block_size"], tap_width=prog["tap_width"],
-                              has_confidence=prog["has_confidence"], eos_token_ids=tuple(prog["eos_token_ids"]),
-                              sampling=self.verify_mode == "sampling")
+        self.info = ProgramInfo.from_json(prog)
         self._kv: Any = None
         self._draft_kv: Any = None
 
@@ -75,6 +74,7 @@ class OrtBackend:
         ort = _import_ort()
         build_dir = Path(build_dir)
         manifest = read_manifest(build_dir)
+        check_onnxruntime_dtype(ProgramInfo.from_json(manifest["program"]).dtype)
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         opts = ort.SessionOptions()

@@ -10,14 +10,14 @@ import torch
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.plugins.spec_verify.reference import spec_verify_torch
-from dspark_compile.runtime.backend import DraftOutput, ModelInfo, VerifyOutput
+from dspark_compile.runtime.backend import DraftOutput, ProgramInfo, VerifyOutput
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def program_info(target: Qwen3Target, draft: DSparkDraft | None, eos_token_ids: tuple[int, ...] = ()) -> ModelInfo:
+def program_info(target: Qwen3Target, draft: DSparkDraft | None, eos_token_ids: tuple[int, ...] = ()) -> ProgramInfo:
     """What the host loop needs to know about a program built from PyTorch modules."""
-    return ModelInfo(
+    return ProgramInfo(
         vocab_size=target.cfg.vocab_size,
         block_size=draft.block_size if draft is not None else 0,
         tap_width=len(target.tap_layer_ids) * target.cfg.hidden_size,

@@ -119,7 +119,7 @@ def test_truncated_inside_length_field(tiny_pair) -> None:
     target_dir, _ = tiny_pair
     file = target_dir / "model.safetensors"
     file.write_bytes(b"\x01\x02\x03")
-    _raises(load_target, target_dir, str(file), "truncated", "8 bytes")
+    _raises(load_target, target_dir, str(file), "truncated", "header too small")
 
 
 def test_truncated_inside_header(tiny_pair) -> None:
@@ -133,26 +133,26 @@ def test_absurd_header_size(tiny_pair, write_raw) -> None:
     _, draft_dir = tiny_pair
     file = draft_dir / "model.safetensors"
     write_raw(file, {}, header_len=2**62)
-    _raises(load_draft, draft_dir, str(file), "header length", "100 MB")
+    _raises(load_draft, draft_dir, str(file), "truncated or corrupt", "header too large")
 
 
 def test_bad_json_header(tiny_pair, write_raw) -> None:
     _, draft_dir = tiny_pair
     file = draft_dir / "model.safetensors"
     write_raw(file, b"{not json", b"")
-    _raises(load_draft, draft_dir, str(file), "corrupt safetensors header")
+    _raises(load_draft, draft_dir, str(file), "corrupt safetensors file", "invalid JSON")
 
 
 @pytest.mark.parametrize(
     ("entry", "needle"),
     [
-        ({"dtype": "F32", "shape": [4], "data_offsets": [0, 1600]}, "needs 16 bytes"),
-        ({"dtype": "F32", "shape": [400], "data_offsets": [0, 1600]}, "truncated"),
-        ({"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}, "data_offsets"),
-        ({"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}, "shape"),
-        ({"dtype": "Q4_K", "shape": [4], "data_offsets": [0, 16]}, "unsupported dtype"),
-        ({"shape": [4], "data_offsets": [0, 16]}, "no dtype"),
-        ("oops", "must be an object"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [0, 1600]}, "invalid shape, data type, or offset"),
+        ({"dtype": "F32", "shape": [400], "data_offsets": [0, 1600]}, "not fully covered"),
+        ({"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}, "invalid offset for tensor `w`"),
+        ({"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}, "integer `-4`"),
+        ({"dtype": "Q4_K", "shape": [4], "data_offsets": [0, 16]}, "unknown variant `Q4_K`"),
+        ({"shape": [4], "data_offsets": [0, 16]}, "missing field `dtype`"),
+        ("oops", "invalid type: string"),
     ],
 )
 def test_bad_header_entries(tmp_path: Path, write_raw, entry, needle: str) -> None:
@@ -166,7 +166,7 @@ def test_bad_header_entries(tmp_path: Path, write_raw, entry, needle: str) -> No
 def test_bad_header_metadata(tmp_path: Path, write_raw) -> None:
     file = tmp_path / "meta.safetensors"
     write_raw(file, {"__metadata__": {"format": 1}})
-    with pytest.raises(CheckpointError, match="__metadata__"):
+    with pytest.raises(CheckpointError, match="expected a string"):
         read_header(file)
 
 
@@ -174,11 +174,11 @@ def test_header_gap_and_trailing_bytes(tmp_path: Path, write_raw) -> None:
     file = tmp_path / "gap.safetensors"
     header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
     write_raw(file, header, b"\0" * 8)
-    with pytest.raises(CheckpointError, match="starts at data byte 4"):
+    with pytest.raises(CheckpointError, match="invalid offset for tensor `a`"):
         read_header(file)
     header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
     write_raw(file, header, b"\0" * 8)
-    with pytest.raises(CheckpointError, match="cover 4 data bytes"):
+    with pytest.raises(CheckpointError, match="not fully covered"):
         read_header(file)
 
 

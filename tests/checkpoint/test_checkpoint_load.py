@@ -11,13 +11,13 @@ from safetensors import safe_open
 
 from dspark_compile.checkpoint import (
     WeightStore,
-    draft_tensor_specs,
     draft_weight_name,
+    draft_weight_specs,
     load_draft,
     load_target,
     shared_weights_differ,
-    target_tensor_specs,
     target_weight_name,
+    target_weight_specs,
     validate_pair,
 )
 from dspark_compile.examples import make_tiny_pair
@@ -40,7 +40,7 @@ def test_golden_pair_loads_and_validates(golden_dir: Path, pair: str) -> None:
     assert (d.markov_rank, d.markov_head_type) == (16, "vanilla")
     assert d.enable_confidence_head and d.confidence_head_with_markov
 
-    target_specs, draft_specs = target_tensor_specs(t), draft_tensor_specs(d)
+    target_specs, draft_specs = target_weight_specs(t), draft_weight_specs(d)
     assert set(target.weights.names()) == set(target_specs)
     assert set(draft.weights.names()) == set(draft_specs)
     for name, spec in [*target_specs.items()]:
@@ -108,8 +108,8 @@ def test_tiny_pair_variants_validate(make_pair, variant: str) -> None:
     target, draft = load_target(target_dir), load_draft(draft_dir)
     assert validate_pair(target, draft) == []
     assert shared_weights_differ(target, draft) == []
-    assert set(draft.weights.names()) == set(draft_tensor_specs(draft.config))
-    target_specs = target_tensor_specs(target.config)
+    assert set(draft.weights.names()) == set(draft_weight_specs(draft.config))
+    target_specs = target_weight_specs(target.config)
     required = {n for n, s in target_specs.items() if s.required}
     assert required <= set(target.weights.names()) <= set(target_specs)
     d = draft.config

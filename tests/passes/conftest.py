@@ -1,10 +1,8 @@
-"""Fixtures of the pass tests: the golden pair compiled once per session, and helpers to run single passes on
-copies of its graphs.
+"""Fixtures of the pass tests: helpers to run single passes on copies of the session's golden build.
 
-One build takes ~30 s on 2 CPU cores (ONNX export dominates), so every test reads the same build. It is made
-with ``dump_after=("export_onnx",)``: ``dump/after_export_onnx/onnx`` holds the graphs exactly as exported, the
-input of every later ONNX pass. The build lives at a fixed place in the session's base temp directory, so test
-files outside tests/passes (which cannot see these fixtures) reuse it by building with the same recipe.
+Every test reads the one ``golden_build`` of tests/conftest.py (an ONNX export per build dominates the suite's
+time). It is made with ``dump_after=("export_onnx",)``: ``dump/after_export_onnx/onnx`` holds the graphs
+exactly as exported, the input of every later ONNX pass.
 """
 
 from __future__ import annotations
@@ -15,11 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
-from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
+from dspark_compile.artifacts import GRAPH_NAMES, PLUGIN, PORTABLE, OnnxGraphs
+from dspark_compile.build_state import BuildState
+from dspark_compile.pipeline import PIPELINE
+from dspark_compile.runtime.backend import ProgramInfo
+from dspark_compile.spec import BuildSpec
 
-VOCAB, BLOCK, TAP_WIDTH = 384, 7, 192  # the golden pair (shared/golden/README.md)
+VOCAB, BLOCK, TAP_WIDTH = 384, 7, 192  # the golden pair (tests/data/golden/README.md)
 
 
 @pytest.fixture(scope="session")
@@ -33,20 +36,43 @@ def exported_dir(golden_build: Path) -> Path:
     return golden_build / "dump" / "after_export_onnx" / "onnx"
 
 
+def load_graphs(directory: Path, out: Path, variants: dict[str, tuple[str, ...]] | None = None) -> OnnxGraphs:
+    """The graph files in ``directory`` as the in-memory `OnnxGraphs` a pass receives (written to ``out``)."""
+    variants = variants or {}
+    models = {name: {v: ir.load(directory / OnnxGraphs(directory, "", 0).path(name, v).name)
+                     for v in variants.get(name, (PORTABLE,))} for name in GRAPH_NAMES}
+    return OnnxGraphs(out, "sampling", BLOCK, models)
+
+
+def make_state(tmp_path: Path, graphs: OnnxGraphs | None = None, **spec: Any) -> BuildState:
+    """A BuildState of the golden pair's shapes holding ``graphs`` (what the earlier passes would have left)."""
+    info = ProgramInfo(vocab_size=VOCAB, block_size=BLOCK, tap_width=TAP_WIDTH, has_confidence=True,
+                       sampling=spec.get("verify_mode", "sampling") == "sampling")
+    return BuildState(spec=BuildSpec(Path("t"), Path("d"), tmp_path / "out", **spec), workdir=tmp_path,
+                      info=info, onnx=graphs)
+
+
+def run_passes(spec: BuildSpec, *names: str, workdir: Path | None = None) -> BuildState:
+    """Run the named passes of the pipeline, in order, on a fresh state of ``spec``."""
+    state = BuildState(spec=spec, workdir=workdir or spec.out.parent)
+    for step in PIPELINE:
+        if step.name in names:
+            step.run(state)
+    return state
+
+
 @pytest.fixture
 def exported_copy(exported_dir: Path, tmp_path: Path) -> OnnxGraphs:
-    """A private copy of the exported graphs, as the `OnnxGraphs` value `export_onnx` returns."""
-    directory = tmp_path / "onnx"
-    shutil.copytree(exported_dir, directory)
-    return OnnxGraphs(directory, "sampling", BLOCK)
+    """The exported graphs, in memory, as `export_onnx` leaves them (weights read from the session's dump)."""
+    return load_graphs(exported_dir, tmp_path / "onnx")
 
 
 @pytest.fixture
 def built_copy(golden_build: Path, tmp_path: Path) -> OnnxGraphs:
-    """A private copy of the finished build's graphs (after share_weights)."""
+    """The finished build's graphs (after share_weights), in memory; ``directory`` is a private copy."""
     directory = tmp_path / "onnx"
     shutil.copytree(golden_build / "onnx", directory)
-    return OnnxGraphs(directory, "sampling", BLOCK, variants={"target_verify": (PORTABLE, PLUGIN)})
+    return load_graphs(directory, directory, {"target_verify": (PORTABLE, PLUGIN)})
 
 
 def ort_session(path: Path) -> Any:
@@ -100,3 +126,15 @@ def run_onnx() -> Callable[[Path, dict[str, np.ndarray]], dict[str, np.ndarray]]
 def feeds_for() -> Callable[..., dict[str, np.ndarray]]:
     """``feeds_for(path, seed=0)``: valid random inputs for a golden graph (see :func:`sample_feeds`)."""
     return sample_feeds
+
+
+@pytest.fixture(scope="session")
+def state_with() -> Callable[..., BuildState]:
+    """``state_with(tmp_path, graphs=None, **spec_fields)``: see :func:`make_state`."""
+    return make_state
+
+
+@pytest.fixture(scope="session")
+def passes() -> Callable[..., BuildState]:
+    """``passes(spec, "load", "graft", ...)``: see :func:`run_passes`."""
+    return run_passes

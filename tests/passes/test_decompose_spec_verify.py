@@ -17,16 +17,14 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from dspark_compile.artifacts import PLUGIN, PORTABLE, OnnxGraphs
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
-from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
-from dspark_compile.passes.decompose_spec_verify import (
-    MIN_OPSET,
-    NODE_PREFIX,
-    decompose_spec_verify,
-    decompose_spec_verify_file,
-)
+from dspark_compile.passes import decompose_spec_verify as decompose_pass
+from dspark_compile.passes.decompose_spec_verify import MIN_OPSET, NODE_PREFIX, decompose_spec_verify
 from dspark_compile.plugins.spec_verify.reference import decision_margin, random_inputs, spec_verify_reference
 from dspark_compile.plugins.spec_verify.schema import GREEDY, SAMPLING, SPEC_VERIFY, make_model, make_node
+from dspark_compile.spec import BuildSpec
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -245,16 +243,19 @@ def test_tensorrt_rtx_builds_the_decomposition(tmp_path) -> None:
             assert all(o.dtype == trt.int64 for o in outputs)
 
 
-def test_file_pass_keeps_the_exported_graph_as_the_plugin_variant(exported_copy: OnnxGraphs,
-                                                                   exported_dir: Path) -> None:
-    graphs = decompose_spec_verify_file(exported_copy)
-    assert graphs.variants == {"target_verify": (PORTABLE, PLUGIN)}
+def test_pass_keeps_the_exported_graph_as_the_plugin_variant(exported_copy: OnnxGraphs, exported_dir: Path,
+                                                              tmp_path: Path) -> None:
+    state = BuildState(spec=BuildSpec(Path("t"), Path("d"), tmp_path / "out"), workdir=tmp_path, onnx=exported_copy)
+    decompose_pass.run(state)
+    graphs = state.onnx
+    assert graphs.variants["target_verify"] == (PORTABLE, PLUGIN)
     exported = onnx.load(str(exported_dir / "target_verify.onnx"), load_external_data=False)
-    assert onnx.load(str(graphs.path("target_verify", PLUGIN)), load_external_data=False) == exported
-    portable = onnx.load(str(graphs.path("target_verify", PORTABLE)), load_external_data=False)
+    plugin = ir.to_proto(graphs.model("target_verify", PLUGIN))
+    assert [n.op_type for n in plugin.graph.node] == [n.op_type for n in exported.graph.node]
+    portable = ir.to_proto(graphs.model("target_verify", PORTABLE))
     assert SPEC_VERIFY.domain not in {n.domain for n in portable.graph.node}
     assert SPEC_VERIFY.domain not in {o.domain for o in portable.opset_import}
     assert [v.name for v in portable.graph.input] == [v.name for v in exported.graph.input]
     assert [v.name for v in portable.graph.output] == [v.name for v in exported.graph.output]
-    kept = [n for n in exported.graph.node if not SPEC_VERIFY.is_node(n)]
-    assert [n for n in portable.graph.node if not n.name.startswith(NODE_PREFIX + "/")] == kept
+    kept = [n.name for n in exported.graph.node if not SPEC_VERIFY.is_node(n)]
+    assert [n.name for n in portable.graph.node if not n.name.startswith(NODE_PREFIX + "/")] == kept

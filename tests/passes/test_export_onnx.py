@@ -9,19 +9,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from onnx import helper
 from torch import nn
 
+from dspark_compile.artifacts import OnnxGraphs
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
-from dspark_compile.ir import OnnxGraphs
-from dspark_compile.passes.decompose_spec_verify import decompose_spec_verify_file
-from dspark_compile.passes.export_onnx import export_onnx
-from dspark_compile.passes.graft import graft
-from dspark_compile.passes.load import load
+from dspark_compile.passes import decompose_spec_verify
+from dspark_compile.passes import graft as graft_pass
+from dspark_compile.passes import load as load_pass
+from dspark_compile.passes.export_onnx import export_graph, export_graphs
 from dspark_compile.passes.partition import GraphSpec, PartitionedProgram, partition
 from dspark_compile.plugins.spec_verify.schema import SAMPLING, SPEC_VERIFY
+from dspark_compile.program import CheckpointPair, DecodeProgram
 from dspark_compile.spec import BuildSpec
 
 CACHE = [4, 2, "batch", 2, "cache_slots", 16]
@@ -51,6 +54,22 @@ SIGNATURES = {  # name -> (inputs, outputs), each (name, dtype, shape)
 }
 
 
+def load(spec: BuildSpec) -> CheckpointPair:
+    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
+    state = BuildState(spec=spec, workdir=spec.out.parent)
+    load_pass.run(state)
+    assert state.pair is not None
+    return state.pair
+
+
+def graft(pair: CheckpointPair, spec: BuildSpec) -> DecodeProgram:
+    """Pass `graft` on a state holding ``pair``; the program it leaves."""
+    state = BuildState(spec=spec, workdir=spec.out.parent, pair=pair)
+    graft_pass.run(state)
+    assert state.program is not None
+    return state.program
+
+
 def _describe(values) -> list[tuple[str, str, list]]:
     return [(v.name, onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
              [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
@@ -74,7 +93,7 @@ def test_graph_signature_is_documented(exported_dir: Path, name: str) -> None:
 
 @torch.inference_mode()
 def test_dynamic_dims_run_at_other_sizes(exported_dir: Path, exported_copy: OnnxGraphs, parts: PartitionedProgram,
-                                         run_onnx: Callable[..., dict[str, np.ndarray]]) -> None:
+                                         tmp_path: Path, run_onnx: Callable[..., dict[str, np.ndarray]]) -> None:
     rng = np.random.default_rng(0)
     # The trace used batch 2, prompt 5, 16 slots and 3 verify rows of 8 tokens; run batch 1 / 3 and 30 slots.
     feeds = {"input_ids": rng.integers(0, 384, (1, 9)), "input_lengths": np.array([9]),
@@ -85,13 +104,15 @@ def test_dynamic_dims_run_at_other_sizes(exported_dir: Path, exported_copy: Onnx
         assert np.abs(got[name[0]] - ref.numpy()).max() < 1e-4, name[0]
 
     # target_verify holds the custom node: run its decomposition, batch 3 and 5 verified tokens (G = 4).
-    decompose_spec_verify_file(exported_copy)
+    state = BuildState(spec=BuildSpec(Path("t"), Path("d"), tmp_path / "out"), workdir=tmp_path, onnx=exported_copy)
+    decompose_spec_verify.run(state)
+    exported_copy.save(tmp_path / "graphs")
     q = rng.random((3, 4, 384)).astype(np.float32)
     feeds = {"tokens": rng.integers(0, 384, (3, 5)), "cache_len": np.array([0, 4, 11]),
              "kv_cache": rng.normal(size=(4, 2, 3, 2, 30, 16)).astype(np.float32), "verify_len": np.array([4, 2, 0]),
              "draft_probs": q / q.sum(-1, keepdims=True), "temperature": np.array([0.0, 0.7, 1.2], np.float32),
              "uniforms": rng.random((3, 5)).astype(np.float32)}
-    got = run_onnx(exported_copy.path("target_verify"), feeds)
+    got = run_onnx(tmp_path / "graphs" / "target_verify.onnx", feeds)
     want = parts.graph("target_verify").module(*(torch.from_numpy(v) for v in feeds.values()))
     for name, ref in zip(SIGNATURES["target_verify"][1], want, strict=True):
         assert np.abs(got[name[0]] - ref.numpy()).max() < 1e-4, name[0]
@@ -122,8 +143,25 @@ class _Unexportable(nn.Module):
         return x - 1
 
 
-def test_export_failure_is_a_build_error_naming_the_graph(parts: PartitionedProgram, tmp_path: Path) -> None:
+def test_export_failure_is_a_build_error_naming_the_graph() -> None:
     broken = GraphSpec("target_prefill", _Unexportable(), {"x": torch.ones(2, 3)}, ("y",), {"x": {0: "batch"}})
-    spec = BuildSpec(Path("t"), Path("d"), tmp_path / "out")
     with pytest.raises(BuildError, match=r"^ONNX export of graph target_prefill failed: "):
-        export_onnx(PartitionedProgram(parts.program, (broken,)), spec, tmp_path / "onnx")
+        export_graph(broken, 18)
+
+
+@pytest.mark.slow  # three worker interpreters trace the graphs again (~1 min on 2 free cores)
+def test_workers_over_meta_modules_export_what_the_build_exports(
+        parts: PartitionedProgram, exported_dir: Path, tmp_path: Path,
+        run_onnx: Callable[..., dict[str, np.ndarray]], feeds_for: Callable[..., dict[str, np.ndarray]]) -> None:
+    spec = BuildSpec(parts.program.pair.target.path, parts.program.pair.draft.path, tmp_path / "out")
+    models = export_graphs(parts, spec, tmp_path / "scratch", workers=2)
+    assert not (tmp_path / "scratch").exists()
+    for name, model in models.items():
+        path = tmp_path / f"{name}.onnx"
+        ir.save(model, path, external_data=f"{name}.onnx.data")
+        built = onnx.load(str(exported_dir / f"{name}.onnx"), load_external_data=False)
+        assert [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node] == [
+            n.op_type for n in built.graph.node], name
+        feeds = feeds_for(exported_dir / f"{name}.onnx", seed=4)
+        old, new = run_onnx(exported_dir / f"{name}.onnx", feeds), run_onnx(path, feeds)
+        assert all(np.array_equal(old[k], new[k]) for k in old), name

@@ -1,5 +1,5 @@
 """Pass `graft`: one program in which the draft uses the target's embedding and LM head modules; on the golden
-pair it reproduces the authors' first draft round (shared/golden/dspark_tiny/unit_round0.safetensors)."""
+pair it reproduces the authors' first draft round (tests/data/golden/dspark_tiny/unit_round0.safetensors)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,29 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dspark_compile.passes.graft import graft
-from dspark_compile.passes.load import load
-from dspark_compile.program import DecodeProgram
+from dspark_compile.build_state import BuildState
+from dspark_compile.passes import graft as graft_pass
+from dspark_compile.passes import load as load_pass
+from dspark_compile.program import CheckpointPair, DecodeProgram
 from dspark_compile.spec import BuildSpec
 
-ATOL = 1e-4  # float32 tolerance of shared/golden/README.md
+ATOL = 1e-4  # float32 tolerance of tests/data/golden/README.md
+
+
+def load(spec: BuildSpec) -> CheckpointPair:
+    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
+    state = BuildState(spec=spec, workdir=spec.out.parent)
+    load_pass.run(state)
+    assert state.pair is not None
+    return state.pair
+
+
+def graft(pair: CheckpointPair, spec: BuildSpec) -> DecodeProgram:
+    """Pass `graft` on a state holding ``pair``; the program it leaves."""
+    state = BuildState(spec=spec, workdir=spec.out.parent, pair=pair)
+    graft_pass.run(state)
+    assert state.program is not None
+    return state.program
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import CheckpointError
-from dspark_compile.passes.load import load
+from dspark_compile.passes import load as load_pass
+from dspark_compile.program import CheckpointPair
 from dspark_compile.spec import BuildSpec
+
+
+def load(spec: BuildSpec) -> CheckpointPair:
+    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
+    state = BuildState(spec=spec, workdir=spec.out.parent)
+    load_pass.run(state)
+    assert state.pair is not None
+    return state.pair
 
 
 def test_load_opens_the_golden_pair(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:

@@ -8,14 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dspark_compile.ir import GRAPH_NAMES
-from dspark_compile.passes.graft import graft
-from dspark_compile.passes.load import load
+from dspark_compile.artifacts import GRAPH_NAMES
+from dspark_compile.build_state import BuildState
+from dspark_compile.passes import graft as graft_pass
+from dspark_compile.passes import load as load_pass
 from dspark_compile.passes.partition import partition
 from dspark_compile.plugins.spec_verify.reference import spec_verify_reference
+from dspark_compile.program import CheckpointPair, DecodeProgram
 from dspark_compile.spec import BuildSpec
 
 V, H, TAPS, L, LD, KV, D = 384, 64, 192, 4, 2, 2, 16  # the golden pair
+
 
 PREFILL = (("input_ids", "input_lengths", "kv_cache"), ("last_logits", "taps", "kv_cache_out"))
 VERIFY_IN = ("tokens", "cache_len", "kv_cache", "verify_len")  # then SpecVerify's sampling inputs
@@ -24,6 +27,22 @@ SAMPLING_IN = ("draft_probs", "temperature", "uniforms")
 DRAFT_IN = ("anchor", "ctx_taps", "ctx_count", "cache_len", "draft_kv")
 DRAFT_OUT_GREEDY = ("draft_tokens", "confidence_logits", "draft_kv_out")
 DRAFT_OUT_SAMPLING = ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_out")
+
+
+def load(spec: BuildSpec) -> CheckpointPair:
+    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
+    state = BuildState(spec=spec, workdir=spec.out.parent)
+    load_pass.run(state)
+    assert state.pair is not None
+    return state.pair
+
+
+def graft(pair: CheckpointPair, spec: BuildSpec) -> DecodeProgram:
+    """Pass `graft` on a state holding ``pair``; the program it leaves."""
+    state = BuildState(spec=spec, workdir=spec.out.parent, pair=pair)
+    graft_pass.run(state)
+    assert state.program is not None
+    return state.program
 
 
 def _spec(pair: tuple[Path, Path], tmp_path: Path, **kwargs) -> BuildSpec:

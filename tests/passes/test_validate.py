@@ -6,10 +6,26 @@ from pathlib import Path
 
 import pytest
 
+from dspark_compile.build_state import BuildState
 from dspark_compile.errors import UsageError, ValidationError
-from dspark_compile.passes.load import load
-from dspark_compile.passes.validate import validate
+from dspark_compile.passes import load as load_pass
+from dspark_compile.passes import validate as validate_pass
+from dspark_compile.program import CheckpointPair
 from dspark_compile.spec import BuildSpec
+
+
+def load(spec: BuildSpec) -> CheckpointPair:
+    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
+    state = BuildState(spec=spec, workdir=spec.out.parent)
+    load_pass.run(state)
+    assert state.pair is not None
+    return state.pair
+
+
+def validate(pair: CheckpointPair, spec: BuildSpec) -> CheckpointPair:
+    """Pass `validate` on a state holding ``pair``."""
+    validate_pass.run(BuildState(spec=spec, workdir=spec.out.parent, pair=pair))
+    return pair
 
 
 def test_consistent_pair_passes_unchanged(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:

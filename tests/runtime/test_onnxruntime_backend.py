@@ -12,7 +12,7 @@ import pytest
 
 from dspark_compile import api
 from dspark_compile.errors import UsageError
-from dspark_compile.runtime.backend import ModelInfo
+from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.runtime.onnxruntime_backend import OrtBackend
 
 pytest.importorskip("onnxruntime")
@@ -50,8 +50,10 @@ def test_run_reproduces_the_golden_traces(golden_build: Path, golden: dict[str, 
 
 def test_model_info_comes_from_the_manifest(golden_build: Path) -> None:
     backend = OrtBackend.load(golden_build)
-    assert backend.info == ModelInfo(vocab_size=384, block_size=7, tap_width=192, has_confidence=True,
-                                     eos_token_ids=(), sampling=True)
+    manifest = json.loads((golden_build / "manifest.json").read_text())
+    assert backend.info == ProgramInfo.from_json(manifest["program"])
+    assert (backend.info.vocab_size, backend.info.block_size, backend.info.tap_width) == (384, 7, 192)
+    assert (backend.info.has_confidence, backend.info.eos_token_ids, backend.info.sampling) == (True, (), True)
     assert backend.provider == "CPUExecutionProvider"
 
 

@@ -8,26 +8,30 @@ from pathlib import Path
 import pytest
 from test_triton_standin import BLOCK, SIGNATURES, TAPS, VOCAB, write_fake_build
 
+from dspark_compile.artifacts import GraphIO, TensorIO
 from dspark_compile.errors import BuildError, UsageError
+from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.targets.triton import pbtxt
 from dspark_compile.targets.triton.repository import TritonOptions, write_triton_repository
 
 mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 
-def test_signature_from_onnx_keeps_static_dims_and_marks_dynamic(tmp_path: Path) -> None:
+def test_triton_tensors_keep_static_dims_and_mark_dynamic(tmp_path: Path) -> None:
     build = write_fake_build(tmp_path / "build")
-    sig = pbtxt.GraphSignature.from_onnx(build / "onnx" / "target_verify.onnx")
-    assert [t.name for t in sig.inputs] == [name for name, _, _ in SIGNATURES["target_verify"][0]]
-    assert sig.input("tokens") == pbtxt.TensorSpec("tokens", "TYPE_INT64", (-1, BLOCK + 1))
-    assert sig.input("kv_cache").dims == (2, 2, -1, 2, -1, 4)
-    assert sig.output("taps") == pbtxt.TensorSpec("taps", "TYPE_FP32", (-1, BLOCK + 1, TAPS))
+    io = GraphIO.read(build / "onnx" / "target_verify.onnx")
+    inputs, outputs = pbtxt.triton_tensors(io.inputs, "v"), pbtxt.triton_tensors(io.outputs, "v")
+    assert [t.name for t in inputs] == [name for name, _, _ in SIGNATURES["target_verify"][0]]
+    assert inputs[0] == pbtxt.TritonTensor("tokens", "TYPE_INT64", (-1, BLOCK + 1))
+    assert next(t for t in inputs if t.name == "kv_cache").dims == (2, 2, -1, 2, -1, 4)
+    assert next(t for t in outputs if t.name == "taps") == pbtxt.TritonTensor("taps", "TYPE_FP32",
+                                                                              (-1, BLOCK + 1, TAPS))
 
 
 def test_graph_config_round_trips_through_triton_protobuf(tmp_path: Path) -> None:
     build = write_fake_build(tmp_path / "build")
-    sig = pbtxt.GraphSignature.from_onnx(build / "onnx" / "draft_propose.onnx")
-    text = pbtxt.render(pbtxt.graph_model_config("dspark_draft", sig, platform="tensorrt_plan"))
+    io = GraphIO.read(build / "onnx" / "draft_propose.onnx")
+    text = pbtxt.render(pbtxt.graph_model_config("dspark_draft", io, platform="tensorrt_plan"))
     parsed = pbtxt.parse_config(text, Path("config.pbtxt"))
     assert parsed.platform == "tensorrt_plan" and parsed.max_batch_size == 0
     assert parsed.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
@@ -36,10 +40,9 @@ def test_graph_config_round_trips_through_triton_protobuf(tmp_path: Path) -> Non
 
 
 def test_tensorrt_on_cpu_is_refused() -> None:
-    sig = pbtxt.GraphSignature((pbtxt.TensorSpec("x", "TYPE_FP32", (-1,)),),
-                               (pbtxt.TensorSpec("y", "TYPE_FP32", (-1,)),))
+    io = GraphIO((TensorIO("x", "float", ("n",)),), (TensorIO("y", "float", ("n",)),))
     with pytest.raises(BuildError, match="GPU"):
-        pbtxt.graph_model_config("m", sig, platform="tensorrt_plan", instance_kind="KIND_CPU")
+        pbtxt.graph_model_config("m", io, platform="tensorrt_plan", instance_kind="KIND_CPU")
 
 
 @pytest.mark.parametrize(("text", "problem"), [
@@ -93,10 +96,10 @@ def test_onnx_repository_layout(tmp_path: Path) -> None:
     info = json.loads(params["model_info"])
     assert info["models"] == {"target_prefill": "dspark_target_prefill",
                               "target_verify": "dspark_target_verify", "draft_propose": "dspark_draft"}
-    assert info["info"] == {"vocab_size": VOCAB, "block_size": BLOCK, "tap_width": TAPS,
-                            "has_confidence": False, "eos_token_ids": [], "max_slots": 96, "sampling": True}
+    assert info["info"] == ProgramInfo(vocab_size=VOCAB, block_size=BLOCK, tap_width=TAPS, has_confidence=False,
+                                       max_slots=96, sampling=True).to_json()
     assert (root / "dspark" / "1" / "model.py").read_text().startswith('"""The ``dspark`` Triton model')
-    assert params["max_context"] == "96"  # from build_spec.json
+    assert params["max_context"] == "96"  # the build's ProgramInfo.max_slots, from manifest.json
 
 
 def test_tensorrt_repository_and_rewrite_replaces_old(tmp_path: Path) -> None:
@@ -130,10 +133,9 @@ def test_user_mistakes_are_reported(tmp_path: Path) -> None:
     build = write_fake_build(tmp_path / "build")
     with pytest.raises(UsageError, match="engine"):
         write_triton_repository(build, tmp_path / "out", TritonOptions(platform="tensorrt_plan"))
-    (build / "build_spec.json").unlink()
-    with pytest.raises(UsageError, match=r"build_spec\.json"):
+    (build / "manifest.json").unlink()
+    with pytest.raises(UsageError, match=r"manifest\.json"):
         write_triton_repository(build, tmp_path / "out", TritonOptions(backend_mode="bls"))
     with pytest.raises(UsageError, match="backend_factory"):
         TritonOptions(backend_mode="factory")
-    assert not (tmp_path / "out" / "triton").exists()
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # refused before anything was written

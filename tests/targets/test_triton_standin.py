@@ -15,10 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dspark_compile.runtime.backend import DraftOutput, ModelInfo, VerifyOutput
+from dspark_compile.runtime.backend import DraftOutput, ProgramInfo, VerifyOutput
 from dspark_compile.runtime.decode import GenerationParams, generate
 
-GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "dspark_tiny"
 VOCAB = 50
 BLOCK = 4
 TAPS = 8
@@ -39,7 +38,7 @@ def reference(prompt: list[int], max_new_tokens: int) -> list[int]:
 
 class StandInBackend:
     def __init__(self, eos_token_ids: tuple[int, ...] = ()) -> None:
-        self.info = ModelInfo(vocab_size=VOCAB, block_size=BLOCK, tap_width=TAPS, has_confidence=False,
+        self.info = ProgramInfo(vocab_size=VOCAB, block_size=BLOCK, tap_width=TAPS, has_confidence=False,
                               eos_token_ids=eos_token_ids, max_slots=MAX_SLOTS, sampling=True)
         self.batches: list[int] = []
 
@@ -132,17 +131,10 @@ def write_fake_build(root: Path, *, engines: bool = False, draft: bool = True) -
         if engines:
             (root / "engines").mkdir(exist_ok=True)
             (root / "engines" / f"{graph}.plan").write_bytes(b"not a real engine")
-    # What derive_model_info reads: the build spec and the checkpoint configs it names (golden shapes, patched
-    # to the stand-in's vocabulary and block, without EOS or confidence head).
-    for role, patch in (("target", {"vocab_size": VOCAB, "eos_token_id": None}),
-                        ("draft", {"vocab_size": VOCAB, "block_size": BLOCK, "enable_confidence_head": False,
-                                   "confidence_head_with_markov": False, "eos_token_id": None})):
-        config = json.loads((GOLDEN / role / "config.json").read_text()) | patch
-        (root / "checkpoints" / role).mkdir(parents=True)
-        (root / "checkpoints" / role / "config.json").write_text(json.dumps(config))
-    spec = {"target": str(root / "checkpoints" / "target"), "draft": str(root / "checkpoints" / "draft"),
-            "out": str(root), "block_size": None, "max_context": MAX_SLOTS, "verify_mode": "sampling"}
-    (root / "build_spec.json").write_text(json.dumps(spec))
+    # What `dspark-compile build` records and the repository writer reads: the program and the spec.
+    info = StandInBackend().info
+    manifest = {"spec": {"max_context": MAX_SLOTS, "verify_mode": "sampling"}, "program": info.to_json()}
+    (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
 

@@ -5,8 +5,8 @@ What happens, in order:
 1. The ONNX file is checked here, without its weights (:mod:`.graph_checks`): corrupt files, custom ops a
    flavor cannot take, dtypes without engine bindings, precision, profiles.
 2. Parsing and building run in a child Python process. A native abort inside TensorRT then becomes one
-   :class:`~dspark_compile.errors.BuildError` instead of killing the caller; it costs about 0.3 s per
-   engine (interpreter start plus imports), little beside a build.
+   :class:`~dspark_compile.errors.BuildError` instead of killing the caller, for the price of an interpreter
+   start per engine.
 3. The network is strongly typed: TensorRT-RTX only has strongly typed networks (``create_network(0)``
    already sets STRONGLY_TYPED, its only creation flag, and it has no FP16/BF16 builder flags); full
    TensorRT gets the flag explicitly. Precision therefore comes from the graph's dtypes; ``precision``

@@ -65,7 +65,7 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from dspark_compile.errors import DsparkError, UsageError  # noqa: E402
-from dspark_compile.runtime.backend import Backend, DraftOutput, ModelInfo, VerifyOutput  # noqa: E402
+from dspark_compile.runtime.backend import Backend, DraftOutput, ProgramInfo, VerifyOutput  # noqa: E402
 from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate  # noqa: E402
 
 BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
@@ -87,7 +87,7 @@ class Limits:
     sampling: bool
 
     @classmethod
-    def of(cls, info: ModelInfo, max_context: int | None, default_max_new_tokens: int) -> Limits:
+    def of(cls, info: ProgramInfo, max_context: int | None, default_max_new_tokens: int) -> Limits:
         bounds = [b for b in (max_context, info.max_slots) if b is not None]
         return cls(info.vocab_size, info.block_size, min(bounds) if bounds else None, default_max_new_tokens,
                    info.sampling)
@@ -296,17 +296,16 @@ class BlsBackend:
     which the graphs read as greedy.
     """
 
-    info: ModelInfo
+    info: ProgramInfo
     models: Mapping[str, str]  # graph -> Triton model name
-    signatures: Mapping[str, Mapping[str, Any]]  # graph -> {"inputs": [TensorSpec JSON], "outputs": [...]}
+    signatures: Mapping[str, Mapping[str, Any]]  # graph -> {"inputs": [TritonTensor JSON], "outputs": [...]}
     _kv: np.ndarray | None = field(default=None, init=False, repr=False)
     _draft_kv: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_parameter(cls, text: str) -> BlsBackend:
         raw = json.loads(text)
-        return cls(ModelInfo(**{**raw["info"], "eos_token_ids": tuple(raw["info"]["eos_token_ids"])}),
-                   raw["models"], raw["signatures"])
+        return cls(ProgramInfo.from_json(raw["info"]), raw["models"], raw["signatures"])
 
     def _spec(self, graph: str, name: str) -> Mapping[str, Any] | None:
         return next((t for t in self.signatures[graph]["inputs"] if t["name"] == name), None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dspark_compile.artifacts import GraphIO, TensorIO
 from dspark_compile.errors import BackendUnavailableError, BuildError
 
 try:
@@ -29,14 +30,16 @@ PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU")
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
 
-# ONNX TensorProto element types -> Triton data types (the subset our graphs can carry).
-ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32",
-                  7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
+# ONNX dtype names (GraphIO) -> Triton data types (the subset our graphs can carry).
+ONNX_TO_TRITON = {"float": "TYPE_FP32", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int16": "TYPE_INT16",
+                  "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL", "float16": "TYPE_FP16",
+                  "double": "TYPE_FP64", "bfloat16": "TYPE_BF16"}
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    """One input or output: Triton data type name and full dims (-1 = dynamic; no implicit batch dim)."""
+class TritonTensor:
+    """One input or output as Triton declares it: data type name and full dims (-1 = dynamic; no implicit
+    batch dim)."""
 
     name: str
     data_type: str
@@ -47,46 +50,21 @@ class TensorSpec:
         return {"name": self.name, "data_type": self.data_type, "dims": list(self.dims)}
 
 
-@dataclass(frozen=True)
-class GraphSignature:
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.name == name), None)
-
-    def output(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.outputs if t.name == name), None)
-
-    @classmethod
-    def from_onnx(cls, path: Path) -> GraphSignature:
-        """Read the I/O of an ONNX file without loading its (external) weights."""
-        import onnx
-
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:
-            raise BuildError(f"{path}: cannot read the ONNX graph ({exc}); rebuild it with "
-                             "`dspark-compile build`") from exc
-        initializers = {init.name for init in model.graph.initializer}
-        inputs = tuple(_onnx_tensor(v, path) for v in model.graph.input if v.name not in initializers)
-        outputs = tuple(_onnx_tensor(v, path) for v in model.graph.output)
-        return cls(inputs, outputs)
+def triton_tensors(values: Iterable[TensorIO], where: Path | str) -> tuple[TritonTensor, ...]:
+    """A graph's inputs or outputs (:class:`GraphIO`) in Triton's terms; ``where`` names the graph in errors."""
+    out = []
+    for value in values:
+        if value.dtype not in ONNX_TO_TRITON:
+            raise BuildError(f"{where}: tensor `{value.name}` has ONNX element type {value.dtype}, which Triton "
+                             f"cannot carry; expected one of {', '.join(ONNX_TO_TRITON)}")
+        if value.shape is None:
+            raise BuildError(f"{where}: tensor `{value.name}` has no shape; re-export with static ranks")
+        dims = tuple(d if isinstance(d, int) and d > 0 else -1 for d in value.shape)
+        out.append(TritonTensor(value.name, ONNX_TO_TRITON[value.dtype], dims))
+    return tuple(out)
 
 
-def _onnx_tensor(value: Any, path: Path) -> TensorSpec:
-    tensor_type = value.type.tensor_type
-    if tensor_type.elem_type not in ONNX_TO_TRITON:
-        raise BuildError(f"{path}: tensor `{value.name}` has ONNX element type {tensor_type.elem_type}, "
-                         f"which Triton cannot carry; expected one of {sorted(ONNX_TO_TRITON)}")
-    if not tensor_type.HasField("shape"):
-        raise BuildError(f"{path}: tensor `{value.name}` has no shape; re-export with static ranks")
-    dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
-                 for d in tensor_type.shape.dim)
-    return TensorSpec(value.name, ONNX_TO_TRITON[tensor_type.elem_type], dims)
-
-
-def _tensor(message: Any, spec: TensorSpec) -> None:
+def _tensor(message: Any, spec: TritonTensor) -> None:
     message.name = spec.name
     message.data_type = mc.DataType.Value(spec.data_type)
     message.dims.extend(spec.dims)
@@ -94,8 +72,8 @@ def _tensor(message: Any, spec: TensorSpec) -> None:
         message.optional = True
 
 
-def graph_model_config(name: str, signature: GraphSignature, *, platform: str,
-                       instance_kind: str = "KIND_GPU", instances: int = 1) -> Any:
+def graph_model_config(name: str, io: GraphIO, *, platform: str, instance_kind: str = "KIND_GPU",
+                       instances: int = 1) -> Any:
     """A ModelConfig for one of the three graphs.
 
     ``max_batch_size`` is 0 and Triton's dynamic batcher is off: the KV caches carry the batch in their third
@@ -110,23 +88,23 @@ def graph_model_config(name: str, signature: GraphSignature, *, platform: str,
         raise BuildError(f"model {name}: TensorRT engines run only on GPU instances; use KIND_GPU")
     config = mc.ModelConfig(name=name, platform=platform, max_batch_size=0,
                             default_model_filename=MODEL_FILES[platform])
-    for spec in signature.inputs:
+    for spec in triton_tensors(io.inputs, name):
         _tensor(config.input.add(), spec)
-    for spec in signature.outputs:
+    for spec in triton_tensors(io.outputs, name):
         _tensor(config.output.add(), spec)
     config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(instance_kind), count=instances)
     return config
 
 
 ORCHESTRATOR_INPUTS = (
-    TensorSpec("prompt_ids", "TYPE_INT64", (-1,)),
-    TensorSpec("max_new_tokens", "TYPE_INT32", (1,), optional=True),
-    TensorSpec("temperature", "TYPE_FP32", (1,), optional=True),
-    TensorSpec("seed", "TYPE_INT64", (1,), optional=True),
+    TritonTensor("prompt_ids", "TYPE_INT64", (-1,)),
+    TritonTensor("max_new_tokens", "TYPE_INT32", (1,), optional=True),
+    TritonTensor("temperature", "TYPE_FP32", (1,), optional=True),
+    TritonTensor("seed", "TYPE_INT64", (1,), optional=True),
 )
 ORCHESTRATOR_OUTPUTS = (
-    TensorSpec("tokens", "TYPE_INT64", (-1,)),
-    TensorSpec("accepted", "TYPE_INT32", (1,)),
+    TritonTensor("tokens", "TYPE_INT64", (-1,)),
+    TritonTensor("accepted", "TYPE_INT32", (1,)),
 )
 
 

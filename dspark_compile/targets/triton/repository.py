@@ -9,7 +9,8 @@ Layout (one model per graph plus the orchestrator; every model has version ``1/`
       dspark/{config.pbtxt, 1/model.py}   decoupled python-backend orchestrator
 
 In the in-process modes the orchestrator loads the build directory itself (its ``manifest.json`` is written
-after this step), named relative to the repository, so ``OUT`` must move as a whole.
+after this step), named relative to the repository, so ``OUT`` must move as a whole. The bls mode gets the
+build's :class:`ProgramInfo` from the build (in the pipeline) or its ``manifest.json`` (afterwards).
 
 The repository is assembled in a temporary directory next to its destination, every ``config.pbtxt`` is
 validated with Triton's ModelConfig protobuf, and only then is it renamed into place.
@@ -23,14 +24,15 @@ import os
 import shutil
 import sysconfig
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dspark_compile.config import parse_draft_config, parse_target_config
+from dspark_compile.artifacts import GraphIO, TritonRepository
 from dspark_compile.errors import BuildError, UsageError
-from dspark_compile.ir import TritonRepository
-from dspark_compile.runtime.backend import ModelInfo
+from dspark_compile.runtime.backend import ProgramInfo
+from dspark_compile.runtime.onnxruntime_dtypes import check_onnxruntime_dtype
 from dspark_compile.targets.triton import pbtxt
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ class TritonOptions:
     default_max_new_tokens: int = 64
     max_context: int | None = None
     backend_factory: str | None = None
-    model_info: ModelInfo | None = None  # for bls; default: derive_model_info(build_dir)
+    model_info: ProgramInfo | None = None  # default: the build's (the pipeline's, or BUILD/manifest.json)
     verify: str = "auto"  # fixed | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
 
     def __post_init__(self) -> None:
@@ -84,23 +86,30 @@ class TritonOptions:
                 raise UsageError(f"python_path entry {entry!r} must not contain '\"', ':' or '\\'")
 
 
-def write_triton_repository(build_dir: Path, out_dir: Path, options: TritonOptions | None = None
-                            ) -> TritonRepository:
-    """Write ``out_dir/triton`` for the graphs in ``build_dir`` (replacing an older one) and validate it."""
+def write_triton_repository(build_dir: Path, out_dir: Path, options: TritonOptions | None = None, *,
+                            graphs: Mapping[str, Path] | None = None,
+                            io: Mapping[str, GraphIO] | None = None) -> TritonRepository:
+    """Write ``out_dir/triton`` for the graphs in ``build_dir`` (replacing an older one) and validate it.
+
+    The pipeline passes the ``graphs`` it wrote and their ``io``; without them they are found in BUILD/onnx.
+    """
     options = options or TritonOptions()
     build_dir = Path(build_dir)
-    graphs = _find_graphs(build_dir)
+    graphs = dict(graphs) if graphs is not None else _find_graphs(build_dir)
     platform = _choose_platform(build_dir, graphs, options.platform)
-    signatures = {g: pbtxt.GraphSignature.from_onnx(path) for g, path in graphs.items()}
+    io = dict(io) if io is not None else {g: _read_io(path) for g, path in graphs.items()}
+    info = options.model_info or _manifest_info(build_dir, required=options.backend_mode == "bls")
+    if info is not None and (platform == "onnxruntime_onnx" or options.backend_mode == "onnxruntime_inprocess"):
+        check_onnxruntime_dtype(info.dtype, "the Triton repository's onnxruntime models")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "triton"
     staging = Path(tempfile.mkdtemp(prefix=".triton-", dir=out_dir))
     try:
         for graph, onnx_path in graphs.items():
-            _write_graph_model(staging / GRAPH_MODELS[graph], graph, onnx_path, build_dir, signatures[graph],
-                               platform, options)
-        _write_orchestrator(staging / ORCHESTRATOR, build_dir, final, graphs, signatures, options)
+            _write_graph_model(staging / GRAPH_MODELS[graph], graph, onnx_path, build_dir, io[graph], platform,
+                               options)
+        _write_orchestrator(staging / ORCHESTRATOR, build_dir, final, graphs, io, info, options)
         models = tuple(d.name for d in sorted(staging.iterdir()) if pbtxt.validate_config(d / "config.pbtxt"))
         if final.exists():
             retired = Path(tempfile.mkdtemp(prefix=".triton-old-", dir=out_dir))
@@ -115,6 +124,26 @@ def write_triton_repository(build_dir: Path, out_dir: Path, options: TritonOptio
     log.info("wrote Triton repository %s (%s graphs, orchestrator mode %s)", final, platform,
              options.backend_mode)
     return TritonRepository(final, models)
+
+
+def _read_io(path: Path) -> GraphIO:
+    try:
+        return GraphIO.read(path)
+    except Exception as exc:
+        raise BuildError(f"{path}: cannot read the ONNX graph ({exc}); rebuild it with `dspark-compile build`") from exc
+
+
+def _manifest_info(build_dir: Path, *, required: bool) -> ProgramInfo | None:
+    """The ProgramInfo that `dspark-compile build` recorded in BUILD/manifest.json."""
+    path = build_dir / "manifest.json"
+    try:
+        return ProgramInfo.from_json(json.loads(path.read_text())["program"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not required:
+            return None
+        raise UsageError(f"{path}: cannot read the build's program description ({type(exc).__name__}: {exc}); "
+                         "the bls mode needs it: pass a directory written by `dspark-compile build` (or "
+                         "TritonOptions.model_info)") from exc
 
 
 def _find_graphs(build_dir: Path) -> dict[str, Path]:
@@ -139,8 +168,8 @@ def _choose_platform(build_dir: Path, graphs: dict[str, Path], wanted: str) -> s
     return wanted
 
 
-def _write_graph_model(model_dir: Path, graph: str, onnx_path: Path, build_dir: Path,
-                       signature: pbtxt.GraphSignature, platform: str, options: TritonOptions) -> None:
+def _write_graph_model(model_dir: Path, graph: str, onnx_path: Path, build_dir: Path, io: GraphIO, platform: str,
+                       options: TritonOptions) -> None:
     version = model_dir / "1"
     version.mkdir(parents=True)
     if platform == "tensorrt_plan":
@@ -153,13 +182,13 @@ def _write_graph_model(model_dir: Path, graph: str, onnx_path: Path, build_dir: 
             target.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(onnx_path.parent / location, target)
     kind = "KIND_GPU" if platform == "tensorrt_plan" else options.instance_kind
-    config = pbtxt.graph_model_config(model_dir.name, signature, platform=platform, instance_kind=kind,
+    config = pbtxt.graph_model_config(model_dir.name, io, platform=platform, instance_kind=kind,
                                       instances=options.graph_instances)
     (model_dir / "config.pbtxt").write_text(pbtxt.render(config))
 
 
-def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, graphs: dict[str, Path],
-                        signatures: dict[str, pbtxt.GraphSignature], options: TritonOptions) -> None:
+def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, graphs: Mapping[str, Path],
+                        io: Mapping[str, GraphIO], info: ProgramInfo | None, options: TritonOptions) -> None:
     (model_dir / "1").mkdir(parents=True)
     shutil.copyfile(Path(__file__).with_name("orchestrator_model.py"), model_dir / "1" / "model.py")
     python_path = default_python_path() if options.python_path is None else options.python_path
@@ -170,16 +199,17 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         "default_max_new_tokens": options.default_max_new_tokens,
         "verify": options.verify,
     }
-    max_context = options.max_context or _spec_field(build_dir, "max_context")
+    max_context = options.max_context or (info.max_slots if info is not None else None)
     if max_context is not None:
         parameters["max_context"] = int(max_context)
     if options.backend_mode == "bls":
-        info = options.model_info or derive_model_info(build_dir, signatures)
+        assert info is not None
         parameters["model_info"] = {
-            "info": asdict(info),
+            "info": info.to_json(),
             "models": {g: GRAPH_MODELS[g] for g in graphs},
-            "signatures": {g: {"inputs": [t.to_json() for t in s.inputs],
-                               "outputs": [t.to_json() for t in s.outputs]} for g, s in signatures.items()},
+            "signatures": {g: {"inputs": [t.to_json() for t in pbtxt.triton_tensors(s.inputs, g)],
+                               "outputs": [t.to_json() for t in pbtxt.triton_tensors(s.outputs, g)]}
+                           for g, s in io.items()},
         }
     else:
         parameters["build_dir"] = os.path.relpath(build_dir.resolve(), repository.resolve())
@@ -187,46 +217,6 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         parameters["backend_factory"] = options.backend_factory
     config = pbtxt.orchestrator_config(ORCHESTRATOR, parameters)
     (model_dir / "config.pbtxt").write_text(pbtxt.render(config))
-
-
-def derive_model_info(build_dir: Path, signatures: dict[str, pbtxt.GraphSignature]) -> ModelInfo:
-    """The ModelInfo of a build, for the BLS backend (which, unlike OrtBackend, cannot inspect the graphs).
-
-    Sizes come from the graph signatures, the rest from ``build_spec.json`` and the checkpoint configs it
-    names (the same fields TorchBackend uses): block size, confidence head, EOS ids, cache capacity.
-    """
-    spec_path = build_dir / "build_spec.json"
-    try:
-        spec = json.loads(spec_path.read_text())
-        target = parse_target_config(json.loads((Path(spec["target"]) / "config.json").read_text()),
-                                     Path(spec["target"]) / "config.json")
-        draft = None
-        if "draft_propose" in signatures:
-            draft = parse_draft_config(json.loads((Path(spec["draft"]) / "config.json").read_text()),
-                                       Path(spec["draft"]) / "config.json")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{spec_path}: cannot read the build spec or the checkpoint configs it names "
-                         f"({type(exc).__name__}: {exc}); the bls mode needs them (or "
-                         "TritonOptions.model_info)") from exc
-    prefill, verify = signatures["target_prefill"], signatures["target_verify"]
-    vocab, taps = prefill.output("last_logits"), prefill.output("taps")
-    if vocab is None or taps is None or vocab.dims[-1] < 1 or taps.dims[-1] < 1:
-        raise BuildError(f"{build_dir / 'onnx' / 'target_prefill.onnx'}: `last_logits` [B, V] and `taps` "
-                         "[B, T, F] must exist with static V and F")
-    block = 0
-    if draft is not None:
-        block = int(spec.get("block_size") or draft.block_size)
-    return ModelInfo(vocab_size=vocab.dims[-1], block_size=block, tap_width=taps.dims[-1],
-                     has_confidence=draft is not None and draft.enable_confidence_head,
-                     eos_token_ids=target.eos_token_ids, max_slots=spec.get("max_context"),
-                     sampling=verify.input("temperature") is not None)
-
-
-def _spec_field(build_dir: Path, name: str) -> Any:
-    try:
-        return json.loads((build_dir / "build_spec.json").read_text()).get(name)
-    except (OSError, ValueError):
-        return None
 
 
 def default_python_path() -> tuple[str, ...]:
@@ -237,28 +227,22 @@ def default_python_path() -> tuple[str, ...]:
 
 
 def external_data_files(onnx_path: Path) -> list[str]:
-    """Relative locations of the external-data files an ONNX model references (weights not loaded).
+    """Relative locations of the external-data files an ONNX model references (weights not loaded)."""
+    import onnx_ir as ir
 
-    Walks subgraphs too; onnx only offers this walk as a private helper (``_get_all_tensors``).
-    """
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    found: dict[str, None] = {}
-
-    def visit(graph: Any) -> None:
-        tensors = list(graph.initializer)
-        for node in graph.node:
-            for attr in node.attribute:
-                tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    visit(sub)
-        for tensor in tensors:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                entries = {e.key: e.value for e in tensor.external_data}
-                found.setdefault(entries["location"], None)
-
-    visit(model.graph)
+    model = ir.load(onnx_path)
+    graphs: dict[ir.Graph, None] = {model.graph: None}
+    tensors: list[Any] = []
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):  # subgraphs too
+        if isinstance(node.graph, ir.Graph):
+            graphs.setdefault(node.graph, None)
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                tensors.append(attr.value)
+            elif attr.type == ir.AttributeType.TENSORS:
+                tensors.extend(attr.value)
+    tensors += [v.const_value for graph in graphs for v in graph.initializers.values()]
+    found = dict.fromkeys(t.location for t in tensors if isinstance(t, ir.ExternalTensor))
     for location in found:
         if Path(location).is_absolute() or ".." in Path(location).parts:
             raise BuildError(f"{onnx_path}: external data location {location!r} leaves the model directory; "

@@ -1,4 +1,4 @@
-"""Post-build pass `calibrate`: Sequential Temperature Scaling of the confidence head (DSPARK.md §5).
+"""Post-build tool `calibrate`: Sequential Temperature Scaling of the confidence head (DSPARK.md §5).
 
 Decodes held-out prompts with fixed γ verification, records each round's confidence logits and accepted
 drafts, fits one temperature per position left to right, and writes BUILD/calibration.json and

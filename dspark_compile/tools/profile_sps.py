@@ -1,9 +1,10 @@
-"""Post-build pass `profile_sps`: measure SPS(B), verify steps per second at a verify batch of B tokens.
+"""Post-build tool `profile`: measure SPS(B), verify steps per second at a verify batch of B tokens.
 
 The scheduler (DSPARK.md §5) maximises τ · SPS(B), so it needs the engine's real cost curve. B counts tokens
 (Σ_r 1 + ℓ_r): below γ+1 one request verifies B tokens; above, ⌈B/(γ+1)⌉ requests of up to γ+1 tokens each.
-Each point is the median of timed verify calls over a warm cache of `context` committed tokens.
-Writes BUILD/sps_profile.json and BUILD/sps_profile.png.
+Each point is the median of timed verify calls over a warm cache of `context` committed tokens, timed with
+`torch.utils.benchmark` (which synchronises the accelerator around each call). Writes BUILD/sps_profile.json
+and BUILD/sps_profile.png.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,9 @@ def shape_for(tokens: int, block: int) -> tuple[int, int]:
 
 
 def profile_sps(backend: Backend, *, max_batch: int, context: int = 256, repeats: int = 5,
-                backend_name: str = "", device: str = "cpu", sync: Callable[[], None] | None = None) -> SpsProfile:
+                backend_name: str = "", device: str = "cpu") -> SpsProfile:
+    from torch.utils.benchmark import Timer
+
     g = backend.info.block_size
     rng = np.random.default_rng(0)
     points, sps = [], []
@@ -75,17 +76,9 @@ def profile_sps(backend: Backend, *, max_batch: int, context: int = 256, repeats
             backend.verify(*args)
 
         call()  # warm-up (allocation, kernel selection)
-        times = []
-        for _ in range(repeats):
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            call()
-            if sync:
-                sync()
-            times.append(time.perf_counter() - t0)
+        timer = Timer(stmt="call()", globals={"call": call})
         points.append(reqs * t)
-        sps.append(1.0 / statistics.median(times))
+        sps.append(1.0 / statistics.median(timer.timeit(1).median for _ in range(repeats)))
         log.info("SPS(%d) = %.1f steps/s", reqs * t, sps[-1])
     # Points may repeat when rounding requests up; keep the last (largest shape) per B.
     curve = dict(zip(points, sps, strict=True))

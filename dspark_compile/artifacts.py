@@ -1,0 +1,144 @@
+"""Handles to what a build produces (graphs, engines, a Triton repository), passed from pass to pass.
+
+The ONNX graphs stay in memory as onnx-ir models from `export_onnx` to `share_weights`, which writes each of
+them once; later passes read them from here, never from the files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
+GRAPH_NAMES = ("target_prefill", "target_verify", "draft_propose")
+PORTABLE = "portable"  # standard ONNX ops only: onnxruntime, TensorRT-RTX, any ONNX runtime
+PLUGIN = "plugin"  # target_verify keeping the dspark::SpecVerify node, for full TensorRT with our plugin
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One graph input or output: ONNX dtype name (``float``, ``int64``, ``bfloat16``) and dims (a name for a
+    dynamic dim, ``None`` for an unnamed one; ``shape`` is ``None`` when the rank is unknown)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": None if self.shape is None else list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """A graph's inputs (weights excluded) and outputs: what the manifest records and Triton and TensorRT check."""
+
+    inputs: tuple[TensorIO, ...]
+    outputs: tuple[TensorIO, ...]
+    opset: dict[str, int] = field(default_factory=dict)
+    nodes: int = 0
+
+    @classmethod
+    def of(cls, model: ir.Model) -> GraphIO:
+        graph = model.graph
+        weights = set(graph.initializers)
+
+        def describe(value: ir.Value) -> TensorIO:
+            dtype = value.dtype.name.lower() if value.dtype is not None else "undefined"
+            shape = None if value.shape is None else tuple(
+                d if isinstance(d, int) else d.value for d in value.shape)
+            return TensorIO(value.name or "", dtype, shape)
+
+        return cls(tuple(describe(v) for v in graph.inputs if v.name not in weights),
+                   tuple(describe(v) for v in graph.outputs),
+                   {domain or "ai.onnx": version for domain, version in model.opset_imports.items()},
+                   len(graph))
+
+    @classmethod
+    def read(cls, path: Path) -> GraphIO:
+        """The I/O of an ONNX file; its external weights are not read."""
+        import onnx_ir as ir
+
+        return cls.of(ir.load(path))
+
+    def input(self, name: str) -> TensorIO | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorIO | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
+                "opset": dict(self.opset), "nodes": self.nodes}
+
+
+@dataclass(frozen=True)
+class OnnxGraphs:
+    """The graphs of one build, in memory (``models[name][variant]``), and the directory they are written to."""
+
+    directory: Path
+    verify_mode: str
+    block_size: int
+    models: dict[str, dict[str, ir.Model]] = field(default_factory=dict)
+
+    @property
+    def variants(self) -> dict[str, tuple[str, ...]]:
+        return {name: tuple(by_variant) for name, by_variant in self.models.items()}
+
+    def path(self, name: str, variant: str = PORTABLE) -> Path:
+        suffix = "" if variant == PORTABLE else f".{variant}"
+        return self.directory / f"{name}{suffix}.onnx"
+
+    def model(self, name: str, variant: str = PORTABLE) -> ir.Model:
+        return self.models[name][variant]
+
+    def items(self) -> Iterator[tuple[str, str, ir.Model]]:
+        """(name, variant, model) in build order: GRAPH_NAMES, each graph's variants as listed."""
+        for name in GRAPH_NAMES:
+            for variant, model in self.models.get(name, {}).items():
+                yield name, variant, model
+
+    def all_paths(self) -> list[Path]:
+        return [self.path(name, variant) for name, variant, _ in self.items()]
+
+    def save(self, directory: Path) -> dict[Path, GraphIO]:
+        """Write every graph to ``directory``, each with its own ``.onnx.data`` (what --stop-after and
+        --dump-after leave before `share_weights` has put the weights into one file)."""
+        import onnx_ir as ir
+
+        directory.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for name, variant, model in self.items():
+            path = directory / self.path(name, variant).name
+            data = f"{path.name}.data"
+            ir.save(model, path, external_data=data) if model.graph.initializers else ir.save(model, path)
+            written[path] = GraphIO.of(model)
+        return written
+
+
+@dataclass(frozen=True)
+class Engine:
+    graph: str
+    plan: Path
+    metadata: Path
+    inspector: Path
+    flavor: str
+    precision: str
+    uses_plugin: bool
+
+
+@dataclass(frozen=True)
+class Engines:
+    directory: Path
+    engines: tuple[Engine, ...]
+    flavor: str
+    trt_version: str
+
+
+@dataclass(frozen=True)
+class TritonRepository:
+    directory: Path
+    models: tuple[str, ...]
