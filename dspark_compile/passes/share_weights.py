@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 
 import onnx_ir as ir
+import torch
 
 from dspark_compile.artifacts import GraphIO
 from dspark_compile.build_state import BuildState
@@ -26,6 +27,7 @@ def run(state: BuildState) -> None:
     directory = state.onnx.directory
     directory.mkdir(parents=True, exist_ok=True)
     seen: dict[str, tuple[int, int]] = {}
+    hashed: dict[tuple[object, ...], str] = {}
     with (directory / WEIGHTS_FILE).open("wb") as out:
         for _, _, model in state.onnx.items():
             for value in model.graph.initializers.values():
@@ -36,13 +38,21 @@ def run(state: BuildState) -> None:
                     if isinstance(tensor, ir.ExternalTensor):  # a graph loaded from a file, not exported
                         value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
                     continue
-                data = tensor.tobytes()
-                key = f"{hashlib.sha256(data).hexdigest()}:{len(data)}"
-                if key not in seen:
-                    pos = out.tell()
-                    out.write(b"\0" * ((-pos) % ALIGN))
-                    seen[key] = (out.tell(), len(data))
-                    out.write(data)
+                # The graphs hold the same module tensors: each one is hashed once, not once per graph.
+                raw = getattr(tensor, "raw", None)
+                source = (raw.data_ptr(), raw.nbytes, str(raw.dtype), tuple(raw.shape), raw.stride()) if isinstance(
+                    raw, torch.Tensor) else None
+                key = hashed.get(source) if source is not None else None
+                if key is None:
+                    data = tensor.tobytes()
+                    key = f"{hashlib.sha256(data).hexdigest()}:{len(data)}"
+                    if source is not None:
+                        hashed[source] = key
+                    if key not in seen:
+                        pos = out.tell()
+                        out.write(b"\0" * ((-pos) % ALIGN))
+                        seen[key] = (out.tell(), len(data))
+                        out.write(data)
                 offset, length = seen[key]
                 value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, dtype=tensor.dtype,
                                                       shape=tensor.shape, name=value.name, base_dir=directory)
