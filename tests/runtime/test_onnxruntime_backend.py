@@ -1,5 +1,5 @@
-"""The onnxruntime transport of the graph executor through `api.run`: the golden build decodes the authors' tokens, and a missing or unfinished build
-is a UsageError that says what is wrong."""
+"""The onnxruntime transport of the graph executor through `api.run`: the golden build decodes the authors'
+tokens, and a missing or unfinished build is a UsageError that says what is wrong."""
 
 from __future__ import annotations
 

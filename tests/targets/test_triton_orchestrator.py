@@ -95,11 +95,13 @@ class FakeBlsRequest:
         self.inputs = {t.name(): t.as_numpy() for t in inputs}
 
     def exec(self) -> FakeResponse:
-        BLS_CALLS.append({"model": self.model_name, "inputs": self.inputs, "memory": self.preferred_memory})
+        call = {"model": self.model_name, "inputs": self.inputs, "memory": self.preferred_memory}
+        BLS_CALLS.append(call)
         try:
             out = FAKE_MODELS[self.model_name](self.inputs)
         except Exception as exc:
             return FakeResponse(error=FakeError(str(exc)))
+        call["outputs"] = {n: np.asarray(out[n]) for n in self.outputs}
         return FakeResponse([FakeTensor(n, out[n]) for n in self.outputs])
 
 

@@ -1,9 +1,9 @@
 """A tiny stand-in engine and build directory for the Triton target's tests, checked against a reference.
 
-The stand-in is three graph functions with a closed-form "model", run by the graph executor: the target's greedy next token after
-``tok`` at position ``pos`` is ``f(tok, pos)``; the draft proposes the same chain but corrupts some positions,
-so rounds accept varying numbers of drafts. It lets the orchestrator and the server be tested without the
-onnxruntime backend (``load`` is the factory the served repository names).
+The stand-in is three graph functions with a closed-form "model", run by the graph executor: the target's
+greedy next token after ``tok`` at position ``pos`` is ``f(tok, pos)``; the draft proposes the same chain but
+corrupts some positions, so rounds accept varying numbers of drafts. It lets the orchestrator and the server
+be tested without the onnxruntime backend (``load`` is the factory the served repository names).
 """
 
 from __future__ import annotations
