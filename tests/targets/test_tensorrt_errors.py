@@ -10,9 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from dspark_compile.errors import BuildError, UsageError
-from dspark_compile.targets.tensorrt import TrtFlavor, build_engine, load_trt
+from dspark_compile.targets.tensorrt import TrtFlavor, build_engine, graph_checks, load_trt
 from dspark_compile.targets.tensorrt import build as trt_build
-from dspark_compile.targets.tensorrt import graph_checks
 
 pytest.importorskip("tensorrt_rtx_bindings")
 
