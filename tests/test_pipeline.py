@@ -30,7 +30,7 @@ from dspark_compile import api
 from dspark_compile.errors import BuildError, UsageError
 from dspark_compile.passes.partition import PartitionedProgram, partition
 from dspark_compile.pipeline import PASS_NAMES
-from dspark_compile.plugins.spec_verify.reference import spec_verify_torch
+from dspark_compile.plugins.spec_verify.reference import spec_verify_reference
 from dspark_compile.program import build_program
 from dspark_compile.runtime.backend import DecodeBackend
 from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy, generate
@@ -175,9 +175,10 @@ class _ShadowTransport:
                     assert np.abs(got["draft_probs"][row] - ref["draft_probs"][row]).max() < ATOL
                     assert np.abs(got["confidence_logits"][row] - ref["confidence_logits"][row]).max() < ATOL
         else:
-            module = self.ref.graphs["target_verify"].module  # the reference's logits, for the margins
+            target = self.ref.graphs["target_verify"].module.target  # the reference's logits, for the margins
             with torch.inference_mode():
-                logits = module(feeds["tokens"], feeds["cache_len"], feeds["kv_cache"])[0].numpy()
+                hidden, _, _ = target(feeds["tokens"], feeds["cache_len"], feeds["kv_cache"])
+                logits = target.logits(hidden).numpy()
             for row in range(logits.shape[0]):
                 margin = _verify_margin(logits[row], x["tokens"][row, 1:], int(x["verify_len"][row]),
                                         x["draft_probs"][row], float(x["temperature"][row]), x["uniforms"][row],
@@ -261,11 +262,17 @@ def test_target_prefill_matches_torch(golden_build: Path, reference: Partitioned
 def test_target_verify_matches_torch(golden_build: Path, reference: PartitionedProgram) -> None:
     rng = np.random.default_rng(11)
     module = reference.graph("target_verify").module
+    target = module.target
     tokens = rng.integers(0, 384, (B, 8))
     cache_len = np.array([0, 6, 13])
     kv = rng.normal(size=(4, 2, B, 2, SLOTS, 16)).astype(np.float32)
+
+    def logits_of(tokens: np.ndarray) -> torch.Tensor:
+        hidden, _, _ = target(*(torch.from_numpy(x) for x in (tokens, cache_len, kv)))
+        return target.logits(hidden)
+
     for j in range(7):  # rows 0 and 1 draft the target's greedy choices (all 7 / the first 4), row 2 random ones
-        logits, _, _ = module(*(torch.from_numpy(x) for x in (tokens, cache_len, kv)))
+        logits = logits_of(tokens)
         tokens[0, j + 1] = int(logits[0, j].argmax())
         if j < 4:
             tokens[1, j + 1] = int(logits[1, j].argmax())
@@ -273,17 +280,13 @@ def test_target_verify_matches_torch(golden_build: Path, reference: PartitionedP
     feeds = {"tokens": tokens, "cache_len": cache_len, "kv_cache": kv, "verify_len": np.array([7, 6, 3]),
              "draft_probs": q / q.sum(-1, keepdims=True), "temperature": np.array([0.0, 0.8, 1.5], np.float32),
              "uniforms": rng.random((B, 8)).astype(np.float32)}
-    logits, taps, kv_out = module(*_t(feeds, "tokens", "cache_len", "kv_cache"))
-    accepted, next_token = spec_verify_torch(logits, torch.from_numpy(tokens[:, 1:]), torch.from_numpy(
-        feeds["verify_len"]), mode="sampling", **dict(zip(("draft_probs", "temperature", "uniforms"), _t(
-            feeds, "draft_probs", "temperature", "uniforms"), strict=True)))
+    accepted, next_token, taps, kv_out = module(*_t(feeds, *feeds))  # ends in the dspark::spec_verify op
     got = _run(golden_build / "onnx" / "target_verify.onnx", feeds)
     _compare(got, {"accepted": accepted, "next_token": next_token, "taps": taps, "kv_new": kv_out})
     assert accepted[0] == 7  # greedy row: every draft is the target's choice
-    # The logits themselves leave only the exported graph (before SpecVerify consumes them).
-    raw = _run(golden_build / "dump" / "after_export_onnx" / "onnx" / "target_verify.onnx",
-               {k: feeds[k] for k in ("tokens", "cache_len", "kv_cache")})
-    _compare(raw, {"logits": logits, "taps": taps, "kv_new": kv_out})
+    want = spec_verify_reference(logits_of(tokens), tokens[:, 1:], feeds["verify_len"], mode="sampling",
+                                 **{k: feeds[k] for k in ("draft_probs", "temperature", "uniforms")})
+    assert [got["accepted"].tolist(), got["next_token"].tolist()] == [w.tolist() for w in want]
 
 
 @torch.inference_mode()
@@ -324,7 +327,7 @@ def test_stop_after_export(golden_pair: tuple[Path, Path], tmp_path: Path) -> No
     assert names == ["build_spec.json"] + [f"onnx/{g}.onnx{s}" for g in ("draft_propose", "target_prefill",
                                                                          "target_verify") for s in ("", ".data")]
     verify = next(a for a in res.manifest["artifacts"] if a["path"] == "onnx/target_verify.onnx")
-    assert [o["name"] for o in verify["signature"]["outputs"]] == ["logits", "taps", "kv_new"]
+    assert [o["name"] for o in verify["signature"]["outputs"]] == ["accepted", "next_token", "taps", "kv_new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early"]
 
 
@@ -335,7 +338,7 @@ def test_dump_after_export(golden_build: Path) -> None:
     manifest = json.loads((golden_build / "manifest.json").read_text())
     outputs = {a["path"]: [o["name"] for o in a["signature"]["outputs"]] for a in manifest["artifacts"]
                if a["path"].endswith(".onnx")}
-    assert outputs["dump/after_export_onnx/onnx/target_verify.onnx"][0] == "logits"  # as exported
+    assert outputs["dump/after_export_onnx/onnx/target_verify.onnx"][:2] == ["accepted", "next_token"]  # as exported
     assert outputs["onnx/target_verify.onnx"][:2] == ["accepted", "next_token"]  # as built
 
 
