@@ -95,13 +95,14 @@ def build(spec_file: str | Path | None = None, *, stop_after: str | None = None,
 
 
 def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device: str = "cpu") -> Any:
-    """A runtime backend over a build: ``onnxruntime`` runs its graphs, ``torch`` re-grafts its checkpoints."""
+    """The graph executor over a build: ``onnxruntime`` runs its graphs, ``torch`` re-grafts its checkpoints,
+    ``tensorrt`` runs its engines (GPU; unverified)."""
     from dspark_compile.errors import UsageError
-    from dspark_compile.runtime.onnxruntime_backend import OrtBackend, read_manifest
+    from dspark_compile.runtime.onnxruntime_backend import load_onnxruntime, read_manifest
 
     build_dir = Path(build_dir)
     if backend == "onnxruntime":
-        return OrtBackend.load(build_dir)
+        return load_onnxruntime(build_dir)
     if backend == "torch":
         from dspark_compile.runtime.torch_backend import TorchBackend
 
@@ -109,6 +110,10 @@ def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device:
         spec, info = manifest["spec"], ProgramInfo.from_json(manifest["program"])
         return TorchBackend.from_pair(Path(spec["target"]), Path(spec["draft"]), dtype=info.dtype, device=device,
                                       block_size=info.block_size, allow_nonfinite=spec.get("allow_nonfinite", False))
+    if backend == "tensorrt":  # the engines in BUILD/engines on a GPU; unverified (targets/tensorrt/transport.py)
+        from dspark_compile.targets.tensorrt.transport import load_tensorrt
+
+        return load_tensorrt(build_dir)
     raise UsageError(f"--backend {backend!r}: use onnxruntime or torch")
 
 

@@ -20,10 +20,10 @@ from dspark_compile.errors import UsageError
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.runtime.backend import ProgramInfo
+from dspark_compile.runtime.executor import TORCH_DTYPES as DTYPES
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -47,21 +47,27 @@ class DecodeProgram:
 
     def info(self, *, sampling: bool = True, max_slots: int | None = None) -> ProgramInfo:
         """The one description of this program that the manifest, the Triton repository and the executors read."""
-        tc = self.pair.target.config
-        draft = self.draft
-        dc = draft.cfg if draft is not None else None
-        return ProgramInfo(
-            vocab_size=tc.vocab_size, block_size=draft.block_size if draft is not None else 0,
-            tap_width=len(self.target.tap_layer_ids) * tc.hidden_size,
-            has_confidence=draft is not None and draft.confidence_head is not None,
-            eos_token_ids=tuple(tc.eos_token_ids), max_slots=max_slots, sampling=sampling, dtype=self.dtype,
-            hidden_size=tc.hidden_size, target_layers=tc.num_hidden_layers, kv_heads=tc.num_key_value_heads,
-            head_dim=tc.head_dim, draft_layers=dc.base.num_hidden_layers if dc is not None else 0,
-            draft_kv_heads=dc.base.num_key_value_heads if dc is not None else 0,
-            draft_head_dim=dc.base.head_dim if dc is not None else 0,
-            tap_layer_ids=tuple(self.target.tap_layer_ids),
-            markov_head=dc.markov_head_type if dc is not None else None,
-        )
+        return program_info(self.target, self.draft, self.eos_token_ids, sampling=sampling, max_slots=max_slots)
+
+
+def program_info(target: Qwen3Target, draft: DSparkDraft | None, eos_token_ids: tuple[int, ...] = (), *,
+                 sampling: bool = True, max_slots: int | None = None) -> ProgramInfo:
+    """:class:`ProgramInfo` of grafted modules (a build's partition step, and the torch executors)."""
+    tc = target.cfg
+    dc = draft.cfg if draft is not None else None
+    dtype = next(k for k, v in DTYPES.items() if v == target.embed_tokens.weight.dtype)
+    return ProgramInfo(
+        vocab_size=tc.vocab_size, block_size=draft.block_size if draft is not None else 0,
+        tap_width=len(target.tap_layer_ids) * tc.hidden_size,
+        has_confidence=draft is not None and draft.confidence_head is not None,
+        eos_token_ids=tuple(eos_token_ids), max_slots=max_slots, sampling=sampling, dtype=dtype,
+        hidden_size=tc.hidden_size, target_layers=tc.num_hidden_layers, kv_heads=tc.num_key_value_heads,
+        head_dim=tc.head_dim, draft_layers=dc.base.num_hidden_layers if dc is not None else 0,
+        draft_kv_heads=dc.base.num_key_value_heads if dc is not None else 0,
+        draft_head_dim=dc.base.head_dim if dc is not None else 0,
+        tap_layer_ids=tuple(target.tap_layer_ids),
+        markov_head=dc.markov_head_type if dc is not None else None,
+    )
 
 
 def torch_dtype(name: str) -> torch.dtype:

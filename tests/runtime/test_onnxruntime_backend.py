@@ -1,5 +1,5 @@
-"""OrtBackend through `api.run`: the golden build decodes the authors' tokens, and a missing or unfinished build
-is a UsageError that says what is wrong."""
+"""The onnxruntime transport of the graph executor through `api.run`: the golden build decodes the authors'
+tokens, and a missing or unfinished build is a UsageError that says what is wrong."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from dspark_compile import api
 from dspark_compile.errors import UsageError
 from dspark_compile.runtime.backend import ProgramInfo
-from dspark_compile.runtime.onnxruntime_backend import OrtBackend
+from dspark_compile.runtime.onnxruntime_backend import load_onnxruntime
 
 pytest.importorskip("onnxruntime")
 
@@ -49,12 +49,13 @@ def test_run_reproduces_the_golden_traces(golden_build: Path, golden: dict[str, 
 
 
 def test_model_info_comes_from_the_manifest(golden_build: Path) -> None:
-    backend = OrtBackend.load(golden_build)
+    backend = load_onnxruntime(golden_build)
     manifest = json.loads((golden_build / "manifest.json").read_text())
     assert backend.info == ProgramInfo.from_json(manifest["program"])
     assert (backend.info.vocab_size, backend.info.block_size, backend.info.tap_width) == (384, 7, 192)
     assert (backend.info.has_confidence, backend.info.eos_token_ids, backend.info.sampling) == (True, (), True)
-    assert backend.provider == "CPUExecutionProvider"
+    assert (backend.info.kv_heads, backend.info.head_dim, backend.info.draft_layers) == (2, 16, 2)
+    assert backend.transport.provider == "CPUExecutionProvider"
 
 
 def test_missing_build_directory(tmp_path: Path) -> None:
@@ -100,7 +101,7 @@ def greedy_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.mark.slow  # builds the greedy-mode graphs (~30 s)
 def test_greedy_mode_build_reproduces_the_golden_tokens(greedy_build: Path, golden: dict[str, Any]) -> None:
     prompts = [e["prompt"] for e in golden["greedy"]]
-    assert OrtBackend.load(greedy_build).info.sampling is False
+    assert load_onnxruntime(greedy_build).info.sampling is False
     _assert_golden(api.run(greedy_build, prompts, max_new_tokens=48, verify="fixed"), golden["greedy"])
 
 

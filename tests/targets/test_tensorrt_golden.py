@@ -47,6 +47,12 @@ def test_rtx_engines_for_every_graph(rtx_build: Path, dtype: str) -> None:
                 "draft_propose": {"anchor", "ctx_taps", "ctx_count", "cache_len", "draft_kv", "temperature",
                                   "uniforms"}}[plan["graph"]]
         assert names == want
+        # KV contract: only the new rows come back (build_engine refused any output with `cache_slots`)
+        outputs = {t["name"] for t in meta["outputs"]}
+        assert outputs == {"target_prefill": {"last_logits", "taps", "kv_new"},
+                           "target_verify": {"accepted", "next_token", "taps", "kv_new"},
+                           "draft_propose": {"draft_tokens", "confidence_logits", "draft_probs", "draft_kv_new"},
+                           }[plan["graph"]]
     inspect = json.loads((rtx_build / "engines" / "target_verify.plan.inspect.json").read_text())
     # The decomposed verification is visible as its own layers (named after the spec_verify/ subgraph).
     assert len(inspect["verify_layers"]) >= 10
