@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from dspark_compile.errors import BackendUnavailableError, UsageError
 from dspark_compile.artifacts import GRAPH_NAMES
+from dspark_compile.errors import BackendUnavailableError, UsageError
 from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.runtime.executor import GraphExecutor
 
