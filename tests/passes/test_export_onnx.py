@@ -132,6 +132,8 @@ def test_verify_ends_in_one_spec_verify_node(exported_dir: Path) -> None:
     producer = {out: n for n in model.graph.node for out in n.output}
     assert producer[node.input[0]].op_type == "MatMul"
     cut = producer[node.input[1]]
+    while cut.op_type == "Slice" and cut.input[0] != "tokens":  # the exporter's optimiser is off: slices chain
+        cut = producer[cut.input[0]]
     assert cut.op_type == "Slice" and cut.input[0] == "tokens"
     assert list(node.input[2:]) == [s.name for s in SPEC_VERIFY.inputs_for(SAMPLING)[2:]]
     assert list(node.output) == [o.name for o in SPEC_VERIFY.outputs]
