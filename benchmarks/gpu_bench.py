@@ -50,6 +50,7 @@ from dspark_compile.targets.torch.bench import (
     QWEN3_8B,
     SMOKE,
     measure_copy_bandwidth,
+    profile_kernels,
     random_pair,
     read_prompts,
     run_bench,
@@ -218,6 +219,41 @@ def bench_variants(ctx: dict[str, Any], args: argparse.Namespace, clock: Clock) 
     return out
 
 
+def bench_profile(ctx: dict[str, Any], args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
+    """torch.profiler kernel breakdown of T_target(1), T_verify(γ+1) and T_draft per batch (graph replays)."""
+    be = ctx["backend_8b"] or CudaGraphBackend(*ctx["pair_8b"])
+    ctx["backend_8b"] = be
+    info = be.info
+    g = info.block_size
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    for b in args.batches:
+        if clock.over():
+            out[str(b)] = "skipped (time)"
+            continue
+        be.start(b, args.context + g + 2)
+        cache_len = np.full(b, args.context, dtype=np.int64)
+        calls: dict[str, Callable[[], Any]] = {}
+        for t, name in ((1, "target_1"), (g + 1, "verify_g1")):
+            tokens = rng.integers(0, info.vocab_size, size=(b, t), dtype=np.int64)
+            vlen = np.full(b, t - 1, dtype=np.int64)
+            calls[name] = lambda tokens=tokens, vlen=vlen: be.verify(tokens, cache_len, vlen, None, None, None)
+        anchor = rng.integers(0, info.vocab_size, size=b, dtype=np.int64)
+        taps = rng.standard_normal((b, g + 1, info.tap_width), dtype=np.float32)
+        count = np.full(b, g + 1, dtype=np.int64)
+        dlen = np.full(b, args.context - g - 1, dtype=np.int64)
+        calls["draft"] = lambda: be.draft(anchor, taps, count, dlen, None, None)
+        row = {}
+        for name, fn in calls.items():
+            fn()
+            fn()
+            row[name] = profile_kernels(fn)
+            say(f"profile B={b} {name}: {row[name]['kernel_ms_per_call']:.3f} ms {row[name]['by_kind_ms']}")
+        out[str(b)] = row
+    _write(args.out / "profile_8b.json", out)
+    return out
+
+
 def _write(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
 
@@ -330,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                                "shape_name": "smoke" if args.smoke else "qwen3-8b", "copy_bandwidth_gb_s":
                                bandwidth / 1e9, "sections": {}, "skipped": [], "errors": {}}
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    needs_8b = {"8b", "sps", "e2e", "variants"}
+    needs_8b = {"8b", "sps", "e2e", "variants", "profile"}
     if args.skip_8b:
         wanted = [s for s in wanted if s not in needs_8b]
     if not args.trained:
@@ -343,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"random {summary['shape_name']} pair on {device} in {time.perf_counter() - t0:.1f} s "
             f"({torch.cuda.memory_allocated() / 2**30 if cuda else 0:.1f} GiB allocated)")
     sections: dict[str, Callable[[dict[str, Any], argparse.Namespace, Clock], dict[str, Any]]] = {
-        "8b": bench_8b, "trained": bench_trained, "sps": bench_sps, "e2e": bench_e2e, "variants": bench_variants}
+        "8b": bench_8b, "trained": bench_trained, "sps": bench_sps, "e2e": bench_e2e, "variants": bench_variants,
+        "profile": bench_profile}
     for name in wanted:
         if clock.over():
             summary["skipped"].append(name)

@@ -28,7 +28,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -351,3 +351,134 @@ def describe(backend: Backend) -> dict[str, Any]:
     target = getattr(backend, "target_model", None)
     dtype = str(target.embed_tokens.weight.dtype).removeprefix("torch.") if target is not None else "?"
     return {"backend": type(backend).__name__, "device": str(getattr(backend, "device", "?")), "dtype": dtype}
+
+
+# ------------------------------------------------------------------------------------- DecodeBackend rounds
+@dataclass
+class RoundsRun:
+    """What :func:`decode_rounds` produced: per request its tokens and rounds; per round wall and graph time."""
+
+    tokens: list[list[int]]
+    rounds: list[list[dict[str, Any]]]
+    seconds: float = 0.0
+    round_wall_ms: list[float] = field(default_factory=list)
+    round_graph_ms: list[float] = field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        acc = [r["accepted"] for rs in self.rounds for r in rs]
+        return float(np.mean(acc)) if acc else 1.0
+
+
+def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                  speculative: bool = True, temperature: float = 0.0, seed: int = 0,
+                  policy: VerifyPolicy | None = None) -> RoundsRun:
+    """Decode ``prompts`` as one batch over the DecodeBackend protocol (admit once, round, select).
+
+    The round accounting of ``runtime/decode.generate`` (rounds while generated <= max_new_tokens, output cut
+    there and after the first EOS), so traces compare with the golden ones. Row b's seed is ``seed + b``.
+    """
+    info = backend.info
+    g = info.block_size if speculative else 0
+    policy = policy or VerifyPolicy()
+    n = len(prompts)
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    ids = np.zeros((n, int(lengths.max())), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    device = getattr(backend, "device", None)
+    backend.start(n, int(lengths.max()) + max_new_tokens + 2 * g + 3, speculative=speculative)
+    _sync(device)
+    t0 = time.perf_counter()
+    prop = backend.admit(ids, lengths, np.full(n, temperature, dtype=np.float32),
+                         seed + np.arange(n, dtype=np.int64))
+    run = RoundsRun([[] for _ in range(n)], [[] for _ in range(n)])
+    generated = [0] * n
+    done = [False] * n
+    eos = set(info.eos_token_ids)
+
+    def commit(i: int, new: list[int]) -> None:
+        room = max_new_tokens - len(run.tokens[i])
+        visible = new[: max(room, 0)]
+        for k, t in enumerate(visible):
+            if t in eos:
+                visible = visible[: k + 1]
+                done[i] = True
+                break
+        run.tokens[i].extend(visible)
+        generated[i] += len(new)
+        done[i] = done[i] or generated[i] > max_new_tokens
+
+    for i in range(n):
+        commit(i, [int(prop.next_token[i])])
+    active = list(range(n))
+    drafts, conf = prop.drafts, prop.confidence_logits
+    while True:
+        keep = [k for k, i in enumerate(active) if not done[i]]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            backend.select(np.array(keep, dtype=np.int64))
+            active = [active[k] for k in keep]
+            drafts, conf = drafts[keep], conf[keep]
+        w0 = time.perf_counter()
+        vlen = policy.lengths(conf, g) if g > 0 else np.zeros(len(active), dtype=np.int64)
+        prop = backend.round(vlen)
+        for k, i in enumerate(active):
+            j = int(prop.accepted[k])
+            ell = int(vlen[k])
+            if g > 0:
+                run.rounds[i].append({"draft": [int(t) for t in drafts[k, :ell]], "accepted": j + 1,
+                                      "confidence_logits": [round(float(c), 6) for c in conf[k, :ell]]})
+            commit(i, [int(t) for t in drafts[k, :j]] + [int(prop.next_token[k])])
+        drafts, conf = prop.drafts, prop.confidence_logits
+        run.round_wall_ms.append(1e3 * (time.perf_counter() - w0))
+        run.round_graph_ms.append(float(getattr(backend, "last_graph_ms", 0.0)))
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+# ------------------------------------------------------------------------------------------------- profiling
+KERNEL_KINDS = (  # (category, substrings of the kernel name), first match wins
+    ("spec_verify", ("spec_verify",)),
+    ("attention", ("decode_attention", "attn", "fmha", "flash")),
+    ("fused_norm_rope_silu", ("add_rmsnorm", "qk_norm_rope", "silu_mul")),
+    ("gemm", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitk")),
+    ("softmax", ("softmax",)),
+    ("reduce_argmax", ("reduce", "argmax", "argmin", "cumsum", "scan")),
+    ("copy_index", ("copy", "memcpy", "memset", "index", "scatter", "gather", "cat", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "elementwise_other"
+
+
+def profile_kernels(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
+    """Device kernel time of ``fn`` (already warm) per call, by :func:`kernel_kind` and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = ev.device_time
+        kinds[kernel_kind(ev.name)] = kinds.get(kernel_kind(ev.name), 0.0) + us
+        k = kernels.setdefault(ev.name[:90], [0.0, 0])
+        k[0] += us
+        k[1] += 1
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"kernel_ms_per_call": sum(kinds.values()) / calls / 1e3,
+            "by_kind_ms": {k: round(v / calls / 1e3, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n, "ms_per_call": round(v[0] / calls / 1e3, 4), "launches_per_call": v[1] / calls}
+                            for n, v in top]}
