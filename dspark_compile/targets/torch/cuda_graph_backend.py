@@ -112,6 +112,8 @@ class _Step:
         self.pool = pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
+        self.host_out: list[torch.Tensor] = []
+        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else ()
 
     def load(self, name: str, array: np.ndarray, rows: int) -> None:
         host = self.host[name].numpy()
@@ -245,6 +247,7 @@ class CudaGraphBackend:
         self.stats = {"captures": 0, "replays": 0, "eager_calls": 0}
         # DecodeBackend protocol (admit/round/select): device-resident per-row state and one graph per round
         self._state: _RoundState | None = None
+        self._states: dict[int, _RoundState] = {}
         self._rounds: dict[tuple[Any, ...], _Step] = {}
         self._g = 0
         self._live = 0
@@ -303,6 +306,7 @@ class CudaGraphBackend:
             self._pool.renew()
             self._kv = self._draft_kv = None
             self._state = None
+            self._states = {}
             self._kv = self.target_model.new_cache(*alloc)
             if self.draft_model is not None:
                 self._draft_kv = self.draft_model.new_cache(*alloc)
@@ -310,10 +314,10 @@ class CudaGraphBackend:
         self._rows = batch
         self._last_probs = None
         self._g = self.info.block_size if speculative and self.draft_model is not None else 0
-        if self._state is None or self._state.g != self._g:
-            self._rounds.clear()
-            self._state = _RoundState(alloc[0], self._g, self.info, self.device,
-                                      self.target_model.embed_tokens.weight.dtype)
+        if self._g not in self._states:  # one per G (target-only, speculative), kept with the caches
+            self._states[self._g] = _RoundState(alloc[0], self._g, self.info, self.device,
+                                                self.target_model.embed_tokens.weight.dtype)
+        self._state = self._states[self._g]
         self._state.reset()
         self._live = 0
         self._len_host = np.zeros(alloc[0], dtype=np.int64)  # host mirrors: window and graph choice, no sync
@@ -489,24 +493,30 @@ class CudaGraphBackend:
         g = st.g
         window = self._window(int(self._len_host[:n].max()) + 2 * g + 2)
         sampling = bool((self._temp_host[:n] > 0).any())
-        key = (rows, window, sampling, self.replay is not None and g > 0)
+        key = (rows, window, sampling, self.replay is not None and g > 0, g)
         step = self._rounds.get(key)
         if step is None:
             step = self._rounds[key] = self._round_step(rows, window, sampling, key[3])
         step.load("verify_len", np.asarray(verify_len, dtype=np.int64), n)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if self.device.type != "cuda":
+            out = self._run(step)
+            ints, conf = (t[:n].clone().numpy() for t in (out["ints"], out["confidence"]))
+        else:
+            ev0, ev1 = step.events
             ev0.record()
-        out = self._run(step)
-        if cuda:
+            out = self._run(step)
             ev1.record()
-        fetched = self._fetch([out["ints"][:n], out["confidence"][:n]])
-        if cuda:
+            if not step.host_out:  # pinned twins of the outputs, allocated once per graph
+                step.host_out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                 for t in (out["ints"], out["confidence"])]
+            for h, t in zip(step.host_out, (out["ints"], out["confidence"]), strict=True):
+                h.copy_(t, non_blocking=True)
+            ev1.synchronize()  # the one host sync of the round
+            torch.cuda.current_stream(self.device).synchronize()
             self.last_graph_ms = ev0.elapsed_time(ev1)
-        ints = fetched[0]
+            ints, conf = (h[:n].numpy().copy() for h in step.host_out)
         self._len_host[:n] += ints[:, 0] + 1
-        return Proposal(ints[:, 0].copy(), ints[:, 1].copy(), ints[:, 2:].copy(), fetched[1])
+        return Proposal(ints[:, 0], ints[:, 1], ints[:, 2:], conf)
 
     def set_replay(self, reference: np.ndarray | None, profile: np.ndarray | None) -> None:
         """Benchmark-only acceptance replay: after drafting, row b's proposals become ``reference[b]`` (its
@@ -525,6 +535,8 @@ class CudaGraphBackend:
             self.replay[1].copy_(prof)
         else:
             self._rounds = {k: v for k, v in self._rounds.items() if not k[3]}
+            if not self._rounds and not self._steps:
+                self._pool.renew()
             self.replay = (ref, prof)
 
     def _verify(self, logits: torch.Tensor, drafts: torch.Tensor, vlen: torch.Tensor, temp: torch.Tensor | None,
