@@ -476,6 +476,8 @@ class CudaGraphBackend:
             dh = self.program.draft_step(first, taps, lens, zero, self._draft_kv[:, :, rows], dwin)
             drafts, conf, probs = self.draft_model.propose(dh, first, temp if sampling else None,
                                                            u[:, g + 1:] if sampling else None)
+            if self.replay is not None:
+                drafts = self._replayed({name: getattr(st, name)[rows] for name in st.SMALL}, drafts, n)
             st.drafts[rows] = drafts
             st.draft_len[rows] = lens
             if sampling:
@@ -598,12 +600,12 @@ class CudaGraphBackend:
         return _Step(fn, {"verify_len": ((rows,), torch.int64, np.int64, 0)}, self.device,
                      capture=self.graphs, pool=self._pool, state=st)
 
-    def _replayed(self, v: dict[str, torch.Tensor], drafts: torch.Tensor) -> torch.Tensor:
+    def _replayed(self, v: dict[str, torch.Tensor], drafts: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """Proposals overwritten by the reference continuation, wrong from the drawn cut on (benchmark only)."""
         assert self.replay is not None
         ref, prof = self.replay
         rows, g = drafts.shape
-        ref = ref[:rows]
+        ref = ref[first_row : first_row + rows]
         pos = (v["length"][:, None] + 1 + torch.arange(g, device=drafts.device)).clamp(max=ref.shape[1] - 1)
         right = ref.gather(1, pos)
         ur = counter_uniforms(v["seed"] ^ REPLAY_KEY, v["counter"], g)
