@@ -163,9 +163,11 @@ class DSparkDraft(nn.Module):
 
     def propose(
         self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
-        uniforms: torch.Tensor | None,
+        uniforms: torch.Tensor | None, *, distributions: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Markov sampling left to right (§2): logits_k = U_k + bias(x_{k-1}); x_0 = anchor."""
+        """Markov sampling left to right (§2): logits_k = U_k + bias(x_{k-1}); x_0 = anchor.
+
+        ``distributions=False`` skips the [B, G, V] output (a greedy round never reads it)."""
         bsz, g, _ = hidden.shape
         base_logits = self.lm_head(hidden).to(torch.float32)
         prev = anchor.to(torch.int64)
@@ -198,7 +200,8 @@ class DSparkDraft(nn.Module):
                 outs.append(logits_k)
             tokens.append(x_k)
             prev = x_k
-        return torch.stack(tokens, dim=1), torch.stack(confs, dim=1), torch.stack(outs, dim=1)
+        dist = torch.stack(outs, dim=1) if distributions else base_logits[:, :0]
+        return torch.stack(tokens, dim=1), torch.stack(confs, dim=1), dist
 
     def new_cache(self, batch: int, slots: int, *, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> torch.Tensor:

@@ -377,6 +377,7 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
 
     The round accounting of ``runtime/decode.generate`` (rounds while generated <= max_new_tokens, output cut
     there and after the first EOS), so traces compare with the golden ones. Row b's seed is ``seed + b``.
+    The timed loop does only array work per round; per-request tokens and round records are rebuilt after.
     """
     info = backend.info
     g = info.block_size if speculative else 0
@@ -387,15 +388,49 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
     device = getattr(backend, "device", None)
+    eos = np.array(sorted(info.eos_token_ids), dtype=np.int64)
     backend.start(n, int(lengths.max()) + max_new_tokens + 2 * g + 3, speculative=speculative)
     _sync(device)
     t0 = time.perf_counter()
     prop = backend.admit(ids, lengths, np.full(n, temperature, dtype=np.float32),
                          seed + np.arange(n, dtype=np.int64))
-    run = RoundsRun([[] for _ in range(n)], [[] for _ in range(n)])
-    generated = [0] * n
-    done = [False] * n
-    eos = set(info.eos_token_ids)
+    first = prop.next_token.copy()
+    generated = np.ones(n, dtype=np.int64)
+    done = (generated > max_new_tokens) | np.isin(first, eos)
+    active = np.arange(n)
+    drafts, conf = prop.drafts, prop.confidence_logits
+    records: list[tuple[np.ndarray, ...]] = []
+    walls: list[float] = []
+    graphs: list[float] = []
+    positions = np.arange(g)
+    while True:
+        keep = ~done[active]
+        if not keep.any():
+            break
+        if not keep.all():
+            backend.select(np.nonzero(keep)[0])
+            active, drafts, conf = active[keep], drafts[keep], conf[keep]
+        w0 = time.perf_counter()
+        vlen = policy.lengths(conf, g) if g > 0 else np.zeros(len(active), dtype=np.int64)
+        prop = backend.round(vlen)
+        acc, nxt = prop.accepted, prop.next_token
+        records.append((active, vlen, drafts, conf, acc, nxt))
+        generated[active] += acc + 1
+        hit = np.isin(nxt, eos)
+        if eos.size and g > 0:
+            hit |= (np.isin(drafts, eos) & (positions < acc[:, None])).any(axis=1)
+        done[active] |= hit | (generated[active] > max_new_tokens)
+        drafts, conf = prop.drafts, prop.confidence_logits
+        walls.append(1e3 * (time.perf_counter() - w0))
+        graphs.append(float(getattr(backend, "last_graph_ms", 0.0)))
+    seconds = time.perf_counter() - t0
+    return _rebuild(first, records, n, g, max_new_tokens, set(eos.tolist()), seconds, walls, graphs)
+
+
+def _rebuild(first: np.ndarray, records: list[tuple[np.ndarray, ...]], n: int, g: int, max_new_tokens: int,
+             eos: set[int], seconds: float, walls: list[float], graphs: list[float]) -> RoundsRun:
+    """Per-request tokens and round records from the round arrays (runtime/decode's commit rule)."""
+    run = RoundsRun([[] for _ in range(n)], [[] for _ in range(n)], seconds, walls, graphs)
 
     def commit(i: int, new: list[int]) -> None:
         room = max_new_tokens - len(run.tokens[i])
@@ -403,38 +438,18 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
         for k, t in enumerate(visible):
             if t in eos:
                 visible = visible[: k + 1]
-                done[i] = True
                 break
         run.tokens[i].extend(visible)
-        generated[i] += len(new)
-        done[i] = done[i] or generated[i] > max_new_tokens
 
     for i in range(n):
-        commit(i, [int(prop.next_token[i])])
-    active = list(range(n))
-    drafts, conf = prop.drafts, prop.confidence_logits
-    while True:
-        keep = [k for k, i in enumerate(active) if not done[i]]
-        if not keep:
-            break
-        if len(keep) < len(active):
-            backend.select(np.array(keep, dtype=np.int64))
-            active = [active[k] for k in keep]
-            drafts, conf = drafts[keep], conf[keep]
-        w0 = time.perf_counter()
-        vlen = policy.lengths(conf, g) if g > 0 else np.zeros(len(active), dtype=np.int64)
-        prop = backend.round(vlen)
-        for k, i in enumerate(active):
-            j = int(prop.accepted[k])
-            ell = int(vlen[k])
+        commit(i, [int(first[i])])
+    for active, vlen, drafts, conf, acc, nxt in records:
+        for k, i in enumerate(active.tolist()):
+            j, ell = int(acc[k]), int(vlen[k])
             if g > 0:
                 run.rounds[i].append({"draft": [int(t) for t in drafts[k, :ell]], "accepted": j + 1,
                                       "confidence_logits": [round(float(c), 6) for c in conf[k, :ell]]})
-            commit(i, [int(t) for t in drafts[k, :j]] + [int(prop.next_token[k])])
-        drafts, conf = prop.drafts, prop.confidence_logits
-        run.round_wall_ms.append(1e3 * (time.perf_counter() - w0))
-        run.round_graph_ms.append(float(getattr(backend, "last_graph_ms", 0.0)))
-    run.seconds = time.perf_counter() - t0
+            commit(i, [int(t) for t in drafts[k, :j]] + [int(nxt[k])])
     return run
 
 
@@ -491,6 +506,11 @@ def replay_reference(prompts: Sequence[Sequence[int]], continuations: Sequence[S
     return ref
 
 
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first token where ``a`` and ``b`` differ (over ``a``'s length), None when none does."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
 def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  replays: Sequence[str] = ("a", "b"), warmup: bool = True) -> dict[str, Any]:
     """One batch, in one run: target-only and speculative greedy decoding through the round graph, τ,
@@ -504,10 +524,10 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     """
     g = backend.info.block_size
 
-    def timed(**kw: Any) -> RoundsRun:
+    def timed(longer: int = 0, **kw: Any) -> RoundsRun:
         if warmup:  # captures this mode's graphs
-            decode_rounds(backend, prompts, max_new_tokens=max_new_tokens, **kw)
-        return decode_rounds(backend, prompts, max_new_tokens=max_new_tokens, **kw)
+            decode_rounds(backend, prompts, max_new_tokens=max_new_tokens + longer, **kw)
+        return decode_rounds(backend, prompts, max_new_tokens=max_new_tokens + longer, **kw)
 
     def summary(run: RoundsRun, base: RoundsRun | None) -> dict[str, Any]:
         tokens = sum(len(t) for t in run.tokens)
@@ -518,8 +538,9 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
                "round_graph_ms": float(np.median(run.round_graph_ms)) if run.round_graph_ms else None,
                "host_ms_per_round": float(np.median(host)) if host else None}
         if base is not None:
-            same = [a == b for a, b in zip(run.tokens, base.tokens, strict=True)]
+            same = [a[: len(b)] == b[: len(a)] for a, b in zip(run.tokens, base.tokens, strict=True)]
             out["identical_to_target_only"] = sum(same) / len(same)
+            out["first_divergence"] = [_first_difference(a, b) for a, b in zip(run.tokens, base.tokens, strict=True)]
             out["speedup"] = out["tokens_per_s"] / (sum(len(t) for t in base.tokens) / base.seconds)
         return out
 
@@ -533,7 +554,7 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
         width = max(len(p) for p in prompts) + max_new_tokens + 2 * g + 3
         zero = np.zeros(g, dtype=np.float32)
         backend.set_replay(replay_reference(prompts, target.tokens, width), zero)
-        ref = timed()
+        ref = timed(longer=2 * g + 2)  # the continuation must reach past the last round's block
         res["replay_reference"] = summary(ref, target)
         backend.set_replay(replay_reference(prompts, ref.tokens, width), zero)
         for name in replays:

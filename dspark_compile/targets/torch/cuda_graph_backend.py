@@ -588,7 +588,7 @@ class CudaGraphBackend:
                 dh = self.program.draft_step(nxt, v["taps"], step, v["draft_len"], dkv, window)
                 v["draft_len"].add_(step)
                 new, conf, p = draft.propose(dh, nxt, v["temperature"] if sampling else None,
-                                             u[:, g + 1:] if sampling else None)
+                                             u[:, g + 1:] if sampling else None, distributions=sampling)
                 if replay:
                     new = self._replayed(v, new)
                 v["drafts"].copy_(new)
