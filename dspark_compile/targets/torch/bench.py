@@ -567,6 +567,37 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     return res
 
 
+def plot_bench(report: dict[str, Any], png: Path) -> None:
+    """Tokens/s per batch: target-only, speculative and each replayed profile; and the host ms per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["batches"]
+    xs = [r["batch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    modes = [m for m in ("target_only", "speculative", "replay_a", "replay_b", "replay_c")
+             if any(m in r.get("decode", {}) for r in rows)]
+    for mode in modes:
+        ys = [r["decode"].get(mode, {}).get("tokens_per_s") for r in rows]
+        axes[0].plot(xs, ys, marker="o", label=mode + (" (replayed)" if mode.startswith("replay") else ""))
+        host = [r["decode"].get(mode, {}).get("host_ms_per_round") for r in rows]
+        axes[1].plot(xs, host, marker="o", label=mode)
+    for ax, ylabel in zip(axes, ("tokens / s (greedy, end to end)", "host ms per round (wall - graph)"),
+                          strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (requests)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    axes[0].set_title(f"{report.get('device', '?')}, γ = {report.get('gamma')}")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------------- profiling
 KERNEL_KINDS = (  # (category, substrings of the kernel name), first match wins
     ("spec_verify", ("spec_verify",)),
