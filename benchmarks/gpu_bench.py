@@ -170,15 +170,29 @@ def bench_trained(ctx: dict[str, Any], args: argparse.Namespace, clock: Clock) -
             runs = [rounds_bench(be, chosen[i : i + row["batch"]], max_new_tokens=args.max_new_tokens, replays=())
                     for i in range(0, len(chosen), row["batch"])]
             row["decode"] = runs
-            for key in ("target_only", "speculative"):
-                toks = sum(r[key]["tokens"] for r in runs)
-                row[f"{key}_tokens_per_s"] = toks / sum(r[key]["seconds"] for r in runs)
+            for key in ("target_only", "speculative"):  # decode phase (after admit), as the rounds section
+                toks = sum(r[key]["tokens"] - len(chosen[: row["batch"]]) for r in runs)
+                row[f"{key}_tokens_per_s"] = toks / sum(r[key]["seconds"] - r[key]["admit_seconds"] for r in runs)
             row["tau"] = float(np.mean([r["speculative"]["tau"] for r in runs]))
             row["speedup"] = row["speculative_tokens_per_s"] / row["target_only_tokens_per_s"]
             row["identical_to_target_only"] = float(np.mean([r["speculative"]["identical_to_target_only"]
                                                              for r in runs]))
             say(f"  {name} B={row['batch']}: tau {row['tau']:.3f} speedup {row['speedup']:.3f} "
                 f"lossless {row['identical_to_target_only']:.3f}")
+        if ctx["device"] == "cuda":  # which kernels a round costs over a target-only step, batch 1
+            prompt = np.array([prompts[0]])
+            prof = {}
+            for spec in (False, True):
+                be.start(1, prompt.shape[1] + 64, speculative=spec)
+                be.admit(prompt, np.array([prompt.shape[1]]), np.zeros(1, np.float32), np.zeros(1, np.int64))
+                vlen = np.full(1, be.info.block_size if spec else 0, dtype=np.int64)
+                be.round(vlen)
+                be.round(vlen)
+                key = "round_speculative" if spec else "round_target_only"
+                prof[key] = profile_kernels(lambda v=vlen, b=be: b.round(v))
+            rep["profile_b1"] = prof
+            say(f"  {name} kernels B=1: " + json.dumps({k: (round(v["kernel_ms_per_call"], 4), v["by_kind_ms"])
+                                                        for k, v in prof.items()}))
         out[name] = rep
         del be
         free_memory()
@@ -269,7 +283,8 @@ def bench_rounds(ctx: dict[str, Any], args: argparse.Namespace, clock: Clock) ->
         row = rounds_bench(be, prompts, max_new_tokens=args.rounds_new_tokens, replays=args.replay)
         say(f"rounds B={b}: " + json.dumps({k: {kk: round(vv, 3) for kk, vv in v.items()
                                                  if kk in ("tokens_per_s", "tau", "speedup", "host_ms_per_round",
-                                                           "round_graph_ms", "identical_to_target_only")}
+                                                           "round_graph_ms", "identical_to_target_only",
+                                                           "launch_ms_per_round", "speedup_with_prefill")}
                                              for k, v in row.items() if isinstance(v, dict)}))
         out[str(b)] = row
         _write(args.out / "rounds_8b.json", out)

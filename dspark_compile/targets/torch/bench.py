@@ -363,6 +363,8 @@ class RoundsRun:
     seconds: float = 0.0
     round_wall_ms: list[float] = field(default_factory=list)
     round_graph_ms: list[float] = field(default_factory=list)
+    admit_seconds: float = 0.0  # prefill + first token + first draft (inside ``seconds``)
+    launch_ms: list[float] = field(default_factory=list)  # host time in the graph launch call, per round
 
     @property
     def tau(self) -> float:
@@ -394,8 +396,10 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     t0 = time.perf_counter()
     prop = backend.admit(ids, lengths, np.full(n, temperature, dtype=np.float32),
                          seed + np.arange(n, dtype=np.int64))
+    admit_seconds = time.perf_counter() - t0
     first = prop.next_token.copy()
     generated = np.ones(n, dtype=np.int64)
+    launches: list[float] = []
     done = (generated > max_new_tokens) | np.isin(first, eos)
     active = np.arange(n)
     drafts, conf = prop.drafts, prop.confidence_logits
@@ -423,8 +427,12 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
         drafts, conf = prop.drafts, prop.confidence_logits
         walls.append(1e3 * (time.perf_counter() - w0))
         graphs.append(float(getattr(backend, "last_graph_ms", 0.0)))
+        launches.append(float(getattr(backend, "last_host_ms", {}).get("launch", 0.0)))
     seconds = time.perf_counter() - t0
-    return _rebuild(first, records, n, g, max_new_tokens, set(eos.tolist()), seconds, walls, graphs)
+    run = _rebuild(first, records, n, g, max_new_tokens, set(eos.tolist()), seconds, walls, graphs)
+    run.admit_seconds = admit_seconds
+    run.launch_ms = launches
+    return run
 
 
 def _rebuild(first: np.ndarray, records: list[tuple[np.ndarray, ...]], n: int, g: int, max_new_tokens: int,
@@ -532,7 +540,11 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     def summary(run: RoundsRun, base: RoundsRun | None) -> dict[str, Any]:
         tokens = sum(len(t) for t in run.tokens)
         host = [w - gr for w, gr in zip(run.round_wall_ms, run.round_graph_ms, strict=True)]
-        out = {"tokens": tokens, "seconds": run.seconds, "tokens_per_s": tokens / run.seconds,
+        decode_s = run.seconds - run.admit_seconds
+        out = {"tokens": tokens, "seconds": run.seconds, "admit_seconds": run.admit_seconds,
+               "tokens_per_s_with_prefill": tokens / run.seconds,
+               "tokens_per_s": (tokens - len(run.tokens)) / decode_s if decode_s > 0 else None,
+               "launch_ms_per_round": float(np.median(run.launch_ms)) if run.launch_ms else None,
                "rounds": len(run.round_wall_ms), "tau": run.tau,
                "round_wall_ms": float(np.median(run.round_wall_ms)) if run.round_wall_ms else None,
                "round_graph_ms": float(np.median(run.round_graph_ms)) if run.round_graph_ms else None,
@@ -541,7 +553,10 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
             same = [a[: len(b)] == b[: len(a)] for a, b in zip(run.tokens, base.tokens, strict=True)]
             out["identical_to_target_only"] = sum(same) / len(same)
             out["first_divergence"] = [_first_difference(a, b) for a, b in zip(run.tokens, base.tokens, strict=True)]
-            out["speedup"] = out["tokens_per_s"] / (sum(len(t) for t in base.tokens) / base.seconds)
+            base_tps = (sum(len(t) for t in base.tokens) - len(base.tokens)) / (base.seconds - base.admit_seconds)
+            out["speedup"] = out["tokens_per_s"] / base_tps
+            out["speedup_with_prefill"] = out["tokens_per_s_with_prefill"] / (
+                sum(len(t) for t in base.tokens) / base.seconds)
         return out
 
     backend.set_replay(None, None)

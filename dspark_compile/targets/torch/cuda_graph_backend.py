@@ -29,6 +29,7 @@ code, eagerly): that is how the CPU tests check it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,7 @@ class CudaGraphBackend:
         self._temp_host = np.zeros(0, dtype=np.float32)
         self.replay: tuple[torch.Tensor, torch.Tensor] | None = None  # benchmark-only (set_replay)
         self.last_graph_ms = 0.0
+        self.last_host_ms: dict[str, float] = {}  # round(): graph launch call, wait for the outputs
 
     @classmethod
     def create(cls, target_dir: str | Path, draft_dir: str | Path | None, *, dtype: str = "bf16",
@@ -505,17 +507,20 @@ class CudaGraphBackend:
             ints, conf = (t[:n].clone().numpy() for t in (out["ints"], out["confidence"]))
         else:
             ev0, ev1 = step.events
+            h0 = time.perf_counter()
             ev0.record()
             out = self._run(step)
             ev1.record()
+            h1 = time.perf_counter()
             if not step.host_out:  # pinned twins of the outputs, allocated once per graph
                 step.host_out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                                  for t in (out["ints"], out["confidence"])]
             for h, t in zip(step.host_out, (out["ints"], out["confidence"]), strict=True):
                 h.copy_(t, non_blocking=True)
-            ev1.synchronize()  # the one host sync of the round
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.current_stream(self.device).synchronize()  # the one host sync of the round
+            h2 = time.perf_counter()
             self.last_graph_ms = ev0.elapsed_time(ev1)
+            self.last_host_ms = {"launch": 1e3 * (h1 - h0), "wait": 1e3 * (h2 - h1)}
             ints, conf = (h[:n].numpy().copy() for h in step.host_out)
         self._len_host[:n] += ints[:, 0] + 1
         return Proposal(ints[:, 0], ints[:, 1], ints[:, 2:], conf)
