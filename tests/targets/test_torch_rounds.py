@@ -158,3 +158,17 @@ def test_round_graphs_sampling_and_replay_on_gpu() -> None:
     full = decode_rounds(be, PROMPTS, max_new_tokens=24)
     assert full.tokens == [t[:24] for t in ref.tokens]
     assert all(r["accepted"] == g + 1 for rs in full.rounds for r in rs[:-1])
+
+
+def test_replay_reference_follows_rows_through_select(smoke_backend: CudaGraphBackend) -> None:
+    """A row that stops early (EOS) leaves the batch; the others keep replaying their own reference."""
+    g = smoke_backend.info.block_size
+    base = decode_rounds(smoke_backend, PROMPTS, max_new_tokens=60, speculative=False)
+    be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, eos_token_ids=(base.tokens[0][9],))
+    plain = decode_rounds(be, PROMPTS, max_new_tokens=40, speculative=False)
+    assert len(plain.tokens[0]) < 40 and len(plain.tokens[2]) == 40, "row 0 must stop early"
+    width = max(len(p) for p in PROMPTS) + 40 + 2 * g + 3
+    be.set_replay(replay_reference(PROMPTS, base.tokens, width), np.ones(g, dtype=np.float32))
+    run = decode_rounds(be, PROMPTS, max_new_tokens=40)
+    assert run.tokens == plain.tokens
+    assert all(r["accepted"] == g + 1 for rs in run.rounds[1:] for r in rs[:-1])

@@ -420,10 +420,12 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
         acc, nxt = prop.accepted, prop.next_token
         records.append((active, vlen, drafts, conf, acc, nxt))
         generated[active] += acc + 1
-        hit = np.isin(nxt, eos)
-        if eos.size and g > 0:
-            hit |= (np.isin(drafts, eos) & (positions < acc[:, None])).any(axis=1)
-        done[active] |= hit | (generated[active] > max_new_tokens)
+        over = generated[active] > max_new_tokens
+        if eos.size:
+            over |= np.isin(nxt, eos)
+            if g > 0:
+                over |= (np.isin(drafts, eos) & (positions < acc[:, None])).any(axis=1)
+        done[active] |= over
         drafts, conf = prop.drafts, prop.confidence_logits
         walls.append(1e3 * (time.perf_counter() - w0))
         graphs.append(float(getattr(backend, "last_graph_ms", 0.0)))
@@ -565,6 +567,9 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     if g == 0:
         return res
     res["speculative"] = summary(timed(), target)
+    spec_ms, target_ms = res["speculative"]["round_graph_ms"], res["target_only"]["round_graph_ms"]
+    if spec_ms and target_ms:  # a speculative round's graph over a target-only step's graph, one run
+        res["overhead_ratio_round"] = spec_ms / target_ms
     if replays:
         width = max(len(p) for p in prompts) + max_new_tokens + 2 * g + 3
         zero = np.zeros(g, dtype=np.float32)

@@ -238,6 +238,8 @@ class CudaGraphBackend:
         self.program = StaticProgram(target, draft, fused=cuda if fused is None else fused,
                                      attention=attention or ("triton" if cuda else "reference"))
         self.info = program_info(target, draft, eos_token_ids)
+        if self.info.vocab_size > 1 << 24:
+            raise ValueError(f"vocab_size {self.info.vocab_size} > 2^24: round outputs pack ids in float32")
         self._pool = _GraphPool(self.graphs)
         self._kv: torch.Tensor | None = None
         self._draft_kv: torch.Tensor | None = None
@@ -425,7 +427,11 @@ class CudaGraphBackend:
                 idx = torch.from_numpy(rows).to(cache.device)
                 cache[:, :, : len(rows)] = cache.index_select(2, idx)
         if self._state is not None and self._live:
-            self._state.select(torch.from_numpy(rows).to(self.device))
+            idx = torch.from_numpy(rows).to(self.device)
+            self._state.select(idx)
+            if self.replay is not None:  # the reference follows its request (in place: graphs read it)
+                ref = self.replay[0]
+                ref[: len(rows)] = ref.index_select(0, idx)
             for host in (self._len_host, self._temp_host):
                 kept = host[rows]
                 host[:] = 0
@@ -503,27 +509,25 @@ class CudaGraphBackend:
             step = self._rounds[key] = self._round_step(rows, window, sampling, key[3])
         step.load("verify_len", np.asarray(verify_len, dtype=np.int64), n)
         if self.device.type != "cuda":
-            out = self._run(step)
-            ints, conf = (t[:n].clone().numpy() for t in (out["ints"], out["confidence"]))
+            packed = self._run(step)["packed"][:n].clone().numpy()
         else:
             ev0, ev1 = step.events
             h0 = time.perf_counter()
             ev0.record()
-            out = self._run(step)
+            out = self._run(step)["packed"]
             ev1.record()
             h1 = time.perf_counter()
-            if not step.host_out:  # pinned twins of the outputs, allocated once per graph
-                step.host_out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                                 for t in (out["ints"], out["confidence"])]
-            for h, t in zip(step.host_out, (out["ints"], out["confidence"]), strict=True):
-                h.copy_(t, non_blocking=True)
+            if not step.host_out:  # the pinned twin of the output, allocated once per graph
+                step.host_out = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True)]
+            step.host_out[0].copy_(out, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()  # the one host sync of the round
             h2 = time.perf_counter()
             self.last_graph_ms = ev0.elapsed_time(ev1)
             self.last_host_ms = {"launch": 1e3 * (h1 - h0), "wait": 1e3 * (h2 - h1)}
-            ints, conf = (h[:n].numpy().copy() for h in step.host_out)
+            packed = step.host_out[0][:n].numpy().copy()
+        ints = packed[:, : g + 2].astype(np.int64)
         self._len_host[:n] += ints[:, 0] + 1
-        return Proposal(ints[:, 0], ints[:, 1], ints[:, 2:], conf)
+        return Proposal(ints[:, 0], ints[:, 1], ints[:, 2:], packed[:, g + 2 :])
 
     def set_replay(self, reference: np.ndarray | None, profile: np.ndarray | None) -> None:
         """Benchmark-only acceptance replay: after drafting, row b's proposals become ``reference[b]`` (its
@@ -599,8 +603,9 @@ class CudaGraphBackend:
                 v["drafts"].copy_(new)
                 if probs is not None:
                     probs.copy_(p)
-            ints = torch.cat((acc[:, None], nxt[:, None], v["drafts"]), dim=1)
-            return {"ints": ints, "confidence": conf}
+            # One output, one copy to the host: ids < 2^24 are exact in float32 (checked at construction).
+            packed = torch.cat((acc[:, None], nxt[:, None], v["drafts"]), dim=1).to(torch.float32)
+            return {"packed": torch.cat((packed, conf), dim=1)}
 
         return _Step(fn, {"verify_len": ((rows,), torch.int64, np.int64, 0)}, self.device,
                      capture=self.graphs, pool=self._pool, state=st)
