@@ -257,6 +257,7 @@ class CudaGraphBackend:
         self._len_host = np.zeros(0, dtype=np.int64)
         self._temp_host = np.zeros(0, dtype=np.float32)
         self.replay: tuple[torch.Tensor, torch.Tensor] | None = None  # benchmark-only (set_replay)
+        self._replay_source: torch.Tensor | None = None
         self.last_graph_ms = 0.0
         self.last_host_ms: dict[str, float] = {}  # round(): graph launch call, wait for the outputs
 
@@ -323,6 +324,8 @@ class CudaGraphBackend:
                                                 self.target_model.embed_tokens.weight.dtype)
         self._state = self._states[self._g]
         self._state.reset()
+        if self.replay is not None:  # a new batch: row b replays reference row b again
+            self.replay[0].copy_(self._replay_source)
         self._live = 0
         self._len_host = np.zeros(alloc[0], dtype=np.int64)  # host mirrors: window and graph choice, no sync
         self._temp_host = np.zeros(alloc[0], dtype=np.float32)
@@ -541,6 +544,7 @@ class CudaGraphBackend:
         ref = torch.zeros(st.rows, reference.shape[1], dtype=torch.int64, device=self.device)
         ref[: reference.shape[0]] = torch.from_numpy(np.asarray(reference, dtype=np.int64)).to(self.device)
         prof = torch.from_numpy(np.asarray(profile, dtype=np.float32)).to(self.device)
+        self._replay_source = ref.clone()  # select() compacts the live copy; start() restores it
         if self.replay is not None and self.replay[0].shape == ref.shape:
             self.replay[0].copy_(ref)  # the captured graphs read these tensors
             self.replay[1].copy_(prof)
