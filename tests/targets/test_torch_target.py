@@ -140,8 +140,10 @@ def test_wide_context_draft_runs_eagerly_then_graph_shapes_are_reused(golden_dir
     be = CudaGraphBackend(prog.target, prog.draft)
     gold = _golden(golden_dir, "dspark_tiny")["greedy"]
     _decode(be, [gold[3]["prompt"]])
-    # verify T=8 and draft (width 8) keyed per (rows, window): one window bucket for this short decode.
-    assert sorted(k[0] for k in be._steps) == ["draft", "verify"]
+    # The wide first context is drafted eagerly at admit; then one round graph per (rows, window, greedy/
+    # sampling, replay, G): one window bucket for this short decode.
+    assert list(be._rounds) == [(1, be._rounds and next(iter(be._rounds))[1], False, False, 7)]
+    assert be.stats["eager_calls"] > 1 and not be._steps
 
 
 # ---------------------------------------------------------------------------------- fused kernels (interpreter)

@@ -414,6 +414,10 @@ class CudaGraphBackend:
         decision, taps = self._fetch([out["decision"][:n], out["taps"][:n]])
         return VerifyOutput(decision[:, 0].copy(), decision[:, 1].copy(), taps)
 
+    def verify_step(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray) -> None:
+        """One greedy verify graph call, nothing committed: the SPS profile's unit of work (passes/profile_sps)."""
+        self.verify(tokens, cache_len, verify_len, None, None, None)
+
     @torch.inference_mode()
     def select(self, rows: np.ndarray) -> None:
         """Keep these rows (increasing), compacted to ``0..len(rows)-1``: caches and per-row state move."""
