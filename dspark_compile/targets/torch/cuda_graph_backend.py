@@ -1,29 +1,22 @@
-"""`CudaGraphBackend`: the three graphs of docs/PROGRAM.md as CUDA graphs over static, in-place KV caches.
+"""`CudaGraphBackend`: the program as CUDA graphs over static, in-place KV caches.
 
-Same contract and numerics as the eager :class:`~dspark_compile.runtime.torch_backend.TorchBackend` (the host
-loop in ``runtime/decode.py`` drives either), built for speed on a GPU:
+Two protocols (runtime/backend.py):
 
-* **Static caches.** ``start(batch, slots)`` allocates the target and draft caches once per shape: rows for the
-  batch bucket (1, 2, 4, …, 64, then multiples of 64), ``slots`` rounded up to a multiple of 256. A later
-  ``start`` of the same bucket and capacity reuses them, and the graphs captured over them.
-* **One graph per shape bucket**, captured on first use and replayed after: ``target_verify`` per (rows,
-  verify tokens T, attention window, greedy/sampling) — T = 1 is target-only decoding, T = G+1 a speculative
-  round — and ``draft_propose`` per (rows, window, greedy/sampling) with the context padded to G+1 rows.
-  Each graph runs embed → layers → logits → SpecVerify (``spec_verify_triton``) or the draft backbone →
-  Markov loop → confidence. Keys/values are written into the caches in place.
-* **Attention window.** Attention reads slots ``[0, W)`` with W = the largest slot any query may see, rounded up
-  to ``kv_bucket`` (256), not the whole capacity; on CUDA through the split-K Triton kernel (``attention=
-  "triton"``: on an H100 it beat SDPA's memory-efficient kernel by 0.85 ms per 8B decode step at batch 1).
-* **Padding rows.** Rows between the live batch and its bucket get position 0, nothing to verify and no
-  context; they only touch their own cache rows.
-* **One host sync per call.** Inputs go through pinned host buffers, outputs come back into pinned memory and
-  the call waits once. Prefill, and a draft call whose context is wider than G+1 (the first round after a
-  prompt), run the same code eagerly.
+* **DecodeBackend** (admit / round / select) — the decode state lives on the device (`_RoundState`: lengths,
+  anchors, pending drafts and their distributions, taps, seeds and counters). ``admit`` prefills eagerly and
+  drafts the first block; ``round`` is **one captured graph** per (batch bucket, attention window,
+  greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches already hold the
+  rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence, with per-row
+  verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host sync per
+  round fetches the Proposal. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
+* **Backend** (prefill / draft / verify) — one graph per call, kept for the per-graph step times and the SPS
+  profile.
 
-On a machine without CUDA, :meth:`CudaGraphBackend.create` returns the eager TorchBackend (fp32, CPU) and
-logs a notice when the device was ``"auto"``, and raises :class:`BackendUnavailableError` when ``"cuda"`` was
-asked for explicitly. The class itself also runs on the CPU with ``graphs=False`` (the same static-buffer
-code, eagerly): that is how the CPU tests check it.
+Batch buckets 1, 2, 4, …, 64 (then multiples of 64); capacity rounded up to 256 slots; attention reads slots
+``[0, W)`` with W rounded up to ``kv_bucket`` (128) through the split-K Triton kernel. Padding rows have no
+live request: nothing to verify, position 0, their own cache rows. On a machine without CUDA,
+:meth:`CudaGraphBackend.create` returns the eager TorchBackend (fp32, CPU); the class itself runs on the CPU
+with ``graphs=False`` (the same code eagerly), which is how the CPU tests check it.
 """
 
 from __future__ import annotations
@@ -218,7 +211,7 @@ def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
 
 
 class CudaGraphBackend:
-    """The Backend protocol (runtime/backend.py) over CUDA graphs; see the module docstring."""
+    """DecodeBackend (and the per-graph Backend) over CUDA graphs; see the module docstring."""
 
     def __init__(self, target: Qwen3Target, draft: DSparkDraft | None, *, block_size: int | None = None,
                  eos_token_ids: tuple[int, ...] = (), graphs: bool | None = None, fused: bool | None = None,
