@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -198,35 +199,61 @@ def calibrate(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backen
             "ece_after": list(cal.ece_after)}
 
 
-def bench(build_dir: str | Path, *, batches: Sequence[int] = (1, 4, 16, 64), max_new_tokens: int = 64,
+def bench(build_dir: str | Path, *, batches: Sequence[int] = (1, 16, 64), max_new_tokens: int = 64,
           prompts: Sequence[Sequence[int]] | None = None, repeats: int = 10, context: int = 1024,
-          dtype: str = "bf16", device: str = "auto") -> dict[str, Any]:
-    """Speed of a build's program with the torch target: T_target(1), T_verify(γ+1), T_draft, their overhead
-    ratio and byte floor, and (greedy decoding of ``prompts``) τ and tokens/s speculative vs target-only, per
-    batch size. CUDA graphs in ``dtype`` when a GPU is visible; else the eager PyTorch backend on the CPU in
-    fp32, with a logged notice (``device="cuda"`` then raises BackendUnavailableError). Without ``prompts``,
-    8 seeded random prompts of 64 tokens are decoded (τ is then only indicative)."""
+          dtype: str = "bf16", device: str = "auto", replay: Sequence[str] = (),
+          plot: str | Path | None = None) -> dict[str, Any]:
+    """Speed of a build's program with the torch target, per batch size, in one run: step times T_target(1),
+    T_verify(γ+1), T_draft, their overhead ratio and byte floor; then greedy decoding of ``prompts`` through
+    the one-graph-per-round backend, target-only and speculative: tokens/s, τ, host time per round (wall minus
+    graph time), whether the speculative tokens equal target-only, and the acceptance ``replay`` profiles
+    (``a``/``b``/``c``, labelled "replayed"). CUDA graphs in ``dtype`` when a GPU is visible; else the same
+    backend eagerly on the CPU in fp32, with a logged notice (``device="cuda"`` then raises
+    BackendUnavailableError). Without ``prompts``, 8 seeded random prompts of 64 tokens. ``plot``: a PNG."""
     import numpy as np
+    import torch
 
+    from dspark_compile.errors import BackendUnavailableError
     from dspark_compile.runtime.onnxruntime_backend import read_manifest
-    from dspark_compile.targets.torch.bench import run_bench
+    from dspark_compile.targets.torch.bench import plot_bench, rounds_bench, run_bench, survival_profile
     from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
 
+    for name in replay:
+        survival_profile(name)  # a bad name is a usage error before anything loads
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     spec, info = manifest["spec"], ProgramInfo.from_json(manifest["program"])
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailableError(f"device {device!r} was asked for but torch sees no CUDA GPU "
+                                      f"(torch {torch.__version__}); use --device auto or cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        logging.getLogger(__name__).warning("no CUDA GPU: benchmarking the torch target eagerly on the CPU in fp32")
+    from dspark_compile.program import build_program
 
-    def factory() -> Any:
-        return CudaGraphBackend.create(spec["target"], spec["draft"], dtype=dtype, device=device,
-                                       block_size=info.block_size, allow_nonfinite=spec.get("allow_nonfinite", False))
-
+    program = build_program(Path(spec["target"]), Path(spec["draft"]) if spec.get("draft") else None,
+                            dtype=dtype if device != "cpu" else "fp32", device=device,
+                            allow_nonfinite=spec.get("allow_nonfinite", False))
+    backend = CudaGraphBackend(program.target, program.draft, block_size=info.block_size,
+                               eos_token_ids=program.eos_token_ids)
     source = "given"
     if prompts is None:
-        rng = np.random.default_rng(0)
-        prompts = rng.integers(0, info.vocab_size, size=(8, 64)).tolist()
+        prompts = np.random.default_rng(0).integers(0, info.vocab_size, size=(8, 64)).tolist()
         source = "random"
-    report = run_bench(factory, prompts, batches=batches, max_new_tokens=max_new_tokens, repeats=repeats,
-                       context=context)
+    report = run_bench(lambda: backend, batches=batches, repeats=repeats, context=context, decode=False)
+    for row in report["batches"]:
+        chosen = [list(prompts[i % len(prompts)]) for i in range(row["batch"])]
+        dec = rounds_bench(backend, chosen, max_new_tokens=max_new_tokens, replays=tuple(replay))
+        row["decode"] = dec
+        spec_row = dec.get("speculative", dec["target_only"])
+        row |= {"tau": spec_row["tau"], "spec_tokens_per_s": spec_row["tokens_per_s"],
+                "target_tokens_per_s": dec["target_only"]["tokens_per_s"],
+                "speedup": spec_row["tokens_per_s"] / dec["target_only"]["tokens_per_s"],
+                "host_ms_per_round": spec_row["host_ms_per_round"],
+                "lossless_fraction": spec_row.get("identical_to_target_only", 1.0)}
     report["build"] = str(build_dir)
     report["prompts"] = source
+    if plot is not None:
+        plot_bench(report, Path(plot))
     return report

@@ -313,8 +313,11 @@ def demo(out: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--batch", "batch", default="1,4,16,64", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--batch", "batch", default="1,16,64", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--replay", default="", help="Acceptance replay profiles, comma-separated: a (Qwen3-8B GSM8K), "
+              "b (macro τ 4.81), c (trained tiny pair); results are labelled replayed.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Write a PNG of tokens/s and host time per batch.")
 @click.option("--prompt-file", type=click.Path(path_type=Path),
               help="Held-out prompts (JSON Lines) for τ and tokens/s; default 8 random prompts.")
 @click.option("--repeats", default=10, show_default=True, type=int, help="Timed calls per step time.")
@@ -323,9 +326,10 @@ def demo(out: Path, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu (auto: CUDA when visible).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with every number.")
 @common
-def bench(build_dir: Path, batch: str, max_new_tokens: int, prompt_file: Path | None, repeats: int, context: int,
-          dtype: str, device: str, as_json: bool) -> None:
-    """Decode speed with the torch target (CUDA graphs on a GPU): step times, overhead ratio, τ, tokens/s."""
+def bench(build_dir: Path, batch: str, max_new_tokens: int, replay: str, plot: Path | None, prompt_file: Path | None,
+          repeats: int, context: int, dtype: str, device: str, as_json: bool) -> None:
+    """Decode speed with the torch target (one CUDA graph per round on a GPU): step times, overhead ratio, τ,
+    tokens/s speculative vs target-only, host time per round, losslessness; optionally replayed acceptance."""
     from dspark_compile import api
 
     try:
@@ -335,8 +339,9 @@ def bench(build_dir: Path, batch: str, max_new_tokens: int, prompt_file: Path | 
     if not batches or min(batches) < 1:
         raise UsageError(f"--batch {batch!r}: batch sizes must be >= 1")
     prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
+    replays = tuple(r.strip() for r in replay.split(",") if r.strip())
     rep = api.bench(build_dir, batches=batches, max_new_tokens=max_new_tokens, prompts=prompts, repeats=repeats,
-                    context=context, dtype=dtype, device=device)
+                    context=context, dtype=dtype, device=device, replay=replays, plot=plot)
     if as_json:
         click.echo(json.dumps(rep, separators=(",", ":")))
         return
@@ -349,8 +354,14 @@ def bench(build_dir: Path, batch: str, max_new_tokens: int, prompt_file: Path | 
                 f"T_draft {r.get('t_draft_ms', 0):8.3f} ms  overhead {r.get('overhead_ratio', 0):.3f}")
         if "tau" in r:
             line += (f"  tau {r['tau']:.3f}  spec {r['spec_tokens_per_s']:.1f} tok/s  target "
-                     f"{r['target_tokens_per_s']:.1f} tok/s  speedup/tau {r['speedup_over_tau']:.3f}")
+                     f"{r['target_tokens_per_s']:.1f} tok/s  speedup {r['speedup']:.3f}  host "
+                     f"{r['host_ms_per_round'] or 0:.3f} ms/round  lossless {r['lossless_fraction']:.2f}")
         click.echo(line)
+        for name in replays:
+            d = r["decode"].get(f"replay_{name}")
+            if d:
+                click.echo(f"       replayed {name}: tau {d['tau']:.3f} (profile {d['profile_tau']:.2f})  "
+                           f"{d['tokens_per_s']:.1f} tok/s  speedup {d['speedup']:.3f}")
 
 
 def _print_results(results: list[Any], as_json: bool) -> None:

@@ -15,43 +15,39 @@ from torch import nn
 
 from dspark_compile.config import DraftConfig
 from dspark_compile.models.layers import (
-    AttentionProjections,
+    FUNCTIONAL,
+    REFERENCE,
+    CacheWrite,
+    ReferenceAttention,
     RMSNorm,
     RotaryEmbedding,
-    SwiGLU,
-    attend,
-    write_cache,
 )
+from dspark_compile.models.qwen3 import Qwen3Layer
 from dspark_compile.plugins.spec_verify.reference import inverse_cdf_torch  # the one draw rule
 
 
-class DraftLayer(nn.Module):
-    """A Qwen3 decoder layer whose keys/values also come from the context features (KV injection)."""
+class DraftLayer(Qwen3Layer):
+    """A Qwen3 decoder layer whose keys/values also come from the context features (KV injection): the
+    target layer's modules and equations; only where keys/values come from and go differs."""
 
     def __init__(self, cfg: DraftConfig) -> None:
-        super().__init__()
-        base = cfg.base
-        self.self_attn = AttentionProjections(base)
-        self.mlp = SwiGLU(base.hidden_size, base.intermediate_size)
-        self.input_layernorm = RMSNorm(base.hidden_size, base.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(base.hidden_size, base.rms_norm_eps)
+        super().__init__(cfg.base)
 
-    def forward(
+    def forward(  # type: ignore[override]
         self, x: torch.Tensor, ctx: torch.Tensor, rope_blk: tuple[torch.Tensor, torch.Tensor],
         rope_ctx: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor, cache_len: torch.Tensor, mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        *, slots: tuple[torch.Tensor, torch.Tensor] | None = None, cache: CacheWrite = FUNCTIONAL,
+        attention: ReferenceAttention = REFERENCE,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``slots`` = (context positions [B, C], block positions [B, G]) for an in-place cache."""
         attn = self.self_attn
         h = self.input_layernorm(x)
         q = attn.query(h, *rope_blk)
-        k_ctx, v_ctx = attn.key_value(ctx, *rope_ctx)  # context entries are cached across rounds
-        k_cache = write_cache(kv[0], k_ctx, cache_len)
-        v_cache = write_cache(kv[1], v_ctx, cache_len)
-        k_blk, v_blk = attn.key_value(h, *rope_blk)  # block entries are attended but never cached
-        k = torch.cat((k_cache, k_blk.to(k_cache.dtype)), dim=2)
-        v = torch.cat((v_cache, v_blk.to(v_cache.dtype)), dim=2)
-        x = x + attn.o_proj(attend(q, k, v, mask, attn.scale))
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, torch.stack((k_cache, v_cache))
+        ctx_kv = attn.key_value(ctx, *rope_ctx)  # context entries are cached across rounds
+        blk_kv = attn.key_value(h, *rope_blk)  # block entries are attended but never kept
+        ctx_slots, blk_slots = slots if slots is not None else (None, None)
+        k, v, out = cache.inject(kv, ctx_kv, blk_kv, cache_len, ctx_slots, blk_slots)
+        return self.finish(x, attention(q, k, v, mask, attn.scale)), out
 
 
 class MarkovHead(nn.Module):
@@ -119,9 +115,12 @@ class DSparkDraft(nn.Module):
 
     def backbone(
         self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
-        draft_kv: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block hidden states [B, G, H] (after the final norm) and the updated context cache."""
+        draft_kv: torch.Tensor, *, cache: CacheWrite = FUNCTIONAL, attention: ReferenceAttention = REFERENCE,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block hidden states [B, G, H] (after the final norm) and the cache output (see Qwen3Target.forward).
+
+        Context rows c < ctx_count[b] go to slot cache_len[b] + c; the block sits at p = cache_len + ctx_count
+        and sees every committed context slot (< p) and the whole block (not causal)."""
         bsz, c, _ = ctx_taps.shape
         g = self.block_size
         dev = anchor.device
@@ -135,15 +134,20 @@ class DSparkDraft(nn.Module):
         x = self.embed_tokens(block_ids)
         rope_blk = self.rotary(blk_pos, x.dtype)
         rope_ctx = self.rotary(ctx_pos, x.dtype)
-        # Block queries see every committed context slot (< anchor position) and the whole block (not causal).
-        ctx_visible = torch.arange(s, device=dev).view(1, 1, s) < anchor_pos.view(bsz, 1, 1)
-        mask = torch.cat((ctx_visible.expand(bsz, g, s), torch.ones(bsz, g, g, dtype=torch.bool, device=dev)), dim=2)
-        mask = mask.unsqueeze(1)
-        new_kv = []
+        group = self.cfg.base.num_attention_heads // self.cfg.base.num_key_value_heads
+        if cache.in_place:  # the block was written at p..p+G-1: every row sees slots < p + G
+            mask = attention.prepare((anchor_pos + g).view(bsz, 1).expand(bsz, g), cache.window, group, x.dtype)
+        else:
+            ctx_visible = torch.arange(s, device=dev).view(1, 1, s) < anchor_pos.view(bsz, 1, 1)
+            mask = torch.cat((ctx_visible.expand(bsz, g, s), torch.ones(bsz, g, g, dtype=torch.bool, device=dev)),
+                             dim=2)
+            mask = attention.prepare(mask.unsqueeze(1), None, group, x.dtype)
+        outs = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, ctx, rope_blk, rope_ctx, draft_kv[i], cache_len, mask)
-            new_kv.append(kv)
-        return self.norm(x), torch.stack(new_kv)
+            x, out = layer(x, ctx, rope_blk, rope_ctx, draft_kv[i], cache_len, mask, slots=(ctx_pos, blk_pos),
+                           cache=cache, attention=attention)
+            outs.append(out)
+        return self.norm(x), None if cache.in_place else torch.stack(outs)
 
     def forward(
         self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
@@ -157,9 +161,11 @@ class DSparkDraft(nn.Module):
 
     def propose(
         self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
-        uniforms: torch.Tensor | None,
+        uniforms: torch.Tensor | None, *, distributions: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Markov sampling left to right (§2): logits_k = U_k + bias(x_{k-1}); x_0 = anchor."""
+        """Markov sampling left to right (§2): logits_k = U_k + bias(x_{k-1}); x_0 = anchor.
+
+        ``distributions=False`` skips the [B, G, V] output (a greedy round never reads it)."""
         bsz, g, _ = hidden.shape
         base_logits = self.lm_head(hidden).to(torch.float32)
         prev = anchor.to(torch.int64)
@@ -192,7 +198,8 @@ class DSparkDraft(nn.Module):
                 outs.append(logits_k)
             tokens.append(x_k)
             prev = x_k
-        return torch.stack(tokens, dim=1), torch.stack(confs, dim=1), torch.stack(outs, dim=1)
+        dist = torch.stack(outs, dim=1) if distributions else base_logits[:, :0]
+        return torch.stack(tokens, dim=1), torch.stack(confs, dim=1), dist
 
     def new_cache(self, batch: int, slots: int, *, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> torch.Tensor:

@@ -12,16 +12,21 @@ from torch import nn
 
 from dspark_compile.config import TargetConfig
 from dspark_compile.models.layers import (
+    FUNCTIONAL,
+    REFERENCE,
     AttentionProjections,
+    CacheWrite,
+    ReferenceAttention,
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
-    attend,
-    write_cache,
 )
 
 
 class Qwen3Layer(nn.Module):
+    """One Qwen3 decoder layer. Where new keys/values go (``cache``) and how queries attend (``attention``) are
+    strategies (models/layers.py), so the exported graphs, the CUDA-graph target and the draft share it."""
+
     def __init__(self, cfg: TargetConfig) -> None:
         super().__init__()
         self.self_attn = AttentionProjections(cfg)
@@ -31,18 +36,21 @@ class Qwen3Layer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, cache_len: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv [2, B, KV, S, D]; returns the layer output and the updated kv."""
+        mask: torch.Tensor, *, positions: torch.Tensor | None = None, cache: CacheWrite = FUNCTIONAL,
+        attention: ReferenceAttention = REFERENCE,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """kv [2, B, KV, S, D]; new rows at slots cache_len[b] + t (``positions``). Returns the layer output and
+        the cache strategy's output (the updated kv, the new rows, or None when written in place)."""
         attn = self.self_attn
         h = self.input_layernorm(x)
         q = attn.query(h, cos, sin)
-        k_new, v_new = attn.key_value(h, cos, sin)
-        k = write_cache(kv[0], k_new, cache_len)
-        v = write_cache(kv[1], v_new, cache_len)
-        x = x + attn.o_proj(attend(q, k, v, mask, attn.scale))
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, torch.stack((k, v))
+        k, v, out = cache.write(kv, *attn.key_value(h, cos, sin), cache_len, positions)
+        return self.finish(x, attention(q, k, v, mask, attn.scale)), out
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, post-attention norm, MLP, residual."""
+        x = x + self.self_attn.o_proj(attended)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen3Target(nn.Module):
@@ -59,11 +67,13 @@ class Qwen3Target(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
 
     def forward(
-        self, input_ids: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor, *,
+        cache: CacheWrite = FUNCTIONAL, attention: ReferenceAttention = REFERENCE,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """input_ids [B, T] at positions cache_len[b] + t; kv_cache [L, 2, B, KV, S, D].
 
-        Returns (hidden after the final norm [B, T, H], taps [B, T, NT*H], kv_cache_out).
+        Returns (hidden after the final norm [B, T, H], taps [B, T, NT*H], the cache output: kv_cache_out for
+        the functional cache, the new rows [L, 2, B, KV, T, D] for ``RowsCache``, None in place).
         Tap id -1 is the embedding output, id i the output of decoder layer i (HF hidden_states[i + 1]).
         """
         bsz, t = input_ids.shape
@@ -71,17 +81,24 @@ class Qwen3Target(nn.Module):
         positions = cache_len.view(bsz, 1) + torch.arange(t, device=input_ids.device).view(1, t)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        slots = torch.arange(s, device=input_ids.device).view(1, 1, 1, s)
-        mask = slots <= positions.view(bsz, 1, t, 1)  # causal over the committed prefix and this chunk
+        if cache.in_place:  # causal: query (b, t) sees slots <= its position, within the window
+            mask = attention.prepare(positions + 1, cache.window,
+                                     self.cfg.num_attention_heads // self.cfg.num_key_value_heads, x.dtype)
+        else:
+            slots = torch.arange(s, device=input_ids.device).view(1, 1, 1, s)
+            mask = slots <= positions.view(bsz, 1, t, 1)  # causal over the committed prefix and this chunk
+            mask = attention.prepare(mask, None, self.cfg.num_attention_heads // self.cfg.num_key_value_heads,
+                                     x.dtype)
         taps: dict[int, torch.Tensor] = {-1: x}
-        new_layers = []
+        outs = []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, cos, sin, kv_cache[i], cache_len, mask)
-            new_layers.append(kv)
+            x, out = layer(x, cos, sin, kv_cache[i], cache_len, mask, positions=positions, cache=cache,
+                           attention=attention)
+            outs.append(out)
             taps[i] = x
         tapped = [taps[i] for i in self.tap_layer_ids]
         tap_tensor = torch.cat(tapped, dim=-1) if tapped else x[..., :0]
-        return self.norm(x), tap_tensor, torch.stack(new_layers)
+        return self.norm(x), tap_tensor, None if cache.in_place else torch.stack(outs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).to(torch.float32)

@@ -140,8 +140,10 @@ def test_wide_context_draft_runs_eagerly_then_graph_shapes_are_reused(golden_dir
     be = CudaGraphBackend(prog.target, prog.draft)
     gold = _golden(golden_dir, "dspark_tiny")["greedy"]
     _decode(be, [gold[3]["prompt"]])
-    # verify T=8 and draft (width 8) keyed per (rows, window): one window bucket for this short decode.
-    assert sorted(k[0] for k in be._steps) == ["draft", "verify"]
+    # The wide first context is drafted eagerly at admit; then one round graph per (rows, window, greedy/
+    # sampling, replay, G): one window bucket for this short decode.
+    assert list(be._rounds) == [(1, be._rounds and next(iter(be._rounds))[1], False, False, 7)]
+    assert be.stats["eager_calls"] > 1 and not be._steps
 
 
 # ---------------------------------------------------------------------------------- fused kernels (interpreter)
@@ -361,11 +363,15 @@ def test_cli_bench_json(tmp_path: Path, golden_dir: Path, capsys: pytest.Capture
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("[1, 2, 3, 4]\n[9, 8, 7]\n")
     main(["bench", str(build), "--batch", "1,2", "--max-new-tokens", "5", "--repeats", "1", "--context", "16",
-          "--prompt-file", str(prompts), "--json", "-q"])
+          "--prompt-file", str(prompts), "--replay", "b", "--plot", str(tmp_path / "b.png"), "--json", "-q"])
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["batch"] for r in rep["batches"]] == [1, 2]
     assert rep["prompts"] == "given" and rep["gamma"] == 7
     assert all(np.isfinite(r["overhead_ratio"]) for r in rep["batches"])
+    for r in rep["batches"]:  # greedy speculative == target-only, in the same run; the replay is labelled
+        assert r["lossless_fraction"] == 1.0 and r["decode"]["replay_b"]["label"] == "replayed"
+        assert r["speedup"] == pytest.approx(r["spec_tokens_per_s"] / r["target_tokens_per_s"])
+    assert (tmp_path / "b.png").stat().st_size > 1000
 
 
 @no_cuda

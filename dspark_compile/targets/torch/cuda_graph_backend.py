@@ -1,34 +1,28 @@
-"""`CudaGraphBackend`: the three graphs of docs/PROGRAM.md as CUDA graphs over static, in-place KV caches.
+"""`CudaGraphBackend`: the program as CUDA graphs over static, in-place KV caches.
 
-Same contract and numerics as the eager :class:`~dspark_compile.runtime.torch_backend.TorchBackend` (the host
-loop in ``runtime/decode.py`` drives either), built for speed on a GPU:
+Two protocols (runtime/backend.py):
 
-* **Static caches.** ``start(batch, slots)`` allocates the target and draft caches once per shape: rows for the
-  batch bucket (1, 2, 4, …, 64, then multiples of 64), ``slots`` rounded up to a multiple of 256. A later
-  ``start`` of the same bucket and capacity reuses them, and the graphs captured over them.
-* **One graph per shape bucket**, captured on first use and replayed after: ``target_verify`` per (rows,
-  verify tokens T, attention window, greedy/sampling) — T = 1 is target-only decoding, T = G+1 a speculative
-  round — and ``draft_propose`` per (rows, window, greedy/sampling) with the context padded to G+1 rows.
-  Each graph runs embed → layers → logits → SpecVerify (``spec_verify_triton``) or the draft backbone →
-  Markov loop → confidence. Keys/values are written into the caches in place.
-* **Attention window.** Attention reads slots ``[0, W)`` with W = the largest slot any query may see, rounded up
-  to ``kv_bucket`` (256), not the whole capacity; on CUDA through the split-K Triton kernel (``attention=
-  "triton"``: on an H100 it beat SDPA's memory-efficient kernel by 0.85 ms per 8B decode step at batch 1).
-* **Padding rows.** Rows between the live batch and its bucket get position 0, nothing to verify and no
-  context; they only touch their own cache rows.
-* **One host sync per call.** Inputs go through pinned host buffers, outputs come back into pinned memory and
-  the call waits once. Prefill, and a draft call whose context is wider than G+1 (the first round after a
-  prompt), run the same code eagerly.
+* **DecodeBackend** (admit / round / select) — the decode state lives on the device (`_RoundState`: lengths,
+  anchors, pending drafts and their distributions, taps, seeds and counters). ``admit`` prefills eagerly and
+  drafts the first block; ``round`` is **one captured graph** per (batch bucket, attention window,
+  greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches already hold the
+  rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence, with per-row
+  verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host sync per
+  round fetches the Proposal. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
+* **Backend** (prefill / draft / verify) — one graph per call, kept for the per-graph step times and the SPS
+  profile.
 
-On a machine without CUDA, :meth:`CudaGraphBackend.create` returns the eager TorchBackend (fp32, CPU) and
-logs a notice when the device was ``"auto"``, and raises :class:`BackendUnavailableError` when ``"cuda"`` was
-asked for explicitly. The class itself also runs on the CPU with ``graphs=False`` (the same static-buffer
-code, eagerly): that is how the CPU tests check it.
+Batch buckets 1, 2, 4, …, 64 (then multiples of 64); capacity rounded up to 256 slots; attention reads slots
+``[0, W)`` with W rounded up to ``kv_bucket`` (128) through the split-K Triton kernel. Padding rows have no
+live request: nothing to verify, position 0, their own cache rows. On a machine without CUDA,
+:meth:`CudaGraphBackend.create` returns the eager TorchBackend (fp32, CPU); the class itself runs on the CPU
+with ``graphs=False`` (the same code eagerly), which is how the CPU tests check it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,15 +33,17 @@ import torch
 from dspark_compile.errors import BackendUnavailableError
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
-from dspark_compile.runtime.backend import DraftOutput, VerifyOutput
-from dspark_compile.runtime.torch_backend import program_info
+from dspark_compile.runtime.backend import DraftOutput, Proposal, VerifyOutput, uniforms_per_call
+from dspark_compile.runtime.sampling import counter_uniforms
+from dspark_compile.program import program_info
 from dspark_compile.targets.torch.static_forward import StaticProgram
 
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SLOT_MULTIPLE = 256
-KV_BUCKET = 256
+KV_BUCKET = 128
+REPLAY_KEY = 0x5EED  # replay cuts draw from the stream of seed ^ REPLAY_KEY (never the sampling stream)
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, Triton compilation)
 _ROW_COPIED = ("ctx_taps", "draft_probs")  # large inputs: only the live rows travel; the rest are left stale
 
@@ -97,8 +93,9 @@ class _Step:
     """Static device inputs with pinned host twins, a step function, and (once captured) its CUDA graph."""
 
     def __init__(self, fn: StepFn, specs: dict[str, tuple[tuple[int, ...], torch.dtype, np.dtype, float]],
-                 device: torch.device, *, capture: bool, pool: _GraphPool) -> None:
+                 device: torch.device, *, capture: bool, pool: _GraphPool, state: _RoundState | None = None) -> None:
         self.fn = fn
+        self.state = state  # a round updates it in place: warm-up runs are undone before capture
         self.device = device
         cuda = device.type == "cuda"
         self.inputs = {n: torch.zeros(shape, dtype=dt, device=device) for n, (shape, dt, _, _) in specs.items()}
@@ -109,6 +106,8 @@ class _Step:
         self.pool = pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
+        self.host_out: list[torch.Tensor] = []
+        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else ()
 
     def load(self, name: str, array: np.ndarray, rows: int) -> None:
         host = self.host[name].numpy()
@@ -141,9 +140,12 @@ class _Step:
         main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(main)
+        saved = self.state.snapshot() if self.state is not None else None
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):  # in-place cache writes are idempotent: same inputs, same values
                 self.fn(self.inputs)
+                if saved is not None:  # per-row state is not: restore it (cache rows past it are scratch)
+                    self.state.restore(saved)
         main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool.handle):
@@ -151,12 +153,65 @@ class _Step:
         self.graph = graph
 
 
+class _RoundState:
+    """Per-row decode state on the device: what a round reads and updates in place (DecodeBackend)."""
+
+    SMALL = ("length", "draft_len", "anchor", "count", "seed", "counter", "temperature", "live", "drafts", "taps")
+
+    def __init__(self, rows: int, g: int, info: Any, device: torch.device, dtype: torch.dtype) -> None:
+        self.rows, self.g, self.vocab = rows, g, info.vocab_size
+        i64 = {"dtype": torch.int64, "device": device}
+        self.length = torch.zeros(rows, **i64)  # committed target tokens = the anchor's position
+        self.draft_len = torch.zeros(rows, **i64)  # draft context cache length
+        self.anchor = torch.zeros(rows, **i64)
+        self.count = torch.zeros(rows, **i64)  # taps rows the draft has not seen (in ``taps``)
+        self.seed = torch.zeros(rows, **i64)
+        self.counter = torch.zeros(rows, **i64)
+        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.live = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.drafts = torch.zeros(rows, g, **i64)
+        self.taps = torch.zeros(rows, g + 1, max(info.tap_width, 1), dtype=dtype, device=device)
+        self.probs: torch.Tensor | None = None  # [rows, G, V] float32, once a sampling row is admitted
+        self.device = device
+
+    def ensure_probs(self) -> torch.Tensor:
+        if self.probs is None:
+            self.probs = torch.zeros(self.rows, self.g, self.vocab, dtype=torch.float32, device=self.device)
+        return self.probs
+
+    def probs_like(self, rows: int, g: int) -> torch.Tensor:
+        return torch.zeros(rows, g, self.vocab, dtype=torch.float32, device=self.device)
+
+    def view(self, rows: int) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name)[:rows] for name in self.SMALL}
+
+    def reset(self) -> None:
+        for name in self.SMALL:
+            getattr(self, name).zero_()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        names = self.SMALL + (("probs",) if self.probs is not None else ())
+        return {name: getattr(self, name).clone() for name in names}
+
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        for name, value in saved.items():
+            getattr(self, name).copy_(value)
+
+    def select(self, idx: torch.Tensor) -> None:
+        k = idx.shape[0]
+        for name in self.SMALL + (("probs",) if self.probs is not None else ()):
+            t = getattr(self, name)
+            kept = t.index_select(0, idx)
+            t.zero_()
+            t[:k] = kept
+
+
 def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
     return {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}[np.dtype(np_dtype)]
 
 
 class CudaGraphBackend:
-    """The Backend protocol (runtime/backend.py) over CUDA graphs; see the module docstring."""
+    """DecodeBackend (and the per-graph Backend) over CUDA graphs; see the module docstring."""
 
     def __init__(self, target: Qwen3Target, draft: DSparkDraft | None, *, block_size: int | None = None,
                  eos_token_ids: tuple[int, ...] = (), graphs: bool | None = None, fused: bool | None = None,
@@ -176,6 +231,8 @@ class CudaGraphBackend:
         self.program = StaticProgram(target, draft, fused=cuda if fused is None else fused,
                                      attention=attention or ("triton" if cuda else "reference"))
         self.info = program_info(target, draft, eos_token_ids)
+        if self.info.vocab_size > 1 << 24:
+            raise ValueError(f"vocab_size {self.info.vocab_size} > 2^24: round outputs pack ids in float32")
         self._pool = _GraphPool(self.graphs)
         self._kv: torch.Tensor | None = None
         self._draft_kv: torch.Tensor | None = None
@@ -184,6 +241,18 @@ class CudaGraphBackend:
         self._steps: dict[tuple[Any, ...], _Step] = {}
         self._last_probs: tuple[np.ndarray, torch.Tensor] | None = None
         self.stats = {"captures": 0, "replays": 0, "eager_calls": 0}
+        # DecodeBackend protocol (admit/round/select): device-resident per-row state and one graph per round
+        self._state: _RoundState | None = None
+        self._states: dict[int, _RoundState] = {}
+        self._rounds: dict[tuple[Any, ...], _Step] = {}
+        self._g = 0
+        self._live = 0
+        self._len_host = np.zeros(0, dtype=np.int64)
+        self._temp_host = np.zeros(0, dtype=np.float32)
+        self.replay: tuple[torch.Tensor, torch.Tensor] | None = None  # benchmark-only (set_replay)
+        self._replay_source: torch.Tensor | None = None
+        self.last_graph_ms = 0.0
+        self.last_host_ms: dict[str, float] = {}  # round(): graph launch call, wait for the outputs
 
     @classmethod
     def create(cls, target_dir: str | Path, draft_dir: str | Path | None, *, dtype: str = "bf16",
@@ -225,18 +294,34 @@ class CudaGraphBackend:
 
     # ------------------------------------------------------------------------------------------- protocol
     @torch.inference_mode()
-    def start(self, batch: int, slots: int) -> None:
+    def start(self, batch: int, slots: int, *, speculative: bool = True) -> None:
+        """Caches for ``batch`` rows of ``slots`` positions. The older per-graph protocol then has ``batch``
+        live rows; the DecodeBackend protocol (admit/round/select) starts with none."""
         alloc = (batch_bucket(batch), slot_capacity(slots))
         if alloc != self._alloc:  # graphs are bound to the cache tensors: drop them with the caches
             self._steps.clear()
+            self._rounds.clear()
             self._pool.renew()
             self._kv = self._draft_kv = None
+            self._state = None
+            self._states = {}
             self._kv = self.target_model.new_cache(*alloc)
             if self.draft_model is not None:
                 self._draft_kv = self.draft_model.new_cache(*alloc)
             self._alloc = alloc
         self._rows = batch
         self._last_probs = None
+        self._g = self.info.block_size if speculative and self.draft_model is not None else 0
+        if self._g not in self._states:  # one per G (target-only, speculative), kept with the caches
+            self._states[self._g] = _RoundState(alloc[0], self._g, self.info, self.device,
+                                                self.target_model.embed_tokens.weight.dtype)
+        self._state = self._states[self._g]
+        self._state.reset()
+        if self.replay is not None:  # a new batch: row b replays reference row b again
+            self.replay[0].copy_(self._replay_source)
+        self._live = 0
+        self._len_host = np.zeros(alloc[0], dtype=np.int64)  # host mirrors: window and graph choice, no sync
+        self._temp_host = np.zeros(alloc[0], dtype=np.float32)
 
     @torch.inference_mode()
     def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,22 +407,222 @@ class CudaGraphBackend:
         decision, taps = self._fetch([out["decision"][:n], out["taps"][:n]])
         return VerifyOutput(decision[:, 0].copy(), decision[:, 1].copy(), taps)
 
+    def verify_step(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray) -> None:
+        """One greedy verify graph call, nothing committed: the SPS profile's unit of work (passes/profile_sps)."""
+        self.verify(tokens, cache_len, verify_len, None, None, None)
+
     @torch.inference_mode()
     def select(self, rows: np.ndarray) -> None:
-        """Keep these batch rows: moved down in place (increasing ``rows`` never overwrite a source)."""
+        """Keep these rows (increasing), compacted to ``0..len(rows)-1``: caches and per-row state move."""
         rows = np.asarray(rows, dtype=np.int64)
+        increasing = bool(np.all(np.diff(rows) > 0))
         for cache in (self._kv, self._draft_kv):
             if cache is None:
                 continue
-            if np.all(np.diff(rows) > 0):
+            if increasing:  # moved down in place: increasing rows never overwrite a source
                 for i, r in enumerate(rows.tolist()):
                     if r != i:
                         cache[:, :, i].copy_(cache[:, :, r])
             else:
                 idx = torch.from_numpy(rows).to(cache.device)
                 cache[:, :, : len(rows)] = cache.index_select(2, idx)
+        if self._state is not None and self._live:
+            idx = torch.from_numpy(rows).to(self.device)
+            self._state.select(idx)
+            if self.replay is not None:  # the reference follows its request (in place: graphs read it)
+                ref = self.replay[0]
+                ref[: len(rows)] = ref.index_select(0, idx)
+            for host in (self._len_host, self._temp_host):
+                kept = host[rows]
+                host[:] = 0
+                host[: len(rows)] = kept
+            self._live = len(rows)
         self._rows = len(rows)
         self._last_probs = None
+
+    # ------------------------------------------------------------------------------ DecodeBackend protocol
+    @torch.inference_mode()
+    def admit(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
+              seeds: np.ndarray) -> Proposal:
+        """Prefill ``k`` prompts into rows ``n..n+k-1`` (eagerly), their first token and first draft block."""
+        st = self._state
+        assert st is not None and self._kv is not None, "start() first"
+        k, t = input_ids.shape
+        n = self._live
+        if n + k > st.rows:
+            raise ValueError(f"admit: {n} live rows + {k} new exceed the {st.rows} rows start() allocated")
+        dev = self.device
+        rows = slice(n, n + k)
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(dev)
+        lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64)).to(dev)
+        temp = torch.from_numpy(np.asarray(temperature, dtype=np.float32)).to(dev)
+        seed = torch.from_numpy(np.asarray(seeds, dtype=np.int64)).to(dev)
+        g = st.g
+        zero = torch.zeros(k, dtype=torch.int64, device=dev)
+        u = counter_uniforms(seed, zero, uniforms_per_call(g))
+        window = self._window(t + g + 1)
+        hidden, taps = self.program.target_step(ids, zero, self._kv[:, :, rows], window)
+        last = hidden[torch.arange(k, device=dev), lens - 1]
+        logits = self.target_model.lm_head(last)[:, None]  # [k, 1, V]: SpecVerify with no drafts draws it
+        sampling = bool((temp > 0).any())
+        first = self._verify(logits, zero[:, None][:, :0], zero, temp if sampling else None,
+                             u[:, :1] if sampling else None, st.probs_like(k, 0) if sampling else None)[1]
+        st.length[rows] = lens
+        st.anchor[rows] = first
+        st.seed[rows] = seed
+        st.temperature[rows] = temp
+        st.counter[rows] = uniforms_per_call(g)
+        st.live[rows] = True
+        st.count[rows] = 0
+        self._len_host[rows] = np.asarray(lengths, dtype=np.int64)
+        self._temp_host[rows] = np.asarray(temperature, dtype=np.float32)
+        self._live = n + k
+        conf = torch.zeros(k, g, dtype=torch.float32, device=dev)
+        if g > 0:
+            assert self.draft_model is not None and self._draft_kv is not None
+            dwin = self._window(t + g)
+            dh = self.program.draft_step(first, taps, lens, zero, self._draft_kv[:, :, rows], dwin)
+            drafts, conf, probs = self.draft_model.propose(dh, first, temp if sampling else None,
+                                                           u[:, g + 1:] if sampling else None)
+            if self.replay is not None:
+                drafts = self._replayed({name: getattr(st, name)[rows] for name in st.SMALL}, drafts, n)
+            st.drafts[rows] = drafts
+            st.draft_len[rows] = lens
+            if sampling:
+                st.ensure_probs()[rows] = probs
+        out = self._fetch([torch.cat((zero[:, None], first[:, None], st.drafts[rows]), dim=1), conf])
+        return Proposal(out[0][:, 0].copy(), out[0][:, 1].copy(), out[0][:, 2:].copy(), out[1])
+
+    @torch.inference_mode()
+    def round(self, verify_len: np.ndarray) -> Proposal:
+        """Every live row: verify, commit, draft the next block — one CUDA graph replay, one sync."""
+        st = self._state
+        assert st is not None and self._live > 0, "admit() first"
+        n = self._live
+        rows = batch_bucket(n)
+        g = st.g
+        window = self._window(int(self._len_host[:n].max()) + 2 * g + 2)
+        sampling = bool((self._temp_host[:n] > 0).any())
+        key = (rows, window, sampling, self.replay is not None and g > 0, g)
+        step = self._rounds.get(key)
+        if step is None:
+            step = self._rounds[key] = self._round_step(rows, window, sampling, key[3])
+        step.load("verify_len", np.asarray(verify_len, dtype=np.int64), n)
+        if self.device.type != "cuda":
+            packed = self._run(step)["packed"][:n].clone().numpy()
+        else:
+            ev0, ev1 = step.events
+            h0 = time.perf_counter()
+            ev0.record()
+            out = self._run(step)["packed"]
+            ev1.record()
+            h1 = time.perf_counter()
+            if not step.host_out:  # the pinned twin of the output, allocated once per graph
+                step.host_out = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True)]
+            step.host_out[0].copy_(out, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()  # the one host sync of the round
+            h2 = time.perf_counter()
+            self.last_graph_ms = ev0.elapsed_time(ev1)
+            self.last_host_ms = {"launch": 1e3 * (h1 - h0), "wait": 1e3 * (h2 - h1)}
+            packed = step.host_out[0][:n].numpy().copy()
+        ints = packed[:, : g + 2].astype(np.int64)
+        self._len_host[:n] += ints[:, 0] + 1
+        return Proposal(ints[:, 0], ints[:, 1], ints[:, 2:], packed[:, g + 2 :])
+
+    def set_replay(self, reference: np.ndarray | None, profile: np.ndarray | None) -> None:
+        """Benchmark-only acceptance replay: after drafting, row b's proposals become ``reference[b]`` (its
+        target-only greedy continuation, indexed by absolute position), cut where the per-position acceptance
+        ``profile`` [G] first fails (a draw per position from the row's replay stream). None turns it off."""
+        if reference is None or profile is None:
+            self.replay = None
+            return
+        st = self._state
+        assert st is not None
+        ref = torch.zeros(st.rows, reference.shape[1], dtype=torch.int64, device=self.device)
+        ref[: reference.shape[0]] = torch.from_numpy(np.asarray(reference, dtype=np.int64)).to(self.device)
+        prof = torch.from_numpy(np.asarray(profile, dtype=np.float32)).to(self.device)
+        self._replay_source = ref.clone()  # select() compacts the live copy; start() restores it
+        if self.replay is not None and self.replay[0].shape == ref.shape:
+            self.replay[0].copy_(ref)  # the captured graphs read these tensors
+            self.replay[1].copy_(prof)
+        else:
+            self._rounds = {k: v for k, v in self._rounds.items() if not k[3]}
+            if not self._rounds and not self._steps:
+                self._pool.renew()
+            self.replay = (ref, prof)
+
+    def _verify(self, logits: torch.Tensor, drafts: torch.Tensor, vlen: torch.Tensor, temp: torch.Tensor | None,
+                uniforms: torch.Tensor | None, probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        from dspark_compile.plugins.spec_verify.reference import spec_verify_torch
+
+        spec_verify: Any = spec_verify_torch
+        if self.spec_verify == "triton":
+            from dspark_compile.plugins.spec_verify.kernel import spec_verify_triton as spec_verify
+        if temp is None:
+            return spec_verify(logits, drafts, vlen, mode="greedy")
+        return spec_verify(logits, drafts, vlen, mode="sampling", draft_probs=probs, temperature=temp,
+                           uniforms=uniforms)
+
+    def _round_step(self, rows: int, window: int, sampling: bool, replay: bool) -> _Step:
+        """verify → SpecVerify → commit → taps → next anchor → draft → Markov sampling → confidence."""
+        st = self._state
+        assert st is not None and self._kv is not None
+        g = st.g
+        kv = self._kv[:, :, :rows]
+        dkv = self._draft_kv[:, :, :rows] if self._draft_kv is not None else None
+        v = st.view(rows)
+        tgt = self.target_model
+        draft = self.draft_model
+        per_call = uniforms_per_call(g)
+        probs = st.ensure_probs()[:rows] if sampling and g > 0 else None
+
+        def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            live = v["live"]
+            tokens = torch.cat((v["anchor"][:, None], v["drafts"]), dim=1)  # [R, G+1]
+            hidden, taps = self.program.target_step(tokens, v["length"], kv, window)
+            logits = tgt.lm_head(hidden)
+            u = counter_uniforms(v["seed"], v["counter"], per_call)
+            vlen = torch.where(live, inp["verify_len"].clamp(0, g), 0)
+            pr = probs if probs is not None else (st.probs_like(rows, 0) if sampling else None)
+            acc, nxt = self._verify(logits, v["drafts"], vlen, v["temperature"] if sampling else None,
+                                    u[:, : g + 1], pr)
+            step = torch.where(live, acc + 1, 0)
+            v["length"].add_(step)  # commit: the caches already hold the accepted rows (rollback is free)
+            v["anchor"].copy_(nxt)
+            v["counter"].add_(torch.where(live, per_call, 0))
+            conf = torch.zeros(rows, g, dtype=torch.float32, device=tokens.device)
+            if g > 0:
+                assert draft is not None and dkv is not None
+                v["taps"].copy_(taps)
+                v["count"].copy_(step)
+                dh = self.program.draft_step(nxt, v["taps"], step, v["draft_len"], dkv, window)
+                v["draft_len"].add_(step)
+                new, conf, p = draft.propose(dh, nxt, v["temperature"] if sampling else None,
+                                             u[:, g + 1:] if sampling else None, distributions=sampling)
+                if replay:
+                    new = self._replayed(v, new)
+                v["drafts"].copy_(new)
+                if probs is not None:
+                    probs.copy_(p)
+            # One output, one copy to the host: ids < 2^24 are exact in float32 (checked at construction).
+            packed = torch.cat((acc[:, None], nxt[:, None], v["drafts"]), dim=1).to(torch.float32)
+            return {"packed": torch.cat((packed, conf), dim=1)}
+
+        return _Step(fn, {"verify_len": ((rows,), torch.int64, np.int64, 0)}, self.device,
+                     capture=self.graphs, pool=self._pool, state=st)
+
+    def _replayed(self, v: dict[str, torch.Tensor], drafts: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """Proposals overwritten by the reference continuation, wrong from the drawn cut on (benchmark only)."""
+        assert self.replay is not None
+        ref, prof = self.replay
+        rows, g = drafts.shape
+        ref = ref[first_row : first_row + rows]
+        pos = (v["length"][:, None] + 1 + torch.arange(g, device=drafts.device)).clamp(max=ref.shape[1] - 1)
+        right = ref.gather(1, pos)
+        ur = counter_uniforms(v["seed"] ^ REPLAY_KEY, v["counter"], g)
+        kept = torch.cumprod((ur < prof[:g]).to(torch.int64), dim=1).bool()
+        wrong = (right + 1) % self.info.vocab_size
+        return torch.where(kept, right, wrong)
 
     # -------------------------------------------------------------------------------------------- steps
     def _window(self, needed: int) -> int:

@@ -231,13 +231,30 @@ def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, D: tl.cons
     tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
 
 
+def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> int:
+    """Slots per split-K program: about two programs per multiprocessor over a ``nominal_window``-slot window,
+    a power of two from 64. At batch 64 the (batch, KV head) pairs alone fill the GPU, and more splits only add
+    float32 partials to write and merge (20 % of the 8B verify step there with 64-slot chunks).
+
+    It depends on the batch only, never on the window: slots split the same way whatever window bucket a
+    round runs in (trailing splits are fully masked and add exact zeros), so a row's attention output is the
+    same bits in any window — what lets a replayed run follow its reference token for token.
+    """
+    splits = max(1, -(-2 * processors // programs))
+    chunk = 64
+    while chunk * 2 * splits <= nominal_window:
+        chunk *= 2
+    return chunk
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: torch.Tensor, scale: float, *,
-                     chunk: int = 64) -> torch.Tensor:
+                     chunk: int | None = None) -> torch.Tensor:
     """Split-K ("flash decoding") attention for a few query rows per request.
 
     q [B, Hq, T, D] contiguous; k/v [B, KV, W, D] cache windows (last axis contiguous, same strides); query
-    (b, ·, t) sees slots < limit[b, t]. Grid: one program per (b, KV head, chunk of ``chunk`` slots), so a
-    batch-1 step still spreads over W/chunk · KV blocks; a second kernel merges the chunks' softmax partials.
+    (b, ·, t) sees slots < limit[b, t]. Grid: one program per (b, KV head, chunk of ``chunk`` slots, default
+    :func:`split_chunk`), so a batch-1 step still spreads over the GPU; a second kernel merges the chunks'
+    softmax partials.
     Returns [B, Hq, T, D] in q's dtype. Scores and sums in float32.
     """
     bsz, hq, t, dh = q.shape
@@ -246,6 +263,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     mq = group * t
     assert q.is_contiguous() and k.stride() == v.stride() and k.stride(-1) == 1 and limit.is_contiguous()
     assert dh == triton.next_power_of_2(dh) and mq <= 64
+    if chunk is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        chunk = split_chunk(bsz * kvh, sms)
     splits = triton.cdiv(window, chunk)
     part_o = torch.empty(bsz * kvh, splits, mq, dh, dtype=torch.float32, device=q.device)
     part_m = torch.empty(bsz * kvh, splits, mq, dtype=torch.float32, device=q.device)

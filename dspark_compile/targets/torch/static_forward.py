@@ -1,24 +1,14 @@
-"""The grafted program's forward passes over static KV caches written in place.
+"""What the CUDA-graph target does differently from ``models/``: fused weights and Triton kernels.
 
-``models/*.py`` return a new cache from every call (a functional scatter: the form ONNX export needs). A CUDA
-graph wants the opposite — caches allocated once, new keys/values written into them where they belong — and
-attention over only the slots that can be visible. :class:`StaticProgram` runs the same modules (same weights,
-same equations) that way:
+The forward itself is the models' (``Qwen3Target.forward``, ``DSparkDraft.backbone``) with the in-place cache
+strategy (``models.layers.InPlaceCache``: keys/values written into static caches, attention over a window of
+slots ``[0, window)``) and an attention strategy: ``"reference"`` (float32), ``"sdpa"``, or ``"triton"``
+(:class:`TritonAttention`: the split-K kernel for decode-sized queries, SDPA for prefill-sized chunks).
 
-* keys/values go straight into the cache slots (``scatter_``, or the fused kernel's store); a row whose slot is
-  −1 is not written;
-* attention reads a *window* of the cache, slots ``[0, window)``, where the caller rounds the window up to a
-  bucket so that graphs are reused (``window`` ≥ every visible slot + 1);
-* the draft writes its block's keys/values into its cache just after the context (slots ``p .. p+G−1``,
-  p = anchor position) instead of concatenating them: the next round overwrites them, and every slot a query
-  sees is either committed context (< p) or the current block, exactly the reference's visibility.
-
-Two ways to compute a layer: ``fused=False`` calls the modules' own methods (the PyTorch reference, bit-equal
-on the CPU); ``fused=True`` concatenates q|k|v and gate|up weights (the modules' parameters become views of
-the fused tensors: same values, one matrix product instead of three) and uses the Triton kernels of
-:mod:`.kernels` for the elementwise work. ``attention="sdpa"`` uses ``scaled_dot_product_attention`` with an
-additive mask; ``"reference"`` the float32 ``models.layers.attend``; ``"triton"`` a split-K Triton kernel for
-decode-sized queries (SDPA for longer chunks such as prefill).
+``fused=True`` adds the one thing the modules cannot express: q|k|v and gate|up weights concatenated (the
+modules' parameters become views of the fused tensors: same values, one matrix product instead of three) and
+the Triton kernels of :mod:`.kernels` for the elementwise work, with the residual add carried into the next
+layer's norm kernel.
 """
 
 from __future__ import annotations
@@ -30,11 +20,34 @@ from torch import nn
 from torch.nn import functional as F
 
 from dspark_compile.models.dspark import DSparkDraft
-from dspark_compile.models.layers import attend
+from dspark_compile.models.layers import InPlaceCache, ReferenceAttention, SdpaAttention
 from dspark_compile.models.qwen3 import Qwen3Target
 
-ATTENTION = ("sdpa", "reference", "triton")
 TRITON_ATTENTION_ROWS = 64  # query rows per KV head (group · T) up to which "triton" uses the split-K kernel
+
+
+class TritonAttention(SdpaAttention):
+    """The split-K Triton kernel (kernels.decode_attention) for decode-sized queries, given as limits;
+    SDPA for longer chunks (prefill)."""
+
+    def prepare(self, visible: torch.Tensor, window: int | None, group: int, dtype: torch.dtype) -> torch.Tensor:
+        if visible.dtype != torch.bool and group * visible.shape[1] <= TRITON_ATTENTION_ROWS:
+            return visible.contiguous()
+        return super().prepare(visible, window, group, dtype)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        if mask.dtype != torch.int64:
+            return super().__call__(q, k, v, mask, scale)
+        from dspark_compile.targets.torch.kernels import decode_attention
+
+        bsz, hq, t, d = q.shape
+        out = decode_attention(q.contiguous(), k, v, mask, scale)
+        return out.transpose(1, 2).reshape(bsz, t, hq * d)
+
+
+ATTENTION: dict[str, ReferenceAttention] = {"sdpa": SdpaAttention(), "reference": ReferenceAttention(),
+                                            "triton": TritonAttention()}
 
 
 @dataclass(frozen=True)
@@ -66,22 +79,17 @@ def _fuse_layer(layer: nn.Module) -> _Fused:
     return _Fused(qkv, qkv_bias, gate_up)
 
 
-def _write(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> None:
-    """cache [B, KV, S, D] ← new [B, KV, T, D] at slots [B, T], in place."""
-    b, kv, t, d = new.shape
-    cache.scatter_(2, slots.view(b, 1, t, 1).expand(b, kv, t, d), new.to(cache.dtype))
-
-
 class StaticProgram:
     """Target step (embed → layers → final norm, taps) and draft backbone over in-place static caches."""
 
     def __init__(self, target: Qwen3Target, draft: DSparkDraft | None, *, fused: bool, attention: str) -> None:
         if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {ATTENTION}, found {attention!r}")
+            raise ValueError(f"attention must be one of {tuple(ATTENTION)}, found {attention!r}")
         self.target = target
         self.draft = draft
         self.fused = fused
         self.attention = attention
+        self.attn = ATTENTION[attention]
         self._target_weights = [_fuse_layer(layer) for layer in target.layers] if fused else []
         self._draft_weights = [_fuse_layer(layer) for layer in draft.layers] if fused and draft is not None else []
         cfg = target.cfg
@@ -89,34 +97,8 @@ class StaticProgram:
 
     # ------------------------------------------------------------------------------------------------ shared
     def _mask(self, limit: torch.Tensor, window: int) -> torch.Tensor:
-        """Query (b, t) sees slots < limit[b, t]: the limits themselves (split-K kernel), bool [B, 1, T, W]
-        (reference) or additive [B, 1, g·T, W] (SDPA; also "triton" for prefill-sized chunks)."""
-        bsz, t = limit.shape
-        if self.attention == "triton" and self.group * t <= TRITON_ATTENTION_ROWS:
-            return limit.contiguous()
-        visible = torch.arange(window, device=limit.device).view(1, 1, window) < limit.unsqueeze(-1)
-        if self.attention == "reference":
-            return visible.unsqueeze(1)
-        dtype = self.target.embed_tokens.weight.dtype
-        bias = torch.zeros(visible.shape, dtype=dtype, device=limit.device).masked_fill(~visible, float("-inf"))
-        return bias.unsqueeze(1).expand(bsz, self.group, t, window).reshape(bsz, 1, self.group * t, window)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        """q [B, Hq, T, D] over k/v [B, KV, W, D] -> [B, T, Hq·D]; ``mask`` as made by :meth:`_mask`."""
-        bsz, hq, t, d = q.shape
-        if mask.dtype == torch.int64:
-            from dspark_compile.targets.torch.kernels import decode_attention
-
-            out = decode_attention(q.contiguous(), k, v, mask, scale)
-            return out.transpose(1, 2).reshape(bsz, t, hq * d)
-        if mask.dtype == torch.bool:
-            return attend(q, k, v, mask, scale)
-        kvh = k.shape[1]
-        # Grouped-query heads as extra query rows of their KV head (as models.layers.attend): no copy of k/v.
-        out = F.scaled_dot_product_attention(q.reshape(bsz, kvh, (hq // kvh) * t, d), k, v, attn_mask=mask,
-                                             scale=scale)
-        return out.reshape(bsz, hq, t, d).transpose(1, 2).reshape(bsz, t, hq * d)  # SDPA may return it strided
+        """Query (b, t) sees slots < limit[b, t], in the attention strategy's form."""
+        return self.attn.prepare(limit, window, self.group, self.target.embed_tokens.weight.dtype)
 
     def _fused_layer(self, layer: nn.Module, fw: _Fused, x: torch.Tensor, delta: torch.Tensor | None,
                      inputs: tuple[torch.Tensor, ...], kv: torch.Tensor, mask: torch.Tensor, window: int,
@@ -140,7 +122,7 @@ class StaticProgram:
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
                      rows=t + n_ctx, q_start=n_ctx)
-        out = self._attend(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
+        out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
         h = add_rmsnorm(x, a.o_proj(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
                         layer.post_attention_layernorm.eps)
         return layer.mlp.down_proj(silu_mul(F.linear(h, fw.gate_up)))
@@ -153,26 +135,15 @@ class StaticProgram:
         Returns (hidden after the final norm [B, T, H], taps [B, T, NT·H]) like ``Qwen3Target.forward``.
         """
         tgt = self.target
+        if not self.fused:
+            hidden, taps, _ = tgt(tokens, cache_len, kv, cache=InPlaceCache(window), attention=self.attn)
+            return hidden, taps
         bsz, t = tokens.shape
         pos = cache_len.view(bsz, 1) + torch.arange(t, device=tokens.device).view(1, t)
         x = tgt.embed_tokens(tokens)
         cos, sin = tgt.rotary(pos, x.dtype)
         mask = self._mask(pos + 1, window)  # causal over the committed prefix and this chunk
-        if self.fused:
-            return self._target_fused(x, pos, cos, sin, kv, mask, window)
-        taps: dict[int, torch.Tensor] = {-1: x}
-        for i, layer in enumerate(tgt.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.query(h, cos, sin)
-            k_new, v_new = a.key_value(h, cos, sin)
-            _write(kv[i, 0], k_new, pos)
-            _write(kv[i, 1], v_new, pos)
-            x = x + a.o_proj(self._attend(q, kv[i, 0][:, :, :window], kv[i, 1][:, :, :window], mask, a.scale))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            taps[i] = x
-        tapped = [taps[i] for i in tgt.tap_layer_ids]
-        return tgt.norm(x), torch.cat(tapped, dim=-1) if tapped else x[..., :0]
+        return self._target_fused(x, pos, cos, sin, kv, mask, window)
 
     def _target_fused(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       kv: torch.Tensor, mask: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +175,9 @@ class StaticProgram:
         """
         d = self.draft
         assert d is not None
+        if not self.fused:
+            return d.backbone(anchor, ctx_taps, ctx_count, cache_len, kv, cache=InPlaceCache(window),
+                              attention=self.attn)[0]
         bsz, c, _ = ctx_taps.shape
         g = d.block_size
         dev = anchor.device
@@ -214,24 +188,7 @@ class StaticProgram:
         block_ids[:, 0] = anchor
         x = d.embed_tokens(block_ids)
         mask = self._mask((anchor_pos + g).view(bsz, 1).expand(bsz, g), window)
-        if self.fused:
-            return self._draft_fused(x, ctx_taps, ctx_count, ctx_pos, blk_pos, kv, mask, window)
-        ctx = d.context_features(ctx_taps)
-        rope_blk = d.rotary(blk_pos, x.dtype)
-        rope_ctx = d.rotary(ctx_pos, x.dtype)
-        for i, layer in enumerate(d.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.query(h, *rope_blk)
-            k_ctx, v_ctx = a.key_value(ctx, *rope_ctx)
-            _write(kv[i, 0], k_ctx, ctx_pos)  # padding rows (c >= ctx_count) land on block slots: overwritten
-            _write(kv[i, 1], v_ctx, ctx_pos)
-            k_blk, v_blk = a.key_value(h, *rope_blk)
-            _write(kv[i, 0], k_blk, blk_pos)
-            _write(kv[i, 1], v_blk, blk_pos)
-            x = x + a.o_proj(self._attend(q, kv[i, 0][:, :, :window], kv[i, 1][:, :, :window], mask, a.scale))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return d.norm(x)
+        return self._draft_fused(x, ctx_taps, ctx_count, ctx_pos, blk_pos, kv, mask, window)
 
     def _draft_fused(self, x: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, ctx_pos: torch.Tensor,
                      blk_pos: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:

@@ -1,0 +1,175 @@
+"""CudaGraphBackend's DecodeBackend protocol (admit / one graph per round / select) and the acceptance replay.
+
+CPU (graphs=False, the same static-cache code eagerly): the golden traces through admit/round reproduce
+exactly, greedy speculative tokens equal target-only, a sampling row's output does not depend on its batch,
+select() keeps rows' state, and a replay with a full profile commits the reference in G+1-token rounds.
+GPU (marker ``gpu``): the same through captured round graphs in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dspark_compile.program import build_program
+from dspark_compile.runtime.decode import VerifyPolicy
+from dspark_compile.targets.torch import CudaGraphBackend
+from dspark_compile.targets.torch.bench import (
+    SMOKE,
+    conditional_profile,
+    decode_rounds,
+    random_pair,
+    replay_reference,
+    survival_profile,
+)
+
+PAIRS = ("dspark_tiny", "dspark_tiny_random")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _check_golden(be: CudaGraphBackend, golden_dir: Path, pair: str, mode: str) -> None:
+    gold = json.loads((golden_dir / pair / "decode_greedy.json").read_text())[mode]
+    policy = VerifyPolicy("threshold", threshold=0.5) if mode != "greedy" else VerifyPolicy()
+    run = decode_rounds(be, [g["prompt"] for g in gold], max_new_tokens=48, policy=policy)
+    worst = 0.0
+    for toks, rounds, g in zip(run.tokens, run.rounds, gold, strict=True):
+        assert toks == g["tokens"]
+        assert [r["accepted"] for r in rounds] == g["acceptance_lengths"]
+        assert [r["draft"] for r in rounds] == [y["draft"] for y in g["rounds"]]
+        for x, y in zip(rounds, g["rounds"], strict=True):
+            want = y["confidence_logits"] or []
+            worst = max([worst, *(abs(a - b) for a, b in zip(x["confidence_logits"], want, strict=True))])
+    assert worst < 1e-4
+    target_only = decode_rounds(be, [g["prompt"] for g in gold], max_new_tokens=48, speculative=False)
+    if mode == "greedy":
+        assert target_only.tokens == [g["tokens"] for g in gold]
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("mode", ["greedy", "threshold_0.5"])
+def test_rounds_reproduce_golden_traces(golden_dir: Path, pair: str, mode: str) -> None:
+    prog = build_program(golden_dir / pair / "target", golden_dir / pair / "draft")
+    be = CudaGraphBackend(prog.target, prog.draft, eos_token_ids=prog.eos_token_ids)
+    _check_golden(be, golden_dir, pair, mode)
+
+
+@pytest.fixture(scope="module")
+def smoke_backend() -> CudaGraphBackend:
+    target, draft = random_pair(SMOKE, device="cpu", dtype=torch.float32)
+    return CudaGraphBackend(target, draft)
+
+
+PROMPTS = [list(range(3, 23)), list(range(100, 133)), [7, 8, 9, 1000, 5, 6, 2047, 12, 13]]
+
+
+def test_sampling_rows_do_not_depend_on_their_batch(smoke_backend: CudaGraphBackend) -> None:
+    together = decode_rounds(smoke_backend, PROMPTS, max_new_tokens=16, temperature=0.9, seed=5)
+    alone = decode_rounds(smoke_backend, PROMPTS[1:2], max_new_tokens=16, temperature=0.9, seed=6)
+    assert together.tokens[1] == alone.tokens[0]
+    again = decode_rounds(smoke_backend, PROMPTS, max_new_tokens=16, temperature=0.9, seed=5)
+    assert again.tokens == together.tokens and again.rounds == together.rounds
+    other = decode_rounds(smoke_backend, PROMPTS, max_new_tokens=16, temperature=0.9, seed=50)
+    assert other.tokens != together.tokens
+
+
+def test_select_keeps_the_remaining_rows_state(smoke_backend: CudaGraphBackend) -> None:
+    be = smoke_backend
+    full = decode_rounds(be, PROMPTS, max_new_tokens=20)
+    be.start(3, 64)
+    lengths = np.array([len(p) for p in PROMPTS])
+    ids = np.zeros((3, lengths.max()), dtype=np.int64)
+    for i, p in enumerate(PROMPTS):
+        ids[i, : len(p)] = p
+    first = be.admit(ids, lengths, np.zeros(3, np.float32), np.arange(3))
+    be.round(np.full(3, 7))
+    be.select(np.array([0, 2]))  # row 1 leaves; rows 0 and 2 go on as rows 0 and 1
+    tokens = {0: [int(first.next_token[0])], 2: [int(first.next_token[2])]}
+    assert tokens[0][0] == full.tokens[0][0]
+    # Replaying the committed stream from the full run: rows 0 and 2 keep producing the same tokens.
+    for _ in range(2):
+        p = be.round(np.full(2, 7))
+        for k, row in enumerate((0, 2)):
+            assert int(p.next_token[k]) in full.tokens[row]
+
+
+def test_replay_with_full_profile_commits_the_reference_g_plus_1_at_a_time(smoke_backend: CudaGraphBackend) -> None:
+    be = smoke_backend
+    g = be.info.block_size
+    base = decode_rounds(be, PROMPTS, max_new_tokens=48, speculative=False)  # the reference runs past 24
+    width = max(len(p) for p in PROMPTS) + 24 + 2 * g + 3
+    be.set_replay(replay_reference(PROMPTS, base.tokens, width), np.ones(g, dtype=np.float32))
+    run = decode_rounds(be, PROMPTS, max_new_tokens=24)
+    be.set_replay(None, None)
+    assert run.tokens == [t[:24] for t in base.tokens]
+    assert all(r["accepted"] == g + 1 for rs in run.rounds for r in rs[:-1])
+    be.set_replay(replay_reference(PROMPTS, base.tokens, width), np.zeros(g, dtype=np.float32))
+    none = decode_rounds(be, PROMPTS, max_new_tokens=24)
+    be.set_replay(None, None)
+    assert none.tokens == [t[:24] for t in base.tokens] and none.tau == 1.0
+
+
+def test_replay_profiles() -> None:
+    a, b, c = (survival_profile(n) for n in "abc")
+    assert abs(1 + sum(a) - 6.48) < 1e-6 and abs(a[0] - 0.947) < 1e-9 and abs(a[6] - 0.628) < 1e-9
+    assert abs(1 + sum(b) - 4.81) < 1e-6
+    assert abs(1 + sum(c) - 2.5787) < 1e-3
+    cond = conditional_profile(a)
+    assert abs(np.prod(cond) - a[-1]) < 1e-9 and all(0 < x <= 1 for x in cond)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("pair", PAIRS)
+def test_round_graphs_reproduce_golden_on_gpu(golden_dir: Path, pair: str) -> None:
+    prog = build_program(golden_dir / pair / "target", golden_dir / pair / "draft", device="cuda")
+    be = CudaGraphBackend(prog.target, prog.draft, eos_token_ids=prog.eos_token_ids)
+    assert be.graphs and be.program.fused and be.spec_verify == "triton"
+    _check_golden(be, golden_dir, pair, "greedy")
+    assert be._rounds and all(s.graph is not None for s in be._rounds.values())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_round_graphs_sampling_and_replay_on_gpu() -> None:
+    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16)
+    be = CudaGraphBackend(target, draft)
+    together = decode_rounds(be, PROMPTS, max_new_tokens=16, temperature=0.9, seed=5)
+    alone = decode_rounds(be, PROMPTS[1:2], max_new_tokens=16, temperature=0.9, seed=6)
+    assert together.tokens[1] == alone.tokens[0]
+    g = be.info.block_size
+    base = decode_rounds(be, PROMPTS, max_new_tokens=48, speculative=False)
+    width = max(len(p) for p in PROMPTS) + 48 + 2 * g + 3
+    be.set_replay(replay_reference(PROMPTS, base.tokens, width), np.zeros(g, dtype=np.float32))
+    ref = decode_rounds(be, PROMPTS, max_new_tokens=48)
+    be.set_replay(replay_reference(PROMPTS, ref.tokens, width), np.ones(g, dtype=np.float32))
+    full = decode_rounds(be, PROMPTS, max_new_tokens=24)
+    assert full.tokens == [t[:24] for t in ref.tokens]
+    assert all(r["accepted"] == g + 1 for rs in full.rounds for r in rs[:-1])
+
+
+def test_replay_reference_follows_rows_through_select(smoke_backend: CudaGraphBackend) -> None:
+    """A row that stops early (EOS) leaves the batch; the others keep replaying their own reference."""
+    g = smoke_backend.info.block_size
+    base = decode_rounds(smoke_backend, PROMPTS, max_new_tokens=60, speculative=False)
+    be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, eos_token_ids=(base.tokens[0][9],))
+    plain = decode_rounds(be, PROMPTS, max_new_tokens=40, speculative=False)
+    assert len(plain.tokens[0]) < 40 and len(plain.tokens[2]) == 40, "row 0 must stop early"
+    width = max(len(p) for p in PROMPTS) + 40 + 2 * g + 3
+    be.set_replay(replay_reference(PROMPTS, base.tokens, width), np.ones(g, dtype=np.float32))
+    for _ in range(2):  # the second run starts from the reference as given, not as the first run left it
+        run = decode_rounds(be, PROMPTS, max_new_tokens=40)
+        assert run.tokens == plain.tokens
+        assert all(r["accepted"] == g + 1 for rs in run.rounds[1:] for r in rs[:-1])
