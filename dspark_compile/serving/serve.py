@@ -93,6 +93,7 @@ def _check_port(host: str, port: int, flag: str) -> None:
     if not 0 < port < 65536:
         raise UsageError(f"{flag} {port}: a TCP port is 1..65535 (0 = pick a free one)")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
         try:
             sock.bind((host, port))
         except OSError as exc:

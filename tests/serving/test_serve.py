@@ -96,11 +96,12 @@ def test_serve_ctrl_c_exits_130_and_frees_the_port(trained_build: Path) -> None:
     assert endpoints["http"] == f"http://127.0.0.1:{port}"
     assert _stop(proc, signal.SIGINT) == 130
     deadline = time.monotonic() + 10
-    while True:  # the port can be bound again: nothing is left listening
+    while True:  # nothing is left listening (SO_REUSEADDR: connections in TIME_WAIT do not count)
         try:
             import socket
 
             with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind(("127.0.0.1", port))
             break
         except OSError:
