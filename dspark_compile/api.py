@@ -94,13 +94,13 @@ def build(spec_file: str | Path | None = None, *, stop_after: str | None = None,
 
 
 def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device: str = "cpu") -> Any:
-    """A runtime backend over a build: ``onnxruntime`` runs its graphs, ``torch`` re-grafts its checkpoints."""
+    """The graph executor over a build: ``onnxruntime`` runs its graphs, ``torch`` re-grafts its checkpoints."""
     from dspark_compile.errors import UsageError
-    from dspark_compile.runtime.onnxruntime_backend import OrtBackend, read_manifest
+    from dspark_compile.runtime.onnxruntime_backend import load_onnxruntime, read_manifest
 
     build_dir = Path(build_dir)
     if backend == "onnxruntime":
-        return OrtBackend.load(build_dir)
+        return load_onnxruntime(build_dir)
     if backend == "torch":
         from dspark_compile.runtime.torch_backend import TorchBackend
 

@@ -277,7 +277,7 @@ def test_target_prefill_matches_torch(golden_build: Path, reference: Partitioned
              "kv_cache": rng.normal(size=(4, 2, B, 2, SLOTS, 16)).astype(np.float32)}
     want = reference.graph("target_prefill").module(*_t(feeds, "input_ids", "input_lengths", "kv_cache"))
     got = _run(golden_build / "onnx" / "target_prefill.onnx", feeds)
-    _compare(got, dict(zip(("last_logits", "taps", "kv_cache_out"), want, strict=True)))
+    _compare(got, dict(zip(("last_logits", "taps", "kv_new"), want, strict=True)))
 
 
 @torch.inference_mode()
@@ -301,12 +301,12 @@ def test_target_verify_matches_torch(golden_build: Path, reference: PartitionedP
         feeds["verify_len"]), mode="sampling", **dict(zip(("draft_probs", "temperature", "uniforms"), _t(
             feeds, "draft_probs", "temperature", "uniforms"), strict=True)))
     got = _run(golden_build / "onnx" / "target_verify.onnx", feeds)
-    _compare(got, {"accepted": accepted, "next_token": next_token, "taps": taps, "kv_cache_out": kv_out})
+    _compare(got, {"accepted": accepted, "next_token": next_token, "taps": taps, "kv_new": kv_out})
     assert accepted[0] == 7  # greedy row: every draft is the target's choice
     # The logits themselves leave only the exported graph (before SpecVerify consumes them).
     raw = _run(golden_build / "dump" / "after_export_onnx" / "onnx" / "target_verify.onnx",
                {k: feeds[k] for k in ("tokens", "cache_len", "kv_cache")})
-    _compare(raw, {"logits": logits, "taps": taps, "kv_cache_out": kv_out})
+    _compare(raw, {"logits": logits, "taps": taps, "kv_new": kv_out})
 
 
 @torch.inference_mode()
@@ -318,7 +318,7 @@ def test_draft_propose_matches_torch(golden_build: Path, reference: PartitionedP
              "temperature": np.array([0.0, 0.8, 1.5], np.float32), "uniforms": rng.random((B, 7)).astype(np.float32)}
     want = reference.graph("draft_propose").module(*_t(feeds, *feeds))
     got = _run(golden_build / "onnx" / "draft_propose.onnx", feeds)
-    _compare(got, dict(zip(("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_out"), want, strict=True)))
+    _compare(got, dict(zip(("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_new"), want, strict=True)))
 
 
 # ------------------------------------------------------------------------------------- reproducibility, stopping
@@ -347,7 +347,7 @@ def test_stop_after_export(golden_pair: tuple[Path, Path], tmp_path: Path) -> No
     assert names == ["build_spec.json"] + [f"onnx/{g}.onnx{s}" for g in ("draft_propose", "target_prefill",
                                                                          "target_verify") for s in ("", ".data")]
     verify = next(a for a in res.manifest["artifacts"] if a["path"] == "onnx/target_verify.onnx")
-    assert [o["name"] for o in verify["signature"]["outputs"]] == ["logits", "taps", "kv_cache_out"]
+    assert [o["name"] for o in verify["signature"]["outputs"]] == ["logits", "taps", "kv_new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early"]
 
 

@@ -14,11 +14,11 @@ import numpy as np
 
 from dspark_compile.calibration import StsCalibration, calibrate
 from dspark_compile.errors import UsageError
-from dspark_compile.runtime.backend import Backend
+from dspark_compile.runtime.backend import DecodeBackend
 from dspark_compile.runtime.decode import GenerationParams, generate
 
 
-def record_rounds(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+def record_rounds(backend: DecodeBackend, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                   batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """(confidence logits [N, γ], accepted drafts [N]) of every round, all γ drafts verified."""
     g = backend.info.block_size
@@ -34,7 +34,7 @@ def record_rounds(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new
     return np.asarray(logits, dtype=np.float64), np.asarray(accepted, dtype=np.int64)
 
 
-def calibrate_build(backend: Backend, prompts: Sequence[Sequence[int]], build_dir: Path, *,
+def calibrate_build(backend: DecodeBackend, prompts: Sequence[Sequence[int]], build_dir: Path, *,
                     max_new_tokens: int = 64) -> StsCalibration:
     if not backend.info.has_confidence:
         raise UsageError("the draft has no confidence head; there is nothing to calibrate")

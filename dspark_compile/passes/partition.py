@@ -3,6 +3,11 @@
 Each graph is a small ``nn.Module`` wrapper over the shared target/draft modules, with example inputs and the
 dynamic dimensions the exporter needs. Verification itself is not part of these modules: `insert_spec_verify`
 adds it to the exported verify graph as one ``dspark::SpecVerify`` node.
+
+KV contract (docs/PROGRAM.md): every graph reads its cache but returns only the rows it wrote (``kv_new``,
+``draft_kv_new``), gathered from the cache the model returns; the executor writes them into its own cache in
+place at ``cache_len + t``. No graph output has the ``cache_slots`` dimension, so no runtime ever copies a
+whole cache back.
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.program import DecodeProgram
 from dspark_compile.spec import BuildSpec
+
+
+def new_rows(cache: torch.Tensor, start: torch.Tensor, count: int) -> torch.Tensor:
+    """Rows ``start[b] .. start[b]+count-1`` of a cache [layers, 2, B, KV, S, D] -> [layers, 2, B, KV, count, D]."""
+    layers, two, bsz, heads, _, dim = cache.shape
+    slots = start.view(1, 1, bsz, 1, 1, 1) + torch.arange(count, device=cache.device).view(1, 1, 1, 1, count, 1)
+    return torch.gather(cache, 4, slots.expand(layers, two, bsz, heads, count, dim))
 
 
 class TargetPrefill(nn.Module):
@@ -33,7 +45,7 @@ class TargetPrefill(nn.Module):
         # Gemm over the untransposed weight, a second copy of the largest tensor.
         idx = (input_lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
         last = torch.gather(hidden, 1, idx)
-        return self.target.logits(last).squeeze(1), taps, kv
+        return self.target.logits(last).squeeze(1), taps, new_rows(kv, zero, input_ids.shape[1])
 
 
 class TargetVerifyLogits(nn.Module):
@@ -46,7 +58,7 @@ class TargetVerifyLogits(nn.Module):
     def forward(self, tokens: torch.Tensor, cache_len: torch.Tensor,
                 kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden, taps, kv = self.target(tokens, cache_len, kv_cache)
-        return self.target.logits(hidden), taps, kv
+        return self.target.logits(hidden), taps, new_rows(kv, cache_len, tokens.shape[1])
 
 
 class DraftProposeGreedy(nn.Module):
@@ -57,7 +69,7 @@ class DraftProposeGreedy(nn.Module):
     def forward(self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
                 draft_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, conf, _, kv = self.draft(anchor, ctx_taps, ctx_count, cache_len, draft_kv)
-        return tokens, conf, kv
+        return tokens, conf, new_rows(kv, cache_len, ctx_taps.shape[1])
 
 
 class DraftProposeSampling(nn.Module):
@@ -69,7 +81,7 @@ class DraftProposeSampling(nn.Module):
                 draft_kv: torch.Tensor, temperature: torch.Tensor,
                 uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, conf, probs, kv = self.draft(anchor, ctx_taps, ctx_count, cache_len, draft_kv, temperature, uniforms)
-        return tokens, conf, probs, kv
+        return tokens, conf, probs, new_rows(kv, cache_len, ctx_taps.shape[1])
 
 
 @dataclass(frozen=True)
@@ -93,30 +105,40 @@ class PartitionedProgram:
 
 
 def partition(program: DecodeProgram, spec: BuildSpec) -> PartitionedProgram:
-    target, draft = program.target, program.draft
-    if draft is None:
+    if program.draft is None:
         raise ValueError("partition needs a draft")
-    g = spec.block_size or draft.cfg.block_size
-    draft.block_size = g
+    block = spec.block_size or program.draft.cfg.block_size
+    return PartitionedProgram(program, graph_specs(program.target, program.draft, block, spec.verify_mode))
+
+
+def graph_specs(target: Qwen3Target, draft: DSparkDraft | None, block_size: int,
+                verify_mode: str) -> tuple[GraphSpec, ...]:
+    """The graphs of a program (no draft_propose without a draft: target-only); also what the PyTorch
+    reference executor runs eagerly (runtime/torch_backend.py)."""
+    g = block_size
+    if draft is not None:
+        draft.block_size = g
     dt = target.embed_tokens.weight.dtype
     b, t, s = 2, 5, 16  # example sizes; every one of them is dynamic in the graph
     kv = target.new_cache(b, s)
-    dkv = draft.new_cache(b, s)
     tap_w = len(target.tap_layer_ids) * target.cfg.hidden_size
     i64 = torch.int64
     cache_dims = {2: "batch", 4: "cache_slots"}
     prefill = GraphSpec(
         "target_prefill", TargetPrefill(target),
         {"input_ids": torch.ones(b, t, dtype=i64), "input_lengths": torch.tensor([t, t - 2]), "kv_cache": kv},
-        ("last_logits", "taps", "kv_cache_out"),
+        ("last_logits", "taps", "kv_new"),
         {"input_ids": {0: "batch", 1: "prompt_len"}, "input_lengths": {0: "batch"}, "kv_cache": cache_dims},
     )
     verify = GraphSpec(
         "target_verify", TargetVerifyLogits(target),
         {"tokens": torch.ones(b, g + 1, dtype=i64), "cache_len": torch.tensor([3, 4]), "kv_cache": kv},
-        ("logits", "taps", "kv_cache_out"),
+        ("logits", "taps", "kv_new"),
         {"tokens": {0: "batch", 1: "verify_tokens"}, "cache_len": {0: "batch"}, "kv_cache": cache_dims},
     )
+    if draft is None:
+        return prefill, verify
+    dkv = draft.new_cache(b, s)
     draft_inputs = {
         "anchor": torch.ones(b, dtype=i64), "ctx_taps": torch.zeros(b, 3, tap_w, dtype=dt),
         "ctx_count": torch.tensor([3, 2]), "cache_len": torch.tensor([2, 4]), "draft_kv": dkv,
@@ -125,12 +147,12 @@ def partition(program: DecodeProgram, spec: BuildSpec) -> PartitionedProgram:
         "anchor": {0: "batch"}, "ctx_taps": {0: "batch", 1: "ctx_len"}, "ctx_count": {0: "batch"},
         "cache_len": {0: "batch"}, "draft_kv": cache_dims,
     }
-    if spec.verify_mode == "sampling":
+    if verify_mode == "sampling":
         draft_inputs |= {"temperature": torch.ones(b), "uniforms": torch.full((b, g), 0.5)}
         draft_dyn |= {"temperature": {0: "batch"}, "uniforms": {0: "batch"}}
         propose = GraphSpec("draft_propose", DraftProposeSampling(draft), draft_inputs,
-                            ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_out"), draft_dyn)
+                            ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_new"), draft_dyn)
     else:
         propose = GraphSpec("draft_propose", DraftProposeGreedy(draft), draft_inputs,
-                            ("draft_tokens", "confidence_logits", "draft_kv_out"), draft_dyn)
-    return PartitionedProgram(program, (prefill, verify, propose))
+                            ("draft_tokens", "confidence_logits", "draft_kv_new"), draft_dyn)
+    return prefill, verify, propose

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dspark_compile.runtime.backend import Backend
+from dspark_compile.runtime.executor import GraphExecutor
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def shape_for(tokens: int, block: int) -> tuple[int, int]:
     return -(-tokens // (block + 1)), block + 1
 
 
-def profile_sps(backend: Backend, *, max_batch: int, context: int = 256, repeats: int = 5,
+def profile_sps(backend: GraphExecutor, *, max_batch: int, context: int = 256, repeats: int = 5,
                 backend_name: str = "", device: str = "cpu", sync: Callable[[], None] | None = None) -> SpsProfile:
     g = backend.info.block_size
     rng = np.random.default_rng(0)
@@ -65,14 +65,10 @@ def profile_sps(backend: Backend, *, max_batch: int, context: int = 256, repeats
         tokens = rng.integers(0, backend.info.vocab_size, size=(reqs, t), dtype=np.int64)
         cache_len = np.full(reqs, context, dtype=np.int64)
         verify_len = np.full(reqs, t - 1, dtype=np.int64)
-        extra: tuple[Any, ...] = (None, None, None)
-        if backend.info.sampling:  # greedy rows (temperature 0) still run the sampling graph's full path
-            extra = (np.full((reqs, t - 1, backend.info.vocab_size), 1.0 / backend.info.vocab_size, np.float32),
-                     np.zeros(reqs, np.float32), np.zeros((reqs, t), np.float32))
-        args = (tokens, cache_len, verify_len, *extra)
 
-        def call(args: tuple[Any, ...] = args) -> None:
-            backend.verify(*args)
+        def call(tokens: np.ndarray = tokens, cache_len: np.ndarray = cache_len,
+                 verify_len: np.ndarray = verify_len) -> None:
+            backend.verify_step(tokens, cache_len, verify_len)
 
         call()  # warm-up (allocation, kernel selection)
         times = []

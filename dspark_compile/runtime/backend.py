@@ -5,8 +5,9 @@ Two protocols live here while the executors move over:
 * :class:`DecodeBackend` — the device-resident round. The executor owns the KV caches, the taps, the draft
   probabilities and each row's random stream; per call the host sees only O(B·G) numbers (accept counts,
   tokens, the next block's drafts and confidences), fetched with one synchronisation.
-* :class:`Backend` — the older per-graph protocol (NumPy in, NumPy out), kept until every executor speaks
-  :class:`DecodeBackend`.
+* :class:`Backend` — the older per-graph protocol (NumPy in, NumPy out), kept only for
+  ``targets/torch/cuda_graph_backend.py`` and ``targets/torch/bench.py`` until they speak
+  :class:`DecodeBackend` (every other executor is :class:`~dspark_compile.runtime.executor.GraphExecutor`).
 
 :class:`ProgramInfo` is the one description of a built program that the manifest, the Triton repository and
 every executor read.
@@ -126,9 +127,6 @@ class VerifyOutput:
     accepted: np.ndarray  # [B] int64
     next_token: np.ndarray  # [B] int64
     taps: np.ndarray  # [B, G+1, F]
-
-
-ModelInfo = ProgramInfo  # the older name; removed once every caller says ProgramInfo
 
 
 class Backend(Protocol):

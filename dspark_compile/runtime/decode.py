@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from dspark_compile.errors import UsageError
-from dspark_compile.runtime.backend import Backend
-from dspark_compile.runtime.sampling import sample_from_logits
+from dspark_compile.runtime.backend import DecodeBackend, Proposal
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +144,18 @@ class GenerationResult:
 class _Request:
     index: int
     prompt: list[int]
-    rng: np.random.Generator
     result: GenerationResult
     generated: int = 0  # tokens produced so far, before truncation
-    target_len: int = 0  # target cache length = anchor position
-    draft_len: int = 0  # draft context cache length
-    pending_ctx: np.ndarray | None = None  # taps of committed positions the draft has not seen
-    anchor: int = 0
     done: bool = False
 
 
 RoundCallback = Callable[[int, list[int], dict[str, Any]], None]
+
+
+def request_seed(seed: int, index: int) -> int:
+    """Request ``index``'s own seed (63 bits) derived from the call's seed: a request decodes the same alone
+    (``generate([prompt], seeds=[request_seed(seed, index)])``) as inside its batch."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _validate_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
@@ -173,95 +173,72 @@ def _validate_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list
     return out
 
 
-def generate(backend: Backend, prompts: Sequence[Sequence[int]], params: GenerationParams,
-             on_round: RoundCallback | None = None, *, speculative: bool = True) -> list[GenerationResult]:
+def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: GenerationParams,
+             on_round: RoundCallback | None = None, *, speculative: bool = True,
+             seeds: Sequence[int] | None = None) -> list[GenerationResult]:
     """Decode ``prompts`` as one batch. ``speculative=False`` is target-only decoding (same graphs, G = 0).
 
     ``on_round(request_index, new_tokens, round)`` streams each request's committed tokens as they appear.
+    Request ``i`` draws its random numbers from ``seeds[i]`` (default :func:`request_seed`).
     """
     info = backend.info
     prompts = _validate_prompts(prompts, info.vocab_size)
     g = info.block_size if speculative else 0
     if params.policy.kind != "fixed" and speculative and not info.has_confidence:
         raise UsageError(f"--verify {params.policy.kind} needs a draft with a confidence head; use --verify fixed")
-    sampling = params.temperature > 0
-    if sampling and not info.sampling:
+    if params.temperature > 0 and not info.sampling:
         raise UsageError("these graphs were built for greedy verification only; rebuild with --verify-mode sampling "
                          "or use temperature 0")
     slots = max(len(p) for p in prompts) + params.max_new_tokens + g + 2
     if info.max_slots is not None and slots > info.max_slots:
         raise UsageError(f"prompt + max_new_tokens need {slots} cache slots but the build allows {info.max_slots}; "
                          "shorten the prompt or rebuild with a larger --max-context")
-    reqs = [_Request(i, p, np.random.default_rng([params.seed, i]), GenerationResult(prompt=p, speculative=g > 0))
-            for i, p in enumerate(prompts)]
+    if seeds is None:
+        seeds = [request_seed(params.seed, i) for i in range(len(prompts))]
+    elif len(seeds) != len(prompts):
+        raise UsageError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    reqs = [_Request(i, p, GenerationResult(prompt=p, speculative=g > 0)) for i, p in enumerate(prompts)]
     bsz = len(reqs)
-    backend.start(bsz, slots)
+    backend.start(bsz, slots, speculative=speculative)
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     ids = np.zeros((bsz, int(lengths.max())), dtype=np.int64)
     for r in reqs:
         ids[r.index, : len(r.prompt)] = r.prompt
-    last_logits, taps = backend.prefill(ids, lengths)
+    first = backend.admit(ids, lengths, np.full(bsz, params.temperature, dtype=np.float32),
+                          np.asarray(seeds, dtype=np.int64))
     for r in reqs:
-        first = sample_from_logits(last_logits[r.index], params.temperature, r.rng.random())
-        r.target_len = len(r.prompt)
-        r.pending_ctx = taps[r.index, : len(r.prompt)]
-        r.anchor = first
-        _commit(r, [first], params, info.eos_token_ids, on_round, None)
-
-    active = [r for r in reqs if not r.done]
-    rows = np.array([r.index for r in active], dtype=np.int64)
-    if len(active) < bsz:
-        backend.select(rows)
-    while active:
-        _round(backend, active, params, g, sampling, on_round)
+        _commit(r, [int(first.next_token[r.index])], params, info.eos_token_ids, on_round, None)
+    active = reqs
+    pending = first  # the drafts (and their confidences) the next round verifies
+    while True:
         still = [i for i, r in enumerate(active) if not r.done]
+        if not still:
+            break
         if len(still) < len(active):
-            if still:
-                backend.select(np.array(still, dtype=np.int64))
+            rows = np.array(still, dtype=np.int64)
+            backend.select(rows)
             active = [active[i] for i in still]
+            pending = Proposal(pending.accepted[rows], pending.next_token[rows], pending.drafts[rows],
+                               pending.confidence_logits[rows])
+        pending = _round(backend, active, pending, params, g, on_round)
     return [r.result for r in reqs]
 
 
-def _round(backend: Backend, active: list[_Request], params: GenerationParams, g: int, sampling: bool,
-           on_round: RoundCallback | None) -> None:
-    bsz = len(active)
-    anchor = np.array([r.anchor for r in active], dtype=np.int64)
-    target_len = np.array([r.target_len for r in active], dtype=np.int64)
-    temperature = np.full(bsz, params.temperature, dtype=np.float32) if sampling else None
-    if g > 0:
-        width = max(r.pending_ctx.shape[0] for r in active)
-        feat = active[0].pending_ctx.shape[1]
-        ctx = np.zeros((bsz, width, feat), dtype=active[0].pending_ctx.dtype)
-        counts = np.zeros(bsz, dtype=np.int64)
-        for i, r in enumerate(active):
-            n = r.pending_ctx.shape[0]
-            ctx[i, :n] = r.pending_ctx
-            counts[i] = n
-        draft_len = np.array([r.draft_len for r in active], dtype=np.int64)
-        u_draft = np.stack([r.rng.random(g, dtype=np.float32) for r in active]) if sampling else None
-        d = backend.draft(anchor, ctx, counts, draft_len, temperature, u_draft)
-        verify_len = params.policy.lengths(d.confidence_logits, g)
-        tokens = np.concatenate((anchor[:, None], d.tokens), axis=1)
-        for r, n in zip(active, counts, strict=True):
-            r.draft_len += int(n)
-    else:
-        d = None
-        verify_len = np.zeros(bsz, dtype=np.int64)
-        tokens = anchor[:, None]
-    u_verify = np.stack([r.rng.random(g + 1, dtype=np.float32) for r in active]) if sampling else None
-    v = backend.verify(tokens, target_len, verify_len, d.probs if (d is not None and sampling) else None,
-                       temperature, u_verify)
+def _round(backend: DecodeBackend, active: list[_Request], pending: Proposal, params: GenerationParams, g: int,
+           on_round: RoundCallback | None) -> Proposal:
+    """Verify the pending block (lengths from its confidences), commit, and return the next block."""
+    verify_len = (params.policy.lengths(pending.confidence_logits, g) if g > 0
+                  else np.zeros(len(active), dtype=np.int64))
+    out = backend.round(verify_len)
     for i, r in enumerate(active):
-        j = int(v.accepted[i])
+        j = int(out.accepted[i])
         ell = int(verify_len[i])
-        new = [int(t) for t in tokens[i, 1 : j + 1]] + [int(v.next_token[i])]
-        rnd: dict[str, Any] = {"draft": [int(t) for t in tokens[i, 1 : ell + 1]], "accepted": j + 1}
-        if d is not None:
-            rnd["confidence_logits"] = [round(float(c), 6) for c in d.confidence_logits[i, :ell]]
-        r.target_len += j + 1
-        r.pending_ctx = v.taps[i, : j + 1]
-        r.anchor = new[-1]
+        new = [int(t) for t in pending.drafts[i, :j]] + [int(out.next_token[i])]
+        rnd: dict[str, Any] = {"draft": [int(t) for t in pending.drafts[i, :ell]], "accepted": j + 1}
+        if g > 0:
+            rnd["confidence_logits"] = [round(float(c), 6) for c in pending.confidence_logits[i, :ell]]
         _commit(r, new, params, backend.info.eos_token_ids, on_round, rnd)
+    return out
 
 
 def _commit(r: _Request, new: list[int], params: GenerationParams, eos: tuple[int, ...],

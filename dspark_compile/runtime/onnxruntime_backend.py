@@ -1,27 +1,29 @@
-"""Executes a build's portable ONNX graphs with onnxruntime (the same host loop as the PyTorch reference).
+"""A build's portable ONNX graphs on onnxruntime: the transport of the one :class:`GraphExecutor`.
 
-The KV caches are NumPy arrays handed from one call's outputs to the next call's inputs. The CUDA execution
-provider is picked when onnxruntime-gpu is installed, but the caches still cross to the host between calls:
-IO binding of device-resident caches is not implemented yet (onnxruntime-gpu could not be tested here; its
-wheels are too large to carry to the GPU machine). For GPU serving use the TensorRT engines or the
-CUDA-graph torch target.
+Every input and output is bound by pointer (IOBinding) to a torch tensor the executor owns, so the caches
+are bound where they live and never copied per call; outputs land in the executor's preallocated buffers.
+With onnxruntime-gpu the same code binds CUDA tensors to the CUDA execution provider — that path is written
+but unverified (onnxruntime-gpu's wheels could not be carried to the GPU machine); the CPU path is tested.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dspark_compile.errors import BackendUnavailableError, UsageError
 from dspark_compile.ir import GRAPH_NAMES
-from dspark_compile.runtime.backend import DraftOutput, ModelInfo, VerifyOutput
+from dspark_compile.runtime.backend import ProgramInfo
+from dspark_compile.runtime.executor import GraphExecutor
 
 log = logging.getLogger(__name__)
-NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": None}
+NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 def _import_ort() -> Any:
@@ -52,86 +54,66 @@ def read_manifest(build_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-class OrtBackend:
-    def __init__(self, sessions: dict[str, Any], manifest: dict[str, Any], provider: str) -> None:
+class OrtTransport:
+    """onnxruntime sessions, one per graph, run through IOBinding on the executor's tensors."""
+
+    def __init__(self, sessions: dict[str, Any], provider: str) -> None:
         self.sessions = sessions
-        self.manifest = manifest
-        prog = manifest["program"]
-        self.prog = prog
-        self.verify_mode = manifest["graphs"]["verify_mode"]
         self.provider = provider
-        self.dtype = NP_DTYPES.get(prog["dtype"])
-        if self.dtype is None:
-            raise BackendUnavailableError("bf16 graphs cannot be fed from NumPy; run them with TensorRT or the "
-                                          "torch backend, or build with --dtype fp16/fp32 for onnxruntime")
-        self.info = ModelInfo(vocab_size=prog["vocab_size"], block_size=prog["block_size"], tap_width=prog["tap_width"],
-                              has_confidence=prog["has_confidence"], eos_token_ids=tuple(prog["eos_token_ids"]),
-                              sampling=self.verify_mode == "sampling")
-        self._kv: Any = None
-        self._draft_kv: Any = None
+        self.device = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu")
+        self._inputs = {g: tuple(i.name for i in s.get_inputs()) for g, s in sessions.items()}
+        self._outputs = {g: tuple(o.name for o in s.get_outputs()) for g, s in sessions.items()}
 
-    @classmethod
-    def load(cls, build_dir: Path, *, providers: list[str] | None = None, threads: int | None = None) -> OrtBackend:
-        ort = _import_ort()
-        build_dir = Path(build_dir)
-        manifest = read_manifest(build_dir)
-        available = ort.get_available_providers()
-        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        sessions = {}
-        for name in GRAPH_NAMES:
-            path = build_dir / "onnx" / f"{name}.onnx"
-            if not path.is_file():
-                raise UsageError(f"{path}: missing; rebuild with `dspark-compile build --targets onnx`")
-            sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
-        return cls(sessions, manifest, providers[0])
+    def has_graph(self, graph: str) -> bool:
+        return graph in self.sessions
 
-    def _new_cache(self, layers: int, heads: int, dim: int, batch: int, slots: int) -> np.ndarray:
-        return np.zeros((layers, 2, batch, heads, slots, dim), dtype=self.dtype)
+    def inputs(self, graph: str) -> tuple[str, ...]:
+        return self._inputs[graph]
 
-    def start(self, batch: int, slots: int) -> None:
-        p = self.prog
-        self._kv = self._new_cache(p["target_layers"], p["kv_heads"], p["head_dim"], batch, slots)
-        self._draft_kv = self._new_cache(p["draft_layers"], p["draft_kv_heads"], p["draft_head_dim"], batch, slots)
+    def outputs(self, graph: str) -> tuple[str, ...]:
+        return self._outputs[graph]
 
-    def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        last, taps, self._kv = self.sessions["target_prefill"].run(
-            None, {"input_ids": input_ids.astype(np.int64), "input_lengths": lengths.astype(np.int64),
-                   "kv_cache": self._kv})
-        return last, taps
+    def _bind(self, bind: Any, name: str, tensor: torch.Tensor) -> None:
+        kind = "cuda" if tensor.is_cuda else "cpu"
+        index = tensor.device.index or 0
+        if tensor.numel() == 0:  # an empty tensor may have no storage: give onnxruntime a 1-element one
+            tensor = torch.empty(1, dtype=tensor.dtype, device=tensor.device)[:0].reshape(tensor.shape)
+        bind(name, kind, index, NP_DTYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
 
-    def draft(self, anchor: np.ndarray, ctx_taps: np.ndarray, ctx_count: np.ndarray, cache_len: np.ndarray,
-              temperature: np.ndarray | None, uniforms: np.ndarray | None) -> DraftOutput:
-        feeds = {"anchor": anchor, "ctx_taps": ctx_taps.astype(self.dtype), "ctx_count": ctx_count,
-                 "cache_len": cache_len, "draft_kv": self._draft_kv}
-        if self.verify_mode == "sampling":
-            bsz = anchor.shape[0]
-            g = self.info.block_size
-            feeds["temperature"] = temperature if temperature is not None else np.zeros(bsz, np.float32)
-            feeds["uniforms"] = uniforms if uniforms is not None else np.zeros((bsz, g), np.float32)
-            tokens, conf, probs, self._draft_kv = self.sessions["draft_propose"].run(None, feeds)
-            return DraftOutput(tokens, conf, probs if temperature is not None else None)
-        tokens, conf, self._draft_kv = self.sessions["draft_propose"].run(None, feeds)
-        return DraftOutput(tokens, conf, None)
+    def run(self, graph: str, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for name in self._inputs[graph]:
+            tensor = feeds[name]
+            if not tensor.is_contiguous():
+                raise RuntimeError(f"{graph}: input `{name}` is not contiguous; the executor must own it whole")
+            self._bind(binding.bind_input, name, tensor)
+        for name, tensor in outputs.items():
+            self._bind(binding.bind_output, name, tensor)
+        session.run_with_iobinding(binding)
 
-    def verify(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray,
-               draft_probs: np.ndarray | None, temperature: np.ndarray | None,
-               uniforms: np.ndarray | None) -> VerifyOutput:
-        feeds = {"tokens": tokens, "cache_len": cache_len, "verify_len": verify_len, "kv_cache": self._kv}
-        if self.verify_mode == "sampling":
-            bsz, t = tokens.shape
-            g = t - 1
-            feeds["draft_probs"] = (draft_probs if draft_probs is not None
-                                    else np.zeros((bsz, g, self.info.vocab_size), np.float32))
-            feeds["temperature"] = temperature if temperature is not None else np.zeros(bsz, np.float32)
-            feeds["uniforms"] = uniforms if uniforms is not None else np.zeros((bsz, t), np.float32)
-        accepted, nxt, taps, self._kv = self.sessions["target_verify"].run(
-            ["accepted", "next_token", "taps", "kv_cache_out"], feeds)
-        return VerifyOutput(accepted, nxt, taps)
 
-    def select(self, rows: np.ndarray) -> None:
-        self._kv = np.ascontiguousarray(self._kv[:, :, rows])
-        self._draft_kv = np.ascontiguousarray(self._draft_kv[:, :, rows])
+def load_onnxruntime(build_dir: Path, *, providers: list[str] | None = None,
+                     threads: int | None = None) -> GraphExecutor:
+    """The executor over a build's ONNX graphs (CUDA execution provider when onnxruntime-gpu has it)."""
+    ort = _import_ort()
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    prog = manifest["program"]
+    if prog["dtype"] == "bf16":
+        raise BackendUnavailableError("bf16 graphs cannot be bound from onnxruntime's Python API; run them "
+                                      "with TensorRT or the torch backend, or build with --dtype fp16/fp32")
+    available = ort.get_available_providers()
+    providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    sessions = {}
+    for name in GRAPH_NAMES:
+        path = build_dir / "onnx" / f"{name}.onnx"
+        if not path.is_file():
+            raise UsageError(f"{path}: missing; rebuild with `dspark-compile build --targets onnx`")
+        sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
+    info = ProgramInfo.from_json({**prog, "sampling": manifest["graphs"]["verify_mode"] == "sampling"})
+    return GraphExecutor(info, OrtTransport(sessions, providers[0]))

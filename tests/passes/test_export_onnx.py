@@ -26,20 +26,20 @@ SIGNATURES = {  # name -> (inputs, outputs), each (name, dtype, shape)
         [("input_ids", "INT64", ["batch", "prompt_len"]), ("input_lengths", "INT64", ["batch"]),
          ("kv_cache", "FLOAT", CACHE)],
         [("last_logits", "FLOAT", ["batch", 384]), ("taps", "FLOAT", ["batch", "prompt_len", 192]),
-         ("kv_cache_out", "FLOAT", CACHE)],
+         ("kv_new", "FLOAT", [4, 2, "batch", 2, "prompt_len", 16])],
     ),
     "target_verify": (
         [("tokens", "INT64", ["batch", "verify_tokens"]), ("cache_len", "INT64", ["batch"]),
          ("kv_cache", "FLOAT", CACHE)],
         [("logits", "FLOAT", ["batch", "verify_tokens", 384]), ("taps", "FLOAT", ["batch", "verify_tokens", 192]),
-         ("kv_cache_out", "FLOAT", CACHE)],
+         ("kv_new", "FLOAT", [4, 2, "batch", 2, "verify_tokens", 16])],
     ),
     "draft_propose": (
         [("anchor", "INT64", ["batch"]), ("ctx_taps", "FLOAT", ["batch", "ctx_len", 192]),
          ("ctx_count", "INT64", ["batch"]), ("cache_len", "INT64", ["batch"]), ("draft_kv", "FLOAT", DRAFT_CACHE),
          ("temperature", "FLOAT", ["batch"]), ("uniforms", "FLOAT", ["batch", 7])],
         [("draft_tokens", "INT64", ["batch", 7]), ("confidence_logits", "FLOAT", ["batch", 7]),
-         ("draft_probs", "FLOAT", ["batch", 7, 384]), ("draft_kv_out", "FLOAT", DRAFT_CACHE)],
+         ("draft_probs", "FLOAT", ["batch", 7, 384]), ("draft_kv_new", "FLOAT", [2, 2, "batch", 2, "ctx_len", 16])],
     ),
 }
 

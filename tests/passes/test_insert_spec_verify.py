@@ -59,7 +59,7 @@ def test_node_and_graph_follow_the_schema(exported_copy: OnnxGraphs, mode: str) 
     for spec in specs[2:]:
         assert inputs[spec.name].elem_type == spec.dtypes[0]
         assert [d.dim_param or d.dim_value for d in inputs[spec.name].shape.dim] == SHAPES[spec.name]
-    assert [o.name for o in model.graph.output] == ["accepted", "next_token", "taps", "kv_cache_out"]
+    assert [o.name for o in model.graph.output] == ["accepted", "next_token", "taps", "kv_new"]
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.INT64 for o in model.graph.output[:2])
 
 

@@ -16,12 +16,12 @@ from dspark_compile.spec import BuildSpec
 
 V, H, TAPS, L, LD, KV, D = 384, 64, 192, 4, 2, 2, 16  # the golden pair
 
-PREFILL = (("input_ids", "input_lengths", "kv_cache"), ("last_logits", "taps", "kv_cache_out"))
+PREFILL = (("input_ids", "input_lengths", "kv_cache"), ("last_logits", "taps", "kv_new"))
 # target_verify ends in logits until insert_spec_verify turns them into accepted / next_token.
-VERIFY = (("tokens", "cache_len", "kv_cache"), ("logits", "taps", "kv_cache_out"))
+VERIFY = (("tokens", "cache_len", "kv_cache"), ("logits", "taps", "kv_new"))
 DRAFT_IN = ("anchor", "ctx_taps", "ctx_count", "cache_len", "draft_kv")
-DRAFT_OUT_GREEDY = ("draft_tokens", "confidence_logits", "draft_kv_out")
-DRAFT_OUT_SAMPLING = ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_out")
+DRAFT_OUT_GREEDY = ("draft_tokens", "confidence_logits", "draft_kv_new")
+DRAFT_OUT_SAMPLING = ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_new")
 
 
 def _spec(pair: tuple[Path, Path], tmp_path: Path, **kwargs) -> BuildSpec:
@@ -61,8 +61,7 @@ def test_modules_compute_the_program(golden_pair: tuple[Path, Path], tmp_path: P
     last, taps, kv = prefill.module(*prefill.inputs.values())
     ids, lengths = prefill.inputs["input_ids"], prefill.inputs["input_lengths"]
     b, t = ids.shape
-    assert (last.shape, taps.shape, kv.shape) == ((b, V), (b, t, TAPS), prefill.inputs["kv_cache"].shape)
-    assert kv.shape[:2] == (L, 2) and kv.shape[3:4] + kv.shape[5:] == (KV, D)
+    assert (last.shape, taps.shape, kv.shape) == ((b, V), (b, t, TAPS), (L, 2, b, KV, t, D))  # only new rows
     for row in range(b):  # each prompt alone, unpadded: the last position's logits
         n = int(lengths[row])
         hidden, _, _ = target(ids[row : row + 1, :n], torch.zeros(1, dtype=torch.int64), target.new_cache(1, 16))
@@ -72,12 +71,17 @@ def test_modules_compute_the_program(golden_pair: tuple[Path, Path], tmp_path: P
     logits, vtaps, vkv = verify.module(*verify.inputs.values())
     g1 = verify.inputs["tokens"].shape[1]
     assert g1 == 8 and (logits.shape, vtaps.shape) == ((b, g1, V), (b, g1, TAPS))
-    assert vkv.shape == verify.inputs["kv_cache"].shape
+    assert vkv.shape == (L, 2, b, KV, g1, D)
+    # the new rows are the cache the model wrote, at slots cache_len .. cache_len + G
+    _, _, full = target(verify.inputs["tokens"], verify.inputs["cache_len"], verify.inputs["kv_cache"])
+    for row in range(b):
+        start = int(verify.inputs["cache_len"][row])
+        assert torch.equal(vkv[:, :, row], full[:, :, row, :, start : start + g1])
 
     draft = parts.graph("draft_propose")
     tokens, confidence, probs, dkv = draft.module(*draft.inputs.values())
     assert (tokens.shape, confidence.shape, probs.shape) == ((b, 7), (b, 7), (b, 7, V))
-    assert dkv.shape == draft.inputs["draft_kv"].shape and dkv.shape[:2] == (LD, 2)
+    assert dkv.shape == (LD, 2, b, KV, draft.inputs["ctx_taps"].shape[1], D)
     assert torch.allclose(probs.sum(-1), torch.ones(b, 7), atol=1e-5)
     # The example temperature is 1 and the uniforms 0.5: each token is the median draw of its distribution.
     cdf = probs.cumsum(-1)

@@ -20,7 +20,7 @@ import torch
 
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.program import DecodeProgram, build_program
-from dspark_compile.runtime.backend import DraftOutput
+from dspark_compile.runtime.backend import Proposal
 from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy, generate
 from dspark_compile.runtime.torch_backend import TorchBackend
 
@@ -160,31 +160,35 @@ def test_trained_draft_accepts_long_prefixes_losslessly(block: int, policy: str,
 
 class OracleDraftBackend(TorchBackend):
     """Runs the real draft (so its caches advance as usual) but proposes the target's true continuation,
-    cut at a random position by a wrong token. Records the accepted length each round must produce."""
+    cut at a random position by a wrong token. Records the accepted length each round must produce (a row's
+    last block, drafted after its final round, is never verified)."""
 
     def __init__(self, program: DecodeProgram, truth: list[list[int]], seed: int) -> None:
         super().__init__(program.target, program.draft)
         self.truth = truth  # prompt + reference greedy continuation, per request
         self.rng = np.random.default_rng(seed)
-        self.rows: list[int] = []
+        self.requests: list[int] = []  # live row -> request
         self.expected: dict[int, list[int]] = {}
 
-    def start(self, batch: int, slots: int) -> None:
-        super().start(batch, slots)
-        self.rows = list(range(batch))
-        self.expected = {i: [] for i in range(batch)}
+    def admit(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
+              seeds: np.ndarray) -> Proposal:
+        new = list(range(len(self.expected), len(self.expected) + len(lengths)))
+        self.requests += new
+        self.expected.update({i: [] for i in new})
+        return super().admit(input_ids, lengths, temperature, seeds)
 
     def select(self, rows: np.ndarray) -> None:
         super().select(rows)
-        self.rows = [self.rows[int(i)] for i in rows]
+        self.requests = [self.requests[int(i)] for i in rows]
 
-    def draft(self, anchor: np.ndarray, ctx_taps: np.ndarray, ctx_count: np.ndarray, cache_len: np.ndarray,
-              temperature: np.ndarray | None, uniforms: np.ndarray | None) -> DraftOutput:
-        out = super().draft(anchor, ctx_taps, ctx_count, cache_len, temperature, uniforms)
-        tokens = out.tokens.copy()
+    def _draft(self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor,
+               cache_len: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        out, conf, probs = super()._draft(anchor, ctx_taps, ctx_count, cache_len, *args)
+        tokens = out.clone()
         g = tokens.shape[1]
         vocab = self.info.vocab_size
-        for b, req in enumerate(self.rows):
+        # rows admitted now are the last len(anchor) requests
+        for b, req in enumerate(self.requests[len(self.requests) - len(anchor):]):
             pos = int(cache_len[b] + ctx_count[b])  # the anchor's position
             seq = self.truth[req]
             assert seq[pos] == int(anchor[b]), "the anchor is not the committed greedy token"
@@ -192,11 +196,11 @@ class OracleDraftBackend(TorchBackend):
             # mostly long runs: cut = g (all right) half of the time, else uniform in [0, g)
             cut = g if self.rng.random() < 0.5 else int(self.rng.integers(0, g))
             cut = min(cut, len(right))
-            tokens[b, :cut] = right[:cut]
-            if cut < g:
+            tokens[b, :cut] = torch.tensor(right[:cut])
+            if cut < len(right):  # (past the truth only in a row's last block, which is never verified)
                 tokens[b, cut] = (right[cut] + 1 + int(self.rng.integers(0, vocab - 1))) % vocab
             self.expected[req].append(cut + 1)
-        return DraftOutput(tokens, out.confidence_logits, out.probs)
+        return tokens, conf, probs
 
 
 @pytest.mark.parametrize("block", [7, 3])
@@ -211,7 +215,8 @@ def test_oracle_draft_exact_acceptance_and_lossless(block: int, make_pair: Any) 
     results = generate(backend, prompts, GenerationParams(max_new_tokens=MAX_NEW))
     for i, res in enumerate(results):
         assert res.tokens == want[i][:MAX_NEW], f"prompt {i}"
-        assert [r["accepted"] for r in res.rounds] == backend.expected[i], f"prompt {i}"
+        assert [r["accepted"] for r in res.rounds] == backend.expected[i][: len(res.rounds)], f"prompt {i}"
+        assert len(backend.expected[i]) == len(res.rounds) + 1, f"prompt {i}"
     accepted = [r["accepted"] for res in results for r in res.rounds]
     assert block + 1 in accepted and 1 in accepted
     # requests finished in different rounds, so the batch shrank (select) while others kept decoding

@@ -1,5 +1,5 @@
-"""OrtBackend through `api.run`: the golden build decodes the authors' tokens, and a missing or unfinished build
-is a UsageError that says what is wrong."""
+"""The onnxruntime transport of the graph executor through `api.run`: the golden build decodes the authors'
+tokens, and a missing or unfinished build is a UsageError that says what is wrong."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from dspark_compile import api
 from dspark_compile.errors import UsageError
-from dspark_compile.runtime.backend import ModelInfo
-from dspark_compile.runtime.onnxruntime_backend import OrtBackend
+from dspark_compile.runtime.backend import ProgramInfo
+from dspark_compile.runtime.onnxruntime_backend import load_onnxruntime
 
 pytest.importorskip("onnxruntime")
 
@@ -49,10 +49,12 @@ def test_run_reproduces_the_golden_traces(golden_build: Path, golden: dict[str, 
 
 
 def test_model_info_comes_from_the_manifest(golden_build: Path) -> None:
-    backend = OrtBackend.load(golden_build)
-    assert backend.info == ModelInfo(vocab_size=384, block_size=7, tap_width=192, has_confidence=True,
-                                     eos_token_ids=(), sampling=True)
-    assert backend.provider == "CPUExecutionProvider"
+    backend = load_onnxruntime(golden_build)
+    assert backend.info == ProgramInfo(vocab_size=384, block_size=7, tap_width=192, has_confidence=True,
+                                       eos_token_ids=(), sampling=True, hidden_size=64, target_layers=4,
+                                       kv_heads=2, head_dim=16, draft_layers=2, draft_kv_heads=2, draft_head_dim=16,
+                                       tap_layer_ids=(1, 2, 3), markov_head="vanilla")
+    assert backend.transport.provider == "CPUExecutionProvider"
 
 
 def test_missing_build_directory(tmp_path: Path) -> None:
@@ -98,7 +100,7 @@ def greedy_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.mark.slow  # builds the greedy-mode graphs (~30 s)
 def test_greedy_mode_build_reproduces_the_golden_tokens(greedy_build: Path, golden: dict[str, Any]) -> None:
     prompts = [e["prompt"] for e in golden["greedy"]]
-    assert OrtBackend.load(greedy_build).info.sampling is False
+    assert load_onnxruntime(greedy_build).info.sampling is False
     _assert_golden(api.run(greedy_build, prompts, max_new_tokens=48, verify="fixed"), golden["greedy"])
 
 

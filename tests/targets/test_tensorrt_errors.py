@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from dspark_compile.errors import BuildError, UsageError
-from dspark_compile.targets.tensorrt import TrtFlavor, build_engine, load_trt
+from dspark_compile.targets.tensorrt import TrtFlavor, build_engine, graph_checks, load_trt
 from dspark_compile.targets.tensorrt import build as trt_build
 
 pytest.importorskip("tensorrt_rtx_bindings")
@@ -105,6 +105,28 @@ def test_unknown_standard_op_names_the_node(tmp_path: Path, rtx: TrtFlavor) -> N
     with pytest.raises(BuildError, match=r"TensorRT-RTX .* does not support op `Frobnicate` \(node #0 "
                                          r"`frob_1`\).*standard ONNX ops"):
         _build(rtx, path)
+
+
+def test_an_output_that_is_a_whole_cache_is_refused(tmp_path: Path, rtx: TrtFlavor) -> None:
+    """The KV contract (docs/PROGRAM.md): `kv_cache_out` [.., cache_slots, D] would travel back every call."""
+    cache = ["L", 2, "batch", 2, "cache_slots", 4]
+    rows = ["L", 2, "batch", 2, "verify_tokens", 4]
+
+    def graph(out_dims: list) -> Path:
+        g = helper.make_graph([helper.make_node("Identity", ["kv_cache"], ["kv_out"])], "g",
+                              [helper.make_tensor_value_info("kv_cache", TensorProto.FLOAT, cache)],
+                              [helper.make_tensor_value_info("kv_out", TensorProto.FLOAT, out_dims)])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 9
+        path = tmp_path / f"kv_{out_dims[4]}.onnx"
+        onnx.save(model, path)
+        return path
+
+    with pytest.raises(BuildError, match=r"output `kv_out` .* cache capacity dimension `cache_slots`.*only the rows"):
+        _build(rtx, graph(cache), profiles=[{"kv_cache": ((1, 2, 1, 2, 16, 4),) * 3}])
+    assert not (tmp_path / "kv_cache_slots.plan").exists()
+    facts = graph_checks.read_onnx(graph(rows))
+    graph_checks.check_no_cache_outputs(facts, tmp_path / "kv_verify_tokens.onnx")  # new rows only: accepted
 
 
 @pytest.mark.parametrize(("elem_type", "name"), [(TensorProto.STRING, "string"), (TensorProto.DOUBLE, "float64"),

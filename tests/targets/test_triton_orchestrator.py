@@ -21,8 +21,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+import torch.utils.dlpack
 from google.protobuf import json_format
-from test_triton_standin import BLOCK, MAX_SLOTS, VOCAB, StandInBackend, reference, write_fake_build
+from test_triton_standin import (
+    BLOCK,
+    MAX_SLOTS,
+    VOCAB,
+    StandInBackend,
+    reference,
+    stand_in_graph,
+    stand_in_info,
+    write_fake_build,
+)
 
 from dspark_compile.errors import UsageError
 from dspark_compile.runtime.decode import GenerationParams, generate
@@ -42,6 +53,13 @@ class FakeTensor:
 
     def as_numpy(self) -> np.ndarray:
         return self._array
+
+    @classmethod
+    def from_dlpack(cls, name: str, capsule: Any) -> FakeTensor:
+        return cls(name, torch.utils.dlpack.from_dlpack(capsule).numpy())  # a view: nothing copied
+
+    def to_dlpack(self) -> Any:
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(self._array)))
 
 
 class FakeError:
@@ -77,11 +95,13 @@ class FakeBlsRequest:
         self.inputs = {t.name(): t.as_numpy() for t in inputs}
 
     def exec(self) -> FakeResponse:
-        BLS_CALLS.append({"model": self.model_name, "inputs": self.inputs, "memory": self.preferred_memory})
+        call = {"model": self.model_name, "inputs": self.inputs, "memory": self.preferred_memory}
+        BLS_CALLS.append(call)
         try:
             out = FAKE_MODELS[self.model_name](self.inputs)
         except Exception as exc:
             return FakeResponse(error=FakeError(str(exc)))
+        call["outputs"] = {n: np.asarray(out[n]) for n in self.outputs}
         return FakeResponse([FakeTensor(n, out[n]) for n in self.outputs])
 
 
@@ -264,10 +284,11 @@ def test_fake_pb_utils_a_failing_stream_does_not_break_its_batch(orch: types.Mod
 class FlakyBackend(StandInBackend):
     """Fails its first prefill, like an engine running out of memory."""
 
-    def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def admit(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
+              seeds: np.ndarray) -> Any:
         if len(self.batches) == 1:
             raise RuntimeError("CUDA out of memory")
-        return super().prefill(input_ids, lengths)
+        return super().admit(input_ids, lengths, temperature, seeds)
 
 
 def test_fake_pb_utils_backend_failure_is_reported_and_serving_goes_on(orch: types.ModuleType) -> None:
@@ -282,40 +303,24 @@ def test_fake_pb_utils_backend_failure_is_reported_and_serving_goes_on(orch: typ
 
 
 def _fake_engine_models(models: dict[str, str]) -> dict[str, int]:
-    """Register the stand-in's graphs as fake Triton models; caches count the calls that wrote them."""
-    stand_in = StandInBackend()
+    """Register the stand-in's graphs as fake Triton models, checking the caches the executor hands them."""
     calls = {"target": 0, "draft": 0}
 
-    def prefill(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        assert x["kv_cache"].shape[2] == len(x["input_lengths"]) and np.all(x["kv_cache"] == 0)
-        logits, taps = stand_in.prefill(x["input_ids"], x["input_lengths"])
-        calls["target"] += 1
-        return {"last_logits": logits, "taps": taps, "kv_cache_out": x["kv_cache"] + 1}
-
-    def draft(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = len(x["anchor"])
-        assert x["draft_kv"].shape[2] == batch and np.all(x["draft_kv"] == calls["draft"])
-        assert x["temperature"].shape == (batch,) and x["uniforms"].shape == (batch, BLOCK)
-        sampling = bool(np.any(x["temperature"] > 0))
-        out = stand_in.draft(x["anchor"], x["ctx_taps"], x["ctx_count"], x["cache_len"],
-                             x["temperature"] if sampling else None, None)
-        calls["draft"] += 1
-        probs = out.probs if out.probs is not None else np.zeros((batch, BLOCK, VOCAB), np.float32)
-        return {"draft_tokens": out.tokens, "confidence_logits": out.confidence_logits, "draft_probs": probs,
-                "draft_kv_out": x["draft_kv"] + 1}
-
-    def verify(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = len(x["cache_len"])
-        assert x["kv_cache"].shape[2] == batch and np.all(x["kv_cache"] == calls["target"])
-        assert x["draft_probs"].shape == (batch, BLOCK, VOCAB) and x["uniforms"].shape == (batch, BLOCK + 1)
-        out = stand_in.verify(x["tokens"], x["cache_len"], x["verify_len"], None, None, None)
-        calls["target"] += 1
-        return {"accepted": out.accepted, "next_token": out.next_token, "taps": out.taps,
-                "kv_cache_out": x["kv_cache"] + 1}
+    def model(graph: str, counter: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        def run(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            batch = len(next(v for k, v in x.items() if k in ("input_lengths", "cache_len")))
+            cache = x["draft_kv" if graph == "draft_propose" else "kv_cache"]
+            assert cache.shape[2] == batch and cache.shape[4] <= MAX_SLOTS
+            if graph != "target_prefill":
+                assert x["temperature"].shape == (batch,)
+            calls[counter] += 1
+            return stand_in_graph(graph, x)
+        return run
 
     FAKE_MODELS.clear()
-    FAKE_MODELS.update({models["target_prefill"]: prefill, models["draft_propose"]: draft,
-                        models["target_verify"]: verify})
+    FAKE_MODELS.update({models["target_prefill"]: model("target_prefill", "target"),
+                        models["draft_propose"]: model("draft_propose", "draft"),
+                        models["target_verify"]: model("target_verify", "target")})
     return calls
 
 
@@ -329,13 +334,14 @@ def _bls_parameter(tmp_path: Path) -> str:
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_fake_pb_utils_bls_backend_runs_the_decode_loop(orch: types.ModuleType, tmp_path: Path,
                                                         temperature: float) -> None:
-    """BlsBackend packs the decode loop's arrays into BLS requests and threads the caches between calls.
+    """The BLS transport hands the executor's tensors to the graph models by DLPack; the stand-in verify graph
+    checks that the K/V rows of earlier calls sit in the executor's caches where they belong.
 
     Only checkable with a fake pb_utils: the bundled server cannot load TensorRT / onnxruntime models.
     """
-    backend = orch.BlsBackend.from_parameter(_bls_parameter(tmp_path))
-    assert backend.info == StandInBackend().info
-    calls = _fake_engine_models(dict(backend.models))
+    backend = orch.bls_executor(_bls_parameter(tmp_path))
+    assert backend.info == stand_in_info()
+    calls = _fake_engine_models(dict(backend.transport.models))
     BLS_CALLS.clear()
     prompts = [[1, 2, 3], [9], [4, 4, 4, 4, 4, 4]]
     lengths = [5, 17, 11]  # different lengths: finished rows leave the batch through select()
@@ -343,14 +349,14 @@ def test_fake_pb_utils_bls_backend_runs_the_decode_loop(orch: types.ModuleType, 
     results = generate(backend, prompts, params)
     for prompt, result in zip(prompts, results, strict=True):
         assert result.tokens == reference(prompt, max(lengths))
-    assert calls["target"] == 1 + calls["draft"]
-    assert {c["memory"] for c in BLS_CALLS} == {("preferred", 0, 0)}
-    assert {c["model"] for c in BLS_CALLS} == set(backend.models.values())
+    assert calls["target"] == calls["draft"]  # admit: prefill + draft; each round: verify + draft
+    assert {c["memory"] for c in BLS_CALLS} == {None}  # outputs stay where the engine put them
+    assert {c["model"] for c in BLS_CALLS} == set(backend.transport.models.values())
 
 
 def test_fake_pb_utils_bls_error_names_the_model(orch: types.ModuleType, tmp_path: Path) -> None:
     """A failed BLS call (engine model missing or erroring) surfaces as an error naming that model."""
-    backend = orch.BlsBackend.from_parameter(_bls_parameter(tmp_path))
+    backend = orch.bls_executor(_bls_parameter(tmp_path))
     FAKE_MODELS.clear()
     FAKE_MODELS["dspark_target_prefill"] = lambda x: (_ for _ in ()).throw(RuntimeError("engine not loaded"))
     with pytest.raises(orch.BlsError, match="dspark_target_prefill: engine not loaded"):
@@ -393,19 +399,20 @@ GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "dspark_tin
 
 @pytest.mark.slow
 def test_fake_pb_utils_bls_backend_on_the_golden_graphs(orch: types.ModuleType, tmp_path: Path) -> None:
-    """BlsBackend against the golden pair's real graphs, each fake BLS model an onnxruntime session on the
+    """The BLS transport against the golden pair's real graphs, each fake BLS model an onnxruntime session on the
     repository's own ``1/model.onnx`` (the bundled server cannot load onnxruntime models itself)."""
     ort = pytest.importorskip("onnxruntime")
     from dspark_compile.pipeline import PassManager
-    from dspark_compile.runtime.onnxruntime_backend import OrtBackend
+    from dspark_compile.runtime.onnxruntime_backend import load_onnxruntime
     from dspark_compile.spec import make_spec
 
     build = PassManager(progress=False).run(make_spec(
         target=GOLDEN / "target", draft=GOLDEN / "draft", out=tmp_path / "build", targets=("onnx", "triton"),
         max_context=128, triton_mode="bls")).out
     config = pbtxt.validate_config(build / "triton" / "dspark" / "config.pbtxt")
-    backend = orch.BlsBackend.from_parameter(config.parameters["model_info"].string_value)
-    assert backend.info == dataclasses.replace(OrtBackend.load(build).info, max_slots=128)
+    backend = orch.bls_executor(config.parameters["model_info"].string_value)
+    want = load_onnxruntime(build).info
+    assert backend.info == dataclasses.replace(want, max_slots=128, hidden_size=0, tap_layer_ids=(), markov_head=None)
 
     def session_model(name: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         session = ort.InferenceSession(str(build / "triton" / name / "1" / "model.onnx"))
@@ -413,7 +420,7 @@ def test_fake_pb_utils_bls_backend_on_the_golden_graphs(orch: types.ModuleType, 
         return lambda inputs: dict(zip(names, session.run(names, inputs), strict=True))
 
     FAKE_MODELS.clear()
-    FAKE_MODELS.update({name: session_model(name) for name in backend.models.values()})
+    FAKE_MODELS.update({name: session_model(name) for name in backend.transport.models.values()})
     golden = json.loads((GOLDEN / "decode_greedy.json").read_text())["greedy"]
     results = generate(backend, [c["prompt"] for c in golden], GenerationParams(max_new_tokens=48))
     assert [r.tokens for r in results] == [c["tokens"] for c in golden]

@@ -1,9 +1,9 @@
 """A tiny stand-in engine and build directory for the Triton target's tests, checked against a reference.
 
-The stand-in implements the Backend protocol with a closed-form "model": the target's greedy next token after
-``tok`` at position ``pos`` is ``f(tok, pos)``; the draft proposes the same chain but corrupts some positions,
-so rounds accept varying numbers of drafts. It lets the orchestrator and the server be tested without the
-onnxruntime backend (``load`` is the factory the served repository names).
+The stand-in is three graph functions with a closed-form "model", run by the graph executor: the target's
+greedy next token after ``tok`` at position ``pos`` is ``f(tok, pos)``; the draft proposes the same chain but
+corrupts some positions, so rounds accept varying numbers of drafts. It lets the orchestrator and the server
+be tested without the onnxruntime backend (``load`` is the factory the served repository names).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dspark_compile.runtime.backend import DraftOutput, ModelInfo, VerifyOutput
+from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.runtime.decode import GenerationParams, generate
+from dspark_compile.runtime.executor import GraphExecutor, NumpyTransport
 
 GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "dspark_tiny"
 VOCAB = 50
@@ -37,10 +38,66 @@ def reference(prompt: list[int], max_new_tokens: int) -> list[int]:
     return seq[len(prompt):]
 
 
-class StandInBackend:
+def _kv_rows(values: np.ndarray, layers: int) -> np.ndarray:
+    """K/V rows [layers, 2, B, KV, T, D] that hold each position's token id: what the executor must keep."""
+    b, t = values.shape
+    return np.broadcast_to(values.astype(np.float32)[None, None, :, None, :, None],
+                           (layers, 2, b, KV_HEADS, t, HEAD_DIM)).copy()
+
+
+def stand_in_graph(graph: str, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The stand-in's three graphs under the KV contract of docs/PROGRAM.md (only new rows come back).
+
+    Its caches hold token ids, so target_verify checks that the executor wrote the rows of earlier calls where
+    they belong: the anchor must follow the token the cache holds at ``cache_len - 1``.
+    """
+    if graph == "target_prefill":
+        ids, lengths = x["input_ids"], x["input_lengths"]
+        rows = np.arange(len(lengths))
+        logits = np.zeros((len(lengths), VOCAB), dtype=np.float32)
+        logits[rows, next_token(ids[rows, lengths - 1], lengths - 1)] = 100.0
+        taps = np.zeros((*ids.shape, TAPS), dtype=np.float32)
+        taps[..., 0] = ids
+        return {"last_logits": logits, "taps": taps, "kv_new": _kv_rows(ids, LAYERS)}
+    if graph == "draft_propose":
+        anchor, pos = x["anchor"], x["cache_len"] + x["ctx_count"]
+        tokens = np.zeros((len(anchor), BLOCK), dtype=np.int64)
+        prev = anchor
+        for k in range(BLOCK):
+            guess = next_token(prev, pos + k)
+            tokens[:, k] = np.where((pos + k) % 3 == 0, (guess + 1) % VOCAB, guess)
+            prev = tokens[:, k]
+        return {"draft_tokens": tokens, "confidence_logits": np.zeros((len(anchor), BLOCK), dtype=np.float32),
+                "draft_probs": np.eye(VOCAB, dtype=np.float32)[tokens],
+                "draft_kv_new": _kv_rows(x["ctx_taps"][..., 0], DRAFT_LAYERS)}
+    tokens, cache_len, verify_len, kv = x["tokens"], x["cache_len"], x["verify_len"], x["kv_cache"]
+    held = kv[0, 1, np.arange(len(tokens)), 0, cache_len - 1, 0].astype(np.int64)
+    assert np.array_equal(tokens[:, 0], next_token(held, cache_len - 1)), "cache rows not where they belong"
+    accepted = np.zeros(len(tokens), dtype=np.int64)
+    nxt = np.zeros(len(tokens), dtype=np.int64)
+    for b in range(len(tokens)):
+        j = 0
+        while j < verify_len[b] and tokens[b, j + 1] == next_token(tokens[b, j], cache_len[b] + j):
+            j += 1
+        accepted[b], nxt[b] = j, next_token(tokens[b, j], cache_len[b] + j)
+    taps = np.zeros((*tokens.shape, TAPS), dtype=np.float32)
+    taps[..., 0] = tokens
+    return {"accepted": accepted, "next_token": nxt, "taps": taps, "kv_new": _kv_rows(tokens, LAYERS)}
+
+
+def stand_in_info(eos_token_ids: tuple[int, ...] = ()) -> ProgramInfo:
+    return ProgramInfo(vocab_size=VOCAB, block_size=BLOCK, tap_width=TAPS, has_confidence=False,
+                       eos_token_ids=eos_token_ids, max_slots=MAX_SLOTS, sampling=True, target_layers=LAYERS,
+                       kv_heads=KV_HEADS, head_dim=HEAD_DIM, draft_layers=DRAFT_LAYERS, draft_kv_heads=KV_HEADS,
+                       draft_head_dim=HEAD_DIM)
+
+
+class StandInBackend(GraphExecutor):
+    """The graph executor over the stand-in graphs; records each batch it starts."""
+
     def __init__(self, eos_token_ids: tuple[int, ...] = ()) -> None:
-        self.info = ModelInfo(vocab_size=VOCAB, block_size=BLOCK, tap_width=TAPS, has_confidence=False,
-                              eos_token_ids=eos_token_ids, max_slots=MAX_SLOTS, sampling=True)
+        io = {g: (tuple(t[0] for t in ins), tuple(t[0] for t in outs)) for g, (ins, outs) in SIGNATURES.items()}
+        super().__init__(stand_in_info(eos_token_ids), NumpyTransport(stand_in_graph, io))
         self.batches: list[int] = []
 
     @classmethod
@@ -48,42 +105,10 @@ class StandInBackend:
         assert (build_dir / "onnx" / "target_prefill.onnx").is_file(), build_dir
         return cls()
 
-    def start(self, batch: int, slots: int) -> None:
+    def start(self, rows: int, slots: int, *, speculative: bool = True) -> None:
         assert slots <= MAX_SLOTS
-        self.batches.append(batch)
-
-    def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.arange(len(lengths))
-        logits = np.zeros((len(lengths), VOCAB), dtype=np.float32)
-        logits[rows, next_token(input_ids[rows, lengths - 1], lengths - 1)] = 100.0
-        return logits, np.zeros((*input_ids.shape, TAPS), dtype=np.float32)
-
-    def draft(self, anchor: np.ndarray, ctx_taps: np.ndarray, ctx_count: np.ndarray, cache_len: np.ndarray,
-              temperature: np.ndarray | None, uniforms: np.ndarray | None) -> DraftOutput:
-        pos = cache_len + ctx_count
-        tokens = np.zeros((len(anchor), BLOCK), dtype=np.int64)
-        prev = anchor
-        for k in range(BLOCK):
-            guess = next_token(prev, pos + k)
-            tokens[:, k] = np.where((pos + k) % 3 == 0, (guess + 1) % VOCAB, guess)
-            prev = tokens[:, k]
-        probs = np.eye(VOCAB, dtype=np.float32)[tokens] if temperature is not None else None
-        return DraftOutput(tokens, np.zeros((len(anchor), BLOCK), dtype=np.float32), probs)
-
-    def verify(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray,
-               draft_probs: np.ndarray | None, temperature: np.ndarray | None,
-               uniforms: np.ndarray | None) -> VerifyOutput:
-        accepted = np.zeros(len(tokens), dtype=np.int64)
-        nxt = np.zeros(len(tokens), dtype=np.int64)
-        for b in range(len(tokens)):
-            j = 0
-            while j < verify_len[b] and tokens[b, j + 1] == next_token(tokens[b, j], cache_len[b] + j):
-                j += 1
-            accepted[b], nxt[b] = j, next_token(tokens[b, j], cache_len[b] + j)
-        return VerifyOutput(accepted, nxt, np.zeros((*tokens.shape, TAPS), dtype=np.float32))
-
-    def select(self, rows: np.ndarray) -> None:
-        pass
+        self.batches.append(rows)
+        super().start(rows, slots, speculative=speculative)
 
 
 def _value(name: str, elem: int, dims: list[int | str]) -> onnx.ValueInfoProto:
@@ -93,25 +118,27 @@ def _value(name: str, elem: int, dims: list[int | str]) -> onnx.ValueInfoProto:
 F, I = TensorProto.FLOAT, TensorProto.INT64
 KV = [LAYERS, 2, "B", KV_HEADS, "S", HEAD_DIM]
 DRAFT_KV = [DRAFT_LAYERS, 2, "B", KV_HEADS, "S", HEAD_DIM]
+KV_NEW = [LAYERS, 2, "B", KV_HEADS, "T", HEAD_DIM]  # only the rows a call wrote
+DRAFT_KV_NEW = [DRAFT_LAYERS, 2, "B", KV_HEADS, "C", HEAD_DIM]
 Tensors = list[tuple[str, int, list[int | str]]]
 SIGNATURES: dict[str, tuple[Tensors, Tensors]] = {
     "target_prefill": (
         [("input_ids", I, ["B", "T"]), ("input_lengths", I, ["B"]), ("kv_cache", F, KV)],
-        [("last_logits", F, ["B", VOCAB]), ("taps", F, ["B", "T", TAPS]), ("kv_cache_out", F, KV)],
+        [("last_logits", F, ["B", VOCAB]), ("taps", F, ["B", "T", TAPS]), ("kv_new", F, KV_NEW)],
     ),
     "target_verify": (
         [("tokens", I, ["B", BLOCK + 1]), ("cache_len", I, ["B"]), ("verify_len", I, ["B"]),
          ("kv_cache", F, KV), ("draft_probs", F, ["B", BLOCK, VOCAB]), ("temperature", F, ["B"]),
          ("uniforms", F, ["B", BLOCK + 1])],
         [("accepted", I, ["B"]), ("next_token", I, ["B"]), ("taps", F, ["B", BLOCK + 1, TAPS]),
-         ("kv_cache_out", F, KV)],
+         ("kv_new", F, KV_NEW)],
     ),
     "draft_propose": (
         [("anchor", I, ["B"]), ("ctx_taps", F, ["B", "C", TAPS]), ("ctx_count", I, ["B"]),
          ("cache_len", I, ["B"]), ("draft_kv", F, DRAFT_KV), ("temperature", F, ["B"]),
          ("uniforms", F, ["B", BLOCK])],
         [("draft_tokens", I, ["B", BLOCK]), ("confidence_logits", F, ["B", BLOCK]),
-         ("draft_probs", F, ["B", BLOCK, VOCAB]), ("draft_kv_out", F, DRAFT_KV)],
+         ("draft_probs", F, ["B", BLOCK, VOCAB]), ("draft_kv_new", F, DRAFT_KV_NEW)],
     ),
 }
 

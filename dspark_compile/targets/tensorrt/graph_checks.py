@@ -3,7 +3,8 @@
 They catch what would otherwise fail late, vaguely or fatally: a corrupt file, custom-domain nodes for a
 flavor without plugins (TensorRT-RTX's parser can abort the whole process on those), graph inputs/outputs of
 a dtype TensorRT has no binding for, a graph whose float dtype is not the requested precision (networks are
-strongly typed), and optimization profiles that do not fit the graph's inputs.
+strongly typed), optimization profiles that do not fit the graph's inputs, and an output that is a whole KV
+cache (docs/PROGRAM.md: graphs return only the rows they wrote, so no cache travels back per call).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _FLOAT_TYPES = (_T.FLOAT, _T.FLOAT16, _T.BFLOAT16, _T.DOUBLE)
 # float32, and the host loop feeds every backend the graph's own dtypes.
 _BINDING_TYPES = (_T.FLOAT, _T.FLOAT16, _T.BFLOAT16, _T.INT8, _T.UINT8, _T.INT32, _T.INT64, _T.BOOL)
 _STANDARD_DOMAINS = ("", "ai.onnx")
+CACHE_INPUTS = ("kv_cache", "draft_kv")  # [layers, 2, B, KV, S, D]; axis 4 is the cache capacity
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,21 @@ def _dtype(elem_type: int) -> str:
     return special.get(elem_type) or onnx.helper.tensor_dtype_to_string(elem_type).split(".")[-1].lower()
 
 
+def check_no_cache_outputs(facts: OnnxFacts, onnx_path: Path) -> None:
+    """No output may carry a cache's capacity dimension: that output would be a whole cache (or a slice of
+    it as large), copied back every call; a graph returns the new rows only (``kv_new`` [.., T, D])."""
+    slot_dims = {dims[4] for name, (_, dims) in facts.inputs.items()
+                 if name in CACHE_INPUTS and dims is not None and len(dims) == 6 and isinstance(dims[4], str)}
+    for name, (_, dims) in facts.outputs.items():
+        hit = sorted(d for d in dims or () if d in slot_dims)
+        if hit:
+            raise BuildError(f"{onnx_path}: output `{name}` {list(dims or [])} has the cache capacity dimension "
+                             f"`{hit[0]}`, i.e. it returns a whole KV cache; graphs must return only the rows "
+                             "they wrote (docs/PROGRAM.md, KV contract). Re-export with this version's partition.")
+
+
 def check_graph(facts: OnnxFacts, onnx_path: Path, flavor: TrtFlavor, precision: str) -> None:
+    check_no_cache_outputs(facts, onnx_path)
     if facts.custom_nodes and not flavor.supports_plugins:
         more = f" (+{len(facts.custom_nodes) - 1} more)" if len(facts.custom_nodes) > 1 else ""
         raise BuildError(

@@ -8,14 +8,16 @@ committed) and then the final flag. Invalid requests get one error response; the
 ``execute`` only validates and queues: a worker thread batches the queued requests into one
 :func:`~dspark_compile.runtime.decode.generate` call and streams from its round callback, so concurrent
 requests share the graphs' batch dimension. Greedy requests are batched together; a sampling request runs
-alone so its random stream depends only on its seed (``generate`` seeds each row with ``[seed, row]``).
+alone (one temperature per call); each row draws from its own request's seed.
 
-The config's ``backend_mode`` picks who runs the three graphs:
-- ``bls``: the engine models of the same repository, through BLS calls (:class:`BlsBackend`); GPU servers.
-- ``onnxruntime_inprocess``: our onnxruntime backend in this process, on the build directory ``build_dir``
+The config's ``backend_mode`` picks the transport of the one graph executor
+(:class:`~dspark_compile.runtime.executor.GraphExecutor`, which keeps the caches in this process):
+- ``bls``: the engine models of the same repository, through BLS calls (:class:`BlsTransport`: tensors
+  passed by DLPack where they live, GPU tensors stay on the GPU); GPU servers.
+- ``onnxruntime_inprocess``: the onnxruntime transport in this process, on the build directory ``build_dir``
   (relative to the repository); for servers that have only the python backend (the CPU tests here).
 - ``factory``: ``backend_factory`` (``module:callable``) called with ``build_dir``; any other in-process
-  executor of the Backend protocol, e.g. the PyTorch reference.
+  DecodeBackend, e.g. the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -62,11 +64,14 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from torch.utils import dlpack  # noqa: E402
 
 from dspark_compile.errors import DsparkError, UsageError  # noqa: E402
-from dspark_compile.runtime.backend import Backend, DraftOutput, ModelInfo, VerifyOutput  # noqa: E402
+from dspark_compile.runtime.backend import DecodeBackend, ProgramInfo  # noqa: E402
 from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate  # noqa: E402
+from dspark_compile.runtime.executor import GraphExecutor  # noqa: E402
 
 BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
 log = logging.getLogger(__name__)
@@ -87,7 +92,7 @@ class Limits:
     sampling: bool
 
     @classmethod
-    def of(cls, info: ModelInfo, max_context: int | None, default_max_new_tokens: int) -> Limits:
+    def of(cls, info: ProgramInfo, max_context: int | None, default_max_new_tokens: int) -> Limits:
         bounds = [b for b in (max_context, info.max_slots) if b is not None]
         return cls(info.vocab_size, info.block_size, min(bounds) if bounds else None, default_max_new_tokens,
                    info.sampling)
@@ -197,7 +202,7 @@ class Job:
 class Orchestrator:
     """Queues validated requests and runs them in batches on one backend, from one worker thread."""
 
-    backend: Backend
+    backend: DecodeBackend
     max_batch: int = 16
     max_slots: int | None = None  # a batch needs max(prompt) + max(max_new_tokens) + G + 2 cache slots
     on_error: Callable[[str], None] = log.error
@@ -237,7 +242,7 @@ class Orchestrator:
         if head is None:
             return None
         batch = [head]
-        # A sampling request runs alone: its rng is seeded by (seed, row) and must not depend on others.
+        # A sampling request runs alone: generate() takes one temperature per call.
         while head.spec.temperature == 0 and len(batch) < self.max_batch:
             try:
                 job = self._queue.get_nowait()
@@ -266,7 +271,8 @@ class Orchestrator:
             batch[index].deliver(tokens, int(rnd.get("accepted", len(tokens))), eos)
 
         try:
-            generate(self.backend, [j.spec.prompt for j in batch], params, on_round)
+            generate(self.backend, [j.spec.prompt for j in batch], params, on_round,
+                     seeds=[j.spec.seed for j in batch])
         except DsparkError as exc:
             error = exc.one_line()
         except Exception as exc:  # a backend failure must not take the model down with it
@@ -287,116 +293,48 @@ class BlsError(RuntimeError):
 
 
 @dataclass
-class BlsBackend:
-    """Implements the Backend protocol by calling the graph models through BLS.
+class BlsTransport:
+    """Runs each graph as a model of the same Triton server through BLS (the graphs are stateless).
 
-    The caches live here as host arrays between rounds (the graphs are stateless), exactly like the
-    onnxruntime backend; ``select`` drops finished rows. Optional graph inputs the caller leaves out
-    (``temperature``, ``uniforms``, ``draft_probs`` of a sampling build used greedily) are sent as zeros,
-    which the graphs read as greedy.
+    Tensors cross by DLPack where they live: the executor's GPU caches are handed to the engine models without
+    a host copy, and outputs are read back by DLPack into the executor's buffers (a device-local copy).
     """
 
-    info: ModelInfo
     models: Mapping[str, str]  # graph -> Triton model name
     signatures: Mapping[str, Mapping[str, Any]]  # graph -> {"inputs": [TensorSpec JSON], "outputs": [...]}
-    _kv: np.ndarray | None = field(default=None, init=False, repr=False)
-    _draft_kv: np.ndarray | None = field(default=None, init=False, repr=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
-    @classmethod
-    def from_parameter(cls, text: str) -> BlsBackend:
-        raw = json.loads(text)
-        return cls(ModelInfo(**{**raw["info"], "eos_token_ids": tuple(raw["info"]["eos_token_ids"])}),
-                   raw["models"], raw["signatures"])
+    def has_graph(self, graph: str) -> bool:
+        return graph in self.models
 
-    def _spec(self, graph: str, name: str) -> Mapping[str, Any] | None:
-        return next((t for t in self.signatures[graph]["inputs"] if t["name"] == name), None)
+    def inputs(self, graph: str) -> tuple[str, ...]:
+        return tuple(t["name"] for t in self.signatures[graph]["inputs"])
 
-    def _empty_cache(self, graph: str, name: str, batch: int, slots: int) -> np.ndarray:
-        spec = self._spec(graph, name)
-        if spec is None:
-            raise BlsError(f"graph {graph} has no input `{name}`")
-        shape = list(spec["dims"])
-        shape[2] = batch  # [layers, 2, B, KV, S, D]
-        if shape[4] == -1:
-            shape[4] = slots
-        return np.zeros(shape, dtype=_numpy_dtype(spec["data_type"]))
+    def outputs(self, graph: str) -> tuple[str, ...]:
+        return tuple(t["name"] for t in self.signatures[graph]["outputs"])
 
-    def start(self, batch: int, slots: int) -> None:
-        self._kv = self._empty_cache("target_prefill", "kv_cache", batch, slots)
-        self._draft_kv = (self._empty_cache("draft_propose", "draft_kv", batch, slots)
-                          if "draft_propose" in self.models else None)
-
-    def _infer(self, graph: str, inputs: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    def run(self, graph: str, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         tensors = []
-        for spec in self.signatures[graph]["inputs"]:
-            dtype = _numpy_dtype(spec["data_type"])
-            value = inputs.get(spec["name"])
-            if value is None:
-                value = np.zeros(self._zeros_shape(graph, spec["name"], inputs), dtype)
-            tensors.append(pb_utils.Tensor(spec["name"], np.ascontiguousarray(value, dtype=dtype)))
-        outputs = [spec["name"] for spec in self.signatures[graph]["outputs"]]
-        kwargs: dict[str, Any] = {}
-        if hasattr(pb_utils, "PreferredMemory"):  # ask for host outputs: we keep them as numpy arrays
-            kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
-        request = pb_utils.InferenceRequest(model_name=self.models[graph], requested_output_names=outputs,
-                                            inputs=tensors, **kwargs)
+        for name in self.inputs(graph):
+            if feeds.get(name) is None:
+                raise BlsError(f"graph {graph} needs input `{name}`, which the executor did not provide")
+            tensors.append(pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(feeds[name].contiguous())))
+        request = pb_utils.InferenceRequest(model_name=self.models[graph], requested_output_names=list(outputs),
+                                            inputs=tensors)
         response = request.exec()
         if response.has_error():
             raise BlsError(f"model {self.models[graph]}: {response.error().message()}")
-        result = {}
-        for name in outputs:
+        for name, buffer in outputs.items():
             tensor = pb_utils.get_output_tensor_by_name(response, name)
             if tensor is None:
                 raise BlsError(f"model {self.models[graph]} returned no `{name}`")
-            result[name] = tensor.as_numpy()
-        return result
-
-    def _zeros_shape(self, graph: str, name: str, inputs: Mapping[str, np.ndarray | None]) -> tuple[int, ...]:
-        batch = int(next(v for v in inputs.values() if v is not None and v.ndim == 1).shape[0])
-        g = self.info.block_size
-        shapes = {"temperature": (batch,), "uniforms": (batch, g + 1 if graph == "target_verify" else g),
-                  "draft_probs": (batch, g, self.info.vocab_size)}
-        if name not in shapes:
-            raise BlsError(f"graph {graph} needs input `{name}`, which the decode loop did not provide")
-        return shapes[name]
-
-    def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self._infer("target_prefill",
-                          {"input_ids": input_ids, "input_lengths": lengths, "kv_cache": self._kv})
-        self._kv = out["kv_cache_out"]
-        return out["last_logits"], out["taps"]
-
-    def draft(self, anchor: np.ndarray, ctx_taps: np.ndarray, ctx_count: np.ndarray, cache_len: np.ndarray,
-              temperature: np.ndarray | None, uniforms: np.ndarray | None) -> DraftOutput:
-        out = self._infer("draft_propose", {
-            "anchor": anchor, "ctx_taps": ctx_taps, "ctx_count": ctx_count, "cache_len": cache_len,
-            "draft_kv": self._draft_kv, "temperature": temperature, "uniforms": uniforms})
-        self._draft_kv = out["draft_kv_out"]
-        return DraftOutput(out["draft_tokens"], out["confidence_logits"],
-                           out.get("draft_probs") if temperature is not None else None)
-
-    def verify(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray,
-               draft_probs: np.ndarray | None, temperature: np.ndarray | None,
-               uniforms: np.ndarray | None) -> VerifyOutput:
-        out = self._infer("target_verify", {
-            "tokens": tokens, "cache_len": cache_len, "verify_len": verify_len, "kv_cache": self._kv,
-            "draft_probs": draft_probs, "temperature": temperature, "uniforms": uniforms})
-        self._kv = out["kv_cache_out"]
-        return VerifyOutput(out["accepted"], out["next_token"], out["taps"])
-
-    def select(self, rows: np.ndarray) -> None:
-        assert self._kv is not None
-        self._kv = np.ascontiguousarray(self._kv[:, :, rows])
-        if self._draft_kv is not None:
-            self._draft_kv = np.ascontiguousarray(self._draft_kv[:, :, rows])
+            buffer.copy_(dlpack.from_dlpack(tensor.to_dlpack()))
 
 
-def _numpy_dtype(triton_type: str) -> np.dtype:
-    name = triton_type.removeprefix("TYPE_").lower()
-    names = {"fp32": "float32", "fp16": "float16", "fp64": "float64"}
-    if name == "bf16":
-        raise BlsError("bf16 graph inputs cannot be sent from numpy; build the engines with fp16 or fp32 I/O")
-    return np.dtype(names.get(name, name))
+def bls_executor(text: str) -> GraphExecutor:
+    """The executor over BLS from the ``model_info`` parameter the repository writer put in config.pbtxt."""
+    raw = json.loads(text)
+    return GraphExecutor(ProgramInfo.from_json(raw["info"]), BlsTransport(raw["models"], raw["signatures"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,18 +361,18 @@ class _SenderStream(Stream):
             self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)), flags=final)
 
 
-def load_backend(parameters: Mapping[str, str], repository: Path) -> Backend:
+def load_backend(parameters: Mapping[str, str], repository: Path) -> DecodeBackend:
     mode = parameters.get("backend_mode", "")
     if mode not in BACKEND_MODES:
         raise UsageError(f"dspark/config.pbtxt: parameter `backend_mode` is {mode!r}; expected one of "
                          f"{', '.join(BACKEND_MODES)}")
     if mode == "bls":
-        return BlsBackend.from_parameter(parameters["model_info"])
+        return bls_executor(parameters["model_info"])
     build_dir = repository / parameters["build_dir"]
     if mode == "onnxruntime_inprocess":
-        from dspark_compile.runtime.onnxruntime_backend import OrtBackend
+        from dspark_compile.runtime.onnxruntime_backend import load_onnxruntime
 
-        return OrtBackend.load(build_dir)
+        return load_onnxruntime(build_dir)
     module, _, attr = parameters["backend_factory"].partition(":")
     factory: Any = importlib.import_module(module)
     for part in attr.split("."):

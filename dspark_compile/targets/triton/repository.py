@@ -23,14 +23,14 @@ import os
 import shutil
 import sysconfig
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dspark_compile.config import parse_draft_config, parse_target_config
 from dspark_compile.errors import BuildError, UsageError
 from dspark_compile.ir import TritonRepository
-from dspark_compile.runtime.backend import ModelInfo
+from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.targets.triton import pbtxt
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class TritonOptions:
     default_max_new_tokens: int = 64
     max_context: int | None = None
     backend_factory: str | None = None
-    model_info: ModelInfo | None = None  # for bls; default: derive_model_info(build_dir)
+    model_info: ProgramInfo | None = None  # for bls; default: derive_model_info(build_dir)
     verify: str = "auto"  # fixed | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
 
     def __post_init__(self) -> None:
@@ -176,7 +176,7 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
     if options.backend_mode == "bls":
         info = options.model_info or derive_model_info(build_dir, signatures)
         parameters["model_info"] = {
-            "info": asdict(info),
+            "info": info.to_json(),
             "models": {g: GRAPH_MODELS[g] for g in graphs},
             "signatures": {g: {"inputs": [t.to_json() for t in s.inputs],
                                "outputs": [t.to_json() for t in s.outputs]} for g, s in signatures.items()},
@@ -189,11 +189,11 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
     (model_dir / "config.pbtxt").write_text(pbtxt.render(config))
 
 
-def derive_model_info(build_dir: Path, signatures: dict[str, pbtxt.GraphSignature]) -> ModelInfo:
-    """The ModelInfo of a build, for the BLS backend (which, unlike OrtBackend, cannot inspect the graphs).
+def derive_model_info(build_dir: Path, signatures: dict[str, pbtxt.GraphSignature]) -> ProgramInfo:
+    """The ProgramInfo of a build, for the BLS transport (which, unlike onnxruntime, cannot inspect the graphs).
 
-    Sizes come from the graph signatures, the rest from ``build_spec.json`` and the checkpoint configs it
-    names (the same fields TorchBackend uses): block size, confidence head, EOS ids, cache capacity.
+    Sizes (vocabulary, taps, cache layouts and dtype) come from the graph signatures, the rest from
+    ``build_spec.json`` and the checkpoint configs it names: block size, confidence head, EOS ids, capacity.
     """
     spec_path = build_dir / "build_spec.json"
     try:
@@ -216,10 +216,20 @@ def derive_model_info(build_dir: Path, signatures: dict[str, pbtxt.GraphSignatur
     block = 0
     if draft is not None:
         block = int(spec.get("block_size") or draft.block_size)
-    return ModelInfo(vocab_size=vocab.dims[-1], block_size=block, tap_width=taps.dims[-1],
-                     has_confidence=draft is not None and draft.enable_confidence_head,
-                     eos_token_ids=target.eos_token_ids, max_slots=spec.get("max_context"),
-                     sampling=verify.input("temperature") is not None)
+    kv = prefill.input("kv_cache")
+    draft_kv = signatures["draft_propose"].input("draft_kv") if draft is not None else None
+    if kv is None or len(kv.dims) != 6 or (draft is not None and (draft_kv is None or len(draft_kv.dims) != 6)):
+        raise BuildError(f"{build_dir / 'onnx'}: `kv_cache` / `draft_kv` must be [layers, 2, B, KV, S, D] "
+                         "(docs/PROGRAM.md)")
+    dtype = {"TYPE_FP32": "fp32", "TYPE_FP16": "fp16", "TYPE_BF16": "bf16"}[kv.data_type]
+    return ProgramInfo(vocab_size=vocab.dims[-1], block_size=block, tap_width=taps.dims[-1],
+                       has_confidence=draft is not None and draft.enable_confidence_head,
+                       eos_token_ids=target.eos_token_ids, max_slots=spec.get("max_context"),
+                       sampling=verify.input("temperature") is not None, dtype=dtype,
+                       target_layers=kv.dims[0], kv_heads=kv.dims[3], head_dim=kv.dims[5],
+                       draft_layers=draft_kv.dims[0] if draft_kv else 0,
+                       draft_kv_heads=draft_kv.dims[3] if draft_kv else 0,
+                       draft_head_dim=draft_kv.dims[5] if draft_kv else 0)
 
 
 def _spec_field(build_dir: Path, name: str) -> Any:

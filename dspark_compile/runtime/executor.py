@@ -1,0 +1,279 @@
+"""One executor of a build's three graphs (docs/PROGRAM.md) with a transport per runtime.
+
+:class:`GraphExecutor` implements :class:`~dspark_compile.runtime.backend.DecodeBackend`: the KV caches, the
+pending drafts and their probabilities, anchors, lengths and each row's random stream live on the transport's
+device as torch tensors. A graph returns only the K/V rows it wrote; the executor writes them into its caches
+in place at ``cache_len + t``. Per call the host hands over O(B) numbers and gets back a :class:`Proposal`
+(O(B·G)) with one synchronisation.
+
+A :class:`Transport` runs one graph on tensors that already live on its device: the PyTorch reference
+(runtime/torch_backend.py), onnxruntime (runtime/onnxruntime_backend.py), Triton BLS (the orchestrator) and
+TensorRT (targets/tensorrt/transport.py). Caches are allocated once per batch composition: ``admit`` and
+``select`` rebuild them on the device (the graphs need each cache contiguous over its live rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from dspark_compile.models.dspark import sample_inverse_cdf
+from dspark_compile.runtime.backend import ProgramInfo, Proposal, uniforms_per_call
+from dspark_compile.runtime.sampling import counter_uniforms
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Transport(Protocol):
+    """Runs one graph of a build on tensors of ``device``: inputs by name, results into the given buffers."""
+
+    device: torch.device
+
+    def has_graph(self, graph: str) -> bool: ...
+
+    def inputs(self, graph: str) -> tuple[str, ...]: ...
+
+    def outputs(self, graph: str) -> tuple[str, ...]: ...
+
+    def run(self, graph: str, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        """Run ``graph`` on ``feeds`` (a superset of its inputs) and write its outputs into ``outputs``."""
+
+
+def write_rows(cache: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> None:
+    """Write ``rows`` [layers, 2, B, KV, T, D] into ``cache`` [layers, 2, B, KV, S, D] at slots start[b] + t."""
+    layers, two, bsz, heads, count, dim = rows.shape
+    slots = start.view(1, 1, bsz, 1, 1, 1) + torch.arange(count, device=cache.device).view(1, 1, 1, 1, count, 1)
+    cache.scatter_(4, slots.expand(layers, two, bsz, heads, count, dim), rows.to(cache.dtype))
+
+
+def first_token(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The prefill token: argmax at temperature 0, else an inverse-CDF draw from softmax(logits / T)."""
+    sampling = temperature > 0
+    inv_t = 1.0 / torch.where(sampling, temperature, torch.ones_like(temperature))
+    probs = torch.softmax(logits.float() * inv_t[:, None], dim=-1)
+    return torch.where(sampling, sample_inverse_cdf(probs, uniforms), logits.argmax(dim=-1))
+
+
+class GraphExecutor:
+    """The device-resident decode round of docs/PROGRAM.md over any :class:`Transport`."""
+
+    def __init__(self, info: ProgramInfo, transport: Transport) -> None:
+        self.info = info
+        self.transport = transport
+        self.device = transport.device
+        self.dtype = TORCH_DTYPES[info.dtype]
+        self._g = info.block_size
+        self._slots = 0
+        self._buffers: dict[tuple[str, str], torch.Tensor] = {}
+        self._empty()
+
+    # ------------------------------------------------------------------------------ state
+    def _empty(self) -> None:
+        dev, i64 = self.device, torch.int64
+        self.kv = self._cache(0, draft=False)
+        self.draft_kv = self._cache(0, draft=True) if self._g else None
+        self.cache_len = torch.zeros(0, dtype=i64, device=dev)  # target cache length = anchor position
+        self.anchor = torch.zeros(0, dtype=i64, device=dev)
+        self.drafts = torch.zeros(0, self._g, dtype=i64, device=dev)
+        self.draft_probs: torch.Tensor | None = None  # [n, G, V] when the graphs sample
+        self.temperature = torch.zeros(0, dtype=torch.float32, device=dev)
+        self.seeds = torch.zeros(0, dtype=i64, device=dev)
+        self.calls = torch.zeros(0, dtype=i64, device=dev)
+
+    def _cache(self, rows: int, *, draft: bool) -> torch.Tensor:
+        i = self.info
+        layers, heads, dim = ((i.draft_layers, i.draft_kv_heads, i.draft_head_dim) if draft
+                              else (i.target_layers, i.kv_heads, i.head_dim))
+        return torch.zeros(layers, 2, rows, heads, self._slots, dim, dtype=self.dtype, device=self.device)
+
+    @property
+    def rows(self) -> int:
+        return int(self.cache_len.shape[0])
+
+    def start(self, rows: int, slots: int, *, speculative: bool = True) -> None:
+        if self.info.max_slots is not None and slots > self.info.max_slots:
+            raise ValueError(f"{slots} cache slots asked for; the build allows {self.info.max_slots}")
+        self._g = self.info.block_size if speculative and self.transport.has_graph("draft_propose") else 0
+        self._slots = slots
+        self._buffers.clear()
+        self._empty()
+
+    # ------------------------------------------------------------------------------ graph calls
+    def _buffer(self, graph: str, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Preallocated output buffers, reused while the shape stays (outputs are bound, never returned)."""
+        buf = self._buffers.get((graph, name))
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != dtype:
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+            self._buffers[(graph, name)] = buf
+        return buf
+
+    def _run(self, graph: str, feeds: Mapping[str, torch.Tensor],
+             shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+        outs = {name: self._buffer(graph, name, *shapes[name]) for name in self.transport.outputs(graph)}
+        self.transport.run(graph, feeds, outs)
+        return outs
+
+    def _uniforms(self, seeds: torch.Tensor, calls: torch.Tensor) -> torch.Tensor:
+        n = uniforms_per_call(self._g)
+        return counter_uniforms(seeds, calls * n, n)
+
+    def _kv_shape(self, rows: int, count: int, *, draft: bool) -> tuple[tuple[int, ...], torch.dtype]:
+        i = self.info
+        layers, heads, dim = ((i.draft_layers, i.draft_kv_heads, i.draft_head_dim) if draft
+                              else (i.target_layers, i.kv_heads, i.head_dim))
+        return (layers, 2, rows, heads, count, dim), self.dtype
+
+    def _draft(self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
+               draft_kv: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One draft_propose call; writes its context rows into ``draft_kv``; -> (drafts, conf, probs)."""
+        n, c = ctx_taps.shape[:2]
+        g, f32, i64 = self._g, torch.float32, torch.int64
+        out = self._run("draft_propose", {
+            "anchor": anchor, "ctx_taps": ctx_taps, "ctx_count": ctx_count, "cache_len": cache_len,
+            "draft_kv": draft_kv, "temperature": temperature, "uniforms": uniforms,
+        }, {"draft_tokens": ((n, g), i64), "confidence_logits": ((n, g), f32),
+            "draft_probs": ((n, g, self.info.vocab_size), f32),
+            "draft_kv_new": self._kv_shape(n, c, draft=True)})
+        write_rows(draft_kv, out["draft_kv_new"], cache_len)
+        # Buffers, not copies: each is read (next verify, the Proposal) before the next draft call rewrites it.
+        return out["draft_tokens"], out["confidence_logits"], out.get("draft_probs")
+
+    def _proposal(self, accepted: torch.Tensor, next_token: torch.Tensor, drafts: torch.Tensor,
+                  confidence: torch.Tensor) -> Proposal:
+        """The host's view of a call: one copy of O(B·G) numbers (one synchronisation on a GPU)."""
+        tensors = (accepted, next_token, drafts, confidence)
+        if self.device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(host, tensors, strict=True):
+                h.copy_(t, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        else:
+            host = [t.to("cpu", copy=True) for t in tensors]
+        return Proposal(*(h.numpy() for h in host))
+
+    # ------------------------------------------------------------------------------ the protocol
+    @torch.inference_mode()
+    def admit(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
+              seeds: np.ndarray) -> Proposal:
+        dev, g = self.device, self._g
+        ids = torch.as_tensor(np.ascontiguousarray(input_ids, dtype=np.int64), device=dev)
+        lens = torch.as_tensor(np.asarray(lengths, dtype=np.int64), device=dev)
+        temp = torch.as_tensor(np.asarray(temperature, dtype=np.float32), device=dev)
+        seed = torch.as_tensor(np.asarray(seeds, dtype=np.int64), device=dev)
+        k, t = ids.shape
+        calls = torch.zeros(k, dtype=torch.int64, device=dev)
+        u = self._uniforms(seed, calls)
+        kv = self._cache(k, draft=False)
+        out = self._run("target_prefill", {"input_ids": ids, "input_lengths": lens, "kv_cache": kv}, {
+            "last_logits": ((k, self.info.vocab_size), torch.float32),
+            "taps": ((k, t, self.info.tap_width), self.dtype), "kv_new": self._kv_shape(k, t, draft=False)})
+        write_rows(kv, out["kv_new"], torch.zeros_like(lens))
+        first = first_token(out["last_logits"], temp, u[:, 0])
+        zeros = torch.zeros(k, dtype=torch.int64, device=dev)
+        if g:
+            dkv = self._cache(k, draft=True)
+            drafts, conf, probs = self._draft(first, out["taps"], lens, zeros, dkv, temp, u[:, g + 1:].contiguous())
+            self.draft_kv = torch.cat((self.draft_kv, dkv), dim=2)
+            if probs is not None:
+                self.draft_probs = probs if self.draft_probs is None else torch.cat((self.draft_probs, probs))
+        else:
+            drafts = torch.zeros(k, 0, dtype=torch.int64, device=dev)
+            conf = torch.zeros(k, 0, dtype=torch.float32, device=dev)
+        self.kv = torch.cat((self.kv, kv), dim=2)
+        self.cache_len = torch.cat((self.cache_len, lens))
+        self.anchor = torch.cat((self.anchor, first))
+        self.drafts = torch.cat((self.drafts, drafts))
+        self.temperature = torch.cat((self.temperature, temp))
+        self.seeds = torch.cat((self.seeds, seed))
+        self.calls = torch.cat((self.calls, calls + 1))
+        self._buffers.clear()  # the batch changed: new shapes
+        return self._proposal(zeros, first, drafts, conf)
+
+    @torch.inference_mode()
+    def round(self, verify_len: np.ndarray) -> Proposal:
+        n, g, dev = self.rows, self._g, self.device
+        vlen = torch.as_tensor(np.asarray(verify_len, dtype=np.int64), device=dev)
+        u = self._uniforms(self.seeds, self.calls)
+        self.calls += 1
+        probs = self.draft_probs
+        if probs is None and "draft_probs" in self.transport.inputs("target_verify"):  # target-only sampling
+            probs = torch.zeros(n, g, self.info.vocab_size, dtype=torch.float32, device=dev)
+        out = self._run("target_verify", {
+            "tokens": torch.cat((self.anchor[:, None], self.drafts), dim=1), "cache_len": self.cache_len,
+            "verify_len": vlen, "kv_cache": self.kv, "draft_probs": probs, "temperature": self.temperature,
+            "uniforms": u[:, : g + 1].contiguous(),
+        }, {"accepted": ((n,), torch.int64), "next_token": ((n,), torch.int64),
+            "taps": ((n, g + 1, self.info.tap_width), self.dtype), "kv_new": self._kv_shape(n, g + 1, draft=False)})
+        write_rows(self.kv, out["kv_new"], self.cache_len)  # rejected rows lie beyond the committed length
+        accepted, nxt = out["accepted"], out["next_token"]
+        previous = self.cache_len
+        self.cache_len = previous + accepted + 1
+        self.anchor = nxt
+        if g:
+            assert self.draft_kv is not None
+            self.drafts, conf, new_probs = self._draft(nxt, out["taps"], accepted + 1, previous, self.draft_kv,
+                                                       self.temperature, u[:, g + 1:].contiguous())
+            self.draft_probs = new_probs
+        else:
+            conf = torch.zeros(n, 0, dtype=torch.float32, device=dev)
+        return self._proposal(accepted, nxt, self.drafts, conf)
+
+    @torch.inference_mode()
+    def select(self, rows: np.ndarray) -> None:
+        idx = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+        self.kv = self.kv.index_select(2, idx)
+        if self.draft_kv is not None:
+            self.draft_kv = self.draft_kv.index_select(2, idx)
+        for name in ("cache_len", "anchor", "drafts", "draft_probs", "temperature", "seeds", "calls"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.index_select(0, idx))
+        self._buffers.clear()
+
+    @torch.inference_mode()
+    def verify_step(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray) -> None:
+        """One target_verify call on zero caches of ``len(tokens)`` rows, nothing committed: the SPS profile's
+        unit of work (passes/profile_sps.py). ``start`` must have sized the slots."""
+        rows, t = tokens.shape
+        dev = self.device
+        if self.kv.shape[2] != rows:
+            self.kv = self._cache(rows, draft=False)
+        feeds = {
+            "tokens": torch.as_tensor(tokens, device=dev), "cache_len": torch.as_tensor(cache_len, device=dev),
+            "verify_len": torch.as_tensor(verify_len, device=dev), "kv_cache": self.kv,
+            "draft_probs": torch.full((rows, t - 1, self.info.vocab_size), 1.0 / self.info.vocab_size,
+                                      device=dev),
+            "temperature": torch.zeros(rows, device=dev), "uniforms": torch.zeros(rows, t, device=dev),
+        }
+        self._run("target_verify", feeds, {
+            "accepted": ((rows,), torch.int64), "next_token": ((rows,), torch.int64),
+            "taps": ((rows, t, self.info.tap_width), self.dtype), "kv_new": self._kv_shape(rows, t, draft=False)})
+
+
+class NumpyTransport:
+    """Graphs as Python functions of NumPy arrays (``fn(graph, inputs) -> outputs``): stand-in engines for the
+    CPU tests of the executor, the orchestrator and the server. CPU tensors cross as zero-copy views."""
+
+    def __init__(self, fn: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]],
+                 signatures: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
+        self.fn = fn
+        self.signatures = signatures  # graph -> (input names, output names)
+        self.device = torch.device("cpu")
+
+    def has_graph(self, graph: str) -> bool:
+        return graph in self.signatures
+
+    def inputs(self, graph: str) -> tuple[str, ...]:
+        return self.signatures[graph][0]
+
+    def outputs(self, graph: str) -> tuple[str, ...]:
+        return self.signatures[graph][1]
+
+    def run(self, graph: str, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        got = self.fn(graph, {name: feeds[name].numpy() for name in self.inputs(graph)})
+        for name, buf in outputs.items():
+            buf.copy_(torch.from_numpy(np.asarray(got[name])))
