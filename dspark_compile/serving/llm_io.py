@@ -100,6 +100,8 @@ def _alias(inputs: Mapping[str, np.ndarray | None], out: dict[str, np.ndarray | 
         raise UsageError(f"give either `{llm_name}` or `{name}`, not both")
     if isinstance(value, float | bool) or not isinstance(value, int):
         raise UsageError(f"input `{llm_name}` must be an integer, found {value!r}")
+    if dtype is np.int64:  # random_seed is UINT64; our seeds are 63-bit
+        value &= (1 << 63) - 1
     out[name] = np.asarray([value], dtype=dtype)
 
 

@@ -32,13 +32,13 @@ def _bytes(*texts: str) -> np.ndarray:
 
 def test_text_request_maps_onto_token_inputs(codec: TextCodec) -> None:
     inputs = {"text_input": _bytes("def f(x):"), "max_tokens": np.array([[7]], dtype=np.int32),
-              "stream": np.array([True]), "random_seed": np.array([42], dtype=np.uint64),
+              "stream": np.array([True]), "random_seed": np.array([2**64 - 1], dtype=np.uint64),
               "temperature": np.array([0.5], dtype=np.float32), "stop_words": _bytes("STOP", ""),
               "end_id": np.array([3], dtype=np.int32), "top_k": np.array([0], dtype=np.int32)}
     out, options = token_inputs(inputs, codec)
     assert out["prompt_ids"].dtype == np.int64 and out["prompt_ids"].tolist() == codec.encode("def f(x):")
     assert out["max_new_tokens"].tolist() == [7] and out["max_new_tokens"].dtype == np.int32
-    assert out["seed"].tolist() == [42] and out["seed"].dtype == np.int64
+    assert out["seed"].tolist() == [2**63 - 1] and out["seed"].dtype == np.int64
     assert out["temperature"].tolist() == [0.5]  # the token interface's own names pass through
     assert set(out) == {"prompt_ids", "max_new_tokens", "seed", "temperature"}
     assert options == TextOptions(stream=True, stop=("STOP",), end_ids=(3,))

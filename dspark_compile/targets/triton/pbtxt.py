@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dspark_compile.errors import BackendUnavailableError, BuildError
+from dspark_compile.serving.llm_io import LLM_INPUTS, LLM_OUTPUTS
 
 try:
     from google.protobuf import text_format
@@ -118,15 +119,19 @@ def graph_model_config(name: str, signature: GraphSignature, *, platform: str,
     return config
 
 
+# Token ids, plus the TensorRT-LLM ensemble's text names (dspark_compile.serving.llm_io): one of `prompt_ids`
+# and `text_input` is required, which the orchestrator checks.
 ORCHESTRATOR_INPUTS = (
-    TensorSpec("prompt_ids", "TYPE_INT64", (-1,)),
+    TensorSpec("prompt_ids", "TYPE_INT64", (-1,), optional=True),
     TensorSpec("max_new_tokens", "TYPE_INT32", (1,), optional=True),
     TensorSpec("temperature", "TYPE_FP32", (1,), optional=True),
     TensorSpec("seed", "TYPE_INT64", (1,), optional=True),
+    *(TensorSpec(name, dtype, dims, optional=True) for name, dtype, dims in LLM_INPUTS),
 )
 ORCHESTRATOR_OUTPUTS = (
     TensorSpec("tokens", "TYPE_INT64", (-1,)),
     TensorSpec("accepted", "TYPE_INT32", (1,)),
+    *(TensorSpec(name, dtype, dims) for name, dtype, dims in LLM_OUTPUTS),
 )
 
 

@@ -162,6 +162,9 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
                         signatures: dict[str, pbtxt.GraphSignature], options: TritonOptions) -> None:
     (model_dir / "1").mkdir(parents=True)
     shutil.copyfile(Path(__file__).with_name("orchestrator_model.py"), model_dir / "1" / "model.py")
+    tokenizer = Path(str(_spec_field(build_dir, "target") or "")) / "tokenizer.json"
+    if tokenizer.is_file():  # text in and out (dspark_compile.serving.llm_io), read by the orchestrator
+        shutil.copyfile(tokenizer, model_dir / "tokenizer.json")
     python_path = default_python_path() if options.python_path is None else options.python_path
     parameters: dict[str, Any] = {
         "backend_mode": options.backend_mode,
