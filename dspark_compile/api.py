@@ -171,16 +171,17 @@ def demo(out: str | Path, *, progress: bool = True, max_new_tokens: int = 48) ->
 
 
 def serve(build_dir: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
-          startup_timeout_s: float = 180.0) -> Any:
+          verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0) -> Any:
     """Start the bundled tritonserver on a build's Triton repository and wait until it is ready.
 
     Returns a running :class:`dspark_compile.serving.serve.Server` (``.endpoints``, ``.stop()``; also a
-    context manager). Ports 0 pick free ones.
+    context manager). Ports 0 pick free ones. ``verify`` (fixed | threshold=X | schedule | auto) and
+    ``target_only`` override the build's orchestrator settings (baselines from the same build).
     """
     from dspark_compile.serving.serve import Server
 
-    return Server(build_dir, host=host, http_port=http_port, grpc_port=grpc_port,
-                  startup_timeout_s=startup_timeout_s).start()
+    return Server(build_dir, host=host, http_port=http_port, grpc_port=grpc_port, verify=verify,
+                  target_only=target_only, startup_timeout_s=startup_timeout_s).start()
 
 
 def profile(build_dir: str | Path, *, backend: str = "onnxruntime", max_batch: int | None = None,

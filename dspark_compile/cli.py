@@ -291,10 +291,13 @@ def calibrate(build_dir: Path, data: Path, backend: str, max_new_tokens: int, de
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--http-port", default=0, type=int, help="HTTP port (default: a free one).")
 @click.option("--grpc-port", default=0, type=int, help="gRPC port (default: a free one).")
+@click.option("--verify", help="Override the build's verify policy: fixed | threshold=X | schedule | auto.")
+@click.option("--target-only", is_flag=True, help="Decode target-only with the same graphs (a baseline).")
 @click.option("--startup-timeout", default=180.0, show_default=True, type=float, help="Seconds to wait for ready.")
 @click.option("--json", "as_json", is_flag=True, help="Print the endpoints as one JSON line once ready.")
 @common
-def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, startup_timeout: float, as_json: bool) -> None:
+def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: str | None, target_only: bool,
+          startup_timeout: float, as_json: bool) -> None:
     """Serve a build with the bundled tritonserver until Ctrl-C (exit 130) or SIGTERM (exit 0)."""
     import signal
     import time
@@ -306,8 +309,8 @@ def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, startup_ti
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     server = None
     try:
-        server = api.serve(build_dir, host=host, http_port=http_port, grpc_port=grpc_port,
-                           startup_timeout_s=startup_timeout)
+        server = api.serve(build_dir, host=host, http_port=http_port, grpc_port=grpc_port, verify=verify,
+                           target_only=target_only, startup_timeout_s=startup_timeout)
         ep = server.endpoints
         if as_json:
             click.echo(json.dumps(ep.to_json(), separators=(",", ":")))

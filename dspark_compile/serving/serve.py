@@ -68,22 +68,29 @@ def orchestrator_mode(repository: Path) -> str | None:
     return found.group(1) if found else None
 
 
-def serving_repository(build_dir: Path, scratch: Path) -> Path:
-    """``BUILD/triton`` when the bundled server can run it, else an in-process repository under ``scratch``."""
+def serving_repository(build_dir: Path, scratch: Path, *, verify: str | None = None,
+                       target_only: bool = False) -> Path:
+    """``BUILD/triton`` when the bundled server can run it as it is, else an in-process repository under
+    ``scratch`` (also when ``verify``/``target_only`` override what the build's repository says)."""
     from dspark_compile.targets.triton.repository import TritonOptions, write_triton_repository
 
     if not (build_dir / "onnx").is_dir() and not (build_dir / "triton").is_dir():
         raise UsageError(f"{build_dir}: not a build directory (no onnx/ or triton/); build one with "
                          "`dspark-compile build --targets onnx,triton ...` or `dspark-compile demo`")
+    if verify is not None:  # a bad policy fails here, not inside the server's model load
+        from dspark_compile.runtime.decode import VerifyPolicy
+
+        VerifyPolicy.for_build(build_dir, verify, has_confidence=True)
     mode = orchestrator_mode(build_dir / "triton")
-    if mode in IN_PROCESS_MODES:
+    if mode in IN_PROCESS_MODES and verify is None and not target_only:
         return build_dir / "triton"
-    log.info("%s: orchestrator mode %s needs the graph models' backends, which the bundled tritonserver lacks; "
-             "serving the ONNX graphs in-process instead", build_dir / "triton", mode or "(no repository)")
+    log.info("%s: orchestrator mode %s; serving the ONNX graphs in-process from a repository of its own (the "
+             "bundled tritonserver has only the python backend)", build_dir / "triton", mode or "(no repository)")
     spec = json.loads((build_dir / "build_spec.json").read_text()) if (build_dir / "build_spec.json").is_file() else {}
     options = TritonOptions(backend_mode="onnxruntime_inprocess", platform="onnxruntime_onnx",
                             instance_kind="KIND_CPU", max_batch=int(spec.get("max_batch") or 16),
-                            max_context=spec.get("max_context"))
+                            max_context=spec.get("max_context"), verify=verify or "auto",
+                            speculative=not target_only)
     return write_triton_repository(build_dir, scratch, options).directory
 
 
@@ -105,7 +112,7 @@ class Server:
     """A running server over a build; a context manager. ``endpoints`` says where it answers."""
 
     def __init__(self, build_dir: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
-                 startup_timeout_s: float = 180.0) -> None:
+                 verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0) -> None:
         from dspark_compile.targets.triton.server import TritonServer
 
         self.build_dir = Path(build_dir)
@@ -116,7 +123,8 @@ class Server:
         _check_port(host, grpc_port, "--grpc-port")
         self._scratch = Path(tempfile.mkdtemp(prefix="dspark-serve-"))
         try:
-            repository = serving_repository(self.build_dir.resolve(), self._scratch)
+            repository = serving_repository(self.build_dir.resolve(), self._scratch, verify=verify,
+                                            target_only=target_only)
         except BaseException:
             shutil.rmtree(self._scratch, ignore_errors=True)
             raise

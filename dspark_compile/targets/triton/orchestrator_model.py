@@ -212,6 +212,7 @@ class Orchestrator:
     max_slots: int | None = None  # a batch needs max(prompt) + max(max_new_tokens) + G + 2 cache slots
     on_error: Callable[[str], None] = log.error
     policy: VerifyPolicy = field(default_factory=VerifyPolicy)  # verify lengths: fixed, threshold or scheduler
+    speculative: bool = True  # False: target-only decoding with the same graphs (a baseline)
     _queue: queue.Queue[Job | None] = field(default_factory=queue.Queue, init=False)
     _held: deque[Job] = field(default_factory=deque, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -277,7 +278,7 @@ class Orchestrator:
 
         try:
             generate(self.backend, [j.spec.prompt for j in batch], params, on_round,
-                     seeds=[j.spec.seed for j in batch])
+                     seeds=[j.spec.seed for j in batch], speculative=self.speculative)
         except DsparkError as exc:
             error = exc.one_line()
         except Exception as exc:  # a backend failure must not take the model down with it
@@ -439,7 +440,8 @@ class TritonPythonModel:
                                         has_confidence=backend.info.has_confidence)
         self.orchestrator = Orchestrator(backend, max_batch=int(parameters.get("max_batch", 16)),
                                          max_slots=self.limits.max_context,
-                                         on_error=pb_utils.Logger.log_error, policy=policy)
+                                         on_error=pb_utils.Logger.log_error, policy=policy,
+                                         speculative=parameters.get("speculative", "true") != "false")
         self.codec = TextCodec.find(Path(args["model_repository"]))  # tokenizer.json copied by the writer
         self.orchestrator.start()
 

@@ -65,6 +65,7 @@ class TritonOptions:
     backend_factory: str | None = None
     model_info: ProgramInfo | None = None  # for bls; default: derive_model_info(build_dir)
     verify: str = "auto"  # fixed | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
+    speculative: bool = True  # False: the same graphs decode target-only (baselines from one build)
 
     def __post_init__(self) -> None:
         if self.backend_mode not in BACKEND_MODES:
@@ -172,6 +173,7 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         "max_batch": options.max_batch,
         "default_max_new_tokens": options.default_max_new_tokens,
         "verify": options.verify,
+        "speculative": str(options.speculative).lower(),
     }
     max_context = options.max_context or _spec_field(build_dir, "max_context")
     if max_context is not None:
