@@ -24,6 +24,8 @@ pytest.importorskip("onnxruntime", reason="the orchestrator runs the ONNX graphs
 
 pytestmark = pytest.mark.serving
 
+from dspark_compile.serving.text import TextCodec, TextStream  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -45,6 +47,11 @@ def _generate_stream(http: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     with urllib.request.urlopen(request, timeout=60) as response:
         return [json.loads(line[len("data:"):]) for line in response.read().decode().splitlines()
                 if line.startswith("data:")]
+
+
+def _ids(events: list[dict[str, Any]]) -> list[int]:
+    """The streamed ids (generate_stream writes a one-element tensor as a JSON scalar)."""
+    return [t for e in events for t in ([e["tokens"]] if isinstance(e["tokens"], int) else e["tokens"])]
 
 
 def _start(build: Path, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
@@ -78,8 +85,15 @@ def test_serve_answers_then_stops_on_sigterm(trained_build: Path) -> None:
         assert endpoints["http"].startswith("http://127.0.0.1:") and endpoints["grpc"].startswith("127.0.0.1:")
         assert endpoints["model"] == "dspark" and "generate_stream" in endpoints["example"]
         events = _generate_stream(endpoints["http"], {"prompt_ids": prompt, "max_new_tokens": 12})
-        got = [t for e in events for t in ([e["tokens"]] if isinstance(e["tokens"], int) else e["tokens"])]
-        assert got == want
+        assert _ids(events) == want
+        # Text in, text out (TensorRT-LLM names): the same greedy decode, detokenized.
+        codec = TextCodec.load(trained_build / "triton" / "dspark")
+        text_want = api.run(trained_build, [codec.encode("def main():")], max_new_tokens=12)[0].tokens
+        events = _generate_stream(endpoints["http"], {"text_input": "def main():", "max_tokens": 12, "stream": True})
+        assert _ids(events) == text_want
+        stream = TextStream(codec, eos_token_ids=(0,))
+        assert "".join(e["text_output"] for e in events) == stream.push(text_want) + stream.close()
+        assert endpoints["text"] is True
         pid = endpoints["pid"]
     finally:
         code = _stop(proc, signal.SIGTERM)
