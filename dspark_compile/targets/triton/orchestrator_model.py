@@ -73,6 +73,7 @@ from dspark_compile.runtime.backend import DecodeBackend, ProgramInfo  # noqa: E
 from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate  # noqa: E402
 from dspark_compile.runtime.executor import GraphExecutor  # noqa: E402
 from dspark_compile.serving import llm_io  # noqa: E402
+from dspark_compile.serving.batcher import ContinuousBatcher  # noqa: E402
 from dspark_compile.serving.text import TextCodec  # noqa: E402
 
 BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
@@ -213,6 +214,8 @@ class Orchestrator:
     on_error: Callable[[str], None] = log.error
     policy: VerifyPolicy = field(default_factory=VerifyPolicy)  # verify lengths: fixed, threshold or scheduler
     speculative: bool = True  # False: target-only decoding with the same graphs (a baseline)
+    batching: str = "static"  # continuous: requests join/leave between rounds (serving.batcher); needs max_slots
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _queue: queue.Queue[Job | None] = field(default_factory=queue.Queue, init=False)
     _held: deque[Job] = field(default_factory=deque, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -225,6 +228,7 @@ class Orchestrator:
         self._queue.put(job)
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -237,11 +241,36 @@ class Orchestrator:
                 job.end("the model is being unloaded")
 
     def _loop(self) -> None:
+        if self.batching == "continuous" and self.max_slots is not None:
+            self._continuous_loop()
+            return
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
             self._run(batch)
+
+    def _continuous_loop(self) -> None:
+        """Admit queued requests into free rows between rounds (blocking only while nothing runs)."""
+        assert self.max_slots is not None
+        batcher = ContinuousBatcher(self.backend, rows=self.max_batch, slots=self.max_slots, policy=self.policy,
+                                    speculative=self.speculative, on_error=self.on_error)
+        while not self._stopping.is_set():
+            incoming: list[Job] = []
+            while len(incoming) < batcher.free_rows:
+                try:
+                    job = self._queue.get(block=not batcher.live and not incoming)
+                except queue.Empty:
+                    break
+                if job is None:
+                    break
+                incoming.append(job)
+            if self._stopping.is_set():
+                for job in incoming:
+                    job.end("the model is being unloaded")
+                break
+            batcher.step(incoming)
+        batcher.end_all("the model is being unloaded")
 
     def _next_batch(self) -> list[Job] | None:
         head = self._held.popleft() if self._held else self._queue.get()
@@ -441,7 +470,8 @@ class TritonPythonModel:
         self.orchestrator = Orchestrator(backend, max_batch=int(parameters.get("max_batch", 16)),
                                          max_slots=self.limits.max_context,
                                          on_error=pb_utils.Logger.log_error, policy=policy,
-                                         speculative=parameters.get("speculative", "true") != "false")
+                                         speculative=parameters.get("speculative", "true") != "false",
+                                         batching=parameters.get("batching", "static"))
         self.codec = TextCodec.find(Path(args["model_repository"]))  # tokenizer.json copied by the writer
         self.orchestrator.start()
 

@@ -66,6 +66,7 @@ class TritonOptions:
     model_info: ProgramInfo | None = None  # for bls; default: derive_model_info(build_dir)
     verify: str = "auto"  # fixed | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
     speculative: bool = True  # False: the same graphs decode target-only (baselines from one build)
+    batching: str = "continuous"  # or static: a batch runs to its end before queued requests start
 
     def __post_init__(self) -> None:
         if self.backend_mode not in BACKEND_MODES:
@@ -74,6 +75,8 @@ class TritonOptions:
         if self.platform not in PLATFORM_CHOICES:
             raise UsageError(f"Triton platform {self.platform!r}: expected one of "
                              f"{', '.join(PLATFORM_CHOICES)}")
+        if self.batching not in ("static", "continuous"):
+            raise UsageError(f"Triton batching {self.batching!r}: expected static or continuous")
         if (self.backend_mode == "factory") != (self.backend_factory is not None):
             raise UsageError("Triton backend_factory ('module:callable') is needed by, and only by, "
                              "backend_mode factory")
@@ -174,6 +177,7 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         "default_max_new_tokens": options.default_max_new_tokens,
         "verify": options.verify,
         "speculative": str(options.speculative).lower(),
+        "batching": options.batching,
     }
     max_context = options.max_context or _spec_field(build_dir, "max_context")
     if max_context is not None:
