@@ -43,19 +43,23 @@ METRICS = {"output_token_throughput": "output_tokens_per_s", "time_to_first_toke
            "request_count": "requests", "error_request_count": "errors"}
 
 
-def run_aiperf(aiperf: str, http: str, tokenizer: Path, artifacts: Path, *, concurrency: int | None,
+def run_aiperf(aiperf: str, http: str, tokenizer: Path, artifacts: Path, *, concurrency: list[int] | None,
                rate: float | None, requests: int, input_tokens: int, output_tokens: int, timeout_s: float,
-               seed: int) -> dict[str, Any]:
-    """One AIPerf profile run; returns its summary metrics (ms, tokens/s) by our names."""
+               seed: int) -> list[dict[str, Any]]:
+    """One AIPerf invocation (a sweep over ``concurrency``, or one Poisson run at ``rate``); returns one row of
+    summary metrics (ms, tokens/s) per load, by our names."""
+    artifacts.mkdir(parents=True, exist_ok=True)
+    template = artifacts / "payload_template.json"  # a file: AIPerf splits inline --extra-inputs at commas
+    template.write_text(TEMPLATE)
     cmd = [aiperf, "profile", "--model", "dspark", "--url", http, "--endpoint-type", "template",
            "--endpoint", "/v2/models/dspark/generate_stream", "--streaming",
-           "--extra-inputs", f"payload_template:{TEMPLATE}", "--extra-inputs", "response_field:text_output",
+           "--extra-inputs", f"payload_template:{template}", "--extra-inputs", "response_field:text_output",
            "--tokenizer", str(tokenizer), "--synthetic-input-tokens-mean", str(input_tokens),
            "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", str(output_tokens),
            "--output-tokens-stddev", "0", "--request-count", str(requests), "--random-seed", str(seed),
            "--artifact-dir", str(artifacts), "--ui-type", "none"]
     if concurrency is not None:
-        cmd += ["--concurrency", str(concurrency)]
+        cmd += ["--concurrency", ",".join(map(str, concurrency))]
     if rate is not None:
         cmd += ["--request-rate", str(rate), "--arrival-pattern", "poisson"]
     t0 = time.monotonic()
@@ -64,21 +68,30 @@ def run_aiperf(aiperf: str, http: str, tokenizer: Path, artifacts: Path, *, conc
     found = sorted(artifacts.rglob("profile_export_aiperf.json"))
     if done.returncode != 0 or not found:
         raise RuntimeError(f"aiperf failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    raw = json.loads(found[-1].read_text())
-    out: dict[str, Any] = {"aiperf_wall_s": round(wall, 1)}
-    for key, name in METRICS.items():
-        value = raw.get(key)
-        if isinstance(value, dict):
-            for stat in ("avg", "p50", "p99"):
-                if value.get(stat) is not None:
-                    out[f"{name}_{stat}" if stat != "avg" or name != "output_tokens_per_s" else name] = value[stat]
-        elif value is not None:
-            out[name] = value
-    return out
+    rows = []
+    for path in found:
+        raw = json.loads(path.read_text())
+        phase = raw["input_config"]["phases"][0]
+        c = phase.get("concurrency") if rate is None else None
+        out: dict[str, Any] = {"load": f"c{c}" if c else "poisson", "concurrency": c, "request_rate": rate,
+                               "aiperf_wall_s": round(wall, 1), "export": str(path.relative_to(artifacts))}
+        for key, name in METRICS.items():
+            value = raw.get(key)
+            if isinstance(value, dict):
+                if name == "output_tokens_per_s":
+                    out[name] = value.get("avg")
+                    continue
+                for stat in ("avg", "p50", "p99"):
+                    if value.get(stat) is not None:
+                        out[f"{name}_{stat}"] = value[stat]
+            elif value is not None:
+                out[name] = value
+        rows.append(out)
+    return sorted(rows, key=lambda r: (r["concurrency"] is None, r["concurrency"] or 0))
 
 
 def bench(build: Path, aiperf: str, out: Path, *, concurrency: list[int], poisson_rate: float, input_tokens: int,
-          output_tokens: int, requests_per_client: int, min_requests: int, modes: list[str],
+          output_tokens: int, requests: int, poisson_requests: int, modes: list[str],
           timeout_s: float) -> dict[str, Any]:
     spec = json.loads((build / "build_spec.json").read_text())
     tokenizer = Path(spec["target"])
@@ -93,16 +106,17 @@ def bench(build: Path, aiperf: str, out: Path, *, concurrency: list[int], poisso
             rows = []
             with api.serve(build, **MODES[mode]) as server:
                 http = server.endpoints.http
-                loads: list[tuple[str, int | None, float | None]] = [(f"c{c}", c, None) for c in concurrency]
-                loads.append(("poisson", None, poisson_rate))
-                for label, c, rate in loads:
-                    n = max(min_requests, (c or 1) * requests_per_client) if c else min_requests
-                    log.info("%s %s: %d requests", mode, label, n)
-                    res = run_aiperf(aiperf, http, tokenizer, Path(scratch) / mode / label, concurrency=c,
-                                     rate=rate, requests=n, input_tokens=input_tokens,
-                                     output_tokens=output_tokens, timeout_s=timeout_s, seed=0)
-                    rows.append({"load": label, "concurrency": c, "request_rate": rate, **res})
-                    log.info("  %s", json.dumps(rows[-1]))
+                log.info("%s: concurrency sweep %s, %d requests each", mode, concurrency, requests)
+                rows += run_aiperf(aiperf, http, tokenizer, Path(scratch) / mode / "sweep", concurrency=concurrency,
+                                   rate=None, requests=requests, input_tokens=input_tokens,
+                                   output_tokens=output_tokens, timeout_s=timeout_s, seed=0)
+                log.info("%s: Poisson arrivals at %.2f requests/s, %d requests", mode, poisson_rate,
+                         poisson_requests)
+                rows += run_aiperf(aiperf, http, tokenizer, Path(scratch) / mode / "poisson", concurrency=None,
+                                   rate=poisson_rate, requests=poisson_requests, input_tokens=input_tokens,
+                                   output_tokens=output_tokens, timeout_s=timeout_s, seed=1)
+                for r in rows:
+                    log.info("  %s", json.dumps(r))
             report["modes"][mode] = rows
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -152,15 +166,15 @@ def main() -> None:
     ap.add_argument("--poisson-rate", type=float, default=2.0, help="requests/s of the Poisson-arrival run")
     ap.add_argument("--input-tokens", type=int, default=32)
     ap.add_argument("--output-tokens", type=int, default=32)
-    ap.add_argument("--requests-per-client", type=int, default=2)
-    ap.add_argument("--min-requests", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--poisson-requests", type=int, default=16)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per AIPerf run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     bench(args.build, args.aiperf, args.out, concurrency=[int(c) for c in args.concurrency.split(",")],
           poisson_rate=args.poisson_rate, input_tokens=args.input_tokens, output_tokens=args.output_tokens,
-          requests_per_client=args.requests_per_client, min_requests=args.min_requests,
+          requests=args.requests, poisson_requests=args.poisson_requests,
           modes=args.modes.split(","), timeout_s=args.timeout)
 
 
