@@ -141,6 +141,9 @@ class Server:
                          str(t.log_path), t.pid or 0)
 
     def start(self) -> Server:
+        """Start and wait until ready; a no-op when running (``with api.serve(...)`` enters a started server)."""
+        if self.triton.is_running():
+            return self
         try:
             self.triton.start()
         except BaseException:
