@@ -4,7 +4,7 @@
 
 Input rounds: a decode JSON in the golden format (``greedy`` entries, each with ``rounds`` holding the 7
 ``confidence_logits`` and ``accepted_draft`` of a full-block γ = 7 verification); by default the golden pair's
-``../shared/golden/dspark_tiny/decode_greedy.json``. Because every recorded round verified the whole block,
+``tests/data/golden/dspark_tiny/decode_greedy.json``. Because every recorded round verified the whole block,
 a policy that verifies ℓ ≤ 7 drafts would have accepted min(accepted_draft, ℓ) — the first rejection does
 not move when the block is cut later — so the simulation replays real acceptances, not the confidences.
 
@@ -48,7 +48,7 @@ from dspark_compile.runtime.scheduler import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN_ROUNDS = REPO.parent / "shared" / "golden" / "dspark_tiny" / "decode_greedy.json"
+GOLDEN_ROUNDS = REPO / "tests" / "data" / "golden" / "dspark_tiny" / "decode_greedy.json"
 CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
 GAMMA = 7
 

@@ -94,7 +94,8 @@ def build(spec_file: str | Path | None = None, *, stop_after: str | None = None,
 
 
 def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device: str = "cpu") -> Any:
-    """The graph executor over a build: ``onnxruntime`` runs its graphs, ``torch`` re-grafts its checkpoints."""
+    """The graph executor over a build: ``onnxruntime`` runs its graphs, ``torch`` re-grafts its checkpoints,
+    ``tensorrt`` runs its engines (GPU; unverified)."""
     from dspark_compile.errors import UsageError
     from dspark_compile.runtime.onnxruntime_backend import load_onnxruntime, read_manifest
 
@@ -109,6 +110,10 @@ def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device:
         return TorchBackend.from_pair(Path(spec["target"]), Path(spec["draft"]), dtype=spec["dtype"], device=device,
                                       block_size=manifest["program"]["block_size"],
                                       allow_nonfinite=spec.get("allow_nonfinite", False))
+    if backend == "tensorrt":  # the engines in BUILD/engines on a GPU; unverified (targets/tensorrt/transport.py)
+        from dspark_compile.targets.tensorrt.transport import load_tensorrt
+
+        return load_tensorrt(build_dir)
     raise UsageError(f"--backend {backend!r}: use onnxruntime or torch")
 
 

@@ -1,7 +1,7 @@
 """The compiler, as an ordered table of passes (one file each under `passes/`).
 
-    load → validate → graft → partition → export_onnx → insert_spec_verify → decompose_spec_verify
-    → optimize_onnx → share_weights → check_onnx → build_tensorrt → package_triton → manifest
+    load → validate → graft → partition → export_onnx → decompose_spec_verify → optimize_onnx → share_weights
+    → check_onnx → build_tensorrt → package_triton → manifest
 
 `PassManager` runs the table for a `BuildSpec`: it times each pass, shows progress, can stop after or dump
 after a named pass, and writes into a temporary directory beside the output that is renamed into place
@@ -85,23 +85,11 @@ def _export(s: BuildState) -> None:
     s.onnx = export_onnx(s.parts, s.spec, s.workdir / "onnx")
 
 
-def _insert(s: BuildState) -> None:
-    from dspark_compile.passes.insert_spec_verify import insert_spec_verify
-
-    s.onnx = insert_spec_verify(s.onnx, s.pair.target.config.vocab_size)
-
-
 def _decompose(s: BuildState) -> None:
-    import onnx
-
-    from dspark_compile.ir import PLUGIN, PORTABLE
-    from dspark_compile.passes.decompose_spec_verify import decompose_spec_verify
+    from dspark_compile.passes.decompose_spec_verify import decompose_spec_verify_file
 
     # The plugin variant stays for full TensorRT; the portable one (standard ops) is what everything else runs.
-    plugin = onnx.load(str(s.onnx.path("target_verify", PLUGIN)), load_external_data=False)
-    portable, _ = decompose_spec_verify(plugin)
-    onnx.save(portable, str(s.onnx.path("target_verify", PORTABLE)))
-    s.onnx = dataclasses.replace(s.onnx, variants={**s.onnx.variants, "target_verify": (PORTABLE, PLUGIN)})
+    s.onnx = decompose_spec_verify_file(s.onnx)
 
 
 def _optimize(s: BuildState) -> None:
@@ -146,7 +134,6 @@ PIPELINE: tuple[Step, ...] = (
     Step("graft", _graft),
     Step("partition", _partition),
     Step("export_onnx", _export, artifacts="onnx"),
-    Step("insert_spec_verify", _insert, artifacts="onnx"),
     Step("decompose_spec_verify", _decompose, artifacts="onnx"),
     Step("optimize_onnx", _optimize, artifacts="onnx"),
     Step("share_weights", _share, artifacts="onnx"),

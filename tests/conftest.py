@@ -11,9 +11,9 @@ import pytest
 
 from dspark_compile.examples import make_tiny_pair
 
-GOLDEN = Path(os.environ.get("DSPARK_GOLDEN_DIR") or Path(__file__).resolve().parents[2] / "shared/golden")
-"""The golden vectors: ``$DSPARK_GOLDEN_DIR``, else ``../shared/golden`` beside the repository (CI copies
-``shared/`` next to the clone)."""
+GOLDEN = Path(os.environ.get("DSPARK_GOLDEN_DIR") or Path(__file__).resolve().parent / "data" / "golden")
+"""The authors' golden vectors: ``$DSPARK_GOLDEN_DIR``, else the copy in ``tests/data/golden`` (README there),
+so a plain clone's tests stand alone."""
 
 MakePair = Callable[..., tuple[Path, Path]]
 
@@ -36,28 +36,57 @@ def tiny_pair(make_pair: MakePair) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """``shared/golden``; skips the test when it is not there."""
+    """:data:`GOLDEN`; a wrong ``$DSPARK_GOLDEN_DIR`` fails the test (the copy in the repository is always
+    there, so a skip would only hide a broken setup)."""
     if not (GOLDEN / "dspark_tiny").is_dir():
-        pytest.skip(reason=f"golden vectors not found at {GOLDEN} (set DSPARK_GOLDEN_DIR or put shared/ beside "
-                    "the repository)")
+        pytest.fail(f"golden vectors not found at {GOLDEN}: unset DSPARK_GOLDEN_DIR to use tests/data/golden")
     return GOLDEN
-
-
-def build_golden(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's one ONNX build of ``dspark_tiny`` (same place and recipe as tests/passes/conftest.py)."""
-    from dspark_compile import api
-
-    out = tmp_path_factory.getbasetemp() / "golden_build"
-    if not out.is_dir():  # the build is renamed into place only when complete
-        pair = golden_dir / "dspark_tiny"
-        api.build(target=pair / "target", draft=pair / "draft", out=out, dump_after=("export_onnx",), progress=False)
-    return out
 
 
 @pytest.fixture(scope="session")
 def golden_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The golden pair compiled once per session (~30 s); tests that write into it copy it first."""
-    return build_golden(golden_dir, tmp_path_factory)
+    """``dspark_tiny`` compiled to ONNX once per session, the graphs as exported kept in
+    ``dump/after_export_onnx``; read-only: tests that write into a build copy it first."""
+    from dspark_compile import api
+
+    pair = golden_dir / "dspark_tiny"
+    out = tmp_path_factory.mktemp("golden_build") / "build"
+    api.build(target=pair / "target", draft=pair / "draft", out=out, dump_after=("export_onnx",), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def golden_triton(golden_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
+    """``golden_triton(**options) -> TritonRepository``: :func:`golden_build`'s graphs laid out as a Triton
+    repository the way `package_triton` lays out an ONNX build for 128 cache slots, ``options`` overriding
+    those :class:`TritonOptions`; one repository per distinct options, shared (read-only) by the session."""
+    from dspark_compile.targets.triton.repository import TritonOptions, write_triton_repository
+
+    repos: dict[tuple[tuple[str, Any], ...], Any] = {}
+
+    def make(**options: Any) -> Any:
+        key = tuple(sorted(options.items()))
+        if key not in repos:
+            opts = {"platform": "onnxruntime_onnx", "instance_kind": "KIND_CPU", "max_context": 128} | options
+            repos[key] = write_triton_repository(golden_build, tmp_path_factory.mktemp("golden_triton"),
+                                                 TritonOptions(**opts))
+        return repos[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def golden_rtx_build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``dspark_tiny`` through the whole pipeline with TensorRT-RTX engines (fp32, batch <= 4, 128 cache slots)
+    and the Triton repository serving them; skips without TensorRT-RTX."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install -e '.[rtx]')")
+    from dspark_compile import api
+
+    pair = golden_dir / "dspark_tiny"
+    out = tmp_path_factory.mktemp("golden_rtx_build") / "build"
+    api.build(target=pair / "target", draft=pair / "draft", out=out, targets="onnx,tensorrt,triton", trt_flavor="rtx",
+              max_batch=4, max_context=128, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session", autouse=True)

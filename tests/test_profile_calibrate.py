@@ -12,14 +12,12 @@ from click.testing import CliRunner
 
 from dspark_compile.cli import cli
 from dspark_compile.passes.profile_sps import shape_for, token_grid
-from tests.conftest import build_golden
 
 
 @pytest.fixture(scope="module")
-def build(golden_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = build_golden(golden_dir, tmp_path_factory)
+def build(golden_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     dst = tmp_path_factory.mktemp("profiled") / "build"
-    shutil.copytree(src, dst)  # this module writes into the build; keep the shared one pristine
+    shutil.copytree(golden_build, dst)  # this module writes into the build; keep the shared one pristine
     return dst
 
 

@@ -2,7 +2,7 @@
 
 Target: Hugging Face ``Qwen3ForCausalLM`` (``model.layers.{i}.…``). Draft: DeepSpec ``Qwen3DSparkModel``
 (``layers.{i}.…`` plus ``fc``, ``hidden_norm``, ``markov_head.*``, ``confidence_head.proj``), checked
-against the golden checkpoints in ``shared/golden`` and DeepSpec's ``markov_head.py``.
+against the golden checkpoints in ``tests/data/golden`` and DeepSpec's ``markov_head.py``.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from dspark_compile.models.layers import (
     attend,
     write_cache,
 )
+from dspark_compile.plugins.spec_verify.reference import inverse_cdf_torch  # the one draw rule
 
 
 class DraftLayer(nn.Module):
@@ -88,14 +89,6 @@ class ConfidenceHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features.to(self.proj.weight.dtype)).squeeze(-1).to(torch.float32)
-
-
-def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Smallest index i with cumsum(p)[i] > u * sum(p); the rule SpecVerify uses too (docs/PROGRAM.md)."""
-    cdf = torch.cumsum(probs, dim=-1)
-    threshold = uniforms.unsqueeze(-1) * cdf[..., -1:]
-    idx = (cdf <= threshold).to(torch.int64).sum(dim=-1)
-    return idx.clamp(max=probs.shape[-1] - 1)
 
 
 class DSparkDraft(nn.Module):
@@ -191,7 +184,7 @@ class DSparkDraft(nn.Module):
             best = torch.argmax(logits_k, dim=-1)
             if sampling:
                 probs_k = torch.softmax(logits_k * inv_t.unsqueeze(-1), dim=-1)
-                x_k = torch.where(greedy_row, best, sample_inverse_cdf(probs_k, uniforms[:, k]))
+                x_k = torch.where(greedy_row, best, inverse_cdf_torch(probs_k, uniforms[:, k]))
                 outs.append(probs_k)
             else:
                 x_k = best

@@ -1,22 +1,21 @@
-"""Replace every ``dspark::SpecVerify`` node with standard ONNX ops, for runtimes without plugins.
+"""Pass `decompose_spec_verify`: rewrite every ``dspark::SpecVerify`` node into standard ONNX ops.
 
-onnxruntime and TensorRT-RTX cannot run the custom node (TensorRT-RTX's parser even aborts the process on
-it), so this pass rewrites it into ops both handle, following the README's rules with the same vectorised
-formulation as ``spec_verify_torch``:
+onnxruntime and TensorRT-RTX cannot run the custom node (TensorRT-RTX's parser even aborts on it). The
+exported verify graph stays as the plugin variant; its rewrite is the portable one. The rules are the README's,
+vectorised as in ``spec_verify_torch``, with no Loop/If and every dimension (B, G, V) dynamic:
 
-* all G acceptance tests at once; accepted = min(ℓ, leading passes), the leading count being
-  ``ReduceSum(CumSum(Not(pass)) == 0)`` — no Loop/If, every dimension (B, G, V) dynamic;
-* the inverse-CDF draw as a count: the first i with cumsum(w)[i] > u·sum(w) equals the number of i with
-  cumsum(w)[i] <= u·sum(w), because a cumulative sum of non-negative weights never decreases; a count of V
-  means "none" and selects the last positive weight, found the same way with a reversed CumSum.
+* accepted = min(ℓ, leading passes), the leading count being ``ReduceSum(CumSum(Not(pass)) == 0)``;
+* the inverse-CDF draw as a count: the first i with cumsum(w)[i] > u·sum(w) is the number of i with
+  cumsum(w)[i] <= u·sum(w) (a cumulative sum of non-negative weights never decreases); a count of V means
+  "none" and selects the last positive weight, found the same way with a reversed CumSum.
 
-The replacement needs opset >= 15 (Shape with start/end) and is unchanged through 18, the compiler's.
-Logits of any float dtype are cast to float32 first (exact for fp16/bf16, keeps ArgMax ties intact).
-Written as an onnxscript rewrite rule (pattern → replacement) so that the library handles graph surgery,
-including graph outputs and nodes inside functions.
+Needs opset >= 15 (Shape with start/end). Logits of any float dtype are cast to float32 first (exact, keeps
+ArgMax ties). An onnxscript rewrite rule (pattern → replacement), so the library does the graph surgery.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import onnx
@@ -24,6 +23,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from dspark_compile.errors import BuildError
+from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
 from dspark_compile.plugins.spec_verify.reference import Q_FLOOR, RESIDUAL_FLOOR
 from dspark_compile.plugins.spec_verify.schema import GREEDY, SAMPLING, SPEC_VERIFY
 
@@ -144,40 +144,46 @@ def _all_nodes(model: ir.Model) -> list[ir.Node]:
     return [node for graph in graphs for node in ir.traversal.RecursiveGraphIterator(graph)]
 
 
-def _spec_verify_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    graphs = [model.graph, *model.functions]
-    return [node for graph in graphs for node in graph.node if SPEC_VERIFY.is_node(node)]
-
-
-def decompose_spec_verify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
-    """Return ``(model without dspark::SpecVerify, changed)``; the input model is not modified.
+def decompose_spec_verify(model: ir.Model) -> ir.Model:
+    """Rewrite every ``dspark::SpecVerify`` node of ``model`` (in place) into standard ops; returns ``model``.
 
     Raises :class:`BuildError` for a malformed SpecVerify node or a default opset below 15.
     """
-    nodes = _spec_verify_nodes(model)
+    nodes = [node for node in _all_nodes(model) if (node.op_type, node.domain) == (SPEC_VERIFY.name,
+                                                                                   SPEC_VERIFY.domain)]
     if not nodes:
-        return model, False
+        return model
     for node in nodes:
         try:
-            SPEC_VERIFY.check_node(node)
+            SPEC_VERIFY.check_node(ir.serde.serialize_node(node))
         except ValueError as exc:
             raise BuildError(f"decompose_spec_verify: {exc}") from exc
-    opsets = {o.domain: o.version for o in model.opset_import}
-    if opsets.get("", opsets.get("ai.onnx", 0)) < MIN_OPSET:
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset < MIN_OPSET:
         raise BuildError(
-            f"decompose_spec_verify: the model imports default opset {opsets.get('', 'none')}; the "
-            f"decomposition needs >= {MIN_OPSET}. Export the graph with opset_version=18."
+            f"decompose_spec_verify: the model imports default opset {opset or 'none'}; the decomposition needs "
+            f">= {MIN_OPSET}. Export the graph with opset_version=18."
         )
-    model_ir = ir.serde.deserialize_model(model)
-    before = {id(node) for node in _all_nodes(model_ir)}
-    count = _RULES.apply_to_model(model_ir)
+    before = {id(node) for node in _all_nodes(model)}
+    count = _RULES.apply_to_model(model)
     # Subgraphs of control-flow nodes are out of scope; fail loudly instead of leaving a node behind.
     if count != len(nodes):
         raise BuildError(f"decompose_spec_verify: rewrote {count} of {len(nodes)} SpecVerify nodes")
     # Engine inspection finds the verification layers by this prefix (targets/tensorrt/inspect.py).
-    added = [node for node in _all_nodes(model_ir) if id(node) not in before]
+    added = [node for node in _all_nodes(model) if id(node) not in before]
     for index, node in enumerate(added):
         node.name = f"{NODE_PREFIX}/{node.op_type}_{index}"
-    if not any(node.domain == SPEC_VERIFY.domain for node in _all_nodes(model_ir)):
-        model_ir.opset_imports.pop(SPEC_VERIFY.domain, None)
-    return ir.serde.serialize_model(model_ir), True
+    if not any(node.domain == SPEC_VERIFY.domain for node in _all_nodes(model)):
+        model.opset_imports.pop(SPEC_VERIFY.domain, None)
+    return model
+
+
+def decompose_spec_verify_file(graphs: OnnxGraphs) -> OnnxGraphs:
+    """The file flow: keep the exported verify graph as the plugin variant, write its decomposition as the
+    portable one (both share the exported external data, which neither reads)."""
+    portable, plugin = graphs.path("target_verify", PORTABLE), graphs.path("target_verify", PLUGIN)
+    proto = onnx.load(str(portable), load_external_data=False)
+    onnx.save(proto, str(plugin))
+    model = decompose_spec_verify(ir.serde.deserialize_model(proto))
+    onnx.save(ir.serde.serialize_model(model), str(portable))
+    return dataclasses.replace(graphs, variants={**graphs.variants, "target_verify": (PORTABLE, PLUGIN)})

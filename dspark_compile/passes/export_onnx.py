@@ -1,7 +1,8 @@
 """Pass `export_onnx`: trace each partitioned graph with torch.export and write ONNX (opset >= 18).
 
 Dynamic axes: batch, prompt/verify/context length and cache slots. Weights go to external data beside each
-graph (`share_weights` later merges them into one file, so shared tensors are stored once).
+graph (`share_weights` later merges them into one file, so shared tensors are stored once). The
+`dspark::spec_verify` op is written as one `dspark::SpecVerify` node through the exporter's translation table.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from dspark_compile.errors import BuildError
 from dspark_compile.ir import OnnxGraphs
 from dspark_compile.passes.partition import GraphSpec, PartitionedProgram
+from dspark_compile.plugins.spec_verify.op import onnx_translation
 from dspark_compile.spec import BuildSpec
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ def _export_one(gs: GraphSpec, path: Path, opset: int) -> None:
             onnx_program = torch.onnx.export(
                 gs.module, tuple(gs.inputs.values()), input_names=list(gs.inputs), output_names=list(gs.outputs),
                 dynamic_axes=gs.dynamic, dynamo=True, opset_version=opset, verbose=False,
+                custom_translation_table=onnx_translation(),
             )
         except Exception as e:  # the exporter's own errors are long; keep the first line, log the rest
             log.debug("export of %s failed", gs.name, exc_info=True)
@@ -44,5 +47,5 @@ def export_onnx(parts: PartitionedProgram, spec: BuildSpec, out_dir: Path) -> On
         _export_one(gs, out_dir / f"{gs.name}.onnx", spec.opset)
     draft = parts.program.draft
     assert draft is not None
-    # Until insert_spec_verify runs, target_verify.onnx ends in raw logits.
+    # Until decompose_spec_verify runs, target_verify.onnx holds the dspark::SpecVerify node.
     return OnnxGraphs(out_dir, spec.verify_mode, draft.block_size)

@@ -1,8 +1,8 @@
 """Pass `partition`: cut the grafted program into the three graphs of docs/PROGRAM.md.
 
 Each graph is a small ``nn.Module`` wrapper over the shared target/draft modules, with example inputs and the
-dynamic dimensions the exporter needs. Verification itself is not part of these modules: `insert_spec_verify`
-adds it to the exported verify graph as one ``dspark::SpecVerify`` node.
+dynamic dimensions the exporter needs. The verify module ends in the ``dspark::spec_verify`` op, which the
+exporter writes as one ``dspark::SpecVerify`` node.
 
 KV contract (docs/PROGRAM.md): every graph reads its cache but returns only the rows it wrote (``kv_new``,
 ``draft_kv_new``), gathered from the cache the model returns; the executor writes them into its own cache in
@@ -19,6 +19,7 @@ from torch import nn
 
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
+from dspark_compile.plugins.spec_verify.op import spec_verify
 from dspark_compile.program import DecodeProgram
 from dspark_compile.spec import BuildSpec
 
@@ -48,17 +49,21 @@ class TargetPrefill(nn.Module):
         return self.target.logits(last).squeeze(1), taps, new_rows(kv, zero, input_ids.shape[1])
 
 
-class TargetVerifyLogits(nn.Module):
-    """The target half of target_verify; SpecVerify consumes ``logits`` after export."""
+class TargetVerify(nn.Module):
+    """The target over [anchor, drafts], then SpecVerify on its logits and the drafts ``tokens[:, 1:]``."""
 
-    def __init__(self, target: Qwen3Target) -> None:
+    def __init__(self, target: Qwen3Target, mode: str) -> None:
         super().__init__()
         self.target = target
+        self.mode = mode
 
-    def forward(self, tokens: torch.Tensor, cache_len: torch.Tensor,
-                kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor, verify_len: torch.Tensor,
+                draft_probs: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
+                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden, taps, kv = self.target(tokens, cache_len, kv_cache)
-        return self.target.logits(hidden), taps, new_rows(kv, cache_len, tokens.shape[1])
+        accepted, next_token = spec_verify(self.target.logits(hidden), tokens[:, 1:], verify_len, draft_probs,
+                                           temperature, uniforms, mode=self.mode)
+        return accepted, next_token, taps, new_rows(kv, cache_len, tokens.shape[1])
 
 
 class DraftProposeGreedy(nn.Module):
@@ -130,12 +135,18 @@ def graph_specs(target: Qwen3Target, draft: DSparkDraft | None, block_size: int,
         ("last_logits", "taps", "kv_new"),
         {"input_ids": {0: "batch", 1: "prompt_len"}, "input_lengths": {0: "batch"}, "kv_cache": cache_dims},
     )
-    verify = GraphSpec(
-        "target_verify", TargetVerifyLogits(target),
-        {"tokens": torch.ones(b, g + 1, dtype=i64), "cache_len": torch.tensor([3, 4]), "kv_cache": kv},
-        ("logits", "taps", "kv_new"),
-        {"tokens": {0: "batch", 1: "verify_tokens"}, "cache_len": {0: "batch"}, "kv_cache": cache_dims},
-    )
+    verify_inputs = {"tokens": torch.ones(b, g + 1, dtype=i64), "cache_len": torch.tensor([3, 4]), "kv_cache": kv,
+                     "verify_len": torch.tensor([g, 1])}
+    verify_dyn = {"tokens": {0: "batch", 1: "verify_tokens"}, "cache_len": {0: "batch"}, "kv_cache": cache_dims,
+                  "verify_len": {0: "batch"}}
+    if verify_mode == "sampling":
+        vocab = target.cfg.vocab_size
+        verify_inputs |= {"draft_probs": torch.full((b, g, vocab), 1.0 / vocab), "temperature": torch.ones(b),
+                          "uniforms": torch.full((b, g + 1), 0.5)}
+        verify_dyn |= {"draft_probs": {0: "batch", 1: "draft_len"}, "temperature": {0: "batch"},
+                       "uniforms": {0: "batch", 1: "verify_tokens"}}
+    verify = GraphSpec("target_verify", TargetVerify(target, verify_mode), verify_inputs,
+                       ("accepted", "next_token", "taps", "kv_new"), verify_dyn)
     if draft is None:
         return prefill, verify
     dkv = draft.new_cache(b, s)

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dspark_compile.models.dspark import sample_inverse_cdf
+from dspark_compile.plugins.spec_verify.reference import inverse_cdf_torch  # the one draw rule
 from dspark_compile.runtime.backend import ProgramInfo, Proposal, uniforms_per_call
 from dspark_compile.runtime.sampling import counter_uniforms
 
@@ -54,7 +54,7 @@ def first_token(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch
     sampling = temperature > 0
     inv_t = 1.0 / torch.where(sampling, temperature, torch.ones_like(temperature))
     probs = torch.softmax(logits.float() * inv_t[:, None], dim=-1)
-    return torch.where(sampling, sample_inverse_cdf(probs, uniforms), logits.argmax(dim=-1))
+    return torch.where(sampling, inverse_cdf_torch(probs, uniforms), logits.argmax(dim=-1))
 
 
 class GraphExecutor:

@@ -9,7 +9,6 @@ import torch
 
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
-from dspark_compile.plugins.spec_verify.reference import spec_verify_torch
 from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.runtime.executor import TORCH_DTYPES, GraphExecutor
 
@@ -37,37 +36,27 @@ def program_info(target: Qwen3Target, draft: DSparkDraft | None, eos_token_ids: 
 
 
 class TorchTransport:
-    """Runs partition's modules (the graphs before export) eagerly; verification by the SpecVerify reference
-    when the verify module ends in logits."""
+    """Runs partition's modules (the graphs before export, verification included) eagerly."""
 
     def __init__(self, target: Qwen3Target, draft: DSparkDraft | None, block_size: int) -> None:
         from dspark_compile.passes.partition import graph_specs
 
         self.graphs = {g.name: g for g in graph_specs(target, draft, block_size, "sampling")}
         self.device = target.embed_tokens.weight.device
-        verify = self.graphs["target_verify"]
-        self._verify_outputs = ("accepted", "next_token", *(o for o in verify.outputs if o != "logits"))
 
     def has_graph(self, graph: str) -> bool:
         return graph in self.graphs
 
     def inputs(self, graph: str) -> tuple[str, ...]:
-        names = tuple(self.graphs[graph].inputs)
-        if graph == "target_verify" and "verify_len" not in names:
-            names += ("verify_len", "draft_probs", "temperature", "uniforms")
-        return names
+        return tuple(self.graphs[graph].inputs)
 
     def outputs(self, graph: str) -> tuple[str, ...]:
-        return self._verify_outputs if graph == "target_verify" else self.graphs[graph].outputs
+        return self.graphs[graph].outputs
 
     @torch.inference_mode()
     def run(self, graph: str, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         spec = self.graphs[graph]
         got = dict(zip(spec.outputs, spec.module(*(feeds[n] for n in spec.inputs)), strict=True))
-        if "logits" in got:
-            got["accepted"], got["next_token"] = spec_verify_torch(
-                got.pop("logits"), feeds["tokens"][:, 1:], feeds["verify_len"], mode="sampling",
-                draft_probs=feeds["draft_probs"], temperature=feeds["temperature"], uniforms=feeds["uniforms"])
         for name, buf in outputs.items():
             buf.copy_(got[name])
 

@@ -1,10 +1,8 @@
-"""Fixtures of the pass tests: the golden pair compiled once per session, and helpers to run single passes on
-copies of its graphs.
+"""Fixtures of the pass tests: helpers to run single passes on copies of the session's golden build.
 
-One build takes ~30 s on 2 CPU cores (ONNX export dominates), so every test reads the same build. It is made
-with ``dump_after=("export_onnx",)``: ``dump/after_export_onnx/onnx`` holds the graphs exactly as exported, the
-input of every later ONNX pass. The build lives at a fixed place in the session's base temp directory, so test
-files outside tests/passes (which cannot see these fixtures) reuse it by building with the same recipe.
+Every test reads the one ``golden_build`` of tests/conftest.py (an ONNX export per build dominates the suite's
+time). It is made with ``dump_after=("export_onnx",)``: ``dump/after_export_onnx/onnx`` holds the graphs
+exactly as exported, the input of every later ONNX pass.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import pytest
 
 from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
 
-VOCAB, BLOCK, TAP_WIDTH = 384, 7, 192  # the golden pair (shared/golden/README.md)
+VOCAB, BLOCK, TAP_WIDTH = 384, 7, 192  # the golden pair (tests/data/golden/README.md)
 
 
 @pytest.fixture(scope="session")

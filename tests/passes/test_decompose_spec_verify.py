@@ -1,4 +1,4 @@
-"""decompose_spec_verify: the standard-op graph (onnxruntime) and spec_verify_torch agree with the NumPy reference.
+"""Pass `decompose_spec_verify`: the standard-op graph (onnxruntime) agrees with the NumPy reference.
 
 Greedy must match exactly. Sampling must match exactly on every request whose float decisions are not
 near-ties (reference.decision_margin >= MARGIN); near-ties are rare for these sizes and the test requires
@@ -8,21 +8,24 @@ that almost all requests are compared.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 from onnx import TensorProto
 
 from dspark_compile.errors import BuildError
-from dspark_compile.passes.decompose_spec_verify import MIN_OPSET, NODE_PREFIX, decompose_spec_verify
-from dspark_compile.plugins.spec_verify.reference import (
-    decision_margin,
-    random_inputs,
-    spec_verify_reference,
-    spec_verify_torch,
+from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
+from dspark_compile.passes.decompose_spec_verify import (
+    MIN_OPSET,
+    NODE_PREFIX,
+    decompose_spec_verify,
+    decompose_spec_verify_file,
 )
+from dspark_compile.plugins.spec_verify.reference import decision_margin, random_inputs, spec_verify_reference
 from dspark_compile.plugins.spec_verify.schema import GREEDY, SAMPLING, SPEC_VERIFY, make_model, make_node
 
 ort = pytest.importorskip("onnxruntime")
@@ -130,9 +133,12 @@ def assert_matches_reference(mode: str, inputs: Inputs, accepted: np.ndarray, ne
     np.testing.assert_array_equal(np.asarray(next_token)[compared], want_next[compared])
 
 
+def _decompose(model: onnx.ModelProto) -> onnx.ModelProto:
+    return ir.serde.serialize_model(decompose_spec_verify(ir.serde.deserialize_model(model)))
+
+
 def _decomposed_session(mode: str, logits_dtype: torch.dtype):
-    model, changed = decompose_spec_verify(make_model(mode, _ONNX_DTYPE[logits_dtype]))
-    assert changed
+    model = _decompose(make_model(mode, _ONNX_DTYPE[logits_dtype]))
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -145,15 +151,6 @@ def test_onnxruntime_matches_reference(name: str) -> None:
         accepted, next_token = session.run(None, _ort_feed(inputs))
         assert accepted.dtype == next_token.dtype == np.int64
         assert_matches_reference(mode, inputs, accepted, next_token)
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_torch_matches_reference(name: str) -> None:
-    for seed in range(3):
-        mode, inputs = make_case(name, seed)
-        accepted, next_token = spec_verify_torch(**inputs, mode=mode)
-        assert accepted.dtype == next_token.dtype == torch.int64
-        assert_matches_reference(mode, inputs, accepted.numpy(), next_token.numpy())
 
 
 def test_cases_cover_the_edges() -> None:
@@ -170,16 +167,16 @@ def test_cases_cover_the_edges() -> None:
 
 
 def test_pass_output_structure() -> None:
-    model, changed = decompose_spec_verify(make_model(SAMPLING))
-    assert changed
+    model = _decompose(make_model(SAMPLING))
     assert SPEC_VERIFY.domain not in {o.domain for o in model.opset_import}
     assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
     assert all(node.name.startswith(NODE_PREFIX + "/") for node in model.graph.node)
     assert {node.op_type for node in model.graph.node}.isdisjoint({"Loop", "If", "Scan"})
     assert [o.name for o in model.graph.output] == [o.name for o in SPEC_VERIFY.outputs]
     onnx.checker.check_model(model, full_check=True)
-    unchanged, changed = decompose_spec_verify(model)
-    assert not changed and unchanged is model
+    model_ir = ir.serde.deserialize_model(model)
+    assert decompose_spec_verify(model_ir) is model_ir  # in place; nothing left to rewrite:
+    assert [(n.name, n.op_type) for n in model_ir.graph] == [(n.name, n.op_type) for n in model.graph.node]
 
 
 def test_pass_keeps_the_rest_of_the_graph() -> None:
@@ -190,8 +187,7 @@ def test_pass_keeps_the_rest_of_the_graph() -> None:
     graph.node.insert(0, onnx.helper.make_node("Identity", ["raw_logits"], ["target_logits"], name="head"))
     graph.node[1].output[1] = "next_raw"
     graph.node.append(onnx.helper.make_node("Identity", ["next_raw"], ["next_token"], name="tail"))
-    decomposed, changed = decompose_spec_verify(model)
-    assert changed
+    decomposed = _decompose(model)
     names = [node.name for node in decomposed.graph.node]
     assert "head" in names and "tail" in names
     mode, inputs = make_case("greedy_random")
@@ -203,7 +199,7 @@ def test_pass_keeps_the_rest_of_the_graph() -> None:
 
 @pytest.mark.parametrize("mode", [GREEDY, SAMPLING])
 def test_oldest_supported_opset(mode: str) -> None:
-    model, _ = decompose_spec_verify(make_model(mode, opset=MIN_OPSET))
+    model = _decompose(make_model(mode, opset=MIN_OPSET))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     mode, inputs = make_case(f"{mode}_random")
     assert_matches_reference(mode, inputs, *session.run(None, _ort_feed(inputs)))
@@ -213,13 +209,13 @@ def test_pass_rejects_malformed_nodes_and_old_opsets() -> None:
     model = make_model(GREEDY)
     model.graph.node[0].attribute[0].s = b"beam"
     with pytest.raises(BuildError, match="mode"):
-        decompose_spec_verify(model)
+        _decompose(model)
     model = make_model(SAMPLING)
     del model.graph.node[0].input[5]
     with pytest.raises(BuildError, match="6 inputs"):
-        decompose_spec_verify(model)
+        _decompose(model)
     with pytest.raises(BuildError, match="opset"):
-        decompose_spec_verify(make_model(GREEDY, opset=MIN_OPSET - 1))
+        _decompose(make_model(GREEDY, opset=MIN_OPSET - 1))
     with pytest.raises(ValueError, match="3 inputs"):
         make_node(GREEDY, ["a", "b"])
 
@@ -230,7 +226,7 @@ def test_tensorrt_rtx_builds_the_decomposition(tmp_path) -> None:
     ranges = {"B": (1, 4, 64), "G": (1, 7, 15), "G+1": (2, 8, 16), "V": (16, 1024, 151936)}
     for mode in (GREEDY, SAMPLING):
         for dtype in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
-            model, _ = decompose_spec_verify(make_model(mode, dtype))
+            model = _decompose(make_model(mode, dtype))
             logger = trt.Logger(trt.Logger.ERROR)
             builder = trt.Builder(logger)
             network = builder.create_network(0)
@@ -247,3 +243,18 @@ def test_tensorrt_rtx_builds_the_decomposition(tmp_path) -> None:
             outputs = [network.get_output(i) for i in range(network.num_outputs)]
             assert [o.name for o in outputs] == ["accepted", "next_token"]
             assert all(o.dtype == trt.int64 for o in outputs)
+
+
+def test_file_pass_keeps_the_exported_graph_as_the_plugin_variant(exported_copy: OnnxGraphs,
+                                                                   exported_dir: Path) -> None:
+    graphs = decompose_spec_verify_file(exported_copy)
+    assert graphs.variants == {"target_verify": (PORTABLE, PLUGIN)}
+    exported = onnx.load(str(exported_dir / "target_verify.onnx"), load_external_data=False)
+    assert onnx.load(str(graphs.path("target_verify", PLUGIN)), load_external_data=False) == exported
+    portable = onnx.load(str(graphs.path("target_verify", PORTABLE)), load_external_data=False)
+    assert SPEC_VERIFY.domain not in {n.domain for n in portable.graph.node}
+    assert SPEC_VERIFY.domain not in {o.domain for o in portable.opset_import}
+    assert [v.name for v in portable.graph.input] == [v.name for v in exported.graph.input]
+    assert [v.name for v in portable.graph.output] == [v.name for v in exported.graph.output]
+    kept = [n for n in exported.graph.node if not SPEC_VERIFY.is_node(n)]
+    assert [n for n in portable.graph.node if not n.name.startswith(NODE_PREFIX + "/")] == kept

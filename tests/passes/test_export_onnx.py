@@ -1,5 +1,6 @@
 """Pass `export_onnx`: the three graphs with the I/O names, dtypes and symbolic dimensions of docs/PROGRAM.md,
-weights as external data, and dimensions that really are dynamic (run at sizes other than the trace's)."""
+weights as external data, target_verify ending in exactly one `dspark::SpecVerify` node as the plugin's schema
+declares it, and dimensions that really are dynamic (run at sizes other than the trace's)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import helper
 from torch import nn
 
 from dspark_compile.errors import BuildError
+from dspark_compile.ir import OnnxGraphs
+from dspark_compile.passes.decompose_spec_verify import decompose_spec_verify_file
 from dspark_compile.passes.export_onnx import export_onnx
 from dspark_compile.passes.graft import graft
 from dspark_compile.passes.load import load
 from dspark_compile.passes.partition import GraphSpec, PartitionedProgram, partition
+from dspark_compile.plugins.spec_verify.schema import SAMPLING, SPEC_VERIFY
 from dspark_compile.spec import BuildSpec
 
 CACHE = [4, 2, "batch", 2, "cache_slots", 16]
@@ -30,8 +35,11 @@ SIGNATURES = {  # name -> (inputs, outputs), each (name, dtype, shape)
     ),
     "target_verify": (
         [("tokens", "INT64", ["batch", "verify_tokens"]), ("cache_len", "INT64", ["batch"]),
-         ("kv_cache", "FLOAT", CACHE)],
-        [("logits", "FLOAT", ["batch", "verify_tokens", 384]), ("taps", "FLOAT", ["batch", "verify_tokens", 192]),
+         ("kv_cache", "FLOAT", CACHE), ("verify_len", "INT64", ["batch"]),
+         ("draft_probs", "FLOAT", ["batch", "draft_len", 384]), ("temperature", "FLOAT", ["batch"]),
+         ("uniforms", "FLOAT", ["batch", "verify_tokens"])],
+        [("accepted", "INT64", ["batch"]), ("next_token", "INT64", ["batch"]),
+         ("taps", "FLOAT", ["batch", "verify_tokens", 192]),
          ("kv_new", "FLOAT", [4, 2, "batch", 2, "verify_tokens", 16])],
     ),
     "draft_propose": (
@@ -66,7 +74,7 @@ def test_graph_signature_is_documented(exported_dir: Path, name: str) -> None:
 
 
 @torch.inference_mode()
-def test_dynamic_dims_run_at_other_sizes(exported_dir: Path, parts: PartitionedProgram,
+def test_dynamic_dims_run_at_other_sizes(exported_dir: Path, exported_copy: OnnxGraphs, parts: PartitionedProgram,
                                          run_onnx: Callable[..., dict[str, np.ndarray]]) -> None:
     rng = np.random.default_rng(0)
     # The trace used batch 2, prompt 5, 16 slots and 3 verify rows of 8 tokens; run batch 1 / 3 and 30 slots.
@@ -77,12 +85,35 @@ def test_dynamic_dims_run_at_other_sizes(exported_dir: Path, parts: PartitionedP
     for name, ref in zip(SIGNATURES["target_prefill"][1], want, strict=True):
         assert np.abs(got[name[0]] - ref.numpy()).max() < 1e-4, name[0]
 
-    feeds = {"tokens": rng.integers(0, 384, (3, 8)), "cache_len": np.array([0, 4, 11]),
-             "kv_cache": rng.normal(size=(4, 2, 3, 2, 30, 16)).astype(np.float32)}
-    got = run_onnx(exported_dir / "target_verify.onnx", feeds)
+    # target_verify holds the custom node: run its decomposition, batch 3 and 5 verified tokens (G = 4).
+    decompose_spec_verify_file(exported_copy)
+    q = rng.random((3, 4, 384)).astype(np.float32)
+    feeds = {"tokens": rng.integers(0, 384, (3, 5)), "cache_len": np.array([0, 4, 11]),
+             "kv_cache": rng.normal(size=(4, 2, 3, 2, 30, 16)).astype(np.float32), "verify_len": np.array([4, 2, 0]),
+             "draft_probs": q / q.sum(-1, keepdims=True), "temperature": np.array([0.0, 0.7, 1.2], np.float32),
+             "uniforms": rng.random((3, 5)).astype(np.float32)}
+    got = run_onnx(exported_copy.path("target_verify"), feeds)
     want = parts.graph("target_verify").module(*(torch.from_numpy(v) for v in feeds.values()))
     for name, ref in zip(SIGNATURES["target_verify"][1], want, strict=True):
         assert np.abs(got[name[0]] - ref.numpy()).max() < 1e-4, name[0]
+
+
+def test_verify_ends_in_one_spec_verify_node(exported_dir: Path) -> None:
+    model = onnx.load(str(exported_dir / "target_verify.onnx"), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.domain == SPEC_VERIFY.domain]
+    assert len(nodes) == 1 and SPEC_VERIFY.is_node(nodes[0])
+    node = nodes[0]
+    assert SPEC_VERIFY.check_node(node) == SAMPLING
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs == {"mode": b"sampling", **{k: v.encode() for k, v in SPEC_VERIFY.tensorrt_lookup.items()}}
+    assert (SPEC_VERIFY.domain, SPEC_VERIFY.opset_version) in {(o.domain, o.version) for o in model.opset_import}
+    # Fed by the LM head's logits and the drafts tokens[:, 1:]; then the graph's own verification inputs.
+    producer = {out: n for n in model.graph.node for out in n.output}
+    assert producer[node.input[0]].op_type == "MatMul"
+    cut = producer[node.input[1]]
+    assert cut.op_type == "Slice" and cut.input[0] == "tokens"
+    assert list(node.input[2:]) == [s.name for s in SPEC_VERIFY.inputs_for(SAMPLING)[2:]]
+    assert list(node.output) == [o.name for o in SPEC_VERIFY.outputs]
 
 
 class _Unexportable(nn.Module):

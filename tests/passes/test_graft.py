@@ -1,5 +1,5 @@
 """Pass `graft`: one program in which the draft uses the target's embedding and LM head modules; on the golden
-pair it reproduces the authors' first draft round (shared/golden/dspark_tiny/unit_round0.safetensors)."""
+pair it reproduces the authors' first draft round (tests/data/golden/dspark_tiny/unit_round0.safetensors)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dspark_compile.passes.load import load
 from dspark_compile.program import DecodeProgram
 from dspark_compile.spec import BuildSpec
 
-ATOL = 1e-4  # float32 tolerance of shared/golden/README.md
+ATOL = 1e-4  # float32 tolerance of tests/data/golden/README.md
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import onnx
 import pytest
 
 from dspark_compile.ir import PLUGIN, PORTABLE, OnnxGraphs
-from dspark_compile.passes.insert_spec_verify import insert_spec_verify
 from dspark_compile.passes.optimize_onnx import optimize_onnx
 from dspark_compile.pipeline import PIPELINE, BuildState
 from dspark_compile.spec import BuildSpec
@@ -29,9 +28,8 @@ def _digests(directory: Path) -> dict[str, str]:
 
 @pytest.fixture
 def decomposed(exported_copy: OnnxGraphs, tmp_path: Path) -> OnnxGraphs:
-    """The graphs as the pipeline hands them to optimize_onnx (after insert + decompose)."""
-    state = BuildState(spec=BuildSpec(Path("t"), Path("d"), tmp_path / "out"), workdir=tmp_path,
-                       onnx=insert_spec_verify(exported_copy, 384))
+    """The graphs as the pipeline hands them to optimize_onnx (after decompose_spec_verify)."""
+    state = BuildState(spec=BuildSpec(Path("t"), Path("d"), tmp_path / "out"), workdir=tmp_path, onnx=exported_copy)
     next(step for step in PIPELINE if step.name == "decompose_spec_verify").run(state)
     assert state.onnx.variants == {"target_verify": (PORTABLE, PLUGIN)}
     return state.onnx

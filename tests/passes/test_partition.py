@@ -12,13 +12,15 @@ from dspark_compile.ir import GRAPH_NAMES
 from dspark_compile.passes.graft import graft
 from dspark_compile.passes.load import load
 from dspark_compile.passes.partition import partition
+from dspark_compile.plugins.spec_verify.reference import spec_verify_reference
 from dspark_compile.spec import BuildSpec
 
 V, H, TAPS, L, LD, KV, D = 384, 64, 192, 4, 2, 2, 16  # the golden pair
 
 PREFILL = (("input_ids", "input_lengths", "kv_cache"), ("last_logits", "taps", "kv_new"))
-# target_verify ends in logits until insert_spec_verify turns them into accepted / next_token.
-VERIFY = (("tokens", "cache_len", "kv_cache"), ("logits", "taps", "kv_new"))
+VERIFY_IN = ("tokens", "cache_len", "kv_cache", "verify_len")  # then SpecVerify's sampling inputs
+VERIFY_OUT = ("accepted", "next_token", "taps", "kv_new")
+SAMPLING_IN = ("draft_probs", "temperature", "uniforms")
 DRAFT_IN = ("anchor", "ctx_taps", "ctx_count", "cache_len", "draft_kv")
 DRAFT_OUT_GREEDY = ("draft_tokens", "confidence_logits", "draft_kv_new")
 DRAFT_OUT_SAMPLING = ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_new")
@@ -36,15 +38,17 @@ def test_names_and_dynamic_dims_are_the_documented_ones(golden_pair: tuple[Path,
     assert tuple(g.name for g in parts.graphs) == GRAPH_NAMES
     prefill, verify, draft = parts.graphs
     assert (tuple(prefill.inputs), prefill.outputs) == PREFILL
-    assert (tuple(verify.inputs), verify.outputs) == VERIFY
     sampling = mode == "sampling"
+    assert (tuple(verify.inputs), verify.outputs) == (VERIFY_IN + (SAMPLING_IN if sampling else ()), VERIFY_OUT)
     assert tuple(draft.inputs) == DRAFT_IN + (("temperature", "uniforms") if sampling else ())
     assert draft.outputs == (DRAFT_OUT_SAMPLING if sampling else DRAFT_OUT_GREEDY)
     cache = {2: "batch", 4: "cache_slots"}
     assert prefill.dynamic == {"input_ids": {0: "batch", 1: "prompt_len"}, "input_lengths": {0: "batch"},
                                "kv_cache": cache}
     assert verify.dynamic == {"tokens": {0: "batch", 1: "verify_tokens"}, "cache_len": {0: "batch"},
-                              "kv_cache": cache}
+                              "kv_cache": cache, "verify_len": {0: "batch"}} | ({
+        "draft_probs": {0: "batch", 1: "draft_len"}, "temperature": {0: "batch"},
+        "uniforms": {0: "batch", 1: "verify_tokens"}} if sampling else {})
     assert draft.dynamic["ctx_taps"] == {0: "batch", 1: "ctx_len"}
     assert draft.dynamic["draft_kv"] == cache
     assert all(draft.dynamic[name] == {0: "batch"} for name in draft.inputs if name not in ("ctx_taps", "draft_kv"))
@@ -68,15 +72,17 @@ def test_modules_compute_the_program(golden_pair: tuple[Path, Path], tmp_path: P
         assert (last[row] - target.logits(hidden[0, -1])).abs().max() < 1e-5
 
     verify = parts.graph("target_verify")
-    logits, vtaps, vkv = verify.module(*verify.inputs.values())
-    g1 = verify.inputs["tokens"].shape[1]
-    assert g1 == 8 and (logits.shape, vtaps.shape) == ((b, g1, V), (b, g1, TAPS))
-    assert vkv.shape == (L, 2, b, KV, g1, D)
-    # the new rows are the cache the model wrote, at slots cache_len .. cache_len + G
-    _, _, full = target(verify.inputs["tokens"], verify.inputs["cache_len"], verify.inputs["kv_cache"])
-    for row in range(b):
-        start = int(verify.inputs["cache_len"][row])
-        assert torch.equal(vkv[:, :, row], full[:, :, row, :, start : start + g1])
+    accepted, next_token, vtaps, vkv = verify.module(*verify.inputs.values())
+    tokens, cache_len, kv = (verify.inputs[k] for k in ("tokens", "cache_len", "kv_cache"))
+    g1 = tokens.shape[1]
+    hidden, taps, kv_out = target(tokens, cache_len, kv)
+    want = spec_verify_reference(target.logits(hidden), tokens[:, 1:], verify.inputs["verify_len"], mode="sampling",
+                                 **{k: verify.inputs[k] for k in SAMPLING_IN})
+    assert g1 == 8 and [accepted.tolist(), next_token.tolist()] == [w.tolist() for w in want]
+    assert torch.equal(vtaps, taps) and vkv.shape == (L, 2, b, KV, g1, D)
+    for row in range(b):  # the new rows are the cache the model wrote, at slots cache_len .. cache_len + G
+        start = int(cache_len[row])
+        assert torch.equal(vkv[:, :, row], kv_out[:, :, row, :, start : start + g1])
 
     draft = parts.graph("draft_propose")
     tokens, confidence, probs, dkv = draft.module(*draft.inputs.values())

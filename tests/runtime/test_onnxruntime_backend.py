@@ -53,7 +53,7 @@ def test_model_info_comes_from_the_manifest(golden_build: Path) -> None:
     assert backend.info == ProgramInfo(vocab_size=384, block_size=7, tap_width=192, has_confidence=True,
                                        eos_token_ids=(), sampling=True, hidden_size=64, target_layers=4,
                                        kv_heads=2, head_dim=16, draft_layers=2, draft_kv_heads=2, draft_head_dim=16,
-                                       tap_layer_ids=(1, 2, 3), markov_head="vanilla")
+                                       tap_layer_ids=(0, 1, 2), markov_head="vanilla")
     assert backend.transport.provider == "CPUExecutionProvider"
 
 

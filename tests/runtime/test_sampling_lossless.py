@@ -19,7 +19,7 @@ from scipy.stats import chisquare
 
 from dspark_compile.examples import make_tiny_pair
 from dspark_compile.program import DecodeProgram, build_program
-from dspark_compile.runtime.decode import GenerationParams, generate
+from dspark_compile.runtime.decode import GenerationParams, GenerationResult, generate
 from dspark_compile.runtime.torch_backend import TorchBackend
 
 VOCAB = 12
@@ -76,16 +76,16 @@ def exact_two_token_distribution(program: DecodeProgram, prompt: list[int], temp
 
 
 def _sample(program: DecodeProgram, temperature: float, *, speculative: bool = True,
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(x1, x2) pairs [N, 2] and the first round's accepted length per run (bonus counted)."""
-    backend = TorchBackend(program.target, program.draft if speculative else None)
-    tokens, accepted = [], []
+            ) -> tuple[np.ndarray, list[GenerationResult]]:
+    """(x1, x2) pairs [N, 2] and the N results (their rounds say what verification did)."""
+    backend = TorchBackend(program.target, program.draft)
+    tokens, results = [], []
     for seed in range(BATCHES):
         params = GenerationParams(max_new_tokens=2, temperature=temperature, seed=seed)
-        results = generate(backend, [PROMPT] * BATCH, params, speculative=speculative)
-        tokens += [r.tokens for r in results]
-        accepted += [r.rounds[0]["accepted"] if speculative else 1 for r in results]  # target-only: no rounds
-    return np.asarray(tokens), np.asarray(accepted)
+        batch = generate(backend, [PROMPT] * BATCH, params, speculative=speculative)
+        tokens += [r.tokens for r in batch]
+        results += batch
+    return np.asarray(tokens), results
 
 
 def chi_square_p(pairs: np.ndarray, joint: np.ndarray) -> tuple[float, int]:
@@ -111,7 +111,8 @@ def test_first_two_tokens_follow_target_distribution(draft: str, temperature: fl
                                                      pair_dirs: tuple[Path, Path]) -> None:
     program = _program(pair_dirs, draft)
     joint = exact_two_token_distribution(program, PROMPT, temperature)
-    pairs, accepted = _sample(program, temperature)
+    pairs, results = _sample(program, temperature)
+    accepted = np.asarray([r.rounds[0]["accepted"] for r in results])  # the first round's, bonus counted
     assert pairs.shape == (BATCH * BATCHES, 2)
     p, cells = chi_square_p(pairs, joint)
     print(f"draft={draft} T={temperature}: chi-square p={p:.4f} over {cells} cells; first-round accepted "
@@ -135,13 +136,23 @@ def test_first_two_tokens_follow_target_distribution(draft: str, temperature: fl
 
 
 def test_target_only_sampling_follows_target_distribution(pair_dirs: tuple[Path, Path]) -> None:
-    """The same check for target-only sampling, so a failure above points at the speculative path."""
+    """The same check for target-only sampling, so a failure above points at the speculative path. The
+    backend holds the draft, so only ``speculative=False`` keeps it out: no draft call and no round."""
     program = _program(pair_dirs, "far")
-    pairs, accepted = _sample(program, 1.0, speculative=False)
+    assert program.draft is not None
+    draft_calls: list[int] = []
+    hook = program.draft.register_forward_hook(lambda *_: draft_calls.append(1))
+    try:
+        pairs, results = _sample(program, 1.0, speculative=False)
+        target_only_calls = len(draft_calls)
+        generate(TorchBackend(program.target, program.draft), [PROMPT], GenerationParams(max_new_tokens=4))
+    finally:
+        hook.remove()
     p, _ = chi_square_p(pairs, exact_two_token_distribution(program, PROMPT, 1.0))
     print(f"target-only T=1.0: chi-square p={p:.4f}")
     assert p > P_MIN
-    assert set(accepted.tolist()) == {1}
+    assert target_only_calls == 0 and len(draft_calls) > 0  # the spy sees a speculative decode's draft calls
+    assert all(not r.speculative and r.rounds == [] for r in results)
 
 
 def test_sampling_is_reproducible_and_rows_are_independent(pair_dirs: tuple[Path, Path]) -> None:

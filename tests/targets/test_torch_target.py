@@ -225,6 +225,7 @@ INTERPRET_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # the Triton interpreter runs every kernel on the CPU in a subprocess
 def test_fused_kernels_and_layers_match_module_ops_in_interpreter(golden_dir: Path) -> None:
     pytest.importorskip("triton")
     env = os.environ | {"TRITON_INTERPRET": "1"}

@@ -394,34 +394,28 @@ def test_fake_pb_utils_model_streams_and_survives_bad_requests(orch: types.Modul
         model.finalize()
 
 
-GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "dspark_tiny"
-
-
-@pytest.mark.slow
-def test_fake_pb_utils_bls_backend_on_the_golden_graphs(orch: types.ModuleType, tmp_path: Path) -> None:
-    """The BLS transport against the golden pair's real graphs, each fake BLS model an onnxruntime session on the
-    repository's own ``1/model.onnx`` (the bundled server cannot load onnxruntime models itself)."""
+def test_fake_pb_utils_bls_backend_on_the_golden_graphs(orch: types.ModuleType, golden_dir: Path,
+                                                        golden_build: Path, golden_triton: Callable[..., Any]) -> None:
+    """The BLS transport against the golden pair's real graphs, each fake BLS model an onnxruntime session on
+    the repository's own ``1/model.onnx`` (the bundled server cannot load onnxruntime models itself)."""
     ort = pytest.importorskip("onnxruntime")
-    from dspark_compile.pipeline import PassManager
     from dspark_compile.runtime.onnxruntime_backend import load_onnxruntime
-    from dspark_compile.spec import make_spec
 
-    build = PassManager(progress=False).run(make_spec(
-        target=GOLDEN / "target", draft=GOLDEN / "draft", out=tmp_path / "build", targets=("onnx", "triton"),
-        max_context=128, triton_mode="bls")).out
-    config = pbtxt.validate_config(build / "triton" / "dspark" / "config.pbtxt")
+    repo = golden_triton(backend_mode="bls").directory
+    config = pbtxt.validate_config(repo / "dspark" / "config.pbtxt")
     backend = orch.bls_executor(config.parameters["model_info"].string_value)
-    want = load_onnxruntime(build).info
-    assert backend.info == dataclasses.replace(want, max_slots=128, hidden_size=0, tap_layer_ids=(), markov_head=None)
+    want = load_onnxruntime(golden_build).info  # the signatures do not say what only the manifest knows
+    assert backend.info == dataclasses.replace(want, max_slots=backend.info.max_slots, hidden_size=0,
+                                               tap_layer_ids=(), markov_head=None)
 
     def session_model(name: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-        session = ort.InferenceSession(str(build / "triton" / name / "1" / "model.onnx"))
+        session = ort.InferenceSession(str(repo / name / "1" / "model.onnx"))
         names = [o.name for o in session.get_outputs()]
         return lambda inputs: dict(zip(names, session.run(names, inputs), strict=True))
 
     FAKE_MODELS.clear()
     FAKE_MODELS.update({name: session_model(name) for name in backend.transport.models.values()})
-    golden = json.loads((GOLDEN / "decode_greedy.json").read_text())["greedy"]
+    golden = json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())["greedy"]
     results = generate(backend, [c["prompt"] for c in golden], GenerationParams(max_new_tokens=48))
     assert [r.tokens for r in results] == [c["tokens"] for c in golden]
     assert [[r["accepted"] for r in res.rounds] for res in results] == [c["acceptance_lengths"] for c in golden]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_triton_standin import BLOCK, SIGNATURES, TAPS, VOCAB, write_fake_build
+from test_triton_standin import BLOCK, SIGNATURES, TAPS, VOCAB, stand_in_info, write_fake_build
 
 from dspark_compile.errors import BuildError, UsageError
 from dspark_compile.targets.triton import pbtxt
@@ -95,8 +95,7 @@ def test_onnx_repository_layout(tmp_path: Path) -> None:
     info = json.loads(params["model_info"])
     assert info["models"] == {"target_prefill": "dspark_target_prefill",
                               "target_verify": "dspark_target_verify", "draft_propose": "dspark_draft"}
-    assert info["info"] == {"vocab_size": VOCAB, "block_size": BLOCK, "tap_width": TAPS,
-                            "has_confidence": False, "eos_token_ids": [], "max_slots": 96, "sampling": True}
+    assert info["info"] == stand_in_info().to_json()  # cache layouts and dtype included: the executor needs them
     assert (root / "dspark" / "1" / "model.py").read_text().startswith('"""The ``dspark`` Triton model')
     assert params["max_context"] == "96"  # from build_spec.json
 

@@ -13,7 +13,7 @@ import os
 import queue
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,21 +194,11 @@ def test_malformed_http_requests(server: TritonServer) -> None:
 # The golden pair, compiled to ONNX and run by the orchestrator with onnxruntime in-process
 
 
-GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "dspark_tiny"
-
-
 @pytest.mark.slow
-def test_golden_pair_served_with_onnxruntime_inprocess(tmp_path: Path) -> None:
+def test_golden_pair_served_with_onnxruntime_inprocess(golden_dir: Path, golden_triton: Callable[..., Any]) -> None:
     pytest.importorskip("dspark_compile.runtime.onnxruntime_backend", reason="waiting for onnxruntime backend")
-    from dspark_compile.pipeline import PassManager
-    from dspark_compile.spec import make_spec
-
-    build = PassManager(progress=False).run(make_spec(
-        target=GOLDEN / "target", draft=GOLDEN / "draft", out=tmp_path / "build", targets=("onnx",),
-        max_context=128)).out
-    repo = write_triton_repository(build, tmp_path / "out", TritonOptions(
-        backend_mode="onnxruntime_inprocess", instance_kind="KIND_CPU", default_max_new_tokens=48))
-    golden = json.loads((GOLDEN / "decode_greedy.json").read_text())["greedy"]
+    repo = golden_triton(backend_mode="onnxruntime_inprocess", max_context=128, default_max_new_tokens=48)
+    golden = json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())["greedy"]
     with TritonServer(repo.directory, extra_args=LOAD_ORCHESTRATOR_ONLY) as running:
         for case in golden:
             reply = grpc_generate(running.grpc_url, request(case["prompt"], 48), timeout_s=120)

@@ -19,7 +19,6 @@ from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.runtime.decode import GenerationParams, generate
 from dspark_compile.runtime.executor import GraphExecutor, NumpyTransport
 
-GOLDEN = Path(__file__).resolve().parents[3] / "shared" / "golden" / "dspark_tiny"
 VOCAB = 50
 BLOCK = 4
 TAPS = 8
@@ -160,11 +159,14 @@ def write_fake_build(root: Path, *, engines: bool = False, draft: bool = True) -
             (root / "engines").mkdir(exist_ok=True)
             (root / "engines" / f"{graph}.plan").write_bytes(b"not a real engine")
     # What derive_model_info reads: the build spec and the checkpoint configs it names (golden shapes, patched
-    # to the stand-in's vocabulary and block, without EOS or confidence head).
+    # to the stand-in's vocabulary and block, without EOS or confidence head). Imported here, not at the top:
+    # the Triton server's interpreter imports this module (StandInBackend.load) and needs no test fixtures.
+    from tests.conftest import GOLDEN
+
     for role, patch in (("target", {"vocab_size": VOCAB, "eos_token_id": None}),
                         ("draft", {"vocab_size": VOCAB, "block_size": BLOCK, "enable_confidence_head": False,
                                    "confidence_head_with_markov": False, "eos_token_id": None})):
-        config = json.loads((GOLDEN / role / "config.json").read_text()) | patch
+        config = json.loads((GOLDEN / "dspark_tiny" / role / "config.json").read_text()) | patch
         (root / "checkpoints" / role).mkdir(parents=True)
         (root / "checkpoints" / role / "config.json").write_text(json.dumps(config))
     spec = {"target": str(root / "checkpoints" / "target"), "draft": str(root / "checkpoints" / "draft"),

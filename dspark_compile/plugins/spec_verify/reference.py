@@ -154,9 +154,10 @@ def _leading_count(passed: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(passed.to(torch.int64), dim=-1).sum(dim=-1)
 
 
-def _inverse_cdf_torch(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Vectorised :func:`inverse_cdf` over the rows of ``w`` [B, V] with ``u`` [B]."""
-    above = torch.cumsum(w, dim=-1) > (u * w.sum(dim=-1))[:, None]
+def inverse_cdf_torch(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`inverse_cdf` over the last axis of ``w`` [..., V] with ``u`` [...]: the one torch draw, used by
+    SpecVerify, the draft's Markov sampling and the host's prefill token."""
+    above = torch.cumsum(w, dim=-1) > (u * w.sum(dim=-1)).unsqueeze(-1)
     first_above = above.to(torch.int32).argmax(dim=-1)  # first True: argmax returns the first maximum
     positions = torch.arange(w.shape[-1], device=w.device)
     last_positive = torch.where(w > 0, positions, -1).amax(dim=-1)
@@ -205,7 +206,7 @@ def spec_verify_torch(
     residual = (p_j - q_j).clamp_min(0.0)
     use_residual = (accepted < lengths) & (residual.sum(dim=-1) > RESIDUAL_FLOOR)
     weights = torch.where(use_residual[:, None], residual, p_j)
-    drawn = _inverse_cdf_torch(weights, uniforms[:, gamma])
+    drawn = inverse_cdf_torch(weights, uniforms[:, gamma])
     greedy_next = targets.gather(1, accepted[:, None]).squeeze(1)
     return accepted, torch.where(greedy_row, greedy_next, drawn)
 

@@ -1,7 +1,8 @@
 """The one machine-readable description of the ``dspark::SpecVerify`` node (see README.md beside this file).
 
-The compiler's insertion pass builds nodes with :func:`make_node`, the decomposition pass validates nodes
-with :meth:`OpSchema.check_node`, and tests compare graphs against :data:`SPEC_VERIFY` itself.
+The exporter writes the node from :meth:`OpSchema.onnx_op_schema` (``op.py``), :func:`make_node` builds it for
+stand-alone models, the decomposition pass validates nodes with :meth:`OpSchema.check_node`, and tests compare
+graphs against :data:`SPEC_VERIFY` itself.
 onnx's own ``OpSchema`` registry was not used: registering a schema is process-global and onnx's checker
 then applies it to every model, which would couple unrelated tests and runtimes.
 """
@@ -71,6 +72,33 @@ class OpSchema:
     def opset_import(self) -> onnx.OperatorSetIdProto:
         return helper.make_opsetid(self.domain, self.opset_version)
 
+    def onnx_op_schema(self) -> onnx.defs.OpSchema:
+        """This schema as an (unregistered) ``onnx.defs.OpSchema``, what onnxscript needs to emit the node.
+
+        Inputs present in one mode only are optional; ``mode`` is required, the TensorRT lookup attributes
+        default to their only values.
+        """
+        schema_cls = onnx.defs.OpSchema
+        all_modes = set(MODES)
+
+        def param(spec: TensorSpec) -> onnx.defs.OpSchema.FormalParameter:
+            option = schema_cls.FormalParameterOption
+            return schema_cls.FormalParameter(
+                spec.name, f"T_{spec.name}", spec.doc,
+                param_option=option.Single if set(spec.modes) == all_modes else option.Optional)
+
+        def constraint(spec: TensorSpec) -> tuple[str, list[str], str]:
+            return f"T_{spec.name}", [_TYPE_STRINGS[t] for t in spec.dtypes], spec.doc
+
+        attributes = [schema_cls.Attribute(a.name, schema_cls.AttrType.STRING, a.doc, required=True)
+                      for a in self.attributes]
+        attributes += [schema_cls.Attribute(name, helper.make_attribute(name, value), "TensorRT plugin lookup")
+                       for name, value in self.tensorrt_lookup.items()]
+        return schema_cls(
+            self.name, self.domain, self.opset_version, inputs=[param(s) for s in self.inputs],
+            outputs=[param(s) for s in self.outputs],
+            type_constraints=[constraint(s) for s in (*self.inputs, *self.outputs)], attributes=attributes)
+
     def is_node(self, node: onnx.NodeProto) -> bool:
         return node.op_type == self.name and node.domain == self.domain
 
@@ -100,6 +128,8 @@ class OpSchema:
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 _I64 = (TensorProto.INT64,)
 _F32 = (TensorProto.FLOAT,)
+_TYPE_STRINGS = {TensorProto.FLOAT: "tensor(float)", TensorProto.FLOAT16: "tensor(float16)",
+                 TensorProto.BFLOAT16: "tensor(bfloat16)", TensorProto.INT64: "tensor(int64)"}
 
 SPEC_VERIFY = OpSchema(
     name="SpecVerify",
