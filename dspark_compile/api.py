@@ -132,25 +132,37 @@ def run(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str
     return _generate(be, prompts, params, speculative=not baseline)
 
 
-def demo(out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """The built-in tiny example end to end: make a random Qwen3 + DSpark pair, build every target this machine
-    can build, decode with onnxruntime, and check the result against the PyTorch reference and target-only
-    decoding (greedy speculative decoding must be lossless)."""
+DEMO_PROMPTS = ("import os\nimport sys\n\n\ndef main():\n", "class Stack:\n    def __init__(self):\n        self.",
+                "    for i in range(len(", "def __repr__(self):\n        return ")
+
+
+def demo(out: str | Path, *, progress: bool = True, max_new_tokens: int = 48) -> dict[str, Any]:
+    """The built-in example end to end: copy the shipped trained tiny pair (Qwen3 target + DSpark draft, trained
+    on the Python standard library) to ``out/example``, build every target this machine can build, decode text
+    prompts with onnxruntime, and check the tokens against the PyTorch reference and target-only decoding
+    (greedy speculative decoding must be lossless). The report carries the prompt and generated text."""
     import importlib.util
 
-    from dspark_compile.examples import make_tiny_pair
+    from dspark_compile.examples import trained_tiny_pair
+    from dspark_compile.serving.text import TextCodec, TextStream
 
     out = Path(out)
-    target_dir, draft_dir = make_tiny_pair(out / "example", seed=0)
+    target_dir, draft_dir = trained_tiny_pair(copy_to=out / "example")
     targets = ["onnx", "triton"]
     if importlib.util.find_spec("tensorrt") or importlib.util.find_spec("tensorrt_rtx_bindings"):
         targets.insert(1, "tensorrt")
     res = build(target=target_dir, draft=draft_dir, out=out / "build", targets=",".join(targets), max_context=256,
                 max_batch=4, progress=progress)
-    prompts = [[1, 2, 3, 4, 5], [17, 3, 99, 250, 7, 7, 7, 12], [300, 301, 302], list(range(40, 72))]
-    spec_ort = run(res.out, prompts, backend="onnxruntime", max_new_tokens=24)
-    spec_torch = run(res.out, prompts, backend="torch", max_new_tokens=24)
-    baseline = run(res.out, prompts, backend="onnxruntime", max_new_tokens=24, baseline=True)
+    codec = TextCodec.load(target_dir)
+    prompts = [codec.encode(p) for p in DEMO_PROMPTS]
+    spec_ort = run(res.out, prompts, backend="onnxruntime", max_new_tokens=max_new_tokens)
+    spec_torch = run(res.out, prompts, backend="torch", max_new_tokens=max_new_tokens)
+    baseline = run(res.out, prompts, backend="onnxruntime", max_new_tokens=max_new_tokens, baseline=True)
+    eos = tuple((res.manifest.get("program") or {}).get("eos_token_ids", ()))
+    texts = []
+    for r in spec_ort:
+        stream = TextStream(codec, eos_token_ids=eos)
+        texts.append(stream.push(r.tokens) + stream.close())
     return {
         "build": str(res.out),
         "targets": targets,
@@ -158,8 +170,24 @@ def demo(out: str | Path, *, progress: bool = True) -> dict[str, Any]:
         "onnxruntime_equals_torch": [a.tokens == b.tokens for a, b in zip(spec_ort, spec_torch, strict=True)],
         "lossless_vs_target_only": [a.tokens == b.tokens for a, b in zip(spec_ort, baseline, strict=True)],
         "mean_accepted": [round(r.mean_accepted, 3) for r in spec_ort],
+        "prompts": list(DEMO_PROMPTS),
+        "texts": texts,
         "tokens": [r.tokens for r in spec_ort],
     }
+
+
+def serve(build_dir: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
+          verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0) -> Any:
+    """Start the bundled tritonserver on a build's Triton repository and wait until it is ready.
+
+    Returns a running :class:`dspark_compile.serving.serve.Server` (``.endpoints``, ``.stop()``; also a
+    context manager). Ports 0 pick free ones. ``verify`` (fixed | threshold=X | schedule | auto) and
+    ``target_only`` override the build's orchestrator settings (baselines from the same build).
+    """
+    from dspark_compile.serving.serve import Server
+
+    return Server(build_dir, host=host, http_port=http_port, grpc_port=grpc_port, verify=verify,
+                  target_only=target_only, startup_timeout_s=startup_timeout_s).start()
 
 
 def profile(build_dir: str | Path, *, backend: str = "onnxruntime", max_batch: int | None = None,

@@ -287,11 +287,62 @@ def calibrate(build_dir: Path, data: Path, backend: str, max_new_tokens: int, de
 
 
 @cli.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--http-port", default=0, type=int, help="HTTP port (default: a free one).")
+@click.option("--grpc-port", default=0, type=int, help="gRPC port (default: a free one).")
+@click.option("--verify", help="Override the build's verify policy: fixed | threshold=X | schedule | auto.")
+@click.option("--target-only", is_flag=True, help="Decode target-only with the same graphs (a baseline).")
+@click.option("--startup-timeout", default=180.0, show_default=True, type=float, help="Seconds to wait for ready.")
+@click.option("--json", "as_json", is_flag=True, help="Print the endpoints as one JSON line once ready.")
+@common
+def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: str | None, target_only: bool,
+          startup_timeout: float, as_json: bool) -> None:
+    """Serve a build with the bundled tritonserver until Ctrl-C (exit 130) or SIGTERM (exit 0)."""
+    import signal
+    import time
+
+    from dspark_compile import api
+    from dspark_compile.errors import BackendUnavailableError
+
+    terminated: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
+    server = None
+    try:
+        server = api.serve(build_dir, host=host, http_port=http_port, grpc_port=grpc_port, verify=verify,
+                           target_only=target_only, startup_timeout_s=startup_timeout)
+        ep = server.endpoints
+        if as_json:
+            click.echo(json.dumps(ep.to_json(), separators=(",", ":")))
+        else:
+            click.echo(f"serving {build_dir} (model `dspark`, {'text and ' if ep.text else ''}token ids)")
+            click.echo(f"  HTTP  {ep.http}    gRPC  {ep.grpc}    log  {ep.log}")
+            click.echo(f"  try:  {ep.example_curl()}")
+            click.echo("Ctrl-C stops it.")
+        while not terminated and server.is_running():
+            time.sleep(0.2)
+        if not terminated:
+            raise BackendUnavailableError(f"tritonserver exited by itself; its log {ep.log} (kept until exit):\n"
+                                          + "\n".join(server.triton.read_log().splitlines()[-20:]))
+    except KeyboardInterrupt:
+        if server is not None:
+            server.stop()
+        click.echo("interrupted; server stopped", err=True)
+        sys.exit(130)
+    finally:
+        if server is not None:
+            server.stop()
+        signal.signal(signal.SIGTERM, previous)
+    if not as_json:
+        click.echo("server stopped")
+
+
+@cli.command()
 @click.option("--out", default="dspark-demo-out", show_default=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with the results.")
 @common
 def demo(out: Path, as_json: bool) -> None:
-    """Build the built-in tiny example (no files needed) and check the engines decode losslessly."""
+    """Build the shipped trained tiny pair (no files needed), decode text and check it is lossless."""
     from dspark_compile import api
 
     report = api.demo(out, progress=not as_json)
@@ -306,6 +357,9 @@ def demo(out: Path, as_json: bool) -> None:
         click.echo(f"onnxruntime == PyTorch reference: {report['onnxruntime_equals_torch']}")
         click.echo(f"speculative == target-only (lossless): {report['lossless_vs_target_only']}")
         click.echo(f"mean accepted per round (bonus counted): {report['mean_accepted']}")
+        for prompt, text in zip(report["prompts"], report["texts"], strict=True):
+            click.echo(click.style(prompt, dim=True) + click.style(text, bold=True))
+            click.echo("-" * 40)
         click.echo("demo OK" if ok else "demo FAILED")
     if not ok:
         sys.exit(1)

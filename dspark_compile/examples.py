@@ -1,6 +1,9 @@
-"""A tiny random (Qwen3 target, DSpark draft) pair in the real on-disk formats.
+"""Tiny (Qwen3 target, DSpark draft) pairs in the real on-disk formats.
 
-The built-in example of the CLI demo and the fixture of the test suite. Only JSON and safetensors are
+:func:`trained_tiny_pair` is the pair shipped inside the package (the CLI demo's): trained by
+``examples/tiny_pair/train.py --preset cpu`` on the Python standard library, with its tokenizer, so drafts are
+accepted and text comes out. :func:`make_tiny_pair` writes a random pair of any shape (the test suite's
+fixture). Only JSON and safetensors are
 written (no ``transformers`` import); the target directory is a genuine Hugging Face ``Qwen3ForCausalLM``
 checkpoint and the draft matches what DeepSpec's ``Qwen3DSparkModel.save_pretrained`` writes (the golden
 ``draft/config.json`` shows the field set).
@@ -9,6 +12,7 @@ checkpoint and the draft matches what DeepSpec's ``Qwen3DSparkModel.save_pretrai
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +30,23 @@ NORM_NOISE = 0.02
 ROPE_THETA = 10000.0
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+TRAINED_PAIR = Path(__file__).with_name("tiny_pair")  # target/, draft/, train_log.json (package data)
+
+
+def trained_tiny_pair(copy_to: str | Path | None = None) -> tuple[Path, Path]:
+    """(target, draft) directories of the shipped trained pair; copied under ``copy_to`` when given."""
+    from dspark_compile.errors import CheckpointError
+
+    if not (TRAINED_PAIR / "target" / "config.json").is_file():
+        raise CheckpointError(f"{TRAINED_PAIR}: the shipped tiny pair is missing; reinstall dspark-compile (it is "
+                              "package data) or train one with examples/tiny_pair/train.py --preset cpu")
+    root = TRAINED_PAIR
+    if copy_to is not None:
+        root = Path(copy_to)
+        for part in ("target", "draft"):
+            shutil.copytree(TRAINED_PAIR / part, root / part, dirs_exist_ok=True)
+    return root / "target", root / "draft"
 
 
 def make_tiny_pair(

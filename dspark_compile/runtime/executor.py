@@ -165,6 +165,9 @@ class GraphExecutor:
         temp = torch.as_tensor(np.asarray(temperature, dtype=np.float32), device=dev)
         seed = torch.as_tensor(np.asarray(seeds, dtype=np.int64), device=dev)
         k, t = ids.shape
+        # Fresh output buffers: the live rows' drafts/draft_probs *are* the last draft call's buffers, which a
+        # prefill of as many new rows would otherwise overwrite before they are verified.
+        self._buffers.clear()
         calls = torch.zeros(k, dtype=torch.int64, device=dev)
         u = self._uniforms(seed, calls)
         kv = self._cache(k, draft=False)

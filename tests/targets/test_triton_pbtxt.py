@@ -87,9 +87,11 @@ def test_onnx_repository_layout(tmp_path: Path) -> None:
 
     orchestrator = _load(root / "dspark" / "config.pbtxt")
     assert orchestrator.backend == "python" and orchestrator.model_transaction_policy.decoupled
-    assert {i.name: i.optional for i in orchestrator.input} == {
-        "prompt_ids": False, "max_new_tokens": True, "temperature": True, "seed": True}
-    assert [o.name for o in orchestrator.output] == ["tokens", "accepted"]
+    assert {i.name: i.optional for i in orchestrator.input} == {  # prompt_ids or text_input: checked per request
+        "prompt_ids": True, "max_new_tokens": True, "temperature": True, "seed": True, "text_input": True,
+        "max_tokens": True, "stream": True, "random_seed": True, "stop_words": True, "end_id": True, "top_k": True,
+        "top_p": True, "beam_width": True}
+    assert [o.name for o in orchestrator.output] == ["tokens", "accepted", "text_output"]
     params = {k: v.string_value for k, v in orchestrator.parameters.items()}
     assert params["backend_mode"] == "bls"
     info = json.loads(params["model_info"])

@@ -33,9 +33,9 @@ import torch
 from dspark_compile.errors import BackendUnavailableError
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
+from dspark_compile.program import program_info
 from dspark_compile.runtime.backend import DraftOutput, Proposal, VerifyOutput, uniforms_per_call
 from dspark_compile.runtime.sampling import counter_uniforms
-from dspark_compile.program import program_info
 from dspark_compile.targets.torch.static_forward import StaticProgram
 
 log = logging.getLogger(__name__)

@@ -72,6 +72,9 @@ from dspark_compile.errors import DsparkError, UsageError  # noqa: E402
 from dspark_compile.runtime.backend import DecodeBackend, ProgramInfo  # noqa: E402
 from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate  # noqa: E402
 from dspark_compile.runtime.executor import GraphExecutor  # noqa: E402
+from dspark_compile.serving import llm_io  # noqa: E402
+from dspark_compile.serving.batcher import ContinuousBatcher  # noqa: E402
+from dspark_compile.serving.text import TextCodec  # noqa: E402
 
 BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
 log = logging.getLogger(__name__)
@@ -160,6 +163,8 @@ def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, dtype: type, def
 class Stream:
     """Where one request's answers go; the Triton adapter wraps a response sender."""
 
+    stopped = False  # a text stream met a stop string or end id: the request ends now (read with getattr)
+
     def send(self, tokens: list[int], accepted: int) -> None:
         raise NotImplementedError
 
@@ -186,7 +191,8 @@ class Job:
                 log.warning("dspark: dropping a request whose stream failed: %s", exc)
                 self.end(f"stream failed: {exc}")  # Triton still wants the final flag to release it
                 return
-        if self.sent >= self.spec.max_new_tokens or (tokens and tokens[-1] in eos):
+        stopped = getattr(self.stream, "stopped", False)
+        if stopped or self.sent >= self.spec.max_new_tokens or (tokens and tokens[-1] in eos):
             self.end()
 
     def end(self, error: str | None = None) -> None:
@@ -207,6 +213,9 @@ class Orchestrator:
     max_slots: int | None = None  # a batch needs max(prompt) + max(max_new_tokens) + G + 2 cache slots
     on_error: Callable[[str], None] = log.error
     policy: VerifyPolicy = field(default_factory=VerifyPolicy)  # verify lengths: fixed, threshold or scheduler
+    speculative: bool = True  # False: target-only decoding with the same graphs (a baseline)
+    batching: str = "static"  # continuous: requests join/leave between rounds (serving.batcher); needs max_slots
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _queue: queue.Queue[Job | None] = field(default_factory=queue.Queue, init=False)
     _held: deque[Job] = field(default_factory=deque, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -219,6 +228,7 @@ class Orchestrator:
         self._queue.put(job)
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        self._stopping.set()
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -231,11 +241,36 @@ class Orchestrator:
                 job.end("the model is being unloaded")
 
     def _loop(self) -> None:
+        if self.batching == "continuous" and self.max_slots is not None:
+            self._continuous_loop()
+            return
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
             self._run(batch)
+
+    def _continuous_loop(self) -> None:
+        """Admit queued requests into free rows between rounds (blocking only while nothing runs)."""
+        assert self.max_slots is not None
+        batcher = ContinuousBatcher(self.backend, rows=self.max_batch, slots=self.max_slots, policy=self.policy,
+                                    speculative=self.speculative, on_error=self.on_error)
+        while not self._stopping.is_set():
+            incoming: list[Job] = []
+            while len(incoming) < batcher.free_rows:
+                try:
+                    job = self._queue.get(block=not batcher.live and not incoming)
+                except queue.Empty:
+                    break
+                if job is None:
+                    break
+                incoming.append(job)
+            if self._stopping.is_set():
+                for job in incoming:
+                    job.end("the model is being unloaded")
+                break
+            batcher.step(incoming)
+        batcher.end_all("the model is being unloaded")
 
     def _next_batch(self) -> list[Job] | None:
         head = self._held.popleft() if self._held else self._queue.get()
@@ -272,7 +307,7 @@ class Orchestrator:
 
         try:
             generate(self.backend, [j.spec.prompt for j in batch], params, on_round,
-                     seeds=[j.spec.seed for j in batch])
+                     seeds=[j.spec.seed for j in batch], speculative=self.speculative)
         except DsparkError as exc:
             error = exc.one_line()
         except Exception as exc:  # a backend failure must not take the model down with it
@@ -361,6 +396,40 @@ class _SenderStream(Stream):
             self.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)), flags=final)
 
 
+class _TextSenderStream(_SenderStream):
+    """A text request (``text_input``): responses carry ``text_output`` (see :mod:`dspark_compile.serving.llm_io`)."""
+
+    def __init__(self, sender: Any, reply: llm_io.TextReply) -> None:
+        super().__init__(sender)
+        self.reply = reply
+
+    @property
+    def stopped(self) -> bool:  # type: ignore[override]
+        return self.reply.stopped
+
+    def send(self, tokens: list[int], accepted: int) -> None:
+        if self.sender.is_cancelled():
+            raise ConnectionError("the client cancelled the request")
+        out = self.reply.round(tokens)
+        if out is not None:
+            self.sender.send(self._response(*out, accepted))
+
+    def finish(self, error: str | None = None) -> None:
+        out = self.reply.final() if error is None else None
+        if out is not None:
+            self.sender.send(self._response(*out, 0), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            super().finish(error)
+
+    @staticmethod
+    def _response(text: str, ids: list[int], accepted: int) -> Any:
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text_output", llm_io.text_tensor(text)),
+            pb_utils.Tensor("tokens", np.asarray(ids, dtype=np.int64)),
+            pb_utils.Tensor("accepted", np.asarray([accepted], dtype=np.int32)),
+        ])
+
+
 def load_backend(parameters: Mapping[str, str], repository: Path) -> DecodeBackend:
     mode = parameters.get("backend_mode", "")
     if mode not in BACKEND_MODES:
@@ -400,16 +469,23 @@ class TritonPythonModel:
                                         has_confidence=backend.info.has_confidence)
         self.orchestrator = Orchestrator(backend, max_batch=int(parameters.get("max_batch", 16)),
                                          max_slots=self.limits.max_context,
-                                         on_error=pb_utils.Logger.log_error, policy=policy)
+                                         on_error=pb_utils.Logger.log_error, policy=policy,
+                                         speculative=parameters.get("speculative", "true") != "false",
+                                         batching=parameters.get("batching", "static"))
+        self.codec = TextCodec.find(Path(args["model_repository"]))  # tokenizer.json copied by the writer
         self.orchestrator.start()
 
     def execute(self, requests: Sequence[Any]) -> None:
         for request in requests:
             stream = _SenderStream(request.get_response_sender())
             try:
-                inputs = {name: _input(request, name) for name in
-                          ("prompt_ids", "max_new_tokens", "temperature", "seed")}
+                inputs, text = llm_io.token_inputs(
+                    {name: _input(request, name) for name in
+                     ("prompt_ids", "max_new_tokens", "temperature", "seed", *llm_io.INPUT_NAMES)}, self.codec)
                 spec = parse_request(inputs, self.limits)
+                if text is not None and self.codec is not None:
+                    stream = _TextSenderStream(stream.sender, llm_io.TextReply.create(
+                        text, self.codec, self.orchestrator.backend.info.eos_token_ids))
             except DsparkError as exc:
                 stream.finish(exc.one_line())
                 continue

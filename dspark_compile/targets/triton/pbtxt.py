@@ -16,6 +16,7 @@ from typing import Any
 
 from dspark_compile.artifacts import GraphIO, TensorIO
 from dspark_compile.errors import BackendUnavailableError, BuildError
+from dspark_compile.serving.llm_io import LLM_INPUTS, LLM_OUTPUTS
 
 try:
     from google.protobuf import text_format
@@ -96,15 +97,19 @@ def graph_model_config(name: str, io: GraphIO, *, platform: str, instance_kind: 
     return config
 
 
+# Token ids, plus the TensorRT-LLM ensemble's text names (dspark_compile.serving.llm_io): one of `prompt_ids`
+# and `text_input` is required, which the orchestrator checks.
 ORCHESTRATOR_INPUTS = (
-    TritonTensor("prompt_ids", "TYPE_INT64", (-1,)),
+    TritonTensor("prompt_ids", "TYPE_INT64", (-1,), optional=True),
     TritonTensor("max_new_tokens", "TYPE_INT32", (1,), optional=True),
     TritonTensor("temperature", "TYPE_FP32", (1,), optional=True),
     TritonTensor("seed", "TYPE_INT64", (1,), optional=True),
+    *(TritonTensor(name, dtype, dims, optional=True) for name, dtype, dims in LLM_INPUTS),
 )
 ORCHESTRATOR_OUTPUTS = (
     TritonTensor("tokens", "TYPE_INT64", (-1,)),
     TritonTensor("accepted", "TYPE_INT32", (1,)),
+    *(TritonTensor(name, dtype, dims) for name, dtype, dims in LLM_OUTPUTS),
 )
 
 

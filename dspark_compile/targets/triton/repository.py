@@ -67,6 +67,8 @@ class TritonOptions:
     backend_factory: str | None = None
     model_info: ProgramInfo | None = None  # default: the build's (the pipeline's, or BUILD/manifest.json)
     verify: str = "auto"  # fixed | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
+    speculative: bool = True  # False: the same graphs decode target-only (baselines from one build)
+    batching: str = "continuous"  # or static: a batch runs to its end before queued requests start
 
     def __post_init__(self) -> None:
         if self.backend_mode not in BACKEND_MODES:
@@ -75,6 +77,8 @@ class TritonOptions:
         if self.platform not in PLATFORM_CHOICES:
             raise UsageError(f"Triton platform {self.platform!r}: expected one of "
                              f"{', '.join(PLATFORM_CHOICES)}")
+        if self.batching not in ("static", "continuous"):
+            raise UsageError(f"Triton batching {self.batching!r}: expected static or continuous")
         if (self.backend_mode == "factory") != (self.backend_factory is not None):
             raise UsageError("Triton backend_factory ('module:callable') is needed by, and only by, "
                              "backend_mode factory")
@@ -191,6 +195,9 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
                         io: Mapping[str, GraphIO], info: ProgramInfo | None, options: TritonOptions) -> None:
     (model_dir / "1").mkdir(parents=True)
     shutil.copyfile(Path(__file__).with_name("orchestrator_model.py"), model_dir / "1" / "model.py")
+    tokenizer = Path(str(_spec_field(build_dir, "target") or "")) / "tokenizer.json"
+    if tokenizer.is_file():  # text in and out (dspark_compile.serving.llm_io), read by the orchestrator
+        shutil.copyfile(tokenizer, model_dir / "tokenizer.json")
     python_path = default_python_path() if options.python_path is None else options.python_path
     parameters: dict[str, Any] = {
         "backend_mode": options.backend_mode,
@@ -198,6 +205,8 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         "max_batch": options.max_batch,
         "default_max_new_tokens": options.default_max_new_tokens,
         "verify": options.verify,
+        "speculative": str(options.speculative).lower(),
+        "batching": options.batching,
     }
     max_context = options.max_context or (info.max_slots if info is not None else None)
     if max_context is not None:
@@ -217,6 +226,14 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         parameters["backend_factory"] = options.backend_factory
     config = pbtxt.orchestrator_config(ORCHESTRATOR, parameters)
     (model_dir / "config.pbtxt").write_text(pbtxt.render(config))
+
+
+def _spec_field(build_dir: Path, name: str) -> Any:
+    """A field of the build's ``build_spec.json`` (None when it cannot be read)."""
+    try:
+        return json.loads((build_dir / "build_spec.json").read_text()).get(name)
+    except (OSError, ValueError):
+        return None
 
 
 def default_python_path() -> tuple[str, ...]:

@@ -86,6 +86,8 @@ class TritonServer:
     work_dir: Path | None = None
     extra_args: tuple[str, ...] = ()
     log_verbose: int = 0
+    host: str = "127.0.0.1"  # the address both endpoints bind (0.0.0.0: every interface)
+    ports: tuple[int, int] = (0, 0)  # (http, grpc) wanted; 0 = a free one
     http_port: int = field(default=0, init=False)
     grpc_port: int = field(default=0, init=False)
     pid: int | None = field(default=None, init=False)
@@ -95,12 +97,17 @@ class TritonServer:
     _owned_dir: Path | None = field(default=None, init=False, repr=False)
 
     @property
+    def client_host(self) -> str:
+        """Where a client on this machine reaches the server (a wildcard bind is reachable on loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.client_host}:{self.grpc_port}"
 
     @property
     def log_path(self) -> Path:
@@ -132,14 +139,14 @@ class TritonServer:
         backends = self._prepare_backends(install)
         t0 = time.monotonic()
         for attempt in range(1, attempts + 1):
-            self.http_port, self.grpc_port = free_port(), free_port()
+            self.http_port, self.grpc_port = (p or free_port() for p in self.ports)
             self._launch(install, backends)
             try:
                 self._wait_ready()
             except BuildError:
                 text = self.read_log()
                 self.stop(keep_dir=True)
-                if attempt < attempts and "address already in use" in text.lower():
+                if attempt < attempts and "address already in use" in text.lower() and 0 in self.ports:
                     log.warning("tritonserver port taken, retrying (%d/%d)", attempt, attempts)
                     continue
                 raise
@@ -166,8 +173,8 @@ class TritonServer:
             str(install.binary),
             f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={backends}",
-            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
             "--allow-metrics=false", "--allow-gpu-metrics=false",
             "--strict-readiness=true", "--exit-on-error=true",
             f"--exit-timeout-secs={max(1, int(self.stop_timeout_s) // 2)}",

@@ -1,0 +1,154 @@
+"""Continuous batching: 32 staggered streams, greedy and sampling mixed, each identical to its solo run; rows are
+freed at once by a finished, failed or cancelled stream; admission waits for a free row; a backend failure ends
+only the live requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dspark_compile.examples import trained_tiny_pair
+from dspark_compile.runtime.decode import GenerationParams, generate
+from dspark_compile.serving.batcher import ContinuousBatcher
+
+SLOTS = 128
+ROWS = 8
+
+
+@dataclass(frozen=True)
+class Spec:
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float
+    seed: int
+
+
+@dataclass
+class Job:
+    """What the orchestrator's Job does: cut at max_new_tokens, end at EOS; ``fail_after`` fakes a disconnect."""
+
+    spec: Spec
+    fail_after: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    error: str | None = None
+    finished: bool = False
+    ended: int = 0
+
+    def deliver(self, tokens: list[int], accepted: int, eos: tuple[int, ...]) -> None:
+        if self.finished:
+            return
+        if self.fail_after is not None and len(self.tokens) >= self.fail_after:
+            self.end("client went away")
+            return
+        tokens = tokens[: self.spec.max_new_tokens - len(self.tokens)]
+        self.tokens += tokens
+        if len(self.tokens) >= self.spec.max_new_tokens or (tokens and tokens[-1] in eos):
+            self.end()
+
+    def end(self, error: str | None = None) -> None:
+        if not self.finished:
+            self.finished, self.error = True, error
+            self.ended += 1
+
+
+@pytest.fixture(scope="module")
+def backend() -> Any:
+    from dspark_compile.runtime.torch_backend import TorchBackend
+
+    target, draft = trained_tiny_pair()
+    return TorchBackend.from_pair(target, draft)
+
+
+def _specs(n: int) -> list[Spec]:
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        prompt = rng.integers(1, 500, size=int(rng.integers(3, 20))).tolist()
+        out.append(Spec(prompt, int(rng.integers(4, 28)), 0.0 if i % 2 == 0 else 0.8, 1000 + i))
+    return out
+
+
+def _solo(backend: Any, spec: Spec) -> list[int]:
+    params = GenerationParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature)
+    return generate(backend, [spec.prompt], params, seeds=[spec.seed])[0].tokens
+
+
+def _drive(batcher: ContinuousBatcher, jobs: list[Job], arrivals: list[int], max_steps: int = 2000) -> int:
+    """Step until every job has ended; job i joins the queue at step arrivals[i]; returns the steps taken."""
+    queue: list[Job] = []
+    step = 0
+    while not all(j.finished for j in jobs):
+        assert step < max_steps, "the batcher did not finish"
+        queue += [j for j, a in zip(jobs, arrivals, strict=True) if a == step]
+        take, queue = queue[: batcher.free_rows], queue[batcher.free_rows:]
+        batcher.step(take)
+        assert len(batcher.live) <= ROWS
+        step += 1
+    return step
+
+
+def test_32_staggered_streams_equal_their_solo_runs(backend: Any) -> None:
+    specs = _specs(32)
+    jobs = [Job(s) for s in specs]
+    batcher = ContinuousBatcher(backend, rows=ROWS, slots=SLOTS)
+    _drive(batcher, jobs, arrivals=[i // 2 for i in range(32)])  # two new requests per round
+    solo = [_solo(backend, s) for s in specs]
+    for spec, job, want in zip(specs, jobs, solo, strict=True):
+        assert job.error is None and job.ended == 1
+        assert job.tokens == want, (spec, job.tokens, want)
+    assert any(s.temperature > 0 for s in specs) and any(s.temperature == 0 for s in specs)
+
+
+def test_failed_stream_frees_its_row_and_others_are_intact(backend: Any) -> None:
+    specs = _specs(6)
+    jobs = [Job(s, fail_after=2 if i == 1 else None) for i, s in enumerate(specs)]
+    batcher = ContinuousBatcher(backend, rows=2, slots=SLOTS)
+    queue = list(jobs)
+    freed_at = None
+    for step in range(500):
+        if all(j.finished for j in jobs):
+            break
+        take, queue = queue[: batcher.free_rows], queue[batcher.free_rows:]
+        batcher.step(take)
+        if jobs[1].finished and freed_at is None:
+            freed_at = step
+            assert jobs[1] not in batcher.live  # dropped in the same step
+    assert jobs[1].error == "client went away" and freed_at is not None
+    assert 2 <= len(jobs[1].tokens) < specs[1].max_new_tokens
+    assert jobs[1].tokens == _solo(backend, specs[1])[: len(jobs[1].tokens)]  # what it got before it went away
+    for i, (spec, job) in enumerate(zip(specs, jobs, strict=True)):
+        if i != 1:
+            assert job.error is None and job.tokens == _solo(backend, spec)
+
+
+class Flaky:
+    """Wraps a backend; its third round raises, like an engine running out of memory."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.info, self.rounds = inner, inner.info, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def round(self, verify_len: np.ndarray) -> Any:
+        self.rounds += 1
+        if self.rounds == 3:
+            raise RuntimeError("CUDA out of memory")
+        return self.inner.round(verify_len)
+
+
+def test_backend_failure_ends_live_requests_and_serving_goes_on(backend: Any) -> None:
+    specs = [Spec([5, 6, 7], 20, 0.0, 1), Spec([8, 9], 20, 0.0, 2), Spec([10, 11, 12], 6, 0.8, 3)]
+    batcher = ContinuousBatcher(Flaky(backend), rows=2, slots=SLOTS, on_error=lambda msg: None)
+    first = [Job(specs[0]), Job(specs[1])]
+    batcher.step(first)
+    batcher.step()
+    batcher.step()  # the failing round
+    assert all(j.finished and "CUDA out of memory" in (j.error or "") for j in first)
+    assert batcher.live == []
+    later = Job(specs[2])
+    _drive(batcher, [later], arrivals=[0])
+    assert later.error is None and later.tokens == _solo(backend, specs[2])
