@@ -165,6 +165,8 @@ def test_workers_over_meta_modules_export_what_the_build_exports(
         built = onnx.load(str(exported_dir / f"{name}.onnx"), load_external_data=False)
         assert [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node] == [
             n.op_type for n in built.graph.node], name
+        if any(n.domain not in ("", "ai.onnx") for n in built.graph.node):
+            continue  # the verify graph's dspark::SpecVerify runs on onnxruntime only once decomposed
         feeds = feeds_for(exported_dir / f"{name}.onnx", seed=4)
         old, new = run_onnx(exported_dir / f"{name}.onnx", feeds), run_onnx(path, feeds)
         assert all(np.array_equal(old[k], new[k]) for k in old), name
