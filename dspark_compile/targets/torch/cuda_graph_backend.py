@@ -408,7 +408,7 @@ class CudaGraphBackend:
         return VerifyOutput(decision[:, 0].copy(), decision[:, 1].copy(), taps)
 
     def verify_step(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray) -> None:
-        """One greedy verify graph call, nothing committed: the SPS profile's unit of work (passes/profile_sps)."""
+        """One greedy verify graph call, nothing committed: the SPS profile's unit of work (tools/profile_sps)."""
         self.verify(tokens, cache_len, verify_len, None, None, None)
 
     @torch.inference_mode()
