@@ -346,11 +346,14 @@ def test_gpu_bench_smoke_run(tmp_path: Path, golden_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- CLI
 def _fake_build(tmp_path: Path, golden_dir: Path) -> Path:
     """A build directory as far as the torch target reads it: the manifest's spec and program fields."""
+    from dspark_compile.program import build_program
+
     build = tmp_path / "build"
     build.mkdir()
     pair = golden_dir / "dspark_tiny"
+    program = build_program(pair / "target", pair / "draft", dtype="fp32").info(sampling=True)
     manifest = {"spec": {"target": str(pair / "target"), "draft": str(pair / "draft"), "dtype": "fp32"},
-                "program": {"block_size": 7, "vocab_size": 384},
+                "program": program.to_json(),
                 "passes": [{"name": n} for n in ("load", "export_onnx", "check_onnx", "manifest")]}
     (build / "manifest.json").write_text(json.dumps(manifest))
     return build
