@@ -1,11 +1,21 @@
-"""Wall time and peak RSS of `dspark-compile build --targets onnx` versus a plain `torch.onnx.export`.
+"""Wall time and peak RSS of `dspark-compile build`: ONNX only versus a plain `torch.onnx.export`, or the full
+build (onnx, tensorrt, triton) with its engine bytes over the unique weight bytes.
 
-For a Qwen3-0.6B-shaped (and optionally 1.7B-shaped) random-weight bf16 target with a DSpark draft
-(5 layers, γ = 7, Markov rank 256). Each measurement runs in its own process; peak RSS is the child's
-`ru_maxrss`. The plain export loads the same checkpoint with `transformers` in bf16 and calls
-`torch.onnx.export(dynamo=True)` with external data — what a user would write by hand.
+For a Qwen3-0.6B-, 1.7B- or 8B-shaped random-weight bf16 target with a DSpark draft (5 layers, γ = 7, Markov
+rank 256), or a mid-size Gemma4 pair (``gemma4-1.6b``: the 12B's head shapes and layer mix on a smaller trunk;
+ours only, written to ``export_memory_gemma4.json``/``.png``). Each measurement runs in its own process; peak RSS
+is the largest `ru_maxrss` of the build's processes (GNU time). The plain export loads the same checkpoint with
+`transformers` in bf16 and calls `torch.onnx.export(dynamo=True)` with external data — what a user would write
+by hand.
 
     python benchmarks/export_memory.py --out benchmarks/results [--sizes 0.6b,1.7b] [--work /tmp/dspark-bench]
+    python benchmarks/export_memory.py --sizes gemma4-1.6b      # Gemma4 (issue 15): ours only
+    python benchmarks/export_memory.py --full --shape 0.6b [--out benchmarks/results]   # onnx,tensorrt,triton
+    python benchmarks/export_memory.py --quantize-fp8 --shape 1.7b   # onnx with --quantize fp8
+
+The full build writes ``full_build_<shape>.json`` and ``.png``: wall time, peak RSS, `export_onnx`'s seconds,
+and (engine plan bytes + the weight inputs) / (the target's weights + the draft's own). An 8B-shaped pair needs
+about 2 x 16 GB of disk (checkpoint, build) and the machine to itself.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 SHAPES = {
@@ -26,6 +37,17 @@ SHAPES = {
              "num_heads": 16, "num_kv_heads": 8, "head_dim": 128},
     "1.7b": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_layers": 28,
              "num_heads": 16, "num_kv_heads": 8, "head_dim": 128},
+    # Qwen3-8B (untied embeddings).
+    "8b": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_layers": 36,
+           "num_heads": 32, "num_kv_heads": 8, "head_dim": 128},
+}
+TIED = {"0.6b": True, "1.7b": True, "8b": False}
+GEMMA4_SHAPES = {
+    # gemma-4-12B-it's head shapes (sliding 256-wide heads, global 1 x 512 with K = V, 5 sliding : 1 global, last
+    # global) and a tied 131072-token vocabulary on a 12-layer, 1536-wide trunk: ~1.6 GB in bf16.
+    "gemma4-1.6b": {"vocab_size": 131072, "hidden_size": 1536, "intermediate_size": 6144, "num_layers": 12,
+                    "num_heads": 8, "num_kv_heads": 4, "head_dim": 256, "global_kv_heads": 1, "global_head_dim": 512,
+                    "sliding_window": 512},
 }
 
 PLAIN_EXPORT = r"""
@@ -71,23 +93,180 @@ def weight_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def run_size(name: str, work: Path) -> dict[str, object]:
+# make_tiny_pair holds every weight in float32 at once (32 GB at 8B); pairs above this many parameters are
+# written by `stream_pair` instead, one tensor at a time.
+STREAM_PARAMS = 2_000_000_000
+# The scaled-down dimensions stream_pair writes its configs and names with: all distinct, so each maps back to
+# one real dimension (hidden, q = heads x head_dim, kv, intermediate, head_dim, vocab, Markov rank, taps, conf).
+SMALL = {"vocab_size": 384, "hidden_size": 96, "intermediate_size": 160, "num_heads": 4, "num_kv_heads": 2,
+         "head_dim": 16}
+SMALL_RANK = 24
+
+
+def make_pair(name: str, work: Path) -> tuple[Path, Path]:
+    """The random-weight bf16 pair of shape ``name`` under ``work`` (made once)."""
     import torch
 
     from dspark_compile.examples import make_tiny_pair
 
-    shape = SHAPES[name]
+    shape = SHAPES.get(name) or GEMMA4_SHAPES[name]
     pair_dir = work / f"pair-{name}"
-    if not (pair_dir / "draft" / "config.json").exists():
-        make_tiny_pair(pair_dir, **shape, draft_layers=5, block_size=7, target_layer_ids=(1, 13, 24),
-                       markov_rank=256, tie_word_embeddings=True, dtype=torch.bfloat16, seed=0)
-    target, draft = pair_dir / "target", pair_dir / "draft"
+    layers = shape["num_layers"]
+    if name in GEMMA4_SHAPES and not (pair_dir / "draft" / "config.json").exists():
+        from dspark_compile.examples_gemma4 import make_tiny_gemma4_pair
+
+        make_tiny_gemma4_pair(pair_dir, **shape, draft_layers=2, block_size=7,
+                              target_layer_ids=(1, layers // 2 - 1, layers - 2), markov_rank=256,
+                              tie_word_embeddings=True, dtype=torch.bfloat16, seed=0)
+    elif not (pair_dir / "draft" / "config.json").exists():
+        params = shape["vocab_size"] * shape["hidden_size"] * (1 if TIED[name] else 2) + layers * (
+            3 * shape["hidden_size"] * shape["intermediate_size"] + 2 * shape["num_heads"] * shape["head_dim"]
+            * shape["hidden_size"] + 2 * shape["num_kv_heads"] * shape["head_dim"] * shape["hidden_size"])
+        taps = (1, layers // 2 - 1, layers - 4)
+        if params <= STREAM_PARAMS:
+            make_tiny_pair(pair_dir, **shape, draft_layers=5, block_size=7, target_layer_ids=taps,
+                           markov_rank=256, tie_word_embeddings=TIED[name], dtype=torch.bfloat16, seed=0)
+        else:
+            stream_pair(pair_dir, shape, taps, TIED[name])
+    return pair_dir / "target", pair_dir / "draft"
+
+
+def stream_pair(pair_dir: Path, shape: dict[str, int], taps: tuple[int, ...], tied: bool) -> None:
+    """make_tiny_pair's pair (same names, configs and weight scales; other, partly repeated random values) at a
+    shape too large to hold in memory: its configs and names come from a scaled-down make_tiny_pair, each weight is
+    generated and written in row blocks. The draft's embedding and LM head equal the target's."""
+    import torch
+
+    from dspark_compile.checkpoint.names import draft_weight_name, target_weight_name
+    from dspark_compile.checkpoint.store import read_header
+    from dspark_compile.examples import DRAFT_STD, MARKOV_STD, NORM_NOISE, TARGET_STD, make_tiny_pair
+
+    small = pair_dir.with_name(pair_dir.name + "-small")
+    make_tiny_pair(small, **SMALL, num_layers=shape["num_layers"], draft_layers=5, block_size=7,
+                   target_layer_ids=taps, markov_rank=SMALL_RANK, tie_word_embeddings=tied, dtype=torch.bfloat16)
+    h, q, kv = shape["hidden_size"], shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
+    real = {SMALL["vocab_size"]: shape["vocab_size"], SMALL["hidden_size"]: h,
+            SMALL["num_heads"] * SMALL["head_dim"]: q,
+            SMALL["num_kv_heads"] * SMALL["head_dim"]: kv, SMALL["intermediate_size"]: shape["intermediate_size"],
+            SMALL["head_dim"]: shape["head_dim"], SMALL_RANK: 256, len(taps) * SMALL["hidden_size"]: len(taps) * h,
+            SMALL["hidden_size"] + SMALL_RANK: h + 256, 1: 1}
+    embed = target_weight_name("embed_tokens")
+    copies = {draft_weight_name("embed_tokens"): embed,
+              draft_weight_name("lm_head"): embed if tied else target_weight_name("lm_head")}
+    for role in ("target", "draft"):
+        config = json.loads((small / role / "config.json").read_text())
+        config.update({k: shape[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "head_dim")})
+        config.update(num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"])
+        if role == "draft":
+            config["markov_rank"] = 256
+        out = pair_dir / role
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        infos = read_header(small / role / "model.safetensors")
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in sorted(infos):
+            dims = [real[d] for d in infos[name].shape]
+            nbytes = 2 * int(torch.tensor(dims).prod())
+            header[name] = {"dtype": "BF16", "shape": dims, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with (out / "model.safetensors").open("wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for name in sorted(infos):
+                dims = header[name]["shape"]  # type: ignore[index]
+                shared = copies.get(name, name) if role == "draft" else name
+                gen = torch.Generator().manual_seed(zlib.crc32(shared.encode()))  # distinct tensors, distinct values
+                norm = len(dims) == 1 and "norm" in name
+                std = NORM_NOISE if norm else MARKOV_STD if "markov" in name else (
+                    TARGET_STD if role == "target" or name in copies else DRAFT_STD)
+                # One pool of 4 Mi normal values per tensor, written at a random rotation per block of rows:
+                # drawing 10 G normals costs minutes on two cores; a build only needs the shapes and the scale.
+                pool = (torch.randn(1 << 22, generator=gen) * std + (1.0 if norm else 0.0)).to(torch.bfloat16)
+                pool = torch.cat((pool, pool))
+                left = nbytes = 2 * int(torch.tensor(dims).prod())
+                while left:
+                    start = int(torch.randint(1 << 22, (1,), generator=gen))
+                    n = min(left // 2, 1 << 22)
+                    f.write(pool[start:start + n].view(torch.uint8).numpy().tobytes())
+                    left -= 2 * n
+    shutil.rmtree(small)
+
+
+def run_full(name: str, work: Path) -> dict[str, object]:
+    """`dspark-compile build --targets onnx,tensorrt,triton` (TensorRT-RTX), in its own process."""
+    target, draft = make_pair(name, work)
+    tw, dw = loaded_bytes(target, draft)
+    out = work / f"full-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    ours = measure([sys.executable, "-m", "dspark_compile.cli", "build", "--target", str(target), "--draft",
+                    str(draft), "--out", str(out), "--dtype", "bf16", "--targets", "onnx,tensorrt,triton",
+                    "--trt-flavor", "rtx", "--max-batch", "8", "--max-context", "4096", "--json", "-q"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    plans = manifest["engines"]["plans"]
+    inputs = {(r["file"], r["offset"]): r["bytes"] for r in manifest["weight_inputs"].values()}
+    weights = tw + dw
+    plan_bytes = sum(p["plan_bytes"] for p in plans)
+    held = sum(p["weight_bytes"] for p in plans) + sum(inputs.values())
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "shape": name, **SHAPES[name], "tied_embeddings": TIED[name],
+        "target_weight_bytes": tw, "draft_own_weight_bytes": dw,
+        "build": {**ours, "peak_rss_over_weights": round(ours["peak_rss_bytes"] / weights, 3),
+                  "passes": {p["name"]: p["seconds"] for p in manifest["passes"]}},
+        "engines": {p["graph"]: {k: p[k] for k in ("plan_bytes", "weight_bytes", "activation_bytes",
+                                                   "activation_source")} for p in plans},
+        "weight_input_bytes": sum(inputs.values()),
+        "engine_bytes_over_unique_weights": round((plan_bytes + sum(inputs.values())) / weights, 4),
+        "engine_weights_over_unique_weights": round(held / weights, 4),
+        "server_memory": manifest["memory"],
+    }
+
+
+def plot_full(result: dict, png: Path) -> None:
+    """Where the time went (passes) and what the engines hold against the unique weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    passes = {k: v for k, v in result["build"]["passes"].items() if v >= 1}
+    axes[0].barh(list(passes), list(passes.values()))
+    axes[0].set_xlabel(f"seconds (wall {result['build']['wall_s']:.0f} s, 2 shared CPU cores)")
+    gb = 1e9
+    unique = (result["target_weight_bytes"] + result["draft_own_weight_bytes"]) / gb
+    bars = {"unique weights": unique, "weight inputs": result["weight_input_bytes"] / gb,
+            **{f"{g}.plan": e["plan_bytes"] / gb for g, e in result["engines"].items()}}
+    axes[1].bar(list(bars), list(bars.values()), color=["k"] + ["C1"] * (len(bars) - 1))
+    axes[1].axhline(1.10 * unique, ls="--", color="k", lw=0.8, label="goal: engines + inputs <= 1.10 x unique")
+    axes[1].set_ylabel("GB")
+    axes[1].legend(fontsize=7)
+    axes[1].set_title(f"engines + inputs / unique = {result['engine_bytes_over_unique_weights']:.3f}", fontsize=9)
+    fig.suptitle(f"Full build (onnx, tensorrt-rtx, triton) of a {result['shape']}-shaped bf16 pair; peak RSS "
+                 f"{result['build']['peak_rss_bytes'] / 2**30:.1f} GiB")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def run_size(name: str, work: Path) -> dict[str, object]:
+    shape = SHAPES.get(name) or GEMMA4_SHAPES[name]
+    target, draft = make_pair(name, work)
     tw, dw = loaded_bytes(target, draft)
     out = work / f"build-{name}"
     shutil.rmtree(out, ignore_errors=True)
     ours = measure([sys.executable, "-m", "dspark_compile.cli", "build", "--target", str(target), "--draft",
                     str(draft), "--out", str(out), "--dtype", "bf16", "--targets", "onnx", "--json", "-q"])
     build_bytes = sum(p.stat().st_size for p in (out / "onnx").iterdir())
+    weights = tw + dw
+    ours_part = {**ours, "onnx_dir_bytes": build_bytes,
+                 "peak_rss_over_weights": round(ours["peak_rss_bytes"] / weights, 3)}
+    if name in GEMMA4_SHAPES:  # no plain baseline: the question is our build's peak over what it loads
+        shutil.rmtree(out, ignore_errors=True)
+        return {"shape": name, "family": "gemma4", **shape, "target_weight_bytes": tw, "draft_own_weight_bytes": dw,
+                "checkpoint_file_bytes": weight_bytes(target) + weight_bytes(draft), "dspark_build": ours_part}
     plain_out = work / f"plain-{name}"
     shutil.rmtree(plain_out, ignore_errors=True)
     plain_out.mkdir(parents=True)
@@ -95,18 +274,34 @@ def run_size(name: str, work: Path) -> dict[str, object]:
     plain_bytes = sum(p.stat().st_size for p in plain_out.iterdir())
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(plain_out, ignore_errors=True)
-    weights = tw + dw
     return {
         "shape": name, **shape,
         "target_weight_bytes": tw, "draft_own_weight_bytes": dw, "checkpoint_file_bytes": weight_bytes(target)
         + weight_bytes(draft),
-        "dspark_build": {**ours, "onnx_dir_bytes": build_bytes,
-                         "peak_rss_over_weights": round(ours["peak_rss_bytes"] / weights, 3)},
+        "dspark_build": ours_part,
         "plain_torch_onnx_export_target_only": {**plain, "onnx_dir_bytes": plain_bytes,
                                                 "peak_rss_over_target_weights": round(plain["peak_rss_bytes"] / tw, 3)},
         "ratio_wall_ours_over_plain": round(ours["wall_s"] / plain["wall_s"], 3),
         "ratio_rss_ours_over_plain": round(ours["peak_rss_bytes"] / plain["peak_rss_bytes"], 3),
     }
+
+
+def run_quantized(name: str, work: Path) -> dict[str, object]:
+    """`dspark-compile build --targets onnx --quantize fp8` (issue 12's build-memory goal): peak RSS over the
+    bytes the build loads (the bf16 checkpoint it quantizes)."""
+    target, draft = make_pair(name, work)
+    tw, dw = loaded_bytes(target, draft)
+    out = work / f"fp8-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    ours = measure([sys.executable, "-m", "dspark_compile.cli", "build", "--target", str(target), "--draft",
+                    str(draft), "--out", str(out), "--dtype", "bf16", "--targets", "onnx", "--quantize", "fp8",
+                    "--json", "-q"])
+    onnx_bytes = sum(p.stat().st_size for p in (out / "onnx").iterdir())
+    shutil.rmtree(out, ignore_errors=True)
+    return {"shape": name, **SHAPES[name], "target_weight_bytes": tw, "draft_own_weight_bytes": dw,
+            "build": {**ours, "onnx_dir_bytes": onnx_bytes,
+                      "peak_rss_over_loaded": round(ours["peak_rss_bytes"] / (tw + dw), 3)},
+            "goal": "peak RSS <= 1.3 x the bytes loaded"}
 
 
 def plot(results: dict, png: Path) -> None:
@@ -121,19 +316,23 @@ def plot(results: dict, png: Path) -> None:
     x = range(len(runs))
     gib = 2**30
     ours = [r["dspark_build"]["peak_rss_bytes"] / gib for r in runs]
-    plain = [r["plain_torch_onnx_export_target_only"]["peak_rss_bytes"] / gib for r in runs]
+    plain = [r.get("plain_torch_onnx_export_target_only") for r in runs]
     weights = [(r["target_weight_bytes"] + r["draft_own_weight_bytes"]) / gib for r in runs]
     axes[0].bar([i - 0.2 for i in x], ours, 0.4, label="dspark-compile build (target + draft)")
-    axes[0].bar([i + 0.2 for i in x], plain, 0.4, label="plain torch.onnx.export (target only)")
+    axes[0].bar([i + 0.2 for i in x], weights, 0.4, color="0.7", label="weights loaded (target + draft's own)")
+    if all(plain):
+        axes[0].bar([i + 0.6 for i in x], [p["peak_rss_bytes"] / gib for p in plain], 0.4,
+                    label="plain torch.onnx.export (target only)")
+        axes[1].bar([i + 0.2 for i in x], [p["wall_s"] for p in plain], 0.4)
     axes[0].scatter(list(x), [1.3 * w for w in weights], marker="_", s=600, color="k", label="goal 1.3 x weights")
     axes[0].set_ylabel("peak RSS (GiB)")
     axes[1].bar([i - 0.2 for i in x], [r["dspark_build"]["wall_s"] for r in runs], 0.4)
-    axes[1].bar([i + 0.2 for i in x], [r["plain_torch_onnx_export_target_only"]["wall_s"] for r in runs], 0.4)
     axes[1].set_ylabel("wall time (s), 2 CPU cores")
     for ax in axes:
         ax.set_xticks(list(x), [r["shape"] for r in runs])
-    axes[0].legend(fontsize=7)
-    fig.suptitle("ONNX export of a random-weight bf16 Qwen3 target (+ DSpark draft)")
+    axes[0].legend(fontsize=7, loc="lower right")
+    family = "Gemma4" if all(r.get("family") == "gemma4" for r in runs) else "Qwen3"
+    fig.suptitle(f"ONNX export of a random-weight bf16 {family} target (+ DSpark draft)")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -145,19 +344,43 @@ def main() -> None:
     ap.add_argument("--sizes", default="0.6b")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dspark-bench"))
     ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from an existing JSON.")
+    ap.add_argument("--full", action="store_true", help="The full build (onnx, tensorrt, triton) of --shape.")
+    ap.add_argument("--shape", default="0.6b", choices=sorted(SHAPES))
+    ap.add_argument("--quantize-fp8", action="store_true", help="The ONNX build with --quantize fp8 of --shape.")
     args = ap.parse_args()
+    if args.quantize_fp8:
+        args.work.mkdir(parents=True, exist_ok=True)
+        result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                  **run_quantized(args.shape, args.work)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"export_memory_fp8_{args.shape}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
+    if args.full:
+        path = args.out / f"full_build_{args.shape}.json"
+        if not args.plot_only:
+            args.work.mkdir(parents=True, exist_ok=True)
+            result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                      **run_full(args.shape, args.work)}
+            args.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            print(json.dumps(result, indent=2))
+        plot_full(json.loads(path.read_text()), path.with_suffix(".png"))
+        return
+    sizes = [size.strip() for size in args.sizes.split(",")]
+    stem = "export_memory_gemma4" if all(size in GEMMA4_SHAPES for size in sizes) else "export_memory"
     if args.plot_only:
-        plot(json.loads((args.out / "export_memory.json").read_text()), args.out / "export_memory.png")
+        plot(json.loads((args.out / f"{stem}.json").read_text()), args.out / f"{stem}.png")
         return
     args.work.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                "goal": "peak RSS of build <= 1.3 x weight bytes", "runs": []}
-    for size in args.sizes.split(","):
-        results["runs"].append(run_size(size.strip(), args.work))
+    for size in sizes:
+        results["runs"].append(run_size(size, args.work))
         print(json.dumps(results["runs"][-1], indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export_memory.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out / "export_memory.png")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out / f"{stem}.png")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from dspark_compile.program import build_program
-from dspark_compile.runtime.decode import GenerationParams, generate
+from dspark_compile.runtime.decode import GenerationParams, generate, read_prompt_file
 from dspark_compile.targets.torch.bench import (
     QWEN3_8B,
     SMOKE,
@@ -53,7 +53,6 @@ from dspark_compile.targets.torch.bench import (
     measure_copy_bandwidth,
     profile_kernels,
     random_pair,
-    read_prompts,
     rounds_bench,
     run_bench,
     step_times,
@@ -150,7 +149,7 @@ def bench_trained(ctx: dict[str, Any], args: argparse.Namespace, clock: Clock) -
     """The trained tiny pair: step times, and greedy decoding of the held-out prompts through the round graph
     (τ, tokens/s speculative vs target-only, losslessness) per batch."""
     root = args.trained
-    prompts = read_prompts(root / "heldout.jsonl")
+    prompts = read_prompt_file(root / "heldout.jsonl")
     out: dict[str, Any] = {"dir": str(root), "heldout_prompts": len(prompts)}
     for name in ("draft", "draft_nomarkov"):
         if not (root / name).is_dir():
@@ -316,12 +315,12 @@ def bench_profile(ctx: dict[str, Any], args: argparse.Namespace, clock: Clock) -
         for t, name in ((1, "target_1"), (g + 1, "verify_g1")):
             tokens = rng.integers(0, info.vocab_size, size=(b, t), dtype=np.int64)
             vlen = np.full(b, t - 1, dtype=np.int64)
-            calls[name] = lambda tokens=tokens, vlen=vlen, cl=cache_len: be.verify(tokens, cl, vlen, None, None, None)
+            calls[name] = lambda tokens=tokens, vlen=vlen, cl=cache_len: be.verify_step(tokens, cl, vlen)
         anchor = rng.integers(0, info.vocab_size, size=b, dtype=np.int64)
         taps = rng.standard_normal((b, g + 1, info.tap_width), dtype=np.float32)
         count = np.full(b, g + 1, dtype=np.int64)
         dlen = np.full(b, args.context - g - 1, dtype=np.int64)
-        calls["draft"] = lambda a=anchor, x=taps, c=count, d=dlen: be.draft(a, x, c, d, None, None)
+        calls["draft"] = lambda a=anchor, x=taps, c=count, d=dlen: be.draft_step(a, x, c, d)
         row = {}
         for name, fn in calls.items():
             fn()

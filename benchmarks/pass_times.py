@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dspark_compile import pipeline
-from dspark_compile.spec import make_spec
+from dspark_compile.build_spec import make_spec
 
 
 def cpu_seconds() -> float:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +39,24 @@ log = logging.getLogger("serving_bench")
 
 MODES = {"scheduled": {"verify": "schedule"}, "fixed": {"verify": "fixed"}, "target_only": {"target_only": True}}
 TEMPLATE = '{"text_input": {{ text|tojson }}, "max_tokens": {{ max_tokens }}, "stream": true}'
-METRICS = {"output_token_throughput": "output_tokens_per_s", "time_to_first_token": "ttft_ms",
+METRICS = {"output_token_throughput": "output_tokens_per_s",
+           "output_token_throughput_per_user": "per_user_tokens_per_s", "time_to_first_token": "ttft_ms",
            "inter_token_latency": "itl_ms", "request_latency": "request_latency_ms",
            "request_count": "requests", "error_request_count": "errors"}
 
 
-def run_aiperf(aiperf: str, http: str, tokenizer: Path, artifacts: Path, *, concurrency: list[int] | None,
+def run_aiperf(aiperf: Sequence[str], http: str, tokenizer: Path, artifacts: Path, *, concurrency: list[int] | None,
                rate: float | None, requests: int, input_tokens: int, output_tokens: int, timeout_s: float,
-               seed: int) -> list[dict[str, Any]]:
+               seed: int, model: str = "dspark", duration_s: float | None = None, warmup: int = 0,
+               env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """One AIPerf invocation (a sweep over ``concurrency``, or one Poisson run at ``rate``); returns one row of
-    summary metrics (ms, tokens/s) per load, by our names."""
+    summary metrics (ms, tokens/s) per load, by our names. ``duration_s`` bounds each load's time as well as its
+    ``requests``; ``warmup`` requests run first and are not counted."""
     artifacts.mkdir(parents=True, exist_ok=True)
     template = artifacts / "payload_template.json"  # a file: AIPerf splits inline --extra-inputs at commas
     template.write_text(TEMPLATE)
-    cmd = [aiperf, "profile", "--model", "dspark", "--url", http, "--endpoint-type", "template",
-           "--endpoint", "/v2/models/dspark/generate_stream", "--streaming",
+    cmd = [*aiperf, "profile", "--model", model, "--url", http, "--endpoint-type", "template",
+           "--endpoint", f"/v2/models/{model}/generate_stream", "--streaming",
            "--extra-inputs", f"payload_template:{template}", "--extra-inputs", "response_field:text_output",
            "--tokenizer", str(tokenizer), "--synthetic-input-tokens-mean", str(input_tokens),
            "--synthetic-input-tokens-stddev", "0", "--output-tokens-mean", str(output_tokens),
@@ -62,8 +66,13 @@ def run_aiperf(aiperf: str, http: str, tokenizer: Path, artifacts: Path, *, conc
         cmd += ["--concurrency", ",".join(map(str, concurrency))]
     if rate is not None:
         cmd += ["--request-rate", str(rate), "--arrival-pattern", "poisson"]
+    if duration_s is not None:
+        cmd += ["--benchmark-duration", str(duration_s), "--benchmark-grace-period", "30"]
+    if warmup:
+        cmd += ["--warmup-request-count", str(warmup)]
     t0 = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                          env={**os.environ, **(env or {})})
     wall = time.monotonic() - t0
     found = sorted(artifacts.rglob("profile_export_aiperf.json"))
     if done.returncode != 0 or not found:
@@ -78,7 +87,7 @@ def run_aiperf(aiperf: str, http: str, tokenizer: Path, artifacts: Path, *, conc
         for key, name in METRICS.items():
             value = raw.get(key)
             if isinstance(value, dict):
-                if name == "output_tokens_per_s":
+                if name in ("output_tokens_per_s", "per_user_tokens_per_s"):
                     out[name] = value.get("avg")
                     continue
                 for stat in ("avg", "p50", "p99"):
@@ -90,8 +99,8 @@ def run_aiperf(aiperf: str, http: str, tokenizer: Path, artifacts: Path, *, conc
     return sorted(rows, key=lambda r: (r["concurrency"] is None, r["concurrency"] or 0))
 
 
-def bench(build: Path, aiperf: str, out: Path, *, concurrency: list[int], poisson_rate: float, input_tokens: int,
-          output_tokens: int, requests: int, poisson_requests: int, modes: list[str],
+def bench(build: Path, aiperf: Sequence[str], out: Path, *, concurrency: list[int], poisson_rate: float,
+          input_tokens: int, output_tokens: int, requests: int, poisson_requests: int, modes: list[str],
           timeout_s: float) -> dict[str, Any]:
     spec = json.loads((build / "build_spec.json").read_text())
     tokenizer = Path(spec["target"])
@@ -124,12 +133,13 @@ def bench(build: Path, aiperf: str, out: Path, *, concurrency: list[int], poisso
     return report
 
 
-def aiperf_version(aiperf: str) -> str:
-    done = subprocess.run([aiperf, "--version"], capture_output=True, text=True, timeout=120)
+def aiperf_version(aiperf: Sequence[str], env: Mapping[str, str] | None = None) -> str:
+    done = subprocess.run([*aiperf, "--version"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
     return f"aiperf {done.stdout.strip() or done.stderr.strip()}"
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path, title: str = "tiny trained pair") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +161,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"dspark serve, {report['load_generator']}, {report['machine']['cpus']} CPUs, tiny trained pair",
+    fig.suptitle(f"dspark serve, {report['load_generator']}, {report['machine']['cpus']} CPUs, {title}",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -160,7 +170,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", type=Path, required=True, help="a build directory (onnx graphs, sps_profile.json)")
-    ap.add_argument("--aiperf", default="aiperf", help="the aiperf executable")
+    ap.add_argument("--aiperf", default="aiperf", help="the aiperf command (split at spaces)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serving_cpu")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--poisson-rate", type=float, default=2.0, help="requests/s of the Poisson-arrival run")
@@ -172,7 +182,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per AIPerf run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    bench(args.build, args.aiperf, args.out, concurrency=[int(c) for c in args.concurrency.split(",")],
+    bench(args.build, args.aiperf.split(), args.out, concurrency=[int(c) for c in args.concurrency.split(",")],
           poisson_rate=args.poisson_rate, input_tokens=args.input_tokens, output_tokens=args.output_tokens,
           requests=args.requests, poisson_requests=args.poisson_requests,
           modes=args.modes.split(","), timeout_s=args.timeout)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,7 @@ BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def _count(store: Any, names: Sequence[str]) -> int:
-    total = 0
-    for n in names:
-        c = 1
-        for d in store.shape(n):
-            c *= d
-        total += c
-    return total
+    return sum(math.prod(store.shape(n)) for n in names)
 
 
 def inspect_pair(target_dir: str | Path, draft_dir: str | Path, *, allow_nonfinite: bool = False) -> dict[str, Any]:
@@ -42,14 +37,15 @@ def inspect_pair(target_dir: str | Path, draft_dir: str | Path, *, allow_nonfini
     draft_params = _count(draft.weights, draft_own)
     return {
         "target": {
-            "path": str(target.path), "architecture": tc.architecture, "parameters": target_params,
+            "path": str(target.path), "family": tc.family, "architecture": tc.architecture,
+            "parameters": target_params,
             "layers": tc.num_hidden_layers, "hidden_size": tc.hidden_size, "vocab_size": tc.vocab_size,
             "heads": tc.num_attention_heads, "kv_heads": tc.num_key_value_heads, "head_dim": tc.head_dim,
             "tied_embeddings": tc.tie_word_embeddings, "rope_theta": tc.rope.theta,
             "stored_dtypes": sorted({target.weights.dtype(n) for n in target.weights.names()}),
         },
         "draft": {
-            "path": str(draft.path), "architecture": dc.base.architecture,
+            "path": str(draft.path), "family": dc.base.family, "architecture": dc.base.architecture,
             "parameters_excluding_shared": draft_params, "layers": dc.base.num_hidden_layers,
             "block_size": dc.block_size, "target_layer_ids": list(dc.target_layer_ids),
             "mask_token_id": dc.mask_token_id, "markov_rank": dc.markov_rank,
@@ -88,8 +84,8 @@ def generate(target_dir: str | Path, draft_dir: str | Path | None, prompts: Sequ
 def build(spec_file: str | Path | None = None, *, stop_after: str | None = None, dump_after: tuple[str, ...] = (),
           progress: bool = True, **overrides: Any) -> Any:
     """Run the compiler pipeline; ``overrides`` are BuildSpec fields (target, draft, out, dtype, ...)."""
+    from dspark_compile.build_spec import make_spec
     from dspark_compile.pipeline import PassManager
-    from dspark_compile.spec import make_spec
 
     spec = make_spec(Path(spec_file) if spec_file is not None else None, **overrides)
     return PassManager(progress=progress).run(spec, stop_after=stop_after, dump_after=dump_after)
@@ -108,9 +104,8 @@ def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device:
         from dspark_compile.runtime.torch_backend import TorchBackend
 
         manifest = read_manifest(build_dir)
-        spec, info = manifest["spec"], ProgramInfo.from_json(manifest["program"])
-        return TorchBackend.from_pair(Path(spec["target"]), Path(spec["draft"]), dtype=info.dtype, device=device,
-                                      block_size=info.block_size, allow_nonfinite=spec.get("allow_nonfinite", False))
+        return TorchBackend.from_program(build_program_of(manifest, device=device),
+                                         block_size=manifest["program"]["block_size"])
     if backend == "tensorrt":  # the engines in BUILD/engines on a GPU; unverified (targets/tensorrt/transport.py)
         from dspark_compile.targets.tensorrt.transport import load_tensorrt
 
@@ -118,14 +113,29 @@ def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device:
     raise UsageError(f"--backend {backend!r}: use onnxruntime or torch")
 
 
+def build_program_of(manifest: dict[str, Any], *, device: str = "cpu", dtype: str | None = None) -> Any:
+    """The PyTorch program a build's manifest describes: its checkpoints, grafted, and quantized as the build
+    was (``quantize``: passes/quantize.py); ``dtype`` overrides the build's."""
+    from dspark_compile.passes.quantize import quantize_program
+    from dspark_compile.program import build_program
+
+    spec = manifest["spec"]
+    info = ProgramInfo.from_json(manifest["program"])
+    program = build_program(Path(spec["target"]), Path(spec["draft"]) if spec.get("draft") else None,
+                            dtype=dtype or info.dtype, device="cpu", allow_nonfinite=spec.get("allow_nonfinite", False))
+    if spec.get("quantize"):
+        quantize_program(program, lm_head=spec.get("quantize_lm_head", False), draft=spec.get("quantize_draft", False))
+    program.target.to(device)
+    if program.draft is not None:
+        program.draft.to(device)
+    return program
+
+
 def run(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str = "onnxruntime",
         max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, verify: str = "auto",
         baseline: bool = False, device: str = "cpu") -> list[GenerationResult]:
-    """Decode with a build's graphs (or its torch program), exactly like :func:`generate`.
-
-    ``verify="auto"`` uses the confidence scheduler when the build has been profiled (sps_profile.json) and
-    the draft has a confidence head, else verifies every draft.
-    """
+    """Decode with a build's graphs (or its torch program), exactly like :func:`generate`; ``verify="auto"``
+    schedules when the build has been profiled and the draft has a confidence head, else verifies every draft."""
     be = load_backend(build_dir, backend, device=device)
     policy = VerifyPolicy.for_build(Path(build_dir), verify, has_confidence=be.info.has_confidence)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, policy=policy)
@@ -137,10 +147,9 @@ DEMO_PROMPTS = ("import os\nimport sys\n\n\ndef main():\n", "class Stack:\n    d
 
 
 def demo(out: str | Path, *, progress: bool = True, max_new_tokens: int = 48) -> dict[str, Any]:
-    """The built-in example end to end: copy the shipped trained tiny pair (Qwen3 target + DSpark draft, trained
-    on the Python standard library) to ``out/example``, build every target this machine can build, decode text
-    prompts with onnxruntime, and check the tokens against the PyTorch reference and target-only decoding
-    (greedy speculative decoding must be lossless). The report carries the prompt and generated text."""
+    """The built-in example end to end: build the shipped trained tiny pair (copied to ``out/example``) for every
+    target this machine can build, decode text prompts with onnxruntime, and check the tokens against the PyTorch
+    reference and target-only decoding (greedy speculative decoding is lossless)."""
     import importlib.util
 
     from dspark_compile.examples import trained_tiny_pair
@@ -178,12 +187,8 @@ def demo(out: str | Path, *, progress: bool = True, max_new_tokens: int = 48) ->
 
 def serve(build_dir: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
           verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0) -> Any:
-    """Start the bundled tritonserver on a build's Triton repository and wait until it is ready.
-
-    Returns a running :class:`dspark_compile.serving.serve.Server` (``.endpoints``, ``.stop()``; also a
-    context manager). Ports 0 pick free ones. ``verify`` (fixed | threshold=X | schedule | auto) and
-    ``target_only`` override the build's orchestrator settings (baselines from the same build).
-    """
+    """A running :class:`dspark_compile.serving.serve.Server` (the bundled tritonserver) on a build's Triton
+    repository, once ready; ports 0 pick free ones, ``verify``/``target_only`` override the build's settings."""
     from dspark_compile.serving.serve import Server
 
     return Server(build_dir, host=host, http_port=http_port, grpc_port=grpc_port, verify=verify,
@@ -227,30 +232,33 @@ def calibrate(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backen
             "ece_after": list(cal.ece_after)}
 
 
-def bench(build_dir: str | Path, *, batches: Sequence[int] = (1, 16, 64), max_new_tokens: int = 64,
+def bench(build_dir: str | Path | None, *, batches: Sequence[int] = (1, 16, 64), max_new_tokens: int = 64,
           prompts: Sequence[Sequence[int]] | None = None, repeats: int = 10, context: int = 1024,
           dtype: str = "bf16", device: str = "auto", replay: Sequence[str] = (),
-          plot: str | Path | None = None) -> dict[str, Any]:
-    """Speed of a build's program with the torch target, per batch size, in one run: step times T_target(1),
-    T_verify(γ+1), T_draft, their overhead ratio and byte floor; then greedy decoding of ``prompts`` through
-    the one-graph-per-round backend, target-only and speculative: tokens/s, τ, host time per round (wall minus
-    graph time), whether the speculative tokens equal target-only, and the acceptance ``replay`` profiles
-    (``a``/``b``/``c``, labelled "replayed"). CUDA graphs in ``dtype`` when a GPU is visible; else the same
-    backend eagerly on the CPU in fp32, with a logged notice (``device="cuda"`` then raises
-    BackendUnavailableError). Without ``prompts``, 8 seeded random prompts of 64 tokens. ``plot``: a PNG."""
+          plot: str | Path | None = None, random_shape: str | None = None) -> dict[str, Any]:
+    """Speed of a build's program (or of a ``random_shape`` pair of ``targets.torch.bench.SHAPES``) with the torch
+    target, per batch: step times and their overhead ratio, then greedy decoding target-only and speculative
+    (tokens/s, τ, host time per round, losslessness, ``replay`` profiles). CUDA graphs in ``dtype`` on a GPU,
+    else eagerly on the CPU in fp32. Without ``prompts``, 8 seeded random prompts of 64 tokens."""
     import numpy as np
     import torch
 
-    from dspark_compile.errors import BackendUnavailableError
+    from dspark_compile.errors import BackendUnavailableError, UsageError
     from dspark_compile.runtime.onnxruntime_backend import read_manifest
-    from dspark_compile.targets.torch.bench import plot_bench, rounds_bench, run_bench, survival_profile
+    from dspark_compile.targets.torch.bench import (
+        SHAPES,
+        plot_bench,
+        random_pair,
+        rounds_bench,
+        run_bench,
+        survival_profile,
+    )
     from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
 
     for name in replay:
         survival_profile(name)  # a bad name is a usage error before anything loads
-    build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
-    spec, info = manifest["spec"], ProgramInfo.from_json(manifest["program"])
+    if random_shape is not None and random_shape not in SHAPES:
+        raise UsageError(f"--random-shape {random_shape!r}: expected one of {', '.join(SHAPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailableError(f"device {device!r} was asked for but torch sees no CUDA GPU "
                                       f"(torch {torch.__version__}); use --device auto or cpu")
@@ -258,13 +266,20 @@ def bench(build_dir: str | Path, *, batches: Sequence[int] = (1, 16, 64), max_ne
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         logging.getLogger(__name__).warning("no CUDA GPU: benchmarking the torch target eagerly on the CPU in fp32")
-    from dspark_compile.program import build_program
+        dtype = "fp32"
+    from dspark_compile.program import torch_dtype
 
-    program = build_program(Path(spec["target"]), Path(spec["draft"]) if spec.get("draft") else None,
-                            dtype=dtype if device != "cpu" else "fp32", device=device,
-                            allow_nonfinite=spec.get("allow_nonfinite", False))
-    backend = CudaGraphBackend(program.target, program.draft, block_size=info.block_size,
-                               eos_token_ids=program.eos_token_ids)
+    if random_shape is not None:
+        target, draft = random_pair(SHAPES[random_shape], device=device, dtype=torch_dtype(dtype))
+        backend = CudaGraphBackend(target, draft)
+        info = backend.info
+    else:
+        build_dir = Path(build_dir)
+        manifest = read_manifest(build_dir)
+        info = ProgramInfo.from_json(manifest["program"])
+        program = build_program_of(manifest, device=device, dtype=dtype)
+        backend = CudaGraphBackend(program.target, program.draft, block_size=info.block_size,
+                                   eos_token_ids=program.eos_token_ids)
     source = "given"
     if prompts is None:
         prompts = np.random.default_rng(0).integers(0, info.vocab_size, size=(8, 64)).tolist()
@@ -280,7 +295,8 @@ def bench(build_dir: str | Path, *, batches: Sequence[int] = (1, 16, 64), max_ne
                 "speedup": spec_row["tokens_per_s"] / dec["target_only"]["tokens_per_s"],
                 "host_ms_per_round": spec_row["host_ms_per_round"],
                 "lossless_fraction": spec_row.get("identical_to_target_only", 1.0)}
-    report["build"] = str(build_dir)
+    report["build"] = str(build_dir) if random_shape is None else f"random {random_shape}"
+    report["family"] = info.family
     report["prompts"] = source
     if plot is not None:
         plot_bench(report, Path(plot))

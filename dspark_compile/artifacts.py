@@ -6,6 +6,9 @@ them once; later passes read them from here, never from the files.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +17,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import onnx_ir as ir
 
-GRAPH_NAMES = ("target_prefill", "target_verify", "draft_propose")
+GRAPH_NAMES = ("target_step", "draft_propose")
 PORTABLE = "portable"  # standard ONNX ops only: onnxruntime, TensorRT-RTX, any ONNX runtime
-PLUGIN = "plugin"  # target_verify keeping the dspark::SpecVerify node, for full TensorRT with our plugin
+PLUGIN = "plugin"  # target_step keeping the dspark::SpecVerify node, for full TensorRT with our plugin
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes: what the manifest and the engine metadata record."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move a finished directory into place; an existing ``out`` is swapped out, then removed."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
 
 
 @dataclass(frozen=True)
@@ -63,12 +83,6 @@ class GraphIO:
         import onnx_ir as ir
 
         return cls.of(ir.load(path))
-
-    def input(self, name: str) -> TensorIO | None:
-        return next((t for t in self.inputs if t.name == name), None)
-
-    def output(self, name: str) -> TensorIO | None:
-        return next((t for t in self.outputs if t.name == name), None)
 
     def to_json(self) -> dict[str, Any]:
         return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
@@ -128,6 +142,9 @@ class Engine:
     flavor: str
     precision: str
     uses_plugin: bool
+    weight_bytes: int = 0  # the graph's constant weights, which the engine holds (its weight inputs excluded)
+    activation_bytes: tuple[int, ...] = ()  # device memory of one execution context, per optimization profile
+    activation_source: str = "estimate"  # "tensorrt" (the built engine's own numbers) or "estimate"
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dspark_compile.artifacts import Engines, OnnxGraphs, TritonRepository
+from dspark_compile.build_spec import BuildSpec
 from dspark_compile.runtime.backend import ProgramInfo
-from dspark_compile.spec import BuildSpec
 
 if TYPE_CHECKING:
     from dspark_compile.artifacts import GraphIO
@@ -30,7 +30,10 @@ class BuildState:
     program: DecodeProgram | None = None  # graft
     parts: PartitionedProgram | None = None  # partition
     info: ProgramInfo | None = None  # partition
+    quantization: dict[str, Any] | None = None  # quantize
+    acceptance: dict[str, Any] | None = None  # check_acceptance
     onnx: OnnxGraphs | None = None  # export_onnx, then each ONNX pass
+    weight_inputs: dict[str, dict[str, Any]] | None = None  # share_weights: where each weight input is stored
     engines: Engines | None = None  # build_tensorrt
     triton: TritonRepository | None = None  # package_triton
     manifest: dict[str, Any] | None = None  # manifest

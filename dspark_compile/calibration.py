@@ -1,13 +1,9 @@
 """Sequential Temperature Scaling (STS) of the draft's confidence head (DSPARK.md §5).
 
-The scheduler multiplies per-position confidences into prefix survival probabilities
-a_k = Π_{i≤k} c_i, so what must be calibrated is that product, not each c_k on its own. STS fits one
-temperature per position, left to right: t_k is a 1-D grid search minimising the expected calibration error
-(ECE) of Π_{i≤k} sigmoid(logit_i / t_i) against the observed event "the first k drafts were accepted", with
-t_1..t_{k-1} already fixed.
-
-Observation model: a round that verified ℓ drafts and accepted j ≤ ℓ of them tells, for k ≤ ℓ, whether
-the prefix of length k was accepted (j ≥ k); for k > ℓ it tells nothing, so it is left out of position k.
+The scheduler multiplies per-position confidences into prefix survival probabilities a_k = Π_{i≤k} c_i, so
+the product is what must be calibrated: t_k is a grid search minimising the ECE of Π_{i≤k} sigmoid(logit_i /
+t_i) against "the first k drafts were accepted", t_1..t_{k-1} fixed. A round that verified ℓ drafts tells
+nothing about positions k > ℓ, so it is left out there.
 """
 
 from __future__ import annotations
@@ -25,6 +21,8 @@ import numpy as np
 from dspark_compile.errors import UsageError
 
 FORMAT = "dspark-sts-calibration"
+METHOD = "sequential temperature scaling; c_k = sigmoid(logit_k / t_k)"
+_AGAIN = "run `dspark-compile calibrate` again"
 DEFAULT_GRID: tuple[float, ...] = tuple(float(t) for t in np.geomspace(0.05, 20.0, 121))  # 1.0 is on it
 
 
@@ -57,11 +55,8 @@ def expected_calibration_error(probs: np.ndarray, events: np.ndarray, n_bins: in
 
 @dataclass(frozen=True)
 class StsCalibration:
-    """Per-position temperatures and the per-position ECE of the prefix product before/after scaling.
-
-    ``ece_before``/``ece_after``/``n_observed`` are indexed by position k = 1..γ; an ECE is None where no
-    round verified k drafts (its temperature is then left at 1).
-    """
+    """Per-position temperatures and ECE of the prefix product before/after scaling, by position k = 1..γ (None
+    where no round verified k drafts; its temperature stays 1)."""
 
     temperatures: tuple[float, ...]
     ece_before: tuple[float | None, ...]
@@ -77,53 +72,35 @@ class StsCalibration:
         """Calibrated per-position confidences c_k = sigmoid(logit_k / t_k) for logits shaped [..., γ]."""
         z = np.asarray(confidence_logits, dtype=np.float64)
         if z.ndim == 0 or z.shape[-1] != self.block_size:
-            raise UsageError(
-                f"calibration: expected confidence logits with last dimension γ = {self.block_size}, "
-                f"found shape {z.shape}; use the calibration fitted for this draft's block size"
-            )
+            raise UsageError(f"calibration: expected confidence logits with last dimension γ = {self.block_size}, "
+                             f"found shape {z.shape}; use the calibration fitted for this draft's block size")
         return sigmoid(z / np.asarray(self.temperatures))
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "format": FORMAT,
-            "version": 1,
-            "method": "sequential temperature scaling; c_k = sigmoid(logit_k / t_k)",
-            "temperatures": list(self.temperatures),
-            "ece_before": list(self.ece_before),
-            "ece_after": list(self.ece_after),
-            "n_observed": list(self.n_observed),
-            "n_bins": self.n_bins,
-        }
-
-    @classmethod
-    def from_dict(cls, data: object, source: str = "calibration") -> StsCalibration:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise UsageError(f"{source}: expected a JSON object with format {FORMAT!r}; rerun fit_sts")
-        try:
-            temps = tuple(float(t) for t in data["temperatures"])
-            cal = cls(
-                temperatures=temps,
-                ece_before=tuple(None if e is None else float(e) for e in data["ece_before"]),
-                ece_after=tuple(None if e is None else float(e) for e in data["ece_after"]),
-                n_observed=tuple(int(n) for n in data["n_observed"]),
-                n_bins=int(data["n_bins"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UsageError(f"{source}: missing or malformed field ({exc!r}); rerun fit_sts") from None
-        if not temps or not all(np.isfinite(temps)) or min(temps) <= 0:
-            raise UsageError(f"{source}: temperatures must be finite and > 0, found {list(temps)}")
-        return cal
-
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        _write_atomically(Path(path), json.dumps(self.to_dict(), indent=2).encode() + b"\n")
+        data = {"format": FORMAT, "version": 1, "method": METHOD, "temperatures": list(self.temperatures),
+                "ece_before": list(self.ece_before), "ece_after": list(self.ece_after),
+                "n_observed": list(self.n_observed), "n_bins": self.n_bins}
+        _write_atomically(Path(path), json.dumps(data, indent=2).encode() + b"\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> StsCalibration:
+        """Read a calibration.json (`dspark-compile calibrate`), every field checked."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{path}: cannot read calibration JSON ({exc}); pass a fit_sts output") from None
-        return cls.from_dict(data, str(path))
+            raise UsageError(f"{path}: cannot read calibration JSON ({exc}); {_AGAIN}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UsageError(f"{path}: expected a JSON object with format {FORMAT!r}; {_AGAIN}")
+        try:
+            temps = tuple(float(t) for t in data["temperatures"])
+            ece = {k: tuple(None if e is None else float(e) for e in data[k]) for k in ("ece_before", "ece_after")}
+            cal = cls(temps, ece["ece_before"], ece["ece_after"], tuple(int(n) for n in data["n_observed"]),
+                      int(data["n_bins"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"{path}: missing or malformed field ({exc!r}); {_AGAIN}") from None
+        if not temps or not all(np.isfinite(temps)) or min(temps) <= 0:
+            raise UsageError(f"{path}: temperatures must be finite and > 0, found {list(temps)}")
+        return cal
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
@@ -138,9 +115,8 @@ def _write_atomically(path: Path, payload: bytes) -> None:
         raise
 
 
-def _rounds(
-    confidence_logits: np.ndarray, accepted_drafts: np.ndarray, verify_lengths: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _rounds(confidence_logits: np.ndarray, accepted_drafts: np.ndarray,
+            verify_lengths: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validated float logits [N, γ], accepted [N] and verify lengths [N] (γ where not given)."""
     z = np.asarray(confidence_logits, dtype=np.float64)
     if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0 or not np.all(np.isfinite(z)):
@@ -150,30 +126,18 @@ def _rounds(
     vl = np.full(n, gamma) if verify_lengths is None else np.asarray(verify_lengths)
     for name, v in (("accepted_drafts", acc), ("verify_lengths", vl)):
         if v.shape != (n,) or not np.issubdtype(v.dtype, np.integer) or v.min() < 0 or v.max() > gamma:
-            raise UsageError(
-                f"calibration: expected {name} as {n} integers in 0..{gamma}, found shape {v.shape}, "
-                f"dtype {v.dtype}, range {v.min() if v.size else None}..{v.max() if v.size else None}"
-            )
+            raise UsageError(f"calibration: expected {name} as {n} integers in 0..{gamma}, found shape {v.shape}, "
+                             f"dtype {v.dtype}, range {v.min() if v.size else None}..{v.max() if v.size else None}")
     if np.any(acc > vl):
         r = int(np.argmax(acc > vl))
         raise UsageError(f"calibration: round {r} accepted {acc[r]} drafts but verified only {vl[r]}")
     return z, acc.astype(np.int64), vl.astype(np.int64)
 
 
-def fit_sts(
-    confidence_logits: np.ndarray,
-    accepted_drafts: np.ndarray,
-    verify_lengths: np.ndarray | None = None,
-    *,
-    grid: Sequence[float] = DEFAULT_GRID,
-    n_bins: int = 10,
-) -> StsCalibration:
-    """Fit one temperature per position by Sequential Temperature Scaling on held-out rounds.
-
-    ``confidence_logits`` [N, γ] are the draft's pre-sigmoid confidences, ``accepted_drafts`` [N] the drafts
-    accepted in each round (0..γ, bonus not counted) and ``verify_lengths`` [N] how many were verified (γ
-    when None). Grid ties (ECE is piecewise constant in t) go to the temperature closest to 1.
-    """
+def fit_sts(confidence_logits: np.ndarray, accepted_drafts: np.ndarray, verify_lengths: np.ndarray | None = None, *,
+            grid: Sequence[float] = DEFAULT_GRID, n_bins: int = 10) -> StsCalibration:
+    """One temperature per position from held-out rounds: pre-sigmoid ``confidence_logits`` [N, γ], drafts
+    accepted [N] (bonus not counted) and verified [N] (γ when None). Grid ties go to the temperature nearest 1."""
     z, acc, vl = _rounds(confidence_logits, accepted_drafts, verify_lengths)
     temps_grid = np.asarray(grid, dtype=np.float64)
     if temps_grid.ndim != 1 or temps_grid.size == 0 or not np.all(np.isfinite(temps_grid) & (temps_grid > 0)):
@@ -209,9 +173,8 @@ def fit_sts(
     return StsCalibration(tuple(temps), tuple(before), tuple(after), tuple(counts), n_bins)
 
 
-def _pooled(
-    cal: StsCalibration | None, z: np.ndarray, acc: np.ndarray, vl: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _pooled(cal: StsCalibration | None, z: np.ndarray, acc: np.ndarray,
+            vl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All observed (round, k) pairs: predicted prefix survival (raw when ``cal`` is None) and the outcome."""
     c = sigmoid(z) if cal is None else cal.apply(z)
     prefix = np.cumprod(c, axis=1)
@@ -220,13 +183,8 @@ def _pooled(
     return prefix[seen], (acc[:, None] >= k)[seen].astype(np.float64)
 
 
-def reliability_diagram(
-    cal: StsCalibration,
-    confidence_logits: np.ndarray,
-    accepted_drafts: np.ndarray,
-    path_png: str | os.PathLike[str],
-    verify_lengths: np.ndarray | None = None,
-) -> None:
+def reliability_diagram(cal: StsCalibration, confidence_logits: np.ndarray, accepted_drafts: np.ndarray,
+                        path_png: str | os.PathLike[str], verify_lengths: np.ndarray | None = None) -> None:
     """Reliability diagram of the prefix survival over all positions (before/after) plus per-position ECE."""
     from matplotlib.figure import Figure  # Figure renders with Agg and touches no pyplot global state
 
@@ -260,15 +218,9 @@ def reliability_diagram(
     _write_atomically(Path(path_png), png.getvalue())
 
 
-def calibrate(
-    confidence_logits: np.ndarray,
-    accepted_drafts: np.ndarray,
-    out_dir: str | os.PathLike[str],
-    verify_lengths: np.ndarray | None = None,
-    *,
-    grid: Sequence[float] = DEFAULT_GRID,
-    n_bins: int = 10,
-) -> StsCalibration:
+def calibrate(confidence_logits: np.ndarray, accepted_drafts: np.ndarray, out_dir: str | os.PathLike[str],
+              verify_lengths: np.ndarray | None = None, *, grid: Sequence[float] = DEFAULT_GRID,
+              n_bins: int = 10) -> StsCalibration:
     """Fit STS and write ``out_dir/calibration.json`` and ``out_dir/reliability.png``."""
     cal = fit_sts(confidence_logits, accepted_drafts, verify_lengths, grid=grid, n_bins=n_bins)
     out = Path(out_dir)

@@ -18,14 +18,10 @@ from typing import Any, TypeVar
 import click
 
 from dspark_compile.errors import DsparkError, UsageError
+from dspark_compile.runtime.decode import read_prompt_file
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("dspark_compile")
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def parse_prompt_ids(text: str) -> list[int]:
@@ -36,27 +32,6 @@ def parse_prompt_ids(text: str) -> list[int]:
         return [int(p) for p in parts]
     except ValueError:
         raise UsageError(f"--prompt-ids {text!r}: token ids must be integers, e.g. --prompt-ids 1,2,3") from None
-
-
-def read_prompt_file(path: Path) -> list[list[int]]:
-    """JSON Lines: each line a list of ids or an object with `prompt_ids` (or `prompt`)."""
-    if not path.is_file():
-        raise UsageError(f"{path}: prompt file not found; pass a JSON Lines file with one id list per line")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); expected e.g. [1, 2, 3]") from None
-        ids = row.get("prompt_ids", row.get("prompt")) if isinstance(row, dict) else row
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise UsageError(f"{path}:{n}: expected a list of integer token ids or {{\"prompt_ids\": [...]}}")
-        prompts.append(ids)
-    if not prompts:
-        raise UsageError(f"{path}: no prompts in the file")
-    return prompts
 
 
 def prompts_from(prompt_ids: tuple[str, ...], prompt_file: Path | None) -> list[list[int]]:
@@ -83,7 +58,8 @@ def common(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, debug: bool, verbose: int, quiet: bool, **kwargs: Any) -> Any:
         del debug  # read by main() from argv: it decides before click parses whether errors get a traceback
-        _setup_logging(verbose, quiet)
+        level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -95,16 +71,51 @@ def cli() -> None:
     """Compile a Qwen3 target + DSpark draft head into speculative-decoding engines."""
 
 
+def _inspect_build(build_dir: Path, as_json: bool) -> None:
+    """The GPU memory a server of the build needs at its max batch and context (manifest ``memory``)."""
+    from dspark_compile.passes.manifest import gib, server_memory
+    from dspark_compile.runtime.onnxruntime_backend import read_manifest
+
+    manifest = read_manifest(build_dir)
+    memory = server_memory(manifest)
+    assert memory is not None  # read_manifest refuses a build without a program
+    engines = [{k: p[k] for k in ("graph", "plan_bytes", "weight_bytes", "activation_bytes", "activation_source")}
+               for p in (manifest.get("engines") or {}).get("plans") or []]
+    report = {"build": str(build_dir), "memory": memory, "engines": engines}
+
+    def human(r: dict[str, Any]) -> None:
+        m = r["memory"]
+        lines = [f"GPU memory of a server of {r['build']} at batch {m['max_batch']}, {m['max_context']} slots:",
+                 f"  weights      {gib(m['weight_bytes'])} (every engine's, and the shared embedding / LM head once)",
+                 f"  KV caches    {gib(m['kv_cache_bytes'])}",
+                 f"  activations  {gib(m['activation_bytes'])} ({', '.join(m['activation_source'])})",
+                 f"  buffers      {gib(m['buffer_bytes'])}",
+                 f"  total        {gib(m['total_bytes'])}"]
+        for e in r["engines"]:
+            lines.append(f"  engine {e['graph']}: plan {gib(e['plan_bytes'])}, weights {gib(e['weight_bytes'])}, "
+                         f"activations per profile {[round(a / 2**30, 2) for a in e['activation_bytes']]} GiB")
+        click.echo("\n".join(lines))
+
+    emit(report, as_json, human)
+
+
 @cli.command()
 @click.argument("target", type=click.Path(path_type=Path))
-@click.argument("draft", type=click.Path(path_type=Path))
+@click.argument("draft", type=click.Path(path_type=Path), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf weights.")
 @common
-def inspect(target: Path, draft: Path, as_json: bool, allow_nonfinite: bool) -> None:
-    """Describe a (target, draft) pair and say whether it is compatible."""
+def inspect(target: Path, draft: Path | None, as_json: bool, allow_nonfinite: bool) -> None:
+    """Describe a (TARGET, DRAFT) pair and say whether it is compatible; or, given one BUILD directory, the GPU
+    memory a server of it needs (weights, KV caches, activations at the built max batch and context)."""
     from dspark_compile import api
 
+    if draft is None:
+        if not (target / "manifest.json").is_file():
+            raise UsageError(f"{target}: not a build directory (no manifest.json); pass a build directory, or "
+                             "TARGET DRAFT checkpoint directories")
+        _inspect_build(target, as_json)
+        return
     report = api.inspect_pair(target, draft, allow_nonfinite=allow_nonfinite)
 
     def human(r: dict[str, Any]) -> None:
@@ -117,6 +128,7 @@ def inspect(target: Path, draft: Path, as_json: bool, allow_nonfinite: bool) -> 
         t.add_column("draft")
         tg, dr = r["target"], r["draft"]
         t.add_row("path", tg["path"], dr["path"])
+        t.add_row("family", tg["family"], dr["family"])
         t.add_row("architecture", tg["architecture"], dr["architecture"])
         t.add_row("parameters", f"{tg['parameters']:,}", f"{dr['parameters_excluding_shared']:,} (+ shared)")
         t.add_row("layers", str(tg["layers"]), str(dr["layers"]))
@@ -185,8 +197,15 @@ def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prom
 @click.option("--triton-mode", type=click.Choice(["bls", "onnxruntime_inprocess"]),
               help="How the Triton orchestrator runs the graphs.")
 @click.option("--kv-buckets", help="Comma-separated cache-slot bucket edges for TensorRT profiles.")
+@click.option("--gpu-memory", help="GPU memory of the server (e.g. 80GiB): fail (exit 3) when the build needs more.")
 @click.option("--no-plugin", is_flag=True, default=None, help="Decompose SpecVerify even for full TensorRT.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf weights.")
+@click.option("--quantize", type=click.Choice(["fp8"]), help="FP8 (e4m3) target linear weights, per-channel scales.")
+@click.option("--quantize-lm-head", is_flag=True, default=None, help="With --quantize: the LM head too.")
+@click.option("--quantize-draft", is_flag=True, default=None, help="With --quantize: the draft's layers too.")
+@click.option("--check-acceptance", type=click.Path(path_type=Path),
+              help="Prompts (JSON Lines): decode with the build and the full-precision reference; exit 3 on a τ drop.")
+@click.option("--max-tau-drop", type=float, help="Largest relative τ drop --check-acceptance accepts (default 0.03).")
 @click.option("--stop-after", help="Stop after this pass (the build is still finalised).")
 @click.option("--dump-after", multiple=True, help="Copy the artifacts as they are after this pass into dump/.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
@@ -366,7 +385,9 @@ def demo(out: Path, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.argument("build_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--random-shape", type=click.Choice(["qwen3-8b", "gemma4-12b", "smoke", "gemma4-smoke"]),
+              help="Instead of BUILD_DIR: a pair of this published shape with random weights built on the device.")
 @click.option("--batch", "batch", default="1,16,64", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--replay", default="", help="Acceptance replay profiles, comma-separated: a (Qwen3-8B GSM8K), "
@@ -380,8 +401,9 @@ def demo(out: Path, as_json: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu (auto: CUDA when visible).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with every number.")
 @common
-def bench(build_dir: Path, batch: str, max_new_tokens: int, replay: str, plot: Path | None, prompt_file: Path | None,
-          repeats: int, context: int, dtype: str, device: str, as_json: bool) -> None:
+def bench(build_dir: Path | None, random_shape: str | None, batch: str, max_new_tokens: int, replay: str,
+          plot: Path | None, prompt_file: Path | None, repeats: int, context: int, dtype: str, device: str,
+          as_json: bool) -> None:
     """Decode speed with the torch target (one CUDA graph per round on a GPU): step times, overhead ratio, τ,
     tokens/s speculative vs target-only, host time per round, losslessness; optionally replayed acceptance."""
     from dspark_compile import api
@@ -394,8 +416,10 @@ def bench(build_dir: Path, batch: str, max_new_tokens: int, replay: str, plot: P
         raise UsageError(f"--batch {batch!r}: batch sizes must be >= 1")
     prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
     replays = tuple(r.strip() for r in replay.split(",") if r.strip())
+    if (build_dir is None) == (random_shape is None):
+        raise UsageError("bench: give either BUILD_DIR or --random-shape (not both)")
     rep = api.bench(build_dir, batches=batches, max_new_tokens=max_new_tokens, prompts=prompts, repeats=repeats,
-                    context=context, dtype=dtype, device=device, replay=replays, plot=plot)
+                    context=context, dtype=dtype, device=device, replay=replays, plot=plot, random_shape=random_shape)
     if as_json:
         click.echo(json.dumps(rep, separators=(",", ":")))
         return

@@ -1,8 +1,5 @@
-"""User-facing errors.
-
-Every mistake a user can make (bad path, corrupt file, mismatched pair, bad flag) raises a subclass of
-:class:`DsparkError` whose message is one line naming the file/field, what was expected, what was found and
-what to do. The CLI prints it as one stderr line and exits with :attr:`DsparkError.exit_code`. Bugs stay
+"""User-facing errors: each a :class:`DsparkError` whose message is one line naming the file or field, what
+was expected, what was found and what to do; the CLI prints it and exits with its ``exit_code``. Bugs stay
 ordinary exceptions (tracebacks).
 """
 

@@ -1,12 +1,8 @@
-"""Tiny (Qwen3 target, DSpark draft) pairs in the real on-disk formats.
+"""Tiny (Qwen3 target, DSpark draft) pairs in the real on-disk formats (JSON and safetensors only).
 
-:func:`trained_tiny_pair` is the pair shipped inside the package (the CLI demo's): trained by
-``examples/tiny_pair/train.py --preset cpu`` on the Python standard library, with its tokenizer, so drafts are
-accepted and text comes out. :func:`make_tiny_pair` writes a random pair of any shape (the test suite's
-fixture). Only JSON and safetensors are
-written (no ``transformers`` import); the target directory is a genuine Hugging Face ``Qwen3ForCausalLM``
-checkpoint and the draft matches what DeepSpec's ``Qwen3DSparkModel.save_pretrained`` writes (the golden
-``draft/config.json`` shows the field set).
+:func:`trained_tiny_pair` is the pair shipped inside the package (the demo's, trained by
+``examples/tiny_pair/train.py --preset cpu``); :func:`make_tiny_pair` writes a random pair of any shape (the
+tests' fixture) as a Hugging Face ``Qwen3ForCausalLM`` and what DeepSpec's ``save_pretrained`` writes.
 """
 
 from __future__ import annotations
@@ -20,8 +16,14 @@ import torch
 from safetensors.torch import save_file
 
 from dspark_compile.checkpoint.load import SAFETENSORS_FILE, SAFETENSORS_INDEX
-from dspark_compile.checkpoint.names import LAYER_PARTS, draft_weight_name, target_weight_name
-from dspark_compile.config import MARKOV_HEAD_TYPES
+from dspark_compile.checkpoint.names import (
+    WeightSpec,
+    draft_weight_name,
+    draft_weight_specs,
+    target_weight_name,
+    target_weight_specs,
+)
+from dspark_compile.model_config import MARKOV_HEAD_TYPES, parse_draft_config, parse_target_config
 
 TARGET_STD = 0.02
 DRAFT_STD = 0.05
@@ -49,38 +51,19 @@ def trained_tiny_pair(copy_to: str | Path | None = None) -> tuple[Path, Path]:
     return root / "target", root / "draft"
 
 
-def make_tiny_pair(
-    out_dir: str | Path,
-    *,
-    vocab_size: int = 384,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    head_dim: int = 16,
-    draft_layers: int = 2,
-    block_size: int = 7,
-    target_layer_ids: tuple[int, ...] = (0, 1, 2),
-    markov_rank: int = 16,
-    markov_head_type: str = "vanilla",
-    confidence_head: bool = True,
-    confidence_with_markov: bool = True,
-    tie_word_embeddings: bool = False,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    rope_spelling: Literal["parameters", "theta"] = "parameters",
-    sharded: bool = False,
-) -> tuple[Path, Path]:
-    """Write ``out_dir/target`` and ``out_dir/draft``; return their paths.
+def make_tiny_pair(out_dir: str | Path, *, vocab_size: int = 384, hidden_size: int = 64, intermediate_size: int = 128,
+                   num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16,
+                   draft_layers: int = 2, block_size: int = 7, target_layer_ids: tuple[int, ...] = (0, 1, 2),
+                   markov_rank: int = 16, markov_head_type: str = "vanilla", confidence_head: bool = True,
+                   confidence_with_markov: bool = True, tie_word_embeddings: bool = False,
+                   dtype: torch.dtype = torch.float32, seed: int = 0,
+                   rope_spelling: Literal["parameters", "theta"] = "parameters",
+                   sharded: bool = False) -> tuple[Path, Path]:
+    """Write ``out_dir/target`` and ``out_dir/draft`` (replacing their weights); return their paths.
 
-    Target weights are N(0, 0.02) with norm weights 1 + small noise (the golden recipe); draft weights are
-    N(0, 0.05) so that drafted tokens and confidences vary, and the draft's ``embed_tokens``/``lm_head`` are
-    copies of the target's. ``markov_rank=0`` gives a draft without a Markov head (its confidence head then
-    reads the hidden state only). ``rope_spelling="theta"`` writes the ``rope_theta``/``torch_dtype``
-    spelling of the released Qwen3 configs instead of transformers 5's ``rope_parameters``/``dtype``.
-    ``sharded`` splits each weight file in two shards plus an index. Weight files already in the
-    directories are replaced.
+    Target weights follow the golden recipe; draft weights are wider so drafts and confidences vary.
+    ``rope_spelling="theta"``: the released Qwen3 configs' ``rope_theta``/``torch_dtype`` spelling.
+    ``sharded``: two shards and an index per checkpoint.
     """
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
@@ -88,51 +71,10 @@ def make_tiny_pair(
         raise ValueError(f"markov_head_type must be one of {MARKOV_HEAD_TYPES}, got {markov_head_type!r}")
     out = Path(out_dir)
     gen = torch.Generator().manual_seed(seed)
-    target_config = _qwen3_config(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        tie_word_embeddings=tie_word_embeddings, dtype=dtype, rope_spelling=rope_spelling,
-    )
-    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-
-    def layer(name: str, i: int) -> dict[str, torch.Tensor]:
-        return _random_layer(name, i, gen, hidden_size, intermediate_size, q_size, kv_size, head_dim)
-
-    target: dict[str, torch.Tensor] = {
-        target_weight_name("embed_tokens"): _normal(gen, (vocab_size, hidden_size), TARGET_STD),
-        target_weight_name("norm"): _norm(gen, hidden_size),
-    }
-    if not tie_word_embeddings:
-        target[target_weight_name("lm_head")] = _normal(gen, (vocab_size, hidden_size), TARGET_STD)
-    for i in range(num_layers):
-        target.update(layer("target", i))
-    lm_head = target.get(target_weight_name("lm_head"), target[target_weight_name("embed_tokens")])
-
-    draft: dict[str, torch.Tensor] = {
-        draft_weight_name("embed_tokens"): target[target_weight_name("embed_tokens")].clone(),
-        draft_weight_name("lm_head"): lm_head.clone(),
-        draft_weight_name("fc"): _normal(gen, (hidden_size, len(target_layer_ids) * hidden_size), DRAFT_STD),
-        draft_weight_name("hidden_norm"): _norm(gen, hidden_size),
-        draft_weight_name("norm"): _norm(gen, hidden_size),
-    }
-    for i in range(draft_layers):
-        draft.update(layer("draft", i))
-    r = markov_rank
-    confidence_with_markov = confidence_with_markov and r > 0
-    if r > 0:
-        draft[draft_weight_name("markov_w1")] = _normal(gen, (vocab_size, r), MARKOV_STD)
-        draft[draft_weight_name("markov_w2")] = _normal(gen, (vocab_size, r), MARKOV_STD)
-        if markov_head_type == "gated":
-            draft[draft_weight_name("markov_gate")] = _normal(gen, (r, hidden_size + r), DRAFT_STD)
-            draft[draft_weight_name("markov_gate", suffix="bias")] = _normal(gen, (r,), DRAFT_STD)
-        elif markov_head_type == "rnn":
-            draft[draft_weight_name("markov_joint")] = _normal(gen, (3 * r, 2 * r + hidden_size), DRAFT_STD)
-            draft[draft_weight_name("markov_joint", suffix="bias")] = _normal(gen, (3 * r,), DRAFT_STD)
-    if confidence_head:
-        width = hidden_size + r if confidence_with_markov else hidden_size
-        draft[draft_weight_name("confidence")] = _normal(gen, (1, width), DRAFT_STD)
-        draft[draft_weight_name("confidence", suffix="bias")] = _normal(gen, (1,), DRAFT_STD)
-
+    target_config = _qwen3_config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                  num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                  head_dim=head_dim, tie_word_embeddings=tie_word_embeddings, dtype=dtype,
+                                  rope_spelling=rope_spelling)
     draft_config = {
         **target_config,
         "architectures": ["Qwen3DSparkModel"],
@@ -142,15 +84,23 @@ def make_tiny_pair(
         "target_layer_ids": list(target_layer_ids),
         "mask_token_id": vocab_size - 1,
         "num_anchors": 8,
-        "markov_rank": r,
+        "markov_rank": markov_rank,
         "enable_confidence_head": confidence_head,
         "tie_word_embeddings": False,
         "layer_types": ["full_attention"] * draft_layers,
     }
-    if r > 0:
+    confidence_with_markov = confidence_with_markov and markov_rank > 0
+    if markov_rank > 0:
         draft_config["markov_head_type"] = markov_head_type
     if confidence_head:
         draft_config["confidence_head_with_markov"] = confidence_with_markov
+    # Every tensor the configs call for (checkpoint/names.py), drawn in that order; the draft's embedding and LM
+    # head are copies of the target's.
+    target = draw_weights(target_weight_specs(parse_target_config(target_config, out)), gen, TARGET_STD)
+    embed = target[target_weight_name("embed_tokens")]
+    draft = {draft_weight_name("embed_tokens"): embed.clone(),
+             draft_weight_name("lm_head"): target.get(target_weight_name("lm_head"), embed).clone(),
+             **draw_weights(draft_weight_specs(parse_draft_config(draft_config, out)), gen, DRAFT_STD)}
 
     target_dir, draft_dir = out / "target", out / "draft"
     _write_checkpoint(target_dir, target_config, target, dtype, sharded)
@@ -163,30 +113,14 @@ def _qwen3_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, 
                   num_heads: int, num_kv_heads: int, head_dim: int, tie_word_embeddings: bool,
                   dtype: torch.dtype, rope_spelling: str) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "architectures": ["Qwen3ForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "hidden_size": hidden_size,
-        "initializer_range": TARGET_STD,
-        "intermediate_size": intermediate_size,
-        "layer_types": ["full_attention"] * num_layers,
-        "max_position_embeddings": 512,
-        "max_window_layers": 28,
-        "model_type": "qwen3",
-        "num_attention_heads": num_heads,
-        "num_hidden_layers": num_layers,
-        "num_key_value_heads": num_kv_heads,
-        "pad_token_id": None,
-        "rms_norm_eps": 1e-6,
-        "sliding_window": None,
-        "tie_word_embeddings": tie_word_embeddings,
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": vocab_size,
+        "hidden_size": hidden_size, "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads, "head_dim": head_dim,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "attention_bias": False, "attention_dropout": 0.0,
+        "tie_word_embeddings": tie_word_embeddings, "layer_types": ["full_attention"] * num_layers,
+        "max_position_embeddings": 512, "max_window_layers": 28, "sliding_window": None, "use_sliding_window": False,
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "initializer_range": TARGET_STD,
         "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": vocab_size,
     }
     if rope_spelling == "parameters":
         config["rope_parameters"] = {"rope_theta": ROPE_THETA, "rope_type": "default"}
@@ -200,32 +134,20 @@ def _qwen3_config(*, vocab_size: int, hidden_size: int, intermediate_size: int, 
     return config
 
 
-def _random_layer(role: str, i: int, gen: torch.Generator, hidden: int, inter: int, q_size: int,
-                  kv_size: int, head_dim: int) -> dict[str, torch.Tensor]:
-    name = target_weight_name if role == "target" else draft_weight_name
-    std = TARGET_STD if role == "target" else DRAFT_STD
-    shapes = {
-        "q_proj": (q_size, hidden), "k_proj": (kv_size, hidden), "v_proj": (kv_size, hidden),
-        "o_proj": (hidden, q_size), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
-        "down_proj": (hidden, inter),
-    }
-    norms = {"q_norm": head_dim, "k_norm": head_dim,
-             "input_layernorm": hidden, "post_attention_layernorm": hidden}
-    tensors = {}
-    for kind in LAYER_PARTS:
-        if kind in shapes:
-            tensors[name(kind, i)] = _normal(gen, shapes[kind], std)
+def draw_weights(specs: dict[str, WeightSpec], gen: torch.Generator, std: float,
+                 norm_noise: float = NORM_NOISE) -> dict[str, torch.Tensor]:
+    """Random tensors of the required ``specs``, in their order: norm scales 1 + norm_noise N(0, 1),
+    ``layer_scalar`` in [0.6, 1.4], Markov tables N(0, MARKOV_STD), the rest N(0, std)."""
+    out = {}
+    for name, spec in ((n, s) for n, s in specs.items() if s.required):
+        if name.endswith("layer_scalar"):
+            out[name] = 0.6 + 0.8 * torch.rand(spec.shape, generator=gen)
+        elif name.endswith("norm.weight"):
+            out[name] = 1.0 + norm_noise * torch.randn(spec.shape, generator=gen)
         else:
-            tensors[name(kind, i)] = _norm(gen, norms[kind])
-    return tensors
-
-
-def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> torch.Tensor:
-    return torch.randn(shape, generator=gen) * std
-
-
-def _norm(gen: torch.Generator, size: int) -> torch.Tensor:
-    return 1.0 + torch.randn((size,), generator=gen) * NORM_NOISE
+            out[name] = (MARKOV_STD if name.startswith("markov_head.markov_w") else std) * torch.randn(
+                spec.shape, generator=gen)
+    return out
 
 
 def _write_checkpoint(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],

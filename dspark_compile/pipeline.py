@@ -1,12 +1,6 @@
-"""The compiler, as an ordered table of passes (one file each under `passes/`).
-
-    load → validate → graft → partition → export_onnx → decompose_spec_verify → optimize_onnx → share_weights
-    → check_onnx → build_tensorrt → package_triton → manifest
-
-Each pass is a function ``run(state: BuildState) -> None`` in its own file. `PassManager` runs the table for a
-`BuildSpec`: it times each pass, shows progress, can stop after or dump after a named pass, and writes into a
-temporary directory beside the output that is renamed into place only when every pass succeeded (an
-interrupted or failed build leaves no output directory behind).
+"""The compiler, as an ordered table of passes, each a function ``run(state: BuildState) -> None`` in its own
+file under `passes/`. `PassManager` times them, can stop or dump after one, and writes into a temporary
+directory beside the output that is renamed into place only when every pass succeeded.
 """
 
 from __future__ import annotations
@@ -24,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dspark_compile.artifacts import replace_dir
+from dspark_compile.build_spec import BuildSpec, save_spec
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import UsageError
 from dspark_compile.passes import (
     build_tensorrt,
+    check_acceptance,
     check_onnx,
     decompose_spec_verify,
     export_onnx,
@@ -37,10 +34,10 @@ from dspark_compile.passes import (
     optimize_onnx,
     package_triton,
     partition,
+    quantize,
     share_weights,
     validate,
 )
-from dspark_compile.spec import BuildSpec, save_spec
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +54,7 @@ PIPELINE: tuple[Step, ...] = (
     Step("load", load.run),
     Step("validate", validate.run),
     Step("graft", graft.run),
+    Step("quantize", quantize.run),
     Step("partition", partition.run),
     Step("export_onnx", export_onnx.run, artifacts="onnx"),
     Step("decompose_spec_verify", decompose_spec_verify.run, artifacts="onnx"),
@@ -65,6 +63,7 @@ PIPELINE: tuple[Step, ...] = (
     Step("check_onnx", check_onnx.run),
     Step("build_tensorrt", build_tensorrt.run, lambda spec: "tensorrt" in spec.targets, artifacts="engines"),
     Step("package_triton", package_triton.run, lambda spec: "triton" in spec.targets, artifacts="triton"),
+    Step("check_acceptance", check_acceptance.run, lambda spec: spec.check_acceptance is not None),
     Step("manifest", manifest.run),
 )
 PASS_NAMES = tuple(step.name for step in PIPELINE)
@@ -83,8 +82,7 @@ class PassManager:
         self.steps = steps
         self.progress = progress
 
-    def run(self, spec: BuildSpec, *, stop_after: str | None = None, dump_after: tuple[str, ...] = (),
-            on_pass: Callable[[str, float], None] | None = None) -> BuildResult:
+    def run(self, spec: BuildSpec, *, stop_after: str | None = None, dump_after: tuple[str, ...] = ()) -> BuildResult:
         asked = [("--stop-after", stop_after)] if stop_after is not None else []
         for flag, name in [*asked, *(("--dump-after", n) for n in dump_after)]:
             if name not in PASS_NAMES:
@@ -94,11 +92,11 @@ class PassManager:
             raise UsageError(f"--out {out}: exists and is not a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         steps = [s for s in self.steps if s.enabled(spec)]
-        if stop_after is not None:
-            steps = steps[: [s.name for s in steps].index(stop_after) + 1] if stop_after in [
-                s.name for s in steps] else steps
-            if steps[-1].name != "manifest":
-                steps.append(next(s for s in self.steps if s.name == "manifest"))
+        names = [s.name for s in steps]
+        if stop_after in names:
+            steps = steps[: names.index(stop_after) + 1]
+        if steps[-1].name != "manifest":
+            steps.append(next(s for s in self.steps if s.name == "manifest"))
         # SIGTERM cleans up like Ctrl-C. The handler goes in before the temporary directory exists, so a
         # SIGTERM right after it appears still removes it; Python allows handlers only in the main thread.
         in_main = threading.current_thread() is threading.main_thread()
@@ -108,8 +106,8 @@ class PassManager:
             work = _make_workdir(out)
             state = BuildState(spec=dataclasses.replace(spec, out=out), workdir=work)
             save_spec(state.spec, work / "build_spec.json")
-            self._run_steps(steps, state, dump_after, on_pass)
-            _replace_dir(work, out)
+            self._run_steps(steps, state, dump_after)
+            replace_dir(work, out)
         except BaseException:
             if work is not None:
                 shutil.rmtree(work, ignore_errors=True)
@@ -120,50 +118,34 @@ class PassManager:
         assert state.manifest is not None
         return BuildResult(out, state.manifest, tuple(state.timings), stop_after)
 
-    def _run_steps(self, steps: list[Step], state: BuildState, dump_after: tuple[str, ...],
-                   on_pass: Callable[[str, float], None] | None) -> None:
-        progress = None
-        if self.progress:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    def _run_steps(self, steps: list[Step], state: BuildState, dump_after: tuple[str, ...]) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            # On stderr, and only on a terminal: stdout stays the command's output (a non-terminal rich
-            # progress still writes a blank line there), and logs and CI output get no bars.
-            console = Console(stderr=True)
-            progress = Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.completed}/"
-                                "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
-                                disable=not console.is_terminal)
-            progress.start()
+        # On stderr, and only on a terminal: stdout stays the command's output (a non-terminal rich progress
+        # still writes a blank line there), and logs and CI output get no bars.
+        console = Console(stderr=True)
+        progress = Progress(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.completed}/"
+                            "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
+                            disable=not (self.progress and console.is_terminal))
+        with progress:
             task = progress.add_task("build", total=len(steps))
-        try:
             for step in steps:
-                if progress is not None:
-                    progress.update(task, description=step.name)
+                progress.update(task, description=step.name)
                 if step.name == "manifest" and state.onnx is not None and not _graphs_written(state):
                     state.written.update(state.onnx.save(state.onnx.directory))  # stopped before share_weights
                 t0 = time.perf_counter()
-                if step.name == "manifest":
-                    state.timings.append((step.name, 0.0))
+                state.timings.append((step.name, 0.0))  # the manifest pass records its own entry too
                 step.run(state)
-                dt = time.perf_counter() - t0
-                if step.name == "manifest":
-                    state.timings[-1] = (step.name, dt)
-                else:
-                    state.timings.append((step.name, dt))
-                log.info("pass %-22s %.2fs", step.name, dt)
-                if on_pass is not None:
-                    on_pass(step.name, dt)
+                state.timings[-1] = (step.name, time.perf_counter() - t0)
+                log.info("pass %-22s %.2fs", step.name, state.timings[-1][1])
                 if step.name in dump_after and step.artifacts:
                     dump = state.workdir / "dump" / f"after_{step.name}" / step.artifacts
                     if step.artifacts == "onnx" and state.onnx is not None and not _graphs_written(state):
                         state.written.update(state.onnx.save(dump))
                     elif (state.workdir / step.artifacts).exists():
                         shutil.copytree(state.workdir / step.artifacts, dump)
-                if progress is not None:
-                    progress.advance(task)
-        finally:
-            if progress is not None:
-                progress.stop()
+                progress.advance(task)
 
 
 def _graphs_written(state: BuildState) -> bool:
@@ -175,9 +157,8 @@ def _graphs_written(state: BuildState) -> bool:
 class BuildTerminated(KeyboardInterrupt):
     """SIGTERM during a build, raised like Ctrl-C so that the same cleanup runs.
 
-    A subclass on purpose: when a plain KeyboardInterrupt passes through an ``eval``/``exec`` of source text
-    (torch's exporter runs some), CPython ends the process by SIGINT at exit even though the CLI handled it
-    and asked for exit code 130; it checks for exactly KeyboardInterrupt, not subclasses.
+    A subclass on purpose: a plain KeyboardInterrupt passing through an ``eval`` of source text (torch's exporter
+    runs some) makes CPython end the process by SIGINT at exit, overriding the CLI's exit code 130.
     """
 
 
@@ -191,14 +172,3 @@ def _make_workdir(out: Path) -> Path:
     work = out.with_name(f".{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     work.mkdir()
     return work
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move the finished build into place; an existing output is swapped out, then removed."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(new, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from dspark_compile.checkpoint import (
     DraftCheckpoint,
@@ -17,7 +19,9 @@ from dspark_compile.checkpoint import (
     shared_weights_differ,
 )
 from dspark_compile.errors import UsageError
+from dspark_compile.families import family_of
 from dspark_compile.models.dspark import DSparkDraft
+from dspark_compile.models.layers import Fp8Linear, replace_module
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.runtime.executor import TORCH_DTYPES as DTYPES
@@ -61,7 +65,8 @@ def program_info(target: Qwen3Target, draft: DSparkDraft | None, eos_token_ids: 
         tap_width=len(target.tap_layer_ids) * tc.hidden_size,
         has_confidence=draft is not None and draft.confidence_head is not None,
         eos_token_ids=tuple(eos_token_ids), max_slots=max_slots, sampling=sampling, dtype=dtype,
-        hidden_size=tc.hidden_size, target_layers=tc.num_hidden_layers, kv_heads=tc.num_key_value_heads,
+        family=tc.family, hidden_size=tc.hidden_size, target_layers=tc.num_hidden_layers,
+        kv_heads=tc.num_key_value_heads,
         head_dim=tc.head_dim, draft_layers=dc.base.num_hidden_layers if dc is not None else 0,
         draft_kv_heads=dc.base.num_key_value_heads if dc is not None else 0,
         draft_head_dim=dc.base.head_dim if dc is not None else 0,
@@ -96,12 +101,44 @@ def make_program(pair: CheckpointPair, *, dtype: str = "fp32", device: str = "cp
         pair.draft.weights.release()
     draft_cfg = pair.draft.config if pair.draft is not None else None
     taps = draft_cfg.target_layer_ids if draft_cfg is not None else ()
-    target = Qwen3Target.from_weights(t.config, t.weights.get, tap_layer_ids=taps, dtype=tdt).to(device)
+    family = family_of(t.config)
+    target = family.target.from_weights(t.config, _placeholders(t), tap_layer_ids=taps, dtype=tdt)
+    if t.quant is not None:
+        attach_fp8(target, t)
+    target = target.to(device)
     draft = None
     if pair.draft is not None:
-        draft = DSparkDraft.from_weights(draft_cfg, pair.draft.weights.get, embed_tokens=target.embed_tokens,
+        draft = family.draft.from_weights(draft_cfg, pair.draft.weights.get, embed_tokens=target.embed_tokens,
                                          lm_head=target.lm_head, dtype=tdt).to(device)
     return DecodeProgram(pair, target, draft, dtype)
+
+
+def _placeholders(t: TargetCheckpoint) -> Callable[[str], torch.Tensor]:
+    """``get`` for ``from_weights``: an e4m3 weight is a meta placeholder, replaced by :func:`attach_fp8`."""
+    fp8 = t.quant.tensors if t.quant is not None else {}
+
+    def get(name: str) -> torch.Tensor:
+        return torch.empty(t.weights.shape(name), device="meta") if name in fp8 else t.weights.get(name)
+
+    return get
+
+
+def attach_fp8(target: Qwen3Target, t: TargetCheckpoint) -> None:
+    """Swap each linear layer whose checkpoint weight is e4m3 for an :class:`Fp8Linear` over that weight and its
+    scales (block scales expanded over rows to [N, ceil(K/block_cols)])."""
+    assert t.quant is not None
+    block = t.quant.layout.block
+    for name, module in list(target.named_modules()):
+        hf = "lm_head.weight" if name == "lm_head" else f"model.{name}.weight"
+        entry = t.quant.tensors.get(hf)
+        if entry is None or not isinstance(module, nn.Linear):
+            continue
+        weight = t.weights.get(hf)
+        scale = t.weights.get(entry.scale, torch.float32)
+        scale = scale.repeat_interleave(block[0], dim=0)[: weight.shape[0]] if block else scale.reshape(())
+        inp = t.weights.get(entry.input_scale, torch.float32) if entry.input_scale is not None else None
+        bias = None if module.bias is None else module.bias.detach()
+        replace_module(target, name, Fp8Linear(weight, scale, bias, group=block[1] if block else 0, input_scale=inp))
 
 
 def build_program(target_dir: Path, draft_dir: Path | None, *, dtype: str = "fp32", device: str = "cpu",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from dspark_compile.examples import make_tiny_pair
 
@@ -29,9 +32,60 @@ def make_pair(tmp_path_factory: pytest.TempPathFactory) -> MakePair:
 
 
 @pytest.fixture
+def make_gemma4_pair(tmp_path_factory: pytest.TempPathFactory) -> MakePair:
+    """``make_gemma4_pair(**kwargs) -> (target_dir, draft_dir)``: a fresh random Gemma4 pair per call."""
+    from dspark_compile.examples_gemma4 import make_tiny_gemma4_pair
+
+    def make(**kwargs: Any) -> tuple[Path, Path]:
+        return make_tiny_gemma4_pair(tmp_path_factory.mktemp("gemma4_pair"), **kwargs)
+
+    return make
+
+
+@pytest.fixture
 def tiny_pair(make_pair: MakePair) -> tuple[Path, Path]:
     """The default tiny pair (same shapes as the golden checkpoints)."""
     return make_pair()
+
+
+def edit_config_file(directory: Path, **changes: Any) -> Path:
+    """Set fields of ``directory/config.json`` (``None`` values are written as JSON null); the file."""
+    path = directory / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes, indent=2))
+    return path
+
+
+def edit_weights_file(directory: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """Load ``directory/model.safetensors``, let ``edit`` change the dict in place, write it back; the file."""
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def edit_config() -> Callable[..., Path]:
+    """``edit_config(directory, **fields) -> config.json``: see :func:`edit_config_file`."""
+    return edit_config_file
+
+
+@pytest.fixture(scope="session")
+def edit_weights() -> Callable[[Path, Callable[[dict[str, torch.Tensor]], None]], Path]:
+    """``edit_weights(directory, edit) -> model.safetensors``: see :func:`edit_weights_file`."""
+    return edit_weights_file
+
+
+@pytest.fixture(scope="session")
+def golden_pair(golden_dir: Path) -> tuple[Path, Path]:
+    """The golden ``dspark_tiny`` pair: ``(target_dir, draft_dir)``."""
+    return golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft"
+
+
+@pytest.fixture(scope="session")
+def golden_trace(golden_dir: Path) -> dict[str, Any]:
+    """``dspark_tiny/decode_greedy.json``: the authors' decode traces of the golden pair, by mode."""
+    return json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())
 
 
 @pytest.fixture(scope="session")

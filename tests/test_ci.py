@@ -1,16 +1,12 @@
-"""CI runs exactly the README's test command, and that command runs the whole suite: no marker or keyword
-deselects tests (slow ones included), so it can never end in pytest's "no tests collected" (exit code 5)."""
+"""CI runs the README's test command (the fast tier) and the slow tier, and together they run the whole suite:
+the fast tier deselects exactly the slow tests, the slow tier selects exactly them, and nothing else (no
+keyword, path or --deselect) leaves a test out."""
 
 from __future__ import annotations
 
 import shlex
-import sys
+import tomllib
 from pathlib import Path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,16 +17,34 @@ def _pytest_argv(line: str) -> list[str]:
     return argv[argv.index("pytest") + 1:]
 
 
-def test_ci_runs_the_readme_test_command() -> None:
-    readme = [ln for ln in (ROOT / "README.md").read_text().splitlines() if "-m pytest" in ln]
-    ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "-m pytest" in ln]
-    assert len(readme) == 1 and ci == readme
+def _marker(argv: list[str]) -> str | None:
+    """The marker expression pytest applies: the last ``-m`` wins."""
+    values = [argv[i + 1] for i, a in enumerate(argv) if a == "-m"]
+    return values[-1] if values else None
 
 
-def test_the_command_deselects_nothing() -> None:
-    (line,) = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "-m pytest" in ln]
+def _ci_lines() -> list[str]:
+    return [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if "-m pytest" in ln]
+
+
+def test_ci_runs_the_readme_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    quick_start = [ln for ln in readme.split("## Using it")[0].splitlines() if "-m pytest" in ln]
+    assert len(quick_start) == 1
+    first, slow = _ci_lines()
+    assert first == quick_start[0]
+    assert shlex.split(first.split("&&")[-1]) == shlex.split(slow.split("#")[0])[:-2]  # the same + `-m slow`
+    assert f"\n{slow}" in readme.split("## Tests")[1]
+
+
+def test_the_two_tiers_together_run_every_test() -> None:
     options = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    argv = _pytest_argv(line) + shlex.split(options.get("addopts", ""))
-    assert not {"-m", "-k", "--deselect", "--ignore", "--lf", "--last-failed"} & set(argv), argv
-    assert not [a for a in argv if not a.startswith("-")], "no paths: testpaths decides"
+    addopts = shlex.split(options.get("addopts", ""))
+    markers = []
+    for line in _ci_lines():
+        argv = addopts + _pytest_argv(line)  # addopts come first: the command line overrides them
+        assert not {"-k", "--deselect", "--ignore", "--lf", "--last-failed"} & set(argv), argv
+        assert not [a for a in argv if not a.startswith("-") and a not in ("not slow", "slow")], "testpaths decides"
+        markers.append(_marker(argv))
+    assert markers == ["not slow", "slow"]
     assert options["testpaths"] == ["tests"]

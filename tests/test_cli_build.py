@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dspark_compile.build_spec import FIELDS
 from dspark_compile.cli import main
-from dspark_compile.spec import FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,12 @@ opset = 19
 allow_nonfinite = true
 kv_buckets = [128, 512]
 triton_mode = "onnxruntime_inprocess"
+quantize = "fp8"
+quantize_lm_head = true
+quantize_draft = true
+check_acceptance = "prompts.jsonl"  # relative: resolved like out
+max_tau_drop = 0.05
+gpu_memory = "80GiB"
 """
 
 
@@ -99,7 +105,9 @@ def test_spec_file_with_every_field_and_flag_precedence(pair: tuple[str, str], t
     from_file = {"target": pair[0], "draft": pair[1], "dtype": "fp16", "block_size": 5, "max_batch": 4,
                  "max_context": 512, "verify_mode": "greedy", "targets": ["onnx", "triton"], "trt_flavor": "rtx",
                  "no_plugin": True, "opset": 19, "allow_nonfinite": True, "kv_buckets": [128, 512],
-                 "triton_mode": "onnxruntime_inprocess"}
+                 "triton_mode": "onnxruntime_inprocess", "quantize": "fp8", "quantize_lm_head": True,
+                 "quantize_draft": True, "check_acceptance": str(tmp_path / "prompts.jsonl"), "max_tau_drop": 0.05,
+                 "gpu_memory": "80GiB"}
 
     code, _, err = _cli(["build", "--spec", str(spec), "--stop-after", "load", "--json"], capsys)
     assert (code, err) == (0, "")
@@ -119,6 +127,8 @@ BAD_SPECS: dict[str, tuple[str, str]] = {  # name -> (file content, expected err
     "unknown field": ('frobnicate = 1\n', "unknown field(s) frobnicate; known fields: target, draft, out, "),
     "invalid TOML": ('dtype = \n', "not a valid TOML build spec (Invalid value (at line 4, column 9))"),
     "dtype fp8": ('dtype = "fp8"\n', "build spec field `dtype`: expected fp32 | fp16 | bf16, found 'fp8'"),
+    "gpu_memory": ('gpu_memory = "lots"\n',
+                   "build spec field `gpu_memory`: expected a size such as 80GiB, 24G or 500MB, found 'lots'"),
     "targets foo": ('targets = ["foo"]\n',
                     "build spec field `targets`: expected a comma-separated subset of onnx, tensorrt, triton, "
                     "found 'foo'"),
@@ -192,3 +202,17 @@ def test_process_exit_code_and_no_traceback(tmp_path: Path, argv: list[str]) -> 
     line = _one_error_line(proc.stderr)
     assert "Traceback" not in proc.stderr
     assert ("--frobnicate" in line) or (str(spec) in line) or (str(tmp_path / "missing") in line)
+
+
+def test_inspect_build_prints_the_server_memory(golden_build: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`inspect BUILD_DIR`: the manifest's memory (weights, KV caches at max batch x context, total)."""
+    manifest = json.loads((golden_build / "manifest.json").read_text())
+    code, out, err = _cli(["inspect", str(golden_build), "--json"], capsys)
+    assert (code, err) == (0, "")
+    assert json.loads(out)["memory"] == manifest["memory"]
+    code, out, _ = _cli(["inspect", str(golden_build)], capsys)
+    total = manifest["memory"]["total_bytes"] / 2**30
+    assert code == 0 and "at batch 8, 2048 slots" in out and f"total        {total:.2f} GiB" in out
+    code, _, err = _cli(["inspect", str(tmp_path)], capsys)
+    assert code == 2 and "not a build directory (no manifest.json)" in _one_error_line(err)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from dspark_compile.examples import make_tiny_pair
 
@@ -83,23 +82,7 @@ class Outcome:
     stderr: str
 
 
-def _edit_config(directory: Path, **changes: object) -> Path:
-    path = directory / "config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-    return path
-
-
-def _edit_weights(directory: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
-    path = directory / "model.safetensors"
-    tensors = load_file(str(path))
-    edit(tensors)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    return path
-
-
-def _build_cases(root: Path) -> dict[str, Case]:
+def _build_cases(root: Path, edit_config: Callable[..., Path], edit_weights: Callable[..., Path]) -> dict[str, Case]:
     good_t, good_d = make_tiny_pair(root / "good", vocab_size=64, hidden_size=32, intermediate_size=48,
                                     num_layers=4, num_heads=2, num_kv_heads=1, head_dim=16, block_size=3,
                                     markov_rank=4)
@@ -135,11 +118,11 @@ def _build_cases(root: Path) -> dict[str, Case]:
     cases["absurd_header_size"] = Case(gen(target=str(absurd)), (str(weights), "header too large"))
 
     wrong_shape = copy(good_d, "wrong_shape")
-    path = _edit_weights(wrong_shape, lambda w: w.update({"fc.weight": torch.zeros(32, 64)}))
+    path = edit_weights(wrong_shape, lambda w: w.update({"fc.weight": torch.zeros(32, 64)}))
     cases["wrong_tensor_shape"] = Case(gen(draft=str(wrong_shape)), (str(path), "`fc.weight`", "[32, 64]"))
 
     missing_tensor = copy(good_d, "missing_tensor")
-    path = _edit_weights(missing_tensor, lambda w: w.pop("layers.1.mlp.up_proj.weight"))
+    path = edit_weights(missing_tensor, lambda w: w.pop("layers.1.mlp.up_proj.weight"))
     cases["missing_tensor"] = Case(gen(draft=str(missing_tensor)), (str(path), "`layers.1.mlp.up_proj.weight`",
                                                                       "missing"))
 
@@ -154,11 +137,11 @@ def _build_cases(root: Path) -> dict[str, Case]:
                                                                     "`hidden_size` is 48", "expected 32"))
 
     out_of_range = copy(good_d, "layer_out_of_range")
-    path = _edit_config(out_of_range, target_layer_ids=[0, 1, 7])
+    path = edit_config(out_of_range, target_layer_ids=[0, 1, 7])
     cases["layer_id_out_of_range"] = Case(gen(draft=str(out_of_range)), (str(path), "`target_layer_ids`", "7"))
 
     last_layer = copy(good_d, "layer_is_last")
-    path = _edit_config(last_layer, target_layer_ids=[0, 1, 3])
+    path = edit_config(last_layer, target_layer_ids=[0, 1, 3])
     cases["layer_id_is_last"] = Case(gen(draft=str(last_layer)), (str(path), "last layer"))
 
     pickle_only = root / "pickle_only"
@@ -172,20 +155,20 @@ def _build_cases(root: Path) -> dict[str, Case]:
     cases["empty_directory"] = Case(gen(draft=str(empty)), (str(empty), "empty"))
 
     llama = copy(good_t, "llama")
-    path = _edit_config(llama, architectures=["LlamaForCausalLM"])
+    path = edit_config(llama, architectures=["LlamaForCausalLM"])
     cases["unknown_architecture"] = Case(gen(target=str(llama)), (str(path), "LlamaForCausalLM"))
     cases["draft_given_as_target"] = Case(gen(target=d, draft=t), (str(good_d / "config.json"), "Qwen3DSparkModel"))
 
     lstm = copy(good_d, "lstm")
-    path = _edit_config(lstm, markov_head_type="lstm")
+    path = edit_config(lstm, markov_head_type="lstm")
     cases["unknown_markov_head"] = Case(gen(draft=str(lstm)), (str(path), "`markov_head_type`", "lstm"))
 
     nan = copy(good_d, "nan")
-    path = _edit_weights(nan, lambda w: w["fc.weight"].view(-1)[5:8].fill_(float("nan")))
+    path = edit_weights(nan, lambda w: w["fc.weight"].view(-1)[5:8].fill_(float("nan")))
     cases["nan_weights"] = Case(gen(draft=str(nan)), (str(path), "`fc.weight`", "3 NaN"))
 
     int_weights = copy(good_d, "int_weights")
-    path = _edit_weights(int_weights, lambda w: w.update({"norm.weight": w["norm.weight"].to(torch.int32)}))
+    path = edit_weights(int_weights, lambda w: w.update({"norm.weight": w["norm.weight"].to(torch.int32)}))
     cases["integer_weights"] = Case(gen(draft=str(int_weights)), (str(path), "`norm.weight`", "I32"))
 
     missing = root / "does" / "not" / "exist"
@@ -247,8 +230,9 @@ def _run_forked(all_args: list[list[str]]) -> list[Outcome]:
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
-    return _build_cases(tmp_path_factory.mktemp("bad_inputs"))
+def cases(tmp_path_factory: pytest.TempPathFactory, edit_config: Callable[..., Path],
+          edit_weights: Callable[..., Path]) -> dict[str, Case]:
+    return _build_cases(tmp_path_factory.mktemp("bad_inputs"), edit_config, edit_weights)
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,6 @@ MAX_NEW = 24
 
 
 
-@pytest.fixture(scope="module")
-def golden_pair(golden_dir: Path) -> tuple[Path, Path]:
-    return golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft"
-
-
-@pytest.fixture(scope="module")
-def golden_trace(golden_dir: Path) -> dict[str, Any]:
-    return json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())
-
-
 def prompt_args(prompts: list[list[int]]) -> list[str]:
     return [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
 

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from dspark_compile import api
+from dspark_compile.build_spec import make_spec
 from dspark_compile.errors import BuildError, UsageError
 from dspark_compile.passes.partition import PartitionedProgram, partition
 from dspark_compile.pipeline import PASS_NAMES
@@ -36,7 +37,6 @@ from dspark_compile.runtime.backend import DecodeBackend
 from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy, generate
 from dspark_compile.runtime.executor import GraphExecutor
 from dspark_compile.runtime.torch_backend import TorchBackend
-from dspark_compile.spec import make_spec
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -44,16 +44,6 @@ ATOL = 1e-4
 GOLDEN_DUMPS = ("export_onnx",)
 MAX_NEW = 48  # the golden traces' max_new_tokens
 
-
-
-@pytest.fixture(scope="module")
-def golden_pair(golden_dir: Path) -> tuple[Path, Path]:
-    return golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft"
-
-
-@pytest.fixture(scope="module")
-def golden(golden_dir: Path) -> dict[str, Any]:
-    return json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +70,10 @@ def _decode(backend: DecodeBackend, prompts: list[list[int]], **params: Any) -> 
 
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("trace", ["greedy", "threshold_0.5"])
-def test_onnxruntime_decodes_the_golden_tokens(ort_backend: DecodeBackend, golden: dict[str, Any], trace: str,
+def test_onnxruntime_decodes_the_golden_tokens(ort_backend: DecodeBackend, golden_trace: dict[str, Any], trace: str,
                                                batch: int) -> None:
     policy = VerifyPolicy() if trace == "greedy" else VerifyPolicy("threshold", 0.5)
-    expected = golden[trace]
+    expected = golden_trace[trace]
     prompts = [e["prompt"] for e in expected]
     if batch == 1:
         results = [_decode(ort_backend, [p], policy=policy)[0] for p in prompts]
@@ -160,9 +150,7 @@ class _ShadowTransport:
         got = {n: t.numpy() for n, t in outputs.items()}
         ref = {n: t.numpy() for n, t in want.items()}
         x = {n: t.numpy() for n, t in feeds.items() if t is not None}
-        if graph == "target_prefill":
-            assert all(np.abs(got[n] - ref[n]).max() < ATOL for n in got)
-        elif graph == "draft_propose":
+        if graph == "draft_propose":
             tokens, g = ref["draft_tokens"], ref["draft_tokens"].shape[1]
             for row in range(tokens.shape[0]):
                 # Up to the first position where the runtimes differ: later ones are conditioned on other tokens.
@@ -174,13 +162,17 @@ class _ShadowTransport:
                 if same == g:
                     assert np.abs(got["draft_probs"][row] - ref["draft_probs"][row]).max() < ATOL
                     assert np.abs(got["confidence_logits"][row] - ref["confidence_logits"][row]).max() < ATOL
-        else:
-            target = self.ref.graphs["target_verify"].module.target  # the reference's logits, for the margins
+        else:  # target_step: a prefill (one decided row) or a verification
+            assert all(np.abs(got[n] - ref[n]).max() < ATOL for n in ("taps", "kv_new"))
+            target = self.ref.graphs["target_step"].module.target  # the reference's logits, for the margins
             with torch.inference_mode():
                 hidden, _, _ = target(feeds["tokens"], feeds["cache_len"], feeds["kv_cache"])
-                logits = target.logits(hidden).numpy()
+                rows = feeds["logit_rows"]
+                logits = target.logits(torch.gather(hidden, 1, rows[..., None].expand(-1, -1, hidden.shape[-1])))
+                logits = logits.numpy()
+            drafts = np.take_along_axis(x["tokens"], x["logit_rows"][:, 1:], 1)
             for row in range(logits.shape[0]):
-                margin = _verify_margin(logits[row], x["tokens"][row, 1:], int(x["verify_len"][row]),
+                margin = _verify_margin(logits[row], drafts[row], int(x["verify_len"][row]),
                                         x["draft_probs"][row], float(x["temperature"][row]), x["uniforms"][row],
                                         int(ref["accepted"][row]), int(ref["next_token"][row]))
                 agree = (got["accepted"][row], got["next_token"][row]) == (ref["accepted"][row],
@@ -190,12 +182,12 @@ class _ShadowTransport:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_onnxruntime_samples_what_torch_samples(golden_build: Path, torch_backend: TorchBackend,
-                                                golden: dict[str, Any], seed: int) -> None:
-    prompts = [e["prompt"] for e in golden["greedy"]]
+                                                golden_trace: dict[str, Any], seed: int) -> None:
+    prompts = [e["prompt"] for e in golden_trace["greedy"]]
     params = GenerationParams(temperature=0.8, seed=seed, max_new_tokens=32)
     ort_executor = api.load_backend(golden_build, "onnxruntime")
     shadow = _ShadowTransport(ort_executor.transport, torch_backend.transport)
-    got = generate(GraphExecutor(ort_executor.info, shadow), prompts, params)
+    got = generate(GraphExecutor(ort_executor.info, shadow, ort_executor.weights), prompts, params)
     assert shadow.decisions > 400
     # Given the same inputs and uniforms, the two runtimes decide alike except on near-ties (README of the
     # plugin, "Numerical contract").
@@ -213,7 +205,7 @@ def test_onnxruntime_samples_what_torch_samples(golden_build: Path, torch_backen
 
 @pytest.fixture(scope="module")
 def reference(golden_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> PartitionedProgram:
-    """The PyTorch modules of the three graphs, on the same checkpoint weights."""
+    """The PyTorch modules of the two graphs, on the same checkpoint weights."""
     spec = make_spec(target=golden_pair[0], draft=golden_pair[1], out=tmp_path_factory.mktemp("ref") / "out")
     return partition(build_program(spec.target, spec.draft), spec)
 
@@ -248,20 +240,34 @@ def _t(feeds: dict[str, np.ndarray], *names: str) -> list[torch.Tensor]:
     return [torch.from_numpy(feeds[n]) for n in names]
 
 
+def _weights(reference: PartitionedProgram) -> dict[str, np.ndarray]:
+    target = reference.program.target
+    return {"embed_tokens": target.embed_tokens.weight.numpy(), "lm_head": target.lm_head.weight.numpy()}
+
+
 @torch.inference_mode()
-def test_target_prefill_matches_torch(golden_build: Path, reference: PartitionedProgram) -> None:
+def test_target_step_prefill_matches_torch(golden_build: Path, reference: PartitionedProgram) -> None:
     rng = np.random.default_rng(10)
-    feeds = {"input_ids": rng.integers(0, 384, (B, 9)), "input_lengths": np.array([9, 4, 1]),
-             "kv_cache": rng.normal(size=(4, 2, B, 2, SLOTS, 16)).astype(np.float32)}
-    want = reference.graph("target_prefill").module(*_t(feeds, "input_ids", "input_lengths", "kv_cache"))
-    got = _run(golden_build / "onnx" / "target_prefill.onnx", feeds)
-    _compare(got, dict(zip(("last_logits", "taps", "kv_new"), want, strict=True)))
+    lengths = np.array([9, 4, 1])
+    feeds = {"tokens": rng.integers(0, 384, (B, 9)), "cache_len": np.zeros(B, np.int64),
+             "kv_cache": rng.normal(size=(4, 2, B, 2, SLOTS, 16)).astype(np.float32),
+             "logit_rows": (lengths - 1)[:, None], "verify_len": np.zeros(B, np.int64), **_weights(reference),
+             "draft_probs": np.zeros((B, 0, 384), np.float32), "temperature": np.array([0.0, 0.8, 1.5], np.float32),
+             "uniforms": rng.random((B, 1)).astype(np.float32)}
+    module = reference.graph("target_step").module
+    want = module(*_t(feeds, *feeds))
+    got = _run(golden_build / "onnx" / "target_step.onnx", feeds)
+    _compare(got, dict(zip(("accepted", "next_token", "taps", "kv_new"), want, strict=True)))
+    target = module.target  # row 0 is greedy: the argmax of its last prompt position's logits
+    hidden, _, _ = target(torch.from_numpy(feeds["tokens"][:1]), torch.zeros(1, dtype=torch.int64),
+                          target.new_cache(1, SLOTS))
+    assert got["next_token"][0] == int(target.logits(hidden[0, 8]).argmax())
 
 
 @torch.inference_mode()
-def test_target_verify_matches_torch(golden_build: Path, reference: PartitionedProgram) -> None:
+def test_target_step_verify_matches_torch(golden_build: Path, reference: PartitionedProgram) -> None:
     rng = np.random.default_rng(11)
-    module = reference.graph("target_verify").module
+    module = reference.graph("target_step").module
     target = module.target
     tokens = rng.integers(0, 384, (B, 8))
     cache_len = np.array([0, 6, 13])
@@ -277,11 +283,12 @@ def test_target_verify_matches_torch(golden_build: Path, reference: PartitionedP
         if j < 4:
             tokens[1, j + 1] = int(logits[1, j].argmax())
     q = rng.random((B, 7, 384)).astype(np.float32)
-    feeds = {"tokens": tokens, "cache_len": cache_len, "kv_cache": kv, "verify_len": np.array([7, 6, 3]),
+    feeds = {"tokens": tokens, "cache_len": cache_len, "kv_cache": kv, "logit_rows": np.tile(np.arange(8), (B, 1)),
+             "verify_len": np.array([7, 6, 3]), **_weights(reference),
              "draft_probs": q / q.sum(-1, keepdims=True), "temperature": np.array([0.0, 0.8, 1.5], np.float32),
              "uniforms": rng.random((B, 8)).astype(np.float32)}
     accepted, next_token, taps, kv_out = module(*_t(feeds, *feeds))  # ends in the dspark::spec_verify op
-    got = _run(golden_build / "onnx" / "target_verify.onnx", feeds)
+    got = _run(golden_build / "onnx" / "target_step.onnx", feeds)
     _compare(got, {"accepted": accepted, "next_token": next_token, "taps": taps, "kv_new": kv_out})
     assert accepted[0] == 7  # greedy row: every draft is the target's choice
     want = spec_verify_reference(logits_of(tokens), tokens[:, 1:], feeds["verify_len"], mode="sampling",
@@ -295,7 +302,8 @@ def test_draft_propose_matches_torch(golden_build: Path, reference: PartitionedP
     feeds = {"anchor": rng.integers(0, 384, B), "ctx_taps": rng.normal(size=(B, 5, 192)).astype(np.float32),
              "ctx_count": np.array([5, 1, 3]), "cache_len": np.array([0, 7, 12]),
              "draft_kv": rng.normal(size=(2, 2, B, 2, SLOTS, 16)).astype(np.float32),
-             "temperature": np.array([0.0, 0.8, 1.5], np.float32), "uniforms": rng.random((B, 7)).astype(np.float32)}
+             **_weights(reference), "temperature": np.array([0.0, 0.8, 1.5], np.float32),
+             "uniforms": rng.random((B, 7)).astype(np.float32)}
     want = reference.graph("draft_propose").module(*_t(feeds, *feeds))
     got = _run(golden_build / "onnx" / "draft_propose.onnx", feeds)
     _compare(got, dict(zip(("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_new"), want, strict=True)))
@@ -309,24 +317,24 @@ def test_rebuild_is_byte_identical(golden_build: Path, golden_pair: tuple[Path, 
     first = json.loads((golden_build / "manifest.json").read_text())
     again = api.build(target=golden_pair[0], draft=golden_pair[1], out=tmp_path / "again", dump_after=GOLDEN_DUMPS,
                       progress=False).manifest
-    assert len(again["artifacts"]) == 12
+    assert len(again["artifacts"]) == 9
     assert again["artifacts"] == first["artifacts"]  # path, size, sha256 and signature of every file
     assert again["inputs"] == first["inputs"]
     assert {k: v for k, v in again["spec"].items() if k != "out"} == {
         k: v for k, v in first["spec"].items() if k != "out"}
 
 
-@pytest.mark.slow  # exports the three graphs (~30 s)
+@pytest.mark.slow  # exports the two graphs (~30 s)
 def test_stop_after_export(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
     res = api.build(target=golden_pair[0], draft=golden_pair[1], out=tmp_path / "early", stop_after="export_onnx",
                     progress=False)
     assert res.stopped_after == "export_onnx"
-    assert [p["name"] for p in res.manifest["passes"]] == ["load", "validate", "graft", "partition", "export_onnx",
-                                                           "manifest"]
+    assert [p["name"] for p in res.manifest["passes"]] == ["load", "validate", "graft", "quantize", "partition",
+                                                           "export_onnx", "manifest"]
     names = [a["path"] for a in res.manifest["artifacts"]]
-    assert names == ["build_spec.json"] + [f"onnx/{g}.onnx{s}" for g in ("draft_propose", "target_prefill",
-                                                                         "target_verify") for s in ("", ".data")]
-    verify = next(a for a in res.manifest["artifacts"] if a["path"] == "onnx/target_verify.onnx")
+    assert names == ["build_spec.json"] + [f"onnx/{g}.onnx{s}" for g in ("draft_propose", "target_step")
+                                           for s in ("", ".data")]
+    verify = next(a for a in res.manifest["artifacts"] if a["path"] == "onnx/target_step.onnx")
     assert [o["name"] for o in verify["signature"]["outputs"]] == ["accepted", "next_token", "taps", "kv_new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["early"]
 
@@ -334,12 +342,12 @@ def test_stop_after_export(golden_pair: tuple[Path, Path], tmp_path: Path) -> No
 def test_dump_after_export(golden_build: Path) -> None:
     dump = golden_build / "dump" / "after_export_onnx" / "onnx"
     assert sorted(p.name for p in dump.iterdir()) == sorted(
-        f"{g}.onnx{s}" for g in ("draft_propose", "target_prefill", "target_verify") for s in ("", ".data"))
+        f"{g}.onnx{s}" for g in ("draft_propose", "target_step") for s in ("", ".data"))
     manifest = json.loads((golden_build / "manifest.json").read_text())
     outputs = {a["path"]: [o["name"] for o in a["signature"]["outputs"]] for a in manifest["artifacts"]
                if a["path"].endswith(".onnx")}
-    assert outputs["dump/after_export_onnx/onnx/target_verify.onnx"][:2] == ["accepted", "next_token"]  # as exported
-    assert outputs["onnx/target_verify.onnx"][:2] == ["accepted", "next_token"]  # as built
+    assert outputs["dump/after_export_onnx/onnx/target_step.onnx"][:2] == ["accepted", "next_token"]  # as exported
+    assert outputs["onnx/target_step.onnx"][:2] == ["accepted", "next_token"]  # as built
 
 
 def test_unknown_pass_name_is_a_usage_error(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -413,7 +421,7 @@ SIGTERM_INSIDE_EVAL = """
 import sys
 from pathlib import Path
 from dspark_compile.pipeline import PIPELINE, PassManager, Step
-from dspark_compile.spec import BuildSpec
+from dspark_compile.build_spec import BuildSpec
 
 def terminate(state):  # SIGTERM lands while eval() of source text runs, as inside torch's exporter
     eval("__import__('os').kill(__import__('os').getpid(), 15) or sum(range(10 ** 7))")

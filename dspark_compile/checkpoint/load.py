@@ -1,9 +1,7 @@
-"""Open a Hugging Face Qwen3 target directory and a DeepSpec DSpark draft directory.
+"""Open a Hugging Face target directory and a DeepSpec DSpark draft directory.
 
-Loading checks the files (directory, ``config.json``, safetensors headers, shard index, finite weights) and
-raises :class:`~dspark_compile.errors.CheckpointError` on the first defect. Whether the two checkpoints fit
-together (names, shapes, layer ids) is :func:`dspark_compile.checkpoint.validate.validate_pair`'s job, so
-that ``inspect`` can list every problem at once.
+Loading raises :class:`~dspark_compile.errors.CheckpointError` on the first defect of the files; whether the
+two fit together is :func:`~dspark_compile.checkpoint.validate.validate_pair`'s job (it lists every problem).
 """
 
 from __future__ import annotations
@@ -17,9 +15,10 @@ from typing import Any
 
 import torch
 
+from dspark_compile.checkpoint.fp8 import HF_QUANT_CONFIG, Fp8Checkpoint, read_layout, scan
 from dspark_compile.checkpoint.store import WeightStore
-from dspark_compile.config import DraftConfig, TargetConfig, parse_draft_config, parse_target_config
 from dspark_compile.errors import CheckpointError
+from dspark_compile.model_config import DraftConfig, TargetConfig, parse_draft_config, parse_target_config
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +36,7 @@ class TargetCheckpoint:
     config: TargetConfig
     weights: WeightStore
     files: tuple[Path, ...]
+    quant: Fp8Checkpoint | None = None  # pre-quantized FP8 weights (checkpoint/fp8.py)
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,16 @@ class DraftCheckpoint:
 
 
 def load_target(path: str | Path, *, allow_nonfinite: bool = False) -> TargetCheckpoint:
-    """Open a Hugging Face ``Qwen3ForCausalLM`` directory (``config.json`` + safetensors weights).
-
-    ``eos_token_id`` of ``generation_config.json`` is used when ``config.json`` has none.
-    """
+    """Open a Hugging Face target directory (``config.json`` + safetensors, bf16/fp32 or pre-quantized FP8); the
+    ``eos_token_id`` of ``generation_config.json`` is used when ``config.json`` has none."""
     directory = _checkpoint_dir(path, "target")
     config_path = directory / "config.json"
-    config = parse_target_config(_read_json(config_path), config_path)
+    raw = _read_json(config_path)
+    config = parse_target_config(raw, config_path)
+    layout = read_layout(directory, raw)
     files = [config_path]
+    if (directory / HF_QUANT_CONFIG).is_file():
+        files.append(directory / HF_QUANT_CONFIG)
     generation_path = directory / "generation_config.json"
     if generation_path.is_file():
         files.append(generation_path)
@@ -65,9 +67,14 @@ def load_target(path: str | Path, *, allow_nonfinite: bool = False) -> TargetChe
             eos = _eos_ids(_read_json(generation_path), generation_path)
             config = dataclasses.replace(config, eos_token_ids=eos)
     weights, weight_files = _open_weights(directory)
+    quant = scan(layout, weights) if layout is not None else None
+    if quant is None and any(weights.dtype(n) == "F8_E4M3" for n in weights.names()):
+        raise CheckpointError(f"{config_path}: the weights hold F8_E4M3 tensors but no `quantization_config` (or "
+                              "hf_quant_config.json) says how to scale them; use the checkpoint's original config.")
     if not allow_nonfinite:
         check_finite(weights)
-    return TargetCheckpoint(path=directory, config=config, weights=weights, files=(*files, *weight_files))
+    return TargetCheckpoint(path=directory, config=config, weights=weights, files=(*files, *weight_files),
+                            quant=quant)
 
 
 def load_draft(path: str | Path, *, allow_nonfinite: bool = False) -> DraftCheckpoint:
@@ -77,11 +84,9 @@ def load_draft(path: str | Path, *, allow_nonfinite: bool = False) -> DraftCheck
     raw = _read_json(config_path)
     draft_vocab = raw.get("draft_vocab_size")
     if draft_vocab is not None and draft_vocab != raw.get("vocab_size"):
-        raise CheckpointError(
-            f"{config_path}: `draft_vocab_size` is {draft_vocab} but `vocab_size` is "
-            f"{raw.get('vocab_size')}; drafts with a pruned vocabulary are not supported. Use a draft "
-            "trained on the full target vocabulary."
-        )
+        raise CheckpointError(f"{config_path}: `draft_vocab_size` is {draft_vocab} but `vocab_size` is "
+                              f"{raw.get('vocab_size')}; drafts with a pruned vocabulary are not supported. Use a "
+                              f"draft trained on the full target vocabulary.")
     config = parse_draft_config(raw, config_path)
     weights, weight_files = _open_weights(directory)
     if not allow_nonfinite:
@@ -92,55 +97,39 @@ def load_draft(path: str | Path, *, allow_nonfinite: bool = False) -> DraftCheck
 def check_finite(weights: WeightStore) -> None:
     """Raise if any floating tensor holds NaN or Inf; reads tensor by tensor in bounded chunks."""
     try:
-        _scan_finite(weights)
+        for name in (n for n in weights.names() if weights.dtype(n) in FLOAT_DTYPES):
+            weights.release()  # keep at most one tensor's pages mapped
+            nan = inf = 0
+            for chunk in weights.iter_row_chunks(name):
+                if not bool(torch.isfinite(chunk).all()):
+                    nan += int(torch.isnan(chunk).sum())
+                    inf += int(torch.isinf(chunk).sum())
+            if nan or inf:
+                raise CheckpointError(f"{weights.file_of(name)}: tensor `{name}` holds {nan} NaN and {inf} Inf "
+                                      "value(s); expected finite weights. Re-export the checkpoint, or load it with "
+                                      "allow_nonfinite=True to proceed anyway.")
     finally:
         weights.release()
-
-
-def _scan_finite(weights: WeightStore) -> None:
-    for name in weights.names():
-        if weights.dtype(name) not in FLOAT_DTYPES:
-            continue
-        weights.release()  # keep at most one tensor's pages mapped
-        nan = inf = 0
-        for chunk in weights.iter_row_chunks(name):
-            if not bool(torch.isfinite(chunk).all()):
-                nan += int(torch.isnan(chunk).sum())
-                inf += int(torch.isinf(chunk).sum())
-        if nan or inf:
-            raise CheckpointError(
-                f"{weights.file_of(name)}: tensor `{name}` holds {nan} NaN and {inf} Inf value(s); expected "
-                "finite weights. Re-export the checkpoint, or load it with allow_nonfinite=True to proceed "
-                "anyway."
-            )
 
 
 def _checkpoint_dir(path: str | Path, role: str) -> Path:
     directory = Path(path).expanduser()
     if not directory.exists():
-        raise CheckpointError(
-            f"{directory}: {role} checkpoint directory does not exist; expected a directory with config.json "
-            "and safetensors weights. Check the path."
-        )
+        raise CheckpointError(f"{directory}: {role} checkpoint directory does not exist; expected a directory with "
+                              f"config.json and safetensors weights. Check the path.")
     if not directory.is_dir():
-        raise CheckpointError(
-            f"{directory}: expected a {role} checkpoint directory, found a file. Pass the directory that "
-            "holds config.json and the .safetensors weights."
-        )
+        raise CheckpointError(f"{directory}: expected a {role} checkpoint directory, found a file. Pass the directory "
+                              f"that holds config.json and the .safetensors weights.")
     if not any(directory.iterdir()):
-        raise CheckpointError(
-            f"{directory}: {role} checkpoint directory is empty; expected config.json and safetensors "
-            "weights. Download or export the checkpoint into it."
-        )
+        raise CheckpointError(f"{directory}: {role} checkpoint directory is empty; expected config.json and "
+                              f"safetensors weights. Download or export the checkpoint into it.")
     return directory
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(
-            f"{path}: file is missing; expected the Hugging Face config of the checkpoint. Copy it from the "
-            "original checkpoint directory."
-        )
+        raise CheckpointError(f"{path}: file is missing; expected the Hugging Face config of the checkpoint. Copy it "
+                              f"from the original checkpoint directory.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -158,9 +147,8 @@ def _eos_ids(raw: dict[str, Any], path: Path) -> tuple[int, ...]:
         return ()
     ids = [eos] if isinstance(eos, int) else eos
     if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
-        raise CheckpointError(
-            f"{path}: `eos_token_id` must be an integer or a list of integers, found {eos!r}; fix the file."
-        )
+        raise CheckpointError(f"{path}: `eos_token_id` must be an integer or a list of integers, found {eos!r}; fix "
+                              f"the file.")
     return tuple(ids)
 
 
@@ -178,17 +166,14 @@ def _open_weights(directory: Path) -> tuple[WeightStore, tuple[Path, ...]]:
     present = sorted(p.name for p in directory.iterdir() if p.is_file())
     pickles = [n for n in present if n.endswith(PICKLE_SUFFIXES)]
     if pickles:
-        raise CheckpointError(
-            f"{directory}: only pickle weights found ({', '.join(pickles)}); expected {SAFETENSORS_FILE} or "
-            f"{SAFETENSORS_INDEX}. Pickle files can run arbitrary code and are never loaded; convert them to "
-            "safetensors (e.g. `model.save_pretrained(out, safe_serialization=True)`)."
-        )
+        raise CheckpointError(f"{directory}: only pickle weights found ({', '.join(pickles)}); expected "
+                              f"{SAFETENSORS_FILE} or {SAFETENSORS_INDEX}. Pickle files can run arbitrary code and are "
+                              f"never loaded; convert them to safetensors (e.g. `model.save_pretrained(out, "
+                              f"safe_serialization=True)`).")
     other = [n for n in present if n.endswith(".safetensors")]
     found = f"found other safetensors files ({', '.join(other)})" if other else f"found {', '.join(present)}"
-    raise CheckpointError(
-        f"{directory}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}; {found}. Export the weights with "
-        "`save_pretrained` (safetensors) or name the single weights file model.safetensors."
-    )
+    raise CheckpointError(f"{directory}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}; {found}. Export the weights "
+                          f"with `save_pretrained` (safetensors) or name the single weights file model.safetensors.")
 
 
 def _read_index(index: Path) -> dict[str, Path]:
@@ -196,24 +181,18 @@ def _read_index(index: Path) -> dict[str, Path]:
     weight_map = raw.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise CheckpointError(
-            f"{index}: `weight_map` must be a non-empty object of tensor name -> shard file name; re-export "
-            "the checkpoint."
-        )
+        raise CheckpointError(f"{index}: `weight_map` must be a non-empty object of tensor name -> shard file name; "
+                              f"re-export the checkpoint.")
     directory = index.parent
     shards: dict[str, Path] = {}
     for name, shard in weight_map.items():
         shard_path = directory / shard
         if Path(shard).name != shard:
-            raise CheckpointError(
-                f"{index}: shard {shard!r} of tensor `{name}` is not a plain file name in the checkpoint "
-                "directory; fix the index."
-            )
+            raise CheckpointError(f"{index}: shard {shard!r} of tensor `{name}` is not a plain file name in the "
+                                  f"checkpoint directory; fix the index.")
         if not shard_path.is_file():
-            raise CheckpointError(
-                f"{index}: shard {shard!r} (holding `{name}`) does not exist in {directory}; download the "
-                "missing shard or re-export the checkpoint."
-            )
+            raise CheckpointError(f"{index}: shard {shard!r} (holding `{name}`) does not exist in {directory}; "
+                                  f"download the missing shard or re-export the checkpoint.")
         shards[name] = shard_path
     return shards
 
@@ -221,14 +200,10 @@ def _read_index(index: Path) -> dict[str, Path]:
 def _check_index(index: Path, shards: dict[str, Path], store: WeightStore) -> None:
     for name, shard in shards.items():
         if name not in store or store.file_of(name) != shard:
-            raise CheckpointError(
-                f"{index}: tensor `{name}` is mapped to {shard.name} but that shard does not hold it; fix "
-                "the index or re-export the checkpoint."
-            )
+            raise CheckpointError(f"{index}: tensor `{name}` is mapped to {shard.name} but that shard does not hold "
+                                  f"it; fix the index or re-export the checkpoint.")
     unlisted = [name for name in store.names() if name not in shards]
     if unlisted:
-        raise CheckpointError(
-            f"{store.file_of(unlisted[0])}: tensor `{unlisted[0]}` is not listed in {index.name} "
-            f"({len(unlisted)} unlisted); expected every shard tensor in the index. Fix the index or "
-            "re-export the checkpoint."
-        )
+        raise CheckpointError(f"{store.file_of(unlisted[0])}: tensor `{unlisted[0]}` is not listed in {index.name} "
+                              f"({len(unlisted)} unlisted); expected every shard tensor in the index. Fix the index or "
+                              "re-export the checkpoint.")

@@ -62,12 +62,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 class WeightStore:
-    """The tensors of one or more ``.safetensors`` files, read one at a time through memory maps.
-
-    Building a store reads only the (validated) headers; :meth:`get` reads one tensor and
-    :meth:`iter_row_chunks` reads one in bounded row blocks, so scanning a multi-gigabyte checkpoint never
-    holds more than one chunk in memory.
-    """
+    """The tensors of one or more ``.safetensors`` files, read one at a time (or in bounded row chunks) through
+    memory maps, so scanning a multi-gigabyte checkpoint never holds more than one chunk."""
 
     def __init__(self, path: Path, tensors: dict[str, TensorInfo]) -> None:
         self.path = path
@@ -81,10 +77,9 @@ class WeightStore:
         for file in files:
             for name, info in read_header(file).items():
                 if name in tensors:
-                    raise CheckpointError(
-                        f"{file}: tensor `{name}` is also stored in {tensors[name].file.name}; expected each "
-                        "tensor in exactly one file. Remove the stray file or re-export the checkpoint."
-                    )
+                    raise CheckpointError(f"{file}: tensor `{name}` is also stored in {tensors[name].file.name}; "
+                                          f"expected each tensor in exactly one file. Remove the stray file or "
+                                          f"re-export the checkpoint.")
                 tensors[name] = info
         return cls(path, tensors)
 
@@ -106,9 +101,6 @@ class WeightStore:
     def dtype(self, name: str) -> str:
         """The safetensors dtype string, e.g. ``"BF16"``."""
         return self._tensors[name].dtype
-
-    def torch_dtype(self, name: str) -> torch.dtype:
-        return TORCH_DTYPES[self._tensors[name].dtype]
 
     def file_of(self, name: str) -> Path:
         return self._tensors[name].file
@@ -148,10 +140,8 @@ class WeightStore:
                 return handle.get_tensor(name)
             return handle.get_slice(name)[rows[0]:rows[1]]
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(
-                f"{info.file}: cannot read tensor `{name}` ({exc}); the file changed or is damaged. "
-                "Re-download or re-export the checkpoint."
-            ) from exc
+            raise CheckpointError(f"{info.file}: cannot read tensor `{name}` ({exc}); the file changed or is damaged. "
+                                  "Re-download or re-export the checkpoint.") from exc
 
     def release(self) -> None:
         """Close the open files. Their memory maps count as resident memory once read through, so a scan over

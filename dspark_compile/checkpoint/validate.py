@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from pathlib import Path
 
+from dspark_compile.checkpoint.fp8 import Fp8Checkpoint
 from dspark_compile.checkpoint.load import (
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
@@ -16,24 +18,23 @@ from dspark_compile.checkpoint.names import (
     WeightSpec,
     draft_weight_name,
     draft_weight_specs,
+    target_ignores,
     target_weight_name,
     target_weight_specs,
 )
 from dspark_compile.checkpoint.store import WeightStore
 from dspark_compile.errors import ValidationError
+from dspark_compile.model_config import Gemma4Config, TargetConfig
 
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
 
 def validate_pair(target: TargetCheckpoint, draft: DraftCheckpoint) -> list[str]:
-    """Every inconsistency of the pair, one line each (file, field, expected, found); ``[]`` if none.
-
-    Reads only configs and safetensors headers, never tensor data. Draft ``embed_tokens``/``lm_head`` copies
-    that differ from the target's are not a problem (the graft shares the target's): the graft reports them
-    as warnings through :func:`shared_weights_differ`.
-    """
+    """Every inconsistency of the pair, one line each (file, field, expected, found); ``[]`` if none. Reads
+    configs and headers only; differing embedding / LM head copies are warnings (:func:`shared_weights_differ`)."""
     return [
-        *_check_tensors(target.weights, target_weight_specs(target.config), "target"),
+        *_check_tensors(target.weights, target_weight_specs(target.config), "target",
+                        lambda name: target_ignores(target.config, name), target.quant),
         *_check_tensors(draft.weights, draft_weight_specs(draft.config), "draft"),
         *_check_configs(target, draft),
     ]
@@ -47,13 +48,9 @@ def check_pair(target: TargetCheckpoint, draft: DraftCheckpoint) -> None:
 
 
 def shared_weights_differ(target: TargetCheckpoint, draft: DraftCheckpoint) -> list[str]:
-    """Compare the draft's frozen ``embed_tokens``/``lm_head`` copies with the target's, value for value.
-
-    Returns one line per differing tensor; tensors absent from the draft or of another shape are skipped
-    (a missing copy is fine, a wrong shape is reported by :func:`validate_pair`). Rows are compared in
-    chunks, so no full vocabulary matrix is held twice.
-    """
-    embed = target_weight_name("embed_tokens")
+    """One line per draft ``embed_tokens``/``lm_head`` copy whose values differ from the target's, compared in
+    row chunks (absent copies and wrong shapes are :func:`validate_pair`'s business)."""
+    embed = target_weight_name("embed_tokens", prefix=target.config.weight_prefix)
     head = target_weight_name("lm_head")
     if head not in target.weights:
         head = embed
@@ -69,12 +66,10 @@ def shared_weights_differ(target: TargetCheckpoint, draft: DraftCheckpoint) -> l
         draft.weights.release()
         if differing:
             total = math.prod(target.weights.shape(target_name))
-            lines.append(
-                f"{draft.weights.file_of(draft_name)}: `{draft_name}` differs from the target's "
-                f"`{target_name}` ({differing} of {total} values, max |diff| {max_delta:.3g}, draft "
-                f"{draft.weights.dtype(draft_name)} vs target {target.weights.dtype(target_name)}); the "
-                "compiled graph uses the target's copy."
-            )
+            lines.append(f"{draft.weights.file_of(draft_name)}: `{draft_name}` differs from the target's "
+                         f"`{target_name}` ({differing} of {total} values, max |diff| {max_delta:.3g}, draft "
+                         f"{draft.weights.dtype(draft_name)} vs target {target.weights.dtype(target_name)}); the "
+                         "compiled graph uses the target's copy.")
     return lines
 
 
@@ -102,36 +97,34 @@ def _weights_file(weights: WeightStore) -> Path:
     return single if single.is_file() else weights.path / SAFETENSORS_INDEX
 
 
-def _check_tensors(weights: WeightStore, specs: dict[str, WeightSpec], role: str) -> list[str]:
+def _check_tensors(weights: WeightStore, specs: dict[str, WeightSpec], role: str,
+                   ignored: Callable[[str], bool] = lambda name: False,
+                   quant: Fp8Checkpoint | None = None) -> list[str]:
+    """``quant``: a pre-quantized target's e4m3 weights are expected, and its scale tensors are not extra."""
+    fp8 = quant.tensors if quant is not None else {}
+    extra = quant.extra_names() if quant is not None else set()
     problems = []
     where = _weights_file(weights)
     for name, spec in specs.items():
         if name not in weights:
             if spec.required:
-                problems.append(
-                    f"{where}: {role} tensor `{name}` is missing; expected shape {list(spec.shape)} "
-                    f"= {spec.why}. The checkpoint does not match its config.json; re-export it."
-                )
+                problems.append(f"{where}: {role} tensor `{name}` is missing; expected shape {list(spec.shape)} "
+                                f"= {spec.why}. The checkpoint does not match its config.json; re-export it.")
             continue
         shape = weights.shape(name)
         if shape != spec.shape:
-            problems.append(
-                f"{weights.file_of(name)}: {role} tensor `{name}` has shape {list(shape)}, expected "
-                f"{list(spec.shape)} = {spec.why} from config.json; re-export the checkpoint or fix "
-                "config.json."
-            )
-        if weights.dtype(name) not in WEIGHT_DTYPES:
-            problems.append(
-                f"{weights.file_of(name)}: {role} tensor `{name}` has dtype {weights.dtype(name)}, expected "
-                f"one of {', '.join(WEIGHT_DTYPES)}; convert the checkpoint (quantized weights are not "
-                "supported)."
-            )
+            problems.append(f"{weights.file_of(name)}: {role} tensor `{name}` has shape {list(shape)}, expected "
+                            f"{list(spec.shape)} = {spec.why} from config.json; re-export the checkpoint or fix "
+                            "config.json.")
+        if weights.dtype(name) not in WEIGHT_DTYPES and name not in fp8:
+            problems.append(f"{weights.file_of(name)}: {role} tensor `{name}` has dtype {weights.dtype(name)}, "
+                            f"expected one of {', '.join(WEIGHT_DTYPES)}; convert the checkpoint (quantized weights "
+                            f"are not supported).")
     for name in weights.names():
-        if name not in specs:
-            problems.append(
-                f"{weights.file_of(name)}: unexpected {role} tensor `{name}` {list(weights.shape(name))}; "
-                f"config.json does not call for it{_extra_hint(name)}. Fix config.json or remove the tensor."
-            )
+        if name not in specs and not ignored(name) and name not in extra:
+            problems.append(f"{weights.file_of(name)}: unexpected {role} tensor `{name}` {list(weights.shape(name))}; "
+                            f"config.json does not call for it{_extra_hint(name)}. Fix config.json or remove the "
+                            f"tensor.")
     return problems
 
 
@@ -145,45 +138,44 @@ def _extra_hint(name: str) -> str:
     return ""
 
 
+def _shared_fields(cfg: TargetConfig) -> tuple[str, ...]:
+    """Config fields a draft copies from its target (a Gemma4 draft's layers are global-attention layers)."""
+    if isinstance(cfg, Gemma4Config):
+        return ("vocab_size", "hidden_size", "num_attention_heads", "global_kv_heads", "global_head_dim",
+                "attention_k_eq_v", "final_logit_softcapping")
+    return ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
 def _check_configs(target: TargetCheckpoint, draft: DraftCheckpoint) -> list[str]:
     t, d = target.config, draft.config
     d_file, t_file = draft.path / "config.json", target.path / "config.json"
     problems = []
-    for field in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+    if d.base.family != t.family:
+        return [f"{d_file}: a {d.base.family} draft ({d.base.architecture}) cannot draft for a {t.family} target "
+                f"({t.architecture} in {t_file}); use the draft trained for this target."]
+    for field in _shared_fields(t):
         found, expected = getattr(d.base, field), getattr(t, field)
         if found != expected:
-            problems.append(
-                f"{d_file}: `{field}` is {found}, expected {expected} (the target's `{field}` in {t_file}); "
-                "use the draft trained for this target."
-            )
+            problems.append(f"{d_file}: `{field}` is {found}, expected {expected} (the target's `{field}` in "
+                            f"{t_file}); use the draft trained for this target.")
     last = t.num_hidden_layers - 1
     ids = list(d.target_layer_ids)
     for layer_id in ids:
         if layer_id != -1 and not 0 <= layer_id <= last:
-            problems.append(
-                f"{d_file}: `target_layer_ids` contains {layer_id}, expected -1 (embeddings) or a target "
-                f"layer in [0, {last}] ({t_file} has num_hidden_layers={t.num_hidden_layers}); fix "
-                "target_layer_ids."
-            )
+            problems.append(f"{d_file}: `target_layer_ids` contains {layer_id}, expected -1 (embeddings) or a target "
+                            f"layer in [0, {last}] ({t_file} has num_hidden_layers={t.num_hidden_layers}); fix "
+                            "target_layer_ids.")
         elif layer_id == last:
-            problems.append(
-                f"{d_file}: `target_layer_ids` contains {layer_id}, the target's last layer, which DSpark "
-                f"does not allow; expected ids in {{-1}} ∪ [0, {last - 1}]. Fix target_layer_ids."
-            )
+            problems.append(f"{d_file}: `target_layer_ids` contains {layer_id}, the target's last layer, which DSpark "
+                            f"does not allow; expected ids in {{-1}} ∪ [0, {last - 1}]. Fix target_layer_ids.")
     if any(b <= a for a, b in itertools.pairwise(ids)):
-        problems.append(
-            f"{d_file}: `target_layer_ids` is {ids}, expected strictly increasing ids; fix the list."
-        )
+        problems.append(f"{d_file}: `target_layer_ids` is {ids}, expected strictly increasing ids; fix the list.")
     if d.num_target_layers != t.num_hidden_layers:
-        problems.append(
-            f"{d_file}: `num_target_layers` is {d.num_target_layers}, expected {t.num_hidden_layers} (the "
-            f"target's `num_hidden_layers` in {t_file}); use the draft trained for this target."
-        )
+        problems.append(f"{d_file}: `num_target_layers` is {d.num_target_layers}, expected {t.num_hidden_layers} (the "
+                        f"target's `num_hidden_layers` in {t_file}); use the draft trained for this target.")
     if d.block_size < 1:
         problems.append(f"{d_file}: `block_size` is {d.block_size}, expected >= 1.")
     if not 0 <= d.mask_token_id < t.vocab_size:
-        problems.append(
-            f"{d_file}: `mask_token_id` is {d.mask_token_id}, expected a token id in [0, {t.vocab_size}) "
-            "(the target's vocab_size); use the draft trained for this target."
-        )
+        problems.append(f"{d_file}: `mask_token_id` is {d.mask_token_id}, expected a token id in [0, {t.vocab_size}) "
+                        "(the target's vocab_size); use the draft trained for this target.")
     return problems

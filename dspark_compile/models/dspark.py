@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dspark_compile.config import DraftConfig
+from dspark_compile.model_config import DraftConfig
 from dspark_compile.models.layers import (
     FUNCTIONAL,
     REFERENCE,
@@ -57,7 +57,6 @@ class MarkovHead(nn.Module):
         super().__init__()
         r, h, v = cfg.markov_rank, cfg.base.hidden_size, cfg.base.vocab_size
         self.kind = cfg.markov_head_type or "vanilla"
-        self.rank = r
         self.markov_w1 = nn.Embedding(v, r)
         self.markov_w2 = nn.Linear(r, v, bias=False)
         if self.kind == "gated":
@@ -99,19 +98,32 @@ class DSparkDraft(nn.Module):
         self.embed_tokens = embed_tokens  # the graft: the target's own modules, not copies
         self.lm_head = lm_head
         self.fc = nn.Linear(cfg.num_taps * base.hidden_size, base.hidden_size, bias=False)
-        self.hidden_norm = RMSNorm(base.hidden_size, base.rms_norm_eps)
-        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(base.num_hidden_layers))
-        self.norm = RMSNorm(base.hidden_size, base.rms_norm_eps)
-        self.rotary = RotaryEmbedding(base.head_dim, base.rope)
+        self.hidden_norm = self.make_norm(cfg)
+        self.layers = nn.ModuleList(self.make_layer(cfg, i) for i in range(base.num_hidden_layers))
+        self.norm = self.make_norm(cfg)
+        self.init_buffers()
         self.markov_head = MarkovHead(cfg) if cfg.markov_rank > 0 else None
         self.confidence_head = None
         if cfg.enable_confidence_head:
             extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
             self.confidence_head = ConfidenceHead(base.hidden_size + extra)
 
+    # The family seams (a family's draft overrides these three; models/gemma4_draft.py).
+    @staticmethod
+    def make_layer(cfg: DraftConfig, index: int) -> nn.Module:
+        return DraftLayer(cfg)
+
+    @staticmethod
+    def make_norm(cfg: DraftConfig) -> nn.Module:
+        return RMSNorm(cfg.base.hidden_size, cfg.base.rms_norm_eps)
+
+    def init_buffers(self) -> None:
+        """The RoPE table (non-persistent: rebuilt after loading on the meta device)."""
+        self.rotary = RotaryEmbedding(self.cfg.base.head_dim, self.cfg.base.rope)
+
     def context_features(self, taps: torch.Tensor) -> torch.Tensor:
         """ctx = RMSNorm_hidden_norm(fc(taps)) (§2, context features)."""
-        return self.hidden_norm(self.fc(taps.to(self.fc.weight.dtype)))
+        return self.hidden_norm(self.fc(taps.to(self.hidden_norm.weight.dtype)))
 
     def backbone(
         self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
@@ -167,7 +179,8 @@ class DSparkDraft(nn.Module):
 
         ``distributions=False`` skips the [B, G, V] output (a greedy round never reads it)."""
         bsz, g, _ = hidden.shape
-        base_logits = self.lm_head(hidden).to(torch.float32)
+        # On [B*G, H]: exported as one Gemm(transB=1) over the (shared) weight, never a transposed copy of it.
+        base_logits = self.lm_head(hidden.reshape(bsz * g, -1)).view(bsz, g, -1).to(torch.float32)
         prev = anchor.to(torch.int64)
         state = hidden.new_zeros(bsz, self.cfg.markov_rank) if self.markov_head is not None else None
         sampling = temperature is not None and uniforms is not None
@@ -204,7 +217,7 @@ class DSparkDraft(nn.Module):
     def new_cache(self, batch: int, slots: int, *, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> torch.Tensor:
         b = self.cfg.base
-        w = self.fc.weight
+        w = self.hidden_norm.weight
         return torch.zeros(b.num_hidden_layers, 2, batch, b.num_key_value_heads, slots, b.head_dim,
                            dtype=dtype or w.dtype, device=device or w.device)
 
@@ -219,7 +232,7 @@ class DSparkDraft(nn.Module):
         model.load_state_dict(state, assign=True, strict=False)
         model.embed_tokens = embed_tokens
         model.lm_head = lm_head
-        model.rotary = RotaryEmbedding(cfg.base.head_dim, cfg.base.rope)
+        model.init_buffers()
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
             raise RuntimeError(f"draft parameters not loaded: {missing}")

@@ -6,10 +6,13 @@ reference, the ONNX export source and the torch/CUDA-graph target.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
-from dspark_compile.config import RopeConfig, TargetConfig
+from dspark_compile.model_config import RopeConfig, TargetConfig
 
 
 class RMSNorm(nn.Module):
@@ -27,24 +30,154 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
-class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.gelu(x, approximate="tanh")
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate x) · up x): SwiGLU with silu (Qwen3), GeGLU with tanh-GELU (Gemma4)."""
+
+    def __init__(self, hidden: int, intermediate: int, activation: Callable[[torch.Tensor], torch.Tensor] =
+                 nn.functional.silu) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------------------------ linear-weight strategies
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+@torch.library.custom_op("dspark::fp8_dequantize", mutates_args=())
+def fp8_dequantize(weight: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """e4m3 weight [N, K] × scale -> float32 [N, K]. ``scale`` is 0-d (per tensor), [N] (per output channel) or
+    [N, ceil(K/group)] (per row and group of ``group`` columns: block scales expanded over rows)."""
+    w = weight.to(torch.float32)
+    if scale.dim() == 0:
+        return w * scale
+    if scale.dim() == 1:
+        return w * scale.unsqueeze(1)
+    return w * scale.repeat_interleave(group, dim=1)[:, : w.shape[1]]
+
+
+@fp8_dequantize.register_fake
+def _(weight: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    return weight.new_empty(weight.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("dspark::fp8_quantize_dequantize", mutates_args=())
+def fp8_quantize_dequantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Static per-tensor FP8 activation quantization round trip: e4m3(x / scale) · scale, in x's dtype."""
+    s = scale.to(x.dtype).to(torch.float32)
+    q = (x.to(torch.float32) / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.to(torch.float32) * s).to(x.dtype)
+
+
+@fp8_quantize_dequantize.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel e4m3: scale[n] = max|w[n]| / 448 (1 for an all-zero row) -> (e4m3 [N, K], float32 [N])."""
+    wf = w.to(torch.float32)
+    amax = wf.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (wf / scale.unsqueeze(1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer whose weight is e4m3 with a float32 dequantization scale (per tensor, per output channel,
+    or per row × column group); the reference path dequantizes (:func:`fp8_dequantize`, one ONNX
+    DequantizeLinear) and multiplies in the activations' dtype. With ``input_scale`` (static, per tensor) the
+    input is quantized too (W8A8: the Q/DQ pair TensorRT fuses into an FP8 GEMM)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 group: int = 0, input_scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        assert weight.dtype == torch.float8_e4m3fn and weight.dim() == 2
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale.to(torch.float32), requires_grad=False)
+        self.group = group if scale.dim() == 2 else 0
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.input_scale = None if input_scale is None else nn.Parameter(input_scale.to(torch.float32).reshape(()),
+                                                                         requires_grad=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return fp8_dequantize(self.weight, self.weight_scale, self.group).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = fp8_quantize_dequantize(x, self.input_scale)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.dequantized(x.dtype), bias)
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear) -> Fp8Linear:
+        """Per-output-channel quantization of a full-precision linear layer (:func:`quantize_fp8`)."""
+        q, scale = quantize_fp8(linear.weight.detach())
+        return cls(q, scale, None if linear.bias is None else linear.bias.detach())
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Set the submodule at dotted path ``name`` of ``root``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def fp8_onnx_translation() -> dict[Any, Any]:
+    """``custom_translation_table`` entries: the dequantization becomes one ``DequantizeLinear`` (FLOAT8E4M3FN
+    input; ``axis=0`` for per-channel scales), the activation round trip a ``QuantizeLinear`` →
+    ``DequantizeLinear`` pair; block scales (HF "-FP8" checkpoints) a Cast and a Mul over the expanded grid."""
+    import onnx
+    from onnxscript import opset19 as op
+
+    fp8_zero = onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT8E4M3FN, [], [0.0])
+
+    def dequantize_onnx(weight, scale, group: int):
+        if len(scale.shape) <= 1:
+            return op.DequantizeLinear(weight, scale, axis=0)
+        n, k = weight.shape
+        expanded = op.Reshape(op.Expand(op.Unsqueeze(scale, [2]), op.Constant(value_ints=[n, scale.shape[1], group])),
+                              op.Constant(value_ints=[n, scale.shape[1] * group]))
+        return op.Mul(op.Cast(weight, to=onnx.TensorProto.FLOAT), op.Slice(expanded, [0], [k], [1]))
+
+    def quantize_dequantize_onnx(x, scale):
+        s = op.CastLike(scale, x)
+        return op.DequantizeLinear(op.QuantizeLinear(x, s, op.Constant(value=fp8_zero)), s)
+
+    return {torch.ops.dspark.fp8_dequantize.default: dequantize_onnx,
+            torch.ops.dspark.fp8_quantize_dequantize.default: quantize_dequantize_onnx}
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for absolute positions; computed in float32 like transformers' default RoPE."""
+    """cos/sin tables for absolute positions; computed in float32 like transformers' default RoPE.
+
+    "proportional" (Gemma4's global layers) rotates only the first ``partial_rotary_factor``·D/2 frequency pairs;
+    the rest get frequency 0 (cos 1, sin 0: left as they are)."""
 
     def __init__(self, head_dim: int, rope: RopeConfig) -> None:
         super().__init__()
-        inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        if rope.rope_type == "linear":
+        rotated = head_dim // 2
+        if rope.rope_type == "proportional":
+            rotated = int(rope.partial_rotary_factor * head_dim // 2)
+        exponents = torch.arange(0, 2 * rotated, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = torch.cat((1.0 / (rope.theta**exponents), torch.zeros(head_dim // 2 - rotated)))
+        if rope.rope_type in ("linear", "proportional"):
             inv_freq = inv_freq / rope.factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -200,21 +333,24 @@ REFERENCE = ReferenceAttention()
 
 
 class AttentionProjections(nn.Module):
-    """q/k/v/o projections and per-head q/k RMSNorm of one Qwen3 attention layer."""
+    """q/k/v/o projections and per-head q/k norms of one attention layer (Qwen3's by default; a family passes its
+    head shape, its norm and whether the layer has a v_proj)."""
 
-    def __init__(self, cfg: TargetConfig) -> None:
+    def __init__(self, cfg: TargetConfig, kv_heads: int | None = None, head_dim: int | None = None, *,
+                 norm: Callable[[int, float], nn.Module] = RMSNorm, shared_kv: bool = False) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
+        h, n = cfg.hidden_size, cfg.num_attention_heads
+        self.num_heads = n
+        self.num_kv_heads = kv = kv_heads or cfg.num_key_value_heads
+        self.head_dim = d = head_dim or cfg.head_dim
+        self.scale = d**-0.5
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(h, n * d, bias=bias)
+        self.k_proj = nn.Linear(h, kv * d, bias=bias)
+        self.v_proj = None if shared_kv else nn.Linear(h, kv * d, bias=bias)
+        self.o_proj = nn.Linear(n * d, h, bias=bias)
+        self.q_norm = norm(d, cfg.rms_norm_eps)
+        self.k_norm = norm(d, cfg.rms_norm_eps)
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -226,3 +362,45 @@ class AttentionProjections(nn.Module):
         k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
+
+
+class CausalTarget(nn.Module):
+    """What every family's target does around its layers: taps, the final norm, logits and the cache tensor
+    (attributes ``cfg``, ``tap_layer_ids``, ``embed_tokens``, ``norm``, ``lm_head``)."""
+
+    def outputs(self, x: torch.Tensor, taps: dict[int, torch.Tensor], outs: list[torch.Tensor | None],
+                in_place: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(hidden after the final norm, the taps concatenated, the stacked cache outputs unless in place)."""
+        tapped = [taps[i] for i in self.tap_layer_ids]
+        tap_tensor = torch.cat(tapped, dim=-1) if tapped else x[..., :0]
+        return self.norm(x), tap_tensor, None if in_place else torch.stack(outs)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).to(torch.float32)
+
+    def new_cache(self, batch: int, slots: int, *, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+        c = self.cfg
+        w = self.embed_tokens.weight
+        return torch.zeros(c.num_hidden_layers, 2, batch, c.num_key_value_heads, slots, c.head_dim,
+                           dtype=dtype or w.dtype, device=device or w.device)
+
+
+def load_hf_target(cls: Callable[..., nn.Module], cfg: TargetConfig, get: Callable[[str], torch.Tensor],
+                   tap_layer_ids: Sequence[int], dtype: torch.dtype) -> nn.Module:
+    """A target class built on the meta device, its parameters assigned from Hugging Face tensor names
+    (``cfg.weight_prefix`` + module path; ``lm_head`` loads the embedding when tied, sharing its storage)."""
+    with torch.device("meta"):
+        model = cls(cfg, tap_layer_ids)
+    loaded: dict[str, torch.Tensor] = {}
+    state = {}
+    for name, _ in model.named_parameters():
+        hf = "lm_head.weight" if name == "lm_head.weight" else f"{cfg.weight_prefix}{name}"
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            hf = f"{cfg.weight_prefix}embed_tokens.weight"
+        if hf not in loaded:
+            loaded[hf] = get(hf).to(dtype)
+        state[name] = loaded[hf]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.init_buffers()
+    return model.eval()

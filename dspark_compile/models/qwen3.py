@@ -10,16 +10,18 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from dspark_compile.config import TargetConfig
+from dspark_compile.model_config import TargetConfig
 from dspark_compile.models.layers import (
     FUNCTIONAL,
     REFERENCE,
     AttentionProjections,
     CacheWrite,
+    CausalTarget,
+    GatedMLP,
     ReferenceAttention,
     RMSNorm,
     RotaryEmbedding,
-    SwiGLU,
+    load_hf_target,
 )
 
 
@@ -30,15 +32,13 @@ class Qwen3Layer(nn.Module):
     def __init__(self, cfg: TargetConfig) -> None:
         super().__init__()
         self.self_attn = AttentionProjections(cfg)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, cache_len: torch.Tensor,
-        mask: torch.Tensor, *, positions: torch.Tensor | None = None, cache: CacheWrite = FUNCTIONAL,
-        attention: ReferenceAttention = REFERENCE,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, cache_len: torch.Tensor,
+                mask: torch.Tensor, *, positions: torch.Tensor | None = None, cache: CacheWrite = FUNCTIONAL,
+                attention: ReferenceAttention = REFERENCE) -> tuple[torch.Tensor, torch.Tensor | None]:
         """kv [2, B, KV, S, D]; new rows at slots cache_len[b] + t (``positions``). Returns the layer output and
         the cache strategy's output (the updated kv, the new rows, or None when written in place)."""
         attn = self.self_attn
@@ -53,8 +53,10 @@ class Qwen3Layer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Qwen3Target(nn.Module):
+class Qwen3Target(CausalTarget):
     """Qwen3ForCausalLM forward over a static cache: slot = absolute position (docs/PROGRAM.md)."""
+
+    fused_kernels = True  # targets/torch/static_forward.py's fused q|k|v, gate|up and Triton kernels apply
 
     def __init__(self, cfg: TargetConfig, tap_layer_ids: Sequence[int] = ()) -> None:
         super().__init__()
@@ -64,7 +66,11 @@ class Qwen3Target(nn.Module):
         self.layers = nn.ModuleList(Qwen3Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """The RoPE table (non-persistent: rebuilt after loading on the meta device)."""
+        self.rotary = RotaryEmbedding(self.cfg.head_dim, self.cfg.rope)
 
     def forward(
         self, input_ids: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor, *,
@@ -81,14 +87,12 @@ class Qwen3Target(nn.Module):
         positions = cache_len.view(bsz, 1) + torch.arange(t, device=input_ids.device).view(1, t)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        group = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
         if cache.in_place:  # causal: query (b, t) sees slots <= its position, within the window
-            mask = attention.prepare(positions + 1, cache.window,
-                                     self.cfg.num_attention_heads // self.cfg.num_key_value_heads, x.dtype)
-        else:
+            mask = attention.prepare(positions + 1, cache.window, group, x.dtype)
+        else:  # causal over the committed prefix and this chunk
             slots = torch.arange(s, device=input_ids.device).view(1, 1, 1, s)
-            mask = slots <= positions.view(bsz, 1, t, 1)  # causal over the committed prefix and this chunk
-            mask = attention.prepare(mask, None, self.cfg.num_attention_heads // self.cfg.num_key_value_heads,
-                                     x.dtype)
+            mask = attention.prepare(slots <= positions.view(bsz, 1, t, 1), None, group, x.dtype)
         taps: dict[int, torch.Tensor] = {-1: x}
         outs = []
         for i, layer in enumerate(self.layers):
@@ -96,35 +100,10 @@ class Qwen3Target(nn.Module):
                            attention=attention)
             outs.append(out)
             taps[i] = x
-        tapped = [taps[i] for i in self.tap_layer_ids]
-        tap_tensor = torch.cat(tapped, dim=-1) if tapped else x[..., :0]
-        return self.norm(x), tap_tensor, None if cache.in_place else torch.stack(outs)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).to(torch.float32)
-
-    def new_cache(self, batch: int, slots: int, *, dtype: torch.dtype | None = None,
-                  device: torch.device | None = None) -> torch.Tensor:
-        c = self.cfg
-        w = self.embed_tokens.weight
-        return torch.zeros(c.num_hidden_layers, 2, batch, c.num_key_value_heads, slots, c.head_dim,
-                           dtype=dtype or w.dtype, device=device or w.device)
+        return self.outputs(x, taps, outs, cache.in_place)
 
     @classmethod
     def from_weights(cls, cfg: TargetConfig, get: Callable[[str], torch.Tensor], *, tap_layer_ids: Sequence[int] = (),
                      dtype: torch.dtype = torch.float32) -> Qwen3Target:
         """Build from Hugging Face tensor names (``get(name)`` returns one tensor)."""
-        with torch.device("meta"):
-            model = cls(cfg, tap_layer_ids)
-        loaded: dict[str, torch.Tensor] = {}  # tied embeddings load once and share storage
-        state = {}
-        for name, _ in model.named_parameters():
-            hf = "lm_head.weight" if name == "lm_head.weight" else f"model.{name}"
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                hf = "model.embed_tokens.weight"
-            if hf not in loaded:
-                loaded[hf] = get(hf).to(dtype)
-            state[name] = loaded[hf]
-        model.load_state_dict(state, assign=True, strict=True)
-        model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
-        return model.eval()
+        return load_hf_target(cls, cfg, get, tap_layer_ids, dtype)

@@ -1,8 +1,5 @@
-"""Pass `check_onnx`: the full ONNX checker (with shape inference) on every portable graph, in memory.
-
-The plugin variant holds a custom-domain node the checker cannot type; it gets the structural check only,
-plus a check of its SpecVerify node against the plugin's schema. onnx-ir's CheckerPass hands the checker the
-graph with its weights as typed inputs, so no weight is serialised or read.
+"""Pass `check_onnx`: the full ONNX checker (with shape inference) on every portable graph, in memory. The
+plugin variant's custom node cannot be typed: structural check, plus its SpecVerify node against the schema.
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ import onnx_ir as ir
 from dspark_compile.artifacts import PLUGIN
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
-from dspark_compile.plugins.spec_verify.schema import SPEC_VERIFY
+from dspark_compile.plugins.spec_verify.op_schema import SPEC_VERIFY
 
 
 def run(state: BuildState) -> None:

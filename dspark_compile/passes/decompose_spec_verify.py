@@ -1,16 +1,10 @@
 """Pass `decompose_spec_verify`: rewrite every ``dspark::SpecVerify`` node into standard ONNX ops.
 
-onnxruntime and TensorRT-RTX cannot run the custom node (TensorRT-RTX's parser even aborts on it). The
-exported verify graph stays as the plugin variant; its rewrite is the portable one. The rules are the README's,
-vectorised as in ``spec_verify_torch``, with no Loop/If and every dimension (B, G, V) dynamic:
-
-* accepted = min(ℓ, leading passes), the leading count being ``ReduceSum(CumSum(Not(pass)) == 0)``;
-* the inverse-CDF draw as a count: the first i with cumsum(w)[i] > u·sum(w) is the number of i with
-  cumsum(w)[i] <= u·sum(w) (a cumulative sum of non-negative weights never decreases); a count of V means
-  "none" and selects the last positive weight, found the same way with a reversed CumSum.
-
-Needs opset >= 15 (Shape with start/end). Logits of any float dtype are cast to float32 first (exact, keeps
-ArgMax ties). An onnxscript rewrite rule (pattern → replacement), so the library does the graph surgery.
+onnxruntime and TensorRT-RTX cannot run the custom node, so the exported graph stays as the plugin variant and
+its rewrite (an onnxscript rule) is the portable one: ``spec_verify_torch``'s rules with no Loop/If and B, G,
+V dynamic. accepted = min(ℓ, leading passes), counted as ``ReduceSum(CumSum(Not(pass)) == 0)``; the
+inverse-CDF draw is the count of i with cumsum(w)[i] <= u·sum(w) (V meaning "none": then the last positive
+weight, found with a reversed CumSum). Logits are cast to float32 first (exact, keeps ArgMax ties).
 """
 
 from __future__ import annotations
@@ -22,8 +16,8 @@ from onnxscript.rewriter import pattern
 from dspark_compile.artifacts import PLUGIN, PORTABLE
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, SAMPLING, SPEC_VERIFY
 from dspark_compile.plugins.spec_verify.reference import Q_FLOOR, RESIDUAL_FLOOR
-from dspark_compile.plugins.spec_verify.schema import GREEDY, SAMPLING, SPEC_VERIFY
 
 MIN_OPSET = 15  # Shape with start/end (15), ReduceSum axes as an input (13); the compiler exports 18
 NODE_PREFIX = "spec_verify"  # name prefix of every node the pass adds
@@ -158,10 +152,8 @@ def decompose_spec_verify(model: ir.Model) -> ir.Model:
             raise BuildError(f"decompose_spec_verify: {exc}") from exc
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset < MIN_OPSET:
-        raise BuildError(
-            f"decompose_spec_verify: the model imports default opset {opset or 'none'}; the decomposition needs "
-            f">= {MIN_OPSET}. Export the graph with opset_version=18."
-        )
+        raise BuildError(f"decompose_spec_verify: the model imports default opset {opset or 'none'}; the decomposition "
+                         f"needs >= {MIN_OPSET}. Export the graph with opset_version=18.")
     before = {id(node) for node in _all_nodes(model)}
     count = _RULES.apply_to_model(model)
     # Subgraphs of control-flow nodes are out of scope; fail loudly instead of leaving a node behind.
@@ -177,8 +169,8 @@ def decompose_spec_verify(model: ir.Model) -> ir.Model:
 
 
 def run(state: BuildState) -> None:
-    """The exported verify graph stays as the plugin variant (full TensorRT); its decomposition, which shares
+    """The exported target_step graph stays as the plugin variant (full TensorRT); its decomposition, which shares
     its weights, is the portable one that everything else runs."""
     assert state.onnx is not None
-    plugin = state.onnx.model("target_verify", PORTABLE)
-    state.onnx.models["target_verify"] = {PORTABLE: decompose_spec_verify(plugin.clone()), PLUGIN: plugin}
+    plugin = state.onnx.model("target_step", PORTABLE)
+    state.onnx.models["target_step"] = {PORTABLE: decompose_spec_verify(plugin.clone()), PLUGIN: plugin}

@@ -30,32 +30,57 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor
 
 from dspark_compile.artifacts import PORTABLE, OnnxGraphs
+from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
-from dspark_compile.passes.partition import GraphSpec, PartitionedProgram, partition
+from dspark_compile.models.layers import Fp8Linear, fp8_onnx_translation
+from dspark_compile.passes.layer_template import export_by_layer
+from dspark_compile.passes.layer_template import onnx_translation as layer_translation
+from dspark_compile.passes.partition import ExportJob, PartitionedProgram, partition
 from dspark_compile.plugins.spec_verify.op import onnx_translation
-from dspark_compile.spec import BuildSpec
 
 log = logging.getLogger(__name__)
 PARALLEL_BYTES = 256 << 20  # programs with more weight bytes than this are traced in worker processes
 _ON_META = "__weights_attached_by_the_parent__"  # external-data location of a weight a worker did not have
 
 
-def export_graph(gs: GraphSpec, opset: int) -> ir.Model:
+def export_graph(gs: ExportJob, opset: int) -> ir.Model:
+    """``gs`` as an ONNX model: a Qwen3 target's layers traced once (layer_template), anything else whole."""
+    model = export_by_layer(gs, lambda job: _trace(job, opset))
+    return model if model is not None else _trace(gs, opset)
+
+
+def _trace(gs: ExportJob, opset: int) -> ir.Model:
     # The exporter logs one warning per missing optional op library (torchvision); not our users' concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             onnx_program = torch.onnx.export(
-                gs.module, tuple(gs.inputs.values()), input_names=list(gs.inputs), output_names=list(gs.outputs),
-                dynamic_axes=gs.dynamic, dynamo=True, opset_version=opset, verbose=False, optimize=False,
-                custom_translation_table=onnx_translation(),
+                gs.module, _distinct(tuple(gs.inputs.values())), input_names=list(gs.inputs),
+                output_names=list(gs.outputs),
+                # Every input, in order (the exporter pairs these with the inputs by position): {} = static.
+                dynamic_axes={name: gs.dynamic.get(name, {}) for name in gs.inputs}, dynamo=True,
+                opset_version=opset, verbose=False, optimize=False,
+                custom_translation_table=onnx_translation() | fp8_onnx_translation() | layer_translation(),
             )
         except Exception as e:  # the exporter's own errors are long; keep the first line, log the rest
             log.debug("export of %s failed", gs.name, exc_info=True)
             raise BuildError(f"ONNX export of graph {gs.name} failed: {str(e).splitlines()[0]}") from e
     return onnx_program.model
+
+
+def _distinct(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The example inputs with no two the same tensor: torch.export would fold aliased inputs into one (a tied
+    LM head is the embedding: both weight inputs must stay inputs of their own)."""
+    seen: set[int] = set()
+    out = []
+    for arg in args:
+        if id(arg) in seen:
+            arg = arg.clone()
+        seen.add(id(arg))
+        out.append(arg)
+    return tuple(out)
 
 
 def export_graphs(parts: PartitionedProgram, spec: BuildSpec, scratch: Path, *,
@@ -96,9 +121,7 @@ def export_graphs(parts: PartitionedProgram, spec: BuildSpec, scratch: Path, *,
 def _export_on_meta(spec: BuildSpec, name: str, out: Path) -> None:
     """Worker: trace graph ``name`` of ``spec``'s program built on the meta device and write it to ``out``, each
     weight a placeholder that :func:`_attach` replaces."""
-    from dspark_compile.models.dspark import DSparkDraft
-    from dspark_compile.models.layers import RotaryEmbedding
-    from dspark_compile.models.qwen3 import Qwen3Target
+    from dspark_compile.families import family_of
     from dspark_compile.program import DecodeProgram, load_pair, torch_dtype
 
     torch.set_num_threads(1)
@@ -106,10 +129,11 @@ def _export_on_meta(spec: BuildSpec, name: str, out: Path) -> None:
     assert pair.draft is not None
     tc, dc, dtype = pair.target.config, pair.draft.config, torch_dtype(spec.dtype)
     with torch.device("meta"):  # the same modules as make_program builds, without their weights
-        target = Qwen3Target(tc, dc.target_layer_ids).to(dtype)
-        target.rotary = RotaryEmbedding(tc.head_dim, tc.rope)
-        draft = DSparkDraft(dc, target.embed_tokens, target.lm_head).to(dtype)
-        draft.rotary = RotaryEmbedding(dc.base.head_dim, dc.base.rope)
+        family = family_of(tc)
+        target = family.target(tc, dc.target_layer_ids).to(dtype)
+        draft = family.draft(dc, target.embed_tokens, target.lm_head).to(dtype)
+        target.init_buffers()  # the RoPE tables on meta too, like every input: _attach gives them their values
+        draft.init_buffers()
     gs = partition(DecodeProgram(pair, target.eval(), draft.eval(), spec.dtype), spec).graph(name)
     gs = dataclasses.replace(gs, inputs={k: v.to("meta") for k, v in gs.inputs.items()})
     model = export_graph(gs, spec.opset)
@@ -141,15 +165,17 @@ def run(state: BuildState) -> None:
     program = state.parts.program
     weight_bytes = sum(p.numel() * p.element_size() for p in program.target.parameters())
     workers = min(len(state.parts.graphs), os.cpu_count() or 1) if weight_bytes > PARALLEL_BYTES else 1
+    if any(isinstance(m, Fp8Linear) for m in program.target.modules()):
+        workers = 1  # the workers rebuild the modules from the configs, which do not say which layers are FP8
     models = export_graphs(state.parts, state.spec, state.workdir / "export-workers", workers=workers)
-    # Until decompose_spec_verify runs, target_verify holds the dspark::SpecVerify node.
+    # Until decompose_spec_verify runs, target_step holds the dspark::SpecVerify node.
     state.onnx = OnnxGraphs(directory, state.spec.verify_mode, state.info.block_size,
                             {name: {PORTABLE: model} for name, model in models.items()})
 
 
 if __name__ == "__main__":  # the worker of export_graphs: SPEC_JSON GRAPH_NAME OUT_ONNX
+    from dspark_compile.build_spec import make_spec
     from dspark_compile.errors import DsparkError
-    from dspark_compile.spec import make_spec
 
     try:
         _export_on_meta(make_spec(**json.loads(Path(sys.argv[1]).read_text())), sys.argv[2], Path(sys.argv[3]))

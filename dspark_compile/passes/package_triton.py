@@ -1,9 +1,5 @@
-"""Pass `package_triton`: lay the build out as a Triton Inference Server model repository (BUILD/triton).
-
-One model per graph (TensorRT plans when the build has engines, else ONNX) plus the `dspark` python-backend
-orchestrator. `triton_mode` picks how the orchestrator reaches the graphs: `bls` (calls the graph models,
-for GPU servers) or `onnxruntime_inprocess` (runs the ONNX graphs itself: servers with only the python
-backend, such as the one used in CI).
+"""Pass `package_triton`: the build as a Triton model repository (BUILD/triton): one model per graph and
+the `dspark` orchestrator, which reaches the graphs by `bls` or runs them itself (`onnxruntime_inprocess`).
 """
 
 from __future__ import annotations
@@ -17,14 +13,10 @@ def run(state: BuildState) -> None:
 
     spec, graphs, engines = state.spec, state.onnx, state.engines
     assert graphs is not None and state.info is not None
-    options = TritonOptions(
-        backend_mode=spec.triton_mode,
-        platform="auto" if engines is not None else "onnxruntime_onnx",
-        max_batch=spec.max_batch,
-        max_context=spec.max_context,
-        instance_kind="KIND_GPU" if engines is not None else "KIND_CPU",
-        model_info=state.info,
-    )
+    options = TritonOptions(backend_mode=spec.triton_mode, max_batch=spec.max_batch, max_context=spec.max_context,
+                            platform="auto" if engines is not None else "onnxruntime_onnx",
+                            instance_kind="KIND_GPU" if engines is not None else "KIND_CPU", model_info=state.info)
     paths = {name: graphs.path(name, PORTABLE) for name in GRAPH_NAMES if PORTABLE in graphs.models.get(name, {})}
     state.triton = write_triton_repository(state.workdir, state.workdir, options, graphs=paths,
-                                           io={name: state.written[path] for name, path in paths.items()})
+                                           io={name: state.written[path] for name, path in paths.items()},
+                                           weight_inputs=state.weight_inputs)

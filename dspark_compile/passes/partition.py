@@ -1,97 +1,111 @@
-"""Pass `partition`: cut the grafted program into the three graphs of docs/PROGRAM.md.
+"""Pass `partition`: cut the grafted program into the two graphs of docs/PROGRAM.md.
 
+``target_step`` is the target once, for prefill and verification alike: tokens [B, T] (a prompt, or the anchor
+and G drafts) and ``logit_rows`` [B, W], the positions whose logits ``dspark::spec_verify`` decides on
+(prefill: the last prompt position and no drafts, W = 1; verification: rows 0..G). One graph, so one engine
+holds the target's weights (two optimization profiles, build_tensorrt). ``draft_propose`` is the draft.
 Each graph is a small ``nn.Module`` wrapper over the shared target/draft modules, with example inputs and the
-dynamic dimensions the exporter needs. The verify module ends in the ``dspark::spec_verify`` op, which the
-exporter writes as one ``dspark::SpecVerify`` node.
+dynamic dimensions the exporter needs.
+
+The weights both graphs read, the grafted embedding and LM head, are graph *inputs* (:data:`WEIGHT_INPUTS`),
+not constants: a runtime holds them once and binds the same buffers to both graphs, so no engine carries them
+(a tied LM head is one buffer bound to both inputs). The LM head runs on [rows, H] in both graphs, which the
+exporter writes as one ``Gemm(transB=1)`` over the weight as stored: no transposed copy of it, and no
+per-call transpose.
 
 KV contract (docs/PROGRAM.md): every graph reads its cache but returns only the rows it wrote (``kv_new``,
-``draft_kv_new``), gathered from the cache the model returns; the executor writes them into its own cache in
-place at ``cache_len + t``. No graph output has the ``cache_slots`` dimension, so no runtime ever copies a
+``draft_kv_new``: the models' ``RowsCache`` output); the executor writes them into its own cache in place at
+``cache_len + t``. No graph output has the ``cache_slots`` dimension, so no runtime ever copies a
 whole cache back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
+from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
+from dspark_compile.errors import UsageError
 from dspark_compile.models.dspark import DSparkDraft
+from dspark_compile.models.layers import RowsCache
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.plugins.spec_verify.op import spec_verify
 from dspark_compile.program import DecodeProgram
-from dspark_compile.spec import BuildSpec
+
+WEIGHT_INPUTS = ("embed_tokens", "lm_head")  # graph inputs: module weights the two graphs share
 
 
-def new_rows(cache: torch.Tensor, start: torch.Tensor, count: int) -> torch.Tensor:
-    """Rows ``start[b] .. start[b]+count-1`` of a cache [layers, 2, B, KV, S, D] -> [layers, 2, B, KV, count, D]."""
-    layers, two, bsz, heads, _, dim = cache.shape
-    slots = start.view(1, 1, bsz, 1, 1, 1) + torch.arange(count, device=cache.device).view(1, 1, 1, 1, count, 1)
-    return torch.gather(cache, 4, slots.expand(layers, two, bsz, heads, count, dim))
+ROWS = RowsCache()  # the models return the K/V rows they computed, not whole updated caches
 
 
-class TargetPrefill(nn.Module):
-    def __init__(self, target: Qwen3Target) -> None:
-        super().__init__()
-        self.target = target
-
-    def forward(self, input_ids: torch.Tensor, input_lengths: torch.Tensor,
-                kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        zero = torch.zeros_like(input_lengths)
-        hidden, taps, kv = self.target(input_ids, zero, kv_cache)
-        # Only the last prompt position's logits leave the graph ([B, V], not [B, T, V]). The LM head runs on
-        # [B, 1, H] like in target_verify and draft_propose, so the exporter stores its weight in the same
-        # (transposed) layout in all three graphs and share_weights keeps one copy; on [B, H] it would emit a
-        # Gemm over the untransposed weight, a second copy of the largest tensor.
-        idx = (input_lengths - 1).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
-        last = torch.gather(hidden, 1, idx)
-        return self.target.logits(last).squeeze(1), taps, new_rows(kv, zero, input_ids.shape[1])
+def shared_weights(target: Qwen3Target) -> dict[str, torch.Tensor]:
+    """The tensors behind :data:`WEIGHT_INPUTS` (the same tensor twice when the LM head is tied)."""
+    return {"embed_tokens": target.embed_tokens.weight, "lm_head": target.lm_head.weight}
 
 
-class TargetVerify(nn.Module):
-    """The target over [anchor, drafts], then SpecVerify on its logits and the drafts ``tokens[:, 1:]``."""
+def _with_weights(fn: Callable[..., Any], module: nn.Module, embed_tokens: torch.Tensor, lm_head: torch.Tensor,
+                  *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` (a method of ``module``) reading the shared weights from the graph inputs instead
+    of the module's own parameters."""
+    weights = {"embed_tokens.weight": embed_tokens, "lm_head.weight": lm_head}
+    with _reparametrize_module(module, weights, tie_weights=False):
+        return fn(*args, **kwargs)
+
+
+class TargetStep(nn.Module):
+    """The target over ``tokens`` at ``cache_len``, then SpecVerify on the logits of ``logit_rows``.
+
+    The drafts are the tokens at the decided rows but the first (``tokens[b, logit_rows[b, 1:]]``): rows 0..G
+    verify G drafts; one row (a prompt's last position) decides the first token with none.
+    """
 
     def __init__(self, target: Qwen3Target, mode: str) -> None:
         super().__init__()
         self.target = target
         self.mode = mode
 
-    def forward(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor, verify_len: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor, logit_rows: torch.Tensor,
+                verify_len: torch.Tensor, embed_tokens: torch.Tensor, lm_head: torch.Tensor,
                 draft_probs: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
                 uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden, taps, kv = self.target(tokens, cache_len, kv_cache)
-        accepted, next_token = spec_verify(self.target.logits(hidden), tokens[:, 1:], verify_len, draft_probs,
-                                           temperature, uniforms, mode=self.mode)
-        return accepted, next_token, taps, new_rows(kv, cache_len, tokens.shape[1])
+        hidden, taps, kv = _with_weights(self.target, self.target, embed_tokens, lm_head, tokens, cache_len, kv_cache,
+                                         cache=ROWS)
+        decided = torch.gather(hidden, 1, logit_rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        # The family's LM head (soft-capped for Gemma4) on [B*W, H]: one Gemm(transB=1) over the weight input.
+        logits = _with_weights(self.target.logits, self.target, embed_tokens, lm_head,
+                               decided.reshape(-1, decided.shape[-1]))
+        logits = logits.view(*decided.shape[:2], -1)
+        drafts = torch.gather(tokens, 1, logit_rows[:, 1:])
+        accepted, next_token = spec_verify(logits, drafts, verify_len, draft_probs, temperature, uniforms,
+                                           mode=self.mode)
+        return accepted, next_token, taps, kv
 
 
-class DraftProposeGreedy(nn.Module):
+class DraftPropose(nn.Module):
     def __init__(self, draft: DSparkDraft) -> None:
         super().__init__()
         self.draft = draft
 
     def forward(self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
-                draft_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens, conf, _, kv = self.draft(anchor, ctx_taps, ctx_count, cache_len, draft_kv)
-        return tokens, conf, new_rows(kv, cache_len, ctx_taps.shape[1])
-
-
-class DraftProposeSampling(nn.Module):
-    def __init__(self, draft: DSparkDraft) -> None:
-        super().__init__()
-        self.draft = draft
-
-    def forward(self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
-                draft_kv: torch.Tensor, temperature: torch.Tensor,
-                uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        tokens, conf, probs, kv = self.draft(anchor, ctx_taps, ctx_count, cache_len, draft_kv, temperature, uniforms)
-        return tokens, conf, probs, new_rows(kv, cache_len, ctx_taps.shape[1])
+                draft_kv: torch.Tensor, embed_tokens: torch.Tensor, lm_head: torch.Tensor,
+                temperature: torch.Tensor | None = None,
+                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        d = self.draft
+        hidden, rows = _with_weights(d.backbone, d, embed_tokens, lm_head, anchor, ctx_taps, ctx_count, cache_len,
+                                     draft_kv, cache=ROWS)
+        tokens, conf, probs = _with_weights(d.propose, d, embed_tokens, lm_head, hidden, anchor, temperature,
+                                            uniforms)
+        return (tokens, conf, probs, rows) if temperature is not None else (tokens, conf, rows)
 
 
 @dataclass(frozen=True)
-class GraphSpec:
+class ExportJob:
     """One graph to export: module, example inputs (by name, in order), output names, dynamic dims."""
 
     name: str
@@ -104,9 +118,9 @@ class GraphSpec:
 @dataclass(frozen=True)
 class PartitionedProgram:
     program: DecodeProgram
-    graphs: tuple[GraphSpec, ...]
+    graphs: tuple[ExportJob, ...]
 
-    def graph(self, name: str) -> GraphSpec:
+    def graph(self, name: str) -> ExportJob:
         return next(g for g in self.graphs if g.name == name)
 
 
@@ -118,7 +132,7 @@ def partition(program: DecodeProgram, spec: BuildSpec) -> PartitionedProgram:
 
 
 def graph_specs(target: Qwen3Target, draft: DSparkDraft | None, block_size: int,
-                verify_mode: str) -> tuple[GraphSpec, ...]:
+                verify_mode: str) -> tuple[ExportJob, ...]:
     """The graphs of a program (no draft_propose without a draft: target-only); also what the PyTorch
     reference executor runs eagerly (runtime/torch_backend.py)."""
     g = block_size
@@ -126,52 +140,49 @@ def graph_specs(target: Qwen3Target, draft: DSparkDraft | None, block_size: int,
         draft.block_size = g
     dt = target.embed_tokens.weight.dtype
     b, t, s = 2, 5, 16  # example sizes; every one of them is dynamic in the graph
-    kv = target.new_cache(b, s)
     tap_w = len(target.tap_layer_ids) * target.cfg.hidden_size
     i64 = torch.int64
     cache_dims = {2: "batch", 4: "cache_slots"}
-    prefill = GraphSpec(
-        "target_prefill", TargetPrefill(target),
-        {"input_ids": torch.ones(b, t, dtype=i64), "input_lengths": torch.tensor([t, t - 2]), "kv_cache": kv},
-        ("last_logits", "taps", "kv_new"),
-        {"input_ids": {0: "batch", 1: "prompt_len"}, "input_lengths": {0: "batch"}, "kv_cache": cache_dims},
-    )
-    verify_inputs = {"tokens": torch.ones(b, g + 1, dtype=i64), "cache_len": torch.tensor([3, 4]), "kv_cache": kv,
-                     "verify_len": torch.tensor([g, 1])}
-    verify_dyn = {"tokens": {0: "batch", 1: "verify_tokens"}, "cache_len": {0: "batch"}, "kv_cache": cache_dims,
-                  "verify_len": {0: "batch"}}
+    weights = shared_weights(target)
+    # Example: verification of 2 drafts in a chunk of 5 (rows 1..3 and 2..4): every dimension differs.
+    step_inputs = {"tokens": torch.ones(b, t, dtype=i64), "cache_len": torch.tensor([3, 4]),
+                   "kv_cache": target.new_cache(b, s), "logit_rows": torch.tensor([[1, 2, 3], [2, 3, 4]]),
+                   "verify_len": torch.tensor([2, 1]), **weights}
+    step_dyn = {"tokens": {0: "batch", 1: "step_len"}, "cache_len": {0: "batch"}, "kv_cache": cache_dims,
+                "logit_rows": {0: "batch", 1: "decide_len"}, "verify_len": {0: "batch"}}
     if verify_mode == "sampling":
         vocab = target.cfg.vocab_size
-        verify_inputs |= {"draft_probs": torch.full((b, g, vocab), 1.0 / vocab), "temperature": torch.ones(b),
-                          "uniforms": torch.full((b, g + 1), 0.5)}
-        verify_dyn |= {"draft_probs": {0: "batch", 1: "draft_len"}, "temperature": {0: "batch"},
-                       "uniforms": {0: "batch", 1: "verify_tokens"}}
-    verify = GraphSpec("target_verify", TargetVerify(target, verify_mode), verify_inputs,
-                       ("accepted", "next_token", "taps", "kv_new"), verify_dyn)
+        step_inputs |= {"draft_probs": torch.full((b, 2, vocab), 1.0 / vocab), "temperature": torch.ones(b),
+                        "uniforms": torch.full((b, 3), 0.5)}
+        step_dyn |= {"draft_probs": {0: "batch", 1: "draft_len"}, "temperature": {0: "batch"},
+                     "uniforms": {0: "batch", 1: "decide_len"}}
+    step = ExportJob("target_step", TargetStep(target, verify_mode), step_inputs,
+                     ("accepted", "next_token", "taps", "kv_new"), step_dyn)
     if draft is None:
-        return prefill, verify
-    dkv = draft.new_cache(b, s)
+        return (step,)
     draft_inputs = {
         "anchor": torch.ones(b, dtype=i64), "ctx_taps": torch.zeros(b, 3, tap_w, dtype=dt),
-        "ctx_count": torch.tensor([3, 2]), "cache_len": torch.tensor([2, 4]), "draft_kv": dkv,
+        "ctx_count": torch.tensor([3, 2]), "cache_len": torch.tensor([2, 4]), "draft_kv": draft.new_cache(b, s),
+        **weights,
     }
     draft_dyn: dict[str, dict[int, str]] = {
         "anchor": {0: "batch"}, "ctx_taps": {0: "batch", 1: "ctx_len"}, "ctx_count": {0: "batch"},
         "cache_len": {0: "batch"}, "draft_kv": cache_dims,
     }
+    outputs = ("draft_tokens", "confidence_logits", "draft_kv_new")
     if verify_mode == "sampling":
         draft_inputs |= {"temperature": torch.ones(b), "uniforms": torch.full((b, g), 0.5)}
         draft_dyn |= {"temperature": {0: "batch"}, "uniforms": {0: "batch"}}
-        propose = GraphSpec("draft_propose", DraftProposeSampling(draft), draft_inputs,
-                            ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_new"), draft_dyn)
-    else:
-        propose = GraphSpec("draft_propose", DraftProposeGreedy(draft), draft_inputs,
-                            ("draft_tokens", "confidence_logits", "draft_kv_new"), draft_dyn)
-    return prefill, verify, propose
+        outputs = ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_new")
+    return step, ExportJob("draft_propose", DraftPropose(draft), draft_inputs, outputs, draft_dyn)
 
 
 def run(state: BuildState) -> None:
     """The graphs to export, and the one ProgramInfo of the build (with the block size partition settled)."""
     assert state.program is not None
+    if state.spec.quantize_lm_head:
+        raise UsageError("--quantize-lm-head: the graphs take the LM head as a weight input shared by target and "
+                         "draft, and FP8 weight inputs are not supported yet; drop --quantize-lm-head (the torch "
+                         "CUDA-graph target quantizes it without a build)")
     state.parts = partition(state.program, state.spec)
     state.info = state.program.info(sampling=state.spec.verify_mode == "sampling", max_slots=state.spec.max_context)

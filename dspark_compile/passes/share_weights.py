@@ -1,8 +1,10 @@
 """Pass `share_weights`: write every graph once, and every distinct weight tensor once, in `weights.bin`.
 
-Prefill and verify contain the same target weights and the draft graph contains the target's embedding and
-LM head (the graft); on disk each is written once and every graph's external-data entries point into the one
-file. Tensors are hashed and written one at a time, so memory stays at the graphs plus the largest tensor.
+The plugin and portable variants of target_step hold the same weights; on disk each tensor is written once and
+every graph's external-data entries point into the one file. The graphs' weight *inputs* (the embedding and
+LM head both graphs read, partition.WEIGHT_INPUTS) go into the same file, and ``state.weight_inputs`` (then the
+manifest) records where, so a runtime loads each of them once and binds it to both graphs. Tensors are hashed
+and written one at a time, so memory stays at the graphs plus the largest tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from dspark_compile.artifacts import GraphIO
 from dspark_compile.build_state import BuildState
+from dspark_compile.passes.partition import WEIGHT_INPUTS
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 4096  # page-aligned offsets let runtimes memory-map tensors
@@ -29,6 +32,26 @@ def run(state: BuildState) -> None:
     seen: dict[str, tuple[int, int]] = {}
     hashed: dict[tuple[object, ...], str] = {}
     with (directory / WEIGHTS_FILE).open("wb") as out:
+
+        def store(data: bytes) -> tuple[int, int]:
+            """Where the bytes ``data`` lie in the file: written at the next aligned offset unless seen."""
+            key = f"{hashlib.sha256(data).hexdigest()}:{len(data)}"
+            if key not in seen:
+                pos = out.tell()
+                out.write(b"\0" * ((-pos) % ALIGN))
+                seen[key] = (out.tell(), len(data))
+                out.write(data)
+            return seen[key]
+
+        if state.parts is not None:  # the tensors behind the weight inputs (a tied LM head: one region)
+            inputs = {name: tensor for gs in state.parts.graphs for name, tensor in gs.inputs.items()}
+            state.weight_inputs = {}
+            for name in WEIGHT_INPUTS:
+                tensor = inputs[name].detach().contiguous()
+                offset, length = store(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+                state.weight_inputs[name] = {"file": f"onnx/{WEIGHTS_FILE}", "offset": offset, "bytes": length,
+                                             "dtype": str(tensor.dtype).removeprefix("torch."),
+                                             "shape": list(tensor.shape)}
         for _, _, model in state.onnx.items():
             for value in model.graph.initializers.values():
                 tensor = value.const_value
@@ -48,11 +71,7 @@ def run(state: BuildState) -> None:
                     key = f"{hashlib.sha256(data).hexdigest()}:{len(data)}"
                     if source is not None:
                         hashed[source] = key
-                    if key not in seen:
-                        pos = out.tell()
-                        out.write(b"\0" * ((-pos) % ALIGN))
-                        seen[key] = (out.tell(), len(data))
-                        out.write(data)
+                    store(data)
                 offset, length = seen[key]
                 value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, dtype=tensor.dtype,
                                                       shape=tensor.shape, name=value.name, base_dir=directory)

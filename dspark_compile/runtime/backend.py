@@ -1,13 +1,8 @@
-"""The contracts between the host decode loop and the executors of a build (docs/PROGRAM.md).
+"""The contract between the host decode loop and the executors of a build (docs/PROGRAM.md).
 
-Two protocols live here while the executors move over:
-
-* :class:`DecodeBackend` — the device-resident round. The executor owns the KV caches, the taps, the draft
-  probabilities and each row's random stream; per call the host sees only O(B·G) numbers (accept counts,
-  tokens, the next block's drafts and confidences), fetched with one synchronisation.
-* :class:`Backend` — the older per-graph protocol (NumPy in, NumPy out), kept only for
-  ``targets/torch/cuda_graph_backend.py`` and ``targets/torch/bench.py`` until they speak
-  :class:`DecodeBackend` (every other executor is :class:`~dspark_compile.runtime.executor.GraphExecutor`).
+:class:`DecodeBackend` is the device-resident round: the executor owns the KV caches, the taps, the draft
+probabilities and each row's random stream; per call the host sees only O(B·G) numbers (accept counts, tokens,
+the next block's drafts and confidences), fetched with one synchronisation.
 
 :class:`ProgramInfo` is the one description of a built program that the manifest, the Triton repository and
 every executor read.
@@ -92,6 +87,10 @@ class DecodeBackend(Protocol):
     """
 
     info: ProgramInfo
+    # round() computes all G+1 positions of every row whatever verify_len says (the CUDA-graph round, the graph
+    # executor): a shorter ℓ saves no time, which the scheduler must know (VerifyPolicy.lengths). Read with
+    # getattr(..., False): a backend whose verify cost grows with ℓ leaves it out.
+    verifies_whole_block: bool
 
     def start(self, rows: int, slots: int, *, speculative: bool = True) -> None:
         """Caches for up to ``rows`` requests of up to ``slots`` positions each; no live rows yet.
@@ -105,45 +104,20 @@ class DecodeBackend(Protocol):
     def round(self, verify_len: np.ndarray) -> Proposal:
         """Every live row: verify ``verify_len[b]`` ≤ G pending drafts, commit, draft the next block."""
 
+    # Optional, for overlapping the host's per-round work with the device: ``launch(verify_len)`` starts what
+    # ``round`` does and returns at once; ``collect()`` waits and returns its Proposal. Between the two the host
+    # must not call the backend. A backend without them is driven through ``round``.
+
     def select(self, rows: np.ndarray) -> None:
         """Keep only these live rows (increasing), compacted to ``0..len(rows)-1``; all per-row state moves."""
+
+
+def cache_slots_needed(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
+    """Cache slots a request needs (docs/PROGRAM.md): its prompt, the tokens it may generate, and one round's
+    G + 2 rows written past the last committed token."""
+    return prompt_len + max_new_tokens + block_size + 2
 
 
 def uniforms_per_call(block_size: int) -> int:
     """Random numbers one row consumes per device call: G+1 for verification (or the first token), G drafts."""
     return 2 * block_size + 1
-
-
-# ------------------------------------------------------------------------------------ per-graph (older) protocol
-@dataclass(frozen=True)
-class DraftOutput:
-    tokens: np.ndarray  # [B, G] int64
-    confidence_logits: np.ndarray  # [B, G] float32
-    probs: np.ndarray | None  # [B, G, V] float32 (sampling only)
-
-
-@dataclass(frozen=True)
-class VerifyOutput:
-    accepted: np.ndarray  # [B] int64
-    next_token: np.ndarray  # [B] int64
-    taps: np.ndarray  # [B, G+1, F]
-
-
-class Backend(Protocol):
-    info: ProgramInfo
-
-    def start(self, batch: int, slots: int) -> None:
-        """Allocate empty caches for a new batch of ``batch`` requests and ``slots`` positions."""
-
-    def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> (last_logits [B, V] float32, taps [B, T, F])."""
-
-    def draft(self, anchor: np.ndarray, ctx_taps: np.ndarray, ctx_count: np.ndarray, cache_len: np.ndarray,
-              temperature: np.ndarray | None, uniforms: np.ndarray | None) -> DraftOutput: ...
-
-    def verify(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray,
-               draft_probs: np.ndarray | None, temperature: np.ndarray | None,
-               uniforms: np.ndarray | None) -> VerifyOutput: ...
-
-    def select(self, rows: np.ndarray) -> None:
-        """Keep only these batch rows of the caches (finished requests leave the batch)."""

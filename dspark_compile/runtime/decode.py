@@ -11,24 +11,43 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dspark_compile.errors import UsageError
-from dspark_compile.runtime.backend import DecodeBackend, Proposal
+from dspark_compile.runtime.backend import DecodeBackend, Proposal, cache_slots_needed
 
 log = logging.getLogger(__name__)
 
 
+def read_prompt_file(path: Path) -> list[list[int]]:
+    """JSON Lines: each line a list of ids or an object with `prompt_ids` (or `prompt`)."""
+    if not path.is_file():
+        raise UsageError(f"{path}: prompt file not found; pass a JSON Lines file with one id list per line")
+    prompts = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); expected e.g. [1, 2, 3]") from None
+        ids = row.get("prompt_ids", row.get("prompt")) if isinstance(row, dict) else row
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise UsageError(f"{path}:{n}: expected a list of integer token ids or {{\"prompt_ids\": [...]}}")
+        prompts.append(ids)
+    if not prompts:
+        raise UsageError(f"{path}: no prompts in the file")
+    return prompts
+
+
 @dataclass(frozen=True)
 class VerifyPolicy:
-    """How many drafted tokens each request verifies per round.
-
-    ``fixed``: all G; ``threshold``: the leading positions with sigmoid(confidence) >= threshold (DeepSpec's
-    static rule); ``schedule``: the confidence-scheduled verification of §5 over the whole batch.
-    """
+    """How many drafted tokens each request verifies per round: ``fixed`` all G; ``threshold`` the leading
+    positions with sigmoid(confidence) >= threshold; ``schedule`` the batch-wide scheduler of DSPARK.md §5."""
 
     kind: str = "fixed"
     threshold: float = 0.5
@@ -39,10 +58,8 @@ class VerifyPolicy:
     @classmethod
     def parse(cls, text: str, **kwargs: Any) -> VerifyPolicy:
         text = text.strip()
-        if text == "fixed":
-            return cls("fixed", **kwargs)
-        if text == "schedule":
-            return cls("schedule", **kwargs)
+        if text in ("fixed", "schedule"):
+            return cls(text, **kwargs)
         if text.startswith("threshold"):
             _, _, value = text.partition("=")
             try:
@@ -57,11 +74,9 @@ class VerifyPolicy:
 
     @classmethod
     def for_build(cls, directory: Path, verify: str, *, has_confidence: bool) -> VerifyPolicy:
-        """The policy for a build (or a Triton model directory) that may hold ``sps_profile.json`` (from
-        `dspark-compile profile`) and ``calibration.json`` (from `dspark-compile calibrate`).
-
-        ``auto`` = ``schedule`` when the profile exists and the draft has a confidence head, else ``fixed``.
-        """
+        """The policy for a build (or Triton model) directory, with its ``sps_profile.json`` (`dspark-compile
+        profile`) and ``calibration.json`` (`calibrate`); ``auto``: ``schedule`` when the profile exists and the
+        draft has a confidence head, else ``fixed``."""
         prof = directory / "sps_profile.json"
         if verify == "auto":
             verify = "schedule" if prof.is_file() and has_confidence else "fixed"
@@ -90,7 +105,9 @@ class VerifyPolicy:
             logits = logits / np.asarray(self.temperatures[: logits.shape[1]], dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-logits))
 
-    def lengths(self, confidence_logits: np.ndarray, block: int) -> np.ndarray:
+    def lengths(self, confidence_logits: np.ndarray, block: int, *, whole_block: bool = False) -> np.ndarray:
+        """ℓ per row. ``whole_block``: the backend's round verifies all G+1 positions of every row whatever ℓ
+        is (``DecodeBackend.verifies_whole_block``), so the scheduler's cost term is that fixed width."""
         rows = confidence_logits.shape[0]
         if self.kind == "fixed":
             return np.full(rows, block, dtype=np.int64)
@@ -101,10 +118,18 @@ class VerifyPolicy:
             return np.asarray(threshold_lengths(probs.tolist(), self.threshold), dtype=np.int64)
         from dspark_compile.runtime.scheduler import schedule, schedule_smoothed
 
+        fn = schedule_smoothed if self.smoothed else schedule
+        width = rows * (block + 1) if whole_block else None
+        return np.asarray(fn(probs, self._curve, verify_width=width), dtype=np.int64)
+
+    @cached_property
+    def _curve(self) -> Any:
+        """The SPS curve, built (sorted, checked) once rather than every round."""
+        from dspark_compile.runtime.scheduler import SpsCurve
+
         if self.sps is None:
             raise UsageError("--verify schedule needs an SPS profile (run `dspark-compile profile BUILD_DIR`)")
-        fn = schedule_smoothed if self.smoothed else schedule
-        return np.asarray(fn(probs.tolist(), self.sps), dtype=np.int64)
+        return SpsCurve.from_mapping(self.sps)
 
 
 @dataclass(frozen=True)
@@ -176,11 +201,8 @@ def _validate_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list
 def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: GenerationParams,
              on_round: RoundCallback | None = None, *, speculative: bool = True,
              seeds: Sequence[int] | None = None) -> list[GenerationResult]:
-    """Decode ``prompts`` as one batch. ``speculative=False`` is target-only decoding (same graphs, G = 0).
-
-    ``on_round(request_index, new_tokens, round)`` streams each request's committed tokens as they appear.
-    Request ``i`` draws its random numbers from ``seeds[i]`` (default :func:`request_seed`).
-    """
+    """Decode ``prompts`` as one batch (``speculative=False``: target-only, the same graphs with G = 0);
+    ``on_round(request_index, new_tokens, round)`` streams committed tokens, request ``i`` draws from ``seeds[i]``."""
     info = backend.info
     prompts = _validate_prompts(prompts, info.vocab_size)
     g = info.block_size if speculative else 0
@@ -189,7 +211,7 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
     if params.temperature > 0 and not info.sampling:
         raise UsageError("these graphs were built for greedy verification only; rebuild with --verify-mode sampling "
                          "or use temperature 0")
-    slots = max(len(p) for p in prompts) + params.max_new_tokens + g + 2
+    slots = cache_slots_needed(max(len(p) for p in prompts), params.max_new_tokens, g)
     if info.max_slots is not None and slots > info.max_slots:
         raise UsageError(f"prompt + max_new_tokens need {slots} cache slots but the build allows {info.max_slots}; "
                          "shorten the prompt or rebuild with a larger --max-context")
@@ -247,13 +269,10 @@ def _commit(r: _Request, new: list[int], params: GenerationParams, eos: tuple[in
         r.result.rounds.append(rnd)
     room = params.max_new_tokens - len(r.result.tokens)
     visible = new[: max(room, 0)]
-    hit_eos = False
-    if params.stop_on_eos and eos:
-        for k, t in enumerate(visible):
-            if t in eos:
-                visible = visible[: k + 1]
-                hit_eos = True
-                break
+    first_eos = next((k for k, t in enumerate(visible) if t in eos), None) if params.stop_on_eos else None
+    hit_eos = first_eos is not None
+    if hit_eos:
+        visible = visible[: first_eos + 1]
     r.result.tokens.extend(visible)
     r.generated += len(new)
     if on_round is not None and (visible or rnd is not None):

@@ -1,9 +1,10 @@
-"""One executor of a build's three graphs (docs/PROGRAM.md) with a transport per runtime.
+"""One executor of a build's two graphs (docs/PROGRAM.md) with a transport per runtime.
 
 :class:`GraphExecutor` implements :class:`~dspark_compile.runtime.backend.DecodeBackend`: the KV caches, the
 pending drafts and their probabilities, anchors, lengths and each row's random stream live on the transport's
 device as torch tensors. A graph returns only the K/V rows it wrote; the executor writes them into its caches
-in place at ``cache_len + t``. Per call the host hands over O(B) numbers and gets back a :class:`Proposal`
+in place at ``cache_len + t``. The graphs' weight inputs (the embedding and LM head both graphs read) are
+held here once and bound to every call. Per call the host hands over O(B) numbers and gets back a :class:`Proposal`
 (O(B·G)) with one synchronisation.
 
 A :class:`Transport` runs one graph on tensors that already live on its device: the PyTorch reference
@@ -15,12 +16,12 @@ TensorRT (targets/tensorrt/transport.py). Caches are allocated once per batch co
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from dspark_compile.plugins.spec_verify.reference import inverse_cdf_torch  # the one draw rule
 from dspark_compile.runtime.backend import ProgramInfo, Proposal, uniforms_per_call
 from dspark_compile.runtime.sampling import counter_uniforms
 
@@ -42,6 +43,25 @@ class Transport(Protocol):
         """Run ``graph`` on ``feeds`` (a superset of its inputs) and write its outputs into ``outputs``."""
 
 
+def load_weight_inputs(build_dir: Path, manifest: Mapping[str, Any],
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The graphs' weight inputs of a build (``manifest["weight_inputs"]``), each region read once: a tied LM
+    head and the embedding are one tensor on ``device``."""
+    records = manifest.get("weight_inputs") or {}
+    loaded: dict[tuple[str, int], torch.Tensor] = {}
+    out = {}
+    for name, rec in records.items():
+        key = (rec["file"], int(rec["offset"]))
+        if key not in loaded:
+            with (Path(build_dir) / rec["file"]).open("rb") as f:
+                f.seek(int(rec["offset"]))
+                raw = bytearray(f.read(int(rec["bytes"])))
+            tensor = torch.frombuffer(raw, dtype=getattr(torch, rec["dtype"])).reshape(rec["shape"])
+            loaded[key] = tensor.to(device)
+        out[name] = loaded[key]
+    return out
+
+
 def write_rows(cache: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> None:
     """Write ``rows`` [layers, 2, B, KV, T, D] into ``cache`` [layers, 2, B, KV, S, D] at slots start[b] + t."""
     layers, two, bsz, heads, count, dim = rows.shape
@@ -49,20 +69,17 @@ def write_rows(cache: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> 
     cache.scatter_(4, slots.expand(layers, two, bsz, heads, count, dim), rows.to(cache.dtype))
 
 
-def first_token(logits: torch.Tensor, temperature: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """The prefill token: argmax at temperature 0, else an inverse-CDF draw from softmax(logits / T)."""
-    sampling = temperature > 0
-    inv_t = 1.0 / torch.where(sampling, temperature, torch.ones_like(temperature))
-    probs = torch.softmax(logits.float() * inv_t[:, None], dim=-1)
-    return torch.where(sampling, inverse_cdf_torch(probs, uniforms), logits.argmax(dim=-1))
-
-
 class GraphExecutor:
     """The device-resident decode round of docs/PROGRAM.md over any :class:`Transport`."""
 
-    def __init__(self, info: ProgramInfo, transport: Transport) -> None:
+    verifies_whole_block = True  # round() verifies every row's G+1 positions (DecodeBackend)
+
+    def __init__(self, info: ProgramInfo, transport: Transport,
+                 weights: Mapping[str, torch.Tensor] | None = None) -> None:
         self.info = info
         self.transport = transport
+        # The graphs' weight inputs (the shared embedding / LM head), on the device once, bound to every call.
+        self.weights = dict(weights or {})
         self.device = transport.device
         self.dtype = TORCH_DTYPES[info.dtype]
         self._g = info.block_size
@@ -113,7 +130,7 @@ class GraphExecutor:
     def _run(self, graph: str, feeds: Mapping[str, torch.Tensor],
              shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
         outs = {name: self._buffer(graph, name, *shapes[name]) for name in self.transport.outputs(graph)}
-        self.transport.run(graph, feeds, outs)
+        self.transport.run(graph, {**self.weights, **feeds}, outs)
         return outs
 
     def _uniforms(self, seeds: torch.Tensor, calls: torch.Tensor) -> torch.Tensor:
@@ -156,6 +173,23 @@ class GraphExecutor:
         return Proposal(*(h.numpy() for h in host))
 
     # ------------------------------------------------------------------------------ the protocol
+    def _step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor, logit_rows: torch.Tensor,
+              verify_len: torch.Tensor, draft_probs: torch.Tensor | None, temperature: torch.Tensor,
+              uniforms: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One target_step call (prefill or verification); writes its K/V rows into ``kv`` at ``cache_len``."""
+        n, t = tokens.shape
+        drafts = logit_rows.shape[1] - 1
+        if draft_probs is None and "draft_probs" in self.transport.inputs("target_step"):  # no drafts to verify
+            draft_probs = torch.zeros(n, drafts, self.info.vocab_size, dtype=torch.float32, device=self.device)
+        out = self._run("target_step", {
+            "tokens": tokens, "cache_len": cache_len, "kv_cache": kv, "logit_rows": logit_rows,
+            "verify_len": verify_len, "draft_probs": draft_probs, "temperature": temperature,
+            "uniforms": uniforms.contiguous(),
+        }, {"accepted": ((n,), torch.int64), "next_token": ((n,), torch.int64),
+            "taps": ((n, t, self.info.tap_width), self.dtype), "kv_new": self._kv_shape(n, t, draft=False)})
+        write_rows(kv, out["kv_new"], cache_len)  # rejected rows lie beyond the committed length
+        return out
+
     @torch.inference_mode()
     def admit(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
               seeds: np.ndarray) -> Proposal:
@@ -164,19 +198,17 @@ class GraphExecutor:
         lens = torch.as_tensor(np.asarray(lengths, dtype=np.int64), device=dev)
         temp = torch.as_tensor(np.asarray(temperature, dtype=np.float32), device=dev)
         seed = torch.as_tensor(np.asarray(seeds, dtype=np.int64), device=dev)
-        k, t = ids.shape
+        k = ids.shape[0]
         # Fresh output buffers: the live rows' drafts/draft_probs *are* the last draft call's buffers, which a
         # prefill of as many new rows would otherwise overwrite before they are verified.
         self._buffers.clear()
         calls = torch.zeros(k, dtype=torch.int64, device=dev)
         u = self._uniforms(seed, calls)
         kv = self._cache(k, draft=False)
-        out = self._run("target_prefill", {"input_ids": ids, "input_lengths": lens, "kv_cache": kv}, {
-            "last_logits": ((k, self.info.vocab_size), torch.float32),
-            "taps": ((k, t, self.info.tap_width), self.dtype), "kv_new": self._kv_shape(k, t, draft=False)})
-        write_rows(kv, out["kv_new"], torch.zeros_like(lens))
-        first = first_token(out["last_logits"], temp, u[:, 0])
         zeros = torch.zeros(k, dtype=torch.int64, device=dev)
+        # The first token: SpecVerify on the last prompt position with no drafts (u[0], as verification's last).
+        out = self._step(ids, zeros, kv, (lens - 1)[:, None], zeros, None, temp, u[:, :1])
+        first = out["next_token"]
         if g:
             dkv = self._cache(k, draft=True)
             drafts, conf, probs = self._draft(first, out["taps"], lens, zeros, dkv, temp, u[:, g + 1:].contiguous())
@@ -194,7 +226,11 @@ class GraphExecutor:
         self.seeds = torch.cat((self.seeds, seed))
         self.calls = torch.cat((self.calls, calls + 1))
         self._buffers.clear()  # the batch changed: new shapes
-        return self._proposal(zeros, first, drafts, conf)
+        return self._proposal(zeros, first.clone(), drafts, conf)
+
+    def _verify_rows(self, rows: int, width: int) -> torch.Tensor:
+        """``logit_rows`` of verification: rows 0..G of every chunk."""
+        return torch.arange(width, device=self.device).repeat(rows, 1)
 
     @torch.inference_mode()
     def round(self, verify_len: np.ndarray) -> Proposal:
@@ -202,16 +238,9 @@ class GraphExecutor:
         vlen = torch.as_tensor(np.asarray(verify_len, dtype=np.int64), device=dev)
         u = self._uniforms(self.seeds, self.calls)
         self.calls += 1
-        probs = self.draft_probs
-        if probs is None and "draft_probs" in self.transport.inputs("target_verify"):  # target-only sampling
-            probs = torch.zeros(n, g, self.info.vocab_size, dtype=torch.float32, device=dev)
-        out = self._run("target_verify", {
-            "tokens": torch.cat((self.anchor[:, None], self.drafts), dim=1), "cache_len": self.cache_len,
-            "verify_len": vlen, "kv_cache": self.kv, "draft_probs": probs, "temperature": self.temperature,
-            "uniforms": u[:, : g + 1].contiguous(),
-        }, {"accepted": ((n,), torch.int64), "next_token": ((n,), torch.int64),
-            "taps": ((n, g + 1, self.info.tap_width), self.dtype), "kv_new": self._kv_shape(n, g + 1, draft=False)})
-        write_rows(self.kv, out["kv_new"], self.cache_len)  # rejected rows lie beyond the committed length
+        tokens = torch.cat((self.anchor[:, None], self.drafts), dim=1)
+        out = self._step(tokens, self.cache_len, self.kv, self._verify_rows(n, g + 1), vlen, self.draft_probs,
+                         self.temperature, u[:, : g + 1])
         accepted, nxt = out["accepted"], out["next_token"]
         previous = self.cache_len
         self.cache_len = previous + accepted + 1
@@ -239,22 +268,16 @@ class GraphExecutor:
 
     @torch.inference_mode()
     def verify_step(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray) -> None:
-        """One target_verify call on zero caches of ``len(tokens)`` rows, nothing committed: the SPS profile's
-        unit of work (tools/profile_sps.py). ``start`` must have sized the slots."""
+        """One verification call of target_step on zero caches of ``len(tokens)`` rows, nothing committed: the
+        SPS profile's unit of work (tools/profile_sps.py). ``start`` must have sized the slots."""
         rows, t = tokens.shape
         dev = self.device
         if self.kv.shape[2] != rows:
             self.kv = self._cache(rows, draft=False)
-        feeds = {
-            "tokens": torch.as_tensor(tokens, device=dev), "cache_len": torch.as_tensor(cache_len, device=dev),
-            "verify_len": torch.as_tensor(verify_len, device=dev), "kv_cache": self.kv,
-            "draft_probs": torch.full((rows, t - 1, self.info.vocab_size), 1.0 / self.info.vocab_size,
-                                      device=dev),
-            "temperature": torch.zeros(rows, device=dev), "uniforms": torch.zeros(rows, t, device=dev),
-        }
-        self._run("target_verify", feeds, {
-            "accepted": ((rows,), torch.int64), "next_token": ((rows,), torch.int64),
-            "taps": ((rows, t, self.info.tap_width), self.dtype), "kv_new": self._kv_shape(rows, t, draft=False)})
+        probs = torch.full((rows, t - 1, self.info.vocab_size), 1.0 / self.info.vocab_size, device=dev)
+        self._step(torch.as_tensor(tokens, device=dev), torch.as_tensor(cache_len, device=dev), self.kv,
+                   self._verify_rows(rows, t), torch.as_tensor(verify_len, device=dev), probs,
+                   torch.zeros(rows, device=dev), torch.zeros(rows, t, device=dev))
 
 
 class NumpyTransport:

@@ -1,9 +1,7 @@
 """A build's portable ONNX graphs on onnxruntime: the transport of the one :class:`GraphExecutor`.
 
-Every input and output is bound by pointer (IOBinding) to a torch tensor the executor owns, so the caches
-are bound where they live and never copied per call; outputs land in the executor's preallocated buffers.
-With onnxruntime-gpu the same code binds CUDA tensors to the CUDA execution provider — that path is written
-but unverified (onnxruntime-gpu's wheels could not be carried to the GPU machine); the CPU path is tested.
+Inputs and outputs are bound by pointer (IOBinding) to the executor's tensors, so caches are never copied per
+call. The CUDA execution provider path (onnxruntime-gpu) is written but unverified; the CPU path is tested.
 """
 
 from __future__ import annotations
@@ -20,19 +18,11 @@ import torch
 from dspark_compile.artifacts import GRAPH_NAMES
 from dspark_compile.errors import BackendUnavailableError, UsageError
 from dspark_compile.runtime.backend import ProgramInfo
-from dspark_compile.runtime.executor import GraphExecutor
+from dspark_compile.runtime.executor import GraphExecutor, load_weight_inputs
 from dspark_compile.runtime.onnxruntime_dtypes import check_onnxruntime_dtype
 
 log = logging.getLogger(__name__)
 NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
-
-
-def _import_ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise BackendUnavailableError("onnxruntime is not installed; pip install 'dspark-compile[onnx]'") from e
-    return onnxruntime
 
 
 def read_manifest(build_dir: Path) -> dict[str, Any]:
@@ -97,11 +87,21 @@ class OrtTransport:
 def load_onnxruntime(build_dir: Path, *, providers: list[str] | None = None,
                      threads: int | None = None) -> GraphExecutor:
     """The executor over a build's ONNX graphs (CUDA execution provider when onnxruntime-gpu has it)."""
-    ort = _import_ort()
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
-    prog = manifest["program"]
-    check_onnxruntime_dtype(prog["dtype"])
+    info = ProgramInfo.from_json({**manifest["program"], "sampling": manifest["graphs"]["verify_mode"] == "sampling"})
+    return ort_executor(build_dir, info, manifest, providers=providers, threads=threads)
+
+
+def ort_executor(build_dir: Path, info: ProgramInfo, manifest: Mapping[str, Any], *,
+                 providers: list[str] | None = None, threads: int | None = None,
+                 what: str = "onnxruntime") -> GraphExecutor:
+    """onnxruntime sessions on ``build_dir/onnx``'s graphs, with the weight inputs ``manifest`` records."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailableError("onnxruntime is not installed; pip install 'dspark-compile[onnx]'") from e
+    check_onnxruntime_dtype(info.dtype, what)
     available = ort.get_available_providers()
     providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     opts = ort.SessionOptions()
@@ -114,5 +114,5 @@ def load_onnxruntime(build_dir: Path, *, providers: list[str] | None = None,
         if not path.is_file():
             raise UsageError(f"{path}: missing; rebuild with `dspark-compile build --targets onnx`")
         sessions[name] = ort.InferenceSession(str(path), opts, providers=providers)
-    info = ProgramInfo.from_json({**prog, "sampling": manifest["graphs"]["verify_mode"] == "sampling"})
-    return GraphExecutor(info, OrtTransport(sessions, providers[0]))
+    transport = OrtTransport(sessions, providers[0])
+    return GraphExecutor(info, transport, load_weight_inputs(build_dir, manifest, transport.device))

@@ -1,8 +1,5 @@
-"""Which build dtypes onnxruntime can run, checked when a build is loaded (or packaged) for it.
-
-onnxruntime's CPU provider has no bf16 kernels for ops every graph uses (``Mul``, ``MatMul``, ...): a bf16
-build would fail at session creation with NOT_IMPLEMENTED. Refusing up front turns that into one line that
-says what to do instead. fp32 and fp16 builds run.
+"""Which build dtypes onnxruntime can run: its CPU provider has no bf16 kernels for ops every graph uses, so a
+bf16 build is refused up front with one line instead of failing at session creation.
 """
 
 from __future__ import annotations

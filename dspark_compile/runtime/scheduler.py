@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -71,25 +72,45 @@ class SpsCurve:
         return np.interp(batch_size, self.batch_sizes, self.steps_per_second)
 
 
-def _probabilities(confidences: Sequence[Sequence[float]]) -> list[np.ndarray]:
+def _probabilities(confidences: Sequence[Sequence[float]] | np.ndarray) -> list[np.ndarray] | np.ndarray:
+    """Per-request acceptance probabilities: a [R, G] array as it is (every request drafted G; one vectorized
+    check, the serving hot path), else one array per request."""
+    if isinstance(confidences, np.ndarray) and confidences.ndim == 2:
+        c = confidences.astype(np.float64, copy=False)
+        bad = ~((c >= 0.0) & (c <= 1.0))  # also rejects NaN
+        if bad.any():
+            r = int(np.argwhere(bad)[0, 0])
+            _reject(r, confidences[r].tolist())
+        return c
     rows = []
     for r, row in enumerate(confidences):
         c = np.asarray(row, dtype=np.float64).reshape(-1)
         if c.size and not np.all((c >= 0.0) & (c <= 1.0)):  # also rejects NaN
-            raise UsageError(
-                f"confidences[{r}]: expected acceptance probabilities in [0, 1], found {row!r}; "
-                "pass sigmoid(confidence_logits), not the logits"
-            )
+            _reject(r, row)
         rows.append(c)
     return rows
 
 
-def _admission_order(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _reject(r: int, row: Any) -> None:
+    raise UsageError(
+        f"confidences[{r}]: expected acceptance probabilities in [0, 1], found {row!r}; "
+        "pass sigmoid(confidence_logits), not the logits"
+    )
+
+
+def _admission_order(rows: list[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every prefix (r, j) with its survival a_{r,j} = Π_{i≤j} c_{r,i}, in Algorithm 1's admission order.
 
     Sorted by a descending, ties by request then position. Because c ≤ 1, a rounded product never grows
     with j, so (r, j-1) always precedes (r, j): any prefix of this order is a set of per-request prefixes.
     """
+    if isinstance(rows, np.ndarray):  # [R, G]: the same arrays, row-major, without a Python loop
+        n, g = rows.shape
+        request = np.repeat(np.arange(n, dtype=np.int64), g)
+        position = np.tile(np.arange(1, g + 1, dtype=np.int64), n)
+        survival = np.cumprod(rows, axis=1).reshape(-1)
+        order = np.lexsort((position, request, -survival))
+        return request[order], position[order], survival[order]
     request = np.concatenate([np.full(len(c), r, dtype=np.int64) for r, c in enumerate(rows)] + [[]])
     position = np.concatenate([np.arange(1, len(c) + 1, dtype=np.int64) for c in rows] + [[]])
     survival = np.concatenate([np.cumprod(c) for c in rows] + [[]])
@@ -97,10 +118,11 @@ def _admission_order(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np
     return request[order].astype(np.int64), position[order].astype(np.int64), survival[order]
 
 
-def _throughput(n_requests: int, survival: np.ndarray, curve: SpsCurve) -> np.ndarray:
-    """Θ after admitting the first m candidates, m = 0..N: (R + Σ_{≤m} a)·SPS(R + m)."""
+def _throughput(n_requests: int, survival: np.ndarray, curve: SpsCurve, verify_width: int | None) -> np.ndarray:
+    """Θ after admitting the first m candidates, m = 0..N: (R + Σ_{≤m} a)·SPS(B), B = R + m tokens, or the
+    ``verify_width`` tokens a backend computes whatever ℓ is."""
     tau = n_requests + np.concatenate([[0.0], np.cumsum(survival)])
-    batch = n_requests + np.arange(len(survival) + 1)
+    batch = n_requests + np.arange(len(survival) + 1) if verify_width is None else verify_width
     return tau * curve(batch)
 
 
@@ -112,29 +134,35 @@ def _lengths(n_requests: int, request: np.ndarray, position: np.ndarray, admitte
     return [int(x) for x in lengths]
 
 
-def schedule(confidences: Sequence[Sequence[float]], sps: Mapping[int, float] | SpsCurve) -> list[int]:
+def schedule(confidences: Sequence[Sequence[float]] | np.ndarray, sps: Mapping[int, float] | SpsCurve, *,
+             verify_width: int | None = None) -> list[int]:
     """Verify lengths ℓ_r by the paper's Algorithm 1 (confidence-scheduled verification).
 
     ``confidences[r]`` holds request r's calibrated per-position acceptance probabilities c_{r,1..γ_r}
-    (requests may have different γ_r, including 0); ``sps`` maps a verify batch size in tokens to profiled
-    verify steps per second (see :class:`SpsCurve` for interpolation). Start from ℓ_r = 0 for every request
-    (B = R tokens, τ = R, Θ = R·SPS(R)); admit prefixes (r, j) one at a time in order of survival
-    a_{r,j} = Π_{i≤j} c_{r,i} (ties: lower r, then lower j), each adding one token to B and a_{r,j} to τ;
-    stop at the first admission that does not strictly increase Θ = τ·SPS(B) and do not look past it.
+    (requests may have different γ_r, including 0; a [R, G] array when all have G); ``sps`` maps a verify
+    batch size in tokens to profiled verify steps per second (see :class:`SpsCurve` for interpolation). Start
+    from ℓ_r = 0 for every request (B = R tokens, τ = R, Θ = R·SPS(R)); admit prefixes (r, j) one at a time
+    in order of survival a_{r,j} = Π_{i≤j} c_{r,i} (ties: lower r, then lower j), each adding one token to B
+    and a_{r,j} to τ; stop at the first admission that does not strictly increase Θ = τ·SPS(B) and do not look past it.
+
+    ``verify_width``: the tokens the backend's verify step computes whatever ℓ is (the CUDA-graph round runs
+    every row's whole block, R·(G+1)). Then a round costs the same for every ℓ, so every admission with a
+    survival above 0 raises Θ: shortening ℓ would only discard expected tokens, never save time.
     """
     rows = _probabilities(confidences)
     request, position, survival = _admission_order(rows)
-    theta = _throughput(len(rows), survival, SpsCurve.from_mapping(sps))
+    theta = _throughput(len(rows), survival, SpsCurve.from_mapping(sps), verify_width)
     improves = theta[1:] > theta[:-1] * (1.0 + _TIE_RTOL)
     admitted = int(np.argmin(improves)) if not improves.all() else len(survival)
     return _lengths(len(rows), request, position, admitted)
 
 
 def schedule_smoothed(
-    confidences: Sequence[Sequence[float]],
+    confidences: Sequence[Sequence[float]] | np.ndarray,
     sps: Mapping[int, float] | SpsCurve,
     *,
     lookahead: int = 64,
+    verify_width: int | None = None,
 ) -> list[int]:
     """Algorithm 1 with a bounded look-ahead, for measured SPS curves with steps.
 
@@ -147,12 +175,13 @@ def schedule_smoothed(
     GEMM kernels) and, since larger batches are reached with real drafts rather than padding, also handles
     curves that are locally faster at a larger B. ``lookahead=1`` is exactly :func:`schedule`. The choice is
     still a prefix of the survival order computed from this round's confidences only (non-anticipating).
+    ``verify_width`` as in :func:`schedule`.
     """
     if lookahead < 1:
         raise UsageError(f"schedule_smoothed: lookahead must be ≥ 1 token, found {lookahead}")
     rows = _probabilities(confidences)
     request, position, survival = _admission_order(rows)
-    theta = _throughput(len(rows), survival, SpsCurve.from_mapping(sps))
+    theta = _throughput(len(rows), survival, SpsCurve.from_mapping(sps), verify_width)
     admitted = 0
     while admitted < len(survival):
         window = theta[admitted + 1 : admitted + 1 + lookahead]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,7 +49,10 @@ class TorchBackend(GraphExecutor):
         if draft is not None:
             draft.block_size = g
         self.target_model, self.draft_model = target, draft
-        super().__init__(program_info(target, draft, eos_token_ids), TorchTransport(target, draft, g))
+        from dspark_compile.passes.partition import shared_weights
+
+        super().__init__(program_info(target, draft, eos_token_ids), TorchTransport(target, draft, g),
+                         shared_weights(target))
 
     @classmethod
     def from_pair(cls, target_dir: Path, draft_dir: Path | None, *, dtype: str = "fp32", device: str = "cpu",
@@ -56,4 +60,9 @@ class TorchBackend(GraphExecutor):
         from dspark_compile.program import build_program
 
         program = build_program(target_dir, draft_dir, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite)
+        return cls.from_program(program, block_size=block_size)
+
+    @classmethod
+    def from_program(cls, program: Any, *, block_size: int | None = None) -> TorchBackend:
+        """Over a :class:`~dspark_compile.program.DecodeProgram`'s modules."""
         return cls(program.target, program.draft, block_size=block_size, eos_token_ids=program.eos_token_ids)

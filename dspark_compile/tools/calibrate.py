@@ -1,8 +1,5 @@
-"""Post-build tool `calibrate`: Sequential Temperature Scaling of the confidence head (DSPARK.md §5).
-
-Decodes held-out prompts with fixed γ verification, records each round's confidence logits and accepted
-drafts, fits one temperature per position left to right, and writes BUILD/calibration.json and
-BUILD/reliability.png (ECE before and after).
+"""Post-build tool `calibrate`: decode held-out prompts with fixed γ, record each round's confidence logits and
+accepted drafts, fit STS (:mod:`dspark_compile.calibration`) and write BUILD/calibration.json + reliability.png.
 """
 
 from __future__ import annotations

@@ -1,17 +1,14 @@
-"""Post-build tool `profile`: measure SPS(B), verify steps per second at a verify batch of B tokens.
+"""Post-build tool `profile`: SPS(B), verify steps per second at a verify batch of B tokens.
 
-The scheduler (DSPARK.md §5) maximises τ · SPS(B), so it needs the engine's real cost curve. B counts tokens
-(Σ_r 1 + ℓ_r): below γ+1 one request verifies B tokens; above, ⌈B/(γ+1)⌉ requests of up to γ+1 tokens each.
-Each point is the median of timed verify calls over a warm cache of `context` committed tokens, timed with
-`torch.utils.benchmark` (which synchronises the accelerator around each call). Writes BUILD/sps_profile.json
-and BUILD/sps_profile.png.
+The scheduler (DSPARK.md §5) maximises τ · SPS(B), so it needs the real cost curve. B counts tokens
+(Σ_r 1 + ℓ_r): up to γ+1 one request verifies B tokens, above that ⌈B/(γ+1)⌉ requests of γ+1 each.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +30,7 @@ class SpsProfile:
     block_size: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"batch_sizes": list(self.batch_sizes), "steps_per_second": list(self.steps_per_second),
-                "backend": self.backend, "device": self.device, "context": self.context,
-                "block_size": self.block_size}
-
-    def as_mapping(self) -> dict[int, float]:
-        return dict(zip(self.batch_sizes, self.steps_per_second, strict=True))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def token_grid(block: int, max_batch: int) -> list[int]:
@@ -55,7 +47,7 @@ def shape_for(tokens: int, block: int) -> tuple[int, int]:
 
 def profile_sps(backend: GraphExecutor, *, max_batch: int, context: int = 256, repeats: int = 5,
                 backend_name: str = "", device: str = "cpu") -> SpsProfile:
-    from torch.utils.benchmark import Timer
+    from dspark_compile.targets.torch.bench import median_seconds
 
     g = backend.info.block_size
     rng = np.random.default_rng(0)
@@ -71,10 +63,8 @@ def profile_sps(backend: GraphExecutor, *, max_batch: int, context: int = 256, r
                  verify_len: np.ndarray = verify_len) -> None:
             backend.verify_step(tokens, cache_len, verify_len)
 
-        call()  # warm-up (allocation, kernel selection)
-        timer = Timer(stmt="call()", globals={"call": call})
         points.append(reqs * t)
-        sps.append(1.0 / statistics.median(timer.timeit(1).median for _ in range(repeats)))
+        sps.append(1.0 / median_seconds(call, repeats, warmup=1))  # warm-up: allocation, kernel selection
         log.info("SPS(%d) = %.1f steps/s", reqs * t, sps[-1])
     # Points may repeat when rounding requests up; keep the last (largest shape) per B.
     curve = dict(zip(points, sps, strict=True))
@@ -90,17 +80,13 @@ def write_profile(profile: SpsProfile, build_dir: Path) -> Path:
 
 
 def plot_profile(profile: SpsProfile, png: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # Figure renders with Agg and touches no pyplot global state
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(profile.batch_sizes, profile.steps_per_second, marker="o")
-    ax.set_xlabel("verify batch B (tokens)")
-    ax.set_ylabel("steps / s")
-    ax.set_title(f"SPS(B) — {profile.backend} on {profile.device}, context {profile.context}")
+    ax.set(xlabel="verify batch B (tokens)", ylabel="steps / s",
+           title=f"SPS(B) — {profile.backend} on {profile.device}, context {profile.context}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
-    plt.close(fig)

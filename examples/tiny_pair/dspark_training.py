@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from dspark_compile.config import parse_draft_config
+from dspark_compile.model_config import parse_draft_config
 from dspark_compile.models.dspark import DSparkDraft
 
 CE_WEIGHT = 0.1

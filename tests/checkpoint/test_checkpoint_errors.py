@@ -189,13 +189,17 @@ def test_index_names_missing_shard(make_pair) -> None:
             "model-00002-of-00002.safetensors", "does not exist")
 
 
-def test_index_maps_tensor_to_wrong_shard(make_pair) -> None:
+@pytest.mark.parametrize(("shard", "named"), [
+    ("model-00002-of-00002.safetensors", "fc.weight"),  # the tensor is not in that shard
+    ("../target/model-00001-of-00002.safetensors", "plain file name"),  # a shard outside the directory
+])
+def test_index_maps_tensor_to_a_wrong_shard(make_pair, shard: str, named: str) -> None:
     _, draft_dir = make_pair(sharded=True)
     index = draft_dir / "model.safetensors.index.json"
     data = json.loads(index.read_text())
-    data["weight_map"]["fc.weight"] = "model-00002-of-00002.safetensors"
+    data["weight_map"]["fc.weight"] = shard
     index.write_text(json.dumps(data))
-    _raises(load_draft, draft_dir, str(index), "fc.weight")
+    _raises(load_draft, draft_dir, str(index), named)
 
 
 def test_index_without_weight_map(make_pair) -> None:
@@ -203,15 +207,6 @@ def test_index_without_weight_map(make_pair) -> None:
     index = draft_dir / "model.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {}}))
     _raises(load_draft, draft_dir, str(index), "weight_map")
-
-
-def test_index_shard_outside_directory(make_pair) -> None:
-    _, draft_dir = make_pair(sharded=True)
-    index = draft_dir / "model.safetensors.index.json"
-    data = json.loads(index.read_text())
-    data["weight_map"]["fc.weight"] = "../target/model-00001-of-00002.safetensors"
-    index.write_text(json.dumps(data))
-    _raises(load_draft, draft_dir, str(index), "plain file name")
 
 
 def test_tensor_in_two_shards(make_pair) -> None:

@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install .[test])")
 
-from dspark_compile.config import parse_target_config  # noqa: E402
+from dspark_compile.model_config import parse_target_config  # noqa: E402
 from dspark_compile.models.qwen3 import Qwen3Target  # noqa: E402
 
 TOL = 1e-4

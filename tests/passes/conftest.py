@@ -17,22 +17,19 @@ import onnx_ir as ir
 import pytest
 
 from dspark_compile.artifacts import GRAPH_NAMES, PLUGIN, PORTABLE, OnnxGraphs
+from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
-from dspark_compile.pipeline import PIPELINE
+from dspark_compile.passes import graft as graft_pass
+from dspark_compile.passes import load as load_pass
+from dspark_compile.program import CheckpointPair, DecodeProgram
 from dspark_compile.runtime.backend import ProgramInfo
-from dspark_compile.spec import BuildSpec
 
 VOCAB, BLOCK, TAP_WIDTH = 384, 7, 192  # the golden pair (tests/data/golden/README.md)
 
 
 @pytest.fixture(scope="session")
-def golden_pair(golden_dir: Path) -> tuple[Path, Path]:
-    return golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft"
-
-
-@pytest.fixture(scope="session")
 def exported_dir(golden_build: Path) -> Path:
-    """The three graphs as `export_onnx` wrote them (per-graph external data, verify ending in logits)."""
+    """The two graphs as `export_onnx` wrote them (per-graph external data, verify ending in logits)."""
     return golden_build / "dump" / "after_export_onnx" / "onnx"
 
 
@@ -52,13 +49,20 @@ def make_state(tmp_path: Path, graphs: OnnxGraphs | None = None, **spec: Any) ->
                       info=info, onnx=graphs)
 
 
-def run_passes(spec: BuildSpec, *names: str, workdir: Path | None = None) -> BuildState:
-    """Run the named passes of the pipeline, in order, on a fresh state of ``spec``."""
-    state = BuildState(spec=spec, workdir=workdir or spec.out.parent)
-    for step in PIPELINE:
-        if step.name in names:
-            step.run(state)
-    return state
+def load_pair(spec: BuildSpec) -> CheckpointPair:
+    """Pass `load` on a fresh build state of ``spec``; the pair it leaves."""
+    state = BuildState(spec=spec, workdir=spec.out.parent)
+    load_pass.run(state)
+    assert state.pair is not None
+    return state.pair
+
+
+def graft_program(spec: BuildSpec) -> DecodeProgram:
+    """Passes `load` then `graft` on a fresh build state of ``spec``; the program they leave."""
+    state = BuildState(spec=spec, workdir=spec.out.parent, pair=load_pair(spec))
+    graft_pass.run(state)
+    assert state.program is not None
+    return state.program
 
 
 @pytest.fixture
@@ -72,7 +76,7 @@ def built_copy(golden_build: Path, tmp_path: Path) -> OnnxGraphs:
     """The finished build's graphs (after share_weights), in memory; ``directory`` is a private copy."""
     directory = tmp_path / "onnx"
     shutil.copytree(golden_build / "onnx", directory)
-    return load_graphs(directory, directory, {"target_verify": (PORTABLE, PLUGIN)})
+    return load_graphs(directory, directory, {"target_step": (PORTABLE, PLUGIN)})
 
 
 def ort_session(path: Path) -> Any:
@@ -97,13 +101,14 @@ def sample_feeds(path: Path, seed: int = 0, slots: int = 24) -> dict[str, np.nda
     values: dict[str, Any] = {
         "input_ids": rng.integers(0, VOCAB, (b, 6)), "input_lengths": [6, 3],
         "tokens": rng.integers(0, VOCAB, (b, BLOCK + 1)), "cache_len": [3, 9], "verify_len": [BLOCK, 2],
+        "logit_rows": np.tile(np.arange(BLOCK + 1), (b, 1)),
         "temperature": np.array([0.0, 0.9], np.float32), "anchor": rng.integers(0, VOCAB, b),
         "ctx_taps": rng.normal(size=(b, 4, TAP_WIDTH)).astype(np.float32), "ctx_count": [4, 2],
     }
     feeds = {}
     for spec in session.get_inputs():
         dims = [b if d == "batch" else slots if d == "cache_slots" else d for d in spec.shape]
-        if spec.name in ("kv_cache", "draft_kv"):
+        if spec.name in ("kv_cache", "draft_kv", "embed_tokens", "lm_head"):
             feeds[spec.name] = rng.normal(size=dims).astype(np.float32)
         elif spec.name == "draft_probs":
             q = rng.random((b, BLOCK, VOCAB)).astype(np.float32)
@@ -135,6 +140,12 @@ def state_with() -> Callable[..., BuildState]:
 
 
 @pytest.fixture(scope="session")
-def passes() -> Callable[..., BuildState]:
-    """``passes(spec, "load", "graft", ...)``: see :func:`run_passes`."""
-    return run_passes
+def loaded() -> Callable[[BuildSpec], CheckpointPair]:
+    """``loaded(spec) -> CheckpointPair``: see :func:`load_pair`."""
+    return load_pair
+
+
+@pytest.fixture(scope="session")
+def grafted() -> Callable[[BuildSpec], DecodeProgram]:
+    """``grafted(spec) -> DecodeProgram``: see :func:`graft_program`."""
+    return graft_program

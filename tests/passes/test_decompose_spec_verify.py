@@ -18,13 +18,13 @@ import torch
 from onnx import TensorProto
 
 from dspark_compile.artifacts import PLUGIN, PORTABLE, OnnxGraphs
+from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
 from dspark_compile.passes import decompose_spec_verify as decompose_pass
 from dspark_compile.passes.decompose_spec_verify import MIN_OPSET, NODE_PREFIX, decompose_spec_verify
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, SAMPLING, SPEC_VERIFY, make_model, make_node
 from dspark_compile.plugins.spec_verify.reference import decision_margin, random_inputs, spec_verify_reference
-from dspark_compile.plugins.spec_verify.schema import GREEDY, SAMPLING, SPEC_VERIFY, make_model, make_node
-from dspark_compile.spec import BuildSpec
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -248,11 +248,11 @@ def test_pass_keeps_the_exported_graph_as_the_plugin_variant(exported_copy: Onnx
     state = BuildState(spec=BuildSpec(Path("t"), Path("d"), tmp_path / "out"), workdir=tmp_path, onnx=exported_copy)
     decompose_pass.run(state)
     graphs = state.onnx
-    assert graphs.variants["target_verify"] == (PORTABLE, PLUGIN)
-    exported = onnx.load(str(exported_dir / "target_verify.onnx"), load_external_data=False)
-    plugin = ir.to_proto(graphs.model("target_verify", PLUGIN))
+    assert graphs.variants["target_step"] == (PORTABLE, PLUGIN)
+    exported = onnx.load(str(exported_dir / "target_step.onnx"), load_external_data=False)
+    plugin = ir.to_proto(graphs.model("target_step", PLUGIN))
     assert [n.op_type for n in plugin.graph.node] == [n.op_type for n in exported.graph.node]
-    portable = ir.to_proto(graphs.model("target_verify", PORTABLE))
+    portable = ir.to_proto(graphs.model("target_step", PORTABLE))
     assert SPEC_VERIFY.domain not in {n.domain for n in portable.graph.node}
     assert SPEC_VERIFY.domain not in {o.domain for o in portable.opset_import}
     assert [v.name for v in portable.graph.input] == [v.name for v in exported.graph.input]

@@ -4,41 +4,24 @@ pair it reproduces the authors' first draft round (tests/data/golden/dspark_tiny
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dspark_compile.build_state import BuildState
-from dspark_compile.passes import graft as graft_pass
-from dspark_compile.passes import load as load_pass
-from dspark_compile.program import CheckpointPair, DecodeProgram
-from dspark_compile.spec import BuildSpec
+from dspark_compile.build_spec import BuildSpec
+from dspark_compile.program import DecodeProgram
 
 ATOL = 1e-4  # float32 tolerance of tests/data/golden/README.md
 
 
-def load(spec: BuildSpec) -> CheckpointPair:
-    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
-    state = BuildState(spec=spec, workdir=spec.out.parent)
-    load_pass.run(state)
-    assert state.pair is not None
-    return state.pair
-
-
-def graft(pair: CheckpointPair, spec: BuildSpec) -> DecodeProgram:
-    """Pass `graft` on a state holding ``pair``; the program it leaves."""
-    state = BuildState(spec=spec, workdir=spec.out.parent, pair=pair)
-    graft_pass.run(state)
-    assert state.program is not None
-    return state.program
-
-
 @pytest.fixture(scope="module")
-def program(golden_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> DecodeProgram:
+def program(golden_pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory,
+            grafted: Callable[[BuildSpec], DecodeProgram]) -> DecodeProgram:
     spec = BuildSpec(*golden_pair, tmp_path_factory.mktemp("graft") / "out")
-    return graft(load(spec), spec)
+    return grafted(spec)
 
 
 def test_draft_shares_the_target_modules(program: DecodeProgram, golden_pair: tuple[Path, Path]) -> None:
@@ -71,7 +54,8 @@ def test_first_round_matches_the_golden_vectors(program: DecodeProgram, golden_d
 
 
 def test_differing_draft_copy_warns_and_the_target_copy_wins(make_pair, tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             grafted: Callable[[BuildSpec], DecodeProgram]) -> None:
     target_dir, draft_dir = make_pair()
     path = draft_dir / "model.safetensors"
     tensors = load_file(str(path))
@@ -79,7 +63,7 @@ def test_differing_draft_copy_warns_and_the_target_copy_wins(make_pair, tmp_path
     save_file(tensors, str(path), metadata={"format": "pt"})
     spec = BuildSpec(target_dir, draft_dir, tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="dspark_compile"):
-        program = graft(load(spec), spec)
+        program = grafted(spec)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "`embed_tokens.weight` differs from the target's `model.embed_tokens.weight` (64 of 24576 values" in (
@@ -89,9 +73,10 @@ def test_differing_draft_copy_warns_and_the_target_copy_wins(make_pair, tmp_path
     assert torch.equal(program.draft.embed_tokens.weight, target_copy)
 
 
-def test_dtype_comes_from_the_spec(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_dtype_comes_from_the_spec(golden_pair: tuple[Path, Path], tmp_path: Path,
+                                   grafted: Callable[[BuildSpec], DecodeProgram]) -> None:
     spec = BuildSpec(*golden_pair, tmp_path / "out", dtype="fp16")
-    program = graft(load(spec), spec)
+    program = grafted(spec)
     assert program.dtype == "fp16"
     assert {p.dtype for p in program.target.parameters()} == {torch.float16}
     assert {p.dtype for p in program.draft.parameters()} == {torch.float16}

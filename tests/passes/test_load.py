@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dspark_compile.build_state import BuildState
+from dspark_compile.build_spec import BuildSpec
 from dspark_compile.errors import CheckpointError
-from dspark_compile.passes import load as load_pass
 from dspark_compile.program import CheckpointPair
-from dspark_compile.spec import BuildSpec
 
 
-def load(spec: BuildSpec) -> CheckpointPair:
-    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
-    state = BuildState(spec=spec, workdir=spec.out.parent)
-    load_pass.run(state)
-    assert state.pair is not None
-    return state.pair
-
-
-def test_load_opens_the_golden_pair(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_load_opens_the_golden_pair(golden_pair: tuple[Path, Path], tmp_path: Path,
+                                    loaded: Callable[[BuildSpec], CheckpointPair]) -> None:
     target_dir, draft_dir = golden_pair
-    pair = load(BuildSpec(target_dir, draft_dir, tmp_path / "out"))
+    pair = loaded(BuildSpec(target_dir, draft_dir, tmp_path / "out"))
     tc, dc = pair.target.config, pair.draft.config
     assert (tc.vocab_size, tc.hidden_size, tc.num_hidden_layers, tc.num_key_value_heads, tc.head_dim) == (
         384, 64, 4, 2, 16)
@@ -37,20 +29,22 @@ def test_load_opens_the_golden_pair(golden_pair: tuple[Path, Path], tmp_path: Pa
     assert tuple(pair.draft.weights.shape("fc.weight")) == (64, 192)
 
 
-def test_missing_checkpoint_names_the_directory(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_missing_checkpoint_names_the_directory(golden_pair: tuple[Path, Path], tmp_path: Path,
+                                                loaded: Callable[[BuildSpec], CheckpointPair]) -> None:
     target_dir, _ = golden_pair
     missing = tmp_path / "no-such-draft"
     with pytest.raises(CheckpointError, match=r"no-such-draft: draft checkpoint directory does not exist"):
-        load(BuildSpec(target_dir, missing, tmp_path / "out"))
+        loaded(BuildSpec(target_dir, missing, tmp_path / "out"))
 
 
-def test_nonfinite_weights_are_refused_unless_allowed(make_pair, tmp_path: Path) -> None:
+def test_nonfinite_weights_are_refused_unless_allowed(make_pair, tmp_path: Path,
+                                                      loaded: Callable[[BuildSpec], CheckpointPair]) -> None:
     target_dir, draft_dir = make_pair()
     path = target_dir / "model.safetensors"
     tensors = load_file(str(path))
     tensors["model.norm.weight"][3] = float("nan")
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor `model\.norm\.weight` holds 1 NaN"):
-        load(BuildSpec(target_dir, draft_dir, tmp_path / "out"))
-    pair = load(BuildSpec(target_dir, draft_dir, tmp_path / "out", allow_nonfinite=True))
+        loaded(BuildSpec(target_dir, draft_dir, tmp_path / "out"))
+    pair = loaded(BuildSpec(target_dir, draft_dir, tmp_path / "out", allow_nonfinite=True))
     assert torch.isnan(pair.target.weights.get("model.norm.weight")[3])

@@ -7,23 +7,19 @@ import hashlib
 import importlib.util
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import onnx
 import pytest
 
+from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
 from dspark_compile.passes import manifest as manifest_pass
 from dspark_compile.runtime.backend import ProgramInfo
-from dspark_compile.spec import BuildSpec
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
-
-PASSES = ["load", "validate", "graft", "partition", "export_onnx", "decompose_spec_verify", "optimize_onnx",
+PASSES = ["load", "validate", "graft", "quantize", "partition", "export_onnx", "decompose_spec_verify", "optimize_onnx",
           "share_weights", "check_onnx", "manifest"]
 
 
@@ -37,8 +33,9 @@ def manifest(golden_build: Path) -> dict[str, Any]:
 
 
 def test_sections(manifest: dict[str, Any], golden_pair: tuple[Path, Path]) -> None:
-    assert list(manifest) == ["format", "spec", "inputs", "versions", "passes", "program", "graphs", "engines",
-                              "triton", "artifacts"]
+    assert list(manifest) == ["format", "spec", "inputs", "versions", "passes", "program", "graphs",
+                              "weight_inputs", "engines", "quantization", "acceptance", "triton", "artifacts",
+                              "memory"]
     assert manifest["format"] == 1
     assert (manifest["spec"]["target"], manifest["spec"]["draft"]) == tuple(str(p) for p in golden_pair)
     assert manifest["program"] == {
@@ -48,8 +45,15 @@ def test_sections(manifest: dict[str, Any], golden_pair: tuple[Path, Path]) -> N
         "sampling": True, "family": "qwen3"}
     assert ProgramInfo.from_json(manifest["program"]).to_json() == manifest["program"]
     assert manifest["graphs"] == {"verify_mode": "sampling", "block_size": 7,
-                                  "variants": {"target_verify": ["portable", "plugin"]}}
+                                  "variants": {"target_step": ["portable", "plugin"]}}
+    # The graphs' weight inputs: the golden pair's embedding and LM head (untied), each stored once.
+    records = manifest["weight_inputs"]
+    assert sorted(records) == ["embed_tokens", "lm_head"] and records["embed_tokens"]["offset"] != records[
+        "lm_head"]["offset"]
+    assert all(r["file"] == "onnx/weights.bin" and r["shape"] == [384, 64] and r["dtype"] == "float32"
+               and r["bytes"] == 384 * 64 * 4 for r in records.values())
     assert manifest["engines"] is None and manifest["triton"] is None
+    assert manifest["quantization"] is None and manifest["acceptance"] is None  # no --quantize, no gate
 
 
 def test_inputs_are_every_checkpoint_file_hashed(manifest: dict[str, Any], golden_pair: tuple[Path, Path]) -> None:
@@ -88,7 +92,7 @@ def test_passes_in_order_with_durations(manifest: dict[str, Any]) -> None:
     assert [p["name"] for p in manifest["passes"]] == PASSES
     seconds = {p["name"]: p["seconds"] for p in manifest["passes"]}
     assert all(isinstance(s, float) and s >= 0 and round(s, 4) == s for s in seconds.values())
-    assert seconds["export_onnx"] > 0  # three torch.onnx exports cannot round to 0.0000 s
+    assert seconds["export_onnx"] > 0  # two torch.onnx exports cannot round to 0.0000 s
 
 
 def test_artifacts_with_size_hash_and_signature(manifest: dict[str, Any], golden_build: Path) -> None:
@@ -100,20 +104,65 @@ def test_artifacts_with_size_hash_and_signature(manifest: dict[str, Any], golden
         assert ("signature" in a) == a["path"].endswith(".onnx")
     graphs = {a["path"]: a["signature"] for a in manifest["artifacts"] if a["path"].startswith("onnx/")
               and a["path"].endswith(".onnx")}
-    assert graphs["onnx/target_prefill.onnx"]["inputs"] == [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", "prompt_len"]},
-        {"name": "input_lengths", "dtype": "int64", "shape": ["batch"]},
-        {"name": "kv_cache", "dtype": "float", "shape": [4, 2, "batch", 2, "cache_slots", 16]}]
-    verify = graphs["onnx/target_verify.onnx"]
-    assert [i["name"] for i in verify["inputs"]] == ["tokens", "cache_len", "kv_cache", "verify_len", "draft_probs",
-                                                     "temperature", "uniforms"]
+    verify = graphs["onnx/target_step.onnx"]
+    assert verify["inputs"][:4] == [
+        {"name": "tokens", "dtype": "int64", "shape": ["batch", "step_len"]},
+        {"name": "cache_len", "dtype": "int64", "shape": ["batch"]},
+        {"name": "kv_cache", "dtype": "float", "shape": [4, 2, "batch", 2, "cache_slots", 16]},
+        {"name": "logit_rows", "dtype": "int64", "shape": ["batch", "decide_len"]}]
+    assert [i["name"] for i in verify["inputs"]] == ["tokens", "cache_len", "kv_cache", "logit_rows", "verify_len",
+                                                     "embed_tokens", "lm_head", "draft_probs", "temperature",
+                                                     "uniforms"]
     assert verify["outputs"][:2] == [{"name": "accepted", "dtype": "int64", "shape": ["batch"]},
                                      {"name": "next_token", "dtype": "int64", "shape": ["batch"]}]
     assert verify["opset"] == {"ai.onnx": 18}
-    assert graphs["onnx/target_verify.plugin.onnx"]["opset"] == {"ai.onnx": 18, "dspark": 1}
+    assert graphs["onnx/target_step.plugin.onnx"]["opset"] == {"ai.onnx": 18, "dspark": 1}
     for path, signature in graphs.items():
         model = onnx.load(str(golden_build / path), load_external_data=False)
         assert signature["nodes"] == len(model.graph.node)
+
+
+def test_server_memory_at_the_built_batch_and_context(manifest: dict[str, Any], golden_build: Path) -> None:
+    """Without engines: the weights file, and both full KV caches at max_batch x max_context (8 x 2048)."""
+    memory = manifest["memory"]
+    assert (memory["max_batch"], memory["max_context"]) == (8, 2048)
+    assert memory["weight_bytes"] == (golden_build / "onnx" / "weights.bin").stat().st_size
+    assert memory["kv_cache_bytes"] == 8 * 2048 * 2 * 4 * (4 * 2 * 16 + 2 * 2 * 16)
+    assert memory["buffer_bytes"] == 8 * 2048 * 192 * 4 + 2 * 8 * 7 * 384 * 4
+    assert memory["activation_bytes"] == 0 and memory["activation_source"] == ["unknown (no engines)"]
+    assert memory["total_bytes"] == sum(memory[k] for k in ("weight_bytes", "kv_cache_bytes", "activation_bytes",
+                                                            "buffer_bytes"))
+
+
+def test_over_the_gpu_memory_budget_is_a_build_error(manifest: dict[str, Any], golden_build: Path,
+                                                    tmp_path: Path) -> None:
+    """The manifest pass of a build whose server would not fit --gpu-memory fails (exit 3) and writes nothing."""
+    from dspark_compile.errors import BuildError
+    from dspark_compile.passes.manifest import server_memory
+
+    program = ProgramInfo.from_json(manifest["program"])
+    total = server_memory(manifest)["total_bytes"]
+    for budget, fits in ((f"{total / 2**20 - 0.5}MiB", False), (f"{total / 2**20 + 0.5}MiB", True)):
+        work = tmp_path / budget
+        (work / "onnx").mkdir(parents=True)
+        (work / "onnx" / "weights.bin").write_bytes((golden_build / "onnx" / "weights.bin").read_bytes())
+        state = BuildState(spec=BuildSpec(Path("t"), Path("d"), work / "out", gpu_memory=budget), workdir=work,
+                           info=program, onnx=_graphs(work))
+        if fits:
+            manifest_pass.run(state)
+            assert state.manifest["memory"]["total_bytes"] == total
+        else:
+            with pytest.raises(BuildError, match=rf"^--gpu-memory {budget}: a server of this build needs .* GiB "
+                                                 r"\(.* weights, .* KV caches, .* activations at batch 8 and 2048 "
+                                                 r"slots\); lower --max-batch or --max-context"):
+                manifest_pass.run(state)
+            assert not (work / "manifest.json").exists()
+
+
+def _graphs(directory: Path) -> Any:
+    from dspark_compile.artifacts import OnnxGraphs
+
+    return OnnxGraphs(directory / "onnx", "sampling", 7, {})
 
 
 def test_early_stopped_state(tmp_path: Path) -> None:

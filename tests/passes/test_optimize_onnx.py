@@ -24,8 +24,7 @@ def decomposed(exported_copy: OnnxGraphs, tmp_path: Path, state_with: Callable[.
     """The state as the pipeline hands it to optimize_onnx (after decompose)."""
     state = state_with(tmp_path, exported_copy)
     decompose_spec_verify.run(state)
-    assert exported_copy.variants == {"target_prefill": (PORTABLE,), "target_verify": (PORTABLE, PLUGIN),
-                                      "draft_propose": (PORTABLE,)}
+    assert exported_copy.variants == {"target_step": (PORTABLE, PLUGIN), "draft_propose": (PORTABLE,)}
     return state
 
 
@@ -50,7 +49,7 @@ def test_fewer_nodes_same_outputs_no_metadata(decomposed: BuildState, tmp_path: 
         assert any(n.metadata_props for n in old.graph.node)  # the exporter's stack traces ...
         assert not any(n.metadata_props or n.doc_string for n in new.graph.node)  # ... are gone
     assert removed > 0
-    for name in ("target_prefill", "target_verify", "draft_propose"):
+    for name in ("target_step", "draft_propose"):
         path = graphs.path(name)
         feeds = feeds_for(before_dir / path.name, seed=1)
         old, new = run_onnx(before_dir / path.name, feeds), run_onnx(after_dir / path.name, feeds)

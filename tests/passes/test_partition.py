@@ -1,47 +1,28 @@
-"""Pass `partition`: the three graphs of docs/PROGRAM.md, with the documented names, and modules that compute
+"""Pass `partition`: the two graphs of docs/PROGRAM.md, with the documented names, and modules that compute
 what the full program computes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from dspark_compile.artifacts import GRAPH_NAMES
-from dspark_compile.build_state import BuildState
-from dspark_compile.passes import graft as graft_pass
-from dspark_compile.passes import load as load_pass
+from dspark_compile.build_spec import BuildSpec
 from dspark_compile.passes.partition import partition
 from dspark_compile.plugins.spec_verify.reference import spec_verify_reference
-from dspark_compile.program import CheckpointPair, DecodeProgram
-from dspark_compile.spec import BuildSpec
+from dspark_compile.program import DecodeProgram
 
 V, H, TAPS, L, LD, KV, D = 384, 64, 192, 4, 2, 2, 16  # the golden pair
 
-PREFILL = (("input_ids", "input_lengths", "kv_cache"), ("last_logits", "taps", "kv_new"))
-VERIFY_IN = ("tokens", "cache_len", "kv_cache", "verify_len")  # then SpecVerify's sampling inputs
-VERIFY_OUT = ("accepted", "next_token", "taps", "kv_new")
+STEP_IN = ("tokens", "cache_len", "kv_cache", "logit_rows", "verify_len", "embed_tokens", "lm_head")
+STEP_OUT = ("accepted", "next_token", "taps", "kv_new")
 SAMPLING_IN = ("draft_probs", "temperature", "uniforms")
-DRAFT_IN = ("anchor", "ctx_taps", "ctx_count", "cache_len", "draft_kv")
+DRAFT_IN = ("anchor", "ctx_taps", "ctx_count", "cache_len", "draft_kv", "embed_tokens", "lm_head")
 DRAFT_OUT_GREEDY = ("draft_tokens", "confidence_logits", "draft_kv_new")
 DRAFT_OUT_SAMPLING = ("draft_tokens", "confidence_logits", "draft_probs", "draft_kv_new")
-
-
-def load(spec: BuildSpec) -> CheckpointPair:
-    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
-    state = BuildState(spec=spec, workdir=spec.out.parent)
-    load_pass.run(state)
-    assert state.pair is not None
-    return state.pair
-
-
-def graft(pair: CheckpointPair, spec: BuildSpec) -> DecodeProgram:
-    """Pass `graft` on a state holding ``pair``; the program it leaves."""
-    state = BuildState(spec=spec, workdir=spec.out.parent, pair=pair)
-    graft_pass.run(state)
-    assert state.program is not None
-    return state.program
 
 
 def _spec(pair: tuple[Path, Path], tmp_path: Path, **kwargs) -> BuildSpec:
@@ -50,57 +31,72 @@ def _spec(pair: tuple[Path, Path], tmp_path: Path, **kwargs) -> BuildSpec:
 
 @pytest.mark.parametrize("mode", ["sampling", "greedy"])
 def test_names_and_dynamic_dims_are_the_documented_ones(golden_pair: tuple[Path, Path], tmp_path: Path,
-                                                        mode: str) -> None:
+                                                        mode: str,
+                                                        grafted: Callable[[BuildSpec], DecodeProgram]) -> None:
     spec = _spec(golden_pair, tmp_path, verify_mode=mode)
-    parts = partition(graft(load(spec), spec), spec)
+    parts = partition(grafted(spec), spec)
     assert tuple(g.name for g in parts.graphs) == GRAPH_NAMES
-    prefill, verify, draft = parts.graphs
-    assert (tuple(prefill.inputs), prefill.outputs) == PREFILL
+    step, draft = parts.graphs
     sampling = mode == "sampling"
-    assert (tuple(verify.inputs), verify.outputs) == (VERIFY_IN + (SAMPLING_IN if sampling else ()), VERIFY_OUT)
+    assert (tuple(step.inputs), step.outputs) == (STEP_IN + (SAMPLING_IN if sampling else ()), STEP_OUT)
     assert tuple(draft.inputs) == DRAFT_IN + (("temperature", "uniforms") if sampling else ())
     assert draft.outputs == (DRAFT_OUT_SAMPLING if sampling else DRAFT_OUT_GREEDY)
     cache = {2: "batch", 4: "cache_slots"}
-    assert prefill.dynamic == {"input_ids": {0: "batch", 1: "prompt_len"}, "input_lengths": {0: "batch"},
-                               "kv_cache": cache}
-    assert verify.dynamic == {"tokens": {0: "batch", 1: "verify_tokens"}, "cache_len": {0: "batch"},
-                              "kv_cache": cache, "verify_len": {0: "batch"}} | ({
+    assert step.dynamic == {"tokens": {0: "batch", 1: "step_len"}, "cache_len": {0: "batch"}, "kv_cache": cache,
+                            "logit_rows": {0: "batch", 1: "decide_len"}, "verify_len": {0: "batch"}} | ({
         "draft_probs": {0: "batch", 1: "draft_len"}, "temperature": {0: "batch"},
-        "uniforms": {0: "batch", 1: "verify_tokens"}} if sampling else {})
+        "uniforms": {0: "batch", 1: "decide_len"}} if sampling else {})
     assert draft.dynamic["ctx_taps"] == {0: "batch", 1: "ctx_len"}
     assert draft.dynamic["draft_kv"] == cache
-    assert all(draft.dynamic[name] == {0: "batch"} for name in draft.inputs if name not in ("ctx_taps", "draft_kv"))
+    # The weight inputs are the target's own tensors (static shapes), shared by both graphs.
+    target = parts.program.target
+    for gs in (step, draft):
+        assert gs.inputs["embed_tokens"] is target.embed_tokens.weight and gs.inputs["lm_head"] is target.lm_head.weight
+        assert "embed_tokens" not in gs.dynamic and "lm_head" not in gs.dynamic
+    assert all(draft.dynamic[name] == {0: "batch"} for name in draft.inputs
+               if name not in ("ctx_taps", "draft_kv", "embed_tokens", "lm_head"))
 
 
 @torch.inference_mode()
-def test_modules_compute_the_program(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_modules_compute_the_program(golden_pair: tuple[Path, Path], tmp_path: Path,
+                                     grafted: Callable[[BuildSpec], DecodeProgram]) -> None:
     spec = _spec(golden_pair, tmp_path)
-    program = graft(load(spec), spec)
+    program = grafted(spec)
     parts = partition(program, spec)
     target = program.target
+    step = parts.graph("target_step")
+    weights = {k: step.inputs[k] for k in ("embed_tokens", "lm_head")}
 
-    prefill = parts.graph("target_prefill")
-    last, taps, kv = prefill.module(*prefill.inputs.values())
-    ids, lengths = prefill.inputs["input_ids"], prefill.inputs["input_lengths"]
+    # Prefill: a whole prompt from slot 0, the first token decided on the last prompt position (greedy rows).
+    ids, lengths = torch.tensor([[5, 9, 13, 2, 7], [8, 3, 1, 0, 0]]), torch.tensor([5, 3])
     b, t = ids.shape
-    assert (last.shape, taps.shape, kv.shape) == ((b, V), (b, t, TAPS), (L, 2, b, KV, t, D))  # only new rows
-    for row in range(b):  # each prompt alone, unpadded: the last position's logits
+    zeros = torch.zeros(b, dtype=torch.int64)
+    feeds = {"tokens": ids, "cache_len": zeros, "kv_cache": target.new_cache(b, 16),
+             "logit_rows": (lengths - 1)[:, None], "verify_len": zeros, **weights,
+             "draft_probs": torch.zeros(b, 0, V), "temperature": torch.zeros(b), "uniforms": torch.full((b, 1), 0.5)}
+    accepted, first, taps, kv = step.module(*(feeds[n] for n in step.inputs))
+    assert (taps.shape, kv.shape) == ((b, t, TAPS), (L, 2, b, KV, t, D))  # only the new rows
+    assert accepted.tolist() == [0, 0]
+    for row in range(b):  # each prompt alone, unpadded: the argmax of its last position's logits
         n = int(lengths[row])
-        hidden, _, _ = target(ids[row : row + 1, :n], torch.zeros(1, dtype=torch.int64), target.new_cache(1, 16))
-        assert (last[row] - target.logits(hidden[0, -1])).abs().max() < 1e-5
+        hidden, full_taps, cache = target(ids[row : row + 1, :n], torch.zeros(1, dtype=torch.int64),
+                                          target.new_cache(1, 16))
+        assert int(first[row]) == int(target.logits(hidden[0, -1]).argmax())
+        assert torch.allclose(taps[row, :n], full_taps[0], atol=1e-6)
+        assert torch.allclose(kv[:, :, row, :, :n], cache[:, :, 0, :, :n], atol=1e-6)
 
-    verify = parts.graph("target_verify")
-    accepted, next_token, vtaps, vkv = verify.module(*verify.inputs.values())
-    tokens, cache_len, kv = (verify.inputs[k] for k in ("tokens", "cache_len", "kv_cache"))
-    g1 = tokens.shape[1]
+    # Verification: the example (rows 1..3 of a chunk of 5, 2 drafts) against SpecVerify on the same logits.
+    accepted, next_token, vtaps, vkv = step.module(*step.inputs.values())
+    tokens, cache_len, kv, rows = (step.inputs[k] for k in ("tokens", "cache_len", "kv_cache", "logit_rows"))
     hidden, taps, kv_out = target(tokens, cache_len, kv)
-    want = spec_verify_reference(target.logits(hidden), tokens[:, 1:], verify.inputs["verify_len"], mode="sampling",
-                                 **{k: verify.inputs[k] for k in SAMPLING_IN})
-    assert g1 == 8 and [accepted.tolist(), next_token.tolist()] == [w.tolist() for w in want]
-    assert torch.equal(vtaps, taps) and vkv.shape == (L, 2, b, KV, g1, D)
-    for row in range(b):  # the new rows are the cache the model wrote, at slots cache_len .. cache_len + G
+    logits = target.logits(torch.gather(hidden, 1, rows[..., None].expand(-1, -1, hidden.shape[-1])))
+    want = spec_verify_reference(logits, torch.gather(tokens, 1, rows[:, 1:]), step.inputs["verify_len"],
+                                 mode="sampling", **{k: step.inputs[k] for k in SAMPLING_IN})
+    assert [accepted.tolist(), next_token.tolist()] == [w.tolist() for w in want]
+    assert torch.equal(vtaps, taps) and vkv.shape == (L, 2, b, KV, tokens.shape[1], D)
+    for row in range(b):  # the new rows are the cache the model wrote, at slots cache_len .. cache_len + T - 1
         start = int(cache_len[row])
-        assert torch.equal(vkv[:, :, row], kv_out[:, :, row, :, start : start + g1])
+        assert torch.equal(vkv[:, :, row], kv_out[:, :, row, :, start : start + tokens.shape[1]])
 
     draft = parts.graph("draft_propose")
     tokens, confidence, probs, dkv = draft.module(*draft.inputs.values())
@@ -113,11 +109,25 @@ def test_modules_compute_the_program(golden_pair: tuple[Path, Path], tmp_path: P
     assert bool((below <= 0.5 + 1e-6).all()) and bool((torch.gather(cdf, 2, tokens[..., None]) > 0.5 - 1e-6).all())
 
 
-def test_block_size_override_sets_the_verify_width(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_block_size_override_sets_the_draft_width(golden_pair: tuple[Path, Path], tmp_path: Path,
+                                                  grafted: Callable[[BuildSpec], DecodeProgram]) -> None:
     spec = _spec(golden_pair, tmp_path, block_size=4)
-    parts = partition(graft(load(spec), spec), spec)
+    parts = partition(grafted(spec), spec)
     assert parts.program.draft.block_size == 4
-    assert parts.graph("target_verify").inputs["tokens"].shape[1] == 5
     assert parts.graph("draft_propose").inputs["uniforms"].shape[1] == 4
     tokens, *_ = parts.graph("draft_propose").module(*parts.graph("draft_propose").inputs.values())
     assert tokens.shape[1] == 4
+
+
+def test_quantized_lm_head_is_refused_before_export(golden_pair: tuple[Path, Path], tmp_path: Path,
+                                                    grafted: Callable[[BuildSpec], DecodeProgram]) -> None:
+    """The LM head is a weight input of both graphs; an FP8 one has no binding yet, so the build stops with
+    one line naming the flag instead of a graph that onnxruntime cannot bind."""
+    from dspark_compile.build_state import BuildState
+    from dspark_compile.errors import UsageError
+    from dspark_compile.passes import partition as partition_pass
+
+    spec = _spec(golden_pair, tmp_path, quantize="fp8", quantize_lm_head=True)
+    state = BuildState(spec=spec, workdir=tmp_path, program=grafted(spec))
+    with pytest.raises(UsageError, match="--quantize-lm-head"):
+        partition_pass.run(state)

@@ -1,10 +1,12 @@
 """Pass `share_weights`: one `weights.bin` holding each distinct tensor once, page-aligned, that every graph of
-the build points into; the grafted draft's embedding and LM head are the target's bytes."""
+the build points into; the grafted embedding and LM head are the target's bytes, stored once as the graphs'
+weight inputs (no graph holds them)."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from dspark_compile.build_state import BuildState
 from dspark_compile.passes import share_weights
 from dspark_compile.passes.share_weights import ALIGN, WEIGHTS_FILE
 
-GRAPHS = ("target_prefill", "target_verify", "draft_propose")
+GRAPHS = ("target_step", "draft_propose")
 Region = tuple[int, int]
 
 
@@ -42,7 +44,7 @@ def layout(golden_build: Path) -> tuple[bytes, dict[str, dict[str, tuple[str, Re
 
 def test_each_distinct_tensor_is_stored_once(layout) -> None:
     blob, graphs = layout
-    assert sorted(graphs) == ["draft_propose", "target_prefill", "target_verify", "target_verify.plugin"]
+    assert sorted(graphs) == ["draft_propose", "target_step", "target_step.plugin"]
     entries = [e for g in graphs.values() for e in g.values()]
     assert {file for file, _, _ in entries} == {WEIGHTS_FILE}
     regions = sorted({region for _, region, _ in entries})
@@ -56,34 +58,31 @@ def test_each_distinct_tensor_is_stored_once(layout) -> None:
     matrices = [(o, n) for o, n in regions if len(shapes[(o, n)]) == 2 and min(shapes[(o, n)]) > 1]
     flipped = {np.frombuffer(blob[o : o + n], np.float32).reshape(shapes[(o, n)]).T.tobytes() for o, n in matrices}
     assert not flipped & set(contents)
-    per_graph = sum(n for _, (_, n), _ in entries)
-    stored = sum(n for _, n in regions)
-    # 4 graphs (3 + the plugin variant) reference 2.95 MB of external weights; one copy of each is 1.18 MB.
-    assert stored <= 0.4 * per_graph
-    assert len(blob) - stored < len(regions) * ALIGN  # the rest is alignment padding
+    inputs = 2 * 384 * 64 * 4  # the weight inputs (embedding, LM head): no graph points at them
+    assert len(blob) - sum(n for _, n in regions) - inputs < (len(regions) + 2) * ALIGN  # the rest: padding
 
 
-def test_prefill_and_verify_point_at_the_same_bytes(layout) -> None:
+def test_both_variants_of_the_target_point_at_the_same_bytes(layout) -> None:
     _, graphs = layout
     regions = {name: {r for _, r, _ in graph.values()} for name, graph in graphs.items()}
-    # Both target graphs hold the same 30 external tensors (embedding, 4 x 7 projections, LM head); the
-    # exporter names them differently per graph (val_42 / val_40, ...), but they point at the same bytes.
-    assert len(regions["target_prefill"]) == 30
-    assert regions["target_prefill"] == regions["target_verify"] == regions["target_verify.plugin"]
-    assert graphs["target_prefill"]["target.embed_tokens.weight"][1] == graphs["target_verify"][
-        "target.embed_tokens.weight"][1]
+    # target_step holds 28 external tensors (4 layers x 7 projections; the embedding and LM head are inputs).
+    assert len(regions["target_step"]) == 28
+    assert regions["target_step"] == regions["target_step.plugin"]
+    assert not regions["target_step"] & regions["draft_propose"]
 
 
-@pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "lm_head.weight"])
-def test_grafted_tensors_are_the_targets_bytes(layout, golden_pair: tuple[Path, Path], tensor: str) -> None:
+@pytest.mark.parametrize(("tensor", "name"), [("model.embed_tokens.weight", "embed_tokens"),
+                                              ("lm_head.weight", "lm_head")])
+def test_grafted_tensors_are_the_targets_bytes_stored_once(layout, golden_build: Path, golden_pair: tuple[Path, Path],
+                                                           tensor: str, name: str) -> None:
     blob, graphs = layout
     weight = load_file(str(golden_pair[0] / "model.safetensors"))[tensor]
+    record = json.loads((golden_build / "manifest.json").read_text())["weight_inputs"][name]
+    assert record["file"] == f"onnx/{WEIGHTS_FILE}" and record["shape"] == list(weight.shape)
+    assert blob[record["offset"] : record["offset"] + record["bytes"]] == weight.tobytes()
     layouts = {weight.tobytes(), np.ascontiguousarray(weight.T).tobytes()}
     regions = {r for g in graphs.values() for _, r, _ in g.values()}
-    holding = {(o, n) for o, n in regions if blob[o : o + n] in layouts}
-    assert len(holding) == 1  # one copy, in one layout, for the whole build
-    for name in GRAPHS:
-        assert holding <= {r for _, r, _ in graphs[name].values()}, name
+    assert not {(o, n) for o, n in regions if blob[o : o + n] in layouts}  # no graph holds a copy, in any layout
 
 
 def test_pass_writes_each_graph_once_without_changing_outputs(
@@ -93,10 +92,10 @@ def test_pass_writes_each_graph_once_without_changing_outputs(
     state = state_with(tmp_path, exported_copy)
     share_weights.run(state)
     files = sorted(p.name for p in exported_copy.directory.iterdir())
-    assert files == ["draft_propose.onnx", "target_prefill.onnx", "target_verify.onnx", WEIGHTS_FILE]
+    assert files == ["draft_propose.onnx", "target_step.onnx", WEIGHTS_FILE]
     assert sorted(state.written) == sorted(exported_copy.all_paths())
-    assert (exported_copy.directory / WEIGHTS_FILE).stat().st_size < 0.6 * per_graph
-    for name in ("target_prefill", "draft_propose"):  # the exported verify graph holds the custom node
+    assert (exported_copy.directory / WEIGHTS_FILE).stat().st_size <= per_graph
+    for name in ("draft_propose",):  # the exported target_step holds the custom node
         feeds = feeds_for(exported_dir / f"{name}.onnx", seed=2)
         old, new = run_onnx(exported_dir / f"{name}.onnx", feeds), run_onnx(exported_copy.path(name), feeds)
         assert all(np.array_equal(old[k], new[k]) for k in old), name

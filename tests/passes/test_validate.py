@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import UsageError, ValidationError
-from dspark_compile.passes import load as load_pass
 from dspark_compile.passes import validate as validate_pass
 from dspark_compile.program import CheckpointPair
-from dspark_compile.spec import BuildSpec
-
-
-def load(spec: BuildSpec) -> CheckpointPair:
-    """Pass `load` on a fresh build state of ``spec``; what it leaves in the state."""
-    state = BuildState(spec=spec, workdir=spec.out.parent)
-    load_pass.run(state)
-    assert state.pair is not None
-    return state.pair
 
 
 def validate(pair: CheckpointPair, spec: BuildSpec) -> CheckpointPair:
@@ -28,45 +20,50 @@ def validate(pair: CheckpointPair, spec: BuildSpec) -> CheckpointPair:
     return pair
 
 
-def test_consistent_pair_passes_unchanged(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_consistent_pair_passes_unchanged(golden_pair: tuple[Path, Path], tmp_path: Path,
+                                          loaded: Callable[[BuildSpec], CheckpointPair]) -> None:
     spec = BuildSpec(*golden_pair, tmp_path / "out", block_size=7)
-    pair = load(spec)
+    pair = loaded(spec)
     assert validate(pair, spec) is pair
 
 
 @pytest.mark.parametrize("block_size", [1, 4])
-def test_smaller_block_size_is_allowed(golden_pair: tuple[Path, Path], tmp_path: Path, block_size: int) -> None:
+def test_smaller_block_size_is_allowed(golden_pair: tuple[Path, Path], tmp_path: Path, block_size: int,
+                                       loaded: Callable[[BuildSpec], CheckpointPair]) -> None:
     spec = BuildSpec(*golden_pair, tmp_path / "out", block_size=block_size)
-    validate(load(spec), spec)
+    validate(loaded(spec), spec)
 
 
-def test_block_size_beyond_training_names_the_draft_config(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+def test_block_size_beyond_training_names_the_draft_config(golden_pair: tuple[Path, Path], tmp_path: Path,
+                                                           loaded: Callable[[BuildSpec], CheckpointPair]) -> None:
     spec = BuildSpec(*golden_pair, tmp_path / "out", block_size=8)
     draft_config = golden_pair[1] / "config.json"
     with pytest.raises(UsageError) as info:
-        validate(load(spec), spec)
+        validate(loaded(spec), spec)
     message = str(info.value)
     assert "--block-size 8 exceeds the draft's trained block_size 7" in message
     assert str(draft_config) in message
     assert "use a value in [1, 7]" in message
 
 
-def test_tap_of_the_last_target_layer_is_refused(make_pair, tmp_path: Path) -> None:
+def test_tap_of_the_last_target_layer_is_refused(make_pair, tmp_path: Path,
+                                                 loaded: Callable[[BuildSpec], CheckpointPair]) -> None:
     target_dir, draft_dir = make_pair(target_layer_ids=(0, 1, 3))  # 3 = the target's last layer
     spec = BuildSpec(target_dir, draft_dir, tmp_path / "out")
     with pytest.raises(ValidationError) as info:
-        validate(load(spec), spec)
+        validate(loaded(spec), spec)
     assert info.value.problems == [info.value.problems[0]]
     assert str(draft_dir / "config.json") in info.value.problems[0]
     assert "`target_layer_ids` contains 3, the target's last layer" in info.value.problems[0]
 
 
-def test_draft_of_another_target_lists_every_problem(make_pair, tmp_path: Path) -> None:
+def test_draft_of_another_target_lists_every_problem(make_pair, tmp_path: Path,
+                                                     loaded: Callable[[BuildSpec], CheckpointPair]) -> None:
     target_dir, _ = make_pair()
     _, other_draft = make_pair(hidden_size=32, intermediate_size=64, vocab_size=256)
     spec = BuildSpec(target_dir, other_draft, tmp_path / "out")
     with pytest.raises(ValidationError) as info:
-        validate(load(spec), spec)
+        validate(loaded(spec), spec)
     problems = info.value.problems
     assert any("`hidden_size` is 32, expected 64" in p for p in problems)
     assert any("`vocab_size` is 256, expected 384" in p for p in problems)

@@ -36,6 +36,7 @@ def test_defaults_are_the_h100_sweep() -> None:
     assert bench.chi2_pvalue(60.0, 15) < 1e-6
 
 
+@pytest.mark.slow  # the benchmark runs the kernels in Triton's interpreter
 def test_cpu_interpret_smoke(tmp_path: Path) -> None:
     cmd = [sys.executable, str(SCRIPT), "--cpu-interpret", "--out", str(tmp_path), "--batches", "2",
            "--gammas", "2", "--vocabs", "40", "--dtypes", "bf16", "--reps", "1", "--chi2-samples", "150"]

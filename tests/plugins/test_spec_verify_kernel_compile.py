@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 from dspark_compile.plugins.spec_verify.kernel import compile_ptx, kernel_signature  # noqa: E402
-from dspark_compile.plugins.spec_verify.schema import MODES, SPEC_VERIFY  # noqa: E402
+from dspark_compile.plugins.spec_verify.op_schema import MODES, SPEC_VERIFY  # noqa: E402
 
 
 @triton.jit

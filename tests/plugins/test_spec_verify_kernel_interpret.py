@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # each check is 15 s to 2 min of Triton's interpreter on 2 cores
 
 CASES_FILE = Path(__file__).resolve().parents[1] / "passes" / "test_decompose_spec_verify.py"
 
@@ -151,6 +152,5 @@ OP_CUDA_KERNEL = PRELUDE + textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # ~60 s wall in Triton's interpreter on the contended 2-core machine
 def test_op_cuda_kernel_is_the_triton_kernel() -> None:
     _run(OP_CUDA_KERNEL)

@@ -1,6 +1,6 @@
 """``torch.ops.dspark.spec_verify``: its schema, fake-tensor shapes, CPU results equal to the NumPy reference on
 the named edge cases (greedy, sampling, G = 0, ties, ...), and its ONNX translation (one SpecVerify node exactly
-as ``schema.SPEC_VERIFY`` describes it)."""
+as ``op_schema.SPEC_VERIFY`` describes it)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from onnx import helper
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dspark_compile.plugins.spec_verify.op import onnx_translation, spec_verify
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY
 from dspark_compile.plugins.spec_verify.reference import random_inputs
-from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY
 
 _spec = importlib.util.spec_from_file_location(
     "spec_verify_cases", Path(__file__).resolve().parents[1] / "passes" / "test_decompose_spec_verify.py")

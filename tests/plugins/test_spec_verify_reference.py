@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, SAMPLING
 from dspark_compile.plugins.spec_verify.reference import (
     decision_margin,
     inverse_cdf,
@@ -16,7 +17,6 @@ from dspark_compile.plugins.spec_verify.reference import (
     spec_verify_reference,
     spec_verify_torch,
 )
-from dspark_compile.plugins.spec_verify.schema import GREEDY, SAMPLING
 
 
 def test_greedy_by_hand() -> None:

@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from dspark_compile.plugins.spec_verify import schema
-from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY, make_model, make_node
+from dspark_compile.plugins.spec_verify import op_schema as schema
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY, make_model, make_node
 
 README = Path(schema.__file__).with_name("README.md")
 

@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 from dspark_compile.errors import BackendUnavailableError, UsageError
 from dspark_compile.plugins.spec_verify import trt_plugin
 from dspark_compile.plugins.spec_verify.kernel import compile_ptx
-from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY
 
 
 class TensorDesc:

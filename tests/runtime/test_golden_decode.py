@@ -24,7 +24,7 @@ from dspark_compile.runtime.torch_backend import TorchBackend
 
 TOL = 1e-4
 MAX_NEW = 48
-PAIRS = ("dspark_tiny", "dspark_tiny_random")
+PAIRS = ("dspark_tiny", "dspark_tiny_random", "dspark_tiny_gemma4")
 MODES = ("greedy", "threshold_0.5")
 
 
@@ -190,7 +190,8 @@ def test_baseline_matches_golden(pair: str, golden: dict[str, dict[str, Any]],
 
 
 @pytest.mark.parametrize(("pair", "mode"), [("dspark_tiny", "greedy"), ("dspark_tiny", "threshold_0.5"),
-                                            ("dspark_tiny_random", "greedy")])
+                                            ("dspark_tiny_random", "greedy"), ("dspark_tiny_gemma4", "greedy"),
+                                            ("dspark_tiny_gemma4", "threshold_0.5")])
 def test_cli_generate_json_matches_golden(pair: str, mode: str, golden_dir: Path,
                                           golden: dict[str, dict[str, Any]]) -> None:
     want = golden[pair][mode]

@@ -10,7 +10,6 @@ mistakes (which also fixes the exact accepted length every round must report).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,6 @@ from dspark_compile.runtime.torch_backend import TorchBackend
 
 MAX_NEW = 20
 PROMPT_LENGTHS = (3, 11, 30, 17)  # batch 4: different lengths, so padding and per-row positions matter
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread is faster and immune to other processes competing for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _prompts(vocab: int, lengths: tuple[int, ...], seed: int) -> list[list[int]]:
@@ -90,13 +80,21 @@ SHAPES: dict[str, dict[str, Any]] = {
     "gated_r4_b3_mqa_3layers": {"markov_head_type": "gated", "markov_rank": 4, "block_size": 3, "num_layers": 3,
                                 "num_kv_heads": 1, "draft_layers": 1, "target_layer_ids": (0, 1),
                                 "vocab_size": 200, "tie_word_embeddings": True},
+    # Gemma4 (family "gemma4"): windows shorter than the prompts, so decoding slides every sliding layer's window
+    "gemma4_golden_shape_w4": {"family": "gemma4", "sliding_window": 4},
+    "gemma4_rnn_b3_separate_v_untied_w6": {"family": "gemma4", "markov_head_type": "rnn", "block_size": 3,
+                                           "attention_k_eq_v": False, "tie_word_embeddings": False,
+                                           "sliding_window": 6, "num_layers": 4, "target_layer_ids": (-1, 1),
+                                           "final_logit_softcapping": None, "global_kv_heads": 2,
+                                           "global_head_dim": 24, "head_dim": 8},
 }
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_random_pairs_greedy_lossless(shape: str, make_pair: Any) -> None:
-    kwargs = SHAPES[shape]
-    target_dir, draft_dir = make_pair(seed=len(shape), **kwargs)
+def test_random_pairs_greedy_lossless(shape: str, make_pair: Any, make_gemma4_pair: Any) -> None:
+    kwargs = dict(SHAPES[shape])
+    make = make_gemma4_pair if kwargs.pop("family", "qwen3") == "gemma4" else make_pair
+    target_dir, draft_dir = make(seed=len(shape), **kwargs)
     program = build_program(Path(target_dir), Path(draft_dir), dtype="fp32")
     assert program.draft is not None
     vocab = program.target.cfg.vocab_size
@@ -133,9 +131,9 @@ def test_half_precision_program_matches_its_target_only(dtype: str, make_pair: A
 # --- high acceptance: the briefly trained golden draft -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def golden_program(golden_dir: Path) -> DecodeProgram:
-    return build_program(golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft")
+@pytest.fixture(scope="module", params=["dspark_tiny", "dspark_tiny_gemma4"])
+def golden_program(request: pytest.FixtureRequest, golden_dir: Path) -> DecodeProgram:
+    return build_program(golden_dir / request.param / "target", golden_dir / request.param / "draft")
 
 
 @pytest.mark.parametrize("block", [7, 4, 2])
@@ -144,7 +142,7 @@ def test_trained_draft_accepts_long_prefixes_losslessly(block: int, policy: str,
                                                         golden_program: DecodeProgram) -> None:
     program = golden_program
     # golden prompts 1 and 3 (the latter accepts long runs), a repeated pattern, and two random prompts
-    golden = json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())["greedy"]
+    golden = json.loads((program.pair.target.path.parent / "decode_greedy.json").read_text())["greedy"]
     prompts = [golden[3]["prompt"], golden[1]["prompt"], [17, 42, 99, 5] * 6, *_prompts(384, (8, 30), seed=0)]
     want = [reference_greedy(program.target, p, 48) for p in prompts]
     results = _check_lossless(program, prompts, None if block == 7 else block, want, VerifyPolicy.parse(policy),

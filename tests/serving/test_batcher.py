@@ -113,9 +113,10 @@ def test_failed_stream_frees_its_row_and_others_are_intact(backend: Any) -> None
             break
         take, queue = queue[: batcher.free_rows], queue[batcher.free_rows:]
         batcher.step(take)
+        if freed_at is not None and step == freed_at + 1:
+            assert jobs[1] not in batcher.live  # dropped by the next step, before its round is launched
         if jobs[1].finished and freed_at is None:
             freed_at = step
-            assert jobs[1] not in batcher.live  # dropped in the same step
     assert jobs[1].error == "client went away" and freed_at is not None
     assert 2 <= len(jobs[1].tokens) < specs[1].max_new_tokens
     assert jobs[1].tokens == _solo(backend, specs[1])[: len(jobs[1].tokens)]  # what it got before it went away
@@ -152,3 +153,54 @@ def test_backend_failure_ends_live_requests_and_serving_goes_on(backend: Any) ->
     later = Job(specs[2])
     _drive(batcher, [later], arrivals=[0])
     assert later.error is None and later.tokens == _solo(backend, specs[2])
+
+
+class Pipelined:
+    """Wraps a backend with launch/collect (the CUDA-graph backend's split round) and logs the calls."""
+
+    def __init__(self, inner: Any, log: list[str]) -> None:
+        self.inner, self.info, self.log = inner, inner.info, log
+        self.verifies_whole_block = inner.verifies_whole_block
+        self._out: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def launch(self, verify_len: np.ndarray) -> None:
+        assert self._out is None
+        self.log.append("launch")
+        self._out = self.inner.round(verify_len)
+
+    def collect(self) -> Any:
+        self.log.append("collect")
+        out, self._out = self._out, None
+        return out
+
+
+class LoggedJob(Job):
+    def __init__(self, spec: Spec, log: list[str]) -> None:
+        super().__init__(spec)
+        self.log = log
+        self.late = 0  # deliveries after the job ended: a round its row should not have run
+
+    def deliver(self, tokens: list[int], accepted: int, eos: tuple[int, ...]) -> None:
+        self.log.append("deliver")
+        self.late += self.finished
+        super().deliver(tokens, accepted, eos)
+
+
+def test_rounds_deliver_the_previous_round_while_the_device_runs(backend: Any) -> None:
+    """launch -> the previous round's deliveries -> collect, every round; tokens as without the pipeline, and
+    every row whose length the tokens reach is out of the batch before the next launch."""
+    specs = _specs(12)
+    log: list[str] = []
+    batcher = ContinuousBatcher(Pipelined(backend, log), rows=4, slots=SLOTS)
+    jobs = [LoggedJob(s, log) for s in specs]
+    steps = _drive(batcher, jobs, arrivals=[i // 3 for i in range(12)])
+    for spec, job in zip(specs, jobs, strict=True):
+        assert job.error is None and job.ended == 1 and job.tokens == _solo(backend, spec)
+        assert job.late == 0  # ended by its length or EOS: its row left before the next launch
+    calls = "".join("L" if e == "launch" else "C" if e == "collect" else "d" for e in log)
+    assert calls.count("L") == calls.count("C") == batcher.counters["rounds"] > 10
+    assert calls.count("LC") == 1  # only the first round has no earlier round to deliver while it runs
+    assert not batcher.busy and batcher.live == [] and steps > 0

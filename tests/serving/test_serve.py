@@ -22,23 +22,11 @@ import pytest
 pytest.importorskip("pytriton", reason="the bundled tritonserver comes with nvidia-pytriton")
 pytest.importorskip("onnxruntime", reason="the orchestrator runs the ONNX graphs with onnxruntime")
 
-pytestmark = pytest.mark.serving
+pytestmark = [pytest.mark.serving, pytest.mark.slow]  # a full build of the trained pair, then tritonserver
 
 from dspark_compile.serving.text import TextCodec, TextStream  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def trained_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dspark_compile import api
-    from dspark_compile.examples import trained_tiny_pair
-
-    target, draft = trained_tiny_pair()
-    out = tmp_path_factory.mktemp("serve") / "build"
-    api.build(target=target, draft=draft, out=out, targets="onnx,triton", max_context=256, max_batch=4,
-              progress=False)
-    return out
 
 
 def _generate_stream(http: str, body: dict[str, Any]) -> list[dict[str, Any]]:

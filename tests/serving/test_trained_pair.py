@@ -4,7 +4,6 @@ accepted on the demo prompts and its text round-trips through the tokenizer."""
 from __future__ import annotations
 
 import fnmatch
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_shipped_pair_is_small_valid_package_data() -> None:
     files = [p for p in TRAINED_PAIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     assert sum(p.stat().st_size for p in files) <= 10 * 2**20
-    if sys.version_info >= (3, 11):
-        import tomllib
+    import tomllib
 
-        patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-        wanted = patterns["dspark_compile"]
-        for p in files:  # every file of the pair goes into the wheel
-            rel = p.relative_to(TRAINED_PAIR.parent).as_posix()
-            assert any(fnmatch.fnmatch(rel, w) for w in wanted), rel
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    wanted = patterns["dspark_compile"]
+    for p in files:  # every file of the pair goes into the wheel
+        rel = p.relative_to(TRAINED_PAIR.parent).as_posix()
+        assert any(fnmatch.fnmatch(rel, w) for w in wanted), rel
     target, draft = trained_tiny_pair()
     assert validate_pair(load_target(target), load_draft(draft)) == []
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_triton_orchestrator import BLS_CALLS, FAKE_MODELS, _bls_parameter, orch  # noqa: F401  (fixture)
+from test_triton_orchestrator import BLS_CALLS, FAKE_MODELS, _bls_executor, orch  # noqa: F401  (fixture)
 from test_triton_standin import reference, stand_in_graph, stand_in_info
 
 from dspark_compile.runtime.backend import Proposal
@@ -100,7 +100,7 @@ def test_onnxruntime_transport_traffic_is_independent_of_capacity(golden_build: 
                      executor: GraphExecutor = executor, transport: Any = transport) -> None:
             names = transport.inputs(graph)
             for cache in CACHES:  # bound where the executor keeps it (a new-row batch at admit)
-                if cache in names and graph != "target_prefill" and feeds["cache_len"].any():
+                if cache in names and feeds["cache_len"].any():
                     own = executor.kv if cache == "kv_cache" else executor.draft_kv
                     assert feeds[cache].data_ptr() == own.data_ptr()
             moved = [feeds[n] for n in names if n not in CACHES] + list(outputs.values())
@@ -120,8 +120,8 @@ def test_onnxruntime_transport_traffic_is_independent_of_capacity(golden_build: 
 
 def test_fake_pb_utils_bls_transport_traffic_is_independent_of_capacity(orch: types.ModuleType,  # noqa: F811
                                                                          tmp_path: Path) -> None:
-    parameter = _bls_parameter(tmp_path)
-    models = json.loads(parameter)["models"]
+    base = _bls_executor(orch, tmp_path)
+    models = base.transport.models
     current: dict[str, Any] = {}
 
     def model(graph: str) -> Any:
@@ -130,7 +130,7 @@ def test_fake_pb_utils_bls_transport_traffic_is_independent_of_capacity(orch: ty
             for cache in CACHES:  # passed by DLPack: the engine model sees the executor's own memory
                 if cache in x:
                     assert x[cache].shape[4] == current["capacity"]
-                    if graph != "target_prefill" and x["cache_len"].any():
+                    if x["cache_len"].any():
                         own = executor.kv if cache == "kv_cache" else executor.draft_kv
                         assert x[cache].ctypes.data == own.data_ptr()
             return stand_in_graph(graph, x)
@@ -141,8 +141,7 @@ def test_fake_pb_utils_bls_transport_traffic_is_independent_of_capacity(orch: ty
     prompts = [[1, 2, 3], [9], [4, 4, 4, 4, 4, 4]]
     runs: dict[int, Any] = {}
     for capacity in CAPACITIES:
-        base = orch.bls_executor(parameter)
-        executor = GraphExecutor(dataclasses.replace(stand_in_info(), max_slots=None), base.transport)
+        executor = GraphExecutor(dataclasses.replace(stand_in_info(), max_slots=None), base.transport, base.weights)
         current.update(executor=executor, capacity=capacity)
         BLS_CALLS.clear()
 

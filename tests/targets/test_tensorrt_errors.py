@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from dspark_compile.artifacts import GraphIO
 from dspark_compile.errors import BuildError, UsageError
 from dspark_compile.targets.tensorrt import TrtFlavor, build_engine, graph_checks, load_trt
 from dspark_compile.targets.tensorrt import build as trt_build
@@ -125,8 +126,8 @@ def test_an_output_that_is_a_whole_cache_is_refused(tmp_path: Path, rtx: TrtFlav
     with pytest.raises(BuildError, match=r"output `kv_out` .* cache capacity dimension `cache_slots`.*only the rows"):
         _build(rtx, graph(cache), profiles=[{"kv_cache": ((1, 2, 1, 2, 16, 4),) * 3}])
     assert not (tmp_path / "kv_cache_slots.plan").exists()
-    facts = graph_checks.read_onnx(graph(rows))
-    graph_checks.check_no_cache_outputs(facts, tmp_path / "kv_verify_tokens.onnx")  # new rows only: accepted
+    io = GraphIO.of(graph_checks.read_onnx(graph(rows)))
+    graph_checks.check_no_cache_outputs(io, tmp_path / "kv_verify_tokens.onnx")  # new rows only: accepted
 
 
 @pytest.mark.parametrize(("elem_type", "name"), [(TensorProto.STRING, "string"), (TensorProto.DOUBLE, "float64"),

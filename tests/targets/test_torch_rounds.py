@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -30,14 +29,6 @@ from dspark_compile.targets.torch.bench import (
 
 PAIRS = ("dspark_tiny", "dspark_tiny_random")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _check_golden(be: CudaGraphBackend, golden_dir: Path, pair: str, mode: str) -> None:

@@ -11,7 +11,6 @@ On a GPU (marker ``gpu``): CUDA graphs equal TorchBackend on the golden pairs an
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -45,14 +44,6 @@ PAIRS = ("dspark_tiny", "dspark_tiny_random")
 MAX_NEW = 48
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _golden(golden_dir: Path, pair: str) -> dict[str, Any]:
@@ -153,7 +144,7 @@ INTERPRET_SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     from torch.nn import functional as F
-    from dspark_compile.config import RopeConfig
+    from dspark_compile.model_config import RopeConfig
     from dspark_compile.models.layers import RMSNorm, RotaryEmbedding, apply_rope
     from dspark_compile.program import build_program
     from dspark_compile.models.layers import attend
@@ -228,11 +219,8 @@ INTERPRET_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow  # the Triton interpreter runs every kernel on the CPU in a subprocess
-def test_fused_kernels_and_layers_match_module_ops_in_interpreter(golden_dir: Path) -> None:
-    pytest.importorskip("triton")
-    env = os.environ | {"TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", INTERPRET_SCRIPT, str(golden_dir / "dspark_tiny")], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+def test_fused_kernels_and_layers_match_module_ops_in_interpreter(golden_dir: Path, triton_interpreter: Any) -> None:
+    proc = triton_interpreter(INTERPRET_SCRIPT, golden_dir / "dspark_tiny", 600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "kernels ok" in proc.stdout
 
@@ -318,6 +306,7 @@ def test_gpu_bench_imports_without_click_or_rich_and_has_help() -> None:
         assert flag in proc.stdout
 
 
+@pytest.mark.slow  # every gpu_bench section eagerly on the CPU
 def test_gpu_bench_smoke_run(tmp_path: Path, golden_dir: Path) -> None:
     trained = tmp_path / "trained"
     trained.mkdir()

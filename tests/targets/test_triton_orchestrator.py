@@ -307,27 +307,25 @@ def _fake_engine_models(models: dict[str, str]) -> dict[str, int]:
 
     def model(graph: str, counter: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         def run(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            batch = len(next(v for k, v in x.items() if k in ("input_lengths", "cache_len")))
+            batch = len(x["cache_len"])
             cache = x["draft_kv" if graph == "draft_propose" else "kv_cache"]
             assert cache.shape[2] == batch and cache.shape[4] <= MAX_SLOTS
-            if graph != "target_prefill":
-                assert x["temperature"].shape == (batch,)
+            assert x["temperature"].shape == (batch,)
             calls[counter] += 1
             return stand_in_graph(graph, x)
         return run
 
     FAKE_MODELS.clear()
-    FAKE_MODELS.update({models["target_prefill"]: model("target_prefill", "target"),
-                        models["draft_propose"]: model("draft_propose", "draft"),
-                        models["target_verify"]: model("target_verify", "target")})
+    FAKE_MODELS.update({models["target_step"]: model("target_step", "target"),
+                        models["draft_propose"]: model("draft_propose", "draft")})
     return calls
 
 
-def _bls_parameter(tmp_path: Path) -> str:
+def _bls_executor(orch: types.ModuleType, tmp_path: Path) -> Any:
     repo = write_triton_repository(write_fake_build(tmp_path / "build"), tmp_path / "out",
                                    TritonOptions(backend_mode="bls"))
     config = pbtxt.validate_config(repo.directory / "dspark" / "config.pbtxt")
-    return config.parameters["model_info"].string_value
+    return orch.bls_executor(config.parameters["model_info"].string_value, repo.directory)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
@@ -338,7 +336,7 @@ def test_fake_pb_utils_bls_backend_runs_the_decode_loop(orch: types.ModuleType, 
 
     Only checkable with a fake pb_utils: the bundled server cannot load TensorRT / onnxruntime models.
     """
-    backend = orch.bls_executor(_bls_parameter(tmp_path))
+    backend = _bls_executor(orch, tmp_path)
     assert backend.info == stand_in_info()
     calls = _fake_engine_models(dict(backend.transport.models))
     BLS_CALLS.clear()
@@ -348,17 +346,19 @@ def test_fake_pb_utils_bls_backend_runs_the_decode_loop(orch: types.ModuleType, 
     results = generate(backend, prompts, params)
     for prompt, result in zip(prompts, results, strict=True):
         assert result.tokens == reference(prompt, max(lengths))
-    assert calls["target"] == calls["draft"]  # admit: prefill + draft; each round: verify + draft
+    assert calls["target"] == calls["draft"]  # admit: target_step (prefill) + draft; each round: the same
+    # The weight inputs: one tensor (the stand-in's are equal, stored once), bound to both graph models.
+    assert backend.weights["embed_tokens"] is backend.weights["lm_head"]
     assert {c["memory"] for c in BLS_CALLS} == {None}  # outputs stay where the engine put them
     assert {c["model"] for c in BLS_CALLS} == set(backend.transport.models.values())
 
 
 def test_fake_pb_utils_bls_error_names_the_model(orch: types.ModuleType, tmp_path: Path) -> None:
     """A failed BLS call (engine model missing or erroring) surfaces as an error naming that model."""
-    backend = orch.bls_executor(_bls_parameter(tmp_path))
+    backend = _bls_executor(orch, tmp_path)
     FAKE_MODELS.clear()
-    FAKE_MODELS["dspark_target_prefill"] = lambda x: (_ for _ in ()).throw(RuntimeError("engine not loaded"))
-    with pytest.raises(orch.BlsError, match="dspark_target_prefill: engine not loaded"):
+    FAKE_MODELS["dspark_target"] = lambda x: (_ for _ in ()).throw(RuntimeError("engine not loaded"))
+    with pytest.raises(orch.BlsError, match="dspark_target: engine not loaded"):
         generate(backend, [[1]], GenerationParams(max_new_tokens=2))
 
 
@@ -402,8 +402,10 @@ def test_fake_pb_utils_bls_backend_on_the_golden_graphs(orch: types.ModuleType, 
 
     repo = golden_triton(backend_mode="bls").directory
     config = pbtxt.validate_config(repo / "dspark" / "config.pbtxt")
-    backend = orch.bls_executor(config.parameters["model_info"].string_value)
+    backend = orch.bls_executor(config.parameters["model_info"].string_value, repo)
     assert backend.info == load_onnxruntime(golden_build).info  # both read the build's one ProgramInfo
+    # The golden pair's embedding and LM head (untied): the orchestrator holds each once, for both graphs.
+    assert sorted(backend.weights) == ["embed_tokens", "lm_head"] and len(backend.transport.models) == 2
 
     def session_model(name: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         session = ort.InferenceSession(str(repo / name / "1" / "model.onnx"))

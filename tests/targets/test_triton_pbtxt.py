@@ -18,13 +18,13 @@ mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 def test_triton_tensors_keep_static_dims_and_mark_dynamic(tmp_path: Path) -> None:
     build = write_fake_build(tmp_path / "build")
-    io = GraphIO.read(build / "onnx" / "target_verify.onnx")
+    io = GraphIO.read(build / "onnx" / "target_step.onnx")
     inputs, outputs = pbtxt.triton_tensors(io.inputs, "v"), pbtxt.triton_tensors(io.outputs, "v")
-    assert [t.name for t in inputs] == [name for name, _, _ in SIGNATURES["target_verify"][0]]
-    assert inputs[0] == pbtxt.TritonTensor("tokens", "TYPE_INT64", (-1, BLOCK + 1))
+    assert [t.name for t in inputs] == [name for name, _, _ in SIGNATURES["target_step"][0]]
+    assert inputs[0] == pbtxt.TritonTensor("tokens", "TYPE_INT64", (-1, -1))
     assert next(t for t in inputs if t.name == "kv_cache").dims == (2, 2, -1, 2, -1, 4)
-    assert next(t for t in outputs if t.name == "taps") == pbtxt.TritonTensor("taps", "TYPE_FP32",
-                                                                              (-1, BLOCK + 1, TAPS))
+    assert next(t for t in inputs if t.name == "embed_tokens").dims == (VOCAB, TAPS)  # a weight input: static
+    assert next(t for t in outputs if t.name == "taps") == pbtxt.TritonTensor("taps", "TYPE_FP32", (-1, -1, TAPS))
 
 
 def test_graph_config_round_trips_through_triton_protobuf(tmp_path: Path) -> None:
@@ -73,17 +73,17 @@ def test_onnx_repository_layout(tmp_path: Path) -> None:
     repo = write_triton_repository(build, tmp_path / "out", TritonOptions(backend_mode="bls"))
     root = tmp_path / "out" / "triton"
     assert repo.directory == root
-    assert sorted(repo.models) == ["dspark", "dspark_draft", "dspark_target_prefill", "dspark_target_verify"]
-    for name in ("dspark_target_prefill", "dspark_target_verify", "dspark_draft"):
+    assert sorted(repo.models) == ["dspark", "dspark_draft", "dspark_target"]
+    for name in ("dspark_target", "dspark_draft"):
         assert (root / name / "1" / "model.onnx").is_file()
         config = _load(root / name / "config.pbtxt")
         assert config.platform == "onnxruntime_onnx" and config.default_model_filename == "model.onnx"
     # External weights keep their relative location next to the renamed model.onnx.
-    assert (root / "dspark_target_prefill" / "1" / "target_prefill.onnx.data").is_file()
-    prefill = _load(root / "dspark_target_prefill" / "config.pbtxt")
-    assert [i.name for i in prefill.input] == ["input_ids", "input_lengths", "kv_cache"]
-    assert list(prefill.output[0].dims) == [-1, VOCAB]
-    assert not prefill.HasField("dynamic_batching")
+    assert (root / "dspark_target" / "1" / "target_step.onnx.data").is_file()
+    step = _load(root / "dspark_target" / "config.pbtxt")
+    assert [i.name for i in step.input][:5] == ["tokens", "cache_len", "kv_cache", "logit_rows", "verify_len"]
+    assert list(step.output[0].dims) == [-1]
+    assert not step.HasField("dynamic_batching")
 
     orchestrator = _load(root / "dspark" / "config.pbtxt")
     assert orchestrator.backend == "python" and orchestrator.model_transaction_policy.decoupled
@@ -95,8 +95,10 @@ def test_onnx_repository_layout(tmp_path: Path) -> None:
     params = {k: v.string_value for k, v in orchestrator.parameters.items()}
     assert params["backend_mode"] == "bls"
     info = json.loads(params["model_info"])
-    assert info["models"] == {"target_prefill": "dspark_target_prefill",
-                              "target_verify": "dspark_target_verify", "draft_propose": "dspark_draft"}
+    assert info["models"] == {"target_step": "dspark_target", "draft_propose": "dspark_draft"}
+    # The weight inputs: read by the orchestrator from its own hard link of the build's weights file.
+    assert {r["file"] for r in info["weight_inputs"].values()} == {"dspark/1/weights.bin"}
+    assert (root / "dspark" / "1" / "weights.bin").samefile(build / "onnx" / "weights.bin")
     assert info["info"] == stand_in_info().to_json()  # cache layouts and dtype included: the executor needs them
     assert (root / "dspark" / "1" / "model.py").read_text().startswith('"""The ``dspark`` Triton model')
     assert params["max_context"] == "96"  # the build's ProgramInfo.max_slots, from manifest.json
@@ -109,9 +111,9 @@ def test_tensorrt_repository_and_rewrite_replaces_old(tmp_path: Path) -> None:
     repo = write_triton_repository(build, tmp_path / "out", TritonOptions(backend_mode="bls"))
     assert not (repo.directory / "stale").exists()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["triton"]
-    config = _load(repo.directory / "dspark_target_verify" / "config.pbtxt")
+    config = _load(repo.directory / "dspark_target" / "config.pbtxt")
     assert config.platform == "tensorrt_plan"
-    assert (repo.directory / "dspark_target_verify" / "1" / "model.plan").is_file()
+    assert (repo.directory / "dspark_target" / "1" / "model.plan").is_file()
 
 
 def test_inprocess_repository_names_the_build_relative_to_itself(tmp_path: Path) -> None:
@@ -128,7 +130,7 @@ def test_inprocess_repository_names_the_build_relative_to_itself(tmp_path: Path)
 
 
 def test_user_mistakes_are_reported(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match=r"target_prefill\.onnx"):
+    with pytest.raises(UsageError, match=r"target_step\.onnx"):
         write_triton_repository(tmp_path, tmp_path / "out")
     build = write_fake_build(tmp_path / "build")
     with pytest.raises(UsageError, match="engine"):

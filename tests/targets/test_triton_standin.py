@@ -1,6 +1,6 @@
 """A tiny stand-in engine and build directory for the Triton target's tests, checked against a reference.
 
-The stand-in is three graph functions with a closed-form "model", run by the graph executor: the target's
+The stand-in is two graph functions with a closed-form "model", run by the graph executor: the target's
 greedy next token after ``tok`` at position ``pos`` is ``f(tok, pos)``; the draft proposes the same chain but
 corrupts some positions, so rounds accept varying numbers of drafts. It lets the orchestrator and the server
 be tested without the onnxruntime backend (``load`` is the factory the served repository names).
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from dspark_compile.runtime.backend import ProgramInfo
@@ -44,20 +45,20 @@ def _kv_rows(values: np.ndarray, layers: int) -> np.ndarray:
                            (layers, 2, b, KV_HEADS, t, HEAD_DIM)).copy()
 
 
-def stand_in_graph(graph: str, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The stand-in's three graphs under the KV contract of docs/PROGRAM.md (only new rows come back).
+def stand_in_weights() -> dict[str, np.ndarray]:
+    """The stand-in's weight inputs: the graphs check they were bound (row i of each holds i)."""
+    rows = np.repeat(np.arange(VOCAB, dtype=np.float32)[:, None], TAPS, axis=1)
+    return {"embed_tokens": rows, "lm_head": rows}
 
-    Its caches hold token ids, so target_verify checks that the executor wrote the rows of earlier calls where
-    they belong: the anchor must follow the token the cache holds at ``cache_len - 1``.
+
+def stand_in_graph(graph: str, x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The stand-in's two graphs under the KV contract of docs/PROGRAM.md (only new rows come back).
+
+    Its caches hold token ids, so target_step checks that the executor wrote the rows of earlier calls where
+    they belong: the first decided token must follow the token the cache holds at ``cache_len - 1``.
     """
-    if graph == "target_prefill":
-        ids, lengths = x["input_ids"], x["input_lengths"]
-        rows = np.arange(len(lengths))
-        logits = np.zeros((len(lengths), VOCAB), dtype=np.float32)
-        logits[rows, next_token(ids[rows, lengths - 1], lengths - 1)] = 100.0
-        taps = np.zeros((*ids.shape, TAPS), dtype=np.float32)
-        taps[..., 0] = ids
-        return {"last_logits": logits, "taps": taps, "kv_new": _kv_rows(ids, LAYERS)}
+    for name, want in stand_in_weights().items():
+        assert np.array_equal(x[name], want), f"weight input {name} not bound"
     if graph == "draft_propose":
         anchor, pos = x["anchor"], x["cache_len"] + x["ctx_count"]
         tokens = np.zeros((len(anchor), BLOCK), dtype=np.int64)
@@ -70,15 +71,19 @@ def stand_in_graph(graph: str, x: dict[str, np.ndarray]) -> dict[str, np.ndarray
                 "draft_probs": np.eye(VOCAB, dtype=np.float32)[tokens],
                 "draft_kv_new": _kv_rows(x["ctx_taps"][..., 0], DRAFT_LAYERS)}
     tokens, cache_len, verify_len, kv = x["tokens"], x["cache_len"], x["verify_len"], x["kv_cache"]
-    held = kv[0, 1, np.arange(len(tokens)), 0, cache_len - 1, 0].astype(np.int64)
-    assert np.array_equal(tokens[:, 0], next_token(held, cache_len - 1)), "cache rows not where they belong"
+    rows, first = np.arange(len(tokens)), x["logit_rows"][:, 0]
+    drafts = x["logit_rows"].shape[1] - 1
+    held = kv[0, 1, rows, 0, np.maximum(cache_len - 1, 0), 0].astype(np.int64)
+    ok = (cache_len == 0) | (tokens[:, 0] == next_token(held, cache_len - 1))
+    assert ok.all(), "cache rows not where they belong"
     accepted = np.zeros(len(tokens), dtype=np.int64)
     nxt = np.zeros(len(tokens), dtype=np.int64)
     for b in range(len(tokens)):
-        j = 0
-        while j < verify_len[b] and tokens[b, j + 1] == next_token(tokens[b, j], cache_len[b] + j):
+        j, r = 0, first[b]
+        while j < min(verify_len[b], drafts) and tokens[b, r + j + 1] == next_token(tokens[b, r + j],
+                                                                                  cache_len[b] + r + j):
             j += 1
-        accepted[b], nxt[b] = j, next_token(tokens[b, j], cache_len[b] + j)
+        accepted[b], nxt[b] = j, next_token(tokens[b, r + j], cache_len[b] + r + j)
     taps = np.zeros((*tokens.shape, TAPS), dtype=np.float32)
     taps[..., 0] = tokens
     return {"accepted": accepted, "next_token": nxt, "taps": taps, "kv_new": _kv_rows(tokens, LAYERS)}
@@ -96,12 +101,13 @@ class StandInBackend(GraphExecutor):
 
     def __init__(self, eos_token_ids: tuple[int, ...] = ()) -> None:
         io = {g: (tuple(t[0] for t in ins), tuple(t[0] for t in outs)) for g, (ins, outs) in SIGNATURES.items()}
-        super().__init__(stand_in_info(eos_token_ids), NumpyTransport(stand_in_graph, io))
+        weights = {k: torch.from_numpy(v) for k, v in stand_in_weights().items()}
+        super().__init__(stand_in_info(eos_token_ids), NumpyTransport(stand_in_graph, io), weights)
         self.batches: list[int] = []
 
     @classmethod
     def load(cls, build_dir: Path) -> StandInBackend:
-        assert (build_dir / "onnx" / "target_prefill.onnx").is_file(), build_dir
+        assert (build_dir / "onnx" / "target_step.onnx").is_file(), build_dir
         return cls()
 
     def start(self, rows: int, slots: int, *, speculative: bool = True) -> None:
@@ -120,21 +126,17 @@ DRAFT_KV = [DRAFT_LAYERS, 2, "B", KV_HEADS, "S", HEAD_DIM]
 KV_NEW = [LAYERS, 2, "B", KV_HEADS, "T", HEAD_DIM]  # only the rows a call wrote
 DRAFT_KV_NEW = [DRAFT_LAYERS, 2, "B", KV_HEADS, "C", HEAD_DIM]
 Tensors = list[tuple[str, int, list[int | str]]]
+WEIGHTS: Tensors = [("embed_tokens", F, [VOCAB, TAPS]), ("lm_head", F, [VOCAB, TAPS])]
 SIGNATURES: dict[str, tuple[Tensors, Tensors]] = {
-    "target_prefill": (
-        [("input_ids", I, ["B", "T"]), ("input_lengths", I, ["B"]), ("kv_cache", F, KV)],
-        [("last_logits", F, ["B", VOCAB]), ("taps", F, ["B", "T", TAPS]), ("kv_new", F, KV_NEW)],
-    ),
-    "target_verify": (
-        [("tokens", I, ["B", BLOCK + 1]), ("cache_len", I, ["B"]), ("verify_len", I, ["B"]),
-         ("kv_cache", F, KV), ("draft_probs", F, ["B", BLOCK, VOCAB]), ("temperature", F, ["B"]),
-         ("uniforms", F, ["B", BLOCK + 1])],
-        [("accepted", I, ["B"]), ("next_token", I, ["B"]), ("taps", F, ["B", BLOCK + 1, TAPS]),
-         ("kv_new", F, KV_NEW)],
+    "target_step": (
+        [("tokens", I, ["B", "T"]), ("cache_len", I, ["B"]), ("kv_cache", F, KV), ("logit_rows", I, ["B", "W"]),
+         ("verify_len", I, ["B"]), *WEIGHTS, ("draft_probs", F, ["B", "G", VOCAB]), ("temperature", F, ["B"]),
+         ("uniforms", F, ["B", "W"])],
+        [("accepted", I, ["B"]), ("next_token", I, ["B"]), ("taps", F, ["B", "T", TAPS]), ("kv_new", F, KV_NEW)],
     ),
     "draft_propose": (
         [("anchor", I, ["B"]), ("ctx_taps", F, ["B", "C", TAPS]), ("ctx_count", I, ["B"]),
-         ("cache_len", I, ["B"]), ("draft_kv", F, DRAFT_KV), ("temperature", F, ["B"]),
+         ("cache_len", I, ["B"]), ("draft_kv", F, DRAFT_KV), *WEIGHTS, ("temperature", F, ["B"]),
          ("uniforms", F, ["B", BLOCK])],
         [("draft_tokens", I, ["B", BLOCK]), ("confidence_logits", F, ["B", BLOCK]),
          ("draft_probs", F, ["B", BLOCK, VOCAB]), ("draft_kv_new", F, DRAFT_KV_NEW)],
@@ -158,9 +160,15 @@ def write_fake_build(root: Path, *, engines: bool = False, draft: bool = True) -
         if engines:
             (root / "engines").mkdir(exist_ok=True)
             (root / "engines" / f"{graph}.plan").write_bytes(b"not a real engine")
-    # What `dspark-compile build` records and the repository writer reads: the program and the spec.
+    # What `dspark-compile build` records and the repository writer reads: the program, the spec and where the
+    # weight inputs are stored (one region for both: the stand-in's embedding and LM head are equal, as tied).
     info = StandInBackend().info
-    manifest = {"spec": {"max_context": MAX_SLOTS, "verify_mode": "sampling"}, "program": info.to_json()}
+    weight = stand_in_weights()["embed_tokens"]
+    (onnx_dir / "weights.bin").write_bytes(weight.tobytes())
+    record = {"file": "onnx/weights.bin", "offset": 0, "bytes": weight.nbytes, "dtype": "float32",
+              "shape": list(weight.shape)}
+    manifest = {"spec": {"max_context": MAX_SLOTS, "verify_mode": "sampling"}, "program": info.to_json(),
+                "weight_inputs": {"embed_tokens": record, "lm_head": record}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 

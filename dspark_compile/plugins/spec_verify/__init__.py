@@ -7,6 +7,7 @@ Re-exports the dependency-light parts and registers ``torch.ops.dspark.spec_veri
 from __future__ import annotations
 
 from dspark_compile.plugins.spec_verify.op import spec_verify
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY, make_model, make_node
 from dspark_compile.plugins.spec_verify.reference import (
     decision_margin,
     inverse_cdf_torch,
@@ -14,19 +15,6 @@ from dspark_compile.plugins.spec_verify.reference import (
     spec_verify_reference,
     spec_verify_torch,
 )
-from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY, make_model, make_node
 
-__all__ = [
-    "GREEDY",
-    "MODES",
-    "SAMPLING",
-    "SPEC_VERIFY",
-    "decision_margin",
-    "inverse_cdf_torch",
-    "make_model",
-    "make_node",
-    "random_inputs",
-    "spec_verify",
-    "spec_verify_reference",
-    "spec_verify_torch",
-]
+__all__ = ["GREEDY", "MODES", "SAMPLING", "SPEC_VERIFY", "decision_margin", "inverse_cdf_torch", "make_model",
+           "make_node", "random_inputs", "spec_verify", "spec_verify_reference", "spec_verify_torch"]

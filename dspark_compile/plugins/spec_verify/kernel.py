@@ -1,31 +1,10 @@
 """OpenAI Triton kernels for ``dspark::SpecVerify`` (specification: README.md beside this file).
 
-Two implementations of the same contract:
-
-* **Split** (``spec_verify_triton``'s default; the torch / CUDA-graph path). The logits are read once with
-  the whole GPU busy: phase 1 runs one program per (request, row, vocabulary chunk of ``chunk`` elements)
-  and writes per-chunk partials — the chunk maximum, its first index and (sampling) the sum of
-  2^((x − max)·log2(e)/T); rows past ℓ are skipped. Phase 2 combines the partials of each row (maximum,
-  smallest index among the chunks holding it, rescaled sum), gathers the drafted token's logit and q, and
-  walks the acceptance tests; greedy mode is then done (2 launches). In sampling mode phase 2 runs one
-  program per (request, chunk): each redoes the (cheap) combine and, when the draw uses the residual
-  (j < ℓ), also writes its chunk's residual sum Σ max(p_j − q_j, 0). Phase 3 (one program per request)
-  locates the chunk where the cumulative weight crosses u·sum(w) — from the residual partials, or from the
-  phase-1 sums when w = p_j — and scans only that chunk. Row j and q_j are thus re-read once, and only
-  when the residual is used. 3 launches, no host synchronisation (CUDA-graph capturable).
-* **Single program** (``_greedy_kernel`` / ``_sampling_kernel``, ``single_program=True``): one program per
-  request streams rows 0..j in tiles of ``BLOCK_V`` and stops at the first rejected draft; the draw re-reads
-  row j twice. Slow on a GPU (B programs cannot saturate memory bandwidth) but one kernel, which is what the
-  TensorRT ahead-of-time plugin can embed (``aot_impl`` returns one kernel): ``compile_ptx`` and
-  ``trt_plugin.py`` use it.
-
-Both compute the softmax in base 2 with 1/T and log2(e) folded into one float32 multiplier (exact
-rescaling identity; differs from exp(x/T − max) only by float rounding, as the numerical contract allows),
-and the argmax on the logits as given (exact).
-
-The single-program kernels' parameters follow TensorRT's ahead-of-time plugin convention — input pointers,
-int32 scalars (G, V), output pointers — so the same PTX serves ``spec_verify_triton(single_program=True)``
-and ``trt_plugin.py``. Logits must be contiguous [B, G+1, V]; the launcher makes them so.
+**Split** (the default, the torch / CUDA-graph path) spreads each row's vocabulary over chunk programs so the
+whole GPU reads the logits once: per-chunk partials, a combine that walks the acceptance tests, and for
+sampling a draw inside the one chunk where the cumulative weight crosses u·sum(w); no host synchronisation.
+**Single program** is one program per request with TensorRT's AOT plugin parameter order (``trt_plugin.py``).
+Both fold 1/T and log2(e) into one float32 multiplier (a rounding difference the contract allows).
 """
 
 from __future__ import annotations
@@ -36,8 +15,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, SAMPLING, check_mode
 
 DEFAULT_BLOCK_V = 1024  # single-program kernels
 DEFAULT_NUM_WARPS = 4  # single-program kernels
@@ -141,10 +121,8 @@ def _draw(row_ptr, q_ptr, has_q, u, V, inv_temp, m, s, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _sampling_kernel(
-    logits_ptr, draft_ptr, vlen_ptr, probs_ptr, temp_ptr, unif_ptr, G, V, accepted_ptr, next_ptr,
-    BLOCK_V: tl.constexpr,
-):
+def _sampling_kernel(logits_ptr, draft_ptr, vlen_ptr, probs_ptr, temp_ptr, unif_ptr, G, V, accepted_ptr, next_ptr,
+                     BLOCK_V: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     ell = tl.minimum(tl.maximum(tl.load(vlen_ptr + b), 0), G).to(tl.int32)
     t_in = tl.load(temp_ptr + b)
@@ -177,9 +155,8 @@ def _log2_scale(temperature):
 
 
 @triton.jit(do_not_specialize=["R", "C"])  # V specialised: V % 16 == 0 enables vector loads
-def _chunk_stats_kernel(
-    logits_ptr, vlen_ptr, temp_ptr, R, V, C, m_ptr, i_ptr, s_ptr, CHUNK: tl.constexpr, SAMPLING: tl.constexpr,
-):
+def _chunk_stats_kernel(logits_ptr, vlen_ptr, temp_ptr, R, V, C, m_ptr, i_ptr, s_ptr, CHUNK: tl.constexpr,
+                        SAMPLING: tl.constexpr):
     """Phase 1, program (b·R + k, c): max, first argmax and (sampling) Σ 2^(x·c2 − max·c2) of chunk c of row k."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -220,9 +197,8 @@ def _combine_rows(m_ptr, i_ptr, s_ptr, b, G, V, C, ell, c2, R_PAD: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["G", "V", "C"])
-def _accept_greedy_kernel(
-    draft_ptr, vlen_ptr, G, V, C, m_ptr, i_ptr, accepted_ptr, next_ptr, R_PAD: tl.constexpr, C_PAD: tl.constexpr,
-):
+def _accept_greedy_kernel(draft_ptr, vlen_ptr, G, V, C, m_ptr, i_ptr, accepted_ptr, next_ptr, R_PAD: tl.constexpr,
+                          C_PAD: tl.constexpr):
     """Phase 2 (greedy), program b: row argmaxes, leading matches, t_j."""
     b = tl.program_id(0).to(tl.int64)
     ell = tl.minimum(tl.maximum(tl.load(vlen_ptr + b), 0), G).to(tl.int32)
@@ -235,11 +211,9 @@ def _accept_greedy_kernel(
 
 
 @triton.jit(do_not_specialize=["G", "C"])
-def _accept_sampling_kernel(
-    logits_ptr, draft_ptr, vlen_ptr, probs_ptr, temp_ptr, unif_ptr, G, V, C,
-    m_ptr, i_ptr, s_ptr, r_ptr, stats_ptr, accepted_ptr, next_ptr,
-    CHUNK: tl.constexpr, R_PAD: tl.constexpr, C_PAD: tl.constexpr,
-):
+def _accept_sampling_kernel(logits_ptr, draft_ptr, vlen_ptr, probs_ptr, temp_ptr, unif_ptr, G, V, C, m_ptr, i_ptr,
+                            s_ptr, r_ptr, stats_ptr, accepted_ptr, next_ptr, CHUNK: tl.constexpr, R_PAD: tl.constexpr,
+                            C_PAD: tl.constexpr):
     """Phase 2 (sampling), program (b, c): acceptance walk; chunk c's residual sum of row j when j < ℓ.
 
     Program c = 0 writes accepted = j, next_token = t_j (final for greedy requests) and (max·c2, sum) of row j.
@@ -277,10 +251,8 @@ def _accept_sampling_kernel(
 
 
 @triton.jit(do_not_specialize=["G", "C"])
-def _draw_kernel(
-    logits_ptr, vlen_ptr, probs_ptr, temp_ptr, unif_ptr, G, V, C, m_ptr, s_ptr, r_ptr, stats_ptr,
-    accepted_ptr, next_ptr, CHUNK: tl.constexpr, C_PAD: tl.constexpr,
-):
+def _draw_kernel(logits_ptr, vlen_ptr, probs_ptr, temp_ptr, unif_ptr, G, V, C, m_ptr, s_ptr, r_ptr, stats_ptr,
+                 accepted_ptr, next_ptr, CHUNK: tl.constexpr, C_PAD: tl.constexpr):
     """Phase 3 (sampling), program b: inverse-CDF draw; per-chunk weights locate the chunk, one chunk is scanned."""
     b = tl.program_id(0).to(tl.int64)
     t_in = tl.load(temp_ptr + b)
@@ -376,31 +348,18 @@ def _split_launch(logits: torch.Tensor, drafts: torch.Tensor, vlen: torch.Tensor
 
 
 def _kernel_for(mode: str) -> Any:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
+    check_mode(mode)
     return _greedy_kernel if mode == GREEDY else _sampling_kernel
 
 
-def spec_verify_triton(
-    target_logits: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    verify_len: torch.Tensor,
-    *,
-    mode: str,
-    draft_probs: torch.Tensor | None = None,
-    temperature: torch.Tensor | None = None,
-    uniforms: torch.Tensor | None = None,
-    single_program: bool = False,
-    chunk: int | None = None,
-    block_v: int = DEFAULT_BLOCK_V,
-    num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def spec_verify_triton(target_logits: Tensor, draft_tokens: Tensor, verify_len: Tensor, *, mode: str,
+                       draft_probs: Tensor | None = None, temperature: Tensor | None = None,
+                       uniforms: Tensor | None = None, single_program: bool = False, chunk: int | None = None,
+                       block_v: int = DEFAULT_BLOCK_V, num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """``(accepted, next_token)`` int64 [B] on the inputs' CUDA device; same contract as the reference.
 
-    Default: the split path (2 launches greedy, 3 sampling; ``chunk`` = vocabulary elements per phase-1
-    program, default from :func:`split_config`; ``num_warps`` of phase 1, default chunk / 512 within [1, 8]).
-    ``single_program=True``: the one-kernel path the TensorRT plugin embeds (``block_v``, ``num_warps``
-    default 4). No host synchronisation either way, so the call can be captured in a CUDA graph.
+    Split path by default (``chunk``: vocabulary elements per phase-1 program, default :func:`split_config`;
+    ``num_warps`` of phase 1); ``single_program=True`` is the kernel the TensorRT plugin embeds (``block_v``).
     """
     kernel = _kernel_for(mode)
     if not (target_logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -432,94 +391,77 @@ def spec_verify_triton(
     return accepted, next_token
 
 
-def kernel_signature(mode: str, logits_dtype: str) -> dict[str, str]:
-    """Triton type string per kernel parameter, in order (pointers, then G/V, then outputs, then BLOCK_V)."""
+_POINTER_TYPES = {"draft_ptr": "*i64", "vlen_ptr": "*i64", "accepted_ptr": "*i64", "next_ptr": "*i64", "i_ptr": "*i32"}
+
+
+def _signature(fn: Any, logits_dtype: str, **override: str) -> dict[str, str]:
+    """Triton type per parameter of ``fn``, in order: the logits in ``logits_dtype``, token/length/output
+    pointers int64, other pointers float32, one-letter sizes int32, other upper-case names constexpr."""
     if logits_dtype not in LOGITS_DTYPES:
         raise ValueError(f"logits_dtype must be one of {sorted(LOGITS_DTYPES)}, found {logits_dtype!r}")
-    sig = {"logits_ptr": f"*{logits_dtype}", "draft_ptr": "*i64", "vlen_ptr": "*i64"}
-    if _kernel_for(mode) is _sampling_kernel:
-        sig |= {"probs_ptr": "*fp32", "temp_ptr": "*fp32", "unif_ptr": "*fp32"}
-    return sig | {"G": "i32", "V": "i32", "accepted_ptr": "*i64", "next_ptr": "*i64", "BLOCK_V": "constexpr"}
+
+    def kind(name: str) -> str:
+        if name.endswith("_ptr"):
+            return f"*{logits_dtype}" if name == "logits_ptr" else _POINTER_TYPES.get(name, "*fp32")
+        return "i32" if len(name) == 1 else "constexpr"
+
+    return {name: override.get(name, kind(name)) for name in fn.arg_names}
 
 
-def compile_ptx(
-    mode: str,
-    logits_dtype: str,
-    arch: int = 90,
-    *,
-    block_v: int = DEFAULT_BLOCK_V,
-    num_warps: int = DEFAULT_NUM_WARPS,
-) -> dict[str, Any]:
-    """Compile the kernel for ``sm_{arch}`` without a GPU; returns PTX and what a launcher needs.
+def kernel_signature(mode: str, logits_dtype: str) -> dict[str, str]:
+    """The single-program kernel's parameters: input pointers, then G/V, then outputs (TensorRT's AOT order)."""
+    return _signature(_kernel_for(mode), logits_dtype)
 
-    Keys: ``ptx``, ``name`` (entry point), ``shared`` (bytes of dynamic shared memory), ``num_warps``,
-    ``block_v``, ``signature``, ``ptx_version`` (the ``.version`` line: the driver must support it),
-    ``triton_version``.
-    """
+
+def _compile(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], arch: int, num_warps: int) -> Any:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    source = ASTSource(fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+
+
+def compile_ptx(mode: str, logits_dtype: str, arch: int = 90, *, block_v: int = DEFAULT_BLOCK_V,
+                num_warps: int = DEFAULT_NUM_WARPS) -> dict[str, Any]:
+    """Compile the single-program kernel for ``sm_{arch}`` without a GPU: ``ptx``, its entry ``name``,
+    ``shared`` bytes, ``num_warps``, ``block_v``, ``signature``, ``ptx_version`` (the driver must support it)
+    and ``triton_version``."""
     signature = kernel_signature(mode, logits_dtype)
-    source = ASTSource(_kernel_for(mode), signature=signature, constexprs={"BLOCK_V": block_v})
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    compiled = _compile(_kernel_for(mode), signature, {"BLOCK_V": block_v}, arch, num_warps)
     meta = compiled.metadata
     # Triton appends scratch-pointer parameters that TensorRT's AOT launch does not pass: only safe unused.
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
         raise RuntimeError(f"{meta.name} needs global scratch memory, which an AOT plugin launch cannot pass")
     ptx = compiled.asm["ptx"]
     version = next((line.split()[1] for line in ptx.splitlines() if line.startswith(".version")), "")
-    return {
-        "ptx": ptx,
-        "name": meta.name,
-        "shared": meta.shared,
-        "num_warps": meta.num_warps,
-        "block_v": block_v,
-        "signature": signature,
-        "ptx_version": version,
-        "triton_version": triton.__version__,
-    }
+    return {"ptx": ptx, "name": meta.name, "shared": meta.shared, "num_warps": meta.num_warps, "block_v": block_v,
+            "signature": signature, "ptx_version": version, "triton_version": triton.__version__}
 
 
 def split_kernel_signatures(mode: str, logits_dtype: str, *, chunk: int = SPLIT_CHUNK, r_pad: int = 16,
                             c_pad: int = 64) -> list[tuple[Any, dict[str, str], dict[str, Any]]]:
     """(kernel, Triton signature, constexprs) of each split-path launch for ``mode``, in launch order."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
-    if logits_dtype not in LOGITS_DTYPES:
-        raise ValueError(f"logits_dtype must be one of {sorted(LOGITS_DTYPES)}, found {logits_dtype!r}")
-    x, f, i64, i32 = f"*{logits_dtype}", "*fp32", "*i64", "i32"
-    stats = ({"logits_ptr": x, "vlen_ptr": i64, "temp_ptr": f if mode == SAMPLING else i64, "R": i32, "V": i32,
-              "C": i32, "m_ptr": f, "i_ptr": "*i32", "s_ptr": f, "CHUNK": "constexpr", "SAMPLING": "constexpr"},
-             {"CHUNK": chunk, "SAMPLING": mode == SAMPLING})
-    if mode == GREEDY:
-        return [(_chunk_stats_kernel, *stats), (_accept_greedy_kernel, {
-            "draft_ptr": i64, "vlen_ptr": i64, "G": i32, "V": i32, "C": i32, "m_ptr": f, "i_ptr": "*i32",
-            "accepted_ptr": i64, "next_ptr": i64, "R_PAD": "constexpr", "C_PAD": "constexpr"},
-            {"R_PAD": r_pad, "C_PAD": c_pad})]
-    accept = {"logits_ptr": x, "draft_ptr": i64, "vlen_ptr": i64, "probs_ptr": f, "temp_ptr": f, "unif_ptr": f,
-              "G": i32, "V": i32, "C": i32, "m_ptr": f, "i_ptr": "*i32", "s_ptr": f, "r_ptr": f, "stats_ptr": f,
-              "accepted_ptr": i64, "next_ptr": i64, "CHUNK": "constexpr", "R_PAD": "constexpr",
-              "C_PAD": "constexpr"}
-    draw = {"logits_ptr": x, "vlen_ptr": i64, "probs_ptr": f, "temp_ptr": f, "unif_ptr": f, "G": i32, "V": i32,
-            "C": i32, "m_ptr": f, "s_ptr": f, "r_ptr": f, "stats_ptr": f, "accepted_ptr": i64, "next_ptr": i64,
-            "CHUNK": "constexpr", "C_PAD": "constexpr"}
-    return [(_chunk_stats_kernel, *stats),
-            (_accept_sampling_kernel, accept, {"CHUNK": chunk, "R_PAD": r_pad, "C_PAD": c_pad}),
-            (_draw_kernel, draw, {"CHUNK": chunk, "C_PAD": c_pad})]
+    check_mode(mode)
+    sampling = mode == SAMPLING
+    greedy_temp = {} if sampling else {"temp_ptr": "*i64"}  # greedy launches pass vlen there
+    stats = (_chunk_stats_kernel, _signature(_chunk_stats_kernel, logits_dtype, **greedy_temp),
+             {"CHUNK": chunk, "SAMPLING": sampling})
+    if not sampling:
+        return [stats, (_accept_greedy_kernel, _signature(_accept_greedy_kernel, logits_dtype),
+                        {"R_PAD": r_pad, "C_PAD": c_pad})]
+    return [stats,
+            (_accept_sampling_kernel, _signature(_accept_sampling_kernel, logits_dtype),
+             {"CHUNK": chunk, "R_PAD": r_pad, "C_PAD": c_pad}),
+            (_draw_kernel, _signature(_draw_kernel, logits_dtype), {"CHUNK": chunk, "C_PAD": c_pad})]
 
 
 def compile_split_ptx(mode: str, logits_dtype: str, arch: int = 90, *, chunk: int = SPLIT_CHUNK,
                       num_warps: int = 8) -> list[dict[str, Any]]:
     """Compile the split path's kernels for ``sm_{arch}`` without a GPU (a check that they build; the torch
     launcher JIT-compiles them itself). One dict per kernel: ``name``, ``ptx``, ``shared``, ``num_warps``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     out = []
     for fn, signature, constexprs in split_kernel_signatures(mode, logits_dtype, chunk=chunk):
-        source = ASTSource(fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-        meta = compiled.metadata
-        out.append({"name": meta.name, "ptx": compiled.asm["ptx"], "shared": meta.shared,
-                    "num_warps": meta.num_warps})
+        compiled = _compile(fn, signature, constexprs, arch, num_warps)
+        out.append({"name": compiled.metadata.name, "ptx": compiled.asm["ptx"], "shared": compiled.metadata.shared,
+                    "num_warps": compiled.metadata.num_warps})
     return out

@@ -1,8 +1,6 @@
-"""``torch.ops.dspark.spec_verify``: the one definition of SpecVerify that programs call (README.md here).
-
-One ``torch.library`` op: a fake kernel (shapes only, for ``torch.export``), the vectorised torch reference
-as its kernel on every device, the Triton kernel on CUDA when ``triton`` is installed, and the ONNX
-translation that the exporter uses to emit exactly the ``dspark::SpecVerify`` node of ``schema.SPEC_VERIFY``.
+"""``torch.ops.dspark.spec_verify``: the one definition of SpecVerify that programs call (README.md here):
+fake kernel for ``torch.export``, the torch reference on every device, the Triton kernel on CUDA, and the ONNX
+translation that emits the ``dspark::SpecVerify`` node.
 """
 
 from __future__ import annotations
@@ -12,8 +10,8 @@ from typing import Any
 
 import torch
 
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, SPEC_VERIFY
 from dspark_compile.plugins.spec_verify.reference import spec_verify_torch
-from dspark_compile.plugins.spec_verify.schema import GREEDY, SPEC_VERIFY
 
 Tensor = torch.Tensor
 
@@ -22,7 +20,7 @@ Tensor = torch.Tensor
 def spec_verify(target_logits: Tensor, draft_tokens: Tensor, verify_len: Tensor, draft_probs: Tensor | None = None,
                 temperature: Tensor | None = None, uniforms: Tensor | None = None,
                 mode: str = GREEDY) -> tuple[Tensor, Tensor]:
-    """``(accepted, next_token)``, int64 [B]; inputs as ``schema.SPEC_VERIFY`` orders them."""
+    """``(accepted, next_token)``, int64 [B]; inputs as ``op_schema.SPEC_VERIFY`` orders them."""
     return spec_verify_torch(target_logits, draft_tokens, verify_len, mode=mode, draft_probs=draft_probs,
                              temperature=temperature, uniforms=uniforms)
 
@@ -49,11 +47,8 @@ if importlib.util.find_spec("triton") is not None:  # without triton, CUDA tenso
 
 
 def onnx_translation() -> dict[Any, Any]:
-    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: the op becomes one SpecVerify node.
-
-    The node's op_type, domain, inputs, outputs and attributes come from ``SPEC_VERIFY`` (the TensorRT lookup
-    attributes included), through an ``onnx.defs.OpSchema`` that is built here and never registered.
-    """
+    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: the op becomes one SpecVerify node,
+    everything about it from ``SPEC_VERIFY`` through an ``onnx.defs.OpSchema`` built here, never registered."""
     from onnxscript.values import Op, Opset
 
     node_op = Op(Opset(SPEC_VERIFY.domain, SPEC_VERIFY.opset_version), SPEC_VERIFY.name,

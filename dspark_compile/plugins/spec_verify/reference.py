@@ -1,11 +1,8 @@
 """Reference implementations of ``dspark::SpecVerify`` (specification: README.md beside this file).
 
-* :func:`spec_verify_reference` — NumPy, one request and one position at a time: the ground truth.
-* :func:`spec_verify_torch` — the same rules vectorised in torch ops with no data-dependent Python control
-  flow, so ``torch.export``/ONNX export can trace it; the PyTorch reference runtime uses it.
-* :func:`decision_margin` — how close the reference's float decisions came to their thresholds (float64), so
-  tests and the GPU benchmark can tell a real disagreement from a near-tie.
-* :func:`random_inputs` — inputs with a controllable acceptance rate, for tests and the benchmark.
+:func:`spec_verify_reference` (NumPy, one request and position at a time) is the ground truth;
+:func:`spec_verify_torch` is the same rules vectorised without data-dependent control flow, so it exports;
+:func:`decision_margin` tells tests a real disagreement from a near-tie.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, SAMPLING, check_mode
 
 Q_FLOOR = 1e-8  # draft probabilities are clamped to this before dividing (README, sampling rule 2)
 RESIDUAL_FLOOR = 1e-8  # a residual summing to at most this is replaced by p_j (sampling rule 3)
@@ -31,8 +28,7 @@ def _as_numpy(x: Any, dtype: type) -> np.ndarray:
 
 
 def _check_args(mode: str, draft_probs: Any, temperature: Any, uniforms: Any) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
+    check_mode(mode)
     if mode == SAMPLING and (draft_probs is None or temperature is None or uniforms is None):
         raise ValueError("mode 'sampling' needs draft_probs, temperature and uniforms")
 
@@ -51,26 +47,41 @@ def inverse_cdf(weights: np.ndarray, u: float) -> int:
     return int(np.nonzero(w > 0)[0][-1])
 
 
-def spec_verify_reference(
-    target_logits: Any,
-    draft_tokens: Any,
-    verify_len: Any,
-    *,
-    mode: str,
-    draft_probs: Any = None,
-    temperature: Any = None,
-    uniforms: Any = None,
-) -> tuple[np.ndarray, np.ndarray]:
+def _sampling_walk(p: np.ndarray, drafts: np.ndarray, q: np.ndarray, u: np.ndarray,
+                   ell: int) -> tuple[int, np.ndarray, list[float]]:
+    """One sampling request in ``p``'s float dtype: accepted j, the weights of the final draw, and
+    |u − threshold| of every acceptance test made."""
+    one, j, gaps = p.dtype.type(1.0), 0, []
+    while j < ell:
+        x = drafts[j]
+        threshold = min(one, p[j, x] / max(q[j, x], p.dtype.type(Q_FLOOR)))
+        gaps.append(abs(float(u[j]) - float(threshold)))
+        if not u[j] < threshold:
+            break
+        j += 1
+    w = p[j]
+    if j < ell:
+        residual = np.maximum(p[j] - q[j], p.dtype.type(0.0))
+        w = p[j] if residual.sum(dtype=p.dtype) <= RESIDUAL_FLOOR else residual
+    return j, w, gaps
+
+
+def _numpy_args(dtype: type, target_logits: Any, draft_tokens: Any, verify_len: Any, draft_probs: Any,
+                temperature: Any, uniforms: Any) -> tuple[np.ndarray, ...]:
+    drafts = _as_numpy(draft_tokens, np.int64)
+    lengths = np.clip(_as_numpy(verify_len, np.int64), 0, drafts.shape[1])
+    sampling = [None if x is None else _as_numpy(x, dtype) for x in (draft_probs, temperature, uniforms)]
+    return (_as_numpy(target_logits, dtype), drafts, lengths, *sampling)
+
+
+def spec_verify_reference(target_logits: Any, draft_tokens: Any, verify_len: Any, *, mode: str,
+                          draft_probs: Any = None, temperature: Any = None,
+                          uniforms: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """``(accepted, next_token)``, both int64 [B]. Accepts NumPy arrays or (CPU/GPU) torch tensors."""
     _check_args(mode, draft_probs, temperature, uniforms)
-    logits = _as_numpy(target_logits, np.float32)
-    drafts = _as_numpy(draft_tokens, np.int64)
+    logits, drafts, lengths, q, temps, u = _numpy_args(np.float32, target_logits, draft_tokens, verify_len,
+                                                       draft_probs, temperature, uniforms)
     batch, gamma = drafts.shape
-    lengths = np.clip(_as_numpy(verify_len, np.int64), 0, gamma)
-    if mode == SAMPLING:
-        q = _as_numpy(draft_probs, np.float32)
-        temps = _as_numpy(temperature, np.float32)
-        u = _as_numpy(uniforms, np.float32)
     accepted = np.zeros(batch, dtype=np.int64)
     next_token = np.zeros(batch, dtype=np.int64)
     for b in range(batch):
@@ -82,70 +93,28 @@ def spec_verify_reference(
                 j += 1
             accepted[b], next_token[b] = j, targets[j]
             continue
-        p = _softmax(logits[b] / temps[b])  # [G+1, V] float32
-        j = 0
-        while j < ell:
-            x = drafts[b, j]
-            ratio = p[j, x] / max(q[b, j, x], np.float32(Q_FLOOR))
-            if not u[b, j] < min(np.float32(1.0), ratio):
-                break
-            j += 1
-        if j < ell:
-            w = np.maximum(p[j] - q[b, j], np.float32(0.0))
-            if w.sum(dtype=np.float32) <= RESIDUAL_FLOOR:
-                w = p[j]
-        else:
-            w = p[j]
+        j, w, _ = _sampling_walk(_softmax(logits[b] / temps[b]), drafts[b], q[b], u[b], ell)
         accepted[b], next_token[b] = j, inverse_cdf(w, u[b, gamma])
     return accepted, next_token
 
 
-def decision_margin(
-    target_logits: Any,
-    draft_tokens: Any,
-    verify_len: Any,
-    *,
-    mode: str,
-    draft_probs: Any = None,
-    temperature: Any = None,
-    uniforms: Any = None,
-) -> np.ndarray:
-    """Per request, the smallest |u − threshold| among the float decisions on the reference path (float64).
-
-    Greedy requests have no float decision (inf). For sampling: every acceptance test made (including the
-    rejecting one) and the final draw, where the distance is to the nearest normalised CDF step — a
-    conservative bound, since only the two steps around the crossing matter when weights are non-zero.
-    """
+def decision_margin(target_logits: Any, draft_tokens: Any, verify_len: Any, *, mode: str, draft_probs: Any = None,
+                    temperature: Any = None, uniforms: Any = None) -> np.ndarray:
+    """Per request, the smallest |u − threshold| of the reference path's float decisions (float64; inf for
+    greedy requests): every acceptance test made, and the final draw's distance to the nearest normalised CDF
+    step (conservative: only the two steps around the crossing matter)."""
     _check_args(mode, draft_probs, temperature, uniforms)
-    drafts = _as_numpy(draft_tokens, np.int64)
-    batch, gamma = drafts.shape
-    margin = np.full(batch, np.inf)
+    logits, drafts, lengths, q, temps, u = _numpy_args(np.float64, target_logits, draft_tokens, verify_len,
+                                                       draft_probs, temperature, uniforms)
+    margin = np.full(drafts.shape[0], np.inf)
     if mode == GREEDY:
         return margin
-    logits = _as_numpy(target_logits, np.float64)
-    lengths = np.clip(_as_numpy(verify_len, np.int64), 0, gamma)
-    q = _as_numpy(draft_probs, np.float64)
-    temps = _as_numpy(temperature, np.float64)
-    u = _as_numpy(uniforms, np.float64)
-    for b in range(batch):
+    for b in range(drafts.shape[0]):
         if not temps[b] > 0:
             continue
-        p = _softmax(logits[b] / temps[b])
-        ell, j, gaps = int(lengths[b]), 0, []
-        while j < ell:
-            x = drafts[b, j]
-            threshold = min(1.0, p[j, x] / max(q[b, j, x], Q_FLOOR))
-            gaps.append(abs(u[b, j] - threshold))
-            if not u[b, j] < threshold:
-                break
-            j += 1
-        w = p[j]
-        if j < ell:
-            residual = np.maximum(p[j] - q[b, j], 0.0)
-            w = residual if residual.sum() > RESIDUAL_FLOOR else p[j]
+        _, w, gaps = _sampling_walk(_softmax(logits[b] / temps[b]), drafts[b], q[b], u[b], int(lengths[b]))
         cdf = np.cumsum(w) / w.sum()
-        gaps.append(float(np.min(np.abs(cdf - u[b, gamma]))))
-        margin[b] = min(gaps)
+        margin[b] = min([*gaps, float(np.min(np.abs(cdf - u[b, drafts.shape[1]])))])
     return margin
 
 
@@ -164,16 +133,9 @@ def inverse_cdf_torch(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(above.any(dim=-1), first_above, last_positive)
 
 
-def spec_verify_torch(
-    target_logits: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    verify_len: torch.Tensor,
-    *,
-    mode: str,
-    draft_probs: torch.Tensor | None = None,
-    temperature: torch.Tensor | None = None,
-    uniforms: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def spec_verify_torch(target_logits: torch.Tensor, draft_tokens: torch.Tensor, verify_len: torch.Tensor, *,
+                      mode: str, draft_probs: torch.Tensor | None = None, temperature: torch.Tensor | None = None,
+                      uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised :func:`spec_verify_reference`; ``mode`` is static, everything else traced."""
     _check_args(mode, draft_probs, temperature, uniforms)
     logits = target_logits.float()
@@ -211,28 +173,14 @@ def spec_verify_torch(
     return accepted, torch.where(greedy_row, greedy_next, drawn)
 
 
-def random_inputs(
-    batch: int,
-    gamma: int,
-    vocab: int,
-    *,
-    mode: str,
-    generator: torch.Generator,
-    device: str | torch.device = "cpu",
-    logits_dtype: torch.dtype = torch.float32,
-    match_prob: float = 0.8,
-    logit_scale: float = 3.0,
-    draft_noise: float = 0.5,
-    greedy_row_prob: float = 0.0,
-) -> dict[str, torch.Tensor]:
-    """Keyword arguments for the implementations (``target_logits``, ``draft_tokens``, ...), on ``device``.
-
-    Greedy drafts equal the target argmax with probability ``match_prob`` per position; sampling drafts are
-    drawn from draft distributions close to the target's (logits plus ``draft_noise`` Gaussian noise), so
-    acceptance runs of all lengths occur. ``greedy_row_prob`` sets some sampling temperatures to 0.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
+def random_inputs(batch: int, gamma: int, vocab: int, *, mode: str, generator: torch.Generator,
+                  device: str | torch.device = "cpu", logits_dtype: torch.dtype = torch.float32,
+                  match_prob: float = 0.8, logit_scale: float = 3.0, draft_noise: float = 0.5,
+                  greedy_row_prob: float = 0.0) -> dict[str, torch.Tensor]:
+    """Keyword arguments for the implementations, on ``device``, with acceptance runs of all lengths: greedy
+    drafts match the argmax with probability ``match_prob``, sampling drafts come from the target's logits plus
+    ``draft_noise`` Gaussian noise; ``greedy_row_prob`` sets some sampling temperatures to 0."""
+    check_mode(mode)
     g = generator
 
     def randn(*shape: int) -> torch.Tensor:

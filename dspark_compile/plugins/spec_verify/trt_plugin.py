@@ -1,28 +1,17 @@
-"""Full-TensorRT (>= 10.10) ahead-of-time Quick Deployable Plugin for ``dspark::SpecVerify``.
+"""Full-TensorRT (>= 10.10) ahead-of-time Quick Deployable Plugin for ``dspark::SpecVerify``: the Triton
+kernel's PTX (:func:`~.kernel.compile_ptx`, grid = B) embedded in the engine, so serving needs no Python.
 
-Thin on purpose: a shape/type descriptor, the accepted type combination, and an ``aot_impl`` returning the
-Triton kernel's PTX from :func:`~dspark_compile.plugins.spec_verify.kernel.compile_ptx` with grid = B and
-block = num_warps * 32. The PTX is embedded in the engine, so serving needs no Python. All numerics live in
-``kernel.py``; this file only wires them to TensorRT.
-
-NOT EXECUTED in this workplace: full TensorRT cannot be installed here and TensorRT-RTX has no plugin
-support. Importing this module needs no TensorRT; :func:`register_spec_verify_plugin` imports it and
-registers on first call. Things a first run on real TensorRT must confirm are listed in README.md.
-
-A Quick Deployable Plugin has a fixed input list, while the ONNX node has 3 inputs in greedy mode and 6 in
-sampling mode; so a process registers the plugin for the one mode its engine uses.
-
-Unlike the rest of the package this module does not use ``from __future__ import annotations``:
-``tensorrt.plugin`` validates the decorated functions' annotations with ``inspect.signature`` as live objects
-(``trtp.TensorDesc``, ``tuple[...]``), which postponed (string) annotations would break. It also requires
-the exact parameter lists used below: inputs, attributes, then ``outputs`` (and ``tactic`` for aot_impl).
+Not executed here (no full TensorRT; TensorRT-RTX has no plugins): README.md lists what a first run must
+confirm. A plugin has one input list, so a process registers it for one mode (3 inputs greedy, 6 sampling).
+No ``from __future__ import annotations``: ``tensorrt.plugin`` inspects the live annotations and needs these
+exact parameter lists (inputs, attributes, ``outputs``, then ``tactic`` for aot_impl).
 """
 
 from typing import Any
 
 from dspark_compile.errors import BackendUnavailableError, UsageError
 from dspark_compile.plugins.spec_verify.kernel import compile_ptx
-from dspark_compile.plugins.spec_verify.schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY
+from dspark_compile.plugins.spec_verify.op_schema import GREEDY, MODES, SAMPLING, SPEC_VERIFY
 
 _registered_mode: str | None = None
 
@@ -38,10 +27,9 @@ def _import_tensorrt() -> tuple[Any, Any]:
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as exc:
-        raise BackendUnavailableError(
-            "the SpecVerify TensorRT plugin needs full TensorRT >= 10.10 (`import tensorrt.plugin` failed: "
-            f"{exc}); for TensorRT-RTX or onnxruntime run the decompose_spec_verify pass instead"
-        ) from exc
+        raise BackendUnavailableError(f"the SpecVerify TensorRT plugin needs full TensorRT >= 10.10 (`import "
+                                      f"tensorrt.plugin` failed: {exc}); for TensorRT-RTX or onnxruntime run the "
+                                      f"decompose_spec_verify pass instead") from exc
     return trt, trtp
 
 
@@ -112,10 +100,8 @@ def register_spec_verify_plugin(mode: str) -> None:
     if _registered_mode == mode:
         return
     if _registered_mode is not None:
-        raise UsageError(
-            f"the SpecVerify TensorRT plugin is registered for mode {_registered_mode!r} in this process; a "
-            f"plugin has one input list, so build {mode!r} engines in a separate process"
-        )
+        raise UsageError(f"the SpecVerify TensorRT plugin is registered for mode {_registered_mode!r} in this process; "
+                         f"a plugin has one input list, so build {mode!r} engines in a separate process")
     trt, trtp = _import_tensorrt()
     (_register_greedy if mode == GREEDY else _register_sampling)(trt, trtp)
     _registered_mode = mode

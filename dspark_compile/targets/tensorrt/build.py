@@ -19,7 +19,6 @@ What happens, in order:
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib
 import json
 import logging
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import dspark_compile
+from dspark_compile.artifacts import GraphIO, sha256_file
 from dspark_compile.errors import BackendUnavailableError, BuildError, UsageError
 from dspark_compile.targets.tensorrt import inspect as trt_inspect
 from dspark_compile.targets.tensorrt.adapter import GpuInfo, TrtFlavor, flavor_label, load_trt, visible_gpus
@@ -100,9 +100,8 @@ class Profile:
     @classmethod
     def from_dim_ranges(cls, onnx_path: Path, ranges: Mapping[str, tuple[int, int, int]]) -> Profile:
         """Shapes from ``{"B": (1, 4, 8), "S": (1, 256, 512)}``: symbolic dims take their range."""
-        facts = read_onnx(Path(onnx_path))
         shapes = {}
-        for name, (_, dims) in facts.inputs.items():
+        for name, dims in ((t.name, t.shape) for t in GraphIO.of(read_onnx(Path(onnx_path))).inputs):
             if dims is None or all(isinstance(d, int) for d in dims):
                 continue
             triple = []
@@ -142,14 +141,7 @@ class EngineBuildResult:
     plan_bytes: int
     plan_sha256: str
     seconds: float
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    device_memory: tuple[int, ...] | None = None  # per profile, from the built engine (None without a GPU)
 
 
 def build_engine(
@@ -181,9 +173,9 @@ def build_engine(
         raise UsageError(f"plugin modules {list(plugin_modules)} given, but {flavor.label} has no plugin "
                          "support; build with --no-plugin instead.")
     normalized = tuple(Profile.of(p) for p in profiles)
-    facts = read_onnx(onnx_path)
-    check_graph(facts, onnx_path, flavor, precision)
-    check_profiles([p.shapes for p in normalized], facts, onnx_path)
+    model = read_onnx(onnx_path)
+    check_graph(model, onnx_path, flavor, precision)
+    check_profiles([p.shapes for p in normalized], GraphIO.of(model), onnx_path)
 
     cache_note: dict[str, Any] = {"path": str(timing_cache) if timing_cache else None, "used": False}
     if timing_cache is not None and not flavor.supports_timing_cache:
@@ -200,7 +192,7 @@ def build_engine(
         request = {
             "flavor": flavor.name,
             "onnx": str(onnx_path.resolve()),
-            "plan": str(work / "engine.plan"),
+            "plan": "engine.plan",  # relative: the child runs in `work`
             "profiles": [p.to_json() for p in normalized],
             "timing_cache": str(timing_cache.resolve()) if timing_cache else None,
             "workspace_mb": workspace_mb,
@@ -213,7 +205,7 @@ def build_engine(
         plan_tmp = work / "engine.plan"
         description = result["network"]
         summary = trt_inspect.summarize(description)
-        plan_sha = _sha256(plan_tmp)
+        plan_sha = sha256_file(plan_tmp)
         build_gpu = gpus[0] if gpus else None
         runs_on = flavor.engine_compute_capabilities(build_gpu)
         inspector = {
@@ -234,7 +226,7 @@ def build_engine(
             "onnx_parser_version": result.get("parser_version"),
             "precision": precision,
             "strongly_typed": True,
-            "onnx": {"path": str(onnx_path), "sha256": _sha256(onnx_path)},
+            "onnx": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
             "plan": {"bytes": plan_tmp.stat().st_size, "sha256": plan_sha},
             "profiles": [p.to_json() for p in normalized],
             "inputs": description["inputs"],
@@ -275,6 +267,7 @@ def build_engine(
         plan_bytes=metadata["plan"]["bytes"],
         plan_sha256=plan_sha,
         seconds=seconds,
+        device_memory=tuple(d) if (d := (result.get("engine") or {}).get("device_memory")) else None,
     )
 
 
@@ -314,7 +307,9 @@ def _run_child(request: dict[str, Any], work: Path, onnx_path: Path, flavor: Trt
     env = dict(os.environ)
     package_root = str(Path(dspark_compile.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, str(request_path)], env=env,
+    # The child runs in `work` with relative paths, so its argv and stack do not depend on the temporary
+    # directory's name: without address randomisation the plan bytes then depend only on the inputs.
+    proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, request_path.name], env=env, cwd=work,
                           capture_output=True, text=True, errors="replace", check=False,
                           preexec_fn=_fixed_address_space())
     result_path = work / "result.json"
@@ -407,7 +402,14 @@ def _child_main(request_path: str) -> int:
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(request["onnx"]):
+    weights = _map_weights(Path(request["onnx"])) if hasattr(parser, "load_initializer") else None
+    if weights is not None:  # the parser reads the weights from the mapped file, not from copies of its own
+        ok = parser.load_model_proto(weights.graph, request["onnx"]) and all(
+            parser.load_initializer(name, address, size) for name, (address, size) in weights.initializers.items())
+        ok = ok and parser.parse_model_proto()
+    else:
+        ok = parser.parse_from_file(request["onnx"])
+    if not ok:
         errors = []
         for i in range(parser.num_errors):
             err = parser.get_error(i)
@@ -435,13 +437,13 @@ def _child_main(request_path: str) -> int:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
 
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
+    built = _build_to_file(trt, builder, network, config, Path(request["plan"]))
+    if not built:
         return finish(False, error=f"{flavor.label} failed to build the engine: {last_errors()}. Check "
                                    "the profiles against the graph and the log (--verbose) for the failing "
                                    "layer.")
-    plan_bytes = bytes(memoryview(plan))
-    Path(request["plan"]).write_bytes(plan_bytes)
+    description = trt_inspect.describe_network(network)
+    del parser, network, weights  # the weights the network held, before the plan is read back
     if cache is not None:
         tmp = cache_path.with_name(cache_path.name + ".tmp")
         tmp.write_bytes(bytes(memoryview(cache.serialize())))
@@ -449,12 +451,72 @@ def _child_main(request_path: str) -> int:
 
     engine = None
     if request["inspect_engine"]:
+        import numpy as np
+
         try:
-            engine = trt_inspect.engine_information(trt, plan_bytes, logger)
-        except (RuntimeError, ValueError) as exc:  # inspection is a bonus; the engine itself is fine
+            engine = trt_inspect.engine_information(trt, np.memmap(request["plan"], mode="r"), logger)
+        except (RuntimeError, ValueError, TypeError) as exc:  # inspection is a bonus; the engine itself is fine
             records.append((int(trt.ILogger.Severity.WARNING), f"engine inspector unavailable: {exc}"))
-    return finish(True, network=trt_inspect.describe_network(network), engine=engine,
+    return finish(True, network=description, engine=engine,
                   parser_version=str(trt.get_nv_onnx_parser_version()), fixed_addresses=_addresses_fixed())
+
+
+@dataclass
+class _MappedWeights:
+    graph: bytes  # the ONNX file (its weights are external)
+    initializers: dict[str, tuple[int, int]]  # name -> (address in a read-only map of its file, bytes)
+    maps: list[Any]
+
+
+def _map_weights(onnx_path: Path) -> _MappedWeights | None:
+    """The graph's external initializers as addresses in read-only memory maps of their files: the parser then
+    builds the network over the page cache instead of reading every weight into memory of its own (an 8B
+    target is 16 GB). None when the graph keeps its weights inside the file."""
+    import numpy as np
+    import onnx
+
+    graph = onnx_path.read_bytes()
+    model = onnx.load_model_from_string(graph) if graph else None  # external data stays on disk
+    if model is None:
+        return None
+    maps: dict[str, Any] = {}
+    out: dict[str, tuple[int, int]] = {}
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        location = info["location"]
+        if location not in maps:
+            maps[location] = np.memmap(onnx_path.parent / location, dtype=np.uint8, mode="r")
+        offset = int(info.get("offset", 0))
+        size = int(info.get("length", maps[location].size - offset))
+        out[init.name] = (maps[location].ctypes.data + offset, size)
+    return _MappedWeights(graph, out, list(maps.values())) if out else None
+
+
+def _build_to_file(trt: Any, builder: Any, network: Any, config: Any, plan_path: Path) -> bool:
+    """Build and write the plan; streamed to the file where the flavor can (no second copy of it in memory)."""
+    if not hasattr(builder, "build_serialized_network_to_stream"):
+        plan = builder.build_serialized_network(network, config)
+        if plan is not None:
+            with plan_path.open("wb") as f:
+                f.write(memoryview(plan))
+        return plan is not None
+
+    class FileWriter(trt.IStreamWriter):  # type: ignore[misc]
+        def __init__(self, f: Any) -> None:
+            trt.IStreamWriter.__init__(self)
+            self.f = f
+
+        def write(self, data: Any, size: int | None = None) -> int:
+            if not isinstance(data, (bytes, bytearray, memoryview)):  # a capsule around a pointer
+                get = ctypes.pythonapi.PyCapsule_GetPointer
+                get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+                data = ctypes.string_at(get(data, None), size)
+            return self.f.write(data)
+
+    with plan_path.open("wb") as f:
+        return bool(builder.build_serialized_network_to_stream(network, config, FileWriter(f)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -502,7 +564,7 @@ def check_engine_compatible(
         )
     plan = metadata.get("plan", {})
     size = plan_path.stat().st_size
-    if size != plan.get("bytes") or _sha256(plan_path) != plan.get("sha256"):
+    if size != plan.get("bytes") or sha256_file(plan_path) != plan.get("sha256"):
         raise BuildError(f"{plan_path}: engine file differs from the one its metadata describes ({size} "
                          f"bytes, expected {plan.get('bytes')}); it was modified or truncated. "
                          "Rebuild the engine.")

@@ -93,12 +93,18 @@ def summarize(description: dict[str, Any]) -> dict[str, Any]:
 
 
 def engine_information(trt: Any, plan: bytes, logger: Any) -> dict[str, Any] | None:
-    """The engine inspector's JSON, or ``None`` where the engine cannot be deserialized (no suitable GPU)."""
+    """The engine inspector's JSON plus the device memory one execution context needs per optimization profile
+    (``device_memory``), or ``None`` where the engine cannot be deserialized (no suitable GPU)."""
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     if engine is None:
         return None
     inspector = engine.create_engine_inspector()
-    return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    info = info if isinstance(info, dict) else {"layers": info}
+    per_profile = getattr(engine, "get_device_memory_size_for_profile_v2", None)
+    if per_profile is not None:
+        info["device_memory"] = [int(per_profile(i)) for i in range(engine.num_optimization_profiles)]
+    return info
 
 
 def dumps(document: dict[str, Any]) -> str:

@@ -4,8 +4,9 @@ This path has not run against real engines yet (no GPU run was made for it); onl
 tested, against fake execution contexts. Every input and output is bound with ``set_tensor_address`` to a
 torch CUDA tensor the executor owns; an address is set again only when the tensor behind a name changes,
 so the cache buffers are bound once per batch composition (the executor rebuilds them only on
-admit/select) and no output is a cache (docs/PROGRAM.md). The optimization profile is the KV bucket whose
-``cache_slots`` range holds the executor's capacity.
+admit/select), the shared embedding / LM head buffers (the executor's weight inputs) once for both engines,
+and no output is a cache (docs/PROGRAM.md). The optimization profile is the first whose ranges hold every
+input's shape: target_step's verification profile of the KV bucket, or its prefill profile.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import torch
 from dspark_compile.artifacts import GRAPH_NAMES
 from dspark_compile.errors import BackendUnavailableError, UsageError
 from dspark_compile.runtime.backend import ProgramInfo
-from dspark_compile.runtime.executor import GraphExecutor
-
-CACHE_INPUTS = ("kv_cache", "draft_kv")
+from dspark_compile.runtime.executor import GraphExecutor, load_weight_inputs
 
 
 class TensorRTTransport:
@@ -53,19 +52,20 @@ class TensorRTTransport:
     def outputs(self, graph: str) -> tuple[str, ...]:
         return self._io[graph][1]
 
-    def _choose_profile(self, graph: str, slots: int, stream: int) -> None:
+    def _choose_profile(self, graph: str, feeds: Mapping[str, torch.Tensor], stream: int) -> None:
         engine, context = self.engines[graph], self.contexts[graph]
-        cache = next(n for n in self.inputs(graph) if n in CACHE_INPUTS)
+        dynamic = [n for n in self.inputs(graph) if -1 in tuple(engine.get_tensor_shape(n))]
         for index in range(engine.num_optimization_profiles):
-            low, _, high = engine.get_tensor_profile_shape(cache, index)
-            if low[4] <= slots <= high[4]:
+            if all(all(lo <= d <= hi for lo, d, hi in zip(low, feeds[n].shape, high, strict=True))
+                   for n in dynamic for low, _, high in [engine.get_tensor_profile_shape(n, index)]):
                 if self._profile.get(graph) != index:
                     context.set_optimization_profile_async(index, stream)
                     self._profile[graph] = index
                     self._bound = {k: v for k, v in self._bound.items() if k[0] != graph}
                 return
-        raise UsageError(f"{graph}: no optimization profile holds {slots} cache slots; rebuild the engines with "
-                         "a --max-context (and --kv-buckets) that covers it")
+        shapes = ", ".join(f"{n} {list(feeds[n].shape)}" for n in dynamic)
+        raise UsageError(f"{graph}: no optimization profile holds the shapes {shapes}; rebuild the engines with "
+                         "a --max-batch, --max-context (and --kv-buckets) that covers them")
 
     def _address(self, graph: str, name: str, tensor: torch.Tensor) -> None:
         if self._bound.get((graph, name)) != tensor.data_ptr():  # caches: once per batch composition
@@ -75,8 +75,7 @@ class TensorRTTransport:
     def run(self, graph: str, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         context = self.contexts[graph]
         stream = self.stream if self.stream is not None else torch.cuda.current_stream(self.device).cuda_stream
-        cache = next(feeds[n] for n in self.inputs(graph) if n in CACHE_INPUTS)
-        self._choose_profile(graph, int(cache.shape[4]), stream)
+        self._choose_profile(graph, feeds, stream)
         for name in self.inputs(graph):
             context.set_input_shape(name, tuple(feeds[name].shape))
             self._address(graph, name, feeds[name])
@@ -113,4 +112,5 @@ def load_tensorrt(build_dir: Path) -> GraphExecutor:
     info = ProgramInfo.from_json({**prog, "sampling": manifest["graphs"]["verify_mode"] == "sampling",
                                   "max_slots": json.loads((build_dir / "build_spec.json").read_text())
                                   .get("max_context")})
-    return GraphExecutor(info, TensorRTTransport(engines, trt))
+    transport = TensorRTTransport(engines, trt)
+    return GraphExecutor(info, transport, load_weight_inputs(build_dir, manifest, transport.device))

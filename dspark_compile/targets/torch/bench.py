@@ -1,48 +1,36 @@
 """Speed of a backend, measured the way DSPARK.md §1 accounts for it: L = (T_draft + T_verify) / τ.
 
-:func:`run_bench` measures, through the Backend protocol (so host transfers and the host loop's view are
-included), per batch size B:
-
-* ``t_target_ms`` — one target-only decode step: verify with no drafts (tokens [B, 1]) at a cache of
-  ``context`` committed tokens;
-* ``t_verify_ms`` — a speculative verify of γ+1 tokens per request at the same cache length;
-* ``t_draft_ms`` — one draft proposal (context of γ+1 new rows, the block at position ``context``);
-* ``overhead_ratio`` = (T_draft + T_verify(γ+1)) / T_target(1): how much a speculative round costs over one
-  plain decode step (τ must beat it for speculation to pay);
-* with ``decode=True`` (trained weights): real greedy decoding of the prompts at fixed γ — τ (mean tokens
-  committed per round, bonus counted), tokens/s speculative and target-only over the same prompts and
-  ``max_new_tokens``, their ratio and that ratio over τ, and whether both produced the same tokens.
-
-The byte floor of a step is the bytes it must read (the weights) over the device's copy bandwidth, measured in
-the same run (a large device-to-device copy, bytes read + written). Timings are medians of ``repeats`` calls
-after warm-up calls (which capture the CUDA graphs).
-
-:func:`random_pair` builds a pair of any shape (:data:`QWEN3_8B`) with random weights directly on the device,
-for timing without checkpoints.
+:func:`run_bench` measures per batch size B, through `CudaGraphBackend`'s ``verify_step`` / ``draft_step`` (host
+transfers included): T_target(1) (verify with no drafts), T_verify(γ+1), T_draft, their overhead ratio
+(T_draft + T_verify) / T_target, each against the byte floor (weights read over the measured copy bandwidth);
+with ``decode=True``, τ and tokens/s of real greedy decoding, speculative and target-only. Field by field:
+docs/BENCH.md. :func:`random_pair` builds a pair of any shape (:data:`SHAPES`: Qwen3-8B, gemma-4-12B-it) with
+random weights on the device, for timing without checkpoints.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from dspark_compile.config import DraftConfig, RopeConfig, TargetConfig
 from dspark_compile.errors import UsageError
+from dspark_compile.families import family_of
+from dspark_compile.model_config import DraftConfig, Gemma4Config, RopeConfig, TargetConfig
 from dspark_compile.models.dspark import DSparkDraft
-from dspark_compile.models.layers import RotaryEmbedding
-from dspark_compile.models.qwen3 import Qwen3Target
-from dspark_compile.runtime.backend import Backend
+from dspark_compile.runtime.backend import DecodeBackend
 from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy, generate
+
+if TYPE_CHECKING:
+    from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
 
 log = logging.getLogger(__name__)
 
@@ -119,38 +107,15 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, *, warmup: int = 2,
-                   device: torch.device | None = None) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int, *, warmup: int = 2) -> float:
+    """Median wall time of ``repeats`` single calls after ``warmup`` calls; `torch.utils.benchmark`
+    synchronises the accelerator around each call."""
+    from torch.utils.benchmark import Timer
+
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def read_prompts(path: str | Path) -> list[list[int]]:
-    """JSON Lines of id lists or objects with ``prompt_ids``. (cli.read_prompt_file imports click, which the
-    benchmark's GPU machine may lack, hence this small reader.)"""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: prompt file not found; give a JSON Lines file with one id list per line")
-    prompts = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        ids = row.get("prompt_ids", row.get("prompt")) if isinstance(row, dict) else row
-        if not isinstance(ids, list) or not ids:
-            raise UsageError(f"{path}:{n}: expected a non-empty list of token ids or {{\"prompt_ids\": [...]}}")
-        prompts.append([int(t) for t in ids])
-    if not prompts:
-        raise UsageError(f"{path}: no prompts in the file")
-    return prompts
+    timer = Timer(stmt="fn()", globals={"fn": fn})
+    return statistics.median(timer.timeit(1).median for _ in range(repeats))
 
 
 # ------------------------------------------------------------------------------------------------ random pairs
@@ -177,11 +142,14 @@ class PairShape:
                             num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
                             head_dim=self.head_dim, rms_norm_eps=1e-6, rope=RopeConfig(self.rope_theta))
         draft_base = replace(base, num_hidden_layers=self.draft_layers, architecture="Qwen3DSparkModel")
-        draft = DraftConfig(base=draft_base, block_size=self.block_size, target_layer_ids=self.target_layer_ids,
-                            num_target_layers=self.num_layers, mask_token_id=self.vocab_size - 1,
-                            markov_rank=self.markov_rank, markov_head_type="vanilla" if self.markov_rank else None,
-                            enable_confidence_head=True, confidence_head_with_markov=self.markov_rank > 0)
-        return base, draft
+        return base, self.draft_config(draft_base, mask_token_id=self.vocab_size - 1)
+
+    def draft_config(self, draft_base: TargetConfig, *, mask_token_id: int) -> DraftConfig:
+        """The released drafts' heads: vanilla Markov head of ``markov_rank``, confidence head reading it."""
+        return DraftConfig(base=draft_base, block_size=self.block_size, target_layer_ids=self.target_layer_ids,
+                           num_target_layers=self.num_layers, mask_token_id=mask_token_id,
+                           markov_rank=self.markov_rank, markov_head_type="vanilla" if self.markov_rank else None,
+                           enable_confidence_head=True, confidence_head_with_markov=self.markov_rank > 0)
 
 
 QWEN3_8B = PairShape(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
@@ -189,27 +157,74 @@ QWEN3_8B = PairShape(vocab_size=151936, hidden_size=4096, intermediate_size=1228
                      target_layer_ids=(1, 9, 17, 25, 33))
 """Qwen3-8B (untied, 16.4 GB in bf16) with the released draft's shape: 5 layers, γ = 7, Markov rank 256."""
 
+@dataclass(frozen=True)
+class Gemma4PairShape(PairShape):
+    """A (Gemma4 target, Gemma4 DSpark draft) pair: ``num_kv_heads``/``head_dim`` are the sliding layers', 5
+    sliding layers per global one, the last one global; K = V on the global layers, soft-capping 30, tied."""
+
+    global_kv_heads: int = 1
+    global_head_dim: int = 512
+    sliding_window: int = 1024
+    mask_token_id: int = 4
+
+    def configs(self) -> tuple[Gemma4Config, DraftConfig]:  # type: ignore[override]
+        types = tuple("full_attention" if (i + 1) % 6 == 0 or i == self.num_layers - 1 else "sliding_attention"
+                      for i in range(self.num_layers))
+        base = Gemma4Config(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=max(self.num_kv_heads, self.global_kv_heads),
+            head_dim=max(self.head_dim, self.global_head_dim), rms_norm_eps=1e-6,
+            rope=RopeConfig(1e6, "proportional", 1.0, 0.25), tie_word_embeddings=True,
+            architecture="Gemma4ForCausalLM", family="gemma4", layer_types=types, sliding_window=self.sliding_window,
+            sliding_kv_heads=self.num_kv_heads, sliding_head_dim=self.head_dim, global_kv_heads=self.global_kv_heads,
+            global_head_dim=self.global_head_dim, sliding_rope=RopeConfig(1e4), attention_k_eq_v=True,
+            final_logit_softcapping=30.0)
+        draft_base = replace(base, num_hidden_layers=self.draft_layers, architecture="Gemma4DSparkModel",
+                             layer_types=("full_attention",) * self.draft_layers, tie_word_embeddings=False,
+                             num_key_value_heads=self.global_kv_heads, head_dim=self.global_head_dim)
+        return base, self.draft_config(draft_base, mask_token_id=self.mask_token_id)
+
+
+GEMMA4_12B = Gemma4PairShape(vocab_size=262144, hidden_size=3840, intermediate_size=15360, num_layers=48,
+                             num_heads=16, num_kv_heads=8, head_dim=256, global_kv_heads=1, global_head_dim=512,
+                             sliding_window=1024, draft_layers=5, block_size=7, markov_rank=256,
+                             target_layer_ids=(5, 17, 29, 41, 46))
+"""google/gemma-4-12B-it's text model as published (tied embeddings, 23.9 GB in bf16) with the DeepSpec
+dspark_gemma4_12b draft's shape: 5 layers, γ = 7, taps [5, 17, 29, 41, 46], Markov rank 256."""
+
+GEMMA4_SMOKE = Gemma4PairShape(vocab_size=2048, hidden_size=256, intermediate_size=512, num_layers=6, num_heads=4,
+                               num_kv_heads=2, head_dim=64, global_kv_heads=1, global_head_dim=128,
+                               sliding_window=32, draft_layers=2, block_size=7, markov_rank=32,
+                               target_layer_ids=(0, 2, 4))
+
 SMOKE = PairShape(vocab_size=2048, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
                   num_kv_heads=2, head_dim=64, draft_layers=2, block_size=7, markov_rank=32,
                   target_layer_ids=(0, 1, 2))
 """A small shape that exercises the same code paths in seconds (script smoke tests)."""
 
+SHAPES: dict[str, PairShape] = {"qwen3-8b": QWEN3_8B, "gemma4-12b": GEMMA4_12B, "smoke": SMOKE,
+                                                  "gemma4-smoke": GEMMA4_SMOKE}
+"""Random-weight shapes by name (``dspark-compile bench --random-shape``)."""
 
-def random_pair(shape: PairShape, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                std: float = 0.02) -> tuple[Qwen3Target, DSparkDraft]:
-    """A grafted pair with N(0, std) matrices and unit norms, allocated directly on ``device`` (no CPU copy)."""
+
+def random_pair(shape: PairShape, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                seed: int = 0, std: float = 0.02) -> tuple[nn.Module, DSparkDraft]:
+    """A grafted pair of the shape's family with N(0, std) matrices, unit norms and layer scalars, allocated
+    directly on ``device`` (no CPU copy)."""
     tcfg, dcfg = shape.configs()
+    family = family_of(tcfg)
     device = torch.device(device)
     with torch.device("meta"):
-        target = Qwen3Target(tcfg, dcfg.target_layer_ids).to(dtype)
-        draft = DSparkDraft(dcfg, nn.Embedding(1, 1), nn.Linear(1, 1, bias=False)).to(dtype)
+        target = family.target(tcfg, dcfg.target_layer_ids).to(dtype)
+        draft = family.draft(dcfg, nn.Embedding(1, 1), nn.Linear(1, 1, bias=False)).to(dtype)
     target = target.to_empty(device=device)
     draft = draft.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for module in (target, draft):
             for name, p in module.named_parameters():
-                if name.endswith("norm.weight"):
+                if name.endswith(("norm.weight", "layer_scalar")):
                     p.fill_(1.0)
                 elif name.endswith("bias"):
                     p.zero_()
@@ -217,44 +232,46 @@ def random_pair(shape: PairShape, *, device: torch.device | str, dtype: torch.dt
                     p.normal_(0.0, std, generator=gen)
     draft.embed_tokens = target.embed_tokens
     draft.lm_head = target.lm_head
-    target.rotary = RotaryEmbedding(tcfg.head_dim, tcfg.rope).to(device)
-    draft.rotary = RotaryEmbedding(dcfg.base.head_dim, dcfg.base.rope).to(device)
+    if tcfg.tie_word_embeddings:
+        target.lm_head.weight = target.embed_tokens.weight
+    with torch.device(device):
+        target.init_buffers()
+        draft.init_buffers()
     for p in (*target.parameters(), *draft.parameters()):
         p.requires_grad_(False)
     return target.eval(), draft.eval()
 
 
 # ------------------------------------------------------------------------------------------------- measuring
-def step_times(backend: Backend, batch: int, *, context: int, repeats: int, slots: int | None = None,
+def step_times(backend: CudaGraphBackend, batch: int, *, context: int, repeats: int, slots: int | None = None,
                seed: int = 0) -> dict[str, float]:
     """T_target(1), T_verify(γ+1) and T_draft in ms at ``batch`` requests and ``context`` cached tokens
     (cache capacity ``slots``, default just enough)."""
     info = backend.info
     g = info.block_size
     rng = np.random.default_rng(seed)
-    device = getattr(backend, "device", None)
     backend.start(batch, max(slots or 0, context + g + 2))
     cache_len = np.full(batch, context, dtype=np.int64)
 
     def verify(t: int) -> Callable[[], Any]:
         tokens = rng.integers(0, info.vocab_size, size=(batch, t), dtype=np.int64)
         vlen = np.full(batch, t - 1, dtype=np.int64)
-        return lambda: backend.verify(tokens, cache_len, vlen, None, None, None)
+        return lambda: backend.verify_step(tokens, cache_len, vlen)
 
-    out = {"t_target_ms": 1e3 * median_seconds(verify(1), repeats, device=device)}
+    out = {"t_target_ms": 1e3 * median_seconds(verify(1), repeats)}
     if g > 0:
-        out["t_verify_ms"] = 1e3 * median_seconds(verify(g + 1), repeats, device=device)
+        out["t_verify_ms"] = 1e3 * median_seconds(verify(g + 1), repeats)
         anchor = rng.integers(0, info.vocab_size, size=batch, dtype=np.int64)
         ctx = rng.standard_normal((batch, g + 1, info.tap_width), dtype=np.float32)
         count = np.full(batch, g + 1, dtype=np.int64)
         draft_len = np.full(batch, context - g - 1, dtype=np.int64)
         out["t_draft_ms"] = 1e3 * median_seconds(
-            lambda: backend.draft(anchor, ctx, count, draft_len, None, None), repeats, device=device)
+            lambda: backend.draft_step(anchor, ctx, count, draft_len), repeats)
         out["overhead_ratio"] = overhead_ratio(out["t_draft_ms"], out["t_verify_ms"], out["t_target_ms"])
     return out
 
 
-def _decode_all(backend: Backend, prompts: list[list[int]], batch: int, params: GenerationParams,
+def _decode_all(backend: DecodeBackend, prompts: list[list[int]], batch: int, params: GenerationParams,
                 speculative: bool) -> tuple[list[GenerationResult], float]:
     results: list[GenerationResult] = []
     device = getattr(backend, "device", None)
@@ -265,7 +282,7 @@ def _decode_all(backend: Backend, prompts: list[list[int]], batch: int, params: 
     return results, time.perf_counter() - t0
 
 
-def decode_speed(backend: Backend, prompts: Sequence[Sequence[int]], batch: int, *, max_new_tokens: int,
+def decode_speed(backend: DecodeBackend, prompts: Sequence[Sequence[int]], batch: int, *, max_new_tokens: int,
                  min_prompts: int = 8) -> dict[str, Any]:
     """Greedy decoding of max(batch, min_prompts) prompts (cycled) in batches of ``batch``, speculative and
     target-only, each timed after an untimed pass that captures its graphs."""
@@ -289,7 +306,7 @@ def decode_speed(backend: Backend, prompts: Sequence[Sequence[int]], batch: int,
     return out
 
 
-def run_bench(backend_factory: Callable[[], Backend], prompts: Sequence[Sequence[int]] | None = None, *,
+def run_bench(backend_factory: Callable[[], CudaGraphBackend], prompts: Sequence[Sequence[int]] | None = None, *,
               batches: Sequence[int] = DEFAULT_BATCHES, gamma: int | None = None, max_new_tokens: int = 64,
               repeats: int = 10, context: int = 1024, decode: bool = True, bandwidth: float | None = None,
               decode_prompts: int = 8, on_result: Callable[[dict[str, Any]], None] | None = None,
@@ -344,7 +361,7 @@ def run_bench(backend_factory: Callable[[], Backend], prompts: Sequence[Sequence
     return report
 
 
-def describe(backend: Backend) -> dict[str, Any]:
+def describe(backend: Any) -> dict[str, Any]:
     """The backend's own description, or its class, device and dtype."""
     if hasattr(backend, "describe"):
         return backend.describe()
@@ -622,7 +639,7 @@ def plot_bench(report: dict[str, Any], png: Path) -> None:
 KERNEL_KINDS = (  # (category, substrings of the kernel name), first match wins
     ("spec_verify", ("spec_verify",)),
     ("attention", ("decode_attention", "attn", "fmha", "flash")),
-    ("fused_norm_rope_silu", ("add_rmsnorm", "qk_norm_rope", "silu_mul")),
+    ("fused_norm_rope_silu", ("add_rmsnorm", "qk_norm_rope", "act_mul", "gemma_norm", "qkv_cache", "add_norm_norm")),
     ("gemm", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitk")),
     ("softmax", ("softmax",)),
     ("reduce_argmax", ("reduce", "argmax", "argmin", "cumsum", "scan")),

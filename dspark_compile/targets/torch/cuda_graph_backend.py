@@ -1,16 +1,14 @@
 """`CudaGraphBackend`: the program as CUDA graphs over static, in-place KV caches.
 
-Two protocols (runtime/backend.py):
-
-* **DecodeBackend** (admit / round / select) — the decode state lives on the device (`_RoundState`: lengths,
-  anchors, pending drafts and their distributions, taps, seeds and counters). ``admit`` prefills eagerly and
-  drafts the first block; ``round`` is **one captured graph** per (batch bucket, attention window,
-  greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches already hold the
-  rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence, with per-row
-  verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host sync per
-  round fetches the Proposal. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
-* **Backend** (prefill / draft / verify) — one graph per call, kept for the per-graph step times and the SPS
-  profile.
+It is a **DecodeBackend** (runtime/backend.py: admit / round / select): the decode state lives on the device
+(`_RoundState`: lengths, anchors, pending drafts and their distributions, taps, seeds and counters). ``admit``
+prefills eagerly and drafts the first block; ``round`` is **one captured graph** per (batch bucket, attention
+window, greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches already hold
+the rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence, with per-row
+verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host sync per
+round fetches the Proposal. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
+``verify_step`` / ``draft_step`` run one greedy verify or draft graph alone, nothing committed: the units the
+per-graph step times (bench.step_times) and the SPS profile (tools/profile_sps) time.
 
 Batch buckets 1, 2, 4, …, 64 (then multiples of 64); capacity rounded up to 256 slots; attention reads slots
 ``[0, W)`` with W rounded up to ``kv_bucket`` (128) through the split-K Triton kernel. Padding rows have no
@@ -34,7 +32,7 @@ from dspark_compile.errors import BackendUnavailableError
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.program import program_info
-from dspark_compile.runtime.backend import DraftOutput, Proposal, VerifyOutput, uniforms_per_call
+from dspark_compile.runtime.backend import Proposal, uniforms_per_call
 from dspark_compile.runtime.sampling import counter_uniforms
 from dspark_compile.targets.torch.static_forward import StaticProgram
 
@@ -45,7 +43,7 @@ SLOT_MULTIPLE = 256
 KV_BUCKET = 128
 REPLAY_KEY = 0x5EED  # replay cuts draw from the stream of seed ^ REPLAY_KEY (never the sampling stream)
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, Triton compilation)
-_ROW_COPIED = ("ctx_taps", "draft_probs")  # large inputs: only the live rows travel; the rest are left stale
+_ROW_COPIED = ("ctx_taps",)  # a large input: only the live rows travel; the rest are left stale
 
 StepFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -211,7 +209,9 @@ def _torch_dtype(np_dtype: np.dtype) -> torch.dtype:
 
 
 class CudaGraphBackend:
-    """DecodeBackend (and the per-graph Backend) over CUDA graphs; see the module docstring."""
+    """DecodeBackend over CUDA graphs, plus per-graph timing calls; see the module docstring."""
+
+    verifies_whole_block = True  # the round graph runs the target over every row's G+1 positions
 
     def __init__(self, target: Qwen3Target, draft: DSparkDraft | None, *, block_size: int | None = None,
                  eos_token_ids: tuple[int, ...] = (), graphs: bool | None = None, fused: bool | None = None,
@@ -237,9 +237,7 @@ class CudaGraphBackend:
         self._kv: torch.Tensor | None = None
         self._draft_kv: torch.Tensor | None = None
         self._alloc = (0, 0)  # (rows, slots) of the allocated caches
-        self._rows = 0
         self._steps: dict[tuple[Any, ...], _Step] = {}
-        self._last_probs: tuple[np.ndarray, torch.Tensor] | None = None
         self.stats = {"captures": 0, "replays": 0, "eager_calls": 0}
         # DecodeBackend protocol (admit/round/select): device-resident per-row state and one graph per round
         self._state: _RoundState | None = None
@@ -253,6 +251,7 @@ class CudaGraphBackend:
         self._replay_source: torch.Tensor | None = None
         self.last_graph_ms = 0.0
         self.last_host_ms: dict[str, float] = {}  # round(): graph launch call, wait for the outputs
+        self._inflight: tuple[Any, ...] | None = None  # launch() -> collect(): (step, rows, G, outputs, t)
 
     @classmethod
     def create(cls, target_dir: str | Path, draft_dir: str | Path | None, *, dtype: str = "bf16",
@@ -295,8 +294,8 @@ class CudaGraphBackend:
     # ------------------------------------------------------------------------------------------- protocol
     @torch.inference_mode()
     def start(self, batch: int, slots: int, *, speculative: bool = True) -> None:
-        """Caches for ``batch`` rows of ``slots`` positions. The older per-graph protocol then has ``batch``
-        live rows; the DecodeBackend protocol (admit/round/select) starts with none."""
+        """Caches for ``batch`` rows of ``slots`` positions, no live rows yet; ``verify_step``/``draft_step``
+        may use all ``batch`` rows."""
         alloc = (batch_bucket(batch), slot_capacity(slots))
         if alloc != self._alloc:  # graphs are bound to the cache tensors: drop them with the caches
             self._steps.clear()
@@ -309,8 +308,6 @@ class CudaGraphBackend:
             if self.draft_model is not None:
                 self._draft_kv = self.draft_model.new_cache(*alloc)
             self._alloc = alloc
-        self._rows = batch
-        self._last_probs = None
         self._g = self.info.block_size if speculative and self.draft_model is not None else 0
         if self._g not in self._states:  # one per G (target-only, speculative), kept with the caches
             self._states[self._g] = _RoundState(alloc[0], self._g, self.info, self.device,
@@ -320,96 +317,50 @@ class CudaGraphBackend:
         if self.replay is not None:  # a new batch: row b replays reference row b again
             self.replay[0].copy_(self._replay_source)
         self._live = 0
+        self._inflight = None
         self._len_host = np.zeros(alloc[0], dtype=np.int64)  # host mirrors: window and graph choice, no sync
         self._temp_host = np.zeros(alloc[0], dtype=np.float32)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n, t = input_ids.shape
-        assert self._kv is not None and n == self._rows
-        kv = self._kv[:, :, :n]
-        window = self._window(t)
-        tgt = self.target_model
-
-        def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            ids = inp["input_ids"]
-            zero = torch.zeros(n, dtype=torch.int64, device=ids.device)
-            hidden, taps = self.program.target_step(ids, zero, kv, window)
-            last = hidden[torch.arange(n, device=ids.device), inp["lengths"] - 1]
-            return {"logits": tgt.logits(last), "taps": taps.float()}
-
-        step = self._step(fn, {"input_ids": ((n, t), torch.int64, np.int64, 0),
-                                "lengths": ((n,), torch.int64, np.int64, 1)}, capture=False)
-        step.load("input_ids", input_ids, n)
-        step.load("lengths", lengths, n)
+    def verify_step(self, tokens: np.ndarray, cache_len: np.ndarray,
+                    verify_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One greedy verify graph over the caches as they are, nothing committed: (accepted, next_token).
+        Fetches the taps too, as a host loop over separate graphs would."""
+        assert self._kv is not None
+        n, t = tokens.shape
+        rows = batch_bucket(n)
+        window = self._window(int(cache_len.max()) + t)
+        key = ("verify", rows, t, window)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = self._verify_step(rows, t, window)
+        for name, value in (("tokens", tokens), ("cache_len", cache_len), ("verify_len", verify_len)):
+            step.load(name, value, n)
         out = self._run(step)
-        logits, taps = self._fetch([out["logits"], out["taps"]])
-        return logits, taps
+        decision, _ = self._fetch([out["decision"][:n], out["taps"][:n]])
+        return decision[:, 0].copy(), decision[:, 1].copy()
 
     @torch.inference_mode()
-    def draft(self, anchor: np.ndarray, ctx_taps: np.ndarray, ctx_count: np.ndarray, cache_len: np.ndarray,
-              temperature: np.ndarray | None, uniforms: np.ndarray | None) -> DraftOutput:
+    def draft_step(self, anchor: np.ndarray, ctx_taps: np.ndarray, ctx_count: np.ndarray,
+                   cache_len: np.ndarray) -> np.ndarray:
+        """One greedy draft graph (``ctx_taps`` of at most G+1 rows), nothing committed: the drafts [n, G]."""
         assert self.draft_model is not None and self._draft_kv is not None
         n, c, feat = ctx_taps.shape
         g = self.info.block_size
-        sampling = temperature is not None
-        window = self._window(int((cache_len + ctx_count).max()) + g)
-        graphable = c <= g + 1
-        rows = batch_bucket(n) if graphable else n
-        width = g + 1 if graphable else c
-        key = ("draft", rows, window, sampling)
-        step = self._steps.get(key) if graphable else None
-        if step is None:
-            step = self._draft_step(rows, width, feat, window, sampling, capture=self.graphs and graphable)
-            if graphable:
-                self._steps[key] = step
-        for name, value in (("anchor", anchor), ("ctx_taps", ctx_taps), ("ctx_count", ctx_count),
-                            ("cache_len", cache_len), ("temperature", temperature), ("uniforms", uniforms)):
-            if value is not None:
-                step.load(name, value, n)
-        out = self._run(step)
-        wanted = [out["tokens"][:n], out["confidence"][:n]] + ([out["probs"][:n]] if sampling else [])
-        fetched = self._fetch(wanted)
-        probs = None
-        if sampling:
-            probs = fetched[2]
-            probs.flags.writeable = False  # verify() may reuse the device copy when handed this very array
-            self._last_probs = (probs, out["probs"])
-        return DraftOutput(fetched[0], fetched[1], probs)
-
-    @torch.inference_mode()
-    def verify(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray,
-               draft_probs: np.ndarray | None, temperature: np.ndarray | None,
-               uniforms: np.ndarray | None) -> VerifyOutput:
-        assert self._kv is not None
-        n, t = tokens.shape
-        sampling = temperature is not None
+        if c > g + 1:
+            raise ValueError(f"draft_step takes at most {g + 1} context rows, found {c}")
         rows = batch_bucket(n)
-        window = self._window(int(cache_len.max()) + t)
-        key = ("verify", rows, t, window, sampling)
+        window = self._window(int((cache_len + ctx_count).max()) + g)
+        key = ("draft", rows, window)
         step = self._steps.get(key)
         if step is None:
-            step = self._steps[key] = self._verify_step(rows, t, window, sampling)
-        step.load("tokens", tokens, n)
-        step.load("cache_len", cache_len, n)
-        step.load("verify_len", verify_len, n)
-        if sampling:
-            assert uniforms is not None
-            step.load("temperature", temperature, n)
-            step.load("uniforms", uniforms, n)
-            if t > 1 and draft_probs is not None:
-                last = self._last_probs
-                if last is not None and draft_probs is last[0]:  # the draft's own output: no host round trip
-                    step.inputs["draft_probs"][:n].copy_(last[1][:n])
-                else:
-                    step.load("draft_probs", draft_probs, n)
+            step = self._steps[key] = self._draft_step(rows, g + 1, feat, window)
+        for name, value in (("anchor", anchor), ("ctx_taps", ctx_taps), ("ctx_count", ctx_count),
+                            ("cache_len", cache_len)):
+            step.load(name, value, n)
         out = self._run(step)
-        decision, taps = self._fetch([out["decision"][:n], out["taps"][:n]])
-        return VerifyOutput(decision[:, 0].copy(), decision[:, 1].copy(), taps)
-
-    def verify_step(self, tokens: np.ndarray, cache_len: np.ndarray, verify_len: np.ndarray) -> None:
-        """One greedy verify graph call, nothing committed: the SPS profile's unit of work (tools/profile_sps)."""
-        self.verify(tokens, cache_len, verify_len, None, None, None)
+        tokens, _ = self._fetch([out["tokens"][:n], out["confidence"][:n]])
+        return tokens
 
     @torch.inference_mode()
     def select(self, rows: np.ndarray) -> None:
@@ -437,8 +388,6 @@ class CudaGraphBackend:
                 host[:] = 0
                 host[: len(rows)] = kept
             self._live = len(rows)
-        self._rows = len(rows)
-        self._last_probs = None
 
     # ------------------------------------------------------------------------------ DecodeBackend protocol
     @torch.inference_mode()
@@ -493,11 +442,18 @@ class CudaGraphBackend:
         out = self._fetch([torch.cat((zero[:, None], first[:, None], st.drafts[rows]), dim=1), conf])
         return Proposal(out[0][:, 0].copy(), out[0][:, 1].copy(), out[0][:, 2:].copy(), out[1])
 
-    @torch.inference_mode()
     def round(self, verify_len: np.ndarray) -> Proposal:
         """Every live row: verify, commit, draft the next block — one CUDA graph replay, one sync."""
+        self.launch(verify_len)
+        return self.collect()
+
+    @torch.inference_mode()
+    def launch(self, verify_len: np.ndarray) -> None:
+        """The first half of :meth:`round`: replay its graph and queue the copy of its outputs, without waiting
+        (the host may work meanwhile, without touching this backend, until :meth:`collect`)."""
         st = self._state
         assert st is not None and self._live > 0, "admit() first"
+        assert self._inflight is None, "collect() the round in flight first"
         n = self._live
         rows = batch_bucket(n)
         g = st.g
@@ -509,21 +465,29 @@ class CudaGraphBackend:
             step = self._rounds[key] = self._round_step(rows, window, sampling, key[3])
         step.load("verify_len", np.asarray(verify_len, dtype=np.int64), n)
         if self.device.type != "cuda":
-            packed = self._run(step)["packed"][:n].clone().numpy()
-        else:
-            ev0, ev1 = step.events
-            h0 = time.perf_counter()
-            ev0.record()
-            out = self._run(step)["packed"]
-            ev1.record()
-            h1 = time.perf_counter()
-            if not step.host_out:  # the pinned twin of the output, allocated once per graph
-                step.host_out = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True)]
-            step.host_out[0].copy_(out, non_blocking=True)
+            self._inflight = (step, n, g, self._run(step)["packed"][:n].clone().numpy(), 0.0)
+            return
+        ev0, ev1 = step.events
+        h0 = time.perf_counter()
+        ev0.record()
+        out = self._run(step)["packed"]
+        ev1.record()
+        h1 = time.perf_counter()
+        if not step.host_out:  # the pinned twin of the output, allocated once per graph
+            step.host_out = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True)]
+        step.host_out[0].copy_(out, non_blocking=True)
+        self.last_host_ms = {"launch": 1e3 * (h1 - h0)}
+        self._inflight = (step, n, g, None, h1)
+
+    def collect(self) -> Proposal:
+        """The second half of :meth:`round`: wait for the round in flight (the one host sync) and read it."""
+        assert self._inflight is not None, "launch() a round first"
+        step, n, g, packed, h1 = self._inflight
+        self._inflight = None
+        if packed is None:
             torch.cuda.current_stream(self.device).synchronize()  # the one host sync of the round
-            h2 = time.perf_counter()
-            self.last_graph_ms = ev0.elapsed_time(ev1)
-            self.last_host_ms = {"launch": 1e3 * (h1 - h0), "wait": 1e3 * (h2 - h1)}
+            self.last_host_ms["wait"] = 1e3 * (time.perf_counter() - h1)
+            self.last_graph_ms = step.events[0].elapsed_time(step.events[1])
             packed = step.host_out[0][:n].numpy().copy()
         ints = packed[:, : g + 2].astype(np.int64)
         self._len_host[:n] += ints[:, 0] + 1
@@ -641,66 +605,36 @@ class CudaGraphBackend:
             self.stats["eager_calls"] += 1
         return step.run()
 
-    def _verify_step(self, rows: int, t: int, window: int, sampling: bool) -> _Step:
-        from dspark_compile.plugins.spec_verify.reference import spec_verify_torch
-
+    def _verify_step(self, rows: int, t: int, window: int) -> _Step:
         assert self._kv is not None
         kv = self._kv[:, :, :rows]
-        tgt = self.target_model
-        vocab = self.info.vocab_size
-        if self.spec_verify == "triton":
-            from dspark_compile.plugins.spec_verify.kernel import spec_verify_triton as spec_verify
-        else:
-            spec_verify = spec_verify_torch
 
         def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             tokens = inp["tokens"]
             hidden, taps = self.program.target_step(tokens, inp["cache_len"], kv, window)
-            logits = tgt.lm_head(hidden)  # SpecVerify reads the model dtype (exact: fp32 upcasts are exact)
-            extra = {}
-            if sampling:
-                extra = {k: inp[k] for k in ("draft_probs", "temperature", "uniforms")}
-            accepted, nxt = spec_verify(logits, tokens[:, 1:], inp["verify_len"],
-                                        mode="sampling" if sampling else "greedy", **extra)
+            logits = self.target_model.lm_head(hidden)  # SpecVerify reads the model dtype (fp32 upcasts are exact)
+            accepted, nxt = self._verify(logits, tokens[:, 1:], inp["verify_len"], None, None, None)
             return {"decision": torch.stack((accepted, nxt), dim=1), "taps": taps.float()}
 
-        specs: dict[str, tuple[tuple[int, ...], torch.dtype, Any, float]] = {
-            "tokens": ((rows, t), torch.int64, np.int64, 0),
-            "cache_len": ((rows,), torch.int64, np.int64, 0),
-            "verify_len": ((rows,), torch.int64, np.int64, 0),
-        }
-        if sampling:
-            specs |= {"draft_probs": ((rows, t - 1, vocab), torch.float32, np.float32, 0.0),
-                      "temperature": ((rows,), torch.float32, np.float32, 0.0),
-                      "uniforms": ((rows, t), torch.float32, np.float32, 0.5)}
-        return self._step(fn, specs, capture=self.graphs)
+        return self._step(fn, {"tokens": ((rows, t), torch.int64, np.int64, 0),
+                               "cache_len": ((rows,), torch.int64, np.int64, 0),
+                               "verify_len": ((rows,), torch.int64, np.int64, 0)}, capture=self.graphs)
 
-    def _draft_step(self, rows: int, width: int, feat: int, window: int, sampling: bool, *, capture: bool) -> _Step:
+    def _draft_step(self, rows: int, width: int, feat: int, window: int) -> _Step:
         assert self._draft_kv is not None and self.draft_model is not None
         kv = self._draft_kv[:, :, :rows]
         draft = self.draft_model
-        g = draft.block_size
-        dtype = draft.fc.weight.dtype
 
         def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             hidden = self.program.draft_step(inp["anchor"], inp["ctx_taps"], inp["ctx_count"], inp["cache_len"], kv,
                                              window)
-            tokens, conf, probs = draft.propose(hidden, inp["anchor"], inp.get("temperature"), inp.get("uniforms"))
-            out = {"tokens": tokens, "confidence": conf}
-            if sampling:
-                out["probs"] = probs
-            return out
+            tokens, conf, _ = draft.propose(hidden, inp["anchor"], None, None)
+            return {"tokens": tokens, "confidence": conf}
 
-        specs: dict[str, tuple[tuple[int, ...], torch.dtype, Any, float]] = {
-            "anchor": ((rows,), torch.int64, np.int64, 0),
-            "ctx_taps": ((rows, width, feat), dtype, np.float32, 0.0),
-            "ctx_count": ((rows,), torch.int64, np.int64, 0),
-            "cache_len": ((rows,), torch.int64, np.int64, 0),
-        }
-        if sampling:
-            specs |= {"temperature": ((rows,), torch.float32, np.float32, 0.0),
-                      "uniforms": ((rows, g), torch.float32, np.float32, 0.5)}
-        return self._step(fn, specs, capture=capture)
+        return self._step(fn, {"anchor": ((rows,), torch.int64, np.int64, 0),
+                               "ctx_taps": ((rows, width, feat), draft.hidden_norm.weight.dtype, np.float32, 0.0),
+                               "ctx_count": ((rows,), torch.int64, np.int64, 0),
+                               "cache_len": ((rows,), torch.int64, np.int64, 0)}, capture=self.graphs)
 
     def _fetch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
         """Device tensors -> NumPy with one wait: async copies into pinned memory, then a stream sync."""

@@ -7,7 +7,8 @@ microseconds, which at batch 1 is as much as the weights' read time, so the step
 * :func:`add_rmsnorm` — residual add (in place) + RMSNorm, optionally copying the new residual into a tap slot;
 * :func:`qk_norm_rope` — per-head q/k RMSNorm + RoPE on the fused q|k|v projection output, q written for
   attention, k and v written straight into the static KV cache at their slots (slot −1: not written);
-* :func:`silu_mul` — SwiGLU's silu(gate) · up on the fused gate|up projection output;
+* :func:`silu_mul` / :func:`gelu_tanh_mul` — SwiGLU's silu(gate) · up (GeGLU's GELU-tanh) on the fused gate|up
+  projection output;
 * :func:`decode_attention` — split-K attention for decode-sized queries (a batch-1 step is otherwise a
   handful of thread blocks reading the whole cache window).
 
@@ -151,70 +152,94 @@ def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots:
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
+def _act_mul_kernel(gu_ptr, out_ptr, INTER, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
     dt = out_ptr.dtype.element_ty
     g = tl.load(gu_ptr + row * 2 * INTER + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * INTER + INTER + offs, mask=mask, other=0.0).to(tl.float32)
-    s = _round(g / (1.0 + tl.exp(-g)), dt)
+    if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)
+    else:
+        s = _round(g / (1.0 + tl.exp(-g)), dt)
     tl.store(out_ptr + row * INTER + offs, (s * u).to(dt), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[M, 2I] (gate | up) -> silu(gate) · up, [M, I]."""
-    m, two_i = gate_up.shape
+def _act_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+    two_i = gate_up.shape[-1]
     inter = two_i // 2
     assert gate_up.is_contiguous()
-    out = torch.empty(m, inter, dtype=gate_up.dtype, device=gate_up.device)
+    out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(inter))
-    _silu_mul_kernel[(m, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block, num_warps=4)
+    rows = gate_up.numel() // two_i
+    _act_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, GELU_TANH=gelu_tanh, BLOCK=block,
+                                                        num_warps=4)
     return out
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> silu(gate) · up, [..., I] (SwiGLU: Qwen3)."""
+    return _act_mul(gate_up, False)
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> gelu_tanh(gate) · up, [..., I] (GeGLU: Gemma4), the GELU rounded to the dtype first."""
+    return _act_mul(gate_up, True)
+
+
 @triton.jit
-def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, part_o, part_m, part_l, T, GROUP, KVH, W, CHUNK, SPLITS,
-                       c_sb, c_sh, c_ss, scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, part_o, part_m, part_l, T, GROUP, KVH, W, CHUNK, SPLITS,
+                       c_sb, c_sh, c_ss, scale, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, HAS_LOW: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // KVH
     kvh = bh % KVH
     mq = GROUP * T
-    rows = tl.arange(0, BLOCK_M)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's block of query rows
     rmask = rows < mq
     lim = tl.load(limit_ptr + b * T + rows % T, mask=rmask, other=0)  # query row g·T + t sees slots < limit[b, t]
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + (bh * mq + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    low = tl.zeros([BLOCK_M], tl.int64)
+    if HAS_LOW:
+        low = tl.load(low_ptr + b * T + rows % T, mask=rmask, other=0)  # ... and >= low[b, t]
+    d = tl.arange(0, DP)  # the head dim padded to a power of two; lanes >= D load zeros and are not stored
+    dmask = d < D
+    q = tl.load(q_ptr + (bh * mq + rows)[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, W)
+    if HAS_LOW:  # skip the tiles below every row's window (a sliding layer reads ~its window, not the cache)
+        first = tl.min(tl.where(rmask, low, W), axis=0)
+        start = tl.maximum(start, first // BLOCK_N * BLOCK_N)  # tiles stay on the BLOCK_N grid: the same bits
     base = b * c_sb + kvh * c_sh
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kmask = cols < end
         offs = base + cols[:, None] * c_ss + d[None, :]
-        k = tl.load(k_ptr + offs, mask=kmask[:, None], other=0.0)
+        k = tl.load(k_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        vis = (cols[None, :] < lim[:, None]) & kmask[None, :]
+        vis = (cols[None, :] < lim[:, None]) & (cols[None, :] >= low[:, None]) & kmask[None, :]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
         p = tl.where(vis, tl.exp(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + offs, mask=kmask[:, None], other=0.0)
+        v = tl.load(v_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     part = (bh * SPLITS + split) * mq + rows
     tl.store(part_m + part, m_i, mask=rmask)
     tl.store(part_l + part, l_i, mask=rmask)
-    tl.store(part_o + part[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+    tl.store(part_o + part[:, None] * D + d[None, :], acc, mask=rmask[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, D: tl.constexpr, DP: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     bh = r // MQ
     i = r % MQ
@@ -225,10 +250,10 @@ def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, D: tl.cons
     l_s = tl.load(part_l + idx, mask=smask, other=0.0)
     top = tl.max(m, axis=0)
     w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
-    d = tl.arange(0, D)
-    o = tl.load(part_o + idx[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    d = tl.arange(0, DP)
+    o = tl.load(part_o + idx[:, None] * D + d[None, :], mask=smask[:, None] & (d < D)[None, :], other=0.0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l_s, axis=0)
-    tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> int:
@@ -248,13 +273,17 @@ def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> i
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: torch.Tensor, scale: float, *,
-                     chunk: int | None = None) -> torch.Tensor:
+                     chunk: int | None = None, low: torch.Tensor | None = None) -> torch.Tensor:
     """Split-K ("flash decoding") attention for a few query rows per request.
 
     q [B, Hq, T, D] contiguous; k/v [B, KV, W, D] cache windows (last axis contiguous, same strides); query
-    (b, ·, t) sees slots < limit[b, t]. Grid: one program per (b, KV head, chunk of ``chunk`` slots, default
-    :func:`split_chunk`), so a batch-1 step still spreads over the GPU; a second kernel merges the chunks'
-    softmax partials.
+    (b, ·, t) sees slots < limit[b, t] and, given ``low``, >= low[b, t] (a sliding window). Grid: one program
+    per (b, KV head, chunk of ``chunk`` slots, default :func:`split_chunk`, block of query rows), so a batch-1
+    step still spreads over the GPU; a second kernel merges the chunks' softmax partials.
+    The row block is a function of (group · T, D) alone, and 16 rows wherever a tile would pass 64 × 128
+    elements (Gemma4's 512-wide global heads: the 16 × 8 rows of a verify block run as eight 16-row blocks, the
+    tile a 16-row target-only step uses). Any head dim: lanes are padded to a power of two. Given ``low``, a
+    program skips the key tiles below all its rows' windows (exact: a fully masked tile adds nothing).
     Returns [B, Hq, T, D] in q's dtype. Scores and sums in float32.
     """
     bsz, hq, t, dh = q.shape
@@ -262,7 +291,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     group = hq // kvh
     mq = group * t
     assert q.is_contiguous() and k.stride() == v.stride() and k.stride(-1) == 1 and limit.is_contiguous()
-    assert dh == triton.next_power_of_2(dh) and mq <= 64
+    assert low is None or (low.shape == limit.shape and low.is_contiguous())
     if chunk is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
         chunk = split_chunk(bsz * kvh, sms)
@@ -271,11 +300,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     part_m = torch.empty(bsz * kvh, splits, mq, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     sb, sh, ss, _ = k.stride()
+    dp = triton.next_power_of_2(dh)
     block_m = max(16, triton.next_power_of_2(mq))
-    _attn_split_kernel[(bsz * kvh, splits)](q, k, v, limit, part_o, part_m, part_l, t, group, kvh, window, chunk,
-                                            splits, sb, sh, ss, scale, D=dh, BLOCK_M=block_m, BLOCK_N=min(64, chunk),
-                                            num_warps=4)
+    if block_m * dp > 64 * 128:
+        block_m = 16
+    block_n = min(64, chunk, 8192 // dp)  # key/value tiles of 16 KiB: head dims 256/512 (Gemma4) fit shared memory
+    grid = (bsz * kvh, splits, triton.cdiv(mq, block_m))
+    _attn_split_kernel[grid](q, k, v, limit, low if low is not None else limit, part_o, part_m, part_l,
+                             t, group, kvh, window, chunk, splits, sb, sh, ss, scale, D=dh, DP=dp,
+                             BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOW=low is not None, num_warps=4)
     out = torch.empty_like(q)
-    _attn_combine_kernel[(bsz * kvh * mq,)](part_o, part_m, part_l, out, mq, splits, D=dh,
+    _attn_combine_kernel[(bsz * kvh * mq,)](part_o, part_m, part_l, out, mq, splits, D=dh, DP=dp,
                                             BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=1)
     return out

@@ -5,10 +5,13 @@ strategy (``models.layers.InPlaceCache``: keys/values written into static caches
 slots ``[0, window)``) and an attention strategy: ``"reference"`` (float32), ``"sdpa"``, or ``"triton"``
 (:class:`TritonAttention`: the split-K kernel for decode-sized queries, SDPA for prefill-sized chunks).
 
-``fused=True`` adds the one thing the modules cannot express: q|k|v and gate|up weights concatenated (the
-modules' parameters become views of the fused tensors: same values, one matrix product instead of three) and
-the Triton kernels of :mod:`.kernels` for the elementwise work, with the residual add carried into the next
-layer's norm kernel.
+``fused=True`` (for targets whose ``fused_kernels`` is true: Qwen3) adds the one thing the modules cannot express:
+q|k|v and gate|up weights concatenated (the modules' parameters become views of the fused tensors: same values, one
+matrix product instead of three), e4m3 weights (``Fp8Linear``) multiplied by the weight-only FP8 GEMM of
+:mod:`.fp8_gemm` instead of being dequantized, and the Triton kernels of :mod:`.kernels` for the elementwise work,
+with the residual add carried into the next layer's norm kernel. Gemma4 (``fused=False``) keeps its module forward
+on CUDA with its own seams filled in: one Triton kernel per norm (:mod:`.gemma4_kernels`), q|k|v and gate|up fused
+(``Gemma4Layer.fuse``, bf16/fp32 weights), and its band masks (sliding windows) through the split-K attention.
 """
 
 from __future__ import annotations
@@ -20,20 +23,36 @@ from torch import nn
 from torch.nn import functional as F
 
 from dspark_compile.models.dspark import DSparkDraft
-from dspark_compile.models.layers import InPlaceCache, ReferenceAttention, SdpaAttention
+from dspark_compile.models.gemma4 import Gemma4Layer, GemmaRMSNorm
+from dspark_compile.models.layers import (
+    Fp8Linear,
+    InPlaceCache,
+    ReferenceAttention,
+    SdpaAttention,
+    fp8_quantize_dequantize,
+)
 from dspark_compile.models.qwen3 import Qwen3Target
 
 TRITON_ATTENTION_ROWS = 64  # query rows per KV head (group · T) up to which "triton" uses the split-K kernel
+TRITON_ATTENTION_T = 16  # ... and query rows (T) up to which it does so whatever the group (Gemma4: 16 per KV head)
 
 
 class TritonAttention(SdpaAttention):
-    """The split-K Triton kernel (kernels.decode_attention) for decode-sized queries, given as limits;
-    SDPA for longer chunks (prefill)."""
+    """The split-K Triton kernel (kernels.decode_attention) for decode-sized queries, given as limits [B, T], or
+    as a boolean visibility [B, 1, T, S] that is a band of slots per query (Gemma4's masks: slot = position, a
+    sliding window's lower edge), turned into [low, limit) bounds [2, B, T] once per forward; SDPA for longer
+    chunks (prefill). A verify block (T <= 16) takes the split-K kernel whatever the group, so a round's rows
+    are computed as a target-only step computes them (the same tiles: :func:`~.kernels.decode_attention`)."""
 
     def prepare(self, visible: torch.Tensor, window: int | None, group: int, dtype: torch.dtype) -> torch.Tensor:
-        if visible.dtype != torch.bool and group * visible.shape[1] <= TRITON_ATTENTION_ROWS:
+        t = visible.shape[2 if visible.dtype == torch.bool else 1]
+        if group * t > TRITON_ATTENTION_ROWS and t > TRITON_ATTENTION_T:
+            return super().prepare(visible, window, group, dtype)
+        if visible.dtype != torch.bool:
             return visible.contiguous()
-        return super().prepare(visible, window, group, dtype)
+        rows = visible[:, 0]
+        low = rows.to(torch.int32).argmax(-1)  # the first visible slot
+        return torch.stack((low, low + rows.sum(-1)))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                  scale: float) -> torch.Tensor:
@@ -42,7 +61,8 @@ class TritonAttention(SdpaAttention):
         from dspark_compile.targets.torch.kernels import decode_attention
 
         bsz, hq, t, d = q.shape
-        out = decode_attention(q.contiguous(), k, v, mask, scale)
+        low, limit = (mask[0], mask[1]) if mask.dim() == 3 else (None, mask)
+        out = decode_attention(q.contiguous(), k, v, limit, scale, low=low)
         return out.transpose(1, 2).reshape(bsz, t, hq * d)
 
 
@@ -51,32 +71,106 @@ ATTENTION: dict[str, ReferenceAttention] = {"sdpa": SdpaAttention(), "reference"
 
 
 @dataclass(frozen=True)
+class _Linear:
+    """One matrix product of the fused step: a full-precision weight through ``F.linear``, an e4m3 one through
+    the weight-only FP8 GEMM (:mod:`.fp8_gemm`), its static input scale (W8A8 checkpoints) applied first."""
+
+    weight: torch.Tensor | Fp8Weight  # type: ignore[name-defined]  # noqa: F821 (imported with Triton)
+    bias: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = fp8_quantize_dequantize(x, self.input_scale)
+        if not isinstance(self.weight, torch.Tensor):
+            from dspark_compile.targets.torch.fp8_gemm import fp8_linear
+
+            return fp8_linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def of(cls, linears: list[nn.Module]) -> _Linear:
+        """``linears`` (sharing their input) as one product: their weights concatenated by rows, the modules'
+        parameters re-pointed at views of the concatenation (same values, one copy)."""
+        if all(isinstance(lin, Fp8Linear) for lin in linears):
+            from dspark_compile.targets.torch.fp8_gemm import Fp8Weight
+
+            scales = {None if lin.input_scale is None else float(lin.input_scale) for lin in linears}
+            if len(scales) > 1:
+                raise ValueError(f"fused FP8 layers need one static input scale; found {sorted(map(str, scales))}")
+            parts = [Fp8Weight.of(lin.weight.detach(), lin.weight_scale.detach(), lin.group,
+                                  None if lin.bias is None else lin.bias.detach()) for lin in linears]
+            whole = Fp8Weight.cat(parts) if len(parts) > 1 else parts[0]
+            _repoint(linears, "weight", whole.weight)
+            return cls(whole, None, linears[0].input_scale)
+        if any(isinstance(lin, Fp8Linear) for lin in linears):
+            raise ValueError("cannot fuse FP8 and full-precision layers into one product")
+        weight = _repoint(linears, "weight", torch.cat([lin.weight.detach() for lin in linears]))
+        bias = None
+        if linears[0].bias is not None:
+            bias = _repoint(linears, "bias", torch.cat([lin.bias.detach() for lin in linears]))
+        return cls(weight, bias)
+
+
+def _repoint(linears: list[nn.Module], attr: str, whole: torch.Tensor) -> torch.Tensor:
+    start = 0
+    for lin in linears:
+        rows = getattr(lin, attr).shape[0]
+        setattr(lin, attr, nn.Parameter(whole[start : start + rows], requires_grad=False))
+        start += rows
+    return whole
+
+
+@dataclass(frozen=True)
 class _Fused:
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    gate_up: torch.Tensor
+    qkv: _Linear
+    o: _Linear
+    gate_up: _Linear
+    down: _Linear
+
+
+class _KernelFp8Linear(Fp8Linear):
+    """An ``Fp8Linear`` (the same parameters) whose forward is the FP8 GEMM, for the LM head that the round
+    calls as a module (``--quantize-lm-head``): the module's own forward would dequantize the whole
+    vocabulary × hidden matrix at every call."""
+
+    def __init__(self, lin: Fp8Linear) -> None:
+        nn.Module.__init__(self)
+        self.weight, self.weight_scale, self.bias, self.input_scale = (lin.weight, lin.weight_scale, lin.bias,
+                                                                       lin.input_scale)
+        self.group = lin.group
+        self.product = _Linear.of([self])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        return self.product(rows if rows.stride(-1) == 1 else rows.contiguous()).view(*x.shape[:-1], -1)
 
 
 def _fuse_layer(layer: nn.Module) -> _Fused:
-    """Concatenate q|k|v and gate|up; re-point the modules' parameters at views of the fused tensors."""
-
-    def fuse(linears: list[nn.Linear], attr: str) -> torch.Tensor | None:
-        parts = [getattr(lin, attr) for lin in linears]
-        if parts[0] is None:
-            return None
-        whole = torch.cat([p.detach() for p in parts])
-        start = 0
-        for lin, p in zip(linears, parts, strict=True):
-            setattr(lin, attr, nn.Parameter(whole[start : start + p.shape[0]], requires_grad=False))
-            start += p.shape[0]
-        return whole
-
+    """q|k|v and gate|up as one product each; o and down as they are."""
     a, mlp = layer.self_attn, layer.mlp
-    qkv = fuse([a.q_proj, a.k_proj, a.v_proj], "weight")
-    qkv_bias = fuse([a.q_proj, a.k_proj, a.v_proj], "bias")
-    gate_up = fuse([mlp.gate_proj, mlp.up_proj], "weight")
-    assert qkv is not None and gate_up is not None
-    return _Fused(qkv, qkv_bias, gate_up)
+    return _Fused(_Linear.of([a.q_proj, a.k_proj, a.v_proj]), _Linear.of([a.o_proj]),
+                  _Linear.of([mlp.gate_proj, mlp.up_proj]), _Linear.of([mlp.down_proj]))
+
+
+def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
+    """Gemma4's norms (with their residual adds and layer scalars) as one Triton kernel each
+    (:mod:`.gemma4_kernels`), and the target layers' q|k|v and gate|up as one matrix product each; the Qwen3
+    modules have none of these (their fused path is ``fused=True``)."""
+    from dspark_compile.targets.torch.gemma4_kernels import add_norm_norm, gemma_rmsnorm, qkv_into_cache
+    from dspark_compile.targets.torch.kernels import gelu_tanh_mul
+
+    for model in (target, draft):
+        for module in model.modules() if model is not None else ():
+            if isinstance(module, GemmaRMSNorm):
+                module.kernel = gemma_rmsnorm
+            if isinstance(module, Gemma4Layer):
+                module.add_norm_kernel = add_norm_norm
+                module.glu_kernel = gelu_tanh_mul
+                module.qkv_kernel = qkv_into_cache  # used by the target layers' forward (the draft injects K/V)
+                plain = not any(isinstance(m, Fp8Linear) for m in module.modules())  # e4m3 keeps its own GEMM
+                if module.gate_up is None and plain:
+                    module.fuse()
 
 
 class StaticProgram:
@@ -87,11 +181,19 @@ class StaticProgram:
             raise ValueError(f"attention must be one of {tuple(ATTENTION)}, found {attention!r}")
         self.target = target
         self.draft = draft
-        self.fused = fused
+        self.fused = fused and target.fused_kernels  # the fused kernels know Qwen3's layer only
         self.attention = attention
         self.attn = ATTENTION[attention]
-        self._target_weights = [_fuse_layer(layer) for layer in target.layers] if fused else []
-        self._draft_weights = [_fuse_layer(layer) for layer in draft.layers] if fused and draft is not None else []
+        self._target_weights = [_fuse_layer(layer) for layer in target.layers] if self.fused else []
+        self._draft_weights = [_fuse_layer(layer) for layer in draft.layers] if self.fused and draft is not None else []
+        self._draft_fc = _Linear.of([draft.fc]) if self.fused and draft is not None else None
+        if self.fused and type(target.lm_head) is Fp8Linear:
+            head = _KernelFp8Linear(target.lm_head)
+            if draft is not None and draft.lm_head is target.lm_head:
+                draft.lm_head = head
+            target.lm_head = head
+        if target.embed_tokens.weight.is_cuda:
+            _use_gemma4_kernels(target, draft)
         cfg = target.cfg
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
 
@@ -117,15 +219,15 @@ class StaticProgram:
         if ctx is not None:
             n_ctx = ctx.shape[1]
             rows_in = torch.cat((ctx, h.view(bsz, -1, h.shape[-1])), dim=1).view(-1, h.shape[-1])
-        qkv = F.linear(rows_in, fw.qkv, fw.qkv_bias)
+        qkv = fw.qkv(rows_in)
         t = x.shape[0] // bsz
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
                      rows=t + n_ctx, q_start=n_ctx)
         out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
-        h = add_rmsnorm(x, a.o_proj(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
+        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
                         layer.post_attention_layernorm.eps)
-        return layer.mlp.down_proj(silu_mul(F.linear(h, fw.gate_up)))
+        return fw.down(silu_mul(fw.gate_up(h)))
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
@@ -199,7 +301,7 @@ class StaticProgram:
         bsz, g, hid = x.shape
         c = ctx_taps.shape[1]
         x = x.reshape(bsz * g, hid)
-        fc = F.linear(ctx_taps.reshape(bsz * c, -1).to(d.fc.weight.dtype), d.fc.weight)
+        fc = self._draft_fc(ctx_taps.reshape(bsz * c, -1).to(d.embed_tokens.weight.dtype))
         ctx = add_rmsnorm(fc, None, d.hidden_norm.weight, d.hidden_norm.eps).view(bsz, c, hid)
         # Rows per batch entry: the C context rows, then the G block rows (the queries).
         pos = torch.cat((ctx_pos, blk_pos), dim=1)

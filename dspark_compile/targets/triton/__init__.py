@@ -1,3 +1,3 @@
-"""Triton Inference Server target: a model repository for the three graphs plus a streaming orchestrator."""
+"""Triton Inference Server target: a model repository for the two graphs plus a streaming orchestrator."""
 
 from __future__ import annotations

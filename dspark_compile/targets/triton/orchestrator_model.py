@@ -54,9 +54,13 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
 import queue  # noqa: E402
 import secrets  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from collections import deque  # noqa: E402
 from collections.abc import Callable, Mapping, Sequence  # noqa: E402
@@ -69,14 +73,16 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from torch.utils import dlpack  # noqa: E402
 
 from dspark_compile.errors import DsparkError, UsageError  # noqa: E402
-from dspark_compile.runtime.backend import DecodeBackend, ProgramInfo  # noqa: E402
+from dspark_compile.runtime.backend import DecodeBackend, ProgramInfo, cache_slots_needed  # noqa: E402
 from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate  # noqa: E402
-from dspark_compile.runtime.executor import GraphExecutor  # noqa: E402
+from dspark_compile.runtime.executor import GraphExecutor, load_weight_inputs  # noqa: E402
 from dspark_compile.serving import llm_io  # noqa: E402
-from dspark_compile.serving.batcher import ContinuousBatcher  # noqa: E402
+from dspark_compile.serving.batcher import STATS_ENV, ContinuousBatcher  # noqa: E402
 from dspark_compile.serving.text import TextCodec  # noqa: E402
 
 BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
+CANCELLED = "the client cancelled the request"
+SHUTTING_DOWN = "the server is shutting down"
 log = logging.getLogger(__name__)
 
 
@@ -136,7 +142,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], limits: Limits) -> Re
                          "--verify-mode sampling")
     seed = _scalar(inputs, "seed", np.int64, None)
     if limits.max_context is not None:
-        need = prompt.size + max_new + limits.block_size + 2
+        need = cache_slots_needed(prompt.size, max_new, limits.block_size)
         if need > limits.max_context:
             raise UsageError(f"prompt ({prompt.size} tokens) + max_new_tokens ({max_new}) need {need} cache "
                              f"slots but this model allows {limits.max_context}; shorten the prompt or "
@@ -160,10 +166,18 @@ def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, dtype: type, def
 # The batching worker
 
 
+class Cancelled(ConnectionError):
+    """A stream's client cancelled the request or went away."""
+
+
 class Stream:
     """Where one request's answers go; the Triton adapter wraps a response sender."""
 
     stopped = False  # a text stream met a stop string or end id: the request ends now (read with getattr)
+
+    def cancelled(self) -> bool:
+        """The client cancelled the request or went away (checked before admission; sends check it too)."""
+        return False
 
     def send(self, tokens: list[int], accepted: int) -> None:
         raise NotImplementedError
@@ -178,6 +192,7 @@ class Job:
     stream: Stream
     sent: int = 0
     finished: bool = False
+    on_end: Callable[[str | None], None] | None = None  # the orchestrator's counters
 
     def deliver(self, tokens: list[int], accepted: int, eos: tuple[int, ...]) -> None:
         if self.finished:
@@ -187,9 +202,12 @@ class Job:
             self.sent += len(tokens)
             try:
                 self.stream.send(tokens, accepted)
+            except Cancelled:
+                self.end(CANCELLED)  # Triton still wants the final flag to release it
+                return
             except Exception as exc:  # the client went away: drop this request, not its whole batch
                 log.warning("dspark: dropping a request whose stream failed: %s", exc)
-                self.end(f"stream failed: {exc}")  # Triton still wants the final flag to release it
+                self.end(f"stream failed: {exc}")
                 return
         stopped = getattr(self.stream, "stopped", False)
         if stopped or self.sent >= self.spec.max_new_tokens or (tokens and tokens[-1] in eos):
@@ -198,6 +216,8 @@ class Job:
     def end(self, error: str | None = None) -> None:
         if not self.finished:
             self.finished = True
+            if self.on_end is not None:
+                self.on_end(error)
             try:
                 self.stream.finish(error)
             except Exception as exc:
@@ -215,7 +235,14 @@ class Orchestrator:
     policy: VerifyPolicy = field(default_factory=VerifyPolicy)  # verify lengths: fixed, threshold or scheduler
     speculative: bool = True  # False: target-only decoding with the same graphs (a baseline)
     batching: str = "static"  # continuous: requests join/leave between rounds (serving.batcher); needs max_slots
+    stats_path: Path | None = None  # where stats() is written (JSON) when it changes; tests read it
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+    _draining: threading.Event = field(default_factory=threading.Event, init=False)
+    _ended: dict[str, int] = field(default_factory=lambda: {"completed": 0, "failed": 0, "cancelled": 0},
+                                   init=False)
+    _batcher: ContinuousBatcher | None = field(default=None, init=False)
+    _written: tuple[Any, ...] = field(default=(), init=False)
+    _written_at: float = field(default=0.0, init=False)
     _queue: queue.Queue[Job | None] = field(default_factory=queue.Queue, init=False)
     _held: deque[Job] = field(default_factory=deque, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
@@ -224,8 +251,47 @@ class Orchestrator:
         self._thread = threading.Thread(target=self._loop, name="dspark-orchestrator", daemon=True)
         self._thread.start()
 
+    def drain(self) -> None:
+        """Shutdown has begun: end every live and queued request with an error now, and each new one on arrival,
+        so the server's HTTP/gRPC connections close and it unloads the model within its exit timeout."""
+        self._draining.set()
+        self._queue.put(None)  # wake the worker if it waits for work
+
     def submit(self, job: Job) -> None:
+        job.on_end = self._count_end
         self._queue.put(job)
+
+    def _count_end(self, error: str | None) -> None:
+        kind = "completed" if error is None else "cancelled" if error == CANCELLED else "failed"
+        self._ended[kind] += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Rows and requests right now, and counters since the model loaded (what the fault tests check)."""
+        b = self._batcher
+        rows = b.rows if b is not None else self.max_batch
+        live = len(b.live) if b is not None else 0
+        return {"rows": rows, "live": live, "free_rows": rows - live, "slots": self.max_slots,
+                "queued": self._queue.qsize() + len(self._held), **self._ended,
+                **(b.counters if b is not None else {})}
+
+    def _write_stats(self, force: bool = False) -> None:
+        """Write stats() to ``stats_path`` when it changed: at once when idle (``force``), else at most 5 per s."""
+        if self.stats_path is None:
+            return
+        stats = self.stats()
+        key = tuple(stats.values())
+        now = time.monotonic()
+        if key == self._written or (not force and now - self._written_at < 0.2):
+            return
+        tmp = self.stats_path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(stats))
+            os.replace(tmp, self.stats_path)
+        except OSError as exc:  # never let the stats take the worker (and every request) down
+            self.on_error(f"dspark: cannot write stats to {self.stats_path} ({exc}); stats are off")
+            self.stats_path = None
+            return
+        self._written, self._written_at = key, now
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stopping.set()
@@ -253,24 +319,41 @@ class Orchestrator:
     def _continuous_loop(self) -> None:
         """Admit queued requests into free rows between rounds (blocking only while nothing runs)."""
         assert self.max_slots is not None
-        batcher = ContinuousBatcher(self.backend, rows=self.max_batch, slots=self.max_slots, policy=self.policy,
-                                    speculative=self.speculative, on_error=self.on_error)
+        batcher = self._batcher = ContinuousBatcher(self.backend, rows=self.max_batch, slots=self.max_slots,
+                                                    policy=self.policy, speculative=self.speculative,
+                                                    on_error=self.on_error)
         while not self._stopping.is_set():
             incoming: list[Job] = []
             while len(incoming) < batcher.free_rows:
+                idle = not batcher.busy and not incoming
+                if idle:
+                    self._write_stats(force=True)
                 try:
-                    job = self._queue.get(block=not batcher.live and not incoming)
+                    job = self._queue.get(block=idle)
                 except queue.Empty:
                     break
                 if job is None:
                     break
+                if self._draining.is_set():
+                    job.end(SHUTTING_DOWN)
+                    continue
+                if job.stream.cancelled():  # gone while queued: never admitted
+                    job.end(CANCELLED)
+                    continue
                 incoming.append(job)
             if self._stopping.is_set():
                 for job in incoming:
                     job.end("the model is being unloaded")
                 break
+            if self._draining.is_set():
+                batcher.end_all(SHUTTING_DOWN)
+                for job in incoming:
+                    job.end(SHUTTING_DOWN)
+                continue
             batcher.step(incoming)
+            self._write_stats()
         batcher.end_all("the model is being unloaded")
+        self._write_stats(force=True)
 
     def _next_batch(self) -> list[Job] | None:
         head = self._held.popleft() if self._held else self._queue.get()
@@ -292,8 +375,8 @@ class Orchestrator:
     def _fits(self, jobs: list[Job]) -> bool:
         if self.max_slots is None:
             return True
-        need = (max(len(j.spec.prompt) for j in jobs) + max(j.spec.max_new_tokens for j in jobs)
-                + self.backend.info.block_size + 2)
+        need = cache_slots_needed(max(len(j.spec.prompt) for j in jobs), max(j.spec.max_new_tokens for j in jobs),
+                                  self.backend.info.block_size)
         return need <= self.max_slots
 
     def _run(self, batch: list[Job]) -> None:
@@ -320,7 +403,7 @@ class Orchestrator:
 
 
 # ----------------------------------------------------------------------------------------------------
-# BLS backend: the three graphs as models of the same Triton server
+# BLS backend: the two graphs as models of the same Triton server
 
 
 class BlsError(RuntimeError):
@@ -366,10 +449,13 @@ class BlsTransport:
             buffer.copy_(dlpack.from_dlpack(tensor.to_dlpack()))
 
 
-def bls_executor(text: str) -> GraphExecutor:
-    """The executor over BLS from the ``model_info`` parameter the repository writer put in config.pbtxt."""
+def bls_executor(text: str, repository: Path) -> GraphExecutor:
+    """The executor over BLS from the ``model_info`` parameter the repository writer put in config.pbtxt; the
+    graphs' weight inputs are read once from the files it names in ``repository`` and handed to every call."""
     raw = json.loads(text)
-    return GraphExecutor(ProgramInfo.from_json(raw["info"]), BlsTransport(raw["models"], raw["signatures"]))
+    transport = BlsTransport(raw["models"], raw["signatures"])
+    weights = load_weight_inputs(repository, raw, transport.device)
+    return GraphExecutor(ProgramInfo.from_json(raw["info"]), transport, weights)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,9 +466,12 @@ class _SenderStream(Stream):
     def __init__(self, sender: Any) -> None:
         self.sender = sender
 
+    def cancelled(self) -> bool:
+        return bool(self.sender.is_cancelled())
+
     def send(self, tokens: list[int], accepted: int) -> None:
         if self.sender.is_cancelled():
-            raise ConnectionError("the client cancelled the request")
+            raise Cancelled(CANCELLED)
         self.sender.send(pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("tokens", np.asarray(tokens, dtype=np.int64)),
             pb_utils.Tensor("accepted", np.asarray([accepted], dtype=np.int32)),
@@ -409,7 +498,7 @@ class _TextSenderStream(_SenderStream):
 
     def send(self, tokens: list[int], accepted: int) -> None:
         if self.sender.is_cancelled():
-            raise ConnectionError("the client cancelled the request")
+            raise Cancelled(CANCELLED)
         out = self.reply.round(tokens)
         if out is not None:
             self.sender.send(self._response(*out, accepted))
@@ -436,7 +525,7 @@ def load_backend(parameters: Mapping[str, str], repository: Path) -> DecodeBacke
         raise UsageError(f"dspark/config.pbtxt: parameter `backend_mode` is {mode!r}; expected one of "
                          f"{', '.join(BACKEND_MODES)}")
     if mode == "bls":
-        return bls_executor(parameters["model_info"])
+        return bls_executor(parameters["model_info"], repository)
     build_dir = repository / parameters["build_dir"]
     if mode == "onnxruntime_inprocess":
         from dspark_compile.runtime.onnxruntime_backend import load_onnxruntime
@@ -471,9 +560,11 @@ class TritonPythonModel:
                                          max_slots=self.limits.max_context,
                                          on_error=pb_utils.Logger.log_error, policy=policy,
                                          speculative=parameters.get("speculative", "true") != "false",
-                                         batching=parameters.get("batching", "static"))
+                                         batching=parameters.get("batching", "static"),
+                                         stats_path=_stats_path(args.get("model_name", "dspark")))
         self.codec = TextCodec.find(Path(args["model_repository"]))  # tokenizer.json copied by the writer
         self.orchestrator.start()
+        on_signal(signal.SIGTERM, self.orchestrator.drain)
 
     def execute(self, requests: Sequence[Any]) -> None:
         for request in requests:
@@ -498,6 +589,37 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.orchestrator.stop()
+
+
+def on_signal(signum: int, callback: Callable[[], None]) -> bool:
+    """Call ``callback`` from a watcher thread when this process receives ``signum``.
+
+    `dspark-compile serve` stops tritonserver with SIGTERM to its process group, so the stub gets it too (it
+    ignores it by default). A Python handler alone would run only when the stub's main thread next enters
+    Python, so the C-level handler's wakeup fd is read by a thread instead. Needs the main thread (False
+    otherwise: then shutdown is Triton's own, in-flight streams drain until its exit timeout).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.signal(signum, lambda *_: None)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while data := reader.recv(64):
+            if signum in data:
+                callback()
+
+    threading.Thread(target=watch, name="dspark-signals", daemon=True).start()
+    on_signal.keep = (reader, writer)  # type: ignore[attr-defined]  # the sockets live as long as the process
+    return True
+
+
+def _stats_path(model: str) -> Path | None:
+    """``$DSPARK_STATS_FILE`` with ``{model}`` replaced by this model's name (several models, one server)."""
+    value = os.environ.get(STATS_ENV)
+    return Path(value.replace("{model}", model)) if value else None
 
 
 def _input(request: Any, name: str) -> np.ndarray | None:

@@ -1,9 +1,6 @@
-"""``config.pbtxt`` of the Triton models: built as Triton's ``ModelConfig`` protobuf, validated by parsing.
-
-Configs are built as ``tritonclient.grpc.model_config_pb2.ModelConfig`` messages and printed with
-``text_format``, so they are well-formed by construction; :func:`validate_config` parses the written text
-back and adds the checks the server would otherwise only report at load time (name = directory, a known
-platform/backend, sane dims, unique tensor names), so a broken repository fails the build, not the deployment.
+"""``config.pbtxt`` of the Triton models, built as Triton's ``ModelConfig`` protobuf (well-formed by
+construction); :func:`validate_config` parses the written text back and checks what the server would only
+report at load time, so a broken repository fails the build, not the deployment.
 """
 
 from __future__ import annotations
@@ -22,10 +19,8 @@ try:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 except ImportError as exc:  # the [triton] extra is optional for the rest of the compiler
-    raise BackendUnavailableError(
-        f"the Triton target needs `tritonclient[grpc]` (for Triton's ModelConfig protobuf): {exc}; "
-        "install it with `pip install 'dspark-compile[triton]'`"
-    ) from exc
+    raise BackendUnavailableError(f"the Triton target needs `tritonclient[grpc]` (for Triton's ModelConfig protobuf): "
+                                  f"{exc}; install it with `pip install 'dspark-compile[triton]'`") from exc
 
 PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU")
@@ -65,21 +60,20 @@ def triton_tensors(values: Iterable[TensorIO], where: Path | str) -> tuple[Trito
     return tuple(out)
 
 
-def _tensor(message: Any, spec: TritonTensor) -> None:
-    message.name = spec.name
-    message.data_type = mc.DataType.Value(spec.data_type)
-    message.dims.extend(spec.dims)
-    if spec.optional:
-        message.optional = True
+def _model(config: Any, inputs: Iterable[TritonTensor], outputs: Iterable[TritonTensor]) -> Any:
+    """``config`` with its input and output tensors declared."""
+    for field, specs in ((config.input, inputs), (config.output, outputs)):
+        for spec in specs:
+            message = field.add(name=spec.name, data_type=mc.DataType.Value(spec.data_type), dims=spec.dims)
+            if spec.optional:  # an input-only field
+                message.optional = True
+    return config
 
 
 def graph_model_config(name: str, io: GraphIO, *, platform: str, instance_kind: str = "KIND_GPU",
                        instances: int = 1) -> Any:
-    """A ModelConfig for one of the three graphs.
-
-    ``max_batch_size`` is 0 and Triton's dynamic batcher is off: the KV caches carry the batch in their third
-    dim, and the orchestrator already batches concurrent requests into one call, so dims are the full shapes.
-    """
+    """A ModelConfig for one of the two graphs, with ``max_batch_size`` 0: the orchestrator batches requests
+    itself and the KV caches carry the batch in their third dim."""
     if platform not in PLATFORMS:
         raise BuildError(f"Triton platform {platform!r} is not supported; expected one of "
                          f"{', '.join(PLATFORMS)}")
@@ -87,12 +81,9 @@ def graph_model_config(name: str, io: GraphIO, *, platform: str, instance_kind: 
         raise BuildError(f"instance kind {instance_kind!r}: expected one of {', '.join(INSTANCE_KINDS)}")
     if platform == "tensorrt_plan" and instance_kind != "KIND_GPU":
         raise BuildError(f"model {name}: TensorRT engines run only on GPU instances; use KIND_GPU")
-    config = mc.ModelConfig(name=name, platform=platform, max_batch_size=0,
-                            default_model_filename=MODEL_FILES[platform])
-    for spec in triton_tensors(io.inputs, name):
-        _tensor(config.input.add(), spec)
-    for spec in triton_tensors(io.outputs, name):
-        _tensor(config.output.add(), spec)
+    config = _model(mc.ModelConfig(name=name, platform=platform, max_batch_size=0,
+                                    default_model_filename=MODEL_FILES[platform]),
+                    triton_tensors(io.inputs, name), triton_tensors(io.outputs, name))
     config.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(instance_kind), count=instances)
     return config
 
@@ -114,16 +105,11 @@ ORCHESTRATOR_OUTPUTS = (
 
 
 def orchestrator_config(name: str, parameters: Mapping[str, str | int | float | Mapping[str, Any]]) -> Any:
-    """The decoupled python-backend model that runs the DSpark loop and streams tokens.
-
-    One CPU instance: it holds every request's state and batches concurrent requests itself.
-    """
-    config = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    """The decoupled python-backend model that runs the DSpark loop and streams tokens: one CPU instance, which
+    holds every request's state and batches them itself."""
+    config = _model(mc.ModelConfig(name=name, backend="python", max_batch_size=0), ORCHESTRATOR_INPUTS,
+                    ORCHESTRATOR_OUTPUTS)
     config.model_transaction_policy.decoupled = True
-    for spec in ORCHESTRATOR_INPUTS:
-        _tensor(config.input.add(), spec)
-    for spec in ORCHESTRATOR_OUTPUTS:
-        _tensor(config.output.add(), spec)
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
     for key, value in parameters.items():
         text = json.dumps(value, sort_keys=True) if isinstance(value, Mapping) else str(value)

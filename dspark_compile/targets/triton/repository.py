@@ -1,19 +1,14 @@
 """Write ``OUT/triton/``: a Triton model repository for a build directory.
 
-Layout (one model per graph plus the orchestrator; every model has version ``1/``)::
-
     triton/
-      dspark_target_prefill/{config.pbtxt, 1/model.plan | 1/model.onnx (+ external data)}
-      dspark_target_verify/...
-      dspark_draft/...                    (absent for a target-only build)
-      dspark/{config.pbtxt, 1/model.py}   decoupled python-backend orchestrator
+      dspark_target/{config.pbtxt, 1/model.plan | 1/model.onnx (+ external data)}   graph target_step
+      dspark_draft/...                    graph draft_propose (absent for a target-only build)
+      dspark/{config.pbtxt, 1/model.py, 1/weights.bin}   decoupled python-backend orchestrator
 
-In the in-process modes the orchestrator loads the build directory itself (its ``manifest.json`` is written
-after this step), named relative to the repository, so ``OUT`` must move as a whole. The bls mode gets the
-build's :class:`ProgramInfo` from the build (in the pipeline) or its ``manifest.json`` (afterwards).
-
-The repository is assembled in a temporary directory next to its destination, every ``config.pbtxt`` is
-validated with Triton's ModelConfig protobuf, and only then is it renamed into place.
+The orchestrator holds the graphs' weight inputs (embedding, LM head) once and hands them to both graph models
+by DLPack; in the bls mode it reads them from ``dspark/1/weights.bin``, a hard link to the build's weights. The
+in-process modes load the build directory, named relative to the repository, so ``OUT`` must move as a whole.
+The repository is assembled beside its destination and renamed into place once every config.pbtxt validates.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dspark_compile.artifacts import GraphIO, TritonRepository
+from dspark_compile.artifacts import GraphIO, TritonRepository, replace_dir
 from dspark_compile.errors import BuildError, UsageError
 from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.runtime.onnxruntime_dtypes import check_onnxruntime_dtype
@@ -38,9 +33,8 @@ from dspark_compile.targets.triton import pbtxt
 log = logging.getLogger(__name__)
 
 # Graph file stem in BUILD/onnx (and BUILD/engines) -> Triton model name.
-GRAPH_MODELS = {"target_prefill": "dspark_target_prefill", "target_verify": "dspark_target_verify",
-                "draft_propose": "dspark_draft"}
-REQUIRED_GRAPHS = ("target_prefill", "target_verify")
+GRAPH_MODELS = {"target_step": "dspark_target", "draft_propose": "dspark_draft"}
+REQUIRED_GRAPHS = ("target_step",)
 ORCHESTRATOR = "dspark"
 BACKEND_MODES = ("bls", "onnxruntime_inprocess", "factory")
 PLATFORM_CHOICES = ("auto", *pbtxt.PLATFORMS)
@@ -48,13 +42,9 @@ PLATFORM_CHOICES = ("auto", *pbtxt.PLATFORMS)
 
 @dataclass(frozen=True)
 class TritonOptions:
-    """How to lay out the repository.
-
-    ``platform``: ``auto`` serves TensorRT engines when BUILD/engines holds one per graph, else the ONNX
-    graphs. ``python_path``: directories (absolute or repository-relative) the orchestrator's interpreter
-    needs for numpy and dspark_compile; ``None`` = this interpreter's site-packages, right for the bundled
-    server here, to be set for a server container with another environment.
-    """
+    """How to lay out the repository. ``platform`` ``auto``: TensorRT engines when BUILD/engines holds one per
+    graph, else ONNX. ``python_path``: what the orchestrator's interpreter needs for numpy and dspark_compile
+    (``None``: this interpreter's site-packages; set it for a server container with another environment)."""
 
     backend_mode: str = "bls"
     platform: str = "auto"
@@ -91,18 +81,18 @@ class TritonOptions:
 
 
 def write_triton_repository(build_dir: Path, out_dir: Path, options: TritonOptions | None = None, *,
-                            graphs: Mapping[str, Path] | None = None,
-                            io: Mapping[str, GraphIO] | None = None) -> TritonRepository:
-    """Write ``out_dir/triton`` for the graphs in ``build_dir`` (replacing an older one) and validate it.
-
-    The pipeline passes the ``graphs`` it wrote and their ``io``; without them they are found in BUILD/onnx.
-    """
+                            graphs: Mapping[str, Path] | None = None, io: Mapping[str, GraphIO] | None = None,
+                            weight_inputs: Mapping[str, Mapping[str, Any]] | None = None) -> TritonRepository:
+    """Write ``out_dir/triton`` for the graphs in ``build_dir`` (replacing an older one) and validate it. The
+    pipeline passes its ``graphs``, their ``io`` and ``weight_inputs``; else BUILD/onnx and the manifest tell."""
     options = options or TritonOptions()
     build_dir = Path(build_dir)
     graphs = dict(graphs) if graphs is not None else _find_graphs(build_dir)
     platform = _choose_platform(build_dir, graphs, options.platform)
     io = dict(io) if io is not None else {g: _read_io(path) for g, path in graphs.items()}
     info = options.model_info or _manifest_info(build_dir, required=options.backend_mode == "bls")
+    if weight_inputs is None:
+        weight_inputs = _json_field(build_dir / "manifest.json", "weight_inputs") or {}
     if info is not None and (platform == "onnxruntime_onnx" or options.backend_mode == "onnxruntime_inprocess"):
         check_onnxruntime_dtype(info.dtype, "the Triton repository's onnxruntime models")
     out_dir = Path(out_dir)
@@ -113,15 +103,9 @@ def write_triton_repository(build_dir: Path, out_dir: Path, options: TritonOptio
         for graph, onnx_path in graphs.items():
             _write_graph_model(staging / GRAPH_MODELS[graph], graph, onnx_path, build_dir, io[graph], platform,
                                options)
-        _write_orchestrator(staging / ORCHESTRATOR, build_dir, final, graphs, io, info, options)
+        _write_orchestrator(staging / ORCHESTRATOR, build_dir, final, graphs, io, info, options, weight_inputs)
         models = tuple(d.name for d in sorted(staging.iterdir()) if pbtxt.validate_config(d / "config.pbtxt"))
-        if final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=".triton-old-", dir=out_dir))
-            final.rename(retired / "triton")
-            staging.rename(final)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(final)
+        replace_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -135,6 +119,14 @@ def _read_io(path: Path) -> GraphIO:
         return GraphIO.read(path)
     except Exception as exc:
         raise BuildError(f"{path}: cannot read the ONNX graph ({exc}); rebuild it with `dspark-compile build`") from exc
+
+
+def _json_field(path: Path, name: str) -> Any:
+    """A field of a build's JSON file (None when it cannot be read)."""
+    try:
+        return json.loads(path.read_text()).get(name)
+    except (OSError, ValueError):
+        return None
 
 
 def _manifest_info(build_dir: Path, *, required: bool) -> ProgramInfo | None:
@@ -192,10 +184,11 @@ def _write_graph_model(model_dir: Path, graph: str, onnx_path: Path, build_dir: 
 
 
 def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, graphs: Mapping[str, Path],
-                        io: Mapping[str, GraphIO], info: ProgramInfo | None, options: TritonOptions) -> None:
+                        io: Mapping[str, GraphIO], info: ProgramInfo | None, options: TritonOptions,
+                        weight_inputs: Mapping[str, Mapping[str, Any]]) -> None:
     (model_dir / "1").mkdir(parents=True)
     shutil.copyfile(Path(__file__).with_name("orchestrator_model.py"), model_dir / "1" / "model.py")
-    tokenizer = Path(str(_spec_field(build_dir, "target") or "")) / "tokenizer.json"
+    tokenizer = Path(str(_json_field(build_dir / "build_spec.json", "target") or "")) / "tokenizer.json"
     if tokenizer.is_file():  # text in and out (dspark_compile.serving.llm_io), read by the orchestrator
         shutil.copyfile(tokenizer, model_dir / "tokenizer.json")
     python_path = default_python_path() if options.python_path is None else options.python_path
@@ -213,8 +206,14 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         parameters["max_context"] = int(max_context)
     if options.backend_mode == "bls":
         assert info is not None
+        weights = {}
+        for name, record in weight_inputs.items():  # one hard link per file (all of them: weights.bin)
+            linked = f"{ORCHESTRATOR}/1/{Path(record['file']).name}"
+            if not (model_dir.parent / linked).exists():
+                _link_or_copy(build_dir / record["file"], model_dir.parent / linked)
+            weights[name] = {**record, "file": linked}
         parameters["model_info"] = {
-            "info": info.to_json(),
+            "info": info.to_json(), "weight_inputs": weights,
             "models": {g: GRAPH_MODELS[g] for g in graphs},
             "signatures": {g: {"inputs": [t.to_json() for t in pbtxt.triton_tensors(s.inputs, g)],
                                "outputs": [t.to_json() for t in pbtxt.triton_tensors(s.outputs, g)]}
@@ -226,14 +225,6 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         parameters["backend_factory"] = options.backend_factory
     config = pbtxt.orchestrator_config(ORCHESTRATOR, parameters)
     (model_dir / "config.pbtxt").write_text(pbtxt.render(config))
-
-
-def _spec_field(build_dir: Path, name: str) -> Any:
-    """A field of the build's ``build_spec.json`` (None when it cannot be read)."""
-    try:
-        return json.loads((build_dir / "build_spec.json").read_text()).get(name)
-    except (OSError, ValueError):
-        return None
 
 
 def default_python_path() -> tuple[str, ...]:

@@ -1,13 +1,10 @@
-"""Run the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel on 127.0.0.1, for tests and demos.
+"""Run the ``tritonserver`` binary shipped in the ``nvidia-pytriton`` wheel, for tests, demos and `serve`.
 
-That wheel holds a real Triton server with only the python backend. Making it start takes three things the
-wheel does not do for us (see docs/ENVIRONMENT.md of the workplace): ``LD_LIBRARY_PATH`` pointing at its
-bundled libraries, the python-backend stub of our Python version copied next to ``libtriton_python.so``, and
-explicit loopback addresses with free ports. The backend directory is assembled in a private temporary copy so
-the installed wheel is never modified and parallel servers do not share state.
-
-pytriton's own ``Triton`` class was not used: it owns the model repository and binds the models to Python
-callables in the client process, whereas we serve a repository written to disk.
+The wheel's server (python backend only) needs what the wheel does not set up (docs/ENVIRONMENT.md):
+``LD_LIBRARY_PATH`` at its bundled libraries, the python-backend stub of our Python version beside the
+backend, and explicit addresses and free ports. The backends are copied into a private directory, so the
+installed wheel is never modified. pytriton's own ``Triton`` class binds models to Python callables in the
+client process; we serve a repository written to disk.
 """
 
 from __future__ import annotations
@@ -52,12 +49,9 @@ class PytritonInstall:
             raise BackendUnavailableError(f"package `pytriton` is not importable; {PYTRITON_HINT}.")
         root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
         version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
-        found = cls(
-            binary=root / "bin" / "tritonserver",
-            backends=root / "backends",
-            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
-            libs=root.parent.parent / "nvidia_pytriton.libs",
-        )
+        found = cls(binary=root / "bin" / "tritonserver", backends=root / "backends",
+                    stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+                    libs=root.parent.parent / "nvidia_pytriton.libs")
         for what, path in (("server binary", found.binary), ("python backend", found.backends / "python"),
                            (f"python {version} backend stub", found.stub), ("bundled libraries", found.libs)):
             if not path.exists():
@@ -74,11 +68,8 @@ def free_port() -> int:
 
 @dataclass
 class TritonServer:
-    """A ``tritonserver`` process serving ``repository`` on 127.0.0.1; use as a context manager.
-
-    The log is written to ``log_path`` (in ``work_dir``) and copied into :attr:`log` when the server stops, so
-    it stays readable after the temporary directory is gone.
-    """
+    """A ``tritonserver`` process serving ``repository``; a context manager. Its log is copied into :attr:`log`
+    when it stops, so it stays readable after the temporary directory is gone."""
 
     repository: Path
     startup_timeout_s: float = 120.0
@@ -134,7 +125,8 @@ class TritonServer:
         install = PytritonInstall.locate()
         if self.work_dir is None:
             self._owned_dir = Path(tempfile.mkdtemp(prefix="dspark-triton-"))
-        else:
+        else:  # resolved: the server runs in it, so relative paths would resolve twice
+            self.work_dir = Path(self.work_dir).resolve()
             self.work_dir.mkdir(parents=True, exist_ok=True)
         backends = self._prepare_backends(install)
         t0 = time.monotonic()
@@ -220,11 +212,13 @@ class TritonServer:
         return self._process is not None and self._process.poll() is None
 
     def stop(self, keep_dir: bool = False) -> int | None:
-        """Stop the server by its PID (SIGTERM, then SIGKILL to its process group); return its exit code."""
+        """Stop the server: SIGTERM to its process group (the ``dspark`` model's stub ends its in-flight requests
+        at once, so the server unloads it and exits cleanly), then SIGKILL to the group; return its exit code."""
         process, code = self._process, None
         if process is not None:
             if process.poll() is None:
-                os.kill(process.pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
                 try:
                     process.wait(timeout=self.stop_timeout_s)
                 except subprocess.TimeoutExpired:

@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dspark_compile.errors import UsageError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 DTYPES = ("fp32", "fp16", "bf16")
 VERIFY_MODES = ("greedy", "sampling")
 TARGETS = ("onnx", "tensorrt", "triton")
 TRT_FLAVORS = ("auto", "full", "rtx")
 TRITON_MODES = ("bls", "onnxruntime_inprocess")
+QUANTIZE = ("fp8",)
 
 
 class SpecFieldError(UsageError):
@@ -56,6 +52,12 @@ class BuildSpec:
     allow_nonfinite: bool = False
     kv_buckets: tuple[int, ...] = field(default_factory=tuple)  # TensorRT profiles; empty = one up to max_context
     triton_mode: str = "bls"  # bls | onnxruntime_inprocess (servers with only the python backend)
+    quantize: str | None = None  # fp8: e4m3 target linear weights (passes/quantize.py)
+    quantize_lm_head: bool = False
+    quantize_draft: bool = False
+    check_acceptance: Path | None = None  # prompts (JSON Lines): decode with the build and the reference
+    max_tau_drop: float = 0.03  # check_acceptance fails the build (exit 3) past this relative drop of τ
+    gpu_memory: str | None = None  # e.g. "80GiB": the build fails (exit 3) when a server would need more
 
     def __post_init__(self) -> None:
         bad = SpecFieldError
@@ -76,8 +78,15 @@ class BuildSpec:
             raise bad("trt_flavor", " | ".join(TRT_FLAVORS), self.trt_flavor)
         if self.triton_mode not in TRITON_MODES:
             raise bad("triton_mode", " | ".join(TRITON_MODES), self.triton_mode)
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise bad("quantize", " | ".join(QUANTIZE), self.quantize)
+        if isinstance(self.max_tau_drop, bool) or not isinstance(self.max_tau_drop, (int, float)) or not (
+                0 <= self.max_tau_drop <= 1):
+            raise bad("max_tau_drop", "a fraction in [0, 1] (0.03 = 3%)", self.max_tau_drop)
         if not _is_int(self.opset) or not 18 <= self.opset <= 23:
             raise bad("opset", "an integer in [18, 23]", self.opset)
+        if self.gpu_memory is not None and parse_size(self.gpu_memory) is None:
+            raise bad("gpu_memory", "a size such as 80GiB, 24G or 500MB", self.gpu_memory)
 
     def to_json(self) -> dict[str, Any]:
         out = {}
@@ -88,11 +97,25 @@ class BuildSpec:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(BuildSpec)}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: Any) -> int | None:
+    """``"80GiB"`` -> bytes (``G``/``GB`` decimal, ``GiB`` binary); None when it is not a size."""
+    value = str(text).strip().lower().replace(" ", "")
+    number = value.rstrip("kmgtib")
+    try:
+        size = float(number)
+    except ValueError:
+        return None
+    unit = _UNITS.get(value[len(number):])
+    return int(size * unit) if unit is not None and size > 0 else None
 
 
 def _coerce(name: str, value: Any) -> Any:
     f = FIELDS[name]
-    if name in ("target", "draft", "out"):
+    if name in ("target", "draft", "out", "check_acceptance"):
         return Path(str(value))
     if name in ("targets", "kv_buckets"):
         items = value.split(",") if isinstance(value, str) else value
@@ -125,7 +148,7 @@ def load_spec_file(path: Path) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"{path}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(FIELDS)}")
     base = path.parent
-    for key in ("target", "draft", "out"):
+    for key in ("target", "draft", "out", "check_acceptance"):
         if key in raw and not Path(str(raw[key])).is_absolute():
             raw[key] = str(base / str(raw[key]))
     return raw

@@ -1,10 +1,7 @@
-"""The one machine-readable description of the ``dspark::SpecVerify`` node (see README.md beside this file).
+"""The one machine-readable description of the ``dspark::SpecVerify`` node (README.md beside this file).
 
-The exporter writes the node from :meth:`OpSchema.onnx_op_schema` (``op.py``), :func:`make_node` builds it for
-stand-alone models, the decomposition pass validates nodes with :meth:`OpSchema.check_node`, and tests compare
-graphs against :data:`SPEC_VERIFY` itself.
-onnx's own ``OpSchema`` registry was not used: registering a schema is process-global and onnx's checker
-then applies it to every model, which would couple unrelated tests and runtimes.
+Not registered in onnx's ``OpSchema`` registry: that is process-global and its checker would then apply it to
+every model, coupling unrelated tests and runtimes.
 """
 
 from __future__ import annotations
@@ -66,18 +63,15 @@ class OpSchema:
         return {"plugin_namespace": self.domain, "plugin_version": self.version}
 
     def inputs_for(self, mode: str) -> tuple[TensorSpec, ...]:
-        _check_mode(mode)
+        check_mode(mode)
         return tuple(spec for spec in self.inputs if mode in spec.modes)
 
     def opset_import(self) -> onnx.OperatorSetIdProto:
         return helper.make_opsetid(self.domain, self.opset_version)
 
     def onnx_op_schema(self) -> onnx.defs.OpSchema:
-        """This schema as an (unregistered) ``onnx.defs.OpSchema``, what onnxscript needs to emit the node.
-
-        Inputs present in one mode only are optional; ``mode`` is required, the TensorRT lookup attributes
-        default to their only values.
-        """
+        """This schema as an unregistered ``onnx.defs.OpSchema`` (what onnxscript needs to emit the node):
+        inputs of one mode only are optional, the TensorRT lookup attributes default to their only values."""
         schema_cls = onnx.defs.OpSchema
         all_modes = set(MODES)
 
@@ -151,47 +145,28 @@ SPEC_VERIFY = OpSchema(
 )
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
 
 
-def make_node(
-    mode: str,
-    inputs: Sequence[str],
-    outputs: Sequence[str] = ("accepted", "next_token"),
-    name: str | None = None,
-) -> onnx.NodeProto:
-    """A ``dspark::SpecVerify`` node; ``inputs`` in schema order (3 for greedy, 6 for sampling).
-
-    It carries the TensorRT lookup attributes too (``plugin_namespace``/``plugin_version``), so that full
-    TensorRT's parser finds the registered plugin; other consumers ignore them.
-    """
-    node = helper.make_node(
-        SPEC_VERIFY.name, list(inputs), list(outputs), name=name, domain=SPEC_VERIFY.domain, mode=mode,
-        **SPEC_VERIFY.tensorrt_lookup,
-    )
+def make_node(mode: str, inputs: Sequence[str], outputs: Sequence[str] = ("accepted", "next_token"),
+              name: str | None = None) -> onnx.NodeProto:
+    """A ``dspark::SpecVerify`` node, ``inputs`` in schema order, with the TensorRT lookup attributes."""
+    node = helper.make_node(SPEC_VERIFY.name, list(inputs), list(outputs), name=name, domain=SPEC_VERIFY.domain,
+                            mode=mode, **SPEC_VERIFY.tensorrt_lookup)
     SPEC_VERIFY.check_node(node)
     return node
 
 
 def make_model(mode: str, logits_dtype: int = TensorProto.FLOAT, opset: int = 18) -> onnx.ModelProto:
-    """A model that is one SpecVerify node, graph I/O named as in the schema, every dimension symbolic.
-
-    Used by tests, and to inspect what a backend makes of the node (or of its decomposition) in isolation.
-    """
+    """A model that is one SpecVerify node, graph I/O named as in the schema, every dimension symbolic."""
     specs = SPEC_VERIFY.inputs_for(mode)
     if logits_dtype not in specs[0].dtypes:
         raise ValueError(f"target_logits dtype must be one of {specs[0].dtypes}, found {logits_dtype}")
     dtypes = [logits_dtype] + [spec.dtypes[0] for spec in specs[1:]]
-    graph_inputs = [
-        helper.make_tensor_value_info(spec.name, dtype, list(spec.shape))
-        for spec, dtype in zip(specs, dtypes, strict=True)
-    ]
-    graph_outputs = [
-        helper.make_tensor_value_info(spec.name, spec.dtypes[0], list(spec.shape))
-        for spec in SPEC_VERIFY.outputs
-    ]
+    graph_inputs = [helper.make_tensor_value_info(s.name, d, list(s.shape)) for s, d in zip(specs, dtypes, strict=True)]
+    graph_outputs = [helper.make_tensor_value_info(s.name, s.dtypes[0], list(s.shape)) for s in SPEC_VERIFY.outputs]
     node = make_node(mode, [spec.name for spec in specs], [spec.name for spec in SPEC_VERIFY.outputs])
     graph = helper.make_graph([node], f"spec_verify_{mode}", graph_inputs, graph_outputs)
     opsets = [helper.make_opsetid("", opset), SPEC_VERIFY.opset_import()]

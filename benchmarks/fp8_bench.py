@@ -1,0 +1,323 @@
+"""FP8 weights on the torch CUDA-graph target (issue 12), Qwen3-8B shape with random weights, in one run.
+
+Sections: ``tune`` (every candidate configuration of the FP8 GEMM per product and row count), ``gemm`` (each
+of the layer's matrix products at M rows: bf16 cuBLAS, the weight-only FP8 Triton GEMM, and ``torch._scaled_mm``
+W8A8 rowwise for comparison; FP8 GEMM error vs the dequantized reference), ``kl`` (next-token KL(bf16 ‖ FP8) of
+the fused target step over random prompts), ``rounds`` (per batch and dtype: target-only and speculative
+decoding through the round graph, replayed acceptance profile b, FP8 target step vs its byte floor,
+speculative == target-only), ``head_draft`` (the same rounds with the LM head and the draft quantized too:
+``--quantize-lm-head --quantize-draft``; the LM head then also runs one FP8 GEMM configuration for step and
+verify, where bf16 cuBLAS may pick different algorithms for 64 and 512 rows).
+
+    PYTHONPATH=. python benchmarks/fp8_bench.py --out OUT [--smoke] [--batch 1,64]
+        [--sections tune,gemm,kl,rounds,head_draft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, quantize_fp8
+from dspark_compile.passes.quantize import quantize_module
+from dspark_compile.targets.torch.bench import (
+    QWEN3_8B,
+    SMOKE,
+    byte_floor_ms,
+    measure_copy_bandwidth,
+    random_pair,
+    rounds_bench,
+    target_bytes,
+)
+from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
+from dspark_compile.targets.torch.fp8_gemm import Fp8Weight, fp8_linear
+from dspark_compile.targets.torch.static_forward import StaticProgram
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cuda_ms(fn: Any, calls: int = 20) -> float:
+    """Milliseconds per call, the calls captured in one CUDA graph (no launch overhead, as in the round graph)."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return float(np.median(times))
+
+
+def bench_gemm(shape: Any, rows: list[int], bandwidth: float) -> dict[str, Any]:
+    h, inter = shape.hidden_size, shape.intermediate_size
+    q = shape.num_heads * shape.head_dim
+    kv = shape.num_kv_heads * shape.head_dim
+    out: dict[str, Any] = {}
+    for name, (n, k) in {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        qw, scale = quantize_fp8(w)
+        fw = Fp8Weight.of(qw, scale, 0, None)
+        ref_w = fp8_dequantize(qw, scale, 0)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            got = fp8_linear(x, fw).float()
+            ref = F.linear(x.float(), ref_w)
+            row = {"bf16_ms": cuda_ms(lambda x=x, w=w: F.linear(x, w)),
+                   "fp8_triton_ms": cuda_ms(lambda x=x, fw=fw: fp8_linear(x, fw)),
+                   "fp8_rel_err": float((got - ref).abs().max() / ref.abs().max()),
+                   "fp8_floor_ms": byte_floor_ms(n * k + 2 * m * (n + k), bandwidth),
+                   "bf16_floor_ms": byte_floor_ms(2 * n * k + 2 * m * (n + k), bandwidth)}
+            try:  # W8A8 rowwise: activations quantized per row (another model; timing only)
+                wt = qw.t()
+                sb = scale.view(1, -1)
+
+                def scaled(x: torch.Tensor = x, wt: torch.Tensor = wt, sb: torch.Tensor = sb) -> torch.Tensor:
+                    amax = x.abs().amax(1, keepdim=True).float().clamp_min(1e-12)
+                    sa = amax / 448.0
+                    xq = (x.float() / sa).to(torch.float8_e4m3fn)
+                    return torch._scaled_mm(xq, wt, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
+                row["scaled_mm_w8a8_ms"] = cuda_ms(scaled)
+            except Exception as exc:  # report, keep going
+                row["scaled_mm_w8a8_ms"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            out[f"{name}_m{m}"] = row
+            shown = {a: (round(b, 4) if isinstance(b, float) else b) for a, b in row.items()}
+            say(f"gemm {name} {n}x{k} M={m}: {json.dumps(shown)}")
+    return out
+
+
+def layer_products(shape: Any) -> dict[str, tuple[int, int]]:
+    """(N, K) of each matrix product of a decoder layer (q|k|v and gate|up fused) and of the LM head."""
+    h, inter = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter),
+            "lm_head": (shape.vocab_size, h)}
+
+
+def tune_gemm(shape: Any, bandwidth: float) -> dict[str, Any]:
+    """Every candidate configuration of the FP8 GEMM per product: µs at M = 1 and 8 (small class) or 64 and
+    512 (large class), against bf16 cuBLAS and dequantize-then-cuBLAS; whether M = 1 and a row of M = 8 agree
+    bit for bit under one configuration."""
+    from dspark_compile.targets.torch.fp8_gemm import SMALL_M, _candidates
+
+    out: dict[str, Any] = {}
+    for name, (n, k) in layer_products(shape).items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        qw, scale = quantize_fp8(w)
+        fw = Fp8Weight.of(qw, scale, 0, None)
+        row: dict[str, Any] = {"floor_us": byte_floor_ms(n * k, bandwidth) * 1e3}
+        for m in (1, 8, 64, 512):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row[f"bf16_m{m}_us"] = cuda_ms(lambda x=x, w=w: F.linear(x, w)) * 1e3
+            if m >= 64:
+                def dequant(x: torch.Tensor = x, qw: torch.Tensor = qw, s: torch.Tensor = scale) -> torch.Tensor:
+                    return F.linear(x, qw.to(torch.bfloat16) * s.view(-1, 1).to(torch.bfloat16))
+
+                row[f"dequant_cublas_m{m}_us"] = cuda_ms(dequant) * 1e3
+            for cfg in _candidates(m, k, k):
+                try:
+                    row[f"fp8_m{m}_{cfg}_us"] = cuda_ms(lambda x=x, cfg=cfg, fw=fw: fp8_linear(x, fw, cfg)) * 1e3
+                except Exception as exc:  # a configuration that does not compile (shared memory)
+                    row[f"fp8_m{m}_{cfg}_us"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                if m == 8:
+                    one = fp8_linear(x[:1], fw, cfg)
+                    row[f"invariant_{cfg}"] = bool(torch.equal(one, fp8_linear(x, fw, cfg)[:1]))
+                    ref = F.linear(x.float(), fp8_dequantize(qw, scale, 0))
+                    row[f"rel_err_{cfg}"] = float((fp8_linear(x, fw, cfg).float() - ref).abs().max()
+                                                  / ref.abs().max())
+        best = {m: min((v, key) for key, v in row.items() if key.startswith(f"fp8_m{m}_") and isinstance(v, float))
+                for m in (1, 8, 64, 512)}
+        say(f"tune {name} {n}x{k} floor {row['floor_us']:.1f} us; bf16 " +
+            " ".join(f"m{m} {row[f'bf16_m{m}_us']:.1f}" for m in (1, 8, 64, 512)) + "; best fp8 " +
+            " ".join(f"m{m} {v:.1f} {key}" for m, (v, key) in best.items()) +
+            f"; dequant+cublas m64 {row['dequant_cublas_m64_us']:.1f} m512 {row['dequant_cublas_m512_us']:.1f}")
+        out[name] = row
+    assert SMALL_M == 16
+    return out
+
+
+@torch.inference_mode()
+def reference_logits(target: Any, ids: torch.Tensor) -> torch.Tensor:
+    """The modules' own forward (``Fp8Linear`` dequantizes; float32 attention)."""
+    hidden, _, _ = target(ids, torch.zeros(ids.shape[0], dtype=torch.int64, device=ids.device),
+                          target.new_cache(ids.shape[0], ids.shape[1]))
+    return target.logits(hidden)
+
+
+@torch.inference_mode()
+def fused_logits(target: Any, ids: torch.Tensor) -> torch.Tensor:
+    prog = StaticProgram(target, None, fused=True, attention="triton")
+    kv = target.new_cache(ids.shape[0], 256)
+    hidden, _ = prog.target_step(ids, torch.zeros(ids.shape[0], dtype=torch.int64, device=ids.device), kv, 256)
+    return target.logits(hidden)
+
+
+def kl_stats(p_logits: torch.Tensor, q_logits: torch.Tensor) -> dict[str, float]:
+    lp, lq = torch.log_softmax(p_logits.float(), -1), torch.log_softmax(q_logits.float(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    return {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+            "top1_agreement": float((p_logits.argmax(-1) == q_logits.argmax(-1)).float().mean())}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--batch", default="1,64")
+    ap.add_argument("--sections", default="gemm,kl,rounds")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--gemm-rows", default="1,8,64,512")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    shape = SMOKE if args.smoke else QWEN3_8B
+    sections = args.sections.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    bandwidth = measure_copy_bandwidth("cuda")
+    if "tune" in sections:
+        res_tune = {"device": torch.cuda.get_device_name(), "tune": tune_gemm(shape, bandwidth)}
+        (args.out / "fp8_tune.json").write_text(json.dumps(res_tune, indent=1, default=str))
+        if sections == ["tune"]:
+            return 0
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "shape": "smoke" if args.smoke else "qwen3-8b", "copy_bandwidth_gb_s": bandwidth / 1e9,
+                           "context": args.context, "new_tokens": args.new_tokens}
+    say(f"{res['device']} bandwidth {bandwidth / 1e9:.0f} GB/s")
+
+    def write() -> None:
+        (args.out / "fp8_bench.json").write_text(json.dumps(res, indent=1, default=str))
+
+    target, draft = random_pair(shape, device="cuda", dtype=torch.bfloat16)
+    rng = np.random.default_rng(0)
+    kl_ids = torch.tensor(rng.integers(0, shape.vocab_size - 1, size=(4, 128)), device="cuda")
+    bf16_logits = fused_logits(target, kl_ids) if "kl" in sections else None
+    if bf16_logits is not None:
+        res["kl_bf16_kernels_vs_bf16_reference"] = kl_stats(reference_logits(target, kl_ids), bf16_logits)
+    rows: dict[str, Any] = {}
+    res["rounds"] = rows
+    for dtype in ("bf16", "fp8", "fp8_head_draft"):
+        if dtype == "fp8_head_draft":  # --quantize-lm-head --quantize-draft: every weight the round reads
+            if "head_draft" not in sections:
+                continue
+            target.lm_head = Fp8Linear.quantize(target.lm_head)
+            draft.lm_head = target.lm_head
+            quantize_module(draft, skip=("lm_head", "markov_head", "confidence_head"))
+            torch.cuda.empty_cache()
+        if dtype == "fp8":
+            quantize_module(target.layers)
+            torch.cuda.empty_cache()
+            if bf16_logits is not None:
+                fp8_logits = fused_logits(target, kl_ids)
+                res["kl_8b_random"] = kl_stats(bf16_logits, fp8_logits)
+                res["kl_fp8_kernels_vs_fp8_reference"] = kl_stats(reference_logits(target, kl_ids), fp8_logits)
+                say(f"KL bf16 || fp8: {res['kl_8b_random']}; fp8 reference || fp8 kernels: "
+                    f"{res['kl_fp8_kernels_vs_fp8_reference']}")
+                write()
+        if "rounds" not in sections:
+            continue
+        be = CudaGraphBackend(target, draft)
+        floor = byte_floor_ms(target_bytes(target), bandwidth)
+        for b in batches:
+            prompts = [rng.integers(0, shape.vocab_size - 1, size=args.context).tolist() for _ in range(b)]
+            t0 = time.perf_counter()
+            row = rounds_bench(be, prompts, max_new_tokens=args.new_tokens, replays=("b",))
+            row["target_bytes"] = target_bytes(target)
+            row["target_floor_ms"] = floor
+            row["target_vs_floor"] = row["target_only"]["round_graph_ms"] / floor
+            row["seconds"] = time.perf_counter() - t0
+            rows[f"{dtype}_b{b}"] = row
+            say(f"{dtype} B={b}: target {row['target_only']['round_graph_ms']:.3f} ms (floor {floor:.3f}, "
+                f"{row['target_vs_floor']:.3f}x), target tok/s {row['target_only']['tokens_per_s']:.0f}, "
+                f"spec {row['speculative']['tokens_per_s']:.0f} identical "
+                f"{row['speculative']['identical_to_target_only']}, replay b "
+                f"{row['replay_b']['tokens_per_s']:.0f} tok/s tau {row['replay_b']['tau']:.2f} "
+                f"identical {row['replay_b']['identical_to_target_only']} ({row['seconds']:.0f} s)")
+            write()
+        del be
+        gc.collect()
+        torch.cuda.empty_cache()
+    del target, draft
+    gc.collect()
+    torch.cuda.empty_cache()
+    if "gemm" in sections:  # last: the decoding numbers matter more if the run is cut short
+        res["gemm"] = bench_gemm(shape, [int(m) for m in args.gemm_rows.split(",")], bandwidth)
+        write()
+    goals = {}
+    for b in batches:
+        if f"fp8_b{b}" in rows and f"bf16_b{b}" in rows:
+            goals[f"spec_speedup_fp8_over_bf16_b{b}"] = (rows[f"fp8_b{b}"]["replay_b"]["tokens_per_s"]
+                                                         / rows[f"bf16_b{b}"]["replay_b"]["tokens_per_s"])
+            goals[f"fp8_target_vs_floor_b{b}"] = rows[f"fp8_b{b}"]["target_vs_floor"]
+            goals[f"fp8_lossless_b{b}"] = rows[f"fp8_b{b}"]["speculative"]["identical_to_target_only"]
+            goals[f"fp8_replay_lossless_b{b}"] = rows[f"fp8_b{b}"]["replay_b"]["identical_to_target_only"]
+        if f"fp8_head_draft_b{b}" in rows and f"bf16_b{b}" in rows:
+            hd = rows[f"fp8_head_draft_b{b}"]
+            goals[f"spec_speedup_fp8_head_draft_over_bf16_b{b}"] = (hd["replay_b"]["tokens_per_s"]
+                                                                    / rows[f"bf16_b{b}"]["replay_b"]["tokens_per_s"])
+            goals[f"fp8_head_draft_lossless_b{b}"] = hd["speculative"]["identical_to_target_only"]
+            goals[f"fp8_head_draft_replay_lossless_b{b}"] = hd["replay_b"]["identical_to_target_only"]
+    res["goals"] = goals
+    from dspark_compile.targets.torch.fp8_gemm import _CHOSEN
+
+    res["fp8_gemm_configs"] = {str(k): v for k, v in _CHOSEN.items()}
+    say(f"goals {json.dumps(goals)}")
+    write()
+    plot(res, args.out / "fp8_bench.png")
+    return 0
+
+
+def plot(res: dict[str, Any], png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = res.get("rounds", {})
+    batches = sorted({int(k.split("_b")[1]) for k in rows})
+    if not batches:
+        return
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches, strict=True):
+        labels, values = [], []
+        for dtype in ("bf16", "fp8", "fp8_head_draft"):
+            row = rows.get(f"{dtype}_b{b}")
+            if row is None:
+                continue
+            for mode in ("target_only", "replay_b"):
+                labels.append(f"{dtype}\n{mode.replace('_', ' ')}")
+                values.append(row[mode]["tokens_per_s"])
+        ax.bar(labels, values, color=["#888", "#48c", "#c84", "#4a4", "#a4a", "#4aa"][: len(values)])
+        ax.set_title(f"Qwen3-8B shape, B = {b}\n(replay b: replayed acceptance, tau 4.81)")
+        ax.set_ylabel("tokens/s")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

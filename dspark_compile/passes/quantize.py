@@ -1,0 +1,128 @@
+"""Pass `quantize`: FP8 (e4m3) weights with per-output-channel scales for the target's linear layers.
+
+Decode at small batch reads every weight once per step, so e4m3 weights halve the target's step (docs/BENCH.md).
+Each decoder linear layer becomes an :class:`~dspark_compile.models.layers.Fp8Linear` (scale[n] =
+max|W[n]| / 448, round-to-nearest e4m3); the LM head joins with ``quantize_lm_head``, the draft's layers and
+``fc`` with ``quantize_draft``; embeddings, norms and the draft's Markov/confidence heads keep their dtype.
+Layers a pre-quantized checkpoint already holds in FP8 are kept as they are. The manifest records the method
+and, per quantized layer, its scales' shape, range and sha256. Each weight quantized gives its checkpoint pages
+back (they would otherwise stay resident next to the e4m3 copy: docs/BENCH.md, build memory).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import mmap
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dspark_compile.build_state import BuildState
+from dspark_compile.models.layers import Fp8Linear, replace_module
+from dspark_compile.program import DecodeProgram
+
+METHOD = "fp8"
+SCHEME = "e4m3 weights, float32 per-output-channel scale max|W[n]|/448; activations in the model dtype"
+
+
+def quantize_module(root: nn.Module, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Replace every ``nn.Linear`` under ``root`` (names not starting with a ``skip`` prefix) by its FP8 form;
+    returns the names replaced. Each full-precision weight read from a memory-mapped checkpoint has its pages
+    released once quantized (:func:`release_file_pages`)."""
+    names = [n for n, m in root.named_modules() if type(m) is nn.Linear and not n.startswith(skip)]
+    maps = checkpoint_maps()
+    for name in names:
+        linear = root.get_submodule(name)
+        replace_module(root, name, Fp8Linear.quantize(linear))
+        release_file_pages(linear.weight, maps)
+    return names
+
+
+MADV_DONTNEED = 4
+
+
+def checkpoint_maps() -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of ``.safetensors`` files (Linux; else none). safetensors maps
+    them private (copy on write), so a dropped page comes back from the file as it was loaded."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(".safetensors"):
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def release_file_pages(tensor: torch.Tensor, maps: list[tuple[int, int]]) -> None:
+    """Drop the resident pages of ``tensor`` — a weight the pass has just replaced by its e4m3 form, which no
+    other tensor aliases — when it lies in a checkpoint mapping (``maps``).
+
+    The load pass's tensors are views of the memory-mapped safetensors files (zero copy); quantizing reads all
+    of them, and the pages read stay resident — counted in the build's RSS — for as long as the file is mapped,
+    on top of the e4m3 copies. Only whole pages inside the tensor are dropped; one touched again is read back
+    from the file. Memory the process allocated itself is left alone."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(lo <= start and end <= hi for lo, hi in maps):
+        return
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(lo, hi - lo, MADV_DONTNEED)
+
+
+def scale_summary(root: nn.Module, prefix: str, skip: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Per FP8 layer of ``root`` (but ``skip``): its scale's shape, min, max and sha256 (float32 bytes)."""
+    out = {}
+    for name, m in root.named_modules():
+        if isinstance(m, Fp8Linear) and not name.startswith(skip):
+            s = m.weight_scale.detach().to(torch.float32).contiguous()
+            out[f"{prefix}{name}"] = {"shape": list(s.shape), "min": float(s.min()), "max": float(s.max()),
+                                      "input_scale": None if m.input_scale is None else float(m.input_scale),
+                                      "sha256": hashlib.sha256(s.numpy().tobytes()).hexdigest()}
+    return out
+
+
+def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bool = False) -> None:
+    """FP8 weights in place: the target's decoder layers, its LM head (``lm_head``; the draft shares it) and
+    the draft's layers and ``fc`` (``draft``). Also how a build's torch reference is rebuilt (api.load_backend)."""
+    target = program.target
+    quantize_module(target.layers)
+    if lm_head and type(target.lm_head) is nn.Linear:
+        target.lm_head = Fp8Linear.quantize(target.lm_head)
+    if program.draft is not None:
+        program.draft.lm_head = target.lm_head  # the graft shares the target's head, quantized or not
+        if draft:
+            quantize_module(program.draft, skip=("lm_head", "markov_head", "confidence_head"))
+
+
+def run(state: BuildState) -> None:
+    spec, program = state.spec, state.program
+    assert program is not None and state.pair is not None
+    pre = state.pair.target.quant
+    if spec.quantize is None and pre is None:
+        return
+    if spec.quantize == METHOD:
+        quantize_program(program, lm_head=spec.quantize_lm_head, draft=spec.quantize_draft)
+    target, draft = program.target, program.draft
+    state.quantization = {
+        "method": spec.quantize or pre.layout.method,  # type: ignore[union-attr]
+        "scheme": SCHEME if spec.quantize else None,
+        "checkpoint": pre.to_json() if pre is not None else None,
+        "lm_head": isinstance(target.lm_head, Fp8Linear),
+        "draft": draft is not None and any(isinstance(m, Fp8Linear) for m in draft.layers.modules()),
+        "layers": scale_summary(target, "target.", ()) | (
+            scale_summary(draft, "draft.", ("lm_head", "embed_tokens")) if draft is not None else {}),
+    }
+    # DequantizeLinear reads FLOAT8E4M3FN from opset 19 on.
+    state.spec = dataclasses.replace(spec, opset=max(spec.opset, 19))

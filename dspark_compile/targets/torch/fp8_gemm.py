@@ -1,0 +1,269 @@
+"""Weight-only FP8 GEMM (W8A16) of the torch target: e4m3 weights, activations and output in bf16/fp16.
+
+Decode at small batch reads each weight once per step, so the step's floor is the weight bytes: e4m3 halves
+them. The kernel computes the product transposed (W·xᵀ): a [BLOCK_N, BLOCK_K] e4m3 weight tile, widened in
+registers, is the tensor cores' wide operand (Hopper wgmma takes it from registers), and the few activation
+rows (16 for decode) the narrow one, with float32 accumulation. K is split until the grid has a few programs
+per SM, so that every SM streams weights; the last program of a tile to finish adds the float32 partials in
+split order (a counter per tile, no second kernel). Per-channel scales multiply the sum once; HF block-wise
+scales (groups of 128 columns) each K tile's product. The widening of bf16 activations' weights is
+:func:`_e4m3_to_bf16_shifted`: one conversion instruction per two values instead of Triton's three.
+
+The tile sizes and split are timed once per weight shape on the GPU and then fixed for every row count up to
+``SMALL_M`` (one M tile of 16 rows): the speculative round (B·(γ+1) rows) and the target-only step (B rows)
+give a row the same bits, as each output row's reduction never depends on the other rows. Larger row counts
+use wider M tiles, one configuration up to ``SPLIT_M`` rows (B = 64: step 64, verify 512) and one beyond.
+
+Activations are not quantized: ``torch._scaled_mm`` would need FP8 activations (W8A8), a different model.
+Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests; plain conversion there).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+
+@triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
+def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT, SPLITS,
+                     stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
+                     FAST_CVT: tl.constexpr):
+    """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
+    weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
+    sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
+    adds the float32 partials in split order, scales and writes, and resets the counter for the next call."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    dt = x_ptr.dtype.element_ty
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K
+    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_begin = pid_k * K_SPLIT
+    k_end = tl.minimum(k_begin + K_SPLIT, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + rk
+        if EVEN:
+            w = tl.load(w_rows + offs_k[None, :])
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+        xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
+        wt = _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
+        if PER_CHANNEL:
+            acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
+        else:
+            s = tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0)
+            if FAST_CVT:
+                s = s * BF16_SHIFT
+            acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
+    mask = n_mask[:, None] & m_mask[None, :]
+    tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+    if SPLITS > 1:
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=mask)
+        counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        tl.debug_barrier()  # every thread's partial is written before the release below publishes it
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for sp in range(0, SPLITS):
+                acc += tl.load(part_ptr + sp * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counter, 0)
+            _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT)
+    else:
+        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT)
+
+
+@triton.jit
+def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr):
+    if PER_CHANNEL:
+        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
+        if FAST_CVT:
+            s = s * BF16_SHIFT
+        acc *= s[:, None]
+    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+BF16_SHIFT: tl.constexpr = tl.constexpr(2.0**112)
+"""What :func:`_e4m3_to_bf16_shifted`'s values are multiplied by to give the e4m3 values back."""
+
+
+@triton.jit
+def _e4m3_to_bf16_shifted(w):
+    """e4m3 → bf16 in 1.5 integer instructions and half a conversion per value instead of Triton's 1.5
+    conversions (e4m3x2 → f16x2, then f16 → bf16 one value at a time): the f16 bits shifted right by 3 are
+    the bf16 bits of the value times 2⁻¹¹² (e4m3 has 3 mantissa bits, so no f16 bit is lost; every e4m3
+    value, subnormals included, is an f16 normal, so every result is a bf16 normal). The scale carries
+    2¹¹² back. PTX, sm_89 and later."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b16 lo, hi;
+        .reg .b32 a, sa;
+        mov.b32 {lo, hi}, $1;
+        cvt.rn.f16x2.e4m3x2 a, lo;
+        shr.b32 sa, a, 3;
+        and.b32 sa, sa, 0x0FFF0FFF;
+        and.b32 a, a, 0x80008000;
+        or.b32 $0, sa, a;
+        }""",
+        constraints="=r,r", args=[w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """A linear layer's e4m3 weight [N, K], its float32 scale [N, ceil(K/group)] and optional bias."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    group: int
+    bias: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None) -> Fp8Weight:
+        """From an :class:`~dspark_compile.models.layers.Fp8Linear`'s tensors: per-tensor and per-channel scales
+        become one group of all K columns."""
+        n, k = weight.shape
+        if scale.dim() < 2:
+            scale, group = scale.to(torch.float32).reshape(-1, 1).expand(n, 1).contiguous(), k
+        return cls(weight.contiguous(), scale.to(torch.float32).contiguous(), group, bias)
+
+    @staticmethod
+    def cat(parts: list[Fp8Weight]) -> Fp8Weight:
+        """Row-wise concatenation (q|k|v, gate|up): same K and group."""
+        assert len({(p.weight.shape[1], p.group, p.scale.shape[1]) for p in parts}) == 1
+        bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])  # type: ignore[misc]
+        return Fp8Weight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), parts[0].group,
+                         bias)
+
+
+SMALL_M = 16  # rows up to which one configuration serves every row count (decode: B and B·(γ+1) at B = 1)
+SPLIT_M = 1024
+"""Rows up to which the larger configurations may split K (B = 128's verify); beyond (prefill chunks) the float32
+partials would take splits · M · N · 4 bytes, so those row counts never split and form a class of their own."""
+SMALL_CONFIGS = ((128, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 1), (64, 128, 4, 4, 4, 1), (128, 256, 4, 4, 3, 1),
+                 (128, 128, 2, 4, 4, 1), (128, 128, 8, 4, 3, 1), (256, 128, 2, 8, 3, 1))
+"""BLOCK_N, BLOCK_K, programs per SM (K is split until the grid has that many; 0: no split), warps, stages,
+fast e4m3 → bf16 conversion (:func:`_e4m3_to_bf16_shifted`) for M <= SMALL_M (BLOCK_M = 16). The first is
+the reference every other is checked against when timed."""
+LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 64, 128, 1, 4, 4, 1),
+                 (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1))
+"""BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M."""
+Config = tuple[int, int, int, int, int, int, int]
+"""BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, fast conversion."""
+_CHOSEN: dict[tuple[int, ...], Config] = {}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+log = logging.getLogger(__name__)
+
+
+def row_class(m: int) -> int:
+    """0: M <= SMALL_M, 1: up to SPLIT_M, 2: more. One configuration per class and weight shape."""
+    return 0 if m <= SMALL_M else 1 if m <= SPLIT_M else 2
+
+
+def _candidates(m: int, k: int, group: int) -> list[Config]:
+    """Configurations whose K tile lies within one scale group."""
+    if m <= SMALL_M:
+        out = [(16, bn, bk, per_sm, w, st, f) for bn, bk, per_sm, w, st, f in SMALL_CONFIGS]
+    else:
+        split = m <= SPLIT_M
+        out = list(dict.fromkeys((bm, bn, bk, per_sm if split else 0, w, st, f)
+                                 for bn, bm, bk, per_sm, w, st, f in LARGE_CONFIGS))
+    if group < k:
+        out = [c for c in out if group % c[2] == 0]
+    return out or [(16 if m <= SMALL_M else 64, 64, min(group, 64), 0, 4, 3, 0)]
+
+
+def _config(x: torch.Tensor, w: Fp8Weight) -> Config:
+    """The configuration of this weight for this row class, timed once per (class, N, K, group) on the GPU
+    (outside CUDA-graph capture; the first call of a shape is a warm-up run) and then fixed, so a row gets
+    the same bits whatever the batch within its class. A candidate that does not compile for this GPU, or
+    whose result strays from the first's (plain conversion) by more than float32 summation order can
+    explain, is dropped."""
+    m, k = x.shape
+    key = (row_class(m), *w.weight.shape, w.group, x.dtype.itemsize)
+    chosen = _CHOSEN.get(key)
+    if chosen is not None:
+        return chosen
+    candidates = _candidates(m, k, w.group)
+    if not x.is_cuda or torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
+        return candidates[0]
+    best, best_ms = candidates[0], float("inf")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reference = _launch(x, w, candidates[0]).float()
+    for cfg in candidates:
+        try:
+            got = _launch(x, w, cfg).float()
+        except (OutOfResources, CompilationError) as exc:  # e.g. shared memory of a smaller GPU
+            log.warning("FP8 GEMM configuration %s dropped: %s", cfg, exc)
+            continue
+        err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+        if err > 1e-2:
+            log.warning("FP8 GEMM configuration %s dropped: relative error %.3g against %s", cfg, err, candidates[0])
+            continue
+        start.record()
+        for _ in range(10):
+            _launch(x, w, cfg)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    _CHOSEN[key] = best
+    return best
+
+
+def fp8_linear(x: torch.Tensor, w: Fp8Weight, cfg: Config | None = None) -> torch.Tensor:
+    """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
+    ``cfg`` overrides the timed configuration (benchmarks)."""
+    assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
+    out = _launch(x, w, cfg or _config(x, w))
+    if w.bias is not None:
+        out = out + w.bias.to(x.dtype)
+    return out
+
+
+def split_k(n: int, k: int, group: int, cfg: Config, sms: int) -> tuple[int, int]:
+    """(columns per split, splits): K split until the grid has ``cfg``'s programs per SM, in whole K tiles
+    and whole scale groups. Depends on the weight and the configuration only, never on M."""
+    bn, bk, per_sm = cfg[1:4]
+    tiles = triton.cdiv(n, bn)
+    splits = max(1, min(triton.cdiv(per_sm * sms, tiles), k // bk)) if per_sm else 1
+    k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+    if group < k:  # a scale group never straddles two splits
+        k_split = triton.cdiv(k_split, group) * group
+    return k_split, triton.cdiv(k, k_split)
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _launch(x: torch.Tensor, w: Fp8Weight, cfg: Config) -> torch.Tensor:
+    m, k = x.shape
+    n = w.weight.shape[0]
+    bm, bn, bk, _, warps, stages, fast = cfg
+    k_split, splits = split_k(n, k, w.group, cfg, _sms(x.device))
+    grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    counters = _COUNTERS.get(x.device)
+    if counters is None or counters.numel() < grid[0] * grid[2]:
+        counters = torch.zeros(max(1 << 16, grid[0] * grid[2]), dtype=torch.int32, device=x.device)
+        _COUNTERS[x.device] = counters
+    _fp8_gemm_kernel[grid](x, w.weight, w.scale, part, counters, out, m, n, k, w.scale.shape[1], w.group, k_split,
+                           splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_CHANNEL=w.group >= k,
+                           EVEN=n % bn == 0 and k % bk == 0,
+                           PRECISION="ieee" if x.dtype == torch.float32 else None,
+                           FAST_CVT=fast and x.is_cuda and x.dtype == torch.bfloat16, num_warps=warps,
+                           num_stages=stages)
+    return out

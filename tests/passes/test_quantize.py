@@ -1,0 +1,106 @@
+"""Pass `quantize`: per-output-channel e4m3 weights for the target's linear layers, the LM head and the draft
+only when asked; the manifest's record; the quantized program's logits stay close to full precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dspark_compile.build_spec import BuildSpec
+from dspark_compile.build_state import BuildState
+from dspark_compile.models.layers import FP8_MAX, Fp8Linear, quantize_fp8
+from dspark_compile.passes import graft, quantize
+from tests.passes.conftest import load_pair
+
+
+def test_quantize_fp8_is_per_channel_round_to_nearest() -> None:
+    w = torch.randn(8, 32) * torch.logspace(-3, 1, 8).unsqueeze(1)
+    w[3] = 0.0
+    q, scale = quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (8,)
+    torch.testing.assert_close(scale[[0, 7]], w[[0, 7]].abs().amax(1) / FP8_MAX)
+    assert scale[3] == 1.0 and bool((q[3].float() == 0).all())
+    assert q.float().abs().amax(1)[[0, 1, 2, 4, 5, 6, 7]].eq(FP8_MAX).all()  # each row's max maps to 448
+    rel = (q.float() * scale.unsqueeze(1) - w).abs() / w.abs().amax(1, keepdim=True).clamp_min(1e-30)
+    assert float(rel.max()) <= 2.0**-4 * 1.0001 * 448 / 256  # half an e4m3 ulp at the top binade, relative to max
+
+
+def _state(golden_pair: tuple[Path, Path], tmp_path: Path, **spec: object) -> BuildState:
+    full = BuildSpec(*golden_pair, tmp_path / "out", **spec)
+    state = BuildState(spec=full, workdir=tmp_path, pair=load_pair(full))
+    graft.run(state)
+    quantize.run(state)
+    return state
+
+
+def test_target_layers_only_by_default(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    plain = _state(golden_pair, tmp_path)
+    assert plain.quantization is None and plain.spec.opset == 18
+    state = _state(golden_pair, tmp_path, quantize="fp8")
+    program = state.program
+    linears = [m for m in program.target.layers.modules() if isinstance(m, (nn.Linear, Fp8Linear))]
+    assert len(linears) == 4 * 7 and all(isinstance(m, Fp8Linear) for m in linears)
+    assert type(program.target.lm_head) is nn.Linear and program.draft.lm_head is program.target.lm_head
+    assert not any(isinstance(m, Fp8Linear) for m in program.draft.modules())
+    q = state.quantization
+    assert q["method"] == "fp8" and not q["lm_head"] and not q["draft"] and len(q["layers"]) == 28
+    entry = q["layers"]["target.layers.0.self_attn.q_proj"]
+    ref = plain.program.target.layers[0].self_attn.q_proj.weight.detach()
+    assert entry["shape"] == [64] and entry["max"] == pytest.approx(float(ref.abs().amax(1).max()) / FP8_MAX)
+    assert state.spec.opset == 19
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        logits = [s.program.target.logits(s.program.target(ids, torch.zeros(1, dtype=torch.int64),
+                                                             s.program.target.new_cache(1, 8))[0])
+                  for s in (plain, state)]
+    assert not torch.equal(*logits)
+    assert float(nn.functional.cosine_similarity(logits[0].flatten(), logits[1].flatten(), dim=0)) > 0.995
+
+
+def test_lm_head_and_draft_when_asked(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    state = _state(golden_pair, tmp_path, quantize="fp8", quantize_lm_head=True, quantize_draft=True)
+    program = state.program
+    assert isinstance(program.target.lm_head, Fp8Linear) and program.draft.lm_head is program.target.lm_head
+    assert isinstance(program.draft.fc, Fp8Linear) and isinstance(program.draft.layers[1].mlp.down_proj, Fp8Linear)
+    assert type(program.draft.markov_head.markov_w2) is nn.Linear  # heads keep their dtype
+    assert type(program.target.embed_tokens) is nn.Embedding
+    q = state.quantization
+    assert q["lm_head"] and q["draft"] and "target.lm_head" in q["layers"] and "draft.fc" in q["layers"]
+    assert "draft.layers.1.mlp.down_proj" in q["layers"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux /proc/self/smaps")
+def test_quantized_weights_give_back_their_checkpoint_pages(tmp_path: Path) -> None:
+    """A weight read through the checkpoint's memory map leaves the build's resident set once quantized (the
+    bytes stay readable from the file, unchanged); memory the process owns is never touched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    full = torch.randn(512, 4096).to(torch.bfloat16)  # 4 MiB: whole pages
+    save_file({"w": full}, str(path))
+    handle = safe_open(str(path), framework="pt")
+    mapped = handle.get_tensor("w")
+
+    def resident_kib() -> int:  # Rss of the file's mapping
+        total, inside = 0, False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            if "-" in line.split(" ", 1)[0]:
+                inside = line.endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+        return total
+
+    maps = quantize.checkpoint_maps()
+    assert any(lo <= mapped.data_ptr() < hi for lo, hi in maps)
+    assert torch.equal(mapped, full)  # reads every page
+    before = resident_kib()
+    quantize.release_file_pages(mapped, maps)
+    assert before >= 4000 and resident_kib() <= before - 4000
+    assert torch.equal(mapped, full)  # read back from the file
+    owned = full.clone()
+    quantize.release_file_pages(owned, maps)
+    assert torch.equal(owned, full)

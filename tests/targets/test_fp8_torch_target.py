@@ -1,0 +1,153 @@
+"""The torch target's FP8 path: the weight-only FP8 GEMM (interpreter, float32) against the dequantizing
+reference, and the fused FP8 program against the module path (``Fp8Linear``), target and draft."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import torch
+    from torch.nn import functional as F
+    from dspark_compile.models.layers import fp8_dequantize, quantize_fp8
+    from dspark_compile.passes.quantize import quantize_program
+    from dspark_compile.program import build_program
+    from dspark_compile.targets.torch.fp8_gemm import Fp8Weight, fp8_linear, split_k
+    from dspark_compile.targets.torch.static_forward import StaticProgram
+
+    torch.manual_seed(0)
+    def close(name, a, b, tol=2e-5):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        assert err < tol, f"{name}: relative error {err}"
+
+    # per-channel, per-tensor, 32-column groups; one row, a few, a GEMM-sized block; split K (K = 4096); with
+    # K split 4 ways (the last program of a tile sums the float32 partials) and a row of M = 8 equal to M = 1
+    for m, n, k, kind in ((1, 96, 256, "channel"), (5, 64, 4096, "channel"), (70, 80, 256, "tensor"),
+                          (3, 64, 512, "group"), (2, 40, 4096, "group")):
+        w = torch.randn(n, k)
+        if kind == "channel":
+            q, scale = quantize_fp8(w); group = 0
+        elif kind == "tensor":
+            scale = w.abs().max() / 448; q = (w / scale).to(torch.float8_e4m3fn); group = 0
+        else:
+            group = 32; scale = torch.rand(n, k // group) + 0.5
+            q = (w / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
+        bias = torch.randn(n)
+        x = torch.randn(m, k + 8)[:, :k]  # a row stride larger than K
+        ref = F.linear(x, fp8_dequantize(q, scale, group), bias)
+        fw = Fp8Weight.of(q, scale, group, bias)
+        close(f"fp8_linear {m}x{n}x{k} {kind}", fp8_linear(x, fw), ref)
+        if m <= 16:
+            cfg = (16, 32, 32 if group else 64, 8, 4, 3, 0)
+            assert split_k(n, k, fw.group, cfg, 4)[1] > 1
+            close(f"split K {m}x{n}x{k} {kind}", fp8_linear(x, fw, cfg), ref)
+            rows = torch.randn(8, k); rows[3] = x[0]
+            assert torch.equal(fp8_linear(rows, fw, cfg)[3], fp8_linear(x[:1], fw, cfg)[0]), "row invariance"
+
+    golden = Path(sys.argv[1])
+    programs = []
+    for _ in range(2):
+        p = build_program(golden / "target", golden / "draft")
+        quantize_program(p, lm_head=True, draft=True)
+        programs.append(p)
+    pr = StaticProgram(programs[0].target, programs[0].draft, fused=False, attention="reference")
+    pf = StaticProgram(programs[1].target, programs[1].draft, fused=True, attention="reference")
+    ids = torch.randint(0, 384, (3, 5)); cl = torch.tensor([0, 7, 30])
+    k1 = programs[0].target.new_cache(3, 256); k2 = k1.clone()
+    (h1, t1), (h2, t2) = pr.target_step(ids, cl, k1, 128), pf.target_step(ids, cl, k2, 128)
+    close("target hidden", h1, h2, 1e-4); close("target taps", t1, t2, 1e-4); close("target cache", k1, k2, 1e-4)
+    # the quantized LM head through the FP8 GEMM (the draft shares it)
+    assert type(programs[1].target.lm_head).__name__ == "_KernelFp8Linear"
+    assert programs[1].draft.lm_head is programs[1].target.lm_head
+    close("lm head", programs[1].target.logits(h1), programs[0].target.logits(h1), 1e-4)
+    taps = torch.randn(3, 8, 192); count = torch.tensor([8, 3, 1]); dl = torch.tensor([0, 5, 20])
+    d1 = programs[0].draft.new_cache(3, 256); d2 = d1.clone()
+    anchor = torch.tensor([4, 5, 6])
+    g1, g2 = pr.draft_step(anchor, taps, count, dl, d1, 128), pf.draft_step(anchor, taps, count, dl, d2, 128)
+    close("draft hidden", g1, g2, 1e-4)
+    print("fp8 ok")
+    """
+)
+
+
+@pytest.mark.slow  # the Triton interpreter runs every kernel on the CPU in a subprocess
+def test_fp8_gemm_and_fused_fp8_program_match_the_reference_in_interpreter(golden_dir: Path,
+                                                                          triton_interpreter: Any) -> None:
+    proc = triton_interpreter(SCRIPT, golden_dir / "dspark_tiny", 900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fp8 ok" in proc.stdout
+
+
+@pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
+@pytest.mark.parametrize(("block_m", "fast", "per_channel"), [(16, 1, True), (16, 1, False), (64, 1, True)])
+def test_fp8_gemm_compiles_for_hopper_with_wgmma_and_the_fast_conversion(block_m: int, fast: int,
+                                                                         per_channel: bool) -> None:
+    """What the GPU runs, checked without one: the kernel lowers to sm_90 wgmma, and with the fast conversion
+    each pair of e4m3 values costs one cvt.rn.f16x2.e4m3x2 and no per-value f16 -> bf16 conversion."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dspark_compile.targets.torch.fp8_gemm import _fp8_gemm_kernel
+
+    sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
+           "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32",
+           "SPLITS": "i32", "stride_xm": "i32"}
+    consts = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": per_channel, "EVEN": True,
+              "PRECISION": None, "FAST_CVT": bool(fast)}
+    unaligned = ("M", "KB", "GROUP", "SPLITS")
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name not in unaligned}
+    src = ASTSource(_fp8_gemm_kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts, attrs=aligned)
+    try:
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4})
+    except RuntimeError as exc:  # no ptxas in this Triton build
+        pytest.skip(reason=f"Triton cannot compile for sm_90 here: {exc}")
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx
+    assert ptx.count("cvt.rn.f16x2.e4m3x2") == 128 * 128 // (4 * 32 * 2)  # one per value pair of the tile
+    assert "cvt.bf16.f16" not in ptx
+
+
+@pytest.mark.gpu
+def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
+    import torch
+    from torch.nn import functional as F
+
+    if not torch.cuda.is_available():
+        pytest.skip(reason="needs a CUDA GPU")
+    from dspark_compile.models.layers import fp8_dequantize, quantize_fp8
+    from dspark_compile.passes.quantize import quantize_program
+    from dspark_compile.program import build_program
+    from dspark_compile.targets.torch import CudaGraphBackend
+    from dspark_compile.targets.torch.fp8_gemm import Fp8Weight, fp8_linear
+
+    torch.manual_seed(0)
+    for m, n, k in ((1, 4096, 4096), (8, 6144, 4096), (512, 4096, 12288)):
+        w = torch.randn(n, k, device="cuda") * 0.02
+        q, scale = quantize_fp8(w)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x.float(), fp8_dequantize(q, scale, 0))
+        fw = Fp8Weight.of(q, scale, 0, None)
+        got = fp8_linear(x, fw).float()
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2
+        if m <= 16:  # one configuration (timed at M = 1) for every M <= 16: a row gets the same bits
+            assert torch.equal(fp8_linear(x[:1], fw), fp8_linear(x, fw)[:1])
+    pair = ROOT / "dspark_compile" / "tiny_pair"
+    program = build_program(pair / "target", pair / "draft", dtype="bf16", device="cuda")
+    quantize_program(program)
+    backend = CudaGraphBackend(program.target, program.draft, eos_token_ids=program.eos_token_ids)
+    from dspark_compile.targets.torch.bench import decode_rounds
+
+    prompts = [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)]
+    target_only = decode_rounds(backend, prompts, max_new_tokens=48, speculative=False)
+    speculative = decode_rounds(backend, prompts, max_new_tokens=48)
+    assert speculative.tokens == target_only.tokens
+    assert speculative.tau > 1.2
