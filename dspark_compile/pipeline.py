@@ -5,6 +5,7 @@ directory beside the output that is renamed into place only when every pass succ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -138,7 +139,7 @@ class PassManager:
                 state.timings.append((step.name, 0.0))  # the manifest pass records its own entry too
                 step.run(state)
                 state.timings[-1] = (step.name, time.perf_counter() - t0)
-                log.info("pass %-22s %.2fs", step.name, state.timings[-1][1])
+                log.info("pass %-22s %.2fs %s", step.name, state.timings[-1][1], memory_line())
                 if step.name in dump_after and step.artifacts:
                     dump = state.workdir / "dump" / f"after_{step.name}" / step.artifacts
                     if step.artifacts == "onnx" and state.onnx is not None and not _graphs_written(state):
@@ -146,6 +147,24 @@ class PassManager:
                     elif (state.workdir / step.artifacts).exists():
                         shutil.copytree(state.workdir / step.artifacts, dump)
                 progress.advance(task)
+
+
+def memory_line() -> str:
+    """This process's resident bytes now (anonymous: copies it made; file: checkpoint pages it read through a
+    memory map) and at its high-water mark: logged after each pass, so a build's peak RSS can be put on the pass
+    that reached it (``benchmarks/export_memory.py`` reads these lines). Linux; elsewhere what it can read."""
+    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+    fields = {}
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in keys:
+                fields[keys[key]] = int(value.split()[0]) * 1024  # kB
+    with contextlib.suppress(ImportError):  # no `resource` on Windows
+        import resource
+
+        fields["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
 def _graphs_written(state: BuildState) -> bool:

@@ -7,11 +7,13 @@ data exactly) before anything is read; its errors are turned into one line that 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -157,3 +159,64 @@ class WeightStore:
 
     def __repr__(self) -> str:
         return f"WeightStore({str(self.path)!r}, {len(self)} tensors, {self.nbytes()} bytes)"
+
+
+class MappedPages:
+    """Gives back the resident pages of tensors that are views of an unwritten memory map of a checkpoint file.
+
+    The modules' weights are views of safetensors' private file maps, so every weight a pass reads stays
+    resident: `share_weights` reading the whole checkpoint once left all of it in the build's RSS. Where a map has
+    no written (copy-on-write) page (``Anonymous: 0 kB`` in ``/proc/self/smaps``), its pages are exact copies of
+    the file, so ``madvise(MADV_DONTNEED)`` drops them and a later read pages the same bytes back in. Anything
+    else (a copy, a written map, a system without ``/proc`` or ``madvise``) is left alone.
+    """
+
+    MADV_DONTNEED = 4  # Linux
+
+    def __init__(self, suffix: str = ".safetensors") -> None:
+        self._maps = [(lo, hi) for lo, hi, path, written in _file_maps() if path.endswith(suffix) and not written]
+        self._madvise = None
+        if self._maps:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            self._madvise = libc.madvise
+        self._page = os.sysconf("SC_PAGE_SIZE") if self._maps else 4096
+
+    def drop(self, data: object) -> bool:
+        """Drop the pages under ``data``, a torch tensor (its whole storage) or a contiguous numpy array (the
+        optimizer's constants can be numpy views of a weight), rounded outward to whole pages within its map (any
+        page of a clean map may go); whether it did."""
+        if isinstance(data, torch.Tensor):
+            start, size = data.untyped_storage().data_ptr(), data.untyped_storage().nbytes()
+        elif isinstance(data, np.ndarray) and (data.flags.c_contiguous or data.flags.f_contiguous):
+            start, size = data.ctypes.data, data.nbytes
+        else:
+            return False
+        end = start + size
+        for lo, hi in self._maps:
+            if lo <= start and end <= hi:
+                first = max(lo, start - start % self._page)
+                last = min(hi, end + (-end) % self._page)
+                assert self._madvise is not None
+                return self._madvise(first, last - first, self.MADV_DONTNEED) == 0
+        return False
+
+
+def _file_maps() -> list[tuple[int, int, str, bool]]:
+    """(start, end, file, has written pages) of each file map of this process ([] without /proc)."""
+    maps: list[tuple[int, int, str, bool]] = []
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(maxsplit=5)
+                if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    path = head[5].strip() if len(head) == 6 else ""
+                    maps.append((lo, hi, path, False))
+                elif head[0] == "Anonymous:" and maps and int(head[1]) > 0:
+                    maps[-1] = (*maps[-1][:3], True)
+    except OSError:
+        return []
+    return [m for m in maps if m[2].startswith("/")]

@@ -4,7 +4,9 @@ The plugin and portable variants of target_step hold the same weights; on disk e
 every graph's external-data entries point into the one file. The graphs' weight *inputs* (the embedding and
 LM head both graphs read, partition.WEIGHT_INPUTS) go into the same file, and ``state.weight_inputs`` (then the
 manifest) records where, so a runtime loads each of them once and binds it to both graphs. Tensors are hashed
-and written one at a time, so memory stays at the graphs plus the largest tensor.
+and written one at a time, and each module tensor's checkpoint pages are given back once written
+(checkpoint.store.MappedPages): without that, reading every weight here left the whole checkpoint resident, the
+build's peak RSS (the graphs plus the loaded bytes); with it, memory stays at the graphs plus the largest tensor.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from dspark_compile.artifacts import GraphIO
 from dspark_compile.build_state import BuildState
+from dspark_compile.checkpoint.store import MappedPages
 from dspark_compile.passes.partition import WEIGHT_INPUTS
 
 WEIGHTS_FILE = "weights.bin"
@@ -31,9 +34,10 @@ def run(state: BuildState) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     seen: dict[str, tuple[int, int]] = {}
     hashed: dict[tuple[object, ...], str] = {}
+    pages = MappedPages()
     with (directory / WEIGHTS_FILE).open("wb") as out:
 
-        def store(data: bytes) -> tuple[int, int]:
+        def store(data: bytes | memoryview) -> tuple[int, int]:
             """Where the bytes ``data`` lie in the file: written at the next aligned offset unless seen."""
             key = f"{hashlib.sha256(data).hexdigest()}:{len(data)}"
             if key not in seen:
@@ -48,7 +52,8 @@ def run(state: BuildState) -> None:
             state.weight_inputs = {}
             for name in WEIGHT_INPUTS:
                 tensor = inputs[name].detach().contiguous()
-                offset, length = store(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+                offset, length = store(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy
+                pages.drop(tensor)
                 state.weight_inputs[name] = {"file": f"onnx/{WEIGHTS_FILE}", "offset": offset, "bytes": length,
                                              "dtype": str(tensor.dtype).removeprefix("torch."),
                                              "shape": list(tensor.shape)}
@@ -72,6 +77,8 @@ def run(state: BuildState) -> None:
                     if source is not None:
                         hashed[source] = key
                     store(data)
+                    del data
+                    pages.drop(raw)
                 offset, length = seen[key]
                 value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, dtype=tensor.dtype,
                                                       shape=tensor.shape, name=value.name, base_dir=directory)

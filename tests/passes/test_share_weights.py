@@ -12,13 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
+import torch
+from onnx_ir.tensor_adapters import TorchTensor
+from safetensors import safe_open
 from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file
 
-from dspark_compile.artifacts import OnnxGraphs
+from dspark_compile.artifacts import PORTABLE, OnnxGraphs
 from dspark_compile.build_state import BuildState
+from dspark_compile.checkpoint.store import MappedPages
 from dspark_compile.passes import share_weights
 from dspark_compile.passes.share_weights import ALIGN, WEIGHTS_FILE
+from tests.passes.conftest import make_state
 
 GRAPHS = ("target_step", "draft_propose")
 Region = tuple[int, int]
@@ -99,3 +107,63 @@ def test_pass_writes_each_graph_once_without_changing_outputs(
         feeds = feeds_for(exported_dir / f"{name}.onnx", seed=2)
         old, new = run_onnx(exported_dir / f"{name}.onnx", feeds), run_onnx(exported_copy.path(name), feeds)
         assert all(np.array_equal(old[k], new[k]) for k in old), name
+
+
+def _resident(file: Path) -> int:
+    """Resident bytes of this process's memory maps of ``file`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            inside = len(head) >= 6 and head[5] == str(file)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux memory-map accounting")
+def test_checkpoint_pages_are_given_back_with_the_same_bytes_written(tmp_path: Path, monkeypatch) -> None:
+    """Module tensors over a checkpoint's memory map: the pass writes the same files with or without giving
+    their pages back; without it the whole checkpoint stayed resident, with it none does, and the tensors still
+    read the checkpoint's values."""
+    gen = torch.Generator().manual_seed(0)
+    ckpt, names = tmp_path / "model.safetensors", [f"w{i}" for i in range(4)]
+    save_file({n: torch.randn(512, 1024, generator=gen).to(torch.bfloat16) for n in names}, str(ckpt))
+    # Copies, not views of a map of the checkpoint (load_file's tensors are): only the builds' maps count.
+    reference, size = {n: t.clone() for n, t in load_torch(str(ckpt)).items()}, 4 * 512 * 1024 * 2
+
+    def build(out: Path) -> tuple[bytes, bytes, int]:
+        handle = safe_open(str(ckpt), framework="pt")  # a fresh map: nothing of it resident yet
+        weights = [handle.get_tensor(n) for n in names]
+        # Module tensors, and numpy views of them as the optimizer leaves some (a Gemma4 build: half of them).
+        held = [TorchTensor(w, name=n) if i % 2 else ir.Tensor(TorchTensor(w).numpy(), name=n)
+                for i, (n, w) in enumerate(zip(names, weights, strict=True))]
+        values = [ir.Value(name=n, shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.BFLOAT16),
+                           const_value=t) for n, w, t in zip(names, weights, held, strict=True)]
+        total = ir.node("Sum", values)
+        model = ir.Model(ir.Graph([], total.outputs, nodes=[total], initializers=values, opset_imports={"": 18}),
+                         ir_version=10)
+        share_weights.run(make_state(out.with_suffix(".work"), OnnxGraphs(out, "sampling", 7,
+                                                                           {"draft_propose": {PORTABLE: model}})))
+        resident = _resident(ckpt)
+        assert all(torch.equal(w, reference[n]) for n, w in zip(names, weights, strict=True))  # paged back in
+        return (out / WEIGHTS_FILE).read_bytes(), (out / "draft_propose.onnx").read_bytes(), resident
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MappedPages, "drop", lambda self, tensor: False)
+        *kept, kept_resident = build(tmp_path / "kept")
+    *dropped, dropped_resident = build(tmp_path / "dropped")
+    assert dropped == kept  # the same weights.bin and graph, byte for byte
+    assert all(kept[0].find(reference[n].view(torch.uint8).numpy().tobytes()) % ALIGN == 0 for n in names)
+    assert kept_resident >= size  # every page read stayed...
+    assert dropped_resident == 0  # ...or none did
+
+
+def test_written_checkpoint_maps_are_left_alone(tmp_path: Path) -> None:
+    """A map with a written (copy-on-write) page differs from its file: its pages are not dropped."""
+    ckpt = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(256, 1024, dtype=torch.bfloat16)}, str(ckpt))
+    weight = safe_open(str(ckpt), framework="pt").get_tensor("w")
+    weight[0, 0] = 1.0
+    assert not MappedPages().drop(weight)
+    assert weight[0, 0].item() == 1.0 and weight.sum().item() == 1.0
