@@ -11,17 +11,15 @@ back (they would otherwise stay resident next to the e4m3 copy: docs/BENCH.md, b
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
-import mmap
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from dspark_compile.build_state import BuildState
+from dspark_compile.checkpoint.store import MappedPages
 from dspark_compile.models.layers import Fp8Linear, replace_module
 from dspark_compile.program import DecodeProgram
 
@@ -32,53 +30,15 @@ SCHEME = "e4m3 weights, float32 per-output-channel scale max|W[n]|/448; activati
 def quantize_module(root: nn.Module, *, skip: tuple[str, ...] = ()) -> list[str]:
     """Replace every ``nn.Linear`` under ``root`` (names not starting with a ``skip`` prefix) by its FP8 form;
     returns the names replaced. Each full-precision weight read from a memory-mapped checkpoint has its pages
-    released once quantized (:func:`release_file_pages`)."""
+    released once quantized (``checkpoint.store.MappedPages``: otherwise every page read stays resident on top
+    of the e4m3 copies for as long as the file is mapped)."""
     names = [n for n, m in root.named_modules() if type(m) is nn.Linear and not n.startswith(skip)]
-    maps = checkpoint_maps()
+    pages = MappedPages()
     for name in names:
         linear = root.get_submodule(name)
         replace_module(root, name, Fp8Linear.quantize(linear))
-        release_file_pages(linear.weight, maps)
+        pages.drop(linear.weight)
     return names
-
-
-MADV_DONTNEED = 4
-
-
-def checkpoint_maps() -> list[tuple[int, int]]:
-    """Address ranges of this process's mappings of ``.safetensors`` files (Linux; else none). safetensors maps
-    them private (copy on write), so a dropped page comes back from the file as it was loaded."""
-    try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].endswith(".safetensors"):
-            lo, hi = parts[0].split("-")
-            out.append((int(lo, 16), int(hi, 16)))
-    return out
-
-
-def release_file_pages(tensor: torch.Tensor, maps: list[tuple[int, int]]) -> None:
-    """Drop the resident pages of ``tensor`` — a weight the pass has just replaced by its e4m3 form, which no
-    other tensor aliases — when it lies in a checkpoint mapping (``maps``).
-
-    The load pass's tensors are views of the memory-mapped safetensors files (zero copy); quantizing reads all
-    of them, and the pages read stay resident — counted in the build's RSS — for as long as the file is mapped,
-    on top of the e4m3 copies. Only whole pages inside the tensor are dropped; one touched again is read back
-    from the file. Memory the process allocated itself is left alone."""
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    if not any(lo <= start and end <= hi for lo, hi in maps):
-        return
-    page = mmap.PAGESIZE
-    lo, hi = -(-start // page) * page, end // page * page
-    if hi > lo:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(lo, hi - lo, MADV_DONTNEED)
 
 
 def scale_summary(root: nn.Module, prefix: str, skip: tuple[str, ...]) -> dict[str, dict[str, Any]]:
