@@ -1,6 +1,6 @@
 """Serving benchmark of the device-resident torch backend under the bundled tritonserver, driven by AIPerf.
 
-    python benchmarks/serving_gpu.py prepare --work WORK [--shape qwen3_8b]       # needs tritonclient (configs)
+    python benchmarks/serving_gpu.py prepare --work WORK [--shape qwen3_8b] [--forced-replay]  # needs tritonclient
     python benchmarks/serving_gpu.py run --work WORK --aiperf "python3 -m aiperf" --out OUT [--numpy-path DIR]
 
 ``prepare`` writes WORK/build (``bench_pair.json``: a random-weight pair of the shape, drafts replayed with the
@@ -65,13 +65,13 @@ FACTORY = "dspark_compile.serving.replay:replayed_random"
 PYTHON_PATH = "@PYTHON_PATH@"
 
 
-def prepare(work: Path, shape: str, max_batch: int, max_slots: int) -> None:
+def prepare(work: Path, shape: str, max_batch: int, max_slots: int, forced: bool = False) -> None:
     from dspark_compile.serving.replay import PairSpec
     from dspark_compile.targets.triton import pbtxt
 
     build, repo = work / "build", work / "triton"
     shutil.rmtree(work, ignore_errors=True)
-    PairSpec(shape=shape, replay="b", max_slots=max_slots).write(build)
+    PairSpec(shape=shape, replay="b", max_slots=max_slots, forced=forced).write(build)
     for name, opts in MODELS.items():
         model = repo / name
         (model / "1").mkdir(parents=True)
@@ -272,6 +272,9 @@ def main() -> None:
     ap.add_argument("--shape", default="qwen3_8b")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-slots", type=int, default=256)
+    ap.add_argument("--forced-replay", action="store_true",
+                    help="prepare: timing-only replay (every round accepts the replayed prefix; see "
+                         "CudaGraphBackend.set_replay); the lossless check then compares with the reference")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--aiperf", default="aiperf", help="the aiperf command (split at spaces)")
     ap.add_argument("--aiperf-path", help="PYTHONPATH for AIPerf (its wheels unpacked)")
@@ -286,7 +289,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if args.step == "prepare":
-        prepare(args.work, args.shape, args.max_batch, args.max_slots)
+        prepare(args.work, args.shape, args.max_batch, args.max_slots, args.forced_replay)
         return
     if args.out is None:
         ap.error("run needs --out")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from dspark_compile.runtime.decode import GenerationParams, generate
 from dspark_compile.serving.batcher import ContinuousBatcher
@@ -15,13 +16,17 @@ from dspark_compile.serving.replay import PairSpec, replayed_random, write_word_
 from dspark_compile.serving.text import TextCodec, TextStream
 
 
-def test_replayed_serving_is_lossless_and_accepts_drafts(tmp_path: Path, drive: Any) -> None:
-    PairSpec(shape="smoke", replay="b", max_slots=128).write(tmp_path)
+@pytest.mark.parametrize("forced", [False, True])
+def test_replayed_serving_is_lossless_and_accepts_drafts(tmp_path: Path, drive: Any, forced: bool) -> None:
+    """Forced (timing-only) replay commits the reference, which on this fp32 CPU pair is the target's output."""
+    PairSpec(shape="smoke", replay="b", max_slots=128, forced=forced).write(tmp_path)
     backend: Any = replayed_random(tmp_path)
+    assert backend.inner.replay_forced is False  # set by start()
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, 2000, size=12).tolist() for _ in range(3)] * 2  # repeats hit the reference cache
     batcher = ContinuousBatcher(backend, rows=4, slots=128)
     jobs = drive(batcher, prompts, 40)
+    assert backend.inner.replay_forced is forced
     want = generate(backend.side, prompts, GenerationParams(max_new_tokens=40), speculative=False)
     assert [j.tokens for j in jobs] == [r.tokens for r in want]
     assert len(backend.references) == 3

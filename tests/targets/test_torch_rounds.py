@@ -112,6 +112,29 @@ def test_replay_with_full_profile_commits_the_reference_g_plus_1_at_a_time(smoke
     assert none.tokens == [t[:24] for t in base.tokens] and none.tau == 1.0
 
 
+def test_forced_replay_commits_the_reference_whatever_the_target_says(smoke_backend: CudaGraphBackend) -> None:
+    """Timing-only forced replay: a reference the target would not produce is committed g+1 tokens a round
+    (profile 1) or one a round (profile 0), where plain replay of it is refused by verification."""
+    be = smoke_backend
+    g = be.info.block_size
+    base = decode_rounds(be, PROMPTS, max_new_tokens=24, speculative=False)
+    vocab = be.info.vocab_size
+    fake = [[t[0], *((x + 7) % vocab for x in t[1:])] for t in base.tokens]  # admit's first token is the target's
+    width = max(len(p) for p in PROMPTS) + 24 + 2 * g + 3
+    ref = replay_reference(PROMPTS, fake, width)
+    be.set_replay(ref, np.ones(g, dtype=np.float32), forced=True)
+    run = decode_rounds(be, PROMPTS, max_new_tokens=16)
+    be.set_replay(ref, np.zeros(g, dtype=np.float32), forced=True)
+    slow = decode_rounds(be, PROMPTS, max_new_tokens=16)
+    be.set_replay(ref, np.ones(g, dtype=np.float32))
+    plain = decode_rounds(be, PROMPTS, max_new_tokens=16)
+    be.set_replay(None, None)
+    assert run.tokens == slow.tokens == [t[:16] for t in fake]
+    assert all(r["accepted"] == g + 1 for rs in run.rounds for r in rs[:-1])
+    assert slow.tau == 1.0
+    assert plain.tokens == [t[:16] for t in base.tokens] and plain.tau < 1.5  # verification refuses the fake
+
+
 def test_replay_profiles() -> None:
     a, b, c = (survival_profile(n) for n in "abc")
     assert abs(1 + sum(a) - 6.48) < 1e-6 and abs(a[0] - 0.947) < 1e-9 and abs(a[6] - 0.628) < 1e-9

@@ -248,6 +248,7 @@ class CudaGraphBackend:
         self._len_host = np.zeros(0, dtype=np.int64)
         self._temp_host = np.zeros(0, dtype=np.float32)
         self.replay: tuple[torch.Tensor, torch.Tensor] | None = None  # benchmark-only (set_replay)
+        self.replay_forced = False
         self._replay_source: torch.Tensor | None = None
         self.last_graph_ms = 0.0
         self.last_host_ms: dict[str, float] = {}  # round(): graph launch call, wait for the outputs
@@ -459,7 +460,8 @@ class CudaGraphBackend:
         g = st.g
         window = self._window(int(self._len_host[:n].max()) + 2 * g + 2)
         sampling = bool((self._temp_host[:n] > 0).any())
-        key = (rows, window, sampling, self.replay is not None and g > 0, g)
+        replay = 0 if self.replay is None or g == 0 else 2 if self.replay_forced else 1
+        key = (rows, window, sampling, replay, g)
         step = self._rounds.get(key)
         if step is None:
             step = self._rounds[key] = self._round_step(rows, window, sampling, key[3])
@@ -493,10 +495,17 @@ class CudaGraphBackend:
         self._len_host[:n] += ints[:, 0] + 1
         return Proposal(ints[:, 0], ints[:, 1], ints[:, 2:], packed[:, g + 2 :])
 
-    def set_replay(self, reference: np.ndarray | None, profile: np.ndarray | None) -> None:
+    def set_replay(self, reference: np.ndarray | None, profile: np.ndarray | None, *, forced: bool = False) -> None:
         """Benchmark-only acceptance replay: after drafting, row b's proposals become ``reference[b]`` (its
         target-only greedy continuation, indexed by absolute position), cut where the per-position acceptance
-        ``profile`` [G] first fails (a draw per position from the row's replay stream). None turns it off."""
+        ``profile`` [G] first fails (a draw per position from the row's replay stream). None turns it off.
+
+        ``forced`` (timing only, greedy): each round accepts exactly the replayed prefix and commits the
+        reference, whatever the target's verify says. Plain replay needs the batch's target to reproduce the
+        reference bit for bit; a bf16 target at batch 64 is not bit-equal to itself at batch 1, so under load a
+        row leaves its reference and acceptance collapses. The forced round runs the same kernels with the
+        profile's acceptance; its output is the reference, so it checks nothing about losslessness."""
+        self.replay_forced = forced
         if reference is None or profile is None:
             self.replay = None
             return
@@ -527,7 +536,7 @@ class CudaGraphBackend:
         return spec_verify(logits, drafts, vlen, mode="sampling", draft_probs=probs, temperature=temp,
                            uniforms=uniforms)
 
-    def _round_step(self, rows: int, window: int, sampling: bool, replay: bool) -> _Step:
+    def _round_step(self, rows: int, window: int, sampling: bool, replay: int) -> _Step:
         """verify → SpecVerify → commit → taps → next anchor → draft → Markov sampling → confidence."""
         st = self._state
         assert st is not None and self._kv is not None
@@ -550,6 +559,8 @@ class CudaGraphBackend:
             pr = probs if probs is not None else (st.probs_like(rows, 0) if sampling else None)
             acc, nxt = self._verify(logits, v["drafts"], vlen, v["temperature"] if sampling else None,
                                     u[:, : g + 1], pr)
+            if replay == 2:  # forced replay: timing only (set_replay)
+                acc, nxt = self._forced(v, vlen)
             step = torch.where(live, acc + 1, 0)
             v["length"].add_(step)  # commit: the caches already hold the accepted rows (rollback is free)
             v["anchor"].copy_(nxt)
@@ -574,6 +585,19 @@ class CudaGraphBackend:
 
         return _Step(fn, {"verify_len": ((rows,), torch.int64, np.int64, 0)}, self.device,
                      capture=self.graphs, pool=self._pool, state=st)
+
+    def _forced(self, v: dict[str, torch.Tensor], vlen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forced replay's acceptance: the pending drafts' leading run equal to the reference (the replayed
+        prefix), within ``vlen``, and the reference token after it as the next anchor."""
+        assert self.replay is not None
+        drafts = v["drafts"]
+        rows, g = drafts.shape
+        ref = self.replay[0][:rows]
+        pos = (v["length"][:, None] + 1 + torch.arange(g + 1, device=drafts.device)).clamp(max=ref.shape[1] - 1)
+        right = ref.gather(1, pos)  # the reference at the drafts' positions and one past
+        ok = (drafts == right[:, :g]) & (torch.arange(g, device=drafts.device) < vlen[:, None])
+        acc = torch.cumprod(ok.to(torch.int64), dim=1).sum(dim=1)
+        return acc, right.gather(1, acc[:, None])[:, 0]
 
     def _replayed(self, v: dict[str, torch.Tensor], drafts: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """Proposals overwritten by the reference continuation, wrong from the drawn cut on (benchmark only)."""
