@@ -539,7 +539,7 @@ def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 
 def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 replays: Sequence[str] = ("a", "b"), warmup: bool = True) -> dict[str, Any]:
+                 replays: Sequence[str] = ("a", "b"), warmup: bool = True, forced: bool = False) -> dict[str, Any]:
     """One batch, in one run: target-only and speculative greedy decoding through the round graph, τ,
     tokens/s, host time per round (wall minus graph), losslessness (speculative tokens == target-only), and
     the acceptance replays (labelled "replayed": the draft runs, its proposals are then overwritten on the
@@ -547,7 +547,9 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
 
     The replay's continuation comes from a replay with an all-zero profile (every round commits exactly the
     target's next token through the same verify graph), so numerics cannot make the replay diverge from it;
-    that run is checked against target-only decoding too.
+    that run is checked against target-only decoding too. ``forced`` adds each profile again as forced replay
+    (``replay_{name}_forced``, timing only: rounds commit the reference at the profile's acceptance whatever the
+    verify says, for batches whose rows leave the reference once the batch shrinks; ``set_replay``).
     """
     g = backend.info.block_size
 
@@ -600,6 +602,12 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
             row = summary(timed(), target)
             row |= {"label": "replayed", "profile_tau": 1 + sum(surv[:g]), "survival": surv}
             res[f"replay_{name}"] = row
+            if forced:
+                backend.set_replay(replay_reference(prompts, ref.tokens, width), np.array(conditional_profile(surv)),
+                                   forced=True)
+                row = summary(timed(), target)
+                row |= {"label": "replayed, forced (timing only)", "profile_tau": 1 + sum(surv[:g])}
+                res[f"replay_{name}_forced"] = row
         backend.set_replay(None, None)
     return res
 
