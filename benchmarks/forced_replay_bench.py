@@ -19,6 +19,7 @@ import torch
 
 from dspark_compile.targets.torch.bench import QWEN3_8B, SMOKE, random_pair, rounds_bench
 from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
+
 smoke = sys.argv[1] == "smoke"
 out = sys.argv[2]
 shape = SMOKE if smoke else QWEN3_8B
