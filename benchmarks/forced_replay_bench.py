@@ -39,3 +39,24 @@ for b, ctx in ((4, 16),) if smoke else ((1, 1024), (64, 64), (64, 1024)):
     print(b, ctx, json.dumps(line), f"{time.time() - t0:.0f}s", flush=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=1, default=str)
+
+# What one admission costs a running batch: prefill + first draft run eagerly (no graph), here with 63 live rows
+# and k new 64-token prompts; serving at concurrency 64 admits about one request per round.
+be.start(64, 256)
+zeros = np.zeros(63, dtype=np.float32)
+be.admit(rng.integers(0, shape.vocab_size - 1, size=(63, 16)), np.full(63, 16), zeros, np.arange(63))
+admit_ms: dict[str, list[float]] = {}
+for k in (1, 1, 4, 8) if not smoke else (1, 1):
+    ids = rng.integers(0, shape.vocab_size - 1, size=(k, 64))
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    be.admit(ids, np.full(k, 64), np.zeros(k, dtype=np.float32), np.arange(k))
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    admit_ms.setdefault(f"k{k}", []).append(1e3 * (time.perf_counter() - t0))
+    be.select(np.arange(63))
+res["admit_ms_with_63_live"] = admit_ms
+print("admit ms", json.dumps(admit_ms), flush=True)
+with open(out, "w") as f:
+    json.dump(res, f, indent=1, default=str)
