@@ -6,7 +6,7 @@ replay (timing only) commits the reference at the profile's acceptance with the 
 speculative (τ 1, lossless check), plain replay b and forced replay b, at B = 1 (1024-token prompts) and B = 64
 (64- and 1024-token prompts), Qwen3-8B shape, random bf16 weights, 128 new tokens.
 
-    PYTHONPATH=. python benchmarks/forced_replay_bench.py h200 OUT.json     # on the GPU
+    PYTHONPATH=. python benchmarks/forced_replay_bench.py h200 OUT.json     # on the GPU (h200-short: B = 64 only)
     PYTHONPATH=. python benchmarks/forced_replay_bench.py smoke OUT.json    # CPU smoke run (B = 4)
 """
 
@@ -28,7 +28,8 @@ target, draft = random_pair(shape, device=dev, dtype=torch.float32 if smoke else
 be = CudaGraphBackend(target, draft)
 rng = np.random.default_rng(0)
 res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "shape": "smoke" if smoke else "qwen3-8b"}
-for b, ctx in ((4, 16),) if smoke else ((1, 1024), (64, 64), (64, 1024)):
+CASES = {"smoke": ((4, 16),), "h200": ((1, 1024), (64, 64), (64, 1024)), "h200-short": ((64, 64),)}
+for b, ctx in CASES[sys.argv[1]]:
     t0 = time.time()
     prompts = [rng.integers(0, shape.vocab_size - 1, size=ctx).tolist() for _ in range(b)]
     r = rounds_bench(be, prompts, max_new_tokens=16 if smoke else 128, replays=("b",), forced=True)
