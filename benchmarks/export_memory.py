@@ -109,9 +109,9 @@ def weight_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-# make_tiny_pair holds every weight in float32 at once (32 GB at 8B); pairs above this many parameters are
-# written by `stream_pair` instead, one tensor at a time.
-STREAM_PARAMS = 2_000_000_000
+# make_tiny_pair holds every weight in float32 at once (32 GB at 8B, over 14 GB at 1.7B); pairs above this many
+# parameters are written by `stream_pair` instead, one tensor at a time.
+STREAM_PARAMS = 1_000_000_000
 # The scaled-down dimensions stream_pair writes its configs and names with: all distinct, so each maps back to
 # one real dimension (hidden, q = heads x head_dim, kv, intermediate, head_dim, vocab, Markov rank, taps, conf).
 SMALL = {"vocab_size": 384, "hidden_size": 96, "intermediate_size": 160, "num_heads": 4, "num_kv_heads": 2,
