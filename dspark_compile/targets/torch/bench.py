@@ -598,16 +598,13 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
         backend.set_replay(replay_reference(prompts, ref.tokens, width), zero)
         for name in replays:
             surv = survival_profile(name, g)
-            backend.set_replay(replay_reference(prompts, ref.tokens, width), np.array(conditional_profile(surv)))
-            row = summary(timed(), target)
-            row |= {"label": "replayed", "profile_tau": 1 + sum(surv[:g]), "survival": surv}
-            res[f"replay_{name}"] = row
-            if forced:
-                backend.set_replay(replay_reference(prompts, ref.tokens, width), np.array(conditional_profile(surv)),
-                                   forced=True)
+            reference, profile = replay_reference(prompts, ref.tokens, width), np.array(conditional_profile(surv))
+            for force in (False, True) if forced else (False,):
+                backend.set_replay(reference, profile, forced=force)
                 row = summary(timed(), target)
-                row |= {"label": "replayed, forced (timing only)", "profile_tau": 1 + sum(surv[:g])}
-                res[f"replay_{name}_forced"] = row
+                row |= {"label": "replayed, forced (timing only)" if force else "replayed",
+                        "profile_tau": 1 + sum(surv[:g]), "survival": surv}
+                res[f"replay_{name}_forced" if force else f"replay_{name}"] = row
         backend.set_replay(None, None)
     return res
 

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 SLOT_MULTIPLE = 256
 KV_BUCKET = 128
+NO_REPLAY, REPLAY, FORCED_REPLAY = 0, 1, 2  # a round graph's replay mode (set_replay), part of its key
 REPLAY_KEY = 0x5EED  # replay cuts draw from the stream of seed ^ REPLAY_KEY (never the sampling stream)
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, Triton compilation)
 _ROW_COPIED = ("ctx_taps",)  # a large input: only the live rows travel; the rest are left stale
@@ -460,7 +461,7 @@ class CudaGraphBackend:
         g = st.g
         window = self._window(int(self._len_host[:n].max()) + 2 * g + 2)
         sampling = bool((self._temp_host[:n] > 0).any())
-        replay = 0 if self.replay is None or g == 0 else 2 if self.replay_forced else 1
+        replay = NO_REPLAY if self.replay is None or g == 0 else FORCED_REPLAY if self.replay_forced else REPLAY
         key = (rows, window, sampling, replay, g)
         step = self._rounds.get(key)
         if step is None:
@@ -559,7 +560,7 @@ class CudaGraphBackend:
             pr = probs if probs is not None else (st.probs_like(rows, 0) if sampling else None)
             acc, nxt = self._verify(logits, v["drafts"], vlen, v["temperature"] if sampling else None,
                                     u[:, : g + 1], pr)
-            if replay == 2:  # forced replay: timing only (set_replay)
+            if replay == FORCED_REPLAY:  # timing only (set_replay)
                 acc, nxt = self._forced(v, vlen)
             step = torch.where(live, acc + 1, 0)
             v["length"].add_(step)  # commit: the caches already hold the accepted rows (rollback is free)
@@ -589,24 +590,26 @@ class CudaGraphBackend:
     def _forced(self, v: dict[str, torch.Tensor], vlen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forced replay's acceptance: the pending drafts' leading run equal to the reference (the replayed
         prefix), within ``vlen``, and the reference token after it as the next anchor."""
-        assert self.replay is not None
         drafts = v["drafts"]
         rows, g = drafts.shape
-        ref = self.replay[0][:rows]
-        pos = (v["length"][:, None] + 1 + torch.arange(g + 1, device=drafts.device)).clamp(max=ref.shape[1] - 1)
-        right = ref.gather(1, pos)  # the reference at the drafts' positions and one past
+        right = self._reference_after(v["length"], 0, rows, g + 1)  # the drafts' positions and one past
         ok = (drafts == right[:, :g]) & (torch.arange(g, device=drafts.device) < vlen[:, None])
         acc = torch.cumprod(ok.to(torch.int64), dim=1).sum(dim=1)
         return acc, right.gather(1, acc[:, None])[:, 0]
 
+    def _reference_after(self, length: torch.Tensor, first_row: int, rows: int, n: int) -> torch.Tensor:
+        """The replay reference of rows ``first_row..+rows`` at the ``n`` positions after each row's anchor."""
+        assert self.replay is not None
+        ref = self.replay[0][first_row : first_row + rows]
+        pos = (length[:, None] + 1 + torch.arange(n, device=ref.device)).clamp(max=ref.shape[1] - 1)
+        return ref.gather(1, pos)
+
     def _replayed(self, v: dict[str, torch.Tensor], drafts: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         """Proposals overwritten by the reference continuation, wrong from the drawn cut on (benchmark only)."""
         assert self.replay is not None
-        ref, prof = self.replay
+        prof = self.replay[1]
         rows, g = drafts.shape
-        ref = ref[first_row : first_row + rows]
-        pos = (v["length"][:, None] + 1 + torch.arange(g, device=drafts.device)).clamp(max=ref.shape[1] - 1)
-        right = ref.gather(1, pos)
+        right = self._reference_after(v["length"], first_row, rows, g)
         ur = counter_uniforms(v["seed"] ^ REPLAY_KEY, v["counter"], g)
         kept = torch.cumprod((ur < prof[:g]).to(torch.int64), dim=1).bool()
         wrong = (right + 1) % self.info.vocab_size
