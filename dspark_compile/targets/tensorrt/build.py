@@ -238,7 +238,8 @@ def build_engine(
             "build_gpu": _gpu_json(build_gpu),
             "engine_compute_capabilities": [list(cc) for cc in runs_on] if runs_on is not None else None,
             "build_seconds": round(result["seconds"], 3),
-            # Built without address-space randomisation: the same inputs give the same plan bytes.
+            # Built without address-space randomisation: the same inputs give the same plan bytes, but for the
+            # few bytes of shape-symbol numbering that TensorRT-RTX 1.7 orders by its threads' timing.
             "reproducible": result["fixed_addresses"],
         }
         (work / "inspect.json").write_text(trt_inspect.dumps(inspector))
