@@ -76,14 +76,69 @@ prog.save(sys.argv[2], external_data=True)
 """
 
 
-def measure(cmd: list[str]) -> dict[str, Any]:
+def _tree_memory(root: int) -> dict[str, int]:
+    """Anonymous and file-backed resident MiB of the largest process under ``root`` (GNU time's %M is the largest
+    process too), read from /proc; a process that ends mid-read is skipped."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    best = {"anon_mib": 0, "file_mib": 0}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if line.startswith(("RssAnon", "RssFile")))
+        except OSError:
+            continue
+        anon, file = (int(fields.get(k, "0 kB").split()[0]) >> 10 for k in ("RssAnon", "RssFile"))
+        if anon + file > best["anon_mib"] + best["file_mib"]:
+            best = {"anon_mib": anon, "file_mib": file}
+    return best
+
+
+def _mem_available_mib() -> int:
+    line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable"))
+    return int(line.split()[1]) >> 10
+
+
+def measure(cmd: list[str], *, guard_mib: int = 0) -> dict[str, Any]:
     """Run ``cmd`` under GNU time: its wall time and peak RSS (``%M``, KiB), one child at a time; with a build run
-    ``-v``, also each pass's seconds and memory from the pipeline's ``pass NAME 1.23s rss=… peak=…`` log lines."""
+    ``-v``, also each pass's seconds and memory from the pipeline's ``pass NAME 1.23s rss=… peak=…`` log lines.
+    With ``guard_mib``, a sampler records the largest process's anonymous/file-backed memory every 5 s and kills
+    the run when the machine's available memory falls below ``guard_mib`` (a shared box must not meet the OOM
+    killer); the samples come back under ``samples``."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "PEAK_RSS_KB=%M", *cmd], capture_output=True, text=True)
+    proc = subprocess.Popen(["/usr/bin/time", "-f", "PEAK_RSS_KB=%M", *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    samples: list[dict[str, Any]] = []
+    if guard_mib:
+        import threading
+
+        def sample() -> None:
+            while proc.poll() is None:
+                avail = _mem_available_mib()
+                samples.append({"t_s": round(time.perf_counter() - t0), "mem_available_mib": avail,
+                                **_tree_memory(proc.pid)})
+                if avail < guard_mib:
+                    os.killpg(proc.pid, 9)
+                    samples[-1]["killed"] = True
+                    return
+                time.sleep(5)
+
+        threading.Thread(target=sample, daemon=True).start()
+    _, stderr = proc.communicate()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        killed = " (killed by the memory guard)" if samples and samples[-1].get("killed") else ""
+        raise SystemExit(f"command failed ({proc.returncode}){killed}: {' '.join(cmd)}\n{stderr[-3000:]}\n"
+                         f"last samples: {samples[-3:]}")
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, "", stderr)
     peak_kb = int(proc.stderr.rsplit("PEAK_RSS_KB=", 1)[1].split()[0])
     passes = {}
     for line in proc.stderr.splitlines():
@@ -91,7 +146,8 @@ def measure(cmd: list[str]) -> dict[str, Any]:
             name, seconds, *fields = line.split("pass ", 1)[1].split()
             passes[name] = {"seconds": float(seconds.rstrip("s")),
                             **{k + "_bytes": int(v) for k, v in (f.split("=") for f in fields)}}
-    return {"wall_s": round(wall, 2), "peak_rss_bytes": peak_kb * 1024, **({"passes": passes} if passes else {})}
+    return {"wall_s": round(wall, 2), "peak_rss_bytes": peak_kb * 1024, **({"passes": passes} if passes else {}),
+            **({"samples": samples} if samples else {})}
 
 
 def loaded_bytes(target: Path, draft: Path) -> tuple[int, int]:
@@ -295,7 +351,8 @@ def run_full(name: str, work: Path) -> dict[str, object]:
     shutil.rmtree(out, ignore_errors=True)
     ours = measure([sys.executable, "-m", "dspark_compile.cli", "build", "--target", str(target), "--draft",
                     str(draft), "--out", str(out), "--dtype", "bf16", "--targets", "onnx,tensorrt,triton",
-                    "--trt-flavor", "rtx", "--max-batch", "8", "--max-context", "4096", "--json", "-q"])
+                    "--trt-flavor", "rtx", "--max-batch", "8", "--max-context", "4096", "--json", "-v"],
+                   guard_mib=400)
     manifest = json.loads((out / "manifest.json").read_text())
     plans = manifest["engines"]["plans"]
     inputs = {(r["file"], r["offset"]): r["bytes"] for r in manifest["weight_inputs"].values()}
@@ -308,8 +365,9 @@ def run_full(name: str, work: Path) -> dict[str, object]:
         "target_weight_bytes": tw, "draft_own_weight_bytes": dw,
         "build": {**ours, "peak_rss_over_weights": round(ours["peak_rss_bytes"] / weights, 3),
                   "passes": {p["name"]: p["seconds"] for p in manifest["passes"]}},
-        "engines": {p["graph"]: {k: p[k] for k in ("plan_bytes", "weight_bytes", "activation_bytes",
-                                                   "activation_source")} for p in plans},
+        "engines": {p["plan"]: {k: p[k] for k in ("graph", "plan_bytes", "weight_bytes", "activation_bytes",
+                                                  "activation_source", "segment", "segments") if k in p}
+                    for p in plans},
         "weight_input_bytes": sum(inputs.values()),
         "engine_bytes_over_unique_weights": round((plan_bytes + sum(inputs.values())) / weights, 4),
         "engine_weights_over_unique_weights": round(held / weights, 4),
@@ -331,7 +389,7 @@ def plot_full(result: dict, png: Path) -> None:
     gb = 1e9
     unique = (result["target_weight_bytes"] + result["draft_own_weight_bytes"]) / gb
     bars = {"unique weights": unique, "weight inputs": result["weight_input_bytes"] / gb,
-            **{f"{g}.plan": e["plan_bytes"] / gb for g, e in result["engines"].items()}}
+            **{g: e["plan_bytes"] / gb for g, e in result["engines"].items()}}
     axes[1].bar(list(bars), list(bars.values()), color=["k"] + ["C1"] * (len(bars) - 1))
     axes[1].axhline(1.10 * unique, ls="--", color="k", lw=0.8, label="goal: engines + inputs <= 1.10 x unique")
     axes[1].set_ylabel("GB")
