@@ -295,3 +295,20 @@ def test_manifest_plan_records_give_each_graph_its_chain() -> None:
     manifest["engines"]["plans"].pop()
     with pytest.raises(UsageError, match=r"segment plans \[0, 2\] of 3"):
         plan_chains(manifest)
+
+
+def test_a_graph_output_read_by_a_later_segment_is_still_returned() -> None:
+    """``graph_outputs``: a whole-graph output a later segment also reads stays an output; the caller's buffer
+    is bound, and the later segment reads that buffer."""
+    y = ("y", F, ["B"])
+    engines = [FakeEngine("a", [("x", F, ["B"])], [y], lambda v: {"y": v["x"] + 1}),
+               FakeEngine("b", [y], [("z", F, ["B"])], lambda v: {"z": v["y"] * 2})]
+    assert TensorRTTransport({"g": engines}, FAKE_TRT, device=torch.device("cpu"), stream=0).outputs("g") == ("z",)
+    engines = [FakeEngine(e.name, e.inputs, e.outputs, e.fn) for e in engines]
+    transport = TensorRTTransport({"g": engines}, FAKE_TRT, device=torch.device("cpu"), stream=0,
+                                  graph_outputs={"g": ("y", "z")})
+    assert transport.inputs("g") == ("x",) and transport.outputs("g") == ("y", "z")
+    outputs = {"y": torch.zeros(3), "z": torch.zeros(3)}
+    transport.run("g", {"x": torch.arange(3.0)}, outputs)
+    assert engines[1].contexts[0].addresses["y"] == outputs["y"].data_ptr()
+    assert outputs["y"].tolist() == [1, 2, 3] and outputs["z"].tolist() == [2, 4, 6]

@@ -11,10 +11,11 @@ input's shape: target_step's verification profile of the KV bucket, or its prefi
 A graph too large for one engine (issue 14: the builder holds ~2.2x the weights) is a *chain* of segment
 engines split by decoder-layer range (``engines/target_step.seg{k}.plan``). ``run`` enqueues the segments in
 order on the one stream, so a segment reads what earlier ones wrote without a synchronisation. Intermediates
-(hidden states, earlier layers' K/V rows) live in device buffers this transport owns, sized from the
-shape TensorRT infers after ``set_input_shape`` and cached per shape, so steady-state decoding allocates
-nothing; they are allocated on torch's current stream, which is only safe because they are never
-freed while in use (TensorRT and torch may be on different streams). Each segment chooses its own profile.
+(hidden states, earlier layers' K/V rows) live in device buffers this transport owns, sized from the shape
+TensorRT infers after ``set_input_shape`` and cached per shape, so steady-state decoding allocates nothing. A
+buffer replaced on a shape change goes back to torch's caching allocator, which is safe while the engines run
+on torch's current stream (the default); with a foreign ``stream``, synchronise it before the batch changes.
+Each segment chooses its own profile.
 """
 
 from __future__ import annotations
