@@ -1,12 +1,14 @@
 """``config.pbtxt`` of the Triton models, built as Triton's ``ModelConfig`` protobuf (well-formed by
 construction); :func:`validate_config` parses the written text back and checks what the server would only
-report at load time, so a broken repository fails the build, not the deployment.
+report at load time, so a broken repository fails the build, not the deployment. A graph split into segment
+engines (issue 14) is served as an ensemble of its segments (:func:`ensemble_config`), whose wiring
+:func:`validate_config` checks against the other models of the repository.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ except ImportError as exc:  # the [triton] extra is optional for the rest of the
                                   f"{exc}; install it with `pip install 'dspark-compile[triton]'`") from exc
 
 PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
+ENSEMBLE = "ensemble"  # a chain of segment models presented as one graph model (no file of its own)
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU")
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
 
@@ -88,6 +91,44 @@ def graph_model_config(name: str, io: GraphIO, *, platform: str, instance_kind: 
     return config
 
 
+def ensemble_config(name: str, io: GraphIO, steps: Sequence[tuple[str, GraphIO]]) -> Any:
+    """An ensemble that runs ``steps`` (model name, its graph's I/O) in order as one model with the I/O ``io``
+    of the whole graph, so its callers (the orchestrator's BLS calls) cannot tell it from one engine.
+
+    Ensemble tensors keep the graphs' names: a step's input is an input of the whole graph or the same-named
+    output of an earlier step (the segmentation contract); a step output is mapped when the whole graph
+    returns it or a later step reads it. A chain that does not compose to ``io`` is refused here, at build
+    time, with the tensors at fault."""
+    whole_inputs = {t.name for t in io.inputs}
+    whole_outputs = [t.name for t in io.outputs]
+    read_later = [set().union(*({t.name for t in s.inputs} for _, s in steps[k + 1:])) for k in range(len(steps))]
+    produced: set[str] = set()
+    read: set[str] = set()
+    config = _model(mc.ModelConfig(name=name, platform=ENSEMBLE, max_batch_size=0),
+                    triton_tensors(io.inputs, name), triton_tensors(io.outputs, name))
+    for k, (model, step_io) in enumerate(steps):
+        unknown = [t.name for t in step_io.inputs if t.name not in whole_inputs and t.name not in produced]
+        if unknown:
+            raise BuildError(f"{name}: step {k} ({model}) reads {', '.join(unknown)}, which neither the whole graph "
+                             "nor an earlier step provides; rebuild the segments")
+        read.update(t.name for t in step_io.inputs)
+        step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        for t in step_io.inputs:
+            step.input_map[t.name] = t.name
+        for t in step_io.outputs:
+            if t.name in whole_outputs or t.name in read_later[k]:
+                step.output_map[t.name] = t.name
+                produced.add(t.name)
+    problems = []
+    if missing := [n for n in whole_outputs if n not in produced]:
+        problems.append(f"no step produces the graph output(s) {', '.join(missing)}")
+    if unused := sorted(whole_inputs - read):
+        problems.append(f"no step reads the graph input(s) {', '.join(unused)}")
+    if problems:
+        raise BuildError(f"{name}: {'; '.join(problems)}; rebuild the segments")
+    return config
+
+
 # Token ids, plus the TensorRT-LLM ensemble's text names (dspark_compile.serving.llm_io): one of `prompt_ids`
 # and `text_input` is required, which the orchestrator checks.
 ORCHESTRATOR_INPUTS = (
@@ -131,16 +172,20 @@ def parse_config(text: str, path: Path) -> Any:
 
 
 def validate_config(path: Path) -> Any:
-    """Parse ``path`` with Triton's ModelConfig protobuf and check what the server checks at load time."""
+    """Parse ``path`` with Triton's ModelConfig protobuf and check what the server checks at load time (an
+    ensemble: against the configs of its step models, which must already be written beside it)."""
     config = parse_config(path.read_text(), path)
     model_dir = path.parent
     problems = list(_config_problems(config, model_dir.name))
+    if config.platform == ENSEMBLE:
+        problems += _ensemble_problems(config, model_dir.parent)
     if not problems:
-        filename = config.default_model_filename or MODEL_FILES.get(config.platform or config.backend, "")
         versions = [d for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()]
         if not versions:
             problems.append("no version directory (expected 1/)")
-        problems += [f"{v.name}/{filename} is missing" for v in versions if not (v / filename).exists()]
+        if config.platform != ENSEMBLE:  # an ensemble's version directory is empty
+            filename = config.default_model_filename or MODEL_FILES.get(config.platform or config.backend, "")
+            problems += [f"{v.name}/{filename} is missing" for v in versions if not (v / filename).exists()]
     if problems:
         raise BuildError(f"{path}: {'; '.join(problems)}; this is a bug in the repository writer, please "
                          "report it")
@@ -152,8 +197,12 @@ def _config_problems(config: Any, dir_name: str) -> Iterable[str]:
         yield f"name {config.name!r} differs from its directory {dir_name!r}"
     if bool(config.platform) == bool(config.backend):
         yield "exactly one of `platform` and `backend` must be set"
-    if config.platform and config.platform not in PLATFORMS:
-        yield f"platform {config.platform!r} is not one of {', '.join(PLATFORMS)}"
+    if config.platform and config.platform not in (*PLATFORMS, ENSEMBLE):
+        yield f"platform {config.platform!r} is not one of {', '.join((*PLATFORMS, ENSEMBLE))}"
+    if config.HasField("ensemble_scheduling") != (config.platform == ENSEMBLE):
+        yield "`ensemble_scheduling` belongs to, and only to, platform ensemble"
+    if config.platform == ENSEMBLE and config.instance_group:
+        yield "an ensemble takes no instance_group (its step models have their own)"
     if config.max_batch_size < 0:
         yield f"max_batch_size {config.max_batch_size} is negative"
     if config.model_transaction_policy.decoupled and config.backend != "python":
@@ -175,3 +224,56 @@ def _config_problems(config: Any, dir_name: str) -> Iterable[str]:
             yield f"instance_group count {group.count} must be >= 1"
         if config.platform == "tensorrt_plan" and group.kind != mc.ModelInstanceGroup.KIND_GPU:
             yield "TensorRT engines need KIND_GPU instances"
+
+
+def _ensemble_problems(config: Any, repository: Path) -> Iterable[str]:
+    """What Triton would refuse in an ensemble's wiring: steps of models not in ``repository``, mapped tensors
+    a model does not have, step inputs no ensemble input or earlier step provides, a tensor written twice,
+    type mismatches, and ensemble outputs no step produces."""
+    steps = config.ensemble_scheduling.step
+    if not steps:
+        yield "an ensemble with no steps"
+    available = {t.name: t.data_type for t in config.input}  # ensemble tensor -> data type
+    produced: set[str] = set()
+    for k, step in enumerate(steps):
+        where = f"ensemble step {k} ({step.model_name})"
+        path = repository / step.model_name / "config.pbtxt"
+        if not path.is_file():
+            yield f"{where}: model {step.model_name!r} is not in the repository"
+            model_in: dict[str, Any] | None = None
+            model_out: dict[str, Any] = {}
+        else:
+            try:
+                model = parse_config(path.read_text(), path)
+            except BuildError as exc:
+                yield f"{where}: {exc}"
+                continue
+            model_in, model_out = {t.name: t for t in model.input}, {t.name: t for t in model.output}
+        for key, tensor in step.input_map.items():
+            if tensor not in available:
+                yield (f"{where}: input {key!r} reads ensemble tensor {tensor!r}, which is neither an ensemble input "
+                       "nor an output of an earlier step")
+            if model_in is None:
+                continue
+            if key not in model_in:
+                yield f"{where}: input_map names {key!r}, which is not an input of {step.model_name}"
+            elif tensor in available and available[tensor] not in (mc.TYPE_INVALID, model_in[key].data_type):
+                yield (f"{where}: input {key!r} is {mc.DataType.Name(model_in[key].data_type)} but ensemble tensor "
+                       f"{tensor!r} is {mc.DataType.Name(available[tensor])}")
+        if model_in is not None:
+            unmapped = [n for n, t in model_in.items() if n not in step.input_map and not t.optional]
+            if unmapped:
+                yield f"{where}: input(s) {', '.join(unmapped)} of {step.model_name} are not mapped"
+        for key, tensor in step.output_map.items():
+            if model_in is not None and key not in model_out:
+                yield f"{where}: output_map names {key!r}, which is not an output of {step.model_name}"
+            if tensor in available:
+                yield f"{where}: output {key!r} writes ensemble tensor {tensor!r}, which already has a value"
+            available[tensor] = model_out[key].data_type if key in model_out else mc.TYPE_INVALID
+            produced.add(tensor)
+    for t in config.output:
+        if t.name not in produced:
+            yield f"ensemble output {t.name!r} is produced by no step"
+        elif available[t.name] not in (mc.TYPE_INVALID, t.data_type):
+            yield (f"ensemble output {t.name!r} is {mc.DataType.Name(t.data_type)} but its step produces "
+                   f"{mc.DataType.Name(available[t.name])}")

@@ -5,6 +5,10 @@
       dspark_draft/...                    graph draft_propose (absent for a target-only build)
       dspark/{config.pbtxt, 1/model.py, 1/weights.bin}   decoupled python-backend orchestrator
 
+A target_step built as segment engines (``engines/target_step.seg{k}.plan``, issue 14: too large for one
+engine on the build host) is served as models ``dspark_target_seg{k}`` (one engine each) and ``dspark_target``
+an ensemble of them with the whole graph's I/O, so the orchestrator calls it as it calls one engine.
+
 The orchestrator holds the graphs' weight inputs (embedding, LM head) once and hands them to both graph models
 by DLPack; in the bls mode it reads them from ``dspark/1/weights.bin``, a hard link to the build's weights. The
 in-process modes load the build directory, named relative to the repository, so ``OUT`` must move as a whole.
@@ -152,20 +156,37 @@ def _find_graphs(build_dir: Path) -> dict[str, Path]:
     return graphs
 
 
+def segment_plans(build_dir: Path, graph: str) -> list[Path]:
+    """The segment engines of ``graph`` in chain order (``engines/{graph}.seg{k}.plan``, k = 0..n-1); empty
+    when the graph has one engine (``{graph}.plan``) or none. Read from the files, not the manifest: the
+    pipeline writes the repository before the manifest."""
+    engines = build_dir / "engines"
+    if (engines / f"{graph}.plan").is_file():
+        return []
+    plans = []
+    while (engines / f"{graph}.seg{len(plans)}.plan").is_file():
+        plans.append(engines / f"{graph}.seg{len(plans)}.plan")
+    return plans
+
+
 def _choose_platform(build_dir: Path, graphs: dict[str, Path], wanted: str) -> str:
-    plans = {g: build_dir / "engines" / f"{g}.plan" for g in graphs}
-    have_all = all(p.is_file() for p in plans.values())
+    """``tensorrt_plan`` needs every graph's engine: one plan, or a full chain of segment plans."""
+    missing = [str(build_dir / "engines" / f"{g}.plan") for g in graphs
+               if not (build_dir / "engines" / f"{g}.plan").is_file() and not segment_plans(build_dir, g)]
     if wanted == "auto":
-        return "tensorrt_plan" if have_all else "onnxruntime_onnx"
-    if wanted == "tensorrt_plan" and not have_all:
-        missing = ", ".join(str(p) for p in plans.values() if not p.is_file())
-        raise UsageError(f"--triton-platform tensorrt_plan: engine(s) {missing} not found; build them with "
-                         "--target tensorrt or use --triton-platform onnxruntime_onnx")
+        return "onnxruntime_onnx" if missing else "tensorrt_plan"
+    if wanted == "tensorrt_plan" and missing:
+        raise UsageError(f"--triton-platform tensorrt_plan: engine(s) {', '.join(missing)} not found; build them "
+                         "with --target tensorrt or use --triton-platform onnxruntime_onnx")
     return wanted
 
 
 def _write_graph_model(model_dir: Path, graph: str, onnx_path: Path, build_dir: Path, io: GraphIO, platform: str,
                        options: TritonOptions) -> None:
+    segments = segment_plans(build_dir, graph) if platform == "tensorrt_plan" else []
+    if segments:
+        _write_segmented_model(model_dir, graph, build_dir, io, segments, options)
+        return
     version = model_dir / "1"
     version.mkdir(parents=True)
     if platform == "tensorrt_plan":
@@ -181,6 +202,33 @@ def _write_graph_model(model_dir: Path, graph: str, onnx_path: Path, build_dir: 
     config = pbtxt.graph_model_config(model_dir.name, io, platform=platform, instance_kind=kind,
                                       instances=options.graph_instances)
     (model_dir / "config.pbtxt").write_text(pbtxt.render(config))
+
+
+def _write_segmented_model(model_dir: Path, graph: str, build_dir: Path, io: GraphIO, plans: list[Path],
+                           options: TritonOptions) -> None:
+    """``{model}_seg{k}``: one TensorRT model per segment engine, I/O from its ONNX segment graph; ``model``:
+    the ensemble that chains them with the whole graph's I/O ``io`` (pbtxt.ensemble_config)."""
+    steps = []
+    for k, plan in enumerate(plans):
+        onnx_path = build_dir / "onnx" / f"{graph}.seg{k}.onnx"
+        if not onnx_path.is_file():
+            raise BuildError(f"{onnx_path}: missing beside the segment engine {plan}; the segment models take "
+                             "their I/O from it: rebuild with `dspark-compile build`")
+        seg_dir = model_dir.parent / f"{model_dir.name}_seg{k}"
+        (seg_dir / "1").mkdir(parents=True)
+        _link_or_copy(plan, seg_dir / "1" / "model.plan")
+        seg_io = _read_io(onnx_path)
+        config = pbtxt.graph_model_config(seg_dir.name, seg_io, platform="tensorrt_plan", instance_kind="KIND_GPU",
+                                          instances=options.graph_instances)
+        (seg_dir / "config.pbtxt").write_text(pbtxt.render(config))
+        steps.append((seg_dir.name, seg_io))
+    if (build_dir / "onnx" / f"{graph}.seg{len(plans)}.onnx").is_file():
+        raise BuildError(f"{build_dir / 'onnx'}: {graph} has more ONNX segments than the {len(plans)} engines in "
+                         f"{build_dir / 'engines'}; rebuild the engines")
+    (model_dir / "1").mkdir(parents=True)  # Triton wants a version directory, empty for an ensemble
+    (model_dir / "config.pbtxt").write_text(pbtxt.render(pbtxt.ensemble_config(model_dir.name, io, steps)))
+    log.info("%s: an ensemble of %d segment engines (one engine launch per segment per call)", model_dir.name,
+             len(plans))
 
 
 def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, graphs: Mapping[str, Path],
