@@ -21,6 +21,7 @@ from dspark_compile.checkpoint import (
 from dspark_compile.errors import UsageError
 from dspark_compile.families import family_of
 from dspark_compile.models.dspark import DSparkDraft
+from dspark_compile.models.gemma4 import Gemma4Target, uses_ring
 from dspark_compile.models.layers import Fp8Linear, replace_module
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.runtime.backend import ProgramInfo
@@ -60,18 +61,26 @@ def program_info(target: Qwen3Target, draft: DSparkDraft | None, eos_token_ids: 
     tc = target.cfg
     dc = draft.cfg if draft is not None else None
     dtype = next(k for k, v in DTYPES.items() if v == target.embed_tokens.weight.dtype)
+    block = draft.block_size if draft is not None else 0
+    kv_heads, head_dim, ring = tc.num_key_value_heads, tc.head_dim, {}
+    if uses_ring(target):  # the graphs' kv_cache: the global layers, unpadded; the sliding ones in kv_ring
+        assert isinstance(target, Gemma4Target)
+        gc = target.cfg
+        kv_heads, head_dim = gc.global_kv_heads, gc.global_head_dim
+        ring = {"ring_layers": target.sliding_layers, "ring_kv_heads": gc.sliding_kv_heads,
+                "ring_head_dim": gc.sliding_head_dim, "ring_slots": target.ring_slots(block)}
     return ProgramInfo(
-        vocab_size=tc.vocab_size, block_size=draft.block_size if draft is not None else 0,
+        vocab_size=tc.vocab_size, block_size=block,
         tap_width=len(target.tap_layer_ids) * tc.hidden_size,
         has_confidence=draft is not None and draft.confidence_head is not None,
         eos_token_ids=tuple(eos_token_ids), max_slots=max_slots, sampling=sampling, dtype=dtype,
         family=tc.family, hidden_size=tc.hidden_size, target_layers=tc.num_hidden_layers,
-        kv_heads=tc.num_key_value_heads,
-        head_dim=tc.head_dim, draft_layers=dc.base.num_hidden_layers if dc is not None else 0,
+        kv_heads=kv_heads,
+        head_dim=head_dim, draft_layers=dc.base.num_hidden_layers if dc is not None else 0,
         draft_kv_heads=dc.base.num_key_value_heads if dc is not None else 0,
         draft_head_dim=dc.base.head_dim if dc is not None else 0,
         tap_layer_ids=tuple(target.tap_layer_ids),
-        markov_head=dc.markov_head_type if dc is not None else None,
+        markov_head=dc.markov_head_type if dc is not None else None, **ring,
     )
 
 

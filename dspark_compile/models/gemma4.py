@@ -6,9 +6,12 @@ shapes and RoPE (proportional, partial on the global layers), keys equal to valu
 norms, a per-layer ``layer_scalar``, GELU-tanh MLP, per-layer inputs (when the config has them) and final logit
 soft-capping (tied embeddings are the usual case).
 
-All layers share one [L, 2, B, KV, S, D] cache whose KV/D are the largest over the layer types
+Without a ring, all layers share one [L, 2, B, KV, S, D] cache whose KV/D are the largest over the layer types
 (:class:`~dspark_compile.model_config.Gemma4Config`); a layer writes its K/V zero-padded and attends over its
-[:kv, :, :d] corner, so the executor, the graphs' contract and every cache strategy stay family-agnostic.
+[:kv, :, :d] corner, so every cache strategy (the CUDA-graph target's in-place one too) stays family-agnostic.
+With a ring (:class:`RingWindow`: the exported graphs' form) the sliding layers keep only their window plus a
+verify block, and the cache holds the global layers alone, unpadded: the memory a sliding layer needs no
+longer grows with the context.
 ``transformers`` is only a test oracle; nothing here imports it.
 """
 
@@ -30,6 +33,7 @@ from dspark_compile.models.layers import (
     InPlaceCache,
     ReferenceAttention,
     RotaryEmbedding,
+    RowsCache,
     apply_rope,
     gelu_tanh,
     load_hf_target,
@@ -215,7 +219,8 @@ class Gemma4Layer(nn.Module):
         """kv [2, B, KV, S, D] in the shared (padded) geometry; returns the output, the cache strategy's output
         and ``next_norm`` of the output when the fused kernels computed it with the last residual add (else
         None); ``normed``: this layer's input norm of ``x`` when the previous layer computed it.
-        ``ring`` = (the ring, this layer's index among the sliding layers): K/V go to the ring, not to ``kv``."""
+        ``ring`` = (the ring, this layer's index among the sliding layers): K/V go to the ring, not to ``kv``
+        (then the cache output is None: the ring keeps or records the rows itself)."""
         attn = self.self_attn
         kvh, dim = kv.shape[2], kv.shape[4]
         h = self.input_layernorm(x) if normed is None else normed
@@ -232,7 +237,7 @@ class Gemma4Layer(nn.Module):
             assert positions is not None
             attended = ring[0].attend_and_write(ring[1], q, k, v, cache_len, positions,
                                                 attention, attn.scale, attn.num_heads // attn.num_kv_heads)
-            return self.finish(x, attended, per_layer_input), kv, None
+            return self.finish(x, attended, per_layer_input), None, None
         k, v = pad_heads(k, kvh, dim), pad_heads(v, kvh, dim)
         keys, values, out = cache.write(kv, k, v, cache_len, positions)
         keys, values = corner(keys, attn.num_kv_heads, attn.head_dim), corner(values, attn.num_kv_heads, attn.head_dim)
@@ -295,15 +300,20 @@ class RingWindow:
     committed length: a verify block's rejected drafts). Position p lives in slot p mod R.
 
     A call attends over the ring as it was (slot s then holds the latest position <= cache_len - 1 congruent to
-    s, or nothing when that is negative) plus its own new rows, and only then writes its last min(T, R) rows into
-    the ring in place. Stale rejected rows (positions >= the committed length) overwrote positions older than
-    any later window, and are rewritten by the call that re-covers their positions; R >= window + G is what
-    makes both true. Used by the PyTorch reference (:meth:`Gemma4Target.forward` ``ring=``); docs/PROGRAM.md
-    says why the graphs keep full-length caches."""
+    s, or nothing when that is negative) plus its own new rows, and only then are its last min(T, R) rows
+    written into the ring. Stale rejected rows (positions >= the committed length) overwrote positions older
+    than any later window, and are rewritten by the call that re-covers their positions; R >= window + G is
+    what makes both true. Which slot holds what is arithmetic on ``cache_len``, so the form exports as it is.
 
-    def __init__(self, ring: torch.Tensor, window: int) -> None:
+    ``write=True`` (the PyTorch reference's functional form) writes the rows in place; ``write=False`` (the
+    graphs) only records each layer's rows (:meth:`new_rows`) and the executor writes them
+    (``runtime.executor.write_ring``), as the KV contract has it for every other cache."""
+
+    def __init__(self, ring: torch.Tensor, window: int, *, write: bool = True) -> None:
         self.ring = ring  # [sliding layers, 2, B, KV_sliding, R, D_sliding]
         self.window = window
+        self.write = write
+        self.rows: list[torch.Tensor] = []  # write=False: each sliding layer's [2, B, KV, T, D], in layer order
 
     def attend_and_write(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cache_len: torch.Tensor, positions: torch.Tensor,
@@ -317,13 +327,20 @@ class RingWindow:
         old = (held >= 0) & (held > pos - self.window)  # held <= cache_len - 1 < pos always
         new = _chunk_visibility(positions, self.window)
         mask = attention.prepare(torch.cat((old, new), dim=-1).unsqueeze(1), None, group, q.dtype)
-        out = attention(q, torch.cat((kv[0], k.to(kv.dtype)), dim=2), torch.cat((kv[1], v.to(kv.dtype)), dim=2),
-                        mask, scale)
+        k, v = k.to(kv.dtype), v.to(kv.dtype)
+        out = attention(q, torch.cat((kv[0], k), dim=2), torch.cat((kv[1], v), dim=2), mask, scale)
+        if not self.write:
+            self.rows.append(torch.stack((k, v)))
+            return out
         keep = min(t, r)
         slots = (positions[:, t - keep:] % r).view(bsz, 1, keep, 1).expand(bsz, kv.shape[2], keep, kv.shape[4])
-        kv[0].scatter_(2, slots, k[:, :, t - keep:].to(kv.dtype))
-        kv[1].scatter_(2, slots, v[:, :, t - keep:].to(kv.dtype))
+        kv[0].scatter_(2, slots, k[:, :, t - keep:])
+        kv[1].scatter_(2, slots, v[:, :, t - keep:])
         return out
+
+    def new_rows(self) -> torch.Tensor:
+        """[sliding layers, 2, B, KV, T, D]: the rows the sliding layers computed (``write=False``)."""
+        return torch.stack(self.rows)
 
 
 def _chunk_visibility(positions: torch.Tensor, window: int) -> torch.Tensor:
@@ -375,12 +392,15 @@ class Gemma4Target(CausalTarget):
 
     def forward(
         self, input_ids: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor, *,
-        cache: CacheWrite = FUNCTIONAL, attention: ReferenceAttention = REFERENCE, ring: torch.Tensor | None = None,
+        cache: CacheWrite = FUNCTIONAL, attention: ReferenceAttention = REFERENCE,
+        ring: torch.Tensor | RingWindow | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """As :meth:`Qwen3Target.forward`: (hidden after the final norm, taps, the cache strategy's output).
 
-        ``ring`` (:meth:`new_ring`, functional cache only): the sliding layers keep just their window there
-        (:class:`RingWindow`), written in place; their slots of ``kv_cache`` are passed through untouched."""
+        ``ring`` (:meth:`new_ring`, or a :class:`RingWindow` over it; not with an in-place cache): the sliding
+        layers keep just their window there, and ``kv_cache`` holds the global layers only, unpadded
+        (:meth:`new_global_cache`); the cache output is then the global layers'. A bare tensor is written in
+        place; a ``RingWindow(write=False)`` records the sliding rows for the caller."""
         assert ring is None or not cache.in_place
         c = self.cfg
         bsz, t = input_ids.shape
@@ -397,27 +417,53 @@ class Gemma4Target(CausalTarget):
             masks[sliding] = attention.prepare(visible, None, c.num_attention_heads // kv_heads, x.dtype)
         taps: dict[int, torch.Tensor] = {-1: x}
         outs = []
-        window = RingWindow(ring, c.sliding_window) if ring is not None else None
-        sliding_index = 0
+        window = RingWindow(ring, c.sliding_window) if isinstance(ring, torch.Tensor) else ring
+        sliding_index = global_index = 0
         normed = None  # the next layer's input norm, when the fused kernels computed it with the residual add
         for i, layer in enumerate(self.layers):
             in_ring = (window, sliding_index) if window is not None and layer.sliding else None
+            if window is None:
+                kv = kv_cache[i]
+            elif in_ring is not None:
+                kv = window.ring[sliding_index]  # read for its shape only: the ring is this layer's cache
+            else:
+                kv = kv_cache[global_index]
+                global_index += 1
             sliding_index += layer.sliding
             nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else None
-            x, out, normed = layer(x, *ropes[layer.sliding], kv_cache[i], cache_len, masks[layer.sliding],
+            x, out, normed = layer(x, *ropes[layer.sliding], kv, cache_len, masks[layer.sliding],
                                    positions=positions, per_layer_input=None if ple is None else ple[:, :, i],
                                    cache=cache, attention=attention, ring=in_ring, normed=normed, next_norm=nxt)
-            outs.append(out)
+            if in_ring is None:
+                outs.append(out)
             taps[i] = x
+        if not outs and not cache.in_place:  # every layer slides: no global layer, an empty cache output
+            hidden, tapped, _ = self.outputs(x, taps, outs, True)
+            empty = kv_cache.new_zeros(0, 2, bsz, kv_cache.shape[3], t, kv_cache.shape[5])
+            return hidden, tapped, empty if isinstance(cache, RowsCache) else kv_cache
         return self.outputs(x, taps, outs, cache.in_place)
+
+    @property
+    def sliding_layers(self) -> int:
+        return sum(map(self.cfg.is_sliding, range(self.cfg.num_hidden_layers)))
+
+    def ring_slots(self, block: int) -> int:
+        """R = window + G (:class:`RingWindow`)."""
+        return self.cfg.sliding_window + block
 
     def new_ring(self, batch: int, block: int) -> torch.Tensor:
         """The sliding layers' ring [sliding layers, 2, B, KV, window + block, D] (:class:`RingWindow`)."""
         c = self.cfg
         w = self.embed_tokens.weight
-        layers = sum(map(c.is_sliding, range(c.num_hidden_layers)))
-        return torch.zeros(layers, 2, batch, c.sliding_kv_heads, c.sliding_window + block, c.sliding_head_dim,
-                           dtype=w.dtype, device=w.device)
+        return torch.zeros(self.sliding_layers, 2, batch, c.sliding_kv_heads, self.ring_slots(block),
+                           c.sliding_head_dim, dtype=w.dtype, device=w.device)
+
+    def new_global_cache(self, batch: int, slots: int) -> torch.Tensor:
+        """The global layers' cache beside a ring [global layers, 2, B, KV_global, slots, D_global], unpadded."""
+        c = self.cfg
+        w = self.embed_tokens.weight
+        return torch.zeros(c.num_hidden_layers - self.sliding_layers, 2, batch, c.global_kv_heads, slots,
+                           c.global_head_dim, dtype=w.dtype, device=w.device)
 
     @classmethod
     def from_weights(cls, cfg: Gemma4Config, get: Callable[[str], torch.Tensor], *,
@@ -425,3 +471,7 @@ class Gemma4Target(CausalTarget):
         """Build from Hugging Face tensor names (``cfg.weight_prefix`` + module path; tied LM head)."""
         return load_hf_target(cls, cfg, get, tap_layer_ids, dtype)
 
+
+def uses_ring(target: nn.Module) -> bool:
+    """Whether the graphs keep the target's sliding layers in a ring (a Gemma4 target with sliding layers)."""
+    return isinstance(target, Gemma4Target) and target.sliding_layers > 0

@@ -88,7 +88,8 @@ def gib(n: int) -> str:
 
 def server_memory(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """GPU memory of a server of the build at its max batch and context: every engine's weights once, the
-    graphs' weight inputs once (one buffer bound to both engines), both KV caches full, one execution context
+    graphs' weight inputs once (one buffer bound to both engines), both KV caches full (the sliding layers' ring
+    at its fixed slots), one execution context
     per engine (its largest profile; TensorRT's own number when a GPU was at the build, else
     build_tensorrt's estimate) and the executor's per-call buffers (taps of a full prompt, draft
     probabilities). Without engines the weights are the ONNX weights file and activations are unknown (0)."""
@@ -105,8 +106,12 @@ def server_memory(manifest: dict[str, Any]) -> dict[str, Any] | None:
     else:
         weights = next((a["bytes"] for a in manifest.get("artifacts", []) if a["path"] == "onnx/weights.bin"), 0)
         activations = 0
-    kv = batch * slots * 2 * dsize * (program["target_layers"] * program["kv_heads"] * program["head_dim"]
+    # A ring (Gemma4's sliding layers) is a fixed ring_slots per sequence; the full-length cache the rest.
+    ring = program.get("ring_layers", 0) * program.get("ring_kv_heads", 0) * program.get("ring_head_dim", 0)
+    kv = batch * slots * 2 * dsize * ((program["target_layers"] - program.get("ring_layers", 0)) * program["kv_heads"]
+                                      * program["head_dim"]
                                       + program["draft_layers"] * program["draft_kv_heads"] * program["draft_head_dim"])
+    kv += batch * program.get("ring_slots", 0) * 2 * dsize * ring
     buffers = batch * slots * program["tap_width"] * dsize + 2 * batch * g * program["vocab_size"] * 4
     return {"max_batch": batch, "max_context": slots, "weight_bytes": weights, "kv_cache_bytes": kv,
             "activation_bytes": activations, "buffer_bytes": buffers,

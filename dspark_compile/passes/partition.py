@@ -16,7 +16,9 @@ per-call transpose.
 KV contract (docs/PROGRAM.md): every graph reads its cache but returns only the rows it wrote (``kv_new``,
 ``draft_kv_new``: the models' ``RowsCache`` output); the executor writes them into its own cache in place at
 ``cache_len + t``. No graph output has the ``cache_slots`` dimension, so no runtime ever copies a
-whole cache back.
+whole cache back. A Gemma4 target's sliding layers are the one exception to full-length caches
+(:class:`RingTargetStep`): a fixed ring ``kv_ring`` whose rows ``ring_new`` the executor writes at
+``(cache_len + t) mod R``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import UsageError
 from dspark_compile.models.dspark import DSparkDraft
+from dspark_compile.models.gemma4 import Gemma4Target, RingWindow, uses_ring
 from dspark_compile.models.layers import RowsCache
 from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.plugins.spec_verify.op import spec_verify
@@ -76,15 +79,38 @@ class TargetStep(nn.Module):
                 uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden, taps, kv = _with_weights(self.target, self.target, embed_tokens, lm_head, tokens, cache_len, kv_cache,
                                          cache=ROWS)
+        return (*self.verify(hidden, tokens, logit_rows, verify_len, embed_tokens, lm_head, draft_probs, temperature,
+                             uniforms), taps, kv)
+
+    def verify(self, hidden: torch.Tensor, tokens: torch.Tensor, logit_rows: torch.Tensor, verify_len: torch.Tensor,
+               embed_tokens: torch.Tensor, lm_head: torch.Tensor, draft_probs: torch.Tensor | None,
+               temperature: torch.Tensor | None, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(accepted, next_token): SpecVerify on the LM head's logits of the ``logit_rows`` of ``hidden``."""
         decided = torch.gather(hidden, 1, logit_rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         # The family's LM head (soft-capped for Gemma4) on [B*W, H]: one Gemm(transB=1) over the weight input.
         logits = _with_weights(self.target.logits, self.target, embed_tokens, lm_head,
                                decided.reshape(-1, decided.shape[-1]))
         logits = logits.view(*decided.shape[:2], -1)
         drafts = torch.gather(tokens, 1, logit_rows[:, 1:])
-        accepted, next_token = spec_verify(logits, drafts, verify_len, draft_probs, temperature, uniforms,
-                                           mode=self.mode)
-        return accepted, next_token, taps, kv
+        return spec_verify(logits, drafts, verify_len, draft_probs, temperature, uniforms, mode=self.mode)
+
+
+class RingTargetStep(TargetStep):
+    """:class:`TargetStep` of a target with sliding-window layers (Gemma4): they keep only a ring of R = W + G
+    slots (``kv_ring`` [Ls, 2, B, KV_s, R, D_s], models/gemma4.RingWindow) and return their rows as
+    ``ring_new`` [Ls, 2, B, KV_s, T, D_s]; ``kv_cache``/``kv_new`` hold the global layers only, unpadded.
+    R is fixed in the graph (it is the arithmetic of which slot holds which position), not a cache_slots dim."""
+
+    def forward(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor,  # type: ignore[override]
+                kv_ring: torch.Tensor, logit_rows: torch.Tensor, verify_len: torch.Tensor,
+                embed_tokens: torch.Tensor, lm_head: torch.Tensor, draft_probs: torch.Tensor | None = None,
+                temperature: torch.Tensor | None = None, uniforms: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        window = RingWindow(kv_ring, self.target.cfg.sliding_window, write=False)
+        hidden, taps, kv = _with_weights(self.target, self.target, embed_tokens, lm_head, tokens, cache_len, kv_cache,
+                                         cache=ROWS, ring=window)
+        return (*self.verify(hidden, tokens, logit_rows, verify_len, embed_tokens, lm_head, draft_probs, temperature,
+                             uniforms), taps, kv, window.new_rows())
 
 
 class DraftPropose(nn.Module):
@@ -145,19 +171,28 @@ def graph_specs(target: Qwen3Target, draft: DSparkDraft | None, block_size: int,
     cache_dims = {2: "batch", 4: "cache_slots"}
     weights = shared_weights(target)
     # Example: verification of 2 drafts in a chunk of 5 (rows 1..3 and 2..4): every dimension differs.
+    ring = uses_ring(target)
     step_inputs = {"tokens": torch.ones(b, t, dtype=i64), "cache_len": torch.tensor([3, 4]),
-                   "kv_cache": target.new_cache(b, s), "logit_rows": torch.tensor([[1, 2, 3], [2, 3, 4]]),
-                   "verify_len": torch.tensor([2, 1]), **weights}
+                   "kv_cache": target.new_global_cache(b, s) if ring else target.new_cache(b, s),
+                   "logit_rows": torch.tensor([[1, 2, 3], [2, 3, 4]]), "verify_len": torch.tensor([2, 1]), **weights}
     step_dyn = {"tokens": {0: "batch", 1: "step_len"}, "cache_len": {0: "batch"}, "kv_cache": cache_dims,
                 "logit_rows": {0: "batch", 1: "decide_len"}, "verify_len": {0: "batch"}}
+    step_outputs: tuple[str, ...] = ("accepted", "next_token", "taps", "kv_new")
+    if ring:  # the ring right after kv_cache, in RingTargetStep.forward's order; its slot axis is fixed R
+        assert isinstance(target, Gemma4Target)
+        step_inputs = {**{k: step_inputs[k] for k in ("tokens", "cache_len", "kv_cache")},
+                       "kv_ring": target.new_ring(b, g if draft is not None else 0),
+                       **{k: v for k, v in step_inputs.items() if k not in ("tokens", "cache_len", "kv_cache")}}
+        step_dyn["kv_ring"] = {2: "batch"}
+        step_outputs += ("ring_new",)
     if verify_mode == "sampling":
         vocab = target.cfg.vocab_size
         step_inputs |= {"draft_probs": torch.full((b, 2, vocab), 1.0 / vocab), "temperature": torch.ones(b),
                         "uniforms": torch.full((b, 3), 0.5)}
         step_dyn |= {"draft_probs": {0: "batch", 1: "draft_len"}, "temperature": {0: "batch"},
                      "uniforms": {0: "batch", 1: "decide_len"}}
-    step = ExportJob("target_step", TargetStep(target, verify_mode), step_inputs,
-                     ("accepted", "next_token", "taps", "kv_new"), step_dyn)
+    step = ExportJob("target_step", (RingTargetStep if ring else TargetStep)(target, verify_mode), step_inputs,
+                     step_outputs, step_dyn)
     if draft is None:
         return (step,)
     draft_inputs = {

@@ -38,11 +38,26 @@ class ProgramInfo:
     draft_head_dim: int = 0
     tap_layer_ids: tuple[int, ...] = ()
     markov_head: str | None = None
+    # Sliding-window layers kept as a ring (Gemma4; models/gemma4.RingWindow): target_step's ``kv_ring``
+    # [ring_layers, 2, B, ring_kv_heads, ring_slots, ring_head_dim]; then kv_heads/head_dim are the global
+    # layers' (unpadded) and ``kv_cache`` holds only those (:attr:`cache_layers`). ring_slots 0: no ring.
+    ring_layers: int = 0
+    ring_kv_heads: int = 0
+    ring_head_dim: int = 0
+    ring_slots: int = 0
+
+    @property
+    def cache_layers(self) -> int:
+        """Layers of the target's full-length ``kv_cache``: all of them, less those in the ring."""
+        return self.target_layers - self.ring_layers
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
         out["tap_layer_ids"] = list(self.tap_layer_ids)
+        if not self.ring_slots:  # builds without a ring describe themselves as before the ring existed
+            for key in ("ring_layers", "ring_kv_heads", "ring_head_dim", "ring_slots"):
+                del out[key]
         return out
 
     @classmethod

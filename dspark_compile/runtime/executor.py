@@ -3,7 +3,8 @@
 :class:`GraphExecutor` implements :class:`~dspark_compile.runtime.backend.DecodeBackend`: the KV caches, the
 pending drafts and their probabilities, anchors, lengths and each row's random stream live on the transport's
 device as torch tensors. A graph returns only the K/V rows it wrote; the executor writes them into its caches
-in place at ``cache_len + t``. The graphs' weight inputs (the embedding and LM head both graphs read) are
+in place at ``cache_len + t`` (a Gemma4 target's sliding layers: into their ring at ``(cache_len + t) mod R``,
+:func:`write_ring`). The graphs' weight inputs (the embedding and LM head both graphs read) are
 held here once and bound to every call. Per call the host hands over O(B) numbers and gets back a :class:`Proposal`
 (O(B·G)) with one synchronisation.
 
@@ -69,6 +70,25 @@ def write_rows(cache: torch.Tensor, rows: torch.Tensor, start: torch.Tensor) -> 
     cache.scatter_(4, slots.expand(layers, two, bsz, heads, count, dim), rows.to(cache.dtype))
 
 
+def write_ring(ring: torch.Tensor, rows: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> None:
+    """Write rows t in [count[b] - R, count[b]) of ``rows`` [layers, 2, B, KV, T, D] into ``ring``
+    [layers, 2, B, KV, R, D] at slots (start[b] + t) mod R (models/gemma4.RingWindow).
+
+    ``count`` is T for a verify block (rejected rows included: the ring's R = W + G allows for them) and the
+    prompt length for a right-padded prefill, whose padding may lie further beyond the committed length than G
+    and so is never written. The K = min(T, R) candidate rows are consecutive positions, so their slots are
+    distinct (a deterministic scatter); a candidate before row 0 keeps what its slot held."""
+    layers, two, bsz, heads, t, dim = rows.shape
+    r = ring.shape[4]
+    keep = min(t, r)
+    first = count.view(bsz, 1) - keep + torch.arange(keep, device=ring.device).view(1, keep)  # [B, K] row index
+    slots = ((start.view(bsz, 1) + first) % r).view(1, 1, bsz, 1, keep, 1).expand(layers, two, bsz, heads, keep, dim)
+    index = first.clamp(0, t - 1).view(1, 1, bsz, 1, keep, 1).expand(layers, two, bsz, heads, keep, dim)
+    new = torch.gather(rows.to(ring.dtype), 4, index)
+    valid = (first >= 0).view(1, 1, bsz, 1, keep, 1)
+    ring.scatter_(4, slots, torch.where(valid, new, torch.gather(ring, 4, slots)))
+
+
 class GraphExecutor:
     """The device-resident decode round of docs/PROGRAM.md over any :class:`Transport`."""
 
@@ -91,6 +111,7 @@ class GraphExecutor:
     def _empty(self) -> None:
         dev, i64 = self.device, torch.int64
         self.kv = self._cache(0, draft=False)
+        self.ring = self._ring(0)
         self.draft_kv = self._cache(0, draft=True) if self._g else None
         self.cache_len = torch.zeros(0, dtype=i64, device=dev)  # target cache length = anchor position
         self.anchor = torch.zeros(0, dtype=i64, device=dev)
@@ -103,8 +124,16 @@ class GraphExecutor:
     def _cache(self, rows: int, *, draft: bool) -> torch.Tensor:
         i = self.info
         layers, heads, dim = ((i.draft_layers, i.draft_kv_heads, i.draft_head_dim) if draft
-                              else (i.target_layers, i.kv_heads, i.head_dim))
+                              else (i.cache_layers, i.kv_heads, i.head_dim))
         return torch.zeros(layers, 2, rows, heads, self._slots, dim, dtype=self.dtype, device=self.device)
+
+    def _ring(self, rows: int) -> torch.Tensor | None:
+        """The sliding layers' ring (ProgramInfo.ring_slots; None without one), a fixed R slots per row."""
+        i = self.info
+        if not i.ring_slots:
+            return None
+        return torch.zeros(i.ring_layers, 2, rows, i.ring_kv_heads, i.ring_slots, i.ring_head_dim, dtype=self.dtype,
+                           device=self.device)
 
     @property
     def rows(self) -> int:
@@ -140,7 +169,7 @@ class GraphExecutor:
     def _kv_shape(self, rows: int, count: int, *, draft: bool) -> tuple[tuple[int, ...], torch.dtype]:
         i = self.info
         layers, heads, dim = ((i.draft_layers, i.draft_kv_heads, i.draft_head_dim) if draft
-                              else (i.target_layers, i.kv_heads, i.head_dim))
+                              else (i.cache_layers, i.kv_heads, i.head_dim))
         return (layers, 2, rows, heads, count, dim), self.dtype
 
     def _draft(self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
@@ -173,21 +202,32 @@ class GraphExecutor:
         return Proposal(*(h.numpy() for h in host))
 
     # ------------------------------------------------------------------------------ the protocol
-    def _step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor, logit_rows: torch.Tensor,
-              verify_len: torch.Tensor, draft_probs: torch.Tensor | None, temperature: torch.Tensor,
-              uniforms: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One target_step call (prefill or verification); writes its K/V rows into ``kv`` at ``cache_len``."""
+    def _step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | None,
+              logit_rows: torch.Tensor, verify_len: torch.Tensor, draft_probs: torch.Tensor | None,
+              temperature: torch.Tensor, uniforms: torch.Tensor,
+              count: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One target_step call (prefill or verification); writes its K/V rows into ``kv`` at ``cache_len``
+        and the sliding layers' into ``ring`` (:func:`write_ring`; ``count``: each row's real length, default T)."""
         n, t = tokens.shape
+        i = self.info
         drafts = logit_rows.shape[1] - 1
         if draft_probs is None and "draft_probs" in self.transport.inputs("target_step"):  # no drafts to verify
             draft_probs = torch.zeros(n, drafts, self.info.vocab_size, dtype=torch.float32, device=self.device)
-        out = self._run("target_step", {
+        feeds = {
             "tokens": tokens, "cache_len": cache_len, "kv_cache": kv, "logit_rows": logit_rows,
             "verify_len": verify_len, "draft_probs": draft_probs, "temperature": temperature,
             "uniforms": uniforms.contiguous(),
-        }, {"accepted": ((n,), torch.int64), "next_token": ((n,), torch.int64),
-            "taps": ((n, t, self.info.tap_width), self.dtype), "kv_new": self._kv_shape(n, t, draft=False)})
+        }
+        shapes = {"accepted": ((n,), torch.int64), "next_token": ((n,), torch.int64),
+                  "taps": ((n, t, self.info.tap_width), self.dtype), "kv_new": self._kv_shape(n, t, draft=False)}
+        if ring is not None:
+            feeds["kv_ring"] = ring
+            shapes["ring_new"] = (i.ring_layers, 2, n, i.ring_kv_heads, t, i.ring_head_dim), self.dtype
+        out = self._run("target_step", feeds, shapes)
         write_rows(kv, out["kv_new"], cache_len)  # rejected rows lie beyond the committed length
+        if ring is not None:
+            write_ring(ring, out["ring_new"], cache_len,
+                       count if count is not None else torch.full_like(cache_len, t))
         return out
 
     @torch.inference_mode()
@@ -204,10 +244,10 @@ class GraphExecutor:
         self._buffers.clear()
         calls = torch.zeros(k, dtype=torch.int64, device=dev)
         u = self._uniforms(seed, calls)
-        kv = self._cache(k, draft=False)
+        kv, ring = self._cache(k, draft=False), self._ring(k)
         zeros = torch.zeros(k, dtype=torch.int64, device=dev)
         # The first token: SpecVerify on the last prompt position with no drafts (u[0], as verification's last).
-        out = self._step(ids, zeros, kv, (lens - 1)[:, None], zeros, None, temp, u[:, :1])
+        out = self._step(ids, zeros, kv, ring, (lens - 1)[:, None], zeros, None, temp, u[:, :1], count=lens)
         first = out["next_token"]
         if g:
             dkv = self._cache(k, draft=True)
@@ -219,6 +259,8 @@ class GraphExecutor:
             drafts = torch.zeros(k, 0, dtype=torch.int64, device=dev)
             conf = torch.zeros(k, 0, dtype=torch.float32, device=dev)
         self.kv = torch.cat((self.kv, kv), dim=2)
+        if ring is not None and self.ring is not None:
+            self.ring = torch.cat((self.ring, ring), dim=2)
         self.cache_len = torch.cat((self.cache_len, lens))
         self.anchor = torch.cat((self.anchor, first))
         self.drafts = torch.cat((self.drafts, drafts))
@@ -239,8 +281,8 @@ class GraphExecutor:
         u = self._uniforms(self.seeds, self.calls)
         self.calls += 1
         tokens = torch.cat((self.anchor[:, None], self.drafts), dim=1)
-        out = self._step(tokens, self.cache_len, self.kv, self._verify_rows(n, g + 1), vlen, self.draft_probs,
-                         self.temperature, u[:, : g + 1])
+        out = self._step(tokens, self.cache_len, self.kv, self.ring, self._verify_rows(n, g + 1), vlen,
+                         self.draft_probs, self.temperature, u[:, : g + 1])
         accepted, nxt = out["accepted"], out["next_token"]
         previous = self.cache_len
         self.cache_len = previous + accepted + 1
@@ -258,6 +300,8 @@ class GraphExecutor:
     def select(self, rows: np.ndarray) -> None:
         idx = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
         self.kv = self.kv.index_select(2, idx)
+        if self.ring is not None:
+            self.ring = self.ring.index_select(2, idx)
         if self.draft_kv is not None:
             self.draft_kv = self.draft_kv.index_select(2, idx)
         for name in ("cache_len", "anchor", "drafts", "draft_probs", "temperature", "seeds", "calls"):
@@ -273,9 +317,9 @@ class GraphExecutor:
         rows, t = tokens.shape
         dev = self.device
         if self.kv.shape[2] != rows:
-            self.kv = self._cache(rows, draft=False)
+            self.kv, self.ring = self._cache(rows, draft=False), self._ring(rows)
         probs = torch.full((rows, t - 1, self.info.vocab_size), 1.0 / self.info.vocab_size, device=dev)
-        self._step(torch.as_tensor(tokens, device=dev), torch.as_tensor(cache_len, device=dev), self.kv,
+        self._step(torch.as_tensor(tokens, device=dev), torch.as_tensor(cache_len, device=dev), self.kv, self.ring,
                    self._verify_rows(rows, t), torch.as_tensor(verify_len, device=dev), probs,
                    torch.zeros(rows, device=dev), torch.zeros(rows, t, device=dev))
 

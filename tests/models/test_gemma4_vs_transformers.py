@@ -134,7 +134,7 @@ def test_ring_window_equals_full_cache(checkpoint: Path) -> None:
     g = 4
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 60), generator=torch.Generator().manual_seed(2))
     want = oracle(ids).logits
-    kv, ring = ours.new_cache(2, 64), ours.new_ring(2, g)
+    kv, ring = ours.new_global_cache(2, 64), ours.new_ring(2, g)
     assert ring.shape[-2] < 23
     start, worst = 0, 0.0
     for chunk, keep in ((23, 23), (1, 1), (g + 1, 2), (g + 1, g + 1), (g + 1, 1), (1, 1), (g + 1, 3)):
@@ -143,4 +143,46 @@ def test_ring_window_equals_full_cache(checkpoint: Path) -> None:
         worst = max(worst, (ours.logits(hidden)[:, :keep] - want[:, start:start + keep]).abs().max().item())
         start += keep  # the rows after `keep` were "rejected": the next call rewrites their positions
     print(f"{_label(checkpoint)}: ring of {ring.shape[-2]} slots, max |logit diff| {worst:.2e}")
+    assert worst <= TOL
+
+
+@torch.inference_mode()
+def test_ring_rows_written_by_the_executor(checkpoint: Path) -> None:
+    """The graphs' form of the ring: the model only records the sliding rows (``RingWindow(write=False)``,
+    as target_step's ``ring_new``) and the executor's :func:`write_ring` writes them. Batch 2 with prompts of
+    37 and 9 tokens right-padded to 37 (a prefill longer than the ring, and padding further past the shorter
+    prompt than G), then verify blocks of G + 1 rows partly rejected, each row keeping its own count: the
+    kept rows' logits are the oracle's."""
+    from dspark_compile.models.gemma4 import RingWindow
+    from dspark_compile.runtime.executor import write_ring, write_rows
+
+    ours, oracle = _models(checkpoint)
+    g, vocab = 4, ours.cfg.vocab_size
+    ids = torch.randint(0, vocab, (2, 90), generator=torch.Generator().manual_seed(3))
+    want = oracle(ids).logits
+    lens = torch.tensor([37, 9])
+    kv, ring = ours.new_global_cache(2, 96), ours.new_ring(2, g)
+    assert ring.shape[-2] == ours.cfg.sliding_window + g < 37
+    prompt = ids[:, :37].clone()
+    prompt[1, 9:] = 0  # right padding, as the executor's admit
+    start = torch.zeros(2, dtype=torch.int64)
+    worst = 0.0
+    keeps = ((3, 1), (g + 1, 2), (1, g + 1), (2, 2), (g + 1, 1), (4, 3))
+    for step in range(len(keeps) + 1):
+        if step == 0:
+            tokens, count, keep = prompt, lens, lens
+        else:
+            keep = torch.tensor(keeps[step - 1])
+            tokens = torch.stack([ids[b, int(start[b]):int(start[b]) + g + 1] for b in range(2)])
+            count = torch.full((2,), g + 1)
+        window = RingWindow(ring, ours.cfg.sliding_window, write=False)
+        hidden, _, rows = ours(tokens, start, kv, cache=RowsCache(), ring=window)
+        write_rows(kv, rows, start)
+        write_ring(ring, window.new_rows(), start, count)
+        logits = ours.logits(hidden)
+        for b in range(2):
+            k, p = int(keep[b]), int(start[b])
+            worst = max(worst, (logits[b, :k] - want[b, p:p + k]).abs().max().item())
+        start = start + keep
+    print(f"{_label(checkpoint)}: ring rows written by write_ring, max |logit diff| {worst:.2e}")
     assert worst <= TOL

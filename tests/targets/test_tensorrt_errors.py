@@ -130,6 +130,23 @@ def test_an_output_that_is_a_whole_cache_is_refused(tmp_path: Path, rtx: TrtFlav
     graph_checks.check_no_cache_outputs(io, tmp_path / "kv_verify_tokens.onnx")  # new rows only: accepted
 
 
+def test_the_sliding_ring_is_a_fixed_size_cache_input(tmp_path: Path) -> None:
+    """Gemma4's ``kv_ring`` [Ls, 2, B, KV, R, D]: R is fixed in the graph (slot = position mod R), so its rows
+    output ``ring_new`` [.., step_len, D] passes, and a ring whose slot axis is dynamic is refused."""
+    from dspark_compile.artifacts import TensorIO
+
+    def io(ring_slots: int | str) -> GraphIO:
+        return GraphIO((TensorIO("kv_cache", "float", (2, 2, "batch", 1, "cache_slots", 32)),
+                        TensorIO("kv_ring", "float", (4, 2, "batch", 2, ring_slots, 16))),
+                       (TensorIO("kv_new", "float", (2, 2, "batch", 1, "step_len", 32)),
+                        TensorIO("ring_new", "float", (4, 2, "batch", 2, "step_len", 16))))
+
+    assert "kv_ring" in graph_checks.RING_INPUTS
+    graph_checks.check_no_cache_outputs(io(23), tmp_path / "target_step.onnx")
+    with pytest.raises(BuildError, match=r"input `kv_ring` .* with R fixed"):
+        graph_checks.check_no_cache_outputs(io("cache_slots"), tmp_path / "target_step.onnx")
+
+
 @pytest.mark.parametrize(("elem_type", "name"), [(TensorProto.STRING, "string"), (TensorProto.DOUBLE, "float64"),
                                                  (TensorProto.UINT64, "uint64")])
 def test_input_of_a_dtype_without_engine_binding(tmp_path: Path, rtx: TrtFlavor, elem_type: int, name: str,

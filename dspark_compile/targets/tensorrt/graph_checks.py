@@ -31,6 +31,10 @@ _FLOAT_TYPES = ("float", "float16", "bfloat16", "double")
 _BINDING_TYPES = ("float", "float16", "bfloat16", "int8", "uint8", "int32", "int64", "bool")
 _STANDARD_DOMAINS = ("", "ai.onnx")
 CACHE_INPUTS = ("kv_cache", "draft_kv")  # [layers, 2, B, KV, S, D]; axis 4 is the cache capacity
+# The sliding layers' ring (Gemma4): [sliding layers, 2, B, KV, R, D]; axis 4 is R = W + G, fixed in the graph
+# (which slot holds which position is arithmetic mod R), so it is no capacity dim and its rows output may not
+# have it either.
+RING_INPUTS = ("kv_ring",)
 
 
 def read_onnx(onnx_path: Path) -> ir.Model:
@@ -86,6 +90,11 @@ def check_no_cache_outputs(io: GraphIO, onnx_path: Path) -> None:
     it as large), copied back every call; a graph returns the new rows only (``kv_new`` [.., T, D])."""
     slot_dims = {t.shape[4] for t in io.inputs if t.name in CACHE_INPUTS and t.shape is not None
                  and len(t.shape) == 6 and isinstance(t.shape[4], str)}
+    for t in io.inputs:
+        if t.name in RING_INPUTS and (t.shape is None or len(t.shape) != 6 or not isinstance(t.shape[4], int)):
+            raise BuildError(f"{onnx_path}: input `{t.name}` {list(t.shape or [])} must be [layers, 2, batch, KV, R, "
+                             "D] with R fixed (the ring's slots, window + block size); re-export with this version's "
+                             "partition.")
     for t in io.outputs:
         hit = sorted(d for d in t.shape or () if d in slot_dims)
         if hit:
