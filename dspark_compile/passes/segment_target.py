@@ -5,7 +5,8 @@ Why: the TensorRT(-RTX) builder holds about 2.2x an engine's constant weights in
 builds, so an 8B target as one engine does not build on a 24 GiB machine. Each variant of target_step
 (portable, plugin) is split at the same layer ranges into ``onnx/target_step[.plugin].seg{k}.onnx``: graph
 files only, their initializers pointing into the build's one ``weights.bin`` (see targets/tensorrt/segments.py).
-A target within the limit is left alone: the build is what it was without this pass.
+A target within the limit is left alone: the build is what it was without this pass; so is a target whose graph
+names no decoder layer (Gemma4, traced without the layer template), with a warning.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def segment_path_name(variant: str, index: int) -> str:
 
 
 def run(state: BuildState) -> None:
-    from dspark_compile.targets.tensorrt.segments import constant_weight_bytes, layer_ranges, split
+    from dspark_compile.targets.tensorrt.segments import NoLayersError, constant_weight_bytes, layer_ranges, split
 
     graphs = state.onnx
     assert graphs is not None
@@ -38,7 +39,12 @@ def run(state: BuildState) -> None:
     total = constant_weight_bytes(portable)
     if total <= limit:
         return
-    ranges = layer_ranges(portable, max_bytes=limit)  # the same ranges for every variant: same layers, weights
+    try:
+        ranges = layer_ranges(portable, max_bytes=limit)  # the same for every variant: same layers and weights
+    except NoLayersError as e:  # built whole, as before this pass; the builder may run out of memory
+        log.warning("target_step: %.2f GB of constant weights > --max-engine-gb %g, but it is built as one "
+                    "engine: %s", total / 1e9, state.spec.max_engine_gb, e)
+        return
     for variant, model in variants.items():
         paths = []
         for segment in split(model, ranges):

@@ -64,3 +64,20 @@ def test_max_engine_gb_must_be_a_positive_number(value: object) -> None:
     with pytest.raises(UsageError, match=r"^build spec field `max_engine_gb`: expected a number of GB > 0 "
                                          r"\(6 = 6e9 bytes\), found "):
         BuildSpec(Path("t"), Path("d"), Path("o"), max_engine_gb=value)  # type: ignore[arg-type]
+
+
+def test_a_graph_without_layer_names_stays_whole(built_copy: OnnxGraphs, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Gemma4 targets are traced without the layer template: nothing names a node's layer, so there is nowhere
+    known to cut; the target is built whole, as before, with a warning."""
+    for model in built_copy.models["target_step"].values():
+        for i, node in enumerate(model.graph):
+            node.name = f"n{i}"
+        for i, value in enumerate(list(model.graph.initializers.values())):
+            value.name = f"w{i}"
+        assert not any(name.startswith("target.layers.") for name in model.graph.initializers)
+    state = make_state(tmp_path, built_copy, targets=("onnx", "tensorrt"), max_engine_gb=0.0004)
+    with caplog.at_level("WARNING"):
+        segment_target.run(state)
+    assert (state.segments, state.written) == ({}, {})
+    assert "but it is built as one engine: segments: no node is named `target.layers.<i>.`" in caplog.text

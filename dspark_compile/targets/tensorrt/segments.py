@@ -48,6 +48,11 @@ LAYER_PREFIX = "target.layers."
 WEIGHT_BYTES = 1024
 
 
+class NoLayersError(BuildError):
+    """The graph names no decoder layer (a target traced without passes/layer_template.py, e.g. Gemma4, whose
+    optimized weights lose their layer names too): there is nowhere known to cut it."""
+
+
 @dataclass(frozen=True)
 class Segment:
     """One segment: layers ``first..last`` (inclusive) and the graph that runs them."""
@@ -80,12 +85,16 @@ def constant_weight_bytes(model: ir.Model) -> int:
     return sum(tensor_bytes(v) for v in model.graph.initializers.values())
 
 
-def layer_of(node: ir.Node) -> int | None:
-    name = node.name or ""
+def _layer_of_name(name: str) -> int | None:
     if not name.startswith(LAYER_PREFIX):
         return None
     index = name[len(LAYER_PREFIX):].split(".", 1)[0]
     return int(index) if index.isdigit() else None
+
+
+def layer_of(node: ir.Node) -> int | None:
+    """The decoder layer a node's name places it in (``target.layers.{i}.``), if any."""
+    return _layer_of_name(node.name or "")
 
 
 @dataclass
@@ -102,29 +111,35 @@ def _analyse(model: ir.Model) -> _Analysis:
     nodes = list(graph)
     inits = dict(graph.initializers)
     static: set[ir.Value] = set(inits.values())  # values computed from constants only
-    weighty: set[ir.Value] = {v for v in inits.values() if tensor_bytes(v) >= WEIGHT_BYTES}
+    # weight values -> the layer owning them (initializer `target.layers.{i}.…`, or a value computed from such)
+    weights: dict[ir.Value, int | None] = {v: _layer_of_name(n) for n, v in inits.items()
+                                           if tensor_bytes(v) >= WEIGHT_BYTES}
     anchored: dict[ir.Node, int | None] = {}
     layer_ids = set()
     for node in nodes:
         if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
             raise BuildError(f"segments: node `{node.name}` ({node.op_type}) has subgraphs, which the layer "
                              "split does not handle")
-        layer = layer_of(node)
-        if layer is not None:
-            layer_ids.add(layer)
         inputs = [v for v in node.inputs if v is not None]
+        owners = {weights[v] for v in inputs if v in weights}
         if all(v in static for v in inputs):
             static.update(node.outputs)
-            if any(v in weighty for v in inputs):
-                weighty.update(node.outputs)  # e.g. a dequantized or transposed weight
+            if owners:  # e.g. a dequantized or transposed weight
+                weights.update(dict.fromkeys(node.outputs, owners.pop() if len(owners) == 1 else None))
             continue
+        # A node's layer is its name's (layer_template names every node of a traced layer); a graph traced
+        # without the template (Gemma4) has unnamed nodes, whose layer is that of the weight they apply.
+        layer = layer_of(node)
+        if layer is None and owners - {None} and len(owners) == 1:
+            layer = next(iter(owners))
+        if layer is not None:
+            layer_ids.add(layer)
         producers = [v.producer() for v in inputs]
-        if any(p in anchored for p in producers if p is not None) or (
-                layer is not None and any(v in weighty for v in inputs)):
+        if any(p in anchored for p in producers if p is not None) or (layer is not None and owners):
             anchored[node] = layer
     if not layer_ids:
-        raise BuildError(f"segments: no node is named `{LAYER_PREFIX}<i>.`; the graph has no decoder layers "
-                         "to split at")
+        raise NoLayersError(f"segments: no node is named `{LAYER_PREFIX}<i>.` or applies such a layer's weights; "
+                            "the graph has no decoder layers to split at")
     return _Analysis(graph, nodes, max(layer_ids) + 1, anchored, inits)
 
 
