@@ -187,8 +187,10 @@ def test_profiles_of_dims_made_inside_the_graph() -> None:
 @pytest.mark.slow  # a TensorRT-RTX build of the golden pair (~20 s on 2 cores)
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx_bindings") is None,
                     reason="TensorRT-RTX is not installed (pip install -e '.[rtx]')")
-def test_build_with_a_tiny_engine_limit_builds_segment_engines(golden_dir: Path, tmp_path: Path) -> None:
+def test_build_with_a_tiny_engine_limit_builds_segment_engines(golden_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     from dspark_compile import api
+    from dspark_compile.cli import main
 
     pair = golden_dir / "dspark_tiny"
     out = api.build(target=pair / "target", draft=pair / "draft", out=tmp_path / "b", targets="onnx,tensorrt",
@@ -219,3 +221,7 @@ def test_build_with_a_tiny_engine_limit_builds_segment_engines(golden_dir: Path,
     assert memory["weight_bytes"] == sum(p["weight_bytes"] for p in plans) + sum(
         r["bytes"] for r in manifest["weight_inputs"].values())
     assert memory["activation_bytes"] == sum(max(p["activation_bytes"]) for p in plans)
+    main(["inspect", str(out)])  # the human report names each segment
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines if line.strip().startswith("engine ")] == [
+        "engine target_step segment 0/2", "engine target_step segment 1/2", "engine draft_propose"]

@@ -250,6 +250,7 @@ def split(model: ir.Model, ranges: Sequence[tuple[int, int]]) -> list[Segment]:
         raise BuildError("segments: the serialized graph's nodes differ from the in-memory graph's")
     node_proto = dict(zip(an.nodes, proto.graph.node, strict=True))
     init_proto = {t.name: t for t in proto.graph.initializer}
+    init_order = {name: i for i, name in enumerate(init_proto)}
     info_proto = {v.name: v for v in proto.graph.value_info}
     input_proto = {v.name: v for v in proto.graph.input}
     output_proto = {v.name: v for v in proto.graph.output}
@@ -285,7 +286,7 @@ def split(model: ir.Model, ranges: Sequence[tuple[int, int]]) -> list[Segment]:
                                            and v.name not in graph_outputs), key=lambda v: order[v.producer()])]
         outputs += [v.name for v in graph.outputs if v in made and where.get(v.producer(), len(members) - 1) == k]
         by_name = {v.name: v for v in (*made, *used) if v.name}
-        inits = sorted({v.name for v in used if v.name in init_proto}, key=list(init_proto).index)
+        inits = sorted({v.name for v in used if v.name in init_proto}, key=init_order.__getitem__)
         seg = _make_model(proto, f"{proto.graph.name}.seg{k}", [node_proto[n] for n in ordered],
                           [init_proto[n] for n in inits],
                           [_info(by_name[n], input_proto | output_proto) for n in inputs],
