@@ -145,6 +145,12 @@ class Engine:
     weight_bytes: int = 0  # the graph's constant weights, which the engine holds (its weight inputs excluded)
     activation_bytes: tuple[int, ...] = ()  # device memory of one execution context, per optimization profile
     activation_source: str = "estimate"  # "tensorrt" (the built engine's own numbers) or "estimate"
+    # A target split by layer range (passes/segment_target.py): this engine is segment `segment` of `segments`,
+    # run in order; each input is a graph input or an earlier segment's output of the same name.
+    segment: int | None = None
+    segments: int = 1
+    inputs: tuple[str, ...] = ()  # the segment's inputs and outputs by name (weights excluded); set for segments
+    outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ class BuildSpec:
     check_acceptance: Path | None = None  # prompts (JSON Lines): decode with the build and the reference
     max_tau_drop: float = 0.03  # check_acceptance fails the build (exit 3) past this relative drop of τ
     gpu_memory: str | None = None  # e.g. "80GiB": the build fails (exit 3) when a server would need more
+    max_engine_gb: float = 6.0  # constant weights per TensorRT engine: a larger target is split by layer range
 
     def __post_init__(self) -> None:
         bad = SpecFieldError
@@ -85,6 +87,9 @@ class BuildSpec:
             raise bad("max_tau_drop", "a fraction in [0, 1] (0.03 = 3%)", self.max_tau_drop)
         if not _is_int(self.opset) or not 18 <= self.opset <= 23:
             raise bad("opset", "an integer in [18, 23]", self.opset)
+        if isinstance(self.max_engine_gb, bool) or not isinstance(self.max_engine_gb, (int, float)) or not (
+                0 < self.max_engine_gb < math.inf):
+            raise bad("max_engine_gb", "a number of GB > 0 (6 = 6e9 bytes)", self.max_engine_gb)
         if self.gpu_memory is not None and parse_size(self.gpu_memory) is None:
             raise bad("gpu_memory", "a size such as 80GiB, 24G or 500MB", self.gpu_memory)
 

@@ -34,6 +34,9 @@ class BuildState:
     acceptance: dict[str, Any] | None = None  # check_acceptance
     onnx: OnnxGraphs | None = None  # export_onnx, then each ONNX pass
     weight_inputs: dict[str, dict[str, Any]] | None = None  # share_weights: where each weight input is stored
+    # segment_target: target_step's layer-range segment files per variant (portable, plugin); empty when the
+    # target is one engine
+    segments: dict[str, tuple[Path, ...]] = field(default_factory=dict)
     engines: Engines | None = None  # build_tensorrt
     triton: TritonRepository | None = None  # package_triton
     manifest: dict[str, Any] | None = None  # manifest

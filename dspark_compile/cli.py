@@ -79,7 +79,8 @@ def _inspect_build(build_dir: Path, as_json: bool) -> None:
     manifest = read_manifest(build_dir)
     memory = server_memory(manifest)
     assert memory is not None  # read_manifest refuses a build without a program
-    engines = [{k: p[k] for k in ("graph", "plan_bytes", "weight_bytes", "activation_bytes", "activation_source")}
+    engines = [{k: p[k] for k in ("graph", "segment", "segments", "plan_bytes", "weight_bytes", "activation_bytes",
+                                  "activation_source") if k in p}
                for p in (manifest.get("engines") or {}).get("plans") or []]
     report = {"build": str(build_dir), "memory": memory, "engines": engines}
 
@@ -92,7 +93,8 @@ def _inspect_build(build_dir: Path, as_json: bool) -> None:
                  f"  buffers      {gib(m['buffer_bytes'])}",
                  f"  total        {gib(m['total_bytes'])}"]
         for e in r["engines"]:
-            lines.append(f"  engine {e['graph']}: plan {gib(e['plan_bytes'])}, weights {gib(e['weight_bytes'])}, "
+            part = f" segment {e['segment']}/{e['segments']}" if "segment" in e else ""
+            lines.append(f"  engine {e['graph']}{part}: plan {gib(e['plan_bytes'])}, weights {gib(e['weight_bytes'])}, "
                          f"activations per profile {[round(a / 2**30, 2) for a in e['activation_bytes']]} GiB")
         click.echo("\n".join(lines))
 
@@ -198,6 +200,9 @@ def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prom
               help="How the Triton orchestrator runs the graphs.")
 @click.option("--kv-buckets", help="Comma-separated cache-slot bucket edges for TensorRT profiles.")
 @click.option("--gpu-memory", help="GPU memory of the server (e.g. 80GiB): fail (exit 3) when the build needs more.")
+@click.option("--max-engine-gb", type=float,
+              help="Most constant weights (GB) per TensorRT engine (default 6): a larger target is split by layer "
+                   "range into chained engines, since the builder holds ~2.2x an engine's weights while building.")
 @click.option("--no-plugin", is_flag=True, default=None, help="Decompose SpecVerify even for full TensorRT.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf weights.")
 @click.option("--quantize", type=click.Choice(["fp8"]), help="FP8 (e4m3) target linear weights, per-channel scales.")

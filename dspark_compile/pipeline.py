@@ -36,6 +36,7 @@ from dspark_compile.passes import (
     package_triton,
     partition,
     quantize,
+    segment_target,
     share_weights,
     validate,
 )
@@ -62,6 +63,7 @@ PIPELINE: tuple[Step, ...] = (
     Step("optimize_onnx", optimize_onnx.run, artifacts="onnx"),
     Step("share_weights", share_weights.run, artifacts="onnx"),
     Step("check_onnx", check_onnx.run),
+    Step("segment_target", segment_target.run, lambda spec: "tensorrt" in spec.targets, artifacts="onnx"),
     Step("build_tensorrt", build_tensorrt.run, lambda spec: "tensorrt" in spec.targets, artifacts="engines"),
     Step("package_triton", package_triton.run, lambda spec: "triton" in spec.targets, artifacts="triton"),
     Step("check_acceptance", check_acceptance.run, lambda spec: spec.check_acceptance is not None),

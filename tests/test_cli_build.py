@@ -94,6 +94,7 @@ quantize_draft = true
 check_acceptance = "prompts.jsonl"  # relative: resolved like out
 max_tau_drop = 0.05
 gpu_memory = "80GiB"
+max_engine_gb = 2.5
 """
 
 
@@ -107,7 +108,7 @@ def test_spec_file_with_every_field_and_flag_precedence(pair: tuple[str, str], t
                  "no_plugin": True, "opset": 19, "allow_nonfinite": True, "kv_buckets": [128, 512],
                  "triton_mode": "onnxruntime_inprocess", "quantize": "fp8", "quantize_lm_head": True,
                  "quantize_draft": True, "check_acceptance": str(tmp_path / "prompts.jsonl"), "max_tau_drop": 0.05,
-                 "gpu_memory": "80GiB"}
+                 "gpu_memory": "80GiB", "max_engine_gb": 2.5}
 
     code, _, err = _cli(["build", "--spec", str(spec), "--stop-after", "load", "--json"], capsys)
     assert (code, err) == (0, "")
@@ -129,6 +130,9 @@ BAD_SPECS: dict[str, tuple[str, str]] = {  # name -> (file content, expected err
     "dtype fp8": ('dtype = "fp8"\n', "build spec field `dtype`: expected fp32 | fp16 | bf16, found 'fp8'"),
     "gpu_memory": ('gpu_memory = "lots"\n',
                    "build spec field `gpu_memory`: expected a size such as 80GiB, 24G or 500MB, found 'lots'"),
+    "max_engine_gb text": ('max_engine_gb = "big"\n',
+                           "build spec field `max_engine_gb`: expected a number of GB > 0 (6 = 6e9 bytes), "
+                           "found 'big'"),
     "targets foo": ('targets = ["foo"]\n',
                     "build spec field `targets`: expected a comma-separated subset of onnx, tensorrt, triton, "
                     "found 'foo'"),
@@ -175,6 +179,13 @@ BAD_FLAGS: dict[str, tuple[list[str], str]] = {  # name -> (extra argv, start of
     "stop after": (["--stop-after", "export"], "error: --stop-after export: unknown pass; passes: load, "),
     "dump after": (["--dump-after", "optimise"], "error: --dump-after optimise: unknown pass; passes: load, "),
     "block size too large": (["--block-size", "9"], "error: --block-size 9 exceeds the draft's trained block_size 7 "),
+    "max engine gb 0": (["--max-engine-gb", "0"], "error: --max-engine-gb: build spec field `max_engine_gb`: "
+                                                  "expected a number of GB > 0 (6 = 6e9 bytes), found 0.0"),
+    "max engine gb negative": (["--max-engine-gb", "-2"], "error: --max-engine-gb: build spec field "
+                                                          "`max_engine_gb`: expected a number of GB > 0 (6 = 6e9 "
+                                                          "bytes), found -2.0"),
+    "max engine gb text": (["--max-engine-gb", "big"], "error: Invalid value for '--max-engine-gb': 'big' is not a "
+                                                       "valid float. (see --help)"),
 }
 
 

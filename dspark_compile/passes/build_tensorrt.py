@@ -2,9 +2,11 @@
 
 Full TensorRT gets the plugin variant of target_step (our `dspark::SpecVerify` plugin, registered from
 `plugins/spec_verify/trt_plugin.py` inside the build process); TensorRT-RTX, which has no custom plugins,
-or `--no-plugin`, gets the portable variant. Per KV-length bucket, target_step has two optimization profiles
-over its one set of weights — verification (γ+1 tokens, γ+1 decided rows) first, then prefill (a prompt of up
-to the bucket's length, one decided row) — and draft_propose one; all cover batch 1..max_batch.
+or `--no-plugin`, gets the portable variant. A target that `segment_target` split by layer range (its weights
+over --max-engine-gb) gets one engine per segment, ``target_step.seg{k}.plan``, instead of one. Per KV-length
+bucket, target_step has two optimization profiles over its one set of weights — verification (γ+1 tokens, γ+1
+decided rows) first, then prefill (a prompt of up to the bucket's length, one decided row) — and draft_propose
+one; all cover batch 1..max_batch.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import math
 from pathlib import Path
 
-from dspark_compile.artifacts import GRAPH_NAMES, PLUGIN, PORTABLE, Engine, Engines
+from dspark_compile.artifacts import GRAPH_NAMES, PLUGIN, PORTABLE, Engine, Engines, GraphIO
 from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
 from dspark_compile.model_config import TargetConfig
@@ -76,6 +78,7 @@ def estimate_activations(cfg: TargetConfig, ranges: dict[str, tuple[int, int, in
 def run(state: BuildState) -> None:
     """The engine builder is a separate process that parses the graph files `share_weights` wrote."""
     from dspark_compile.targets.tensorrt import Profile, build_engine, load_trt
+    from dspark_compile.targets.tensorrt.segments import derived_ranges
 
     graphs, spec, out_dir = state.onnx, state.spec, state.workdir / "engines"
     assert graphs is not None
@@ -89,19 +92,30 @@ def run(state: BuildState) -> None:
     configs = {"target_step": state.program.target.cfg, "draft_propose": state.program.draft.cfg.base}
     for name in GRAPH_NAMES:
         variant = PLUGIN if (use_plugin and name == "target_step") else PORTABLE
-        onnx_path = graphs.path(name, variant)
         ranges = [dim_ranges(spec, graphs.block_size, bucket, phase) for bucket in kv_buckets(spec)
                   for phase in PHASES[name]]
-        profiles = [Profile.from_dim_ranges(onnx_path, r) for r in ranges]
-        res = build_engine(onnx_path, out_dir / f"{name}.plan", flavor=flavor, profiles=profiles,
-                           precision=spec.dtype, plugin_modules=(PLUGIN_MODULE,) if variant == PLUGIN else ())
-        log.info("engine %s: %d layers, %.1f MiB, %.1fs", name, res.num_layers, res.plan_bytes / 2**20, res.seconds)
-        block = graphs.block_size
-        activations = res.device_memory or tuple(
-            estimate_activations(configs[name], r, dtype_bytes, rows=r.get("decide_len", (0, 0, block))[2],
-                                 vocab=state.info.vocab_size if state.info else 0) for r in ranges)
-        engines.append(Engine(graph=name, plan=res.plan_path, metadata=res.metadata_path, inspector=res.inspector_path,
-                              flavor=res.flavor, precision=res.precision, uses_plugin=variant == PLUGIN,
-                              weight_bytes=weight_bytes(onnx_path), activation_bytes=tuple(activations),
-                              activation_source="tensorrt" if res.device_memory else "estimate"))
+        # A target over --max-engine-gb was split by layer range (segment_target): one engine per segment, each
+        # with the whole graph's profiles (dims a segment lacks do not apply; dims made inside the graph, e.g.
+        # `2*step_len` on a crossing value, take the range their expression gives).
+        parts = state.segments.get(variant, ()) if name == "target_step" else ()
+        sources = [(graphs.path(name, variant), out_dir / f"{name}.plan", None)] if not parts else [
+            (path, out_dir / f"{name}.seg{k}.plan", k) for k, path in enumerate(parts)]
+        for onnx_path, plan_path, segment in sources:
+            io = GraphIO.read(onnx_path)
+            profiles = [Profile.from_dim_ranges(onnx_path, derived_ranges(io, r)) for r in ranges]
+            res = build_engine(onnx_path, plan_path, flavor=flavor, profiles=profiles, precision=spec.dtype,
+                               plugin_modules=(PLUGIN_MODULE,) if variant == PLUGIN else ())
+            log.info("engine %s: %d layers, %.1f MiB, %.1fs", plan_path.name, res.num_layers, res.plan_bytes / 2**20,
+                     res.seconds)
+            block = graphs.block_size
+            activations = res.device_memory or tuple(
+                estimate_activations(configs[name], r, dtype_bytes, rows=r.get("decide_len", (0, 0, block))[2],
+                                     vocab=state.info.vocab_size if state.info else 0) for r in ranges)
+            names = {"segment": segment, "segments": len(parts), "inputs": tuple(t.name for t in io.inputs),
+                     "outputs": tuple(t.name for t in io.outputs)} if segment is not None else {}
+            engines.append(Engine(graph=name, plan=res.plan_path, metadata=res.metadata_path,
+                                  inspector=res.inspector_path, flavor=res.flavor, precision=res.precision,
+                                  uses_plugin=variant == PLUGIN,
+                                  weight_bytes=weight_bytes(onnx_path), activation_bytes=tuple(activations),
+                                  activation_source="tensorrt" if res.device_memory else "estimate", **names))
     state.engines = Engines(out_dir, tuple(engines), flavor.name, flavor.version)

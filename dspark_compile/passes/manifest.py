@@ -10,7 +10,7 @@ import platform
 from typing import Any
 
 import dspark_compile
-from dspark_compile.artifacts import PORTABLE, sha256_file
+from dspark_compile.artifacts import PORTABLE, Engine, sha256_file
 from dspark_compile.build_spec import parse_size
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
@@ -62,10 +62,7 @@ def run(state: BuildState) -> None:
         "weight_inputs": state.weight_inputs,
         "engines": None if state.engines is None else {
             "flavor": state.engines.flavor, "tensorrt_version": state.engines.trt_version,
-            "plans": [{"graph": e.graph, "plan": e.plan.name, "precision": e.precision, "plugin": e.uses_plugin,
-                       "plan_bytes": e.plan.stat().st_size, "weight_bytes": e.weight_bytes,
-                       "activation_bytes": list(e.activation_bytes), "activation_source": e.activation_source}
-                      for e in state.engines.engines]},
+            "plans": [plan_record(e) for e in state.engines.engines]},
         "quantization": state.quantization,
         "acceptance": state.acceptance,
         "triton": None if state.triton is None else {"models": list(state.triton.models)},
@@ -80,6 +77,17 @@ def run(state: BuildState) -> None:
                          f"{gib(memory['activation_bytes'])} activations at batch {memory['max_batch']} and "
                          f"{memory['max_context']} slots); lower --max-batch or --max-context, or use a larger GPU")
     (state.workdir / "manifest.json").write_text(json.dumps(state.manifest, indent=2) + "\n")
+
+
+def plan_record(e: Engine) -> dict[str, Any]:
+    """One engine in the manifest; a segment of a split target (segment_target) also records its place in the
+    chain and its inputs and outputs by name, which is how a runtime wires the chain."""
+    record = {"graph": e.graph, "plan": e.plan.name, "precision": e.precision, "plugin": e.uses_plugin,
+              "plan_bytes": e.plan.stat().st_size, "weight_bytes": e.weight_bytes,
+              "activation_bytes": list(e.activation_bytes), "activation_source": e.activation_source}
+    if e.segment is not None:
+        record |= {"segment": e.segment, "segments": e.segments, "inputs": list(e.inputs), "outputs": list(e.outputs)}
+    return record
 
 
 def gib(n: int) -> str:
@@ -101,6 +109,8 @@ def server_memory(manifest: dict[str, Any]) -> dict[str, Any] | None:
     inputs = {(r["file"], r["offset"]): r["bytes"] for r in (manifest.get("weight_inputs") or {}).values()}
     engines = (manifest.get("engines") or {}).get("plans") or []
     if engines:
+        # A split target's segments are engines of their own: their weights add up, and each segment has its own
+        # execution context, so activations are the sum over every engine of its largest profile.
         weights = sum(p["weight_bytes"] for p in engines) + sum(inputs.values())
         activations = sum(max(p["activation_bytes"], default=0) for p in engines)
     else:
