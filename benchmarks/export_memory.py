@@ -376,25 +376,36 @@ def run_full(name: str, work: Path) -> dict[str, object]:
 
 
 def plot_full(result: dict, png: Path) -> None:
-    """Where the time went (passes) and what the engines hold against the unique weights."""
+    """Where the time went (passes), what the engines hold against the unique weights, and (when the memory
+    guard sampled the run) the largest process's memory over time against the 1.3 x goal."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    samples = result["build"].get("samples") or []
+    fig, axes = plt.subplots(1, 3 if samples else 2, figsize=(15 if samples else 10, 3.8))
     passes = {k: v for k, v in result["build"]["passes"].items() if v >= 1}
     axes[0].barh(list(passes), list(passes.values()))
     axes[0].set_xlabel(f"seconds (wall {result['build']['wall_s']:.0f} s, 2 shared CPU cores)")
     gb = 1e9
     unique = (result["target_weight_bytes"] + result["draft_own_weight_bytes"]) / gb
     bars = {"unique weights": unique, "weight inputs": result["weight_input_bytes"] / gb,
-            **{g: e["plan_bytes"] / gb for g, e in result["engines"].items()}}
+            **{g.removesuffix(".plan"): e["plan_bytes"] / gb for g, e in result["engines"].items()}}
     axes[1].bar(list(bars), list(bars.values()), color=["k"] + ["C1"] * (len(bars) - 1))
+    axes[1].tick_params(axis="x", labelrotation=30, labelsize=7)
     axes[1].axhline(1.10 * unique, ls="--", color="k", lw=0.8, label="goal: engines + inputs <= 1.10 x unique")
     axes[1].set_ylabel("GB")
     axes[1].legend(fontsize=7)
     axes[1].set_title(f"engines + inputs / unique = {result['engine_bytes_over_unique_weights']:.3f}", fontsize=9)
+    if samples:
+        t = [s["t_s"] for s in samples]
+        anon, file = ([s[k] * 2**20 / gb for s in samples] for k in ("anon_mib", "file_mib"))
+        axes[2].stackplot(t, anon, file, labels=["anonymous", "file-backed (mapped weights)"], colors=["C0", "C9"])
+        axes[2].axhline(1.3 * unique, ls="--", color="k", lw=0.8, label="goal: peak RSS <= 1.3 x loaded weights")
+        axes[2].set_xlabel("seconds (largest process of the build, every 5 s)")
+        axes[2].set_ylabel("GB")
+        axes[2].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Full build (onnx, tensorrt-rtx, triton) of a {result['shape']}-shaped bf16 pair; peak RSS "
                  f"{result['build']['peak_rss_bytes'] / 2**30:.1f} GiB")
     fig.tight_layout()
