@@ -57,6 +57,11 @@ class FakeContext:
         self.addresses: dict[str, int] = {}
         self.set_calls: Counter[str] = Counter()
         self.profiles: list[int] = []
+        self.strategy: str | None = None
+        self.device_memory: tuple[int, int] | None = None
+
+    def set_device_memory(self, address: int, size: int) -> None:
+        self.device_memory = (address, size)
 
     def set_optimization_profile_async(self, index: int, stream: int) -> None:
         self.profiles.append(index)
@@ -135,8 +140,9 @@ class FakeEngine:
         return [tuple(d if isinstance(d, int) else s if d == "S" else (0, 8, 1000)[which] for d in self._dims(name))
                 for which, s in enumerate(slots)]
 
-    def create_execution_context(self) -> FakeContext:
+    def create_execution_context(self, strategy: str | None = None) -> FakeContext:
         self.contexts.append(FakeContext(self, self.log))
+        self.contexts[-1].strategy = strategy
         return self.contexts[-1]
 
 
@@ -312,3 +318,22 @@ def test_a_graph_output_read_by_a_later_segment_is_still_returned() -> None:
     transport.run("g", {"x": torch.arange(3.0)}, outputs)
     assert engines[1].contexts[0].addresses["y"] == outputs["y"].data_ptr()
     assert outputs["y"].tolist() == [1, 2, 3] and outputs["z"].tolist() == [2, 4, 6]
+
+
+def test_every_context_shares_one_scratch_of_the_largest_engine() -> None:
+    """The engines run one after another on one stream, so one activation scratch of the largest engine's size
+    serves them all (user-managed contexts); without the strategy API TensorRT allocates per context."""
+    trt = types.SimpleNamespace(**vars(FAKE_TRT), ExecutionContextAllocationStrategy=types.SimpleNamespace(
+        USER_MANAGED="user"))
+    segments = segment_engines([])
+    draft = FakeEngine.of_graph("draft_propose")
+    for engine, size in zip([*segments, draft], [300, 700, 500, 200], strict=True):
+        engine.device_memory_size_v2 = size
+    transport = TensorRTTransport({"target_step": segments, "draft_propose": draft}, trt,
+                                  device=torch.device("cpu"), stream=0)
+    assert transport.scratch is not None and transport.scratch.numel() == 700
+    contexts = [e.contexts[0] for e in [*segments, draft]]
+    assert {c.strategy for c in contexts} == {"user"}
+    assert {c.device_memory for c in contexts} == {(transport.scratch.data_ptr(), 700)}
+    plain = TensorRTTransport({"target_step": segment_engines([])}, FAKE_TRT, device=torch.device("cpu"), stream=0)
+    assert plain.scratch is None and plain.chains["target_step"][0].context.device_memory is None

@@ -69,6 +69,7 @@ class TensorRTTransport:
             if not chain:
                 raise UsageError(f"{graph}: no engines given")
             self.chains[graph] = [self._segment(engine) for engine in chain]
+        self.scratch = self._share_scratch()
         self._io: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         for graph, chain in self.chains.items():
             produced: dict[str, None] = {}
@@ -84,9 +85,25 @@ class TensorRTTransport:
     def _segment(self, engine: Any) -> _Segment:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         is_input = [engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT for n in names]
-        return _Segment(engine, engine.create_execution_context(),
+        strategy = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
+        context = (engine.create_execution_context(strategy.USER_MANAGED) if strategy is not None
+                   else engine.create_execution_context())
+        return _Segment(engine, context,
                         tuple(n for n, i in zip(names, is_input, strict=True) if i),
                         tuple(n for n, i in zip(names, is_input, strict=True) if not i))
+
+    def _share_scratch(self) -> torch.Tensor | None:
+        """One activation scratch for every context: the engines run one after another on one stream, so
+        their scratch is never live at once, and a server needs the largest engine's, not the sum over a
+        segmented target's chain and the draft. None where TensorRT allocates per context (no strategy API)."""
+        if getattr(self.trt, "ExecutionContextAllocationStrategy", None) is None:
+            return None
+        segments = [seg for chain in self.chains.values() for seg in chain]
+        size = max(int(seg.engine.device_memory_size_v2) for seg in segments)
+        scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        for seg in segments:
+            seg.context.set_device_memory(scratch.data_ptr(), scratch.numel())
+        return scratch
 
     def has_graph(self, graph: str) -> bool:
         return graph in self.chains
