@@ -97,10 +97,10 @@ def gib(n: int) -> str:
 def server_memory(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """GPU memory of a server of the build at its max batch and context: every engine's weights once, the
     graphs' weight inputs once (one buffer bound to both engines), both KV caches full (the sliding layers' ring
-    at its fixed slots), one activation scratch shared by every engine's context (the largest profile of any
-    engine; TensorRT's own number when a GPU was at the build, else build_tensorrt's estimate) and the
-    executor's per-call buffers (taps of a full prompt, draft probabilities). Without engines the weights are
-    the ONNX weights file and activations are unknown (0)."""
+    at its fixed slots), one execution context per engine as Triton keeps them (its largest profile; TensorRT's
+    own number when a GPU was at the build, else build_tensorrt's estimate) and the executor's per-call buffers
+    (taps of a full prompt, draft probabilities). Without engines the weights are the ONNX weights file and
+    activations are unknown (0)."""
     program, spec = manifest.get("program"), manifest.get("spec") or {}
     if not program:
         return None
@@ -109,11 +109,11 @@ def server_memory(manifest: dict[str, Any]) -> dict[str, Any] | None:
     inputs = {(r["file"], r["offset"]): r["bytes"] for r in (manifest.get("weight_inputs") or {}).values()}
     engines = (manifest.get("engines") or {}).get("plans") or []
     if engines:
-        # A split target's segments are engines of their own: their weights add up. The engines run one after
-        # another on one stream and share one scratch (targets/tensorrt/transport.py), so activations are the
-        # largest engine's largest profile.
+        # A split target's segments are engines of their own: their weights add up, and Triton gives each engine
+        # model its own execution context, so activations add up too (the in-process TensorRT transport shares
+        # one scratch and needs only the largest: this is the upper bound).
         weights = sum(p["weight_bytes"] for p in engines) + sum(inputs.values())
-        activations = max(max(p["activation_bytes"], default=0) for p in engines)
+        activations = sum(max(p["activation_bytes"], default=0) for p in engines)
     else:
         weights = next((a["bytes"] for a in manifest.get("artifacts", []) if a["path"] == "onnx/weights.bin"), 0)
         activations = 0
