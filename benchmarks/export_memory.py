@@ -146,8 +146,12 @@ def measure(cmd: list[str], *, guard_mib: int = 0) -> dict[str, Any]:
             name, seconds, *fields = line.split("pass ", 1)[1].split()
             passes[name] = {"seconds": float(seconds.rstrip("s")),
                             **{k + "_bytes": int(v) for k, v in (f.split("=") for f in fields)}}
+    # What a user would see as a warning (the CLI's log lines at WARNING or above), for the "no warning that is
+    # not actionable" goal; --json progress lines are not warnings.
+    warnings = [line for line in proc.stderr.splitlines()
+                if line.split(" ", 1)[0] in ("WARNING", "ERROR", "CRITICAL") or "Warning:" in line]
     return {"wall_s": round(wall, 2), "peak_rss_bytes": peak_kb * 1024, **({"passes": passes} if passes else {}),
-            **({"samples": samples} if samples else {})}
+            **({"samples": samples} if samples else {}), "warnings": warnings}
 
 
 def loaded_bytes(target: Path, draft: Path) -> tuple[int, int]:
