@@ -34,7 +34,7 @@ from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
 from dspark_compile.errors import BuildError
 from dspark_compile.models.layers import Fp8Linear, fp8_onnx_translation
-from dspark_compile.passes.layer_template import export_by_layer
+from dspark_compile.passes.layer_template import export_by_layer, name_by_layer
 from dspark_compile.passes.layer_template import onnx_translation as layer_translation
 from dspark_compile.passes.partition import ExportJob, PartitionedProgram, partition
 from dspark_compile.plugins.spec_verify.op import onnx_translation
@@ -45,9 +45,13 @@ _ON_META = "__weights_attached_by_the_parent__"  # external-data location of a w
 
 
 def export_graph(gs: ExportJob, opset: int) -> ir.Model:
-    """``gs`` as an ONNX model: a Qwen3 target's layers traced once (layer_template), anything else whole."""
+    """``gs`` as an ONNX model: a Qwen3 target's layers traced once (layer_template), anything else whole, its
+    layers' nodes then named as the copies are (``target.layers.{i}.…``: where segment_target cuts)."""
     model = export_by_layer(gs, lambda job: _trace(job, opset))
-    return model if model is not None else _trace(gs, opset)
+    if model is None:
+        model = _trace(gs, opset)
+        name_by_layer(model, gs.module)
+    return model
 
 
 def _trace(gs: ExportJob, opset: int) -> ir.Model:

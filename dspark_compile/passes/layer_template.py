@@ -7,12 +7,15 @@ each layer call replaced by one placeholder node (``dspark.layer::DecoderLayer``
 :func:`decoder_layer`), the first layer is traced once on its own, and each placeholder is then replaced by a
 copy of that layer's nodes, over its own layer's weights (named as the full trace names them:
 ``target.layers.{i}.self_attn.q_proj.weight``). Only where every layer is the same module with the same
-weight shapes; otherwise (other families, mixed layers) the whole model is traced as before.
+weight shapes; otherwise (other families, mixed layers: Gemma4's sliding and global layers) the whole model is
+traced as before, and :func:`name_by_layer` gives its layers' nodes the same names the copies get.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -220,3 +223,40 @@ def _expand(outer: ir.Model, template: ir.Model, prefix: str, layers: nn.ModuleL
     for domain, version in template.opset_imports.items():
         outer.opset_imports.setdefault(domain, version)
     outer.opset_imports.pop(DOMAIN, None)
+
+
+SCOPES = "pkg.torch.onnx.name_scopes"  # the exporter's record of each node's nn_module_stack (module paths)
+_LAYER = re.compile(r"(?:.+\.)?layers\.\d+")
+
+
+def name_by_layer(model: ir.Model, module: nn.Module) -> int:
+    """Prefix the nodes of a whole-model trace that decoder layer ``{host}.layers.{i}`` of ``module`` emitted, and
+    their outputs, with ``{host}.layers.{i}.``, as :func:`_expand` names its copies; returns how many it named.
+
+    Why: targets/tensorrt/segments.py cuts target_step at the layers its node names give, and optimize_onnx
+    folds each weight's Transpose into a new initializer named after the Transpose's output, so without this a
+    traced-whole graph (Gemma4) keeps no layer name, on nodes or weights. The layer is read from the exporter's
+    name scopes (torch.export's ``nn_module_stack``) before optimize_onnx clears the metadata. Graph outputs keep
+    their names (and a value whose new name is taken keeps its own); only names change, so the graph computes
+    what it did."""
+    layers = {name for name, _ in module.named_modules() if _LAYER.fullmatch(name)}
+    graph = model.graph
+    outputs = set(graph.outputs)
+    taken = {v.name for v in (*graph.inputs, *graph.initializers.values())} | {
+        v.name for node in graph for v in node.outputs}
+    named = 0
+    for node in graph:
+        scopes = node.metadata_props.get(SCOPES)
+        if not scopes:
+            continue
+        owner = next((s for s in reversed(ast.literal_eval(scopes)) if s in layers), None)
+        if owner is None:
+            continue
+        at = f"{owner}."
+        node.name = at + (node.name or "")
+        for value in node.outputs:
+            if value not in outputs and value.name and at + value.name not in taken:
+                value.name = at + value.name
+                taken.add(value.name)
+        named += 1
+    return named

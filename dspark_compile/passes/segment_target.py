@@ -5,8 +5,9 @@ Why: the TensorRT(-RTX) builder holds about 2.2x an engine's constant weights in
 builds, so an 8B target as one engine does not build on a 24 GiB machine. Each variant of target_step
 (portable, plugin) is split at the same layer ranges into ``onnx/target_step[.plugin].seg{k}.onnx``: graph
 files only, their initializers pointing into the build's one ``weights.bin`` (see targets/tensorrt/segments.py).
-A target within the limit is left alone: the build is what it was without this pass; so is a target whose graph
-names no decoder layer (Gemma4, traced without the layer template), with a warning.
+A target within the limit is left alone: the build is what it was without this pass. Every target this compiler
+exports names its layers (Qwen3 through the layer template, Gemma4 through export_onnx's module scopes); a graph
+that names none (a foreign or hand-edited one) is built whole too, with a warning.
 """
 
 from __future__ import annotations

@@ -178,3 +178,45 @@ def test_layers_are_traced_once_and_copied(parts: PartitionedProgram, name: str,
         value = model.graph.initializers[f"{host}.layers.{i}.mlp.down_proj.weight"]
         weight = module.get_submodule(f"{host}.layers.{i}.mlp.down_proj").weight
         assert value.const_value.raw.data_ptr() == weight.data_ptr()
+
+
+class _Mixed(nn.Module):
+    """Two layers of different shapes under ``target.layers`` (no layer template applies), a head outside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target = nn.Module()
+        self.target.layers = nn.ModuleList([nn.Linear(32, 48, bias=False), nn.Linear(48, 32, bias=False)])
+        self.head = nn.Linear(32, 32, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.target.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def test_a_graph_traced_whole_names_its_layers() -> None:
+    """name_by_layer: a graph traced whole (Gemma4's mixed layers) gets the layer template's names, on nodes
+    and values, so that once optimize_onnx folds each weight's Transpose into a new initializer, that one still
+    says its layer (targets/tensorrt/segments.py cuts by these names); graph outputs keep theirs."""
+    from dspark_compile.passes.optimize_onnx import optimize
+    from dspark_compile.targets.tensorrt.segments import layer_of
+
+    torch.manual_seed(0)
+    module = _Mixed().eval()
+    x = torch.randn(2, 3, 32)  # [batch, tokens, hidden]: each linear a MatMul over its transposed weight
+    model = export_graph(ExportJob("mixed", module, {"x": x}, ("y",), {"x": {0: "batch", 1: "step_len"}}), 18)
+    optimize(model)
+    graph = model.graph
+    assert [v.name for v in graph.outputs] == ["y"]
+    matmuls = [n for n in graph if n.op_type == "MatMul"]
+    assert [layer_of(n) for n in matmuls] == [0, 1, None]
+    weights = [next(v.name for v in n.inputs if v is not None and v.name in graph.initializers) for n in matmuls]
+    assert [w.split(".")[:3] for w in weights[:2]] == [["target", "layers", "0"], ["target", "layers", "1"]]
+    assert not weights[2].startswith("target.layers.")
+    assert [layer_of(n) for n in graph if n.op_type == "Relu"] == [None, None]  # the host applies them
+    import onnxruntime as ort  # only names changed: the graph still computes the module
+
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(y, module(x).detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -68,8 +68,9 @@ def test_max_engine_gb_must_be_a_positive_number(value: object) -> None:
 
 def test_a_graph_without_layer_names_stays_whole(built_copy: OnnxGraphs, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    """Gemma4 targets are traced without the layer template: nothing names a node's layer, so there is nowhere
-    known to cut; the target is built whole, as before, with a warning."""
+    """A graph export_onnx did not write (every one it writes names its target's layers, Gemma4's too): when
+    nothing names a node's or weight's layer there is nowhere known to cut; the target is built whole, with a
+    warning."""
     for model in built_copy.models["target_step"].values():
         for i, node in enumerate(model.graph):
             node.name = f"n{i}"

@@ -9,13 +9,17 @@ does.
 Which node goes where:
 
 - *Anchored* nodes are the points where a weight meets the data stream (a node of layer ``i`` — named
-  ``target.layers.{i}.`` by passes/layer_template.py — with a dynamic input and an input computed from a weight
+  ``target.layers.{i}.`` by passes/layer_template.py, or for a target traced whole such as Gemma4 by
+  ``layer_template.name_by_layer`` — with a dynamic input and an input computed from a weight
   initializer of at least :data:`WEIGHT_BYTES`) and everything downstream of them. An anchored layer node runs
   in its layer's segment; an anchored node outside the layers (final norm, LM head, verification, the concats
-  of KV rows and taps) runs in the segment of its latest anchored producer.
+  of KV rows and taps) runs in the segment of its latest anchored producer, or the first. A node outside the
+  layers applying such a weight to data (Gemma4's per-layer-input embedding and projection) is anchored too:
+  copied, it would copy its weight into every segment.
 - Every other node depends only on graph inputs and constants (shape arithmetic, rotary tables, masks, the
-  embedding lookup): it is copied into every segment that needs it, so no mask or shape tensor crosses
-  engines (a shape tensor crossing engines would become a data-dependent shape for TensorRT).
+  embedding lookup, whose table is a graph input): it is copied into every segment that needs it, so no mask or
+  shape tensor crosses engines (a shape tensor crossing engines would become a data-dependent shape for
+  TensorRT).
 - A value made in segment ``a`` and used in a later one is an output of ``a`` and an input of each later
   segment using it, under its own name; graph outputs keep their names.
 
@@ -49,8 +53,8 @@ WEIGHT_BYTES = 1024
 
 
 class NoLayersError(BuildError):
-    """The graph names no decoder layer (a target traced without passes/layer_template.py, e.g. Gemma4, whose
-    optimized weights lose their layer names too): there is nowhere known to cut it."""
+    """The graph names no decoder layer, on nodes or weights (not a graph export_onnx wrote: it names every
+    target's layers): there is nowhere known to cut it."""
 
 
 @dataclass(frozen=True)
@@ -127,15 +131,17 @@ def _analyse(model: ir.Model) -> _Analysis:
             if owners:  # e.g. a dequantized or transposed weight
                 weights.update(dict.fromkeys(node.outputs, owners.pop() if len(owners) == 1 else None))
             continue
-        # A node's layer is its name's (layer_template names every node of a traced layer); a graph traced
-        # without the template (Gemma4) has unnamed nodes, whose layer is that of the weight they apply.
+        # A node's layer is its name's (export_onnx names every node a layer emits); an unnamed node (a graph
+        # from elsewhere) is in the layer of the weight it applies, where that weight's name says one.
         layer = layer_of(node)
         if layer is None and owners - {None} and len(owners) == 1:
             layer = next(iter(owners))
         if layer is not None:
             layer_ids.add(layer)
         producers = [v.producer() for v in inputs]
-        if any(p in anchored for p in producers if p is not None) or (layer is not None and owners):
+        # A weight applied outside the layers (Gemma4's per-layer-input embedding and projection) anchors its
+        # node too, in the first segment unless a producer is later: a copy would copy the weight as well.
+        if any(p in anchored for p in producers if p is not None) or owners:
             anchored[node] = layer
     if not layer_ids:
         raise NoLayersError(f"segments: no node is named `{LAYER_PREFIX}<i>.` or applies such a layer's weights; "
