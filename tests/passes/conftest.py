@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import pytest
+from onnx_run import ort_session, run_graph
 
 from dspark_compile.artifacts import GRAPH_NAMES, PLUGIN, PORTABLE, OnnxGraphs
 from dspark_compile.build_spec import BuildSpec
@@ -77,19 +78,6 @@ def built_copy(golden_build: Path, tmp_path: Path) -> OnnxGraphs:
     directory = tmp_path / "onnx"
     shutil.copytree(golden_build / "onnx", directory)
     return load_graphs(directory, directory, {"target_step": (PORTABLE, PLUGIN)})
-
-
-def ort_session(path: Path) -> Any:
-    ort = pytest.importorskip("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def run_graph(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = ort_session(path)
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
 
 
 def sample_feeds(path: Path, seed: int = 0, slots: int = 24) -> dict[str, np.ndarray]:

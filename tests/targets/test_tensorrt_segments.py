@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
+from onnx_run import run_graph
 
 from dspark_compile.errors import BuildError
 from dspark_compile.passes.share_weights import WEIGHTS_FILE
@@ -60,19 +60,6 @@ def _write(segments: list[Segment], directory: Path, tag: str) -> list[Path]:
     return paths
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _run(path: Path, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One graph fed by name from ``values`` (graph inputs and earlier segments' outputs)."""
-    session = _session(path)
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {i.name: values[i.name] for i in session.get_inputs()}), strict=True))
-
-
 def _feeds(phase: str, seed: int) -> dict[str, np.ndarray]:
     """Random but valid target_step inputs: a prefill of prompts of 9, 4 and 1 tokens, or a verification of 7
     drafts (verify lengths 7, 6, 3) over caches holding 0, 6 and 13 tokens; random embedding and LM head."""
@@ -113,10 +100,10 @@ def _check_chain(whole: Path, segments: list[Segment], paths: list[Path], feeds:
                  phase: str) -> None:
     """The segments run in order, each fed by name, make every output of the whole graph: integers equal,
     floats within 1e-6."""
-    expected = _run(whole, feeds)
+    expected = run_graph(whole, feeds)
     values = dict(feeds)
     for segment, path in zip(segments, paths, strict=True):
-        out = _run(path, values)
+        out = run_graph(path, values)
         assert list(out) == list(segment.outputs)
         assert not set(out) & set(values)  # each value is made once
         values |= out
