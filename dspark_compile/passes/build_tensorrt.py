@@ -12,7 +12,6 @@ one; all cover batch 1..max_batch.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from dspark_compile.artifacts import GRAPH_NAMES, PLUGIN, PORTABLE, Engine, Engines, GraphIO
@@ -53,10 +52,9 @@ def dim_ranges(spec: BuildSpec, block: int, slots: tuple[int, int], phase: str) 
 def weight_bytes(onnx_path: Path) -> int:
     """Bytes of a graph's constant weights (what its engine holds; weight inputs are not constants)."""
     from dspark_compile.targets.tensorrt.graph_checks import read_onnx
+    from dspark_compile.targets.tensorrt.segments import constant_weight_bytes
 
-    model = read_onnx(onnx_path)
-    return int(sum(v.dtype.itemsize * math.prod(v.shape.numpy()) for v in model.graph.initializers.values()
-                   if v.dtype is not None and v.shape is not None))
+    return constant_weight_bytes(read_onnx(onnx_path))
 
 
 def estimate_activations(cfg: TargetConfig, ranges: dict[str, tuple[int, int, int]], dtype_bytes: int,
