@@ -10,7 +10,7 @@ speculative == target-only), ``head_draft`` (the same rounds with the LM head an
 verify, where bf16 cuBLAS may pick different algorithms for 64 and 512 rows).
 
     PYTHONPATH=. python benchmarks/fp8_bench.py --out OUT [--smoke] [--batch 1,64]
-        [--sections tune,gemm,kl,rounds,head_draft]
+        [--sections tune,gemm,kl,rounds,head_draft] [--tune-shapes qwen3-8b,gemma4-12b]
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, quantize_fp8
 from dspark_compile.passes.quantize import quantize_module
 from dspark_compile.targets.torch.bench import (
     QWEN3_8B,
+    SHAPES,
     SMOKE,
+    Gemma4PairShape,
     byte_floor_ms,
     measure_copy_bandwidth,
     random_pair,
@@ -40,7 +42,7 @@ from dspark_compile.targets.torch.bench import (
     target_bytes,
 )
 from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
-from dspark_compile.targets.torch.fp8_gemm import Fp8Weight, fp8_linear
+from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear
 from dspark_compile.targets.torch.static_forward import StaticProgram
 
 
@@ -79,14 +81,14 @@ def bench_gemm(shape: Any, rows: list[int], bandwidth: float) -> dict[str, Any]:
     for name, (n, k) in {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         qw, scale = quantize_fp8(w)
-        fw = Fp8Weight.of(qw, scale, 0, None)
+        fw = DecodeWeight.of(qw, scale, 0, None)
         ref_w = fp8_dequantize(qw, scale, 0)
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            got = fp8_linear(x, fw).float()
+            got = decode_linear(x, fw).float()
             ref = F.linear(x.float(), ref_w)
             row = {"bf16_ms": cuda_ms(lambda x=x, w=w: F.linear(x, w)),
-                   "fp8_triton_ms": cuda_ms(lambda x=x, fw=fw: fp8_linear(x, fw)),
+                   "fp8_triton_ms": cuda_ms(lambda x=x, fw=fw: decode_linear(x, fw)),
                    "fp8_rel_err": float((got - ref).abs().max() / ref.abs().max()),
                    "fp8_floor_ms": byte_floor_ms(n * k + 2 * m * (n + k), bandwidth),
                    "bf16_floor_ms": byte_floor_ms(2 * n * k + 2 * m * (n + k), bandwidth)}
@@ -110,26 +112,33 @@ def bench_gemm(shape: Any, rows: list[int], bandwidth: float) -> dict[str, Any]:
 
 
 def layer_products(shape: Any) -> dict[str, tuple[int, int]]:
-    """(N, K) of each matrix product of a decoder layer (q|k|v and gate|up fused) and of the LM head."""
+    """(N, K) of each matrix product of a decoder layer (q|k|v and gate|up fused) and of the LM head; Gemma4
+    shapes: the sliding and the global layers' attention products (K = V on the global ones)."""
     h, inter = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
-    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter),
-            "lm_head": (shape.vocab_size, h)}
+    out = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter),
+           "lm_head": (shape.vocab_size, h)}
+    if isinstance(shape, Gemma4PairShape):
+        gq, gkv = shape.num_heads * shape.global_head_dim, shape.global_kv_heads * shape.global_head_dim
+        out |= {"qkv_global": (gq + gkv, h), "o_global": (h, gq)}
+    return out
 
 
-def tune_gemm(shape: Any, bandwidth: float) -> dict[str, Any]:
-    """Every candidate configuration of the FP8 GEMM per product: µs at M = 1 and 8 (small class) or 64 and
-    512 (large class), against bf16 cuBLAS and dequantize-then-cuBLAS; whether M = 1 and a row of M = 8 agree
-    bit for bit under one configuration."""
-    from dspark_compile.targets.torch.fp8_gemm import SMALL_M, _candidates
+def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8") -> dict[str, Any]:
+    """Every candidate configuration of the decode GEMM per product: µs at M = 1 and 8 (small class) or 64 and
+    512 (large class), against bf16 cuBLAS (and, for e4m3, dequantize-then-cuBLAS); whether M = 1 and a row of
+    M = 8 agree bit for bit under one configuration. ``weights`` "bf16": the kernel streaming bf16 weights."""
+    from dspark_compile.targets.torch.decode_gemm import CUBLAS, SMALL_M, _candidates
 
     out: dict[str, Any] = {}
+    wide = weights == "bf16"
+    rows = (1, 8) if wide else (1, 8, 64, 512)
     for name, (n, k) in layer_products(shape).items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         qw, scale = quantize_fp8(w)
-        fw = Fp8Weight.of(qw, scale, 0, None)
-        row: dict[str, Any] = {"floor_us": byte_floor_ms(n * k, bandwidth) * 1e3}
-        for m in (1, 8, 64, 512):
+        fw = DecodeWeight.full(w) if wide else DecodeWeight.of(qw, scale, 0, None)
+        row: dict[str, Any] = {"floor_us": byte_floor_ms(n * k * (2 if wide else 1), bandwidth) * 1e3}
+        for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row[f"bf16_m{m}_us"] = cuda_ms(lambda x=x, w=w: F.linear(x, w)) * 1e3
             if m >= 64:
@@ -137,23 +146,26 @@ def tune_gemm(shape: Any, bandwidth: float) -> dict[str, Any]:
                     return F.linear(x, qw.to(torch.bfloat16) * s.view(-1, 1).to(torch.bfloat16))
 
                 row[f"dequant_cublas_m{m}_us"] = cuda_ms(dequant) * 1e3
-            for cfg in _candidates(m, k, k):
+            for cfg in _candidates(m, k, k, 2 if wide else 1):
+                if cfg == CUBLAS:
+                    continue
                 try:
-                    row[f"fp8_m{m}_{cfg}_us"] = cuda_ms(lambda x=x, cfg=cfg, fw=fw: fp8_linear(x, fw, cfg)) * 1e3
+                    us = cuda_ms(lambda x=x, cfg=cfg, fw=fw: decode_linear(x, fw, cfg)) * 1e3
+                    row[f"{weights}_m{m}_{cfg}_us"] = us
                 except Exception as exc:  # a configuration that does not compile (shared memory)
-                    row[f"fp8_m{m}_{cfg}_us"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                    row[f"{weights}_m{m}_{cfg}_us"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                    continue
                 if m == 8:
-                    one = fp8_linear(x[:1], fw, cfg)
-                    row[f"invariant_{cfg}"] = bool(torch.equal(one, fp8_linear(x, fw, cfg)[:1]))
-                    ref = F.linear(x.float(), fp8_dequantize(qw, scale, 0))
-                    row[f"rel_err_{cfg}"] = float((fp8_linear(x, fw, cfg).float() - ref).abs().max()
+                    one = decode_linear(x[:1], fw, cfg)
+                    row[f"invariant_{cfg}"] = bool(torch.equal(one, decode_linear(x, fw, cfg)[:1]))
+                    ref = F.linear(x.float(), w.float() if wide else fp8_dequantize(qw, scale, 0))
+                    row[f"rel_err_{cfg}"] = float((decode_linear(x, fw, cfg).float() - ref).abs().max()
                                                   / ref.abs().max())
-        best = {m: min((v, key) for key, v in row.items() if key.startswith(f"fp8_m{m}_") and isinstance(v, float))
-                for m in (1, 8, 64, 512)}
-        say(f"tune {name} {n}x{k} floor {row['floor_us']:.1f} us; bf16 " +
-            " ".join(f"m{m} {row[f'bf16_m{m}_us']:.1f}" for m in (1, 8, 64, 512)) + "; best fp8 " +
-            " ".join(f"m{m} {v:.1f} {key}" for m, (v, key) in best.items()) +
-            f"; dequant+cublas m64 {row['dequant_cublas_m64_us']:.1f} m512 {row['dequant_cublas_m512_us']:.1f}")
+        best = {m: min((v, key) for key, v in row.items()
+                       if key.startswith(f"{weights}_m{m}_") and isinstance(v, float)) for m in rows}
+        say(f"tune {weights} {name} {n}x{k} floor {row['floor_us']:.1f} us; bf16 cuBLAS " +
+            " ".join(f"m{m} {row[f'bf16_m{m}_us']:.1f}" for m in rows) + "; best kernel " +
+            " ".join(f"m{m} {v:.1f} ({row['floor_us'] / v:.2f} of floor) {key}" for m, (v, key) in best.items()))
         out[name] = row
     assert SMALL_M == 16
     return out
@@ -191,6 +203,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--gemm-rows", default="1,8,64,512")
+    ap.add_argument("--tune-shapes", default="qwen3-8b", help="shapes whose products the tune section times")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shape = SMOKE if args.smoke else QWEN3_8B
@@ -198,7 +211,11 @@ def main() -> int:
     batches = [int(b) for b in args.batch.split(",")]
     bandwidth = measure_copy_bandwidth("cuda")
     if "tune" in sections:
-        res_tune = {"device": torch.cuda.get_device_name(), "tune": tune_gemm(shape, bandwidth)}
+        res_tune: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": bandwidth / 1e9}
+        for name in args.tune_shapes.split(","):
+            for weights in ("fp8", "bf16"):
+                res_tune[f"{name}_{weights}"] = tune_gemm(SHAPES[name], bandwidth, weights)
+                (args.out / "fp8_tune.json").write_text(json.dumps(res_tune, indent=1, default=str))
         (args.out / "fp8_tune.json").write_text(json.dumps(res_tune, indent=1, default=str))
         if sections == ["tune"]:
             return 0
@@ -280,7 +297,7 @@ def main() -> int:
             goals[f"fp8_head_draft_lossless_b{b}"] = hd["speculative"]["identical_to_target_only"]
             goals[f"fp8_head_draft_replay_lossless_b{b}"] = hd["replay_b"]["identical_to_target_only"]
     res["goals"] = goals
-    from dspark_compile.targets.torch.fp8_gemm import _CHOSEN
+    from dspark_compile.targets.torch.decode_gemm import _CHOSEN
 
     res["fp8_gemm_configs"] = {str(k): v for k, v in _CHOSEN.items()}
     say(f"goals {json.dumps(goals)}")

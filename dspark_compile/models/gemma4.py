@@ -110,6 +110,8 @@ class Gemma4Attention(AttentionProjections):
 
     qkv: torch.Tensor | None = None
     """q|k(|v) weights concatenated (:meth:`fuse`): the three projections as one matrix product."""
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.linear
+    """The fused product's matrix multiply (the CUDA-graph target sets its decode GEMM)."""
 
     def __init__(self, cfg: Gemma4Config, kv_heads: int, head_dim: int, shared_kv: bool) -> None:
         super().__init__(cfg, kv_heads, head_dim, norm=GemmaRMSNorm, shared_kv=shared_kv)
@@ -136,7 +138,7 @@ class Gemma4Attention(AttentionProjections):
             return self.query(x, cos, sin), *self.key_value(x, cos, sin)
         b, t, _ = x.shape
         sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * (1 + (self.v_proj is not None))
-        q, k, *v = nn.functional.linear(x, self.qkv).split(sizes, -1)
+        q, k, *v = self.linear(x, self.qkv).split(sizes, -1)
         q = norm_rope(self.q_norm, q.view(b, t, self.num_heads, self.head_dim), cos, sin)
         return q, *self._norm_key_value(k, v[0] if v else None, cos, sin)
 
@@ -191,6 +193,9 @@ class Gemma4Layer(nn.Module):
     add_norm_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     """A sandwich norm's residual add (and ``layer_scalar``) with the norm that follows it, in one launch
     (``gemma4_kernels.add_norm_norm``): post-attention + pre-feed-forward, post-feed-forward + next input norm."""
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """The matrix multiply of o, gate|up and down once fused (the CUDA-graph target's decode GEMM); None: the
+    modules (and ``nn.functional.linear`` for gate|up)."""
 
     def __init__(self, cfg: Gemma4Config, index: int) -> None:
         super().__init__()
@@ -226,7 +231,7 @@ class Gemma4Layer(nn.Module):
         h = self.input_layernorm(x) if normed is None else normed
         if self.qkv_kernel is not None and attn.qkv is not None and cache.in_place and ring is None:
             assert positions is not None and isinstance(cache, InPlaceCache)
-            q = self.qkv_kernel(nn.functional.linear(h, attn.qkv), cos, sin, positions, attn.q_norm.weight,
+            q = self.qkv_kernel(attn.linear(h, attn.qkv), cos, sin, positions, attn.q_norm.weight,
                                 attn.k_norm.weight, attn.q_norm.eps, attn.num_heads, attn.num_kv_heads, kv)
             keys, values = (corner(kv[i][:, :, : cache.window], attn.num_kv_heads, attn.head_dim) for i in (0, 1))
             x, normed = self.finish_and_norm(x, attention(q, keys, values, mask, attn.scale), per_layer_input,
@@ -258,7 +263,8 @@ class Gemma4Layer(nn.Module):
                         next_norm: GemmaRMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`finish`, and ``next_norm`` of its output when the fused kernels take it with the last residual
         add (one launch instead of two; else None: the next layer normalises)."""
-        attended = self.self_attn.o_proj(attended)
+        o_proj, down_proj = self.self_attn.o_proj, self.mlp.down_proj
+        attended = o_proj(attended) if self.linear is None else self.linear(attended, o_proj.weight)
         post, pre = self.post_attention_layernorm, self.pre_feedforward_layernorm
         if self.add_norm_kernel is not None:
             x, h = self.add_norm_kernel(x, attended, (post.weight, post.eps), (pre.weight, pre.eps))
@@ -267,11 +273,15 @@ class Gemma4Layer(nn.Module):
             h = pre(x)
         if self.gate_up is None:
             mlp = self.mlp(h)
-        elif self.glu_kernel is not None:
-            mlp = self.mlp.down_proj(self.glu_kernel(nn.functional.linear(h, self.gate_up)))
         else:
-            gate, up = nn.functional.linear(h, self.gate_up).chunk(2, -1)
-            mlp = self.mlp.down_proj(gelu_tanh(gate) * up)
+            mm = self.linear or nn.functional.linear
+            gate_up = mm(h, self.gate_up)
+            if self.glu_kernel is not None:
+                act = self.glu_kernel(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, -1)
+                act = gelu_tanh(gate) * up
+            mlp = down_proj(act) if self.linear is None else self.linear(act, down_proj.weight)
         post = self.post_feedforward_layernorm
         if not self.per_layer:
             if next_norm is not None and self.add_norm_kernel is not None:

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     from dspark_compile.models.layers import fp8_dequantize, quantize_fp8
     from dspark_compile.passes.quantize import quantize_program
     from dspark_compile.program import build_program
-    from dspark_compile.targets.torch.fp8_gemm import Fp8Weight, fp8_linear, split_k
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear, split_k
     from dspark_compile.targets.torch.static_forward import StaticProgram
 
     torch.manual_seed(0)
@@ -43,14 +43,21 @@ SCRIPT = textwrap.dedent(
         bias = torch.randn(n)
         x = torch.randn(m, k + 8)[:, :k]  # a row stride larger than K
         ref = F.linear(x, fp8_dequantize(q, scale, group), bias)
-        fw = Fp8Weight.of(q, scale, group, bias)
-        close(f"fp8_linear {m}x{n}x{k} {kind}", fp8_linear(x, fw), ref)
+        fw = DecodeWeight.of(q, scale, group, bias)
+        close(f"decode_linear {m}x{n}x{k} {kind}", decode_linear(x, fw), ref)
         if m <= 16:
             cfg = (16, 32, 32 if group else 64, 8, 4, 3, 0)
             assert split_k(n, k, fw.group, cfg, 4)[1] > 1
-            close(f"split K {m}x{n}x{k} {kind}", fp8_linear(x, fw, cfg), ref)
+            close(f"split K {m}x{n}x{k} {kind}", decode_linear(x, fw, cfg), ref)
             rows = torch.randn(8, k); rows[3] = x[0]
-            assert torch.equal(fp8_linear(rows, fw, cfg)[3], fp8_linear(x[:1], fw, cfg)[0]), "row invariance"
+            assert torch.equal(decode_linear(rows, fw, cfg)[3], decode_linear(x[:1], fw, cfg)[0]), "row invariance"
+
+    # full-precision weights streamed by the same kernel (WIDE), split K and not
+    for m, n, k in ((1, 96, 256), (7, 64, 4096)):
+        w = torch.randn(n, k); bias = torch.randn(n); x = torch.randn(m, k)
+        ref = F.linear(x, w, bias)
+        for cfg in ((16, 32, 64, 8, 4, 3, 0), (16, 64, 64, 0, 4, 3, 0)):
+            close(f"full {m}x{n}x{k} {cfg}", decode_linear(x, DecodeWeight.full(w, bias), cfg), ref)
 
     golden = Path(sys.argv[1])
     programs = []
@@ -87,31 +94,39 @@ def test_fp8_gemm_and_fused_fp8_program_match_the_reference_in_interpreter(golde
 
 
 @pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
-@pytest.mark.parametrize(("block_m", "fast", "per_channel"), [(16, 1, True), (16, 1, False), (64, 1, True)])
-def test_fp8_gemm_compiles_for_hopper_with_wgmma_and_the_fast_conversion(block_m: int, fast: int,
-                                                                         per_channel: bool) -> None:
-    """What the GPU runs, checked without one: the kernel lowers to sm_90 wgmma, and with the fast conversion
-    each pair of e4m3 values costs one cvt.rn.f16x2.e4m3x2 and no per-value f16 -> bf16 conversion."""
+@pytest.mark.parametrize(("block_m", "fast", "per_channel", "weight"),
+                         [(16, 1, True, "fp8e4nv"), (16, 1, False, "fp8e4nv"), (64, 1, True, "fp8e4nv"),
+                          (16, 0, True, "bf16")])
+def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conversion(
+        block_m: int, fast: int, per_channel: bool, weight: str) -> None:
+    """What the GPU runs, checked without one: the kernel lowers to sm_90 wgmma; its weight tiles stream through
+    cp.async stages (software pipelining: without it the weights were read one tile at a time, at half the
+    bandwidth); with the fast conversion each pair of e4m3 values costs one cvt.rn.f16x2.e4m3x2 and no
+    per-value f16 -> bf16 conversion."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dspark_compile.targets.torch.fp8_gemm import _fp8_gemm_kernel
+    from dspark_compile.targets.torch.decode_gemm import _decode_gemm_kernel
 
-    sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
+    sig = {"x_ptr": "*bf16", "w_ptr": f"*{weight}", "s_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
            "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32",
            "SPLITS": "i32", "stride_xm": "i32"}
     consts = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": per_channel, "EVEN": True,
-              "PRECISION": None, "FAST_CVT": bool(fast)}
+              "PRECISION": None, "FAST_CVT": bool(fast), "WIDE": weight == "bf16"}
     unaligned = ("M", "KB", "GROUP", "SPLITS")
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name not in unaligned}
-    src = ASTSource(_fp8_gemm_kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts, attrs=aligned)
+    src = ASTSource(_decode_gemm_kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts, attrs=aligned)
     try:
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4})
     except RuntimeError as exc:  # no ptxas in this Triton build
         pytest.skip(reason=f"Triton cannot compile for sm_90 here: {exc}")
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx
+    assert "cp.async.cg.shared.global" in ptx and "ttg.async_copy_global_to_local" in kernel.asm["ttgir"]
+    if weight == "bf16":
+        assert "cvt.rn.f16x2.e4m3x2" not in ptx
+        return
     assert ptx.count("cvt.rn.f16x2.e4m3x2") == 128 * 128 // (4 * 32 * 2)  # one per value pair of the tile
     assert "cvt.bf16.f16" not in ptx
 
@@ -127,7 +142,7 @@ def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
     from dspark_compile.passes.quantize import quantize_program
     from dspark_compile.program import build_program
     from dspark_compile.targets.torch import CudaGraphBackend
-    from dspark_compile.targets.torch.fp8_gemm import Fp8Weight, fp8_linear
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear
 
     torch.manual_seed(0)
     for m, n, k in ((1, 4096, 4096), (8, 6144, 4096), (512, 4096, 12288)):
@@ -135,11 +150,16 @@ def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
         q, scale = quantize_fp8(w)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), fp8_dequantize(q, scale, 0))
-        fw = Fp8Weight.of(q, scale, 0, None)
-        got = fp8_linear(x, fw).float()
+        fw = DecodeWeight.of(q, scale, 0, None)
+        got = decode_linear(x, fw).float()
         assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2
         if m <= 16:  # one configuration (timed at M = 1) for every M <= 16: a row gets the same bits
-            assert torch.equal(fp8_linear(x[:1], fw), fp8_linear(x, fw)[:1])
+            assert torch.equal(decode_linear(x[:1], fw), decode_linear(x, fw)[:1])
+        full = DecodeWeight.full(w.to(torch.bfloat16))  # bf16 weights: the kernel or cuBLAS, whichever is faster
+        ref = F.linear(x.float(), w.to(torch.bfloat16).float())
+        assert float((decode_linear(x, full).float() - ref).abs().max() / ref.abs().max()) < 1e-2
+        if m <= 16:
+            assert torch.equal(decode_linear(x[:1], full), decode_linear(x, full)[:1])
     pair = ROOT / "dspark_compile" / "tiny_pair"
     program = build_program(pair / "target", pair / "draft", dtype="bf16", device="cuda")
     quantize_program(program)

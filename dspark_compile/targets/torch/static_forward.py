@@ -8,7 +8,7 @@ slots ``[0, window)``) and an attention strategy: ``"reference"`` (float32), ``"
 ``fused=True`` (for targets whose ``fused_kernels`` is true: Qwen3) adds the one thing the modules cannot express:
 q|k|v and gate|up weights concatenated (the modules' parameters become views of the fused tensors: same values, one
 matrix product instead of three), e4m3 weights (``Fp8Linear``) multiplied by the weight-only FP8 GEMM of
-:mod:`.fp8_gemm` instead of being dequantized, and the Triton kernels of :mod:`.kernels` for the elementwise work,
+:mod:`.decode_gemm` instead of being dequantized, and the Triton kernels of :mod:`.kernels` for the elementwise work,
 with the residual add carried into the next layer's norm kernel. Gemma4 (``fused=False``) keeps its module forward
 on CUDA with its own seams filled in: one Triton kernel per norm (:mod:`.gemma4_kernels`), q|k|v and gate|up fused
 (``Gemma4Layer.fuse``, bf16/fp32 weights), and its band masks (sliding windows) through the split-K attention.
@@ -72,10 +72,11 @@ ATTENTION: dict[str, ReferenceAttention] = {"sdpa": SdpaAttention(), "reference"
 
 @dataclass(frozen=True)
 class _Linear:
-    """One matrix product of the fused step: a full-precision weight through ``F.linear``, an e4m3 one through
-    the weight-only FP8 GEMM (:mod:`.fp8_gemm`), its static input scale (W8A8 checkpoints) applied first."""
+    """One matrix product of the fused step through the decode GEMM (:mod:`.decode_gemm`: e4m3 weights, and
+    full-precision CUDA weights where it beats cuBLAS), or ``F.linear`` on the CPU; a static input scale (W8A8
+    checkpoints) is applied first."""
 
-    weight: torch.Tensor | Fp8Weight  # type: ignore[name-defined]  # noqa: F821 (imported with Triton)
+    weight: torch.Tensor | DecodeWeight  # type: ignore[name-defined]  # noqa: F821 (imported with Triton)
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
 
@@ -83,9 +84,9 @@ class _Linear:
         if self.input_scale is not None:
             x = fp8_quantize_dequantize(x, self.input_scale)
         if not isinstance(self.weight, torch.Tensor):
-            from dspark_compile.targets.torch.fp8_gemm import fp8_linear
+            from dspark_compile.targets.torch.decode_gemm import decode_linear
 
-            return fp8_linear(x, self.weight)
+            return decode_linear(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
     @classmethod
@@ -93,14 +94,14 @@ class _Linear:
         """``linears`` (sharing their input) as one product: their weights concatenated by rows, the modules'
         parameters re-pointed at views of the concatenation (same values, one copy)."""
         if all(isinstance(lin, Fp8Linear) for lin in linears):
-            from dspark_compile.targets.torch.fp8_gemm import Fp8Weight
+            from dspark_compile.targets.torch.decode_gemm import DecodeWeight
 
             scales = {None if lin.input_scale is None else float(lin.input_scale) for lin in linears}
             if len(scales) > 1:
                 raise ValueError(f"fused FP8 layers need one static input scale; found {sorted(map(str, scales))}")
-            parts = [Fp8Weight.of(lin.weight.detach(), lin.weight_scale.detach(), lin.group,
+            parts = [DecodeWeight.of(lin.weight.detach(), lin.weight_scale.detach(), lin.group,
                                   None if lin.bias is None else lin.bias.detach()) for lin in linears]
-            whole = Fp8Weight.cat(parts) if len(parts) > 1 else parts[0]
+            whole = DecodeWeight.cat(parts) if len(parts) > 1 else parts[0]
             _repoint(linears, "weight", whole.weight)
             return cls(whole, None, linears[0].input_scale)
         if any(isinstance(lin, Fp8Linear) for lin in linears):
@@ -109,6 +110,10 @@ class _Linear:
         bias = None
         if linears[0].bias is not None:
             bias = _repoint(linears, "bias", torch.cat([lin.bias.detach() for lin in linears]))
+        if weight.is_cuda:  # the decode GEMM where it beats cuBLAS (timed per shape)
+            from dspark_compile.targets.torch.decode_gemm import DecodeWeight
+
+            return cls(DecodeWeight.full(weight, bias))
         return cls(weight, bias)
 
 
@@ -157,6 +162,7 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
     """Gemma4's norms (with their residual adds and layer scalars) as one Triton kernel each
     (:mod:`.gemma4_kernels`), and the target layers' q|k|v and gate|up as one matrix product each; the Qwen3
     modules have none of these (their fused path is ``fused=True``)."""
+    from dspark_compile.targets.torch.decode_gemm import linear
     from dspark_compile.targets.torch.gemma4_kernels import add_norm_norm, gemma_rmsnorm, qkv_into_cache
     from dspark_compile.targets.torch.kernels import gelu_tanh_mul
 
@@ -171,6 +177,8 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
                 plain = not any(isinstance(m, Fp8Linear) for m in module.modules())  # e4m3 keeps its own GEMM
                 if module.gate_up is None and plain:
                     module.fuse()
+                if plain:  # the decode GEMM where it beats cuBLAS
+                    module.linear = module.self_attn.linear = linear
 
 
 class StaticProgram:

@@ -1,23 +1,23 @@
-"""Weight-only FP8 GEMM (W8A16) of the torch target: e4m3 weights, activations and output in bf16/fp16.
+"""The torch target's decode GEMM: few activation rows times a streamed weight, e4m3 (W8A16) or bf16/fp16.
 
 Decode at small batch reads each weight once per step, so the step's floor is the weight bytes: e4m3 halves
-them. The kernel computes the product transposed (W·xᵀ): a [BLOCK_N, BLOCK_K] e4m3 weight tile, widened in
-registers, is the tensor cores' wide operand (Hopper wgmma takes it from registers), and the few activation
-rows (16 for decode) the narrow one, with float32 accumulation. K is split until the grid has a few programs
-per SM, so that every SM streams weights; the last program of a tile to finish adds the float32 partials in
-split order (a counter per tile, no second kernel). Per-channel scales multiply the sum once; HF block-wise
-scales (groups of 128 columns) each K tile's product. The widening of bf16 activations' weights is
-:func:`_e4m3_to_bf16_shifted`: one conversion instruction per two values instead of Triton's three.
+them. The kernel computes the product transposed (W·xᵀ): a [BLOCK_N, BLOCK_K] weight tile (e4m3 widened in
+registers) is the tensor cores' wide operand, and the few activation rows (16 for decode) the narrow one, with
+float32 accumulation. K is split until the grid has a few programs per SM, so that every SM streams weights;
+the last program of a tile to finish adds the float32 partials in split order (a counter per tile, no second
+kernel). Per-channel scales multiply the sum once; HF block-wise scales (groups of 128 columns) each K tile's
+product. The widening is :func:`_e4m3_to_bf16_shifted`: one conversion instruction per two values instead of
+Triton's three. Full-precision weights take the same kernel when it beats cuBLAS for their shape (timed).
 
 The tile sizes and split are timed once per weight shape on the GPU and then fixed for every row count up to
 ``SMALL_M`` (one M tile of 16 rows): the speculative round (B·(γ+1) rows) and the target-only step (B rows)
 give a row the same bits, as each output row's reduction never depends on the other rows. Larger row counts
-use wider M tiles, one configuration up to ``SPLIT_M`` rows (B = 64: step 64, verify 512) and one beyond.
+use wider M tiles, one configuration up to ``SPLIT_M`` rows (B = 64: step 64, verify 512) and one beyond;
+full-precision weights use cuBLAS there.
 
 Activations are not quantized: ``torch._scaled_mm`` would need FP8 activations (W8A8), a different model.
 Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests; plain conversion there).
 """
-
 from __future__ import annotations
 
 import logging
@@ -26,15 +26,16 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.nn import functional as F
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
-def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT, SPLITS,
+def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT, SPLITS,
                      stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
-                     FAST_CVT: tl.constexpr):
+                     FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -52,16 +53,19 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K,
     x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
-    k_end = tl.minimum(k_begin + K_SPLIT, K)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    # A trip count, not range(k_begin, k_end): Triton 3.6 software-pipelines (cp.async, num_stages) only a
+    # loop whose lower bound it knows; with a runtime start every weight tile was loaded synchronously.
+    for i in range(0, tl.cdiv(tl.minimum(K_SPLIT, K - k_begin), BLOCK_K)):
+        k0 = k_begin + i * BLOCK_K
         offs_k = k0 + rk
         if EVEN:
             w = tl.load(w_rows + offs_k[None, :])
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-        wt = _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
-        if PER_CHANNEL:
+        # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
+        wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
+        if PER_CHANNEL or WIDE:
             acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
         else:
             s = tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0)
@@ -79,14 +83,15 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K,
             for sp in range(0, SPLITS):
                 acc += tl.load(part_ptr + sp * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0)
-            _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT)
+            _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
     else:
-        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT)
+        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
 
 
 @triton.jit
-def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr):
-    if PER_CHANNEL:
+def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr,
+           WIDE: tl.constexpr):
+    if PER_CHANNEL and not WIDE:
         s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
         if FAST_CVT:
             s = s * BF16_SHIFT
@@ -120,8 +125,9 @@ def _e4m3_to_bf16_shifted(w):
 
 
 @dataclass(frozen=True)
-class Fp8Weight:
-    """A linear layer's e4m3 weight [N, K], its float32 scale [N, ceil(K/group)] and optional bias."""
+class DecodeWeight:
+    """A linear layer's weight [N, K] (e4m3, or already in the activations' dtype: ``wide``), its float32
+    scale [N, ceil(K/group)] (ones for a wide weight) and optional bias."""
 
     weight: torch.Tensor
     scale: torch.Tensor
@@ -129,7 +135,7 @@ class Fp8Weight:
     bias: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, weight: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None) -> Fp8Weight:
+    def of(cls, weight: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None) -> DecodeWeight:
         """From an :class:`~dspark_compile.models.layers.Fp8Linear`'s tensors: per-tensor and per-channel scales
         become one group of all K columns."""
         n, k = weight.shape
@@ -137,13 +143,23 @@ class Fp8Weight:
             scale, group = scale.to(torch.float32).reshape(-1, 1).expand(n, 1).contiguous(), k
         return cls(weight.contiguous(), scale.to(torch.float32).contiguous(), group, bias)
 
+    @classmethod
+    def full(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> DecodeWeight:
+        """A bf16/fp16/float32 weight, streamed as it is (no scale)."""
+        n, k = weight.shape
+        return cls(weight.contiguous(), torch.ones(n, 1, dtype=torch.float32, device=weight.device), k, bias)
+
+    @property
+    def wide(self) -> bool:
+        return self.weight.dtype != torch.float8_e4m3fn
+
     @staticmethod
-    def cat(parts: list[Fp8Weight]) -> Fp8Weight:
+    def cat(parts: list[DecodeWeight]) -> DecodeWeight:
         """Row-wise concatenation (q|k|v, gate|up): same K and group."""
         assert len({(p.weight.shape[1], p.group, p.scale.shape[1]) for p in parts}) == 1
         bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])  # type: ignore[misc]
-        return Fp8Weight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), parts[0].group,
-                         bias)
+        return DecodeWeight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]),
+                            parts[0].group, bias)
 
 
 SMALL_M = 16  # rows up to which one configuration serves every row count (decode: B and B·(γ+1) at B = 1)
@@ -151,7 +167,8 @@ SPLIT_M = 1024
 """Rows up to which the larger configurations may split K (B = 128's verify); beyond (prefill chunks) the float32
 partials would take splits · M · N · 4 bytes, so those row counts never split and form a class of their own."""
 SMALL_CONFIGS = ((128, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 1), (64, 128, 4, 4, 4, 1), (128, 256, 4, 4, 3, 1),
-                 (128, 128, 2, 4, 4, 1), (128, 128, 8, 4, 3, 1), (256, 128, 2, 8, 3, 1))
+                 (128, 128, 2, 4, 4, 1), (128, 128, 8, 4, 3, 1), (256, 128, 2, 8, 3, 1), (128, 256, 2, 4, 4, 1),
+                 (64, 256, 4, 4, 4, 1), (128, 128, 1, 4, 6, 1), (64, 128, 8, 4, 6, 1))
 """BLOCK_N, BLOCK_K, programs per SM (K is split until the grid has that many; 0: no split), warps, stages,
 fast e4m3 → bf16 conversion (:func:`_e4m3_to_bf16_shifted`) for M <= SMALL_M (BLOCK_M = 16). The first is
 the reference every other is checked against when timed."""
@@ -160,6 +177,10 @@ LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 6
 """BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M."""
 Config = tuple[int, int, int, int, int, int, int]
 """BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, fast conversion."""
+CUBLAS: Config = (0, 0, 0, 0, 0, 0, 0)
+"""Not the kernel: ``F.linear`` (cuBLAS), the reference and a candidate for full-precision weights."""
+SMEM_BYTES = 200 * 1024
+"""Shared memory the pipeline stages of one program may take (Hopper: 227 KB per block)."""
 _CHOSEN: dict[tuple[int, ...], Config] = {}
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 log = logging.getLogger(__name__)
@@ -170,31 +191,40 @@ def row_class(m: int) -> int:
     return 0 if m <= SMALL_M else 1 if m <= SPLIT_M else 2
 
 
-def _candidates(m: int, k: int, group: int) -> list[Config]:
-    """Configurations whose K tile lies within one scale group."""
+def _candidates(m: int, k: int, group: int, weight_bytes: int = 1) -> list[Config]:
+    """Configurations whose K tile lies within one scale group, their stages cut to fit shared memory. A
+    full-precision weight (``weight_bytes`` > 1) has cuBLAS first, and only cuBLAS beyond ``SMALL_M`` rows."""
     if m <= SMALL_M:
         out = [(16, bn, bk, per_sm, w, st, f) for bn, bk, per_sm, w, st, f in SMALL_CONFIGS]
+    elif weight_bytes > 1:
+        return [CUBLAS]
     else:
         split = m <= SPLIT_M
         out = list(dict.fromkeys((bm, bn, bk, per_sm if split else 0, w, st, f)
                                  for bn, bm, bk, per_sm, w, st, f in LARGE_CONFIGS))
     if group < k:
         out = [c for c in out if group % c[2] == 0]
-    return out or [(16 if m <= SMALL_M else 64, 64, min(group, 64), 0, 4, 3, 0)]
+    out = out or [(16 if m <= SMALL_M else 64, 64, min(group, 64), 0, 4, 3, 0)]
+    fitted = []
+    for bm, bn, bk, per_sm, w, st, f in out:
+        stage = bn * bk * weight_bytes + bm * bk * 2
+        fitted.append((bm, bn, bk, per_sm, w, max(2, min(st, SMEM_BYTES // stage)), f if weight_bytes == 1 else 0))
+    fitted = list(dict.fromkeys(fitted))
+    return [CUBLAS, *fitted] if weight_bytes > 1 else fitted
 
 
-def _config(x: torch.Tensor, w: Fp8Weight) -> Config:
+def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
     """The configuration of this weight for this row class, timed once per (class, N, K, group) on the GPU
     (outside CUDA-graph capture; the first call of a shape is a warm-up run) and then fixed, so a row gets
     the same bits whatever the batch within its class. A candidate that does not compile for this GPU, or
-    whose result strays from the first's (plain conversion) by more than float32 summation order can
-    explain, is dropped."""
+    whose result strays from the first's (plain conversion, or cuBLAS) by more than float32 summation order
+    can explain, is dropped."""
     m, k = x.shape
-    key = (row_class(m), *w.weight.shape, w.group, x.dtype.itemsize)
+    key = (row_class(m), *w.weight.shape, w.group, x.dtype.itemsize, w.weight.dtype.itemsize)
     chosen = _CHOSEN.get(key)
     if chosen is not None:
         return chosen
-    candidates = _candidates(m, k, w.group)
+    candidates = _candidates(m, k, w.group, w.weight.dtype.itemsize)
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
         return candidates[0]
     best, best_ms = candidates[0], float("inf")
@@ -204,11 +234,12 @@ def _config(x: torch.Tensor, w: Fp8Weight) -> Config:
         try:
             got = _launch(x, w, cfg).float()
         except (OutOfResources, CompilationError) as exc:  # e.g. shared memory of a smaller GPU
-            log.warning("FP8 GEMM configuration %s dropped: %s", cfg, exc)
+            log.warning("decode GEMM configuration %s dropped: %s", cfg, exc)
             continue
         err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
         if err > 1e-2:
-            log.warning("FP8 GEMM configuration %s dropped: relative error %.3g against %s", cfg, err, candidates[0])
+            log.warning("decode GEMM configuration %s dropped: relative error %.3g against %s", cfg, err,
+                        candidates[0])
             continue
         start.record()
         for _ in range(10):
@@ -222,7 +253,7 @@ def _config(x: torch.Tensor, w: Fp8Weight) -> Config:
     return best
 
 
-def fp8_linear(x: torch.Tensor, w: Fp8Weight, cfg: Config | None = None) -> torch.Tensor:
+def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None) -> torch.Tensor:
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
     ``cfg`` overrides the timed configuration (benchmarks)."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
@@ -230,6 +261,23 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight, cfg: Config | None = None) -> torc
     if w.bias is not None:
         out = out + w.bias.to(x.dtype)
     return out
+
+
+_FULL: dict[tuple[int, tuple[int, ...], torch.dtype], DecodeWeight] = {}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with a full-precision CUDA weight through :func:`decode_linear` (the kernel where it beats
+    cuBLAS for this shape and row class, else cuBLAS): the seam for modules that call their projections."""
+    if not x.is_cuda or x.dtype != weight.dtype:
+        return F.linear(x, weight, bias)
+    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype)
+    w = _FULL.get(key)
+    if w is None:
+        w = _FULL[key] = DecodeWeight.full(weight)
+    rows = x.reshape(-1, x.shape[-1])
+    out = decode_linear(rows if rows.stride(-1) == 1 else rows.contiguous(), w).view(*x.shape[:-1], -1)
+    return out if bias is None else out + bias
 
 
 def split_k(n: int, k: int, group: int, cfg: Config, sms: int) -> tuple[int, int]:
@@ -248,7 +296,9 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(x: torch.Tensor, w: Fp8Weight, cfg: Config) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
+    if cfg == CUBLAS:
+        return F.linear(x, w.weight)
     m, k = x.shape
     n = w.weight.shape[0]
     bm, bn, bk, _, warps, stages, fast = cfg
@@ -260,10 +310,10 @@ def _launch(x: torch.Tensor, w: Fp8Weight, cfg: Config) -> torch.Tensor:
     if counters is None or counters.numel() < grid[0] * grid[2]:
         counters = torch.zeros(max(1 << 16, grid[0] * grid[2]), dtype=torch.int32, device=x.device)
         _COUNTERS[x.device] = counters
-    _fp8_gemm_kernel[grid](x, w.weight, w.scale, part, counters, out, m, n, k, w.scale.shape[1], w.group, k_split,
+    _decode_gemm_kernel[grid](x, w.weight, w.scale, part, counters, out, m, n, k, w.scale.shape[1], w.group, k_split,
                            splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_CHANNEL=w.group >= k,
                            EVEN=n % bn == 0 and k % bk == 0,
                            PRECISION="ieee" if x.dtype == torch.float32 else None,
-                           FAST_CVT=fast and x.is_cuda and x.dtype == torch.bfloat16, num_warps=warps,
-                           num_stages=stages)
+                           FAST_CVT=fast and x.is_cuda and x.dtype == torch.bfloat16 and not w.wide,
+                           WIDE=w.wide, num_warps=warps, num_stages=stages)
     return out
