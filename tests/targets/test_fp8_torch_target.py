@@ -100,9 +100,9 @@ def test_fp8_gemm_and_fused_fp8_program_match_the_reference_in_interpreter(golde
 def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conversion(
         block_m: int, fast: int, per_channel: bool, weight: str) -> None:
     """What the GPU runs, checked without one: the kernel lowers to sm_90 wgmma; its weight tiles stream through
-    cp.async stages (software pipelining: without it the weights were read one tile at a time, at half the
-    bandwidth); with the fast conversion each pair of e4m3 values costs one cvt.rn.f16x2.e4m3x2 and no
-    per-value f16 -> bf16 conversion."""
+    cp.async stages (software pipelining, which Triton applies only to loads it can prove 16-byte aligned: K,
+    the split and the strides as the launch specializes them); with the fast conversion each pair of e4m3
+    values costs one cvt.rn.f16x2.e4m3x2 and no per-value f16 -> bf16 conversion."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -53,10 +53,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N,
     x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
-    # A trip count, not range(k_begin, k_end): Triton 3.6 software-pipelines (cp.async, num_stages) only a
-    # loop whose lower bound it knows; with a runtime start every weight tile was loaded synchronously.
-    for i in range(0, tl.cdiv(tl.minimum(K_SPLIT, K - k_begin), BLOCK_K)):
-        k0 = k_begin + i * BLOCK_K
+    k_end = tl.minimum(k_begin + K_SPLIT, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + rk
         if EVEN:
             w = tl.load(w_rows + offs_k[None, :])
@@ -167,8 +165,9 @@ SPLIT_M = 1024
 """Rows up to which the larger configurations may split K (B = 128's verify); beyond (prefill chunks) the float32
 partials would take splits · M · N · 4 bytes, so those row counts never split and form a class of their own."""
 SMALL_CONFIGS = ((128, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 1), (64, 128, 4, 4, 4, 1), (128, 256, 4, 4, 3, 1),
-                 (128, 128, 2, 4, 4, 1), (128, 128, 8, 4, 3, 1), (256, 128, 2, 8, 3, 1), (128, 256, 2, 4, 4, 1),
-                 (64, 256, 4, 4, 4, 1), (128, 128, 1, 4, 6, 1), (64, 128, 8, 4, 6, 1))
+                 (128, 128, 2, 4, 4, 1), (128, 128, 8, 4, 3, 1), (256, 128, 2, 8, 3, 1), (128, 128, 1, 4, 8, 1),
+                 (128, 128, 2, 4, 8, 1), (128, 64, 1, 4, 12, 1), (128, 64, 2, 4, 8, 1), (256, 64, 1, 8, 8, 1),
+                 (64, 128, 2, 4, 8, 1), (128, 256, 1, 4, 5, 1))
 """BLOCK_N, BLOCK_K, programs per SM (K is split until the grid has that many; 0: no split), warps, stages,
 fast e4m3 → bf16 conversion (:func:`_e4m3_to_bf16_shifted`) for M <= SMALL_M (BLOCK_M = 16). The first is
 the reference every other is checked against when timed."""
