@@ -167,7 +167,8 @@ partials would take splits · M · N · 4 bytes, so those row counts never split
 SMALL_CONFIGS = ((128, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 1), (64, 128, 4, 4, 4, 1), (128, 256, 4, 4, 3, 1),
                  (128, 128, 2, 4, 4, 1), (128, 128, 8, 4, 3, 1), (256, 128, 2, 8, 3, 1), (128, 128, 1, 4, 8, 1),
                  (128, 128, 2, 4, 8, 1), (128, 64, 1, 4, 12, 1), (128, 64, 2, 4, 8, 1), (256, 64, 1, 8, 8, 1),
-                 (64, 128, 2, 4, 8, 1), (128, 256, 1, 4, 5, 1), (64, 256, 2, 4, 8, 1), (64, 512, 2, 4, 4, 1))
+                 (64, 128, 2, 4, 8, 1), (128, 256, 1, 4, 5, 1), (64, 256, 2, 4, 8, 1), (64, 512, 2, 4, 4, 1),
+                 (128, 128, 2, 8, 4, 1), (128, 64, 4, 8, 6, 1))
 """BLOCK_N, BLOCK_K, programs per SM (K is split until the grid has that many; 0: no split), warps, stages,
 fast e4m3 → bf16 conversion (:func:`_e4m3_to_bf16_shifted`) for M <= SMALL_M (BLOCK_M = 16). The first is
 the reference every other is checked against when timed."""
