@@ -51,6 +51,15 @@ SCRIPT = textwrap.dedent(
             close(f"split K {m}x{n}x{k} {kind}", decode_linear(x, fw, cfg), ref)
             rows = torch.randn(8, k); rows[3] = x[0]
             assert torch.equal(decode_linear(rows, fw, cfg)[3], decode_linear(x[:1], fw, cfg)[0]), "row invariance"
+            # the fp16 product (conversion 2): bf16 activations scaled into fp16 exactly, e4m3 -> f16
+            xb = x.to(torch.bfloat16)
+            ref16 = F.linear(xb.float(), fp8_dequantize(q, scale, group), bias)
+            got16 = decode_linear(xb, fw, cfg[:6] + (2,))
+            assert got16.dtype == torch.bfloat16
+            close(f"fp16 product {m}x{n}x{k} {kind}", got16, ref16, 1e-2)
+            big = xb * 4096  # beyond fp16's range unscaled (65504): the scale keeps it finite
+            close(f"fp16 product, large activations {kind}", decode_linear(big, fw, cfg[:6] + (2,)),
+                  F.linear(big.float(), fp8_dequantize(q, scale, group), bias), 1e-2)
 
     # full-precision weights streamed by the same kernel (WIDE), split K and not
     for m, n, k in ((1, 96, 256), (7, 64, 4096)):
@@ -96,7 +105,7 @@ def test_fp8_gemm_and_fused_fp8_program_match_the_reference_in_interpreter(golde
 @pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
 @pytest.mark.parametrize(("block_m", "fast", "per_channel", "weight"),
                          [(16, 1, True, "fp8e4nv"), (16, 1, False, "fp8e4nv"), (64, 1, True, "fp8e4nv"),
-                          (16, 0, True, "bf16")])
+                          (16, 2, True, "fp8e4nv"), (16, 0, True, "bf16")])
 def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conversion(
         block_m: int, fast: int, per_channel: bool, weight: str) -> None:
     """What the GPU runs, checked without one: the kernel lowers to sm_90 wgmma; its weight tiles stream through
@@ -113,7 +122,7 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
            "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32",
            "SPLITS": "i32", "stride_xm": "i32"}
     consts = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": per_channel, "EVEN": True,
-              "PRECISION": None, "FAST_CVT": bool(fast), "WIDE": weight == "bf16"}
+              "PRECISION": None, "FAST_CVT": fast, "WIDE": weight == "bf16", "ASM": True}
     unaligned = ("M", "KB", "GROUP", "SPLITS")
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name not in unaligned}
     src = ASTSource(_decode_gemm_kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts, attrs=aligned)
@@ -129,6 +138,11 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
         return
     assert ptx.count("cvt.rn.f16x2.e4m3x2") == 128 * 128 // (4 * 32 * 2)  # one per value pair of the tile
     assert "cvt.bf16.f16" not in ptx
+    if fast == 2:  # the fp16 product: activations scaled in float32, never multiplied in fp16 (overflow)
+        assert "mul.rn.f32" in ptx and "0f3B800000" in ptx and "cvt.rn.f16x2.f32" in ptx
+        assert "mul.f16x2" not in ptx and "mul.rn.f16x2" not in ptx
+        assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16" in ptx
+        assert "shr.b32" not in ptx.split("cvt.rn.f16x2.e4m3x2")[1][:200]  # no bf16 bit shuffling
 
 
 @pytest.mark.gpu

@@ -6,8 +6,10 @@ registers) is the tensor cores' wide operand, and the few activation rows (16 fo
 float32 accumulation. K is split until the grid has a few programs per SM, so that every SM streams weights;
 the last program of a tile to finish adds the float32 partials in split order (a counter per tile, no second
 kernel). Per-channel scales multiply the sum once; HF block-wise scales (groups of 128 columns) each K tile's
-product. The widening is :func:`_e4m3_to_bf16_shifted`: one conversion instruction per two values instead of
-Triton's three. Full-precision weights take the same kernel when it beats cuBLAS for their shape (timed).
+product. The widening is :func:`_e4m3_to_bf16_shifted` (one conversion instruction per two values instead of
+Triton's three), or the product runs in fp16 (e4m3 → f16 is one instruction per two values, the activations
+scaled into fp16's range exactly): which is faster is timed per shape, like the tiles. Full-precision weights
+take the same kernel when it beats cuBLAS for their shape.
 
 The tile sizes and split are timed once per weight shape on the GPU and then fixed for every row count up to
 ``SMALL_M`` (one M tile of 16 rows): the speculative round (B·(γ+1) rows) and the target-only step (B rows)
@@ -37,7 +39,7 @@ from triton.runtime.errors import OutOfResources
 def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT, SPLITS,
                      stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
-                     FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False):
+                     FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -64,13 +66,15 @@ def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N,
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
         # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
-        wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
+        if FAST_CVT == 2:  # an fp16 product: e4m3 -> f16 is one instruction per two values; x scaled into range
+            xt = _bf16_to_f16_scaled(xt, ASM)
+            wt = w.to(tl.float16)
+        else:
+            wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
         if PER_CHANNEL or WIDE:
             acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
         else:
-            s = tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0)
-            if FAST_CVT:
-                s = s * BF16_SHIFT
+            s = _unshift(tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0), FAST_CVT)
             acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
     mask = n_mask[:, None] & m_mask[None, :]
     tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
@@ -92,15 +96,46 @@ def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N,
 def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr,
            WIDE: tl.constexpr):
     if PER_CHANNEL and not WIDE:
-        s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)
-        if FAST_CVT:
-            s = s * BF16_SHIFT
-        acc *= s[:, None]
+        acc *= _unshift(tl.load(s_ptr + offs_n, mask=n_mask, other=0.0), FAST_CVT)[:, None]
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 BF16_SHIFT: tl.constexpr = tl.constexpr(2.0**112)
 """What :func:`_e4m3_to_bf16_shifted`'s values are multiplied by to give the e4m3 values back."""
+X_SCALE: tl.constexpr = tl.constexpr(2.0**-8)  # 0f3B800000 in _bf16_to_f16_scaled
+"""Activations times this become fp16 for the fp16 product (``FAST_CVT`` 2): exact for bf16 magnitudes in
+[2⁻⁶, 2²⁴] (bf16's 8 significant bits fit fp16's 11), absolute error ≤ 2⁻¹⁷ below; no overflow under 1.6e7."""
+
+
+@triton.jit
+def _bf16_to_f16_scaled(x, ASM: tl.constexpr):
+    """bf16 x · X_SCALE as fp16, exactly (through float32). In PTX: Triton would otherwise convert to fp16
+    first and scale there, which overflows above 65504 and loses bits below 2⁻¹⁴. ``ASM`` False: the
+    interpreter."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b16 l, h;
+            .reg .f32 fl, fh;
+            mov.b32 {l, h}, $1;
+            cvt.f32.bf16 fl, l;
+            cvt.f32.bf16 fh, h;
+            mul.rn.f32 fl, fl, 0f3B800000;
+            mul.rn.f32 fh, fh, 0f3B800000;
+            cvt.rn.f16x2.f32 $0, fh, fl;
+            }""",
+            constraints="=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=2)
+    return (x.to(tl.float32) * X_SCALE).to(tl.float16)
+
+
+@triton.jit
+def _unshift(s, FAST_CVT: tl.constexpr):
+    """The scale with the conversion's power of two folded in."""
+    if FAST_CVT == 1:
+        s = s * BF16_SHIFT
+    elif FAST_CVT == 2:
+        s = s * (1.0 / X_SCALE)
+    return s
 
 
 @triton.jit
@@ -166,23 +201,22 @@ SMALL_M = 16  # rows up to which one configuration serves every row count (decod
 SPLIT_M = 1024
 """Rows up to which the larger configurations may split K (B = 128's verify); beyond (prefill chunks) the float32
 partials would take splits · M · N · 4 bytes, so those row counts never split and form a class of their own."""
-SMALL_CONFIGS = ((128, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 1), (64, 128, 4, 4, 4, 1), (128, 256, 4, 4, 3, 1),
-                 (128, 128, 2, 4, 4, 1), (128, 128, 8, 4, 3, 1), (256, 128, 2, 8, 3, 1), (128, 128, 1, 4, 8, 1),
-                 (128, 128, 2, 4, 8, 1), (128, 64, 1, 4, 12, 1), (128, 64, 2, 4, 8, 1), (256, 64, 1, 8, 8, 1),
-                 (64, 128, 2, 4, 8, 1), (128, 256, 1, 4, 5, 1), (64, 256, 2, 4, 8, 1), (64, 512, 2, 4, 4, 1),
-                 (128, 128, 2, 8, 4, 1), (128, 64, 4, 8, 6, 1),
-                 (32, 128, 4, 2, 4, 1), (32, 256, 4, 2, 4, 1), (32, 256, 8, 2, 3, 1), (32, 512, 4, 4, 3, 1),
-                 (32, 256, 4, 4, 4, 1), (32, 256, 8, 1, 4, 1), (16, 256, 8, 1, 4, 1), (16, 512, 8, 1, 3, 1))
+SMALL_CONFIGS = ((128, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 1), (64, 128, 4, 4, 4, 1), (128, 128, 2, 4, 4, 1),
+                 (128, 128, 8, 4, 3, 1), (128, 128, 2, 8, 4, 1), (64, 128, 2, 4, 8, 1), (64, 128, 4, 4, 4, 2),
+                 (64, 128, 2, 4, 4, 2), (64, 128, 8, 4, 3, 2), (128, 128, 2, 4, 4, 2), (128, 128, 4, 4, 4, 2),
+                 (128, 128, 2, 8, 4, 2), (128, 128, 4, 8, 4, 2), (64, 256, 2, 4, 4, 2), (128, 64, 4, 4, 6, 2),
+                 (128, 256, 1, 4, 4, 2), (256, 128, 2, 8, 3, 2))
 """BLOCK_N, BLOCK_K, programs per SM (K is split until the grid has that many; 0: no split), warps, stages,
-fast e4m3 → bf16 conversion (:func:`_e4m3_to_bf16_shifted`) for M <= SMALL_M (BLOCK_M = 16). The first is
-the reference every other is checked against when timed. BLOCK_N < 64 lowers to mma.sync instead of wgmma,
-whose register operand then reads 8 e4m3 values per shared-memory load instead of 2 (fewer instructions
-per weight byte, the limit of this kernel at small M)."""
+conversion (0: Triton's e4m3 → bf16; 1: :func:`_e4m3_to_bf16_shifted`; 2: an fp16 product, e4m3 → f16 in one
+instruction per two values and the activations scaled into fp16 by :data:`X_SCALE`) for M <= SMALL_M
+(BLOCK_M = 16). The first is the reference every other is checked against when timed. At small M this kernel
+is bound by instructions per weight byte (sm_90 SASS of the 64 × 128 tile: 4.7 with conversion 1, 3.2 with 2,
+1.1 for bf16 weights), not by the memory system."""
 LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 64, 128, 1, 4, 4, 1),
                  (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1))
 """BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M."""
 Config = tuple[int, int, int, int, int, int, int]
-"""BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, fast conversion."""
+"""BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, conversion."""
 CUBLAS: Config = (0, 0, 0, 0, 0, 0, 0)
 """Not the kernel: ``F.linear`` (cuBLAS), the reference and a candidate for full-precision weights."""
 SMEM_BYTES = 200 * 1024
@@ -321,6 +355,6 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
                            splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_CHANNEL=w.group >= k,
                            EVEN=n % bn == 0 and k % bk == 0,
                            PRECISION="ieee" if x.dtype == torch.float32 else None,
-                           FAST_CVT=fast and x.is_cuda and x.dtype == torch.bfloat16 and not w.wide,
-                           WIDE=w.wide, num_warps=warps, num_stages=stages)
+                           FAST_CVT=0 if w.wide or x.dtype != torch.bfloat16 or (fast == 1 and not x.is_cuda) else fast,
+                           WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
     return out
