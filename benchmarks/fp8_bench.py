@@ -124,7 +124,8 @@ def layer_products(shape: Any) -> dict[str, tuple[int, int]]:
     return out
 
 
-def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8") -> dict[str, Any]:
+def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
+              rows: tuple[int, ...] = (1, 8, 64, 512)) -> dict[str, Any]:
     """Every candidate configuration of the decode GEMM per product, timed as the kernel's own choice is (one
     call behind an L2 flush): µs at M = 1 and 8 (small class) or 64 and 512 (large class), against bf16
     cuBLAS (and, for e4m3, dequantize-then-cuBLAS); whether M = 1 and a row of M = 8 agree bit for bit under
@@ -133,7 +134,7 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8") -> dict[str, A
 
     out: dict[str, Any] = {}
     wide = weights == "bf16"
-    rows = (1, 8) if wide else (1, 8, 64, 512)
+    rows = tuple(m for m in rows if m <= 16) if wide else rows
     for name, (n, k) in layer_products(shape).items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         qw, scale = quantize_fp8(w)
@@ -205,6 +206,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--gemm-rows", default="1,8,64,512")
     ap.add_argument("--tune-shapes", default="qwen3-8b", help="shapes whose products the tune section times")
+    ap.add_argument("--tune-rows", default="1,8,64,512", help="row counts the tune section times")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shape = SMOKE if args.smoke else QWEN3_8B
@@ -215,7 +217,8 @@ def main() -> int:
         res_tune: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": bandwidth / 1e9}
         for name in args.tune_shapes.split(","):
             for weights in ("fp8", "bf16"):
-                res_tune[f"{name}_{weights}"] = tune_gemm(SHAPES[name], bandwidth, weights)
+                res_tune[f"{name}_{weights}"] = tune_gemm(SHAPES[name], bandwidth, weights,
+                                                          tuple(int(m) for m in args.tune_rows.split(",")))
                 (args.out / "fp8_tune.json").write_text(json.dumps(res_tune, indent=1, default=str))
         (args.out / "fp8_tune.json").write_text(json.dumps(res_tune, indent=1, default=str))
         if sections == ["tune"]:
