@@ -185,3 +185,23 @@ def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
     speculative = decode_rounds(backend, prompts, max_new_tokens=48)
     assert speculative.tokens == target_only.tokens
     assert speculative.tau > 1.2
+
+
+def test_decode_gemm_candidates() -> None:
+    """Which configurations the timed choice may pick: e4m3 weights always run the kernel; full-precision ones
+    weigh cuBLAS first (the reference) and use only cuBLAS beyond SMALL_M rows; every candidate's pipeline
+    stages fit the shared-memory budget; block-wise scales keep K tiles inside one scale group."""
+    pytest.importorskip("triton")
+    from dspark_compile.targets.torch.decode_gemm import CUBLAS, SMALL_M, SMEM_BYTES, _candidates
+
+    fp8 = _candidates(1, 4096, 4096, 1)
+    assert CUBLAS not in fp8 and fp8[0][6] == 0  # the plain conversion is the reference
+    assert {c[6] for c in fp8} == {0, 1, 2}
+    wide = _candidates(8, 4096, 4096, 2)
+    assert wide[0] == CUBLAS and all(c[6] == 0 for c in wide[1:]) and len(wide) > 1
+    assert _candidates(SMALL_M + 1, 4096, 4096, 2) == [CUBLAS] and CUBLAS not in _candidates(SMALL_M + 1, 4096, 4096, 1)
+    for m, weight_bytes in ((1, 1), (1, 2), (64, 1), (4096, 1)):
+        for bm, bn, bk, _, _, stages, _ in _candidates(m, 4096, 4096, weight_bytes):
+            if bm:
+                assert stages >= 2 and (stages == 2 or stages * (bn * bk * weight_bytes + bm * bk * 2) <= SMEM_BYTES)
+    assert all(128 % c[2] == 0 for c in _candidates(1, 4096, 128, 1))

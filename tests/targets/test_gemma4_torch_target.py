@@ -111,3 +111,31 @@ def test_cuda_graphs_gemma4_bf16_lossless_batch3(shape: Any) -> None:
     base = generate(be, prompts, GenerationParams(max_new_tokens=48), speculative=False)
     assert [r.tokens for r in spec] == [r.tokens for r in base]
     assert be.stats["captures"] > 0
+
+
+def test_linear_seam_reproduces_gemma4_golden(golden_dir: Path) -> None:
+    """The seam the CUDA-graph target fills with its decode GEMM (``Gemma4Layer.linear`` and
+    ``Gemma4Attention.linear``, over the fused q|k|v and gate|up products and o/down): with ``F.linear`` behind
+    it, on the CPU, the golden pair decodes exactly and every projection of the layers goes through it."""
+    from torch.nn import functional as F
+
+    from dspark_compile.models.gemma4 import Gemma4Layer
+
+    calls: list[tuple[int, ...]] = []
+
+    def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(weight.shape))
+        return F.linear(x, weight)
+
+    prog = build_program(golden_dir / PAIR / "target", golden_dir / PAIR / "draft")
+    layers = [m for model in (prog.target, prog.draft) for m in model.modules() if isinstance(m, Gemma4Layer)]
+    for layer in layers:
+        layer.fuse()
+        layer.linear = layer.self_attn.linear = linear
+    be = CudaGraphBackend(prog.target, prog.draft, eos_token_ids=prog.eos_token_ids)
+    gold = _gold(golden_dir, "greedy")
+    _assert_golden(_decode(be, [g["prompt"] for g in gold]), gold)
+    target_layer = prog.target.layers[0]
+    assert tuple(target_layer.gate_up.shape) in calls and tuple(target_layer.self_attn.qkv.shape) in calls
+    assert tuple(target_layer.mlp.down_proj.weight.shape) in calls
+    assert tuple(target_layer.self_attn.o_proj.weight.shape) in calls
