@@ -180,9 +180,12 @@ class DecodeWeight:
 
     @classmethod
     def full(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> DecodeWeight:
-        """A bf16/fp16/float32 weight, streamed as it is (no scale)."""
+        """A bf16/fp16/float32 weight, streamed as it is (no scale: the kernel never reads the placeholder)."""
         n, k = weight.shape
-        return cls(weight.contiguous(), torch.ones(n, 1, dtype=torch.float32, device=weight.device), k, bias)
+        key = (n, weight.device)
+        if key not in _UNSCALED:
+            _UNSCALED[key] = torch.ones(n, 1, dtype=torch.float32, device=weight.device)
+        return cls(weight.contiguous(), _UNSCALED[key], k, bias)
 
     @property
     def wide(self) -> bool:
@@ -222,6 +225,9 @@ CUBLAS: Config = (0, 0, 0, 0, 0, 0, 0)
 SMEM_BYTES = 200 * 1024
 """Shared memory the pipeline stages of one program may take (Hopper: 227 KB per block)."""
 _CHOSEN: dict[tuple[int, ...], Config] = {}
+_UNSCALED: dict[tuple[int, torch.device], torch.Tensor] = {}
+"""The never-read scale placeholder of full-precision weights, one per row count and device (allocated on the
+warm-up call, never inside a CUDA-graph capture)."""
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 log = logging.getLogger(__name__)
 
@@ -304,18 +310,13 @@ def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None) -
     return out
 
 
-_FULL: dict[tuple[int, tuple[int, ...], torch.dtype], DecodeWeight] = {}
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with a full-precision CUDA weight through :func:`decode_linear` (the kernel where it beats
-    cuBLAS for this shape and row class, else cuBLAS): the seam for modules that call their projections."""
+    cuBLAS for this shape and row class, else cuBLAS): the seam for modules that call their projections. Holds
+    no reference to the weight between calls (a cache of them would keep every model it saw alive)."""
     if not x.is_cuda or x.dtype != weight.dtype:
         return F.linear(x, weight, bias)
-    key = (weight.data_ptr(), tuple(weight.shape), weight.dtype)
-    w = _FULL.get(key)
-    if w is None:
-        w = _FULL[key] = DecodeWeight.full(weight)
+    w = DecodeWeight.full(weight)
     rows = x.reshape(-1, x.shape[-1])
     out = decode_linear(rows if rows.stride(-1) == 1 else rows.contiguous(), w).view(*x.shape[:-1], -1)
     return out if bias is None else out + bias
