@@ -333,11 +333,6 @@ def _make_model(base: onnx.ModelProto, name: str, nodes: list[onnx.NodeProto], i
     return model
 
 
-def split_target(model: ir.Model, *, max_bytes: int | None = None, count: int | None = None) -> list[Segment]:
-    """:func:`layer_ranges` then :func:`split`."""
-    return split(model, layer_ranges(model, max_bytes=max_bytes, count=count))
-
-
 _OPS: dict[type, Callable[[int, int], int]] = {ast.Add: operator.add, ast.Sub: operator.sub,
                                                ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
