@@ -18,7 +18,8 @@ use wider M tiles, one configuration up to ``SPLIT_M`` rows (B = 64: step 64, ve
 full-precision weights use cuBLAS there.
 
 Activations are not quantized: ``torch._scaled_mm`` would need FP8 activations (W8A8), a different model.
-Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests; plain conversion there).
+Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests; no inline PTX there: conversion 1
+falls back to Triton's, conversion 2 scales with Triton ops).
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ from triton.runtime.errors import OutOfResources
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
 def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT, SPLITS,
-                     stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
-                     FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True):
+                        stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
+                        FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -65,11 +66,10 @@ def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N,
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-        # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
         if FAST_CVT == 2:  # an fp16 product: e4m3 -> f16 is one instruction per two values; x scaled into range
             xt = _bf16_to_f16_scaled(xt, ASM)
             wt = w.to(tl.float16)
-        else:
+        else:  # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
             wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
         if PER_CHANNEL or WIDE:
             acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
@@ -213,8 +213,8 @@ SMALL_CONFIGS = ((128, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 1), (64, 128, 4, 4,
 conversion (0: Triton's e4m3 → bf16; 1: :func:`_e4m3_to_bf16_shifted`; 2: an fp16 product, e4m3 → f16 in one
 instruction per two values and the activations scaled into fp16 by :data:`X_SCALE`) for M <= SMALL_M
 (BLOCK_M = 16). The first is the reference every other is checked against when timed. At small M this kernel
-is bound by instructions per weight byte (sm_90 SASS of the 64 × 128 tile: 4.7 with conversion 1, 3.2 with 2,
-1.1 for bf16 weights), not by the memory system."""
+is bound by instructions per weight byte, not by the memory system (docs/BENCH.md, "The decode GEMM"), hence
+conversion 2 and many small programs per SM."""
 LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 64, 128, 1, 4, 4, 1),
                  (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1))
 """BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M."""
@@ -226,8 +226,8 @@ SMEM_BYTES = 200 * 1024
 """Shared memory the pipeline stages of one program may take (Hopper: 227 KB per block)."""
 _CHOSEN: dict[tuple[int, ...], Config] = {}
 _UNSCALED: dict[tuple[int, torch.device], torch.Tensor] = {}
-"""The never-read scale placeholder of full-precision weights, one per row count and device (allocated on the
-warm-up call, never inside a CUDA-graph capture)."""
+"""The never-read scale placeholder of full-precision weights, one per output size and device (allocated on
+the warm-up call, never inside a CUDA-graph capture)."""
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 log = logging.getLogger(__name__)
 
@@ -352,10 +352,11 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
     if counters is None or counters.numel() < grid[0] * grid[2]:
         counters = torch.zeros(max(1 << 16, grid[0] * grid[2]), dtype=torch.int32, device=x.device)
         _COUNTERS[x.device] = counters
+    conversion = 0 if w.wide or x.dtype != torch.bfloat16 or (fast == 1 and not x.is_cuda) else fast
     _decode_gemm_kernel[grid](x, w.weight, w.scale, part, counters, out, m, n, k, w.scale.shape[1], w.group, k_split,
-                           splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_CHANNEL=w.group >= k,
-                           EVEN=n % bn == 0 and k % bk == 0,
-                           PRECISION="ieee" if x.dtype == torch.float32 else None,
-                           FAST_CVT=0 if w.wide or x.dtype != torch.bfloat16 or (fast == 1 and not x.is_cuda) else fast,
-                           WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
+                              splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_CHANNEL=w.group >= k,
+                              EVEN=n % bn == 0 and k % bk == 0,
+                              PRECISION="ieee" if x.dtype == torch.float32 else None,
+                              FAST_CVT=conversion,
+                              WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
     return out
