@@ -7,11 +7,12 @@ slots ``[0, window)``) and an attention strategy: ``"reference"`` (float32), ``"
 
 ``fused=True`` (for targets whose ``fused_kernels`` is true: Qwen3) adds the one thing the modules cannot express:
 q|k|v and gate|up weights concatenated (the modules' parameters become views of the fused tensors: same values, one
-matrix product instead of three), e4m3 weights (``Fp8Linear``) multiplied by the weight-only FP8 GEMM of
-:mod:`.decode_gemm` instead of being dequantized, and the Triton kernels of :mod:`.kernels` for the elementwise work,
-with the residual add carried into the next layer's norm kernel. Gemma4 (``fused=False``) keeps its module forward
-on CUDA with its own seams filled in: one Triton kernel per norm (:mod:`.gemma4_kernels`), q|k|v and gate|up fused
-(``Gemma4Layer.fuse``, bf16/fp32 weights), and its band masks (sliding windows) through the split-K attention.
+matrix product instead of three), the products through the decode GEMM of :mod:`.decode_gemm` (e4m3 weights of
+``Fp8Linear`` instead of being dequantized; bf16 ones where it beats cuBLAS), and the Triton kernels of
+:mod:`.kernels` for the elementwise work, with the residual add carried into the next layer's norm kernel.
+Gemma4 (``fused=False``) keeps its module forward on CUDA with its own seams filled in: one Triton kernel per
+norm (:mod:`.gemma4_kernels`), q|k|v and gate|up fused (``Gemma4Layer.fuse``, bf16/fp32 weights) and through the
+decode GEMM (``Gemma4Layer.linear``), and its band masks (sliding windows) through the split-K attention.
 """
 
 from __future__ import annotations
