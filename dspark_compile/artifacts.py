@@ -22,6 +22,14 @@ PORTABLE = "portable"  # standard ONNX ops only: onnxruntime, TensorRT-RTX, any 
 PLUGIN = "plugin"  # target_step keeping the dspark::SpecVerify node, for full TensorRT with our plugin
 
 
+def segment_file(graph: str, index: int, ext: str, variant: str = PORTABLE) -> str:
+    """A segment's file of a target split by layer range: ``target_step.seg0.onnx``,
+    ``target_step.plugin.seg0.onnx``, ``target_step.seg0.plan`` (one spelling for the pass that writes them,
+    the engine build and the Triton repository that find them)."""
+    suffix = "" if variant == PORTABLE else f".{variant}"
+    return f"{graph}{suffix}.seg{index}.{ext}"
+
+
 def sha256_file(path: Path) -> str:
     """The hex sha256 of a file's bytes: what the manifest and the engine metadata record."""
     with path.open("rb") as f:

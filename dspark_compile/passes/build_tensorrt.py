@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dspark_compile.artifacts import GRAPH_NAMES, PLUGIN, PORTABLE, Engine, Engines, GraphIO
+from dspark_compile.artifacts import GRAPH_NAMES, PLUGIN, PORTABLE, Engine, Engines, GraphIO, segment_file
 from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
 from dspark_compile.model_config import TargetConfig
@@ -97,7 +97,7 @@ def run(state: BuildState) -> None:
         # `2*step_len` on a crossing value, take the range their expression gives).
         parts = state.segments.get(variant, ()) if name == "target_step" else ()
         sources = [(graphs.path(name, variant), out_dir / f"{name}.plan", None)] if not parts else [
-            (path, out_dir / f"{name}.seg{k}.plan", k) for k, path in enumerate(parts)]
+            (path, out_dir / segment_file(name, k, "plan"), k) for k, path in enumerate(parts)]
         for onnx_path, plan_path, segment in sources:
             io = GraphIO.read(onnx_path)
             profiles = [Profile.from_dim_ranges(onnx_path, derived_ranges(io, r)) for r in ranges]

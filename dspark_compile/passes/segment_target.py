@@ -14,17 +14,11 @@ from __future__ import annotations
 
 import logging
 
-from dspark_compile.artifacts import PORTABLE
+from dspark_compile.artifacts import PORTABLE, segment_file
 from dspark_compile.build_state import BuildState
 
 log = logging.getLogger(__name__)
 GRAPH = "target_step"
-
-
-def segment_path_name(variant: str, index: int) -> str:
-    """``target_step.seg0.onnx``, ``target_step.plugin.seg0.onnx``: the graph's file name plus the segment."""
-    suffix = "" if variant == PORTABLE else f".{variant}"
-    return f"{GRAPH}{suffix}.seg{index}.onnx"
 
 
 def run(state: BuildState) -> None:
@@ -49,7 +43,7 @@ def run(state: BuildState) -> None:
     for variant, model in variants.items():
         paths = []
         for segment in split(model, ranges):
-            path = graphs.directory / segment_path_name(variant, segment.index)
+            path = graphs.directory / segment_file(GRAPH, segment.index, "onnx", variant)
             path.write_bytes(segment.model.SerializeToString(deterministic=True))
             state.written[path] = segment.io()
             paths.append(path)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dspark_compile.artifacts import GraphIO, TritonRepository, replace_dir
+from dspark_compile.artifacts import GraphIO, TritonRepository, replace_dir, segment_file
 from dspark_compile.errors import BuildError, UsageError
 from dspark_compile.runtime.backend import ProgramInfo
 from dspark_compile.runtime.onnxruntime_dtypes import check_onnxruntime_dtype
@@ -164,8 +164,8 @@ def segment_plans(build_dir: Path, graph: str) -> list[Path]:
     if (engines / f"{graph}.plan").is_file():
         return []
     plans = []
-    while (engines / f"{graph}.seg{len(plans)}.plan").is_file():
-        plans.append(engines / f"{graph}.seg{len(plans)}.plan")
+    while (engines / segment_file(graph, len(plans), "plan")).is_file():
+        plans.append(engines / segment_file(graph, len(plans), "plan"))
     return plans
 
 
@@ -210,7 +210,7 @@ def _write_segmented_model(model_dir: Path, graph: str, build_dir: Path, io: Gra
     the ensemble that chains them with the whole graph's I/O ``io`` (pbtxt.ensemble_config)."""
     steps = []
     for k, plan in enumerate(plans):
-        onnx_path = build_dir / "onnx" / f"{graph}.seg{k}.onnx"
+        onnx_path = build_dir / "onnx" / segment_file(graph, k, "onnx")
         if not onnx_path.is_file():
             raise BuildError(f"{onnx_path}: missing beside the segment engine {plan}; the segment models take "
                              "their I/O from it: rebuild with `dspark-compile build`")
@@ -222,7 +222,7 @@ def _write_segmented_model(model_dir: Path, graph: str, build_dir: Path, io: Gra
                                           instances=options.graph_instances)
         (seg_dir / "config.pbtxt").write_text(pbtxt.render(config))
         steps.append((seg_dir.name, seg_io))
-    if (build_dir / "onnx" / f"{graph}.seg{len(plans)}.onnx").is_file():
+    if (build_dir / "onnx" / segment_file(graph, len(plans), "onnx")).is_file():
         raise BuildError(f"{build_dir / 'onnx'}: {graph} has more ONNX segments than the {len(plans)} engines in "
                          f"{build_dir / 'engines'}; rebuild the engines")
     (model_dir / "1").mkdir(parents=True)  # Triton wants a version directory, empty for an ensemble
