@@ -270,7 +270,7 @@ def bench(build_dir: str | Path | None, *, batches: Sequence[int] = (1, 16, 64),
     from dspark_compile.program import torch_dtype
 
     if random_shape is not None:
-        target, draft = random_pair(SHAPES[random_shape], device=device, dtype=torch_dtype(dtype))
+        target, draft = random_pair(SHAPES[random_shape], device=device, dtype=torch_dtype(dtype), decisive=True)
         backend = CudaGraphBackend(target, draft)
         info = backend.info
     else:

@@ -392,7 +392,8 @@ def demo(out: Path, as_json: bool) -> None:
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--random-shape", type=click.Choice(["qwen3-8b", "gemma4-12b", "smoke", "gemma4-smoke"]),
-              help="Instead of BUILD_DIR: a pair of this published shape with random weights built on the device.")
+              help="Instead of BUILD_DIR: a pair of this published shape with random weights built on the device "
+              "(decisive ones: their tokens do not depend on the batch, so losslessness is checked at every batch).")
 @click.option("--batch", "batch", default="1,16,64", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--replay", default="", help="Acceptance replay profiles, comma-separated: a (Qwen3-8B GSM8K), "

@@ -7,9 +7,10 @@ program loads (``CudaGraphBackend.create``: CUDA graphs in bf16 on a GPU, the ea
 described by ``BUILD/bench_pair.json`` instead of checkpoints: random weights accept nothing, so the drafts are
 replaced on the device by the target's own greedy continuation, cut per a survival profile
 (``targets/torch/bench.py``: ``set_replay``, profile ``b`` is τ = 4.81) — verification and commit stay real, so
-the output is still exactly the target's. With ``forced`` (timing only) each round accepts the replayed prefix
-whatever the verify says, because under load a bf16 batch is not bit-equal to the batch-1 reference, and plain
-replay's acceptance then collapses (docs/SERVING.md).
+the output is still exactly the target's. The pair is ``decisive`` by default: a bf16 batch is not bit-equal to
+the batch-1 reference, and on plain random weights (near-tied logits) a row then leaves its reference under
+load and replayed acceptance collapses (docs/SERVING.md). With ``forced`` (timing only) each round accepts the
+replayed prefix whatever the verify says.
 The continuation of each distinct prompt is decoded once, target-only, by a second backend over the same
 weights when the prompt is first admitted, and cached. A word-level tokenizer over the whole vocabulary
 (:func:`write_word_tokenizer`) gives such a pair text in and out, so NVIDIA's load generators can drive it; it
@@ -53,6 +54,7 @@ class PairSpec:
     seed: int = 0
     max_slots: int = 512
     forced: bool = False  # timing only: every round accepts the replayed prefix (CudaGraphBackend.set_replay)
+    decisive: bool = True  # bench.random_pair: tokens that survive a batch's last-bit differences
 
     @classmethod
     def read(cls, build_dir: Path) -> PairSpec:
@@ -86,7 +88,8 @@ def replayed_random(build_dir: Path) -> ReplayedBackend:
     spec = PairSpec.read(build_dir)
     cuda = torch.cuda.is_available()
     target, draft = random_pair(spec.pair_shape(), device="cuda" if cuda else "cpu",
-                                dtype=torch.bfloat16 if cuda else torch.float32, seed=spec.seed)
+                                dtype=torch.bfloat16 if cuda else torch.float32, seed=spec.seed,
+                                decisive=spec.decisive)
     main = CudaGraphBackend(target, draft)
     side = CudaGraphBackend(target, draft)  # target-only continuations, its own caches and graphs
     profile = np.array(conditional_profile(survival_profile(spec.replay, main.info.block_size)), dtype=np.float32)

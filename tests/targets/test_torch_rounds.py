@@ -19,6 +19,7 @@ from dspark_compile.program import build_program
 from dspark_compile.runtime.decode import VerifyPolicy
 from dspark_compile.targets.torch import CudaGraphBackend
 from dspark_compile.targets.torch.bench import (
+    GEMMA4_SMOKE,
     SMOKE,
     conditional_profile,
     decode_rounds,
@@ -144,6 +145,20 @@ def test_replay_profiles() -> None:
     assert abs(np.prod(cond) - a[-1]) < 1e-9 and all(0 < x <= 1 for x in cond)
 
 
+@pytest.mark.parametrize("shape", [SMOKE, GEMMA4_SMOKE], ids=["qwen3", "gemma4"])
+def test_decisive_pair_decodes_the_same_tokens_in_bf16_and_fp32(shape: object) -> None:
+    """The benchmark pair whose acceptance replay must hold under load: bf16 (other kernels, other rounding)
+    decodes exactly fp32's greedy tokens, and the untied head makes them a permutation walk, not one token."""
+    runs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        target, draft = random_pair(shape, device="cpu", dtype=dtype, decisive=True)
+        runs.append(decode_rounds(CudaGraphBackend(target, draft), PROMPTS[:2], max_new_tokens=12,
+                                  speculative=False).tokens)
+    assert runs[0] == runs[1]
+    if shape is SMOKE:
+        assert all(len(set(t)) == 12 for t in runs[0])
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("pair", PAIRS)
@@ -171,6 +186,25 @@ def test_round_graphs_sampling_and_replay_on_gpu() -> None:
     be.set_replay(replay_reference(PROMPTS, ref.tokens, width), np.ones(g, dtype=np.float32))
     full = decode_rounds(be, PROMPTS, max_new_tokens=24)
     assert full.tokens == [t[:24] for t in ref.tokens]
+    assert all(r["accepted"] == g + 1 for rs in full.rounds for r in rs[:-1])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decisive_pair_holds_replayed_acceptance_at_any_batch_on_gpu() -> None:
+    """bf16 CUDA graphs: each row's tokens at batch 3 (T = 1 and T = G+1 graphs) equal its batch-1 run, so a
+    batch-1 reference replays with the profile's acceptance, not less."""
+    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
+    be = CudaGraphBackend(target, draft)
+    g = be.info.block_size
+    alone = [decode_rounds(be, [p], max_new_tokens=40, speculative=False).tokens[0] for p in PROMPTS]
+    assert decode_rounds(be, PROMPTS, max_new_tokens=40, speculative=False).tokens == alone
+    assert decode_rounds(be, PROMPTS, max_new_tokens=40).tokens == alone
+    width = max(len(p) for p in PROMPTS) + 40 + 2 * g + 3
+    be.set_replay(replay_reference(PROMPTS, alone, width), np.ones(g, dtype=np.float32))
+    full = decode_rounds(be, PROMPTS, max_new_tokens=32)
+    be.set_replay(None, None)
+    assert full.tokens == [t[:32] for t in alone]
     assert all(r["accepted"] == g + 1 for rs in full.rounds for r in rs[:-1])
 
 

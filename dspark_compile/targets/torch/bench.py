@@ -209,9 +209,15 @@ SHAPES: dict[str, PairShape] = {"qwen3-8b": QWEN3_8B, "gemma4-12b": GEMMA4_12B, 
 
 
 def random_pair(shape: PairShape, *, device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
-                seed: int = 0, std: float = 0.02) -> tuple[nn.Module, DSparkDraft]:
+                seed: int = 0, std: float = 0.02, decisive: bool = False) -> tuple[nn.Module, DSparkDraft]:
     """A grafted pair of the shape's family with N(0, std) matrices, unit norms and layer scalars, allocated
-    directly on ``device`` (no CPU copy)."""
+    directly on ``device`` (no CPU copy).
+
+    ``decisive``: the same bytes and FLOPs, but each target layer adds almost nothing to the residual (output
+    projections, or a sandwich norm's post norms, scaled by 1e-4) and the LM head maps each token's embedding to
+    one next token (a permutation; the token itself when tied). Its next token then wins by a wide margin, so
+    kernels that differ in the last bits (row counts, bf16 vs fp32) decode the same tokens, and replayed
+    acceptance holds at any batch. Plain random weights give near-tied logits, where they do not."""
     tcfg, dcfg = shape.configs()
     family = family_of(tcfg)
     device = torch.device(device)
@@ -230,6 +236,8 @@ def random_pair(shape: PairShape, *, device: torch.device | str, dtype: torch.dt
                     p.zero_()
                 else:
                     p.normal_(0.0, std, generator=gen)
+        if decisive:
+            _make_decisive(target, tcfg.tie_word_embeddings, gen)
     draft.embed_tokens = target.embed_tokens
     draft.lm_head = target.lm_head
     if tcfg.tie_word_embeddings:
@@ -240,6 +248,22 @@ def random_pair(shape: PairShape, *, device: torch.device | str, dtype: torch.dt
     for p in (*target.parameters(), *draft.parameters()):
         p.requires_grad_(False)
     return target.eval(), draft.eval()
+
+
+def _make_decisive(target: nn.Module, tied: bool, gen: torch.Generator) -> None:
+    """See :func:`random_pair`: quiet every layer's residual update and make the head a permutation."""
+    quiet = 1e-4
+    for layer in target.layers:
+        sandwich = hasattr(layer, "post_feedforward_layernorm")  # Gemma4: post norms set the update's size
+        for name, p in layer.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")) or (
+                    sandwich and name.endswith(("post_attention_layernorm.weight",
+                                                "post_feedforward_layernorm.weight"))):
+                p.mul_(quiet)
+    if not tied:
+        embed = target.embed_tokens.weight
+        perm = torch.randperm(embed.shape[0], generator=gen, device=embed.device)
+        target.lm_head.weight.copy_(embed[perm])
 
 
 # ------------------------------------------------------------------------------------------------- measuring
