@@ -151,7 +151,7 @@ def warm_up(http: str, model: str, prompt: str, max_tokens: int, concurrency: li
 
 def run(work: Path, out: Path, aiperf: list[str], aiperf_path: str | None, numpy_path: str | None, *,
         concurrency: list[int], input_tokens: int, output_tokens: int, duration_s: float, poisson_rate: float,
-        max_batch: int, models: list[str], deadline_s: float) -> dict[str, Any]:
+        max_batch: int, models: list[str], deadline_s: float, whole_sweep: bool = False) -> dict[str, Any]:
     from dspark_compile.serving.batcher import STATS_ENV
     from dspark_compile.serving.text import TextCodec
     from dspark_compile.targets.triton.server import TritonServer
@@ -189,7 +189,7 @@ def run(work: Path, out: Path, aiperf: list[str], aiperf_path: str | None, numpy
         report["lossless"] = {m: (t == want) for m, t in texts.items()} if want is not None else None
         report["sample_text"] = want[:200] if want else None
         save()
-        for model, load in schedule_loads(models, concurrency):
+        for model, load in schedule_loads(models, concurrency, whole_sweep):
             if time.monotonic() - started > deadline_s:
                 report.setdefault("skipped", []).append(f"{model} {load}: past the --deadline")
                 continue
@@ -222,11 +222,12 @@ def run(work: Path, out: Path, aiperf: list[str], aiperf_path: str | None, numpy
     return report
 
 
-def schedule_loads(models: list[str], concurrency: list[int]) -> list[tuple[str, Any]]:
+def schedule_loads(models: list[str], concurrency: list[int], whole_sweep: bool = False) -> list[tuple[str, Any]]:
     """AIPerf runs, most needed first (the goals: c1 and c64, speculative vs target-only), so a run cut short by
     the deadline still answers them: the ends of the sweep, then the middle, then Poisson arrivals (each group in
-    ``models`` order: list the model whose Poisson run matters least last)."""
-    ends = [c for c in concurrency if c in (min(concurrency), max(concurrency))]
+    ``models`` order: list the model whose Poisson run matters least last). ``whole_sweep``: one invocation per
+    model for every concurrency (AIPerf's start-up, about 50 s, is then paid once per model, not twice)."""
+    ends = [c for c in concurrency if whole_sweep or c in (min(concurrency), max(concurrency))]
     middle = [c for c in concurrency if c not in ends]
     out: list[tuple[str, Any]] = []
     for group in ([ends], [middle] if middle else [], [["poisson"]]):
@@ -286,6 +287,8 @@ def main() -> None:
     ap.add_argument("--poisson-rate", type=float, default=20.0)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--deadline", type=float, default=1e9, help="start no AIPerf run after this many seconds")
+    ap.add_argument("--whole-sweep", action="store_true", help="one AIPerf invocation per model for every "
+                    "concurrency (fewer start-ups; a deadline then cuts whole models)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if args.step == "prepare":
@@ -296,7 +299,8 @@ def main() -> None:
     run(args.work, args.out, args.aiperf.split(), args.aiperf_path, args.numpy_path,
         concurrency=[int(c) for c in args.concurrency.split(",")], input_tokens=args.input_tokens,
         output_tokens=args.output_tokens, duration_s=args.duration, poisson_rate=args.poisson_rate,
-        max_batch=args.max_batch, models=args.models.split(","), deadline_s=args.deadline)
+        max_batch=args.max_batch, models=args.models.split(","), deadline_s=args.deadline,
+        whole_sweep=args.whole_sweep)
 
 
 if __name__ == "__main__":
