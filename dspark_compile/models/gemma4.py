@@ -18,6 +18,8 @@ longer grows with the context.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +39,7 @@ from dspark_compile.models.layers import (
     apply_rope,
     gelu_tanh,
     load_hf_target,
+    write_rows,
 )
 
 NormKernel = Callable[..., torch.Tensor]
@@ -218,7 +221,7 @@ class Gemma4Layer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, cache_len: torch.Tensor,
         mask: torch.Tensor, *, positions: torch.Tensor | None = None, per_layer_input: torch.Tensor | None = None,
         cache: CacheWrite = FUNCTIONAL, attention: ReferenceAttention = REFERENCE,
-        ring: tuple[RingWindow, int] | None = None, normed: torch.Tensor | None = None,
+        ring: tuple[RingWindow | RingInPlace, int] | None = None, normed: torch.Tensor | None = None,
         next_norm: GemmaRMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """kv [2, B, KV, S, D] in the shared (padded) geometry; returns the output, the cache strategy's output
@@ -229,6 +232,21 @@ class Gemma4Layer(nn.Module):
         attn = self.self_attn
         kvh, dim = kv.shape[2], kv.shape[4]
         h = self.input_layernorm(x) if normed is None else normed
+        if ring is not None and isinstance(ring[0], RingInPlace):
+            assert positions is not None
+            window, kv = ring[0], ring[0].ring[ring[1]]
+            slots = positions % kv.shape[-2]
+            if self.qkv_kernel is not None and attn.qkv is not None:
+                q = self.qkv_kernel(attn.linear(h, attn.qkv), cos, sin, slots, attn.q_norm.weight,
+                                    attn.k_norm.weight, attn.q_norm.eps, attn.num_heads, attn.num_kv_heads, kv)
+            else:
+                q, k, v = attn.query_key_value(h, cos, sin)
+                write_rows(kv[0], k, slots)
+                write_rows(kv[1], v, slots)
+            mask = window.mask(positions, attention, attn.num_heads // attn.num_kv_heads, q.dtype)
+            x, normed = self.finish_and_norm(x, attention(q, kv[0], kv[1], mask, attn.scale), per_layer_input,
+                                             next_norm)
+            return x, None, normed
         if self.qkv_kernel is not None and attn.qkv is not None and cache.in_place and ring is None:
             assert positions is not None and isinstance(cache, InPlaceCache)
             q = self.qkv_kernel(attn.linear(h, attn.qkv), cos, sin, positions, attn.q_norm.weight,
@@ -360,6 +378,64 @@ def _chunk_visibility(positions: torch.Tensor, window: int) -> torch.Tensor:
     return ((u.view(1, t) <= u.view(t, 1)) & (u.view(1, t) > u.view(t, 1) - window)).expand(positions.shape[0], t, t)
 
 
+class RingInPlace:
+    """The CUDA-graph target's ring, for calls of T <= R - window + 1 = G + 1 rows (its rounds and steps): a call
+    writes its rows first, at slot p mod R, then attends over the ring alone, each slot masked by the position
+    it then holds (``top - ((top - s) mod R)``, top = the call's last position). R = W + G keeps every position
+    a query's window needs; rejected rows are stale and rewritten as in :class:`RingWindow`. One write, no
+    concatenated copy of the ring per layer, and the split-K kernel reads the ring in place."""
+
+    def __init__(self, ring: torch.Tensor, window: int) -> None:
+        self.ring = ring
+        self.window = window
+        self._masks: dict[int, torch.Tensor] = {}  # per group: every sliding layer shares one mask
+
+    @staticmethod
+    def fits(ring: torch.Tensor, window: int, t: int) -> bool:
+        return t <= ring.shape[-2] - window + 1
+
+    def mask(self, positions: torch.Tensor, attention: ReferenceAttention, group: int,
+             dtype: torch.dtype) -> torch.Tensor:
+        if group not in self._masks:
+            self._masks[group] = attention.prepare_ring(positions, self.ring.shape[-2], self.window, group, dtype)
+        return self._masks[group]
+
+
+@dataclass(frozen=True)
+class RingCache:
+    """A Gemma4 cache for in-place strategies (the CUDA-graph target): the global layers' ``full``
+    [Lg, 2, B, KV_g, S, D_g] and the sliding layers' ``ring`` [Ls, 2, B, KV_s, R, D_s], indexed, copied and
+    row-selected together (the batch is axis 2 of both). ``count`` [B]: the rows' real lengths in a
+    right-padded prefill, so that padding never reaches the ring (:func:`~dspark_compile.runtime.executor
+    .write_ring`)."""
+
+    full: torch.Tensor
+    ring: torch.Tensor
+    count: torch.Tensor | None = None
+
+    def __getitem__(self, index: Any) -> RingCache:
+        return RingCache(self.full[index], self.ring[index])
+
+    def __setitem__(self, index: Any, value: RingCache) -> None:
+        self.full[index] = value.full
+        self.ring[index] = value.ring
+
+    def copy_(self, other: RingCache) -> RingCache:
+        self.full.copy_(other.full)
+        self.ring.copy_(other.ring)
+        return self
+
+    def index_select(self, dim: int, index: torch.Tensor) -> RingCache:
+        return RingCache(self.full.index_select(dim, index), self.ring.index_select(dim, index))
+
+    def with_count(self, count: torch.Tensor) -> RingCache:
+        return RingCache(self.full, self.ring, count)
+
+    @property
+    def nbytes(self) -> int:
+        return self.full.nbytes + self.ring.nbytes
+
+
 class Gemma4Target(CausalTarget):
     """Gemma4ForCausalLM's text forward over a static cache: slot = absolute position (docs/PROGRAM.md)."""
 
@@ -403,17 +479,33 @@ class Gemma4Target(CausalTarget):
     def forward(
         self, input_ids: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor, *,
         cache: CacheWrite = FUNCTIONAL, attention: ReferenceAttention = REFERENCE,
-        ring: torch.Tensor | RingWindow | None = None,
+        ring: torch.Tensor | RingWindow | RingInPlace | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """As :meth:`Qwen3Target.forward`: (hidden after the final norm, taps, the cache strategy's output).
 
         ``ring`` (:meth:`new_ring`, or a :class:`RingWindow` over it; not with an in-place cache): the sliding
         layers keep just their window there, and ``kv_cache`` holds the global layers only, unpadded
         (:meth:`new_global_cache`); the cache output is then the global layers'. A bare tensor is written in
-        place; a ``RingWindow(write=False)`` records the sliding rows for the caller."""
-        assert ring is None or not cache.in_place
+        place; a ``RingWindow(write=False)`` records the sliding rows for the caller.
+        With an in-place cache, ``kv_cache`` may be a :class:`RingCache` (:meth:`new_static_cache`): a call of
+        at most G + 1 rows goes through :class:`RingInPlace`, a longer one (a prefill) records its sliding rows
+        and writes them with the rows' ``count`` afterwards."""
         c = self.cfg
         bsz, t = input_ids.shape
+        if isinstance(kv_cache, RingCache):
+            assert cache.in_place and ring is None
+            if RingInPlace.fits(kv_cache.ring, c.sliding_window, t):
+                ring = RingInPlace(kv_cache.ring, c.sliding_window)
+                return self.forward(input_ids, cache_len, kv_cache.full, cache=cache, attention=attention,
+                                    ring=ring)
+            from dspark_compile.runtime.executor import write_ring
+
+            record = RingWindow(kv_cache.ring, c.sliding_window, write=False)
+            out = self.forward(input_ids, cache_len, kv_cache.full, cache=cache, attention=attention, ring=record)
+            count = kv_cache.count if kv_cache.count is not None else torch.full_like(cache_len, t)
+            write_ring(kv_cache.ring, record.new_rows(), cache_len, count)
+            return out
+        assert ring is None or not cache.in_place or isinstance(ring, RingInPlace | RingWindow)
         positions = cache_len.view(bsz, 1) + torch.arange(t, device=input_ids.device).view(1, t)
         x = self.embed_tokens(input_ids)
         ple = self.per_layer_inputs(input_ids, x)
@@ -423,11 +515,14 @@ class Gemma4Target(CausalTarget):
             rotary = self.sliding_rotary if sliding else self.rotary
             kv_heads = c.sliding_kv_heads if sliding else c.global_kv_heads
             ropes[sliding] = rotary(positions, x.dtype)
+            if sliding and isinstance(ring, RingInPlace):
+                continue  # its mask is the ring's (RingInPlace.mask)
             visible = visibility(positions, slots, c.sliding_window if sliding else None)
             masks[sliding] = attention.prepare(visible, None, c.num_attention_heads // kv_heads, x.dtype)
         taps: dict[int, torch.Tensor] = {-1: x}
         outs = []
-        window = RingWindow(ring, c.sliding_window) if isinstance(ring, torch.Tensor) else ring
+        window: RingWindow | RingInPlace | None = (RingWindow(ring, c.sliding_window)
+                                                   if isinstance(ring, torch.Tensor) else ring)
         sliding_index = global_index = 0
         normed = None  # the next layer's input norm, when the fused kernels computed it with the residual add
         for i, layer in enumerate(self.layers):
@@ -441,7 +536,7 @@ class Gemma4Target(CausalTarget):
                 global_index += 1
             sliding_index += layer.sliding
             nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else None
-            x, out, normed = layer(x, *ropes[layer.sliding], kv, cache_len, masks[layer.sliding],
+            x, out, normed = layer(x, *ropes[layer.sliding], kv, cache_len, masks.get(layer.sliding),
                                    positions=positions, per_layer_input=None if ple is None else ple[:, :, i],
                                    cache=cache, attention=attention, ring=in_ring, normed=normed, next_norm=nxt)
             if in_ring is None:
@@ -467,6 +562,13 @@ class Gemma4Target(CausalTarget):
         w = self.embed_tokens.weight
         return torch.zeros(self.sliding_layers, 2, batch, c.sliding_kv_heads, self.ring_slots(block),
                            c.sliding_head_dim, dtype=w.dtype, device=w.device)
+
+    def new_static_cache(self, batch: int, slots: int, block: int) -> torch.Tensor | RingCache:
+        """The global layers' cache and the sliding layers' ring (:class:`RingCache`), or the padded cache
+        when no layer slides."""
+        if not self.sliding_layers:
+            return self.new_cache(batch, slots)
+        return RingCache(self.new_global_cache(batch, slots), self.new_ring(batch, block))
 
     def new_global_cache(self, batch: int, slots: int) -> torch.Tensor:
         """The global layers' cache beside a ring [global layers, 2, B, KV_global, slots, D_global], unpadded."""

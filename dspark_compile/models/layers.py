@@ -306,6 +306,17 @@ class ReferenceAttention:
         assert window is not None
         return (torch.arange(window, device=visible.device).view(1, 1, window) < visible.unsqueeze(-1)).unsqueeze(1)
 
+    def prepare_ring(self, positions: torch.Tensor, slots: int, window: int, group: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """A ring of ``slots`` slots just written with ``positions`` [B, T] (``models.gemma4.RingInPlace``):
+        slot s holds position top − ((top − s) mod slots), top = the row's last position; query (b, t) sees the
+        held positions in its sliding window."""
+        top = positions[:, -1:].unsqueeze(-1)
+        held = top - (top - torch.arange(slots, device=positions.device).view(1, 1, slots)) % slots
+        pos = positions.unsqueeze(-1)
+        visible = (held >= 0) & (held <= pos) & (held > pos - window)
+        return self.prepare(visible.unsqueeze(1), None, group, dtype)
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                  scale: float) -> torch.Tensor:
         return attend(q, k, v, mask, scale)
@@ -384,6 +395,11 @@ class CausalTarget(nn.Module):
         w = self.embed_tokens.weight
         return torch.zeros(c.num_hidden_layers, 2, batch, c.num_key_value_heads, slots, c.head_dim,
                            dtype=dtype or w.dtype, device=device or w.device)
+
+    def new_static_cache(self, batch: int, slots: int, block: int) -> Any:
+        """The cache an in-place strategy (the CUDA-graph target) writes, for verify blocks of up to G + 1 =
+        ``block`` + 1 rows: :meth:`new_cache` unless the family keeps some layers otherwise (Gemma4's ring)."""
+        return self.new_cache(batch, slots)
 
 
 def load_hf_target(cls: Callable[..., nn.Module], cfg: TargetConfig, get: Callable[[str], torch.Tensor],

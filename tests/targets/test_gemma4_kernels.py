@@ -1,10 +1,12 @@
 """Gemma4 on the CUDA-graph target's kernels, in the Triton interpreter (float32): the fused norm equals
 GemmaRMSNorm (with its residual add and layer scalar, or followed by RoPE), the GELU product and the add + two
 norms equal their torch ops; the split-K attention with a lower bound equals the reference over a sliding band,
-also for a 128-row verify block and a head dim of 80; and the golden gemma4 target's static step and verify
-block with all of them (norm kernel, fused q|k|v with q/k/v norms, RoPE and cache writes in one kernel, gate|up
-and its GELU product, "triton" attention with band masks) equal the module ops with the reference attention, and
-so does the draft's step (its norms, query RoPE, gate|up and GELU product through the kernels).
+also for a 128-row verify block and a head dim of 80, and over a ring (position bounds, wrapped slots); and the
+golden gemma4 target's static step and verify block with all of them (norm kernel, fused q|k|v with q/k/v norms,
+RoPE and cache writes in one kernel, gate|up and its GELU product, "triton" attention with band masks) equal the
+module ops with the reference attention, and so does the draft's step (its norms, query RoPE, gate|up and GELU
+product through the kernels), and the target's steps over a ring (``RingCache``: q|k|v written into it by the
+kernel).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     from dspark_compile.model_config import RopeConfig
-    from dspark_compile.models.gemma4 import GemmaRMSNorm, norm_rope, visibility
+    from dspark_compile.models.gemma4 import GemmaRMSNorm, RingCache, norm_rope, visibility
     from dspark_compile.models.layers import RotaryEmbedding, attend, gelu_tanh
     from dspark_compile.program import build_program
     from dspark_compile.targets.torch.gemma4_kernels import add_norm_norm, gemma_rmsnorm
@@ -92,6 +94,22 @@ SCRIPT = textwrap.dedent(
         out = decode_attention(q, kc, vc, mask[1].contiguous(), 1.0, low=mask[0].contiguous(), chunk=chunk)
         close("decode_attention low", out.transpose(1, 2).reshape(bsz, t, -1), ref)
 
+    # A ring of R slots (models.gemma4.RingInPlace): a full cache's positions (top - R, top] at slot p mod R.
+    r, full = 23, 80
+    kf, vf = torch.randn(bsz, kvh, full, dh), torch.randn(bsz, kvh, full, dh)
+    pos = torch.tensor([[5, 6, 7], [70, 71, 72]])  # row 0: fewer positions than slots; row 1: wrapped
+    kr, vr = torch.randn(bsz, kvh, r, dh), torch.randn(bsz, kvh, r, dh)  # what no query may see
+    for b in range(bsz):
+        for p in range(max(0, int(pos[b, -1]) - r + 1), int(pos[b, -1]) + 1):
+            kr[b, :, p % r], vr[b, :, p % r] = kf[b, :, p], vf[b, :, p]
+    ref = attend(q, kf, vf, visibility(pos, full, window), 1.0)
+    plain = ATTENTION["reference"]
+    close("ring attention, reference", plain(q, kr, vr, plain.prepare_ring(pos, r, window, hq // kvh, q.dtype), 1.0),
+          ref)
+    mask = tri.prepare_ring(pos, r, window, hq // kvh, q.dtype)
+    assert mask.dtype == torch.int64 and mask.shape == (3, bsz, t), mask
+    close("ring attention", tri(q, kr, vr, mask, 1.0), ref)
+
     golden = Path(sys.argv[1])
     ref, fus = (build_program(golden / "target", golden / "draft") for _ in range(2))
     _use_gemma4_kernels(fus.target, fus.draft)
@@ -122,6 +140,15 @@ SCRIPT = textwrap.dedent(
     # per step of 6 layers: 6 q|k|v kernels, 6 GELU products, 6 + 5 add-and-norms (the last layer has no next norm)
     counts = {name: calls.count(name) for name in set(calls)}
     assert counts == {"qkv_into_cache": 12, "gelu_tanh_mul": 12, "add_norm_norm": 22}, counts
+    # The same steps over a ring (the CUDA-graph target's RingCache): q|k|v written into it by the kernel.
+    for t in (1, 8):
+        ids = torch.randint(0, 256, (2, t)); cl = torch.tensor([3, 40])
+        c1 = RingCache(ref.target.new_global_cache(2, 64).normal_(), ref.target.new_ring(2, g).normal_())
+        c2 = RingCache(c1.full.clone(), c1.ring.clone())
+        (h1, t1), (h2, t2) = pr.target_step(ids, cl, c1, 64), pf.target_step(ids, cl, c2, 64)
+        close("ring hidden", h1, h2, 1e-4); close("ring taps", t1, t2, 1e-4)
+        close("ring", c1.ring, c2.ring, 1e-4); close("ring global cache", c1.full, c2.full, 1e-4)
+    assert calls.count("qkv_into_cache") == 24, calls
     print("gemma4 kernels ok")
     """
 )

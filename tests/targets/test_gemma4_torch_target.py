@@ -69,6 +69,36 @@ def test_random_gemma4_shapes() -> None:
     assert [r.tokens for r in spec] == [r.tokens for r in base]
 
 
+def _greedy_without_cache(target: Any, prompt: list[int], n: int) -> list[int]:
+    """Cache-free greedy decoding: the whole sequence through the functional forward at every step."""
+    ids = list(prompt)
+    for _ in range(n):
+        x = torch.tensor([ids])
+        hidden, _, _ = target(x, torch.zeros(1, dtype=torch.int64), target.new_cache(1, len(ids)))
+        ids.append(int(target.logits(hidden)[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_sliding_layers_keep_a_ring_in_the_static_cache() -> None:
+    """The CUDA-graph target keeps each sliding layer's window + G slots (models.gemma4.RingCache), not the
+    context: right-padded prompts longer than the ring, then verify blocks whose drafts are partly rejected,
+    decode exactly what cache-free greedy decoding gives."""
+    target, draft = random_pair(GEMMA4_SMOKE, device="cpu", dtype=torch.float32, std=0.15)
+    be = CudaGraphBackend(target, draft)
+    prompts = [list(range(3, 60)), [5, 9, 17, 33, 2] * 4, list(range(100, 141))]  # 57, 20, 41 > R = 32 + 7
+    spec = _decode(be, prompts)
+    cfg, g = target.cfg, draft.block_size
+    kv = be._kv
+    assert kv.ring.shape == (target.sliding_layers, 2, kv.full.shape[2], cfg.sliding_kv_heads,
+                             cfg.sliding_window + g, cfg.sliding_head_dim)
+    assert kv.full.shape[0] == cfg.num_hidden_layers - target.sliding_layers  # only the global layers' slots
+    assert kv.nbytes < target.new_cache(kv.full.shape[2], kv.full.shape[4]).nbytes / 2
+    accepted = [r["accepted"] for res in spec for r in res.rounds]
+    assert accepted and max(accepted) < g + 1  # every verify block left rejected (stale) rows in the ring
+    for res, prompt in zip(spec, prompts, strict=True):
+        assert res.tokens == _greedy_without_cache(target, prompt, len(res.tokens))
+
+
 def test_cli_bench_random_gemma4_shape(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from dspark_compile.cli import main
 

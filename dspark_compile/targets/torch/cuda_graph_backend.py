@@ -235,7 +235,7 @@ class CudaGraphBackend:
         if self.info.vocab_size > 1 << 24:
             raise ValueError(f"vocab_size {self.info.vocab_size} > 2^24: round outputs pack ids in float32")
         self._pool = _GraphPool(self.graphs)
-        self._kv: torch.Tensor | None = None
+        self._kv: Any = None  # the target's new_static_cache: a tensor, or Gemma4's RingCache (its ring)
         self._draft_kv: torch.Tensor | None = None
         self._alloc = (0, 0)  # (rows, slots) of the allocated caches
         self._steps: dict[tuple[Any, ...], _Step] = {}
@@ -306,7 +306,7 @@ class CudaGraphBackend:
             self._kv = self._draft_kv = None
             self._state = None
             self._states = {}
-            self._kv = self.target_model.new_cache(*alloc)
+            self._kv = self.target_model.new_static_cache(*alloc, self.info.block_size)
             if self.draft_model is not None:
                 self._draft_kv = self.draft_model.new_cache(*alloc)
             self._alloc = alloc
@@ -412,7 +412,10 @@ class CudaGraphBackend:
         zero = torch.zeros(k, dtype=torch.int64, device=dev)
         u = counter_uniforms(seed, zero, uniforms_per_call(g))
         window = self._window(t + g + 1)
-        hidden, taps = self.program.target_step(ids, zero, self._kv[:, :, rows], window)
+        kv = self._kv[:, :, rows]
+        if hasattr(kv, "with_count"):  # a ring takes only each prompt's real rows (models.gemma4.RingCache)
+            kv = kv.with_count(lens)
+        hidden, taps = self.program.target_step(ids, zero, kv, window)
         last = hidden[torch.arange(k, device=dev), lens - 1]
         logits = self.target_model.lm_head(last)[:, None]  # [k, 1, V]: SpecVerify with no drafts draws it
         sampling = bool((temp > 0).any())

@@ -190,9 +190,9 @@ def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, part_o, part_m, part_l, T, GROUP, KVH, W, CHUNK, SPLITS,
-                       c_sb, c_sh, c_ss, scale, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, HAS_LOW: tl.constexpr):
+def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, part_o, part_m, part_l, T, GROUP, KVH, W,
+                       CHUNK, SPLITS, c_sb, c_sh, c_ss, scale, D: tl.constexpr, DP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOW: tl.constexpr, RING: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // KVH
@@ -212,7 +212,10 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, part_o, part_m, 
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, W)
-    if HAS_LOW:  # skip the tiles below every row's window (a sliding layer reads ~its window, not the cache)
+    top = 0
+    if RING:  # a ring of W slots: slot s holds position top - ((top - s) mod W)
+        top = tl.load(top_ptr + b * T)
+    if HAS_LOW and not RING:  # skip the tiles below every row's window (a sliding layer reads ~its window)
         first = tl.min(tl.where(rmask, low, W), axis=0)
         start = tl.maximum(start, first // BLOCK_N * BLOCK_N)  # tiles stay on the BLOCK_N grid: the same bits
     base = b * c_sb + kvh * c_sh
@@ -222,7 +225,11 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, part_o, part_m, 
         offs = base + cols[:, None] * c_ss + d[None, :]
         k = tl.load(k_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        vis = (cols[None, :] < lim[:, None]) & (cols[None, :] >= low[:, None]) & kmask[None, :]
+        held = cols
+        if RING:
+            held = top - (top - cols + W) % W
+            kmask = kmask & (held >= 0)
+        vis = (held[None, :] < lim[:, None]) & (held[None, :] >= low[:, None]) & kmask[None, :]
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
@@ -273,7 +280,8 @@ def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> i
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: torch.Tensor, scale: float, *,
-                     chunk: int | None = None, low: torch.Tensor | None = None) -> torch.Tensor:
+                     chunk: int | None = None, low: torch.Tensor | None = None,
+                     ring_top: torch.Tensor | None = None) -> torch.Tensor:
     """Split-K ("flash decoding") attention for a few query rows per request.
 
     q [B, Hq, T, D] contiguous; k/v [B, KV, W, D] cache windows (last axis contiguous, same strides); query
@@ -284,6 +292,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     elements (Gemma4's 512-wide global heads: the 16 × 8 rows of a verify block run as eight 16-row blocks, the
     tile a 16-row target-only step uses). Any head dim: lanes are padded to a power of two. Given ``low``, a
     program skips the key tiles below all its rows' windows (exact: a fully masked tile adds nothing).
+    ``ring_top`` [B, T] (each row's value at t = 0 is read): k/v are a ring of W slots whose slot s holds position
+    ``top - ((top - s) mod W)`` (negative: empty), and ``limit``/``low`` bound positions instead of slots
+    (Gemma4's sliding layers in the CUDA-graph target: ``models.gemma4.RingWindow``); no tile is skipped.
     Returns [B, Hq, T, D] in q's dtype. Scores and sums in float32.
     """
     bsz, hq, t, dh = q.shape
@@ -292,6 +303,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     mq = group * t
     assert q.is_contiguous() and k.stride() == v.stride() and k.stride(-1) == 1 and limit.is_contiguous()
     assert low is None or (low.shape == limit.shape and low.is_contiguous())
+    assert ring_top is None or (ring_top.shape == limit.shape and ring_top.is_contiguous())
     if chunk is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
         chunk = split_chunk(bsz * kvh, sms)
@@ -306,9 +318,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
         block_m = 16
     block_n = min(64, chunk, 8192 // dp)  # key/value tiles of 16 KiB: head dims 256/512 (Gemma4) fit shared memory
     grid = (bsz * kvh, splits, triton.cdiv(mq, block_m))
-    _attn_split_kernel[grid](q, k, v, limit, low if low is not None else limit, part_o, part_m, part_l,
+    _attn_split_kernel[grid](q, k, v, limit, low if low is not None else limit,
+                             ring_top if ring_top is not None else limit, part_o, part_m, part_l,
                              t, group, kvh, window, chunk, splits, sb, sh, ss, scale, D=dh, DP=dp,
-                             BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOW=low is not None, num_warps=4)
+                             BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOW=low is not None, RING=ring_top is not None,
+                             num_warps=4)
     out = torch.empty_like(q)
     _attn_combine_kernel[(bsz * kvh * mq,)](part_o, part_m, part_l, out, mq, splits, D=dh, DP=dp,
                                             BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=1)

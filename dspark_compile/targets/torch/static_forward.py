@@ -12,7 +12,8 @@ matrix product instead of three), the products through the decode GEMM of :mod:`
 :mod:`.kernels` for the elementwise work, with the residual add carried into the next layer's norm kernel.
 Gemma4 (``fused=False``) keeps its module forward on CUDA with its own seams filled in: one Triton kernel per
 norm (:mod:`.gemma4_kernels`), q|k|v and gate|up fused (``Gemma4Layer.fuse``, bf16/fp32 weights) and through the
-decode GEMM (``Gemma4Layer.linear``), and its band masks (sliding windows) through the split-K attention.
+decode GEMM (``Gemma4Layer.linear``), and its sliding layers' ring (``models.gemma4.RingCache``) through the split-K
+attention's ring mode.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ class TritonAttention(SdpaAttention):
         low = rows.to(torch.int32).argmax(-1)  # the first visible slot
         return torch.stack((low, low + rows.sum(-1)))
 
+    def prepare_ring(self, positions: torch.Tensor, slots: int, window: int, group: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """A ring's visibility (ReferenceAttention.prepare_ring) for the split-K kernel: position bounds
+        [low, limit) and the row's last position, [3, B, T]."""
+        t = positions.shape[1]
+        if group * t > TRITON_ATTENTION_ROWS and t > TRITON_ATTENTION_T:
+            return super().prepare_ring(positions, slots, window, group, dtype)
+        return torch.stack((positions - window + 1, positions + 1, positions[:, -1:].expand_as(positions)))
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                  scale: float) -> torch.Tensor:
         if mask.dtype != torch.int64:
@@ -63,7 +73,9 @@ class TritonAttention(SdpaAttention):
 
         bsz, hq, t, d = q.shape
         low, limit = (mask[0], mask[1]) if mask.dim() == 3 else (None, mask)
-        out = decode_attention(q.contiguous(), k, v, limit, scale, low=low)
+        top = mask[2].contiguous() if mask.dim() == 3 and mask.shape[0] == 3 else None
+        out = decode_attention(q.contiguous(), k, v, limit.contiguous(), scale,
+                               low=None if low is None else low.contiguous(), ring_top=top)
         return out.transpose(1, 2).reshape(bsz, t, hq * d)
 
 
