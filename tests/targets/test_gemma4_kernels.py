@@ -159,3 +159,29 @@ def test_gemma4_kernels_match_module_ops_in_interpreter(golden_dir: Path, triton
     proc = triton_interpreter(SCRIPT, golden_dir / "dspark_tiny_gemma4", 600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gemma4 kernels ok" in proc.stdout
+
+
+@pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
+@pytest.mark.parametrize("ring", [False, True])
+def test_split_attention_compiles_for_hopper_with_and_without_the_ring(ring: bool) -> None:
+    """The split-K attention as a 12B sliding layer launches it (head dim 256, 16-row blocks), compiled for
+    sm_90 on the CPU: the ring mode (position arithmetic, no tile skipping) lowers as the band mode does."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dspark_compile.targets.torch.kernels import _attn_split_kernel
+
+    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "limit_ptr": "*i64", "low_ptr": "*i64",
+           "top_ptr": "*i64", "part_o": "*fp32", "part_m": "*fp32", "part_l": "*fp32", "T": "i32", "GROUP": "i32",
+           "KVH": "i32", "W": "i32", "CHUNK": "i32", "SPLITS": "i32", "c_sb": "i32", "c_sh": "i32", "c_ss": "i32",
+           "scale": "fp32"}
+    consts = {"D": 256, "DP": 256, "BLOCK_M": 16, "BLOCK_N": 32, "HAS_LOW": True, "RING": ring}
+    src = ASTSource(_attn_split_kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts)
+    try:
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except RuntimeError as exc:  # no ptxas in this Triton build
+        pytest.skip(reason=f"Triton cannot compile for sm_90 here: {exc}")
+    ptx = kernel.asm["ptx"]
+    assert ".target sm_90" in ptx and "mma" in ptx
+    assert ("arith.remsi %" in kernel.asm["ttir"].split("scf.for")[1]) == ring  # slot -> position, per key tile
