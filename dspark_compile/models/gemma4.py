@@ -500,6 +500,10 @@ class Gemma4Target(CausalTarget):
                                     ring=ring)
             from dspark_compile.runtime.executor import write_ring
 
+            # A prefill (admit: cache_len 0, the ring holds nothing yet), so the mask over [ring | rows] is a
+            # band, which is what the split-K attention's bounds express.
+            capturing = cache_len.is_cuda and torch.cuda.is_current_stream_capturing()
+            assert capturing or not bool(cache_len.any()), "a ring prefill starts at position 0"
             record = RingWindow(kv_cache.ring, c.sliding_window, write=False)
             out = self.forward(input_ids, cache_len, kv_cache.full, cache=cache, attention=attention, ring=record)
             count = kv_cache.count if kv_cache.count is not None else torch.full_like(cache_len, t)
