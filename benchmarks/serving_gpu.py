@@ -3,11 +3,13 @@
     python benchmarks/serving_gpu.py prepare --work WORK [--shape qwen3_8b] [--forced-replay]  # needs tritonclient
     python benchmarks/serving_gpu.py run --work WORK --aiperf "python3 -m aiperf" --out OUT [--numpy-path DIR]
 
-``prepare`` writes WORK/build (``bench_pair.json``: a random-weight pair of the shape, drafts replayed with the
-survival profile ``b``, τ = 4.81, and a word-level tokenizer over its vocabulary) and WORK/triton, three
-``dspark`` orchestrators over that build in ``factory`` mode (``serving.replay.replayed_random``: CUDA graphs in
-bf16 on a GPU, eager fp32 on a CPU): ``dspark_sched`` (confidence scheduler on the SPS profile measured by
-``run``), ``dspark_fixed`` (every draft verified) and ``dspark_target`` (target-only decoding, no draft).
+``prepare`` writes WORK/build (``bench_pair.json``: a random-weight pair of the shape, decisive by default —
+its tokens survive a batch's last-bit differences, so replayed acceptance holds at 64 streams — with drafts
+replayed with the survival profile ``b``, τ = 4.81, and a word-level tokenizer over its vocabulary) and
+WORK/triton, three ``dspark`` orchestrators over that build in ``factory`` mode
+(``serving.replay.replayed_random``: CUDA graphs in bf16 on a GPU, eager fp32 on a CPU): ``dspark_sched``
+(confidence scheduler on the SPS profile measured by ``run``), ``dspark_fixed`` (every draft verified) and
+``dspark_target`` (target-only decoding, no draft).
 
 ``run`` measures, in one process and one server: the SPS profile of the verify step; ``dspark-compile bench``'s
 end-to-end figure for the same pair at batch 1 (``rounds_bench``, replay ``b``); then starts tritonserver on
@@ -15,22 +17,22 @@ WORK/triton, checks losslessness (each mode's text for the same prompts equals t
 against each model at each concurrency and with Poisson arrivals. Writes OUT/serving_gpu.json (+ .png) as it goes.
 The python-backend stub puts ``--numpy-path`` (numpy < 2 for that stub) first on its path.
 
-On the device machine (Python 3.12, no network) everything travels in one carried folder of about 52 MB: the
-pytriton wheel repacked without the other Pythons' stubs and libpython3.13 (27 MB as .tar.xz), numpy 1.26.4 for
-cp312 (9 MB) and AIPerf 0.13 with 41 packages (12 MB: the distributions whose modules an AIPerf 0.13 run here
-imported, less those the device has, e.g. transformers, tokenizers, numpy; shared objects stripped), and WORK
-written here by ``prepare`` (the device has no tritonclient), all unpacked with ``tar xJf``:
+On the device machine (Python 3.12, no network) everything travels in one carried folder of about 46 MB,
+``.dev-serving`` (``benchmarks/serving_bundle.sh`` builds it from PyPI: the pytriton wheel without the other
+Pythons' stubs, numpy 1.26.4 and AIPerf 0.13 with the packages the device lacks), plus WORK written here by
+``prepare`` (the device has no tritonclient), from the repository root:
 
     cd .dev-serving && for t in pytriton312:pt site_np:np site_ap:ap; do mkdir -p /tmp/${t#*:};
-      tar xJf wheels/${t%:*}.tar.xz -C /tmp/${t#*:}; done &&
-    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/pt python3 benchmarks/serving_gpu.py run --work gpu_work --out $OUT \
-      --aiperf "python3 -m aiperf" --aiperf-path /tmp/ap --numpy-path /tmp/np \
-      --models dspark_sched,dspark_target,dspark_fixed --duration 4 --deadline 420
+      tar xJf wheels/${t%:*}.tar.xz -C /tmp/${t#*:}; done && cd .. &&
+    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/pt python3 benchmarks/serving_gpu.py run --work .dev-serving/gpu_work \
+      --out $OUT --aiperf "python3 -m aiperf" --aiperf-path /tmp/ap --numpy-path /tmp/np \
+      --models dspark_sched,dspark_target,dspark_fixed --duration 4 --deadline 490 --whole-sweep
 
-One AIPerf invocation covers a list of concurrencies (c1 and c64, then c4 and c16), and cost about 50 s on the
-H200 in earlier calls whatever the duration (its start-up); 9 invocations + profile, bench, server start and
-warm-ups are about 560 s, so with ``--deadline 420`` in a 570 s call the last one dropped is fixed γ's Poisson
-run (recorded under ``skipped``).
+One AIPerf invocation covers a list of concurrencies and cost about 50 s on the H200 in earlier calls whatever
+the duration (its start-up). By default the sweep's ends (c1, c64) and its middle (c4, c16) are two invocations
+per model, 9 with the Poisson runs (about 560 s with profile, bench, server start and warm-ups); ``--whole-sweep``
+makes the sweep one invocation per model, so all of it fits one 600 s device call. What the deadline cuts is
+recorded under ``skipped``.
 """
 
 from __future__ import annotations
