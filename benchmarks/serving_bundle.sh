@@ -41,7 +41,7 @@ uvloop==0.23.0"
 python3 -m pip install -q --no-deps --no-compile --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --target "$tmp/ap" $AP
-rm -rf "$tmp/ap/bin"
+rm -rf "$tmp/ap/bin" "$tmp"/ap/{psutil,crick,zmq,future}/tests
 find "$tmp/ap" -name __pycache__ -type d -exec rm -rf {} +
 find "$tmp/ap" -name '*.so*' -exec strip --strip-unneeded {} + 2>/dev/null || true
 (cd "$tmp/ap" && XZ_OPT=-9 tar cJf - .) > "$DEST/wheels/site_ap.tar.xz"
