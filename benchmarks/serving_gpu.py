@@ -44,6 +44,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -298,6 +299,8 @@ def main() -> None:
         return
     if args.out is None:
         ap.error("run needs --out")
+    # `timeout` sends SIGTERM: unwind, so the server and its GPU stubs stop with us (they outlived a cut run once)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run(args.work, args.out, args.aiperf.split(), args.aiperf_path, args.numpy_path,
         concurrency=[int(c) for c in args.concurrency.split(",")], input_tokens=args.input_tokens,
         output_tokens=args.output_tokens, duration_s=args.duration, poisson_rate=args.poisson_rate,
