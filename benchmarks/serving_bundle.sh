@@ -23,6 +23,8 @@ pip_dl nvidia-pytriton==0.7.0
 mkdir -p "$tmp/pt" && unzip -q "$tmp"/dl/nvidia_pytriton-*.whl -d "$tmp/pt"
 find "$tmp/pt" -path '*python_backend_stubs/3.*' -maxdepth 5 -type d ! -name 3.12 -exec rm -rf {} +
 rm -f "$tmp"/pt/nvidia_pytriton.libs/libpython3-*.13.so*
+chmod -R a+x "$tmp/pt/pytriton/tritonserver/bin"  # a wheel need not keep exec bits (a bundle without them failed)
+find "$tmp/pt" -name '*_backend_stub' -exec chmod a+x {} +
 (cd "$tmp/pt" && XZ_OPT=-9 tar cJf - .) > "$DEST/wheels/pytriton312.tar.xz"
 
 pip_dl numpy==1.26.4
