@@ -1,6 +1,6 @@
 """Serving benchmark of the device-resident torch backend under the bundled tritonserver, driven by AIPerf.
 
-    python benchmarks/serving_gpu.py prepare --work WORK [--shape qwen3_8b] [--forced-replay]  # needs tritonclient
+    python benchmarks/serving_gpu.py prepare --work WORK [--shape qwen3_8b] [--narrow-rounds]  # needs tritonclient
     python benchmarks/serving_gpu.py run --work WORK --aiperf "python3 -m aiperf" --out OUT [--numpy-path DIR]
 
 ``prepare`` writes WORK/build (``bench_pair.json``: a random-weight pair of the shape, decisive by default —
@@ -68,13 +68,14 @@ FACTORY = "dspark_compile.serving.replay:replayed_random"
 PYTHON_PATH = "@PYTHON_PATH@"
 
 
-def prepare(work: Path, shape: str, max_batch: int, max_slots: int, forced: bool = False) -> None:
+def prepare(work: Path, shape: str, max_batch: int, max_slots: int, forced: bool = False,
+            narrow: bool = False) -> None:
     from dspark_compile.serving.replay import PairSpec
     from dspark_compile.targets.triton import pbtxt
 
     build, repo = work / "build", work / "triton"
     shutil.rmtree(work, ignore_errors=True)
-    PairSpec(shape=shape, replay="b", max_slots=max_slots, forced=forced).write(build)
+    PairSpec(shape=shape, replay="b", max_slots=max_slots, forced=forced, narrow_rounds=narrow).write(build)
     for name, opts in MODELS.items():
         model = repo / name
         (model / "1").mkdir(parents=True)
@@ -279,6 +280,9 @@ def main() -> None:
     ap.add_argument("--forced-replay", action="store_true",
                     help="prepare: timing-only replay (every round accepts the replayed prefix; see "
                          "CudaGraphBackend.set_replay); the lossless check then compares with the reference")
+    ap.add_argument("--narrow-rounds", action="store_true",
+                    help="prepare: rounds verify as many positions as their longest ℓ needs (the scheduled model "
+                         "then trades drafts for time at high batch; CudaGraphBackend narrow_rounds)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--aiperf", default="aiperf", help="the aiperf command (split at spaces)")
     ap.add_argument("--aiperf-path", help="PYTHONPATH for AIPerf (its wheels unpacked)")
@@ -295,7 +299,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if args.step == "prepare":
-        prepare(args.work, args.shape, args.max_batch, args.max_slots, args.forced_replay)
+        prepare(args.work, args.shape, args.max_batch, args.max_slots, args.forced_replay, args.narrow_rounds)
         return
     if args.out is None:
         ap.error("run needs --out")

@@ -105,9 +105,11 @@ class VerifyPolicy:
             logits = logits / np.asarray(self.temperatures[: logits.shape[1]], dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-logits))
 
-    def lengths(self, confidence_logits: np.ndarray, block: int, *, whole_block: bool = False) -> np.ndarray:
+    def lengths(self, confidence_logits: np.ndarray, block: int, *, whole_block: bool = False,
+                widest: bool = False) -> np.ndarray:
         """ℓ per row. ``whole_block``: the backend's round verifies all G+1 positions of every row whatever ℓ
-        is (``DecodeBackend.verifies_whole_block``), so the scheduler's cost term is that fixed width."""
+        is (``DecodeBackend.verifies_whole_block``), so the scheduler's cost term is that fixed width;
+        ``widest``: as many positions as the longest ℓ needs (``verifies_widest``, scheduler.round_width)."""
         rows = confidence_logits.shape[0]
         if self.kind == "fixed":
             return np.full(rows, block, dtype=np.int64)
@@ -120,7 +122,8 @@ class VerifyPolicy:
 
         fn = schedule_smoothed if self.smoothed else schedule
         width = rows * (block + 1) if whole_block else None
-        return np.asarray(fn(probs, self._curve, verify_width=width), dtype=np.int64)
+        return np.asarray(fn(probs, self._curve, verify_width=width, widest=block if widest and not whole_block
+                             else None), dtype=np.int64)
 
     @cached_property
     def _curve(self) -> Any:

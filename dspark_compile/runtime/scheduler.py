@@ -118,12 +118,40 @@ def _admission_order(rows: list[np.ndarray] | np.ndarray) -> tuple[np.ndarray, n
     return request[order].astype(np.int64), position[order].astype(np.int64), survival[order]
 
 
+def round_width(longest: int | np.ndarray, block: int) -> int | np.ndarray:
+    """The positions a narrow round verifies per row (CudaGraphBackend's ``narrow_rounds``): the longest ℓ + 1,
+    rounded up to a power of two (few graphs), at most G + 1."""
+    need = np.asarray(longest) + 1
+    width = np.minimum(block + 1, 2 ** np.ceil(np.log2(need)).astype(np.int64))
+    return int(width) if width.ndim == 0 else width
+
+
 def _throughput(n_requests: int, survival: np.ndarray, curve: SpsCurve, verify_width: int | None) -> np.ndarray:
     """Θ after admitting the first m candidates, m = 0..N: (R + Σ_{≤m} a)·SPS(B), B = R + m tokens, or the
     ``verify_width`` tokens a backend computes whatever ℓ is."""
     tau = n_requests + np.concatenate([[0.0], np.cumsum(survival)])
     batch = n_requests + np.arange(len(survival) + 1) if verify_width is None else verify_width
     return tau * curve(batch)
+
+
+def _widest_lengths(rows: list[np.ndarray] | np.ndarray, curve: SpsCurve, block: int) -> list[int]:
+    """A round that verifies R rows of w positions (:func:`round_width`): once w is paid for, every draft
+    below it is free, so each row takes min(w − 1, γ_r); w is the width with the highest (R + Σ survival)·SPS(R·w)."""
+    n = len(rows)
+    if isinstance(rows, np.ndarray):  # [R, G]: the serving hot path, one cumulative product
+        total = np.concatenate([[0.0], np.cumprod(rows, axis=1).sum(axis=0).cumsum()])
+    else:
+        total = np.zeros(block + 1)
+        for c in rows:
+            part = np.cumsum(np.cumprod(c[:block]))
+            total[1 : len(part) + 1] += part
+            total[len(part) + 1 :] += part[-1] if len(part) else 0.0
+    best, best_theta = 1, -1.0
+    for width in sorted({round_width(ell, block) for ell in range(block + 1)}):
+        theta = (n + float(total[min(width - 1, block)])) * float(curve(n * width))
+        if theta > best_theta * (1.0 + _TIE_RTOL):
+            best, best_theta = width, theta
+    return [min(best - 1, len(c)) for c in rows]
 
 
 def _lengths(n_requests: int, request: np.ndarray, position: np.ndarray, admitted: int) -> list[int]:
@@ -135,7 +163,7 @@ def _lengths(n_requests: int, request: np.ndarray, position: np.ndarray, admitte
 
 
 def schedule(confidences: Sequence[Sequence[float]] | np.ndarray, sps: Mapping[int, float] | SpsCurve, *,
-             verify_width: int | None = None) -> list[int]:
+             verify_width: int | None = None, widest: int | None = None) -> list[int]:
     """Verify lengths ℓ_r by the paper's Algorithm 1 (confidence-scheduled verification).
 
     ``confidences[r]`` holds request r's calibrated per-position acceptance probabilities c_{r,1..γ_r}
@@ -148,8 +176,12 @@ def schedule(confidences: Sequence[Sequence[float]] | np.ndarray, sps: Mapping[i
     ``verify_width``: the tokens the backend's verify step computes whatever ℓ is (the CUDA-graph round runs
     every row's whole block, R·(G+1)). Then a round costs the same for every ℓ, so every admission with a
     survival above 0 raises Θ: shortening ℓ would only discard expected tokens, never save time.
+    ``widest`` (= G): the round verifies R rows of :func:`round_width` (its longest ℓ) positions
+    (:func:`_widest_lengths`).
     """
     rows = _probabilities(confidences)
+    if widest is not None and verify_width is None:
+        return _widest_lengths(rows, SpsCurve.from_mapping(sps), widest)
     request, position, survival = _admission_order(rows)
     theta = _throughput(len(rows), survival, SpsCurve.from_mapping(sps), verify_width)
     improves = theta[1:] > theta[:-1] * (1.0 + _TIE_RTOL)
@@ -163,6 +195,7 @@ def schedule_smoothed(
     *,
     lookahead: int = 64,
     verify_width: int | None = None,
+    widest: int | None = None,
 ) -> list[int]:
     """Algorithm 1 with a bounded look-ahead, for measured SPS curves with steps.
 
@@ -175,11 +208,13 @@ def schedule_smoothed(
     GEMM kernels) and, since larger batches are reached with real drafts rather than padding, also handles
     curves that are locally faster at a larger B. ``lookahead=1`` is exactly :func:`schedule`. The choice is
     still a prefix of the survival order computed from this round's confidences only (non-anticipating).
-    ``verify_width`` as in :func:`schedule`.
+    ``verify_width`` and ``widest`` as in :func:`schedule`.
     """
     if lookahead < 1:
         raise UsageError(f"schedule_smoothed: lookahead must be ≥ 1 token, found {lookahead}")
     rows = _probabilities(confidences)
+    if widest is not None and verify_width is None:
+        return _widest_lengths(rows, SpsCurve.from_mapping(sps), widest)
     request, position, survival = _admission_order(rows)
     theta = _throughput(len(rows), survival, SpsCurve.from_mapping(sps), verify_width)
     admitted = 0

@@ -131,7 +131,8 @@ class ContinuousBatcher:
         pending = self._pending
         g = pending.drafts.shape[1]
         whole = bool(getattr(self.backend, "verifies_whole_block", False))
-        verify_len = (self.policy.lengths(pending.confidence_logits, g, whole_block=whole) if g
+        widest = bool(getattr(self.backend, "verifies_widest", False))
+        verify_len = (self.policy.lengths(pending.confidence_logits, g, whole_block=whole, widest=widest) if g
                       else np.zeros(len(self.live), dtype=np.int64))
         launch = getattr(self.backend, "launch", None)
         if launch is None:

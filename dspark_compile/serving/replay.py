@@ -55,6 +55,7 @@ class PairSpec:
     max_slots: int = 512
     forced: bool = False  # timing only: every round accepts the replayed prefix (CudaGraphBackend.set_replay)
     decisive: bool = True  # bench.random_pair: tokens that survive a batch's last-bit differences
+    narrow_rounds: bool = False  # CudaGraphBackend(narrow_rounds=...): rounds as wide as their longest ℓ
 
     @classmethod
     def read(cls, build_dir: Path) -> PairSpec:
@@ -90,7 +91,7 @@ def replayed_random(build_dir: Path) -> ReplayedBackend:
     target, draft = random_pair(spec.pair_shape(), device="cuda" if cuda else "cpu",
                                 dtype=torch.bfloat16 if cuda else torch.float32, seed=spec.seed,
                                 decisive=spec.decisive)
-    main = CudaGraphBackend(target, draft)
+    main = CudaGraphBackend(target, draft, narrow_rounds=spec.narrow_rounds)
     side = CudaGraphBackend(target, draft)  # target-only continuations, its own caches and graphs
     profile = np.array(conditional_profile(survival_profile(spec.replay, main.info.block_size)), dtype=np.float32)
     return ReplayedBackend(main, side, profile, spec.max_slots, forced=spec.forced)
@@ -105,6 +106,7 @@ class ReplayedBackend:
         self.inner, self.side, self.profile, self.forced = inner, side, profile, forced
         self.info = replace(inner.info, max_slots=max_slots)
         self.verifies_whole_block = inner.verifies_whole_block
+        self.verifies_widest = inner.verifies_widest
         self.references: dict[tuple[int, ...], np.ndarray] = {}
         self._width = 0
         self._speculative = True

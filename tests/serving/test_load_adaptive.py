@@ -16,7 +16,7 @@ import pytest
 
 from dspark_compile.examples import trained_tiny_pair
 from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate
-from dspark_compile.runtime.scheduler import schedule
+from dspark_compile.runtime.scheduler import round_width, schedule
 from dspark_compile.serving.batcher import ContinuousBatcher
 
 G = 7
@@ -66,6 +66,39 @@ def test_whole_block_widths_make_every_draft_worth_verifying() -> None:
     assert schedule(conf, EXPENSIVE) == [0] * 8
     assert schedule(conf, EXPENSIVE, verify_width=8 * (G + 1)) == [G] * 8
     assert schedule([[0.9, 0.0, 0.5]], EXPENSIVE, verify_width=4) == [1]  # survival 0: nothing to gain
+
+
+def test_narrow_rounds_take_the_width_the_curve_pays_for() -> None:
+    """A round of R rows × round_width(max ℓ) positions (CudaGraphBackend's ``narrow_rounds``): once a width is
+    paid for, every draft below it is free. Flat up to 256 tokens, then compute-bound: 64 rows verify 3 drafts
+    each (width 4), one row all G; an expensive curve none; a row takes at most what it drafted."""
+    knee = {b: 100.0 if b <= 256 else 25600.0 / b for b in range(1, 64 * (G + 1) + 1)}
+    conf = np.random.default_rng(2).uniform(0.6, 0.99, size=(64, G))
+    assert schedule(conf, knee, widest=G) == [3] * 64
+    assert schedule(conf.tolist(), knee, widest=G) == [3] * 64
+    assert schedule(conf[:1], knee, widest=G) == [G]
+    assert schedule(conf[:8], EXPENSIVE, widest=G) == [0] * 8
+    assert schedule([[0.9] * G, [0.9, 0.9], []], FLAT, widest=G) == [G, 2, 0]
+    assert [round_width(ell, G) for ell in range(G + 1)] == [1, 2, 4, 4, 8, 8, 8, 8]
+
+
+class _Widest(_CostGrowsWithL):
+    """The same backend declaring narrow rounds (cost R · round_width(max ℓ))."""
+
+    verifies_widest = True
+
+
+def test_batcher_narrow_rounds_follow_the_width_and_stay_lossless(backend: Any, drive: Any) -> None:
+    knee = {b: 100.0 if b <= 8 else 800.0 / b for b in range(1, MAX_TOKENS + 1)}  # R·width <= 8 pays
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(1, 500, size=int(rng.integers(4, 16))).tolist() for _ in range(6)]
+    batcher = ContinuousBatcher(_Widest(backend), rows=4, slots=128, policy=VerifyPolicy("schedule", sps=knee))
+    jobs = drive(batcher, prompts, 20)
+    target_only = generate(backend, prompts, GenerationParams(max_new_tokens=20), speculative=False)
+    assert [j.tokens for j in jobs] == [r.tokens for r in target_only]
+    c = batcher.counters
+    # 4 live rows verify 1 draft each (width 2), 2 rows 3 (width 4), 1 row all G: fewer than every draft
+    assert c["row_rounds"] < c["verified_drafts"] < G * c["row_rounds"]
 
 
 @pytest.mark.parametrize(("sps", "whole_block", "verifies"),

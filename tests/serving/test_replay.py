@@ -10,21 +10,26 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dspark_compile.runtime.decode import GenerationParams, generate
+from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate
 from dspark_compile.serving.batcher import ContinuousBatcher
 from dspark_compile.serving.replay import PairSpec, replayed_random, write_word_tokenizer
 from dspark_compile.serving.text import TextCodec, TextStream
 
 
-@pytest.mark.parametrize("forced", [False, True])
-def test_replayed_serving_is_lossless_and_accepts_drafts(tmp_path: Path, drive: Any, forced: bool) -> None:
-    """Forced (timing-only) replay commits the reference, which on this fp32 CPU pair is the target's output."""
-    PairSpec(shape="smoke", replay="b", max_slots=128, forced=forced).write(tmp_path)
+@pytest.mark.parametrize(("forced", "narrow"), [(False, False), (True, False), (False, True)])
+def test_replayed_serving_is_lossless_and_accepts_drafts(tmp_path: Path, drive: Any, forced: bool,
+                                                         narrow: bool) -> None:
+    """Forced (timing-only) replay commits the reference, which on this fp32 CPU pair is the target's output;
+    narrow rounds under a compute-bound curve verify fewer drafts and commit the same tokens."""
+    PairSpec(shape="smoke", replay="b", max_slots=128, forced=forced, narrow_rounds=narrow).write(tmp_path)
     backend: Any = replayed_random(tmp_path)
     assert backend.inner.replay_forced is False  # set by start()
+    assert backend.verifies_widest is narrow and backend.verifies_whole_block is not narrow
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, 2000, size=12).tolist() for _ in range(3)] * 2  # repeats hit the reference cache
-    batcher = ContinuousBatcher(backend, rows=4, slots=128)
+    knee = {b: 100.0 if b <= 16 else 1600.0 / b for b in range(1, 33)}  # 4 rows: width 4 pays, 8 does not
+    policy = {"policy": VerifyPolicy("schedule", sps=knee)} if narrow else {}
+    batcher = ContinuousBatcher(backend, rows=4, slots=128, **policy)
     jobs = drive(batcher, prompts, 40)
     assert backend.inner.replay_forced is forced
     want = generate(backend.side, prompts, GenerationParams(max_new_tokens=40), speculative=False)
@@ -33,6 +38,8 @@ def test_replayed_serving_is_lossless_and_accepts_drafts(tmp_path: Path, drive: 
     c = batcher.counters
     tau = 1 + c["accepted_drafts"] / c["row_rounds"]
     assert tau > 2.0, c  # drafts are accepted (the SMOKE pair's degenerate greedy text repeats, so τ runs high)
+    if narrow:  # 4 live rows verify 3 drafts each (width 4), fewer rows more
+        assert c["verified_drafts"] < backend.info.block_size * c["row_rounds"], c
 
 
 def test_word_tokenizer_round_trips_generated_text(tmp_path: Path) -> None:

@@ -136,6 +136,52 @@ def test_forced_replay_commits_the_reference_whatever_the_target_says(smoke_back
     assert plain.tokens == [t[:16] for t in base.tokens] and plain.tau < 1.5  # verification refuses the fake
 
 
+def test_narrow_rounds_verify_as_wide_as_the_longest_length_and_commit_the_same_tokens(
+        smoke_backend: CudaGraphBackend) -> None:
+    """``narrow_rounds``: a round runs the target over round_width(max ℓ) positions (1, 2, 4 or G+1 = 8: one graph
+    each); with drafts replayed from the target's own continuation every verified draft is accepted, and every
+    row commits exactly its target-only greedy tokens whatever width its batch chose."""
+    be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, narrow_rounds=True)
+    assert be.verifies_widest and not be.verifies_whole_block
+    g = be.info.block_size
+    base = decode_rounds(be, PROMPTS, max_new_tokens=60, speculative=False)
+    width = max(len(p) for p in PROMPTS) + 60 + 2 * g + 3
+    be.set_replay(replay_reference(PROMPTS, base.tokens, width), np.ones(g, dtype=np.float32))
+    be.start(3, 128)
+    lengths = np.array([len(p) for p in PROMPTS])
+    ids = np.zeros((3, lengths.max()), dtype=np.int64)
+    for i, p in enumerate(PROMPTS):
+        ids[i, : len(p)] = p
+    prop = be.admit(ids, lengths, np.zeros(3, np.float32), np.arange(3))
+    tokens = [[int(t)] for t in prop.next_token]
+    for vl in ([0, 0, 0], [1, 0, 2], [7, 3, 0], [3, 3, 3], [2, 7, 1]):
+        new = be.round(np.array(vl))
+        assert new.accepted.tolist() == vl
+        for i in range(3):
+            tokens[i] += [*prop.drafts[i, : vl[i]].tolist(), int(new.next_token[i])]
+        prop = new
+    be.set_replay(None, None)
+    assert tokens == [t[: len(tokens[i])] for i, t in enumerate(base.tokens)]
+    assert sorted({key[-1] for key in be._rounds}) == [1, 4, 8]
+
+
+def test_a_sampling_row_does_not_depend_on_the_round_width(smoke_backend: CudaGraphBackend) -> None:
+    """The same verify lengths through whole-block and narrow rounds: every row accepts, draws and drafts the
+    same (uniform j tests draft j, uniform G draws the next token, whatever the width)."""
+    narrow = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, narrow_rounds=True)
+    lengths = np.array([len(p) for p in PROMPTS])
+    ids = np.zeros((3, lengths.max()), dtype=np.int64)
+    for i, p in enumerate(PROMPTS):
+        ids[i, : len(p)] = p
+    runs = []
+    for be in (smoke_backend, narrow):
+        be.start(3, 128)
+        out = [be.admit(ids, lengths, np.full(3, 0.9, np.float32), np.array([4, 5, 6]))]
+        out += [be.round(np.array(vl)) for vl in ([1, 0, 2], [0, 0, 0], [3, 1, 2], [7, 7, 7])]
+        runs.append([(p.accepted.tolist(), p.next_token.tolist(), p.drafts.tolist()) for p in out])
+    assert runs[0] == runs[1]
+
+
 def test_replay_profiles() -> None:
     a, b, c = (survival_profile(n) for n in "abc")
     assert abs(1 + sum(a) - 6.48) < 1e-6 and abs(a[0] - 0.947) < 1e-9 and abs(a[6] - 0.628) < 1e-9

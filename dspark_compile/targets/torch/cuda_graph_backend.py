@@ -34,6 +34,7 @@ from dspark_compile.models.qwen3 import Qwen3Target
 from dspark_compile.program import program_info
 from dspark_compile.runtime.backend import Proposal, uniforms_per_call
 from dspark_compile.runtime.sampling import counter_uniforms
+from dspark_compile.runtime.scheduler import round_width
 from dspark_compile.targets.torch.static_forward import StaticProgram
 
 log = logging.getLogger(__name__)
@@ -213,11 +214,17 @@ class CudaGraphBackend:
     """DecodeBackend over CUDA graphs, plus per-graph timing calls; see the module docstring."""
 
     verifies_whole_block = True  # the round graph runs the target over every row's G+1 positions
+    verifies_widest = False  # narrow_rounds: over max ℓ + 1 positions (a power of two) of every row
 
     def __init__(self, target: Qwen3Target, draft: DSparkDraft | None, *, block_size: int | None = None,
                  eos_token_ids: tuple[int, ...] = (), graphs: bool | None = None, fused: bool | None = None,
                  attention: str | None = None, kv_bucket: int | None = KV_BUCKET,
-                 spec_verify: str | None = None) -> None:
+                 spec_verify: str | None = None, narrow_rounds: bool = False) -> None:
+        """``narrow_rounds``: a round verifies only as many positions as its longest ℓ needs (rounded up to a
+        power of two, one graph per width), so a scheduler can trade drafts for time where the verify is
+        compute-bound (large batches); the draft still proposes G tokens. Off: every round runs G + 1."""
+        self.verifies_whole_block = not narrow_rounds
+        self.verifies_widest = narrow_rounds
         self.device = target.embed_tokens.weight.device
         cuda = self.device.type == "cuda"
         if graphs and not cuda:
@@ -465,10 +472,13 @@ class CudaGraphBackend:
         window = self._window(int(self._len_host[:n].max()) + 2 * g + 2)
         sampling = bool((self._temp_host[:n] > 0).any())
         replay = NO_REPLAY if self.replay is None or g == 0 else FORCED_REPLAY if self.replay_forced else REPLAY
-        key = (rows, window, sampling, replay, g)
+        width = g + 1
+        if self.verifies_widest and g > 0:
+            width = round_width(int(np.asarray(verify_len[:n]).clip(0, g).max()), g)
+        key = (rows, window, sampling, replay, g, width)
         step = self._rounds.get(key)
         if step is None:
-            step = self._rounds[key] = self._round_step(rows, window, sampling, key[3])
+            step = self._rounds[key] = self._round_step(rows, window, sampling, replay, width)
         step.load("verify_len", np.asarray(verify_len, dtype=np.int64), n)
         if self.device.type != "cuda":
             self._inflight = (step, n, g, self._run(step)["packed"][:n].clone().numpy(), 0.0)
@@ -540,8 +550,9 @@ class CudaGraphBackend:
         return spec_verify(logits, drafts, vlen, mode="sampling", draft_probs=probs, temperature=temp,
                            uniforms=uniforms)
 
-    def _round_step(self, rows: int, window: int, sampling: bool, replay: int) -> _Step:
-        """verify → SpecVerify → commit → taps → next anchor → draft → Markov sampling → confidence."""
+    def _round_step(self, rows: int, window: int, sampling: bool, replay: int, width: int) -> _Step:
+        """verify → SpecVerify → commit → taps → next anchor → draft → Markov sampling → confidence; the target
+        runs ``width`` positions per row (the anchor and the first width − 1 drafts)."""
         st = self._state
         assert st is not None and self._kv is not None
         g = st.g
@@ -555,14 +566,18 @@ class CudaGraphBackend:
 
         def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             live = v["live"]
-            tokens = torch.cat((v["anchor"][:, None], v["drafts"]), dim=1)  # [R, G+1]
+            drafts = v["drafts"][:, : width - 1]
+            tokens = torch.cat((v["anchor"][:, None], drafts), dim=1)  # [R, width]
             hidden, taps = self.program.target_step(tokens, v["length"], kv, window)
             logits = tgt.lm_head(hidden)
             u = counter_uniforms(v["seed"], v["counter"], per_call)
-            vlen = torch.where(live, inp["verify_len"].clamp(0, g), 0)
+            vlen = torch.where(live, inp["verify_len"].clamp(0, width - 1), 0)
             pr = probs if probs is not None else (st.probs_like(rows, 0) if sampling else None)
-            acc, nxt = self._verify(logits, v["drafts"], vlen, v["temperature"] if sampling else None,
-                                    u[:, : g + 1], pr)
+            # Uniform j tests draft j and uniform G draws the next token, whatever the width: a row's stream
+            # does not depend on the widths its batch chose.
+            uv = u[:, : g + 1] if width == g + 1 else torch.cat((u[:, : width - 1], u[:, g : g + 1]), dim=1)
+            acc, nxt = self._verify(logits, drafts, vlen, v["temperature"] if sampling else None, uv,
+                                    pr if pr is None else pr[:, : width - 1])
             if replay == FORCED_REPLAY:  # timing only (set_replay)
                 acc, nxt = self._forced(v, vlen)
             step = torch.where(live, acc + 1, 0)
@@ -572,7 +587,7 @@ class CudaGraphBackend:
             conf = torch.zeros(rows, g, dtype=torch.float32, device=tokens.device)
             if g > 0:
                 assert draft is not None and dkv is not None
-                v["taps"].copy_(taps)
+                v["taps"][:, :width].copy_(taps)  # rows >= count are not read (ctx_count)
                 v["count"].copy_(step)
                 dh = self.program.draft_step(nxt, v["taps"], step, v["draft_len"], dkv, window)
                 v["draft_len"].add_(step)
