@@ -477,7 +477,7 @@ class Gemma4Target(CausalTarget):
         return (self.per_layer_projection_norm(proj.reshape(shape)) + tokens) * 2.0**-0.5
 
     def forward(
-        self, input_ids: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor, *,
+        self, input_ids: torch.Tensor, cache_len: torch.Tensor, kv_cache: torch.Tensor | RingCache, *,
         cache: CacheWrite = FUNCTIONAL, attention: ReferenceAttention = REFERENCE,
         ring: torch.Tensor | RingWindow | RingInPlace | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
