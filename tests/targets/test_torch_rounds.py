@@ -254,6 +254,35 @@ def test_decisive_pair_holds_replayed_acceptance_at_any_batch_on_gpu() -> None:
     assert all(r["accepted"] == g + 1 for rs in full.rounds for r in rs[:-1])
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_narrow_round_graphs_commit_the_target_tokens_on_gpu() -> None:
+    """Narrow rounds captured as CUDA graphs (widths 1, 4 and 8) with a full replay profile: every verified
+    draft accepted, every row's tokens its target-only greedy tokens (decisive pair: batch-invariant)."""
+    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
+    be = CudaGraphBackend(target, draft, narrow_rounds=True)
+    g = be.info.block_size
+    base = decode_rounds(be, PROMPTS, max_new_tokens=60, speculative=False)
+    be.set_replay(replay_reference(PROMPTS, base.tokens, max(len(p) for p in PROMPTS) + 60 + 2 * g + 3),
+                  np.ones(g, dtype=np.float32))
+    be.start(3, 128)
+    lengths = np.array([len(p) for p in PROMPTS])
+    ids = np.zeros((3, lengths.max()), dtype=np.int64)
+    for i, p in enumerate(PROMPTS):
+        ids[i, : len(p)] = p
+    prop = be.admit(ids, lengths, np.zeros(3, np.float32), np.arange(3))
+    tokens = [[int(t)] for t in prop.next_token]
+    for vl in ([0, 0, 0], [1, 0, 2], [7, 3, 0], [3, 3, 3], [2, 7, 1], [1, 2, 3]):
+        new = be.round(np.array(vl))
+        assert new.accepted.tolist() == vl
+        for i in range(3):
+            tokens[i] += [*prop.drafts[i, : vl[i]].tolist(), int(new.next_token[i])]
+        prop = new
+    be.set_replay(None, None)
+    assert tokens == [t[: len(tokens[i])] for i, t in enumerate(base.tokens)]
+    assert sorted({key[-1] for key in be._rounds}) == [1, 4, 8] and be.stats["replays"] > 0
+
+
 def test_replay_reference_follows_rows_through_select(smoke_backend: CudaGraphBackend) -> None:
     """A row that stops early (EOS) leaves the batch; the others keep replaying their own reference."""
     g = smoke_backend.info.block_size
