@@ -36,13 +36,21 @@ PAIR_FILE = "bench_pair.json"
 UNKNOWN = "<unk>"
 
 
-def cuda_graph_backend(build_dir: Path) -> Any:
+def cuda_graph_backend(build_dir: Path, *, narrow_rounds: bool = False) -> Any:
     """The torch CUDA-graph backend for a build's checkpoints (its ``build_spec.json``)."""
     from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
 
     spec = json.loads((Path(build_dir) / "build_spec.json").read_text())
+    options = {"narrow_rounds": True} if narrow_rounds else {}
     return CudaGraphBackend.create(spec["target"], spec.get("draft"),
-                                   allow_nonfinite=spec.get("allow_nonfinite", False))
+                                   allow_nonfinite=spec.get("allow_nonfinite", False), **options)
+
+
+def narrow_cuda_graph_backend(build_dir: Path) -> Any:
+    """:func:`cuda_graph_backend` with narrow rounds (docs/SERVING.md, "Load-adaptive verification"), for a
+    config's ``backend_factory``: rounds verify as many positions as their longest ℓ needs, so the scheduler
+    can trade drafts for time at high batch. Not yet measured on a GPU."""
+    return cuda_graph_backend(build_dir, narrow_rounds=True)
 
 
 @dataclass(frozen=True)

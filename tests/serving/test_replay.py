@@ -49,3 +49,17 @@ def test_word_tokenizer_round_trips_generated_text(tmp_path: Path) -> None:
     text = "".join(stream.push([t]) for t in ids) + stream.close()
     assert text == "w5 w999 w17 w1 w42" and codec.encode(text) == ids
     assert codec.encode("some words [UNK] here") == [0, 0, 0, 0]
+
+
+def test_the_narrow_factory_asks_for_narrow_rounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``backend_factory: dspark_compile.serving.replay:narrow_cuda_graph_backend`` for a real build: no GPU here,
+    so CudaGraphBackend.create is stubbed to see the options it gets."""
+    from dspark_compile.serving import replay
+    from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(CudaGraphBackend, "create", classmethod(lambda cls, *a, **kw: seen.append(kw)))
+    (tmp_path / "build_spec.json").write_text('{"target": "t", "draft": "d"}')
+    replay.cuda_graph_backend(tmp_path)
+    replay.narrow_cuda_graph_backend(tmp_path)
+    assert seen == [{"allow_nonfinite": False}, {"allow_nonfinite": False, "narrow_rounds": True}]
