@@ -255,6 +255,9 @@ def test_client_disconnect_mid_stream(fx: Fixture) -> None:
     assert after["completed"] == before["completed"] + 4
 
 
+LONG = MAX_CONTEXT - 3 - 9 - 4  # the longest request [9, 10, 11] may make (prompt + max_new + G + 2 <= slots), less 4
+
+
 def test_cancelled_request(fx: Fixture) -> None:
     import tritonclient.grpc as grpcclient
 
@@ -264,7 +267,7 @@ def test_cancelled_request(fx: Fixture) -> None:
     ids = grpcclient.InferInput("prompt_ids", [3], "INT64")
     ids.set_data_from_numpy(np.array([9, 10, 11], dtype=np.int64))
     max_new = grpcclient.InferInput("max_new_tokens", [1], "INT32")
-    max_new.set_data_from_numpy(np.array([200], dtype=np.int32))
+    max_new.set_data_from_numpy(np.array([LONG], dtype=np.int32))
     client.start_stream(callback=lambda result, error: got.append((result, error)))
     others: list[Result] = []
     side = threading.Thread(target=lambda: others.extend(run_streams(fx, [request(i) for i in range(4, 8)])),
@@ -273,7 +276,7 @@ def test_cancelled_request(fx: Fixture) -> None:
         client.async_stream_infer("dspark", [ids, max_new], request_id="to-cancel")
         side.start()
         deadline = time.monotonic() + WAIT_S
-        while len(got) < 2:
+        while not got:  # cancel at the first response: the longest window a loaded machine leaves
             assert time.monotonic() < deadline, "no tokens before the cancel"
             time.sleep(0.01)
         client.stop_stream(cancel_requests=True)
@@ -283,8 +286,8 @@ def test_cancelled_request(fx: Fixture) -> None:
     assert not side.is_alive()
     assert_solo(fx, others)
     received = [t for r, e in got if e is None and r is not None for t in r.as_numpy("tokens").tolist()]
-    assert 0 < len(received) < 200
-    assert received == fx.solo([9, 10, 11], 200)[: len(received)]
+    assert 0 < len(received) < LONG
+    assert received == fx.solo([9, 10, 11], LONG)[: len(received)]
     after = fx.assert_back_to_baseline()
     assert after["cancelled"] == before["cancelled"] + 1, after
 
