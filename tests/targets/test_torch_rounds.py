@@ -136,25 +136,26 @@ def test_forced_replay_commits_the_reference_whatever_the_target_says(smoke_back
     assert plain.tokens == [t[:16] for t in base.tokens] and plain.tau < 1.5  # verification refuses the fake
 
 
-def test_narrow_rounds_verify_as_wide_as_the_longest_length_and_commit_the_same_tokens(
-        smoke_backend: CudaGraphBackend) -> None:
-    """``narrow_rounds``: a round runs the target over round_width(max ℓ) positions (1, 2, 4 or G+1 = 8: one graph
-    each); with drafts replayed from the target's own continuation every verified draft is accepted, and every
-    row commits exactly its target-only greedy tokens whatever width its batch chose."""
-    be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, narrow_rounds=True)
-    assert be.verifies_widest and not be.verifies_whole_block
-    g = be.info.block_size
-    base = decode_rounds(be, PROMPTS, max_new_tokens=60, speculative=False)
-    width = max(len(p) for p in PROMPTS) + 60 + 2 * g + 3
-    be.set_replay(replay_reference(PROMPTS, base.tokens, width), np.ones(g, dtype=np.float32))
-    be.start(3, 128)
+def _padded_prompts() -> tuple[np.ndarray, np.ndarray]:
     lengths = np.array([len(p) for p in PROMPTS])
-    ids = np.zeros((3, lengths.max()), dtype=np.int64)
+    ids = np.zeros((len(PROMPTS), lengths.max()), dtype=np.int64)
     for i, p in enumerate(PROMPTS):
         ids[i, : len(p)] = p
+    return ids, lengths
+
+
+def _check_narrow_rounds(be: CudaGraphBackend) -> None:
+    """Rounds of chosen verify lengths with drafts replayed from the target's own continuation: every verified
+    draft is accepted and every row commits exactly its target-only greedy tokens, at widths 1, 4 and 8."""
+    g = be.info.block_size
+    base = decode_rounds(be, PROMPTS, max_new_tokens=60, speculative=False)
+    be.set_replay(replay_reference(PROMPTS, base.tokens, max(len(p) for p in PROMPTS) + 60 + 2 * g + 3),
+                  np.ones(g, dtype=np.float32))
+    be.start(3, 128)
+    ids, lengths = _padded_prompts()
     prop = be.admit(ids, lengths, np.zeros(3, np.float32), np.arange(3))
     tokens = [[int(t)] for t in prop.next_token]
-    for vl in ([0, 0, 0], [1, 0, 2], [7, 3, 0], [3, 3, 3], [2, 7, 1]):
+    for vl in ([0, 0, 0], [1, 0, 2], [7, 3, 0], [3, 3, 3], [2, 7, 1], [1, 2, 3]):
         new = be.round(np.array(vl))
         assert new.accepted.tolist() == vl
         for i in range(3):
@@ -165,14 +166,20 @@ def test_narrow_rounds_verify_as_wide_as_the_longest_length_and_commit_the_same_
     assert sorted({key[-1] for key in be._rounds}) == [1, 4, 8]
 
 
+def test_narrow_rounds_verify_as_wide_as_the_longest_length_and_commit_the_same_tokens(
+        smoke_backend: CudaGraphBackend) -> None:
+    """``narrow_rounds``: a round runs the target over round_width(max ℓ) positions (1, 2, 4 or G+1 = 8: one graph
+    each), and every row commits its target-only tokens whatever width its batch chose (_check_narrow_rounds)."""
+    be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, narrow_rounds=True)
+    assert be.verifies_widest and not be.verifies_whole_block
+    _check_narrow_rounds(be)
+
+
 def test_a_sampling_row_does_not_depend_on_the_round_width(smoke_backend: CudaGraphBackend) -> None:
     """The same verify lengths through whole-block and narrow rounds: every row accepts, draws and drafts the
     same (uniform j tests draft j, uniform G draws the next token, whatever the width)."""
     narrow = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, narrow_rounds=True)
-    lengths = np.array([len(p) for p in PROMPTS])
-    ids = np.zeros((3, lengths.max()), dtype=np.int64)
-    for i, p in enumerate(PROMPTS):
-        ids[i, : len(p)] = p
+    ids, lengths = _padded_prompts()
     runs = []
     for be in (smoke_backend, narrow):
         be.start(3, 128)
@@ -257,30 +264,12 @@ def test_decisive_pair_holds_replayed_acceptance_at_any_batch_on_gpu() -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_narrow_round_graphs_commit_the_target_tokens_on_gpu() -> None:
-    """Narrow rounds captured as CUDA graphs (widths 1, 4 and 8) with a full replay profile: every verified
-    draft accepted, every row's tokens its target-only greedy tokens (decisive pair: batch-invariant)."""
+    """Narrow rounds captured as CUDA graphs (widths 1, 4 and 8), bf16 on the decisive pair (batch-invariant
+    tokens): as on the CPU (_check_narrow_rounds)."""
     target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
     be = CudaGraphBackend(target, draft, narrow_rounds=True)
-    g = be.info.block_size
-    base = decode_rounds(be, PROMPTS, max_new_tokens=60, speculative=False)
-    be.set_replay(replay_reference(PROMPTS, base.tokens, max(len(p) for p in PROMPTS) + 60 + 2 * g + 3),
-                  np.ones(g, dtype=np.float32))
-    be.start(3, 128)
-    lengths = np.array([len(p) for p in PROMPTS])
-    ids = np.zeros((3, lengths.max()), dtype=np.int64)
-    for i, p in enumerate(PROMPTS):
-        ids[i, : len(p)] = p
-    prop = be.admit(ids, lengths, np.zeros(3, np.float32), np.arange(3))
-    tokens = [[int(t)] for t in prop.next_token]
-    for vl in ([0, 0, 0], [1, 0, 2], [7, 3, 0], [3, 3, 3], [2, 7, 1], [1, 2, 3]):
-        new = be.round(np.array(vl))
-        assert new.accepted.tolist() == vl
-        for i in range(3):
-            tokens[i] += [*prop.drafts[i, : vl[i]].tolist(), int(new.next_token[i])]
-        prop = new
-    be.set_replay(None, None)
-    assert tokens == [t[: len(tokens[i])] for i, t in enumerate(base.tokens)]
-    assert sorted({key[-1] for key in be._rounds}) == [1, 4, 8] and be.stats["replays"] > 0
+    _check_narrow_rounds(be)
+    assert be.stats["replays"] > 0
 
 
 def test_replay_reference_follows_rows_through_select(smoke_backend: CudaGraphBackend) -> None:
