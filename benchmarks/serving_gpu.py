@@ -20,7 +20,9 @@ The python-backend stub puts ``--numpy-path`` (numpy < 2 for that stub) first on
 On the device machine (Python 3.12, no network) everything travels in one carried folder of about 46 MB,
 ``.dev-serving`` (``benchmarks/serving_bundle.sh`` builds it from PyPI: the pytriton wheel without the other
 Pythons' stubs, numpy 1.26.4 and AIPerf 0.13 with the packages the device lacks), plus WORK written here by
-``prepare`` (the device has no tritonclient), from the repository root:
+``prepare`` (the device has no tritonclient). ``benchmarks/device_serving.sh`` does the device side in one call
+(unpack, stop what a cut call left on the GPU, run, stop the server's processes); by hand, from the repository
+root:
 
     cd .dev-serving && for t in pytriton312:pt site_np:np site_ap:ap; do mkdir -p /tmp/${t#*:};
       tar xJf wheels/${t%:*}.tar.xz -C /tmp/${t#*:}; done && cd .. &&
