@@ -30,11 +30,12 @@ root:
       --out $OUT --aiperf "python3 -m aiperf" --aiperf-path /tmp/ap --numpy-path /tmp/np \
       --models dspark_sched,dspark_target,dspark_fixed --duration 4 --deadline 490 --whole-sweep
 
-One AIPerf invocation covers a list of concurrencies and cost about 50 s on the H200 in earlier calls whatever
-the duration (its start-up). By default the sweep's ends (c1, c64) and its middle (c4, c16) are two invocations
-per model, 9 with the Poisson runs (about 560 s with profile, bench, server start and warm-ups); ``--whole-sweep``
-makes the sweep one invocation per model, so all of it fits one 600 s device call. What the deadline cuts is
-recorded under ``skipped``.
+One AIPerf invocation covers a list of concurrencies. It cost 50–300 s on the H200 whatever the duration while
+the request count was 100,000: AIPerf builds every request's prompt before a load (on this CPU box a two-load
+invocation took 123.6 s with 100,000 requests and 25.5 s with 500), so the count is now sized to the duration
+(``max(500, 20 · the largest concurrency)``). By default the sweep's ends (c1, c64) and its middle (c4, c16) are
+two invocations per model, 9 with the Poisson runs; ``--whole-sweep`` makes the sweep one invocation per model.
+What the deadline cuts is recorded under ``skipped``.
 """
 
 from __future__ import annotations
@@ -195,6 +196,9 @@ def run(work: Path, out: Path, aiperf: list[str], aiperf_path: str | None, numpy
         report["lossless"] = {m: (t == want) for m, t in texts.items()} if want is not None else None
         report["sample_text"] = want[:200] if want else None
         save()
+        # Enough requests to outlast --duration at every load, no more: AIPerf builds every request's prompt first
+        # (100,000 of them cost about 50 s per load on the CPU box).
+        requests = max(500, 20 * max(concurrency))
         for model, load in schedule_loads(models, concurrency, whole_sweep):
             if time.monotonic() - started > deadline_s:
                 report.setdefault("skipped", []).append(f"{model} {load}: past the --deadline")
@@ -203,7 +207,7 @@ def run(work: Path, out: Path, aiperf: list[str], aiperf_path: str | None, numpy
             try:
                 rows = run_aiperf(aiperf, http, build / "tokenizer", work / "aiperf" / model / name,
                                   concurrency=None if load == "poisson" else load,
-                                  rate=poisson_rate if load == "poisson" else None, requests=100000,
+                                  rate=poisson_rate if load == "poisson" else None, requests=requests,
                                   input_tokens=input_tokens, output_tokens=output_tokens, timeout_s=300, seed=0,
                                   model=model, duration_s=duration_s, env=ap_env)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:  # keep what the other runs measure
