@@ -39,6 +39,7 @@ from dspark_compile.models.layers import (
     apply_rope,
     gelu_tanh,
     load_hf_target,
+    ring_positions,
     write_rows,
 )
 
@@ -349,8 +350,7 @@ class RingWindow:
         kv = self.ring[layer]
         r = kv.shape[-2]
         bsz, t = positions.shape
-        held = (cache_len - 1).view(bsz, 1, 1) - ((cache_len - 1).view(bsz, 1, 1)
-                                                   - torch.arange(r, device=q.device).view(1, 1, r)) % r
+        held = ring_positions(cache_len - 1, r)
         pos = positions.unsqueeze(-1)
         old = (held >= 0) & (held > pos - self.window)  # held <= cache_len - 1 < pos always
         new = _chunk_visibility(positions, self.window)

@@ -294,6 +294,13 @@ FUNCTIONAL = FunctionalCache()
 
 
 # ------------------------------------------------------------------------------------- attention strategies
+def ring_positions(top: torch.Tensor, slots: int) -> torch.Tensor:
+    """[B, 1, slots]: the position ring slot s holds when ``top`` [B] is the latest position written, position p
+    living in slot p mod slots: top − ((top − s) mod slots); negative means empty (models.gemma4's rings)."""
+    top = top.view(-1, 1, 1)
+    return top - (top - torch.arange(slots, device=top.device).view(1, 1, slots)) % slots
+
+
 class ReferenceAttention:
     """float32 scores and softmax (:func:`attend`); the exported graphs' and the golden vectors' form.
 
@@ -311,8 +318,7 @@ class ReferenceAttention:
         """A ring of ``slots`` slots just written with ``positions`` [B, T] (``models.gemma4.RingInPlace``):
         slot s holds position top − ((top − s) mod slots), top = the row's last position; query (b, t) sees the
         held positions in its sliding window."""
-        top = positions[:, -1:].unsqueeze(-1)
-        held = top - (top - torch.arange(slots, device=positions.device).view(1, 1, slots)) % slots
+        held = ring_positions(positions[:, -1], slots)
         pos = positions.unsqueeze(-1)
         visible = (held >= 0) & (held <= pos) & (held > pos - window)
         return self.prepare(visible.unsqueeze(1), None, group, dtype)

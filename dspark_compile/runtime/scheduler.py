@@ -118,12 +118,10 @@ def _admission_order(rows: list[np.ndarray] | np.ndarray) -> tuple[np.ndarray, n
     return request[order].astype(np.int64), position[order].astype(np.int64), survival[order]
 
 
-def round_width(longest: int | np.ndarray, block: int) -> int | np.ndarray:
+def round_width(longest: int, block: int) -> int:
     """The positions a narrow round verifies per row (CudaGraphBackend's ``narrow_rounds``): the longest ℓ + 1,
     rounded up to a power of two (few graphs), at most G + 1."""
-    need = np.asarray(longest) + 1
-    width = np.minimum(block + 1, 2 ** np.ceil(np.log2(need)).astype(np.int64))
-    return int(width) if width.ndim == 0 else width
+    return min(block + 1, 1 << int(longest).bit_length())
 
 
 def _throughput(n_requests: int, survival: np.ndarray, curve: SpsCurve, verify_width: int | None) -> np.ndarray:
@@ -138,17 +136,14 @@ def _widest_lengths(rows: list[np.ndarray] | np.ndarray, curve: SpsCurve, block:
     """A round that verifies R rows of w positions (:func:`round_width`): once w is paid for, every draft
     below it is free, so each row takes min(w − 1, γ_r); w is the width with the highest (R + Σ survival)·SPS(R·w)."""
     n = len(rows)
-    if isinstance(rows, np.ndarray):  # [R, G]: the serving hot path, one cumulative product
-        total = np.concatenate([[0.0], np.cumprod(rows, axis=1).sum(axis=0).cumsum()])
-    else:
-        total = np.zeros(block + 1)
-        for c in rows:
-            part = np.cumsum(np.cumprod(c[:block]))
-            total[1 : len(part) + 1] += part
-            total[len(part) + 1 :] += part[-1] if len(part) else 0.0
+    grid = rows if isinstance(rows, np.ndarray) else np.zeros((n, block))
+    if grid is not rows:  # ragged γ_r: a missing draft survives with probability 0
+        for r, c in enumerate(rows):
+            grid[r, : len(c)] = c[:block]
+    total = np.concatenate([[0.0], np.cumprod(grid, axis=1).sum(axis=0).cumsum()])  # Σ survival up to each ℓ
     best, best_theta = 1, -1.0
     for width in sorted({round_width(ell, block) for ell in range(block + 1)}):
-        theta = (n + float(total[min(width - 1, block)])) * float(curve(n * width))
+        theta = (n + float(total[min(width - 1, len(total) - 1)])) * float(curve(n * width))
         if theta > best_theta * (1.0 + _TIE_RTOL):
             best, best_theta = width, theta
     return [min(best - 1, len(c)) for c in rows]
