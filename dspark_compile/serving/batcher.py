@@ -14,6 +14,7 @@ Transport-independent: a job is anything with ``spec`` (prompt, max_new_tokens, 
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ class ContinuousBatcher:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("rounds", "row_rounds", "verified_drafts", "accepted_drafts", "target_only_rounds", "admitted"), 0),
         init=False)
+    # Host seconds per phase of step() (admit: prefill and first tokens; collect: the wait for the device), so a
+    # serving run shows where a round's time goes.
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("drop", "admit", "launch", "deliver", "collect"), 0.0), init=False)
     _pending: Proposal | None = field(default=None, init=False, repr=False)  # drafts the next round verifies
     _budget: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), init=False, repr=False)
     _undelivered: tuple[list[BatchJob], list[list[int]], np.ndarray, np.ndarray] | None = field(
@@ -88,14 +93,23 @@ class ContinuousBatcher:
                 self.backend.start(self.rows, self.slots, speculative=self.speculative)
                 self._started = True
             ending = self._undelivered[3] if self._undelivered is not None else None
+            t0 = time.perf_counter()
             self._drop_finished(ending)
+            t1 = time.perf_counter()
             if incoming:
                 self._admit(list(incoming))
                 self._drop_finished(None)
+            t2 = time.perf_counter()
             launched = self._launch() if self.live else None
+            t3 = time.perf_counter()
             self._deliver()
+            t4 = time.perf_counter()
             if launched is not None:
                 self._collect(*launched)
+            t5 = time.perf_counter()
+            for name, a, b in (("drop", t0, t1), ("admit", t1, t2), ("launch", t2, t3), ("deliver", t3, t4),
+                               ("collect", t4, t5)):
+                self.seconds[name] += b - a
         except DsparkError as exc:
             self.end_all(exc.one_line())
         except Exception as exc:  # a backend failure must not take the server down with it

@@ -189,6 +189,50 @@ def test_a_sampling_row_does_not_depend_on_the_round_width(smoke_backend: CudaGr
     assert runs[0] == runs[1]
 
 
+def _check_admission_chunks(be: CudaGraphBackend, prompts: list[list[int]]) -> list[list[int]]:
+    """Prompts admitted into a live batch (3, then the rest in one call: chunks of up to ADMIT_ROWS, one graph
+    each, copied into rows 3 and on) commit their solo target-only greedy tokens, drafts accepted or not."""
+    solo = [decode_rounds(be, [p], max_new_tokens=24, speculative=False).tokens[0] for p in prompts]
+    n = len(prompts)
+    be.start(n, max(len(p) for p in prompts) + 24 + 2 * be.info.block_size + 3)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    pending = []
+    for rows in (range(3), range(3, n)):
+        lengths = np.array([len(prompts[i]) for i in rows])
+        ids = np.zeros((len(rows), lengths.max()), dtype=np.int64)
+        for j, i in enumerate(rows):
+            ids[j, : lengths[j]] = prompts[i]
+        first = be.admit(ids, lengths, np.zeros(len(rows), np.float32), np.arange(len(rows)))
+        pending += [first.drafts[j] for j in range(len(rows))]
+        for j, i in enumerate(rows):
+            tokens[i].append(int(first.next_token[j]))
+        for _ in range(2):
+            live = len(pending)
+            out = be.round(np.full(live, be.info.block_size))
+            for i in range(live):
+                tokens[i] += [*pending[i][: out.accepted[i]].tolist(), int(out.next_token[i])]
+            pending = list(out.drafts)
+    for i in range(n):
+        assert tokens[i] == solo[i][: len(tokens[i])], f"row {i}"
+    assert min(len(t) for t in tokens) >= 3
+    return solo
+
+
+def test_admission_in_chunks_into_a_live_batch_commits_the_solo_tokens(smoke_backend: CudaGraphBackend,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the admission step on a scratch cache (11 prompts: chunks of 8 and 1 after 3 live rows), and with a
+    scratch too small for the longer prompts (the same step eagerly into the rows): the same tokens."""
+    import dspark_compile.targets.torch.cuda_graph_backend as cgb
+
+    prompts = [list(range(5 + i, 12 + 3 * i)) for i in range(11)]  # 7 to 27 tokens
+    _check_admission_chunks(CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model), prompts)
+    monkeypatch.setattr(cgb, "ADMIT_SLOTS", 24)  # prompts of up to 15 tokens: the others admit eagerly
+    be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model)
+    _check_admission_chunks(be, prompts)
+    widths = {key[1] for key in be._admits}  # at most the scratch's 24 slots less G + 1: 27 tokens had none
+    assert widths == {24 - be.info.block_size - 1}
+
+
 def test_replay_profiles() -> None:
     a, b, c = (survival_profile(n) for n in "abc")
     assert abs(1 + sum(a) - 6.48) < 1e-6 and abs(a[0] - 0.947) < 1e-9 and abs(a[6] - 0.628) < 1e-9
@@ -270,6 +314,23 @@ def test_narrow_round_graphs_commit_the_target_tokens_on_gpu() -> None:
     be = CudaGraphBackend(target, draft, narrow_rounds=True)
     _check_narrow_rounds(be)
     assert be.stats["replays"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_admission_graphs_commit_the_solo_tokens_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission graphs captured in bf16 on the decisive pair (batch-invariant tokens): as on the CPU, and the
+    same tokens as eager admission."""
+    import dspark_compile.targets.torch.cuda_graph_backend as cgb
+
+    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
+    prompts = [list(range(5 + i, 12 + 3 * i)) for i in range(11)]
+    be = CudaGraphBackend(target, draft)
+    solo = _check_admission_chunks(be, prompts)
+    assert be._admits and all(s.graph is not None for s in be._admits.values())
+    monkeypatch.setattr(cgb, "ADMIT_SLOTS", 0)  # no scratch: every prompt prefills eagerly into its rows
+    eager = CudaGraphBackend(target, draft)
+    assert _check_admission_chunks(eager, prompts) == solo and not eager._admits
 
 
 def test_replay_reference_follows_rows_through_select(smoke_backend: CudaGraphBackend) -> None:

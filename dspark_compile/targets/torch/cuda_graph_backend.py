@@ -2,8 +2,9 @@
 
 It is a **DecodeBackend** (runtime/backend.py: admit / round / select): the decode state lives on the device
 (`_RoundState`: lengths, anchors, pending drafts and their distributions, taps, seeds and counters). ``admit``
-prefills eagerly and drafts the first block; ``round`` is **one captured graph** per (batch bucket, attention
-window, greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches already hold
+prefills and drafts the first block through admission graphs (up to 8 prompts each, into a scratch cache whose
+rows are then copied: one graph serves any rows); ``round`` is **one captured graph** per (batch bucket,
+attention window, greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches already hold
 the rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence, with per-row
 verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host sync per
 round fetches the Proposal. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
@@ -45,6 +46,9 @@ KV_BUCKET = 128
 NO_REPLAY, REPLAY, FORCED_REPLAY = 0, 1, 2  # a round graph's replay mode (set_replay), part of its key
 REPLAY_KEY = 0x5EED  # replay cuts draw from the stream of seed ^ REPLAY_KEY (never the sampling stream)
 WARMUP_RUNS = 2  # eager runs on a side stream before capture (cuBLAS handles, Triton compilation)
+ADMIT_ROWS = 8  # prompts per admission graph (more are admitted in chunks)
+ADMIT_SLOTS = 640  # the admission scratch cache's slots (at most the capacity): longer prompts prefill eagerly
+# (0: no admission graphs)
 _ROW_COPIED = ("ctx_taps",)  # a large input: only the live rows travel; the rest are left stale
 
 StepFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -244,6 +248,8 @@ class CudaGraphBackend:
         self._pool = _GraphPool(self.graphs)
         self._kv: Any = None  # the target's new_static_cache: a tensor, or Gemma4's RingCache (its ring)
         self._draft_kv: torch.Tensor | None = None
+        self._scratch: tuple[torch.Tensor, torch.Tensor | None] | None = None  # admission graphs' caches
+        self._admits: dict[tuple[Any, ...], _Step] = {}
         self._alloc = (0, 0)  # (rows, slots) of the allocated caches
         self._steps: dict[tuple[Any, ...], _Step] = {}
         self.stats = {"captures": 0, "replays": 0, "eager_calls": 0}
@@ -309,13 +315,19 @@ class CudaGraphBackend:
         if alloc != self._alloc:  # graphs are bound to the cache tensors: drop them with the caches
             self._steps.clear()
             self._rounds.clear()
+            self._admits.clear()
             self._pool.renew()
-            self._kv = self._draft_kv = None
+            self._kv = self._draft_kv = self._scratch = None
             self._state = None
             self._states = {}
             self._kv = self.target_model.new_static_cache(*alloc, self.info.block_size)
             if self.draft_model is not None:
                 self._draft_kv = self.draft_model.new_cache(*alloc)
+            if isinstance(self._kv, torch.Tensor) and ADMIT_SLOTS > 0:  # admission graphs prefill here (a ring
+                # admits eagerly)
+                scratch = (min(ADMIT_ROWS, alloc[0]), min(ADMIT_SLOTS, alloc[1]))
+                self._scratch = (self.target_model.new_cache(*scratch), self.draft_model.new_cache(*scratch)
+                                 if self.draft_model is not None else None)
             self._alloc = alloc
         self._g = self.info.block_size if speculative and self.draft_model is not None else 0
         if self._g not in self._states:  # one per G (target-only, speculative), kept with the caches
@@ -402,57 +414,88 @@ class CudaGraphBackend:
     @torch.inference_mode()
     def admit(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
               seeds: np.ndarray) -> Proposal:
-        """Prefill ``k`` prompts into rows ``n..n+k-1`` (eagerly), their first token and first draft block."""
+        """Prefill ``k`` prompts into rows ``n..n+k-1``, their first token and first draft block.
+
+        Through admission graphs (:meth:`_admit_step`) in chunks of at most ``ADMIT_ROWS`` prompts: an eager
+        prefill of the 8B costs about 20 ms of kernel launches whatever its size, which under continuous
+        batching is paid every round that admits. A chunk prefills into a scratch cache, then its rows are
+        copied into the batch's caches. Prompts too long for the scratch, and Gemma4's ring, run the same
+        step eagerly straight into the rows."""
         st = self._state
         assert st is not None and self._kv is not None, "start() first"
         k, t = input_ids.shape
         n = self._live
         if n + k > st.rows:
             raise ValueError(f"admit: {n} live rows + {k} new exceed the {st.rows} rows start() allocated")
-        dev = self.device
-        rows = slice(n, n + k)
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(dev)
-        lens = torch.from_numpy(np.asarray(lengths, dtype=np.int64)).to(dev)
-        temp = torch.from_numpy(np.asarray(temperature, dtype=np.float32)).to(dev)
-        seed = torch.from_numpy(np.asarray(seeds, dtype=np.int64)).to(dev)
         g = st.g
-        zero = torch.zeros(k, dtype=torch.int64, device=dev)
-        u = counter_uniforms(seed, zero, uniforms_per_call(g))
-        window = self._window(t + g + 1)
-        kv = self._kv[:, :, rows]
-        if hasattr(kv, "with_count"):  # a ring takes only each prompt's real rows (models.gemma4.RingCache)
-            kv = kv.with_count(lens)
-        hidden, taps = self.program.target_step(ids, zero, kv, window)
-        last = hidden[torch.arange(k, device=dev), lens - 1]
-        logits = self.target_model.lm_head(last)[:, None]  # [k, 1, V]: SpecVerify with no drafts draws it
-        sampling = bool((temp > 0).any())
-        first = self._verify(logits, zero[:, None][:, :0], zero, temp if sampling else None,
-                             u[:, :1] if sampling else None, st.probs_like(k, 0) if sampling else None)[1]
-        st.length[rows] = lens
-        st.anchor[rows] = first
-        st.seed[rows] = seed
-        st.temperature[rows] = temp
-        st.counter[rows] = uniforms_per_call(g)
-        st.live[rows] = True
-        st.count[rows] = 0
-        self._len_host[rows] = np.asarray(lengths, dtype=np.int64)
-        self._temp_host[rows] = np.asarray(temperature, dtype=np.float32)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        temperature = np.asarray(temperature, dtype=np.float32)
+        sampling = bool((temperature > 0).any())
+        replay = REPLAY if self.replay is not None and g > 0 else NO_REPLAY
+        tb = self._admit_tokens(int(lengths.max()))
+        size = ADMIT_ROWS if tb else k
+        confs: list[torch.Tensor] = []
+        for lo in range(0, k, size):
+            hi = min(k, lo + size)
+            m, rows = hi - lo, slice(n + lo, n + hi)
+            if tb:
+                key = (batch_bucket(m), tb, sampling, replay, g)
+                step = self._admits.get(key)
+                if step is None:
+                    step = self._admits[key] = self._admit_step(key[0], tb, sampling, replay, capture=self.graphs)
+            else:  # eagerly, into the rows themselves
+                step = self._admit_step(m, t, sampling, replay, capture=False, kv=self._kv[:, :, rows],
+                                        dkv=self._draft_kv[:, :, rows] if self._draft_kv is not None else None)
+            ids = np.zeros((m, tb or t), dtype=np.int64)
+            ids[:, :t] = input_ids[lo:hi]
+            for name, value in (("ids", ids), ("lengths", lengths[lo:hi]), ("temperature", temperature[lo:hi]),
+                                ("seed", np.asarray(seeds[lo:hi], dtype=np.int64)),
+                                ("row", np.arange(n + lo, n + hi, dtype=np.int64))):
+                step.load(name, value, m)
+            out = self._run(step)
+            # Into the rows now, in stream order: the next chunk's replay overwrites the step's buffers.
+            if tb:
+                self._copy_admitted(rows, tb, g)
+            inp = step.inputs
+            st.length[rows] = inp["lengths"][:m]
+            st.anchor[rows] = out["first"][:m]
+            st.seed[rows] = inp["seed"][:m]
+            st.temperature[rows] = inp["temperature"][:m]
+            st.counter[rows] = uniforms_per_call(g)
+            st.live[rows] = True
+            st.count[rows] = 0
+            if g > 0:
+                st.drafts[rows] = out["drafts"][:m]
+                st.draft_len[rows] = inp["lengths"][:m]
+                confs.append(out["conf"][:m].clone())
+                if sampling:
+                    st.ensure_probs()[rows] = out["probs"][:m]
+        self._len_host[n : n + k] = lengths
+        self._temp_host[n : n + k] = temperature
         self._live = n + k
-        conf = torch.zeros(k, g, dtype=torch.float32, device=dev)
-        if g > 0:
-            assert self.draft_model is not None and self._draft_kv is not None
-            dwin = self._window(t + g)
-            dh = self.program.draft_step(first, taps, lens, zero, self._draft_kv[:, :, rows], dwin)
-            drafts, conf, probs = self.draft_model.propose(dh, first, temp if sampling else None,
-                                                           u[:, g + 1:] if sampling else None)
-            if self.replay is not None:
-                drafts = self._replayed({name: getattr(st, name)[rows] for name in st.SMALL}, drafts, n)
-            st.drafts[rows] = drafts
-            st.draft_len[rows] = lens
-            if sampling:
-                st.ensure_probs()[rows] = probs
-        out = self._fetch([torch.cat((zero[:, None], first[:, None], st.drafts[rows]), dim=1), conf])
-        return Proposal(out[0][:, 0].copy(), out[0][:, 1].copy(), out[0][:, 2:].copy(), out[1])
+        rows = slice(n, n + k)
+        conf = torch.cat(confs) if confs else torch.zeros(k, 0, dtype=torch.float32, device=self.device)
+        zero = torch.zeros(k, 1, dtype=torch.int64, device=self.device)
+        got = self._fetch([torch.cat((zero, st.anchor[rows, None], st.drafts[rows]), dim=1), conf])
+        return Proposal(got[0][:, 0].copy(), got[0][:, 1].copy(), got[0][:, 2:].copy(), got[1])
+
+    def _admit_tokens(self, longest: int) -> int:
+        """An admission graph's prompt width for prompts of up to ``longest`` tokens (a power of two, at least
+        16, within the scratch cache), or 0: admit eagerly (a ring cache, or too long for the scratch)."""
+        if self._scratch is None:
+            return 0
+        room = self._scratch[0].shape[4] - self.info.block_size - 1
+        tb = min(max(16, 1 << (longest - 1).bit_length()), room)
+        return tb if longest <= tb else 0
+
+    def _copy_admitted(self, rows: slice, tb: int, g: int) -> None:
+        """An admission chunk's cache rows, from the scratch caches into the batch's (one copy per cache)."""
+        assert self._scratch is not None and self._kv is not None
+        m = rows.stop - rows.start
+        scratch, dscratch = self._scratch
+        self._kv[:, :, rows, :, :tb].copy_(scratch[:, :, :m, :, :tb])
+        if self._draft_kv is not None and dscratch is not None:
+            self._draft_kv[:, :, rows, :, : tb + g].copy_(dscratch[:, :, :m, :, : tb + g])
 
     def round(self, verify_len: np.ndarray) -> Proposal:
         """Every live row: verify, commit, draft the next block — one CUDA graph replay, one sync."""
@@ -534,7 +577,8 @@ class CudaGraphBackend:
             self.replay[1].copy_(prof)
         else:
             self._rounds = {k: v for k, v in self._rounds.items() if not k[3]}
-            if not self._rounds and not self._steps:
+            self._admits = {k: v for k, v in self._admits.items() if not k[3]}
+            if not self._rounds and not self._admits and not self._steps:
                 self._pool.renew()
             self.replay = (ref, prof)
 
@@ -594,7 +638,8 @@ class CudaGraphBackend:
                 new, conf, p = draft.propose(dh, nxt, v["temperature"] if sampling else None,
                                              u[:, g + 1:] if sampling else None, distributions=sampling)
                 if replay:
-                    new = self._replayed(v, new)
+                    assert self.replay is not None
+                    new = self._replayed(v, new, self.replay[0][:rows])
                 v["drafts"].copy_(new)
                 if probs is not None:
                     probs.copy_(p)
@@ -605,29 +650,77 @@ class CudaGraphBackend:
         return _Step(fn, {"verify_len": ((rows,), torch.int64, np.int64, 0)}, self.device,
                      capture=self.graphs, pool=self._pool, state=st)
 
+    def _admit_step(self, kb: int, tb: int, sampling: bool, replay: int, *, capture: bool,
+                    kv: Any = None, dkv: torch.Tensor | None = None) -> _Step:
+        """Prefill ``kb`` prompts of ``tb`` tokens → the first token (SpecVerify with no drafts draws it) →
+        the draft over the prompt's taps → the first block. Writes ``kv``/``dkv`` (default: the scratch
+        caches) and nothing else: the caller moves its outputs into the rows, so one graph serves any rows."""
+        st = self._state
+        assert st is not None
+        g = st.g
+        if kv is None:
+            assert self._scratch is not None
+            kv, dkv = self._scratch[0][:, :, :kb], (self._scratch[1][:, :, :kb] if self._scratch[1] is not None
+                                                    else None)
+        slots = kv.shape[4] if isinstance(kv, torch.Tensor) else self._alloc[1]  # a scratch may be smaller
+        window, dwin = min(self._window(tb + g + 1), slots), min(self._window(tb + g), slots)
+        per_call = uniforms_per_call(g)
+        tgt, draft = self.target_model, self.draft_model
+
+        def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            lens, temp, seed = inp["lengths"], inp["temperature"], inp["seed"]
+            zero = torch.zeros_like(lens)
+            u = counter_uniforms(seed, zero, per_call)
+            hidden, taps = self.program.target_step(inp["ids"], zero, kv.with_count(lens) if hasattr(
+                kv, "with_count") else kv, window)  # a ring takes only each prompt's real rows (RingCache)
+            logits = tgt.lm_head(hidden[torch.arange(kb, device=lens.device), lens - 1])[:, None]  # [kb, 1, V]
+            first = self._verify(logits, zero[:, None][:, :0], zero, temp if sampling else None,
+                                 u[:, :1] if sampling else None, st.probs_like(kb, 0) if sampling else None)[1]
+            out = {"first": first}
+            if g > 0:
+                assert draft is not None and dkv is not None
+                dh = self.program.draft_step(first, taps, lens, zero, dkv, dwin)
+                drafts, conf, probs = draft.propose(dh, first, temp if sampling else None,
+                                                    u[:, g + 1:] if sampling else None, distributions=sampling)
+                if replay:
+                    assert self.replay is not None
+                    v = {"length": lens, "seed": seed, "counter": torch.full_like(lens, per_call)}
+                    drafts = self._replayed(v, drafts, self.replay[0].index_select(0, inp["row"]))
+                out.update(drafts=drafts, conf=conf, **({"probs": probs} if sampling else {}))
+            return out
+
+        last = st.rows - 1
+        return _Step(fn, {"ids": ((kb, tb), torch.int64, np.int64, 0),
+                          "lengths": ((kb,), torch.int64, np.int64, 1),  # padding rows: one token
+                          "temperature": ((kb,), torch.float32, np.float32, 0.0),
+                          "seed": ((kb,), torch.int64, np.int64, 0),
+                          "row": ((kb,), torch.int64, np.int64, last)},  # the replay reference's row
+                     self.device, capture=capture, pool=self._pool)
+
     def _forced(self, v: dict[str, torch.Tensor], vlen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forced replay's acceptance: the pending drafts' leading run equal to the reference (the replayed
         prefix), within ``vlen``, and the reference token after it as the next anchor."""
         drafts = v["drafts"]
         rows, g = drafts.shape
-        right = self._reference_after(v["length"], 0, rows, g + 1)  # the drafts' positions and one past
+        assert self.replay is not None
+        right = self._reference_after(v["length"], self.replay[0][:rows], g + 1)  # the drafts' positions and one past
         ok = (drafts == right[:, :g]) & (torch.arange(g, device=drafts.device) < vlen[:, None])
         acc = torch.cumprod(ok.to(torch.int64), dim=1).sum(dim=1)
         return acc, right.gather(1, acc[:, None])[:, 0]
 
-    def _reference_after(self, length: torch.Tensor, first_row: int, rows: int, n: int) -> torch.Tensor:
-        """The replay reference of rows ``first_row..+rows`` at the ``n`` positions after each row's anchor."""
-        assert self.replay is not None
-        ref = self.replay[0][first_row : first_row + rows]
+    @staticmethod
+    def _reference_after(length: torch.Tensor, ref: torch.Tensor, n: int) -> torch.Tensor:
+        """The replay reference ``ref`` (one row per request) at the ``n`` positions after each row's anchor."""
         pos = (length[:, None] + 1 + torch.arange(n, device=ref.device)).clamp(max=ref.shape[1] - 1)
         return ref.gather(1, pos)
 
-    def _replayed(self, v: dict[str, torch.Tensor], drafts: torch.Tensor, first_row: int = 0) -> torch.Tensor:
-        """Proposals overwritten by the reference continuation, wrong from the drawn cut on (benchmark only)."""
+    def _replayed(self, v: dict[str, torch.Tensor], drafts: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """Proposals overwritten by the reference continuation ``ref`` (the rows' references), wrong from the
+        drawn cut on (benchmark only)."""
         assert self.replay is not None
         prof = self.replay[1]
-        rows, g = drafts.shape
-        right = self._reference_after(v["length"], first_row, rows, g)
+        g = drafts.shape[1]
+        right = self._reference_after(v["length"], ref, g)
         ur = counter_uniforms(v["seed"] ^ REPLAY_KEY, v["counter"], g)
         kept = torch.cumprod((ur < prof[:g]).to(torch.int64), dim=1).bool()
         wrong = (right + 1) % self.info.vocab_size

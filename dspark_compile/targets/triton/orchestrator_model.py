@@ -272,7 +272,8 @@ class Orchestrator:
         live = len(b.live) if b is not None else 0
         return {"rows": rows, "live": live, "free_rows": rows - live, "slots": self.max_slots,
                 "queued": self._queue.qsize() + len(self._held), **self._ended,
-                **(b.counters if b is not None else {})}
+                **(b.counters if b is not None else {}),
+                **({"host_seconds": {k: round(v, 3) for k, v in b.seconds.items()}} if b is not None else {})}
 
     def _write_stats(self, force: bool = False) -> None:
         """Write stats() to ``stats_path`` when it changed: at once when idle (``force``), else at most 5 per s."""
