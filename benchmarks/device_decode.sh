@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The decode-speed checks of issues 12 and 15 on the H200 in one device call (~4 min once the machine is up):
 # the GPU tests, then fp8_bench at B = 1 (bf16 / FP8 / FP8 with head and draft: target step vs floor, replay-b
-# tok/s, speculative == target-only), then device_gemma4.sh's 12B bench with the step's kernel profile. At most
-# 8 files come back from a device call, so the outputs are kept to seven in $OUT (flat):
+# tok/s, speculative == target-only), then device_gemma4.sh's 12B bench with the step's kernel profile, then
+# admission_bench.py (admission graphs against eager admission, 8B). At most 8 files come back from a device
+# call, so the outputs are kept to eight in $OUT (flat):
 #   pytest_gpu.txt, fp8_bench.json, fp8_bench.png, bench_gemma4.json, bench_qwen3.json, profile_step.json,
-#   gemma4_summary.json
+#   gemma4_summary.json, admission_bench.json
 # Usage (repository root): OUT=$OUT bash benchmarks/device_decode.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
@@ -22,4 +23,5 @@ OUT=$tmp/g BATCH=1 PYTEST=0 PROFILE=1 REPEATS=10 NEW=32 timeout 240 bash benchma
 for f in bench_gemma4.json bench_qwen3.json profile_step.json gemma4_summary.json; do
   cp "$tmp/g/$f" "$OUT"/ 2>/dev/null
 done
+timeout 120 "$PY" benchmarks/admission_bench.py --out "$OUT" 2>&1 | grep -E '^\{|Error'
 tail -c 600 "$OUT/gemma4_summary.json" 2>/dev/null; cat "$OUT/pytest_gpu.txt" | tail -2
