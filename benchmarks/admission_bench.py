@@ -3,7 +3,7 @@
 Under continuous batching a round that admits pays ``admit`` in full before it launches, and on the 8B an eager
 prefill costs about 20 ms of kernel launches whatever its size (docs/SERVING.md). This times ``admit`` of k
 prompts into a batch that already holds ``live`` rows, both ways, on one decisive random pair, and checks that
-both ways give the same first tokens and drafts (lossless: the same step, captured or not).
+both ways give the same first tokens (and, where the random draft's near ties allow, drafts).
 
     python benchmarks/admission_bench.py --out DIR [--shape qwen3-8b] [--prompt-tokens 64]
 """
@@ -68,13 +68,16 @@ def main() -> None:
             del be
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        row["same_proposals"] = props["graphs"] == props["eager"]
+        # The first tokens are the target's (decisive: equal across kernels); the drafts come from a random draft
+        # with near-tied logits, where prefill widths (chunks of 8 against one of 64) can flip a draft token.
+        row["same_first_tokens"] = props["graphs"][0] == props["eager"][0]
+        row["same_drafts"] = props["graphs"][1] == props["eager"][1]
         row["speedup"] = row["eager_ms"] / row["graphs_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if args.device != "cpu" else "cpu"
     report = {"shape": args.shape, "device": name, "rows": rows,
-              "all_same_proposals": all(r["same_proposals"] for r in rows)}
+              "all_same_first_tokens": all(r["same_first_tokens"] for r in rows)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "admission_bench.json").write_text(json.dumps(report, indent=2) + "\n")
 

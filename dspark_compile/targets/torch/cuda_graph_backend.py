@@ -112,15 +112,24 @@ class _Step:
         self.outputs: dict[str, torch.Tensor] = {}
         self.host_out: list[torch.Tensor] = []
         self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else ()
+        self.copied: dict[str, torch.cuda.Event] = {}  # per input: its last copy from the pinned twin (load)
 
     def load(self, name: str, array: np.ndarray, rows: int) -> None:
+        """Stage ``array`` in the pinned twin and queue its copy. The twin is reused, so the last copy out of it
+        must have run first: a call that loads one step several times before it syncs (admission chunks) would
+        otherwise hand a queued copy the next chunk's values."""
+        copied = self.copied.get(name)
+        if copied is not None:
+            copied.synchronize()
         host = self.host[name].numpy()
         host[(slice(0, rows), *(slice(0, s) for s in array.shape[1:]))] = array
         if name in _ROW_COPIED:
             self.inputs[name][:rows].copy_(self.host[name][:rows], non_blocking=True)
-            return
-        host[rows:] = self.pads[name]
-        self.inputs[name].copy_(self.host[name], non_blocking=True)
+        else:
+            host[rows:] = self.pads[name]
+            self.inputs[name].copy_(self.host[name], non_blocking=True)
+        if self.device.type == "cuda":
+            self.copied.setdefault(name, torch.cuda.Event()).record()
 
     def run(self) -> dict[str, torch.Tensor]:
         if self.graph is not None:
