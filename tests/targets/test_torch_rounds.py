@@ -326,7 +326,7 @@ def test_admission_graphs_commit_the_solo_tokens_on_gpu(monkeypatch: pytest.Monk
     target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
     # 3 rows, then 25 in one call: chunks of 8, 8, 8 and 1, three of them through one graph whose inputs' pinned
     # twins are reused while earlier copies may still be queued (_Step.load).
-    prompts = [list(range(5 + i, 12 + 3 * (i % 7))) for i in range(28)]
+    prompts = [list(range(5 + i, 12 + i + 3 * (i % 7))) for i in range(28)]  # 7 to 25 tokens
     be = CudaGraphBackend(target, draft)
     solo = _check_admission_chunks(be, prompts)
     assert be._admits and all(s.graph is not None for s in be._admits.values())

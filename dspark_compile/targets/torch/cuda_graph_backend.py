@@ -438,6 +438,8 @@ class CudaGraphBackend:
             raise ValueError(f"admit: {n} live rows + {k} new exceed the {st.rows} rows start() allocated")
         g = st.g
         lengths = np.asarray(lengths, dtype=np.int64)
+        if (lengths < 1).any() or (lengths > t).any():
+            raise ValueError(f"admit: prompt lengths must be in [1, {t}], found {lengths.tolist()}")
         temperature = np.asarray(temperature, dtype=np.float32)
         sampling = bool((temperature > 0).any())
         replay = REPLAY if self.replay is not None and g > 0 else NO_REPLAY
