@@ -218,6 +218,9 @@ def run(work: Path, out: Path, aiperf: list[str], aiperf_path: str | None, numpy
             counters = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
             if counters.get("row_rounds"):
                 counters["tau_served"] = 1 + counters["accepted_drafts"] / counters["row_rounds"]
+            if counters.get("rounds") and "host_seconds" in counters:  # where a round's wall time goes (batcher)
+                counters["host_ms_per_round"] = {k: round(1e3 * v / counters["rounds"], 3)
+                                                 for k, v in counters["host_seconds"].items()}
             mode = report["modes"].setdefault(model.removeprefix("dspark_"), [])
             mode += rows
             mode.sort(key=lambda r: (r["concurrency"] is None, r["concurrency"] or 0))
