@@ -426,10 +426,10 @@ class CudaGraphBackend:
         """Prefill ``k`` prompts into rows ``n..n+k-1``, their first token and first draft block.
 
         Through admission graphs (:meth:`_admit_step`) in chunks of at most ``ADMIT_ROWS`` prompts: an eager
-        prefill of the 8B costs about 20 ms of kernel launches whatever its size, which under continuous
-        batching is paid every round that admits. A chunk prefills into a scratch cache, then its rows are
-        copied into the batch's caches. Prompts too long for the scratch, and Gemma4's ring, run the same
-        step eagerly straight into the rows."""
+        prefill is launch-bound whatever its size, and continuous batching pays it every round that admits
+        (docs/SERVING.md, "Admission graphs"). A chunk prefills into a scratch cache, then its rows are copied
+        into the batch's caches. Prompts too long for the scratch, and Gemma4's ring, run the same step eagerly
+        straight into the rows."""
         st = self._state
         assert st is not None and self._kv is not None, "start() first"
         k, t = input_ids.shape
