@@ -4,10 +4,10 @@ It is a **DecodeBackend** (runtime/backend.py: admit / round / select): the deco
 (`_RoundState`: lengths, anchors, pending drafts and their distributions, taps, seeds and counters). ``admit``
 prefills and drafts the first block through admission graphs (up to 8 prompts each, into a scratch cache whose
 rows are then copied: one graph serves any rows); ``round`` is **one captured graph** per (batch bucket,
-attention window, greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches already hold
-the rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence, with per-row
-verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host sync per
-round fetches the Proposal. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
+attention window, greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches
+already hold the rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence,
+with per-row verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host
+sync per round fetches the Proposal. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
 ``verify_step`` / ``draft_step`` run one greedy verify or draft graph alone, nothing committed: the units the
 per-graph step times (bench.step_times) and the SPS profile (tools/profile_sps) time.
 
@@ -669,11 +669,12 @@ class CudaGraphBackend:
         st = self._state
         assert st is not None
         g = st.g
-        if kv is None:
+        slots = self._alloc[1]
+        if kv is None:  # the scratch caches: their slots, fewer than the capacity maybe, bound the windows
             assert self._scratch is not None
-            kv, dkv = self._scratch[0][:, :, :kb], (self._scratch[1][:, :, :kb] if self._scratch[1] is not None
-                                                    else None)
-        slots = kv.shape[4] if isinstance(kv, torch.Tensor) else self._alloc[1]  # a scratch may be smaller
+            scratch, dscratch = self._scratch
+            kv, dkv = scratch[:, :, :kb], dscratch[:, :, :kb] if dscratch is not None else None
+            slots = scratch.shape[4]
         window, dwin = min(self._window(tb + g + 1), slots), min(self._window(tb + g), slots)
         per_call = uniforms_per_call(g)
         tgt, draft = self.target_model, self.draft_model
