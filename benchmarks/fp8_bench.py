@@ -1,13 +1,15 @@
 """FP8 weights on the torch CUDA-graph target (issue 12), Qwen3-8B shape with random weights, in one run.
 
 Sections: ``tune`` (every candidate configuration of the FP8 GEMM per product and row count), ``gemm`` (each
-of the layer's matrix products at M rows: bf16 cuBLAS, the weight-only FP8 Triton GEMM, and ``torch._scaled_mm``
-W8A8 rowwise for comparison; FP8 GEMM error vs the dequantized reference), ``kl`` (next-token KL(bf16 ‖ FP8) of
+of the layer's matrix products at M rows: bf16 cuBLAS, the weight-only FP8 Triton GEMM, the same kernel with
+dynamic e4m3 activations (W8A8, ``--quantize fp8-dynamic``), and ``torch._scaled_mm`` W8A8 rowwise for
+comparison; each FP8 GEMM's error vs its dequantized reference), ``kl`` (next-token KL(bf16 ‖ FP8) of
 the fused target step over random prompts), ``rounds`` (per batch and dtype: target-only and speculative
 decoding through the round graph, replayed acceptance profile b, FP8 target step vs its byte floor,
-speculative == target-only), ``head_draft`` (the same rounds with the LM head and the draft quantized too:
-``--quantize-lm-head --quantize-draft``; the LM head then also runs one FP8 GEMM configuration for step and
-verify, where bf16 cuBLAS may pick different algorithms for 64 and 512 rows).
+speculative == target-only; ``--kinds`` picks the targets: bf16, fp8, fp8_dynamic, ...), ``head_draft`` (the
+same rounds with the LM head and the draft quantized too: ``--quantize-lm-head --quantize-draft``; the LM head
+then also runs one FP8 GEMM configuration for step and verify, where bf16 cuBLAS may pick different algorithms
+for 64 and 512 rows).
 
     PYTHONPATH=. python benchmarks/fp8_bench.py --out OUT [--smoke] [--batch 1,64]
         [--sections tune,gemm,kl,rounds,head_draft] [--tune-shapes qwen3-8b,gemma4-12b]
@@ -28,7 +30,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, quantize_fp8
+from dspark_compile.models.layers import (
+    Fp8Linear,
+    activation_group,
+    fp8_dequantize,
+    fp8_group_quantize_dequantize,
+    quantize_fp8,
+)
 from dspark_compile.passes.quantize import quantize_module
 from dspark_compile.targets.torch.bench import (
     QWEN3_8B,
@@ -87,9 +95,14 @@ def bench_gemm(shape: Any, rows: list[int], bandwidth: float) -> dict[str, Any]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             got = decode_linear(x, fw).float()
             ref = F.linear(x.float(), ref_w)
+            fd = DecodeWeight.of(qw, scale, 0, None, activation_group(k))
+            ref_dyn = F.linear(fp8_group_quantize_dequantize(x, fd.act_group), ref_w)
             row = {"bf16_ms": cuda_ms(lambda x=x, w=w: F.linear(x, w)),
                    "fp8_triton_ms": cuda_ms(lambda x=x, fw=fw: decode_linear(x, fw)),
                    "fp8_rel_err": float((got - ref).abs().max() / ref.abs().max()),
+                   "w8a8_triton_ms": cuda_ms(lambda x=x, fd=fd: decode_linear(x, fd)),
+                   "w8a8_rel_err": float((decode_linear(x, fd).float() - ref_dyn).abs().max()
+                                         / ref_dyn.abs().max()),
                    "fp8_floor_ms": byte_floor_ms(n * k + 2 * m * (n + k), bandwidth),
                    "bf16_floor_ms": byte_floor_ms(2 * n * k + 2 * m * (n + k), bandwidth)}
             try:  # W8A8 rowwise: activations quantized per row (another model; timing only)
@@ -129,7 +142,8 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
     """Every candidate configuration of the decode GEMM per product, timed as the kernel's own choice is (one
     call behind an L2 flush): µs at M = 1 and 8 (small class) or 64 and 512 (large class), against bf16
     cuBLAS (and, for e4m3, dequantize-then-cuBLAS); whether M = 1 and a row of M = 8 agree bit for bit under
-    one configuration. ``weights`` "bf16": the kernel streaming bf16 weights."""
+    one configuration. ``weights`` "bf16": the kernel streaming bf16 weights; "w8a8": e4m3 weights with dynamic
+    e4m3 activations (``--quantize fp8-dynamic``)."""
     from dspark_compile.targets.torch.decode_gemm import CUBLAS, SMALL_M, _candidates
 
     out: dict[str, Any] = {}
@@ -138,7 +152,8 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
     for name, (n, k) in layer_products(shape).items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         qw, scale = quantize_fp8(w)
-        fw = DecodeWeight.full(w) if wide else DecodeWeight.of(qw, scale, 0, None)
+        act = activation_group(k) if weights == "w8a8" else 0
+        fw = DecodeWeight.full(w) if wide else DecodeWeight.of(qw, scale, 0, None, act)
         row: dict[str, Any] = {"floor_us": byte_floor_ms(n * k * (2 if wide else 1), bandwidth) * 1e3}
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -148,7 +163,7 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
                     return F.linear(x, qw.to(torch.bfloat16) * s.view(-1, 1).to(torch.bfloat16))
 
                 row[f"dequant_cublas_m{m}_us"] = bench_ms(dequant) * 1e3
-            for cfg in _candidates(m, k, k, 2 if wide else 1):
+            for cfg in _candidates(m, k, k, 2 if wide else 1, act):
                 if cfg == CUBLAS:
                     continue
                 try:
@@ -160,7 +175,8 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
                 if m == 8:
                     one = decode_linear(x[:1], fw, cfg)
                     row[f"invariant_{cfg}"] = bool(torch.equal(one, decode_linear(x, fw, cfg)[:1]))
-                    ref = F.linear(x.float(), w.float() if wide else fp8_dequantize(qw, scale, 0))
+                    xr = fp8_group_quantize_dequantize(x, act) if act else x.float()
+                    ref = F.linear(xr, w.float() if wide else fp8_dequantize(qw, scale, 0))
                     row[f"rel_err_{cfg}"] = float((decode_linear(x, fw, cfg).float() - ref).abs().max()
                                                   / ref.abs().max())
         best = {m: min((v, key) for key, v in row.items()
@@ -207,6 +223,10 @@ def main() -> int:
     ap.add_argument("--gemm-rows", default="1,8,64,512")
     ap.add_argument("--tune-shapes", default="qwen3-8b", help="shapes whose products the tune section times")
     ap.add_argument("--tune-rows", default="1,8,64,512", help="row counts the tune section times")
+    ap.add_argument("--tune-weights", default="fp8,bf16,w8a8", help="weight kinds the tune section times")
+    ap.add_argument("--kinds", default="bf16,fp8,fp8_dynamic,fp8_head_draft,fp8_dynamic_head_draft",
+                    help="targets the rounds run, in this order (quantizing is one-way: head_draft kinds last); "
+                         "_dynamic: --quantize fp8-dynamic, e4m3 activations too")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     shape = SMOKE if args.smoke else QWEN3_8B
@@ -216,7 +236,7 @@ def main() -> int:
     if "tune" in sections:
         res_tune: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": bandwidth / 1e9}
         for name in args.tune_shapes.split(","):
-            for weights in ("fp8", "bf16"):
+            for weights in args.tune_weights.split(","):
                 res_tune[f"{name}_{weights}"] = tune_gemm(SHAPES[name], bandwidth, weights,
                                                           tuple(int(m) for m in args.tune_rows.split(",")))
                 (args.out / "fp8_tune.json").write_text(json.dumps(res_tune, indent=1, default=str))
@@ -252,17 +272,21 @@ def main() -> int:
     target, draft = random_pair(shape, device="cuda", dtype=torch.bfloat16, decisive=True)
     rows: dict[str, Any] = {}
     res["rounds"] = rows
-    for dtype in ("bf16", "fp8", "fp8_head_draft"):
-        if dtype == "fp8_head_draft":  # --quantize-lm-head --quantize-draft: every weight the round reads
-            if "head_draft" not in sections:
-                continue
-            target.lm_head = Fp8Linear.quantize(target.lm_head)
-            draft.lm_head = target.lm_head
-            quantize_module(draft, skip=("lm_head", "markov_head", "confidence_head"))
-            torch.cuda.empty_cache()
-        if dtype == "fp8":
+    head = target.lm_head
+    for dtype in args.kinds.split(","):
+        if "head_draft" in dtype and "head_draft" not in sections:
+            continue
+        if dtype != "bf16" and not any(isinstance(m, Fp8Linear) for m in target.layers.modules()):
             quantize_module(target.layers)
-            torch.cuda.empty_cache()
+        if "head_draft" in dtype and not isinstance(head, Fp8Linear):  # every weight the round reads
+            head = Fp8Linear.quantize(target.lm_head)
+            quantize_module(draft, skip=("lm_head", "markov_head", "confidence_head"))
+        target.lm_head = draft.lm_head = head  # a plain Fp8Linear: StaticProgram wraps it for this kind
+        for model in (target, draft):  # --quantize fp8-dynamic: e4m3 activations into every FP8 layer
+            for m in model.modules():
+                if isinstance(m, Fp8Linear):
+                    m.act_group = activation_group(m.in_features) if "dynamic" in dtype else 0
+        torch.cuda.empty_cache()
         if "rounds" not in sections:
             continue
         be = CudaGraphBackend(target, draft)
@@ -294,18 +318,17 @@ def main() -> int:
         write()
     goals = {}
     for b in batches:
-        if f"fp8_b{b}" in rows and f"bf16_b{b}" in rows:
-            goals[f"spec_speedup_fp8_over_bf16_b{b}"] = (rows[f"fp8_b{b}"]["replay_b"]["tokens_per_s"]
-                                                         / rows[f"bf16_b{b}"]["replay_b"]["tokens_per_s"])
-            goals[f"fp8_target_vs_floor_b{b}"] = rows[f"fp8_b{b}"]["target_vs_floor"]
-            goals[f"fp8_lossless_b{b}"] = rows[f"fp8_b{b}"]["speculative"]["identical_to_target_only"]
-            goals[f"fp8_replay_lossless_b{b}"] = rows[f"fp8_b{b}"]["replay_b"]["identical_to_target_only"]
-        if f"fp8_head_draft_b{b}" in rows and f"bf16_b{b}" in rows:
-            hd = rows[f"fp8_head_draft_b{b}"]
-            goals[f"spec_speedup_fp8_head_draft_over_bf16_b{b}"] = (hd["replay_b"]["tokens_per_s"]
-                                                                    / rows[f"bf16_b{b}"]["replay_b"]["tokens_per_s"])
-            goals[f"fp8_head_draft_lossless_b{b}"] = hd["speculative"]["identical_to_target_only"]
-            goals[f"fp8_head_draft_replay_lossless_b{b}"] = hd["replay_b"]["identical_to_target_only"]
+        if f"bf16_b{b}" not in rows:
+            continue
+        base = rows[f"bf16_b{b}"]["replay_b"]["tokens_per_s"]
+        for kind in args.kinds.split(","):
+            row = rows.get(f"{kind}_b{b}")
+            if kind == "bf16" or row is None:
+                continue
+            goals[f"spec_speedup_{kind}_over_bf16_b{b}"] = row["replay_b"]["tokens_per_s"] / base
+            goals[f"{kind}_target_vs_floor_b{b}"] = row["target_vs_floor"]
+            goals[f"{kind}_lossless_b{b}"] = row["speculative"]["identical_to_target_only"]
+            goals[f"{kind}_replay_lossless_b{b}"] = row["replay_b"]["identical_to_target_only"]
     res["goals"] = goals
     from dspark_compile.targets.torch.decode_gemm import _CHOSEN
 
@@ -325,20 +348,22 @@ def plot(res: dict[str, Any], png: Path) -> None:
     except ImportError:
         return
     rows = res.get("rounds", {})
-    batches = sorted({int(k.split("_b")[1]) for k in rows})
+    batches = sorted({int(k.rsplit("_b", 1)[1]) for k in rows})
+    kinds = list(dict.fromkeys(k.rsplit("_b", 1)[0] for k in rows))
     if not batches:
         return
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(2 + 1.6 * len(kinds) * len(batches), 4.5), squeeze=False)
     for ax, b in zip(axes[0], batches, strict=True):
         labels, values = [], []
-        for dtype in ("bf16", "fp8", "fp8_head_draft"):
+        for dtype in kinds:
             row = rows.get(f"{dtype}_b{b}")
             if row is None:
                 continue
             for mode in ("target_only", "replay_b"):
-                labels.append(f"{dtype}\n{mode.replace('_', ' ')}")
+                labels.append(f"{dtype.replace('_', ' ')}\n{mode.replace('_', ' ')}")
                 values.append(row[mode]["tokens_per_s"])
-        ax.bar(labels, values, color=["#888", "#48c", "#c84", "#4a4", "#a4a", "#4aa"][: len(values)])
+        ax.bar(labels, values, color=["#888", "#48c"] * len(kinds))
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_title(f"Qwen3-8B shape, B = {b}\n(replay b: replayed acceptance, tau 4.81)")
         ax.set_ylabel("tokens/s")
     fig.tight_layout()

@@ -124,7 +124,8 @@ def build_program_of(manifest: dict[str, Any], *, device: str = "cpu", dtype: st
     program = build_program(Path(spec["target"]), Path(spec["draft"]) if spec.get("draft") else None,
                             dtype=dtype or info.dtype, device="cpu", allow_nonfinite=spec.get("allow_nonfinite", False))
     if spec.get("quantize"):
-        quantize_program(program, lm_head=spec.get("quantize_lm_head", False), draft=spec.get("quantize_draft", False))
+        quantize_program(program, lm_head=spec.get("quantize_lm_head", False), draft=spec.get("quantize_draft", False),
+                         activations=spec["quantize"] == "fp8-dynamic")
     program.target.to(device)
     if program.draft is not None:
         program.draft.to(device)

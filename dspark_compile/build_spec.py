@@ -21,7 +21,7 @@ VERIFY_MODES = ("greedy", "sampling")
 TARGETS = ("onnx", "tensorrt", "triton")
 TRT_FLAVORS = ("auto", "full", "rtx")
 TRITON_MODES = ("bls", "onnxruntime_inprocess")
-QUANTIZE = ("fp8",)
+QUANTIZE = ("fp8", "fp8-dynamic")
 
 
 class SpecFieldError(UsageError):

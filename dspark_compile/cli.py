@@ -205,7 +205,9 @@ def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prom
                    "range into chained engines, since the builder holds ~2.2x an engine's weights while building.")
 @click.option("--no-plugin", is_flag=True, default=None, help="Decompose SpecVerify even for full TensorRT.")
 @click.option("--allow-nonfinite", is_flag=True, default=None, help="Accept NaN/Inf weights.")
-@click.option("--quantize", type=click.Choice(["fp8"]), help="FP8 (e4m3) target linear weights, per-channel scales.")
+@click.option("--quantize", type=click.Choice(["fp8", "fp8-dynamic"]),
+              help="FP8 (e4m3) target linear weights, per-channel scales; fp8-dynamic: their inputs too (W8A8, "
+                   "dynamic scales per row and 128 columns).")
 @click.option("--quantize-lm-head", is_flag=True, default=None, help="With --quantize: the LM head too.")
 @click.option("--quantize-draft", is_flag=True, default=None, help="With --quantize: the draft's layers too.")
 @click.option("--check-acceptance", type=click.Path(path_type=Path),

@@ -27,7 +27,7 @@ def _ops(path: Path) -> tuple[Counter[str], int]:
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--max-tau-drop", "1.5", "--max-tau-drop: build spec field `max_tau_drop`: expected a fraction in [0, 1]"),
-    ("--quantize", "int4", "'int4' is not 'fp8'"),
+    ("--quantize", "int4", "'int4' is not one of 'fp8', 'fp8-dynamic'"),
 ])
 def test_bad_values_exit_2(golden_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str,
                            value: str, message: str) -> None:
@@ -38,28 +38,35 @@ def test_bad_values_exit_2(golden_dir: Path, tmp_path: Path, capsys: pytest.Capt
 
 
 @pytest.mark.slow  # one ONNX export and two decodes
+@pytest.mark.parametrize("method", ["fp8", "fp8-dynamic"])
 def test_build_quantize_fp8_with_acceptance_gate(golden_dir: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                                 capsys: pytest.CaptureFixture[str], method: str) -> None:
+    """fp8-dynamic: each layer's input quantized in the graph too (its scale computed there, a Q/DQ pair at
+    scale 1 on the scaled input), and onnxruntime decodes exactly as the torch reference of that model."""
     pair = golden_dir / "dspark_tiny"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     out = tmp_path / "build"
     code, stdout, err = _cli(["build", "--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out",
-                              str(out), "--quantize", "fp8", "--check-acceptance", str(prompts), "--max-tau-drop",
+                              str(out), "--quantize", method, "--check-acceptance", str(prompts), "--max-tau-drop",
                               "1", "--json"], capsys)
     assert code == 0, err
     names = [p["name"] for p in json.loads(stdout)["passes"]]
     assert names[names.index("graft") + 1] == "quantize" and names[-2:] == ["check_acceptance", "manifest"]
     manifest = json.loads((out / "manifest.json").read_text())
     q = manifest["quantization"]
-    assert q["method"] == "fp8" and len(q["layers"]) == 28 and not q["lm_head"] and not q["draft"]
+    assert q["method"] == method and len(q["layers"]) == 28 and not q["lm_head"] and not q["draft"]
+    dynamic = method == "fp8-dynamic"
+    assert ("activations e4m3 per row" in q["scheme"]) == dynamic
+    assert {e["activation_group"] for e in q["layers"].values()} == ({64, 128} if dynamic else {None})  # K 64 and 128
     assert manifest["spec"]["opset"] == 19
     acc = manifest["acceptance"]
     assert acc["backend"] == "onnxruntime" and acc["prompts"] == 3 and acc["passed"]
     assert set(acc["greedy_agreement"]) == {"token_agreement", "mean_common_prefix", "identical"}
-    for graph, dq in (("target_step", 28), ("draft_propose", 0)):
-        ops, fp8 = _ops(out / "onnx" / f"{graph}.onnx")
-        assert ops["DequantizeLinear"] == dq and fp8 == dq and ops["QuantizeLinear"] == 0
+    for graph, dq, inputs in (("target_step", 28, 16), ("draft_propose", 0, 0)):
+        ops, fp8 = _ops(out / "onnx" / f"{graph}.onnx")  # q|k|v and gate|up share one input quantization
+        assert fp8 == dq and ops["QuantizeLinear"] == (inputs if dynamic else 0)
+        assert ops["DequantizeLinear"] == dq + (inputs if dynamic else 0)
     ort = api.run(out, PROMPTS, backend="onnxruntime", max_new_tokens=24, verify="fixed")
     ref = api.run(out, PROMPTS, backend="torch", max_new_tokens=24, verify="fixed")
     assert [r.tokens for r in ort] == [r.tokens for r in ref]
@@ -80,3 +87,16 @@ def test_build_of_a_model_optimizer_fp8_checkpoint(golden_dir: Path, tmp_path: P
     ort = api.run(out, PROMPTS, backend="onnxruntime", max_new_tokens=24, verify="fixed")
     ref = api.run(out, PROMPTS, backend="torch", max_new_tokens=24, verify="fixed")
     assert [r.tokens for r in ort] == [r.tokens for r in ref]
+
+
+def test_fp8_dynamic_on_a_static_w8a8_checkpoint_is_one_clear_error(golden_dir: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A Model Optimizer checkpoint's layers carry static input scales: dynamic ones cannot be added."""
+    pair = golden_dir / "dspark_tiny"
+    write_fp8_target(pair / "target", tmp_path / "fp8", "modelopt")
+    out = tmp_path / "build"
+    code, _, err = _cli(["build", "--target", str(tmp_path / "fp8"), "--draft", str(pair / "draft"), "--out",
+                         str(out), "--quantize", "fp8-dynamic"], capsys)
+    assert code == 2 and "--quantize fp8-dynamic" in err and "static input scales" in err
+    assert "use --quantize fp8" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -6,6 +6,7 @@ reference, the ONNX export source and the torch/CUDA-graph target.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ class GatedMLP(nn.Module):
 
 # ------------------------------------------------------------------------------------ linear-weight strategies
 FP8_MAX = 448.0  # largest finite e4m3fn value
+ACT_GROUP = 128  # columns per dynamic activation scale (HF "-FP8": per token and group of 128)
 
 
 @torch.library.custom_op("dspark::fp8_dequantize", mutates_args=())
@@ -83,6 +85,37 @@ def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+def activation_group(k: int, weight_group: int = 0) -> int:
+    """Columns per dynamic activation scale for an input width ``k``: gcd(k, 128) — 128, the HF "-FP8" scheme
+    and one decode-GEMM K tile, wherever ``k`` allows (every published Qwen3 and Gemma4 width does) — and
+    within one weight scale group (``weight_group`` columns, 0: none), as the GEMM applies both per K tile."""
+    g = math.gcd(math.gcd(k, ACT_GROUP), weight_group or k)
+    if g < 16:
+        raise ValueError(f"dynamic FP8 activations need input widths that are multiples of 16; found {k}")
+    return g
+
+
+@torch.library.custom_op("dspark::fp8_group_quantize_dequantize", mutates_args=())
+def fp8_group_quantize_dequantize(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Dynamic FP8 activations (W8A8): each row's groups of ``group`` columns as e4m3(x · 448/amax) · amax/448,
+    float32. The scale comes from the row's own values, so a row's result never depends on the other rows
+    (speculative and target-only give a row the same bits); multiplying by 448/amax (not dividing per element)
+    is what the decode GEMM does too."""
+    shape = x.shape
+    xg = x.to(torch.float32).reshape(*shape[:-1], shape[-1] // group, group)
+    amax = xg.abs().amax(dim=-1, keepdim=True)
+    live = amax > 0
+    inv = torch.where(live, FP8_MAX / amax, torch.ones_like(amax))
+    s = torch.where(live, amax / FP8_MAX, torch.ones_like(amax))
+    q = (xg * inv).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.to(torch.float32) * s).reshape(shape)
+
+
+@fp8_group_quantize_dequantize.register_fake
+def _(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel e4m3: scale[n] = max|w[n]| / 448 (1 for an all-zero row) -> (e4m3 [N, K], float32 [N])."""
     wf = w.to(torch.float32)
@@ -96,18 +129,22 @@ class Fp8Linear(nn.Module):
     """A linear layer whose weight is e4m3 with a float32 dequantization scale (per tensor, per output channel,
     or per row × column group); the reference path dequantizes (:func:`fp8_dequantize`, one ONNX
     DequantizeLinear) and multiplies in the activations' dtype. With ``input_scale`` (static, per tensor) the
-    input is quantized too (W8A8: the Q/DQ pair TensorRT fuses into an FP8 GEMM)."""
+    input is quantized too (W8A8: the Q/DQ pair TensorRT fuses into an FP8 GEMM). With ``act_group`` the input
+    is quantized dynamically, per row and group of columns (:func:`fp8_group_quantize_dequantize`), and the
+    product runs in float32, as an FP8 tensor-core GEMM computes it (exact products, float32 sums)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 group: int = 0, input_scale: torch.Tensor | None = None) -> None:
+                 group: int = 0, input_scale: torch.Tensor | None = None, act_group: int = 0) -> None:
         super().__init__()
         assert weight.dtype == torch.float8_e4m3fn and weight.dim() == 2
+        assert not (act_group and input_scale is not None), "static and dynamic activation scales exclude each other"
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = nn.Parameter(scale.to(torch.float32), requires_grad=False)
         self.group = group if scale.dim() == 2 else 0
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.input_scale = None if input_scale is None else nn.Parameter(input_scale.to(torch.float32).reshape(()),
                                                                          requires_grad=False)
+        self.act_group = act_group
 
     @property
     def out_features(self) -> int:
@@ -121,10 +158,21 @@ class Fp8Linear(nn.Module):
         return fp8_dequantize(self.weight, self.weight_scale, self.group).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_group:
+            out = nn.functional.linear(fp8_group_quantize_dequantize(x, self.act_group),
+                                       self.dequantized(torch.float32))
+            return (out if self.bias is None else out + self.bias.to(torch.float32)).to(x.dtype)
         if self.input_scale is not None:
             x = fp8_quantize_dequantize(x, self.input_scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.dequantized(x.dtype), bias)
+
+    def quantize_activations(self) -> None:
+        """Dynamic e4m3 activations from now on (:func:`activation_group` columns per scale)."""
+        if self.input_scale is not None:
+            raise ValueError("the checkpoint's layers have static input scales (Model Optimizer W8A8), which "
+                             "exclude dynamic ones")
+        self.act_group = activation_group(self.in_features, self.group)
 
     @classmethod
     def quantize(cls, linear: nn.Linear) -> Fp8Linear:
@@ -142,7 +190,8 @@ def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def fp8_onnx_translation() -> dict[Any, Any]:
     """``custom_translation_table`` entries: the dequantization becomes one ``DequantizeLinear`` (FLOAT8E4M3FN
     input; ``axis=0`` for per-channel scales), the activation round trip a ``QuantizeLinear`` →
-    ``DequantizeLinear`` pair; block scales (HF "-FP8" checkpoints) a Cast and a Mul over the expanded grid."""
+    ``DequantizeLinear`` pair (dynamic groups: the scale computed in the graph, the pair at scale 1 on the
+    scaled input); block scales (HF "-FP8" checkpoints) a Cast and a Mul over the expanded grid."""
     import onnx
     from onnxscript import opset19 as op
 
@@ -160,8 +209,20 @@ def fp8_onnx_translation() -> dict[Any, Any]:
         s = op.CastLike(scale, x)
         return op.DequantizeLinear(op.QuantizeLinear(x, s, op.Constant(value=fp8_zero)), s)
 
+    def group_quantize_dequantize_onnx(x, group: int):
+        xg = op.Reshape(op.Cast(x, to=onnx.TensorProto.FLOAT),
+                        op.Concat(op.Slice(op.Shape(x), [0], [-1]), op.Constant(value_ints=[-1, group]), axis=0))
+        amax = op.ReduceMax(op.Abs(xg), op.Constant(value_ints=[-1]), keepdims=1)
+        live = op.Greater(amax, op.Constant(value_float=0.0))
+        one = op.Constant(value_float=1.0)
+        inv = op.Where(live, op.Div(op.Constant(value_float=FP8_MAX), amax), one)
+        s = op.Where(live, op.Div(amax, op.Constant(value_float=FP8_MAX)), one)
+        q = op.DequantizeLinear(op.QuantizeLinear(op.Mul(xg, inv), one, op.Constant(value=fp8_zero)), one)
+        return op.Reshape(op.Mul(q, s), op.Shape(x))
+
     return {torch.ops.dspark.fp8_dequantize.default: dequantize_onnx,
-            torch.ops.dspark.fp8_quantize_dequantize.default: quantize_dequantize_onnx}
+            torch.ops.dspark.fp8_quantize_dequantize.default: quantize_dequantize_onnx,
+            torch.ops.dspark.fp8_group_quantize_dequantize.default: group_quantize_dequantize_onnx}
 
 
 class RotaryEmbedding(nn.Module):

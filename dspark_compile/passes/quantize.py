@@ -4,7 +4,10 @@ Decode at small batch reads every weight once per step, so e4m3 weights halve th
 Each decoder linear layer becomes an :class:`~dspark_compile.models.layers.Fp8Linear` (scale[n] =
 max|W[n]| / 448, round-to-nearest e4m3); the LM head joins with ``quantize_lm_head``, the draft's layers and
 ``fc`` with ``quantize_draft``; embeddings, norms and the draft's Markov/confidence heads keep their dtype.
-Layers a pre-quantized checkpoint already holds in FP8 are kept as they are. The manifest records the method
+Layers a pre-quantized checkpoint already holds in FP8 are kept as they are. ``fp8-dynamic`` also quantizes
+every FP8 layer's input dynamically, e4m3 per row and group of 128 columns (W8A8, the activation scheme HF
+"-FP8" checkpoints declare): on Hopper the decode GEMM then multiplies e4m3 by e4m3 on the tensor cores and
+streams its weights with no widening (docs/BENCH.md). The manifest records the method
 and, per quantized layer, its scales' shape, range and sha256. Each weight quantized gives its checkpoint pages
 back (they would otherwise stay resident next to the e4m3 copy: docs/BENCH.md, build memory).
 """
@@ -20,11 +23,15 @@ from torch import nn
 
 from dspark_compile.build_state import BuildState
 from dspark_compile.checkpoint.store import MappedPages
+from dspark_compile.errors import UsageError
 from dspark_compile.models.layers import Fp8Linear, replace_module
 from dspark_compile.program import DecodeProgram
 
-METHOD = "fp8"
-SCHEME = "e4m3 weights, float32 per-output-channel scale max|W[n]|/448; activations in the model dtype"
+SCHEMES = {
+    "fp8": "e4m3 weights, float32 per-output-channel scale max|W[n]|/448; activations in the model dtype",
+    "fp8-dynamic": "e4m3 weights, float32 per-output-channel scale max|W[n]|/448; activations e4m3 per row and "
+                   "group of gcd(K, 128) columns, scale amax/448, product in float32",
+}
 
 
 def quantize_module(root: nn.Module, *, skip: tuple[str, ...] = ()) -> list[str]:
@@ -49,13 +56,16 @@ def scale_summary(root: nn.Module, prefix: str, skip: tuple[str, ...]) -> dict[s
             s = m.weight_scale.detach().to(torch.float32).contiguous()
             out[f"{prefix}{name}"] = {"shape": list(s.shape), "min": float(s.min()), "max": float(s.max()),
                                       "input_scale": None if m.input_scale is None else float(m.input_scale),
+                                      "activation_group": m.act_group or None,
                                       "sha256": hashlib.sha256(s.numpy().tobytes()).hexdigest()}
     return out
 
 
-def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bool = False) -> None:
+def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bool = False,
+                     activations: bool = False) -> None:
     """FP8 weights in place: the target's decoder layers, its LM head (``lm_head``; the draft shares it) and
-    the draft's layers and ``fc`` (``draft``). Also how a build's torch reference is rebuilt (api.load_backend)."""
+    the draft's layers and ``fc`` (``draft``); with ``activations`` every FP8 layer's input too (dynamic
+    scales). Also how a build's torch reference is rebuilt (api.load_backend)."""
     target = program.target
     quantize_module(target.layers)
     if lm_head and type(target.lm_head) is nn.Linear:
@@ -64,6 +74,11 @@ def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bo
         program.draft.lm_head = target.lm_head  # the graft shares the target's head, quantized or not
         if draft:
             quantize_module(program.draft, skip=("lm_head", "markov_head", "confidence_head"))
+    if activations:
+        for model in (target, program.draft):
+            for m in model.modules() if model is not None else ():
+                if isinstance(m, Fp8Linear) and not m.act_group:
+                    m.quantize_activations()
 
 
 def run(state: BuildState) -> None:
@@ -72,12 +87,16 @@ def run(state: BuildState) -> None:
     pre = state.pair.target.quant
     if spec.quantize is None and pre is None:
         return
-    if spec.quantize == METHOD:
-        quantize_program(program, lm_head=spec.quantize_lm_head, draft=spec.quantize_draft)
+    if spec.quantize in SCHEMES:
+        try:
+            quantize_program(program, lm_head=spec.quantize_lm_head, draft=spec.quantize_draft,
+                             activations=spec.quantize == "fp8-dynamic")
+        except ValueError as exc:  # static input scales (a W8A8 checkpoint), or an input width fp8-dynamic can't split
+            raise UsageError(f"--quantize {spec.quantize}: {exc}; use --quantize fp8 for this target") from exc
     target, draft = program.target, program.draft
     state.quantization = {
         "method": spec.quantize or pre.layout.method,  # type: ignore[union-attr]
-        "scheme": SCHEME if spec.quantize else None,
+        "scheme": SCHEMES[spec.quantize] if spec.quantize else None,
         "checkpoint": pre.to_json() if pre is not None else None,
         "lm_head": isinstance(target.lm_head, Fp8Linear),
         "draft": draft is not None and any(isinstance(m, Fp8Linear) for m in draft.layers.modules()),

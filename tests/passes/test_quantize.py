@@ -72,6 +72,30 @@ def test_lm_head_and_draft_when_asked(golden_pair: tuple[Path, Path], tmp_path: 
     assert "draft.layers.1.mlp.down_proj" in q["layers"]
 
 
+def test_fp8_dynamic_quantizes_the_inputs_of_every_fp8_layer(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--quantize fp8-dynamic``: the same e4m3 weights, and each FP8 layer's input e4m3 per row and group
+    (gcd(K, 128) columns: 64 and 128 on the golden pair), which the layer's output shows: its input rounded to
+    e4m3 per group, times the dequantized weight, equals the layer's output."""
+    state = _state(golden_pair, tmp_path, quantize="fp8-dynamic", quantize_draft=True)
+    program = state.program
+    fp8 = [m for m in program.target.layers.modules() if isinstance(m, Fp8Linear)]
+    assert len(fp8) == 28 and {m.act_group for m in fp8} == {64, 128}
+    assert all(m.act_group == 128 for m in fp8 if m.in_features == 128)
+    assert all(m.act_group for m in program.draft.layers.modules() if isinstance(m, Fp8Linear))
+    q = state.quantization
+    assert q["method"] == "fp8-dynamic" and "activations e4m3 per row" in q["scheme"]
+    assert q["layers"]["target.layers.0.mlp.down_proj"]["activation_group"] == 128
+    lin = program.target.layers[0].mlp.down_proj
+    x = torch.randn(3, lin.in_features)
+    x[0, :64] *= 1000.0  # a loud group: the other group of that row keeps its own scale
+    xg = x.reshape(3, -1, 128)
+    scale = xg.abs().amax(-1, keepdim=True) / FP8_MAX
+    xq = ((xg * (FP8_MAX / xg.abs().amax(-1, keepdim=True))).to(torch.float8_e4m3fn).float() * scale).reshape(3, -1)
+    want = nn.functional.linear(xq, lin.dequantized(torch.float32))
+    torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(lin(x), nn.functional.linear(x, lin.dequantized(torch.float32)), rtol=1e-3)
+
+
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux /proc/self/smaps")
 def test_quantized_weights_give_back_their_checkpoint_pages(tmp_path: Path) -> None:
     """A weight read through the checkpoint's memory map leaves the build's resident set once quantized (the

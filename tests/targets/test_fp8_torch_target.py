@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     from torch.nn import functional as F
-    from dspark_compile.models.layers import fp8_dequantize, quantize_fp8
+    from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, quantize_fp8
     from dspark_compile.passes.quantize import quantize_program
     from dspark_compile.program import build_program
     from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear, split_k
@@ -68,7 +68,36 @@ SCRIPT = textwrap.dedent(
         for cfg in ((16, 32, 64, 8, 4, 3, 0), (16, 64, 64, 0, 4, 3, 0)):
             close(f"full {m}x{n}x{k} {cfg}", decode_linear(x, DecodeWeight.full(w, bias), cfg), ref)
 
+    # dynamic e4m3 activations (conversion 3: W8A8) against the module's own forward, float32 inputs: per-channel
+    # and 128-column weight groups, split K, a loud group in a row, a row of M = 8 equal to M = 1
+    for m, n, k, group in ((1, 96, 256, 0), (5, 64, 1024, 0), (3, 64, 512, 128), (40, 64, 256, 0)):
+        if group:
+            lin = Fp8Linear((torch.randn(n, k) / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn),
+                            torch.rand(n, k // group) + 0.5, torch.randn(n), group=group)
+        else:
+            lin = Fp8Linear.quantize(torch.nn.Linear(k, n))
+        lin.quantize_activations()
+        x = torch.randn(m, k); x[0, :64] *= 300
+        fw = DecodeWeight.of(lin.weight, lin.weight_scale, lin.group, lin.bias, lin.act_group)
+        assert fw.act_group == 128
+        close(f"w8a8 {m}x{n}x{k} group {group}", decode_linear(x, fw), lin(x), 1e-5)
+        if m <= 16:
+            cfg = (16, 32, 128, 8, 4, 3, 3)
+            assert split_k(n, k, fw.group, cfg, 4)[1] > 1
+            close(f"w8a8 split K {m}x{n}x{k}", decode_linear(x, fw, cfg), lin(x), 1e-5)
+            rows = torch.randn(8, k); rows[3] = x[0]
+            assert torch.equal(decode_linear(rows, fw, cfg)[3], decode_linear(x[:1], fw, cfg)[0]), "w8a8 rows"
+
     golden = Path(sys.argv[1])
+    # the fused target step of an fp8-dynamic program against its modules' forward
+    dyn = [build_program(golden / "target", golden / "draft") for _ in range(2)]
+    for p in dyn:
+        quantize_program(p, activations=True)
+    ids = torch.randint(0, 384, (3, 5)); cl = torch.tensor([0, 7, 30])
+    k1 = dyn[0].target.new_cache(3, 256); k2 = k1.clone()
+    h1, _ = StaticProgram(dyn[0].target, None, fused=False, attention="reference").target_step(ids, cl, k1, 128)
+    h2, _ = StaticProgram(dyn[1].target, None, fused=True, attention="reference").target_step(ids, cl, k2, 128)
+    close("w8a8 target hidden", h1, h2, 1e-4); close("w8a8 target cache", k1, k2, 1e-4)
     programs = []
     for _ in range(2):
         p = build_program(golden / "target", golden / "draft")
@@ -105,7 +134,8 @@ def test_fp8_gemm_and_fused_fp8_program_match_the_reference_in_interpreter(golde
 @pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
 @pytest.mark.parametrize(("block_m", "fast", "per_channel", "weight"),
                          [(16, 1, True, "fp8e4nv"), (16, 1, False, "fp8e4nv"), (64, 1, True, "fp8e4nv"),
-                          (16, 2, True, "fp8e4nv"), (16, 0, True, "bf16")])
+                          (16, 2, True, "fp8e4nv"), (16, 0, True, "bf16"), (16, 3, True, "fp8e4nv"),
+                          (16, 3, False, "fp8e4nv"), (64, 3, True, "fp8e4nv")])
 def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conversion(
         block_m: int, fast: int, per_channel: bool, weight: str) -> None:
     """What the GPU runs, checked without one: the kernel lowers to sm_90 wgmma; its weight tiles stream through
@@ -135,6 +165,11 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
     assert "cp.async.cg.shared.global" in ptx and "ttg.async_copy_global_to_local" in kernel.asm["ttgir"]
     if weight == "bf16":
         assert "cvt.rn.f16x2.e4m3x2" not in ptx
+        return
+    if fast == 3:  # W8A8: e4m3 x e4m3 tensor-core products; only the activations are converted (to e4m3)
+        assert f"wgmma.mma_async.sync.aligned.m64n{block_m}k32.f32.e4m3.e4m3" in ptx
+        assert "cvt.rn.f16x2.e4m3x2" not in ptx and "cvt.rn.satfinite.e4m3x2.f32" in ptx
+        assert "div.rn.f32" in ptx  # the scales 448/amax and amax/448 exactly (round to nearest)
         return
     assert ptx.count("cvt.rn.f16x2.e4m3x2") == 128 * 128 // (4 * 32 * 2)  # one per value pair of the tile
     assert "cvt.bf16.f16" not in ptx
@@ -216,6 +251,51 @@ def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
             top = tgt.logits(hidden[0, -1]).topk(2)
         assert set(top.indices.tolist()) == {got[i], want[i]}, (i, top)
         assert float(top.values[0] - top.values[1]) < 0.5, (i, top)
+
+
+@pytest.mark.gpu
+def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
+    """Dynamic e4m3 activations (``--quantize fp8-dynamic``): the e4m3 × e4m3 kernel against the modules'
+    reference of the same model (quantize the activations per row and 128 columns, dequantize, float32
+    product), one configuration for M = 1 and M = 8, and speculative == target-only through the round graphs."""
+    import torch
+    from torch.nn import functional as F
+
+    if not torch.cuda.is_available():
+        pytest.skip(reason="needs a CUDA GPU")
+    import numpy as np
+
+    from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, fp8_group_quantize_dequantize, quantize_fp8
+    from dspark_compile.passes.quantize import quantize_module
+    from dspark_compile.targets.torch import CudaGraphBackend
+    from dspark_compile.targets.torch.bench import SMOKE, decode_rounds, random_pair, replay_reference
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear
+
+    torch.manual_seed(0)
+    for m, n, k in ((1, 4096, 4096), (8, 6144, 4096), (64, 4096, 12288), (512, 4096, 4096)):
+        q, scale = quantize_fp8(torch.randn(n, k, device="cuda") * 0.02)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        x[0, :128] *= 100  # one group far louder than the rest of its row: scales are per group
+        fw = DecodeWeight.of(q, scale, 0, None, 128)
+        ref = F.linear(fp8_group_quantize_dequantize(x, 128), fp8_dequantize(q, scale, 0))
+        got = decode_linear(x, fw).float()
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2
+        if m <= 16:
+            assert torch.equal(decode_linear(x[:1], fw), decode_linear(x, fw)[:1])
+
+    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
+    quantize_module(target.layers)
+    for module in target.modules():
+        if isinstance(module, Fp8Linear):
+            module.quantize_activations()
+    backend = CudaGraphBackend(target, draft)
+    prompts = [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)]
+    target_only = decode_rounds(backend, prompts, max_new_tokens=48, speculative=False)
+    g = backend.info.block_size
+    backend.set_replay(replay_reference(prompts, target_only.tokens, 24 + 48 + 2 * g + 3), np.ones(g, np.float32))
+    speculative = decode_rounds(backend, prompts, max_new_tokens=40)
+    assert speculative.tokens == [t[:40] for t in target_only.tokens]
+    assert all(r["accepted"] == g + 1 for rs in speculative.rounds for r in rs[:-1])
 
 
 def test_decode_gemm_candidates() -> None:

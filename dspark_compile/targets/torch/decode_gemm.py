@@ -17,7 +17,9 @@ give a row the same bits, as each output row's reduction never depends on the ot
 use wider M tiles, one configuration up to ``SPLIT_M`` rows (B = 64: step 64, verify 512) and one beyond;
 full-precision weights use cuBLAS there.
 
-Activations are not quantized: ``torch._scaled_mm`` would need FP8 activations (W8A8), a different model.
+Activations stay in the model dtype (W8A16) unless the layer quantizes them (``--quantize fp8-dynamic``: e4m3
+per row and K tile of 128, scale amax/448, as HF "-FP8" checkpoints declare): then the product is e4m3 × e4m3 on
+the tensor cores (conversion 3), with no widening of the weights at all.
 Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests; no inline PTX there: conversion 1
 falls back to Triton's, conversion 2 scales with Triton ops).
 """
@@ -66,16 +68,34 @@ def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N,
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-        if FAST_CVT == 2:  # an fp16 product: e4m3 -> f16 is one instruction per two values; x scaled into range
-            xt = _bf16_to_f16_scaled(xt, ASM)
-            wt = w.to(tl.float16)
-        else:  # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
-            wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
-        if PER_CHANNEL or WIDE:
-            acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
+        if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
+            xf = xt.to(tl.float32)
+            amax = tl.max(tl.abs(xf), axis=0)
+            live = amax > 0
+            inv = tl.where(live, tl.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 1.0)
+            xs = tl.where(live, tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+            xc = tl.clamp(xf * inv[None, :], -448.0, 448.0)
+            if ASM:
+                p = tl.dot(w, xc.to(tl.float8e4nv, fp_downcast_rounding="rtne"))
+            else:  # the interpreter (whose float8 rounding is not round-to-nearest-even): the same products
+                p = tl.dot(w.to(tl.float32), _round_e4m3(xc), input_precision="ieee")
+            if PER_CHANNEL:
+                acc += p * xs[None, :]
+            else:
+                s = tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0)
+                acc += p * xs[None, :] * s[:, None]
         else:
-            s = _unshift(tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0), FAST_CVT)
-            acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
+            if FAST_CVT == 2:  # an fp16 product: e4m3 -> f16 is one instruction per two values; x scaled
+                xt = _bf16_to_f16_scaled(xt, ASM)
+                wt = w.to(tl.float16)
+            else:  # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
+                wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
+            if PER_CHANNEL or WIDE:
+                acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
+            else:
+                s = _unshift(tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0),
+                             FAST_CVT)
+                acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
     mask = n_mask[:, None] & m_mask[None, :]
     tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     if SPLITS > 1:
@@ -129,6 +149,17 @@ def _bf16_to_f16_scaled(x, ASM: tl.constexpr):
 
 
 @triton.jit
+def _round_e4m3(v):
+    """float32 ``v`` (|v| ≤ 448) rounded to nearest-even e4m3, as float32: 3 mantissa bits on the float32 bits
+    for e4m3 normals, a multiple of 2⁻⁹ (float32 addition rounds it) below 2⁻⁶. For the interpreter only."""
+    bits = v.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    a = tl.abs(v)
+    sub = (a + 16384.0) - 16384.0  # 2^14: its float32 ulp is 2^-9
+    return tl.where(a >= 0.015625, normal, tl.where(v < 0, -sub, sub))
+
+
+@triton.jit
 def _unshift(s, FAST_CVT: tl.constexpr):
     """The scale with the conversion's power of two folded in."""
     if FAST_CVT == 1:
@@ -168,15 +199,17 @@ class DecodeWeight:
     scale: torch.Tensor
     group: int
     bias: torch.Tensor | None = None
+    act_group: int = 0  # > 0: the input is quantized to e4m3 per row and this many columns (W8A8)
 
     @classmethod
-    def of(cls, weight: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None) -> DecodeWeight:
+    def of(cls, weight: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None,
+           act_group: int = 0) -> DecodeWeight:
         """From an :class:`~dspark_compile.models.layers.Fp8Linear`'s tensors: per-tensor and per-channel scales
         become one group of all K columns."""
         n, k = weight.shape
         if scale.dim() < 2:
             scale, group = scale.to(torch.float32).reshape(-1, 1).expand(n, 1).contiguous(), k
-        return cls(weight.contiguous(), scale.to(torch.float32).contiguous(), group, bias)
+        return cls(weight.contiguous(), scale.to(torch.float32).contiguous(), group, bias, act_group)
 
     @classmethod
     def full(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> DecodeWeight:
@@ -193,11 +226,11 @@ class DecodeWeight:
 
     @staticmethod
     def cat(parts: list[DecodeWeight]) -> DecodeWeight:
-        """Row-wise concatenation (q|k|v, gate|up): same K and group."""
-        assert len({(p.weight.shape[1], p.group, p.scale.shape[1]) for p in parts}) == 1
+        """Row-wise concatenation (q|k|v, gate|up): same K, group and activation group."""
+        assert len({(p.weight.shape[1], p.group, p.scale.shape[1], p.act_group) for p in parts}) == 1
         bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])  # type: ignore[misc]
         return DecodeWeight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]),
-                            parts[0].group, bias)
+                            parts[0].group, bias, parts[0].act_group)
 
 
 SMALL_M = 16  # rows up to which one configuration serves every row count (decode: B and B·(γ+1) at B = 1)
@@ -237,9 +270,15 @@ def row_class(m: int) -> int:
     return 0 if m <= SMALL_M else 1 if m <= SPLIT_M else 2
 
 
-def _candidates(m: int, k: int, group: int, weight_bytes: int = 1) -> list[Config]:
+def _candidates(m: int, k: int, group: int, weight_bytes: int = 1, act_group: int = 0) -> list[Config]:
     """Configurations whose K tile lies within one scale group, their stages cut to fit shared memory. A
-    full-precision weight (``weight_bytes`` > 1) has cuBLAS first, and only cuBLAS beyond ``SMALL_M`` rows."""
+    full-precision weight (``weight_bytes`` > 1) has cuBLAS first, and only cuBLAS beyond ``SMALL_M`` rows.
+    Quantized activations (``act_group``) take conversion 3 with a K tile of exactly one activation group."""
+    if act_group:
+        base = _candidates(m, k, group, weight_bytes)
+        out = list(dict.fromkeys((bm, bn, bk, per_sm, w, st, 3) for bm, bn, bk, per_sm, w, st, _ in base
+                                 if bk == act_group))
+        return out or [(16 if m <= SMALL_M else 64, 64, act_group, 0, 4, 3, 3)]
     if m <= SMALL_M:
         out = [(16, bn, bk, per_sm, w, st, f) for bn, bk, per_sm, w, st, f in SMALL_CONFIGS]
     elif weight_bytes > 1:
@@ -266,11 +305,11 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
     whose result strays from the first's (plain conversion, or cuBLAS) by more than float32 summation order
     can explain, is dropped."""
     m, k = x.shape
-    key = (row_class(m), *w.weight.shape, w.group, x.dtype.itemsize, w.weight.dtype.itemsize)
+    key = (row_class(m), *w.weight.shape, w.group, x.dtype.itemsize, w.weight.dtype.itemsize, w.act_group)
     chosen = _CHOSEN.get(key)
     if chosen is not None:
         return chosen
-    candidates = _candidates(m, k, w.group, w.weight.dtype.itemsize)
+    candidates = _candidates(m, k, w.group, w.weight.dtype.itemsize, w.act_group)
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
         return candidates[0]
     best, best_ms = candidates[0], float("inf")
@@ -352,7 +391,8 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
     if counters is None or counters.numel() < grid[0] * grid[2]:
         counters = torch.zeros(max(1 << 16, grid[0] * grid[2]), dtype=torch.int32, device=x.device)
         _COUNTERS[x.device] = counters
-    conversion = 0 if w.wide or x.dtype != torch.bfloat16 or (fast == 1 and not x.is_cuda) else fast
+    conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
+        fast == 1 and not x.is_cuda) else fast
     _decode_gemm_kernel[grid](x, w.weight, w.scale, part, counters, out, m, n, k, w.scale.shape[1], w.group, k_split,
                               splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_CHANNEL=w.group >= k,
                               EVEN=n % bn == 0 and k % bk == 0,

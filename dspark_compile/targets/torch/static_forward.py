@@ -112,8 +112,11 @@ class _Linear:
             scales = {None if lin.input_scale is None else float(lin.input_scale) for lin in linears}
             if len(scales) > 1:
                 raise ValueError(f"fused FP8 layers need one static input scale; found {sorted(map(str, scales))}")
+            if len({lin.act_group for lin in linears}) > 1:
+                raise ValueError("fused FP8 layers need one activation quantization")
             parts = [DecodeWeight.of(lin.weight.detach(), lin.weight_scale.detach(), lin.group,
-                                  None if lin.bias is None else lin.bias.detach()) for lin in linears]
+                                  None if lin.bias is None else lin.bias.detach(), lin.act_group)
+                     for lin in linears]
             whole = DecodeWeight.cat(parts) if len(parts) > 1 else parts[0]
             _repoint(linears, "weight", whole.weight)
             return cls(whole, None, linears[0].input_scale)
@@ -156,7 +159,7 @@ class _KernelFp8Linear(Fp8Linear):
         nn.Module.__init__(self)
         self.weight, self.weight_scale, self.bias, self.input_scale = (lin.weight, lin.weight_scale, lin.bias,
                                                                        lin.input_scale)
-        self.group = lin.group
+        self.group, self.act_group = lin.group, lin.act_group
         self.product = _Linear.of([self])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
