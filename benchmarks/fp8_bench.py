@@ -163,9 +163,8 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
                     return F.linear(x, qw.to(torch.bfloat16) * s.view(-1, 1).to(torch.bfloat16))
 
                 row[f"dequant_cublas_m{m}_us"] = bench_ms(dequant) * 1e3
-            for cfg in _candidates(m, k, k, 2 if wide else 1, act):
-                if cfg == CUBLAS:
-                    continue
+            base = [c for c in _candidates(m, k, k, 2 if wide else 1, act) if c != CUBLAS]
+            for cfg in base + [(*c, 1) for c in base]:  # and each with TMA weight loads
                 try:
                     us = bench_ms(lambda x=x, cfg=cfg, fw=fw: decode_linear(x, fw, cfg)) * 1e3
                     row[f"{weights}_m{m}_{cfg}_us"] = us

@@ -132,12 +132,14 @@ def test_fp8_gemm_and_fused_fp8_program_match_the_reference_in_interpreter(golde
 
 
 @pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
-@pytest.mark.parametrize(("block_m", "fast", "per_channel", "weight"),
-                         [(16, 1, True, "fp8e4nv"), (16, 1, False, "fp8e4nv"), (64, 1, True, "fp8e4nv"),
-                          (16, 2, True, "fp8e4nv"), (16, 0, True, "bf16"), (16, 3, True, "fp8e4nv"),
-                          (16, 3, False, "fp8e4nv"), (64, 3, True, "fp8e4nv")])
+@pytest.mark.parametrize(("block_m", "fast", "per_channel", "weight", "tma"),
+                         [(16, 1, True, "fp8e4nv", False), (16, 1, False, "fp8e4nv", False),
+                          (64, 1, True, "fp8e4nv", False), (16, 2, True, "fp8e4nv", False),
+                          (16, 0, True, "bf16", False), (16, 3, True, "fp8e4nv", False),
+                          (16, 3, False, "fp8e4nv", False), (64, 3, True, "fp8e4nv", False),
+                          (16, 3, True, "fp8e4nv", True), (16, 2, True, "fp8e4nv", True), (16, 0, True, "bf16", True)])
 def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conversion(
-        block_m: int, fast: int, per_channel: bool, weight: str) -> None:
+        block_m: int, fast: int, per_channel: bool, weight: str, tma: bool) -> None:
     """What the GPU runs, checked without one: the kernel lowers to sm_90 wgmma; its weight tiles stream through
     cp.async stages (software pipelining, which Triton applies only to loads it can prove 16-byte aligned: K,
     the split and the strides as the launch specializes them); with the fast conversion each pair of e4m3
@@ -148,12 +150,13 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
 
     from dspark_compile.targets.torch.decode_gemm import _decode_gemm_kernel
 
-    sig = {"x_ptr": "*bf16", "w_ptr": f"*{weight}", "s_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
+    desc = f"tensordesc<{weight}[128, 128]>" if tma else f"*{weight}"
+    sig = {"x_ptr": "*bf16", "w_ptr": f"*{weight}", "w_desc": desc, "s_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32",
            "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32",
            "SPLITS": "i32", "stride_xm": "i32"}
     consts = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": per_channel, "EVEN": True,
-              "PRECISION": None, "FAST_CVT": fast, "WIDE": weight == "bf16", "ASM": True}
-    unaligned = ("M", "KB", "GROUP", "SPLITS")
+              "PRECISION": None, "FAST_CVT": fast, "WIDE": weight == "bf16", "ASM": True, "TMA": tma}
+    unaligned = ("M", "KB", "GROUP", "SPLITS", "w_desc")
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name not in unaligned}
     src = ASTSource(_decode_gemm_kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts, attrs=aligned)
     try:
@@ -163,6 +166,8 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx
     assert "cp.async.cg.shared.global" in ptx and "ttg.async_copy_global_to_local" in kernel.asm["ttgir"]
+    if tma:  # the weight tiles by the tensor memory accelerator, pipelined (the activations stay cp.async)
+        assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx and "mbarrier.try_wait" in ptx
     if weight == "bf16":
         assert "cvt.rn.f16x2.e4m3x2" not in ptx
         return

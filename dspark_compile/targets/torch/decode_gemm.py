@@ -36,13 +36,15 @@ import triton.testing
 from torch.nn import functional as F
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
-def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT, SPLITS,
-                        stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT,
+                        SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
-                        FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True):
+                        FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
+                        TMA: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -63,7 +65,9 @@ def _decode_gemm_kernel(x_ptr, w_ptr, s_ptr, part_ptr, count_ptr, out_ptr, M, N,
     k_end = tl.minimum(k_begin + K_SPLIT, K)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + rk
-        if EVEN:
+        if TMA:  # the tensor memory accelerator: one instruction per tile, out-of-bounds columns read as zero
+            w = w_desc.load([pid_n * BLOCK_N, k0])
+        elif EVEN:
             w = tl.load(w_rows + offs_k[None, :])
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -251,8 +255,9 @@ conversion 2 and many small programs per SM."""
 LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 64, 128, 1, 4, 4, 1),
                  (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1))
 """BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M."""
-Config = tuple[int, int, int, int, int, int, int]
-"""BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, conversion."""
+Config = tuple[int, ...]
+"""BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, conversion, and optionally 1: the weight tiles
+loaded by TMA (Hopper's tensor memory accelerator) instead of per-thread asynchronous copies."""
 CUBLAS: Config = (0, 0, 0, 0, 0, 0, 0)
 """Not the kernel: ``F.linear`` (cuBLAS), the reference and a candidate for full-precision weights."""
 SMEM_BYTES = 200 * 1024
@@ -312,6 +317,8 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
     candidates = _candidates(m, k, w.group, w.weight.dtype.itemsize, w.act_group)
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
         return candidates[0]
+    if torch.cuda.get_device_capability(x.device)[0] >= 9:  # each configuration again with TMA weight loads
+        candidates += [(*c, 1) for c in candidates if c != CUBLAS]
     best, best_ms = candidates[0], float("inf")
     reference = _launch(x, w, candidates[0]).float()
     for cfg in candidates:
@@ -382,7 +389,8 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
         return F.linear(x, w.weight)
     m, k = x.shape
     n = w.weight.shape[0]
-    bm, bn, bk, _, warps, stages, fast = cfg
+    bm, bn, bk, _, warps, stages, fast = cfg[:7]
+    tma = len(cfg) > 7 and cfg[7] == 1 and x.is_cuda
     k_split, splits = split_k(n, k, w.group, cfg, _sms(x.device))
     grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -393,8 +401,10 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
         _COUNTERS[x.device] = counters
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
-    _decode_gemm_kernel[grid](x, w.weight, w.scale, part, counters, out, m, n, k, w.scale.shape[1], w.group, k_split,
-                              splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_CHANNEL=w.group >= k,
+    desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight
+    _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, part, counters, out, m, n, k, w.scale.shape[1], w.group,
+                              k_split, splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                              PER_CHANNEL=w.group >= k, TMA=tma,
                               EVEN=n % bn == 0 and k % bk == 0,
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
