@@ -249,9 +249,9 @@ SMALL_CONFIGS = ((128, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 1), (64, 128, 4, 4,
 """BLOCK_N, BLOCK_K, programs per SM (K is split until the grid has that many; 0: no split), warps, stages,
 conversion (0: Triton's e4m3 → bf16; 1: :func:`_e4m3_to_bf16_shifted`; 2: an fp16 product, e4m3 → f16 in one
 instruction per two values and the activations scaled into fp16 by :data:`X_SCALE`) for M <= SMALL_M
-(BLOCK_M = 16). The first is the reference every other is checked against when timed. At small M this kernel
-is bound by instructions per weight byte, not by the memory system (docs/BENCH.md, "The decode GEMM"), hence
-conversion 2 and many small programs per SM."""
+(BLOCK_M = 16). The first is the reference every other is checked against when timed. Conversion 2 and the
+many small programs per SM were added for a kernel thought bound by conversion instructions; with no conversion
+at all (W8A8, conversion 3) it measured no faster at small M (docs/BENCH.md, "Dynamic e4m3 activations")."""
 LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 64, 128, 1, 4, 4, 1),
                  (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1))
 """BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M."""
