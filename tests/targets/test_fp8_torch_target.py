@@ -152,8 +152,8 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
 
     desc = f"tensordesc<{weight}[128, 128]>" if tma else f"*{weight}"
     sig = {"x_ptr": "*bf16", "w_ptr": f"*{weight}", "w_desc": desc, "s_ptr": "*fp32", "part_ptr": "*fp32",
-           "count_ptr": "*i32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32",
-           "SPLITS": "i32", "stride_xm": "i32"}
+           "count_ptr": "*i32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "GROUP": "i32",
+           "K_SPLIT": "i32", "SPLITS": "i32", "stride_xm": "i32"}
     consts = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": per_channel, "EVEN": True,
               "PRECISION": None, "FAST_CVT": fast, "WIDE": weight == "bf16", "ASM": True, "TMA": tma}
     unaligned = ("M", "KB", "GROUP", "SPLITS", "w_desc")
