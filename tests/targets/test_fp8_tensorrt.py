@@ -1,7 +1,8 @@
 """FP8 graphs through TensorRT-RTX (engines built on the CPU): the inspector JSON's network shows which matrix
 products are FP8 GEMMs (Q/DQ on both inputs: a Model Optimizer W8A8 checkpoint) and which stay in higher
 precision (attention, the LM head, the draft; and every product of a weight-only `--quantize fp8` graph,
-whose activations carry no Q/DQ)."""
+whose activations carry no Q/DQ, and of an `fp8-dynamic` graph, whose activations' scales are computed in the
+graph: TensorRT fuses Q/DQ into an FP8 GEMM only with constant scales)."""
 
 from __future__ import annotations
 
@@ -34,13 +35,14 @@ def matmul_precisions(description: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.slow  # two ONNX exports and six TensorRT-RTX engine builds
+@pytest.mark.slow  # three ONNX exports and nine TensorRT-RTX engine builds
 def test_tensorrt_rtx_inspector_shows_fp8_gemms(golden_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install -e '.[rtx]')")
     pair = golden_dir / "dspark_tiny"
     write_fp8_target(pair / "target", tmp_path / "modelopt", "modelopt")
     found = {}
-    for name, target, extra in (("w8a8", tmp_path / "modelopt", {}), ("w8a16", pair / "target", {"quantize": "fp8"})):
+    for name, target, extra in (("w8a8", tmp_path / "modelopt", {}), ("w8a16", pair / "target", {"quantize": "fp8"}),
+                                ("dynamic", pair / "target", {"quantize": "fp8-dynamic"})):
         out = tmp_path / name
         api.build(target=target, draft=pair / "draft", out=out, targets="onnx,tensorrt", trt_flavor="rtx",
                   max_batch=4, max_context=128, progress=False, **extra)
@@ -53,6 +55,7 @@ def test_tensorrt_rtx_inspector_shows_fp8_gemms(golden_dir: Path, tmp_path: Path
     for graph in ("target_step",):
         assert found["w8a8", graph] == {"fp8": 28, "weight_only": 0, "higher": 9}
         assert found["w8a16", graph] == {"fp8": 0, "weight_only": 28, "higher": 9}
+        assert found["dynamic", graph] == {"fp8": 0, "weight_only": 28, "higher": 9}
     assert found["w8a8", "draft_propose"]["fp8"] == found["w8a16", "draft_propose"]["fp8"] == 0
     # the attention products, one layer's copies named under their layer (passes/layer_template.py)
     assert sum(n.rsplit(".", 1)[-1].startswith("node_matmul") for n in higher) == 8
