@@ -11,6 +11,8 @@ Triton's three), or the product runs in fp16 (e4m3 → f16 is one instruction pe
 scaled into fp16's range exactly): which is faster is timed per shape, like the tiles. Full-precision weights
 take the same kernel when it beats cuBLAS for their shape.
 
+On Hopper each configuration is also tried with its weight tiles loaded by TMA (one bulk copy per tile instead of
+per-thread asynchronous copies: the large products then stream at ~0.9 of the copy bandwidth, docs/BENCH.md).
 The tile sizes and split are timed once per weight shape on the GPU and then fixed for every row count up to
 ``SMALL_M`` (one M tile of 16 rows): the speculative round (B·(γ+1) rows) and the target-only step (B rows)
 give a row the same bits, as each output row's reduction never depends on the other rows. Larger row counts
