@@ -185,6 +185,23 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
         assert "shr.b32" not in ptx.split("cvt.rn.f16x2.e4m3x2")[1][:200]  # no bf16 bit shuffling
 
 
+def _replay_is_exact(target: Any, draft: Any, prompts: list[list[int]]) -> None:
+    """Through the round graphs: target-only greedy, then rounds replaying its continuation with a full profile,
+    which must decode the same tokens and accept every draft."""
+    import numpy as np
+
+    from dspark_compile.targets.torch import CudaGraphBackend
+    from dspark_compile.targets.torch.bench import decode_rounds, replay_reference
+
+    backend = CudaGraphBackend(target, draft)
+    target_only = decode_rounds(backend, prompts, max_new_tokens=48, speculative=False)
+    g = backend.info.block_size
+    backend.set_replay(replay_reference(prompts, target_only.tokens, 24 + 48 + 2 * g + 3), np.ones(g, np.float32))
+    speculative = decode_rounds(backend, prompts, max_new_tokens=40)
+    assert speculative.tokens == [t[:40] for t in target_only.tokens]
+    assert all(r["accepted"] == g + 1 for rs in speculative.rounds for r in rs[:-1])
+
+
 @pytest.mark.gpu
 def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
     import torch
@@ -214,24 +231,17 @@ def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
         assert float((decode_linear(x, full).float() - ref).abs().max() / ref.abs().max()) < 1e-2
         if m <= 16:
             assert torch.equal(decode_linear(x[:1], full), decode_linear(x, full)[:1])
-    import numpy as np
 
     from dspark_compile.passes.quantize import quantize_module
-    from dspark_compile.targets.torch.bench import SMOKE, decode_rounds, random_pair, replay_reference
+    from dspark_compile.targets.torch.bench import SMOKE, decode_rounds, random_pair
 
     # Exact: the decisive pair's next token wins by a wide margin, so the FP8 GEMM configurations that differ with
     # M (4 rows at T = 1 in target-only steps, 32 at T = G + 1 in rounds) decode the same tokens; replay with a
     # full profile makes the rounds accept every draft.
     target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
     quantize_module(target.layers)
-    backend = CudaGraphBackend(target, draft)
     prompts = [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)]
-    target_only = decode_rounds(backend, prompts, max_new_tokens=48, speculative=False)
-    g = backend.info.block_size
-    backend.set_replay(replay_reference(prompts, target_only.tokens, 24 + 48 + 2 * g + 3), np.ones(g, np.float32))
-    speculative = decode_rounds(backend, prompts, max_new_tokens=40)
-    assert speculative.tokens == [t[:40] for t in target_only.tokens]
-    assert all(r["accepted"] == g + 1 for rs in speculative.rounds for r in rs[:-1])
+    _replay_is_exact(target, draft, prompts)
 
     # The trained pair: real drafts accepted through FP8 round graphs. Its logits can be near-tied, and there a
     # last-bit difference between M = 4 and M = 32 may pick the other token (it did once, after admission moved
@@ -268,12 +278,10 @@ def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
 
     if not torch.cuda.is_available():
         pytest.skip(reason="needs a CUDA GPU")
-    import numpy as np
 
     from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, fp8_group_quantize_dequantize, quantize_fp8
     from dspark_compile.passes.quantize import quantize_module
-    from dspark_compile.targets.torch import CudaGraphBackend
-    from dspark_compile.targets.torch.bench import SMOKE, decode_rounds, random_pair, replay_reference
+    from dspark_compile.targets.torch.bench import SMOKE, random_pair
     from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear
 
     torch.manual_seed(0)
@@ -293,14 +301,7 @@ def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
     for module in target.modules():
         if isinstance(module, Fp8Linear):
             module.quantize_activations()
-    backend = CudaGraphBackend(target, draft)
-    prompts = [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)]
-    target_only = decode_rounds(backend, prompts, max_new_tokens=48, speculative=False)
-    g = backend.info.block_size
-    backend.set_replay(replay_reference(prompts, target_only.tokens, 24 + 48 + 2 * g + 3), np.ones(g, np.float32))
-    speculative = decode_rounds(backend, prompts, max_new_tokens=40)
-    assert speculative.tokens == [t[:40] for t in target_only.tokens]
-    assert all(r["accepted"] == g + 1 for rs in speculative.rounds for r in rs[:-1])
+    _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
 
 
 def test_decode_gemm_candidates() -> None:
