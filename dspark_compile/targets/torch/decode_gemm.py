@@ -319,7 +319,8 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
     candidates = _candidates(m, k, w.group, w.weight.dtype.itemsize, w.act_group)
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
         return candidates[0]
-    if torch.cuda.get_device_capability(x.device)[0] >= 9:  # each configuration again with TMA weight loads
+    aligned = w.weight.data_ptr() % 16 == 0 and w.weight.stride(0) * w.weight.element_size() % 16 == 0
+    if aligned and torch.cuda.get_device_capability(x.device)[0] >= 9:  # each again with TMA weight loads
         candidates += [(*c, 1) for c in candidates if c != CUBLAS]
     best, best_ms = candidates[0], float("inf")
     reference = _launch(x, w, candidates[0]).float()
