@@ -284,7 +284,9 @@ def main() -> int:
         for model in (target, draft):  # --quantize fp8-dynamic: e4m3 activations into every FP8 layer
             for m in model.modules():
                 if isinstance(m, Fp8Linear):
-                    m.act_group = activation_group(m.in_features) if "dynamic" in dtype else 0
+                    m.act_group = 0
+                    if "dynamic" in dtype:
+                        m.quantize_activations()
         torch.cuda.empty_cache()
         if "rounds" not in sections:
             continue

@@ -75,10 +75,13 @@ def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bo
         if draft:
             quantize_module(program.draft, skip=("lm_head", "markov_head", "confidence_head"))
     if activations:
-        for model in (target, program.draft):
-            for m in model.modules() if model is not None else ():
-                if isinstance(m, Fp8Linear) and not m.act_group:
-                    m.quantize_activations()
+        try:
+            for model in (target, program.draft):
+                for m in model.modules() if model is not None else ():
+                    if isinstance(m, Fp8Linear) and not m.act_group:
+                        m.quantize_activations()
+        except ValueError as exc:  # static input scales (a W8A8 checkpoint), or an input width it can't split
+            raise UsageError(f"--quantize fp8-dynamic: {exc}; use --quantize fp8 for this target") from exc
 
 
 def run(state: BuildState) -> None:
@@ -88,11 +91,8 @@ def run(state: BuildState) -> None:
     if spec.quantize is None and pre is None:
         return
     if spec.quantize in SCHEMES:
-        try:
-            quantize_program(program, lm_head=spec.quantize_lm_head, draft=spec.quantize_draft,
-                             activations=spec.quantize == "fp8-dynamic")
-        except ValueError as exc:  # static input scales (a W8A8 checkpoint), or an input width fp8-dynamic can't split
-            raise UsageError(f"--quantize {spec.quantize}: {exc}; use --quantize fp8 for this target") from exc
+        quantize_program(program, lm_head=spec.quantize_lm_head, draft=spec.quantize_draft,
+                         activations=spec.quantize == "fp8-dynamic")
     target, draft = program.target, program.draft
     state.quantization = {
         "method": spec.quantize or pre.layout.method,  # type: ignore[union-attr]
