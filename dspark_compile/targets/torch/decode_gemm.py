@@ -40,8 +40,6 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dspark_compile.targets.torch.l2_prefetch import ahead_of
-
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
 def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT,
@@ -355,9 +353,7 @@ def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None) -
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
     ``cfg`` overrides the timed configuration (benchmarks)."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
-    cfg = cfg or _config(x, w)
-    with ahead_of(w.weight):  # the next product's weight into L2 meanwhile (l2_prefetch)
-        out = _launch(x, w, cfg)
+    out = _launch(x, w, cfg or _config(x, w))
     if w.bias is not None:
         out = out + w.bias.to(x.dtype)
     return out
