@@ -24,26 +24,8 @@ if [ "${PYTEST:-1}" = 1 ]; then
 fi
 
 if [ "${PROFILE:-0}" = 1 ]; then  # the 12B target-only step (verify_step, T = 1) and verify block, by kernel
-  "$PY" - "${GEMMA_SHAPE:-gemma4-12b}" "$DEVICE" "$CONTEXT" > "$OUT/profile_step.json" 2> "$OUT/profile_step.err" <<'PYEOF'
-import json, sys
-import numpy as np
-import torch
-from dspark_compile.targets.torch.bench import SHAPES, profile_kernels, random_pair
-from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
-shape, device, context = sys.argv[1], sys.argv[2], int(sys.argv[3])
-target, draft = random_pair(SHAPES[shape], device=device)
-be = CudaGraphBackend(target, draft)
-be.start(1, context + 16)
-cl = np.full(1, context, dtype=np.int64)
-out = {}
-for t in (1, draft.block_size + 1):
-    tokens = np.ones((1, t), dtype=np.int64)
-    step = lambda: be.verify_step(tokens, cl, np.full(1, t - 1, dtype=np.int64))  # noqa: E731
-    for _ in range(3):
-        step()
-    out[f"verify_T{t}"] = profile_kernels(step)
-print(json.dumps(out, indent=1))
-PYEOF
+  "$PY" benchmarks/profile_step.py --shape "${GEMMA_SHAPE:-gemma4-12b}" --device "$DEVICE" --context "$CONTEXT" \
+      > "$OUT/profile_step.json" 2> "$OUT/profile_step.err"
   [ -s "$OUT/profile_step.err" ] || rm -f "$OUT/profile_step.err"
 fi
 

@@ -236,7 +236,7 @@ class Gemma4Layer(nn.Module):
         if ring is not None and isinstance(ring[0], RingInPlace):
             assert positions is not None
             window, kv = ring[0], ring[0].ring[ring[1]]
-            slots = positions % kv.shape[-2]
+            slots = window.slots(positions)
             if self.qkv_kernel is not None and attn.qkv is not None:
                 q = self.qkv_kernel(attn.linear(h, attn.qkv), cos, sin, slots, attn.q_norm.weight,
                                     attn.k_norm.weight, attn.q_norm.eps, attn.num_heads, attn.num_kv_heads, kv)
@@ -389,10 +389,17 @@ class RingInPlace:
         self.ring = ring
         self.window = window
         self._masks: dict[int, torch.Tensor] = {}  # per group: every sliding layer shares one mask
+        self._slots: torch.Tensor | None = None  # ... and one slot per row
 
     @staticmethod
     def fits(ring: torch.Tensor, window: int, t: int) -> bool:
         return t <= ring.shape[-2] - window + 1
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """The slot each row is written at (position mod R), computed once per forward for every sliding layer."""
+        if self._slots is None:
+            self._slots = positions % self.ring.shape[-2]
+        return self._slots
 
     def mask(self, positions: torch.Tensor, attention: ReferenceAttention, group: int,
              dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""The split-K decode attention (``targets/torch/kernels.decode_attention``) alone, per layer kind, on the GPU.
+
+Each case is a layer kind of a benchmarked model at B = 1 and a 1024-token context (Qwen3-8B: 8 KV heads of 128;
+gemma-4-12B: its sliding layers' ring, 8 KV heads of 256, and its global layers, 1 KV head of 512) for a
+target-only step (T = 1) and a verify block (T = 8). A CUDA graph runs the kernel over ``--layers`` distinct
+caches, as a step does (each layer's cache is cold in L2), and the time per call is its replay time over the
+layer count. Variants: slots per split (``chunk``), the V tile loaded with the K tile (``v_early``), the warps of
+the split and combine kernels. Every variant's output is checked against the first's.
+
+    PYTHONPATH=. python benchmarks/attention_bench.py --out OUT [--chunks 16,32,64,128] [--layers 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dspark_compile.targets.torch.kernels import decode_attention, split_chunk
+
+CASES = {"qwen3_8b": (32, 8, 128, False), "gemma4_sliding": (16, 8, 256, True), "gemma4_global": (16, 1, 512, False)}
+"""name: (query heads, KV heads, head dim, ring)."""
+
+
+def run_case(name: str, t: int, args: argparse.Namespace, variants: list[dict[str, Any]]) -> dict[str, Any]:
+    hq, kvh, d, ring = CASES[name]
+    context = args.context
+    slots = context + 8 if ring else context + 16
+    dev = "cuda"
+    gen = torch.Generator(dev).manual_seed(0)
+    caches = [(torch.randn(1, kvh, slots, d, device=dev, generator=gen, dtype=torch.bfloat16),
+               torch.randn(1, kvh, slots, d, device=dev, generator=gen, dtype=torch.bfloat16))
+              for _ in range(args.layers)]
+    q = torch.randn(1, hq, t, d, device=dev, generator=gen, dtype=torch.bfloat16)
+    pos = torch.arange(context - t, context, device=dev).view(1, t)
+    limit = (pos + 1).contiguous()
+    low = (pos - 1024 + 1).contiguous() if ring else None
+    top = pos[:, -1:].expand(1, t).contiguous() if ring else None
+    scale = d ** -0.5
+    out: dict[str, Any] = {"default_chunk": split_chunk(kvh, torch.cuda.get_device_properties(0).multi_processor_count),
+                           "kv_mb_per_layer": 2 * kvh * slots * d * 2 / 2**20, "variants": {}}
+    ref = None
+    for v in variants:
+        def call(v: dict[str, Any] = v) -> list[torch.Tensor]:
+            return [decode_attention(q, k, vv, limit, scale, low=low, ring_top=top, **v) for k, vv in caches]
+        try:
+            got = call()[0].float()
+        except Exception as exc:  # noqa: BLE001 (a variant that does not compile or fit is reported, not fatal)
+            out["variants"][json.dumps(v)] = {"error": str(exc)[:200]}
+            continue
+        if ref is None:
+            ref = got
+        err = float((got - ref).abs().max() / ref.abs().max())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3 / args.layers)
+        times.sort()
+        out["variants"][json.dumps(v)] = {"us_per_call": times[len(times) // 2], "rel_err_vs_first": err}
+        del graph
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--rows", default="1,8", help="query rows per request (T)")
+    ap.add_argument("--chunks", default="0,16,32,64,128", help="slots per split (0: split_chunk's choice)")
+    ap.add_argument("--v-early", default="0,1")
+    ap.add_argument("--combine-warps", default="1,4")
+    ap.add_argument("--split-warps", default="4")
+    ap.add_argument("--tiles", default="8192", help="K/V tile elements (block_n = tile / head dim, at most 64)")
+    ap.add_argument("--layers", type=int, default=64)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = [{"chunk": c or None, "v_early": bool(e), "combine_warps": cw, "split_warps": sw, "tile": tile}
+                for c, e, cw, sw, tile in itertools.product(*(map(int, a.split(",")) for a in (
+                    args.chunks, args.v_early, args.combine_warps, args.split_warps, args.tiles)))]
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "context": args.context, "layers": args.layers, "cases": {}}
+    for name in args.cases.split(","):
+        for t in map(int, args.rows.split(",")):
+            t0 = time.perf_counter()
+            row = res["cases"][f"{name}_T{t}"] = run_case(name, t, args, variants)
+            best = min((v for v in row["variants"].items() if "us_per_call" in v[1]), key=lambda v: v[1]["us_per_call"])
+            base = row["variants"][json.dumps(variants[0])].get("us_per_call")
+            print(f"{name} T={t}: default {base} us; best {best[1]['us_per_call']:.2f} us {best[0]} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            (args.out / "attention_bench.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
