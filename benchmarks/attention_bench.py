@@ -4,8 +4,9 @@ Each case is a layer kind of a benchmarked model at B = 1 and a 1024-token conte
 gemma-4-12B: its sliding layers' ring, 8 KV heads of 256, and its global layers, 1 KV head of 512) for a
 target-only step (T = 1) and a verify block (T = 8). A CUDA graph runs the kernel over ``--layers`` distinct
 caches, as a step does (each layer's cache is cold in L2), and the time per call is its replay time over the
-layer count. Variants: slots per split (``chunk``), the V tile loaded with the K tile (``v_early``), the warps of
-the split and combine kernels. Every variant's output is checked against the first's.
+layer count. Variants: slots per split (``chunk``; 0: ``split_chunk``'s choice), each output checked against the
+first's. (The results of 2026-12-03 also varied the kernel's tile, warps and load order through arguments since
+folded into ``decode_attention``'s rule: docs/BENCH.md, "Decode attention".)
 
     PYTHONPATH=. python benchmarks/attention_bench.py --out OUT [--chunks 16,32,64,128] [--layers 64]
 """
@@ -13,7 +14,6 @@ the split and combine kernels. Every variant's output is checked against the fir
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import time
 from pathlib import Path
@@ -50,7 +50,7 @@ def run_case(name: str, t: int, args: argparse.Namespace, variants: list[dict[st
             return [decode_attention(q, k, vv, limit, scale, low=low, ring_top=top, **v) for k, vv in caches]
         try:
             got = call()[0].float()
-        except Exception as exc:  # noqa: BLE001 (a variant that does not compile or fit is reported, not fatal)
+        except Exception as exc:  # a variant that does not compile or fit is reported, not fatal
             out["variants"][json.dumps(v)] = {"error": str(exc)[:200]}
             continue
         if ref is None:
@@ -86,18 +86,12 @@ def main() -> int:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rows", default="1,8", help="query rows per request (T)")
     ap.add_argument("--chunks", default="0,16,32,64,128", help="slots per split (0: split_chunk's choice)")
-    ap.add_argument("--v-early", default="0,1")
-    ap.add_argument("--combine-warps", default="1,4")
-    ap.add_argument("--split-warps", default="4")
-    ap.add_argument("--tiles", default="8192", help="K/V tile elements (block_n = tile / head dim, at most 64)")
     ap.add_argument("--layers", type=int, default=64)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    variants = [{"chunk": c or None, "v_early": bool(e), "combine_warps": cw, "split_warps": sw, "tile": tile}
-                for c, e, cw, sw, tile in itertools.product(*(map(int, a.split(",")) for a in (
-                    args.chunks, args.v_early, args.combine_warps, args.split_warps, args.tiles)))]
+    variants = [{"chunk": int(c) or None} for c in args.chunks.split(",")]
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "context": args.context, "layers": args.layers, "cases": {}}
     for name in args.cases.split(","):

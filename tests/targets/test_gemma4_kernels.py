@@ -110,6 +110,20 @@ SCRIPT = textwrap.dedent(
     assert mask.dtype == torch.int64 and mask.shape == (3, bsz, t), mask
     close("ring attention", tri(q, kr, vr, mask, 1.0), ref)
 
+    # Gemma4's widths take their own tiles: 512-wide global heads (32-slot tiles, a 4-warp combine), and a
+    # 256-wide ring.
+    q5, k5, v5 = torch.randn(1, 16, 8, 512), torch.randn(1, 1, 100, 512), torch.randn(1, 1, 100, 512)
+    vis5 = visibility(torch.tensor([list(range(60, 68))]), 100, None)
+    close("512-wide attention", tri(q5, k5, v5, tri.prepare(vis5, None, 16, q5.dtype), 1.0),
+          attend(q5, k5, v5, vis5, 1.0), 1e-4)
+    kf2, vf2, kr2, vr2 = (torch.randn(bsz, kvh, n, 256) for n in (full, full, r, r))
+    for b in range(bsz):
+        for p in range(max(0, int(pos[b, -1]) - r + 1), int(pos[b, -1]) + 1):
+            kr2[b, :, p % r], vr2[b, :, p % r] = kf2[b, :, p], vf2[b, :, p]
+    q2 = torch.randn(bsz, hq, t, 256)
+    close("256-wide ring attention", tri(q2, kr2, vr2, mask, 1.0),
+          attend(q2, kf2, vf2, visibility(pos, full, window), 1.0), 1e-4)
+
     golden = Path(sys.argv[1])
     ref, fus = (build_program(golden / "target", golden / "draft") for _ in range(2))
     _use_gemma4_kernels(fus.target, fus.draft)

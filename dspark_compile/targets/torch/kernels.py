@@ -192,8 +192,7 @@ def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, part_o, part_m, part_l, T, GROUP, KVH, W,
                        CHUNK, SPLITS, c_sb, c_sh, c_ss, scale, D: tl.constexpr, DP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOW: tl.constexpr, RING: tl.constexpr,
-                       V_EARLY: tl.constexpr = True):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOW: tl.constexpr, RING: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // KVH
@@ -225,8 +224,9 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, part_o,
         kmask = cols < end
         offs = base + cols[:, None] * c_ss + d[None, :]
         k = tl.load(k_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        if V_EARLY:  # both tiles in flight at once: a program's time is its loads' latency
-            v = tl.load(v_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
+        # V with K: both tiles in flight at once (a program's time is its loads' latency; Gemma4's 256-wide
+        # sliding heads, two tiles per program: 14.5 -> 9.6 us per layer, docs/BENCH.md)
+        v = tl.load(v_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         held = cols
         if RING:
@@ -238,8 +238,6 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, part_o,
         alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
         p = tl.where(vis, tl.exp(s - m_new[:, None]), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if not V_EARLY:
-            v = tl.load(v_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     part = (bh * SPLITS + split) * mq + rows
@@ -285,8 +283,7 @@ def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> i
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: torch.Tensor, scale: float, *,
                      chunk: int | None = None, low: torch.Tensor | None = None,
-                     ring_top: torch.Tensor | None = None, v_early: bool = True, combine_warps: int = 1,
-                     split_warps: int = 4, tile: int = 8192) -> torch.Tensor:
+                     ring_top: torch.Tensor | None = None) -> torch.Tensor:
     """Split-K ("flash decoding") attention for a few query rows per request.
 
     q [B, Hq, T, D] contiguous; k/v [B, KV, W, D] cache windows (last axis contiguous, same strides); query
@@ -321,14 +318,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     block_m = max(16, triton.next_power_of_2(mq))
     if block_m * dp > 64 * 128:
         block_m = 16
-    block_n = min(64, chunk, tile // dp)  # key/value tiles of 16 KiB: head dims 256/512 (Gemma4) fit shared memory
+    block_n = min(64, chunk, max(32, 8192 // dp))  # K and V tiles of 16 KiB, 32 KiB for 512-wide heads (Gemma4's
+    # global layers: half the tiles per program, 10.7 -> 9.5 us; 64 KiB was slower for 256-wide ones)
     grid = (bsz * kvh, splits, triton.cdiv(mq, block_m))
     _attn_split_kernel[grid](q, k, v, limit, low if low is not None else limit,
                              ring_top if ring_top is not None else limit, part_o, part_m, part_l,
                              t, group, kvh, window, chunk, splits, sb, sh, ss, scale, D=dh, DP=dp,
                              BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOW=low is not None, RING=ring_top is not None,
-                             V_EARLY=v_early, num_warps=split_warps)
+                             num_warps=4)
     out = torch.empty_like(q)
     _attn_combine_kernel[(bsz * kvh * mq,)](part_o, part_m, part_l, out, mq, splits, D=dh, DP=dp,
-                                            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=combine_warps)
+                                            BLOCK_S=max(2, triton.next_power_of_2(splits)),
+                                            num_warps=4 if dp >= 256 else 1)  # wide heads: a warp per row was slow
     return out
