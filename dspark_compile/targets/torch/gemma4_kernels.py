@@ -76,11 +76,12 @@ def gemma_rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, resi
 
 
 @triton.jit
-def _norm_row(x, w_ptr, offs, mask, N, eps, HAS_W: tl.constexpr, dt: tl.constexpr):
-    """GemmaRMSNorm of one row held in float32 (masked lanes zero), rounded to ``dt`` once, as the torch ops."""
+def _norm_row(x, w, N, eps, HAS_W: tl.constexpr, dt: tl.constexpr):
+    """GemmaRMSNorm of one row held in float32 (masked lanes zero) with weight ``w`` (float32, loaded by the
+    caller before any store: a load after a store waits for it), rounded to ``dt`` once, as the torch ops."""
     y = x * (1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / N + eps))
     if HAS_W:
-        y = y * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = y * w
     return y.to(dt).to(tl.float32)
 
 
@@ -121,11 +122,10 @@ def _qkv_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_ptr
         cache = b * c_sb + kh * c_sh + slot * c_ss
         cdt = k_ptr.dtype.element_ty
         src = row + (HQ + kh) * N
+        v_src = src if SHARED else row + (HQ + KVH + kh) * N
+        v = tl.load(v_src + offs, mask=mask, other=0.0).to(tl.float32)  # before the k store: no wait on it
         tl.store(k_ptr + cache + offs, _norm_rope_head(src, kw_ptr, c, sn, offs, mask, N, eps, dt).to(cdt), mask=mask)
-        if not SHARED:
-            src = row + (HQ + KVH + kh) * N
-        v = _norm_row(tl.load(src + offs, mask=mask, other=0.0).to(tl.float32), kw_ptr, offs, mask, N, eps, False, dt)
-        tl.store(v_ptr + cache + offs, v.to(cdt), mask=mask)
+        tl.store(v_ptr + cache + offs, _norm_row(v, v, N, eps, False, dt).to(cdt), mask=mask)
 
 
 def qkv_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
@@ -158,13 +158,14 @@ def _add_norm_norm_kernel(res_ptr, x_ptr, w1_ptr, w2_ptr, scale_ptr, sum_ptr, ou
     mask = offs < N
     dt = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _norm_row(x, w1_ptr, offs, mask, N, eps1, True, dt)
-    s = (tl.load(res_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32) + y).to(dt)
+    res = tl.load(res_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    w1 = tl.load(w1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (res + _norm_row(x, w1, N, eps1, True, dt)).to(dt)
     if HAS_SCALE:
         s = (s.to(tl.float32) * tl.load(scale_ptr).to(tl.float32)).to(dt)
     tl.store(sum_ptr + row * N + offs, s, mask=mask)
-    tl.store(out_ptr + row * N + offs, _norm_row(s.to(tl.float32), w2_ptr, offs, mask, N, eps2, True, dt).to(dt),
-             mask=mask)
+    tl.store(out_ptr + row * N + offs, _norm_row(s.to(tl.float32), w2, N, eps2, True, dt).to(dt), mask=mask)
 
 
 def add_norm_norm(residual: torch.Tensor, x: torch.Tensor, first: tuple[torch.Tensor, float],

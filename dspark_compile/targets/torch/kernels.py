@@ -39,6 +39,7 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H
     mask = offs < H
     dt = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # every load before the first store (below)
     if HAS_DELTA:
         d = tl.load(delta_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
         x = _round(x + d, dt)
@@ -47,7 +48,6 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H
         tl.store(tap_ptr + row * tap_stride + offs, x.to(tap_ptr.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, axis=0) / H
     y = _round(x * tl.rsqrt(var + eps), dt)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * H + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -120,14 +120,15 @@ def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_
             w1 = tl.load(kw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(kw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
             y1, y2 = _head_norm(row + (HQ + kh) * d, w1, w2, offs, mask, HALF, eps, dt)
+            v_src = row + (HQ + KVH + kh) * d  # loaded before the stores: a load after a store waits for it
+            v1, v2 = tl.load(v_src + offs, mask=mask), tl.load(v_src + HALF + offs, mask=mask)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             cache = b * c_sb + kh * c_sh + slot * c_ss
             cdt = k_ptr.dtype.element_ty
             tl.store(k_ptr + cache + offs, o1.to(cdt), mask=mask)
             tl.store(k_ptr + cache + HALF + offs, o2.to(cdt), mask=mask)
-            v_src = row + (HQ + KVH + kh) * d
-            tl.store(v_ptr + cache + offs, tl.load(v_src + offs, mask=mask).to(cdt), mask=mask)
-            tl.store(v_ptr + cache + HALF + offs, tl.load(v_src + HALF + offs, mask=mask).to(cdt), mask=mask)
+            tl.store(v_ptr + cache + offs, v1.to(cdt), mask=mask)
+            tl.store(v_ptr + cache + HALF + offs, v2.to(cdt), mask=mask)
 
 
 def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
