@@ -50,7 +50,7 @@ from dspark_compile.targets.torch.bench import (
     target_bytes,
 )
 from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
-from dspark_compile.targets.torch.decode_gemm import DecodeWeight, bench_ms, decode_linear
+from dspark_compile.targets.torch.decode_gemm import CUBLAS, DecodeWeight, candidate_ms, decode_linear, graph_ms
 from dspark_compile.targets.torch.static_forward import StaticProgram
 
 
@@ -139,12 +139,12 @@ def layer_products(shape: Any) -> dict[str, tuple[int, int]]:
 
 def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
               rows: tuple[int, ...] = (1, 8, 64, 512)) -> dict[str, Any]:
-    """Every candidate configuration of the decode GEMM per product, timed as the kernel's own choice is (one
-    call behind an L2 flush): µs at M = 1 and 8 (small class) or 64 and 512 (large class), against bf16
-    cuBLAS (and, for e4m3, dequantize-then-cuBLAS); whether M = 1 and a row of M = 8 agree bit for bit under
-    one configuration. ``weights`` "bf16": the kernel streaming bf16 weights; "w8a8": e4m3 weights with dynamic
-    e4m3 activations (``--quantize fp8-dynamic``)."""
-    from dspark_compile.targets.torch.decode_gemm import CUBLAS, SMALL_M, _candidates
+    """Every candidate configuration of the decode GEMM per product, timed as the kernel's own choice is
+    (``decode_gemm.candidate_ms``: in a CUDA graph, over copies of the weight): µs at M = 1 and 8 (small class)
+    or 64 and 512 (large class), against bf16 cuBLAS (and, for e4m3, dequantize-then-cuBLAS); whether M = 1 and
+    a row of M = 8 agree bit for bit under one configuration. ``weights`` "bf16": the kernel streaming bf16
+    weights; "w8a8": e4m3 weights with dynamic e4m3 activations (``--quantize fp8-dynamic``)."""
+    from dspark_compile.targets.torch.decode_gemm import SMALL_M, _candidates
 
     out: dict[str, Any] = {}
     wide = weights == "bf16"
@@ -157,16 +157,16 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
         row: dict[str, Any] = {"floor_us": byte_floor_ms(n * k * (2 if wide else 1), bandwidth) * 1e3}
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row[f"bf16_m{m}_us"] = bench_ms(lambda x=x, w=w: F.linear(x, w)) * 1e3
+            row[f"bf16_m{m}_us"] = candidate_ms(x, DecodeWeight.full(w), CUBLAS) * 1e3
             if m >= 64:
                 def dequant(x: torch.Tensor = x, qw: torch.Tensor = qw, s: torch.Tensor = scale) -> torch.Tensor:
                     return F.linear(x, qw.to(torch.bfloat16) * s.view(-1, 1).to(torch.bfloat16))
 
-                row[f"dequant_cublas_m{m}_us"] = bench_ms(dequant) * 1e3
+                row[f"dequant_cublas_m{m}_us"] = graph_ms([dequant]) * 1e3
             base = [c for c in _candidates(m, k, k, 2 if wide else 1, act) if c != CUBLAS]
             for cfg in base + [(*c, 1) for c in base]:  # and each with TMA weight loads
                 try:
-                    us = bench_ms(lambda x=x, cfg=cfg, fw=fw: decode_linear(x, fw, cfg)) * 1e3
+                    us = candidate_ms(x, fw, cfg) * 1e3
                     row[f"{weights}_m{m}_{cfg}_us"] = us
                 except Exception as exc:  # a configuration that does not compile (shared memory)
                     row[f"{weights}_m{m}_{cfg}_us"] = f"{type(exc).__name__}: {str(exc)[:80]}"
