@@ -59,26 +59,9 @@ def say(msg: str) -> None:
 
 
 def cuda_ms(fn: Any, calls: int = 20) -> float:
-    """Milliseconds per call, the calls captured in one CUDA graph (no launch overhead, as in the round graph)."""
-    fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return float(np.median(times))
+    """Milliseconds per call, ``calls`` calls captured in one CUDA graph (the same weight each time: warm in L2
+    where it fits, unlike a step; the tune section times candidates as a step runs them)."""
+    return graph_ms([fn] * calls)
 
 
 def bench_gemm(shape: Any, rows: list[int], bandwidth: float) -> dict[str, Any]:
