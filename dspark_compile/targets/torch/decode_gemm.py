@@ -343,17 +343,20 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
 
 ROTATION_BYTES = 256 << 20
 """Weight bytes a candidate is timed over (copies of its weight, launched in turn): five times the H100/H200 L2,
-so every launch reads its weight from memory, as a decode step does."""
+so every launch reads its weight from memory, as a decode step does. A weight of half this or more runs alone
+(it streams through L2 on each launch anyway): the copies never take more than this, as the L2 flush buffer of
+the timing they replace did."""
 
 
 def candidate_ms(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> float:
     """GPU milliseconds per launch of ``cfg`` in a decode step's conditions: launches back to back in one CUDA
     graph (no host launch cost), each on its own copy of the weight (cold in L2, no flush traffic). Timing one
     call behind an L2 flush ranked candidates by the flush's write-backs as much as by the kernel: runs picked
-    differently among them, and the FP8 step moved by 0.25 ms between runs (docs/BENCH.md)."""
-    copies = max(2, min(16, ROTATION_BYTES // max(1, w.weight.nbytes)))
+    differently among them, and the FP8 step moved by about 0.25 ms between runs (docs/BENCH.md)."""
+    copies = max(1, min(16, ROTATION_BYTES // max(1, w.weight.nbytes)))
     weights = [w] + [replace(w, weight=w.weight.clone()) for _ in range(copies - 1)]
-    return graph_ms([lambda c=c: _launch(x, c, cfg) for c in weights])
+    launches = [lambda c=c: _launch(x, c, cfg) for c in weights]
+    return graph_ms(launches * -(-4 // copies))  # at least four launches: the graph's own start is shared
 
 
 def graph_ms(launches: list[Callable[[], object]], replays: int = 7) -> float:
