@@ -127,7 +127,7 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
     or 64 and 512 (large class), against bf16 cuBLAS (and, for e4m3, dequantize-then-cuBLAS); whether M = 1 and
     a row of M = 8 agree bit for bit under one configuration. ``weights`` "bf16": the kernel streaming bf16
     weights; "w8a8": e4m3 weights with dynamic e4m3 activations (``--quantize fp8-dynamic``)."""
-    from dspark_compile.targets.torch.decode_gemm import SMALL_M, _candidates
+    from dspark_compile.targets.torch.decode_gemm import SMALL_M, _candidates, with_tma
 
     out: dict[str, Any] = {}
     wide = weights == "bf16"
@@ -146,8 +146,7 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
                     return F.linear(x, qw.to(torch.bfloat16) * s.view(-1, 1).to(torch.bfloat16))
 
                 row[f"dequant_cublas_m{m}_us"] = graph_ms([dequant]) * 1e3
-            base = [c for c in _candidates(m, k, k, 2 if wide else 1, act) if c != CUBLAS]
-            for cfg in base + [(*c, 1) for c in base]:  # and each with TMA weight loads
+            for cfg in with_tma([c for c in _candidates(m, k, k, 2 if wide else 1, act) if c != CUBLAS], fw):
                 try:
                     us = candidate_ms(x, fw, cfg) * 1e3
                     row[f"{weights}_m{m}_{cfg}_us"] = us

@@ -318,9 +318,7 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
     candidates = _candidates(m, k, w.group, w.weight.dtype.itemsize, w.act_group)
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
         return candidates[0]
-    aligned = w.weight.data_ptr() % 16 == 0 and w.weight.stride(0) * w.weight.element_size() % 16 == 0
-    if aligned and torch.cuda.get_device_capability(x.device)[0] >= 9:  # each again with TMA weight loads
-        candidates += [(*c, 1) for c in candidates if c != CUBLAS]
+    candidates = with_tma(candidates, w)
     best, best_ms = candidates[0], float("inf")
     reference = _launch(x, w, candidates[0]).float()
     for cfg in candidates:
@@ -339,6 +337,16 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
             best, best_ms = cfg, ms
     _CHOSEN[key] = best
     return best
+
+
+def with_tma(candidates: list[Config], w: DecodeWeight) -> list[Config]:
+    """``candidates``, then each kernel configuration again with TMA weight loads, where the GPU has TMA (Hopper
+    on) and a tensor map can describe the weight (16-byte aligned base and rows)."""
+    weight = w.weight
+    aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0
+    if not (aligned and weight.is_cuda and torch.cuda.get_device_capability(weight.device)[0] >= 9):
+        return candidates
+    return candidates + [(*c, 1) for c in candidates if c != CUBLAS]
 
 
 ROTATION_BYTES = 256 << 20
