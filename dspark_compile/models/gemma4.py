@@ -99,12 +99,15 @@ class SoftcappedHead(nn.Linear):
     """LM head with final logit soft-capping cap·tanh(logits/cap); the draft shares it, so its base logits are
     soft-capped too (as DeepSpec's ``compute_logits``)."""
 
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.linear
+    """The product: the CUDA-graph target sets the decode GEMM (``targets.torch.static_forward``)."""
+
     def __init__(self, hidden: int, vocab: int, cap: float | None) -> None:
         super().__init__(hidden, vocab, bias=False)
         self.cap = cap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(x)
+        logits = self.linear(x, self.weight)
         return logits if self.cap is None else torch.tanh(logits / self.cap) * self.cap
 
 

@@ -136,6 +136,9 @@ global layers is 16 x 8 query rows per KV head) on the smoke trunk: the 12B's at
 def test_cuda_graphs_gemma4_bf16_lossless_batch3(shape: Any) -> None:
     target, draft = random_pair(shape, device="cuda", dtype=torch.bfloat16, std=0.15)
     be = CudaGraphBackend(target, draft)
+    from dspark_compile.targets.torch.decode_gemm import linear
+
+    assert target.lm_head.linear is linear and draft.lm_head is target.lm_head  # the head's product: the kernel's
     prompts = [[5, 9, 17, 33, 2] * 8, list(range(40, 71)), [300, 301, 302, 7, 7, 7, 12, 99]]
     spec = _decode(be, prompts)
     base = generate(be, prompts, GenerationParams(max_new_tokens=48), speculative=False)
@@ -162,6 +165,7 @@ def test_linear_seam_reproduces_gemma4_golden(golden_dir: Path) -> None:
     for layer in layers:
         layer.fuse()
         layer.linear = layer.self_attn.linear = linear
+    prog.target.lm_head.linear = linear  # the draft shares the head
     be = CudaGraphBackend(prog.target, prog.draft, eos_token_ids=prog.eos_token_ids)
     gold = _gold(golden_dir, "greedy")
     _assert_golden(_decode(be, [g["prompt"] for g in gold]), gold)
@@ -169,3 +173,4 @@ def test_linear_seam_reproduces_gemma4_golden(golden_dir: Path) -> None:
     assert tuple(target_layer.gate_up.shape) in calls and tuple(target_layer.self_attn.qkv.shape) in calls
     assert tuple(target_layer.mlp.down_proj.weight.shape) in calls
     assert tuple(target_layer.self_attn.o_proj.weight.shape) in calls
+    assert tuple(prog.target.lm_head.weight.shape) in calls

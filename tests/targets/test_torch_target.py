@@ -413,6 +413,7 @@ def test_cuda_graphs_equal_torch_backend_random_pair_batch3(make_pair: Any) -> N
     ref = TorchBackend.from_pair(target_dir, draft_dir, device="cuda")
     prog = build_program(target_dir, draft_dir, device="cuda")
     be = CudaGraphBackend(prog.target, prog.draft)
+    assert type(prog.target.lm_head).__name__ == "_KernelLinear" and prog.draft.lm_head is prog.target.lm_head
     for kw in ({}, {"temperature": 0.8, "seed": 11}):
         _same(_decode(be, prompts, **kw), _decode(ref, prompts, **kw))
     baseline = _decode(ref, prompts)
