@@ -66,15 +66,19 @@ for key, rep in (("gemma4", gemma), ("qwen3", qwen)):
     row = b1(rep)
     if row:
         summary[key] = {"t_target_ms": row["t_target_ms"], "target_floor_ms": rep["target_floor_ms"],
-                        "target_vs_floor": row["t_target_ms"] / rep["target_floor_ms"],
+                        "host_step_vs_floor": row["t_target_ms"] / rep["target_floor_ms"],
+                        "target_round_graph_ms": row["decode"]["target_only"]["round_graph_ms"],
+                        "target_vs_floor": row.get("target_round_vs_floor"),
                         "overhead_ratio": row.get("overhead_ratio"), "backend": rep["backend"],
                         "lossless_fraction": {r["batch"]: r.get("lossless_fraction") for r in rep["batches"]},
                         "target_weight_bytes": rep["target_weight_bytes"], "shape": rep["build"],
                         "device": rep["device"]}
 g, q = summary["gemma4"], summary["qwen3"]
-if g:
+if g and g["target_vs_floor"]:  # the target-only step as decoding runs it: its round graph's GPU time, as
+    # issues 10 and 12 measure their steps; host_step_vs_floor (verify_step, NumPy in and out) is reported beside
     summary["goals"]["gemma4_target_vs_floor_b1"] = {"value": g["target_vs_floor"], "goal": "<= 1.3",
-                                                         "met": g["target_vs_floor"] <= 1.3}
+                                                     "host_step": g["host_step_vs_floor"],
+                                                     "met": g["target_vs_floor"] <= 1.3}
 if g and q and g["overhead_ratio"] and q["overhead_ratio"]:
     rel = g["overhead_ratio"] / q["overhead_ratio"]
     summary["goals"]["gemma4_overhead_ratio_over_qwen3_b1"] = {"value": rel, "goal": "within 10% (0.9..1.1)",

@@ -443,6 +443,9 @@ def bench(build_dir: Path | None, random_shape: str | None, batch: str, max_new_
                      f"{r['target_tokens_per_s']:.1f} tok/s  speedup {r['speedup']:.3f}  host "
                      f"{r['host_ms_per_round'] or 0:.3f} ms/round  lossless {r['lossless_fraction']:.2f}")
         click.echo(line)
+        if "target_round_vs_floor" in r:
+            click.echo(f"       target-only round graph {r['decode']['target_only']['round_graph_ms']:.3f} ms "
+                       f"({r['target_round_vs_floor']:.3f}x the byte floor; host step {r['target_vs_floor']:.3f}x)")
         for name in replays:
             d = r["decode"].get(f"replay_{name}")
             if d:

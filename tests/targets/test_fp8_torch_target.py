@@ -269,6 +269,24 @@ def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
 
 
 @pytest.mark.gpu
+def test_gemma4_fp8_layers_run_the_fp8_gemm_and_their_round_graph_is_lossless() -> None:
+    """Gemma4 layers with e4m3 weights on the CUDA-graph target: each product is the FP8 decode GEMM (the
+    modules' own forward would dequantize every weight at every call), and speculative == target-only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(reason="needs a CUDA GPU")
+    from dspark_compile.passes.quantize import quantize_module
+    from dspark_compile.targets.torch.bench import GEMMA4_SMOKE, random_pair
+
+    target, draft = random_pair(GEMMA4_SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
+    quantize_module(target.layers)
+    _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
+    kinds = {type(m).__name__ for layer in target.layers for m in layer.modules()}
+    assert "_KernelFp8Linear" in kinds and "Fp8Linear" not in kinds
+
+
+@pytest.mark.gpu
 def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
     """Dynamic e4m3 activations (``--quantize fp8-dynamic``): the e4m3 × e4m3 kernel against the modules'
     reference of the same model (quantize the activations per row and 128 columns, dequantize, float32

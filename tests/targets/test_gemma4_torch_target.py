@@ -106,7 +106,10 @@ def test_cli_bench_random_gemma4_shape(capsys: pytest.CaptureFixture[str], tmp_p
           "--context", "40", "--max-new-tokens", "4", "--json", "-q"])
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rep["family"] == "gemma4" and rep["build"] == "random gemma4-smoke"
-    assert rep["batches"][0]["lossless_fraction"] == 1.0 and rep["batches"][0]["t_target_ms"] > 0
+    row = rep["batches"][0]
+    assert row["lossless_fraction"] == 1.0 and row["t_target_ms"] > 0
+    graph_ms = row["decode"]["target_only"]["round_graph_ms"]  # GPU time: none on the CPU
+    assert row.get("target_round_vs_floor") == (graph_ms / rep["target_floor_ms"] if graph_ms else None)
     with pytest.raises(SystemExit) as exc:
         main(["bench", str(tmp_path), "--random-shape", "gemma4-smoke"])
     assert exc.value.code == 2

@@ -32,6 +32,7 @@ from dspark_compile.models.layers import (
     ReferenceAttention,
     SdpaAttention,
     fp8_quantize_dequantize,
+    replace_module,
 )
 from dspark_compile.models.qwen3 import Qwen3Target
 
@@ -207,7 +208,7 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
     from dspark_compile.targets.torch.kernels import gelu_tanh_mul
 
     for model in (target, draft):
-        for module in model.modules() if model is not None else ():
+        for module in list(model.modules()) if model is not None else ():
             if isinstance(module, GemmaRMSNorm):
                 module.kernel = gemma_rmsnorm
             if isinstance(module, SoftcappedHead):  # the decode GEMM where it beats cuBLAS, as for the layers
@@ -221,6 +222,10 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
                     module.fuse()
                 if plain:  # the decode GEMM where it beats cuBLAS
                     module.linear = module.self_attn.linear = linear
+                else:  # e4m3 layers: each product the FP8 decode GEMM (their forward dequantizes at every call)
+                    for name, child in list(module.named_modules()):
+                        if type(child) is Fp8Linear:
+                            replace_module(module, name, _KernelFp8Linear(child))
 
 
 class StaticProgram:
