@@ -195,9 +195,8 @@ class Gemma4Layer(nn.Module):
     """(q|k|v product, cos, sin, slots, q_norm, k_norm, eps, heads, kv_heads, kv) -> q, k/v written into the
     in-place cache, in one launch once fused (the CUDA-graph target sets
     :func:`~dspark_compile.targets.torch.gemma4_kernels.qkv_into_cache`); None: the module ops."""
-    glu_down: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    """(gate|up product, down weight) -> down(gelu_tanh(gate) · up) in one launch, the act computed as the GEMM
-    loads its input (``targets.torch.decode_gemm.geglu_linear``); None: the modules' GELU, then ``linear``."""
+    glu_kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """gate|up product -> gelu_tanh(gate) · up in one launch (``targets.torch.kernels.gelu_tanh_mul``)."""
     add_norm_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     """A sandwich norm's residual add (and ``layer_scalar``) with the norm that follows it, in one launch
     (``gemma4_kernels.add_norm_norm``): post-attention + pre-feed-forward, post-feed-forward + next input norm."""
@@ -299,12 +298,12 @@ class Gemma4Layer(nn.Module):
         else:
             mm = self.linear or nn.functional.linear
             gate_up = mm(h, self.gate_up)
-            if self.glu_down is not None:
-                mlp = self.glu_down(gate_up, down_proj.weight)
+            if self.glu_kernel is not None:
+                act = self.glu_kernel(gate_up)
             else:
                 gate, up = gate_up.chunk(2, -1)
                 act = gelu_tanh(gate) * up
-                mlp = down_proj(act) if self.linear is None else self.linear(act, down_proj.weight)
+            mlp = down_proj(act) if self.linear is None else self.linear(act, down_proj.weight)
         post = self.post_feedforward_layernorm
         if not self.per_layer:
             if next_norm is not None and self.add_norm_kernel is not None:

@@ -88,21 +88,6 @@ SCRIPT = textwrap.dedent(
             rows = torch.randn(8, k); rows[3] = x[0]
             assert torch.equal(decode_linear(rows, fw, cfg)[3], decode_linear(x[:1], fw, cfg)[0]), "w8a8 rows"
 
-    # the product's input computed from a gate|up product as it loads (GLU 1: SiLU, 2: GELU-tanh): the same bits
-    # as the separate kernel then the product, e4m3 and bf16 weights, K split or not; cuBLAS (CUBLAS) the same way
-    from dspark_compile.targets.torch.decode_gemm import CUBLAS
-    from dspark_compile.targets.torch.kernels import act_mul
-    for glu in (1, 2):
-        for m, n, k in ((1, 96, 256), (7, 64, 512)):
-            gate_up = (torch.randn(m, 2 * k) * 3).to(torch.bfloat16)
-            act = act_mul(gate_up, glu == 2)
-            q, scale = quantize_fp8(torch.randn(n, k) * 0.02)
-            for fw in (DecodeWeight.of(q, scale, 0, None), DecodeWeight.full(torch.randn(n, k).to(torch.bfloat16))):
-                for cfg in ((16, 32, 64, 8, 4, 3, 1), (16, 64, 64, 0, 4, 3, 1)):
-                    assert torch.equal(decode_linear(gate_up, fw, cfg, glu), decode_linear(act, fw, cfg)), (glu, cfg)
-            wide = DecodeWeight.full(torch.randn(n, k).to(torch.bfloat16))
-            assert torch.equal(decode_linear(gate_up, wide, CUBLAS, glu), F.linear(act, wide.weight))
-
     golden = Path(sys.argv[1])
     # the fused target step of an fp8-dynamic program against its modules' forward
     dyn = [build_program(golden / "target", golden / "draft") for _ in range(2)]

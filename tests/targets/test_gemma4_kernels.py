@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     from dspark_compile.models.layers import RotaryEmbedding, attend, gelu_tanh
     from dspark_compile.program import build_program
     from dspark_compile.targets.torch.gemma4_kernels import add_norm_norm, gemma_rmsnorm
-    from dspark_compile.targets.torch.kernels import act_mul, decode_attention
+    from dspark_compile.targets.torch.kernels import decode_attention, gelu_tanh_mul
     from dspark_compile.targets.torch.static_forward import ATTENTION, StaticProgram, _use_gemma4_kernels
 
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent(
             close(name, a, b)
 
     gu = 3 * torch.randn(3, 2, 2 * 40)
-    close("gelu product", act_mul(gu, True), gelu_tanh(gu[..., :40]) * gu[..., 40:], 1e-5)
+    close("gelu product", gelu_tanh_mul(gu), gelu_tanh(gu[..., :40]) * gu[..., 40:], 1e-5)
     first, second = GemmaRMSNorm(96, 1e-6), GemmaRMSNorm(96, 1e-5)
     first.weight.data, second.weight.data = 1 + 0.1 * torch.randn(96), 1 + 0.1 * torch.randn(96)
     res, x = torch.randn(3, 96), torch.randn(3, 96)
@@ -135,8 +135,8 @@ SCRIPT = textwrap.dedent(
             return fn(*args, **kw)
         return run
     for layer in fus.target.layers:
-        layer.qkv_kernel, layer.glu_down, layer.add_norm_kernel = map(
-            counted, (layer.qkv_kernel, layer.glu_down, layer.add_norm_kernel))
+        layer.qkv_kernel, layer.glu_kernel, layer.add_norm_kernel = map(
+            counted, (layer.qkv_kernel, layer.glu_kernel, layer.add_norm_kernel))
     pr = StaticProgram(ref.target, ref.draft, fused=False, attention="reference")
     pf = StaticProgram(fus.target, fus.draft, fused=False, attention="triton")
     for t in (1, 8):  # a target-only step and a verify block, both through the split-K attention
@@ -151,10 +151,9 @@ SCRIPT = textwrap.dedent(
     close("draft hidden", pr.draft_step(anchor, ctx, count, dl, d1, 64), pf.draft_step(anchor, ctx, count, dl, d2, 64),
           1e-4)
     close("draft cache", d1, d2, 1e-4)
-    # per step of 6 layers: 6 q|k|v kernels, 6 GELU-in-down products, 6 + 5 add-and-norms (the last layer has no
-    # next norm)
+    # per step of 6 layers: 6 q|k|v kernels, 6 GELU products, 6 + 5 add-and-norms (the last layer has no next norm)
     counts = {name: calls.count(name) for name in set(calls)}
-    assert counts == {"qkv_into_cache": 12, "geglu_linear": 12, "add_norm_norm": 22}, counts
+    assert counts == {"qkv_into_cache": 12, "gelu_tanh_mul": 12, "add_norm_norm": 22}, counts
     # The same steps over a ring (the CUDA-graph target's RingCache): q|k|v written into it by the kernel.
     for t in (1, 8):
         ids = torch.randint(0, 256, (2, t)); cl = torch.tensor([3, 40])

@@ -148,7 +148,7 @@ INTERPRET_SCRIPT = textwrap.dedent(
     from dspark_compile.models.layers import RMSNorm, RotaryEmbedding, apply_rope
     from dspark_compile.program import build_program
     from dspark_compile.models.layers import attend
-    from dspark_compile.targets.torch.kernels import act_mul, add_rmsnorm, decode_attention, qk_norm_rope
+    from dspark_compile.targets.torch.kernels import add_rmsnorm, decode_attention, qk_norm_rope, silu_mul
     from dspark_compile.targets.torch.static_forward import StaticProgram
 
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ INTERPRET_SCRIPT = textwrap.dedent(
     close("add_rmsnorm", out, norm(x + d)); close("residual", xx, x + d); close("tap", tap[:, h:2 * h], x + d)
     assert not tap[:, :h].any() and not tap[:, 2 * h:].any()
     gu = torch.randn(m, 2 * h)
-    close("silu_mul", act_mul(gu, False), F.silu(gu[:, :h]) * gu[:, h:])
+    close("silu_mul", silu_mul(gu), F.silu(gu[:, :h]) * gu[:, h:])
 
     b, t, hq, kv, dh, s = 2, 3, 4, 2, 32, 64
     qkv = torch.randn(b * t, (hq + 2 * kv) * dh)

@@ -39,22 +39,17 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dspark_compile.targets.torch.kernels import act_mul, gated_act
-
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
 def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT,
                         SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
                         FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
-                        TMA: tl.constexpr = False, GLU: tl.constexpr = 0):
+                        TMA: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
-    adds the float32 partials in split order, scales and writes, and resets the counter for the next call.
-    ``GLU`` 1 (2): x is a gate|up product [M, 2K], and the product's input act(gate) · up with SiLU (GELU-tanh),
-    computed per K tile as the separate kernel computes it (``kernels.gated_act``): one launch and one round trip of
-    the activations fewer per layer."""
+    adds the float32 partials in split order, scales and writes, and resets the counter for the next call."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -78,9 +73,6 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-        if GLU:
-            up = tl.load(x_cols + K + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-            xt = gated_act(xt, up, GLU == 2)
         if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
             xf = xt.to(tl.float32)
             amax = tl.max(tl.abs(xf), axis=0)
@@ -312,14 +304,14 @@ def _candidates(m: int, k: int, group: int, weight_bytes: int = 1, act_group: in
     return [CUBLAS, *fitted] if weight_bytes > 1 else fitted
 
 
-def _config(x: torch.Tensor, w: DecodeWeight, glu: int = 0) -> Config:
+def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
     """The configuration of this weight for this row class, timed once per (class, N, K, group) on the GPU
     (outside CUDA-graph capture; the first call of a shape is a warm-up run) and then fixed, so a row gets
     the same bits whatever the batch within its class. A candidate that does not compile for this GPU, or
     whose result strays from the first's (plain conversion, or cuBLAS) by more than float32 summation order
     can explain, is dropped."""
-    m, k = x.shape[0], w.weight.shape[1]
-    key = (row_class(m), *w.weight.shape, w.group, x.dtype.itemsize, w.weight.dtype.itemsize, w.act_group, glu)
+    m, k = x.shape
+    key = (row_class(m), *w.weight.shape, w.group, x.dtype.itemsize, w.weight.dtype.itemsize, w.act_group)
     chosen = _CHOSEN.get(key)
     if chosen is not None:
         return chosen
@@ -328,10 +320,10 @@ def _config(x: torch.Tensor, w: DecodeWeight, glu: int = 0) -> Config:
         return candidates[0]
     candidates = with_tma(candidates, w)
     best, best_ms = candidates[0], float("inf")
-    reference = _launch(x, w, candidates[0], glu).float()
+    reference = _launch(x, w, candidates[0]).float()
     for cfg in candidates:
         try:
-            got = _launch(x, w, cfg, glu).float()
+            got = _launch(x, w, cfg).float()
         except (OutOfResources, CompilationError) as exc:  # e.g. shared memory of a smaller GPU
             log.warning("decode GEMM configuration %s dropped: %s", cfg, exc)
             continue
@@ -340,7 +332,7 @@ def _config(x: torch.Tensor, w: DecodeWeight, glu: int = 0) -> Config:
             log.warning("decode GEMM configuration %s dropped: relative error %.3g against %s", cfg, err,
                         candidates[0])
             continue
-        ms = candidate_ms(x, w, cfg, glu)
+        ms = candidate_ms(x, w, cfg)
         if ms < best_ms:
             best, best_ms = cfg, ms
     _CHOSEN[key] = best
@@ -364,14 +356,14 @@ so every launch reads its weight from memory, as a decode step does. A weight of
 the timing they replace did."""
 
 
-def candidate_ms(x: torch.Tensor, w: DecodeWeight, cfg: Config, glu: int = 0) -> float:
+def candidate_ms(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> float:
     """GPU milliseconds per launch of ``cfg`` in a decode step's conditions: launches back to back in one CUDA
     graph (no host launch cost), each on its own copy of the weight (cold in L2, no flush traffic). Timing one
     call behind an L2 flush ranked candidates by the flush's write-backs as much as by the kernel: runs picked
     differently among them, and the FP8 step moved by about 0.25 ms between runs (docs/BENCH.md)."""
     copies = max(1, min(16, ROTATION_BYTES // max(1, w.weight.nbytes)))
     weights = [w] + [replace(w, weight=w.weight.clone()) for _ in range(copies - 1)]
-    launches = [lambda c=c: _launch(x, c, cfg, glu) for c in weights]
+    launches = [lambda c=c: _launch(x, c, cfg) for c in weights]
     return graph_ms(launches * -(-4 // copies))  # at least four launches: the graph's own start is shared
 
 
@@ -399,33 +391,26 @@ def graph_ms(launches: list[Callable[[], object]], replays: int = 7) -> float:
     return float(sorted(times)[len(times) // 2])
 
 
-def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, glu: int = 0) -> torch.Tensor:
+def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None) -> torch.Tensor:
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
-    ``glu`` 1 (2): ``x`` is a gate|up product [M, 2K] and the input is SiLU (GELU-tanh)(gate) · up.
     ``cfg`` overrides the timed configuration (benchmarks)."""
-    assert x.stride(1) == 1 and w.weight.shape[1] * (2 if glu else 1) == x.shape[1]
-    out = _launch(x, w, cfg or _config(x, w, glu), glu)
+    assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
+    out = _launch(x, w, cfg or _config(x, w))
     if w.bias is not None:
         out = out + w.bias.to(x.dtype)
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, glu: int = 0) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with a full-precision CUDA weight through :func:`decode_linear` (the kernel where it beats
     cuBLAS for this shape and row class, else cuBLAS): the seam for modules that call their projections. Holds
-    no reference to the weight between calls (a cache of them would keep every model it saw alive). ``glu``: as
-    :func:`decode_linear` (``x`` a gate|up product; elsewhere than CUDA, the act needs Triton's interpreter)."""
+    no reference to the weight between calls (a cache of them would keep every model it saw alive)."""
     if not x.is_cuda or x.dtype != weight.dtype:
-        return F.linear(act_mul(x, glu == 2) if glu else x, weight, bias)
+        return F.linear(x, weight, bias)
     w = DecodeWeight.full(weight)
     rows = x.reshape(-1, x.shape[-1])
-    out = decode_linear(rows if rows.stride(-1) == 1 else rows.contiguous(), w, glu=glu).view(*x.shape[:-1], -1)
+    out = decode_linear(rows if rows.stride(-1) == 1 else rows.contiguous(), w).view(*x.shape[:-1], -1)
     return out if bias is None else out + bias
-
-
-def geglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Gemma4's MLP down product of gelu_tanh(gate) · up, the act computed as the GEMM loads its input."""
-    return linear(gate_up, weight, glu=2)
 
 
 def split_k(n: int, k: int, group: int, cfg: Config, sms: int) -> tuple[int, int]:
@@ -444,11 +429,11 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, glu: int = 0) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
     if cfg == CUBLAS:
-        return F.linear(act_mul(x, glu == 2) if glu else x, w.weight)
-    m = x.shape[0]
-    n, k = w.weight.shape
+        return F.linear(x, w.weight)
+    m, k = x.shape
+    n = w.weight.shape[0]
     bm, bn, bk, _, warps, stages, fast = cfg[:7]
     tma = len(cfg) > 7 and cfg[7] == 1 and x.is_cuda
     k_split, splits = split_k(n, k, w.group, cfg, _sms(x.device))
@@ -468,5 +453,5 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, glu: int = 0) -> torc
                               EVEN=n % bn == 0 and k % bk == 0,
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
-                              WIDE=w.wide, ASM=x.is_cuda, GLU=glu, num_warps=warps, num_stages=stages)
+                              WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
     return out

@@ -7,8 +7,8 @@ microseconds, which at batch 1 is as much as the weights' read time, so the step
 * :func:`add_rmsnorm` — residual add (in place) + RMSNorm, optionally copying the new residual into a tap slot;
 * :func:`qk_norm_rope` — per-head q/k RMSNorm + RoPE on the fused q|k|v projection output, q written for
   attention, k and v written straight into the static KV cache at their slots (slot −1: not written);
-* :func:`act_mul` — SwiGLU's silu(gate) · up (GeGLU's GELU-tanh) on the fused gate|up projection output, where
-  the decode GEMM does not compute it itself as it loads its input (:func:`gated_act`, both);
+* :func:`silu_mul` / :func:`gelu_tanh_mul` — SwiGLU's silu(gate) · up (GeGLU's GELU-tanh) on the fused gate|up
+  projection output;
 * :func:`decode_attention` — split-K attention for decode-sized queries (a batch-1 step is otherwise a
   handful of thread blocks reading the whole cache window).
 
@@ -157,28 +157,18 @@ def _act_mul_kernel(gu_ptr, out_ptr, INTER, GELU_TANH: tl.constexpr, BLOCK: tl.c
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
-    g = tl.load(gu_ptr + row * 2 * INTER + offs, mask=mask, other=0.0)
-    u = tl.load(gu_ptr + row * 2 * INTER + INTER + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + row * INTER + offs, gated_act(g, u, GELU_TANH), mask=mask)
-
-
-@triton.jit
-def gated_act(g, u, GELU_TANH: tl.constexpr):
-    """act(gate) · up in the inputs' dtype, rounded as the modules round (the activation first); also the
-    decode GEMM's input when it takes the gate|up product itself (``decode_gemm``, ``GLU``)."""
-    dt = g.dtype
-    g = g.to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * 2 * INTER + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * INTER + INTER + offs, mask=mask, other=0.0).to(tl.float32)
     if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)
     else:
         s = _round(g / (1.0 + tl.exp(-g)), dt)
-    return (s * u.to(tl.float32)).to(dt)
+    tl.store(out_ptr + row * INTER + offs, (s * u).to(dt), mask=mask)
 
 
-def act_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
-    """[..., 2I] (gate | up) -> act(gate) · up, [..., I]: SiLU (SwiGLU, Qwen3) or GELU-tanh (GeGLU, Gemma4), the
-    activation rounded to the dtype first, as the modules compute it."""
+def _act_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     two_i = gate_up.shape[-1]
     inter = two_i // 2
     assert gate_up.is_contiguous()
@@ -188,6 +178,16 @@ def act_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     _act_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, GELU_TANH=gelu_tanh, BLOCK=block,
                                                         num_warps=4)
     return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> silu(gate) · up, [..., I] (SwiGLU: Qwen3)."""
+    return _act_mul(gate_up, False)
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> gelu_tanh(gate) · up, [..., I] (GeGLU: Gemma4), the GELU rounded to the dtype first."""
+    return _act_mul(gate_up, True)
 
 
 @triton.jit

@@ -94,19 +94,13 @@ class _Linear:
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, glu: int = 0) -> torch.Tensor:
-        """``glu`` 1 (2): ``x`` is a gate|up product and the input SiLU (GELU-tanh)(gate) · up, which the decode
-        GEMM computes as it loads ``x`` (one launch fewer); else the separate kernel computes it first."""
-        from dspark_compile.targets.torch.kernels import act_mul
-
-        if glu and (self.input_scale is not None or isinstance(self.weight, torch.Tensor)):
-            x, glu = act_mul(x, glu == 2), 0
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = fp8_quantize_dequantize(x, self.input_scale)
         if not isinstance(self.weight, torch.Tensor):
             from dspark_compile.targets.torch.decode_gemm import decode_linear
 
-            return decode_linear(x, self.weight, glu=glu)
+            return decode_linear(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
     @classmethod
@@ -209,8 +203,9 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
     """Gemma4's norms (with their residual adds and layer scalars) as one Triton kernel each
     (:mod:`.gemma4_kernels`), and the target layers' q|k|v and gate|up as one matrix product each; the Qwen3
     modules have none of these (their fused path is ``fused=True``)."""
-    from dspark_compile.targets.torch.decode_gemm import geglu_linear, linear
+    from dspark_compile.targets.torch.decode_gemm import linear
     from dspark_compile.targets.torch.gemma4_kernels import add_norm_norm, gemma_rmsnorm, qkv_into_cache
+    from dspark_compile.targets.torch.kernels import gelu_tanh_mul
 
     for model in (target, draft):
         for module in list(model.modules()) if model is not None else ():
@@ -220,13 +215,13 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
                 module.linear = linear
             if isinstance(module, Gemma4Layer):
                 module.add_norm_kernel = add_norm_norm
+                module.glu_kernel = gelu_tanh_mul
                 module.qkv_kernel = qkv_into_cache  # used by the target layers' forward (the draft injects K/V)
-                plain = not any(isinstance(m, Fp8Linear) for m in module.modules())  # e4m3: per product, below
+                plain = not any(isinstance(m, Fp8Linear) for m in module.modules())  # e4m3 keeps its own GEMM
                 if module.gate_up is None and plain:
                     module.fuse()
-                if plain:  # the decode GEMM where it beats cuBLAS; GeGLU inside the down product
+                if plain:  # the decode GEMM where it beats cuBLAS
                     module.linear = module.self_attn.linear = linear
-                    module.glu_down = geglu_linear
                 else:  # e4m3 layers: each product the FP8 decode GEMM (their forward dequantizes at every call)
                     for name, child in list(module.named_modules()):
                         if type(child) is Fp8Linear:
@@ -268,7 +263,7 @@ class StaticProgram:
         """One decoder layer; ``x`` [M, H] is the residual stream, updated in place. Returns the MLP output
         (added to ``x`` by the next layer's norm kernel). ``ctx`` [B, C, H] (draft): context rows whose k/v
         are written too (KV injection); queries are the block rows only."""
-        from dspark_compile.targets.torch.kernels import add_rmsnorm, qk_norm_rope
+        from dspark_compile.targets.torch.kernels import add_rmsnorm, qk_norm_rope, silu_mul
 
         cos, sin, slots = inputs
         a = layer.self_attn
@@ -287,7 +282,7 @@ class StaticProgram:
         out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
         h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
                         layer.post_attention_layernorm.eps)
-        return fw.down(fw.gate_up(h), glu=1)  # SwiGLU inside the down product
+        return fw.down(silu_mul(fw.gate_up(h)))
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
