@@ -168,8 +168,7 @@ class _KernelFp8Linear(Fp8Linear):
 
 class _KernelLinear(nn.Linear):
     """A full-precision ``nn.Linear`` (the same parameters) whose product is the decode GEMM where it beats
-    cuBLAS (``decode_gemm.linear``), for the LM head that the round calls as a module: on the H200 the kernel
-    streamed gemma-4-12B-it's head at 435 µs against cuBLAS's 517 (docs/BENCH.md)."""
+    cuBLAS (``decode_gemm.linear``, timed per shape)."""
 
     def __init__(self, lin: nn.Linear) -> None:
         nn.Module.__init__(self)
@@ -183,8 +182,9 @@ class _KernelLinear(nn.Linear):
 
 
 def _kernel_head(head: nn.Module) -> nn.Module:
-    """The LM head with its product through the decode GEMM: an ``Fp8Linear``'s own forward would dequantize
-    the whole vocabulary × hidden matrix at every call, and cuBLAS streams a bf16 head slower than the kernel."""
+    """The LM head, which the round calls as a module, with its product through the decode GEMM: an
+    ``Fp8Linear``'s own forward would dequantize the whole vocabulary × hidden matrix at every call, and on the
+    H200 cuBLAS streamed bf16 heads slower than the kernel (docs/BENCH.md, Gemma4 "Fifth pass")."""
     if type(head) is Fp8Linear:
         return _KernelFp8Linear(head)
     if type(head) is nn.Linear and head.weight.is_cuda:
@@ -201,8 +201,9 @@ def _fuse_layer(layer: nn.Module) -> _Fused:
 
 def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
     """Gemma4's norms (with their residual adds and layer scalars) as one Triton kernel each
-    (:mod:`.gemma4_kernels`), and the target layers' q|k|v and gate|up as one matrix product each; the Qwen3
-    modules have none of these (their fused path is ``fused=True``)."""
+    (:mod:`.gemma4_kernels`), the target layers' q|k|v and gate|up as one matrix product each, and every product
+    (the head's too) through the decode GEMM; the Qwen3 modules have none of these (their fused path is
+    ``fused=True``)."""
     from dspark_compile.targets.torch.decode_gemm import linear
     from dspark_compile.targets.torch.gemma4_kernels import add_norm_norm, gemma_rmsnorm, qkv_into_cache
     from dspark_compile.targets.torch.kernels import gelu_tanh_mul
@@ -217,7 +218,7 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
                 module.add_norm_kernel = add_norm_norm
                 module.glu_kernel = gelu_tanh_mul
                 module.qkv_kernel = qkv_into_cache  # used by the target layers' forward (the draft injects K/V)
-                plain = not any(isinstance(m, Fp8Linear) for m in module.modules())  # e4m3 keeps its own GEMM
+                plain = not any(isinstance(m, Fp8Linear) for m in module.modules())  # e4m3: per product, below
                 if module.gate_up is None and plain:
                     module.fuse()
                 if plain:  # the decode GEMM where it beats cuBLAS
