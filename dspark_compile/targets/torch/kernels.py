@@ -225,8 +225,8 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, part_o,
         kmask = cols < end
         offs = base + cols[:, None] * c_ss + d[None, :]
         k = tl.load(k_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        # V with K: both tiles in flight at once (a program's time is its loads' latency; Gemma4's 256-wide
-        # sliding heads, two tiles per program: 14.5 -> 9.6 us per layer, docs/BENCH.md)
+        # V with K: both tiles in flight at once (a program's time is its loads' latency; measured for Gemma4's
+        # wide heads in docs/BENCH.md, "Fourth pass")
         v = tl.load(v_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         held = cols
@@ -320,7 +320,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     if block_m * dp > 64 * 128:
         block_m = 16
     block_n = min(64, chunk, max(32, 8192 // dp))  # K and V tiles of 16 KiB, 32 KiB for 512-wide heads (Gemma4's
-    # global layers: half the tiles per program, 10.7 -> 9.5 us; 64 KiB was slower for 256-wide ones)
+    # global layers: half the tiles per program; 64 KiB was slower for 256-wide ones, docs/BENCH.md)
     grid = (bsz * kvh, splits, triton.cdiv(mq, block_m))
     _attn_split_kernel[grid](q, k, v, limit, low if low is not None else limit,
                              ring_top if ring_top is not None else limit, part_o, part_m, part_l,
