@@ -1,5 +1,6 @@
-"""The CUDA-graph target's step by kernel, on the GPU: the target-only step (T = 1) and a verify block (T = γ + 1)
-of a random pair (``--shape``; ``--quantize fp8``: the target's layers in e4m3 first), each through
+"""The CUDA-graph target's step by kernel, on the GPU: the target-only step (T = 1), a verify block (T = γ + 1)
+and the draft step (backbone over γ + 1 context rows, Markov sampling) of a random pair (``--shape``;
+``--quantize fp8``: the target's layers in e4m3 first), each through
 ``bench.profile_kernels`` (kernel time per call, by kind, and the top kernels). JSON on stdout.
 
     PYTHONPATH=. python benchmarks/profile_step.py [--shape gemma4-12b] [--quantize fp8] [--context 1024]
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 
@@ -18,6 +20,7 @@ from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
 
 
 def main() -> int:
+    os.environ.setdefault("DSPARK_PDL", "0")  # with programmatic dependent launch a kernel's time includes its wait
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="gemma4-12b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda")
@@ -40,6 +43,15 @@ def main() -> int:
         for _ in range(3):
             step()
         out[f"verify_T{t}"] = profile_kernels(step)
+    g = draft.block_size
+    taps = np.zeros((1, g + 1, len(target.tap_layer_ids) * target.cfg.hidden_size), dtype=np.float32)
+
+    def draft_step() -> object:  # the draft backbone over g + 1 context rows, then Markov sampling (greedy)
+        return be.draft_step(np.ones(1, dtype=np.int64), taps, np.full(1, g + 1, dtype=np.int64), cache_len)
+
+    for _ in range(3):
+        draft_step()
+    out["draft"] = profile_kernels(draft_step)
     print(json.dumps(out, indent=1))
     return 0
 

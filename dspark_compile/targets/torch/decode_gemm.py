@@ -36,8 +36,11 @@ import triton
 import triton.language as tl
 from torch.nn import functional as F
 from triton.compiler.errors import CompilationError
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from dspark_compile.targets.torch.kernels import pdl, pdl_options
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
@@ -45,7 +48,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
                         FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
-                        TMA: tl.constexpr = False):
+                        TMA: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -64,6 +67,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
+    if PDL:  # nothing above reads memory another kernel writes
+        gdc_wait()
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + rk
         if TMA:  # the tensor memory accelerator: one instruction per tile, out-of-bounds columns read as zero
@@ -101,6 +106,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 s = _unshift(tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0),
                              FAST_CVT)
                 acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
+    if PDL:  # the next kernel's blocks are dispatched while this one reduces and stores (not earlier: waiting
+        gdc_launch_dependents()  # blocks would hold SM slots the weight stream needs, docs/BENCH.md)
     mask = n_mask[:, None] & m_mask[None, :]
     tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     if SPLITS > 1:
@@ -453,5 +460,6 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
                               EVEN=n % bn == 0 and k % bk == 0,
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
-                              WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
+                              WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages,
+                              **pdl_options(pdl(x)))
     return out

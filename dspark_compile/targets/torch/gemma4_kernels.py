@@ -14,11 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
+from dspark_compile.targets.torch.kernels import pdl, pdl_enter, pdl_options
+
 
 @triton.jit
 def _gemma_norm_kernel(x_ptr, w_ptr, res_ptr, scale_ptr, cos_ptr, sin_ptr, out_ptr, N, INNER, OUTER_STRIDE, eps,
                        HAS_W: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr, ROPE: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -71,7 +74,7 @@ def gemma_rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, resi
                                           rows.shape[1], rows.stride(0), eps,
                                           HAS_W=weight is not None, HAS_RES=residual is not None,
                                           HAS_SCALE=scale is not None, ROPE=rope is not None, BLOCK=block,
-                                          num_warps=max(1, min(8, block // 512)))
+                                          num_warps=max(1, min(8, block // 512)), **pdl_options(pdl(x)))
     return out
 
 
@@ -102,7 +105,8 @@ def _norm_rope_head(src, w_ptr, c, sn, offs, mask, N, eps, dt: tl.constexpr):
 
 @triton.jit
 def _qkv_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr, T, HQ, KVH, N,
-                      c_sb, c_sh, c_ss, eps, SHARED: tl.constexpr, BLOCK: tl.constexpr):
+                      c_sb, c_sh, c_ss, eps, SHARED: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)  # row b·T + t
     h = tl.program_id(1)
     b = m // T
@@ -146,13 +150,15 @@ def qkv_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot
     _, sh, ss, _ = kv[0].stride()
     _qkv_cache_kernel[(bsz * t, heads + kv_heads)](qkv, cos, sin, slots, q_norm, k_norm, q, kv[0], kv[1], t, heads,
                                                    kv_heads, d, kv[0].stride(0), sh, ss, eps, SHARED=shared,
-                                                   BLOCK=triton.next_power_of_2(d), num_warps=max(1, d // 256))
+                                                   BLOCK=triton.next_power_of_2(d), num_warps=max(1, d // 256),
+                                                   **pdl_options(pdl(qkv)))
     return q
 
 
 @triton.jit
 def _add_norm_norm_kernel(res_ptr, x_ptr, w1_ptr, w2_ptr, scale_ptr, sum_ptr, out_ptr, N, eps1, eps2,
-                          HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -180,5 +186,6 @@ def add_norm_norm(residual: torch.Tensor, x: torch.Tensor, first: tuple[torch.Te
     block = triton.next_power_of_2(n)
     _add_norm_norm_kernel[(x.numel() // n,)](residual, x, first[0], second[0], scale if scale is not None else x,
                                              total, out, n, first[1], second[1], HAS_SCALE=scale is not None,
-                                             BLOCK=block, num_warps=max(1, min(8, block // 512)))
+                                             BLOCK=block, num_warps=max(1, min(8, block // 512)),
+                                             **pdl_options(pdl(x)))
     return total, out

@@ -20,9 +20,41 @@ differ from torch's by an ulp in float32. The kernels run on CUDA tensors, or on
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch for the step's kernels on ``t``'s device (Hopper and later; ``DSPARK_PDL=0``
+    turns it off, e.g. for a profiler that times kernels one by one): a kernel's thread blocks are dispatched
+    while its predecessor runs and wait (``griddepcontrol.wait``) before touching memory, which hides most of
+    the launch gap between a decode step's few-microsecond kernels (docs/BENCH.md, "Programmatic dependent
+    launch")."""
+    return t.is_cuda and _pdl_on(t.device.index)
+
+
+@functools.cache
+def _pdl_on(index: int | None) -> bool:
+    return os.environ.get("DSPARK_PDL", "1") != "0" and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_options(on: bool) -> dict[str, object]:
+    """Launch keywords of a kernel that takes ``PDL``."""
+    return {"PDL": True, "launch_pdl": True} if on else {}
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """Wait until the previous kernel is done (its writes visible), then let the next one be dispatched: these
+    kernels are short, so the next one's blocks are resident by the time this one ends."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -33,7 +65,8 @@ def _round(x, dtype: tl.constexpr):
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
-                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
@@ -66,7 +99,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
         assert tap.stride(1) == 1 and tap.shape == x.shape
     _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, tap if tap is not None else x,
                               tap_stride, h, eps, HAS_DELTA=delta is not None, HAS_TAP=tap is not None,
-                              BLOCK=block, num_warps=max(1, min(8, block // 512)))
+                              BLOCK=block, num_warps=max(1, min(8, block // 512)), **pdl_options(pdl(x)))
     return out
 
 
@@ -90,7 +123,9 @@ def _rope(y1, y2, c1, c2, s1, s2, dt: tl.constexpr):
 
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr,
-                         R, Q_START, HQ, KVH, HALF, c_sb, c_sh, c_ss, eps, BLOCK: tl.constexpr):
+                         R, Q_START, HQ, KVH, HALF, c_sb, c_sh, c_ss, eps, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     b = m // R
@@ -149,11 +184,13 @@ def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots:
     half = d // 2
     _qk_norm_rope_kernel[(m, hq + kvh)](qkv, cos, sin, slots, q_norm, k_norm, q_out, k_cache, v_cache, rows,
                                         q_start, hq, kvh, half, sb, sh, ss, eps,
-                                        BLOCK=triton.next_power_of_2(half), num_warps=1)
+                                        BLOCK=triton.next_power_of_2(half), num_warps=1,
+                                        **pdl_options(pdl(qkv)))
 
 
 @triton.jit
-def _act_mul_kernel(gu_ptr, out_ptr, INTER, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr):
+def _act_mul_kernel(gu_ptr, out_ptr, INTER, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
@@ -176,7 +213,7 @@ def _act_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     rows = gate_up.numel() // two_i
     _act_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, GELU_TANH=gelu_tanh, BLOCK=block,
-                                                        num_warps=4)
+                                                        num_warps=4, **pdl_options(pdl(gate_up)))
     return out
 
 
@@ -193,7 +230,9 @@ def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, part_o, part_m, part_l, T, GROUP, KVH, W,
                        CHUNK, SPLITS, c_sb, c_sh, c_ss, scale, D: tl.constexpr, DP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOW: tl.constexpr, RING: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOW: tl.constexpr, RING: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // KVH
@@ -249,7 +288,8 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, part_o,
 
 @triton.jit
 def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, D: tl.constexpr, DP: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+                         BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     r = tl.program_id(0).to(tl.int64)
     bh = r // MQ
     i = r % MQ
@@ -326,9 +366,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
                              ring_top if ring_top is not None else limit, part_o, part_m, part_l,
                              t, group, kvh, window, chunk, splits, sb, sh, ss, scale, D=dh, DP=dp,
                              BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOW=low is not None, RING=ring_top is not None,
-                             num_warps=4)
+                             num_warps=4, **pdl_options(pdl(q)))
     out = torch.empty_like(q)
     _attn_combine_kernel[(bsz * kvh * mq,)](part_o, part_m, part_l, out, mq, splits, D=dh, DP=dp,
                                             BLOCK_S=max(2, triton.next_power_of_2(splits)),
-                                            num_warps=4 if dp >= 256 else 1)  # wide heads: a warp per row was slow
+                                            num_warps=4 if dp >= 256 else 1,  # wide heads: a warp per row was slow
+                                            **pdl_options(pdl(q)))
     return out

@@ -1,0 +1,77 @@
+"""Programmatic dependent launch, checked without a GPU: every kernel of the CUDA-graph target's step, compiled
+for sm_90 with ``PDL``, waits for its predecessor (``griddepcontrol.wait``) before any instruction that touches
+global memory, and lets its successor be dispatched; the decode GEMM does so only after its main loop. Without
+``PDL`` no grid-dependency instruction is emitted. Speed is measured on the H200 (docs/BENCH.md, "Programmatic
+dependent launch"); losslessness with PDL on is the GPU tests'."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+MEMORY = re.compile(r"\b(ld\.global|st\.global|cp\.async|atom\.|red\.)")
+INT_PTRS = ("slot", "limit", "low", "top", "count")
+
+
+def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf16", warps: int = 4) -> str:
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig: dict[str, str] = {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            continue
+        name = p.name
+        if name == "w_desc":
+            sig[name] = "*fp8e4nv"
+        elif name.endswith("_ptr") or name.startswith("part"):
+            kind = "*i32" if name.startswith("count") else "*i64" if name.startswith(INT_PTRS) else ptr
+            sig[name] = "*fp32" if name.startswith(("part", "s_ptr")) else "*fp8e4nv" if name == "w_ptr" else kind
+        else:
+            sig[name] = "fp32" if name in ("eps", "eps1", "eps2", "scale") else "i32"
+    consts = consts | {"PDL": pdl}
+    src = ASTSource(kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "launch_pdl": pdl})
+    except RuntimeError as exc:  # no ptxas in this Triton build
+        pytest.skip(reason=f"Triton cannot compile for sm_90 here: {exc}")
+    return compiled.asm["ptx"]
+
+
+def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
+    from dspark_compile.targets.torch import gemma4_kernels as g
+    from dspark_compile.targets.torch import kernels as k
+    from dspark_compile.targets.torch.decode_gemm import _decode_gemm_kernel
+
+    return [
+        ("add_rmsnorm", k._add_rmsnorm_kernel, {"HAS_DELTA": True, "HAS_TAP": True, "BLOCK": 4096}),
+        ("qk_norm_rope", k._qk_norm_rope_kernel, {"BLOCK": 64}),
+        ("act_mul", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024}),
+        ("attn_split", k._attn_split_kernel, {"D": 128, "DP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "HAS_LOW": False,
+                                              "RING": False}),
+        ("attn_combine", k._attn_combine_kernel, {"D": 128, "DP": 128, "BLOCK_S": 16}),
+        ("gemma_norm", g._gemma_norm_kernel, {"HAS_W": True, "HAS_RES": True, "HAS_SCALE": True, "ROPE": True,
+                                              "BLOCK": 256}),
+        ("qkv_cache", g._qkv_cache_kernel, {"SHARED": False, "BLOCK": 256}),
+        ("add_norm_norm", g._add_norm_norm_kernel, {"HAS_SCALE": True, "BLOCK": 4096}),
+        ("decode_gemm", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": True,
+                                              "EVEN": True, "PRECISION": None, "FAST_CVT": 1, "WIDE": False,
+                                              "ASM": True, "TMA": False}),
+    ]
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in _kernels()])
+def test_step_kernels_wait_for_their_predecessor_before_touching_memory(name: str) -> None:
+    _, kernel, consts = next(k for k in _kernels() if k[0] == name)
+    ptx = _compile(kernel, consts, True)
+    body = ptx[ptx.index(".entry"):]
+    wait = body.index("griddepcontrol.wait")
+    assert MEMORY.search(body) is not None and MEMORY.search(body).start() > wait  # type: ignore[union-attr]
+    assert body.count("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" in body
+    if name == "decode_gemm":  # the successor's blocks only once the weight stream is done
+        assert body.index("griddepcontrol.launch_dependents") > body.rindex("mma")
+    assert "griddepcontrol" not in _compile(kernel, consts, False)
