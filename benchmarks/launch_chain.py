@@ -1,5 +1,6 @@
 """Kernel boundaries of the decode step in isolation, on the GPU: chains of the step's own kernels captured in
-one CUDA graph, timed per launch, with programmatic dependent launch off and on (``DSPARK_PDL`` 0 and 1, ``kernels.pdl``).
+one CUDA graph, timed per launch, with programmatic dependent launch off and on (``DSPARK_PDL`` 0 and 1,
+``kernels.pdl_options``).
 
 Chains (Qwen3-8B shapes, one row): 256 RMSNorms (a kernel with almost no work: the launch gap itself), and 36
 layers' four e4m3 products back to back (the decode GEMM's gap and ramp between streamed weights). JSON on

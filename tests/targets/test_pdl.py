@@ -75,3 +75,32 @@ def test_step_kernels_wait_for_their_predecessor_before_touching_memory(name: st
     if name == "decode_gemm":  # the successor's blocks only once the weight stream is done
         assert body.index("griddepcontrol.launch_dependents") > body.rindex("mma")
     assert "griddepcontrol" not in _compile(kernel, consts, False)
+
+
+def test_pdl_is_for_decode_sized_launches_on_hopper_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launch keywords, with the GPU query stubbed (this machine has none): on for at most PDL_TOKENS token
+    rows on compute capability 9+, off beyond, before Hopper, on the CPU, and with DSPARK_PDL=0."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dspark_compile.targets.torch import kernels
+
+    gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[0])
+    monkeypatch.delenv("DSPARK_PDL", raising=False)
+    kernels._pdl_on.cache_clear()
+    try:
+        assert kernels.pdl_options(gpu, kernels.PDL_TOKENS) == {"PDL": True, "launch_pdl": True}  # type: ignore[arg-type]
+        assert kernels.pdl_options(gpu, kernels.PDL_TOKENS + 1) == {}  # type: ignore[arg-type]
+        assert kernels.pdl_options(torch.zeros(1), 1) == {}
+        capability[0] = (8, 0)
+        kernels._pdl_on.cache_clear()
+        assert kernels.pdl_options(gpu, 1) == {}  # type: ignore[arg-type]
+        capability[0] = (9, 0)
+        monkeypatch.setenv("DSPARK_PDL", "0")
+        kernels._pdl_on.cache_clear()
+        assert kernels.pdl_options(gpu, 1) == {}  # type: ignore[arg-type]
+    finally:
+        kernels._pdl_on.cache_clear()

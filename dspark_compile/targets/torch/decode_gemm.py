@@ -40,7 +40,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dspark_compile.targets.torch.kernels import pdl, pdl_options
+from dspark_compile.targets.torch.kernels import pdl_options
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
@@ -461,5 +461,5 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
                               WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages,
-                              **pdl_options(pdl(x)))
+                              **pdl_options(x, m))
     return out

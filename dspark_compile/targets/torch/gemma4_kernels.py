@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dspark_compile.targets.torch.kernels import pdl, pdl_enter, pdl_options
+from dspark_compile.targets.torch.kernels import pdl_enter, pdl_options
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def gemma_rmsnorm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, resi
                                           rows.shape[1], rows.stride(0), eps,
                                           HAS_W=weight is not None, HAS_RES=residual is not None,
                                           HAS_SCALE=scale is not None, ROPE=rope is not None, BLOCK=block,
-                                          num_warps=max(1, min(8, block // 512)), **pdl_options(pdl(x)))
+                                          num_warps=max(1, min(8, block // 512)), **pdl_options(x, _tokens(x)))
     return out
 
 
@@ -151,7 +151,7 @@ def qkv_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot
     _qkv_cache_kernel[(bsz * t, heads + kv_heads)](qkv, cos, sin, slots, q_norm, k_norm, q, kv[0], kv[1], t, heads,
                                                    kv_heads, d, kv[0].stride(0), sh, ss, eps, SHARED=shared,
                                                    BLOCK=triton.next_power_of_2(d), num_warps=max(1, d // 256),
-                                                   **pdl_options(pdl(qkv)))
+                                                   **pdl_options(qkv, bsz * t))
     return q
 
 
@@ -187,5 +187,10 @@ def add_norm_norm(residual: torch.Tensor, x: torch.Tensor, first: tuple[torch.Te
     _add_norm_norm_kernel[(x.numel() // n,)](residual, x, first[0], second[0], scale if scale is not None else x,
                                              total, out, n, first[1], second[1], HAS_SCALE=scale is not None,
                                              BLOCK=block, num_warps=max(1, min(8, block // 512)),
-                                             **pdl_options(pdl(x)))
+                                             **pdl_options(x, _tokens(x)))
     return total, out
+
+
+def _tokens(x: torch.Tensor) -> int:
+    """Token rows of a [B, T, ...] activation (or [M, H] rows)."""
+    return x.shape[0] * x.shape[1] if x.dim() >= 3 else x.shape[0]

@@ -28,24 +28,25 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+PDL_TOKENS = 16
+"""Token rows up to which a launch uses programmatic dependent launch: on the H200 it made the batch-1 round
+faster and the batch-64 round slower (docs/BENCH.md, "Programmatic dependent launch")."""
 
-def pdl(t: torch.Tensor) -> bool:
-    """Programmatic dependent launch for the step's kernels on ``t``'s device (Hopper and later; ``DSPARK_PDL=0``
-    turns it off, e.g. for a profiler that times kernels one by one): a kernel's thread blocks are dispatched
-    while its predecessor runs and wait (``griddepcontrol.wait``) before touching memory, which hides most of
-    the launch gap between a decode step's few-microsecond kernels (docs/BENCH.md, "Programmatic dependent
-    launch")."""
-    return t.is_cuda and _pdl_on(t.device.index)
+
+def pdl_options(t: torch.Tensor, tokens: int) -> dict[str, object]:
+    """Launch keywords for a kernel taking ``PDL`` that works on ``tokens`` token rows of ``t``'s device:
+    programmatic dependent launch on Hopper and later for decode-sized launches (``DSPARK_PDL=0`` turns it off,
+    e.g. for a profiler that times kernels one by one). The kernel's blocks are dispatched while its predecessor
+    runs and wait (:func:`pdl_enter`) before touching memory, which hides most of the launch gap between a
+    decode step's few-microsecond kernels. Launches with and without it mix freely: one without waits for its
+    predecessor as any stream-ordered launch does."""
+    on = tokens <= PDL_TOKENS and t.is_cuda and _pdl_on(t.device.index)
+    return {"PDL": True, "launch_pdl": True} if on else {}
 
 
 @functools.cache
 def _pdl_on(index: int | None) -> bool:
     return os.environ.get("DSPARK_PDL", "1") != "0" and torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def pdl_options(on: bool) -> dict[str, object]:
-    """Launch keywords of a kernel that takes ``PDL``."""
-    return {"PDL": True, "launch_pdl": True} if on else {}
 
 
 @triton.jit
@@ -99,7 +100,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
         assert tap.stride(1) == 1 and tap.shape == x.shape
     _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, tap if tap is not None else x,
                               tap_stride, h, eps, HAS_DELTA=delta is not None, HAS_TAP=tap is not None,
-                              BLOCK=block, num_warps=max(1, min(8, block // 512)), **pdl_options(pdl(x)))
+                              BLOCK=block, num_warps=max(1, min(8, block // 512)), **pdl_options(x, m))
     return out
 
 
@@ -185,7 +186,7 @@ def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots:
     _qk_norm_rope_kernel[(m, hq + kvh)](qkv, cos, sin, slots, q_norm, k_norm, q_out, k_cache, v_cache, rows,
                                         q_start, hq, kvh, half, sb, sh, ss, eps,
                                         BLOCK=triton.next_power_of_2(half), num_warps=1,
-                                        **pdl_options(pdl(qkv)))
+                                        **pdl_options(qkv, m))
 
 
 @triton.jit
@@ -213,7 +214,7 @@ def _act_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     rows = gate_up.numel() // two_i
     _act_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, GELU_TANH=gelu_tanh, BLOCK=block,
-                                                        num_warps=4, **pdl_options(pdl(gate_up)))
+                                                        num_warps=4, **pdl_options(gate_up, rows))
     return out
 
 
@@ -366,10 +367,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
                              ring_top if ring_top is not None else limit, part_o, part_m, part_l,
                              t, group, kvh, window, chunk, splits, sb, sh, ss, scale, D=dh, DP=dp,
                              BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOW=low is not None, RING=ring_top is not None,
-                             num_warps=4, **pdl_options(pdl(q)))
+                             num_warps=4, **pdl_options(q, bsz * t))
     out = torch.empty_like(q)
     _attn_combine_kernel[(bsz * kvh * mq,)](part_o, part_m, part_l, out, mq, splits, D=dh, DP=dp,
                                             BLOCK_S=max(2, triton.next_power_of_2(splits)),
                                             num_warps=4 if dp >= 256 else 1,  # wide heads: a warp per row was slow
-                                            **pdl_options(pdl(q)))
+                                            **pdl_options(q, bsz * t))
     return out
