@@ -685,7 +685,9 @@ def kernel_kind(name: str) -> str:
 
 
 def profile_kernels(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
-    """Device kernel time of ``fn`` (already warm) per call, by :func:`kernel_kind` and the top kernels."""
+    """Device kernel time of ``fn`` (already warm) per call, by :func:`kernel_kind` and the top kernels. With
+    programmatic dependent launch (``kernels.pdl_options``) a kernel's time includes its wait for the previous
+    one: profile a process started with ``DSPARK_PDL=0`` to compare kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
