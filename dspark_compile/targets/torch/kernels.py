@@ -12,6 +12,9 @@ microseconds, which at batch 1 is as much as the weights' read time, so the step
 * :func:`decode_attention` — split-K attention for decode-sized queries (a batch-1 step is otherwise a
   handful of thread blocks reading the whole cache window).
 
+On Hopper and later, each launch of at most :data:`PDL_TOKENS` token rows (a batch-1 round) uses programmatic
+dependent launch (:func:`pdl_options`), as do the decode GEMM and Gemma4's norm kernels.
+
 Each replays the rounding of the torch modules it replaces (``models/layers.py``): every torch op rounds to
 the model dtype, so the kernels compute in float32 and round at the same points. Reductions and rsqrt may
 differ from torch's by an ulp in float32. The kernels run on CUDA tensors, or on the CPU under
