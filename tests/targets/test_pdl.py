@@ -99,8 +99,9 @@ def test_pdl_is_for_decode_sized_launches_on_hopper_and_can_be_turned_off(monkey
         kernels._pdl_on.cache_clear()
         assert kernels.pdl_options(gpu, 1) == {}  # type: ignore[arg-type]
         capability[0] = (9, 0)
-        monkeypatch.setenv("DSPARK_PDL", "0")
-        kernels._pdl_on.cache_clear()
-        assert kernels.pdl_options(gpu, 1) == {}  # type: ignore[arg-type]
+        for value in ("0", "off", "False"):
+            monkeypatch.setenv("DSPARK_PDL", value)
+            kernels._pdl_on.cache_clear()
+            assert kernels.pdl_options(gpu, 1) == {}  # type: ignore[arg-type]
     finally:
         kernels._pdl_on.cache_clear()

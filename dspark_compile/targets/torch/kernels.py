@@ -38,18 +38,19 @@ faster and the batch-64 round slower (docs/BENCH.md, "Programmatic dependent lau
 
 def pdl_options(t: torch.Tensor, tokens: int) -> dict[str, object]:
     """Launch keywords for a kernel taking ``PDL`` that works on ``tokens`` token rows of ``t``'s device:
-    programmatic dependent launch on Hopper and later for decode-sized launches (``DSPARK_PDL=0`` turns it off,
-    e.g. for a profiler that times kernels one by one). The kernel's blocks are dispatched while its predecessor
-    runs and wait (:func:`pdl_enter`) before touching memory, which hides most of the launch gap between a
-    decode step's few-microsecond kernels. Launches with and without it mix freely: one without waits for its
-    predecessor as any stream-ordered launch does."""
+    programmatic dependent launch on Hopper and later for decode-sized launches (``DSPARK_PDL=0``, or
+    false/off/no, turns it off, e.g. for a profiler that times kernels one by one). The kernel's blocks are
+    dispatched while its predecessor runs and wait (:func:`pdl_enter`) before touching memory, which hides most
+    of the launch gap between a decode step's few-microsecond kernels. Launches with and without it mix freely:
+    one without waits for its predecessor as any stream-ordered launch does."""
     on = tokens <= PDL_TOKENS and t.is_cuda and _pdl_on(t.device.index)
     return {"PDL": True, "launch_pdl": True} if on else {}
 
 
 @functools.cache
 def _pdl_on(index: int | None) -> bool:
-    return os.environ.get("DSPARK_PDL", "1") != "0" and torch.cuda.get_device_capability(index)[0] >= 9
+    off = os.environ.get("DSPARK_PDL", "1").strip().lower() in ("0", "false", "off", "no")
+    return not off and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 @triton.jit
