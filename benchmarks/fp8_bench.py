@@ -38,6 +38,7 @@ from dspark_compile.models.layers import (
     quantize_fp8,
 )
 from dspark_compile.passes.quantize import quantize_module
+from dspark_compile.targets.torch import decode_gemm
 from dspark_compile.targets.torch.bench import (
     QWEN3_8B,
     SHAPES,
@@ -282,6 +283,7 @@ def main() -> int:
             row["target_floor_ms"] = floor
             row["target_vs_floor"] = row["target_only"]["round_graph_ms"] / floor
             row["seconds"] = time.perf_counter() - t0
+            row["gemm_choices"] = {str(key): cfg for key, cfg in decode_gemm._CHOSEN.items()}  # (class, N, K, ...)
             rows[f"{dtype}_b{b}"] = row
             say(f"{dtype} B={b}: target {row['target_only']['round_graph_ms']:.3f} ms (floor {floor:.3f}, "
                 f"{row['target_vs_floor']:.3f}x), target tok/s {row['target_only']['tokens_per_s']:.0f}, "
