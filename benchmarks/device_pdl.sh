@@ -4,34 +4,41 @@
 # rounds at B = 1 (bf16, FP8, FP8 with LM head and draft quantized) with DSPARK_PDL=0 then on, and (GEMMA=1)
 # device_gemma4.sh's 12B bench with PDL off then on. Everything lands in $OUT/pdl.tgz (a device call returns
 # few files).
-# Usage (repository root): OUT=$OUT [TESTS=0] [ROUNDS=0] [GEMMA=1] bash benchmarks/device_pdl.sh
+# AB_VAR names the switch the A/B flips (default DSPARK_PDL; DSPARK_GEMM_EARLY: the decode GEMM's early first
+# weight tile); CHAIN=0 skips the launch chains; TESTS_LAST=1 runs the GPU tests after the rounds.
+# Usage (repository root): OUT=$OUT [TESTS=0] [ROUNDS=0] [GEMMA=1] [AB_VAR=...] bash benchmarks/device_pdl.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 W=$(mktemp -d)/pdl
 mkdir -p "$W"
-if [ "${TESTS:-1}" = 1 ]; then
+tests() {
   timeout ${TEST_TIMEOUT:-240} "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/targets/test_fp8_torch_target.py \
       tests/targets/test_torch_rounds.py tests/targets/test_torch_target.py tests/targets/test_gemma4_torch_target.py \
       2>&1 | tail -25 > "$W/pytest_gpu_pdl.txt"
   tail -2 "$W/pytest_gpu_pdl.txt"
-fi
+}
+AB=${AB_VAR:-DSPARK_PDL}
+if [ "${TESTS:-1}" = 1 ] && [ "${TESTS_LAST:-0}" = 0 ]; then tests; fi
 if [ "${ROUNDS:-1}" = 1 ]; then
-timeout 90 "$PY" benchmarks/launch_chain.py > "$W/launch_chain.json" 2> "$W/launch_chain.err"
-grep pdl "$W/launch_chain.json" | head -2
+if [ "${CHAIN:-1}" = 1 ]; then
+  timeout 90 "$PY" benchmarks/launch_chain.py > "$W/launch_chain.json" 2> "$W/launch_chain.err"
+  grep pdl "$W/launch_chain.json" | head -2
+fi
 for m in ${MODES:-0 1}; do
-  DSPARK_PDL=$m timeout 150 "$PY" benchmarks/fp8_bench.py --out "$W/rounds_pdl$m" --sections rounds,head_draft \
+  env $AB=$m timeout 150 "$PY" benchmarks/fp8_bench.py --out "$W/rounds_pdl$m" --sections rounds,head_draft \
       --batch ${BATCH:-1} --kinds ${KINDS:-bf16,fp8,fp8_head_draft} --new-tokens 128 2>&1 | grep -v Warning \
       > "$W/rounds_pdl$m.log"
-  echo "PDL=$m"; grep -E "B=" "$W/rounds_pdl$m.log" | cut -c1-300
+  echo "$AB=$m"; grep -E "B=" "$W/rounds_pdl$m.log" | cut -c1-300
 done
 fi
 if [ "${GEMMA:-0}" = 1 ]; then
   for m in ${MODES:-0 1}; do
-    DSPARK_PDL=$m OUT=$W/gemma4_pdl$m BATCH=1 PYTEST=0 REPEATS=10 NEW=32 timeout 200 bash benchmarks/device_gemma4.sh \
+    env $AB=$m OUT=$W/gemma4_pdl$m BATCH=1 PYTEST=0 REPEATS=10 NEW=32 timeout 200 bash benchmarks/device_gemma4.sh \
         > /dev/null 2>&1
-    echo "PDL=$m"; tail -c 700 "$W/gemma4_pdl$m/gemma4_summary.json"; echo
+    echo "$AB=$m"; tail -c 700 "$W/gemma4_pdl$m/gemma4_summary.json"; echo
   done
 fi
+if [ "${TESTS:-1}" = 1 ] && [ "${TESTS_LAST:-0}" = 1 ]; then tests; fi
 tar czf "$OUT/pdl.tgz" -C "$(dirname "$W")" pdl

@@ -28,6 +28,7 @@ falls back to Triton's, conversion 2 scales with Triton ops).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -48,11 +49,12 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
                         FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
-                        TMA: tl.constexpr = False, PDL: tl.constexpr = False):
+                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
-    adds the float32 partials in split order, scales and writes, and resets the counter for the next call."""
+    adds the float32 partials in split order, scales and writes, and resets the counter for the next call.
+    ``EARLY`` (with ``PDL``): the split's first weight tile is loaded before waiting for the previous kernel."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -61,51 +63,23 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     rk = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     m_mask = offs_m < M
-    dt = x_ptr.dtype.element_ty
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K
     x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
+    if EARLY:  # weights are never written by a kernel: the first tile is read while the previous kernel ends
+        w = _weight_tile(w_desc, w_rows, n_mask, pid_n, k_begin, rk, K, BLOCK_N, EVEN, TMA)
     if PDL:  # nothing above reads memory another kernel writes
         gdc_wait()
+    if EARLY:
+        acc = _accumulate(acc, w, x_cols, s_ptr, offs_n, n_mask, m_mask, k_begin, rk, K, KB, GROUP, PER_CHANNEL,
+                          PRECISION, FAST_CVT, WIDE, ASM)
+        k_begin += BLOCK_K
     for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + rk
-        if TMA:  # the tensor memory accelerator: one instruction per tile, out-of-bounds columns read as zero
-            w = w_desc.load([pid_n * BLOCK_N, k0])
-        elif EVEN:
-            w = tl.load(w_rows + offs_k[None, :])
-        else:
-            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-        if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
-            xf = xt.to(tl.float32)
-            amax = tl.max(tl.abs(xf), axis=0)
-            live = amax > 0
-            inv = tl.where(live, tl.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 1.0)
-            xs = tl.where(live, tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
-            xc = tl.clamp(xf * inv[None, :], -448.0, 448.0)
-            if ASM:
-                p = tl.dot(w, xc.to(tl.float8e4nv, fp_downcast_rounding="rtne"))
-            else:  # the interpreter (whose float8 rounding is not round-to-nearest-even): the same products
-                p = tl.dot(w.to(tl.float32), _round_e4m3(xc), input_precision="ieee")
-            if PER_CHANNEL:
-                acc += p * xs[None, :]
-            else:
-                s = tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0)
-                acc += p * xs[None, :] * s[:, None]
-        else:
-            if FAST_CVT == 2:  # an fp16 product: e4m3 -> f16 is one instruction per two values; x scaled
-                xt = _bf16_to_f16_scaled(xt, ASM)
-                wt = w.to(tl.float16)
-            else:  # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
-                wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
-            if PER_CHANNEL or WIDE:
-                acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
-            else:
-                s = _unshift(tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0),
-                             FAST_CVT)
-                acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
+        w = _weight_tile(w_desc, w_rows, n_mask, pid_n, k0, rk, K, BLOCK_N, EVEN, TMA)
+        acc = _accumulate(acc, w, x_cols, s_ptr, offs_n, n_mask, m_mask, k0, rk, K, KB, GROUP, PER_CHANNEL,
+                          PRECISION, FAST_CVT, WIDE, ASM)
     if PDL:  # the next kernel's blocks are dispatched while this one reduces and stores (not earlier: waiting
         gdc_launch_dependents()  # blocks would hold SM slots the weight stream needs, docs/BENCH.md)
     mask = n_mask[:, None] & m_mask[None, :]
@@ -122,6 +96,58 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
             _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
     else:
         _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
+
+
+@triton.jit
+def _weight_tile(w_desc, w_rows, n_mask, pid_n, k0, rk, K, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
+                 TMA: tl.constexpr):
+    """The [BLOCK_N, BLOCK_K] weight tile at column ``k0``."""
+    offs_k = k0 + rk
+    if TMA:  # the tensor memory accelerator: one instruction per tile, out-of-bounds columns read as zero
+        w = w_desc.load([pid_n * BLOCK_N, k0])
+    elif EVEN:
+        w = tl.load(w_rows + offs_k[None, :])
+    else:
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+    return w
+
+
+@triton.jit
+def _accumulate(acc, w, x_cols, s_ptr, offs_n, n_mask, m_mask, k0, rk, K, KB, GROUP, PER_CHANNEL: tl.constexpr,
+                PRECISION: tl.constexpr, FAST_CVT: tl.constexpr, WIDE: tl.constexpr, ASM: tl.constexpr):
+    """``acc`` plus weight tile ``w`` times the activations' K tile at ``k0`` (transposed), scaled."""
+    offs_k = k0 + rk
+    dt = x_cols.dtype.element_ty
+    xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
+    if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
+        xf = xt.to(tl.float32)
+        amax = tl.max(tl.abs(xf), axis=0)
+        live = amax > 0
+        inv = tl.where(live, tl.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 1.0)
+        xs = tl.where(live, tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+        xc = tl.clamp(xf * inv[None, :], -448.0, 448.0)
+        if ASM:
+            p = tl.dot(w, xc.to(tl.float8e4nv, fp_downcast_rounding="rtne"))
+        else:  # the interpreter (whose float8 rounding is not round-to-nearest-even): the same products
+            p = tl.dot(w.to(tl.float32), _round_e4m3(xc), input_precision="ieee")
+        if PER_CHANNEL:
+            acc += p * xs[None, :]
+        else:
+            s = tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0)
+            acc += p * xs[None, :] * s[:, None]
+    else:
+        if FAST_CVT == 2:  # an fp16 product: e4m3 -> f16 is one instruction per two values; x scaled
+            xt = _bf16_to_f16_scaled(xt, ASM)
+            wt = w.to(tl.float16)
+        else:  # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
+            wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
+        if PER_CHANNEL or WIDE:
+            acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
+        else:
+            s = _unshift(tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0),
+                         FAST_CVT)
+            acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
+    return acc
 
 
 @triton.jit
@@ -275,6 +301,8 @@ _UNSCALED: dict[tuple[int, torch.device], torch.Tensor] = {}
 """The never-read scale placeholder of full-precision weights, one per output size and device (allocated on
 the warm-up call, never inside a CUDA-graph capture)."""
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+EARLY_WEIGHTS = os.environ.get("DSPARK_GEMM_EARLY", "1").strip().lower() not in ("0", "false", "off", "no")
+"""With programmatic dependent launch, load each program's first weight tile before waiting (A/B switch)."""
 log = logging.getLogger(__name__)
 
 
@@ -454,6 +482,7 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
     desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight
+    pdl = pdl_options(x, m)
     _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, part, counters, out, m, n, k, w.scale.shape[1], w.group,
                               k_split, splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                               PER_CHANNEL=w.group >= k, TMA=tma,
@@ -461,5 +490,5 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
                               WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages,
-                              **pdl_options(x, m))
+                              EARLY=bool(pdl) and EARLY_WEIGHTS, **pdl)
     return out
