@@ -48,14 +48,11 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
                         FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
-                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, TRANS: tl.constexpr = False):
+                        TMA: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
-    adds the float32 partials in split order, scales and writes, and resets the counter for the next call.
-    ``TRANS``: x·Wᵀ instead (the activation rows the wide operand, the widened weight tile the other, through
-    shared memory): for row counts where both operands are wide, and the register operand held the MMA back."""
-    tl.static_assert(not (TRANS and FAST_CVT == 3), "W8A8 runs W.xT only")
+    adds the float32 partials in split order, scales and writes, and resets the counter for the next call."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -67,7 +64,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     dt = x_ptr.dtype.element_ty
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * K
     x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N) if TRANS else (BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, K)
     if PDL:  # nothing above reads memory another kernel writes
@@ -80,10 +77,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
             w = tl.load(w_rows + offs_k[None, :])
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        if TRANS:  # [BLOCK_M, BLOCK_K]: K contiguous, as x lies in memory
-            xt = tl.load(x_cols.T + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        else:
-            xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
+        xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
         if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
             xf = xt.to(tl.float32)
             amax = tl.max(tl.abs(xf), axis=0)
@@ -106,19 +100,12 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 wt = w.to(tl.float16)
             else:  # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
                 wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
-            if TRANS and (PER_CHANNEL or WIDE):
-                acc = tl.dot(xt, wt.T, acc, input_precision=PRECISION)
-            elif PER_CHANNEL or WIDE:
+            if PER_CHANNEL or WIDE:
                 acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
             else:
                 s = _unshift(tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0),
                              FAST_CVT)
-                if TRANS:
-                    acc += tl.dot(xt, wt.T, input_precision=PRECISION) * s[None, :]
-                else:
-                    acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
-    if TRANS:  # back to the epilogue's [BLOCK_N, BLOCK_M]
-        acc = acc.T
+                acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
     if PDL:  # the next kernel's blocks are dispatched while this one reduces and stores (not earlier: waiting
         gdc_launch_dependents()  # blocks would hold SM slots the weight stream needs, docs/BENCH.md)
     mask = n_mask[:, None] & m_mask[None, :]
@@ -274,18 +261,11 @@ instruction per two values and the activations scaled into fp16 by :data:`X_SCAL
 many small programs per SM were added for a kernel thought bound by conversion instructions; with no conversion
 at all (W8A8, conversion 3) it measured no faster at small M (docs/BENCH.md, "Dynamic e4m3 activations")."""
 LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 64, 128, 1, 4, 4, 1),
-                 (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1),
-                 (128, 128, 64, 1, 8, 4, 1, 1), (128, 128, 64, 0, 8, 4, 1, 1), (256, 128, 64, 1, 8, 3, 1, 1),
-                 (128, 256, 64, 1, 8, 3, 1, 1), (128, 128, 64, 1, 8, 4, 2, 1), (128, 64, 64, 2, 4, 4, 1, 1))
-"""BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion, and optionally 1: x·Wᵀ
-(``TRANS``) for larger M."""
+                 (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1))
+"""BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M."""
 Config = tuple[int, ...]
-"""BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, conversion, then optionally 1: the weight tiles
-loaded by TMA (Hopper's tensor memory accelerator) instead of per-thread asynchronous copies, and 1: x·Wᵀ
-(``TRANS``)."""
-CLASS_ROWS = {1: (64, 512)}
-"""Row counts a class's candidates are timed at (their sum ranks them), instead of the first call's: one
-configuration serves the whole class, and its two ends differ (B = 64: the step's 64 rows, the verify's 512)."""
+"""BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, conversion, and optionally 1: the weight tiles
+loaded by TMA (Hopper's tensor memory accelerator) instead of per-thread asynchronous copies."""
 CUBLAS: Config = (0, 0, 0, 0, 0, 0, 0)
 """Not the kernel: ``F.linear`` (cuBLAS), the reference and a candidate for full-precision weights."""
 SMEM_BYTES = 200 * 1024
@@ -308,7 +288,7 @@ def _candidates(m: int, k: int, group: int, weight_bytes: int = 1, act_group: in
     full-precision weight (``weight_bytes`` > 1) has cuBLAS first, and only cuBLAS beyond ``SMALL_M`` rows.
     Quantized activations (``act_group``) take conversion 3 with a K tile of exactly one activation group."""
     if act_group:
-        base = [c for c in _candidates(m, k, group, weight_bytes) if len(c) < 9]  # W8A8 runs W·xᵀ only
+        base = _candidates(m, k, group, weight_bytes)
         out = list(dict.fromkeys((bm, bn, bk, per_sm, w, st, 3) for bm, bn, bk, per_sm, w, st, _ in base
                                  if bk == act_group))
         return out or [(16 if m <= SMALL_M else 64, 64, act_group, 0, 4, 3, 3)]
@@ -318,17 +298,15 @@ def _candidates(m: int, k: int, group: int, weight_bytes: int = 1, act_group: in
         return [CUBLAS]
     else:
         split = m <= SPLIT_M
-        out = list(dict.fromkeys((bm, bn, bk, per_sm if split else 0, w, st, f, *((0, 1) if trans else ()))
-                                 for bn, bm, bk, per_sm, w, st, f, *trans in LARGE_CONFIGS))
+        out = list(dict.fromkeys((bm, bn, bk, per_sm if split else 0, w, st, f)
+                                 for bn, bm, bk, per_sm, w, st, f in LARGE_CONFIGS))
     if group < k:
         out = [c for c in out if group % c[2] == 0]
     out = out or [(16 if m <= SMALL_M else 64, 64, min(group, 64), 0, 4, 3, 0)]
     fitted = []
-    for bm, bn, bk, per_sm, w, st, f, *rest in out:
+    for bm, bn, bk, per_sm, w, st, f in out:
         stage = bn * bk * weight_bytes + bm * bk * 2
-        budget = SMEM_BYTES - (bn * bk * 2 if rest else 0)  # x·Wᵀ also stages the widened weight tile
-        fitted.append((bm, bn, bk, per_sm, w, max(2, min(st, budget // stage)), f if weight_bytes == 1 else 0,
-                       *rest))
+        fitted.append((bm, bn, bk, per_sm, w, max(2, min(st, SMEM_BYTES // stage)), f if weight_bytes == 1 else 0))
     fitted = list(dict.fromkeys(fitted))
     return [CUBLAS, *fitted] if weight_bytes > 1 else fitted
 
@@ -348,8 +326,6 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
         return candidates[0]
     candidates = with_tma(candidates, w)
-    timed_at = [x] if key[0] not in CLASS_ROWS else [
-        torch.randn(rows, k, dtype=x.dtype, device=x.device) for rows in CLASS_ROWS[key[0]]]
     best, best_ms = candidates[0], float("inf")
     reference = _launch(x, w, candidates[0]).float()
     for cfg in candidates:
@@ -363,7 +339,7 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
             log.warning("decode GEMM configuration %s dropped: relative error %.3g against %s", cfg, err,
                         candidates[0])
             continue
-        ms = sum(candidate_ms(xs, w, cfg) for xs in timed_at)
+        ms = candidate_ms(x, w, cfg)
         if ms < best_ms:
             best, best_ms = cfg, ms
     _CHOSEN[key] = best
@@ -377,7 +353,7 @@ def with_tma(candidates: list[Config], w: DecodeWeight) -> list[Config]:
     aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0
     if not (aligned and weight.is_cuda and torch.cuda.get_device_capability(weight.device)[0] >= 9):
         return candidates
-    return candidates + [(*c[:7], 1, *c[8:]) for c in candidates if c != CUBLAS]
+    return candidates + [(*c, 1) for c in candidates if c != CUBLAS]
 
 
 ROTATION_BYTES = 256 << 20
@@ -467,7 +443,6 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
     n = w.weight.shape[0]
     bm, bn, bk, _, warps, stages, fast = cfg[:7]
     tma = len(cfg) > 7 and cfg[7] == 1 and x.is_cuda
-    trans = len(cfg) > 8 and cfg[8] == 1
     k_split, splits = split_k(n, k, w.group, cfg, _sms(x.device))
     grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -485,6 +460,6 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
                               EVEN=n % bn == 0 and k % bk == 0,
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
-                              WIDE=w.wide, ASM=x.is_cuda, TRANS=trans, num_warps=warps, num_stages=stages,
+                              WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages,
                               **pdl_options(x, m))
     return out
