@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 MEMORY = re.compile(r"\b(ld\.global|st\.global|cp\.async|atom\.|red\.)")
-INT_PTRS = ("slot", "limit", "low", "top", "count")
+INT_PTRS = ("slot", "limit", "low", "top", "count", "prev", "tok")
 
 
 def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf16", warps: int = 4) -> str:
@@ -29,7 +29,10 @@ def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf1
             sig[name] = "*fp8e4nv"
         elif name.endswith("_ptr") or name.startswith("part"):
             kind = "*i32" if name.startswith("count") else "*i64" if name.startswith(INT_PTRS) else ptr
-            sig[name] = "*fp32" if name.startswith(("part", "s_ptr")) else "*fp8e4nv" if name == "w_ptr" else kind
+            if name == "part_i":  # markov_greedy's block argmaxes
+                kind = "*i32"
+            sig[name] = "*fp32" if name.startswith(("part_o", "part_m", "part_l", "part_v", "part_ptr", "s_ptr")) \
+                else "*fp8e4nv" if name == "w_ptr" else kind
         else:
             sig[name] = "fp32" if name in ("eps", "eps1", "eps2", "scale") else "i32"
     consts = consts | {"PDL": pdl}
@@ -58,6 +61,9 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
                                               "BLOCK": 256}),
         ("qkv_cache", g._qkv_cache_kernel, {"SHARED": False, "BLOCK": 256}),
         ("add_norm_norm", g._add_norm_norm_kernel, {"HAS_SCALE": True, "BLOCK": 4096}),
+        ("markov_greedy", k._markov_greedy_kernel, {"R": 256, "BLOCK_V": 128, "BLOCK_B": 16, "BLOCK_R": 64,
+                                                    "BLOCK_H": 256, "BLOCK_C": 256, "HAS_CONF": True,
+                                                    "CONF_MARKOV": True, "PRECISION": None}),
         ("decode_gemm", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": True,
                                               "EVEN": True, "PRECISION": None, "FAST_CVT": 1, "WIDE": False,
                                               "ASM": True, "TMA": False}),

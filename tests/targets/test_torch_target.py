@@ -148,7 +148,8 @@ INTERPRET_SCRIPT = textwrap.dedent(
     from dspark_compile.models.layers import RMSNorm, RotaryEmbedding, apply_rope
     from dspark_compile.program import build_program
     from dspark_compile.models.layers import attend
-    from dspark_compile.targets.torch.kernels import add_rmsnorm, decode_attention, qk_norm_rope, silu_mul
+    from dspark_compile.targets.torch.kernels import (add_rmsnorm, decode_attention, markov_greedy, qk_norm_rope,
+                                                      silu_mul)
     from dspark_compile.targets.torch.static_forward import StaticProgram
 
     torch.manual_seed(0)
@@ -213,6 +214,18 @@ INTERPRET_SCRIPT = textwrap.dedent(
         close("draft hidden", g1, g2)
         for row, c in enumerate(count.tolist()):  # committed context slots agree (block slots are scratch)
             close("draft cache", d1[:, :, row, :, : dl[row] + c], d2[:, :, row, :, : dl[row] + c])
+        # greedy Markov sampling: the module's loop against markov_greedy (one kernel per position)
+        (t1, c1, _), (t2, c2, p2) = (p.propose(g1, anchor, None, None, distributions=False) for p in (pr, pf))
+        assert torch.equal(t1, t2) and p2.shape == (3, 7, 0), (t1, t2)
+        close("confidence logits", c1, c2)
+    # first maximum on ties, as argmax: logits 1 at columns 300 and 70 of every position, no transition bias
+    h = torch.randn(2, 7, 64); w1 = torch.randn(384, 16); base = torch.zeros(2, 7, 384); base[..., [70, 300]] = 1
+    tok, conf = markov_greedy(base, h, torch.tensor([5, 9]), w1, torch.zeros(384, 16), None, None, False)
+    assert tok.eq(70).all() and not conf.any()
+    base = torch.zeros(1, 1, 33000); base[..., [100, 32900]] = 1  # the second past 256 blocks of 128: the final
+    tok, _ = markov_greedy(base, h[:1, :1], torch.tensor([5]), torch.randn(33000, 16), torch.zeros(33000, 16), None,
+                           None, False)  # reduction's second chunk
+    assert tok.item() == 100
     print("kernels ok")
     """
 )

@@ -646,8 +646,8 @@ class CudaGraphBackend:
                 v["count"].copy_(step)
                 dh = self.program.draft_step(nxt, v["taps"], step, v["draft_len"], dkv, window)
                 v["draft_len"].add_(step)
-                new, conf, p = draft.propose(dh, nxt, v["temperature"] if sampling else None,
-                                             u[:, g + 1:] if sampling else None, distributions=sampling)
+                new, conf, p = self.program.propose(dh, nxt, v["temperature"] if sampling else None,
+                                                    u[:, g + 1:] if sampling else None, distributions=sampling)
                 if replay:
                     assert self.replay is not None
                     new = self._replayed(v, new, self.replay[0][:rows])
@@ -692,8 +692,9 @@ class CudaGraphBackend:
             if g > 0:
                 assert draft is not None and dkv is not None
                 dh = self.program.draft_step(first, taps, lens, zero, dkv, dwin)
-                drafts, conf, probs = draft.propose(dh, first, temp if sampling else None,
-                                                    u[:, g + 1:] if sampling else None, distributions=sampling)
+                drafts, conf, probs = self.program.propose(dh, first, temp if sampling else None,
+                                                           u[:, g + 1:] if sampling else None,
+                                                           distributions=sampling)
                 if replay:
                     assert self.replay is not None
                     v = {"length": lens, "seed": seed, "counter": torch.full_like(lens, per_call)}
@@ -778,7 +779,7 @@ class CudaGraphBackend:
         def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             hidden = self.program.draft_step(inp["anchor"], inp["ctx_taps"], inp["ctx_count"], inp["cache_len"], kv,
                                              window)
-            tokens, conf, _ = draft.propose(hidden, inp["anchor"], None, None)
+            tokens, conf, _ = self.program.propose(hidden, inp["anchor"], None, None, distributions=False)
             return {"tokens": tokens, "confidence": conf}
 
         return self._step(fn, {"anchor": ((rows,), torch.int64, np.int64, 0),
