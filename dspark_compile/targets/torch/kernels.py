@@ -47,10 +47,15 @@ def pdl_options(t: torch.Tensor, tokens: int) -> dict[str, object]:
     return {"PDL": True, "launch_pdl": True} if on else {}
 
 
+def switched_on(name: str) -> bool:
+    """An on-by-default environment switch (``DSPARK_PDL``, ``DSPARK_FUSED_PROPOSE``): 0, false, off or no
+    turn it off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 @functools.cache
 def _pdl_on(index: int | None) -> bool:
-    off = os.environ.get("DSPARK_PDL", "1").strip().lower() in ("0", "false", "off", "no")
-    return not off and torch.cuda.get_device_capability(index)[0] >= 9
+    return switched_on("DSPARK_PDL") and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 @triton.jit

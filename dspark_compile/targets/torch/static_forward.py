@@ -18,7 +18,6 @@ attention's ring mode.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +36,6 @@ from dspark_compile.models.layers import (
 )
 from dspark_compile.models.qwen3 import Qwen3Target
 
-FUSED_PROPOSE = os.environ.get("DSPARK_FUSED_PROPOSE", "1").strip().lower() not in ("0", "false", "off", "no")
-"""Greedy Markov sampling through :func:`~.kernels.markov_greedy` (A/B switch)."""
 TRITON_ATTENTION_ROWS = 64  # query rows per KV head (group · T) up to which "triton" uses the split-K kernel
 TRITON_ATTENTION_T = 16  # ... and query rows (T) up to which it does so whatever the group (Gemma4: 16 per KV head)
 
@@ -256,28 +253,6 @@ class StaticProgram:
         cfg = target.cfg
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
 
-    # ------------------------------------------------------------------------------------------------- draft
-    def propose(self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
-                uniforms: torch.Tensor | None, *, distributions: bool = True,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``DSparkDraft.propose``; greedy rounds (no temperature) of a vanilla Markov head run
-        :func:`~.kernels.markov_greedy` (one kernel per position) on the GPU, and in the fused program."""
-        from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy
-
-        d = self.draft
-        assert d is not None
-        head, conf = d.markov_head, d.confidence_head
-        bsz, g, _ = hidden.shape
-        if (temperature is not None or not (self.fused or hidden.is_cuda) or not FUSED_PROPOSE or head is None
-                or head.kind != "vanilla" or d.cfg.markov_rank % 16 or bsz > MARKOV_ROWS):
-            return d.propose(hidden, anchor, temperature, uniforms, distributions=distributions)
-        base = d.lm_head(hidden.reshape(bsz * g, -1)).view(bsz, g, -1)
-        tokens, logits = markov_greedy(
-            base, hidden, anchor, head.markov_w1.weight, head.markov_w2.weight,
-            None if conf is None else conf.proj.weight.view(-1), None if conf is None else conf.proj.bias,
-            d.cfg.confidence_head_with_markov)
-        return tokens, logits, hidden.new_empty(bsz, g, 0, dtype=torch.float32)
-
     # ------------------------------------------------------------------------------------------------ shared
     def _mask(self, limit: torch.Tensor, window: int) -> torch.Tensor:
         """Query (b, t) sees slots < limit[b, t], in the attention strategy's form."""
@@ -394,3 +369,25 @@ class StaticProgram:
         for i, (layer, fw) in enumerate(zip(d.layers, self._draft_weights, strict=True)):
             delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, ctx, None)
         return add_rmsnorm(x, delta, d.norm.weight, d.norm.eps).view(bsz, g, hid)
+
+    def propose(self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
+                uniforms: torch.Tensor | None, *, distributions: bool = True,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``DSparkDraft.propose``; greedy rounds (no temperature) of a vanilla Markov head run
+        :func:`~.kernels.markov_greedy` (one kernel per position) on the GPU, and in the fused program."""
+        from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy, switched_on
+
+        d = self.draft
+        assert d is not None
+        head, conf = d.markov_head, d.confidence_head
+        bsz, g, _ = hidden.shape
+        if (temperature is not None or not (self.fused or hidden.is_cuda) or not switched_on("DSPARK_FUSED_PROPOSE")
+                or head is None or head.kind != "vanilla" or type(head.markov_w2) is not nn.Linear
+                or d.cfg.markov_rank % 16 or bsz > MARKOV_ROWS):
+            return d.propose(hidden, anchor, temperature, uniforms, distributions=distributions)
+        base = d.lm_head(hidden.reshape(bsz * g, -1)).view(bsz, g, -1)
+        tokens, logits = markov_greedy(
+            base, hidden, anchor, head.markov_w1.weight, head.markov_w2.weight,
+            None if conf is None else conf.proj.weight.view(-1), None if conf is None else conf.proj.bias,
+            d.cfg.confidence_head_with_markov)
+        return tokens, logits, hidden.new_empty(bsz, g, 0, dtype=torch.float32)
