@@ -10,7 +10,8 @@ microseconds, which at batch 1 is as much as the weights' read time, so the step
 * :func:`silu_mul` / :func:`gelu_tanh_mul` — SwiGLU's silu(gate) · up (GeGLU's GELU-tanh) on the fused gate|up
   projection output;
 * :func:`decode_attention` — split-K attention for decode-sized queries (a batch-1 step is otherwise a
-  handful of thread blocks reading the whole cache window).
+  handful of thread blocks reading the whole cache window);
+* :func:`markov_greedy` — the draft's greedy Markov sampling, one launch per position instead of about ten.
 
 On Hopper and later, each launch of at most :data:`PDL_TOKENS` token rows (a batch-1 round) uses programmatic
 dependent launch (:func:`pdl_options`), as do the decode GEMM and Gemma4's norm kernels.
