@@ -238,6 +238,45 @@ def test_fused_kernels_and_layers_match_module_ops_in_interpreter(golden_dir: Pa
     assert "kernels ok" in proc.stdout
 
 
+def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which drafts StaticProgram.propose hands to kernels.markov_greedy (stubbed here: its numerics are the
+    interpreter test's): greedy rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program; sampling
+    rounds, larger batches, the unfused program and DSPARK_FUSED_PROPOSE=0 keep the module's loop."""
+    import torch
+
+    from dspark_compile.program import build_program
+    from dspark_compile.targets.torch import kernels
+    from dspark_compile.targets.torch.static_forward import StaticProgram
+
+    calls: list[int] = []
+
+    def stub(base: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(base.shape[0])
+        return torch.zeros(base.shape[:2], dtype=torch.int64), torch.zeros(base.shape[:2])
+
+    monkeypatch.setattr(kernels, "markov_greedy", stub)
+    prog = build_program(golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft")
+    fused = StaticProgram(prog.target, prog.draft, fused=True, attention="reference")
+    plain = StaticProgram(prog.target, prog.draft, fused=False, attention="reference")
+    g = prog.draft.block_size
+
+    def propose(program: StaticProgram, rows: int, temperature: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = torch.randn(rows, g, prog.target.cfg.hidden_size)
+        uniforms = None if temperature is None else torch.rand(rows, g)
+        return program.propose(hidden, torch.zeros(rows, dtype=torch.int64), temperature, uniforms,
+                               distributions=temperature is not None)[0]
+
+    assert not propose(fused, 3).any() and calls == [3]  # the stub's zeros
+    with torch.inference_mode():
+        assert propose(fused, kernels.MARKOV_ROWS + 1).shape == (kernels.MARKOV_ROWS + 1, g)
+        propose(fused, 2, torch.full((2,), 0.7))
+        propose(plain, 3)
+        monkeypatch.setenv("DSPARK_FUSED_PROPOSE", "off")
+        propose(fused, 3)
+    assert calls == [3]
+
+
 # --------------------------------------------------------------------------------------------- bookkeeping
 def test_buckets() -> None:
     assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 9, 17, 33, 64, 65, 130)] == [1, 2, 4, 4, 8, 16, 32, 64, 64,
