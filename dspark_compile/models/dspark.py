@@ -171,6 +171,12 @@ class DSparkDraft(nn.Module):
         tokens, conf, probs = self.propose(hidden, anchor, temperature, uniforms)
         return tokens, conf, probs, kv_out
 
+    def block_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, G, H] -> the LM head's logits [B, G, V] in the model dtype, before any Markov bias."""
+        bsz, g, _ = hidden.shape
+        # On [B*G, H]: exported as one Gemm(transB=1) over the (shared) weight, never a transposed copy of it.
+        return self.lm_head(hidden.reshape(bsz * g, -1)).view(bsz, g, -1)
+
     def propose(
         self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
         uniforms: torch.Tensor | None, *, distributions: bool = True,
@@ -179,8 +185,7 @@ class DSparkDraft(nn.Module):
 
         ``distributions=False`` skips the [B, G, V] output (a greedy round never reads it)."""
         bsz, g, _ = hidden.shape
-        # On [B*G, H]: exported as one Gemm(transB=1) over the (shared) weight, never a transposed copy of it.
-        base_logits = self.lm_head(hidden.reshape(bsz * g, -1)).view(bsz, g, -1).to(torch.float32)
+        base_logits = self.block_logits(hidden).to(torch.float32)
         prev = anchor.to(torch.int64)
         state = hidden.new_zeros(bsz, self.cfg.markov_rank) if self.markov_head is not None else None
         sampling = temperature is not None and uniforms is not None

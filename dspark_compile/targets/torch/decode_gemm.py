@@ -40,7 +40,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dspark_compile.targets.torch.kernels import pdl_options
+from dspark_compile.targets.torch.kernels import arrival_counters, pdl_options
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
@@ -274,7 +274,6 @@ _CHOSEN: dict[tuple[int, ...], Config] = {}
 _UNSCALED: dict[tuple[int, torch.device], torch.Tensor] = {}
 """The never-read scale placeholder of full-precision weights, one per output size and device (allocated on
 the warm-up call, never inside a CUDA-graph capture)."""
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 log = logging.getLogger(__name__)
 
 
@@ -447,10 +446,7 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
     grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
-    counters = _COUNTERS.get(x.device)
-    if counters is None or counters.numel() < grid[0] * grid[2]:
-        counters = torch.zeros(max(1 << 16, grid[0] * grid[2]), dtype=torch.int32, device=x.device)
-        _COUNTERS[x.device] = counters
+    counters = arrival_counters(x.device, grid[0] * grid[2])
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
     desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight

@@ -386,10 +386,22 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     return out
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 counters, zero, for kernels whose last program to finish (an atomic count of arrivals) completes
+    the work (the decode GEMM's split-K sum, :func:`markov_greedy`'s argmax). Each such program resets its
+    counter, so stream-ordered kernels share one buffer; allocated on a warm-up call, outside graph capture."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < n:
+        counters = _COUNTERS[device] = torch.zeros(max(1 << 16, n), dtype=torch.int32, device=device)
+    return counters
+
+
 MARKOV_ROWS = 16
 """Batch rows up to which greedy rounds run :func:`markov_greedy` (one row block, so the transition matrix is
 read once per position; measured at batch 1 only, docs/BENCH.md)."""
-_MARKOV_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
@@ -480,9 +492,7 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     conf = torch.zeros(bsz, g, dtype=torch.float32, device=base.device)
     part_v = torch.empty(bsz, nv, dtype=torch.float32, device=base.device)
     part_i = torch.empty(bsz, nv, dtype=torch.int32, device=base.device)
-    counter = _MARKOV_COUNTERS.get(base.device)
-    if counter is None:  # zero once, outside graph capture (the warm-up call); the last program resets it
-        counter = _MARKOV_COUNTERS[base.device] = torch.zeros(1, dtype=torch.int32, device=base.device)
+    counter = arrival_counters(base.device, 1)
     has_conf = conf_w is not None
     wc = conf_w if has_conf else w2
     bc = conf_b if conf_b is not None else torch.zeros(1, dtype=torch.float32, device=base.device)

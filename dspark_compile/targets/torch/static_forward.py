@@ -385,9 +385,8 @@ class StaticProgram:
                 or head is None or head.kind != "vanilla" or type(head.markov_w2) is not nn.Linear
                 or d.cfg.markov_rank % 16 or bsz > MARKOV_ROWS):
             return d.propose(hidden, anchor, temperature, uniforms, distributions=distributions)
-        base = d.lm_head(hidden.reshape(bsz * g, -1)).view(bsz, g, -1)
         tokens, logits = markov_greedy(
-            base, hidden, anchor, head.markov_w1.weight, head.markov_w2.weight,
+            d.block_logits(hidden), hidden, anchor, head.markov_w1.weight, head.markov_w2.weight,
             None if conf is None else conf.proj.weight.view(-1), None if conf is None else conf.proj.bias,
             d.cfg.confidence_head_with_markov)
         return tokens, logits, hidden.new_empty(bsz, g, 0, dtype=torch.float32)
