@@ -131,6 +131,64 @@ def test_fp8_gemm_and_fused_fp8_program_match_the_reference_in_interpreter(golde
     assert "fp8 ok" in proc.stdout
 
 
+HANDOFF_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from dspark_compile.models.layers import quantize_fp8
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear, split_k
+    from dspark_compile.targets.torch.kernels import Partials, add_rmsnorm, qk_norm_rope, silu_mul
+
+    torch.manual_seed(0)
+    # per-channel e4m3 (plain, and the fp16 product, whose scale carries a power of two), 32-column groups, bf16
+    hq, kvh, dh, m, k = 2, 1, 32, 3, 512
+    n = (hq + 2 * kvh) * dh
+    for kind, fast in (("channel", 0), ("channel", 2), ("group", 0), ("wide", 0)):
+        w = torch.randn(n, k)
+        if kind == "channel":
+            fw = DecodeWeight.of(*quantize_fp8(w), 0, None)
+        elif kind == "group":
+            q = (w / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
+            fw = DecodeWeight.of(q, torch.rand(n, k // 32) + 0.5, 32, None)
+        else:
+            fw = DecodeWeight.full(w.to(torch.bfloat16))
+        x = torch.randn(m, k).to(torch.bfloat16)
+        cfg = (16, 32, 32, 8, 4, 3, fast)
+        assert split_k(n, k, fw.group, cfg, 4)[1] > 1
+        whole, parts = decode_linear(x, fw, cfg), decode_linear(x, fw, cfg, handoff=True)
+        assert isinstance(parts, Partials) and parts.shape == whole.shape, type(parts)
+        nw = torch.rand(n) + 0.5
+        r1 = torch.randn(m, n).to(torch.bfloat16)
+        r2 = r1.clone()
+        o1, o2 = add_rmsnorm(r1, whole, nw, 1e-6), add_rmsnorm(r2, parts, nw, 1e-6)
+        assert torch.equal(o1, o2) and torch.equal(r1, r2), f"add_rmsnorm {kind} {fast}"
+        assert torch.equal(silu_mul(whole), silu_mul(parts)), f"silu_mul {kind} {fast}"
+        cos, sin = torch.randn(m, dh).to(torch.bfloat16), torch.randn(m, dh).to(torch.bfloat16)
+        outs = []
+        for src in (whole, parts):
+            qo = torch.zeros(1, hq, m, dh, dtype=torch.bfloat16)
+            kc, vc = (torch.zeros(1, kvh, 8, dh, dtype=torch.bfloat16) for _ in range(2))
+            qk_norm_rope(src, cos, sin, torch.tensor([3, -1, 5]), nw[:dh], nw[dh:2 * dh], 1e-6, qo, kc, vc, rows=m,
+                         q_start=0)
+            outs.append((qo, kc, vc))
+        for a, b in zip(*outs):
+            assert a.abs().sum() > 0 and torch.equal(a, b), f"qk_norm_rope {kind} {fast}"
+    # a product that does not split K is returned summed, as is one with a bias
+    assert not isinstance(decode_linear(x, fw, (16, 32, 32, 0, 4, 3, 0), handoff=True), Partials)
+    biased = DecodeWeight.of(*quantize_fp8(torch.randn(n, k)), 0, torch.randn(n))
+    assert not isinstance(decode_linear(x.float(), biased, cfg, handoff=True), Partials)
+    print("handoff ok")
+    """
+)
+
+
+def test_split_k_partials_handed_to_the_consumer_give_the_same_bits(golden_dir: Path, triton_interpreter: Any) -> None:
+    """The decode GEMM's split-K partials summed by the consuming kernel (kernels.Partials) against the product
+    the GEMM sums itself: the norm, the SwiGLU and q/k norm + RoPE outputs, bit for bit (interpreter)."""
+    proc = triton_interpreter(HANDOFF_SCRIPT, golden_dir / "dspark_tiny", 300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "handoff ok" in proc.stdout
+
+
 @pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
 @pytest.mark.parametrize(("block_m", "fast", "per_channel", "weight", "tma"),
                          [(16, 1, True, "fp8e4nv", False), (16, 1, False, "fp8e4nv", False),

@@ -13,9 +13,11 @@ import pytest
 
 MEMORY = re.compile(r"\b(ld\.global|st\.global|cp\.async|atom\.|red\.)")
 INT_PTRS = ("slot", "limit", "low", "top", "count", "prev", "tok")
+PARTS = {"PARTS": True, "SCALED": True, "SHIFT": 2.0**112}  # a product input as split-K partials (kernels.Partials)
 
 
 def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf16", warps: int = 4) -> str:
+    """sm_90 PTX of ``kernel``; a product input read as split-K partials (``PARTS``) is float32."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -31,8 +33,9 @@ def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf1
             kind = "*i32" if name.startswith("count") else "*i64" if name.startswith(INT_PTRS) else ptr
             if name == "part_i":  # markov_greedy's block argmaxes
                 kind = "*i32"
-            sig[name] = "*fp32" if name.startswith(("part_o", "part_m", "part_l", "part_v", "part_ptr", "s_ptr")) \
-                else "*fp8e4nv" if name == "w_ptr" else kind
+            fp32 = name.startswith(("part_o", "part_m", "part_l", "part_v", "part_ptr", "s_ptr")) or "scale" in name \
+                or (consts.get("PARTS") and name in ("delta_ptr", "qkv_ptr", "gu_ptr"))
+            sig[name] = "*fp32" if fp32 else "*fp8e4nv" if name == "w_ptr" else kind
         else:
             sig[name] = "fp32" if name in ("eps", "eps1", "eps2", "scale") else "i32"
     consts = consts | {"PDL": pdl}
@@ -54,6 +57,9 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("add_rmsnorm", k._add_rmsnorm_kernel, {"HAS_DELTA": True, "HAS_TAP": True, "BLOCK": 4096}),
         ("qk_norm_rope", k._qk_norm_rope_kernel, {"BLOCK": 64}),
         ("act_mul", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024}),
+        ("add_rmsnorm_partials", k._add_rmsnorm_kernel, {"HAS_DELTA": True, "HAS_TAP": True, "BLOCK": 4096} | PARTS),
+        ("qk_norm_rope_partials", k._qk_norm_rope_kernel, {"BLOCK": 64} | PARTS),
+        ("act_mul_partials", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024} | PARTS),
         ("attn_split", k._attn_split_kernel, {"D": 128, "DP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "HAS_LOW": False,
                                               "RING": False}),
         ("attn_combine", k._attn_combine_kernel, {"D": 128, "DP": 128, "BLOCK_S": 16}),
@@ -67,6 +73,10 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("decode_gemm", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": True,
                                               "EVEN": True, "PRECISION": None, "FAST_CVT": 1, "WIDE": False,
                                               "ASM": True, "TMA": False}),
+        ("decode_gemm_handoff", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128,
+                                                      "PER_CHANNEL": True, "EVEN": True, "PRECISION": None,
+                                                      "FAST_CVT": 1, "WIDE": False, "ASM": True, "TMA": False,
+                                                      "HANDOFF": True}),
     ]
 
 
@@ -78,8 +88,10 @@ def test_step_kernels_wait_for_their_predecessor_before_touching_memory(name: st
     wait = body.index("griddepcontrol.wait")
     assert MEMORY.search(body) is not None and MEMORY.search(body).start() > wait  # type: ignore[union-attr]
     assert body.count("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" in body
-    if name == "decode_gemm":  # the successor's blocks only once the weight stream is done
+    if name.startswith("decode_gemm"):  # the successor's blocks only once the weight stream is done
         assert body.index("griddepcontrol.launch_dependents") > body.rindex("mma")
+    if name == "decode_gemm_handoff":  # its programs end at their partials: no arrival count
+        assert "atom." not in body and "atom." in _compile(kernel, consts | {"HANDOFF": False}, True)
     assert "griddepcontrol" not in _compile(kernel, consts, False)
 
 

@@ -40,7 +40,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dspark_compile.targets.torch.kernels import arrival_counters, pdl_options
+from dspark_compile.targets.torch.kernels import Partials, arrival_counters, pdl_options
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
@@ -48,11 +48,12 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
                         FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
-                        TMA: tl.constexpr = False, PDL: tl.constexpr = False):
+                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, HANDOFF: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
-    adds the float32 partials in split order, scales and writes, and resets the counter for the next call."""
+    adds the float32 partials in split order, scales and writes, and resets the counter for the next call.
+    ``HANDOFF``: every program ends at its partial, which the consumer sums (``kernels.Partials``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -112,14 +113,15 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     if SPLITS > 1:
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=mask)
-        counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
-        tl.debug_barrier()  # every thread's partial is written before the release below publishes it
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for sp in range(0, SPLITS):
-                acc += tl.load(part_ptr + sp * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(counter, 0)
-            _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
+        if not HANDOFF:
+            counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
+            tl.debug_barrier()  # every thread's partial is written before the release below publishes it
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for sp in range(0, SPLITS):
+                    acc += tl.load(part_ptr + sp * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(counter, 0)
+                _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
     else:
         _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
 
@@ -171,9 +173,14 @@ def _round_e4m3(v):
     return tl.where(a >= 0.015625, normal, tl.where(v < 0, -sub, sub))
 
 
+SHIFTS = {1: BF16_SHIFT.value, 2: 1.0 / X_SCALE.value}
+"""The power of two each conversion folds into the scale (:func:`_unshift`), for a consumer of handed-over
+partials (``kernels.Partials``)."""
+
+
 @triton.jit
 def _unshift(s, FAST_CVT: tl.constexpr):
-    """The scale with the conversion's power of two folded in."""
+    """The scale with the conversion's power of two folded in (:data:`SHIFTS`)."""
     if FAST_CVT == 1:
         s = s * BF16_SHIFT
     elif FAST_CVT == 2:
@@ -397,11 +404,13 @@ def graph_ms(launches: list[Callable[[], object]], replays: int = 7) -> float:
     return float(sorted(times)[len(times) // 2])
 
 
-def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None) -> torch.Tensor:
+def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *,
+                  handoff: bool = False) -> torch.Tensor | Partials:
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
-    ``cfg`` overrides the timed configuration (benchmarks)."""
+    ``cfg`` overrides the timed configuration (benchmarks). ``handoff`` (a consumer that takes
+    :class:`~.kernels.Partials`): a configuration that splits K returns its partials unsummed (no bias)."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
-    out = _launch(x, w, cfg or _config(x, w))
+    out = _launch(x, w, cfg or _config(x, w), handoff=handoff and w.bias is None)
     if w.bias is not None:
         out = out + w.bias.to(x.dtype)
     return out
@@ -435,7 +444,7 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False) -> torch.Tensor | Partials:
     if cfg == CUBLAS:
         return F.linear(x, w.weight)
     m, k = x.shape
@@ -444,18 +453,23 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> torch.Tensor:
     tma = len(cfg) > 7 and cfg[7] == 1 and x.is_cuda
     k_split, splits = split_k(n, k, w.group, cfg, _sms(x.device))
     grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else out
+    handoff = handoff and splits > 1
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else None
+    out = part if handoff else torch.empty(m, n, dtype=x.dtype, device=x.device)
     counters = arrival_counters(x.device, grid[0] * grid[2])
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
     desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight
-    _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, part, counters, out, m, n, k, w.scale.shape[1], w.group,
+    _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, out if part is None else part, counters, out, m, n, k,
+                              w.scale.shape[1], w.group,
                               k_split, splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                               PER_CHANNEL=w.group >= k, TMA=tma,
                               EVEN=n % bn == 0 and k % bk == 0,
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
-                              WIDE=w.wide, ASM=x.is_cuda, num_warps=warps, num_stages=stages,
+                              WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff, num_warps=warps, num_stages=stages,
                               **pdl_options(x, m))
+    if handoff:
+        scaled = w.group >= k and not w.wide
+        return Partials(part, w.scale if scaled else None, SHIFTS.get(conversion, 1.0), x.dtype)
     return out

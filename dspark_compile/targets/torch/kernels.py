@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -74,9 +75,62 @@ def _round(x, dtype: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 
+@dataclass(frozen=True)
+class Partials:
+    """A split-K product handed over unsummed: the decode GEMM's float32 partials [S, M, N], which the consuming
+    kernel (:func:`add_rmsnorm`, :func:`qk_norm_rope`, :func:`silu_mul`) adds in split order, scales per column and
+    rounds to ``dtype`` as it loads them (:func:`load_product`): the bits the GEMM would have stored. The GEMM's
+    programs then end at their partial, with no arrival count and no last program going over the partials again
+    (``decode_gemm.decode_linear(..., handoff=True)``, docs/BENCH.md)."""
+
+    part: torch.Tensor
+    scale: torch.Tensor | None  # float32, one per column (an [N, 1] per-channel scale); None: nothing to scale
+    shift: float  # the power of two the GEMM's conversion folds into the scale (decode_gemm.SHIFTS)
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.part.shape[1:]
+
+    @property
+    def device(self) -> torch.device:
+        return self.part.device
+
+
+def product_args(t: torch.Tensor | Partials) -> tuple[tuple[object, ...], dict[str, object]]:
+    """A consumer kernel's arguments for a product input: (values, scale, splits, plane) and the constexprs of
+    :func:`load_product`."""
+    if isinstance(t, Partials):
+        _, m, n = t.part.shape
+        scale = t.part if t.scale is None else t.scale
+        return (t.part, scale, t.part.shape[0], m * n), {"PARTS": True, "SCALED": t.scale is not None,
+                                                          "SHIFT": t.shift}
+    assert t.is_contiguous()
+    return (t, t, 1, t.numel()), {}
+
+
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
-                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def load_product(ptr, s_ptr, offs, col, mask, splits, plane, dt: tl.constexpr, PARTS: tl.constexpr,
+                 SCALED: tl.constexpr, SHIFT: tl.constexpr):
+    """A product's values at ``offs`` (column ``col``) as float32: loaded, or (``PARTS``) its split-K partials
+    added in split order from zero, times scale · ``SHIFT`` where ``SCALED``, and rounded to ``dt``: the decode
+    GEMM's own last-program sum and store (``decode_gemm._store``), bit for bit."""
+    if PARTS:
+        acc = tl.zeros(offs.shape, dtype=tl.float32)
+        src = ptr + offs
+        for _ in range(0, splits):
+            acc += tl.load(src, mask=mask, other=0.0, cache_modifier=".cg")
+            src += plane
+        if SCALED:
+            acc *= tl.load(s_ptr + col, mask=mask, other=0.0) * SHIFT
+        return _round(acc, dt)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, delta_ptr, d_scale_ptr, d_splits, d_plane, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
+                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                        PARTS: tl.constexpr = False, SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -85,7 +139,8 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H
     x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # every load before the first store (below)
     if HAS_DELTA:
-        d = tl.load(delta_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        d = load_product(delta_ptr, d_scale_ptr, row * H + offs, offs, mask, d_splits, d_plane, dt, PARTS, SCALED,
+                         SHIFT)
         x = _round(x + d, dt)
         tl.store(x_ptr + row * H + offs, x.to(dt), mask=mask)
     if HAS_TAP:
@@ -95,30 +150,40 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H
     tl.store(out_ptr + row * H + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: torch.Tensor, eps: float,
                 tap: torch.Tensor | None = None) -> torch.Tensor:
     """``x += delta`` in place (when given), ``tap[:] = x`` (when given), return ``weight * rmsnorm(x)``.
 
-    ``x``/``delta`` are contiguous [M, H]; ``tap`` is an [M, H] column slice of a contiguous tap buffer.
+    ``x``/``delta`` are contiguous [M, H] (``delta`` may be a product's :class:`Partials`); ``tap`` is an [M, H]
+    column slice of a contiguous tap buffer.
     """
     m, h = x.shape
-    assert x.is_contiguous() and (delta is None or delta.is_contiguous())
+    assert x.is_contiguous() and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype))
+    args, parts = product_args(delta if delta is not None else x)
     out = torch.empty_like(x)
     block = triton.next_power_of_2(h)
     tap_stride = tap.stride(0) if tap is not None else 0
     if tap is not None:
         assert tap.stride(1) == 1 and tap.shape == x.shape
-    _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, tap if tap is not None else x,
+    _add_rmsnorm_kernel[(m,)](x, *args, weight, out, tap if tap is not None else x,
                               tap_stride, h, eps, HAS_DELTA=delta is not None, HAS_TAP=tap is not None,
-                              BLOCK=block, num_warps=max(1, min(8, block // 512)), **pdl_options(x, m))
+                              BLOCK=block, num_warps=max(1, min(8, block // 512)), **parts, **pdl_options(x, m))
     return out
 
 
 @triton.jit
-def _head_norm(base, w1, w2, offs, mask, HALF, eps, dt: tl.constexpr):
-    """Load one head (two halves) and apply the per-head RMSNorm with weight halves w1/w2."""
-    x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+def _head_halves(src, s_ptr, start, col, splits, plane, offs, mask, HALF, dt: tl.constexpr, PARTS: tl.constexpr,
+                 SCALED: tl.constexpr, SHIFT: tl.constexpr):
+    """One head's two halves of a q|k|v product row, from element ``start`` (column ``col``), as float32."""
+    x1 = load_product(src, s_ptr, start + offs, col + offs, mask, splits, plane, dt, PARTS, SCALED, SHIFT)
+    x2 = load_product(src, s_ptr, start + HALF + offs, col + HALF + offs, mask, splits, plane, dt, PARTS, SCALED,
+                      SHIFT)
+    return x1, x2
+
+
+@triton.jit
+def _head_norm(x1, x2, w1, w2, HALF, eps, dt: tl.constexpr):
+    """The per-head RMSNorm of one head's halves with weight halves w1/w2."""
     var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF)
     r = tl.rsqrt(var + eps)
     return _round(w1 * _round(x1 * r, dt), dt), _round(w2 * _round(x2 * r, dt), dt)
@@ -133,9 +198,10 @@ def _rope(y1, y2, c1, c2, s1, s2, dt: tl.constexpr):
 
 
 @triton.jit
-def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr,
-                         R, Q_START, HQ, KVH, HALF, c_sb, c_sh, c_ss, eps, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr = False):
+def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_splits, p_plane, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_ptr,
+                         k_ptr, v_ptr, R, Q_START, HQ, KVH, HALF, c_sb, c_sh, c_ss, eps, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False, PARTS: tl.constexpr = False, SCALED: tl.constexpr = False,
+                         SHIFT: tl.constexpr = 1.0):
     pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -145,7 +211,7 @@ def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_
     dt = q_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)
     mask = offs < HALF
-    row = qkv_ptr + m * (HQ + 2 * KVH) * d
+    row = m * (HQ + 2 * KVH) * d
     c1 = tl.load(cos_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + m * d + HALF + offs, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
@@ -154,7 +220,9 @@ def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_
         if r >= Q_START:
             w1 = tl.load(qw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(qw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            y1, y2 = _head_norm(row + h * d, w1, w2, offs, mask, HALF, eps, dt)
+            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + h * d, h * d, p_splits, p_plane, offs, mask, HALF, dt,
+                                  PARTS, SCALED, SHIFT)
+            y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             dst = q_ptr + ((b * HQ + h) * (R - Q_START) + (r - Q_START)) * d
             tl.store(dst + offs, o1.to(dt), mask=mask)
@@ -165,9 +233,12 @@ def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_
         if slot >= 0:
             w1 = tl.load(kw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(kw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            y1, y2 = _head_norm(row + (HQ + kh) * d, w1, w2, offs, mask, HALF, eps, dt)
-            v_src = row + (HQ + KVH + kh) * d  # loaded before the stores: a load after a store waits for it
-            v1, v2 = tl.load(v_src + offs, mask=mask), tl.load(v_src + HALF + offs, mask=mask)
+            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + kh) * d, (HQ + kh) * d, p_splits, p_plane, offs,
+                                  mask, HALF, dt, PARTS, SCALED, SHIFT)
+            y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
+            # v loaded before the stores: a load after a store waits for it
+            v1, v2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + KVH + kh) * d, (HQ + KVH + kh) * d, p_splits,
+                                  p_plane, offs, mask, HALF, dt, PARTS, SCALED, SHIFT)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             cache = b * c_sb + kh * c_sh + slot * c_ss
             cdt = k_ptr.dtype.element_ty
@@ -177,37 +248,43 @@ def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_
             tl.store(v_ptr + cache + HALF + offs, v2.to(cdt), mask=mask)
 
 
-def qk_norm_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+def qk_norm_rope(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  q_norm: torch.Tensor, k_norm: torch.Tensor, eps: float, q_out: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, *, rows: int, q_start: int) -> None:
     """Normalise/rotate the q|k|v rows of ``qkv`` [B·rows, (Hq+2KV)·D] and store them.
 
     ``cos``/``sin`` [B·rows, D] per row; ``slots`` [B·rows] int64 cache slot of each row's k/v (−1 = skip);
     rows ``r >= q_start`` of each batch entry are queries, written to ``q_out`` [B, Hq, rows − q_start, D];
-    ``k_cache``/``v_cache`` are [B, KV, S, D] views with a contiguous last axis.
+    ``k_cache``/``v_cache`` are [B, KV, S, D] views with a contiguous last axis. ``qkv`` may be the product's
+    :class:`Partials`.
     """
     m = qkv.shape[0]
     _, hq, _, d = q_out.shape
     kvh = k_cache.shape[1]
-    assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and q_out.is_contiguous()
+    args, parts = product_args(qkv)
+    assert cos.is_contiguous() and sin.is_contiguous() and q_out.is_contiguous() and qkv.dtype == q_out.dtype
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and d % 2 == 0
     sb, sh, ss, _ = k_cache.stride()
     half = d // 2
-    _qk_norm_rope_kernel[(m, hq + kvh)](qkv, cos, sin, slots, q_norm, k_norm, q_out, k_cache, v_cache, rows,
+    _qk_norm_rope_kernel[(m, hq + kvh)](*args, cos, sin, slots, q_norm, k_norm, q_out, k_cache, v_cache, rows,
                                         q_start, hq, kvh, half, sb, sh, ss, eps,
-                                        BLOCK=triton.next_power_of_2(half), num_warps=1,
-                                        **pdl_options(qkv, m))
+                                        BLOCK=triton.next_power_of_2(half), num_warps=1, **parts,
+                                        **pdl_options(q_out, m))
 
 
 @triton.jit
-def _act_mul_kernel(gu_ptr, out_ptr, INTER, GELU_TANH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def _act_mul_kernel(gu_ptr, p_scale_ptr, p_splits, p_plane, out_ptr, INTER, GELU_TANH: tl.constexpr,
+                    BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = False,
+                    SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
     dt = out_ptr.dtype.element_ty
-    g = tl.load(gu_ptr + row * 2 * INTER + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * 2 * INTER + INTER + offs, mask=mask, other=0.0).to(tl.float32)
+    start = row * 2 * INTER
+    g = load_product(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_splits, p_plane, dt, PARTS, SCALED, SHIFT)
+    u = load_product(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_splits, p_plane, dt, PARTS,
+                     SCALED, SHIFT)
     if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)
@@ -216,20 +293,20 @@ def _act_mul_kernel(gu_ptr, out_ptr, INTER, GELU_TANH: tl.constexpr, BLOCK: tl.c
     tl.store(out_ptr + row * INTER + offs, (s * u).to(dt), mask=mask)
 
 
-def _act_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+def _act_mul(gate_up: torch.Tensor | Partials, gelu_tanh: bool) -> torch.Tensor:
     two_i = gate_up.shape[-1]
     inter = two_i // 2
-    assert gate_up.is_contiguous()
+    args, parts = product_args(gate_up)
     out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(inter))
-    rows = gate_up.numel() // two_i
-    _act_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, GELU_TANH=gelu_tanh, BLOCK=block,
-                                                        num_warps=4, **pdl_options(gate_up, rows))
+    rows = out.numel() // inter
+    _act_mul_kernel[(rows, triton.cdiv(inter, block))](*args, out, inter, GELU_TANH=gelu_tanh, BLOCK=block,
+                                                        num_warps=4, **parts, **pdl_options(out, rows))
     return out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2I] (gate | up) -> silu(gate) · up, [..., I] (SwiGLU: Qwen3)."""
+def silu_mul(gate_up: torch.Tensor | Partials) -> torch.Tensor:
+    """[..., 2I] (gate | up; a product's :class:`Partials` too) -> silu(gate) · up, [..., I] (SwiGLU: Qwen3)."""
     return _act_mul(gate_up, False)
 
 

@@ -19,6 +19,7 @@ attention's ring mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ from dspark_compile.models.layers import (
     replace_module,
 )
 from dspark_compile.models.qwen3 import Qwen3Target
+
+if TYPE_CHECKING:  # the kernels import Triton: only where the fused path runs
+    from dspark_compile.targets.torch.kernels import Partials
 
 TRITON_ATTENTION_ROWS = 64  # query rows per KV head (group · T) up to which "triton" uses the split-K kernel
 TRITON_ATTENTION_T = 16  # ... and query rows (T) up to which it does so whatever the group (Gemma4: 16 per KV head)
@@ -94,13 +98,16 @@ class _Linear:
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, handoff: bool = False) -> torch.Tensor | Partials:
+        """``handoff``: the consumer is one of the fused kernels, which take a split-K product's partials
+        unsummed (``kernels.Partials``; ``DSPARK_GEMM_HANDOFF=0`` turns it off)."""
         if self.input_scale is not None:
             x = fp8_quantize_dequantize(x, self.input_scale)
         if not isinstance(self.weight, torch.Tensor):
             from dspark_compile.targets.torch.decode_gemm import decode_linear
+            from dspark_compile.targets.torch.kernels import switched_on
 
-            return decode_linear(x, self.weight)
+            return decode_linear(x, self.weight, handoff=handoff and switched_on("DSPARK_GEMM_HANDOFF"))
         return F.linear(x, self.weight, self.bias)
 
     @classmethod
@@ -258,9 +265,9 @@ class StaticProgram:
         """Query (b, t) sees slots < limit[b, t], in the attention strategy's form."""
         return self.attn.prepare(limit, window, self.group, self.target.embed_tokens.weight.dtype)
 
-    def _fused_layer(self, layer: nn.Module, fw: _Fused, x: torch.Tensor, delta: torch.Tensor | None,
+    def _fused_layer(self, layer: nn.Module, fw: _Fused, x: torch.Tensor, delta: torch.Tensor | Partials | None,
                      inputs: tuple[torch.Tensor, ...], kv: torch.Tensor, mask: torch.Tensor, window: int,
-                     ctx: torch.Tensor | None, tap: torch.Tensor | None) -> torch.Tensor:
+                     ctx: torch.Tensor | None, tap: torch.Tensor | None) -> torch.Tensor | Partials:
         """One decoder layer; ``x`` [M, H] is the residual stream, updated in place. Returns the MLP output
         (added to ``x`` by the next layer's norm kernel). ``ctx`` [B, C, H] (draft): context rows whose k/v
         are written too (KV injection); queries are the block rows only."""
@@ -275,15 +282,15 @@ class StaticProgram:
         if ctx is not None:
             n_ctx = ctx.shape[1]
             rows_in = torch.cat((ctx, h.view(bsz, -1, h.shape[-1])), dim=1).view(-1, h.shape[-1])
-        qkv = fw.qkv(rows_in)
+        qkv = fw.qkv(rows_in, handoff=True)
         t = x.shape[0] // bsz
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
                      rows=t + n_ctx, q_start=n_ctx)
         out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
-        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
+        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1), handoff=True), layer.post_attention_layernorm.weight,
                         layer.post_attention_layernorm.eps)
-        return fw.down(silu_mul(fw.gate_up(h)))
+        return fw.down(silu_mul(fw.gate_up(h, handoff=True)), handoff=True)
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
@@ -317,7 +324,7 @@ class StaticProgram:
         if -1 in cols:
             cols[-1].copy_(x)
         inputs = (cos.reshape(m, -1), sin.reshape(m, -1), pos.reshape(m))
-        delta = None
+        delta: torch.Tensor | Partials | None = None
         for i, (layer, fw) in enumerate(zip(tgt.layers, self._target_weights, strict=True)):
             delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, None, cols.get(i - 1))
         hidden = add_rmsnorm(x, delta, tgt.norm.weight, tgt.norm.eps, cols.get(len(tgt.layers) - 1))
@@ -365,7 +372,7 @@ class StaticProgram:
         slots = torch.cat((torch.where(live, ctx_pos, -1), blk_pos), dim=1)
         cos, sin = d.rotary(pos, x.dtype)
         inputs = (cos.reshape(bsz * (c + g), -1), sin.reshape(bsz * (c + g), -1), slots.reshape(-1))
-        delta = None
+        delta: torch.Tensor | Partials | None = None
         for i, (layer, fw) in enumerate(zip(d.layers, self._draft_weights, strict=True)):
             delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, ctx, None)
         return add_rmsnorm(x, delta, d.norm.weight, d.norm.eps).view(bsz, g, hid)
