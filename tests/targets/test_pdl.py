@@ -13,7 +13,7 @@ import pytest
 
 MEMORY = re.compile(r"\b(ld\.global|st\.global|cp\.async|atom\.|red\.)")
 INT_PTRS = ("slot", "limit", "low", "top", "count", "prev", "tok")
-PARTS = {"PARTS": True, "SCALED": True, "SHIFT": 2.0**112}  # a product input as split-K partials (kernels.Partials)
+PARTS = {"PARTS": 6, "SCALED": True, "SHIFT": 2.0**112}  # a product input as 6 split-K partials (kernels.Partials)
 
 
 def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf16", warps: int = 4) -> str:

@@ -98,29 +98,27 @@ class Partials:
 
 
 def product_args(t: torch.Tensor | Partials) -> tuple[tuple[object, ...], dict[str, object]]:
-    """A consumer kernel's arguments for a product input: (values, scale, splits, plane) and the constexprs of
+    """A consumer kernel's arguments for a product input: (values, scale, plane) and the constexprs of
     :func:`load_product`."""
     if isinstance(t, Partials):
-        _, m, n = t.part.shape
+        splits, m, n = t.part.shape
         scale = t.part if t.scale is None else t.scale
-        return (t.part, scale, t.part.shape[0], m * n), {"PARTS": True, "SCALED": t.scale is not None,
-                                                          "SHIFT": t.shift}
+        return (t.part, scale, m * n), {"PARTS": splits, "SCALED": t.scale is not None, "SHIFT": t.shift}
     assert t.is_contiguous()
-    return (t, t, 1, t.numel()), {}
+    return (t, t, t.numel()), {}
 
 
 @triton.jit
-def load_product(ptr, s_ptr, offs, col, mask, splits, plane, dt: tl.constexpr, PARTS: tl.constexpr,
-                 SCALED: tl.constexpr, SHIFT: tl.constexpr):
-    """A product's values at ``offs`` (column ``col``) as float32: loaded, or (``PARTS``) its split-K partials
-    added in split order from zero, times scale · ``SHIFT`` where ``SCALED``, and rounded to ``dt``: the decode
-    GEMM's own last-program sum and store (``decode_gemm._store``), bit for bit."""
+def load_product(ptr, s_ptr, offs, col, mask, plane, dt: tl.constexpr, PARTS: tl.constexpr, SCALED: tl.constexpr,
+                 SHIFT: tl.constexpr):
+    """A product's values at ``offs`` (column ``col``) as float32: loaded, or (``PARTS`` > 0: that many split-K
+    partials) its partials added in split order from zero, times scale · ``SHIFT`` where ``SCALED``, and rounded to
+    ``dt``: the decode GEMM's own last-program sum and store (``decode_gemm._store``), bit for bit. The split count
+    is a constant, so the loop unrolls and every partial's load is in flight at once."""
     if PARTS:
         acc = tl.zeros(offs.shape, dtype=tl.float32)
-        src = ptr + offs
-        for _ in range(0, splits):
-            acc += tl.load(src, mask=mask, other=0.0, cache_modifier=".cg")
-            src += plane
+        for sp in tl.static_range(PARTS):
+            acc += tl.load(ptr + sp * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
         if SCALED:
             acc *= tl.load(s_ptr + col, mask=mask, other=0.0) * SHIFT
         return _round(acc, dt)
@@ -128,9 +126,9 @@ def load_product(ptr, s_ptr, offs, col, mask, splits, plane, dt: tl.constexpr, P
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, delta_ptr, d_scale_ptr, d_splits, d_plane, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
+def _add_rmsnorm_kernel(x_ptr, delta_ptr, d_scale_ptr, d_plane, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
                         HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                        PARTS: tl.constexpr = False, SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0):
+                        PARTS: tl.constexpr = 0, SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -139,7 +137,7 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, d_scale_ptr, d_splits, d_plane, w_ptr,
     x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # every load before the first store (below)
     if HAS_DELTA:
-        d = load_product(delta_ptr, d_scale_ptr, row * H + offs, offs, mask, d_splits, d_plane, dt, PARTS, SCALED,
+        d = load_product(delta_ptr, d_scale_ptr, row * H + offs, offs, mask, d_plane, dt, PARTS, SCALED,
                          SHIFT)
         x = _round(x + d, dt)
         tl.store(x_ptr + row * H + offs, x.to(dt), mask=mask)
@@ -172,11 +170,11 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: 
 
 
 @triton.jit
-def _head_halves(src, s_ptr, start, col, splits, plane, offs, mask, HALF, dt: tl.constexpr, PARTS: tl.constexpr,
+def _head_halves(src, s_ptr, start, col, plane, offs, mask, HALF, dt: tl.constexpr, PARTS: tl.constexpr,
                  SCALED: tl.constexpr, SHIFT: tl.constexpr):
     """One head's two halves of a q|k|v product row, from element ``start`` (column ``col``), as float32."""
-    x1 = load_product(src, s_ptr, start + offs, col + offs, mask, splits, plane, dt, PARTS, SCALED, SHIFT)
-    x2 = load_product(src, s_ptr, start + HALF + offs, col + HALF + offs, mask, splits, plane, dt, PARTS, SCALED,
+    x1 = load_product(src, s_ptr, start + offs, col + offs, mask, plane, dt, PARTS, SCALED, SHIFT)
+    x2 = load_product(src, s_ptr, start + HALF + offs, col + HALF + offs, mask, plane, dt, PARTS, SCALED,
                       SHIFT)
     return x1, x2
 
@@ -198,9 +196,9 @@ def _rope(y1, y2, c1, c2, s1, s2, dt: tl.constexpr):
 
 
 @triton.jit
-def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_splits, p_plane, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_ptr,
+def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_ptr,
                          k_ptr, v_ptr, R, Q_START, HQ, KVH, HALF, c_sb, c_sh, c_ss, eps, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr = False, PARTS: tl.constexpr = False, SCALED: tl.constexpr = False,
+                         PDL: tl.constexpr = False, PARTS: tl.constexpr = 0, SCALED: tl.constexpr = False,
                          SHIFT: tl.constexpr = 1.0):
     pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
@@ -220,7 +218,7 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_splits, p_plane, cos_ptr, sin_p
         if r >= Q_START:
             w1 = tl.load(qw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(qw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + h * d, h * d, p_splits, p_plane, offs, mask, HALF, dt,
+            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + h * d, h * d, p_plane, offs, mask, HALF, dt,
                                   PARTS, SCALED, SHIFT)
             y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
@@ -233,11 +231,11 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_splits, p_plane, cos_ptr, sin_p
         if slot >= 0:
             w1 = tl.load(kw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(kw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + kh) * d, (HQ + kh) * d, p_splits, p_plane, offs,
+            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + kh) * d, (HQ + kh) * d, p_plane, offs,
                                   mask, HALF, dt, PARTS, SCALED, SHIFT)
             y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
             # v loaded before the stores: a load after a store waits for it
-            v1, v2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + KVH + kh) * d, (HQ + KVH + kh) * d, p_splits,
+            v1, v2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + KVH + kh) * d, (HQ + KVH + kh) * d,
                                   p_plane, offs, mask, HALF, dt, PARTS, SCALED, SHIFT)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             cache = b * c_sb + kh * c_sh + slot * c_ss
@@ -273,8 +271,8 @@ def qk_norm_rope(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Ten
 
 
 @triton.jit
-def _act_mul_kernel(gu_ptr, p_scale_ptr, p_splits, p_plane, out_ptr, INTER, GELU_TANH: tl.constexpr,
-                    BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = False,
+def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, out_ptr, INTER, GELU_TANH: tl.constexpr,
+                    BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = 0,
                     SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -282,8 +280,8 @@ def _act_mul_kernel(gu_ptr, p_scale_ptr, p_splits, p_plane, out_ptr, INTER, GELU
     mask = offs < INTER
     dt = out_ptr.dtype.element_ty
     start = row * 2 * INTER
-    g = load_product(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_splits, p_plane, dt, PARTS, SCALED, SHIFT)
-    u = load_product(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_splits, p_plane, dt, PARTS,
+    g = load_product(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_plane, dt, PARTS, SCALED, SHIFT)
+    u = load_product(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_plane, dt, PARTS,
                      SCALED, SHIFT)
     if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)

@@ -288,9 +288,11 @@ class StaticProgram:
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
                      rows=t + n_ctx, q_start=n_ctx)
         out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
-        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1), handoff=True), layer.post_attention_layernorm.weight,
+        # o and down stay summed by the GEMM: add_rmsnorm is one program per row, which would read every
+        # partial of the row alone (measured slower on the H200, docs/BENCH.md)
+        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
                         layer.post_attention_layernorm.eps)
-        return fw.down(silu_mul(fw.gate_up(h, handoff=True)), handoff=True)
+        return fw.down(silu_mul(fw.gate_up(h, handoff=True)))
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
