@@ -290,11 +290,9 @@ class StaticProgram:
         out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
         # o and down stay summed by the GEMM: add_rmsnorm is one program per row, which would read every
         # partial of the row alone (measured slower on the H200, docs/BENCH.md)
-        import os
-        norm = os.environ.get("DSPARK_GEMM_HANDOFF_NORM") == "1"  # EXPERIMENT, A/B only
-        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1), handoff=norm), layer.post_attention_layernorm.weight,
+        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
                         layer.post_attention_layernorm.eps)
-        return fw.down(silu_mul(fw.gate_up(h, handoff=True)), handoff=norm)
+        return fw.down(silu_mul(fw.gate_up(h, handoff=True)))
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
