@@ -5,7 +5,9 @@
 # device_gemma4.sh's 12B bench with PDL off then on. Everything lands in $OUT/pdl.tgz (a device call returns
 # few files).
 # AB_VAR names the switch the A/B flips (default DSPARK_PDL; DSPARK_GEMM_EARLY: the decode GEMM's early first
-# weight tile); CHAIN=0 skips the launch chains; TESTS_LAST=1 runs the GPU tests after the rounds.
+# weight tile; DSPARK_GEMM_HANDOFF: split-K partials summed by the consumer); CHAIN=0 skips the launch chains;
+# TESTS_LAST=1 runs the GPU tests after the rounds; BATCH (e.g. 4,16), NEW (new tokens) and ROUND_TIMEOUT (s per
+# mode) shape the rounds.
 # Usage (repository root): OUT=$OUT [TESTS=0] [ROUNDS=0] [GEMMA=1] [AB_VAR=...] bash benchmarks/device_pdl.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
@@ -27,8 +29,9 @@ if [ "${CHAIN:-1}" = 1 ]; then
   grep pdl "$W/launch_chain.json" | head -2
 fi
 for m in ${MODES:-0 1}; do
-  env $AB=$m timeout 150 "$PY" benchmarks/fp8_bench.py --out "$W/rounds_pdl$m" --sections rounds,head_draft \
-      --batch ${BATCH:-1} --kinds ${KINDS:-bf16,fp8,fp8_head_draft} --new-tokens 128 2>&1 | grep -v Warning \
+  env $AB=$m timeout ${ROUND_TIMEOUT:-150} "$PY" benchmarks/fp8_bench.py --out "$W/rounds_pdl$m" \
+      --sections rounds,head_draft --batch ${BATCH:-1} --kinds ${KINDS:-bf16,fp8,fp8_head_draft} \
+      --new-tokens ${NEW:-128} 2>&1 | grep -v Warning \
       > "$W/rounds_pdl$m.log"
   echo "$AB=$m"; grep -E "B=" "$W/rounds_pdl$m.log" | cut -c1-300
 done
