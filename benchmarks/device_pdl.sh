@@ -7,7 +7,8 @@
 # AB_VAR names the switch the A/B flips (default DSPARK_PDL; DSPARK_GEMM_EARLY: the decode GEMM's early first
 # weight tile; DSPARK_GEMM_HANDOFF: split-K partials summed by the consumer); CHAIN=0 skips the launch chains;
 # TESTS_LAST=1 runs the GPU tests after the rounds; BATCH (e.g. 4,16), NEW (new tokens) and ROUND_TIMEOUT (s per
-# mode) shape the rounds.
+# mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent, e.g. made with
+# `git archive`): mode 0 runs that code instead, for changes with no switch.
 # Usage (repository root): OUT=$OUT [TESTS=0] [ROUNDS=0] [GEMMA=1] [AB_VAR=...] bash benchmarks/device_pdl.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
@@ -29,7 +30,9 @@ if [ "${CHAIN:-1}" = 1 ]; then
   grep pdl "$W/launch_chain.json" | head -2
 fi
 for m in ${MODES:-0 1}; do
-  env $AB=$m timeout ${ROUND_TIMEOUT:-150} "$PY" benchmarks/fp8_bench.py --out "$W/rounds_pdl$m" \
+  PP=$PWD
+  if [ -n "${BASE:-}" ] && [ "$m" = 0 ]; then PP=$BASE:$PWD; fi  # mode 0 runs the earlier code in BASE
+  env PYTHONPATH=$PP $AB=$m timeout ${ROUND_TIMEOUT:-150} "$PY" benchmarks/fp8_bench.py --out "$W/rounds_pdl$m" \
       --sections rounds,head_draft --batch ${BATCH:-1} --kinds ${KINDS:-bf16,fp8,fp8_head_draft} \
       --new-tokens ${NEW:-128} 2>&1 | grep -v Warning \
       > "$W/rounds_pdl$m.log"

@@ -62,7 +62,7 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("act_mul_partials", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024} | PARTS),
         ("attn_split", k._attn_split_kernel, {"D": 128, "DP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "HAS_LOW": False,
                                               "RING": False}),
-        ("attn_combine", k._attn_combine_kernel, {"D": 128, "DP": 128, "BLOCK_S": 16}),
+        ("attn_combine", k._attn_combine_kernel, {"D": 128, "DP": 128, "BLOCK_S": 16, "TOKEN_MAJOR": True}),
         ("gemma_norm", g._gemma_norm_kernel, {"HAS_W": True, "HAS_RES": True, "HAS_SCALE": True, "ROPE": True,
                                               "BLOCK": 256}),
         ("qkv_cache", g._qkv_cache_kernel, {"SHARED": False, "BLOCK": 256}),

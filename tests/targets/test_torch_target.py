@@ -196,6 +196,8 @@ INTERPRET_SCRIPT = textwrap.dedent(
         mask = (torch.arange(w).view(1, 1, w) < limit.unsqueeze(-1)).unsqueeze(1)
         out = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3).transpose(1, 2).reshape(bsz, t, -1)
         close("decode_attention", out, attend(q, kc[:, :, :w], vc[:, :, :w], mask, 0.3))
+        tokens = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3, token_major=True)
+        assert tokens.is_contiguous() and torch.equal(tokens.view(bsz, t, -1), out), "token-major layout"
 
     golden = Path(sys.argv[1])
     for attention in ("sdpa", "reference", "triton"):

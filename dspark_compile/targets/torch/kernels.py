@@ -373,12 +373,16 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, part_o,
 
 
 @triton.jit
-def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, D: tl.constexpr, DP: tl.constexpr,
-                         BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, T, GROUP, KVH, D: tl.constexpr,
+                         DP: tl.constexpr, BLOCK_S: tl.constexpr, TOKEN_MAJOR: tl.constexpr = False,
+                         PDL: tl.constexpr = False):
     pdl_enter(PDL)
     r = tl.program_id(0).to(tl.int64)
     bh = r // MQ
-    i = r % MQ
+    i = r % MQ  # query row g·T + t of KV head bh % KVH
+    dst = r  # [B, Hq, T] order
+    if TOKEN_MAJOR:  # [B, T, Hq] order: the heads of a token side by side, as the o projection reads them
+        dst = ((bh // KVH) * T + i % T) * (KVH * GROUP) + (bh % KVH) * GROUP + i // T
     s = tl.arange(0, BLOCK_S)
     smask = s < SPLITS
     idx = (bh * SPLITS + s) * MQ + i
@@ -389,7 +393,7 @@ def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, D: tl.cons
     d = tl.arange(0, DP)
     o = tl.load(part_o + idx[:, None] * D + d[None, :], mask=smask[:, None] & (d < D)[None, :], other=0.0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l_s, axis=0)
-    tl.store(out_ptr + r * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    tl.store(out_ptr + dst * D + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> int:
@@ -410,7 +414,7 @@ def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> i
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: torch.Tensor, scale: float, *,
                      chunk: int | None = None, low: torch.Tensor | None = None,
-                     ring_top: torch.Tensor | None = None) -> torch.Tensor:
+                     ring_top: torch.Tensor | None = None, token_major: bool = False) -> torch.Tensor:
     """Split-K ("flash decoding") attention for a few query rows per request.
 
     q [B, Hq, T, D] contiguous; k/v [B, KV, W, D] cache windows (last axis contiguous, same strides); query
@@ -424,7 +428,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     ``ring_top`` [B, T] (each row's value at t = 0 is read): k/v are a ring of W slots whose slot s holds position
     ``top - ((top - s) mod W)`` (negative: empty), and ``limit``/``low`` bound positions instead of slots
     (Gemma4's sliding layers in the CUDA-graph target: ``models.gemma4.RingWindow``); no tile is skipped.
-    Returns [B, Hq, T, D] in q's dtype. Scores and sums in float32.
+    Returns [B, Hq, T, D] in q's dtype, or with ``token_major`` [B, T, Hq, D] (written so by the merge: the o
+    projection's input without a transposing copy, 36 launches of a verify step before). Scores and sums in
+    float32.
     """
     bsz, hq, t, dh = q.shape
     kvh, window = k.shape[1], k.shape[2]
@@ -453,9 +459,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
                              t, group, kvh, window, chunk, splits, sb, sh, ss, scale, D=dh, DP=dp,
                              BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOW=low is not None, RING=ring_top is not None,
                              num_warps=4, **pdl_options(q, bsz * t))
-    out = torch.empty_like(q)
-    _attn_combine_kernel[(bsz * kvh * mq,)](part_o, part_m, part_l, out, mq, splits, D=dh, DP=dp,
-                                            BLOCK_S=max(2, triton.next_power_of_2(splits)),
+    out = q.new_empty(bsz, t, hq, dh) if token_major else torch.empty_like(q)
+    _attn_combine_kernel[(bsz * kvh * mq,)](part_o, part_m, part_l, out, mq, splits, t, group, kvh, D=dh, DP=dp,
+                                            BLOCK_S=max(2, triton.next_power_of_2(splits)), TOKEN_MAJOR=token_major,
                                             num_warps=4 if dp >= 256 else 1,  # wide heads: a warp per row was slow
                                             **pdl_options(q, bsz * t))
     return out

@@ -80,8 +80,8 @@ class TritonAttention(SdpaAttention):
         low, limit = (mask[0], mask[1]) if mask.dim() == 3 else (None, mask)
         top = mask[2].contiguous() if mask.dim() == 3 and mask.shape[0] == 3 else None
         out = decode_attention(q.contiguous(), k, v, limit.contiguous(), scale,
-                               low=None if low is None else low.contiguous(), ring_top=top)
-        return out.transpose(1, 2).reshape(bsz, t, hq * d)
+                               low=None if low is None else low.contiguous(), ring_top=top, token_major=True)
+        return out.view(bsz, t, hq * d)
 
 
 ATTENTION: dict[str, ReferenceAttention] = {"sdpa": SdpaAttention(), "reference": ReferenceAttention(),
