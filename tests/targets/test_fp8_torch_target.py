@@ -136,7 +136,7 @@ HANDOFF_SCRIPT = textwrap.dedent(
     import torch
     from dspark_compile.models.layers import quantize_fp8
     from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear, split_k
-    from dspark_compile.targets.torch.kernels import Partials, add_rmsnorm, qk_norm_rope, silu_mul
+    from dspark_compile.targets.torch.kernels import Partials, qk_norm_rope, silu_mul
 
     torch.manual_seed(0)
     # per-channel e4m3 (plain, and the fp16 product, whose scale carries a power of two), 32-column groups, bf16
@@ -157,10 +157,6 @@ HANDOFF_SCRIPT = textwrap.dedent(
         whole, parts = decode_linear(x, fw, cfg), decode_linear(x, fw, cfg, handoff=True)
         assert isinstance(parts, Partials) and parts.shape == whole.shape, type(parts)
         nw = torch.rand(n) + 0.5
-        r1 = torch.randn(m, n).to(torch.bfloat16)
-        r2 = r1.clone()
-        o1, o2 = add_rmsnorm(r1, whole, nw, 1e-6), add_rmsnorm(r2, parts, nw, 1e-6)
-        assert torch.equal(o1, o2) and torch.equal(r1, r2), f"add_rmsnorm {kind} {fast}"
         assert torch.equal(silu_mul(whole), silu_mul(parts)), f"silu_mul {kind} {fast}"
         cos, sin = torch.randn(m, dh).to(torch.bfloat16), torch.randn(m, dh).to(torch.bfloat16)
         outs = []
@@ -183,7 +179,7 @@ HANDOFF_SCRIPT = textwrap.dedent(
 
 def test_split_k_partials_handed_to_the_consumer_give_the_same_bits(golden_dir: Path, triton_interpreter: Any) -> None:
     """The decode GEMM's split-K partials summed by the consuming kernel (kernels.Partials) against the product
-    the GEMM sums itself: the norm, the SwiGLU and q/k norm + RoPE outputs, bit for bit (interpreter)."""
+    the GEMM sums itself: the SwiGLU and q/k norm + RoPE outputs, bit for bit (interpreter)."""
     proc = triton_interpreter(HANDOFF_SCRIPT, golden_dir / "dspark_tiny", 300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "handoff ok" in proc.stdout

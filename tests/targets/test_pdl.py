@@ -34,7 +34,7 @@ def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf1
             if name == "part_i":  # markov_greedy's block argmaxes
                 kind = "*i32"
             fp32 = name.startswith(("part_o", "part_m", "part_l", "part_v", "part_ptr", "s_ptr")) or "scale" in name \
-                or (consts.get("PARTS") and name in ("delta_ptr", "qkv_ptr", "gu_ptr"))
+                or (consts.get("PARTS") and name in ("qkv_ptr", "gu_ptr"))
             sig[name] = "*fp32" if fp32 else "*fp8e4nv" if name == "w_ptr" else kind
         else:
             sig[name] = "fp32" if name in ("eps", "eps1", "eps2", "scale") else "i32"
@@ -57,7 +57,6 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("add_rmsnorm", k._add_rmsnorm_kernel, {"HAS_DELTA": True, "HAS_TAP": True, "BLOCK": 4096}),
         ("qk_norm_rope", k._qk_norm_rope_kernel, {"BLOCK": 64}),
         ("act_mul", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024}),
-        ("add_rmsnorm_partials", k._add_rmsnorm_kernel, {"HAS_DELTA": True, "HAS_TAP": True, "BLOCK": 4096} | PARTS),
         ("qk_norm_rope_partials", k._qk_norm_rope_kernel, {"BLOCK": 64} | PARTS),
         ("act_mul_partials", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024} | PARTS),
         ("attn_split", k._attn_split_kernel, {"D": 128, "DP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "HAS_LOW": False,

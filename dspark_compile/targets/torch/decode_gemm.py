@@ -1,15 +1,16 @@
 """The torch target's decode GEMM: few activation rows times a streamed weight, e4m3 (W8A16) or bf16/fp16.
 
-Decode at small batch reads each weight once per step, so the step's floor is the weight bytes: e4m3 halves
-them. The kernel computes the product transposed (W·xᵀ): a [BLOCK_N, BLOCK_K] weight tile (e4m3 widened in
-registers) is the tensor cores' wide operand, and the few activation rows (16 for decode) the narrow one, with
-float32 accumulation. K is split until the grid has a few programs per SM, so that every SM streams weights;
-the last program of a tile to finish adds the float32 partials in split order (a counter per tile, no second
-kernel). Per-channel scales multiply the sum once; HF block-wise scales (groups of 128 columns) each K tile's
-product. The widening is :func:`_e4m3_to_bf16_shifted` (one conversion instruction per two values instead of
-Triton's three), or the product runs in fp16 (e4m3 → f16 is one instruction per two values, the activations
-scaled into fp16's range exactly): which is faster is timed per shape, like the tiles. Full-precision weights
-take the same kernel when it beats cuBLAS for their shape.
+Decode at small batch reads each weight once per step, so the step's floor is the weight bytes: e4m3 halves them.
+The kernel computes the product transposed (W·xᵀ): a [BLOCK_N, BLOCK_K] weight tile (e4m3 widened in registers) is
+the tensor cores' wide operand, and the few activation rows (16 for decode) the narrow one, with float32
+accumulation. K is split until the grid has a few programs per SM, so that every SM streams weights; the last
+program of a tile to finish adds the float32 partials in split order (a counter per tile, no second kernel), or the
+consuming kernel does as it loads them (``handoff``: ``kernels.Partials``). Per-channel scales multiply the sum
+once; HF block-wise scales (groups of 128 columns) each K tile's product. The widening is
+:func:`_e4m3_to_bf16_shifted` (one conversion instruction per two values instead of Triton's three), or the product
+runs in fp16 (e4m3 → f16 is one instruction per two values, the activations scaled into fp16's range exactly):
+which is faster is timed per shape, like the tiles. Full-precision weights take the same kernel when it beats
+cuBLAS for their shape.
 
 On Hopper each configuration is also tried with its weight tiles loaded by TMA (one bulk copy per tile instead of
 per-thread asynchronous copies: the large products then stream at ~0.9 of the copy bandwidth, docs/BENCH.md).

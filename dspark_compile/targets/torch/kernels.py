@@ -78,10 +78,11 @@ def _round(x, dtype: tl.constexpr):
 @dataclass(frozen=True)
 class Partials:
     """A split-K product handed over unsummed: the decode GEMM's float32 partials [S, M, N], which the consuming
-    kernel (:func:`add_rmsnorm`, :func:`qk_norm_rope`, :func:`silu_mul`) adds in split order, scales per column and
-    rounds to ``dtype`` as it loads them (:func:`load_product`): the bits the GEMM would have stored. The GEMM's
-    programs then end at their partial, with no arrival count and no last program going over the partials again
-    (``decode_gemm.decode_linear(..., handoff=True)``, docs/BENCH.md)."""
+    kernel (:func:`qk_norm_rope`, :func:`silu_mul`) adds in split order, scales per column and rounds to ``dtype``
+    as it loads them (:func:`load_product`): the bits the GEMM would have stored. The GEMM's programs then end at
+    their partial, with no arrival count and no last program going over the partials again
+    (``decode_gemm.decode_linear(..., handoff=True)``). Consumers with many programs per row only: in
+    :func:`add_rmsnorm`'s one program per row, reading every partial of the row was slower (docs/BENCH.md)."""
 
     part: torch.Tensor
     scale: torch.Tensor | None  # float32, one per column (an [N, 1] per-channel scale); None: nothing to scale
@@ -126,9 +127,8 @@ def load_product(ptr, s_ptr, offs, col, mask, plane, dt: tl.constexpr, PARTS: tl
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, delta_ptr, d_scale_ptr, d_plane, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
-                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                        PARTS: tl.constexpr = 0, SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0):
+def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
+                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -137,8 +137,7 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, d_scale_ptr, d_plane, w_ptr, out_ptr, 
     x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # every load before the first store (below)
     if HAS_DELTA:
-        d = load_product(delta_ptr, d_scale_ptr, row * H + offs, offs, mask, d_plane, dt, PARTS, SCALED,
-                         SHIFT)
+        d = tl.load(delta_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
         x = _round(x + d, dt)
         tl.store(x_ptr + row * H + offs, x.to(dt), mask=mask)
     if HAS_TAP:
@@ -148,24 +147,22 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, d_scale_ptr, d_plane, w_ptr, out_ptr, 
     tl.store(out_ptr + row * H + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: torch.Tensor, eps: float,
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                 tap: torch.Tensor | None = None) -> torch.Tensor:
     """``x += delta`` in place (when given), ``tap[:] = x`` (when given), return ``weight * rmsnorm(x)``.
 
-    ``x``/``delta`` are contiguous [M, H] (``delta`` may be a product's :class:`Partials`); ``tap`` is an [M, H]
-    column slice of a contiguous tap buffer.
+    ``x``/``delta`` are contiguous [M, H]; ``tap`` is an [M, H] column slice of a contiguous tap buffer.
     """
     m, h = x.shape
-    assert x.is_contiguous() and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype))
-    args, parts = product_args(delta if delta is not None else x)
+    assert x.is_contiguous() and (delta is None or delta.is_contiguous())
     out = torch.empty_like(x)
     block = triton.next_power_of_2(h)
     tap_stride = tap.stride(0) if tap is not None else 0
     if tap is not None:
         assert tap.stride(1) == 1 and tap.shape == x.shape
-    _add_rmsnorm_kernel[(m,)](x, *args, weight, out, tap if tap is not None else x,
+    _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, tap if tap is not None else x,
                               tap_stride, h, eps, HAS_DELTA=delta is not None, HAS_TAP=tap is not None,
-                              BLOCK=block, num_warps=max(1, min(8, block // 512)), **parts, **pdl_options(x, m))
+                              BLOCK=block, num_warps=max(1, min(8, block // 512)), **pdl_options(x, m))
     return out
 
 
