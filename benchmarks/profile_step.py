@@ -1,6 +1,7 @@
 """The CUDA-graph target's step by kernel, on the GPU: the target-only step (T = 1), a verify block (T = γ + 1)
 and the draft step (backbone over γ + 1 context rows, Markov sampling) of a random pair (``--shape``;
-``--quantize fp8``: the target's layers in e4m3 first), each through
+``--quantize fp8``: the target's layers in e4m3 first; ``fp8-head-draft``: the LM head and the draft's layers too,
+as ``fp8_bench``'s head_draft kind), each through
 ``bench.profile_kernels`` (kernel time per call, by kind, and the top kernels). JSON on stdout.
 
     PYTHONPATH=. python benchmarks/profile_step.py [--shape gemma4-12b] [--quantize fp8] [--context 1024]
@@ -14,6 +15,7 @@ import os
 
 import numpy as np
 
+from dspark_compile.models.layers import Fp8Linear
 from dspark_compile.passes.quantize import quantize_module
 from dspark_compile.targets.torch.bench import SHAPES, profile_kernels, random_pair
 from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
@@ -25,11 +27,14 @@ def main() -> int:
     ap.add_argument("--shape", default="gemma4-12b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--quantize", choices=("fp8",), default=None)
+    ap.add_argument("--quantize", choices=("fp8", "fp8-head-draft"), default=None)
     args = ap.parse_args()
     target, draft = random_pair(SHAPES[args.shape], device=args.device)
     if args.quantize:
         quantize_module(target.layers)
+    if args.quantize == "fp8-head-draft":
+        quantize_module(draft, skip=("lm_head", "markov_head", "confidence_head"))
+        target.lm_head = draft.lm_head = Fp8Linear.quantize(target.lm_head)
     be = CudaGraphBackend(target, draft)
     be.start(1, args.context + 16)
     cache_len = np.full(1, args.context, dtype=np.int64)

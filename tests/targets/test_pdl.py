@@ -1,6 +1,7 @@
 """Programmatic dependent launch, checked without a GPU: every kernel of the CUDA-graph target's step, compiled
 for sm_90 with ``PDL``, waits for its predecessor (``griddepcontrol.wait``) before any instruction that touches
-global memory, and lets its successor be dispatched; the decode GEMM does so only after its main loop. Without
+global memory, and lets its successor be dispatched; the decode GEMM and the Markov kernel do so only after their
+main loop. Without
 ``PDL`` no grid-dependency instruction is emitted. Speed is measured on the H200 (docs/BENCH.md, "Programmatic
 dependent launch"); losslessness with PDL on is the GPU tests'."""
 
@@ -67,8 +68,8 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("qkv_cache", g._qkv_cache_kernel, {"SHARED": False, "BLOCK": 256}),
         ("add_norm_norm", g._add_norm_norm_kernel, {"HAS_SCALE": True, "BLOCK": 4096}),
         ("markov_greedy", k._markov_greedy_kernel, {"R": 256, "BLOCK_V": 128, "BLOCK_B": 16, "BLOCK_R": 64,
-                                                    "BLOCK_H": 256, "BLOCK_C": 256, "HAS_CONF": True,
-                                                    "CONF_MARKOV": True, "PRECISION": None}),
+                                                    "TAIL_ROWS": 1, "BLOCK_H": 4096, "BLOCK_C": 2048,
+                                                    "HAS_CONF": True, "CONF_MARKOV": True, "PRECISION": None}),
         ("decode_gemm", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": True,
                                               "EVEN": True, "PRECISION": None, "FAST_CVT": 1, "WIDE": False,
                                               "ASM": True, "TMA": False}),
@@ -87,7 +88,7 @@ def test_step_kernels_wait_for_their_predecessor_before_touching_memory(name: st
     wait = body.index("griddepcontrol.wait")
     assert MEMORY.search(body) is not None and MEMORY.search(body).start() > wait  # type: ignore[union-attr]
     assert body.count("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" in body
-    if name.startswith("decode_gemm"):  # the successor's blocks only once the weight stream is done
+    if name.startswith(("decode_gemm", "markov")):  # the successor's blocks only once the weight stream is done
         assert body.index("griddepcontrol.launch_dependents") > body.rindex("mma")
     if name == "decode_gemm_handoff":  # its programs end at their partials: no arrival count
         assert "atom." not in body and "atom." in _compile(kernel, consts | {"HANDOFF": False}, True)

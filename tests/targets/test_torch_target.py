@@ -224,10 +224,10 @@ INTERPRET_SCRIPT = textwrap.dedent(
     h = torch.randn(2, 7, 64); w1 = torch.randn(384, 16); base = torch.zeros(2, 7, 384); base[..., [70, 300]] = 1
     tok, conf = markov_greedy(base, h, torch.tensor([5, 9]), w1, torch.zeros(384, 16), None, None, False)
     assert tok.eq(70).all() and not conf.any()
-    base = torch.zeros(1, 1, 33000); base[..., [100, 32900]] = 1  # the second past 256 blocks of 128: the final
-    tok, _ = markov_greedy(base, h[:1, :1], torch.tensor([5]), torch.randn(33000, 16), torch.zeros(33000, 16), None,
-                           None, False)  # reduction's second chunk
-    assert tok.item() == 100
+    base = torch.zeros(16, 1, 33000); base[..., [100, 32900]] = 1  # the second past 256 blocks of 128: at 16 rows
+    tok, _ = markov_greedy(base, torch.randn(16, 1, 64), torch.arange(16), torch.randn(33000, 16),
+                           torch.zeros(33000, 16), None, None, False, block_v=128)  # the final reduction's 2nd chunk
+    assert tok.eq(100).all(), tok
     print("kernels ok")
     """
 )

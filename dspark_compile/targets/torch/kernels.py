@@ -483,20 +483,55 @@ read once per position; measured at batch 1 only, docs/BENCH.md)."""
 
 
 @triton.jit
+def _markov_confidence(hidden_ptr, prev_ptr, prev_stride, w1_ptr, wc_ptr, bc_ptr, conf_ptr, k, B, H, G, stride_hb,
+                       R: tl.constexpr, BLOCK_R: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+                       CONF_MARKOV: tl.constexpr):
+    """The confidence head's logit at position ``k``: proj · [h_k, W1[prev]] + b, rounded to the model dtype
+    once, ``ROWS`` rows at a time."""
+    for r0 in range(0, B, ROWS):
+        tr = r0 + tl.arange(0, ROWS)
+        tm = tr < B
+        acc = tl.zeros((ROWS,), tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            hh = h0 + tl.arange(0, BLOCK_H)
+            hm = hh < H
+            x = tl.load(hidden_ptr + tr[:, None].to(tl.int64) * stride_hb + hh[None, :],
+                        mask=tm[:, None] & hm[None, :], other=0.0)
+            w = tl.load(wc_ptr + hh, mask=hm, other=0.0)
+            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32)[None, :], axis=1)
+        if CONF_MARKOV:
+            tp = tl.load(prev_ptr + tr * prev_stride, mask=tm, other=0)
+            for j0 in range(0, R, BLOCK_R):
+                j = j0 + tl.arange(0, BLOCK_R)
+                e = tl.load(w1_ptr + tp[:, None] * R + j[None, :], mask=tm[:, None], other=0.0)
+                acc += tl.sum(e.to(tl.float32) * tl.load(wc_ptr + H + j).to(tl.float32)[None, :], axis=1)
+        conf = _round(acc + tl.load(bc_ptr).to(tl.float32), wc_ptr.dtype.element_ty)
+        tl.store(conf_ptr + tr * G + k, conf, mask=tm)
+
+
+@triton.jit
 def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, wc_ptr, bc_ptr, part_v,
                           part_i, count_ptr, tok_ptr, conf_ptr, k, B, V, H, NV, G, stride_lb, stride_hb,
                           R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, HAS_CONF: tl.constexpr,
-                          CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+                          TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                          HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """Position ``k`` of greedy Markov sampling: program v scores vocabulary block v for every row (base logits
     + W2·W1[prev], the bias rounded to the model dtype as ``nn.Linear`` returns it) and keeps its best; the
     last program to finish (an atomic counter) takes the first maximum over the blocks in order — argmax's
-    choice — writes the token, and computes the confidence head's logit."""
-    pdl_enter(PDL)
+    choice — and writes the token. The confidence head's logit needs only h_k and the previous token, so
+    program 0 computes it beside its block, off the final reduction's path. The tail works on ``TAIL_ROWS``
+    rows at a time with wide tiles (one load of every block's best at batch 1)."""
+    if PDL:
+        gdc_wait()
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
     prev = tl.load(prev_ptr + rows * prev_stride, mask=rmask, other=0)
+    if HAS_CONF:  # noqa: SIM102 (a compile-time branch around a runtime one)
+        if pid == 0:
+            _markov_confidence(hidden_ptr, prev_ptr, prev_stride, w1_ptr, wc_ptr, bc_ptr, conf_ptr, k, B, H, G,
+                               stride_hb, R, BLOCK_R, TAIL_ROWS, BLOCK_H, CONF_MARKOV)
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = v < V
     dt = w2_ptr.dtype.element_ty
@@ -506,6 +541,8 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
         w2 = tl.load(w2_ptr + v[:, None].to(tl.int64) * R + j[None, :], mask=vmask[:, None], other=0.0)
         e = tl.load(w1_ptr + prev[None, :] * R + j[:, None], mask=rmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_B]
         bias = tl.dot(w2, e, bias, input_precision=PRECISION)
+    if PDL:  # the next position's blocks are dispatched once this one's transition rows are read (not earlier:
+        gdc_launch_dependents()  # waiting blocks would hold SM slots the stream needs, as for the decode GEMM)
     base = tl.load(logits_ptr + rows[None, :].to(tl.int64) * stride_lb + v[:, None],
                    mask=vmask[:, None] & rmask[None, :], other=0.0)
     s = tl.where(vmask[:, None], base.to(tl.float32) + _round(bias, dt), float("-inf"))
@@ -515,57 +552,49 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
     tl.store(part_i + rows * NV + pid, idx, mask=rmask)
     tl.debug_barrier()  # every thread's partial is written before the release below publishes it
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NV - 1:
-        top = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-        arg = tl.full((BLOCK_B,), V, tl.int32)
-        for c0 in range(0, NV, BLOCK_C):  # blocks in vocabulary order, a later one only if strictly greater
-            c = c0 + tl.arange(0, BLOCK_C)
-            cm = rmask[:, None] & (c < NV)[None, :]
-            pv = tl.load(part_v + rows[:, None] * NV + c[None, :], mask=cm, other=float("-inf"), cache_modifier=".cg")
-            pi = tl.load(part_i + rows[:, None] * NV + c[None, :], mask=cm, other=V, cache_modifier=".cg")
-            cb = tl.max(pv, axis=1)
-            ci = tl.min(tl.where(pv == cb[:, None], pi, V), axis=1)
-            take = cb > top
-            arg = tl.where(take, ci, arg)
-            top = tl.where(take, cb, top)
+        for r0 in range(0, B, TAIL_ROWS):
+            tr = r0 + tl.arange(0, TAIL_ROWS)
+            tm = tr < B
+            top = tl.full((TAIL_ROWS,), float("-inf"), tl.float32)
+            arg = tl.full((TAIL_ROWS,), V, tl.int32)
+            for c0 in range(0, NV, BLOCK_C):  # blocks in vocabulary order, a later one only if strictly greater
+                c = c0 + tl.arange(0, BLOCK_C)
+                cm = tm[:, None] & (c < NV)[None, :]
+                pv = tl.load(part_v + tr[:, None] * NV + c[None, :], mask=cm, other=float("-inf"),
+                             cache_modifier=".cg")
+                pi = tl.load(part_i + tr[:, None] * NV + c[None, :], mask=cm, other=V, cache_modifier=".cg")
+                cb = tl.max(pv, axis=1)
+                ci = tl.min(tl.where(pv == cb[:, None], pi, V), axis=1)
+                take = cb > top
+                arg = tl.where(take, ci, arg)
+                top = tl.where(take, cb, top)
+            tl.store(tok_ptr + tr * G + k, tl.where(arg == V, 0, arg).to(tl.int64), mask=tm)
         tl.atomic_xchg(count_ptr, 0)
-        tl.store(tok_ptr + rows * G + k, tl.where(arg == V, 0, arg).to(tl.int64), mask=rmask)
-        if HAS_CONF:  # confidence logit: proj · [h_k, W1[prev]] + b, rounded to the model dtype once
-            acc = tl.zeros((BLOCK_B,), tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                hh = h0 + tl.arange(0, BLOCK_H)
-                hm = hh < H
-                x = tl.load(hidden_ptr + rows[:, None].to(tl.int64) * stride_hb + hh[None, :],
-                            mask=rmask[:, None] & hm[None, :], other=0.0)
-                w = tl.load(wc_ptr + hh, mask=hm, other=0.0)
-                acc += tl.sum(x.to(tl.float32) * w.to(tl.float32)[None, :], axis=1)
-            if CONF_MARKOV:
-                for j0 in range(0, R, BLOCK_R):
-                    j = j0 + tl.arange(0, BLOCK_R)
-                    e = tl.load(w1_ptr + prev[:, None] * R + j[None, :], mask=rmask[:, None], other=0.0)
-                    w = tl.load(wc_ptr + H + j)
-                    acc += tl.sum(e.to(tl.float32) * w.to(tl.float32)[None, :], axis=1)
-            conf = _round(acc + tl.load(bc_ptr).to(tl.float32), wc_ptr.dtype.element_ty)
-            tl.store(conf_ptr + rows * G + k, conf, mask=rmask)
 
 
 def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor,
                   w2: torch.Tensor, conf_w: torch.Tensor | None, conf_b: torch.Tensor | None,
-                  conf_markov: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  conf_markov: bool, *, block_v: int | None = None,
+                  warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy Markov sampling (``DSparkDraft.propose`` at temperature 0, vanilla Markov head) with one kernel per
     position instead of about ten torch ops (embedding, W2 product, cast, add, argmax, concatenation, the
     confidence product and its casts): at batch 1 each of those is a launch of a few microseconds.
 
     base [B, G, V] the LM head's logits (model dtype), hidden [B, G, H] the backbone's output, anchor [B];
     w1/w2 [V, r] the Markov head's embedding and projection; conf_w [H (+ r)] and conf_b [1] the confidence
-    head (None: zeros). Returns (tokens [B, G] int64, confidence logits [B, G] float32)."""
+    head (None: zeros). Returns (tokens [B, G] int64, confidence logits [B, G] float32). ``block_v`` (vocabulary
+    rows per program) and ``warps``: 128 and 4 below 4 rows, 256 and 8 from 4 (H200, ``benchmarks/markov_kernel.py``:
+    the fastest measured at batches 1, 4 and 16; every choice gives argmax's tokens)."""
     bsz, g, vocab = base.shape
     rank = w2.shape[1]
     hid = hidden.shape[-1]
     assert bsz <= MARKOV_ROWS and rank % 16 == 0 and base.stride(-1) == 1 and hidden.stride(-1) == 1
-    block_v = 128
+    block_v = block_v or (128 if bsz < 4 else 256)
+    warps = warps or (4 if bsz < 4 else 8)
     nv = triton.cdiv(vocab, block_v)
     block_b = max(16, triton.next_power_of_2(bsz))
     block_r = next(r for r in (64, 32, 16) if rank % r == 0)
+    tail_rows = triton.next_power_of_2(bsz)  # the tail's tiles: 4096 elements, its rows x blocks (or hidden)
     tokens = torch.empty(bsz, g, dtype=torch.int64, device=base.device)
     conf = torch.zeros(bsz, g, dtype=torch.float32, device=base.device)
     part_v = torch.empty(bsz, nv, dtype=torch.float32, device=base.device)
@@ -574,12 +603,14 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     has_conf = conf_w is not None
     wc = conf_w if has_conf else w2
     bc = conf_b if conf_b is not None else torch.zeros(1, dtype=torch.float32, device=base.device)
+    wide = max(256, 4096 // tail_rows)
     for k in range(g):
         prev, stride = (anchor, anchor.stride(0)) if k == 0 else (tokens[:, k - 1], g)
         _markov_greedy_kernel[(nv,)](base[:, k], hidden[:, k], prev, stride, w1, w2, wc, bc, part_v, part_i, counter,
                                      tokens, conf, k, bsz, vocab, hid, nv, g, base.stride(0), hidden.stride(0),
-                                     R=rank, BLOCK_V=block_v, BLOCK_B=block_b, BLOCK_R=block_r, BLOCK_H=256,
-                                     BLOCK_C=256, HAS_CONF=has_conf, CONF_MARKOV=conf_markov,
-                                     PRECISION="ieee" if w2.dtype == torch.float32 else None, num_warps=4,
-                                     **pdl_options(base, bsz))
+                                     R=rank, BLOCK_V=block_v, BLOCK_B=block_b, BLOCK_R=block_r, TAIL_ROWS=tail_rows,
+                                     BLOCK_H=min(wide, triton.next_power_of_2(hid)),
+                                     BLOCK_C=min(wide, triton.next_power_of_2(nv)), HAS_CONF=has_conf,
+                                     CONF_MARKOV=conf_markov, PRECISION="ieee" if w2.dtype == torch.float32 else None,
+                                     num_warps=warps, **pdl_options(base, bsz))
     return tokens, conf

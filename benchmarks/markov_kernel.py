@@ -1,0 +1,75 @@
+"""Greedy Markov sampling (``kernels.markov_greedy``, the draft step's last γ launches) on the GPU, alone: GPU ms
+per draft block (γ launches in one CUDA graph) for each (vocabulary rows per program, warps), at batches 1, 4
+and 16, against the byte floor (the transition matrix W2 read once per position), with the tokens checked
+against the module's loop (``DSparkDraft.propose``'s ops, written out) in the same run. JSON on stdout.
+
+    PYTHONPATH=. python benchmarks/markov_kernel.py [--shape qwen3-8b] [--batch 1,4,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import torch
+from torch.nn import functional as F
+
+from dspark_compile.targets.torch.bench import SHAPES, byte_floor_ms, measure_copy_bandwidth
+from dspark_compile.targets.torch.decode_gemm import graph_ms
+from dspark_compile.targets.torch.kernels import markov_greedy
+
+
+def module_loop(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                wc: torch.Tensor, bc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``DSparkDraft.propose`` at temperature 0 with a vanilla Markov head and a confidence head over [h, W1]."""
+    prev, tokens, confs = anchor, [], []
+    for k in range(base.shape[1]):
+        e = F.embedding(prev, w1)
+        logits = base[:, k].float() + F.linear(e, w2).float()
+        confs.append(F.linear(torch.cat((hidden[:, k], e), -1), wc.view(1, -1), bc).squeeze(-1).float())
+        prev = logits.argmax(-1)
+        tokens.append(prev)
+    return torch.stack(tokens, 1), torch.stack(confs, 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--batch", default="1,4,16")
+    ap.add_argument("--configs", default="default,128x4,64x4,256x4,256x8",
+                    help="vocabulary rows per program x warps, or default")
+    args = ap.parse_args()
+    shape = SHAPES[args.shape]
+    v, h, r, g = shape.vocab_size, shape.hidden_size, shape.markov_rank, shape.block_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dt = torch.bfloat16
+
+    def randn(*size: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=gen, device="cuda") * std).to(dt)
+
+    w1, w2 = randn(v, r), randn(v, r, std=0.05)
+    wc, bc = randn(h + r, std=0.02), randn(1)
+    bandwidth = measure_copy_bandwidth("cuda")
+    out: dict[str, object] = {"device": torch.cuda.get_device_name(), "shape": args.shape,
+                              "copy_bandwidth_gb_s": bandwidth / 1e9,
+                              "floor_ms_per_block": byte_floor_ms(g * w2.nbytes, bandwidth), "rows": {}}
+    for bsz in (int(b) for b in args.batch.split(",")):
+        base, hidden = randn(bsz, g, v), randn(bsz, g, h)
+        anchor = torch.randint(0, v, (bsz,), generator=gen, device="cuda")
+        ref_tok, ref_conf = module_loop(base, hidden, anchor, w1, w2, wc, bc)
+        row: dict[str, object] = {}
+        for cfg in args.configs.split(","):  # "default": no keywords (an earlier kernel, run from a copy)
+            kw = {} if cfg == "default" else dict(zip(("block_v", "warps"), map(int, cfg.split("x")), strict=True))
+            call = functools.partial(markov_greedy, base, hidden, anchor, w1, w2, wc, bc, True, **kw)
+            tok, conf = call()
+            row[cfg] = {"ms_per_block": graph_ms([call] * 4),
+                        "tokens_equal_module_loop": bool(torch.equal(tok, ref_tok)),
+                        "conf_max_abs_err": float((conf - ref_conf).abs().max())}
+        out["rows"][f"b{bsz}"] = row  # type: ignore[index]
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
