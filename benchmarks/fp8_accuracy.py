@@ -8,6 +8,7 @@ continuation, and τ of speculative decoding (every draft verified) with each ta
 
     PYTHONPATH=. python benchmarks/fp8_accuracy.py --out benchmarks/results/fp8_accuracy_tiny_pair.json
         [--quantize fp8-dynamic]   # activations e4m3 too (per row and gcd(K, 128) columns: 64 on this pair)
+        [--quantize-draft]         # the draft's layers, fc and Markov W2 in e4m3 too, for the FP8 row only
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--quantize", default="fp8", choices=("fp8", "fp8-dynamic"))
+    ap.add_argument("--quantize-draft", action="store_true", help="the FP8 row's draft in e4m3 too (layers, fc, W2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -81,13 +83,15 @@ def main() -> int:
     for name in ("bf16", "fp8"):
         programs[name] = build_program(PAIR / "target", PAIR / "draft", dtype=args.dtype)
         if name == "fp8":
-            quantize_program(programs[name], activations=args.quantize == "fp8-dynamic")
+            quantize_program(programs[name], draft=args.quantize_draft, activations=args.quantize == "fp8-dynamic")
     g = programs["bf16"].draft.block_size
     res: dict[str, Any] = {"pair": "dspark_compile/tiny_pair", "prompts": len(prompts), "new_tokens": 64,
                            "activation_dtype": args.dtype, "quantize": args.quantize,
                            "quantized": "target decoder linear layers (e4m3, per-output-channel scales"
                            + ("; their inputs e4m3 per row and group" if args.quantize == "fp8-dynamic" else "")
-                           + "); embeddings, LM head and draft in the activation dtype"}
+                           + ("; the FP8 row's draft layers, fc and Markov W2 too" if args.quantize_draft else "")
+                           + "); embeddings and LM head" + ("" if args.quantize_draft else " and draft")
+                           + " in the activation dtype"}
     greedy, spec = {}, {}
     for name, program in programs.items():
         backend = TorchBackend.from_program(program)

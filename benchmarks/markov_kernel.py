@@ -15,6 +15,7 @@ import json
 import torch
 from torch.nn import functional as F
 
+from dspark_compile.models.layers import fp8_dequantize, quantize_fp8
 from dspark_compile.targets.torch.bench import SHAPES, byte_floor_ms, measure_copy_bandwidth
 from dspark_compile.targets.torch.decode_gemm import graph_ms
 from dspark_compile.targets.torch.kernels import markov_greedy
@@ -37,6 +38,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
     ap.add_argument("--batch", default="1,4,16")
+    ap.add_argument("--e4m3-w2", action="store_true", help="W2 per-channel e4m3, as --quantize-draft leaves it")
     ap.add_argument("--configs", default="default,128x4,64x4,256x4,256x8",
                     help="vocabulary rows per program x warps, or default")
     args = ap.parse_args()
@@ -49,19 +51,27 @@ def main() -> int:
         return (torch.randn(*size, generator=gen, device="cuda") * std).to(dt)
 
     w1, w2 = randn(v, r), randn(v, r, std=0.05)
+    kernel_w2, w2_scale = w2, None
+    if args.e4m3_w2:  # the kernel reads e4m3 and scales; the module loop the weight Fp8Linear dequantizes
+        kernel_w2, w2_scale = quantize_fp8(w2)
+        w2 = fp8_dequantize(kernel_w2, w2_scale, 0).to(dt)
     wc, bc = randn(h + r, std=0.02), randn(1)
     bandwidth = measure_copy_bandwidth("cuda")
     out: dict[str, object] = {"device": torch.cuda.get_device_name(), "shape": args.shape,
                               "copy_bandwidth_gb_s": bandwidth / 1e9,
-                              "floor_ms_per_block": byte_floor_ms(g * w2.nbytes, bandwidth), "rows": {}}
+                              "e4m3_w2": args.e4m3_w2,
+                              "floor_ms_per_block": byte_floor_ms(g * kernel_w2.nbytes, bandwidth), "rows": {}}
     for bsz in (int(b) for b in args.batch.split(",")):
         base, hidden = randn(bsz, g, v), randn(bsz, g, h)
         anchor = torch.randint(0, v, (bsz,), generator=gen, device="cuda")
         ref_tok, ref_conf = module_loop(base, hidden, anchor, w1, w2, wc, bc)
         row: dict[str, object] = {}
         for cfg in args.configs.split(","):  # "default": no keywords (an earlier kernel, run from a copy)
-            kw = {} if cfg == "default" else dict(zip(("block_v", "warps"), map(int, cfg.split("x")), strict=True))
-            call = functools.partial(markov_greedy, base, hidden, anchor, w1, w2, wc, bc, True, **kw)
+            kw: dict[str, object] = {} if cfg == "default" else dict(
+                zip(("block_v", "warps"), map(int, cfg.split("x")), strict=True))
+            if w2_scale is not None:
+                kw["w2_scale"] = w2_scale
+            call = functools.partial(markov_greedy, base, hidden, anchor, w1, kernel_w2, wc, bc, True, **kw)
             tok, conf = call()
             row[cfg] = {"ms_per_block": graph_ms([call] * 4),
                         "tokens_equal_module_loop": bool(torch.equal(tok, ref_tok)),

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from dspark_compile.models.layers import Fp8Linear
-from dspark_compile.passes.quantize import quantize_module
+from dspark_compile.passes.quantize import DRAFT_KEPT, quantize_module
 from dspark_compile.targets.torch.bench import SHAPES, profile_kernels, random_pair
 from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
 
@@ -33,7 +33,7 @@ def main() -> int:
     if args.quantize:
         quantize_module(target.layers)
     if args.quantize == "fp8-head-draft":
-        quantize_module(draft, skip=("lm_head", "markov_head", "confidence_head"))
+        quantize_module(draft, skip=DRAFT_KEPT)
         target.lm_head = draft.lm_head = Fp8Linear.quantize(target.lm_head)
     be = CudaGraphBackend(target, draft)
     be.start(1, args.context + 16)

@@ -38,24 +38,28 @@ def test_bad_values_exit_2(golden_dir: Path, tmp_path: Path, capsys: pytest.Capt
 
 
 @pytest.mark.slow  # one ONNX export and two decodes
-@pytest.mark.parametrize("method", ["fp8", "fp8-dynamic"])
+@pytest.mark.parametrize(("method", "draft"), [("fp8", False), ("fp8-dynamic", False), ("fp8", True)])
 def test_build_quantize_fp8_with_acceptance_gate(golden_dir: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str], method: str) -> None:
+                                                 capsys: pytest.CaptureFixture[str], method: str, draft: bool) -> None:
     """fp8-dynamic: each layer's input quantized in the graph too (its scale computed there, a Q/DQ pair at
-    scale 1 on the scaled input), and onnxruntime decodes exactly as the torch reference of that model."""
+    scale 1 on the scaled input), and onnxruntime decodes exactly as the torch reference of that model.
+    ``--quantize-draft``: the draft's layers, ``fc`` and Markov W2 as DequantizeLinear in the draft's graph."""
     pair = golden_dir / "dspark_tiny"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     out = tmp_path / "build"
     code, stdout, err = _cli(["build", "--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out",
                               str(out), "--quantize", method, "--check-acceptance", str(prompts), "--max-tau-drop",
-                              "1", "--json"], capsys)
+                              "1", "--json", *(["--quantize-draft"] if draft else [])], capsys)
     assert code == 0, err
     names = [p["name"] for p in json.loads(stdout)["passes"]]
     assert names[names.index("graft") + 1] == "quantize" and names[-2:] == ["check_acceptance", "manifest"]
     manifest = json.loads((out / "manifest.json").read_text())
     q = manifest["quantization"]
-    assert q["method"] == method and len(q["layers"]) == 28 and not q["lm_head"] and not q["draft"]
+    drafted = [n for n in q["layers"] if n.startswith("draft.")]
+    assert q["method"] == method and len(q["layers"]) == 28 + len(drafted) and not q["lm_head"]
+    assert q["draft"] == draft
+    assert ({"draft.fc", "draft.markov_head.markov_w2"} <= set(drafted)) if draft else not drafted
     dynamic = method == "fp8-dynamic"
     assert ("activations e4m3 per row" in q["scheme"]) == dynamic
     assert {e["activation_group"] for e in q["layers"].values()} == ({64, 128} if dynamic else {None})  # K 64 and 128
@@ -63,7 +67,7 @@ def test_build_quantize_fp8_with_acceptance_gate(golden_dir: Path, tmp_path: Pat
     acc = manifest["acceptance"]
     assert acc["backend"] == "onnxruntime" and acc["prompts"] == 3 and acc["passed"]
     assert set(acc["greedy_agreement"]) == {"token_agreement", "mean_common_prefix", "identical"}
-    for graph, dq, inputs in (("target_step", 28, 16), ("draft_propose", 0, 0)):
+    for graph, dq, inputs in (("target_step", 28, 16), ("draft_propose", len(drafted), 0)):
         ops, fp8 = _ops(out / "onnx" / f"{graph}.onnx")  # q|k|v and gate|up share one input quantization
         assert fp8 == dq and ops["QuantizeLinear"] == (inputs if dynamic else 0)
         assert ops["DequantizeLinear"] == dq + (inputs if dynamic else 0)

@@ -3,7 +3,9 @@
 Decode at small batch reads every weight once per step, so e4m3 weights halve the target's step (docs/BENCH.md).
 Each decoder linear layer becomes an :class:`~dspark_compile.models.layers.Fp8Linear` (scale[n] =
 max|W[n]| / 448, round-to-nearest e4m3); the LM head joins with ``quantize_lm_head``, the draft's layers and
-``fc`` with ``quantize_draft``; embeddings, norms and the draft's Markov/confidence heads keep their dtype.
+``fc`` with ``quantize_draft``, and the Markov head's W2 (its [V, r] projection, read once per drafted position:
+the draft's largest matrix after its layers; its inputs stay in the model dtype); embeddings, norms and the
+confidence head keep their dtype.
 Layers a pre-quantized checkpoint already holds in FP8 are kept as they are. ``fp8-dynamic`` also quantizes
 every FP8 layer's input dynamically, e4m3 per row and group of 128 columns (W8A8, the activation scheme HF
 "-FP8" checkpoints declare): on Hopper the decode GEMM then multiplies e4m3 by e4m3 on the tensor cores and
@@ -32,6 +34,12 @@ SCHEMES = {
     "fp8-dynamic": "e4m3 weights, float32 per-output-channel scale max|W[n]|/448; activations e4m3 per row and "
                    "group of gcd(K, 128) columns, scale amax/448, product in float32",
 }
+
+
+DRAFT_KEPT = ("lm_head", "confidence_head", "markov_head.gate_proj", "markov_head.joint_proj")
+"""The draft's linear layers that ``quantize_draft`` leaves in their dtype: the LM head (the target's, shared:
+``quantize_lm_head`` decides), the confidence head (one output) and the gated and recurrent Markov heads' small
+projections."""
 
 
 def quantize_module(root: nn.Module, *, skip: tuple[str, ...] = ()) -> list[str]:
@@ -64,8 +72,8 @@ def scale_summary(root: nn.Module, prefix: str, skip: tuple[str, ...]) -> dict[s
 def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bool = False,
                      activations: bool = False) -> None:
     """FP8 weights in place: the target's decoder layers, its LM head (``lm_head``; the draft shares it) and
-    the draft's layers and ``fc`` (``draft``); with ``activations`` every FP8 layer's input too (dynamic
-    scales). Also how a build's torch reference is rebuilt (api.load_backend)."""
+    the draft's layers, ``fc`` and Markov W2 (``draft``); with ``activations`` every FP8 layer's input too
+    (dynamic scales), W2's excepted. Also how a build's torch reference is rebuilt (api.load_backend)."""
     target = program.target
     quantize_module(target.layers)
     if lm_head and type(target.lm_head) is nn.Linear:
@@ -73,13 +81,13 @@ def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bo
     if program.draft is not None:
         program.draft.lm_head = target.lm_head  # the graft shares the target's head, quantized or not
         if draft:
-            quantize_module(program.draft, skip=("lm_head", "markov_head", "confidence_head"))
+            quantize_module(program.draft, skip=DRAFT_KEPT)
     if activations:
         try:
             for model in (target, program.draft):
-                for m in model.modules() if model is not None else ():
-                    if isinstance(m, Fp8Linear) and not m.act_group:
-                        m.quantize_activations()
+                for name, m in model.named_modules() if model is not None else ():
+                    if isinstance(m, Fp8Linear) and not m.act_group and not name.startswith("markov_head"):
+                        m.quantize_activations()  # W2's input, a row of W1, stays in the model dtype
         except ValueError as exc:  # static input scales (a W8A8 checkpoint), or an input width it can't split
             raise UsageError(f"--quantize fp8-dynamic: {exc}; use --quantize fp8 for this target") from exc
 

@@ -65,11 +65,13 @@ def test_lm_head_and_draft_when_asked(golden_pair: tuple[Path, Path], tmp_path: 
     program = state.program
     assert isinstance(program.target.lm_head, Fp8Linear) and program.draft.lm_head is program.target.lm_head
     assert isinstance(program.draft.fc, Fp8Linear) and isinstance(program.draft.layers[1].mlp.down_proj, Fp8Linear)
-    assert type(program.draft.markov_head.markov_w2) is nn.Linear  # heads keep their dtype
+    assert isinstance(program.draft.markov_head.markov_w2, Fp8Linear)  # W2 too; W1 and the confidence head not
+    assert type(program.draft.markov_head.markov_w1) is nn.Embedding
+    assert type(program.draft.confidence_head.proj) is nn.Linear
     assert type(program.target.embed_tokens) is nn.Embedding
     q = state.quantization
     assert q["lm_head"] and q["draft"] and "target.lm_head" in q["layers"] and "draft.fc" in q["layers"]
-    assert "draft.layers.1.mlp.down_proj" in q["layers"]
+    assert "draft.layers.1.mlp.down_proj" in q["layers"] and "draft.markov_head.markov_w2" in q["layers"]
 
 
 def test_fp8_dynamic_quantizes_the_inputs_of_every_fp8_layer(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -82,6 +84,7 @@ def test_fp8_dynamic_quantizes_the_inputs_of_every_fp8_layer(golden_pair: tuple[
     assert len(fp8) == 28 and {m.act_group for m in fp8} == {64, 128}
     assert all(m.act_group == 128 for m in fp8 if m.in_features == 128)
     assert all(m.act_group for m in program.draft.layers.modules() if isinstance(m, Fp8Linear))
+    assert not program.draft.markov_head.markov_w2.act_group  # its input, a row of W1, stays in the model dtype
     q = state.quantization
     assert q["method"] == "fp8-dynamic" and "activations e4m3 per row" in q["scheme"]
     assert q["layers"]["target.layers.0.mlp.down_proj"]["activation_group"] == 128

@@ -35,8 +35,9 @@ def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf1
             if name == "part_i":  # markov_greedy's block argmaxes
                 kind = "*i32"
             fp32 = name.startswith(("part_o", "part_m", "part_l", "part_v", "part_ptr", "s_ptr")) or "scale" in name \
-                or (consts.get("PARTS") and name in ("qkv_ptr", "gu_ptr"))
-            sig[name] = "*fp32" if fp32 else "*fp8e4nv" if name == "w_ptr" else kind
+                or (consts.get("PARTS") and name in ("qkv_ptr", "gu_ptr")) or name == "s2_ptr"
+            e4m3 = name == "w_ptr" or (name == "w2_ptr" and consts.get("W2_SCALED"))
+            sig[name] = "*fp32" if fp32 else "*fp8e4nv" if e4m3 else kind
         else:
             sig[name] = "fp32" if name in ("eps", "eps1", "eps2", "scale") else "i32"
     consts = consts | {"PDL": pdl}
@@ -70,6 +71,10 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("markov_greedy", k._markov_greedy_kernel, {"R": 256, "BLOCK_V": 128, "BLOCK_B": 16, "BLOCK_R": 64,
                                                     "TAIL_ROWS": 1, "BLOCK_H": 4096, "BLOCK_C": 2048,
                                                     "HAS_CONF": True, "CONF_MARKOV": True, "PRECISION": None}),
+        ("markov_greedy_e4m3", k._markov_greedy_kernel, {"R": 256, "BLOCK_V": 256, "BLOCK_B": 16, "BLOCK_R": 64,
+                                                         "TAIL_ROWS": 4, "BLOCK_H": 1024, "BLOCK_C": 1024,
+                                                         "HAS_CONF": True, "CONF_MARKOV": True, "PRECISION": None,
+                                                         "W2_SCALED": True}),
         ("decode_gemm", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": True,
                                               "EVEN": True, "PRECISION": None, "FAST_CVT": 1, "WIDE": False,
                                               "ASM": True, "TMA": False}),

@@ -147,7 +147,7 @@ INTERPRET_SCRIPT = textwrap.dedent(
     from dspark_compile.model_config import RopeConfig
     from dspark_compile.models.layers import RMSNorm, RotaryEmbedding, apply_rope
     from dspark_compile.program import build_program
-    from dspark_compile.models.layers import attend
+    from dspark_compile.models.layers import Fp8Linear, attend
     from dspark_compile.targets.torch.kernels import (add_rmsnorm, decode_attention, markov_greedy, qk_norm_rope,
                                                       silu_mul)
     from dspark_compile.targets.torch.static_forward import StaticProgram
@@ -220,6 +220,11 @@ INTERPRET_SCRIPT = textwrap.dedent(
         (t1, c1, _), (t2, c2, p2) = (p.propose(g1, anchor, None, None, distributions=False) for p in (pr, pf))
         assert torch.equal(t1, t2) and p2.shape == (3, 7, 0), (t1, t2)
         close("confidence logits", c1, c2)
+    for p in (ref, fus):  # --quantize-draft's W2 (e4m3, per-channel scales) through the kernel
+        p.draft.markov_head.markov_w2 = Fp8Linear.quantize(p.draft.markov_head.markov_w2)
+    (t1, c1, _), (t2, c2, _) = (p.propose(g1, anchor, None, None, distributions=False) for p in (pr, pf))
+    assert torch.equal(t1, t2), ("e4m3 W2", t1, t2)
+    close("confidence logits, e4m3 W2", c1, c2)
     # first maximum on ties, as argmax: logits 1 at columns 300 and 70 of every position, no transition bias
     h = torch.randn(2, 7, 64); w1 = torch.randn(384, 16); base = torch.zeros(2, 7, 384); base[..., [70, 300]] = 1
     tok, conf = markov_greedy(base, h, torch.tensor([5, 9]), w1, torch.zeros(384, 16), None, None, False)
@@ -243,18 +248,23 @@ def test_fused_kernels_and_layers_match_module_ops_in_interpreter(golden_dir: Pa
 def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Which drafts StaticProgram.propose hands to kernels.markov_greedy (stubbed here: its numerics are the
-    interpreter test's): greedy rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program; sampling
-    rounds, larger batches, the unfused program and DSPARK_FUSED_PROPOSE=0 keep the module's loop."""
+    interpreter test's): greedy rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program, W2 full
+    precision or e4m3 (its scales passed on); sampling rounds, larger batches, the unfused program, a W2 with e4m3
+    inputs and DSPARK_FUSED_PROPOSE=0 keep the module's loop."""
     import torch
 
+    from dspark_compile.models.layers import Fp8Linear
     from dspark_compile.program import build_program
     from dspark_compile.targets.torch import kernels
     from dspark_compile.targets.torch.static_forward import StaticProgram
 
     calls: list[int] = []
 
-    def stub(base: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    scales: list[torch.Tensor | None] = []
+
+    def stub(base: torch.Tensor, *args: Any, w2_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(base.shape[0])
+        scales.append(w2_scale)
         return torch.zeros(base.shape[:2], dtype=torch.int64), torch.zeros(base.shape[:2])
 
     monkeypatch.setattr(kernels, "markov_greedy", stub)
@@ -274,9 +284,15 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
         assert propose(fused, kernels.MARKOV_ROWS + 1).shape == (kernels.MARKOV_ROWS + 1, g)
         propose(fused, 2, torch.full((2,), 0.7))
         propose(plain, 3)
+        head = prog.draft.markov_head
+        head.markov_w2 = Fp8Linear.quantize(head.markov_w2)  # --quantize-draft's W2: the kernel, with its scales
+        propose(fused, 3)
+        assert calls == [3, 3] and scales[0] is None and scales[1] is head.markov_w2.weight_scale
+        head.markov_w2.quantize_activations()  # e4m3 inputs: the module's loop
+        propose(fused, 3)
         monkeypatch.setenv("DSPARK_FUSED_PROPOSE", "off")
         propose(fused, 3)
-    assert calls == [3]
+    assert calls == [3, 3]
 
 
 # --------------------------------------------------------------------------------------------- bookkeeping

@@ -510,18 +510,19 @@ def _markov_confidence(hidden_ptr, prev_ptr, prev_stride, w1_ptr, wc_ptr, bc_ptr
 
 
 @triton.jit
-def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, wc_ptr, bc_ptr, part_v,
-                          part_i, count_ptr, tok_ptr, conf_ptr, k, B, V, H, NV, G, stride_lb, stride_hb,
+def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
+                          part_v, part_i, count_ptr, tok_ptr, conf_ptr, k, B, V, H, NV, G, stride_lb, stride_hb,
                           R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                           TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                           HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
-                          PDL: tl.constexpr = False):
+                          W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False):
     """Position ``k`` of greedy Markov sampling: program v scores vocabulary block v for every row (base logits
     + W2·W1[prev], the bias rounded to the model dtype as ``nn.Linear`` returns it) and keeps its best; the
     last program to finish (an atomic counter) takes the first maximum over the blocks in order — argmax's
     choice — and writes the token. The confidence head's logit needs only h_k and the previous token, so
     program 0 computes it beside its block, off the final reduction's path. The tail works on ``TAIL_ROWS``
-    rows at a time with wide tiles (one load of every block's best at batch 1)."""
+    rows at a time with wide tiles (one load of every block's best at batch 1). ``W2_SCALED``: W2 is e4m3 with
+    a scale per vocabulary row, widened to the model dtype as ``Fp8Linear`` dequantizes it (half the bytes)."""
     if PDL:
         gdc_wait()
     pid = tl.program_id(0)
@@ -534,11 +535,15 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
                                stride_hb, R, BLOCK_R, TAIL_ROWS, BLOCK_H, CONF_MARKOV)
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = v < V
-    dt = w2_ptr.dtype.element_ty
+    dt = w1_ptr.dtype.element_ty  # the product's dtype: its input's, W1[prev] (nn.Linear and Fp8Linear alike)
+    if W2_SCALED:
+        s2 = tl.load(s2_ptr + v, mask=vmask, other=0.0)
     bias = tl.zeros((BLOCK_V, BLOCK_B), dtype=tl.float32)
     for j0 in range(0, R, BLOCK_R):
         j = j0 + tl.arange(0, BLOCK_R)
         w2 = tl.load(w2_ptr + v[:, None].to(tl.int64) * R + j[None, :], mask=vmask[:, None], other=0.0)
+        if W2_SCALED:
+            w2 = (w2.to(tl.float32) * s2[:, None]).to(dt)
         e = tl.load(w1_ptr + prev[None, :] * R + j[:, None], mask=rmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_B]
         bias = tl.dot(w2, e, bias, input_precision=PRECISION)
     if PDL:  # the next position's blocks are dispatched once this one's transition rows are read (not earlier:
@@ -574,17 +579,18 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
 
 def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor,
                   w2: torch.Tensor, conf_w: torch.Tensor | None, conf_b: torch.Tensor | None,
-                  conf_markov: bool, *, block_v: int | None = None,
+                  conf_markov: bool, *, w2_scale: torch.Tensor | None = None, block_v: int | None = None,
                   warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy Markov sampling (``DSparkDraft.propose`` at temperature 0, vanilla Markov head) with one kernel per
     position instead of about ten torch ops (embedding, W2 product, cast, add, argmax, concatenation, the
     confidence product and its casts): at batch 1 each of those is a launch of a few microseconds.
 
     base [B, G, V] the LM head's logits (model dtype), hidden [B, G, H] the backbone's output, anchor [B];
-    w1/w2 [V, r] the Markov head's embedding and projection; conf_w [H (+ r)] and conf_b [1] the confidence
-    head (None: zeros). Returns (tokens [B, G] int64, confidence logits [B, G] float32). ``block_v`` (vocabulary
-    rows per program) and ``warps``: 128 and 4 below 4 rows, 256 and 8 from 4 (H200, ``benchmarks/markov_kernel.py``:
-    the fastest measured at batches 1, 4 and 16; every choice gives argmax's tokens)."""
+    w1/w2 [V, r] the Markov head's embedding and projection (w2 e4m3 with ``w2_scale`` [V], float32: an
+    ``Fp8Linear``'s per-channel scales); conf_w [H (+ r)] and conf_b [1] the confidence head (None: zeros).
+    Returns (tokens [B, G] int64, confidence logits [B, G] float32). ``block_v`` (vocabulary rows per program)
+    and ``warps``: 128 and 4 below 4 rows, 256 and 8 from 4 (H200, ``benchmarks/markov_kernel.py``: the fastest
+    measured at batches 1, 4 and 16; every choice gives argmax's tokens)."""
     bsz, g, vocab = base.shape
     rank = w2.shape[1]
     hid = hidden.shape[-1]
@@ -601,16 +607,18 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     part_i = torch.empty(bsz, nv, dtype=torch.int32, device=base.device)
     counter = arrival_counters(base.device, 1)
     has_conf = conf_w is not None
-    wc = conf_w if has_conf else w2
+    wc = conf_w if has_conf else w1
+    s2 = w2_scale if w2_scale is not None else w1  # a placeholder pointer when W2 has no scales
     bc = conf_b if conf_b is not None else torch.zeros(1, dtype=torch.float32, device=base.device)
     wide = max(256, 4096 // tail_rows)
     for k in range(g):
         prev, stride = (anchor, anchor.stride(0)) if k == 0 else (tokens[:, k - 1], g)
-        _markov_greedy_kernel[(nv,)](base[:, k], hidden[:, k], prev, stride, w1, w2, wc, bc, part_v, part_i, counter,
-                                     tokens, conf, k, bsz, vocab, hid, nv, g, base.stride(0), hidden.stride(0),
+        _markov_greedy_kernel[(nv,)](base[:, k], hidden[:, k], prev, stride, w1, w2, s2, wc, bc, part_v, part_i,
+                                     counter, tokens, conf, k, bsz, vocab, hid, nv, g, base.stride(0),
+                                     hidden.stride(0),
                                      R=rank, BLOCK_V=block_v, BLOCK_B=block_b, BLOCK_R=block_r, TAIL_ROWS=tail_rows,
                                      BLOCK_H=min(wide, triton.next_power_of_2(hid)),
                                      BLOCK_C=min(wide, triton.next_power_of_2(nv)), HAS_CONF=has_conf,
-                                     CONF_MARKOV=conf_markov, PRECISION="ieee" if w2.dtype == torch.float32 else None,
-                                     num_warps=warps, **pdl_options(base, bsz))
+                                     CONF_MARKOV=conf_markov, PRECISION="ieee" if w1.dtype == torch.float32 else None,
+                                     W2_SCALED=w2_scale is not None, num_warps=warps, **pdl_options(base, bsz))
     return tokens, conf

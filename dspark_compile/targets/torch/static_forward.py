@@ -383,19 +383,22 @@ class StaticProgram:
                 uniforms: torch.Tensor | None, *, distributions: bool = True,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``DSparkDraft.propose``; greedy rounds (no temperature) of a vanilla Markov head run
-        :func:`~.kernels.markov_greedy` (one kernel per position) on the GPU, and in the fused program."""
+        :func:`~.kernels.markov_greedy` (one kernel per position) on the GPU, and in the fused program; a W2
+        quantized by ``--quantize-draft`` (per-channel e4m3, model-dtype inputs) too."""
         from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy, switched_on
 
         d = self.draft
         assert d is not None
         head, conf = d.markov_head, d.confidence_head
         bsz, g, _ = hidden.shape
+        w2 = None if head is None else head.markov_w2
+        fp8_w2 = type(w2) is Fp8Linear and w2.weight_scale.dim() == 1 and w2.input_scale is None and not w2.act_group
         if (temperature is not None or not (self.fused or hidden.is_cuda) or not switched_on("DSPARK_FUSED_PROPOSE")
-                or head is None or head.kind != "vanilla" or type(head.markov_w2) is not nn.Linear
+                or head is None or head.kind != "vanilla" or not (type(w2) is nn.Linear or fp8_w2)
                 or d.cfg.markov_rank % 16 or bsz > MARKOV_ROWS):
             return d.propose(hidden, anchor, temperature, uniforms, distributions=distributions)
         tokens, logits = markov_greedy(
-            d.block_logits(hidden), hidden, anchor, head.markov_w1.weight, head.markov_w2.weight,
+            d.block_logits(hidden), hidden, anchor, head.markov_w1.weight, w2.weight,
             None if conf is None else conf.proj.weight.view(-1), None if conf is None else conf.proj.bias,
-            d.cfg.confidence_head_with_markov)
+            d.cfg.confidence_head_with_markov, w2_scale=w2.weight_scale if fp8_w2 else None)
         return tokens, logits, hidden.new_empty(bsz, g, 0, dtype=torch.float32)
