@@ -8,7 +8,8 @@
 # weight tile; DSPARK_GEMM_HANDOFF: split-K partials summed by the consumer); CHAIN=0 skips the launch chains;
 # TESTS_LAST=1 runs the GPU tests after the rounds; BATCH (e.g. 4,16), NEW (new tokens) and ROUND_TIMEOUT (s per
 # mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent, e.g. made with
-# `git archive`): mode 0 runs that code instead, for changes with no switch.
+# `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that fp8_bench.py, when
+# the copy has one) instead, for changes with no switch.
 # Usage (repository root): OUT=$OUT [TESTS=0] [ROUNDS=0] [GEMMA=1] [AB_VAR=...] bash benchmarks/device_pdl.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
@@ -31,8 +32,12 @@ if [ "${CHAIN:-1}" = 1 ]; then
 fi
 for m in ${MODES:-0 1}; do
   PP=$PWD
-  if [ -n "${BASE:-}" ] && [ "$m" = 0 ]; then PP=$BASE:$PWD; fi  # mode 0 runs the earlier code in BASE
-  env PYTHONPATH=$PP $AB=$m timeout ${ROUND_TIMEOUT:-150} "$PY" benchmarks/fp8_bench.py --out "$W/rounds_pdl$m" \
+  BENCH=benchmarks/fp8_bench.py
+  if [ -n "${BASE:-}" ] && [ "$m" = 0 ]; then  # mode 0 runs the earlier code in BASE (and its bench, if it has one)
+    PP=$BASE:$PWD
+    if [ -f "$BASE/benchmarks/fp8_bench.py" ]; then BENCH=$BASE/benchmarks/fp8_bench.py; fi
+  fi
+  env PYTHONPATH=$PP $AB=$m timeout ${ROUND_TIMEOUT:-150} "$PY" $BENCH --out "$W/rounds_pdl$m" \
       --sections rounds,head_draft --batch ${BATCH:-1} --kinds ${KINDS:-bf16,fp8,fp8_head_draft} \
       --new-tokens ${NEW:-128} 2>&1 | grep -v Warning \
       > "$W/rounds_pdl$m.log"
