@@ -479,7 +479,7 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 MARKOV_ROWS = 16
 """Batch rows up to which greedy rounds run :func:`markov_greedy` (one row block, so the transition matrix is
-read once per position; measured at batch 1 only, docs/BENCH.md)."""
+read once per position; measured at batches 1, 4 and 16, docs/BENCH.md)."""
 
 
 @triton.jit
