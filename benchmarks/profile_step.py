@@ -1,7 +1,8 @@
 """The CUDA-graph target's step by kernel, on the GPU: the target-only step (T = 1), a verify block (T = γ + 1)
 and the draft step (backbone over γ + 1 context rows, Markov sampling) of a random pair (``--shape``;
 ``--quantize fp8``: the target's layers in e4m3 first; ``fp8-head-draft``: the LM head and the draft (layers,
-fc, W2) too, as ``fp8_bench``'s head_draft kind), each through ``bench.profile_kernels`` (kernel time per call, by kind, and the top kernels). JSON on stdout.
+fc, W2) too, as ``fp8_bench``'s head_draft kind), each through ``bench.profile_kernels`` (kernel time per call,
+by kind, and the top kernels). JSON on stdout.
 
     PYTHONPATH=. python benchmarks/profile_step.py [--shape gemma4-12b] [--quantize fp8] [--context 1024]
 """
