@@ -41,7 +41,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dspark_compile.targets.torch.kernels import Partials, arrival_counters, l2_prefetch, pdl_options
+from dspark_compile.targets.torch.kernels import Partials, arrival_counters, pdl_options
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
@@ -49,8 +49,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
                         FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
-                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, HANDOFF: tl.constexpr = False,
-                        pf_ptr=None, pf_bytes=0, PF_LANES: tl.constexpr = 0):
+                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, HANDOFF: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -111,10 +110,6 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
     if PDL:  # the next kernel's blocks are dispatched while this one reduces and stores (not earlier: waiting
         gdc_launch_dependents()  # blocks would hold SM slots the weight stream needs, docs/BENCH.md)
-    if PF_LANES:  # the next product's first bytes into L2 while this one's tail and the kernels between run
-        npid = tl.num_programs(0) * tl.num_programs(1)
-        l2_prefetch(pf_ptr, pf_bytes, (pid_m * tl.num_programs(1) + pid_k) * tl.num_programs(0) + pid_n,
-                    npid * tl.num_programs(2), PF_LANES)
     mask = n_mask[:, None] & m_mask[None, :]
     tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     if SPLITS > 1:
@@ -411,12 +406,12 @@ def graph_ms(launches: list[Callable[[], object]], replays: int = 7) -> float:
 
 
 def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *,
-                  handoff: bool = False, prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor | Partials:
+                  handoff: bool = False) -> torch.Tensor | Partials:
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
     ``cfg`` overrides the timed configuration (benchmarks). ``handoff`` (a consumer that takes
     :class:`~.kernels.Partials`): a configuration that splits K returns its partials unsummed (no bias)."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
-    out = _launch(x, w, cfg or _config(x, w), handoff=handoff and w.bias is None, prefetch=prefetch)
+    out = _launch(x, w, cfg or _config(x, w), handoff=handoff and w.bias is None)
     if w.bias is not None:
         out = out + w.bias.to(x.dtype)
     return out
@@ -450,8 +445,7 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False,
-            prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor | Partials:
+def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False) -> torch.Tensor | Partials:
     if cfg == CUBLAS:
         return F.linear(x, w.weight)
     m, k = x.shape
@@ -467,12 +461,6 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
     desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight
-    pf: dict[str, object] = {}
-    if prefetch is not None and prefetch[1] > 0 and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9:
-        ahead, nbytes = prefetch
-        assert ahead.is_contiguous() and ahead.data_ptr() % 16 == 0
-        pf = {"pf_ptr": ahead.view(torch.uint8), "pf_bytes": min(nbytes, ahead.nbytes) // 16 * 16,
-              "PF_LANES": 32 * warps}
     _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, out if part is None else part, counters, out, m, n, k,
                               w.scale.shape[1], w.group,
                               k_split, splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -481,7 +469,7 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
                               WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff, num_warps=warps, num_stages=stages,
-                              **pf, **pdl_options(x, m))
+                              **pdl_options(x, m))
     if handoff:
         scaled = w.group >= k and not w.wide
         return Partials(part, w.scale if scaled else None, SHIFTS.get(conversion, 1.0), x.dtype)

@@ -69,58 +69,6 @@ def pdl_enter(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-L2_CHUNK: tl.constexpr = tl.constexpr(16 << 10)
-"""Bytes one bulk L2 prefetch instruction asks for (:func:`l2_prefetch`)."""
-
-
-@triton.jit
-def l2_prefetch(ptr, nbytes, part, parts, LANES: tl.constexpr):
-    """Ask L2 for bytes [0, ``nbytes``) of byte pointer ``ptr`` (16-byte aligned, ``nbytes`` a multiple of 16),
-    this program's share (``part`` of ``parts``): one bulk prefetch (``cp.async.bulk.prefetch.L2``, sm_90) of
-    :data:`L2_CHUNK` bytes per lane. Nothing waits for it: memory streams weights into L2 while the few-microsecond
-    kernels between two products leave it idle, and the product then reads them from L2."""
-    chunks = tl.cdiv(nbytes, L2_CHUNK)
-    per = tl.cdiv(chunks, parts)
-    c_end = tl.minimum(part * per + per, chunks)
-    for c0 in range(part * per, c_end, LANES):
-        c = c0 + tl.arange(0, LANES)
-        off = c.to(tl.int64) * L2_CHUNK
-        size = tl.where(c < c_end, tl.minimum(nbytes - off, L2_CHUNK), 0).to(tl.int32)
-        tl.inline_asm_elementwise(
-            asm="""{
-            .reg .pred p;
-            setp.gt.s32 p, $2, 0;
-            @p cp.async.bulk.prefetch.L2.global [$1], $2;
-            mov.u32 $0, 0;
-            }""",
-            constraints="=r,l,r", args=[ptr + off, size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _l2_prefetch_kernel(a_ptr, a_bytes, b_ptr, b_bytes, LANES: tl.constexpr, PDL: tl.constexpr = False):
-    """Two byte ranges into L2; with PDL the next kernel is dispatched at once, and this one ends only after its
-    predecessor has (its wait), so the kernels around it keep their stream order."""
-    if PDL:
-        gdc_launch_dependents()
-    l2_prefetch(a_ptr, a_bytes, tl.program_id(0), tl.num_programs(0), LANES)
-    l2_prefetch(b_ptr, b_bytes, tl.program_id(0), tl.num_programs(0), LANES)
-    if PDL:
-        gdc_wait()
-
-
-def prefetch_l2(ranges: list[tuple[torch.Tensor, int]], programs: int = 0) -> None:
-    """Bulk L2 prefetches of the first ``nbytes`` of each (tensor, nbytes) (at most two), from ``programs`` one-warp
-    programs (default: one per SM), on a CUDA device of compute capability 9 or later; elsewhere nothing."""
-    live = [(t, min(n, t.nbytes) // 16 * 16) for t, n in ranges if t.is_cuda and n > 0]
-    if not live or torch.cuda.get_device_capability(live[0][0].device)[0] < 9:
-        return
-    assert len(live) <= 2 and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t, _ in live)
-    (a, na), (b, nb) = live[0], live[-1] if len(live) > 1 else (live[0][0], 0)
-    programs = programs or torch.cuda.get_device_properties(a.device).multi_processor_count
-    _l2_prefetch_kernel[(programs,)](a.view(torch.uint8), na, b.view(torch.uint8), nb, LANES=32, num_warps=1,
-                                     **pdl_options(a, 1))
-
-
 @triton.jit
 def _round(x, dtype: tl.constexpr):
     """Round float32 ``x`` to ``dtype`` and back: the rounding a torch op in ``dtype`` performs."""

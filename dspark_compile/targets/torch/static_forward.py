@@ -98,20 +98,16 @@ class _Linear:
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, *, handoff: bool = False,
-                 ahead: tuple[_Linear | None, int] = (None, 0)) -> torch.Tensor | Partials:
+    def __call__(self, x: torch.Tensor, *, handoff: bool = False) -> torch.Tensor | Partials:
         """``handoff``: the consumer is one of the fused kernels, which take a split-K product's partials
-        unsummed (``kernels.Partials``; ``DSPARK_GEMM_HANDOFF=0`` turns it off). ``ahead``: the next product and
-        how many of its first weight bytes this one asks into L2 as it ends."""
+        unsummed (``kernels.Partials``; ``DSPARK_GEMM_HANDOFF=0`` turns it off)."""
         if self.input_scale is not None:
             x = fp8_quantize_dequantize(x, self.input_scale)
         if not isinstance(self.weight, torch.Tensor):
             from dspark_compile.targets.torch.decode_gemm import decode_linear
             from dspark_compile.targets.torch.kernels import switched_on
 
-            nxt, nbytes = ahead
-            pf = None if nxt is None or isinstance(nxt.weight, torch.Tensor) else (nxt.weight.weight, nbytes)
-            return decode_linear(x, self.weight, handoff=handoff and switched_on("DSPARK_GEMM_HANDOFF"), prefetch=pf)
+            return decode_linear(x, self.weight, handoff=handoff and switched_on("DSPARK_GEMM_HANDOFF"))
         return F.linear(x, self.weight, self.bias)
 
     @classmethod
@@ -152,19 +148,6 @@ def _repoint(linears: list[nn.Module], attr: str, whole: torch.Tensor) -> torch.
         setattr(lin, attr, nn.Parameter(whole[start : start + rows], requires_grad=False))
         start += rows
     return whole
-
-
-_PLANS = {"0": "0,0,0,0", "1": "16,0,0,0", "2": "16,8,4,8", "3": "0,8,4,8", "4": "16,16,8,16", "5": "0,4,2,4",
-          "6": "0,16,8,16", "7": "0,8,8,8"}
-
-
-def _prefetch_plan() -> tuple[int, ...]:
-    """MB of o, gate|up, down and the next q|k|v asked into L2 by the product before each (experiment:
-    DSPARK_L2_PREFETCH)."""
-    import os
-
-    spec = os.environ.get("DSPARK_L2_PREFETCH", "0")
-    return tuple(int(v) << 20 for v in _PLANS.get(spec, spec).split(","))
 
 
 @dataclass(frozen=True)
@@ -284,8 +267,7 @@ class StaticProgram:
 
     def _fused_layer(self, layer: nn.Module, fw: _Fused, x: torch.Tensor, delta: torch.Tensor | Partials | None,
                      inputs: tuple[torch.Tensor, ...], kv: torch.Tensor, mask: torch.Tensor, window: int,
-                     ctx: torch.Tensor | None, tap: torch.Tensor | None, nxt: _Fused | None = None,
-                     ) -> torch.Tensor | Partials:
+                     ctx: torch.Tensor | None, tap: torch.Tensor | None) -> torch.Tensor | Partials:
         """One decoder layer; ``x`` [M, H] is the residual stream, updated in place. Returns the MLP output
         (added to ``x`` by the next layer's norm kernel). ``ctx`` [B, C, H] (draft): context rows whose k/v
         are written too (KV injection); queries are the block rows only."""
@@ -293,7 +275,6 @@ class StaticProgram:
 
         cos, sin, slots = inputs
         a = layer.self_attn
-        plan = _prefetch_plan() if x.is_cuda and x.shape[0] <= 16 else (0, 0, 0, 0)
         h = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.eps, tap)
         rows_in = h
         n_ctx = 0
@@ -301,7 +282,7 @@ class StaticProgram:
         if ctx is not None:
             n_ctx = ctx.shape[1]
             rows_in = torch.cat((ctx, h.view(bsz, -1, h.shape[-1])), dim=1).view(-1, h.shape[-1])
-        qkv = fw.qkv(rows_in, handoff=True, ahead=(fw.o, plan[0]))
+        qkv = fw.qkv(rows_in, handoff=True)
         t = x.shape[0] // bsz
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
@@ -309,10 +290,9 @@ class StaticProgram:
         out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
         # o and down stay summed by the GEMM: add_rmsnorm is one program per row, which would read every
         # partial of the row alone (measured slower on the H200, docs/BENCH.md)
-        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1), ahead=(fw.gate_up, plan[1])),
-                        layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps)
-        gu = fw.gate_up(h, handoff=True, ahead=(fw.down, plan[2]))
-        return fw.down(silu_mul(gu), ahead=(None if nxt is None else nxt.qkv, plan[3]))
+        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
+                        layer.post_attention_layernorm.eps)
+        return fw.down(silu_mul(fw.gate_up(h, handoff=True)))
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
@@ -347,10 +327,8 @@ class StaticProgram:
             cols[-1].copy_(x)
         inputs = (cos.reshape(m, -1), sin.reshape(m, -1), pos.reshape(m))
         delta: torch.Tensor | Partials | None = None
-        ws = self._target_weights
-        for i, (layer, fw) in enumerate(zip(tgt.layers, ws, strict=True)):
-            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, None, cols.get(i - 1),
-                                      ws[i + 1] if i + 1 < len(ws) else None)
+        for i, (layer, fw) in enumerate(zip(tgt.layers, self._target_weights, strict=True)):
+            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, None, cols.get(i - 1))
         hidden = add_rmsnorm(x, delta, tgt.norm.weight, tgt.norm.eps, cols.get(len(tgt.layers) - 1))
         return hidden.view(bsz, t, hid), taps.view(bsz, t, len(ids) * hid)
 
@@ -397,10 +375,8 @@ class StaticProgram:
         cos, sin = d.rotary(pos, x.dtype)
         inputs = (cos.reshape(bsz * (c + g), -1), sin.reshape(bsz * (c + g), -1), slots.reshape(-1))
         delta: torch.Tensor | Partials | None = None
-        ws = self._draft_weights
-        for i, (layer, fw) in enumerate(zip(d.layers, ws, strict=True)):
-            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, ctx, None,
-                                      ws[i + 1] if i + 1 < len(ws) else None)
+        for i, (layer, fw) in enumerate(zip(d.layers, self._draft_weights, strict=True)):
+            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, ctx, None)
         return add_rmsnorm(x, delta, d.norm.weight, d.norm.eps).view(bsz, g, hid)
 
     def propose(self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
