@@ -29,7 +29,6 @@ falls back to Triton's, conversion 2 scales with Triton ops).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -50,23 +49,15 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
                         FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
-                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, HANDOFF: tl.constexpr = False,
-                        M_FIRST: tl.constexpr = False):
+                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, HANDOFF: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
     adds the float32 partials in split order, scales and writes, and resets the counter for the next call.
     ``HANDOFF``: every program ends at its partial, which the consumer sums (``kernels.Partials``)."""
-    if M_FIRST:  # the row tiles of one weight tile are neighbours in the grid: the tile is read from memory once
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        n_tiles = tl.num_programs(1)
-    else:
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        pid_m = tl.program_id(2)
-        n_tiles = tl.num_programs(0)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.arange(0, BLOCK_K)
@@ -124,7 +115,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     if SPLITS > 1:
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=mask)
         if not HANDOFF:
-            counter = count_ptr + pid_m * n_tiles + pid_n
+            counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
             tl.debug_barrier()  # every thread's partial is written before the release below publishes it
             if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
                 acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -262,8 +253,7 @@ class DecodeWeight:
                             parts[0].group, bias, parts[0].act_group)
 
 
-# rows up to which one configuration serves every row count (decode: B and B·(γ+1) at B = 1)
-SMALL_M = int(os.environ.get("DSPARK_GEMM_SMALL_M", "16"))
+SMALL_M = 16  # rows up to which one configuration serves every row count (decode: B and B·(γ+1) at B = 1)
 SPLIT_M = 1024
 """Rows up to which the larger configurations may split K (B = 128's verify); beyond (prefill chunks) the float32
 partials would take splits · M · N · 4 bytes, so those row counts never split and form a class of their own."""
@@ -288,7 +278,6 @@ CUBLAS: Config = (0, 0, 0, 0, 0, 0, 0)
 """Not the kernel: ``F.linear`` (cuBLAS), the reference and a candidate for full-precision weights."""
 SMEM_BYTES = 200 * 1024
 """Shared memory the pipeline stages of one program may take (Hopper: 227 KB per block)."""
-M_FIRST = os.environ.get("DSPARK_GEMM_M_FIRST", "0") == "1"  # experiment
 _CHOSEN: dict[tuple[int, ...], Config] = {}
 _UNSCALED: dict[tuple[int, torch.device], torch.Tensor] = {}
 """The never-read scale placeholder of full-precision weights, one per output size and device (allocated on
@@ -465,12 +454,10 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
     tma = len(cfg) > 7 and cfg[7] == 1 and x.is_cuda
     k_split, splits = split_k(n, k, w.group, cfg, _sms(x.device))
     grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
-    if M_FIRST:
-        grid = (grid[2], grid[0], grid[1])
     handoff = handoff and splits > 1
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else None
     out = part if handoff else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    counters = arrival_counters(x.device, triton.cdiv(n, bn) * triton.cdiv(m, bm))
+    counters = arrival_counters(x.device, grid[0] * grid[2])
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
     desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight
@@ -481,8 +468,7 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               EVEN=n % bn == 0 and k % bk == 0,
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
-                              WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff, M_FIRST=M_FIRST,
-                              num_warps=warps, num_stages=stages,
+                              WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff, num_warps=warps, num_stages=stages,
                               **pdl_options(x, m))
     if handoff:
         scaled = w.group >= k and not w.wide
