@@ -37,7 +37,7 @@ from dspark_compile.models.layers import (
     fp8_group_quantize_dequantize,
     quantize_fp8,
 )
-from dspark_compile.passes.quantize import DRAFT_KEPT, quantize_module
+from dspark_compile.passes.quantize import DRAFT_KEPT, quantize_inputs, quantize_module
 from dspark_compile.targets.torch import decode_gemm
 from dspark_compile.targets.torch.bench import (
     QWEN3_8B,
@@ -264,12 +264,12 @@ def main() -> int:
             head = Fp8Linear.quantize(target.lm_head)
             quantize_module(draft, skip=DRAFT_KEPT)
         target.lm_head = draft.lm_head = head  # a plain Fp8Linear: StaticProgram wraps it for this kind
-        for model in (target, draft):  # --quantize fp8-dynamic: e4m3 activations into every FP8 layer but W2
-            for name, m in model.named_modules():
+        for model in (target, draft):  # the modules serve every kind: activations as this kind quantizes them
+            for m in model.modules():
                 if isinstance(m, Fp8Linear):
                     m.act_group = 0
-                    if "dynamic" in dtype and not name.startswith("markov_head"):
-                        m.quantize_activations()
+            if "dynamic" in dtype:
+                quantize_inputs(model)
         torch.cuda.empty_cache()
         if "rounds" not in sections:
             continue

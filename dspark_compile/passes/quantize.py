@@ -69,6 +69,14 @@ def scale_summary(root: nn.Module, prefix: str, skip: tuple[str, ...]) -> dict[s
     return out
 
 
+def quantize_inputs(model: nn.Module) -> None:
+    """``fp8-dynamic``: every FP8 layer under ``model`` quantizes its input too (e4m3 per row and group), but the
+    Markov head's: W2's input, a row of W1, stays in the model dtype (the Markov kernel reads it so)."""
+    for name, m in model.named_modules():
+        if isinstance(m, Fp8Linear) and not m.act_group and not name.startswith("markov_head"):
+            m.quantize_activations()
+
+
 def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bool = False,
                      activations: bool = False) -> None:
     """FP8 weights in place: the target's decoder layers, its LM head (``lm_head``; the draft shares it) and
@@ -85,9 +93,8 @@ def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bo
     if activations:
         try:
             for model in (target, program.draft):
-                for name, m in model.named_modules() if model is not None else ():
-                    if isinstance(m, Fp8Linear) and not m.act_group and not name.startswith("markov_head"):
-                        m.quantize_activations()  # W2's input, a row of W1, stays in the model dtype
+                if model is not None:
+                    quantize_inputs(model)
         except ValueError as exc:  # static input scales (a W8A8 checkpoint), or an input width it can't split
             raise UsageError(f"--quantize fp8-dynamic: {exc}; use --quantize fp8 for this target") from exc
 
