@@ -91,11 +91,9 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-        if NORM:  # kernels.add_rmsnorm's rounding: weight · round(x / rms). The weight is loaded as x is (a
-            # [BLOCK_K, BLOCK_M] tile, rows broadcast): so it streams through the pipeline's stages; alone it did
-            # not, and each K tile waited for it
-            g = tl.load(nw_ptr + offs_k[:, None] + offs_m[None, :] * 0, mask=offs_k[:, None] < K, other=0.0)
-            xt = (g.to(tl.float32) * (xt.to(tl.float32) * rinv[None, :]).to(dt).to(tl.float32)).to(dt)
+        if NORM:  # kernels.add_rmsnorm's rounding: weight · round(x / rms)
+            g = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            xt = (g[:, None] * (xt.to(tl.float32) * rinv[None, :]).to(dt).to(tl.float32)).to(dt)
         if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
             xf = xt.to(tl.float32)
             amax = tl.max(tl.abs(xf), axis=0)
