@@ -46,21 +46,15 @@ from dspark_compile.targets.torch.kernels import Partials, arrival_counters, pdl
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
 def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT,
-                        SPLITS, stride_xm, nw_ptr, stats_ptr, NT, eps, res_ptr, tap_ptr, tap_stride, stats_out_ptr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
                         FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
-                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, HANDOFF: tl.constexpr = False,
-                        NORM: tl.constexpr = False, BLOCK_T: tl.constexpr = 1, RESID: tl.constexpr = False,
-                        HAS_TAP: tl.constexpr = False):
+                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, HANDOFF: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
     adds the float32 partials in split order, scales and writes, and resets the counter for the next call.
-    ``HANDOFF``: every program ends at its partial, which the consumer sums (``kernels.Partials``).
-    ``NORM`` (:class:`NormIn`): x is RMS-normalised as it is loaded, from the ``NT`` sums of squares per row at
-    ``stats_ptr``. ``RESID`` (:class:`ResidualOut`): the product is added into the residual rows at ``res_ptr``
-    instead of being stored, and each tile's sums of squares of the new rows go to ``stats_out_ptr``."""
+    ``HANDOFF``: every program ends at its partial, which the consumer sums (``kernels.Partials``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -77,11 +71,6 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     k_end = tl.minimum(k_begin + K_SPLIT, K)
     if PDL:  # nothing above reads memory another kernel writes
         gdc_wait()
-    if NORM:  # 1/RMS of each row, from the producer's per-tile sums of squares added in tile order
-        offs_t = tl.arange(0, BLOCK_T)
-        sq = tl.load(stats_ptr + offs_m[None, :].to(tl.int64) * NT + offs_t[:, None],
-                     mask=m_mask[None, :] & (offs_t[:, None] < NT), other=0.0)
-        rinv = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + rk
         if TMA:  # the tensor memory accelerator: one instruction per tile, out-of-bounds columns read as zero
@@ -91,9 +80,6 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
-        if NORM:  # kernels.add_rmsnorm's rounding: weight · round(x / rms)
-            g = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            xt = (g[:, None] * (xt.to(tl.float32) * rinv[None, :]).to(dt).to(tl.float32)).to(dt)
         if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
             xf = xt.to(tl.float32)
             amax = tl.max(tl.abs(xf), axis=0)
@@ -122,10 +108,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 s = _unshift(tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0),
                              FAST_CVT)
                 acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
-    if PDL and not RESID:  # the next kernel's blocks are dispatched while this one reduces and stores (not
-        # earlier: waiting blocks would hold SM slots the weight stream needs, docs/BENCH.md); after a RESID
-        # product comes another product, whose blocks would do the same: it is released as this grid ends
-        gdc_launch_dependents()
+    if PDL:  # the next kernel's blocks are dispatched while this one reduces and stores (not earlier: waiting
+        gdc_launch_dependents()  # blocks would hold SM slots the weight stream needs, docs/BENCH.md)
     mask = n_mask[:, None] & m_mask[None, :]
     tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     if SPLITS > 1:
@@ -138,35 +122,17 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 for sp in range(0, SPLITS):
                     acc += tl.load(part_ptr + sp * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(counter, 0)
-                _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE, res_ptr,
-                       tap_ptr, tap_stride, stats_out_ptr, offs_m, m_mask, RESID, HAS_TAP)
+                _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
     else:
-        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE, res_ptr, tap_ptr,
-               tap_stride, stats_out_ptr, offs_m, m_mask, RESID, HAS_TAP)
+        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
 
 
 @triton.jit
 def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr,
-           WIDE: tl.constexpr, res_ptr, tap_ptr, tap_stride, stats_out_ptr, offs_m, m_mask, RESID: tl.constexpr,
-           HAS_TAP: tl.constexpr):
-    """The scaled tile, stored; or (``RESID``) added into the residual rows as ``kernels.add_rmsnorm`` adds a
-    product (both rounded to the rows' dtype), tapped, and the new rows' sum of squares over this tile's columns
-    stored at [m, tile] for the next product's ``NORM``."""
+           WIDE: tl.constexpr):
     if PER_CHANNEL and not WIDE:
         acc *= _unshift(tl.load(s_ptr + offs_n, mask=n_mask, other=0.0), FAST_CVT)[:, None]
-    y = acc.to(out_ptr.dtype.element_ty)
-    if RESID:
-        dt = res_ptr.dtype.element_ty
-        x = (tl.load(res_ptr + tile, mask=mask, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
-        tl.store(res_ptr + tile, x, mask=mask)
-        if HAS_TAP:
-            tl.store(tap_ptr + offs_m[None, :].to(tl.int64) * tap_stride + offs_n[:, None],
-                     x.to(tap_ptr.dtype.element_ty), mask=mask)
-        xf = x.to(tl.float32)
-        tl.store(stats_out_ptr + offs_m.to(tl.int64) * tl.num_programs(0) + tl.program_id(0), tl.sum(xf * xf, axis=0),
-                 mask=m_mask)
-    else:
-        tl.store(out_ptr + tile, y, mask=mask)
+    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 BF16_SHIFT: tl.constexpr = tl.constexpr(2.0**112)
@@ -439,47 +405,13 @@ def graph_ms(launches: list[Callable[[], object]], replays: int = 7) -> float:
     return float(sorted(times)[len(times) // 2])
 
 
-@dataclass(frozen=True)
-class NormIn:
-    """A product whose input is RMSNorm(x) · ``weight`` (``kernels.add_rmsnorm``'s rounding), normalised as the
-    kernel loads x: the norm kernel between two products disappears. ``stats`` [M, T] float32 are the sums of
-    squares of x's rows over T column tiles, written by the product that last added into x
-    (:class:`ResidualOut`) and added in tile order, so a row's norm never depends on the other rows."""
-
-    weight: torch.Tensor
-    stats: torch.Tensor
-    eps: float
-
-
-@dataclass(frozen=True)
-class ResidualOut:
-    """A product added into the residual rows ``x`` [M, N] (contiguous) in place, as ``kernels.add_rmsnorm``
-    adds it, and copied into ``tap`` ([M, N] with a unit column stride) when given; the call returns the
-    :class:`NormIn` stats of the new rows."""
-
-    x: torch.Tensor
-    tap: torch.Tensor | None = None
-
-
-def runs_kernel(x: torch.Tensor, w: DecodeWeight) -> bool:
-    """Whether ``w``'s product of ``x``'s row count runs this kernel (not cuBLAS), so that it can take a
-    :class:`NormIn` or :class:`ResidualOut`: one answer per row class and weight shape, as the configuration."""
-    return _config(x, w) != CUBLAS
-
-
-def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *, handoff: bool = False,
-                  norm: NormIn | None = None, residual: ResidualOut | None = None) -> torch.Tensor | Partials:
+def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *,
+                  handoff: bool = False) -> torch.Tensor | Partials:
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
     ``cfg`` overrides the timed configuration (benchmarks). ``handoff`` (a consumer that takes
-    :class:`~.kernels.Partials`): a configuration that splits K returns its partials unsummed (no bias).
-    ``norm``: the product of RMSNorm(x) (:class:`NormIn`); ``residual``: the product added into the residual
-    rows, returning their stats (:class:`ResidualOut`). Both need the kernel (:func:`runs_kernel`)."""
+    :class:`~.kernels.Partials`): a configuration that splits K returns its partials unsummed (no bias)."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
-    cfg = cfg or _config(x, w)
-    if norm is not None or residual is not None:
-        assert cfg != CUBLAS and (residual is None or (w.bias is None and not handoff))
-        return _launch(x, w, cfg, handoff=handoff and w.bias is None, norm=norm, residual=residual)
-    out = _launch(x, w, cfg, handoff=handoff and w.bias is None)
+    out = _launch(x, w, cfg or _config(x, w), handoff=handoff and w.bias is None)
     if w.bias is not None:
         out = out + w.bias.to(x.dtype)
     return out
@@ -513,8 +445,7 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False, norm: NormIn | None = None,
-            residual: ResidualOut | None = None) -> torch.Tensor | Partials:
+def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False) -> torch.Tensor | Partials:
     if cfg == CUBLAS:
         return F.linear(x, w.weight)
     m, k = x.shape
@@ -525,35 +456,20 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
     grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
     handoff = handoff and splits > 1
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else None
-    if residual is not None:
-        assert residual.x.is_contiguous() and residual.x.shape == (m, n) and residual.x.dtype == x.dtype
-        out = residual.x
-        stats = torch.empty(m, grid[0], dtype=torch.float32, device=x.device)
-        tap = residual.tap if residual.tap is not None else out
-        assert tap.stride(1) == 1 and tap.shape == (m, n)
-    else:
-        out = part if handoff else torch.empty(m, n, dtype=x.dtype, device=x.device)
-        stats, tap = out, out
-    nw, nstats = (norm.weight, norm.stats) if norm is not None else (out, out)
+    out = part if handoff else torch.empty(m, n, dtype=x.dtype, device=x.device)
     counters = arrival_counters(x.device, grid[0] * grid[2])
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
     desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight
     _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, out if part is None else part, counters, out, m, n, k,
                               w.scale.shape[1], w.group,
-                              k_split, splits, x.stride(0), nw, nstats, nstats.shape[-1],
-                              norm.eps if norm is not None else 0.0, out, tap, tap.stride(0), stats,
-                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PER_CHANNEL=w.group >= k, TMA=tma,
+                              k_split, splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                              PER_CHANNEL=w.group >= k, TMA=tma,
                               EVEN=n % bn == 0 and k % bk == 0,
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
                               WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff, num_warps=warps, num_stages=stages,
-                              NORM=norm is not None,
-                              BLOCK_T=triton.next_power_of_2(nstats.shape[-1]) if norm is not None else 1,
-                              RESID=residual is not None, HAS_TAP=residual is not None and residual.tap is not None,
                               **pdl_options(x, m))
-    if residual is not None:
-        return stats
     if handoff:
         scaled = w.group >= k and not w.wide
         return Partials(part, w.scale if scaled else None, SHIFTS.get(conversion, 1.0), x.dtype)

@@ -38,7 +38,6 @@ from dspark_compile.models.layers import (
 from dspark_compile.models.qwen3 import Qwen3Target
 
 if TYPE_CHECKING:  # the kernels import Triton: only where the fused path runs
-    from dspark_compile.targets.torch.decode_gemm import NormIn, ResidualOut
     from dspark_compile.targets.torch.kernels import Partials
 
 TRITON_ATTENTION_ROWS = 64  # query rows per KV head (group · T) up to which "triton" uses the split-K kernel
@@ -99,31 +98,17 @@ class _Linear:
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, *, handoff: bool = False, norm: NormIn | None = None,
-                 residual: ResidualOut | None = None) -> torch.Tensor | Partials:
+    def __call__(self, x: torch.Tensor, *, handoff: bool = False) -> torch.Tensor | Partials:
         """``handoff``: the consumer is one of the fused kernels, which take a split-K product's partials
-        unsummed (``kernels.Partials``; ``DSPARK_GEMM_HANDOFF=0`` turns it off). ``norm``/``residual``: the
-        decode GEMM's RMSNorm on its input and residual add on its output (only where :meth:`fuses_norms`)."""
+        unsummed (``kernels.Partials``; ``DSPARK_GEMM_HANDOFF=0`` turns it off)."""
         if self.input_scale is not None:
             x = fp8_quantize_dequantize(x, self.input_scale)
         if not isinstance(self.weight, torch.Tensor):
             from dspark_compile.targets.torch.decode_gemm import decode_linear
             from dspark_compile.targets.torch.kernels import switched_on
 
-            return decode_linear(x, self.weight, handoff=handoff and switched_on("DSPARK_GEMM_HANDOFF"), norm=norm,
-                                 residual=residual)
+            return decode_linear(x, self.weight, handoff=handoff and switched_on("DSPARK_GEMM_HANDOFF"))
         return F.linear(x, self.weight, self.bias)
-
-    def fuses_norms(self, x: torch.Tensor) -> bool:
-        """Whether this product of ``x``'s row count can take the RMSNorm before it and the residual add after it
-        (the decode GEMM's ``NormIn``/``ResidualOut``): it runs the kernel, with no static input scale and no
-        bias. ``DSPARK_FUSED_NORM=0`` turns the fusion off."""
-        if isinstance(self.weight, torch.Tensor) or self.input_scale is not None or self.weight.bias is not None:
-            return False
-        from dspark_compile.targets.torch.decode_gemm import runs_kernel
-        from dspark_compile.targets.torch.kernels import switched_on
-
-        return switched_on("DSPARK_FUSED_NORM") and runs_kernel(x, self.weight)
 
     @classmethod
     def of(cls, linears: list[nn.Module]) -> _Linear:
@@ -282,47 +267,32 @@ class StaticProgram:
 
     def _fused_layer(self, layer: nn.Module, fw: _Fused, x: torch.Tensor, delta: torch.Tensor | Partials | None,
                      inputs: tuple[torch.Tensor, ...], kv: torch.Tensor, mask: torch.Tensor, window: int,
-                     ctx: torch.Tensor | None, tap: torch.Tensor | None, stats: torch.Tensor | None = None,
-                     next_qkv: _Linear | None = None, tap_out: torch.Tensor | None = None,
-                     ) -> tuple[torch.Tensor | Partials | None, torch.Tensor | None]:
-        """One decoder layer; ``x`` [M, H] is the residual stream, updated in place. Returns (the MLP output,
-        added to ``x`` by the next layer's norm kernel, None) or, where the products fuse the norms
-        (:meth:`_Linear.fuses_norms`; target layers followed by one, ``next_qkv``), (None, the stats of ``x``
-        with the MLP output added and tapped into ``tap_out`` by the down product): the next layer's q|k|v
-        product then normalises its input itself. ``stats``: this layer's input arrives so. ``ctx`` [B, C, H]
-        (draft): context rows whose k/v are written too (KV injection); queries are the block rows only."""
-        from dspark_compile.targets.torch.decode_gemm import NormIn, ResidualOut
+                     ctx: torch.Tensor | None, tap: torch.Tensor | None) -> torch.Tensor | Partials:
+        """One decoder layer; ``x`` [M, H] is the residual stream, updated in place. Returns the MLP output
+        (added to ``x`` by the next layer's norm kernel). ``ctx`` [B, C, H] (draft): context rows whose k/v
+        are written too (KV injection); queries are the block rows only."""
         from dspark_compile.targets.torch.kernels import add_rmsnorm, qk_norm_rope, silu_mul
 
         cos, sin, slots = inputs
         a = layer.self_attn
-        pre, post = layer.input_layernorm, layer.post_attention_layernorm
+        h = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.eps, tap)
+        rows_in = h
+        n_ctx = 0
         bsz = kv.shape[1]
-        if stats is not None:  # x holds the previous layer's output already; q|k|v normalises it
-            qkv = fw.qkv(x, handoff=True, norm=NormIn(pre.weight, stats, pre.eps))
-        else:
-            h = add_rmsnorm(x, delta, pre.weight, pre.eps, tap)
-            rows_in = h
-            if ctx is not None:
-                rows_in = torch.cat((ctx, h.view(bsz, -1, h.shape[-1])), dim=1).view(-1, h.shape[-1])
-            qkv = fw.qkv(rows_in, handoff=True)
-        n_ctx = 0 if ctx is None else ctx.shape[1]
+        if ctx is not None:
+            n_ctx = ctx.shape[1]
+            rows_in = torch.cat((ctx, h.view(bsz, -1, h.shape[-1])), dim=1).view(-1, h.shape[-1])
+        qkv = fw.qkv(rows_in, handoff=True)
         t = x.shape[0] // bsz
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
                      rows=t + n_ctx, q_start=n_ctx)
-        attn = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale).view(x.shape[0], -1)
-        # o and down stay summed by the GEMM (their last program adds into x, or add_rmsnorm does: one program per
-        # row, which would read every partial of the row alone, measured slower on the H200, docs/BENCH.md)
-        if fw.o.fuses_norms(attn) and fw.gate_up.fuses_norms(x):
-            post_stats = fw.o(attn, residual=ResidualOut(x))
-            gate_up = fw.gate_up(x, handoff=True, norm=NormIn(post.weight, post_stats, post.eps))
-        else:
-            gate_up = fw.gate_up(add_rmsnorm(x, fw.o(attn), post.weight, post.eps), handoff=True)
-        act = silu_mul(gate_up)
-        if next_qkv is not None and fw.down.fuses_norms(act) and next_qkv.fuses_norms(x):
-            return None, fw.down(act, residual=ResidualOut(x, tap_out))
-        return fw.down(act), None
+        out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
+        # o and down stay summed by the GEMM: add_rmsnorm is one program per row, which would read every
+        # partial of the row alone (measured slower on the H200, docs/BENCH.md)
+        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
+                        layer.post_attention_layernorm.eps)
+        return fw.down(silu_mul(fw.gate_up(h, handoff=True)))
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
@@ -357,11 +327,8 @@ class StaticProgram:
             cols[-1].copy_(x)
         inputs = (cos.reshape(m, -1), sin.reshape(m, -1), pos.reshape(m))
         delta: torch.Tensor | Partials | None = None
-        stats: torch.Tensor | None = None
-        fws = self._target_weights
-        for i, (layer, fw) in enumerate(zip(tgt.layers, fws, strict=True)):
-            delta, stats = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, None, cols.get(i - 1),
-                                             stats, fws[i + 1].qkv if i + 1 < len(fws) else None, cols.get(i))
+        for i, (layer, fw) in enumerate(zip(tgt.layers, self._target_weights, strict=True)):
+            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, None, cols.get(i - 1))
         hidden = add_rmsnorm(x, delta, tgt.norm.weight, tgt.norm.eps, cols.get(len(tgt.layers) - 1))
         return hidden.view(bsz, t, hid), taps.view(bsz, t, len(ids) * hid)
 
@@ -409,7 +376,7 @@ class StaticProgram:
         inputs = (cos.reshape(bsz * (c + g), -1), sin.reshape(bsz * (c + g), -1), slots.reshape(-1))
         delta: torch.Tensor | Partials | None = None
         for i, (layer, fw) in enumerate(zip(d.layers, self._draft_weights, strict=True)):
-            delta, _ = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, ctx, None)
+            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, ctx, None)
         return add_rmsnorm(x, delta, d.norm.weight, d.norm.eps).view(bsz, g, hid)
 
     def propose(self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
