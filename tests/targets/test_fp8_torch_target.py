@@ -185,6 +185,59 @@ def test_split_k_partials_handed_to_the_consumer_give_the_same_bits(golden_dir: 
     assert "handoff ok" in proc.stdout
 
 
+PRESCALED_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from dspark_compile.models.layers import quantize_fp8
+    from dspark_compile.targets.torch import decode_gemm
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear, split_k, takes_prescaled
+    from dspark_compile.targets.torch.kernels import GEMM_IN_SCALE, Partials, add_rmsnorm, silu_mul
+
+    torch.manual_seed(0)
+    assert GEMM_IN_SCALE.value == decode_gemm.X_SCALE.value
+    def scaled(t):  # what the fp16 product makes of a bf16 input in each K tile
+        return (t.float() * GEMM_IN_SCALE.value).half()
+    m, k, n = 3, 256, 64
+    x = (torch.randn(m, k) * 3).to(torch.bfloat16); x[0, :8] *= 1e4; x[1, :8] *= 1e-4
+    d = torch.randn(m, k).to(torch.bfloat16); nw = (torch.rand(k) + 0.5).to(torch.bfloat16)
+    x1, x2 = x.clone(), x.clone()
+    h, h16 = add_rmsnorm(x1, d, nw, 1e-6), add_rmsnorm(x2, d, nw, 1e-6, prescaled=True)
+    assert h16.dtype == torch.float16 and torch.equal(h16, scaled(h)) and torch.equal(x1, x2), "add_rmsnorm"
+    w = DecodeWeight.of(*quantize_fp8(torch.randn(2 * n, k)), 0, None)
+    for cfg in ((16, 32, 64, 8, 4, 3, 2), (16, 32, 64, 0, 4, 3, 2)):
+        assert (split_k(2 * n, k, w.group, cfg, 4)[1] > 1) == (cfg[3] > 0)
+        ref = decode_linear(h, w, cfg)
+        got = decode_linear(h16, w, cfg, prescaled=True)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, ref), f"product {cfg}"
+        parts = decode_linear(h16, w, cfg, handoff=True, prescaled=True)
+        if cfg[3]:
+            assert isinstance(parts, Partials) and parts.dtype == torch.bfloat16
+        for src in (ref, parts):
+            act, act16 = silu_mul(ref), silu_mul(src, prescaled=True)
+            assert act16.dtype == torch.float16 and torch.equal(act16, scaled(act)), f"silu_mul {cfg}"
+    # only a product that runs the fp16 product on bf16 inputs takes them prescaled, and only on the GPU
+    key = (decode_gemm.row_class(m), *w.weight.shape, w.group, 2, 1, 0)
+    cuda = torch.device("cuda")
+    for cfg, want in (((16, 32, 64, 8, 4, 3, 2), True), ((16, 32, 64, 8, 4, 3, 1), False)):
+        decode_gemm._CHOSEN[key] = cfg
+        assert takes_prescaled(m, w, torch.bfloat16, cuda) is want
+    assert not takes_prescaled(m, w, torch.bfloat16, torch.device("cpu"))
+    assert not takes_prescaled(m, w, torch.float16, cuda)
+    assert not takes_prescaled(m, DecodeWeight.full(torch.randn(n, k).to(torch.bfloat16)), torch.bfloat16, cuda)
+    print("prescaled ok")
+    """
+)
+
+
+def test_gemm_inputs_written_prescaled_give_the_same_bits(golden_dir: Path, triton_interpreter: Any) -> None:
+    """add_rmsnorm and silu_mul writing the decode GEMM's fp16-product input (bf16 times 2⁻⁸, in fp16), and the
+    product reading it with no conversion in its K tiles: bit for bit the bf16 path, split K and not, partials
+    handed over too (interpreter); which products take it."""
+    proc = triton_interpreter(PRESCALED_SCRIPT, golden_dir / "dspark_tiny", 300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "prescaled ok" in proc.stdout
+
+
 @pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
 @pytest.mark.parametrize(("block_m", "fast", "per_channel", "weight", "tma"),
                          [(16, 1, True, "fp8e4nv", False), (16, 1, False, "fp8e4nv", False),
@@ -220,6 +273,14 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
     ptx = kernel.asm["ptx"]
     assert "wgmma.mma_async" in ptx
     assert "cp.async.cg.shared.global" in ptx and "ttg.async_copy_global_to_local" in kernel.asm["ttgir"]
+    if fast == 2 and tma:  # an input its producer wrote prescaled (fp16): the same product, no conversion of x
+        src = ASTSource(_decode_gemm_kernel, sig | {"x_ptr": "*fp16"} | {name: "constexpr" for name in consts},
+                        constexprs=consts, attrs=aligned)
+        pre = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 4})
+        pre_ptx = pre.asm["ptx"]
+        assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16" in pre_ptx
+        assert "0f3B800000" in ptx and "0f3B800000" not in pre_ptx and "cvt.rn.f16x2.f32" not in pre_ptx
+        assert pre_ptx.count("cvt.rn.f16x2.e4m3x2") == ptx.count("cvt.rn.f16x2.e4m3x2")
     if tma:  # the weight tiles by the tensor memory accelerator, pipelined (the activations stay cp.async)
         assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx and "mbarrier.try_wait" in ptx
     if weight == "bf16":

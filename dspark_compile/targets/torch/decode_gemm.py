@@ -97,8 +97,9 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 s = tl.load(s_ptr + offs_n.to(tl.int64) * KB + k0 // GROUP, mask=n_mask, other=0.0)
                 acc += p * xs[None, :] * s[:, None]
         else:
-            if FAST_CVT == 2:  # an fp16 product: e4m3 -> f16 is one instruction per two values; x scaled
-                xt = _bf16_to_f16_scaled(xt, ASM)
+            if FAST_CVT == 2:  # an fp16 product: e4m3 -> f16 is one instruction per two values; x scaled (or
+                if dt != tl.float16:  # already, by its producer: kernels.as_gemm_input)
+                    xt = _bf16_to_f16_scaled(xt, ASM)
                 wt = w.to(tl.float16)
             else:  # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
                 wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
@@ -405,12 +406,35 @@ def graph_ms(launches: list[Callable[[], object]], replays: int = 7) -> float:
     return float(sorted(times)[len(times) // 2])
 
 
+def takes_prescaled(m: int, w: DecodeWeight, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``w``'s product of ``m`` rows of ``dtype`` runs the fp16 product (conversion 2) on bf16 inputs, so
+    that its producer can write the input already converted (``kernels.as_gemm_input``) and the product skip the
+    conversion in every K tile (decode_linear's ``prescaled``): the same bits. One answer per row class and
+    weight shape, as the configuration (timed here on a stand-in input if this shape was not timed yet)."""
+    if dtype != torch.bfloat16 or w.wide or w.act_group or device.type != "cuda":
+        return False
+    key = (row_class(m), *w.weight.shape, w.group, dtype.itemsize, w.weight.dtype.itemsize, w.act_group)
+    cfg = _CHOSEN.get(key)
+    if cfg is None:
+        cfg = _config(torch.randn(m, w.weight.shape[1], dtype=dtype, device=device), w)
+    return cfg != CUBLAS and cfg[6] == 2
+
+
 def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *,
-                  handoff: bool = False) -> torch.Tensor | Partials:
+                  handoff: bool = False, prescaled: bool = False) -> torch.Tensor | Partials:
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
     ``cfg`` overrides the timed configuration (benchmarks). ``handoff`` (a consumer that takes
-    :class:`~.kernels.Partials`): a configuration that splits K returns its partials unsummed (no bias)."""
+    :class:`~.kernels.Partials`): a configuration that splits K returns its partials unsummed (no bias).
+    ``prescaled``: ``x`` is fp16, a bf16 input already converted for the fp16 product (:func:`takes_prescaled`);
+    the result is bf16, bit for bit what the bf16 input gives."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
+    if prescaled:
+        assert x.dtype == torch.float16
+        cfg = cfg or _CHOSEN.get((row_class(x.shape[0]), *w.weight.shape, w.group, 2, w.weight.dtype.itemsize,
+                                  w.act_group)) or _config(x, w)
+        assert cfg != CUBLAS and cfg[6] == 2, "a prescaled input needs the fp16 product"
+        out = _launch(x, w, cfg, handoff=handoff and w.bias is None, out_dtype=torch.bfloat16)
+        return out if w.bias is None else out + w.bias.to(torch.bfloat16)
     out = _launch(x, w, cfg or _config(x, w), handoff=handoff and w.bias is None)
     if w.bias is not None:
         out = out + w.bias.to(x.dtype)
@@ -445,7 +469,9 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False) -> torch.Tensor | Partials:
+def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor | Partials:
+    """One launch of ``cfg``; ``out_dtype`` (bf16) marks an fp16 ``x`` as prescaled for the fp16 product."""
     if cfg == CUBLAS:
         return F.linear(x, w.weight)
     m, k = x.shape
@@ -456,10 +482,13 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
     grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
     handoff = handoff and splits > 1
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else None
-    out = part if handoff else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    dtype = out_dtype or x.dtype
+    out = part if handoff else torch.empty(m, n, dtype=dtype, device=x.device)
     counters = arrival_counters(x.device, grid[0] * grid[2])
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
+    if out_dtype is not None:  # prescaled: the fp16 product, its conversion of x already done
+        conversion = 2
     desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight
     _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, out if part is None else part, counters, out, m, n, k,
                               w.scale.shape[1], w.group,
@@ -472,5 +501,5 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               **pdl_options(x, m))
     if handoff:
         scaled = w.group >= k and not w.wide
-        return Partials(part, w.scale if scaled else None, SHIFTS.get(conversion, 1.0), x.dtype)
+        return Partials(part, w.scale if scaled else None, SHIFTS.get(conversion, 1.0), dtype)
     return out

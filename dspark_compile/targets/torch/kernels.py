@@ -75,6 +75,21 @@ def _round(x, dtype: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 
+GEMM_IN_SCALE: tl.constexpr = tl.constexpr(2.0**-8)
+"""What a bf16 activation is multiplied by to become the decode GEMM's fp16 product input (its conversion 2:
+``decode_gemm.X_SCALE``)."""
+
+
+@triton.jit
+def as_gemm_input(v, dt: tl.constexpr, PRESCALED: tl.constexpr):
+    """float32 ``v`` as a product's input: rounded to ``dt``, or (``PRESCALED``) that bf16 value times
+    :data:`GEMM_IN_SCALE` in fp16, which is what the decode GEMM's fp16 product would make of it in each K tile
+    (``decode_gemm._bf16_to_f16_scaled``): written once by the producer, the product's loop skips the conversion."""
+    if PRESCALED:
+        return (v.to(dt).to(tl.float32) * GEMM_IN_SCALE).to(tl.float16)
+    return v.to(dt)
+
+
 @dataclass(frozen=True)
 class Partials:
     """A split-K product handed over unsummed: the decode GEMM's float32 partials [S, M, N], which the consuming
@@ -128,7 +143,8 @@ def load_product(ptr, s_ptr, offs, col, mask, plane, dt: tl.constexpr, PARTS: tl
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
-                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                        PRESCALED: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -144,25 +160,28 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H
         tl.store(tap_ptr + row * tap_stride + offs, x.to(tap_ptr.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, axis=0) / H
     y = _round(x * tl.rsqrt(var + eps), dt)
-    tl.store(out_ptr + row * H + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * H + offs, as_gemm_input(w * y, dt, PRESCALED), mask=mask)
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                tap: torch.Tensor | None = None) -> torch.Tensor:
-    """``x += delta`` in place (when given), ``tap[:] = x`` (when given), return ``weight * rmsnorm(x)``.
+                tap: torch.Tensor | None = None, *, prescaled: bool = False) -> torch.Tensor:
+    """``x += delta`` in place (when given), ``tap[:] = x`` (when given), return ``weight * rmsnorm(x)``, or
+    (``prescaled``) it as the decode GEMM's fp16 product input (:func:`as_gemm_input`).
 
     ``x``/``delta`` are contiguous [M, H]; ``tap`` is an [M, H] column slice of a contiguous tap buffer.
     """
     m, h = x.shape
     assert x.is_contiguous() and (delta is None or delta.is_contiguous())
-    out = torch.empty_like(x)
+    assert not prescaled or x.dtype == torch.bfloat16
+    out = torch.empty_like(x, dtype=torch.float16 if prescaled else x.dtype)
     block = triton.next_power_of_2(h)
     tap_stride = tap.stride(0) if tap is not None else 0
     if tap is not None:
         assert tap.stride(1) == 1 and tap.shape == x.shape
     _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, tap if tap is not None else x,
                               tap_stride, h, eps, HAS_DELTA=delta is not None, HAS_TAP=tap is not None,
-                              BLOCK=block, num_warps=max(1, min(8, block // 512)), **pdl_options(x, m))
+                              BLOCK=block, num_warps=max(1, min(8, block // 512)), PRESCALED=prescaled,
+                              **pdl_options(x, m))
     return out
 
 
@@ -270,12 +289,12 @@ def qk_norm_rope(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Ten
 @triton.jit
 def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, out_ptr, INTER, GELU_TANH: tl.constexpr,
                     BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = 0,
-                    SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0):
+                    SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, PRESCALED: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
-    dt = out_ptr.dtype.element_ty
+    dt = tl.bfloat16 if PRESCALED else out_ptr.dtype.element_ty  # prescaled: a bf16 model's fp16 product input
     start = row * 2 * INTER
     g = load_product(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_plane, dt, PARTS, SCALED, SHIFT)
     u = load_product(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_plane, dt, PARTS,
@@ -285,24 +304,28 @@ def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, out_ptr, INTER, GELU_TANH: tl.
         s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)
     else:
         s = _round(g / (1.0 + tl.exp(-g)), dt)
-    tl.store(out_ptr + row * INTER + offs, (s * u).to(dt), mask=mask)
+    tl.store(out_ptr + row * INTER + offs, as_gemm_input(s * u, dt, PRESCALED), mask=mask)
 
 
-def _act_mul(gate_up: torch.Tensor | Partials, gelu_tanh: bool) -> torch.Tensor:
+def _act_mul(gate_up: torch.Tensor | Partials, gelu_tanh: bool, prescaled: bool = False) -> torch.Tensor:
     two_i = gate_up.shape[-1]
     inter = two_i // 2
     args, parts = product_args(gate_up)
-    out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
+    assert not prescaled or gate_up.dtype == torch.bfloat16
+    out = torch.empty(*gate_up.shape[:-1], inter, dtype=torch.float16 if prescaled else gate_up.dtype,
+                      device=gate_up.device)
     block = min(1024, triton.next_power_of_2(inter))
     rows = out.numel() // inter
     _act_mul_kernel[(rows, triton.cdiv(inter, block))](*args, out, inter, GELU_TANH=gelu_tanh, BLOCK=block,
-                                                        num_warps=4, **parts, **pdl_options(out, rows))
+                                                        num_warps=4, PRESCALED=prescaled, **parts,
+                                                        **pdl_options(out, rows))
     return out
 
 
-def silu_mul(gate_up: torch.Tensor | Partials) -> torch.Tensor:
-    """[..., 2I] (gate | up; a product's :class:`Partials` too) -> silu(gate) · up, [..., I] (SwiGLU: Qwen3)."""
-    return _act_mul(gate_up, False)
+def silu_mul(gate_up: torch.Tensor | Partials, *, prescaled: bool = False) -> torch.Tensor:
+    """[..., 2I] (gate | up; a product's :class:`Partials` too) -> silu(gate) · up, [..., I] (SwiGLU: Qwen3);
+    ``prescaled``: as the decode GEMM's fp16 product input (:func:`as_gemm_input`)."""
+    return _act_mul(gate_up, False, prescaled)
 
 
 def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -98,17 +98,30 @@ class _Linear:
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, *, handoff: bool = False) -> torch.Tensor | Partials:
+    def __call__(self, x: torch.Tensor, *, handoff: bool = False, prescaled: bool = False) -> torch.Tensor | Partials:
         """``handoff``: the consumer is one of the fused kernels, which take a split-K product's partials
-        unsummed (``kernels.Partials``; ``DSPARK_GEMM_HANDOFF=0`` turns it off)."""
+        unsummed (``kernels.Partials``; ``DSPARK_GEMM_HANDOFF=0`` turns it off). ``prescaled``: ``x`` is the
+        fp16 product's input, converted by its producer (:meth:`takes_prescaled`)."""
         if self.input_scale is not None:
             x = fp8_quantize_dequantize(x, self.input_scale)
         if not isinstance(self.weight, torch.Tensor):
             from dspark_compile.targets.torch.decode_gemm import decode_linear
             from dspark_compile.targets.torch.kernels import switched_on
 
-            return decode_linear(x, self.weight, handoff=handoff and switched_on("DSPARK_GEMM_HANDOFF"))
+            return decode_linear(x, self.weight, handoff=handoff and switched_on("DSPARK_GEMM_HANDOFF"),
+                                 prescaled=prescaled)
         return F.linear(x, self.weight, self.bias)
+
+    def takes_prescaled(self, x: torch.Tensor) -> bool:
+        """Whether this product of ``x``'s row count and dtype (bf16) runs the decode GEMM's fp16 product, so that the
+        kernel producing its input writes it converted (``decode_gemm.takes_prescaled``: the same bits, no
+        conversion in each K tile). ``DSPARK_PRESCALED=0`` turns it off."""
+        if isinstance(self.weight, torch.Tensor) or self.input_scale is not None:
+            return False
+        from dspark_compile.targets.torch.decode_gemm import takes_prescaled
+        from dspark_compile.targets.torch.kernels import switched_on
+
+        return switched_on("DSPARK_PRESCALED") and takes_prescaled(x.shape[0], self.weight, x.dtype, x.device)
 
     @classmethod
     def of(cls, linears: list[nn.Module]) -> _Linear:
@@ -275,14 +288,16 @@ class StaticProgram:
 
         cos, sin, slots = inputs
         a = layer.self_attn
-        h = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.eps, tap)
+        # a product's input written as its fp16 product reads it (decode_gemm.takes_prescaled), where it is one
+        pre = ctx is None and fw.qkv.takes_prescaled(x)
+        h = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.eps, tap, prescaled=pre)
         rows_in = h
         n_ctx = 0
         bsz = kv.shape[1]
         if ctx is not None:
             n_ctx = ctx.shape[1]
             rows_in = torch.cat((ctx, h.view(bsz, -1, h.shape[-1])), dim=1).view(-1, h.shape[-1])
-        qkv = fw.qkv(rows_in, handoff=True)
+        qkv = fw.qkv(rows_in, handoff=True, prescaled=pre)
         t = x.shape[0] // bsz
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
@@ -290,9 +305,12 @@ class StaticProgram:
         out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
         # o and down stay summed by the GEMM: add_rmsnorm is one program per row, which would read every
         # partial of the row alone (measured slower on the H200, docs/BENCH.md)
+        pre = fw.gate_up.takes_prescaled(x)
         h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
-                        layer.post_attention_layernorm.eps)
-        return fw.down(silu_mul(fw.gate_up(h, handoff=True)))
+                        layer.post_attention_layernorm.eps, prescaled=pre)
+        gate_up = fw.gate_up(h, handoff=True, prescaled=pre)
+        pre = fw.down.takes_prescaled(x)  # x's rows and dtype: what down reads
+        return fw.down(silu_mul(gate_up, prescaled=pre), prescaled=pre)
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
