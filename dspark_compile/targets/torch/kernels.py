@@ -85,7 +85,7 @@ def as_gemm_input(v, dt: tl.constexpr, PRESCALED: tl.constexpr):
     """float32 ``v`` as a product's input: rounded to ``dt``, or (``PRESCALED``) that bf16 value times
     :data:`GEMM_IN_SCALE` in fp16, which is what the decode GEMM's fp16 product would make of it in each K tile
     (``decode_gemm._bf16_to_f16_scaled``): written once by the producer, the product's loop skips the conversion."""
-    if PRESCALED:  # one return: Triton refuses returns of different types, taken or not
+    if PRESCALED:  # noqa: SIM108 (one return, no ternary: Triton refuses returns of different types, taken or not)
         out = (v.to(dt).to(tl.float32) * GEMM_IN_SCALE).to(tl.float16)
     else:
         out = v.to(dt)
