@@ -9,8 +9,9 @@ consuming kernel does as it loads them (``handoff``: ``kernels.Partials``). Per-
 once; HF block-wise scales (groups of 128 columns) each K tile's product. The widening is
 :func:`_e4m3_to_bf16_shifted` (one conversion instruction per two values instead of Triton's three), or the product
 runs in fp16 (e4m3 → f16 is one instruction per two values, the activations scaled into fp16's range exactly):
-which is faster is timed per shape, like the tiles. Full-precision weights take the same kernel when it beats
-cuBLAS for their shape.
+which is faster is timed per shape, like the tiles. Where the fp16 product is chosen, the kernel writing the
+activations can write them converted (:func:`takes_prescaled`: every K tile's conversion skipped, the same bits).
+Full-precision weights take the same kernel when it beats cuBLAS for their shape.
 
 On Hopper each configuration is also tried with its weight tiles loaded by TMA (one bulk copy per tile instead of
 per-thread asynchronous copies: the large products then stream at ~0.9 of the copy bandwidth, docs/BENCH.md).
