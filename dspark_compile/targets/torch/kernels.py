@@ -14,7 +14,9 @@ microseconds, which at batch 1 is as much as the weights' read time, so the step
 * :func:`markov_greedy` — the draft's greedy Markov sampling, one launch per position instead of about ten.
 
 ``add_rmsnorm`` and ``silu_mul`` write their output as the decode GEMM's fp16 product reads it where it runs that
-product (:func:`as_gemm_input`). On Hopper and later, each launch of at most :data:`PDL_TOKENS` token rows (a batch-1 round) uses programmatic
+product (:func:`as_gemm_input`).
+
+On Hopper and later, each launch of at most :data:`PDL_TOKENS` token rows (a batch-1 round) uses programmatic
 dependent launch (:func:`pdl_options`), as do the decode GEMM and Gemma4's norm kernels.
 
 Each replays the rounding of the torch modules it replaces (``models/layers.py``): every torch op rounds to
