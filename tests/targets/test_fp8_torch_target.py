@@ -216,7 +216,7 @@ PRESCALED_SCRIPT = textwrap.dedent(
             act, act16 = silu_mul(ref), silu_mul(src, prescaled=True)
             assert act16.dtype == torch.float16 and torch.equal(act16, scaled(act)), f"silu_mul {cfg}"
     # only a product that runs the fp16 product on bf16 inputs takes them prescaled, and only on the GPU
-    key = (decode_gemm.row_class(m), *w.weight.shape, w.group, 2, 1, 0)
+    key = decode_gemm._key(m, w, torch.bfloat16)
     cuda = torch.device("cuda")
     for cfg, want in (((16, 32, 64, 8, 4, 3, 2), True), ((16, 32, 64, 8, 4, 3, 1), False)):
         decode_gemm._CHOSEN[key] = cfg

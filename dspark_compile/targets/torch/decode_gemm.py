@@ -320,6 +320,12 @@ def _candidates(m: int, k: int, group: int, weight_bytes: int = 1, act_group: in
     return [CUBLAS, *fitted] if weight_bytes > 1 else fitted
 
 
+def _key(m: int, w: DecodeWeight, dtype: torch.dtype) -> tuple[int, ...]:
+    """What a configuration is chosen for: the row class, the weight's shape, scale group and activation group,
+    and the bytes per activation and per weight value."""
+    return (row_class(m), *w.weight.shape, w.group, dtype.itemsize, w.weight.dtype.itemsize, w.act_group)
+
+
 def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
     """The configuration of this weight for this row class, timed once per (class, N, K, group) on the GPU
     (outside CUDA-graph capture; the first call of a shape is a warm-up run) and then fixed, so a row gets
@@ -327,7 +333,7 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
     whose result strays from the first's (plain conversion, or cuBLAS) by more than float32 summation order
     can explain, is dropped."""
     m, k = x.shape
-    key = (row_class(m), *w.weight.shape, w.group, x.dtype.itemsize, w.weight.dtype.itemsize, w.act_group)
+    key = _key(m, w, x.dtype)
     chosen = _CHOSEN.get(key)
     if chosen is not None:
         return chosen
@@ -414,9 +420,10 @@ def takes_prescaled(m: int, w: DecodeWeight, dtype: torch.dtype, device: torch.d
     weight shape, as the configuration (timed here on a stand-in input if this shape was not timed yet)."""
     if dtype != torch.bfloat16 or w.wide or w.act_group or device.type != "cuda":
         return False
-    key = (row_class(m), *w.weight.shape, w.group, dtype.itemsize, w.weight.dtype.itemsize, w.act_group)
-    cfg = _CHOSEN.get(key)
+    cfg = _CHOSEN.get(_key(m, w, dtype))
     if cfg is None:
+        if torch.cuda.is_current_stream_capturing():  # no stand-in inside a graph; either way gives the same bits
+            return False
         cfg = _config(torch.randn(m, w.weight.shape[1], dtype=dtype, device=device), w)
     return cfg != CUBLAS and cfg[6] == 2
 
@@ -429,16 +436,12 @@ def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *
     ``prescaled``: ``x`` is fp16, a bf16 input already converted for the fp16 product (:func:`takes_prescaled`);
     the result is bf16, bit for bit what the bf16 input gives."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
-    if prescaled:
-        assert x.dtype == torch.float16
-        cfg = cfg or _CHOSEN.get((row_class(x.shape[0]), *w.weight.shape, w.group, 2, w.weight.dtype.itemsize,
-                                  w.act_group)) or _config(x, w)
-        assert cfg != CUBLAS and cfg[6] == 2, "a prescaled input needs the fp16 product"
-        out = _launch(x, w, cfg, handoff=handoff and w.bias is None, out_dtype=torch.bfloat16)
-        return out if w.bias is None else out + w.bias.to(torch.bfloat16)
-    out = _launch(x, w, cfg or _config(x, w), handoff=handoff and w.bias is None)
+    cfg = cfg or _config(x, w)  # prescaled: the bf16 input's configuration (same key), chosen by takes_prescaled
+    assert not prescaled or (x.dtype == torch.float16 and cfg != CUBLAS and cfg[6] == 2), \
+        "a prescaled input needs the fp16 product"
+    out = _launch(x, w, cfg, handoff=handoff and w.bias is None, out_dtype=torch.bfloat16 if prescaled else None)
     if w.bias is not None:
-        out = out + w.bias.to(x.dtype)
+        out = out + w.bias.to(out.dtype)
     return out
 
 
