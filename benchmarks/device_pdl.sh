@@ -5,7 +5,8 @@
 # device_gemma4.sh's 12B bench with PDL off then on. Everything lands in $OUT/pdl.tgz (a device call returns
 # few files).
 # AB_VAR names the switch the A/B flips (default DSPARK_PDL; DSPARK_GEMM_EARLY: the decode GEMM's early first
-# weight tile; DSPARK_GEMM_HANDOFF: split-K partials summed by the consumer); CHAIN=0 skips the launch chains;
+# weight tile; DSPARK_GEMM_HANDOFF: split-K partials summed by the consumer; DSPARK_PRESCALED: products' inputs
+# written in the fp16 product's format); CHAIN=0 skips the launch chains;
 # TESTS_LAST=1 runs the GPU tests after the rounds; BATCH (e.g. 4,16), NEW (new tokens) and ROUND_TIMEOUT (s per
 # mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent, e.g. made with
 # `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that fp8_bench.py, when
