@@ -238,6 +238,67 @@ def test_gemm_inputs_written_prescaled_give_the_same_bits(golden_dir: Path, trit
     assert "prescaled ok" in proc.stdout
 
 
+PRESCALED_PROGRAM_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import torch
+    from dspark_compile.passes.quantize import quantize_program
+    from dspark_compile.program import build_program
+    from dspark_compile.targets.torch import decode_gemm
+    from dspark_compile.targets.torch.static_forward import StaticProgram
+
+    golden = Path(sys.argv[1])
+    # every e4m3 product runs the fp16 product (as the H200's timed choice does at up to 16 rows); the CPU never
+    # takes prescaled inputs by itself (no GPU), so the answer is forced here
+    decode_gemm._config = lambda x, w: (16, 32, 64, 8, 4, 3, 2)
+    calls = []
+    launch = decode_gemm._launch
+    def counted(x, w, cfg, handoff=False, out_dtype=None):
+        calls.append(out_dtype is not None)
+        return launch(x, w, cfg, handoff, out_dtype)
+    decode_gemm._launch = counted
+    outs = []
+    for pre in (False, True):
+        decode_gemm.takes_prescaled = lambda m, w, dtype, device, pre=pre: (pre and dtype == torch.bfloat16
+                                                                               and not w.wide)
+        p = build_program(golden / "target", golden / "draft", dtype="bf16")
+        quantize_program(p, lm_head=True, draft=True)
+        prog = StaticProgram(p.target, p.draft, fused=True, attention="reference")
+        torch.manual_seed(0)
+        ids = torch.randint(0, 384, (2, 3)); cl = torch.tensor([0, 9])
+        kv = p.target.new_cache(2, 64)
+        calls.clear()
+        hidden, taps = prog.target_step(ids, cl, kv, 32)
+        target_calls = list(calls)
+        dkv = p.draft.new_cache(2, 64)
+        ctx = torch.randn(2, 4, taps.shape[-1]).to(torch.bfloat16)
+        calls.clear()
+        block = prog.draft_step(torch.tensor([4, 5]), ctx, torch.tensor([4, 2]), torch.tensor([0, 6]), dkv, 32)
+        outs.append((hidden, taps, kv, block, dkv, target_calls, list(calls)))
+    (h0, t0, k0, b0, d0, tc0, dc0), (h1, t1, k1, b1, d1, tc1, dc1) = outs
+    assert not any(tc0) and not any(dc0)
+    layers = len(build_program(golden / "target", None).target.layers)
+    # q|k|v, gate|up and down of every target layer; gate|up and down of every draft layer (its q|k|v reads context
+    # rows too)
+    assert sum(tc1) == 3 * layers and sum(dc1) == 2 * len(p.draft.layers), (tc1, dc1)
+    for name, a, b in (("hidden", h0, h1), ("taps", t0, t1), ("cache", k0, k1), ("draft", b0, b1),
+                       ("draft cache", d0, d1)):
+        assert a.abs().sum() > 0 and torch.equal(a, b), name
+    print("prescaled program ok")
+    """
+)
+
+
+def test_fused_program_with_prescaled_inputs_gives_the_same_bits(golden_dir: Path, triton_interpreter: Any) -> None:
+    """The fused FP8 program with its products' inputs written prescaled (forced on: the CPU never chooses them)
+    against the same program without: target hidden states, taps and cache, draft block and cache bit for bit, and
+    the prescaled launches where ``_fused_layer`` puts them (interpreter, bf16)."""
+    proc = triton_interpreter(PRESCALED_PROGRAM_SCRIPT, golden_dir / "dspark_tiny", 900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "prescaled program ok" in proc.stdout
+
+
 @pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
 @pytest.mark.parametrize(("block_m", "fast", "per_channel", "weight", "tma"),
                          [(16, 1, True, "fp8e4nv", False), (16, 1, False, "fp8e4nv", False),
