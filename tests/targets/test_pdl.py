@@ -60,8 +60,9 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("qk_norm_rope", k._qk_norm_rope_kernel, {"BLOCK": 64}),
         ("act_mul", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024}),
         ("add_rmsnorm_prescaled", k._add_rmsnorm_kernel, {"HAS_DELTA": True, "HAS_TAP": False, "BLOCK": 4096,
-                                                         "PRESCALED": True}),
-        ("act_mul_prescaled", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024, "PRESCALED": True} | PARTS),
+                                                         "PRESCALED": True, "ASM": True}),
+        ("act_mul_prescaled", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024, "PRESCALED": True,
+                                                  "ASM": True} | PARTS),
         ("qk_norm_rope_partials", k._qk_norm_rope_kernel, {"BLOCK": 64} | PARTS),
         ("act_mul_partials", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024} | PARTS),
         ("attn_split", k._attn_split_kernel, {"D": 128, "DP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "HAS_LOW": False,
@@ -98,6 +99,8 @@ def test_step_kernels_wait_for_their_predecessor_before_touching_memory(name: st
     assert body.count("griddepcontrol.wait") == 1 and "griddepcontrol.launch_dependents" in body
     if name.startswith(("decode_gemm", "markov")):  # the successor's blocks only once the weight stream is done
         assert body.index("griddepcontrol.launch_dependents") > body.rindex("mma")
+    if name.endswith("_prescaled"):  # the GEMM's own conversion, through float32 (Triton's ops would scale in fp16)
+        assert "mul.rn.f32" in body and "0f3B800000" in body and "mul.f16" not in body
     if name == "decode_gemm_handoff":  # its programs end at their partials: no arrival count
         assert "atom." not in body and "atom." in _compile(kernel, consts | {"HANDOFF": False}, True)
     assert "griddepcontrol" not in _compile(kernel, consts, False)

@@ -42,7 +42,13 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dspark_compile.targets.torch.kernels import Partials, arrival_counters, pdl_options
+from dspark_compile.targets.torch.kernels import GEMM_IN_SCALE as X_SCALE
+from dspark_compile.targets.torch.kernels import (
+    Partials,
+    arrival_counters,
+    bf16_to_f16_scaled,
+    pdl_options,
+)
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
@@ -100,7 +106,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
         else:
             if FAST_CVT == 2:  # an fp16 product: e4m3 -> f16 is one instruction per two values; x scaled (or
                 if dt != tl.float16:  # already, by its producer: kernels.as_gemm_input)
-                    xt = _bf16_to_f16_scaled(xt, ASM)
+                    xt = bf16_to_f16_scaled(xt, ASM)
                 wt = w.to(tl.float16)
             else:  # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
                 wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
@@ -139,32 +145,6 @@ def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL: tl.cons
 
 BF16_SHIFT: tl.constexpr = tl.constexpr(2.0**112)
 """What :func:`_e4m3_to_bf16_shifted`'s values are multiplied by to give the e4m3 values back."""
-X_SCALE: tl.constexpr = tl.constexpr(2.0**-8)  # 0f3B800000 in _bf16_to_f16_scaled
-"""Activations times this become fp16 for the fp16 product (``FAST_CVT`` 2): exact for bf16 magnitudes in
-[2⁻⁶, 2²⁴] (bf16's 8 significant bits fit fp16's 11), absolute error ≤ 2⁻¹⁷ below; no overflow under 1.6e7."""
-
-
-@triton.jit
-def _bf16_to_f16_scaled(x, ASM: tl.constexpr):
-    """bf16 x · X_SCALE as fp16, exactly (through float32). In PTX: Triton would otherwise convert to fp16
-    first and scale there, which overflows above 65504 and loses bits below 2⁻¹⁴. ``ASM`` False: the
-    interpreter."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b16 l, h;
-            .reg .f32 fl, fh;
-            mov.b32 {l, h}, $1;
-            cvt.f32.bf16 fl, l;
-            cvt.f32.bf16 fh, h;
-            mul.rn.f32 fl, fl, 0f3B800000;
-            mul.rn.f32 fh, fh, 0f3B800000;
-            cvt.rn.f16x2.f32 $0, fh, fl;
-            }""",
-            constraints="=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=2)
-    return (x.to(tl.float32) * X_SCALE).to(tl.float16)
-
-
 @triton.jit
 def _round_e4m3(v):
     """float32 ``v`` (|v| ≤ 448) rounded to nearest-even e4m3, as float32: 3 mantissa bits on the float32 bits

@@ -78,18 +78,40 @@ def _round(x, dtype: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 
-GEMM_IN_SCALE: tl.constexpr = tl.constexpr(2.0**-8)
-"""What a bf16 activation is multiplied by to become the decode GEMM's fp16 product input (its conversion 2:
-``decode_gemm.X_SCALE``)."""
+GEMM_IN_SCALE: tl.constexpr = tl.constexpr(2.0**-8)  # 0f3B800000 in bf16_to_f16_scaled
+"""Activations times this become fp16 for the decode GEMM's fp16 product (its conversion 2): exact for bf16
+magnitudes in [2⁻⁶, 2²⁴] (bf16's 8 significant bits fit fp16's 11), absolute error ≤ 2⁻¹⁷ below; no overflow under
+1.6e7."""
 
 
 @triton.jit
-def as_gemm_input(v, dt: tl.constexpr, PRESCALED: tl.constexpr):
-    """float32 ``v`` as a product's input: rounded to ``dt``, or (``PRESCALED``) that bf16 value times
-    :data:`GEMM_IN_SCALE` in fp16, which is what the decode GEMM's fp16 product would make of it in each K tile
-    (``decode_gemm._bf16_to_f16_scaled``): written once by the producer, the product's loop skips the conversion."""
+def bf16_to_f16_scaled(x, ASM: tl.constexpr):
+    """bf16 x · GEMM_IN_SCALE as fp16, exactly (through float32). In PTX: Triton would otherwise convert to fp16
+    first and scale there, which overflows above 65504 and loses bits below 2⁻¹⁴. ``ASM`` False: the
+    interpreter."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b16 l, h;
+            .reg .f32 fl, fh;
+            mov.b32 {l, h}, $1;
+            cvt.f32.bf16 fl, l;
+            cvt.f32.bf16 fh, h;
+            mul.rn.f32 fl, fl, 0f3B800000;
+            mul.rn.f32 fh, fh, 0f3B800000;
+            cvt.rn.f16x2.f32 $0, fh, fl;
+            }""",
+            constraints="=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=2)
+    return (x.to(tl.float32) * GEMM_IN_SCALE).to(tl.float16)
+
+
+@triton.jit
+def as_gemm_input(v, dt: tl.constexpr, PRESCALED: tl.constexpr, ASM: tl.constexpr):
+    """float32 ``v`` as a product's input: rounded to ``dt``, or (``PRESCALED``) that bf16 value converted as the
+    decode GEMM's fp16 product converts it in each K tile (:func:`bf16_to_f16_scaled`, the same instructions):
+    written once by the producer, the product's loop skips the conversion. ``ASM`` False: the interpreter."""
     if PRESCALED:  # noqa: SIM108 (one return, no ternary: Triton refuses returns of different types, taken or not)
-        out = (v.to(dt).to(tl.float32) * GEMM_IN_SCALE).to(tl.float16)
+        out = bf16_to_f16_scaled(v.to(dt), ASM)
     else:
         out = v.to(dt)
     return out
@@ -149,7 +171,7 @@ def load_product(ptr, s_ptr, offs, col, mask, plane, dt: tl.constexpr, PARTS: tl
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
                         HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                        PRESCALED: tl.constexpr = False):
+                        PRESCALED: tl.constexpr = False, ASM: tl.constexpr = True):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -165,7 +187,7 @@ def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H
         tl.store(tap_ptr + row * tap_stride + offs, x.to(tap_ptr.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, axis=0) / H
     y = _round(x * tl.rsqrt(var + eps), dt)
-    tl.store(out_ptr + row * H + offs, as_gemm_input(w * y, dt, PRESCALED), mask=mask)
+    tl.store(out_ptr + row * H + offs, as_gemm_input(w * y, dt, PRESCALED, ASM), mask=mask)
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -186,7 +208,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, tap if tap is not None else x,
                               tap_stride, h, eps, HAS_DELTA=delta is not None, HAS_TAP=tap is not None,
                               BLOCK=block, num_warps=max(1, min(8, block // 512)), PRESCALED=prescaled,
-                              **pdl_options(x, m))
+                              ASM=x.is_cuda, **pdl_options(x, m))
     return out
 
 
@@ -294,7 +316,8 @@ def qk_norm_rope(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Ten
 @triton.jit
 def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, out_ptr, INTER, GELU_TANH: tl.constexpr,
                     BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = 0,
-                    SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, PRESCALED: tl.constexpr = False):
+                    SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, PRESCALED: tl.constexpr = False,
+                    ASM: tl.constexpr = True):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -309,7 +332,7 @@ def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, out_ptr, INTER, GELU_TANH: tl.
         s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)
     else:
         s = _round(g / (1.0 + tl.exp(-g)), dt)
-    tl.store(out_ptr + row * INTER + offs, as_gemm_input(s * u, dt, PRESCALED), mask=mask)
+    tl.store(out_ptr + row * INTER + offs, as_gemm_input(s * u, dt, PRESCALED, ASM), mask=mask)
 
 
 def _act_mul(gate_up: torch.Tensor | Partials, gelu_tanh: bool, prescaled: bool = False) -> torch.Tensor:
@@ -322,8 +345,8 @@ def _act_mul(gate_up: torch.Tensor | Partials, gelu_tanh: bool, prescaled: bool 
     block = min(1024, triton.next_power_of_2(inter))
     rows = out.numel() // inter
     _act_mul_kernel[(rows, triton.cdiv(inter, block))](*args, out, inter, GELU_TANH=gelu_tanh, BLOCK=block,
-                                                        num_warps=4, PRESCALED=prescaled, **parts,
-                                                        **pdl_options(out, rows))
+                                                        num_warps=4, PRESCALED=prescaled, ASM=out.is_cuda,
+                                                        **parts, **pdl_options(out, rows))
     return out
 
 
