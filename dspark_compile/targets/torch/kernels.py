@@ -528,18 +528,6 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-L2_RESIDENT = 0.75
-"""The share of the GPU's L2 that a weight read again and again within a round (the Markov head's W2, once per
-draft position) may ask to keep (``evict_last``): the rest of the round streams through the remainder."""
-
-
-def l2_resident_bytes(device: torch.device) -> int:
-    """Bytes of :data:`L2_RESIDENT` on ``device`` (0 on the CPU, or with ``DSPARK_L2_RESIDENT=0``)."""
-    if device.type != "cuda" or not switched_on("DSPARK_L2_RESIDENT"):
-        return 0
-    return int(torch.cuda.get_device_properties(device).L2_cache_size * L2_RESIDENT)
-
-
 MARKOV_ROWS = 16
 """Batch rows up to which greedy rounds run :func:`markov_greedy` (one row block, so the transition matrix is
 read once per position; measured at batches 1, 4 and 16, docs/BENCH.md)."""
@@ -573,29 +561,12 @@ def _markov_confidence(hidden_ptr, prev_ptr, prev_stride, w1_ptr, wc_ptr, bc_ptr
 
 
 @triton.jit
-def _markov_bias(w2_ptr, w1_ptr, s2, v, vmask, prev, rmask, R: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, W2_SCALED: tl.constexpr, PRECISION: tl.constexpr,
-                 dt: tl.constexpr, EVICT: tl.constexpr):
-    """W2[v]·W1[prev] for a vocabulary block, float32 [BLOCK_V, BLOCK_B]; ``EVICT`` the L2 policy of W2's loads."""
-    bias = tl.zeros((BLOCK_V, BLOCK_B), dtype=tl.float32)
-    for j0 in range(0, R, BLOCK_R):
-        j = j0 + tl.arange(0, BLOCK_R)
-        w2 = tl.load(w2_ptr + v[:, None].to(tl.int64) * R + j[None, :], mask=vmask[:, None], other=0.0,
-                     eviction_policy=EVICT)
-        if W2_SCALED:
-            w2 = (w2.to(tl.float32) * s2[:, None]).to(dt)
-        e = tl.load(w1_ptr + prev[None, :] * R + j[:, None], mask=rmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_B]
-        bias = tl.dot(w2, e, bias, input_precision=PRECISION)
-    return bias
-
-
-@triton.jit
 def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
                           part_v, part_i, count_ptr, tok_ptr, conf_ptr, k, B, V, H, NV, G, stride_lb, stride_hb,
                           R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                           TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                           HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
-                          KEEP_NV, W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False):
+                          W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False):
     """Position ``k`` of greedy Markov sampling: program v scores vocabulary block v for every row (base logits
     + W2·W1[prev], the bias rounded to the model dtype as ``nn.Linear`` returns it) and keeps its best; the
     last program to finish (an atomic counter) takes the first maximum over the blocks in order — argmax's
@@ -616,15 +587,16 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = v < V
     dt = w1_ptr.dtype.element_ty  # the product's dtype: its input's, W1[prev] (nn.Linear and Fp8Linear alike)
-    s2 = tl.zeros((BLOCK_V,), tl.float32)
     if W2_SCALED:
         s2 = tl.load(s2_ptr + v, mask=vmask, other=0.0)
-    if pid < KEEP_NV:  # these blocks of W2 are asked to stay in L2 for the next position (and round)
-        bias = _markov_bias(w2_ptr, w1_ptr, s2, v, vmask, prev, rmask, R, BLOCK_V, BLOCK_B, BLOCK_R, W2_SCALED,
-                            PRECISION, dt, "evict_last")
-    else:
-        bias = _markov_bias(w2_ptr, w1_ptr, s2, v, vmask, prev, rmask, R, BLOCK_V, BLOCK_B, BLOCK_R, W2_SCALED,
-                            PRECISION, dt, "")
+    bias = tl.zeros((BLOCK_V, BLOCK_B), dtype=tl.float32)
+    for j0 in range(0, R, BLOCK_R):
+        j = j0 + tl.arange(0, BLOCK_R)
+        w2 = tl.load(w2_ptr + v[:, None].to(tl.int64) * R + j[None, :], mask=vmask[:, None], other=0.0)
+        if W2_SCALED:
+            w2 = (w2.to(tl.float32) * s2[:, None]).to(dt)
+        e = tl.load(w1_ptr + prev[None, :] * R + j[:, None], mask=rmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_B]
+        bias = tl.dot(w2, e, bias, input_precision=PRECISION)
     if PDL:  # the next position's blocks are dispatched once this one's transition rows are read (not earlier:
         gdc_launch_dependents()  # waiting blocks would hold SM slots the stream needs, as for the decode GEMM)
     base = tl.load(logits_ptr + rows[None, :].to(tl.int64) * stride_lb + v[:, None],
@@ -690,7 +662,6 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     s2 = w2_scale if w2_scale is not None else w1  # a placeholder pointer when W2 has no scales
     bc = conf_b if conf_b is not None else torch.zeros(1, dtype=torch.float32, device=base.device)
     wide = max(256, 4096 // tail_rows)
-    keep_nv = min(nv, l2_resident_bytes(base.device) // (block_v * rank * w2.element_size()))
     for k in range(g):
         prev, stride = (anchor, anchor.stride(0)) if k == 0 else (tokens[:, k - 1], g)
         _markov_greedy_kernel[(nv,)](base[:, k], hidden[:, k], prev, stride, w1, w2, s2, wc, bc, part_v, part_i,
@@ -700,6 +671,5 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
                                      BLOCK_H=min(wide, triton.next_power_of_2(hid)),
                                      BLOCK_C=min(wide, triton.next_power_of_2(nv)), HAS_CONF=has_conf,
                                      CONF_MARKOV=conf_markov, PRECISION="ieee" if w1.dtype == torch.float32 else None,
-                                     KEEP_NV=keep_nv, W2_SCALED=w2_scale is not None, num_warps=warps,
-                                     **pdl_options(base, bsz))
+                                     W2_SCALED=w2_scale is not None, num_warps=warps, **pdl_options(base, bsz))
     return tokens, conf
