@@ -215,6 +215,20 @@ PRESCALED_SCRIPT = textwrap.dedent(
         for src in (ref, parts):
             act, act16 = silu_mul(ref), silu_mul(src, prescaled=True)
             assert act16.dtype == torch.float16 and torch.equal(act16, scaled(act)), f"silu_mul {cfg}"
+    # the split-K attention's merge writing o's input (its partials made up here: the interpreter's bf16 dots in
+    # the split kernel are not float32-exact, the merge has none)
+    from dspark_compile.targets.torch.kernels import _attn_combine_kernel
+    bh, splits, t, group, kvh, dh = 4, 3, 2, 2, 2, 16
+    mq = group * t
+    po, pm = torch.randn(bh, splits, mq, dh) * 4, torch.randn(bh, splits, mq); pl = torch.rand(bh, splits, mq) + 0.5
+    pm[0, 1] = float("-inf"); pl[0, 1] = 0; po[0, 1] = 0  # a split with nothing visible
+    outs = []
+    for pre in (False, True):
+        out = torch.empty(bh // kvh, t, kvh * group, dh, dtype=torch.float16 if pre else torch.bfloat16)
+        _attn_combine_kernel[(bh * mq,)](po, pm, pl, out, mq, splits, t, group, kvh, D=dh, DP=dh, BLOCK_S=4,
+                                         TOKEN_MAJOR=True, PRESCALED=pre, ASM=False)
+        outs.append(out)
+    assert outs[0].abs().sum() > 0 and torch.equal(outs[1], scaled(outs[0])), "attention merge"
     # only a product that runs the fp16 product on bf16 inputs takes them prescaled, and only on the GPU
     key = decode_gemm._key(m, w, torch.bfloat16)
     cuda = torch.device("cuda")
@@ -280,8 +294,16 @@ PRESCALED_PROGRAM_SCRIPT = textwrap.dedent(
     assert not any(tc0) and not any(dc0)
     layers = len(build_program(golden / "target", None).target.layers)
     # q|k|v, gate|up and down of every target layer; gate|up and down of every draft layer (its q|k|v reads context
-    # rows too)
+    # rows too); o only behind the split-K attention, whose merge writes its input (below)
     assert sum(tc1) == 3 * layers and sum(dc1) == 2 * len(p.draft.layers), (tc1, dc1)
+    prog = StaticProgram(p.target, p.draft, fused=True, attention="triton")  # the launches only: the interpreter's
+    calls.clear()  # bf16 attention products are not exact (the merge's bits: PRESCALED_SCRIPT; values: the GPU tests)
+    prog.target_step(ids, cl, p.target.new_cache(2, 64), 32)
+    assert sum(calls) == 4 * layers, calls
+    calls.clear()
+    prog.draft_step(torch.tensor([4, 5]), ctx, torch.tensor([4, 2]), torch.tensor([0, 6]), p.draft.new_cache(2, 64),
+                    32)
+    assert sum(calls) == 3 * len(p.draft.layers), calls
     for name, a, b in (("hidden", h0, h1), ("taps", t0, t1), ("cache", k0, k1), ("draft", b0, b1),
                        ("draft cache", d0, d1)):
         assert a.abs().sum() > 0 and torch.equal(a, b), name

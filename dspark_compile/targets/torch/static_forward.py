@@ -70,9 +70,12 @@ class TritonAttention(SdpaAttention):
             return super().prepare_ring(positions, slots, window, group, dtype)
         return torch.stack((positions - window + 1, positions + 1, positions[:, -1:].expand_as(positions)))
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, *,
+                 prescaled: bool = False) -> torch.Tensor:
+        """``prescaled``: the output as the o projection's fp16 product reads it (:meth:`_Linear.takes_prescaled`),
+        for decode-sized queries (the split-K kernel's merge writes it)."""
         if mask.dtype != torch.int64:
+            assert not prescaled, "a prescaled attention output is for decode-sized queries"
             return super().__call__(q, k, v, mask, scale)
         from dspark_compile.targets.torch.kernels import decode_attention
 
@@ -80,7 +83,8 @@ class TritonAttention(SdpaAttention):
         low, limit = (mask[0], mask[1]) if mask.dim() == 3 else (None, mask)
         top = mask[2].contiguous() if mask.dim() == 3 and mask.shape[0] == 3 else None
         out = decode_attention(q.contiguous(), k, v, limit.contiguous(), scale,
-                               low=None if low is None else low.contiguous(), ring_top=top, token_major=True)
+                               low=None if low is None else low.contiguous(), ring_top=top, token_major=True,
+                               prescaled=prescaled)
         return out.view(bsz, t, hq * d)
 
 
@@ -302,11 +306,15 @@ class StaticProgram:
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
                      rows=t + n_ctx, q_start=n_ctx)
-        out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale)
+        # the split-K attention's merge writes o's input (a strategy of another kind never takes it prescaled)
+        pre = isinstance(self.attn, TritonAttention) and mask.dtype == torch.int64 and fw.o.takes_prescaled(x)
+        attn_kw = {"prescaled": True} if pre else {}
+        out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale, **attn_kw)
         # o and down stay summed by the GEMM: add_rmsnorm is one program per row, which would read every
         # partial of the row alone (measured slower on the H200, docs/BENCH.md)
+        o = fw.o(out.view(x.shape[0], -1), prescaled=pre)
         pre = fw.gate_up.takes_prescaled(x)
-        h = add_rmsnorm(x, fw.o(out.view(x.shape[0], -1)), layer.post_attention_layernorm.weight,
+        h = add_rmsnorm(x, o, layer.post_attention_layernorm.weight,
                         layer.post_attention_layernorm.eps, prescaled=pre)
         gate_up = fw.gate_up(h, handoff=True, prescaled=pre)
         pre = fw.down.takes_prescaled(x)  # x's rows and dtype: what down reads
