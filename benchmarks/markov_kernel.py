@@ -1,5 +1,5 @@
 """Greedy Markov sampling (``kernels.markov_greedy``, the draft step's last γ launches) on the GPU, alone: GPU ms
-per draft block (γ launches in one CUDA graph) for each (vocabulary rows per tile, warps, programs), at batches 1, 4
+per draft block (γ launches in one CUDA graph) for each (vocabulary rows per program, warps), at batches 1, 4
 and 16, against the byte floor (the transition matrix W2 read once per position), with the tokens checked
 against the module's loop (``DSparkDraft.propose``'s ops, written out) in the same run. JSON on stdout.
 
@@ -39,8 +39,8 @@ def main() -> int:
     ap.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
     ap.add_argument("--batch", default="1,4,16")
     ap.add_argument("--e4m3-w2", action="store_true", help="W2 per-channel e4m3, as --quantize-draft leaves it")
-    ap.add_argument("--configs", default="default,64x4x132,64x4x528,32x4x264,128x8x264",
-                    help="vocabulary rows per tile x warps [x programs], or default")
+    ap.add_argument("--configs", default="default,128x4,64x4,256x4,256x8",
+                    help="vocabulary rows per program x warps, or default")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     v, h, r, g = shape.vocab_size, shape.hidden_size, shape.markov_rank, shape.block_size
@@ -68,7 +68,7 @@ def main() -> int:
         row: dict[str, object] = {}
         for cfg in args.configs.split(","):  # "default": no keywords (an earlier kernel, run from a copy)
             kw: dict[str, object] = {} if cfg == "default" else dict(
-                zip(("block_v", "warps", "programs"), map(int, cfg.split("x")), strict=False))
+                zip(("block_v", "warps"), map(int, cfg.split("x")), strict=True))
             if w2_scale is not None:
                 kw["w2_scale"] = w2_scale
             call = functools.partial(markov_greedy, base, hidden, anchor, w1, kernel_w2, wc, bc, True, **kw)

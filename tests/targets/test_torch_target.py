@@ -227,14 +227,11 @@ INTERPRET_SCRIPT = textwrap.dedent(
     close("confidence logits, e4m3 W2", c1, c2)
     # first maximum on ties, as argmax: logits 1 at columns 300 and 70 of every position, no transition bias
     h = torch.randn(2, 7, 64); w1 = torch.randn(384, 16); base = torch.zeros(2, 7, 384); base[..., [70, 300]] = 1
-    for programs in (None, 1):  # the two maxima in different programs, then in one program's loop
-        tok, conf = markov_greedy(base, h, torch.tensor([5, 9]), w1, torch.zeros(384, 16), None, None, False,
-                                  programs=programs)
-        assert tok.eq(70).all() and not conf.any(), (programs, tok)
-    base = torch.zeros(16, 1, 33000); base[..., [100, 32900]] = 1  # the second past 256 programs: at 16 rows
+    tok, conf = markov_greedy(base, h, torch.tensor([5, 9]), w1, torch.zeros(384, 16), None, None, False)
+    assert tok.eq(70).all() and not conf.any()
+    base = torch.zeros(16, 1, 33000); base[..., [100, 32900]] = 1  # the second past 256 blocks of 128: at 16 rows
     tok, _ = markov_greedy(base, torch.randn(16, 1, 64), torch.arange(16), torch.randn(33000, 16),
-                           torch.zeros(33000, 16), None, None, False, block_v=128,
-                           programs=300)  # the final reduction's 2nd chunk
+                           torch.zeros(33000, 16), None, None, False, block_v=128)  # the final reduction's 2nd chunk
     assert tok.eq(100).all(), tok
     print("kernels ok")
     """

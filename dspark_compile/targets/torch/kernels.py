@@ -567,20 +567,18 @@ def _markov_confidence(hidden_ptr, prev_ptr, prev_stride, w1_ptr, wc_ptr, bc_ptr
 
 @triton.jit
 def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
-                          part_v, part_i, count_ptr, tok_ptr, conf_ptr, k, B, V, H, NV, SUB, G, stride_lb, stride_hb,
-                          R: tl.constexpr, RP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr,
-                          BLOCK_R: tl.constexpr, TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                          part_v, part_i, count_ptr, tok_ptr, conf_ptr, k, B, V, H, NV, G, stride_lb, stride_hb,
+                          R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                          TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                           HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
                           W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False):
-    """Position ``k`` of greedy Markov sampling: program p scores vocabulary blocks [p·SUB, (p + 1)·SUB) in
-    order for every row (base logits + W2·W1[prev], the bias rounded to the model dtype as ``nn.Linear`` returns
-    it), keeping the first maximum, in one loop whose W2 tiles ([BLOCK_V, R], the rank padded to RP) are
-    pipelined. The last of the NV programs to finish (an atomic counter) takes the first maximum over the
-    programs in order — argmax's choice — and writes the token. The confidence head's logit needs only h_k and
-    the previous token, so program 0 computes it beside its blocks, off the final reduction's path. The tail
-    works on ``TAIL_ROWS`` rows at a time with wide tiles (one load of every program's best at batch 1).
-    ``W2_SCALED``: W2 is e4m3 with a scale per vocabulary row, widened to the model dtype as ``Fp8Linear``
-    dequantizes it (half the bytes)."""
+    """Position ``k`` of greedy Markov sampling: program v scores vocabulary block v for every row (base logits
+    + W2·W1[prev], the bias rounded to the model dtype as ``nn.Linear`` returns it) and keeps its best; the
+    last program to finish (an atomic counter) takes the first maximum over the blocks in order — argmax's
+    choice — and writes the token. The confidence head's logit needs only h_k and the previous token, so
+    program 0 computes it beside its block, off the final reduction's path. The tail works on ``TAIL_ROWS``
+    rows at a time with wide tiles (one load of every block's best at batch 1). ``W2_SCALED``: W2 is e4m3 with
+    a scale per vocabulary row, widened to the model dtype as ``Fp8Linear`` dequantizes it (half the bytes)."""
     if PDL:
         gdc_wait()
     pid = tl.program_id(0)
@@ -591,36 +589,28 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
         if pid == 0:
             _markov_confidence(hidden_ptr, prev_ptr, prev_stride, w1_ptr, wc_ptr, bc_ptr, conf_ptr, k, B, H, G,
                                stride_hb, R, BLOCK_R, TAIL_ROWS, BLOCK_H, CONF_MARKOV)
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = v < V
     dt = w1_ptr.dtype.element_ty  # the product's dtype: its input's, W1[prev] (nn.Linear and Fp8Linear alike)
-    j = tl.arange(0, RP)
-    jmask = j < R
-    e = tl.load(w1_ptr + prev[None, :] * R + j[:, None], mask=jmask[:, None] & rmask[None, :], other=0.0)
-    best_v = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    best_i = tl.full((BLOCK_B,), V, tl.int32)
-    first = pid * SUB
-    for vb in range(first, tl.minimum(first + SUB, tl.cdiv(V, BLOCK_V))):
-        v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-        vmask = v < V
-        if RP == R:  # no column mask: a masked column keeps the bf16 tiles out of the loop's pipeline
-            w2 = tl.load(w2_ptr + v[:, None].to(tl.int64) * R + j[None, :], mask=vmask[:, None], other=0.0)
-        else:
-            w2 = tl.load(w2_ptr + v[:, None].to(tl.int64) * R + j[None, :], mask=vmask[:, None] & jmask[None, :],
-                         other=0.0)
+    if W2_SCALED:
+        s2 = tl.load(s2_ptr + v, mask=vmask, other=0.0)
+    bias = tl.zeros((BLOCK_V, BLOCK_B), dtype=tl.float32)
+    for j0 in range(0, R, BLOCK_R):
+        j = j0 + tl.arange(0, BLOCK_R)
+        w2 = tl.load(w2_ptr + v[:, None].to(tl.int64) * R + j[None, :], mask=vmask[:, None], other=0.0)
         if W2_SCALED:
-            w2 = (w2.to(tl.float32) * tl.load(s2_ptr + v, mask=vmask, other=0.0)[:, None]).to(dt)
-        bias = tl.dot(w2, e, input_precision=PRECISION)  # [BLOCK_V, BLOCK_B]
-        base = tl.load(logits_ptr + rows[None, :].to(tl.int64) * stride_lb + v[:, None],
-                       mask=vmask[:, None] & rmask[None, :], other=0.0)
-        s = tl.where(vmask[:, None], base.to(tl.float32) + _round(bias, dt), float("-inf"))
-        top = tl.max(s, axis=0)
-        idx = tl.min(tl.where(s == top[None, :], v[:, None], V), axis=0)
-        take = top > best_v  # a later block only if strictly greater: the first maximum
-        best_i = tl.where(take, idx, best_i)
-        best_v = tl.where(take, top, best_v)
+            w2 = (w2.to(tl.float32) * s2[:, None]).to(dt)
+        e = tl.load(w1_ptr + prev[None, :] * R + j[:, None], mask=rmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_B]
+        bias = tl.dot(w2, e, bias, input_precision=PRECISION)
     if PDL:  # the next position's blocks are dispatched once this one's transition rows are read (not earlier:
         gdc_launch_dependents()  # waiting blocks would hold SM slots the stream needs, as for the decode GEMM)
-    tl.store(part_v + rows * NV + pid, best_v, mask=rmask)
-    tl.store(part_i + rows * NV + pid, best_i, mask=rmask)
+    base = tl.load(logits_ptr + rows[None, :].to(tl.int64) * stride_lb + v[:, None],
+                   mask=vmask[:, None] & rmask[None, :], other=0.0)
+    s = tl.where(vmask[:, None], base.to(tl.float32) + _round(bias, dt), float("-inf"))
+    best = tl.max(s, axis=0)
+    idx = tl.min(tl.where(s == best[None, :], v[:, None], V), axis=0)
+    tl.store(part_v + rows * NV + pid, best, mask=rmask)
+    tl.store(part_i + rows * NV + pid, idx, mask=rmask)
     tl.debug_barrier()  # every thread's partial is written before the release below publishes it
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NV - 1:
         for r0 in range(0, B, TAIL_ROWS):
@@ -646,7 +636,7 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
 def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor,
                   w2: torch.Tensor, conf_w: torch.Tensor | None, conf_b: torch.Tensor | None,
                   conf_markov: bool, *, w2_scale: torch.Tensor | None = None, block_v: int | None = None,
-                  warps: int = 4, programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy Markov sampling (``DSparkDraft.propose`` at temperature 0, vanilla Markov head) with one kernel per
     position instead of about ten torch ops (embedding, W2 product, cast, add, argmax, concatenation, the
     confidence product and its casts): at batch 1 each of those is a launch of a few microseconds.
@@ -654,21 +644,16 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     base [B, G, V] the LM head's logits (model dtype), hidden [B, G, H] the backbone's output, anchor [B];
     w1/w2 [V, r] the Markov head's embedding and projection (w2 e4m3 with ``w2_scale`` [V], float32: an
     ``Fp8Linear``'s per-channel scales); conf_w [H (+ r)] and conf_b [1] the confidence head (None: zeros).
-    Returns (tokens [B, G] int64, confidence logits [B, G] float32). ``block_v`` (vocabulary rows per tile,
-    default a tile of 16K weights), ``warps`` and ``programs`` (default two per multiprocessor: each walks its
-    share of the vocabulary in one pipelined loop; a program per tile measured ~10 µs per position above W2's
-    byte floor, docs/BENCH.md) tune it; every choice gives argmax's tokens."""
+    Returns (tokens [B, G] int64, confidence logits [B, G] float32). ``block_v`` (vocabulary rows per program)
+    and ``warps``: 128 and 4 below 4 rows, 256 and 8 from 4 (H200, ``benchmarks/markov_kernel.py``: the fastest
+    measured at batches 1, 4 and 16; every choice gives argmax's tokens)."""
     bsz, g, vocab = base.shape
     rank = w2.shape[1]
     hid = hidden.shape[-1]
     assert bsz <= MARKOV_ROWS and rank % 16 == 0 and base.stride(-1) == 1 and hidden.stride(-1) == 1
-    rp = triton.next_power_of_2(rank)
-    block_v = block_v or max(16, min(128, 16384 // rp))
-    tiles = triton.cdiv(vocab, block_v)
-    if programs is None:
-        programs = 2 * (torch.cuda.get_device_properties(base.device).multi_processor_count if base.is_cuda else 4)
-    sub = triton.cdiv(tiles, min(tiles, programs))
-    nv = triton.cdiv(tiles, sub)
+    block_v = block_v or (128 if bsz < 4 else 256)
+    warps = warps or (4 if bsz < 4 else 8)
+    nv = triton.cdiv(vocab, block_v)
     block_b = max(16, triton.next_power_of_2(bsz))
     block_r = next(r for r in (64, 32, 16) if rank % r == 0)
     tail_rows = triton.next_power_of_2(bsz)  # the tail's tiles: 4096 elements, its rows x blocks (or hidden)
@@ -685,10 +670,10 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     for k in range(g):
         prev, stride = (anchor, anchor.stride(0)) if k == 0 else (tokens[:, k - 1], g)
         _markov_greedy_kernel[(nv,)](base[:, k], hidden[:, k], prev, stride, w1, w2, s2, wc, bc, part_v, part_i,
-                                     counter, tokens, conf, k, bsz, vocab, hid, nv, sub, g, base.stride(0),
+                                     counter, tokens, conf, k, bsz, vocab, hid, nv, g, base.stride(0),
                                      hidden.stride(0),
-                                     R=rank, RP=rp, BLOCK_V=block_v, BLOCK_B=block_b, BLOCK_R=block_r,
-                                     TAIL_ROWS=tail_rows, BLOCK_H=min(wide, triton.next_power_of_2(hid)),
+                                     R=rank, BLOCK_V=block_v, BLOCK_B=block_b, BLOCK_R=block_r, TAIL_ROWS=tail_rows,
+                                     BLOCK_H=min(wide, triton.next_power_of_2(hid)),
                                      BLOCK_C=min(wide, triton.next_power_of_2(nv)), HAS_CONF=has_conf,
                                      CONF_MARKOV=conf_markov, PRECISION="ieee" if w1.dtype == torch.float32 else None,
                                      W2_SCALED=w2_scale is not None, num_warps=warps, **pdl_options(base, bsz))
