@@ -120,8 +120,11 @@ class DecodeBackend(Protocol):
         """Every live row: verify ``verify_len[b]`` ≤ G pending drafts, commit, draft the next block."""
 
     # Optional, for overlapping the host's per-round work with the device: ``launch(verify_len)`` starts what
-    # ``round`` does and returns at once; ``collect()`` waits and returns its Proposal. Between the two the host
-    # must not call the backend. A backend without them is driven through ``round``.
+    # ``round`` does and returns at once; ``collect()`` waits for the oldest round launched and returns its
+    # Proposal. Up to ``rounds_in_flight`` (an int attribute, 1 when absent) rounds may be launched before the
+    # first is collected: each verifies what the one before it drafts, so its verify_len cannot depend on those
+    # drafts' confidences (VerifyPolicy "fixed", or target-only). Between launch and collect the host must not
+    # call the backend otherwise. A backend without them is driven through ``round``.
 
     def select(self, rows: np.ndarray) -> None:
         """Keep only these live rows (increasing), compacted to ``0..len(rows)-1``; all per-row state moves."""

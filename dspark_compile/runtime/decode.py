@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -201,6 +202,15 @@ def _validate_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list
     return out
 
 
+def rounds_ahead(backend: DecodeBackend, policy: VerifyPolicy, g: int) -> int:
+    """Rounds a decode loop keeps launched (DecodeBackend.launch): the backend's ``rounds_in_flight`` where each
+    round's verify lengths are known before the round ahead of it is collected (VerifyPolicy "fixed", or
+    target-only), else 1 (launched and collected in turn)."""
+    if not hasattr(backend, "launch") or (g > 0 and policy.kind != "fixed"):
+        return 1
+    return max(1, int(getattr(backend, "rounds_in_flight", 1)))
+
+
 def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: GenerationParams,
              on_round: RoundCallback | None = None, *, speculative: bool = True,
              seeds: Sequence[int] | None = None) -> list[GenerationResult]:
@@ -235,35 +245,49 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
         _commit(r, [int(first.next_token[r.index])], params, info.eos_token_ids, on_round, None)
     active = reqs
     pending = first  # the drafts (and their confidences) the next round verifies
+    ahead = rounds_ahead(backend, params.policy, g)
+    queued: deque[tuple[list[_Request], np.ndarray]] = deque()  # each launched round: its requests, verify lengths
     while True:
-        still = [i for i, r in enumerate(active) if not r.done]
-        if not still:
-            break
-        if len(still) < len(active):
-            rows = np.array(still, dtype=np.int64)
-            backend.select(rows)
-            active = [active[i] for i in still]
-            pending = Proposal(pending.accepted[rows], pending.next_token[rows], pending.drafts[rows],
-                               pending.confidence_logits[rows])
-        pending = _round(backend, active, pending, params, g, on_round)
+        if not queued:
+            still = [i for i, r in enumerate(active) if not r.done]
+            if not still:
+                break
+            if len(still) < len(active):
+                rows = np.array(still, dtype=np.int64)
+                backend.select(rows)
+                active = [active[i] for i in still]
+                pending = Proposal(pending.accepted[rows], pending.next_token[rows], pending.drafts[rows],
+                                   pending.confidence_logits[rows])
+        # one more round behind those queued when it is sure to run (no request can reach its length before it;
+        # an EOS can still end one, whose row that round then ran for nothing)
+        while len(queued) < ahead and (not queued or all(
+                r.generated + len(queued) * (g + 1) <= params.max_new_tokens for r in active)):
+            verify_len = (params.policy.lengths(pending.confidence_logits, g) if g > 0
+                          else np.zeros(len(active), dtype=np.int64))
+            if ahead > 1:
+                backend.launch(verify_len)  # type: ignore[attr-defined]
+            queued.append((active, verify_len))
+        rows_of, verify_len = queued.popleft()
+        out = backend.collect() if ahead > 1 else backend.round(verify_len)  # type: ignore[attr-defined]
+        _commit_round(rows_of, pending, out, verify_len, params, backend.info.eos_token_ids, g, on_round)
+        pending = out
     return [r.result for r in reqs]
 
 
-def _round(backend: DecodeBackend, active: list[_Request], pending: Proposal, params: GenerationParams, g: int,
-           on_round: RoundCallback | None) -> Proposal:
-    """Verify the pending block (lengths from its confidences), commit, and return the next block."""
-    verify_len = (params.policy.lengths(pending.confidence_logits, g) if g > 0
-                  else np.zeros(len(active), dtype=np.int64))
-    out = backend.round(verify_len)
+def _commit_round(active: list[_Request], pending: Proposal, out: Proposal, verify_len: np.ndarray,
+                  params: GenerationParams, eos: tuple[int, ...], g: int, on_round: RoundCallback | None) -> None:
+    """Commit a round's tokens: the accepted prefix of the ``pending`` drafts it verified and its next token.
+    A request that ended in the round before (run once more behind it) takes nothing."""
     for i, r in enumerate(active):
+        if r.done:
+            continue
         j = int(out.accepted[i])
         ell = int(verify_len[i])
         new = [int(t) for t in pending.drafts[i, :j]] + [int(out.next_token[i])]
         rnd: dict[str, Any] = {"draft": [int(t) for t in pending.drafts[i, :ell]], "accepted": j + 1}
         if g > 0:
             rnd["confidence_logits"] = [round(float(c), 6) for c in pending.confidence_logits[i, :ell]]
-        _commit(r, new, params, backend.info.eos_token_ids, on_round, rnd)
-    return out
+        _commit(r, new, params, eos, on_round, rnd)
 
 
 def _commit(r: _Request, new: list[int], params: GenerationParams, eos: tuple[int, ...],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from dspark_compile.families import family_of
 from dspark_compile.model_config import DraftConfig, Gemma4Config, RopeConfig, TargetConfig
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.runtime.backend import DecodeBackend
-from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy, generate
+from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy, generate, rounds_ahead
 
 if TYPE_CHECKING:
     from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
@@ -448,27 +449,42 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     walls: list[float] = []
     graphs: list[float] = []
     positions = np.arange(g)
+    ahead = rounds_ahead(backend, policy, g)
+    queued: deque[tuple[np.ndarray, np.ndarray]] = deque()  # each launched round: its rows and verify lengths
+    w0 = time.perf_counter()
     while True:
-        keep = ~done[active]
-        if not keep.any():
-            break
-        if not keep.all():
-            backend.select(np.nonzero(keep)[0])
-            active, drafts, conf = active[keep], drafts[keep], conf[keep]
-        w0 = time.perf_counter()
-        vlen = policy.lengths(conf, g) if g > 0 else np.zeros(len(active), dtype=np.int64)
-        prop = backend.round(vlen)
-        acc, nxt = prop.accepted, prop.next_token
-        records.append((active, vlen, drafts, conf, acc, nxt))
-        generated[active] += acc + 1
-        over = generated[active] > max_new_tokens
+        if not queued:
+            keep = ~done[active]
+            if not keep.any():
+                break
+            if not keep.all():
+                backend.select(np.nonzero(keep)[0])
+                active, drafts, conf = active[keep], drafts[keep], conf[keep]
+            w0 = time.perf_counter()
+        # one more round behind those queued, when it is sure to run: no row can reach its length before it
+        # (an EOS can still end one: that round's row is then dropped)
+        while len(queued) < ahead and (not queued or (
+                generated[active] + len(queued) * (g + 1) <= max_new_tokens).all()):
+            vlen = policy.lengths(conf, g) if g > 0 else np.zeros(len(active), dtype=np.int64)
+            if ahead > 1:
+                backend.launch(vlen)
+            queued.append((active, vlen))
+        rows, vlen = queued.popleft()
+        prop = backend.collect() if ahead > 1 else backend.round(vlen)
+        live = ~done[rows]  # a row that ended in the round before was run once more: its outputs are dropped
+        acc, nxt = prop.accepted[live], prop.next_token[live]
+        records.append((rows[live], vlen[live], drafts[live], conf[live], acc, nxt))
+        generated[rows[live]] += acc + 1
+        over = generated[rows[live]] > max_new_tokens
         if eos.size:
             over |= np.isin(nxt, eos)
             if g > 0:
-                over |= (np.isin(drafts, eos) & (positions < acc[:, None])).any(axis=1)
-        done[active] |= over
+                over |= (np.isin(drafts[live], eos) & (positions < acc[:, None])).any(axis=1)
+        done[rows[live]] |= over
         drafts, conf = prop.drafts, prop.confidence_logits
-        walls.append(1e3 * (time.perf_counter() - w0))
+        w1 = time.perf_counter()
+        walls.append(1e3 * (w1 - w0))  # with a round queued behind, from the last collect to this one
+        w0 = w1
         graphs.append(float(getattr(backend, "last_graph_ms", 0.0)))
         launches.append(float(getattr(backend, "last_host_ms", {}).get("launch", 0.0)))
     seconds = time.perf_counter() - t0

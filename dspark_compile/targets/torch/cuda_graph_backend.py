@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,12 @@ class _GraphPool:
         self.handle = torch.cuda.graph_pool_handle() if self.enabled else None
 
 
+ROUNDS_IN_FLIGHT = 2
+"""Rounds :meth:`CudaGraphBackend.launch` may queue before :meth:`~CudaGraphBackend.collect`: the next round waits
+on the device behind the one running, so the host's per-round work (~0.3 ms at batch 1 on the H200) never leaves
+the GPU idle (docs/BENCH.md)."""
+
+
 class _Step:
     """Static device inputs with pinned host twins, a step function, and (once captured) its CUDA graph."""
 
@@ -110,8 +117,10 @@ class _Step:
         self.pool = pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
-        self.host_out: list[torch.Tensor] = []
-        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else ()
+        self.host_out: list[torch.Tensor] = []  # a round's pinned output twins, one per launch slot
+        # per launch slot (CudaGraphBackend.IN_FLIGHT rounds may be queued): graph start, graph end, output copied
+        self.events = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(3))
+                       for _ in range(ROUNDS_IN_FLIGHT)] if cuda else []
         self.copied: dict[str, torch.cuda.Event] = {}  # per input: its last copy from the pinned twin (load)
 
     def load(self, name: str, array: np.ndarray, rows: int) -> None:
@@ -275,7 +284,8 @@ class CudaGraphBackend:
         self._replay_source: torch.Tensor | None = None
         self.last_graph_ms = 0.0
         self.last_host_ms: dict[str, float] = {}  # round(): graph launch call, wait for the outputs
-        self._inflight: tuple[Any, ...] | None = None  # launch() -> collect(): (step, rows, G, outputs, t)
+        self._inflight: deque[tuple[Any, ...]] = deque()  # launch() -> collect(): (step, rows, G, outputs, t, slot)
+        self._launches = 0
 
     @classmethod
     def create(cls, target_dir: str | Path, draft_dir: str | Path | None, *, dtype: str = "bf16",
@@ -347,7 +357,7 @@ class CudaGraphBackend:
         if self.replay is not None:  # a new batch: row b replays reference row b again
             self.replay[0].copy_(self._replay_source)
         self._live = 0
-        self._inflight = None
+        self._inflight.clear()
         self._len_host = np.zeros(alloc[0], dtype=np.int64)  # host mirrors: window and graph choice, no sync
         self._temp_host = np.zeros(alloc[0], dtype=np.float32)
 
@@ -395,6 +405,7 @@ class CudaGraphBackend:
     @torch.inference_mode()
     def select(self, rows: np.ndarray) -> None:
         """Keep these rows (increasing), compacted to ``0..len(rows)-1``: caches and per-row state move."""
+        assert not self._inflight, "collect() the rounds in flight first"
         rows = np.asarray(rows, dtype=np.int64)
         increasing = bool(np.all(np.diff(rows) > 0))
         for cache in (self._kv, self._draft_kv):
@@ -432,6 +443,7 @@ class CudaGraphBackend:
         straight into the rows."""
         st = self._state
         assert st is not None and self._kv is not None, "start() first"
+        assert not self._inflight, "collect() the rounds in flight first"
         k, t = input_ids.shape
         n = self._live
         if n + k > st.rows:
@@ -508,6 +520,8 @@ class CudaGraphBackend:
         if self._draft_kv is not None and dscratch is not None:
             self._draft_kv[:, :, rows, :, : tb + g].copy_(dscratch[:, :, :m, :, : tb + g])
 
+    rounds_in_flight = ROUNDS_IN_FLIGHT  # DecodeBackend.launch
+
     def round(self, verify_len: np.ndarray) -> Proposal:
         """Every live row: verify, commit, draft the next block — one CUDA graph replay, one sync."""
         self.launch(verify_len)
@@ -519,11 +533,12 @@ class CudaGraphBackend:
         (the host may work meanwhile, without touching this backend, until :meth:`collect`)."""
         st = self._state
         assert st is not None and self._live > 0, "admit() first"
-        assert self._inflight is None, "collect() the round in flight first"
+        assert len(self._inflight) < ROUNDS_IN_FLIGHT, "collect() a round in flight first"
         n = self._live
         rows = batch_bucket(n)
         g = st.g
-        window = self._window(int(self._len_host[:n].max()) + 2 * g + 2)
+        # the rounds still in flight commit at most G + 1 positions each: the window holds whatever they accept
+        window = self._window(int(self._len_host[:n].max()) + len(self._inflight) * (g + 1) + 2 * g + 2)
         sampling = bool((self._temp_host[:n] > 0).any())
         replay = NO_REPLAY if self.replay is None or g == 0 else FORCED_REPLAY if self.replay_forced else REPLAY
         width = g + 1
@@ -535,30 +550,33 @@ class CudaGraphBackend:
             step = self._rounds[key] = self._round_step(rows, window, sampling, replay, width)
         step.load("verify_len", np.asarray(verify_len, dtype=np.int64), n)
         if self.device.type != "cuda":
-            self._inflight = (step, n, g, self._run(step)["packed"][:n].clone().numpy(), 0.0)
+            self._inflight.append((step, n, g, self._run(step)["packed"][:n].clone().numpy(), 0.0, 0))
             return
-        ev0, ev1 = step.events
+        slot = self._launches % ROUNDS_IN_FLIGHT  # queued rounds of one graph keep their own events and twin
+        self._launches += 1
+        ev0, ev1, ev2 = step.events[slot]
         h0 = time.perf_counter()
         ev0.record()
         out = self._run(step)["packed"]
         ev1.record()
         h1 = time.perf_counter()
-        if not step.host_out:  # the pinned twin of the output, allocated once per graph
-            step.host_out = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True)]
-        step.host_out[0].copy_(out, non_blocking=True)
+        if not step.host_out:  # the pinned twins of the output, allocated once per graph
+            step.host_out = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True) for _ in range(ROUNDS_IN_FLIGHT)]
+        step.host_out[slot].copy_(out, non_blocking=True)
+        ev2.record()
         self.last_host_ms = {"launch": 1e3 * (h1 - h0)}
-        self._inflight = (step, n, g, None, h1)
+        self._inflight.append((step, n, g, None, h1, slot))
 
     def collect(self) -> Proposal:
-        """The second half of :meth:`round`: wait for the round in flight (the one host sync) and read it."""
-        assert self._inflight is not None, "launch() a round first"
-        step, n, g, packed, h1 = self._inflight
-        self._inflight = None
+        """The second half of :meth:`round`: wait for the oldest round in flight (its one host sync) and read it."""
+        assert self._inflight, "launch() a round first"
+        step, n, g, packed, h1, slot = self._inflight.popleft()
         if packed is None:
-            torch.cuda.current_stream(self.device).synchronize()  # the one host sync of the round
+            ev0, ev1, ev2 = step.events[slot]
+            ev2.synchronize()  # the one host sync of the round: its outputs copied (a round queued behind runs on)
             self.last_host_ms["wait"] = 1e3 * (time.perf_counter() - h1)
-            self.last_graph_ms = step.events[0].elapsed_time(step.events[1])
-            packed = step.host_out[0][:n].numpy().copy()
+            self.last_graph_ms = ev0.elapsed_time(ev1)
+            packed = step.host_out[slot][:n].numpy().copy()
         ints = packed[:, : g + 2].astype(np.int64)
         self._len_host[:n] += ints[:, 0] + 1
         return Proposal(ints[:, 0], ints[:, 1], ints[:, 2:], packed[:, g + 2 :])
