@@ -7,7 +7,8 @@ rows are then copied: one graph serves any rows); ``round`` is **one captured gr
 attention window, greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches
 already hold the rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence,
 with per-row verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host
-sync per round fetches the Proposal. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
+sync per round fetches the Proposal; ``launch`` may queue a second round behind the one running
+(:data:`ROUNDS_IN_FLIGHT`), so the device never waits for the host between rounds. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
 ``verify_step`` / ``draft_step`` run one greedy verify or draft graph alone, nothing committed: the units the
 per-graph step times (bench.step_times) and the SPS profile (tools/profile_sps) time.
 
