@@ -8,7 +8,8 @@ attention window, greedy/sampling, replay, G): verify the pending block → Spec
 already hold the rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence,
 with per-row verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host
 sync per round fetches the Proposal; ``launch`` may queue a second round behind the one running
-(:data:`ROUNDS_IN_FLIGHT`), so the device never waits for the host between rounds. ``set_replay`` is the benchmark-only acceptance replay (docs/BENCH.md).
+(:data:`ROUNDS_IN_FLIGHT`), so the device never waits for the host between rounds. ``set_replay`` is the
+benchmark-only acceptance replay (docs/BENCH.md).
 ``verify_step`` / ``draft_step`` run one greedy verify or draft graph alone, nothing committed: the units the
 per-graph step times (bench.step_times) and the SPS profile (tools/profile_sps) time.
 
@@ -119,7 +120,7 @@ class _Step:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: dict[str, torch.Tensor] = {}
         self.host_out: list[torch.Tensor] = []  # a round's pinned output twins, one per launch slot
-        # per launch slot (CudaGraphBackend.IN_FLIGHT rounds may be queued): graph start, graph end, output copied
+        # per launch slot (ROUNDS_IN_FLIGHT rounds may be queued): graph start, graph end, output copied
         self.events = [tuple(torch.cuda.Event(enable_timing=True) for _ in range(3))
                        for _ in range(ROUNDS_IN_FLIGHT)] if cuda else []
         self.copied: dict[str, torch.cuda.Event] = {}  # per input: its last copy from the pinned twin (load)
@@ -562,7 +563,8 @@ class CudaGraphBackend:
         ev1.record()
         h1 = time.perf_counter()
         if not step.host_out:  # the pinned twins of the output, allocated once per graph
-            step.host_out = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True) for _ in range(ROUNDS_IN_FLIGHT)]
+            step.host_out = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                             for _ in range(ROUNDS_IN_FLIGHT)]
         step.host_out[slot].copy_(out, non_blocking=True)
         ev2.record()
         self.last_host_ms = {"launch": 1e3 * (h1 - h0)}
