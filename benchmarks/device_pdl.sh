@@ -21,7 +21,13 @@ mkdir -p "$W"
 tests() {
   timeout ${TEST_TIMEOUT:-240} "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/targets/test_fp8_torch_target.py \
       tests/targets/test_torch_rounds.py tests/targets/test_torch_target.py tests/targets/test_gemma4_torch_target.py \
-      2>&1 | tail -25 > "$W/pytest_gpu_pdl.txt"
+      > "$W/pytest_gpu_full.txt" 2>&1
+  rc=$?
+  tail -25 "$W/pytest_gpu_full.txt" > "$W/pytest_gpu_pdl.txt"
+  if [ $rc = 124 ]; then  # cut: pytest printed no summary, only a dot per test that passed
+    echo "cut by the ${TEST_TIMEOUT:-240} s limit (TEST_TIMEOUT) before pytest's summary" >> "$W/pytest_gpu_pdl.txt"
+  fi
+  rm -f "$W/pytest_gpu_full.txt"
   tail -2 "$W/pytest_gpu_pdl.txt"
 }
 AB=${AB_VAR:-DSPARK_PDL}
