@@ -107,11 +107,12 @@ def bf16_to_f16_scaled(x, ASM: tl.constexpr):
 
 @triton.jit
 def as_gemm_input(v, dt: tl.constexpr, PRESCALED: tl.constexpr, ASM: tl.constexpr):
-    """float32 ``v`` as a product's input: rounded to ``dt``, or (``PRESCALED``) that bf16 value converted as the
-    decode GEMM's fp16 product converts it in each K tile (:func:`bf16_to_f16_scaled`, the same instructions):
-    written once by the producer, the product's loop skips the conversion. ``ASM`` False: the interpreter."""
+    """float32 ``v`` as a product's input: rounded to ``dt``, or (``PRESCALED``, bf16 models only) rounded to bf16
+    and converted as the decode GEMM's fp16 product converts it in each K tile (:func:`bf16_to_f16_scaled`, the
+    same instructions): written once by the producer, the product's loop skips the conversion. ``ASM`` False: the
+    interpreter."""
     if PRESCALED:  # noqa: SIM108 (one return, no ternary: Triton refuses returns of different types, taken or not)
-        out = bf16_to_f16_scaled(v.to(dt), ASM)
+        out = bf16_to_f16_scaled(v.to(tl.bfloat16), ASM)
     else:
         out = v.to(dt)
     return out
@@ -441,8 +442,7 @@ def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, T, GROUP, 
     d = tl.arange(0, DP)
     o = tl.load(part_o + idx[:, None] * D + d[None, :], mask=smask[:, None] & (d < D)[None, :], other=0.0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w * l_s, axis=0)
-    dt: tl.constexpr = tl.bfloat16 if PRESCALED else out_ptr.dtype.element_ty  # prescaled: fp16 out, bf16 values
-    tl.store(out_ptr + dst * D + d, as_gemm_input(out, dt, PRESCALED, ASM), mask=d < D)
+    tl.store(out_ptr + dst * D + d, as_gemm_input(out, out_ptr.dtype.element_ty, PRESCALED, ASM), mask=d < D)
 
 
 def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> int:

@@ -70,11 +70,17 @@ class TritonAttention(SdpaAttention):
             return super().prepare_ring(positions, slots, window, group, dtype)
         return torch.stack((positions - window + 1, positions + 1, positions[:, -1:].expand_as(positions)))
 
+    @staticmethod
+    def split_k(mask: torch.Tensor) -> bool:
+        """Whether a call with this mask (as :meth:`prepare` made it) runs the split-K kernel: decode-sized
+        queries, given as bounds; longer chunks take SDPA."""
+        return mask.dtype == torch.int64
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, *,
                  prescaled: bool = False) -> torch.Tensor:
         """``prescaled``: the output as the o projection's fp16 product reads it (:meth:`_Linear.takes_prescaled`),
         for decode-sized queries (the split-K kernel's merge writes it)."""
-        if mask.dtype != torch.int64:
+        if not self.split_k(mask):
             assert not prescaled, "a prescaled attention output is for decode-sized queries"
             return super().__call__(q, k, v, mask, scale)
         from dspark_compile.targets.torch.kernels import decode_attention
@@ -307,9 +313,9 @@ class StaticProgram:
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
                      rows=t + n_ctx, q_start=n_ctx)
         # the split-K attention's merge writes o's input (a strategy of another kind never takes it prescaled)
-        pre = isinstance(self.attn, TritonAttention) and mask.dtype == torch.int64 and fw.o.takes_prescaled(x)
-        attn_kw = {"prescaled": True} if pre else {}
-        out = self.attn(q, kv[0][:, :, :window], kv[1][:, :, :window], mask, a.scale, **attn_kw)
+        pre = isinstance(self.attn, TritonAttention) and self.attn.split_k(mask) and fw.o.takes_prescaled(x)
+        k, v = kv[0][:, :, :window], kv[1][:, :, :window]
+        out = self.attn(q, k, v, mask, a.scale, prescaled=True) if pre else self.attn(q, k, v, mask, a.scale)
         # o and down stay summed by the GEMM: add_rmsnorm is one program per row, which would read every
         # partial of the row alone (measured slower on the H200, docs/BENCH.md)
         o = fw.o(out.view(x.shape[0], -1), prescaled=pre)
