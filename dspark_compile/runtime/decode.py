@@ -202,13 +202,36 @@ def _validate_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list
     return out
 
 
-def rounds_ahead(backend: DecodeBackend, policy: VerifyPolicy, g: int) -> int:
-    """Rounds a decode loop keeps launched (DecodeBackend.launch): the backend's ``rounds_in_flight`` where each
+class RoundQueue:
+    """The rounds a decode loop has launched and not yet collected, each with its rows and verify lengths.
+
+    ``ahead``: how many it keeps launched (DecodeBackend.launch): the backend's ``rounds_in_flight`` where each
     round's verify lengths are known before the round ahead of it is collected (VerifyPolicy "fixed", or
-    target-only), else 1 (launched and collected in turn)."""
-    if not hasattr(backend, "launch") or (g > 0 and policy.kind != "fixed"):
-        return 1
-    return max(1, int(getattr(backend, "rounds_in_flight", 1)))
+    target-only), else 1, driven through ``round``. The loop decides which rounds are sure to run."""
+
+    def __init__(self, backend: DecodeBackend, policy: VerifyPolicy, g: int) -> None:
+        self.backend: Any = backend
+        self.ahead = 1
+        if hasattr(backend, "launch") and (g == 0 or policy.kind == "fixed"):
+            self.ahead = max(1, int(getattr(backend, "rounds_in_flight", 1)))
+        self._queued: deque[tuple[Any, np.ndarray]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def room(self) -> bool:
+        return len(self._queued) < self.ahead
+
+    def launch(self, rows: Any, verify_len: np.ndarray) -> None:
+        if self.ahead > 1:
+            self.backend.launch(verify_len)
+        self._queued.append((rows, verify_len))
+
+    def collect(self) -> tuple[Any, np.ndarray, Proposal]:
+        """The oldest round launched: its rows, verify lengths and Proposal."""
+        rows, verify_len = self._queued.popleft()
+        out = self.backend.collect() if self.ahead > 1 else self.backend.round(verify_len)
+        return rows, verify_len, out
 
 
 def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: GenerationParams,
@@ -245,8 +268,7 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
         _commit(r, [int(first.next_token[r.index])], params, info.eos_token_ids, on_round, None)
     active = reqs
     pending = first  # the drafts (and their confidences) the next round verifies
-    ahead = rounds_ahead(backend, params.policy, g)
-    queued: deque[tuple[list[_Request], np.ndarray]] = deque()  # each launched round: its requests, verify lengths
+    queued = RoundQueue(backend, params.policy, g)
     while True:
         if not queued:
             still = [i for i, r in enumerate(active) if not r.done]
@@ -260,15 +282,11 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
                                    pending.confidence_logits[rows])
         # one more round behind those queued when it is sure to run (no request can reach its length before it;
         # an EOS can still end one, whose row that round then ran for nothing)
-        while len(queued) < ahead and (not queued or all(
+        while queued.room() and (not queued or all(
                 r.generated + len(queued) * (g + 1) <= params.max_new_tokens for r in active)):
-            verify_len = (params.policy.lengths(pending.confidence_logits, g) if g > 0
+            queued.launch(active, params.policy.lengths(pending.confidence_logits, g) if g > 0
                           else np.zeros(len(active), dtype=np.int64))
-            if ahead > 1:
-                backend.launch(verify_len)  # type: ignore[attr-defined]
-            queued.append((active, verify_len))
-        rows_of, verify_len = queued.popleft()
-        out = backend.collect() if ahead > 1 else backend.round(verify_len)  # type: ignore[attr-defined]
+        rows_of, verify_len, out = queued.collect()
         _commit_round(rows_of, pending, out, verify_len, params, backend.info.eos_token_ids, g, on_round)
         pending = out
     return [r.result for r in reqs]

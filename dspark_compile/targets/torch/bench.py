@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from dspark_compile.families import family_of
 from dspark_compile.model_config import DraftConfig, Gemma4Config, RopeConfig, TargetConfig
 from dspark_compile.models.dspark import DSparkDraft
 from dspark_compile.runtime.backend import DecodeBackend
-from dspark_compile.runtime.decode import GenerationParams, GenerationResult, VerifyPolicy, generate, rounds_ahead
+from dspark_compile.runtime.decode import GenerationParams, GenerationResult, RoundQueue, VerifyPolicy, generate
 
 if TYPE_CHECKING:
     from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
@@ -449,8 +448,7 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     walls: list[float] = []
     graphs: list[float] = []
     positions = np.arange(g)
-    ahead = rounds_ahead(backend, policy, g)
-    queued: deque[tuple[np.ndarray, np.ndarray]] = deque()  # each launched round: its rows and verify lengths
+    queued = RoundQueue(backend, policy, g)
     w0 = time.perf_counter()
     while True:
         if not queued:
@@ -463,14 +461,10 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
             w0 = time.perf_counter()
         # one more round behind those queued, when it is sure to run: no row can reach its length before it
         # (an EOS can still end one: that round's row is then dropped)
-        while len(queued) < ahead and (not queued or (
+        while queued.room() and (not queued or (
                 generated[active] + len(queued) * (g + 1) <= max_new_tokens).all()):
-            vlen = policy.lengths(conf, g) if g > 0 else np.zeros(len(active), dtype=np.int64)
-            if ahead > 1:
-                backend.launch(vlen)
-            queued.append((active, vlen))
-        rows, vlen = queued.popleft()
-        prop = backend.collect() if ahead > 1 else backend.round(vlen)
+            queued.launch(active, policy.lengths(conf, g) if g > 0 else np.zeros(len(active), dtype=np.int64))
+        rows, vlen, prop = queued.collect()
         live = ~done[rows]  # a row that ended in the round before was run once more: its outputs are dropped
         acc, nxt = prop.accepted[live], prop.next_token[live]
         records.append((rows[live], vlen[live], drafts[live], conf[live], acc, nxt))
