@@ -235,6 +235,10 @@ PRESCALED_SCRIPT = textwrap.dedent(
     for cfg, want in (((16, 32, 64, 8, 4, 3, 2), True), ((16, 32, 64, 8, 4, 3, 1), False)):
         decode_gemm._CHOSEN[key] = cfg
         assert takes_prescaled(m, w, torch.bfloat16, cuda) is want
+    # a product whose consumer sums its partials has its own choice (timed without the GEMM's reduction)
+    decode_gemm._CHOSEN[decode_gemm._key(m, w, torch.bfloat16, handoff=True)] = (16, 32, 64, 8, 4, 3, 2)
+    assert takes_prescaled(m, w, torch.bfloat16, cuda, handoff=True)
+    assert not takes_prescaled(m, w, torch.bfloat16, cuda)
     assert not takes_prescaled(m, w, torch.bfloat16, torch.device("cpu"))
     assert not takes_prescaled(m, w, torch.float16, cuda)
     assert not takes_prescaled(m, DecodeWeight.full(torch.randn(n, k).to(torch.bfloat16)), torch.bfloat16, cuda)
@@ -265,7 +269,7 @@ PRESCALED_PROGRAM_SCRIPT = textwrap.dedent(
     golden = Path(sys.argv[1])
     # every e4m3 product runs the fp16 product (as the H200's timed choice does at up to 16 rows); the CPU never
     # takes prescaled inputs by itself (no GPU), so the answer is forced here
-    decode_gemm._config = lambda x, w: (16, 32, 64, 8, 4, 3, 2)
+    decode_gemm._config = lambda x, w, handoff=False: (16, 32, 64, 8, 4, 3, 2)
     calls = []
     launch = decode_gemm._launch
     def counted(x, w, cfg, handoff=False, out_dtype=None):
@@ -274,8 +278,8 @@ PRESCALED_PROGRAM_SCRIPT = textwrap.dedent(
     decode_gemm._launch = counted
     outs = []
     for pre in (False, True):
-        decode_gemm.takes_prescaled = lambda m, w, dtype, device, pre=pre: (pre and dtype == torch.bfloat16
-                                                                               and not w.wide)
+        decode_gemm.takes_prescaled = lambda m, w, dtype, device, handoff=False, pre=pre: (
+            pre and dtype == torch.bfloat16 and not w.wide)
         p = build_program(golden / "target", golden / "draft", dtype="bf16")
         quantize_program(p, lm_head=True, draft=True)
         prog = StaticProgram(p.target, p.draft, fused=True, attention="reference")

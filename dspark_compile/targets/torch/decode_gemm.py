@@ -243,13 +243,17 @@ SMALL_CONFIGS = ((128, 128, 4, 4, 4, 0), (128, 128, 4, 4, 4, 1), (64, 128, 4, 4,
                  (128, 128, 8, 4, 3, 1), (128, 128, 2, 8, 4, 1), (64, 128, 2, 4, 8, 1), (64, 128, 4, 4, 4, 2),
                  (64, 128, 2, 4, 4, 2), (64, 128, 8, 4, 3, 2), (128, 128, 2, 4, 4, 2), (128, 128, 4, 4, 4, 2),
                  (128, 128, 2, 8, 4, 2), (128, 128, 4, 8, 4, 2), (64, 256, 2, 4, 4, 2), (128, 64, 4, 4, 6, 2),
-                 (128, 256, 1, 4, 4, 2), (256, 128, 2, 8, 3, 2))
+                 (128, 256, 1, 4, 4, 2), (256, 128, 2, 8, 3, 2), (64, 256, 3, 4, 3, 2), (64, 256, 4, 4, 2, 2),
+                 (64, 256, 6, 4, 2, 2), (64, 256, 0, 4, 3, 2), (64, 256, 1, 4, 3, 2), (64, 256, 2, 4, 3, 2),
+                 (64, 128, 4, 4, 3, 2), (64, 128, 3, 4, 4, 2), (64, 128, 6, 4, 3, 2))
 """BLOCK_N, BLOCK_K, programs per SM (K is split until the grid has that many; 0: no split), warps, stages,
 conversion (0: Triton's e4m3 → bf16; 1: :func:`_e4m3_to_bf16_shifted`; 2: an fp16 product, e4m3 → f16 in one
 instruction per two values and the activations scaled into fp16 by :data:`X_SCALE`) for M <= SMALL_M
 (BLOCK_M = 16). The first is the reference every other is checked against when timed. Conversion 2 and the
 many small programs per SM were added for a kernel thought bound by conversion instructions; with no conversion
-at all (W8A8, conversion 3) it measured no faster at small M (docs/BENCH.md, "Dynamic e4m3 activations")."""
+at all (W8A8, conversion 3) it measured no faster at small M (docs/BENCH.md, "Dynamic e4m3 activations"). The last
+nine (64-row tiles, K tiles of 256, fewer stages, 3 and 6 programs per SM) led a wider sweep of the Qwen3-8B
+products on the H200 (docs/BENCH.md, "Where an e4m3 product's time goes")."""
 LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 64, 128, 1, 4, 4, 1),
                  (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1))
 """BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M."""
@@ -300,20 +304,23 @@ def _candidates(m: int, k: int, group: int, weight_bytes: int = 1, act_group: in
     return [CUBLAS, *fitted] if weight_bytes > 1 else fitted
 
 
-def _key(m: int, w: DecodeWeight, dtype: torch.dtype) -> tuple[int, ...]:
+def _key(m: int, w: DecodeWeight, dtype: torch.dtype, handoff: bool = False) -> tuple[int, ...]:
     """What a configuration is chosen for: the row class, the weight's shape, scale group and activation group,
-    and the bytes per activation and per weight value."""
-    return (row_class(m), *w.weight.shape, w.group, dtype.itemsize, w.weight.dtype.itemsize, w.act_group)
+    the bytes per activation and per weight value, and whether the consumer sums split-K partials itself."""
+    return (row_class(m), *w.weight.shape, w.group, dtype.itemsize, w.weight.dtype.itemsize, w.act_group,
+            int(handoff))
 
 
-def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
+def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
     """The configuration of this weight for this row class, timed once per (class, N, K, group) on the GPU
     (outside CUDA-graph capture; the first call of a shape is a warm-up run) and then fixed, so a row gets
     the same bits whatever the batch within its class. A candidate that does not compile for this GPU, or
     whose result strays from the first's (plain conversion, or cuBLAS) by more than float32 summation order
-    can explain, is dropped."""
+    can explain, is dropped. ``handoff``: candidates are timed as a consumer that sums the partials runs them,
+    without the last program's reduction, which costs a split-K product 2–3 µs at one row on the H200
+    (docs/BENCH.md); the choice is kept apart from the same shape's self-summing one."""
     m, k = x.shape
-    key = _key(m, w, x.dtype)
+    key = _key(m, w, x.dtype, handoff)
     chosen = _CHOSEN.get(key)
     if chosen is not None:
         return chosen
@@ -334,7 +341,7 @@ def _config(x: torch.Tensor, w: DecodeWeight) -> Config:
             log.warning("decode GEMM configuration %s dropped: relative error %.3g against %s", cfg, err,
                         candidates[0])
             continue
-        ms = candidate_ms(x, w, cfg)
+        ms = candidate_ms(x, w, cfg, handoff)
         if ms < best_ms:
             best, best_ms = cfg, ms
     _CHOSEN[key] = best
@@ -358,14 +365,14 @@ so every launch reads its weight from memory, as a decode step does. A weight of
 the timing they replace did."""
 
 
-def candidate_ms(x: torch.Tensor, w: DecodeWeight, cfg: Config) -> float:
+def candidate_ms(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False) -> float:
     """GPU milliseconds per launch of ``cfg`` in a decode step's conditions: launches back to back in one CUDA
     graph (no host launch cost), each on its own copy of the weight (cold in L2, no flush traffic). Timing one
     call behind an L2 flush ranked candidates by the flush's write-backs as much as by the kernel: runs picked
     differently among them, and the FP8 step moved by about 0.25 ms between runs (docs/BENCH.md)."""
     copies = max(1, min(16, ROTATION_BYTES // max(1, w.weight.nbytes)))
     weights = [w] + [replace(w, weight=w.weight.clone()) for _ in range(copies - 1)]
-    launches = [lambda c=c: _launch(x, c, cfg) for c in weights]
+    launches = [lambda c=c: _launch(x, c, cfg, handoff) for c in weights]
     return graph_ms(launches * -(-4 // copies))  # at least four launches: the graph's own start is shared
 
 
@@ -393,18 +400,20 @@ def graph_ms(launches: list[Callable[[], object]], replays: int = 7) -> float:
     return float(sorted(times)[len(times) // 2])
 
 
-def takes_prescaled(m: int, w: DecodeWeight, dtype: torch.dtype, device: torch.device) -> bool:
+def takes_prescaled(m: int, w: DecodeWeight, dtype: torch.dtype, device: torch.device, handoff: bool = False) -> bool:
     """Whether ``w``'s product of ``m`` rows of ``dtype`` runs the fp16 product (conversion 2) on bf16 inputs, so
     that its producer can write the input already converted (``kernels.as_gemm_input``) and the product skip the
     conversion in every K tile (decode_linear's ``prescaled``): the same bits. One answer per row class and
-    weight shape, as the configuration (timed here on a stand-in input if this shape was not timed yet)."""
+    weight shape, as the configuration (timed here on a stand-in input if this shape was not timed yet);
+    ``handoff`` as the product's call passes it."""
     if dtype != torch.bfloat16 or w.wide or w.act_group or device.type != "cuda":
         return False
-    cfg = _CHOSEN.get(_key(m, w, dtype))
+    handoff = handoff and w.bias is None
+    cfg = _CHOSEN.get(_key(m, w, dtype, handoff))
     if cfg is None:
         if torch.cuda.is_current_stream_capturing():  # no stand-in inside a graph; either way gives the same bits
             return False
-        cfg = _config(torch.randn(m, w.weight.shape[1], dtype=dtype, device=device), w)
+        cfg = _config(torch.randn(m, w.weight.shape[1], dtype=dtype, device=device), w, handoff)
     return cfg != CUBLAS and cfg[6] == 2
 
 
@@ -416,10 +425,11 @@ def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *
     ``prescaled``: ``x`` is fp16, a bf16 input already converted for the fp16 product (:func:`takes_prescaled`);
     the result is bf16, bit for bit what the bf16 input gives."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
-    cfg = cfg or _config(x, w)  # prescaled: the bf16 input's configuration (same key), chosen by takes_prescaled
+    handoff = handoff and w.bias is None
+    cfg = cfg or _config(x, w, handoff)  # prescaled: the bf16 input's configuration (same key), by takes_prescaled
     assert not prescaled or (x.dtype == torch.float16 and cfg != CUBLAS and cfg[6] == 2), \
         "a prescaled input needs the fp16 product"
-    out = _launch(x, w, cfg, handoff=handoff and w.bias is None, out_dtype=torch.bfloat16 if prescaled else None)
+    out = _launch(x, w, cfg, handoff=handoff, out_dtype=torch.bfloat16 if prescaled else None)
     if w.bias is not None:
         out = out + w.bias.to(out.dtype)
     return out

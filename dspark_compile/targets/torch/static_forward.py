@@ -122,16 +122,17 @@ class _Linear:
                                  prescaled=prescaled)
         return F.linear(x, self.weight, self.bias)
 
-    def takes_prescaled(self, x: torch.Tensor) -> bool:
+    def takes_prescaled(self, x: torch.Tensor, *, handoff: bool = False) -> bool:
         """Whether this product of ``x``'s row count and dtype (bf16) runs the decode GEMM's fp16 product, so that the
         kernel producing its input writes it converted (``decode_gemm.takes_prescaled``: the same bits, no
-        conversion in each K tile). ``DSPARK_PRESCALED=0`` turns it off."""
+        conversion in each K tile; ``handoff`` as the call passes it). ``DSPARK_PRESCALED=0`` turns it off."""
         if isinstance(self.weight, torch.Tensor) or self.input_scale is not None:
             return False
         from dspark_compile.targets.torch.decode_gemm import takes_prescaled
         from dspark_compile.targets.torch.kernels import switched_on
 
-        return switched_on("DSPARK_PRESCALED") and takes_prescaled(x.shape[0], self.weight, x.dtype, x.device)
+        handoff = handoff and switched_on("DSPARK_GEMM_HANDOFF")
+        return switched_on("DSPARK_PRESCALED") and takes_prescaled(x.shape[0], self.weight, x.dtype, x.device, handoff)
 
     @classmethod
     def of(cls, linears: list[nn.Module]) -> _Linear:
@@ -299,7 +300,7 @@ class StaticProgram:
         cos, sin, slots = inputs
         a = layer.self_attn
         # a product's input written as its fp16 product reads it (decode_gemm.takes_prescaled), where it is one
-        pre = ctx is None and fw.qkv.takes_prescaled(x)
+        pre = ctx is None and fw.qkv.takes_prescaled(x, handoff=True)
         h = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.eps, tap, prescaled=pre)
         rows_in = h
         n_ctx = 0
@@ -319,7 +320,7 @@ class StaticProgram:
         # o and down stay summed by the GEMM: add_rmsnorm is one program per row, which would read every
         # partial of the row alone (measured slower on the H200, docs/BENCH.md)
         o = fw.o(out.view(x.shape[0], -1), prescaled=pre)
-        pre = fw.gate_up.takes_prescaled(x)
+        pre = fw.gate_up.takes_prescaled(x, handoff=True)
         h = add_rmsnorm(x, o, layer.post_attention_layernorm.weight,
                         layer.post_attention_layernorm.eps, prescaled=pre)
         gate_up = fw.gate_up(h, handoff=True, prescaled=pre)
