@@ -1,0 +1,185 @@
+"""Where an e4m3 decode product's time goes, alone on the GPU: each Qwen3-8B product (q|k|v, o, gate|up, down, LM
+head) against its byte floor, a plain read of the same bytes (the least any kernel pays to stream them), the timed
+choice's configuration, a sweep of configurations (fp16 product, TMA and per-thread copies), the product with its
+split-K partials left to a consumer (``handoff``: no last-program reduction) against the product summing them
+itself, and bf16 cuBLAS. µs per launch in a CUDA graph, each launch on its own copy of the weight (cold in L2), as
+``decode_gemm.candidate_ms`` ranks candidates.
+
+    PYTHONPATH=. python benchmarks/gemm_sweep.py OUT.json [--shapes qkv,o] [--budget-s 330]
+
+Results: ``benchmarks/results/gemm_sweep_h200.json`` and ``gemm_tail_h200.json`` (the two probes this script was
+written from; the second also timed PDL off and a stand-in without activation loads, which are not kept here);
+docs/BENCH.md, "Where an e4m3 product's time goes".
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch.nn import functional as F
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+from dspark_compile.targets.torch import decode_gemm as dg
+
+PRODUCTS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288),
+            "lm_head": (151936, 4096)}
+
+
+@triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+@triton.jit
+def _stream_kernel(w_ptr, o_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Reads CHUNK int32 words per program and keeps one word: the bytes streamed, nothing else."""
+    base = w_ptr + tl.program_id(0).to(tl.int64) * CHUNK
+    acc = tl.zeros((BLOCK,), tl.int32)
+    for off in range(0, CHUNK, BLOCK):
+        acc ^= tl.load(base + off + tl.arange(0, BLOCK))
+    tl.store(o_ptr + tl.program_id(0), tl.reduce(acc, 0, _xor))
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device copy (read + write)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3)
+
+
+def _copies(t: torch.Tensor) -> list[torch.Tensor]:
+    return [t] + [t.clone() for _ in range(max(1, min(16, dg.ROTATION_BYTES // t.nbytes)) - 1)]
+
+
+def _us(launches: list[Any]) -> float:
+    return dg.graph_ms(launches * -(-4 // len(launches))) * 1e3
+
+
+def stream_us(weight: torch.Tensor, programs: int, block: int, warps: int) -> float | None:
+    """µs to read ``weight`` with ``programs`` programs of ``warps`` warps, ``block`` words per load; None where
+    the words do not split evenly."""
+    n = weight.numel() // 4
+    chunk = -(-n // programs)
+    chunk = -(-chunk // block) * block
+    if n % chunk:
+        return None
+    words = [c.view(torch.int32).view(-1) for c in _copies(weight)]
+    out = torch.empty(n // chunk, dtype=torch.int32, device="cuda")
+    return _us([lambda w=w: _stream_kernel[(n // chunk,)](w, out, CHUNK=chunk, BLOCK=block, num_warps=warps)
+                for w in words])
+
+
+def sweep_configs() -> list[dg.Config]:
+    """fp16-product configurations at up to 16 rows whose stages fit the kernel's shared memory budget."""
+    out = []
+    for bn, bk, per_sm, warps, stages, tma in itertools.product((64, 128, 256), (128, 256), (0, 1, 2, 3, 4, 6, 8),
+                                                               (4, 8), (2, 3, 4, 6), (0, 1)):
+        fits = (bn * bk + 16 * bk * 2) * stages <= dg.SMEM_BYTES and not (bk == 256 and stages > 4)
+        if fits and (bn == 256) == (warps == 8):
+            out.append((16, bn, bk, per_sm, warps, stages, 2, tma))
+    return out
+
+
+def plot(res: dict[str, Any], png: str, tails: dict[str, Any] | None = None) -> None:
+    """µs per product: floor, plain read, the timed choice, the sweep's best and that one handing off. Reads this
+    script's fields, or the probes' (``chosen_us_M8``; ``tails``: ``gemm_tail_h200.json``'s ``best_handoff``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in PRODUCTS if n in res and n != "lm_head"]
+    series: dict[str, list[float]] = {"byte floor": [], "plain read": [], "timed choice": [], "sweep best": [],
+                                      "sweep best, handed off": []}
+    for n in names:
+        row = res[n]
+        series["byte floor"].append(row["floor_us"])
+        series["plain read"].append(row["stream_best"][0][1] if row["stream_best"] else float("nan"))
+        series["timed choice"].append(row.get("chosen_us_handoff0", row.get("chosen_us_M8", float("nan"))))
+        series["sweep best"].append(row["sweep_top"][0][0])
+        handed = row.get("best_handoff_us", (tails or {}).get(n, {}).get("best_handoff", float("nan")))
+        series["sweep best, handed off"].append(handed)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.16
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + (i - 2) * width for j in range(len(names))], values, width, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("µs per launch (8 rows, cold weight)")
+    ax.set_title(f"Qwen3-8B e4m3 products, {res.get('device', 'GPU')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--shapes", default=",".join(PRODUCTS))
+    ap.add_argument("--budget-s", type=float, default=330.0, help="stop sweeping once this much time has passed")
+    args = ap.parse_args()
+    bandwidth = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bw_GBs": bandwidth / 1e9}
+    t0 = time.time()
+    for name in args.shapes.split(","):
+        n, k = PRODUCTS[name]
+        torch.manual_seed(0)
+        w = dg.DecodeWeight.of((torch.randn(n, k, device="cuda") * 0.05).to(torch.float8_e4m3fn),
+                               torch.rand(n, device="cuda") * 0.01 + 0.001, k, None)
+        weights = [w] + [dg.replace(w, weight=c) for c in _copies(w.weight)[1:]]
+        row: dict[str, Any] = {"floor_us": w.weight.nbytes / bandwidth * 1e6}
+        x = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
+        for handoff in (False, True):
+            cfg = dg._config(x, w, handoff)
+            row[f"chosen_handoff{int(handoff)}"] = list(cfg)
+            row[f"chosen_us_handoff{int(handoff)}"] = dg.candidate_ms(x, w, cfg, handoff) * 1e3
+        reference = dg._launch(x, w, (16, 128, 128, 0, 4, 3, 0)).float()
+        timed = []
+        for cfg in sweep_configs()[:: 3 if name == "lm_head" else 1]:
+            if time.time() - t0 > args.budget_s:
+                break
+            try:
+                got = dg._launch(x, w, cfg).float()
+            except (OutOfResources, CompilationError):
+                continue
+            if float((got - reference).abs().max() / reference.abs().max()) <= 1e-2:
+                timed.append((dg.candidate_ms(x, w, cfg) * 1e3, cfg))
+        timed.sort()
+        row["sweep_top"] = [(round(us, 2), list(cfg)) for us, cfg in timed[:8]]
+        row["sweep_n"] = len(timed)
+        for _, cfg in timed[:1]:  # the sweep's best, its reduction left to a consumer
+            row["best_handoff_us"] = _us([lambda c=c, cfg=cfg, x=x: dg._launch(x, c, cfg, True) for c in weights])
+            row["best_programs"] = triton.cdiv(n, cfg[1]) * dg.split_k(n, k, k, cfg, sms)[1]
+        streams = {f"{mult}x{block}w{warps}": stream_us(w.weight, sms * mult, block, warps)
+                   for mult, block, warps in itertools.product((1, 2, 4, 8, 16), (2048, 4096, 8192), (4, 8))}
+        row["stream_best"] = sorted(((key, round(v, 2)) for key, v in streams.items() if v is not None),
+                                    key=lambda kv: kv[1])[:5]
+        wide = (torch.randn(n, k, device="cuda") * 0.05).to(torch.bfloat16)
+        row["cublas_bf16_us"] = _us([lambda b=b, x=x: F.linear(x, b) for b in _copies(wide)])
+        row["bf16_floor_us"] = wide.nbytes / bandwidth * 1e6
+        results[name] = row
+        print(name, json.dumps(row), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, args.out.removesuffix(".json") + ".png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
