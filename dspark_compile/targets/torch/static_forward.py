@@ -98,6 +98,15 @@ ATTENTION: dict[str, ReferenceAttention] = {"sdpa": SdpaAttention(), "reference"
                                             "triton": TritonAttention()}
 
 
+def _hands_off(handoff: bool) -> bool:
+    """Whether a product called with ``handoff`` leaves its split-K partials to its consumer:
+    ``DSPARK_GEMM_HANDOFF=0`` turns it off. The call and the prescaled question must agree, as the decode GEMM
+    keeps one configuration per answer."""
+    from dspark_compile.targets.torch.kernels import switched_on
+
+    return handoff and switched_on("DSPARK_GEMM_HANDOFF")
+
+
 @dataclass(frozen=True)
 class _Linear:
     """One matrix product of the fused step through the decode GEMM (:mod:`.decode_gemm`: e4m3 weights, and
@@ -116,10 +125,8 @@ class _Linear:
             x = fp8_quantize_dequantize(x, self.input_scale)
         if not isinstance(self.weight, torch.Tensor):
             from dspark_compile.targets.torch.decode_gemm import decode_linear
-            from dspark_compile.targets.torch.kernels import switched_on
 
-            return decode_linear(x, self.weight, handoff=handoff and switched_on("DSPARK_GEMM_HANDOFF"),
-                                 prescaled=prescaled)
+            return decode_linear(x, self.weight, handoff=_hands_off(handoff), prescaled=prescaled)
         return F.linear(x, self.weight, self.bias)
 
     def takes_prescaled(self, x: torch.Tensor, *, handoff: bool = False) -> bool:
@@ -131,8 +138,8 @@ class _Linear:
         from dspark_compile.targets.torch.decode_gemm import takes_prescaled
         from dspark_compile.targets.torch.kernels import switched_on
 
-        handoff = handoff and switched_on("DSPARK_GEMM_HANDOFF")
-        return switched_on("DSPARK_PRESCALED") and takes_prescaled(x.shape[0], self.weight, x.dtype, x.device, handoff)
+        return switched_on("DSPARK_PRESCALED") and takes_prescaled(x.shape[0], self.weight, x.dtype, x.device,
+                                                                   _hands_off(handoff))
 
     @classmethod
     def of(cls, linears: list[nn.Module]) -> _Linear:
