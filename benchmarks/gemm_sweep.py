@@ -8,7 +8,8 @@ itself, and bf16 cuBLAS. µs per launch in a CUDA graph, each launch on its own 
     PYTHONPATH=. python benchmarks/gemm_sweep.py OUT.json [--shapes qkv,o] [--budget-s 330]
 
 Results: ``benchmarks/results/gemm_sweep_h200.json`` and ``gemm_tail_h200.json`` (the two probes this script was
-written from; the second also timed PDL off and a stand-in without activation loads, which are not kept here);
+written from; the second also timed PDL off and a stand-in without activation loads, which are not kept here, and
+their copy bandwidth was the mean of ten copies where this script takes ``bench.measure_copy_bandwidth``'s median);
 docs/BENCH.md, "Where an e4m3 product's time goes".
 """
 
@@ -28,6 +29,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from dspark_compile.targets.torch import decode_gemm as dg
+from dspark_compile.targets.torch.bench import byte_floor_ms, measure_copy_bandwidth
 
 PRODUCTS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288),
             "lm_head": (151936, 4096)}
@@ -46,21 +48,6 @@ def _stream_kernel(w_ptr, o_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     for off in range(0, CHUNK, BLOCK):
         acc ^= tl.load(base + off + tl.arange(0, BLOCK))
     tl.store(o_ptr + tl.program_id(0), tl.reduce(acc, 0, _xor))
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a 1 GiB device copy (read + write)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    return 2 * a.numel() * 10 / (start.elapsed_time(end) / 1e3)
 
 
 def _copies(t: torch.Tensor) -> list[torch.Tensor]:
@@ -133,7 +120,7 @@ def main() -> int:
     ap.add_argument("--shapes", default=",".join(PRODUCTS))
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop sweeping once this much time has passed")
     args = ap.parse_args()
-    bandwidth = copy_bandwidth()
+    bandwidth = measure_copy_bandwidth("cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bw_GBs": bandwidth / 1e9}
     t0 = time.time()
@@ -143,7 +130,7 @@ def main() -> int:
         w = dg.DecodeWeight.of((torch.randn(n, k, device="cuda") * 0.05).to(torch.float8_e4m3fn),
                                torch.rand(n, device="cuda") * 0.01 + 0.001, k, None)
         weights = [w] + [dg.replace(w, weight=c) for c in _copies(w.weight)[1:]]
-        row: dict[str, Any] = {"floor_us": w.weight.nbytes / bandwidth * 1e6}
+        row: dict[str, Any] = {"floor_us": byte_floor_ms(w.weight.nbytes, bandwidth) * 1e3}
         x = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
         for handoff in (False, True):
             cfg = dg._config(x, w, handoff)
@@ -172,7 +159,7 @@ def main() -> int:
                                     key=lambda kv: kv[1])[:5]
         wide = (torch.randn(n, k, device="cuda") * 0.05).to(torch.bfloat16)
         row["cublas_bf16_us"] = _us([lambda b=b, x=x: F.linear(x, b) for b in _copies(wide)])
-        row["bf16_floor_us"] = wide.nbytes / bandwidth * 1e6
+        row["bf16_floor_us"] = byte_floor_ms(wide.nbytes, bandwidth) * 1e3
         results[name] = row
         print(name, json.dumps(row), flush=True)
     with open(args.out, "w") as f:

@@ -211,6 +211,7 @@ class RoundQueue:
 
     def __init__(self, backend: DecodeBackend, policy: VerifyPolicy, g: int) -> None:
         self.backend: Any = backend
+        self.policy, self.g = policy, g
         self.ahead = 1
         if hasattr(backend, "launch") and (g == 0 or policy.kind == "fixed"):
             self.ahead = max(1, int(getattr(backend, "rounds_in_flight", 1)))
@@ -222,7 +223,11 @@ class RoundQueue:
     def room(self) -> bool:
         return len(self._queued) < self.ahead
 
-    def launch(self, rows: Any, verify_len: np.ndarray) -> None:
+    def launch(self, rows: Any, confidence_logits: np.ndarray) -> None:
+        """Queue a round over ``rows`` verifying the pending drafts, as many as the policy takes from their
+        ``confidence_logits`` (none: target-only)."""
+        verify_len = (self.policy.lengths(confidence_logits, self.g) if self.g > 0
+                      else np.zeros(len(confidence_logits), dtype=np.int64))
         if self.ahead > 1:
             self.backend.launch(verify_len)
         self._queued.append((rows, verify_len))
@@ -284,8 +289,7 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
         # an EOS can still end one, whose row that round then ran for nothing)
         while queued.room() and (not queued or all(
                 r.generated + len(queued) * (g + 1) <= params.max_new_tokens for r in active)):
-            queued.launch(active, params.policy.lengths(pending.confidence_logits, g) if g > 0
-                          else np.zeros(len(active), dtype=np.int64))
+            queued.launch(active, pending.confidence_logits)
         rows_of, verify_len, out = queued.collect()
         _commit_round(rows_of, pending, out, verify_len, params, backend.info.eos_token_ids, g, on_round)
         pending = out

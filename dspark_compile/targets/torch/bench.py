@@ -463,7 +463,7 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
         # (an EOS can still end one: that round's row is then dropped)
         while queued.room() and (not queued or (
                 generated[active] + len(queued) * (g + 1) <= max_new_tokens).all()):
-            queued.launch(active, policy.lengths(conf, g) if g > 0 else np.zeros(len(active), dtype=np.int64))
+            queued.launch(active, conf)
         rows, vlen, prop = queued.collect()
         live = ~done[rows]  # a row that ended in the round before was run once more: its outputs are dropped
         acc, nxt = prop.accepted[live], prop.next_token[live]
