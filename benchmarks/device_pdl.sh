@@ -6,7 +6,8 @@
 # few files).
 # AB_VAR names the switch the A/B flips (default DSPARK_PDL; DSPARK_GEMM_EARLY: the decode GEMM's early first
 # weight tile; DSPARK_GEMM_HANDOFF: split-K partials summed by the consumer; DSPARK_PRESCALED: products' inputs
-# written in the fp16 product's format); CHAIN=0 skips the launch chains;
+# written in the fp16 product's format; DSPARK_DEFERRED_NORM: RMSNorms finished by the e4m3 product after them, o's
+# and down's partials handed to the norm); CHAIN=0 skips the launch chains;
 # TESTS_LAST=1 runs the GPU tests after the rounds; BATCH (e.g. 4,16), NEW (new tokens) and ROUND_TIMEOUT (s per
 # mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent, e.g. made with
 # `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that fp8_bench.py, when

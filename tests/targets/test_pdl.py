@@ -35,11 +35,12 @@ def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf1
             if name == "part_i":  # markov_greedy's block argmaxes
                 kind = "*i32"
             fp32 = name.startswith(("part_o", "part_m", "part_l", "part_v", "part_ptr", "s_ptr")) or "scale" in name \
-                or (consts.get("PARTS") and name in ("qkv_ptr", "gu_ptr")) or name == "s2_ptr"
+                or (consts.get("PARTS") and name in ("qkv_ptr", "gu_ptr", "d_ptr")) or name == "s2_ptr" \
+                or "norm_ptr" in name or name == "sumsq_ptr"
             e4m3 = name == "w_ptr" or (name == "w2_ptr" and consts.get("W2_SCALED"))
             sig[name] = "*fp32" if fp32 else "*fp8e4nv" if e4m3 else kind
         else:
-            sig[name] = "fp32" if name in ("eps", "eps1", "eps2", "scale") else "i32"
+            sig[name] = "fp32" if name in ("eps1", "eps2", "scale") or name.endswith("eps") else "i32"
     consts = consts | {"PDL": pdl}
     src = ASTSource(kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts)
     try:
@@ -65,6 +66,10 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
                                                   "ASM": True} | PARTS),
         ("qk_norm_rope_partials", k._qk_norm_rope_kernel, {"BLOCK": 64} | PARTS),
         ("act_mul_partials", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024} | PARTS),
+        ("add_rmsnorm_deferred", k._add_rmsnorm_kernel, {"HAS_DELTA": True, "HAS_TAP": True, "BLOCK": 256,
+                                                         "DEFERRED": True} | PARTS),
+        ("qk_norm_rope_partials_norm", k._qk_norm_rope_kernel, {"BLOCK": 64, "NORM": 16} | PARTS),
+        ("act_mul_partials_norm", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024, "NORM": 16} | PARTS),
         ("attn_split", k._attn_split_kernel, {"D": 128, "DP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "HAS_LOW": False,
                                               "RING": False}),
         ("attn_combine", k._attn_combine_kernel, {"D": 128, "DP": 128, "BLOCK_S": 16, "TOKEN_MAJOR": True}),
@@ -88,6 +93,10 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
                                                       "PER_CHANNEL": True, "EVEN": True, "PRECISION": None,
                                                       "FAST_CVT": 1, "WIDE": False, "ASM": True, "TMA": False,
                                                       "HANDOFF": True}),
+        ("decode_gemm_norm", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128,
+                                                   "PER_CHANNEL": True, "EVEN": True, "PRECISION": None,
+                                                   "FAST_CVT": 2, "WIDE": False, "ASM": True, "TMA": False,
+                                                   "NORM": 16}),
     ]
 
 

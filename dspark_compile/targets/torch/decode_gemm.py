@@ -45,23 +45,27 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from dspark_compile.targets.torch.kernels import GEMM_IN_SCALE as X_SCALE
 from dspark_compile.targets.torch.kernels import (
     Partials,
+    RowNorm,
     arrival_counters,
     bf16_to_f16_scaled,
     pdl_options,
+    row_rstd,
 )
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
-def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, M, N, K, KB, GROUP, K_SPLIT,
-                        SPLITS, stride_xm, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
-                        FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False, ASM: tl.constexpr = True,
-                        TMA: tl.constexpr = False, PDL: tl.constexpr = False, HANDOFF: tl.constexpr = False):
+def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, norm_ptr, M, N, K, KB, GROUP,
+                        K_SPLIT, SPLITS, stride_xm, norm_w, norm_eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr,
+                        PRECISION: tl.constexpr, FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False,
+                        ASM: tl.constexpr = True, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
+                        HANDOFF: tl.constexpr = False, NORM: tl.constexpr = 0):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
     adds the float32 partials in split order, scales and writes, and resets the counter for the next call.
-    ``HANDOFF``: every program ends at its partial, which the consumer sums (``kernels.Partials``)."""
+    ``HANDOFF``: every program ends at its partial, which the consumer sums (``kernels.Partials``). ``NORM``
+    (chunks of a ``kernels.RowNorm``): the input's RMSNorm is finished here, each output row scaled by its factor."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -130,16 +134,21 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 for sp in range(0, SPLITS):
                     acc += tl.load(part_ptr + sp * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(counter, 0)
-                _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
+                _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, norm_ptr, offs_m, m_mask, norm_w, norm_eps,
+                       PER_CHANNEL, FAST_CVT, WIDE, NORM)
     else:
-        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL, FAST_CVT, WIDE)
+        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, norm_ptr, offs_m, m_mask, norm_w, norm_eps,
+               PER_CHANNEL, FAST_CVT, WIDE, NORM)
 
 
 @triton.jit
-def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr,
-           WIDE: tl.constexpr):
+def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, norm_ptr, offs_m, m_mask, norm_w, norm_eps,
+           PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr, WIDE: tl.constexpr, NORM: tl.constexpr):
+    """Scale (per channel, then per row: ``NORM``, in ``kernels.load_product``'s order), round and store."""
     if PER_CHANNEL and not WIDE:
         acc *= _unshift(tl.load(s_ptr + offs_n, mask=n_mask, other=0.0), FAST_CVT)[:, None]
+    if NORM:
+        acc *= row_rstd(norm_ptr, offs_m, m_mask, norm_w, norm_eps, NORM)[None, :]
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -418,18 +427,22 @@ def takes_prescaled(m: int, w: DecodeWeight, dtype: torch.dtype, device: torch.d
 
 
 def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *,
-                  handoff: bool = False, prescaled: bool = False) -> torch.Tensor | Partials:
+                  handoff: bool = False, prescaled: bool = False, row_norm: RowNorm | None = None,
+                  ) -> torch.Tensor | Partials:
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
     ``cfg`` overrides the timed configuration (benchmarks). ``handoff`` (a consumer that takes
     :class:`~.kernels.Partials`): a configuration that splits K returns its partials unsummed (no bias).
     ``prescaled``: ``x`` is fp16, a bf16 input already converted for the fp16 product (:func:`takes_prescaled`);
-    the result is bf16, bit for bit what the bf16 input gives."""
+    the result is bf16, bit for bit what the bf16 input gives. ``row_norm``: ``x`` is an RMSNorm's output before
+    its division by the RMS (``kernels.add_rmsnorm_deferred``), which the product applies to its rows (or its
+    partials carry to the consumer); the kernel only, never cuBLAS."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
     handoff = handoff and w.bias is None
     cfg = cfg or _config(x, w, handoff)  # prescaled: the bf16 input's configuration (same key), by takes_prescaled
     assert not prescaled or (x.dtype == torch.float16 and cfg != CUBLAS and cfg[6] == 2), \
         "a prescaled input needs the fp16 product"
-    out = _launch(x, w, cfg, handoff=handoff, out_dtype=torch.bfloat16 if prescaled else None)
+    assert row_norm is None or cfg != CUBLAS, "a deferred RMSNorm needs the kernel"
+    out = _launch(x, w, cfg, handoff=handoff, out_dtype=torch.bfloat16 if prescaled else None, row_norm=row_norm)
     if w.bias is not None:
         out = out + w.bias.to(out.dtype)
     return out
@@ -464,7 +477,7 @@ def _sms(device: torch.device) -> int:
 
 
 def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor | Partials:
+            out_dtype: torch.dtype | None = None, row_norm: RowNorm | None = None) -> torch.Tensor | Partials:
     """One launch of ``cfg``; ``out_dtype`` (bf16) marks an fp16 ``x`` as prescaled for the fp16 product."""
     if cfg == CUBLAS:
         return F.linear(x, w.weight)
@@ -484,16 +497,18 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
     if out_dtype is not None:  # prescaled: the fp16 product, its conversion of x already done
         conversion = 2
     desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight
-    _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, out if part is None else part, counters, out, m, n, k,
-                              w.scale.shape[1], w.group,
-                              k_split, splits, x.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+    _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, out if part is None else part, counters, out,
+                              w.scale if row_norm is None else row_norm.sumsq, m, n, k, w.scale.shape[1], w.group,
+                              k_split, splits, x.stride(0), 1 if row_norm is None else row_norm.width,
+                              0.0 if row_norm is None else row_norm.eps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                               PER_CHANNEL=w.group >= k, TMA=tma,
                               EVEN=n % bn == 0 and k % bk == 0,
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
-                              WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff, num_warps=warps, num_stages=stages,
-                              **pdl_options(x, m))
+                              WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff,
+                              NORM=0 if row_norm is None else row_norm.sumsq.shape[1], num_warps=warps,
+                              num_stages=stages, **pdl_options(x, m))
     if handoff:
         scaled = w.group >= k and not w.wide
-        return Partials(part, w.scale if scaled else None, SHIFTS.get(conversion, 1.0), dtype)
+        return Partials(part, w.scale if scaled else None, SHIFTS.get(conversion, 1.0), dtype, row_norm)
     return out

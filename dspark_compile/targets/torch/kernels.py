@@ -5,6 +5,8 @@ A decode step of an 8B model is a few hundred matrix-vector products plus, writt
 microseconds, which at batch 1 is as much as the weights' read time, so the step fuses them:
 
 * :func:`add_rmsnorm` — residual add (in place) + RMSNorm, optionally copying the new residual into a tap slot;
+* :func:`add_rmsnorm_deferred` — the same with the division by the RMS left to the product reading it
+  (``DSPARK_DEFERRED_NORM=1``, e4m3 products; not yet measured on a GPU);
 * :func:`qk_norm_rope` — per-head q/k RMSNorm + RoPE on the fused q|k|v projection output, q written for
   attention, k and v written straight into the static KV cache at their slots (slot −1: not written);
 * :func:`silu_mul` / :func:`gelu_tanh_mul` — SwiGLU's silu(gate) · up (GeGLU's GELU-tanh) on the fused gate|up
@@ -52,10 +54,13 @@ def pdl_options(t: torch.Tensor, tokens: int) -> dict[str, object]:
     return {"PDL": True, "launch_pdl": True} if on else {}
 
 
-def switched_on(name: str) -> bool:
-    """An on-by-default environment switch (``DSPARK_PDL``, ``DSPARK_FUSED_PROPOSE``): 0, false, off or no
-    turn it off."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+def switched_on(name: str, default: bool = True) -> bool:
+    """An environment switch (``DSPARK_PDL``, ``DSPARK_FUSED_PROPOSE``: on by default): 0, false, off or no turn it
+    off, anything else on."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "off", "no")
 
 
 @functools.cache
@@ -119,18 +124,33 @@ def as_gemm_input(v, dt: tl.constexpr, PRESCALED: tl.constexpr, ASM: tl.constexp
 
 
 @dataclass(frozen=True)
+class RowNorm:
+    """An RMSNorm whose division by each row's root mean square is left to the product that reads its output
+    (:func:`add_rmsnorm_deferred`): the float32 sums of squares of each row's chunks of columns, [M, chunks], which
+    the product adds in chunk order (:func:`row_rstd`) to scale its output rows (W·(w ⊙ x)·rsqrt(mean(x²) + eps),
+    the norm's value up to rounding). The norm then needs no reduction across its row, so it runs many programs per
+    row and can take its input's split-K :class:`Partials`, and the product before it drops its own reduction."""
+
+    sumsq: torch.Tensor
+    width: int  # H, the row's length the mean divides by
+    eps: float
+
+
+@dataclass(frozen=True)
 class Partials:
     """A split-K product handed over unsummed: the decode GEMM's float32 partials [S, M, N], which the consuming
-    kernel (:func:`qk_norm_rope`, :func:`silu_mul`) adds in split order, scales per column and rounds to ``dtype``
-    as it loads them (:func:`load_product`): the bits the GEMM would have stored. The GEMM's programs then end at
-    their partial, with no arrival count and no last program going over the partials again
-    (``decode_gemm.decode_linear(..., handoff=True)``). Consumers with many programs per row only: in
-    :func:`add_rmsnorm`'s one program per row, reading every partial of the row was slower (docs/BENCH.md)."""
+    kernel (:func:`qk_norm_rope`, :func:`silu_mul`, :func:`add_rmsnorm_deferred`) adds in split order, scales per
+    column (and per row: ``norm``) and rounds to ``dtype`` as it loads them (:func:`load_product`): the bits the
+    GEMM would have stored. The GEMM's programs then end at their partial, with no arrival count and no last
+    program going over the partials again (``decode_gemm.decode_linear(..., handoff=True)``). Consumers with many
+    programs per row only: in :func:`add_rmsnorm`'s one program per row, reading every partial of the row was
+    slower (docs/BENCH.md)."""
 
     part: torch.Tensor
     scale: torch.Tensor | None  # float32, one per column (an [N, 1] per-channel scale); None: nothing to scale
     shift: float  # the power of two the GEMM's conversion folds into the scale (decode_gemm.SHIFTS)
     dtype: torch.dtype
+    norm: RowNorm | None = None  # the input's deferred RMSNorm, which the rows are scaled by
 
     @property
     def shape(self) -> torch.Size:
@@ -142,84 +162,137 @@ class Partials:
 
 
 def product_args(t: torch.Tensor | Partials) -> tuple[tuple[object, ...], dict[str, object]]:
-    """A consumer kernel's arguments for a product input: (values, scale, plane) and the constexprs of
-    :func:`load_product`."""
+    """A consumer kernel's arguments for a product input: (values, scale, plane, norm sums, norm width, norm eps)
+    and the constexprs of :func:`load_product`."""
     if isinstance(t, Partials):
         splits, m, n = t.part.shape
         scale = t.part if t.scale is None else t.scale
-        return (t.part, scale, m * n), {"PARTS": splits, "SCALED": t.scale is not None, "SHIFT": t.shift}
+        norm = t.norm
+        args = (t.part, scale, m * n, t.part if norm is None else norm.sumsq, 1 if norm is None else norm.width,
+                0.0 if norm is None else norm.eps)
+        return args, {"PARTS": splits, "SCALED": t.scale is not None, "SHIFT": t.shift,
+                      "NORM": 0 if norm is None else norm.sumsq.shape[1]}
     assert t.is_contiguous()
-    return (t, t, t.numel()), {}
+    return (t, t, t.numel(), t, 1, 0.0), {}
 
 
 @triton.jit
-def load_product(ptr, s_ptr, offs, col, mask, plane, dt: tl.constexpr, PARTS: tl.constexpr, SCALED: tl.constexpr,
-                 SHIFT: tl.constexpr):
-    """A product's values at ``offs`` (column ``col``) as float32: loaded, or (``PARTS`` > 0: that many split-K
-    partials) its partials added in split order from zero, times scale · ``SHIFT`` where ``SCALED``, and rounded to
-    ``dt``: the decode GEMM's own last-program sum and store (``decode_gemm._store``), bit for bit. The split count
-    is a constant, so the loop unrolls and every partial's load is in flight at once."""
+def row_rstd(sumsq_ptr, rows, mask, width, eps, CHUNKS: tl.constexpr):
+    """1 / the root mean square of ``rows`` (a row index, or a vector of them) from a :class:`RowNorm`'s chunk sums,
+    added in chunk order one load at a time: the same bits whatever the caller's tile shape."""
+    total = tl.load(sumsq_ptr + rows * CHUNKS, mask=mask, other=0.0)
+    for c in tl.static_range(1, CHUNKS):
+        total += tl.load(sumsq_ptr + rows * CHUNKS + c, mask=mask, other=0.0)
+    return tl.rsqrt(total / width + eps)
+
+
+@triton.jit
+def load_product(ptr, s_ptr, offs, col, mask, plane, n_ptr, row, n_width, n_eps, dt: tl.constexpr,
+                 PARTS: tl.constexpr, SCALED: tl.constexpr, SHIFT: tl.constexpr, NORM: tl.constexpr):
+    """A product's values at ``offs`` (column ``col`` of row ``row``) as float32: loaded, or (``PARTS`` > 0: that
+    many split-K partials) its partials added in split order from zero, times scale · ``SHIFT`` where ``SCALED``,
+    times the row's deferred-norm factor where ``NORM`` (its chunk count: :func:`row_rstd`), and rounded to ``dt``:
+    the decode GEMM's own last-program sum and store (``decode_gemm._store``), bit for bit. The split count is a
+    constant, so the loop unrolls and every partial's load is in flight at once."""
     if PARTS:
         acc = tl.zeros(offs.shape, dtype=tl.float32)
         for sp in tl.static_range(PARTS):
             acc += tl.load(ptr + sp * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
         if SCALED:
             acc *= tl.load(s_ptr + col, mask=mask, other=0.0) * SHIFT
+        if NORM:
+            acc *= row_rstd(n_ptr, row, True, n_width, n_eps, NORM)
         return _round(acc, dt)
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, tap_ptr, tap_stride, H, eps,
-                        HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                        PRESCALED: tl.constexpr = False, ASM: tl.constexpr = True):
+def _add_rmsnorm_kernel(x_ptr, d_ptr, d_scale_ptr, d_plane, d_norm_ptr, d_norm_w, d_norm_eps, w_ptr, out_ptr,
+                        tap_ptr, tap_stride, sumsq_ptr, H, eps, HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr,
+                        BLOCK: tl.constexpr, PDL: tl.constexpr = False, PRESCALED: tl.constexpr = False,
+                        ASM: tl.constexpr = True, DEFERRED: tl.constexpr = False, PARTS: tl.constexpr = 0,
+                        SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, NORM: tl.constexpr = 0):
+    """Program (row, chunk): ``DEFERRED`` off, one chunk is the whole row; on, the chunk's sum of squares is stored
+    instead of the row being divided by its RMS (:class:`RowNorm`)."""
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
+    chunk = tl.program_id(1)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < H
     dt = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # every load before the first store (below)
     if HAS_DELTA:
-        d = tl.load(delta_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
+        d = load_product(d_ptr, d_scale_ptr, row * H + offs, offs, mask, d_plane, d_norm_ptr, row, d_norm_w,
+                         d_norm_eps, dt, PARTS, SCALED, SHIFT, NORM)
         x = _round(x + d, dt)
         tl.store(x_ptr + row * H + offs, x.to(dt), mask=mask)
     if HAS_TAP:
         tl.store(tap_ptr + row * tap_stride + offs, x.to(tap_ptr.dtype.element_ty), mask=mask)
-    var = tl.sum(x * x, axis=0) / H
-    y = _round(x * tl.rsqrt(var + eps), dt)
+    if DEFERRED:
+        tl.store(sumsq_ptr + row * tl.num_programs(1) + chunk, tl.sum(x * x, axis=0))
+        y = x
+    else:
+        var = tl.sum(x * x, axis=0) / H
+        y = _round(x * tl.rsqrt(var + eps), dt)
     tl.store(out_ptr + row * H + offs, as_gemm_input(w * y, dt, PRESCALED, ASM), mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+NORM_CHUNK = 256
+"""Columns per program of :func:`add_rmsnorm_deferred` (16 programs per row of Qwen3-8B's 4096)."""
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: torch.Tensor, eps: float,
                 tap: torch.Tensor | None = None, *, prescaled: bool = False) -> torch.Tensor:
     """``x += delta`` in place (when given), ``tap[:] = x`` (when given), return ``weight * rmsnorm(x)``, or
-    (``prescaled``) it as the decode GEMM's fp16 product input (:func:`as_gemm_input`).
+    (``prescaled``) it as the decode GEMM's fp16 product input (:func:`as_gemm_input`). One program per row.
 
     ``x``/``delta`` are contiguous [M, H]; ``tap`` is an [M, H] column slice of a contiguous tap buffer.
     """
+    return _add_norm(x, delta, weight, eps, tap, prescaled, 0)[0]
+
+
+def add_rmsnorm_deferred(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: torch.Tensor, eps: float,
+                         tap: torch.Tensor | None = None, *, prescaled: bool = False,
+                         chunk: int | None = None) -> tuple[torch.Tensor, RowNorm]:
+    """:func:`add_rmsnorm` with the division by the RMS left to the product reading the result: returns
+    ``weight * x`` (rounded as the product's input) and the :class:`RowNorm` that product takes
+    (``decode_gemm.decode_linear(..., row_norm=)``). ``chunk`` columns per program (a power of two; default
+    :data:`NORM_CHUNK`), whose sums of squares the product adds. ``delta`` may be the previous product's
+    :class:`Partials`, summed here in parallel instead of by that product's last program."""
+    return _add_norm(x, delta, weight, eps, tap, prescaled, chunk or NORM_CHUNK)  # type: ignore[return-value]
+
+
+def _add_norm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: torch.Tensor, eps: float,
+              tap: torch.Tensor | None, prescaled: bool, chunk: int) -> tuple[torch.Tensor, RowNorm | None]:
     m, h = x.shape
-    assert x.is_contiguous() and (delta is None or delta.is_contiguous())
+    assert x.is_contiguous() and (delta is None or isinstance(delta, Partials) or delta.is_contiguous())
     assert not prescaled or x.dtype == torch.bfloat16
+    assert not isinstance(delta, Partials) or delta.norm is None
     out = torch.empty_like(x, dtype=torch.float16 if prescaled else x.dtype)
-    block = triton.next_power_of_2(h)
+    block = chunk or triton.next_power_of_2(h)
+    chunks = triton.cdiv(h, block)
+    norm = RowNorm(torch.empty(m, chunks, dtype=torch.float32, device=x.device), h, eps) if chunk else None
     tap_stride = tap.stride(0) if tap is not None else 0
     if tap is not None:
         assert tap.stride(1) == 1 and tap.shape == x.shape
-    _add_rmsnorm_kernel[(m,)](x, delta if delta is not None else x, weight, out, tap if tap is not None else x,
-                              tap_stride, h, eps, HAS_DELTA=delta is not None, HAS_TAP=tap is not None,
-                              BLOCK=block, num_warps=max(1, min(8, block // 512)), PRESCALED=prescaled,
-                              ASM=x.is_cuda, **pdl_options(x, m))
-    return out
+    args, parts = product_args(delta if delta is not None else x)
+    _add_rmsnorm_kernel[(m, chunks)](x, *args, weight, out, tap if tap is not None else x, tap_stride,
+                                     x if norm is None else norm.sumsq, h, eps, HAS_DELTA=delta is not None,
+                                     HAS_TAP=tap is not None, BLOCK=block, num_warps=max(1, min(8, block // 512)),
+                                     PRESCALED=prescaled, ASM=x.is_cuda, DEFERRED=norm is not None, **parts,
+                                     **pdl_options(x, m))
+    return out, norm
 
 
 @triton.jit
-def _head_halves(src, s_ptr, start, col, plane, offs, mask, HALF, dt: tl.constexpr, PARTS: tl.constexpr,
-                 SCALED: tl.constexpr, SHIFT: tl.constexpr):
-    """One head's two halves of a q|k|v product row, from element ``start`` (column ``col``), as float32."""
-    x1 = load_product(src, s_ptr, start + offs, col + offs, mask, plane, dt, PARTS, SCALED, SHIFT)
-    x2 = load_product(src, s_ptr, start + HALF + offs, col + HALF + offs, mask, plane, dt, PARTS, SCALED,
-                      SHIFT)
+def _head_halves(src, s_ptr, start, col, plane, n_ptr, row, n_width, n_eps, offs, mask, HALF, dt: tl.constexpr,
+                 PARTS: tl.constexpr, SCALED: tl.constexpr, SHIFT: tl.constexpr, NORM: tl.constexpr):
+    """One head's two halves of q|k|v product row ``row``, from element ``start`` (column ``col``), as float32."""
+    x1 = load_product(src, s_ptr, start + offs, col + offs, mask, plane, n_ptr, row, n_width, n_eps, dt, PARTS,
+                      SCALED, SHIFT, NORM)
+    x2 = load_product(src, s_ptr, start + HALF + offs, col + HALF + offs, mask, plane, n_ptr, row, n_width, n_eps,
+                      dt, PARTS, SCALED, SHIFT, NORM)
     return x1, x2
 
 
@@ -240,10 +313,10 @@ def _rope(y1, y2, c1, c2, s1, s2, dt: tl.constexpr):
 
 
 @triton.jit
-def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, q_ptr,
-                         k_ptr, v_ptr, R, Q_START, HQ, KVH, HALF, c_sb, c_sh, c_ss, eps, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr = False, PARTS: tl.constexpr = 0, SCALED: tl.constexpr = False,
-                         SHIFT: tl.constexpr = 1.0):
+def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_norm_eps, cos_ptr, sin_ptr,
+                         slot_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr, R, Q_START, HQ, KVH, HALF, c_sb, c_sh, c_ss,
+                         eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = 0,
+                         SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, NORM: tl.constexpr = 0):
     pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -262,8 +335,8 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, cos_ptr, sin_ptr, slot_p
         if r >= Q_START:
             w1 = tl.load(qw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(qw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + h * d, h * d, p_plane, offs, mask, HALF, dt,
-                                  PARTS, SCALED, SHIFT)
+            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + h * d, h * d, p_plane, p_norm_ptr, m, p_norm_w,
+                                  p_norm_eps, offs, mask, HALF, dt, PARTS, SCALED, SHIFT, NORM)
             y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             dst = q_ptr + ((b * HQ + h) * (R - Q_START) + (r - Q_START)) * d
@@ -275,12 +348,13 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, cos_ptr, sin_ptr, slot_p
         if slot >= 0:
             w1 = tl.load(kw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(kw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + kh) * d, (HQ + kh) * d, p_plane, offs,
-                                  mask, HALF, dt, PARTS, SCALED, SHIFT)
+            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + kh) * d, (HQ + kh) * d, p_plane, p_norm_ptr,
+                                  m, p_norm_w, p_norm_eps, offs, mask, HALF, dt, PARTS, SCALED, SHIFT, NORM)
             y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
             # v loaded before the stores: a load after a store waits for it
             v1, v2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + KVH + kh) * d, (HQ + KVH + kh) * d,
-                                  p_plane, offs, mask, HALF, dt, PARTS, SCALED, SHIFT)
+                                  p_plane, p_norm_ptr, m, p_norm_w, p_norm_eps, offs, mask, HALF, dt, PARTS, SCALED,
+                                  SHIFT, NORM)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             cache = b * c_sb + kh * c_sh + slot * c_ss
             cdt = k_ptr.dtype.element_ty
@@ -315,19 +389,20 @@ def qk_norm_rope(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Ten
 
 
 @triton.jit
-def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, out_ptr, INTER, GELU_TANH: tl.constexpr,
-                    BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = 0,
+def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_norm_eps, out_ptr, INTER,
+                    GELU_TANH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = 0,
                     SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, PRESCALED: tl.constexpr = False,
-                    ASM: tl.constexpr = True):
+                    ASM: tl.constexpr = True, NORM: tl.constexpr = 0):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
     dt = tl.bfloat16 if PRESCALED else out_ptr.dtype.element_ty  # prescaled: a bf16 model's fp16 product input
     start = row * 2 * INTER
-    g = load_product(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_plane, dt, PARTS, SCALED, SHIFT)
-    u = load_product(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_plane, dt, PARTS,
-                     SCALED, SHIFT)
+    g = load_product(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_plane, p_norm_ptr, row, p_norm_w, p_norm_eps,
+                     dt, PARTS, SCALED, SHIFT, NORM)
+    u = load_product(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_plane, p_norm_ptr, row,
+                     p_norm_w, p_norm_eps, dt, PARTS, SCALED, SHIFT, NORM)
     if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)

@@ -38,7 +38,7 @@ from dspark_compile.models.layers import (
 from dspark_compile.models.qwen3 import Qwen3Target
 
 if TYPE_CHECKING:  # the kernels import Triton: only where the fused path runs
-    from dspark_compile.targets.torch.kernels import Partials
+    from dspark_compile.targets.torch.kernels import Partials, RowNorm
 
 TRITON_ATTENTION_ROWS = 64  # query rows per KV head (group · T) up to which "triton" uses the split-K kernel
 TRITON_ATTENTION_T = 16  # ... and query rows (T) up to which it does so whatever the group (Gemma4: 16 per KV head)
@@ -117,17 +117,31 @@ class _Linear:
     bias: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, *, handoff: bool = False, prescaled: bool = False) -> torch.Tensor | Partials:
+    def __call__(self, x: torch.Tensor, *, handoff: bool = False, prescaled: bool = False,
+                 row_norm: RowNorm | None = None) -> torch.Tensor | Partials:
         """``handoff``: the consumer is one of the fused kernels, which take a split-K product's partials
         unsummed (``kernels.Partials``; ``DSPARK_GEMM_HANDOFF=0`` turns it off). ``prescaled``: ``x`` is the
-        fp16 product's input, converted by its producer (:meth:`takes_prescaled`)."""
+        fp16 product's input, converted by its producer (:meth:`takes_prescaled`). ``row_norm``: ``x`` is an
+        RMSNorm's output before its division by the RMS, which this product finishes (:meth:`finishes_norm`)."""
         if self.input_scale is not None:
             x = fp8_quantize_dequantize(x, self.input_scale)
         if not isinstance(self.weight, torch.Tensor):
             from dspark_compile.targets.torch.decode_gemm import decode_linear
 
-            return decode_linear(x, self.weight, handoff=_hands_off(handoff), prescaled=prescaled)
+            return decode_linear(x, self.weight, handoff=_hands_off(handoff), prescaled=prescaled, row_norm=row_norm)
+        assert row_norm is None
         return F.linear(x, self.weight, self.bias)
+
+    def finishes_norm(self) -> bool:
+        """Whether this product takes its input's RMSNorm unfinished (``kernels.add_rmsnorm_deferred``: the norm
+        then runs many programs per row, so the product before it hands its split-K partials over instead of
+        summing them in a last program; ``DSPARK_DEFERRED_NORM=1``, off by default: not yet measured on a GPU).
+        e4m3 weights only, which always run the decode GEMM (a full-precision product may be timed to cuBLAS),
+        with no input quantization (a static input scale is calibrated on normalised rows)."""
+        from dspark_compile.targets.torch.kernels import switched_on
+
+        return (not isinstance(self.weight, torch.Tensor) and self.input_scale is None and not self.weight.wide
+                and not self.weight.act_group and switched_on("DSPARK_DEFERRED_NORM", default=False))
 
     def takes_prescaled(self, x: torch.Tensor, *, handoff: bool = False) -> bool:
         """Whether this product of ``x``'s row count and dtype (bf16) runs the decode GEMM's fp16 product, so that the
@@ -296,43 +310,58 @@ class StaticProgram:
         """Query (b, t) sees slots < limit[b, t], in the attention strategy's form."""
         return self.attn.prepare(limit, window, self.group, self.target.embed_tokens.weight.dtype)
 
+    @staticmethod
+    def _norm(x: torch.Tensor, delta: torch.Tensor | Partials | None, norm: nn.Module, tap: torch.Tensor | None,
+              *, prescaled: bool, deferred: bool) -> tuple[torch.Tensor, RowNorm | None]:
+        """``add_rmsnorm``, or (``deferred``: its product finishes it, :meth:`_Linear.finishes_norm`)
+        ``add_rmsnorm_deferred``."""
+        from dspark_compile.targets.torch.kernels import add_rmsnorm, add_rmsnorm_deferred
+
+        if deferred:
+            return add_rmsnorm_deferred(x, delta, norm.weight, norm.eps, tap, prescaled=prescaled)
+        return add_rmsnorm(x, delta, norm.weight, norm.eps, tap, prescaled=prescaled), None
+
     def _fused_layer(self, layer: nn.Module, fw: _Fused, x: torch.Tensor, delta: torch.Tensor | Partials | None,
                      inputs: tuple[torch.Tensor, ...], kv: torch.Tensor, mask: torch.Tensor, window: int,
-                     ctx: torch.Tensor | None, tap: torch.Tensor | None) -> torch.Tensor | Partials:
+                     ctx: torch.Tensor | None, tap: torch.Tensor | None, *,
+                     hand_down: bool = False) -> torch.Tensor | Partials:
         """One decoder layer; ``x`` [M, H] is the residual stream, updated in place. Returns the MLP output
-        (added to ``x`` by the next layer's norm kernel). ``ctx`` [B, C, H] (draft): context rows whose k/v
-        are written too (KV injection); queries are the block rows only."""
-        from dspark_compile.targets.torch.kernels import add_rmsnorm, qk_norm_rope, silu_mul
+        (added to ``x`` by the next layer's norm kernel; ``hand_down``: that kernel is ``add_rmsnorm_deferred``,
+        which takes down's split-K partials). ``ctx`` [B, C, H] (draft): context rows whose k/v are written too
+        (KV injection); queries are the block rows only."""
+        from dspark_compile.targets.torch.kernels import qk_norm_rope, silu_mul
 
         cos, sin, slots = inputs
         a = layer.self_attn
         # a product's input written as its fp16 product reads it (decode_gemm.takes_prescaled), where it is one
         pre = ctx is None and fw.qkv.takes_prescaled(x, handoff=True)
-        h = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.eps, tap, prescaled=pre)
+        defer = ctx is None and fw.qkv.finishes_norm()  # the draft's q|k|v also reads context rows, normalised
+        h, norm = self._norm(x, delta, layer.input_layernorm, tap, prescaled=pre, deferred=defer)
         rows_in = h
         n_ctx = 0
         bsz = kv.shape[1]
         if ctx is not None:
             n_ctx = ctx.shape[1]
             rows_in = torch.cat((ctx, h.view(bsz, -1, h.shape[-1])), dim=1).view(-1, h.shape[-1])
-        qkv = fw.qkv(rows_in, handoff=True, prescaled=pre)
+        qkv = fw.qkv(rows_in, handoff=True, prescaled=pre, row_norm=norm)
         t = x.shape[0] // bsz
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
                      rows=t + n_ctx, q_start=n_ctx)
+        # o and down hand their partials over only to add_rmsnorm_deferred: add_rmsnorm is one program per row,
+        # which would read every partial of the row alone (measured slower on the H200, docs/BENCH.md)
+        defer = fw.gate_up.finishes_norm()
         # the split-K attention's merge writes o's input (a strategy of another kind never takes it prescaled)
-        pre = isinstance(self.attn, TritonAttention) and self.attn.split_k(mask) and fw.o.takes_prescaled(x)
+        pre = (isinstance(self.attn, TritonAttention) and self.attn.split_k(mask)
+               and fw.o.takes_prescaled(x, handoff=defer))
         k, v = kv[0][:, :, :window], kv[1][:, :, :window]
         out = self.attn(q, k, v, mask, a.scale, prescaled=True) if pre else self.attn(q, k, v, mask, a.scale)
-        # o and down stay summed by the GEMM: add_rmsnorm is one program per row, which would read every
-        # partial of the row alone (measured slower on the H200, docs/BENCH.md)
-        o = fw.o(out.view(x.shape[0], -1), prescaled=pre)
+        o = fw.o(out.view(x.shape[0], -1), prescaled=pre, handoff=defer)
         pre = fw.gate_up.takes_prescaled(x, handoff=True)
-        h = add_rmsnorm(x, o, layer.post_attention_layernorm.weight,
-                        layer.post_attention_layernorm.eps, prescaled=pre)
-        gate_up = fw.gate_up(h, handoff=True, prescaled=pre)
-        pre = fw.down.takes_prescaled(x)  # x's rows and dtype: what down reads
-        return fw.down(silu_mul(gate_up, prescaled=pre), prescaled=pre)
+        h, norm = self._norm(x, o, layer.post_attention_layernorm, None, prescaled=pre, deferred=defer)
+        gate_up = fw.gate_up(h, handoff=True, prescaled=pre, row_norm=norm)
+        pre = fw.down.takes_prescaled(x, handoff=hand_down)  # x's rows and dtype: what down reads
+        return fw.down(silu_mul(gate_up, prescaled=pre), prescaled=pre, handoff=hand_down)
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
@@ -367,8 +396,11 @@ class StaticProgram:
             cols[-1].copy_(x)
         inputs = (cos.reshape(m, -1), sin.reshape(m, -1), pos.reshape(m))
         delta: torch.Tensor | Partials | None = None
-        for i, (layer, fw) in enumerate(zip(tgt.layers, self._target_weights, strict=True)):
-            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, None, cols.get(i - 1))
+        weights = self._target_weights
+        for i, (layer, fw) in enumerate(zip(tgt.layers, weights, strict=True)):
+            hand = i + 1 < len(weights) and weights[i + 1].qkv.finishes_norm()  # the final norm sums its delta
+            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, None, cols.get(i - 1),
+                                      hand_down=hand)
         hidden = add_rmsnorm(x, delta, tgt.norm.weight, tgt.norm.eps, cols.get(len(tgt.layers) - 1))
         return hidden.view(bsz, t, hid), taps.view(bsz, t, len(ids) * hid)
 
