@@ -272,9 +272,9 @@ PRESCALED_PROGRAM_SCRIPT = textwrap.dedent(
     decode_gemm._config = lambda x, w, handoff=False: (16, 32, 64, 8, 4, 3, 2)
     calls = []
     launch = decode_gemm._launch
-    def counted(x, w, cfg, handoff=False, out_dtype=None):
+    def counted(x, w, cfg, handoff=False, out_dtype=None, row_norm=None):
         calls.append(out_dtype is not None)
-        return launch(x, w, cfg, handoff, out_dtype)
+        return launch(x, w, cfg, handoff, out_dtype, row_norm)
     decode_gemm._launch = counted
     outs = []
     for pre in (False, True):
