@@ -256,7 +256,28 @@ def test_gemm_inputs_written_prescaled_give_the_same_bits(golden_dir: Path, trit
     assert "prescaled ok" in proc.stdout
 
 
-PRESCALED_PROGRAM_SCRIPT = textwrap.dedent(
+_PROGRAM_STEPS = textwrap.dedent(
+    """
+    import torch
+
+    def program_steps(prog, p, calls):
+        # a StaticProgram's target step and draft step on fixed inputs: hidden, taps, cache, draft block, draft
+        # cache, then the launches of each step (recorded in ``calls`` by the caller's wrapper)
+        torch.manual_seed(0)
+        ids = torch.randint(0, 384, (2, 3)); cl = torch.tensor([0, 9])
+        kv = p.target.new_cache(2, 64)
+        calls.clear()
+        hidden, taps = prog.target_step(ids, cl, kv, 32)
+        target_calls = list(calls)
+        dkv = p.draft.new_cache(2, 64)
+        ctx = torch.randn(2, 4, taps.shape[-1]).to(taps.dtype)
+        calls.clear()
+        block = prog.draft_step(torch.tensor([4, 5]), ctx, torch.tensor([4, 2]), torch.tensor([0, 6]), dkv, 32)
+        return hidden, taps, kv, block, dkv, target_calls, list(calls)
+    """
+)
+
+PRESCALED_PROGRAM_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     """
     import sys
     from pathlib import Path
@@ -283,17 +304,7 @@ PRESCALED_PROGRAM_SCRIPT = textwrap.dedent(
         p = build_program(golden / "target", golden / "draft", dtype="bf16")
         quantize_program(p, lm_head=True, draft=True)
         prog = StaticProgram(p.target, p.draft, fused=True, attention="reference")
-        torch.manual_seed(0)
-        ids = torch.randint(0, 384, (2, 3)); cl = torch.tensor([0, 9])
-        kv = p.target.new_cache(2, 64)
-        calls.clear()
-        hidden, taps = prog.target_step(ids, cl, kv, 32)
-        target_calls = list(calls)
-        dkv = p.draft.new_cache(2, 64)
-        ctx = torch.randn(2, 4, taps.shape[-1]).to(torch.bfloat16)
-        calls.clear()
-        block = prog.draft_step(torch.tensor([4, 5]), ctx, torch.tensor([4, 2]), torch.tensor([0, 6]), dkv, 32)
-        outs.append((hidden, taps, kv, block, dkv, target_calls, list(calls)))
+        outs.append(program_steps(prog, p, calls))
     (h0, t0, k0, b0, d0, tc0, dc0), (h1, t1, k1, b1, d1, tc1, dc1) = outs
     assert not any(tc0) and not any(dc0)
     layers = len(build_program(golden / "target", None).target.layers)
@@ -302,6 +313,7 @@ PRESCALED_PROGRAM_SCRIPT = textwrap.dedent(
     assert sum(tc1) == 3 * layers and sum(dc1) == 2 * len(p.draft.layers), (tc1, dc1)
     prog = StaticProgram(p.target, p.draft, fused=True, attention="triton")  # the launches only: the interpreter's
     calls.clear()  # bf16 attention products are not exact (the merge's bits: PRESCALED_SCRIPT; values: the GPU tests)
+    ids = torch.randint(0, 384, (2, 3)); cl = torch.tensor([0, 9]); ctx = torch.randn(2, 4, t0.shape[-1]).to(t0.dtype)
     prog.target_step(ids, cl, p.target.new_cache(2, 64), 32)
     assert sum(calls) == 4 * layers, calls
     calls.clear()
@@ -325,7 +337,7 @@ def test_fused_program_with_prescaled_inputs_gives_the_same_bits(golden_dir: Pat
     assert "prescaled program ok" in proc.stdout
 
 
-DEFERRED_SCRIPT = textwrap.dedent(
+DEFERRED_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     """
     import os
     import sys
@@ -433,17 +445,7 @@ DEFERRED_SCRIPT = textwrap.dedent(
         else:
             os.environ["DSPARK_DEFERRED_NORM"] = switch
             prog = StaticProgram(p.target, p.draft, fused=True, attention="reference")
-        torch.manual_seed(0)
-        ids = torch.randint(0, 384, (2, 3)); cl = torch.tensor([0, 9])
-        kv = p.target.new_cache(2, 64)
-        calls.clear()
-        hidden, taps = prog.target_step(ids, cl, kv, 32)
-        target_calls = list(calls)
-        dkv = p.draft.new_cache(2, 64)
-        ctx = torch.randn(2, 4, taps.shape[-1])
-        calls.clear()
-        block = prog.draft_step(torch.tensor([4, 5]), ctx, torch.tensor([4, 2]), torch.tensor([0, 6]), dkv, 32)
-        outs.append((hidden, taps, kv, block, dkv, target_calls, list(calls)))
+        outs.append(program_steps(prog, p, calls))
     (h0, t0, k0, b0, d0, tc0, dc0), (h1, t1, k1, b1, d1, tc1, dc1), (hr, tr, kr, br, dr, _, _) = outs
     layers, draft_layers = len(p.target.layers), len(p.draft.layers)
     assert not any(norm for norm, _ in tc0 + dc0)
