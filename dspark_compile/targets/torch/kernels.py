@@ -270,6 +270,7 @@ def _add_norm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: to
     assert not prescaled or x.dtype == torch.bfloat16
     assert not isinstance(delta, Partials) or delta.norm is None
     out = torch.empty_like(x, dtype=torch.float16 if prescaled else x.dtype)
+    assert chunk & (chunk - 1) == 0, f"a norm chunk is a power of two of columns, not {chunk}"
     block = chunk or triton.next_power_of_2(h)
     chunks = triton.cdiv(h, block)
     norm = RowNorm(torch.empty(m, chunks, dtype=torch.float32, device=x.device), h, eps) if chunk else None
