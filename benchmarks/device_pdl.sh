@@ -11,7 +11,10 @@
 # TESTS_LAST=1 runs the GPU tests after the rounds; BATCH (e.g. 4,16), NEW (new tokens) and ROUND_TIMEOUT (s per
 # mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent, e.g. made with
 # `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that fp8_bench.py, when
-# the copy has one) instead, for changes with no switch.
+# the copy has one) instead, for changes with no switch. Both modes share the decode GEMM's timed choices
+# (DSPARK_GEMM_CHOICES, $W/gemm_choices.json, kept in the archive): the second runs the first's configurations
+# for every product the switch leaves alone, instead of a choice among near-equal candidates of its own;
+# CHOICES=0 lets each time its own.
 # Usage (repository root): OUT=$OUT [TESTS=0] [ROUNDS=0] [GEMMA=1] [AB_VAR=...] bash benchmarks/device_pdl.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
@@ -32,6 +35,7 @@ tests() {
   tail -2 "$W/pytest_gpu_pdl.txt"
 }
 AB=${AB_VAR:-DSPARK_PDL}
+if [ "${CHOICES:-1}" = 1 ]; then export DSPARK_GEMM_CHOICES=$W/gemm_choices.json; fi
 if [ "${TESTS:-1}" = 1 ] && [ "${TESTS_LAST:-0}" = 0 ]; then tests; fi
 if [ "${ROUNDS:-1}" = 1 ]; then
 if [ "${CHAIN:-1}" = 1 ]; then

@@ -730,3 +730,50 @@ def test_decode_gemm_candidates() -> None:
             if bm:
                 assert stages >= 2 and (stages == 2 or stages * (bn * bk * weight_bytes + bm * bk * 2) <= SMEM_BYTES)
     assert all(128 % c[2] == 0 for c in _candidates(1, 4096, 128, 1))
+
+
+def test_decode_gemm_choices_file_pins_configurations_for_its_gpu_only(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``DSPARK_GEMM_CHOICES``: a missing file is written as choices are made; a later process reads it and runs the
+    same configurations without timing them; a file of another GPU (Triton version, candidate set) is neither read
+    nor written; a file that is not a choices file is one error naming the variable, the file and the fix. On the
+    CPU nothing is timed, so choices are made here with ``remember``, as ``_config`` makes them on a GPU."""
+    pytest.importorskip("triton")
+    import json
+
+    import torch
+
+    from dspark_compile.errors import UsageError
+    from dspark_compile.models.layers import quantize_fp8
+    from dspark_compile.targets.torch import decode_gemm as dg
+
+    monkeypatch.setattr(dg, "_CHOSEN", {})
+    monkeypatch.setattr(dg, "_LOADED", {})
+    path = tmp_path / "choices.json"
+    monkeypatch.setenv(dg.CHOICES_ENV, str(path))
+    w = dg.DecodeWeight.of(*quantize_fp8(torch.randn(64, 256)), 0, None)
+    x = torch.randn(3, 256)
+    cpu = torch.device("cpu")
+    key, pinned = dg._key(3, w, x.dtype), (16, 32, 64, 0, 4, 3, 2)
+    first = dg._candidates(3, 256, w.group)[0]
+    assert dg._config(x, w) == first and not path.exists()
+    dg.remember(key, pinned, cpu)
+    data = json.loads(path.read_text())
+    assert data == {"identity": dg._identity(cpu), "choices": [{"key": list(key), "config": list(pinned)}]}
+    dg._CHOSEN.clear()
+    dg._LOADED.clear()  # a new process
+    assert dg._config(x, w) == pinned
+    data["identity"]["gpu"] = "NVIDIA H200"
+    path.write_text(json.dumps(data))
+    before = path.read_text()
+    dg._CHOSEN.clear()
+    dg._LOADED.clear()
+    assert dg._config(x, w) == first and key not in dg._CHOSEN
+    dg.remember(key, pinned, cpu)
+    assert path.read_text() == before
+    path.write_text("{")
+    dg._CHOSEN.clear()
+    dg._LOADED.clear()
+    with pytest.raises(UsageError, match=r"DSPARK_GEMM_CHOICES=.*choices\.json: not a decode GEMM choices file.*"
+                                         r"delete it"):
+        dg._config(x, w)

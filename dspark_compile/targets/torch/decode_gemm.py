@@ -15,7 +15,8 @@ Full-precision weights take the same kernel when it beats cuBLAS for their shape
 
 On Hopper each configuration is also tried with its weight tiles loaded by TMA (one bulk copy per tile instead of
 per-thread asynchronous copies: the large products then stream at ~0.9 of the copy bandwidth, docs/BENCH.md).
-The tile sizes and split are timed once per weight shape on the GPU and then fixed for every row count up to
+The tile sizes and split are timed once per weight shape on the GPU (or read from the file ``DSPARK_GEMM_CHOICES``
+names, where earlier runs on the same GPU kept them) and then fixed for every row count up to
 ``SMALL_M`` (one M tile of 16 rows): the speculative round (B·(γ+1) rows) and the target-only step (B rows)
 give a row the same bits, as each output row's reduction never depends on the other rows. Larger row counts
 use wider M tiles, one configuration up to ``SPLIT_M`` rows (B = 64: step 64, verify 512) and one beyond;
@@ -29,9 +30,13 @@ falls back to Triton's, conversion 2 scales with Triton ops).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import triton
@@ -42,6 +47,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from dspark_compile.errors import UsageError
 from dspark_compile.targets.torch.kernels import GEMM_IN_SCALE as X_SCALE
 from dspark_compile.targets.torch.kernels import (
     Partials,
@@ -331,6 +337,8 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
     m, k = x.shape
     key = _key(m, w, x.dtype, handoff)
     chosen = _CHOSEN.get(key)
+    if chosen is None and _load_choices(x.device):
+        chosen = _CHOSEN.get(key)
     if chosen is not None:
         return chosen
     candidates = _candidates(m, k, w.group, w.weight.dtype.itemsize, w.act_group)
@@ -353,8 +361,61 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
         ms = candidate_ms(x, w, cfg, handoff)
         if ms < best_ms:
             best, best_ms = cfg, ms
-    _CHOSEN[key] = best
+    remember(key, best, x.device)
     return best
+
+
+CHOICES_ENV = "DSPARK_GEMM_CHOICES"
+"""Names a JSON file of timed choices: read before the first timing, rewritten as each new choice is timed. Runs
+that share it run the same kernels, without timing them again: the two halves of an A/B (the choice of near-equal
+candidates otherwise differs between runs, docs/BENCH.md), a server's restarts. A file made on another GPU, Triton
+version or candidate set is left alone (neither read nor written)."""
+_LOADED: dict[str, bool] = {}  # choices file -> whether it matched this process's GPU, Triton and candidates
+
+
+def _identity(device: torch.device) -> dict[str, str]:
+    """What a choice holds for: the GPU's name, Triton's version and the candidate set."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    candidates = hashlib.sha256(repr((SMALL_CONFIGS, LARGE_CONFIGS)).encode()).hexdigest()[:16]
+    return {"gpu": gpu, "triton": triton.__version__, "candidates": candidates}
+
+
+def _load_choices(device: torch.device) -> bool:
+    """Read ``DSPARK_GEMM_CHOICES`` once (a missing file is an empty one); whether it holds for this process."""
+    path = os.environ.get(CHOICES_ENV)
+    if not path:
+        return False
+    if path not in _LOADED:
+        file = Path(path)
+        data = {"identity": _identity(device), "choices": []}
+        if file.exists():
+            try:
+                data = json.loads(file.read_text())
+                entries = [(tuple(c["key"]), tuple(c["config"])) for c in data["choices"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UsageError(f"{CHOICES_ENV}={path}: not a decode GEMM choices file ({exc}); delete it or "
+                                 f"point {CHOICES_ENV} at a new path") from exc
+            if data.get("identity") == _identity(device):
+                _CHOSEN.update(entries)
+        _LOADED[path] = data.get("identity") == _identity(device)
+        if not _LOADED[path]:
+            log.warning("%s=%s holds choices of %s, not of this process (%s): neither read nor written", CHOICES_ENV,
+                        path, data.get("identity"), _identity(device))
+    return _LOADED[path]
+
+
+def remember(key: tuple[int, ...], cfg: Config, device: torch.device) -> None:
+    """Keep ``cfg`` as the choice for ``key``, and in ``DSPARK_GEMM_CHOICES`` where that file holds for this
+    process (rewritten whole, atomically: an interrupted run leaves the previous file)."""
+    _CHOSEN[key] = cfg
+    path = os.environ.get(CHOICES_ENV)
+    if not path or not _load_choices(device):
+        return
+    data = {"identity": _identity(device),
+            "choices": [{"key": list(k), "config": list(c)} for k, c in sorted(_CHOSEN.items())]}
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def with_tma(candidates: list[Config], w: DecodeWeight) -> list[Config]:
