@@ -378,6 +378,15 @@ DEFERRED_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
         y4, n4 = add_rmsnorm_deferred(x4, parts, nw, 1e-6, chunk=64)
         assert torch.equal(x3, x4) and torch.equal(y3, y4) and torch.equal(n3.sumsq, n4.sumsq), f"partials {dtype}"
 
+    # a row of 5 chunks has 8 (a power of two, for the product's tile load), the last three summing nothing
+    x5 = torch.randn(m, 320)
+    y5, n5 = add_rmsnorm_deferred(x5.clone(), None, torch.ones(320), 1e-6, chunk=64)
+    assert n5.sumsq.shape == (m, 8) and not n5.sumsq[:, 5:].any() and n5.width == 320
+    w5 = DecodeWeight.of(*quantize_fp8(torch.randn(64, 320)), 0, None)
+    close("five chunks", decode_linear(y5, w5, (16, 32, 64, 0, 4, 3, 0), row_norm=n5),
+          F.linear(y5, fp8_dequantize(w5.weight, w5.scale.view(-1), 0)) * torch.rsqrt(
+              x5.square().mean(-1, keepdim=True) + 1e-6), 1e-5)
+
     # the product finishing the norm: W·(w ⊙ x)·rsqrt(mean(x²) + eps) against float32 arithmetic, split K and not,
     # per-channel and 32-column groups; a row of M = 8 equal to M = 1; its partials handed over carry the norm, and
     # the consumers give the bits of the product summed by its own last program
@@ -519,7 +528,8 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
         assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16" in pre_ptx
         assert "0f3B800000" in ptx and "0f3B800000" not in pre_ptx and "cvt.rn.f16x2.f32" not in pre_ptx
         assert pre_ptx.count("cvt.rn.f16x2.e4m3x2") == ptx.count("cvt.rn.f16x2.e4m3x2")
-        # finishing its input's RMSNorm (kernels.RowNorm) adds to the store only: the same loop, one rsqrt per row
+        # finishing its input's RMSNorm (kernels.RowNorm) adds to the store only: the same loop, one rsqrt per row,
+        # the chunk sums loaded as one tile (sequential loads were replicated per accumulator layout: 320 per thread)
         normed = ASTSource(_decode_gemm_kernel, sig | {name: "constexpr" for name in consts} | {"NORM": "constexpr"},
                            constexprs=consts | {"NORM": 16}, attrs=aligned)
         norm_ptx = triton.compile(normed, target=GPUTarget("cuda", 90, 32),
@@ -527,6 +537,7 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
         assert "rsqrt" not in ptx and "rsqrt.approx" in norm_ptx
         for op in ("wgmma.mma_async", "cvt.rn.f16x2.e4m3x2", "cp.async.bulk.tensor", "mbarrier.try_wait"):
             assert norm_ptx.count(op) == ptx.count(op), op
+        assert norm_ptx.count("ld.global") <= ptx.count("ld.global") + 4
     if tma:  # the weight tiles by the tensor memory accelerator, pipelined (the activations stay cp.async)
         assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx and "mbarrier.try_wait" in ptx
     if weight == "bf16":

@@ -55,7 +55,7 @@ from dspark_compile.targets.torch.kernels import (
     arrival_counters,
     bf16_to_f16_scaled,
     pdl_options,
-    row_rstd,
+    rstd_of_sums,
 )
 
 
@@ -88,6 +88,9 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     k_end = tl.minimum(k_begin + K_SPLIT, K)
     if PDL:  # nothing above reads memory another kernel writes
         gdc_wait()
+    if NORM:  # the rows' chunk sums, loaded before the weight stream (their latency hides behind it), added after
+        sums = tl.load(norm_ptr + offs_m[:, None] * NORM + tl.arange(0, NORM)[None, :], mask=m_mask[:, None],
+                       other=0.0)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + rk
         if TMA:  # the tensor memory accelerator: one instruction per tile, out-of-bounds columns read as zero
@@ -128,6 +131,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 acc += tl.dot(wt, xt, input_precision=PRECISION) * s[:, None]
     if PDL:  # the next kernel's blocks are dispatched while this one reduces and stores (not earlier: waiting
         gdc_launch_dependents()  # blocks would hold SM slots the weight stream needs, docs/BENCH.md)
+    rn = rstd_of_sums(sums, norm_w, norm_eps, NORM) if NORM else 1.0
     mask = n_mask[:, None] & m_mask[None, :]
     tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
     if SPLITS > 1:
@@ -140,21 +144,20 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 for sp in range(0, SPLITS):
                     acc += tl.load(part_ptr + sp * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(counter, 0)
-                _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, norm_ptr, offs_m, m_mask, norm_w, norm_eps,
-                       PER_CHANNEL, FAST_CVT, WIDE, NORM)
+                _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, rn, PER_CHANNEL, FAST_CVT, WIDE, NORM)
     else:
-        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, norm_ptr, offs_m, m_mask, norm_w, norm_eps,
-               PER_CHANNEL, FAST_CVT, WIDE, NORM)
+        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, rn, PER_CHANNEL, FAST_CVT, WIDE, NORM)
 
 
 @triton.jit
-def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, norm_ptr, offs_m, m_mask, norm_w, norm_eps,
-           PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr, WIDE: tl.constexpr, NORM: tl.constexpr):
-    """Scale (per channel, then per row: ``NORM``, in ``kernels.load_product``'s order), round and store."""
+def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, rn, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr,
+           WIDE: tl.constexpr, NORM: tl.constexpr):
+    """Scale (per channel, then by the rows' norm factors ``rn``: ``NORM``, in ``kernels.load_product``'s order),
+    round and store."""
     if PER_CHANNEL and not WIDE:
         acc *= _unshift(tl.load(s_ptr + offs_n, mask=n_mask, other=0.0), FAST_CVT)[:, None]
     if NORM:
-        acc *= row_rstd(norm_ptr, offs_m, m_mask, norm_w, norm_eps, NORM)[None, :]
+        acc *= rn[None, :]
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

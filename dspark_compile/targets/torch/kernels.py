@@ -187,13 +187,32 @@ def row_rstd(sumsq_ptr, rows, mask, width, eps, CHUNKS: tl.constexpr):
 
 
 @triton.jit
-def load_product(ptr, s_ptr, offs, col, mask, plane, n_ptr, row, n_width, n_eps, dt: tl.constexpr,
-                 PARTS: tl.constexpr, SCALED: tl.constexpr, SHIFT: tl.constexpr, NORM: tl.constexpr):
-    """A product's values at ``offs`` (column ``col`` of row ``row``) as float32: loaded, or (``PARTS`` > 0: that
-    many split-K partials) its partials added in split order from zero, times scale · ``SHIFT`` where ``SCALED``,
-    times the row's deferred-norm factor where ``NORM`` (its chunk count: :func:`row_rstd`), and rounded to ``dt``:
-    the decode GEMM's own last-program sum and store (``decode_gemm._store``), bit for bit. The split count is a
-    constant, so the loop unrolls and every partial's load is in flight at once."""
+def rstd_of_sums(sums, width, eps, CHUNKS: tl.constexpr):
+    """:func:`row_rstd` of chunk sums already loaded as a [rows, CHUNKS] tile, added in the same order (each chunk
+    picked out exactly, by a sum of it and zeros), so the same bits: the decode GEMM loads the tile before its weight
+    stream and adds it after, instead of waiting for sixteen loads at either end."""
+    chunk = tl.arange(0, CHUNKS)[None, :]
+    total = tl.sum(tl.where(chunk == 0, sums, 0.0), axis=1)
+    for c in tl.static_range(1, CHUNKS):
+        total += tl.sum(tl.where(chunk == c, sums, 0.0), axis=1)
+    return tl.rsqrt(total / width + eps)
+
+
+@triton.jit
+def row_factor(n_ptr, row, n_width, n_eps, NORM: tl.constexpr):
+    """What a product's row ``row`` is scaled by: :func:`row_rstd` where its input's RMSNorm was left to it
+    (``NORM`` chunks of a :class:`RowNorm`), else 1. A consumer computes it once, for :func:`load_product`."""
+    return row_rstd(n_ptr, row, True, n_width, n_eps, NORM) if NORM else 1.0
+
+
+@triton.jit
+def load_product(ptr, s_ptr, offs, col, mask, plane, r, dt: tl.constexpr, PARTS: tl.constexpr,
+                 SCALED: tl.constexpr, SHIFT: tl.constexpr, NORM: tl.constexpr):
+    """A product's values at ``offs`` (column ``col``) as float32: loaded, or (``PARTS`` > 0: that many split-K
+    partials) its partials added in split order from zero, times scale · ``SHIFT`` where ``SCALED``, times the
+    row's factor ``r`` where ``NORM`` (:func:`row_factor`), and rounded to ``dt``: the decode GEMM's own
+    last-program sum and store (``decode_gemm._store``), bit for bit. The split count is a constant, so the loop
+    unrolls and every partial's load is in flight at once."""
     if PARTS:
         acc = tl.zeros(offs.shape, dtype=tl.float32)
         for sp in tl.static_range(PARTS):
@@ -201,7 +220,7 @@ def load_product(ptr, s_ptr, offs, col, mask, plane, n_ptr, row, n_width, n_eps,
         if SCALED:
             acc *= tl.load(s_ptr + col, mask=mask, other=0.0) * SHIFT
         if NORM:
-            acc *= row_rstd(n_ptr, row, True, n_width, n_eps, NORM)
+            acc *= r
         return _round(acc, dt)
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
@@ -223,8 +242,8 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, d_scale_ptr, d_plane, d_norm_ptr, d_norm_w
     x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # every load before the first store (below)
     if HAS_DELTA:
-        d = load_product(d_ptr, d_scale_ptr, row * H + offs, offs, mask, d_plane, d_norm_ptr, row, d_norm_w,
-                         d_norm_eps, dt, PARTS, SCALED, SHIFT, NORM)
+        r = row_factor(d_norm_ptr, row, d_norm_w, d_norm_eps, NORM)
+        d = load_product(d_ptr, d_scale_ptr, row * H + offs, offs, mask, d_plane, r, dt, PARTS, SCALED, SHIFT, NORM)
         x = _round(x + d, dt)
         tl.store(x_ptr + row * H + offs, x.to(dt), mask=mask)
     if HAS_TAP:
@@ -239,7 +258,8 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, d_scale_ptr, d_plane, d_norm_ptr, d_norm_w
 
 
 NORM_CHUNK = 256
-"""Columns per program of :func:`add_rmsnorm_deferred` (16 programs per row of Qwen3-8B's 4096)."""
+"""Columns per program of :func:`add_rmsnorm_deferred` (16 programs per row of Qwen3-8B's 4096; the count is rounded
+up to a power of two, extra programs storing a zero sum)."""
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: torch.Tensor, eps: float,
@@ -272,7 +292,8 @@ def _add_norm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: to
     out = torch.empty_like(x, dtype=torch.float16 if prescaled else x.dtype)
     assert chunk & (chunk - 1) == 0, f"a norm chunk is a power of two of columns, not {chunk}"
     block = chunk or triton.next_power_of_2(h)
-    chunks = triton.cdiv(h, block)
+    chunks = triton.next_power_of_2(triton.cdiv(h, block))  # a power of two (the GEMM loads them as one tile):
+    # programs past the row's end store a zero sum
     norm = RowNorm(torch.empty(m, chunks, dtype=torch.float32, device=x.device), h, eps) if chunk else None
     tap_stride = tap.stride(0) if tap is not None else 0
     if tap is not None:
@@ -287,13 +308,13 @@ def _add_norm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: to
 
 
 @triton.jit
-def _head_halves(src, s_ptr, start, col, plane, n_ptr, row, n_width, n_eps, offs, mask, HALF, dt: tl.constexpr,
-                 PARTS: tl.constexpr, SCALED: tl.constexpr, SHIFT: tl.constexpr, NORM: tl.constexpr):
-    """One head's two halves of q|k|v product row ``row``, from element ``start`` (column ``col``), as float32."""
-    x1 = load_product(src, s_ptr, start + offs, col + offs, mask, plane, n_ptr, row, n_width, n_eps, dt, PARTS,
-                      SCALED, SHIFT, NORM)
-    x2 = load_product(src, s_ptr, start + HALF + offs, col + HALF + offs, mask, plane, n_ptr, row, n_width, n_eps,
-                      dt, PARTS, SCALED, SHIFT, NORM)
+def _head_halves(src, s_ptr, start, col, plane, r, offs, mask, HALF, dt: tl.constexpr, PARTS: tl.constexpr,
+                 SCALED: tl.constexpr, SHIFT: tl.constexpr, NORM: tl.constexpr):
+    """One head's two halves of a q|k|v product row (factor ``r``), from element ``start`` (column ``col``), as
+    float32."""
+    x1 = load_product(src, s_ptr, start + offs, col + offs, mask, plane, r, dt, PARTS, SCALED, SHIFT, NORM)
+    x2 = load_product(src, s_ptr, start + HALF + offs, col + HALF + offs, mask, plane, r, dt, PARTS, SCALED, SHIFT,
+                      NORM)
     return x1, x2
 
 
@@ -328,6 +349,7 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_
     offs = tl.arange(0, BLOCK)
     mask = offs < HALF
     row = m * (HQ + 2 * KVH) * d
+    rf = row_factor(p_norm_ptr, m, p_norm_w, p_norm_eps, NORM)
     c1 = tl.load(cos_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + m * d + HALF + offs, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
@@ -336,8 +358,8 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_
         if r >= Q_START:
             w1 = tl.load(qw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(qw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + h * d, h * d, p_plane, p_norm_ptr, m, p_norm_w,
-                                  p_norm_eps, offs, mask, HALF, dt, PARTS, SCALED, SHIFT, NORM)
+            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + h * d, h * d, p_plane, rf, offs, mask, HALF, dt,
+                                  PARTS, SCALED, SHIFT, NORM)
             y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             dst = q_ptr + ((b * HQ + h) * (R - Q_START) + (r - Q_START)) * d
@@ -349,13 +371,12 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_
         if slot >= 0:
             w1 = tl.load(kw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(kw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + kh) * d, (HQ + kh) * d, p_plane, p_norm_ptr,
-                                  m, p_norm_w, p_norm_eps, offs, mask, HALF, dt, PARTS, SCALED, SHIFT, NORM)
+            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + kh) * d, (HQ + kh) * d, p_plane, rf, offs,
+                                  mask, HALF, dt, PARTS, SCALED, SHIFT, NORM)
             y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
             # v loaded before the stores: a load after a store waits for it
             v1, v2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + KVH + kh) * d, (HQ + KVH + kh) * d,
-                                  p_plane, p_norm_ptr, m, p_norm_w, p_norm_eps, offs, mask, HALF, dt, PARTS, SCALED,
-                                  SHIFT, NORM)
+                                  p_plane, rf, offs, mask, HALF, dt, PARTS, SCALED, SHIFT, NORM)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             cache = b * c_sb + kh * c_sh + slot * c_ss
             cdt = k_ptr.dtype.element_ty
@@ -400,10 +421,10 @@ def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_norm_e
     mask = offs < INTER
     dt = tl.bfloat16 if PRESCALED else out_ptr.dtype.element_ty  # prescaled: a bf16 model's fp16 product input
     start = row * 2 * INTER
-    g = load_product(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_plane, p_norm_ptr, row, p_norm_w, p_norm_eps,
-                     dt, PARTS, SCALED, SHIFT, NORM)
-    u = load_product(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_plane, p_norm_ptr, row,
-                     p_norm_w, p_norm_eps, dt, PARTS, SCALED, SHIFT, NORM)
+    r = row_factor(p_norm_ptr, row, p_norm_w, p_norm_eps, NORM)
+    g = load_product(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_plane, r, dt, PARTS, SCALED, SHIFT, NORM)
+    u = load_product(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_plane, r, dt, PARTS, SCALED,
+                     SHIFT, NORM)
     if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)
