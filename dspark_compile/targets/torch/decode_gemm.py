@@ -71,7 +71,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
     adds the float32 partials in split order, scales and writes, and resets the counter for the next call.
     ``HANDOFF``: every program ends at its partial, which the consumer sums (``kernels.Partials``). ``NORM``
-    (chunks of a ``kernels.RowNorm``): the input's RMSNorm is finished here, each output row scaled by its factor."""
+    (chunks of a ``kernels.RowNorm``): the input's RMSNorm is finished here, each output row scaled by its factor
+    (handed-over partials carry the norm to their consumer instead)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -570,7 +571,7 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion,
                               WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff,
-                              NORM=0 if row_norm is None else row_norm.sumsq.shape[1], num_warps=warps,
+                              NORM=0 if row_norm is None or handoff else row_norm.sumsq.shape[1], num_warps=warps,
                               num_stages=stages, **pdl_options(x, m))
     if handoff:
         scaled = w.group >= k and not w.wide
