@@ -227,7 +227,8 @@ def main() -> int:
             return 0
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "shape": "smoke" if args.smoke else "qwen3-8b", "copy_bandwidth_gb_s": bandwidth / 1e9,
-                           "context": args.context, "new_tokens": args.new_tokens}
+                           "context": args.context, "new_tokens": args.new_tokens,
+                           "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DSPARK_")}}
     say(f"{res['device']} bandwidth {bandwidth / 1e9:.0f} GB/s")
 
     def write() -> None:
