@@ -390,21 +390,21 @@ def _load_choices(device: torch.device) -> bool:
     if not path:
         return False
     if path not in _LOADED:
-        file = Path(path)
-        data = {"identity": _identity(device), "choices": []}
-        if file.exists():
+        mine = _identity(device)
+        data = {"identity": mine, "choices": []}
+        if Path(path).exists():
             try:
-                data = json.loads(file.read_text())
+                data = json.loads(Path(path).read_text())
                 entries = [(tuple(c["key"]), tuple(c["config"])) for c in data["choices"]]
             except (ValueError, KeyError, TypeError) as exc:
                 raise UsageError(f"{CHOICES_ENV}={path}: not a decode GEMM choices file ({exc}); delete it or "
                                  f"point {CHOICES_ENV} at a new path") from exc
-            if data.get("identity") == _identity(device):
+            if data.get("identity") == mine:
                 _CHOSEN.update(entries)
-        _LOADED[path] = data.get("identity") == _identity(device)
+        _LOADED[path] = data.get("identity") == mine
         if not _LOADED[path]:
             log.warning("%s=%s holds choices of %s, not of this process (%s): neither read nor written", CHOICES_ENV,
-                        path, data.get("identity"), _identity(device))
+                        path, data.get("identity"), mine)
     return _LOADED[path]
 
 

@@ -127,7 +127,7 @@ def as_gemm_input(v, dt: tl.constexpr, PRESCALED: tl.constexpr, ASM: tl.constexp
 class RowNorm:
     """An RMSNorm whose division by each row's root mean square is left to the product that reads its output
     (:func:`add_rmsnorm_deferred`): the float32 sums of squares of each row's chunks of columns, [M, chunks], which
-    the product adds in chunk order (:func:`row_rstd`) to scale its output rows (W·(w ⊙ x)·rsqrt(mean(x²) + eps),
+    the product adds in chunk order (:func:`rstd_of_sums`) to scale its output rows (W·(w ⊙ x)·rsqrt(mean(x²) + eps),
     the norm's value up to rounding). The norm then needs no reduction across its row, so it runs many programs per
     row and can take its input's split-K :class:`Partials`, and the product before it drops its own reduction."""
 
@@ -177,20 +177,10 @@ def product_args(t: torch.Tensor | Partials) -> tuple[tuple[object, ...], dict[s
 
 
 @triton.jit
-def row_rstd(sumsq_ptr, rows, mask, width, eps, CHUNKS: tl.constexpr):
-    """1 / the root mean square of ``rows`` (a row index, or a vector of them) from a :class:`RowNorm`'s chunk sums,
-    added in chunk order one load at a time: the same bits whatever the caller's tile shape."""
-    total = tl.load(sumsq_ptr + rows * CHUNKS, mask=mask, other=0.0)
-    for c in tl.static_range(1, CHUNKS):
-        total += tl.load(sumsq_ptr + rows * CHUNKS + c, mask=mask, other=0.0)
-    return tl.rsqrt(total / width + eps)
-
-
-@triton.jit
 def rstd_of_sums(sums, width, eps, CHUNKS: tl.constexpr):
-    """:func:`row_rstd` of chunk sums already loaded as a [rows, CHUNKS] tile, added in the same order (each chunk
-    picked out exactly, by a sum of it and zeros), so the same bits: the decode GEMM loads the tile before its weight
-    stream and adds it after, instead of waiting for sixteen loads at either end."""
+    """1 / the root mean square of each row of a :class:`RowNorm`'s chunk sums loaded as a [rows, CHUNKS] tile,
+    the chunks added in chunk order (each picked out exactly, by a sum of it and zeros): the same bits whatever the
+    caller's tile of rows. The decode GEMM loads its tile before its weight stream and adds it after."""
     chunk = tl.arange(0, CHUNKS)[None, :]
     total = tl.sum(tl.where(chunk == 0, sums, 0.0), axis=1)
     for c in tl.static_range(1, CHUNKS):
@@ -200,9 +190,12 @@ def rstd_of_sums(sums, width, eps, CHUNKS: tl.constexpr):
 
 @triton.jit
 def row_factor(n_ptr, row, n_width, n_eps, NORM: tl.constexpr):
-    """What a product's row ``row`` is scaled by: :func:`row_rstd` where its input's RMSNorm was left to it
-    (``NORM`` chunks of a :class:`RowNorm`), else 1. A consumer computes it once, for :func:`load_product`."""
-    return row_rstd(n_ptr, row, True, n_width, n_eps, NORM) if NORM else 1.0
+    """What a product's row ``row`` is scaled by (a one-element tensor): :func:`rstd_of_sums` of its chunk sums
+    where its input's RMSNorm was left to it (``NORM`` chunks of a :class:`RowNorm`), else 1. A consumer computes
+    it once, for :func:`load_product`."""
+    if NORM:
+        sums = tl.load(n_ptr + row * NORM + tl.arange(0, NORM)[None, :])
+    return rstd_of_sums(sums, n_width, n_eps, NORM) if NORM else 1.0
 
 
 @triton.jit
