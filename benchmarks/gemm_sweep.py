@@ -50,14 +50,6 @@ def _stream_kernel(w_ptr, o_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(o_ptr + tl.program_id(0), tl.reduce(acc, 0, _xor))
 
 
-def _copies(t: torch.Tensor) -> list[torch.Tensor]:
-    return [t] + [t.clone() for _ in range(max(1, min(16, dg.ROTATION_BYTES // t.nbytes)) - 1)]
-
-
-def _us(launches: list[Any]) -> float:
-    return dg.graph_ms(launches * -(-4 // len(launches))) * 1e3
-
-
 def stream_us(weight: torch.Tensor, programs: int, block: int, warps: int) -> float | None:
     """µs to read ``weight`` with ``programs`` programs of ``warps`` warps, ``block`` words per load; None where
     the words do not split evenly."""
@@ -66,10 +58,10 @@ def stream_us(weight: torch.Tensor, programs: int, block: int, warps: int) -> fl
     chunk = -(-chunk // block) * block
     if n % chunk:
         return None
-    words = [c.view(torch.int32).view(-1) for c in _copies(weight)]
+    words = [c.view(torch.int32).view(-1) for c in dg.weight_copies(weight)]
     out = torch.empty(n // chunk, dtype=torch.int32, device="cuda")
-    return _us([lambda w=w: _stream_kernel[(n // chunk,)](w, out, CHUNK=chunk, BLOCK=block, num_warps=warps)
-                for w in words])
+    return 1e3 * dg.rotated_ms([lambda w=w: _stream_kernel[(n // chunk,)](w, out, CHUNK=chunk, BLOCK=block,
+                                                                           num_warps=warps) for w in words])
 
 
 def sweep_configs() -> list[dg.Config]:
@@ -129,7 +121,7 @@ def main() -> int:
         torch.manual_seed(0)
         w = dg.DecodeWeight.of((torch.randn(n, k, device="cuda") * 0.05).to(torch.float8_e4m3fn),
                                torch.rand(n, device="cuda") * 0.01 + 0.001, k, None)
-        weights = [w] + [dg.replace(w, weight=c) for c in _copies(w.weight)[1:]]
+        weights = [dg.replace(w, weight=c) for c in dg.weight_copies(w.weight)]
         row: dict[str, Any] = {"floor_us": byte_floor_ms(w.weight.nbytes, bandwidth) * 1e3}
         x = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
         for handoff in (False, True):
@@ -151,14 +143,15 @@ def main() -> int:
         row["sweep_top"] = [(round(us, 2), list(cfg)) for us, cfg in timed[:8]]
         row["sweep_n"] = len(timed)
         for _, cfg in timed[:1]:  # the sweep's best, its reduction left to a consumer
-            row["best_handoff_us"] = _us([lambda c=c, cfg=cfg, x=x: dg._launch(x, c, cfg, True) for c in weights])
+            row["best_handoff_us"] = 1e3 * dg.rotated_ms([lambda c=c, cfg=cfg, x=x: dg._launch(x, c, cfg, True)
+                                                          for c in weights])
             row["best_programs"] = triton.cdiv(n, cfg[1]) * dg.split_k(n, k, k, cfg, sms)[1]
         streams = {f"{mult}x{block}w{warps}": stream_us(w.weight, sms * mult, block, warps)
                    for mult, block, warps in itertools.product((1, 2, 4, 8, 16), (2048, 4096, 8192), (4, 8))}
         row["stream_best"] = sorted(((key, round(v, 2)) for key, v in streams.items() if v is not None),
                                     key=lambda kv: kv[1])[:5]
         wide = (torch.randn(n, k, device="cuda") * 0.05).to(torch.bfloat16)
-        row["cublas_bf16_us"] = _us([lambda b=b, x=x: F.linear(x, b) for b in _copies(wide)])
+        row["cublas_bf16_us"] = 1e3 * dg.rotated_ms([lambda b=b, x=x: F.linear(x, b) for b in dg.weight_copies(wide)])
         row["bf16_floor_us"] = byte_floor_ms(wide.nbytes, bandwidth) * 1e3
         results[name] = row
         print(name, json.dumps(row), flush=True)

@@ -444,10 +444,20 @@ def candidate_ms(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = 
     graph (no host launch cost), each on its own copy of the weight (cold in L2, no flush traffic). Timing one
     call behind an L2 flush ranked candidates by the flush's write-backs as much as by the kernel: runs picked
     differently among them, and the FP8 step moved by about 0.25 ms between runs (docs/BENCH.md)."""
-    copies = max(1, min(16, ROTATION_BYTES // max(1, w.weight.nbytes)))
-    weights = [w] + [replace(w, weight=w.weight.clone()) for _ in range(copies - 1)]
-    launches = [lambda c=c: _launch(x, c, cfg, handoff) for c in weights]
-    return graph_ms(launches * -(-4 // copies))  # at least four launches: the graph's own start is shared
+    weights = [replace(w, weight=c) for c in weight_copies(w.weight)]
+    return rotated_ms([lambda c=c: _launch(x, c, cfg, handoff) for c in weights])
+
+
+def weight_copies(t: torch.Tensor) -> list[torch.Tensor]:
+    """``t`` and clones of it, :data:`ROTATION_BYTES` in all (at most 16): launches taking them in turn each read
+    their bytes from memory."""
+    return [t] + [t.clone() for _ in range(max(1, min(16, ROTATION_BYTES // max(1, t.nbytes))) - 1)]
+
+
+def rotated_ms(launches: list[Callable[[], object]]) -> float:
+    """:func:`graph_ms` of one launch per weight copy, repeated to at least four launches (the graph's own start
+    is shared)."""
+    return graph_ms(launches * -(-4 // len(launches)))
 
 
 def graph_ms(launches: list[Callable[[], object]], replays: int = 7) -> float:
