@@ -31,6 +31,7 @@ class BuildState:
     parts: PartitionedProgram | None = None  # partition
     info: ProgramInfo | None = None  # partition
     quantization: dict[str, Any] | None = None  # quantize
+    acceptance_prompts: list[list[int]] | None = None  # validate (--check-acceptance's file, read before the build)
     acceptance: dict[str, Any] | None = None  # check_acceptance
     onnx: OnnxGraphs | None = None  # export_onnx, then each ONNX pass
     weight_inputs: dict[str, dict[str, Any]] | None = None  # share_weights: where each weight input is stored

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from dspark_compile.errors import DsparkError, UsageError
-from dspark_compile.runtime.decode import read_prompt_file
+from dspark_compile.runtime.decode import build_tokenizer, read_prompt_file
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("dspark_compile")
@@ -34,11 +34,12 @@ def parse_prompt_ids(text: str) -> list[int]:
         raise UsageError(f"--prompt-ids {text!r}: token ids must be integers, e.g. --prompt-ids 1,2,3") from None
 
 
-def prompts_from(prompt_ids: tuple[str, ...], prompt_file: Path | None) -> list[list[int]]:
+def prompts_from(prompt_ids: tuple[str, ...], prompt_file: Path | None, tokenizer: Path | None) -> list[list[int]]:
+    """The prompts of ``--prompt-ids`` or ``--prompt-file`` (text lines encoded with ``tokenizer``'s)."""
     if bool(prompt_ids) == bool(prompt_file):
         raise UsageError("give exactly one of --prompt-ids (repeatable) or --prompt-file")
     if prompt_file is not None:
-        return read_prompt_file(prompt_file)
+        return read_prompt_file(prompt_file, tokenizer)
     return [parse_prompt_ids(p) for p in prompt_ids]
 
 
@@ -154,7 +155,8 @@ def inspect(target: Path, draft: Path | None, as_json: bool, allow_nonfinite: bo
 @click.option("--target", required=True, type=click.Path(path_type=Path), help="Target checkpoint directory.")
 @click.option("--draft", type=click.Path(path_type=Path), help="DSpark draft checkpoint directory.")
 @click.option("--prompt-ids", multiple=True, help="Comma-separated token ids; repeat for a batch.")
-@click.option("--prompt-file", type=click.Path(path_type=Path), help="JSON Lines file of prompts.")
+@click.option("--prompt-file", type=click.Path(path_type=Path),
+              help="JSON Lines file of prompts: id lists, or text (the target's tokenizer.json).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -176,7 +178,7 @@ def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prom
 
     if draft is None and not baseline:
         raise UsageError("--draft is required unless --baseline is given")
-    prompts = prompts_from(prompt_ids, prompt_file)
+    prompts = prompts_from(prompt_ids, prompt_file, target)
     results = api.generate(target, draft, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                            seed=seed, block_size=block_size, verify=verify,
                            confidence_threshold=confidence_threshold, baseline=baseline, dtype=dtype,
@@ -244,7 +246,8 @@ def build(spec_file: Path | None, as_json: bool, stop_after: str | None, dump_af
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
 @click.option("--prompt-ids", multiple=True, help="Comma-separated token ids; repeat for a batch.")
-@click.option("--prompt-file", type=click.Path(path_type=Path), help="JSON Lines file of prompts.")
+@click.option("--prompt-file", type=click.Path(path_type=Path),
+              help="JSON Lines file of prompts: id lists, or text (the target's tokenizer.json).")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch"]))
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
@@ -261,7 +264,7 @@ def run(build_dir: Path, prompt_ids: tuple[str, ...], prompt_file: Path | None, 
     """Decode with a build's graphs; prints the same output as `generate`."""
     from dspark_compile import api
 
-    prompts = prompts_from(prompt_ids, prompt_file)
+    prompts = prompts_from(prompt_ids, prompt_file, build_tokenizer(build_dir))
     results = api.run(build_dir, prompts, backend=backend, max_new_tokens=max_new_tokens, temperature=temperature,
                       seed=seed, verify=verify, baseline=baseline, device=device)
     _print_results(results, as_json)
@@ -293,7 +296,8 @@ def profile(build_dir: Path, backend: str, max_batch: int | None, context: int, 
 
 @cli.command()
 @click.argument("build_dir", type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Held-out prompts (JSON Lines).")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Held-out prompts (JSON Lines: id lists or text).")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch"]))
 @click.option("--max-new-tokens", default=64, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True)
@@ -303,8 +307,8 @@ def calibrate(build_dir: Path, data: Path, backend: str, max_new_tokens: int, de
     """Sequential Temperature Scaling of the confidence head; writes calibration.json + reliability.png."""
     from dspark_compile import api
 
-    res = api.calibrate(build_dir, read_prompt_file(data), backend=backend, max_new_tokens=max_new_tokens,
-                        device=device)
+    res = api.calibrate(build_dir, read_prompt_file(data, build_tokenizer(build_dir)), backend=backend,
+                        max_new_tokens=max_new_tokens, device=device)
     if as_json:
         click.echo(json.dumps(res, separators=(",", ":")))
     else:
@@ -423,7 +427,8 @@ def bench(build_dir: Path | None, random_shape: str | None, batch: str, max_new_
         raise UsageError(f"--batch {batch!r}: give comma-separated integers, e.g. --batch 1,4,16,64") from None
     if not batches or min(batches) < 1:
         raise UsageError(f"--batch {batch!r}: batch sizes must be >= 1")
-    prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
+    prompts = (read_prompt_file(prompt_file, build_tokenizer(build_dir) if build_dir is not None else None)
+               if prompt_file is not None else None)
     replays = tuple(r.strip() for r in replay.split(",") if r.strip())
     if (build_dir is None) == (random_shape is None):
         raise UsageError("bench: give either BUILD_DIR or --random-shape (not both)")

@@ -67,6 +67,40 @@ def test_prompt_file_lists_and_objects(tmp_path: Path, golden_pair: tuple[Path, 
     assert from_file == from_flags
 
 
+def test_prompt_file_text_is_encoded_with_the_targets_tokenizer(tmp_path: Path, golden_pair: tuple[Path, Path],
+                                                                golden_trace: dict[str, Any]) -> None:
+    """Text lines (a JSON string, `text`, a string `prompt`) decode as their ids do; without a tokenizer at hand
+    a text line is one error naming the file and line."""
+    import shutil
+
+    from dspark_compile.errors import UsageError
+    from dspark_compile.runtime.decode import build_tokenizer, read_prompt_file
+    from dspark_compile.serving.replay import write_word_tokenizer
+
+    prompts = [r["prompt"] for r in golden_trace["greedy"]][:3]
+    target = tmp_path / "target"
+    shutil.copytree(golden_pair[0], target)
+    write_word_tokenizer(json.loads((target / "config.json").read_text())["vocab_size"], target)  # id i: word w{i}
+    words = [" ".join(f"w{t}" for t in p) for p in prompts]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join([json.dumps(words[0]), json.dumps({"text": words[1]}),
+                               json.dumps({"prompt": words[2]})]) + "\n")
+    from_text = generate_json((target, golden_pair[1]), target, "--prompt-file", str(path))
+    assert [o["tokens"] for o in from_text] == [r["tokens"][:MAX_NEW] for r in golden_trace["greedy"][:3]]
+    with pytest.raises(UsageError, match=f"^{path}:1: a text prompt needs the target checkpoint's tokenizer.json"):
+        read_prompt_file(path)
+    # a build's prompts: the tokenizer its Triton repository holds, else its spec's target checkpoint
+    build = tmp_path / "build"
+    build.mkdir()
+    assert build_tokenizer(build) is None
+    (build / "build_spec.json").write_text(json.dumps({"target": str(target)}))
+    assert build_tokenizer(build) == target
+    (build / "triton" / "dspark").mkdir(parents=True)
+    shutil.copyfile(target / "tokenizer.json", build / "triton" / "dspark" / "tokenizer.json")
+    assert build_tokenizer(build) == build / "triton" / "dspark" / "tokenizer.json"
+    assert read_prompt_file(path, build_tokenizer(build)) == prompts
+
+
 def test_baseline_is_target_only(golden_pair: tuple[Path, Path], golden_trace: dict[str, Any]) -> None:
     """--baseline needs no draft; every round commits one token without drafting anything."""
     prompts = [r["prompt"] for r in golden_trace["baseline"]]

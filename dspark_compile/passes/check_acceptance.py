@@ -8,7 +8,6 @@ and their tokens' agreement. A τ drop over ``--max-tau-drop`` fails the build (
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,12 +68,11 @@ def built_backend(state: BuildState) -> tuple[str, Any]:
 
 def run(state: BuildState) -> None:
     from dspark_compile.program import make_program
-    from dspark_compile.runtime.decode import read_prompt_file
     from dspark_compile.runtime.torch_backend import TorchBackend
 
     spec = state.spec
-    assert spec.check_acceptance is not None and state.pair is not None and state.info is not None
-    prompts = read_prompt_file(Path(spec.check_acceptance))
+    prompts = state.acceptance_prompts
+    assert prompts is not None and state.pair is not None and state.info is not None
     g = state.info.block_size
     name, backend = built_backend(state)
     reference = TorchBackend.from_program(make_program(state.pair, dtype="fp32"), block_size=g)

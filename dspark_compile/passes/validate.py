@@ -6,6 +6,7 @@ from __future__ import annotations
 from dspark_compile.build_state import BuildState
 from dspark_compile.checkpoint import check_pair
 from dspark_compile.errors import UsageError
+from dspark_compile.runtime.decode import read_prompt_file, validate_prompts
 from dspark_compile.runtime.onnxruntime_dtypes import check_onnxruntime_dtype
 
 
@@ -22,3 +23,9 @@ def run(state: BuildState) -> None:
     if "triton" in spec.targets and ("tensorrt" not in spec.targets or spec.triton_mode == "onnxruntime_inprocess"):
         check_onnxruntime_dtype(spec.dtype, f"--targets {','.join(spec.targets)} --triton-mode {spec.triton_mode} "
                                       "(a Triton repository served by onnxruntime)")
+    if spec.check_acceptance is not None:  # its prompts are decoded after the build: a bad file fails now instead
+        prompts = read_prompt_file(spec.check_acceptance, spec.target)
+        try:
+            state.acceptance_prompts = validate_prompts(prompts, pair.target.config.vocab_size)
+        except UsageError as exc:
+            raise UsageError(f"--check-acceptance {spec.check_acceptance}: {exc}") from None

@@ -24,10 +24,14 @@ from dspark_compile.runtime.backend import DecodeBackend, Proposal, cache_slots_
 log = logging.getLogger(__name__)
 
 
-def read_prompt_file(path: Path) -> list[list[int]]:
-    """JSON Lines: each line a list of ids or an object with `prompt_ids` (or `prompt`)."""
+def read_prompt_file(path: Path, tokenizer: Path | None = None) -> list[list[int]]:
+    """JSON Lines: each line a list of ids, an object with `prompt_ids` (or `prompt`), or text: a JSON string or an
+    object with `text` (or a string `prompt`), encoded as the server encodes `text_input` (no special tokens added)
+    with the target checkpoint's tokenizer.json in ``tokenizer`` (its directory, or the file), read only if a line
+    holds text. Users' held-out sets are text; their ids would depend on a tokenizer run outside the tool."""
     if not path.is_file():
-        raise UsageError(f"{path}: prompt file not found; pass a JSON Lines file with one id list per line")
+        raise UsageError(f"{path}: prompt file not found; pass a JSON Lines file with one id list or text per line")
+    codec = None
     prompts = []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -35,14 +39,48 @@ def read_prompt_file(path: Path) -> list[list[int]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); expected e.g. [1, 2, 3]") from None
-        ids = row.get("prompt_ids", row.get("prompt")) if isinstance(row, dict) else row
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); expected e.g. [1, 2, 3] or \"some text\"") \
+                from None
+        ids = row.get("prompt_ids", row.get("prompt", row.get("text"))) if isinstance(row, dict) else row
+        if isinstance(ids, str):
+            if codec is None:
+                codec = _prompt_codec(path, n, tokenizer)
+            ids = codec.encode(ids)
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise UsageError(f"{path}:{n}: expected a list of integer token ids or {{\"prompt_ids\": [...]}}")
+            raise UsageError(f"{path}:{n}: expected a list of integer token ids, {{\"prompt_ids\": [...]}}, or text "
+                             f"(a JSON string or {{\"text\": \"...\"}})")
         prompts.append(ids)
     if not prompts:
         raise UsageError(f"{path}: no prompts in the file")
     return prompts
+
+
+def _prompt_codec(path: Path, line: int, tokenizer: Path | None) -> Any:
+    """The tokenizer a text prompt on ``line`` of ``path`` is encoded with; one error line when there is none."""
+    from dspark_compile.serving.text import TOKENIZER_FILE, TextCodec
+
+    if tokenizer is None:
+        raise UsageError(f"{path}:{line}: a text prompt needs the target checkpoint's {TOKENIZER_FILE}, and this "
+                         "command has no target checkpoint; give token ids instead")
+    try:
+        return TextCodec.load(tokenizer)
+    except UsageError as exc:
+        raise UsageError(f"{path}:{line}: a text prompt, but {exc}") from None
+
+
+def build_tokenizer(build_dir: Path) -> Path | None:
+    """Where a build's text prompts are encoded from: the tokenizer.json its Triton repository holds (copied from the
+    target checkpoint), else the target checkpoint its ``build_spec.json`` names (None when it names none)."""
+    from dspark_compile.targets.triton.repository import ORCHESTRATOR
+
+    copied = Path(build_dir) / "triton" / ORCHESTRATOR / "tokenizer.json"
+    if copied.is_file():
+        return copied
+    try:
+        target = json.loads((Path(build_dir) / "build_spec.json").read_text()).get("target")
+    except (OSError, ValueError):
+        return None
+    return Path(target) if target else None
 
 
 @dataclass(frozen=True)
@@ -187,7 +225,8 @@ def request_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _validate_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab: int) -> list[list[int]]:
+    """``prompts`` as lists of ints; one error line for none, an empty one or an id outside ``[0, vocab)``."""
     if not prompts:
         raise UsageError("no prompts given")
     out = []
@@ -245,7 +284,7 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
     """Decode ``prompts`` as one batch (``speculative=False``: target-only, the same graphs with G = 0);
     ``on_round(request_index, new_tokens, round)`` streams committed tokens, request ``i`` draws from ``seeds[i]``."""
     info = backend.info
-    prompts = _validate_prompts(prompts, info.vocab_size)
+    prompts = validate_prompts(prompts, info.vocab_size)
     g = info.block_size if speculative else 0
     if params.policy.kind != "fixed" and speculative and not info.has_confidence:
         raise UsageError(f"--verify {params.policy.kind} needs a draft with a confidence head; use --verify fixed")

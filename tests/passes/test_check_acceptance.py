@@ -49,7 +49,7 @@ def _state(golden_build: Path, golden_pair: tuple[Path, Path], tmp_path: Path, *
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
     full = BuildSpec(*golden_pair, tmp_path / "out", check_acceptance=prompts, **spec)
-    state = BuildState(spec=full, workdir=tmp_path / "work", pair=load_pair(full))
+    state = BuildState(spec=full, workdir=tmp_path / "work", pair=load_pair(full), acceptance_prompts=PROMPTS)
     state.workdir.mkdir()
     shutil.copytree(golden_build / "onnx", state.workdir / "onnx")
     manifest = json.loads((golden_build / "manifest.json").read_text())

@@ -68,3 +68,34 @@ def test_draft_of_another_target_lists_every_problem(make_pair, tmp_path: Path,
     assert any("`hidden_size` is 32, expected 64" in p for p in problems)
     assert any("`vocab_size` is 256, expected 384" in p for p in problems)
     assert f"(+{len(problems) - 1} more problem(s)" in str(info.value)
+
+
+def test_acceptance_prompts_are_read_before_the_build_text_with_the_targets_tokenizer(
+        golden_pair: tuple[Path, Path], tmp_path: Path, loaded: Callable[[BuildSpec], CheckpointPair]) -> None:
+    """--check-acceptance's file is decoded after the build: validate reads it first, so a bad one costs seconds.
+    Text lines are encoded with the target checkpoint's tokenizer.json, as the server encodes `text_input`."""
+    import json
+    import shutil
+
+    from dspark_compile.serving.replay import write_word_tokenizer
+
+    target = tmp_path / "target"
+    shutil.copytree(golden_pair[0], target)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('[5, 17, 42]\n"w3 w9 w1"\n{"text": "w2 w2"}\n{"prompt": "w7"}\n{"prompt_ids": [8]}\n')
+    spec = BuildSpec(target, golden_pair[1], tmp_path / "out", check_acceptance=prompts)
+    state = BuildState(spec=spec, workdir=tmp_path, pair=loaded(spec))
+    with pytest.raises(UsageError) as info:  # text, and the target has no tokenizer.json
+        validate_pass.run(state)
+    assert f"{prompts}:2: a text prompt, but {target / 'tokenizer.json'}: no tokenizer" in str(info.value)
+    write_word_tokenizer(64, target)
+    validate_pass.run(state)
+    assert state.acceptance_prompts == [[5, 17, 42], [3, 9, 1], [2, 2], [7], [8]]
+
+    vocab = json.loads((target / "config.json").read_text())["vocab_size"]
+    prompts.write_text(f"[1, 2]\n[3, {vocab}]\n")
+    with pytest.raises(UsageError) as info:
+        validate_pass.run(state)
+    assert str(info.value) == (f"--check-acceptance {prompts}: prompt 1: token id {vocab} is outside the "
+                               f"vocabulary [0, {vocab})")
+
