@@ -3,7 +3,8 @@ per draft block (γ launches in one CUDA graph) for each (vocabulary rows per pr
 and 16, against the byte floor (the transition matrix W2 read once per position), with the tokens checked
 against the module's loop (``DSparkDraft.propose``'s ops, written out) in the same run. JSON on stdout.
 
-    PYTHONPATH=. python benchmarks/markov_kernel.py [--shape qwen3-8b] [--batch 1,4,16]
+    PYTHONPATH=. python benchmarks/markov_kernel.py [--shape qwen3-8b] [--batch 1,4,16] [--e4m3-w2]
+        [--configs default,128x4,64x2x32,...]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> int:
     ap.add_argument("--batch", default="1,4,16")
     ap.add_argument("--e4m3-w2", action="store_true", help="W2 per-channel e4m3, as --quantize-draft leaves it")
     ap.add_argument("--configs", default="default,128x4,64x4,256x4,256x8",
-                    help="vocabulary rows per program x warps, or default")
+                    help="vocabulary rows per program x warps [x rank columns per W2 step], or default")
     args = ap.parse_args()
     shape = SHAPES[args.shape]
     v, h, r, g = shape.vocab_size, shape.hidden_size, shape.markov_rank, shape.block_size
@@ -68,7 +69,7 @@ def main() -> int:
         row: dict[str, object] = {}
         for cfg in args.configs.split(","):  # "default": no keywords (an earlier kernel, run from a copy)
             kw: dict[str, object] = {} if cfg == "default" else dict(
-                zip(("block_v", "warps"), map(int, cfg.split("x")), strict=True))
+                zip(("block_v", "warps", "block_r"), map(int, cfg.split("x")), strict=False))
             if w2_scale is not None:
                 kw["w2_scale"] = w2_scale
             call = functools.partial(markov_greedy, base, hidden, anchor, w1, kernel_w2, wc, bc, True, **kw)

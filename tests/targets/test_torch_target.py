@@ -233,6 +233,13 @@ INTERPRET_SCRIPT = textwrap.dedent(
     tok, _ = markov_greedy(base, torch.randn(16, 1, 64), torch.arange(16), torch.randn(33000, 16),
                            torch.zeros(33000, 16), None, None, False, block_v=128)  # the final reduction's 2nd chunk
     assert tok.eq(100).all(), tok
+    w1, w2, base = torch.randn(384, 32), torch.randn(384, 32) * 0.3, torch.randn(2, 7, 384)  # W2 steps of 16 or 32
+    runs = [markov_greedy(base, h, torch.tensor([5, 9]), w1, w2, None, None, False, block_r=r)[0] for r in (16, 32)]
+    prev, want = torch.tensor([5, 9]), []
+    for k in range(7):  # the module's loop in float32
+        prev = (base[:, k] + w1[prev] @ w2.T).argmax(-1)
+        want.append(prev)
+    assert torch.equal(runs[0], torch.stack(want, 1)) and torch.equal(runs[1], runs[0]), (runs, want)
     print("kernels ok")
     """
 )

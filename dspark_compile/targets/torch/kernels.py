@@ -726,7 +726,7 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
 def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor,
                   w2: torch.Tensor, conf_w: torch.Tensor | None, conf_b: torch.Tensor | None,
                   conf_markov: bool, *, w2_scale: torch.Tensor | None = None, block_v: int | None = None,
-                  warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  warps: int | None = None, block_r: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy Markov sampling (``DSparkDraft.propose`` at temperature 0, vanilla Markov head) with one kernel per
     position instead of about ten torch ops (embedding, W2 product, cast, add, argmax, concatenation, the
     confidence product and its casts): at batch 1 each of those is a launch of a few microseconds.
@@ -736,7 +736,9 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     ``Fp8Linear``'s per-channel scales); conf_w [H (+ r)] and conf_b [1] the confidence head (None: zeros).
     Returns (tokens [B, G] int64, confidence logits [B, G] float32). ``block_v`` (vocabulary rows per program)
     and ``warps``: 128 and 4 below 4 rows, 256 and 8 from 4 (H200, ``benchmarks/markov_kernel.py``: the fastest
-    measured at batches 1, 4 and 16; every choice gives argmax's tokens)."""
+    measured at batches 1, 4 and 16; every choice gives argmax's tokens); ``block_r``: rank columns per step of
+    the W2 loop (default 64; sm_90 builds hold every step's loads at once, about 255 registers at 128 × 4, so it
+    trades loads in flight per program against programs per SM)."""
     bsz, g, vocab = base.shape
     rank = w2.shape[1]
     hid = hidden.shape[-1]
@@ -745,7 +747,8 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     warps = warps or (4 if bsz < 4 else 8)
     nv = triton.cdiv(vocab, block_v)
     block_b = max(16, triton.next_power_of_2(bsz))
-    block_r = next(r for r in (64, 32, 16) if rank % r == 0)
+    block_r = block_r or next(r for r in (64, 32, 16) if rank % r == 0)
+    assert rank % block_r == 0, f"block_r {block_r} must divide the Markov rank {rank}"
     tail_rows = triton.next_power_of_2(bsz)  # the tail's tiles: 4096 elements, its rows x blocks (or hidden)
     tokens = torch.empty(bsz, g, dtype=torch.int64, device=base.device)
     conf = torch.zeros(bsz, g, dtype=torch.float32, device=base.device)
