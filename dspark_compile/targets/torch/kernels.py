@@ -684,6 +684,8 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
     dt = w1_ptr.dtype.element_ty  # the product's dtype: its input's, W1[prev] (nn.Linear and Fp8Linear alike)
     if W2_SCALED:
         s2 = tl.load(s2_ptr + v, mask=vmask, other=0.0)
+    base = tl.load(logits_ptr + rows[None, :].to(tl.int64) * stride_lb + v[:, None],
+                   mask=vmask[:, None] & rmask[None, :], other=0.0)  # before the W2 loop: its latency overlaps it
     bias = tl.zeros((BLOCK_V, BLOCK_B), dtype=tl.float32)
     for j0 in range(0, R, BLOCK_R):
         j = j0 + tl.arange(0, BLOCK_R)
@@ -694,8 +696,6 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
         bias = tl.dot(w2, e, bias, input_precision=PRECISION)
     if PDL:  # the next position's blocks are dispatched once this one's transition rows are read (not earlier:
         gdc_launch_dependents()  # waiting blocks would hold SM slots the stream needs, as for the decode GEMM)
-    base = tl.load(logits_ptr + rows[None, :].to(tl.int64) * stride_lb + v[:, None],
-                   mask=vmask[:, None] & rmask[None, :], other=0.0)
     s = tl.where(vmask[:, None], base.to(tl.float32) + _round(bias, dt), float("-inf"))
     best = tl.max(s, axis=0)
     idx = tl.min(tl.where(s == best[None, :], v[:, None], V), axis=0)
@@ -737,8 +737,8 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     Returns (tokens [B, G] int64, confidence logits [B, G] float32). ``block_v`` (vocabulary rows per program)
     and ``warps``: 128 and 4 below 4 rows, 256 and 8 from 4 (H200, ``benchmarks/markov_kernel.py``: the fastest
     measured at batches 1, 4 and 16; every choice gives argmax's tokens); ``block_r``: rank columns per step of
-    the W2 loop (default 64; sm_90 builds hold every step's loads at once, about 255 registers at 128 × 4, so it
-    trades loads in flight per program against programs per SM)."""
+    the W2 loop (default 64; a sweep's knob: smaller steps take fewer registers, 74 against 116 per thread at
+    128 × 4 in the sm_90 build)."""
     bsz, g, vocab = base.shape
     rank = w2.shape[1]
     hid = hidden.shape[-1]
