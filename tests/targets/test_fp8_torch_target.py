@@ -509,7 +509,7 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
            "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32", "SPLITS": "i32", "stride_xm": "i32", "norm_w": "i32",
            "norm_eps": "fp32"}
     consts = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": per_channel, "EVEN": True,
-              "PRECISION": None, "FAST_CVT": fast, "WIDE": weight == "bf16", "ASM": True, "TMA": tma}
+              "PRECISION": None, "FAST_CVT": fast, "WIDE": weight == "bf16", "ASM": True, "TMA": tma, "SPLIT_K": True}
     unaligned = ("M", "KB", "GROUP", "SPLITS", "w_desc", "norm_w", "norm_eps")
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name not in unaligned}
     src = ASTSource(_decode_gemm_kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts, attrs=aligned)

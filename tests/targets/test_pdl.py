@@ -88,15 +88,15 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
                                                          "W2_SCALED": True}),
         ("decode_gemm", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": True,
                                               "EVEN": True, "PRECISION": None, "FAST_CVT": 1, "WIDE": False,
-                                              "ASM": True, "TMA": False}),
+                                              "ASM": True, "TMA": False, "SPLIT_K": True}),
         ("decode_gemm_handoff", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128,
                                                       "PER_CHANNEL": True, "EVEN": True, "PRECISION": None,
                                                       "FAST_CVT": 1, "WIDE": False, "ASM": True, "TMA": False,
-                                                      "HANDOFF": True}),
+                                                      "HANDOFF": True, "SPLIT_K": True}),
         ("decode_gemm_norm", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128,
                                                    "PER_CHANNEL": True, "EVEN": True, "PRECISION": None,
                                                    "FAST_CVT": 2, "WIDE": False, "ASM": True, "TMA": False,
-                                                   "NORM": 16}),
+                                                   "NORM": 16, "SPLIT_K": False}),
     ]
 
 

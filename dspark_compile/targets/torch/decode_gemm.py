@@ -63,14 +63,16 @@ from dspark_compile.targets.torch.kernels import (
 def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, norm_ptr, M, N, K, KB, GROUP,
                         K_SPLIT, SPLITS, stride_xm, norm_w, norm_eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr,
-                        PRECISION: tl.constexpr, FAST_CVT: tl.constexpr, WIDE: tl.constexpr = False,
+                        PRECISION: tl.constexpr, FAST_CVT: tl.constexpr, SPLIT_K: tl.constexpr,
+                        WIDE: tl.constexpr = False,
                         ASM: tl.constexpr = True, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
                         HANDOFF: tl.constexpr = False, NORM: tl.constexpr = 0):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
     adds the float32 partials in split order, scales and writes, and resets the counter for the next call.
-    ``HANDOFF``: every program ends at its partial, which the consumer sums (``kernels.Partials``). ``NORM``
+    ``SPLIT_K``: SPLITS > 1. ``HANDOFF``: every program ends at its partial, which the consumer sums
+    (``kernels.Partials``). ``NORM``
     (chunks of a ``kernels.RowNorm``): the input's RMSNorm is finished here, each output row scaled by its factor
     (handed-over partials carry the norm to their consumer instead)."""
     pid_n = tl.program_id(0)
@@ -92,6 +94,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     if NORM:  # the rows' chunk sums, loaded before the weight stream (their latency hides behind it), added after
         sums = tl.load(norm_ptr + offs_m[:, None] * NORM + tl.arange(0, NORM)[None, :], mask=m_mask[:, None],
                        other=0.0)
+    if not SPLIT_K:  # the columns' scales, likewise: loaded in the store, they were a memory round trip in series
+        col_scale = _col_scale(s_ptr, offs_n, n_mask, PER_CHANNEL, FAST_CVT, WIDE)  # before it (sm_90 SASS)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + rk
         if TMA:  # the tensor memory accelerator: one instruction per tile, out-of-bounds columns read as zero
@@ -135,28 +139,40 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     rn = rstd_of_sums(sums, norm_w, norm_eps, NORM) if NORM else 1.0
     mask = n_mask[:, None] & m_mask[None, :]
     tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
-    if SPLITS > 1:
+    if SPLIT_K:
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=mask)
         if not HANDOFF:
             counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
             tl.debug_barrier()  # every thread's partial is written before the release below publishes it
             if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
+                col_scale = _col_scale(s_ptr, offs_n, n_mask, PER_CHANNEL, FAST_CVT, WIDE)  # with the partials
                 acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for sp in range(0, SPLITS):
                     acc += tl.load(part_ptr + sp * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(counter, 0)
-                _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, rn, PER_CHANNEL, FAST_CVT, WIDE, NORM)
+                _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL, WIDE, NORM)
     else:
-        _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, rn, PER_CHANNEL, FAST_CVT, WIDE, NORM)
+        _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL, WIDE, NORM)
 
 
 @triton.jit
-def _store(out_ptr, s_ptr, acc, tile, offs_n, n_mask, mask, rn, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr,
-           WIDE: tl.constexpr, NORM: tl.constexpr):
-    """Scale (per channel, then by the rows' norm factors ``rn``: ``NORM``, in ``kernels.load_product``'s order),
-    round and store."""
+def _col_scale(s_ptr, offs_n, n_mask, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.constexpr, WIDE: tl.constexpr):
+    """The output columns' per-channel scales (unused where the scale is per group, applied in the K loop, or the
+    weight is wide)."""
     if PER_CHANNEL and not WIDE:
-        acc *= _unshift(tl.load(s_ptr + offs_n, mask=n_mask, other=0.0), FAST_CVT)[:, None]
+        scale = _unshift(tl.load(s_ptr + offs_n, mask=n_mask, other=0.0), FAST_CVT)
+    else:
+        scale = tl.full(offs_n.shape, 1.0, tl.float32)
+    return scale
+
+
+@triton.jit
+def _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL: tl.constexpr, WIDE: tl.constexpr,
+           NORM: tl.constexpr):
+    """Scale (per channel by ``col_scale``, then by the rows' norm factors ``rn``: ``NORM``, in
+    ``kernels.load_product``'s order), round and store."""
+    if PER_CHANNEL and not WIDE:
+        acc *= col_scale[:, None]
     if NORM:
         acc *= rn[None, :]
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -579,7 +595,7 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               PER_CHANNEL=w.group >= k, TMA=tma,
                               EVEN=n % bn == 0 and k % bk == 0,
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
-                              FAST_CVT=conversion,
+                              FAST_CVT=conversion, SPLIT_K=splits > 1,
                               WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff,
                               NORM=0 if row_norm is None or handoff else row_norm.sumsq.shape[1], num_warps=warps,
                               num_stages=stages, **pdl_options(x, m))
