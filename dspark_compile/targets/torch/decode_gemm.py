@@ -170,7 +170,7 @@ def _col_scale(s_ptr, offs_n, n_mask, PER_CHANNEL: tl.constexpr, FAST_CVT: tl.co
 def _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL: tl.constexpr, WIDE: tl.constexpr,
            NORM: tl.constexpr):
     """Scale (per channel by ``col_scale``, then by the rows' norm factors ``rn``: ``NORM``, in
-    ``kernels.load_product``'s order), round and store."""
+    ``kernels.product_value``'s order), round and store."""
     if PER_CHANNEL and not WIDE:
         acc *= col_scale[:, None]
     if NORM:

@@ -140,11 +140,11 @@ class RowNorm:
 class Partials:
     """A split-K product handed over unsummed: the decode GEMM's float32 partials [S, M, N], which the consuming
     kernel (:func:`qk_norm_rope`, :func:`silu_mul`, :func:`add_rmsnorm_deferred`) adds in split order, scales per
-    column (and per row: ``norm``) and rounds to ``dtype`` as it loads them (:func:`load_product`): the bits the
-    GEMM would have stored. The GEMM's programs then end at their partial, with no arrival count and no last
-    program going over the partials again (``decode_gemm.decode_linear(..., handoff=True)``). Consumers with many
-    programs per row only: in :func:`add_rmsnorm`'s one program per row, reading every partial of the row was
-    slower (docs/BENCH.md)."""
+    column (and per row: ``norm``) and rounds to ``dtype`` as it loads them (:func:`product_sum`,
+    :func:`product_value`): the bits the GEMM would have stored. The GEMM's programs then end at their partial,
+    with no arrival count and no last program going over the partials again
+    (``decode_gemm.decode_linear(..., handoff=True)``). Consumers with many programs per row only: in
+    :func:`add_rmsnorm`'s one program per row, reading every partial of the row was slower (docs/BENCH.md)."""
 
     part: torch.Tensor
     scale: torch.Tensor | None  # float32, one per column (an [N, 1] per-channel scale); None: nothing to scale
@@ -163,7 +163,7 @@ class Partials:
 
 def product_args(t: torch.Tensor | Partials) -> tuple[tuple[object, ...], dict[str, object]]:
     """A consumer kernel's arguments for a product input: (values, scale, plane, norm sums, norm width, norm eps)
-    and the constexprs of :func:`load_product`."""
+    and the constexprs of :func:`product_sum` and :func:`product_value`."""
     if isinstance(t, Partials):
         splits, m, n = t.part.shape
         scale = t.part if t.scale is None else t.scale
@@ -189,33 +189,45 @@ def rstd_of_sums(sums, width, eps, CHUNKS: tl.constexpr):
 
 
 @triton.jit
-def row_factor(n_ptr, row, n_width, n_eps, NORM: tl.constexpr):
-    """What a product's row ``row`` is scaled by (a one-element tensor): :func:`rstd_of_sums` of its chunk sums
-    where its input's RMSNorm was left to it (``NORM`` chunks of a :class:`RowNorm`), else 1. A consumer computes
-    it once, for :func:`load_product`."""
-    if NORM:
-        sums = tl.load(n_ptr + row * NORM + tl.arange(0, NORM)[None, :])
-    return rstd_of_sums(sums, n_width, n_eps, NORM) if NORM else 1.0
+def row_rstd(n_ptr, row, width, eps, CHUNKS: tl.constexpr):
+    """:func:`rstd_of_sums` of row ``row`` (a scalar) of a :class:`RowNorm`, for a consumer of handed-over
+    partials: the same sum in the same order (the interpreter tests hold the two to the same bits), its chunks
+    loaded one by one. As a tile, their reduction's shuffles came before the product's loads in the sm_90 SASS,
+    two memory round trips in series; one by one, every load of the consumer is issued at its start. (The decode
+    GEMM keeps the tile: it loads it before its weight stream and reduces it after.)"""
+    total = tl.load(n_ptr + row * CHUNKS)
+    for c in tl.static_range(1, CHUNKS):
+        total += tl.load(n_ptr + row * CHUNKS + c)
+    return tl.rsqrt(total / width + eps)
 
 
 @triton.jit
-def load_product(ptr, s_ptr, offs, col, mask, plane, r, dt: tl.constexpr, PARTS: tl.constexpr,
-                 SCALED: tl.constexpr, SHIFT: tl.constexpr, NORM: tl.constexpr):
+def product_sum(ptr, s_ptr, offs, col, mask, plane, PARTS: tl.constexpr, SCALED: tl.constexpr,
+                SHIFT: tl.constexpr):
     """A product's values at ``offs`` (column ``col``) as float32: loaded, or (``PARTS`` > 0: that many split-K
-    partials) its partials added in split order from zero, times scale · ``SHIFT`` where ``SCALED``, times the
-    row's factor ``r`` where ``NORM`` (:func:`row_factor`), and rounded to ``dt``: the decode GEMM's own
-    last-program sum and store (``decode_gemm._store``), bit for bit. The split count is a constant, so the loop
-    unrolls and every partial's load is in flight at once."""
+    partials) its partials added in split order from zero, times scale · ``SHIFT`` where ``SCALED``. Every load of
+    a consumer's products comes first; :func:`product_value` then finishes them. The split count is a constant, so
+    the loop unrolls and every partial's load is in flight at once."""
     if PARTS:
         acc = tl.zeros(offs.shape, dtype=tl.float32)
         for sp in tl.static_range(PARTS):
             acc += tl.load(ptr + sp * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
         if SCALED:
             acc *= tl.load(s_ptr + col, mask=mask, other=0.0) * SHIFT
+        return acc
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def product_value(acc, r, dt: tl.constexpr, PARTS: tl.constexpr, NORM: tl.constexpr):
+    """:func:`product_sum`'s values times the row's factor ``r`` where ``NORM`` (:func:`row_rstd`), rounded to
+    ``dt`` where they were partials: the decode GEMM's own last-program sum and store (``decode_gemm._store``), bit
+    for bit."""
+    if PARTS:
         if NORM:
             acc *= r
         return _round(acc, dt)
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -235,8 +247,8 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, d_scale_ptr, d_plane, d_norm_ptr, d_norm_w
     x = tl.load(x_ptr + row * H + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # every load before the first store (below)
     if HAS_DELTA:
-        r = row_factor(d_norm_ptr, row, d_norm_w, d_norm_eps, NORM)
-        d = load_product(d_ptr, d_scale_ptr, row * H + offs, offs, mask, d_plane, r, dt, PARTS, SCALED, SHIFT, NORM)
+        d = product_value(product_sum(d_ptr, d_scale_ptr, row * H + offs, offs, mask, d_plane, PARTS, SCALED, SHIFT),
+                          1.0, dt, PARTS, 0)  # (a delta never carries a row norm: _add_norm asserts it)
         x = _round(x + d, dt)
         tl.store(x_ptr + row * H + offs, x.to(dt), mask=mask)
     if HAS_TAP:
@@ -301,14 +313,12 @@ def _add_norm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: to
 
 
 @triton.jit
-def _head_halves(src, s_ptr, start, col, plane, r, offs, mask, HALF, dt: tl.constexpr, PARTS: tl.constexpr,
-                 SCALED: tl.constexpr, SHIFT: tl.constexpr, NORM: tl.constexpr):
-    """One head's two halves of a q|k|v product row (factor ``r``), from element ``start`` (column ``col``), as
-    float32."""
-    x1 = load_product(src, s_ptr, start + offs, col + offs, mask, plane, r, dt, PARTS, SCALED, SHIFT, NORM)
-    x2 = load_product(src, s_ptr, start + HALF + offs, col + HALF + offs, mask, plane, r, dt, PARTS, SCALED, SHIFT,
-                      NORM)
-    return x1, x2
+def _head_sums(src, s_ptr, start, col, plane, offs, mask, HALF, PARTS: tl.constexpr, SCALED: tl.constexpr,
+               SHIFT: tl.constexpr):
+    """:func:`product_sum` of one head's two halves of a q|k|v product row, from element ``start`` (column
+    ``col``)."""
+    return (product_sum(src, s_ptr, start + offs, col + offs, mask, plane, PARTS, SCALED, SHIFT),
+            product_sum(src, s_ptr, start + HALF + offs, col + HALF + offs, mask, plane, PARTS, SCALED, SHIFT))
 
 
 @triton.jit
@@ -342,7 +352,6 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_
     offs = tl.arange(0, BLOCK)
     mask = offs < HALF
     row = m * (HQ + 2 * KVH) * d
-    rf = row_factor(p_norm_ptr, m, p_norm_w, p_norm_eps, NORM)
     c1 = tl.load(cos_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + m * d + HALF + offs, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
@@ -351,8 +360,10 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_
         if r >= Q_START:
             w1 = tl.load(qw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(qw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + h * d, h * d, p_plane, rf, offs, mask, HALF, dt,
-                                  PARTS, SCALED, SHIFT, NORM)
+            a1, a2 = _head_sums(qkv_ptr, p_scale_ptr, row + h * d, h * d, p_plane, offs, mask, HALF, PARTS, SCALED,
+                                SHIFT)
+            rf = row_rstd(p_norm_ptr, m, p_norm_w, p_norm_eps, NORM) if NORM else 1.0
+            x1, x2 = product_value(a1, rf, dt, PARTS, NORM), product_value(a2, rf, dt, PARTS, NORM)
             y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             dst = q_ptr + ((b * HQ + h) * (R - Q_START) + (r - Q_START)) * d
@@ -364,12 +375,15 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_
         if slot >= 0:
             w1 = tl.load(kw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             w2 = tl.load(kw_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-            x1, x2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + kh) * d, (HQ + kh) * d, p_plane, rf, offs,
-                                  mask, HALF, dt, PARTS, SCALED, SHIFT, NORM)
+            a1, a2 = _head_sums(qkv_ptr, p_scale_ptr, row + (HQ + kh) * d, (HQ + kh) * d, p_plane, offs, mask,
+                                HALF, PARTS, SCALED, SHIFT)
+            # v loaded with k, before the stores (a load after a store waits for it)
+            b1, b2 = _head_sums(qkv_ptr, p_scale_ptr, row + (HQ + KVH + kh) * d, (HQ + KVH + kh) * d, p_plane,
+                                offs, mask, HALF, PARTS, SCALED, SHIFT)
+            rf = row_rstd(p_norm_ptr, m, p_norm_w, p_norm_eps, NORM) if NORM else 1.0
+            x1, x2 = product_value(a1, rf, dt, PARTS, NORM), product_value(a2, rf, dt, PARTS, NORM)
+            v1, v2 = product_value(b1, rf, dt, PARTS, NORM), product_value(b2, rf, dt, PARTS, NORM)
             y1, y2 = _head_norm(x1, x2, w1, w2, HALF, eps, dt)
-            # v loaded before the stores: a load after a store waits for it
-            v1, v2 = _head_halves(qkv_ptr, p_scale_ptr, row + (HQ + KVH + kh) * d, (HQ + KVH + kh) * d,
-                                  p_plane, rf, offs, mask, HALF, dt, PARTS, SCALED, SHIFT, NORM)
             o1, o2 = _rope(y1, y2, c1, c2, s1, s2, dt)
             cache = b * c_sb + kh * c_sh + slot * c_ss
             cdt = k_ptr.dtype.element_ty
@@ -414,10 +428,10 @@ def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_norm_e
     mask = offs < INTER
     dt = tl.bfloat16 if PRESCALED else out_ptr.dtype.element_ty  # prescaled: a bf16 model's fp16 product input
     start = row * 2 * INTER
-    r = row_factor(p_norm_ptr, row, p_norm_w, p_norm_eps, NORM)
-    g = load_product(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_plane, r, dt, PARTS, SCALED, SHIFT, NORM)
-    u = load_product(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_plane, r, dt, PARTS, SCALED,
-                     SHIFT, NORM)
+    g = product_sum(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_plane, PARTS, SCALED, SHIFT)
+    u = product_sum(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_plane, PARTS, SCALED, SHIFT)
+    r = row_rstd(p_norm_ptr, row, p_norm_w, p_norm_eps, NORM) if NORM else 1.0
+    g, u = product_value(g, r, dt, PARTS, NORM), product_value(u, r, dt, PARTS, NORM)
     if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)
