@@ -17,8 +17,11 @@ INT_PTRS = ("slot", "limit", "low", "top", "count", "prev", "tok")
 PARTS = {"PARTS": 6, "SCALED": True, "SHIFT": 2.0**112}  # a product input as 6 split-K partials (kernels.Partials)
 
 
-def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf16", warps: int = 4) -> str:
-    """sm_90 PTX of ``kernel``; a product input read as split-K partials (``PARTS``) is float32."""
+def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf16", warps: int = 4,
+             aligned: bool = False, asm: str = "ptx") -> Any:
+    """sm_90 PTX of ``kernel`` (or ``asm``: "cubin"); a product input read as split-K partials (``PARTS``) is
+    float32. ``aligned``: pointers and integers 16-divisible, as a launch specializes them (Triton vectorizes and
+    pipelines loads only where it knows that)."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,13 +45,14 @@ def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf1
         else:
             sig[name] = "fp32" if name in ("eps1", "eps2", "scale") or name.endswith("eps") else "i32"
     consts = consts | {"PDL": pdl}
-    src = ASTSource(kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if aligned and sig[name][0] in "*i"}
+    src = ASTSource(kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts, attrs=attrs)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": warps, "launch_pdl": pdl})
     except RuntimeError as exc:  # no ptxas in this Triton build
         pytest.skip(reason=f"Triton cannot compile for sm_90 here: {exc}")
-    return compiled.asm["ptx"]
+    return compiled.asm[asm]
 
 
 def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
