@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 MEMORY = re.compile(r"\b(ld\.global|st\.global|cp\.async|atom\.|red\.)")
-INT_PTRS = ("slot", "limit", "low", "top", "count", "prev", "tok")
+INT_PTRS = ("slot", "limit", "low", "top", "count", "prev", "tok", "seed")
 PARTS = {"PARTS": 6, "SCALED": True, "SHIFT": 2.0**112}  # a product input as 6 split-K partials (kernels.Partials)
 
 
@@ -79,6 +79,7 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
         ("attn_combine", k._attn_combine_kernel, {"D": 128, "DP": 128, "BLOCK_S": 16, "TOKEN_MAJOR": True}),
         ("attn_combine_prescaled", k._attn_combine_kernel, {"D": 128, "DP": 128, "BLOCK_S": 16, "TOKEN_MAJOR": True,
                                                             "PRESCALED": True, "ASM": True}),
+        ("counter_uniforms", k._counter_uniforms_kernel, {"BLOCK": 16}),
         ("gemma_norm", g._gemma_norm_kernel, {"HAS_W": True, "HAS_RES": True, "HAS_SCALE": True, "ROPE": True,
                                               "BLOCK": 256}),
         ("qkv_cache", g._qkv_cache_kernel, {"SHARED": False, "BLOCK": 256}),

@@ -240,6 +240,13 @@ INTERPRET_SCRIPT = textwrap.dedent(
         prev = (base[:, k] + w1[prev] @ w2.T).argmax(-1)
         want.append(prev)
     assert torch.equal(runs[0], torch.stack(want, 1)) and torch.equal(runs[1], runs[0]), (runs, want)
+    # counter-based uniforms in one launch: the bits of runtime.sampling's torch ops (int64 products wrap)
+    from dspark_compile.runtime.sampling import counter_uniforms as uniforms_ops
+    from dspark_compile.targets.torch.kernels import counter_uniforms
+    seeds = torch.tensor([0, 1, -5, 2**62, -2**63, 123456789], dtype=torch.int64)
+    ctr = torch.tensor([0, 15, 2**40, 7, 3, -1], dtype=torch.int64)
+    for n in (1, 7, 15):
+        assert torch.equal(counter_uniforms(seeds, ctr, n), uniforms_ops(seeds, ctr, n)), n
     print("kernels ok")
     """
 )

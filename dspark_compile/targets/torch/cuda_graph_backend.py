@@ -39,6 +39,7 @@ from dspark_compile.program import program_info
 from dspark_compile.runtime.backend import Proposal, uniforms_per_call
 from dspark_compile.runtime.sampling import counter_uniforms
 from dspark_compile.runtime.scheduler import round_width
+from dspark_compile.targets.torch import kernels
 from dspark_compile.targets.torch.static_forward import StaticProgram
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,12 @@ ADMIT_SLOTS = 640  # the admission scratch cache's slots (at most the capacity):
 _ROW_COPIED = ("ctx_taps",)  # a large input: only the live rows travel; the rest are left stale
 
 StepFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _uniforms(seeds: torch.Tensor, counters: torch.Tensor, n: int) -> torch.Tensor:
+    """``runtime.sampling.counter_uniforms``: one kernel on a GPU (``kernels.counter_uniforms``, the same bits),
+    the torch ops elsewhere."""
+    return kernels.counter_uniforms(seeds, counters, n) if seeds.is_cuda else counter_uniforms(seeds, counters, n)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -646,12 +653,14 @@ class CudaGraphBackend:
             tokens = torch.cat((v["anchor"][:, None], drafts), dim=1)  # [R, width]
             hidden, taps = self.program.target_step(tokens, v["length"], kv, window)
             logits = tgt.lm_head(hidden)
-            u = counter_uniforms(v["seed"], v["counter"], per_call)
+            # greedy rounds draw nothing: the uniforms' ~30 elementwise launches only where they are read
+            u = _uniforms(v["seed"], v["counter"], per_call) if sampling else None
             vlen = torch.where(live, inp["verify_len"].clamp(0, width - 1), 0)
             pr = probs if probs is not None else (st.probs_like(rows, 0) if sampling else None)
             # Uniform j tests draft j and uniform G draws the next token, whatever the width: a row's stream
             # does not depend on the widths its batch chose.
-            uv = u[:, : g + 1] if width == g + 1 else torch.cat((u[:, : width - 1], u[:, g : g + 1]), dim=1)
+            uv = None if u is None else u[:, : g + 1] if width == g + 1 else torch.cat(
+                (u[:, : width - 1], u[:, g : g + 1]), dim=1)
             acc, nxt = self._verify(logits, drafts, vlen, v["temperature"] if sampling else None, uv,
                                     pr if pr is None else pr[:, : width - 1])
             if replay == FORCED_REPLAY:  # timing only (set_replay)
@@ -660,15 +669,16 @@ class CudaGraphBackend:
             v["length"].add_(step)  # commit: the caches already hold the accepted rows (rollback is free)
             v["anchor"].copy_(nxt)
             v["counter"].add_(torch.where(live, per_call, 0))
-            conf = torch.zeros(rows, g, dtype=torch.float32, device=tokens.device)
-            if g > 0:
+            if g == 0:  # target-only: no confidences (with drafts, propose's replace a zero fill: one launch less)
+                conf = torch.zeros(rows, 0, dtype=torch.float32, device=tokens.device)
+            else:
                 assert draft is not None and dkv is not None
                 v["taps"][:, :width].copy_(taps)  # rows >= count are not read (ctx_count)
                 v["count"].copy_(step)
                 dh = self.program.draft_step(nxt, v["taps"], step, v["draft_len"], dkv, window)
                 v["draft_len"].add_(step)
                 new, conf, p = self.program.propose(dh, nxt, v["temperature"] if sampling else None,
-                                                    u[:, g + 1:] if sampling else None, distributions=sampling)
+                                                    u[:, g + 1:] if u is not None else None, distributions=sampling)
                 if replay:
                     assert self.replay is not None
                     new = self._replayed(v, new, self.replay[0][:rows])
@@ -703,18 +713,18 @@ class CudaGraphBackend:
         def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             lens, temp, seed = inp["lengths"], inp["temperature"], inp["seed"]
             zero = torch.zeros_like(lens)
-            u = counter_uniforms(seed, zero, per_call)
+            u = _uniforms(seed, zero, per_call) if sampling else None
             hidden, taps = self.program.target_step(inp["ids"], zero, kv.with_count(lens) if hasattr(
                 kv, "with_count") else kv, window)  # a ring takes only each prompt's real rows (RingCache)
             logits = tgt.lm_head(hidden[torch.arange(kb, device=lens.device), lens - 1])[:, None]  # [kb, 1, V]
             first = self._verify(logits, zero[:, None][:, :0], zero, temp if sampling else None,
-                                 u[:, :1] if sampling else None, st.probs_like(kb, 0) if sampling else None)[1]
+                                 u[:, :1] if u is not None else None, st.probs_like(kb, 0) if sampling else None)[1]
             out = {"first": first}
             if g > 0:
                 assert draft is not None and dkv is not None
                 dh = self.program.draft_step(first, taps, lens, zero, dkv, dwin)
                 drafts, conf, probs = self.program.propose(dh, first, temp if sampling else None,
-                                                           u[:, g + 1:] if sampling else None,
+                                                           u[:, g + 1:] if u is not None else None,
                                                            distributions=sampling)
                 if replay:
                     assert self.replay is not None
@@ -755,7 +765,7 @@ class CudaGraphBackend:
         prof = self.replay[1]
         g = drafts.shape[1]
         right = self._reference_after(v["length"], ref, g)
-        ur = counter_uniforms(v["seed"] ^ REPLAY_KEY, v["counter"], g)
+        ur = _uniforms(v["seed"] ^ REPLAY_KEY, v["counter"], g)
         kept = torch.cumprod((ur < prof[:g]).to(torch.int64), dim=1).bool()
         wrong = (right + 1) % self.info.vocab_size
         return torch.where(kept, right, wrong)

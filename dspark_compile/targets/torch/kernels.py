@@ -624,6 +624,43 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     return out
 
 
+@triton.jit
+def _shr64(x, K: tl.constexpr):
+    """Logical right shift of int64, as ``runtime.sampling._shr``."""
+    return (x >> K) & ((1 << (64 - K)) - 1)
+
+
+@triton.jit
+def _mix64(z):
+    """splitmix64's finalizer, as ``runtime.sampling._mix`` (int64 products wrap)."""
+    z = (z ^ _shr64(z, 30)) * -4658895280553007687
+    z = (z ^ _shr64(z, 27)) * -7723592293110705685
+    return z ^ _shr64(z, 31)
+
+
+@triton.jit
+def _counter_uniforms_kernel(seed_ptr, counter_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
+    b = tl.program_id(0)
+    golden = -7046029254386353131
+    key = _mix64(tl.load(seed_ptr + b).to(tl.int64) * golden + golden)
+    j = tl.arange(0, BLOCK)
+    z = _mix64(key + (tl.load(counter_ptr + b).to(tl.int64) + j + 1) * golden)
+    tl.store(out_ptr + b * n + j, _shr64(z, 40).to(tl.float32) * (1.0 / (1 << 24)), mask=j < n)
+
+
+def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, n: int) -> torch.Tensor:
+    """``runtime.sampling.counter_uniforms`` in one launch, the same bits: as torch ops it is about 30 elementwise
+    launches, each a few microseconds of a round graph at small batch (sampling rounds, admission, the benchmark's
+    acceptance replay)."""
+    assert seeds.shape == counters.shape and seeds.dim() == 1
+    out = torch.empty(seeds.shape[0], n, dtype=torch.float32, device=seeds.device)
+    if seeds.shape[0]:
+        _counter_uniforms_kernel[(seeds.shape[0],)](seeds, counters, out, n, BLOCK=triton.next_power_of_2(max(n, 1)),
+                                                    num_warps=1, **pdl_options(out, seeds.shape[0]))
+    return out
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
