@@ -643,7 +643,7 @@ def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
 @pytest.mark.gpu
 def test_fp8_norms_finished_by_their_products_on_gpu_and_round_graph_is_lossless(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """``DSPARK_DEFERRED_NORM=1`` (off by default until the H200 measures it): the FP8 target's fused step within
+    """``DSPARK_DEFERRED_NORM`` (on by default since the H200 measured it): the FP8 target's fused step within
     bf16 rounding of the step with it off, and its round graphs exact on the decisive pair."""
     import torch
 

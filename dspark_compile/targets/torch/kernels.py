@@ -6,7 +6,7 @@ microseconds, which at batch 1 is as much as the weights' read time, so the step
 
 * :func:`add_rmsnorm` — residual add (in place) + RMSNorm, optionally copying the new residual into a tap slot;
 * :func:`add_rmsnorm_deferred` — the same with the division by the RMS left to the product reading it
-  (``DSPARK_DEFERRED_NORM=1``, e4m3 products; not yet measured on a GPU);
+  (e4m3 products; ``DSPARK_DEFERRED_NORM=0`` turns it off);
 * :func:`qk_norm_rope` — per-head q/k RMSNorm + RoPE on the fused q|k|v projection output, q written for
   attention, k and v written straight into the static KV cache at their slots (slot −1: not written);
 * :func:`silu_mul` / :func:`gelu_tanh_mul` — SwiGLU's silu(gate) · up (GeGLU's GELU-tanh) on the fused gate|up

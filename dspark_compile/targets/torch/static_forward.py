@@ -135,13 +135,14 @@ class _Linear:
     def finishes_norm(self) -> bool:
         """Whether this product takes its input's RMSNorm unfinished (``kernels.add_rmsnorm_deferred``: the norm
         then runs many programs per row, so the product before it hands its split-K partials over instead of
-        summing them in a last program; ``DSPARK_DEFERRED_NORM=1``, off by default: not yet measured on a GPU).
+        summing them in a last program; on by default, ``DSPARK_DEFERRED_NORM=0`` turns it off: the FP8 + head +
+        draft round graph 3.758 -> 3.672 ms on the H200, docs/BENCH.md).
         e4m3 weights only, which always run the decode GEMM (a full-precision product may be timed to cuBLAS),
         with no input quantization (a static input scale is calibrated on normalised rows)."""
         from dspark_compile.targets.torch.kernels import switched_on
 
         return (not isinstance(self.weight, torch.Tensor) and self.input_scale is None and not self.weight.wide
-                and not self.weight.act_group and switched_on("DSPARK_DEFERRED_NORM", default=False))
+                and not self.weight.act_group and switched_on("DSPARK_DEFERRED_NORM"))
 
     def takes_prescaled(self, x: torch.Tensor, *, handoff: bool = False) -> bool:
         """Whether this product of ``x``'s row count and dtype (bf16) runs the decode GEMM's fp16 product, so that the
