@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from dspark_compile.runtime import sampling
+
 PDL_TOKENS = 16
 """Token rows up to which a launch uses programmatic dependent launch: on the H200 it made the batch-1 round
 faster and the batch-64 round slower (docs/BENCH.md, "Programmatic dependent launch")."""
@@ -624,6 +626,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     return out
 
 
+_GOLDEN: tl.constexpr = tl.constexpr(sampling._GOLDEN)  # runtime.sampling's constants, not written again
+_M1: tl.constexpr = tl.constexpr(sampling._M1)
+_M2: tl.constexpr = tl.constexpr(sampling._M2)
+
+
 @triton.jit
 def _shr64(x, K: tl.constexpr):
     """Logical right shift of int64, as ``runtime.sampling._shr``."""
@@ -633,8 +640,8 @@ def _shr64(x, K: tl.constexpr):
 @triton.jit
 def _mix64(z):
     """splitmix64's finalizer, as ``runtime.sampling._mix`` (int64 products wrap)."""
-    z = (z ^ _shr64(z, 30)) * -4658895280553007687
-    z = (z ^ _shr64(z, 27)) * -7723592293110705685
+    z = (z ^ _shr64(z, 30)) * _M1
+    z = (z ^ _shr64(z, 27)) * _M2
     return z ^ _shr64(z, 31)
 
 
@@ -642,10 +649,9 @@ def _mix64(z):
 def _counter_uniforms_kernel(seed_ptr, counter_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     b = tl.program_id(0)
-    golden = -7046029254386353131
-    key = _mix64(tl.load(seed_ptr + b).to(tl.int64) * golden + golden)
+    key = _mix64(tl.load(seed_ptr + b).to(tl.int64) * _GOLDEN + _GOLDEN)
     j = tl.arange(0, BLOCK)
-    z = _mix64(key + (tl.load(counter_ptr + b).to(tl.int64) + j + 1) * golden)
+    z = _mix64(key + (tl.load(counter_ptr + b).to(tl.int64) + j + 1) * _GOLDEN)
     tl.store(out_ptr + b * n + j, _shr64(z, 40).to(tl.float32) * (1.0 / (1 << 24)), mask=j < n)
 
 
