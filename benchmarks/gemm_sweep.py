@@ -6,6 +6,12 @@ itself, and bf16 cuBLAS. µs per launch in a CUDA graph, each launch on its own 
 ``decode_gemm.candidate_ms`` ranks candidates.
 
     PYTHONPATH=. python benchmarks/gemm_sweep.py OUT.json [--shapes qkv,o] [--budget-s 330]
+    PYTHONPATH=. python benchmarks/gemm_sweep.py OUT.json --rows 128,512,64   # the 17-1024-row class instead
+
+``--rows``: the products at verify-block and batch row counts (B = 16's verify: 128, B = 64's: 512, its step: 64),
+each candidate of a wider set of larger-row configurations (:func:`large_sweep_configs`: 256-row tiles, K tiles of
+64, the fp16 product) against the timed choice among today's ``LARGE_CONFIGS`` and bf16 cuBLAS. The candidates
+are compiled first in worker processes (one per CPU core), so the budget goes to timing them.
 
 Results: ``benchmarks/results/gemm_sweep_h200.json`` and ``gemm_tail_h200.json`` (the two probes this script was
 written from; the second also timed PDL off and a stand-in without activation loads, which are not kept here, and
@@ -75,6 +81,90 @@ def sweep_configs() -> list[dg.Config]:
     return out
 
 
+def large_sweep_configs() -> list[dg.Config]:
+    """Configurations for 17-1024 rows beyond ``LARGE_CONFIGS``: (BLOCK_N, BLOCK_M, warps) tiles up to 256 rows,
+    K tiles of 64 and 128, both widenings (1: bf16, 2: the fp16 product), TMA or per-thread copies, with the
+    accumulator at most 128 float32 registers a thread and the stages fitted to shared memory."""
+    out = []
+    for (bn, bm, warps), bk, stages, conv, tma in itertools.product(
+            ((128, 64, 4), (128, 128, 4), (128, 128, 8), (256, 64, 8), (64, 128, 4), (128, 256, 8), (256, 128, 8),
+             (64, 256, 4)), (64, 128), (3, 4), (1, 2), (0, 1)):
+        stages = max(2, min(stages, dg.SMEM_BYTES // (bn * bk + bm * bk * 2)))
+        out.append((bm, bn, bk, 0, warps, stages, conv, tma))
+    return list(dict.fromkeys(out))
+
+
+def _warm(job: tuple[int, int, int, list[dg.Config]]) -> int:
+    """Compiles ``job``'s configurations for an (M, N, K) product in a worker process (each launch compiles as the
+    parent's will: the same specializations), so that the parent's timing finds them in Triton's cache."""
+    m, n, k, cfgs = job
+    w = dg.DecodeWeight.of(torch.zeros(n, k, device="cuda").to(torch.float8_e4m3fn),
+                           torch.ones(n, device="cuda"), k, None)
+    x = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
+    done = 0
+    for cfg in cfgs:
+        for per_sm in (0, 1):
+            try:
+                dg._launch(x, w, (*cfg[:3], per_sm, *cfg[4:]))
+                done += 1
+            except (OutOfResources, CompilationError, RuntimeError):
+                pass
+    torch.cuda.synchronize()
+    return done
+
+
+def rows_sweep(rows: list[int], names: list[str], bandwidth: float, budget_s: float) -> dict[str, Any]:
+    """µs per launch of each product at each row count: the timed choice (today's candidates), every
+    :func:`large_sweep_configs` candidate at 0, 1 and 2 programs per SM (checked against the plain-conversion
+    reference within 1 %), bf16 cuBLAS, and the byte and bf16-FLOP floors."""
+    import multiprocessing as mp
+
+    cfgs = large_sweep_configs()
+    workers = max(1, (mp.cpu_count() or 2) - 1)
+    jobs = [(rows[0], *PRODUCTS["qkv"], cfgs[i::workers]) for i in range(workers)]  # q|k|v splits at 1 per SM
+    with mp.get_context("spawn").Pool(workers) as pool:
+        compiled = sum(pool.map(_warm, jobs))
+    out: dict[str, Any] = {"configs": len(cfgs), "compiled_in_workers": compiled}
+    t0 = time.time()
+    for m in rows:
+        for name in names:
+            n, k = PRODUCTS[name]
+            torch.manual_seed(0)
+            w = dg.DecodeWeight.of((torch.randn(n, k, device="cuda") * 0.05).to(torch.float8_e4m3fn),
+                                   torch.rand(n, device="cuda") * 0.01 + 0.001, k, None)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row: dict[str, Any] = {"floor_us": byte_floor_ms(w.weight.nbytes, bandwidth) * 1e3,
+                                   "bf16_flop_floor_us": 2 * m * n * k / 790e12 * 1e6}
+            chosen = dg._config(x, w)
+            row["chosen"], row["chosen_us"] = list(chosen), dg.candidate_ms(x, w, chosen) * 1e3
+            wide = (torch.randn(n, k, device="cuda") * 0.05).to(torch.bfloat16)
+            row["cublas_bf16_us"] = 1e3 * dg.rotated_ms([lambda b=b, x=x: F.linear(x, b)
+                                                         for b in dg.weight_copies(wide)])
+            reference = dg._launch(x, w, (64, 128, 128, 0, 4, 3, 0)).float()
+            timed, seen = [], set()
+            for cfg in cfgs:
+                for per_sm in (0, 1, 2):
+                    c = (*cfg[:3], per_sm, *cfg[4:])
+                    splits = dg.split_k(n, k, k, c, torch.cuda.get_device_properties(0).multi_processor_count)
+                    if time.time() - t0 > budget_s * (rows.index(m) + 1) / len(rows) or (cfg, splits) in seen:
+                        continue  # each row count gets its share of the budget; equal splits are one kernel
+                    seen.add((cfg, splits))
+                    try:
+                        got = dg._launch(x, w, c).float()
+                    except (OutOfResources, CompilationError, RuntimeError):
+                        continue
+                    if float((got - reference).abs().max() / reference.abs().max()) <= 1e-2:
+                        timed.append((round(dg.candidate_ms(x, w, c) * 1e3, 2), c))
+            timed.sort()
+            row["sweep_top"] = [(us, list(c)) for us, c in timed[:8]]
+            row["sweep_all"] = [(us, list(c)) for us, c in timed]
+            out[f"{name}_m{m}"] = row
+            print(f"{name} M={m}: chosen {row['chosen_us']:.1f} us, best {timed[0] if timed else None}, cuBLAS bf16 "
+                  f"{row['cublas_bf16_us']:.1f}, floors {row['floor_us']:.1f}/{row['bf16_flop_floor_us']:.1f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    return out
+
+
 def plot(res: dict[str, Any], png: str, tails: dict[str, Any] | None = None) -> None:
     """µs per product: floor, plain read, the timed choice, the sweep's best and that one handing off. Reads this
     script's fields, or the probes' (``chosen_us_M8``; ``tails``: ``gemm_tail_h200.json``'s ``best_handoff``)."""
@@ -111,8 +201,16 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--shapes", default=",".join(PRODUCTS))
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop sweeping once this much time has passed")
+    ap.add_argument("--rows", default="", help="row counts over 16: sweep the larger-row class instead")
     args = ap.parse_args()
     bandwidth = measure_copy_bandwidth("cuda")
+    if args.rows:
+        names = [n for n in args.shapes.split(",") if n != "lm_head"]
+        res = {"device": torch.cuda.get_device_name(), "copy_bw_GBs": bandwidth / 1e9,
+               **rows_sweep([int(r) for r in args.rows.split(",")], names, bandwidth, args.budget_s)}
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return 0
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bw_GBs": bandwidth / 1e9}
     t0 = time.time()
