@@ -55,6 +55,26 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 ACT_GROUP = 128  # columns per dynamic activation scale (HF "-FP8": per token and group of 128)
 
 
+FRAGMENT_K = 64
+"""Columns per block of :func:`to_fragment_order`."""
+
+
+def to_fragment_order(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [N, K] (K a multiple of :data:`FRAGMENT_K`) with each block of 64 columns reordered, column
+    8j + 2c + e to 16c + 2j + e, so that the columns one thread of a Hopper wgmma holds from a register operand
+    (pairs 2c, 2c + 1 of every 8) lie in 16 contiguous bytes: the decode GEMM then reads its e4m3 weight tile
+    from shared memory with one 128-bit load per thread and block instead of eight 16-bit ones, and multiplies
+    the same values in the same order (docs/BENCH.md, "The weight in fragment order")."""
+    n, k = weight.shape
+    return weight.view(n, k // FRAGMENT_K, 8, 4, 2).transpose(2, 3).reshape(n, k)
+
+
+def from_fragment_order(weight: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_fragment_order`."""
+    n, k = weight.shape
+    return weight.view(n, k // FRAGMENT_K, 4, 8, 2).transpose(2, 3).reshape(n, k)
+
+
 @torch.library.custom_op("dspark::fp8_dequantize", mutates_args=())
 def fp8_dequantize(weight: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     """e4m3 weight [N, K] × scale -> float32 [N, K]. ``scale`` is 0-d (per tensor), [N] (per output channel) or
@@ -145,6 +165,7 @@ class Fp8Linear(nn.Module):
         self.input_scale = None if input_scale is None else nn.Parameter(input_scale.to(torch.float32).reshape(()),
                                                                          requires_grad=False)
         self.act_group = act_group
+        self.fragment_order = False  # the weight stored in the decode GEMM's column order (to_fragment_order)
 
     @property
     def out_features(self) -> int:
@@ -155,7 +176,8 @@ class Fp8Linear(nn.Module):
         return self.weight.shape[1]
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return fp8_dequantize(self.weight, self.weight_scale, self.group).to(dtype)
+        weight = from_fragment_order(self.weight) if self.fragment_order else self.weight
+        return fp8_dequantize(weight, self.weight_scale, self.group).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_group:

@@ -177,6 +177,62 @@ HANDOFF_SCRIPT = textwrap.dedent(
 )
 
 
+FRAGMENT_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from dspark_compile.models.layers import Fp8Linear, from_fragment_order, quantize_fp8, to_fragment_order
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear, split_k
+    from dspark_compile.targets.torch.kernels import Partials
+
+    torch.manual_seed(0)
+    # the order itself: column 8j + 2c + e of each 64 goes to 16c + 2j + e, and back
+    cols = torch.arange(128, dtype=torch.float32).repeat(3, 1)
+    moved = to_fragment_order(cols)
+    for j, c, e in ((0, 0, 1), (1, 0, 0), (0, 1, 0), (7, 3, 1)):
+        assert moved[0, 64 + 16 * c + 2 * j + e] == 64 + 8 * j + 2 * c + e
+    assert torch.equal(from_fragment_order(moved), cols)
+    # the same bits from a weight in fragment order: per-channel and 64-column groups, the plain and the fp16
+    # product, one row, a verify block and the larger row class, K split (summed, and handed over), and not
+    n, k = 64, 256
+    w = torch.randn(n, k)
+    q64 = (w / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
+    grouped = DecodeWeight.of(q64, torch.rand(n, k // 64) + 0.5, 64, None)
+    for fw in (DecodeWeight.of(*quantize_fp8(w), 0, None), grouped):
+        fo = fw.in_fragment_order()
+        assert fo.fragment_order and not torch.equal(fo.weight.float(), fw.weight.float())
+        for m, cfg in ((1, (16, 32, 64, 8, 4, 3, 0)), (8, (16, 32, 128, 0, 4, 3, 2)), (8, (16, 32, 64, 8, 4, 3, 2)),
+                       (40, (32, 32, 64, 2, 4, 3, 0))):
+            x = torch.randn(m, k).to(torch.bfloat16)
+            for handoff in (False, True):
+                a, b = decode_linear(x, fw, cfg, handoff=handoff), decode_linear(x, fo, cfg, handoff=handoff)
+                if isinstance(a, Partials):
+                    assert split_k(n, k, fw.group, cfg, 4)[1] > 1
+                    a, b = a.part, b.part
+                assert torch.equal(a, b), (m, cfg, handoff, fw.group)
+    # where the kernel does not take it, the weight stays as it is
+    wide = DecodeWeight.full(torch.randn(n, k))
+    dyn = DecodeWeight.of(*quantize_fp8(w), 0, None, act_group=128)
+    odd = DecodeWeight.of(*quantize_fp8(torch.randn(n, 96)), 0, None)
+    g32 = DecodeWeight.of(q64, torch.rand(n, k // 32) + 0.5, 32, None)
+    assert all(d.in_fragment_order() is d for d in (wide, dyn, odd, g32))
+    # a module whose weight is stored in fragment order still dequantizes (and multiplies) as before
+    lin = Fp8Linear(*quantize_fp8(w))
+    x = torch.randn(3, k)
+    before = lin(x)
+    lin.weight = torch.nn.Parameter(to_fragment_order(lin.weight.detach()), requires_grad=False)
+    lin.fragment_order = True
+    assert torch.equal(lin(x), before)
+    print("fragment ok")
+    """
+)
+
+
+def test_weights_in_fragment_order_give_the_same_bits(golden_dir: Path, triton_interpreter: Any) -> None:
+    proc = triton_interpreter(FRAGMENT_SCRIPT, golden_dir / "dspark_tiny", 600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fragment ok" in proc.stdout
+
+
 def test_split_k_partials_handed_to_the_consumer_give_the_same_bits(golden_dir: Path, triton_interpreter: Any) -> None:
     """The decode GEMM's split-K partials summed by the consuming kernel (kernels.Partials) against the product
     the GEMM sums itself: the SwiGLU and q/k norm + RoPE outputs, bit for bit (interpreter)."""

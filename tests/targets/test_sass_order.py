@@ -78,3 +78,21 @@ def test_consumers_of_normed_partials_issue_their_loads_before_any_shuffle(name:
     partials = [i for i, op in enumerate(ops) if op.startswith("LDG") and "STRONG" in op]
     assert partials and not [i for i in shuffles if first_partial < i < partials[0]] and (
         not shuffles or shuffles[0] > partials[0]), "the row factor's reduction ran ahead of the partials' loads"
+
+
+@pytest.mark.parametrize("fast,block_m", [(1, 16), (2, 16), (1, 128)])
+def test_decode_gemm_reads_a_weight_in_fragment_order_16_bytes_at_a_time(fast: int, block_m: int) -> None:
+    """A weight stored in fragment order (``layers.to_fragment_order``) reaches the wgmma register operand through
+    128-bit shared loads, where column order took one 16-bit load per value pair; the bf16 widening then takes
+    four values a register, at most one byte permute per two conversions (two values a register: two each)."""
+    from dspark_compile.targets.torch.decode_gemm import _decode_gemm_kernel
+
+    consts = {"BLOCK_M": block_m, "BLOCK_N": 128 if block_m == 16 else 64, "BLOCK_K": 128, "PER_CHANNEL": True,
+              "EVEN": True, "PRECISION": None, "FAST_CVT": fast, "WIDE": False, "ASM": True, "TMA": False,
+              "SPLIT_K": False}
+    plain = _sass(_decode_gemm_kernel, consts, 4)
+    ordered = _sass(_decode_gemm_kernel, consts | {"FRAGMENT": True}, 4)
+    assert "LDS.U16" in plain and "LDS.U16" not in ordered
+    assert ordered.count("LDS.128") > plain.count("LDS.128")
+    cvt = ordered.count("F2FP.F16.E4M3.UNPACK_B")
+    assert cvt == plain.count("F2FP.F16.E4M3.UNPACK_B") and ordered.count("PRMT") <= cvt // 2

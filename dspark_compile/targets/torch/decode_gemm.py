@@ -48,6 +48,7 @@ from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dspark_compile.errors import UsageError
+from dspark_compile.models.layers import FRAGMENT_K, to_fragment_order
 from dspark_compile.targets.torch.kernels import GEMM_IN_SCALE as X_SCALE
 from dspark_compile.targets.torch.kernels import (
     Partials,
@@ -66,7 +67,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         PRECISION: tl.constexpr, FAST_CVT: tl.constexpr, SPLIT_K: tl.constexpr,
                         WIDE: tl.constexpr = False,
                         ASM: tl.constexpr = True, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
-                        HANDOFF: tl.constexpr = False, NORM: tl.constexpr = 0):
+                        HANDOFF: tl.constexpr = False, NORM: tl.constexpr = 0, FRAGMENT: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -105,6 +106,9 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
         else:
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
+        if FRAGMENT:  # stored in fragment order: back to column order, which the compiler maps onto registers
+            w = tl.reshape(tl.permute(tl.reshape(w, (BLOCK_N, BLOCK_K // 64, 4, 8, 2)), (0, 1, 3, 2, 4)),
+                           (BLOCK_N, BLOCK_K))  # (its 16-byte shared loads are the point: docs/BENCH.md)
         if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
             xf = xt.to(tl.float32)
             amax = tl.max(tl.abs(xf), axis=0)
@@ -127,7 +131,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                     xt = bf16_to_f16_scaled(xt, ASM)
                 wt = w.to(tl.float16)
             else:  # WIDE: weights already in the activations' dtype (bf16 layers), streamed as they are
-                wt = w if WIDE else _e4m3_to_bf16_shifted(w) if FAST_CVT else w.to(dt)
+                wt = w if WIDE else _e4m3_to_bf16_shifted(w, 4 if FRAGMENT else 2) if FAST_CVT else w.to(dt)
             if PER_CHANNEL or WIDE:
                 acc = tl.dot(wt, xt, acc, input_precision=PRECISION)
             else:
@@ -206,25 +210,32 @@ def _unshift(s, FAST_CVT: tl.constexpr):
     return s
 
 
+def _shifted_asm(pairs: int) -> str:
+    """PTX of :func:`_e4m3_to_bf16_shifted` for ``pairs`` value pairs in one 32-bit input register."""
+    body = []
+    for i, half in enumerate(("lo", "hi")[:pairs]):
+        body += [f"cvt.rn.f16x2.e4m3x2 a, {half};", "shr.b32 sa, a, 3;", "and.b32 sa, sa, 0x0FFF0FFF;",
+                 "and.b32 a, a, 0x80008000;", f"or.b32 ${i}, sa, a;"]
+    return "{\n.reg .b16 lo, hi;\n.reg .b32 a, sa;\n" + f"mov.b32 {{lo, hi}}, ${pairs};\n" + "\n".join(body) + "\n}"
+
+
+_SHIFTED_2 = tl.constexpr(_shifted_asm(1))
+_SHIFTED_4 = tl.constexpr(_shifted_asm(2))
+
+
 @triton.jit
-def _e4m3_to_bf16_shifted(w):
+def _e4m3_to_bf16_shifted(w, PACK: tl.constexpr = 2):
     """e4m3 → bf16 in 1.5 integer instructions and half a conversion per value instead of Triton's 1.5
     conversions (e4m3x2 → f16x2, then f16 → bf16 one value at a time): the f16 bits shifted right by 3 are
     the bf16 bits of the value times 2⁻¹¹² (e4m3 has 3 mantissa bits, so no f16 bit is lost; every e4m3
     value, subnormals included, is an f16 normal, so every result is a bf16 normal). The scale carries
-    2¹¹² back. PTX, sm_89 and later."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b16 lo, hi;
-        .reg .b32 a, sa;
-        mov.b32 {lo, hi}, $1;
-        cvt.rn.f16x2.e4m3x2 a, lo;
-        shr.b32 sa, a, 3;
-        and.b32 sa, sa, 0x0FFF0FFF;
-        and.b32 a, a, 0x80008000;
-        or.b32 $0, sa, a;
-        }""",
-        constraints="=r,r", args=[w.to(tl.uint8, bitcast=True)], dtype=tl.bfloat16, is_pure=True, pack=2)
+    2¹¹² back. PTX, sm_89 and later. ``PACK`` 4 (a weight in fragment order, whose registers hold four
+    neighbouring values) takes a register of four values where 2 would cost a byte permute per pair."""
+    if PACK == 4:
+        return tl.inline_asm_elementwise(asm=_SHIFTED_4, constraints="=r,=r,r", args=[w.to(tl.uint8, bitcast=True)],
+                                         dtype=tl.bfloat16, is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(asm=_SHIFTED_2, constraints="=r,r", args=[w.to(tl.uint8, bitcast=True)],
+                                     dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
 @dataclass(frozen=True)
@@ -237,16 +248,29 @@ class DecodeWeight:
     group: int
     bias: torch.Tensor | None = None
     act_group: int = 0  # > 0: the input is quantized to e4m3 per row and this many columns (W8A8)
+    fragment_order: bool = False  # the weight's columns in layers.to_fragment_order's order
 
     @classmethod
     def of(cls, weight: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None,
-           act_group: int = 0) -> DecodeWeight:
+           act_group: int = 0, *, fragment_order: bool = False) -> DecodeWeight:
         """From an :class:`~dspark_compile.models.layers.Fp8Linear`'s tensors: per-tensor and per-channel scales
         become one group of all K columns."""
         n, k = weight.shape
         if scale.dim() < 2:
             scale, group = scale.to(torch.float32).reshape(-1, 1).expand(n, 1).contiguous(), k
-        return cls(weight.contiguous(), scale.to(torch.float32).contiguous(), group, bias, act_group)
+        return cls(weight.contiguous(), scale.to(torch.float32).contiguous(), group, bias, act_group,
+                   fragment_order)
+
+    def in_fragment_order(self) -> DecodeWeight:
+        """This weight with its columns in the order the kernel reads 16 bytes at a time
+        (:func:`~dspark_compile.models.layers.to_fragment_order`: same products, same bits), where the kernel
+        takes it: e4m3 weights with model-dtype inputs (conversion 3's e4m3 operand holds other columns), K and
+        the scale group multiples of 64 (every candidate's K tile is)."""
+        k = self.weight.shape[1]
+        if (self.fragment_order or self.wide or self.act_group or k % FRAGMENT_K
+                or (self.group < k and self.group % FRAGMENT_K)):
+            return self
+        return replace(self, weight=to_fragment_order(self.weight), fragment_order=True)
 
     @classmethod
     def full(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> DecodeWeight:
@@ -264,10 +288,11 @@ class DecodeWeight:
     @staticmethod
     def cat(parts: list[DecodeWeight]) -> DecodeWeight:
         """Row-wise concatenation (q|k|v, gate|up): same K, group and activation group."""
-        assert len({(p.weight.shape[1], p.group, p.scale.shape[1], p.act_group) for p in parts}) == 1
+        assert len({(p.weight.shape[1], p.group, p.scale.shape[1], p.act_group, p.fragment_order)
+                    for p in parts}) == 1
         bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])  # type: ignore[misc]
         return DecodeWeight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]),
-                            parts[0].group, bias, parts[0].act_group)
+                            parts[0].group, bias, parts[0].act_group, parts[0].fragment_order)
 
 
 SMALL_M = 16  # rows up to which one configuration serves every row count (decode: B and B·(γ+1) at B = 1)
@@ -597,7 +622,8 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               PRECISION="ieee" if x.dtype == torch.float32 else None,
                               FAST_CVT=conversion, SPLIT_K=splits > 1,
                               WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff,
-                              NORM=0 if row_norm is None or handoff else row_norm.sumsq.shape[1], num_warps=warps,
+                              NORM=0 if row_norm is None or handoff else row_norm.sumsq.shape[1],
+                              FRAGMENT=w.fragment_order, num_warps=warps,
                               num_stages=stages, **pdl_options(x, m))
     if handoff:
         scaled = w.group >= k and not w.wide

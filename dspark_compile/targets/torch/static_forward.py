@@ -159,9 +159,12 @@ class _Linear:
     @classmethod
     def of(cls, linears: list[nn.Module]) -> _Linear:
         """``linears`` (sharing their input) as one product: their weights concatenated by rows, the modules'
-        parameters re-pointed at views of the concatenation (same values, one copy)."""
+        parameters re-pointed at views of the concatenation (same values, one copy), stored in the decode GEMM's
+        fragment order where it takes it (``DecodeWeight.in_fragment_order``; ``DSPARK_FRAGMENT_ORDER=0`` turns it
+        off), each module told so."""
         if all(isinstance(lin, Fp8Linear) for lin in linears):
             from dspark_compile.targets.torch.decode_gemm import DecodeWeight
+            from dspark_compile.targets.torch.kernels import switched_on
 
             scales = {None if lin.input_scale is None else float(lin.input_scale) for lin in linears}
             if len(scales) > 1:
@@ -169,10 +172,15 @@ class _Linear:
             if len({lin.act_group for lin in linears}) > 1:
                 raise ValueError("fused FP8 layers need one activation quantization")
             parts = [DecodeWeight.of(lin.weight.detach(), lin.weight_scale.detach(), lin.group,
-                                  None if lin.bias is None else lin.bias.detach(), lin.act_group)
+                                  None if lin.bias is None else lin.bias.detach(), lin.act_group,
+                                  fragment_order=lin.fragment_order)
                      for lin in linears]
             whole = DecodeWeight.cat(parts) if len(parts) > 1 else parts[0]
+            if switched_on("DSPARK_FRAGMENT_ORDER"):
+                whole = whole.in_fragment_order()
             _repoint(linears, "weight", whole.weight)
+            for lin in linears:
+                lin.fragment_order = whole.fragment_order
             return cls(whole, None, linears[0].input_scale)
         if any(isinstance(lin, Fp8Linear) for lin in linears):
             raise ValueError("cannot fuse FP8 and full-precision layers into one product")
@@ -211,7 +219,7 @@ class _KernelFp8Linear(Fp8Linear):
         nn.Module.__init__(self)
         self.weight, self.weight_scale, self.bias, self.input_scale = (lin.weight, lin.weight_scale, lin.bias,
                                                                        lin.input_scale)
-        self.group, self.act_group = lin.group, lin.act_group
+        self.group, self.act_group, self.fragment_order = lin.group, lin.act_group, lin.fragment_order
         self.product = _Linear.of([self])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
