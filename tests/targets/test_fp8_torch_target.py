@@ -799,6 +799,21 @@ def test_decode_gemm_candidates() -> None:
     assert all(128 % c[2] == 0 for c in _candidates(1, 4096, 128, 1))
 
 
+def test_a_larger_row_configuration_is_chosen_over_the_row_counts_its_class_serves() -> None:
+    """The 17-1024-row class keeps one configuration for B = 16's verify and B = 64's step and verify: the choice
+    weighs each row count's time against that row count's fastest, so the 512-row products' larger times do not
+    decide alone; one row count is the fastest time."""
+    pytest.importorskip("triton")
+    from dspark_compile.targets.torch.decode_gemm import TIMED_ROWS, least_relative_time, row_class
+
+    assert all(row_class(r) == 1 for r in TIMED_ROWS[1])
+    a, b, c = (64, 128, 128, 0, 4, 3, 1), (128, 64, 128, 1, 4, 3, 1), (64, 256, 64, 0, 8, 4, 2)
+    # a: fastest at 64 and 128 rows, 1.8x at 512; b: 1.2x, 1.1x, fastest at 512; c: fastest nowhere
+    times = {a: [20.0, 27.0, 104.0], b: [24.0, 29.7, 58.0], c: [22.0, 30.0, 70.0]}
+    assert least_relative_time(times) == b  # 1.2 + 1.1 + 1.0 against 1 + 1 + 1.79 and 1.1 + 1.11 + 1.21
+    assert least_relative_time({a: [3.0], b: [2.0]}) == b
+
+
 def test_decode_gemm_choices_file_pins_configurations_for_its_gpu_only(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """``DSPARK_GEMM_CHOICES``: a missing file is written as choices are made; a later process reads it and runs the

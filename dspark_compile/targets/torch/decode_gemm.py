@@ -315,8 +315,18 @@ at all (W8A8, conversion 3) it measured no faster at small M (docs/BENCH.md, "Dy
 nine (64-row tiles, K tiles of 256, fewer stages, 3 and 6 programs per SM) led a wider sweep of the Qwen3-8B
 products on the H200 (docs/BENCH.md, "Where an e4m3 product's time goes")."""
 LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 64, 128, 1, 4, 4, 1),
-                 (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1))
-"""BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M."""
+                 (128, 64, 128, 2, 4, 4, 1), (128, 128, 128, 1, 8, 3, 1), (256, 64, 128, 1, 8, 3, 1),
+                 (64, 128, 128, 0, 4, 3, 1), (64, 128, 64, 0, 4, 4, 1), (128, 64, 128, 1, 4, 3, 1),
+                 (64, 128, 128, 1, 4, 3, 1), (64, 128, 64, 1, 4, 3, 1), (256, 64, 64, 0, 8, 4, 2),
+                 (256, 128, 128, 0, 8, 3, 1), (64, 128, 64, 0, 4, 3, 1))
+"""BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M. The last eight (128-row
+tiles, K tiles of 64, 256-column tiles of the fp16 product) led ``gemm_sweep.py --rows`` on the H200 for the Qwen3-8B
+products summed over 64, 128 and 512 rows (docs/BENCH.md, "The larger row class")."""
+TIMED_ROWS = {1: (64, 128, 512)}
+"""Row counts a class's candidates are timed at (other classes: the call's own), the choice the least sum of
+each time over that row count's fastest: one configuration serves every row count of the 17-1024-row class
+(B = 16's verify of 128 rows, B = 64's step of 64 and verify of 512), and on the H200 the fastest at one row
+count took up to 1.8x the fastest at another (docs/BENCH.md, "The larger row class")."""
 Config = tuple[int, ...]
 """BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, conversion, and optionally 1: the weight tiles
 loaded by TMA (Hopper's tensor memory accelerator) instead of per-thread asynchronous copies."""
@@ -390,8 +400,10 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
         return candidates[0]
     candidates = with_tma(candidates, w)
-    best, best_ms = candidates[0], float("inf")
     reference = _launch(x, w, candidates[0]).float()
+    inputs = [x if r == m else torch.randn(r, k, dtype=x.dtype, device=x.device)
+              for r in TIMED_ROWS.get(row_class(m), (m,))]
+    times: dict[Config, list[float]] = {}
     for cfg in candidates:
         try:
             got = _launch(x, w, cfg).float()
@@ -403,11 +415,17 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
             log.warning("decode GEMM configuration %s dropped: relative error %.3g against %s", cfg, err,
                         candidates[0])
             continue
-        ms = candidate_ms(x, w, cfg, handoff)
-        if ms < best_ms:
-            best, best_ms = cfg, ms
+        times[cfg] = [candidate_ms(xi, w, cfg, handoff) for xi in inputs]
+    best = least_relative_time(times) if times else candidates[0]
     remember(key, best, x.device)
     return best
+
+
+def least_relative_time(times: dict[Config, list[float]]) -> Config:
+    """The configuration whose times (one per :data:`TIMED_ROWS` row count) sum to the least, each relative to
+    that row count's fastest candidate: no row count outweighs another by its larger products alone."""
+    fastest = [min(t[i] for t in times.values()) for i in range(len(next(iter(times.values()))))]
+    return min(times, key=lambda c: sum(t / f for t, f in zip(times[c], fastest, strict=True)))
 
 
 CHOICES_ENV = "DSPARK_GEMM_CHOICES"
