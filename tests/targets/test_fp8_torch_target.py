@@ -495,6 +495,7 @@ DEFERRED_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     golden = Path(sys.argv[1])
     kernels.NORM_CHUNK = 16  # several chunks at the tiny pair's 64 columns
     decode_gemm._config = lambda x, w, handoff=False: (16, 32, 32, 8, 4, 3, 0)  # K split on the tiny shapes
+    os.environ["DSPARK_FRAGMENT_ORDER"] = "0"  # whose K tiles of 32 a weight in fragment order (64) cannot take
     calls = []
     launch = decode_gemm._launch
     def counted(x, w, cfg, handoff=False, out_dtype=None, row_norm=None):

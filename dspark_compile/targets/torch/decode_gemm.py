@@ -618,6 +618,8 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
     m, k = x.shape
     n = w.weight.shape[0]
     bm, bn, bk, _, warps, stages, fast = cfg[:7]
+    if w.fragment_order and bk % FRAGMENT_K:
+        raise ValueError(f"a weight in fragment order needs K tiles of a multiple of {FRAGMENT_K} columns, not {bk}")
     tma = len(cfg) > 7 and cfg[7] == 1 and x.is_cuda
     k_split, splits = split_k(n, k, w.group, cfg, _sms(x.device))
     grid = (triton.cdiv(n, bn), splits, triton.cdiv(m, bm))
