@@ -165,6 +165,30 @@ def rows_sweep(rows: list[int], names: list[str], bandwidth: float, budget_s: fl
     return out
 
 
+def plot_rows(res: dict[str, Any], png: str) -> None:
+    """µs per product and row count (``--rows``): the byte and bf16-FLOP floors, the timed choice, the sweep's best
+    and bf16 cuBLAS."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, v in res.items() if isinstance(v, dict) and "sweep_top" in v]
+    series = {"byte floor": "floor_us", "bf16 FLOP floor": "bf16_flop_floor_us", "timed choice": "chosen_us",
+              "sweep best": None, "bf16 cuBLAS": "cublas_bf16_us"}
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.16
+    for i, (label, field) in enumerate(series.items()):
+        values = [res[k]["sweep_top"][0][0] if field is None else res[k][field] for k in keys]
+        ax.bar([j + (i - 2) * width for j in range(len(keys))], values, width, label=label)
+    ax.set_xticks(range(len(keys)), [k.replace("_m", "\nM=") for k in keys], fontsize=8)
+    ax.set_ylabel("µs per launch (cold weight)")
+    ax.set_title(f"Qwen3-8B e4m3 products, 17-1024-row class, {res.get('device', 'GPU')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def plot(res: dict[str, Any], png: str, tails: dict[str, Any] | None = None) -> None:
     """µs per product: floor, plain read, the timed choice, the sweep's best and that one handing off. Reads this
     script's fields, or the probes' (``chosen_us_M8``; ``tails``: ``gemm_tail_h200.json``'s ``best_handoff``)."""
@@ -210,6 +234,7 @@ def main() -> int:
                **rows_sweep([int(r) for r in args.rows.split(",")], names, bandwidth, args.budget_s)}
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
+        plot_rows(res, args.out.removesuffix(".json") + ".png")
         return 0
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bw_GBs": bandwidth / 1e9}
