@@ -745,6 +745,31 @@ def test_gemma4_fp8_layers_run_the_fp8_gemm_and_their_round_graph_is_lossless() 
 
 
 @pytest.mark.gpu
+def test_weights_in_fragment_order_give_the_same_bits_on_gpu() -> None:
+    """On the GPU, where the bf16 widening takes four values a register (inline PTX the interpreter never runs)
+    and TMA loads the tiles: both widenings, TMA or not, the small and the larger row class."""
+    import torch
+
+    from dspark_compile.targets.torch import decode_gemm as dg
+
+    torch.manual_seed(0)
+    n, k = 6144, 4096
+    w = dg.DecodeWeight.of((torch.randn(n, k, device="cuda") * 0.05).to(torch.float8_e4m3fn),
+                           torch.rand(n, device="cuda") * 0.01 + 0.001, k, None)
+    ordered = w.in_fragment_order()
+    assert ordered.fragment_order
+    for m, cfgs in ((8, [(16, 64, 256, 1, 4, 3, 2, 1), (16, 128, 128, 2, 4, 4, 1, 1), (16, 64, 128, 4, 4, 3, 1, 0)]),
+                    (128, [(128, 64, 128, 0, 4, 3, 1, 1), (64, 128, 128, 1, 4, 4, 2, 1),
+                           (128, 128, 128, 1, 8, 3, 1, 0)])):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ (w.weight.float() * w.scale).t()
+        for cfg in cfgs:
+            a, b = dg._launch(x, w, cfg), dg._launch(x, ordered, cfg)
+            assert torch.equal(a, b), (m, cfg)
+            assert float((b.float() - ref).abs().max() / ref.abs().max()) < 1e-2, (m, cfg)
+
+
+@pytest.mark.gpu
 def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
     """Dynamic e4m3 activations (``--quantize fp8-dynamic``): the e4m3 × e4m3 kernel against the modules'
     reference of the same model (quantize the activations per row and 128 columns, dequantize, float32
