@@ -210,6 +210,10 @@ def main() -> int:
                     help="targets the rounds run, in this order (quantizing is one-way: head_draft kinds last); "
                          "_dynamic: --quantize fp8-dynamic, e4m3 activations too")
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    if "bf16" in kinds and any(k != "bf16" for k in kinds[: kinds.index("bf16")]):
+        ap.error(f"--kinds {args.kinds}: bf16 must come first (the rounds quantize the one model in place, so a "
+                 "bf16 run after a quantized kind would measure the quantized model)")
     args.out.mkdir(parents=True, exist_ok=True)
     shape = SMOKE if args.smoke else QWEN3_8B
     sections = args.sections.split(",")
