@@ -750,6 +750,8 @@ def test_weights_in_fragment_order_give_the_same_bits_on_gpu() -> None:
     and TMA loads the tiles: both widenings, TMA or not, the small and the larger row class."""
     import torch
 
+    if not torch.cuda.is_available():
+        pytest.skip(reason="needs a CUDA GPU")
     from dspark_compile.targets.torch import decode_gemm as dg
 
     torch.manual_seed(0)

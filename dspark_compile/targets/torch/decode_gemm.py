@@ -107,7 +107,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=m_mask[None, :] & (offs_k[:, None] < K), other=0.0)
         if FRAGMENT:  # stored in fragment order: back to column order, which the compiler maps onto registers
-            w = tl.reshape(tl.permute(tl.reshape(w, (BLOCK_N, BLOCK_K // 64, 4, 8, 2)), (0, 1, 3, 2, 4)),
+            w = tl.reshape(tl.permute(tl.reshape(w, (BLOCK_N, BLOCK_K // _FRAGMENT_K, 4, 8, 2)), (0, 1, 3, 2, 4)),
                            (BLOCK_N, BLOCK_K))  # (its 16-byte shared loads are the point: docs/BENCH.md)
         if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
             xf = xt.to(tl.float32)
@@ -219,6 +219,7 @@ def _shifted_asm(pairs: int) -> str:
     return "{\n.reg .b16 lo, hi;\n.reg .b32 a, sa;\n" + f"mov.b32 {{lo, hi}}, ${pairs};\n" + "\n".join(body) + "\n}"
 
 
+_FRAGMENT_K = tl.constexpr(FRAGMENT_K)
 _SHIFTED_2 = tl.constexpr(_shifted_asm(1))
 _SHIFTED_4 = tl.constexpr(_shifted_asm(2))
 
