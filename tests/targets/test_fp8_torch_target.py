@@ -209,6 +209,18 @@ FRAGMENT_SCRIPT = textwrap.dedent(
                     assert split_k(n, k, fw.group, cfg, 4)[1] > 1
                     a, b = a.part, b.part
                 assert torch.equal(a, b), (m, cfg, handoff, fw.group)
+    # the accumulator stored through a select (DSPARK_GEMM_KEEP_ASYNC) stores the same values, summed or handed over
+    import os
+    x = torch.randn(40, k).to(torch.bfloat16)
+    for cfg in ((16, 32, 64, 8, 4, 3, 2), (32, 32, 64, 2, 4, 3, 0), (32, 32, 128, 0, 4, 3, 0)):
+        rows = x[:5] if cfg[0] == 16 else x
+        outs = []
+        for keep in ("0", "1"):
+            os.environ["DSPARK_GEMM_KEEP_ASYNC"] = keep
+            got = [decode_linear(rows, fo, cfg), decode_linear(rows, fo, cfg, handoff=True)]
+            outs.append([g.part if isinstance(g, Partials) else g for g in got])
+        assert all(torch.equal(a, b) for a, b in zip(*outs)), cfg
+    del os.environ["DSPARK_GEMM_KEEP_ASYNC"]
     # where the kernel does not take it, the weight stays as it is
     wide = DecodeWeight.full(torch.randn(n, k))
     dyn = DecodeWeight.of(*quantize_fp8(w), 0, None, act_group=128)
@@ -747,7 +759,10 @@ def test_gemma4_fp8_layers_run_the_fp8_gemm_and_their_round_graph_is_lossless() 
 @pytest.mark.gpu
 def test_weights_in_fragment_order_give_the_same_bits_on_gpu() -> None:
     """On the GPU, where the bf16 widening takes four values a register (inline PTX the interpreter never runs)
-    and TMA loads the tiles: both widenings, TMA or not, the small and the larger row class."""
+    and TMA loads the tiles: both widenings, TMA or not, the small and the larger row class; and the accumulator
+    stored through a select (``DSPARK_GEMM_KEEP_ASYNC``)."""
+    import os
+
     import torch
 
     if not torch.cuda.is_available():
@@ -769,6 +784,11 @@ def test_weights_in_fragment_order_give_the_same_bits_on_gpu() -> None:
             a, b = dg._launch(x, w, cfg), dg._launch(x, ordered, cfg)
             assert torch.equal(a, b), (m, cfg)
             assert float((b.float() - ref).abs().max() / ref.abs().max()) < 1e-2, (m, cfg)
+            os.environ[dg.KEEP_ASYNC_ENV] = "1"  # the accumulator stored through a select: the same bits
+            try:
+                assert torch.equal(dg._launch(x, ordered, cfg), b), (m, cfg, "keep async")
+            finally:
+                del os.environ[dg.KEEP_ASYNC_ENV]
 
 
 @pytest.mark.gpu

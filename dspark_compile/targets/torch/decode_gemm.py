@@ -57,6 +57,7 @@ from dspark_compile.targets.torch.kernels import (
     bf16_to_f16_scaled,
     pdl_options,
     rstd_of_sums,
+    switched_on,
 )
 
 
@@ -67,7 +68,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         PRECISION: tl.constexpr, FAST_CVT: tl.constexpr, SPLIT_K: tl.constexpr,
                         WIDE: tl.constexpr = False,
                         ASM: tl.constexpr = True, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
-                        HANDOFF: tl.constexpr = False, NORM: tl.constexpr = 0, FRAGMENT: tl.constexpr = False):
+                        HANDOFF: tl.constexpr = False, NORM: tl.constexpr = 0, FRAGMENT: tl.constexpr = False,
+                        KEEP_ASYNC: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -143,6 +145,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     rn = rstd_of_sums(sums, norm_w, norm_eps, NORM) if NORM else 1.0
     mask = n_mask[:, None] & m_mask[None, :]
     tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+    if KEEP_ASYNC:  # the same values stored (masked lanes are not); stored as they left the loop, ptxas serializes
+        acc = tl.where(mask, acc, 0.0)  # the loop's wgmma in most tiles (C7515): docs/BENCH.md
     if SPLIT_K:
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=mask)
         if not HANDOFF:
@@ -429,6 +433,11 @@ def least_relative_time(times: dict[Config, list[float]]) -> Config:
     return min(times, key=lambda c: sum(t / f for t, f in zip(times[c], fastest, strict=True)))
 
 
+KEEP_ASYNC_ENV = "DSPARK_GEMM_KEEP_ASYNC"
+"""Set (1): the accumulator passes through a select before it is stored, the same values, which keeps ptxas from
+serializing the K loop's wgmma instructions (its C7515 "non wgmma instructions defining accumulator registers"):
+13 of the 41 candidates serialized without it, none with it, the larger row class's timed choices among them
+(docs/BENCH.md, "wgmma serialized by ptxas"). Off by default until a GPU run measures it."""
 CHOICES_ENV = "DSPARK_GEMM_CHOICES"
 """Names a JSON file of timed choices: read before the first timing, rewritten as each new choice is timed. Runs
 that share it run the same kernels, without timing them again: the two halves of an A/B (the choice of near-equal
@@ -644,7 +653,8 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               FAST_CVT=conversion, SPLIT_K=splits > 1,
                               WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff,
                               NORM=0 if row_norm is None or handoff else row_norm.sumsq.shape[1],
-                              FRAGMENT=w.fragment_order, num_warps=warps,
+                              FRAGMENT=w.fragment_order, KEEP_ASYNC=switched_on(KEEP_ASYNC_ENV, default=False),
+                              num_warps=warps,
                               num_stages=stages, **pdl_options(x, m))
     if handoff:
         scaled = w.group >= k and not w.wide
