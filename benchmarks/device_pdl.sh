@@ -7,7 +7,9 @@
 # AB_VAR names the switch the A/B flips (default DSPARK_PDL; DSPARK_GEMM_EARLY: the decode GEMM's early first
 # weight tile; DSPARK_GEMM_HANDOFF: split-K partials summed by the consumer; DSPARK_PRESCALED: products' inputs
 # written in the fp16 product's format; DSPARK_DEFERRED_NORM: RMSNorms finished by the e4m3 product after them, o's
-# and down's partials handed to the norm); CHAIN=0 skips the launch chains;
+# and down's partials handed to the norm; DSPARK_FRAGMENT_ORDER: e4m3 weights stored in fragment order;
+# DSPARK_GEMM_KEEP_ASYNC: the decode GEMM's accumulator stored through a select, its wgmma left asynchronous by
+# ptxas, best with CHOICES=0); CHAIN=0 skips the launch chains;
 # TESTS_LAST=1 runs the GPU tests after the rounds; BATCH (e.g. 4,16), NEW (new tokens) and ROUND_TIMEOUT (s per
 # mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent, e.g. made with
 # `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that fp8_bench.py, when
