@@ -229,7 +229,7 @@ _SHIFTED_4 = tl.constexpr(_shifted_asm(2))
 
 
 @triton.jit
-def _e4m3_to_bf16_shifted(w, PACK: tl.constexpr = 2):
+def _e4m3_to_bf16_shifted(w, PACK: tl.constexpr):
     """e4m3 → bf16 in 1.5 integer instructions and half a conversion per value instead of Triton's 1.5
     conversions (e4m3x2 → f16x2, then f16 → bf16 one value at a time): the f16 bits shifted right by 3 are
     the bf16 bits of the value times 2⁻¹¹² (e4m3 has 3 mantissa bits, so no f16 bit is lost; every e4m3
