@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 MEMORY = re.compile(r"\b(ld\.global|st\.global|cp\.async|atom\.|red\.)")
-INT_PTRS = ("slot", "limit", "low", "top", "count", "prev", "tok", "seed")
+INT_PTRS = ("slot", "limit", "low", "top", "count", "prev", "tok", "seed", "anchor", "drafts", "vlen", "len", "pos",
+            "ids", "acc", "next", "new", "dlen", "ref")
 PARTS = {"PARTS": 6, "SCALED": True, "SHIFT": 2.0**112}  # a product input as 6 split-K partials (kernels.Partials)
 
 
@@ -37,6 +38,8 @@ def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf1
             kind = "*i32" if name.startswith("count") else "*i64" if name.startswith(INT_PTRS) else ptr
             if name == "part_i":  # markov_greedy's block argmaxes
                 kind = "*i32"
+            if name == "live_ptr":  # round_kernels: torch's bool
+                kind = "*i1"
             fp32 = name.startswith(("part_o", "part_m", "part_l", "part_v", "part_ptr", "s_ptr")) or "scale" in name \
                 or (consts.get("PARTS") and name in ("qkv_ptr", "gu_ptr", "d_ptr")) or name == "s2_ptr" \
                 or "norm_ptr" in name or name == "sumsq_ptr"
@@ -58,9 +61,16 @@ def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf1
 def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
     from dspark_compile.targets.torch import gemma4_kernels as g
     from dspark_compile.targets.torch import kernels as k
+    from dspark_compile.targets.torch import round_kernels as r
     from dspark_compile.targets.torch.decode_gemm import _decode_gemm_kernel
 
     return [
+        ("round_inputs", r._round_inputs_kernel, {"BLOCK": 8}),
+        ("positions", r._positions_kernel, {"BLOCK": 8}),
+        ("draft_inputs", r._draft_inputs_kernel, {"BLOCK": 16}),
+        ("commit", r._commit_kernel, {"BLOCK": 128}),
+        ("finish", r._finish_kernel, {"DRAFT": True, "REPLAY": True, "BLOCK": 8}),
+        ("qk_norm_rope_table", k._qk_norm_rope_kernel, {"BLOCK": 64, "TABLE": True}),
         ("add_rmsnorm", k._add_rmsnorm_kernel, {"HAS_DELTA": True, "HAS_TAP": True, "BLOCK": 4096}),
         ("qk_norm_rope", k._qk_norm_rope_kernel, {"BLOCK": 64}),
         ("act_mul", k._act_mul_kernel, {"GELU_TANH": False, "BLOCK": 1024}),

@@ -6,7 +6,8 @@ prefills and drafts the first block through admission graphs (up to 8 prompts ea
 rows are then copied: one graph serves any rows); ``round`` is **one captured graph** per (batch bucket,
 attention window, greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches
 already hold the rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence,
-with per-row verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs. One host
+with per-row verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs, and its own
+bookkeeping (tokens, commit, the draft's inputs, the packed output) in :mod:`.round_kernels`' five launches. One host
 sync per round fetches the Proposal; ``launch`` may queue a second round behind the one running
 (:data:`ROUNDS_IN_FLIGHT`), so the device never waits for the host between rounds. ``set_replay`` is the
 benchmark-only acceptance replay (docs/BENCH.md).
@@ -39,7 +40,7 @@ from dspark_compile.program import program_info
 from dspark_compile.runtime.backend import Proposal, uniforms_per_call
 from dspark_compile.runtime.sampling import counter_uniforms
 from dspark_compile.runtime.scheduler import round_width
-from dspark_compile.targets.torch import kernels
+from dspark_compile.targets.torch import kernels, round_kernels
 from dspark_compile.targets.torch.static_forward import StaticProgram
 
 log = logging.getLogger(__name__)
@@ -250,10 +251,13 @@ class CudaGraphBackend:
     def __init__(self, target: Qwen3Target, draft: DSparkDraft | None, *, block_size: int | None = None,
                  eos_token_ids: tuple[int, ...] = (), graphs: bool | None = None, fused: bool | None = None,
                  attention: str | None = None, kv_bucket: int | None = KV_BUCKET,
-                 spec_verify: str | None = None, narrow_rounds: bool = False) -> None:
+                 spec_verify: str | None = None, narrow_rounds: bool = False,
+                 fused_bookkeeping: bool | None = None) -> None:
         """``narrow_rounds``: a round verifies only as many positions as its longest ℓ needs (rounded up to a
         power of two, one graph per width), so a scheduler can trade drafts for time where the verify is
-        compute-bound (large batches); the draft still proposes G tokens. Off: every round runs G + 1."""
+        compute-bound (large batches); the draft still proposes G tokens. Off: every round runs G + 1.
+        ``fused_bookkeeping``: a round's own work besides the model (tokens, commit, packed output) as
+        :mod:`.round_kernels`' few launches (default: on CUDA, and in the fused program) or as torch ops."""
         self.verifies_whole_block = not narrow_rounds
         self.verifies_widest = narrow_rounds
         self.device = target.embed_tokens.weight.device
@@ -269,6 +273,7 @@ class CudaGraphBackend:
         self.spec_verify = spec_verify or ("triton" if cuda else "torch")
         self.program = StaticProgram(target, draft, fused=cuda if fused is None else fused,
                                      attention=attention or ("triton" if cuda else "reference"))
+        self.fused_bookkeeping = (cuda or self.program.fused) if fused_bookkeeping is None else fused_bookkeeping
         self.info = program_info(target, draft, eos_token_ids)
         if self.info.vocab_size > 1 << 24:
             raise ValueError(f"vocab_size {self.info.vocab_size} > 2^24: round outputs pack ids in float32")
@@ -647,15 +652,22 @@ class CudaGraphBackend:
         per_call = uniforms_per_call(g)
         probs = st.ensure_probs()[:rows] if sampling and g > 0 else None
 
+        kernels_ = self.fused_bookkeeping  # round_kernels' few launches (the same bits), or torch ops
+        taps_in_place = kernels_ and self.program.fused and g > 0 and width == g + 1
+
         def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             live = v["live"]
             drafts = v["drafts"][:, : width - 1]
-            tokens = torch.cat((v["anchor"][:, None], drafts), dim=1)  # [R, width]
-            hidden, taps = self.program.target_step(tokens, v["length"], kv, window)
+            if kernels_:
+                tokens, vlen = round_kernels.round_inputs(v["anchor"], v["drafts"], inp["verify_len"], live, width)
+            else:
+                tokens = torch.cat((v["anchor"][:, None], drafts), dim=1)  # [R, width]
+                vlen = torch.where(live, inp["verify_len"].clamp(0, width - 1), 0)
+            hidden, taps = self.program.target_step(tokens, v["length"], kv, window,
+                                                    taps_out=v["taps"] if taps_in_place else None)
             logits = tgt.lm_head(hidden)
             # greedy rounds draw nothing: the uniforms' ~30 elementwise launches only where they are read
             u = _uniforms(v["seed"], v["counter"], per_call) if sampling else None
-            vlen = torch.where(live, inp["verify_len"].clamp(0, width - 1), 0)
             pr = probs if probs is not None else (st.probs_like(rows, 0) if sampling else None)
             # Uniform j tests draft j and uniform G draws the next token, whatever the width: a row's stream
             # does not depend on the widths its batch chose.
@@ -665,27 +677,42 @@ class CudaGraphBackend:
                                     pr if pr is None else pr[:, : width - 1])
             if replay == FORCED_REPLAY:  # timing only (set_replay)
                 acc, nxt = self._forced(v, vlen)
-            step = torch.where(live, acc + 1, 0)
-            v["length"].add_(step)  # commit: the caches already hold the accepted rows (rollback is free)
-            v["anchor"].copy_(nxt)
-            v["counter"].add_(torch.where(live, per_call, 0))
+            # commit: the caches already hold the accepted rows (rollback is free); count = the rows committed
+            if kernels_:
+                round_kernels.commit(acc, nxt, live, v["length"], v["anchor"], v["counter"], v["count"], per_call)
+            else:
+                step = torch.where(live, acc + 1, 0)
+                v["length"].add_(step)
+                v["anchor"].copy_(nxt)
+                v["counter"].add_(torch.where(live, per_call, 0))
+                v["count"].copy_(step)
+            new = None
             if g == 0:  # target-only: no confidences (with drafts, propose's replace a zero fill: one launch less)
                 conf = torch.zeros(rows, 0, dtype=torch.float32, device=tokens.device)
             else:
                 assert draft is not None and dkv is not None
-                v["taps"][:, :width].copy_(taps)  # rows >= count are not read (ctx_count)
-                v["count"].copy_(step)
-                dh = self.program.draft_step(nxt, v["taps"], step, v["draft_len"], dkv, window)
-                v["draft_len"].add_(step)
+                if not taps_in_place:
+                    v["taps"][:, :width].copy_(taps)  # rows >= count are not read (ctx_count)
+                dh = self.program.draft_step(nxt, v["taps"], v["count"], v["draft_len"], dkv, window)
                 new, conf, p = self.program.propose(dh, nxt, v["temperature"] if sampling else None,
                                                     u[:, g + 1:] if u is not None else None, distributions=sampling)
+                if probs is not None:
+                    probs.copy_(p)
+            # One output, one copy to the host: ids < 2^24 are exact in float32 (checked at construction).
+            if kernels_:
+                ref = None
+                if replay != NO_REPLAY and g > 0:
+                    assert self.replay is not None
+                    ref = (v["length"], v["seed"], v["counter"], self.replay[0][:rows], self.replay[1],
+                           self.info.vocab_size, REPLAY_KEY)
+                return {"packed": round_kernels.finish(acc, nxt, v["count"], v["draft_len"], new, v["drafts"],
+                                                       conf, replay=ref)}
+            if new is not None:
+                v["draft_len"].add_(v["count"])
                 if replay:
                     assert self.replay is not None
                     new = self._replayed(v, new, self.replay[0][:rows])
                 v["drafts"].copy_(new)
-                if probs is not None:
-                    probs.copy_(p)
-            # One output, one copy to the host: ids < 2^24 are exact in float32 (checked at construction).
             packed = torch.cat((acc[:, None], nxt[:, None], v["drafts"]), dim=1).to(torch.float32)
             return {"packed": torch.cat((packed, conf), dim=1)}
 

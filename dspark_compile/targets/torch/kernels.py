@@ -342,8 +342,9 @@ def _rope(y1, y2, c1, c2, s1, s2, dt: tl.constexpr):
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_norm_eps, cos_ptr, sin_ptr,
                          slot_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr, R, Q_START, HQ, KVH, HALF, c_sb, c_sh, c_ss,
-                         eps, BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = 0,
-                         SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, NORM: tl.constexpr = 0):
+                         eps, pos_ptr, P, BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = 0,
+                         SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, NORM: tl.constexpr = 0,
+                         TABLE: tl.constexpr = False):
     pdl_enter(PDL)
     m = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -354,10 +355,11 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_
     offs = tl.arange(0, BLOCK)
     mask = offs < HALF
     row = m * (HQ + 2 * KVH) * d
-    c1 = tl.load(cos_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + m * d + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + m * d + offs, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + m * d + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    at = tl.minimum(tl.load(pos_ptr + m), P - 1) * d if TABLE else m * d  # a table's row: the row's position
+    c1 = tl.load(cos_ptr + at + offs, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + at + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + at + offs, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + at + HALF + offs, mask=mask, other=0.0).to(tl.float32)
     if h < HQ:
         if r >= Q_START:
             w1 = tl.load(qw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -397,10 +399,14 @@ def _qk_norm_rope_kernel(qkv_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_
 
 def qk_norm_rope(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  q_norm: torch.Tensor, k_norm: torch.Tensor, eps: float, q_out: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, *, rows: int, q_start: int) -> None:
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, *, rows: int, q_start: int,
+                 positions: torch.Tensor | None = None) -> None:
     """Normalise/rotate the q|k|v rows of ``qkv`` [B·rows, (Hq+2KV)·D] and store them.
 
-    ``cos``/``sin`` [B·rows, D] per row; ``slots`` [B·rows] int64 cache slot of each row's k/v (−1 = skip);
+    ``cos``/``sin`` [B·rows, D] per row, or (``positions`` [B·rows] int64) tables [P, D] indexed by each row's
+    position (``StaticProgram.rope_table``: no rotary launches per step; a position past the table reads its
+    last row, which only a row written nowhere has); ``slots`` [B·rows] int64 cache slot of each row's k/v (−1 =
+    skip);
     rows ``r >= q_start`` of each batch entry are queries, written to ``q_out`` [B, Hq, rows − q_start, D];
     ``k_cache``/``v_cache`` are [B, KV, S, D] views with a contiguous last axis. ``qkv`` may be the product's
     :class:`Partials`.
@@ -413,9 +419,12 @@ def qk_norm_rope(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Ten
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and d % 2 == 0
     sb, sh, ss, _ = k_cache.stride()
     half = d // 2
+    table = positions is not None
+    assert not table or (positions.shape == (m,) and positions.dtype == torch.int64)
     _qk_norm_rope_kernel[(m, hq + kvh)](*args, cos, sin, slots, q_norm, k_norm, q_out, k_cache, v_cache, rows,
                                         q_start, hq, kvh, half, sb, sh, ss, eps,
-                                        BLOCK=triton.next_power_of_2(half), num_warps=1, **parts,
+                                        positions if table else slots, cos.shape[0],
+                                        BLOCK=triton.next_power_of_2(half), num_warps=1, TABLE=table, **parts,
                                         **pdl_options(q_out, m))
 
 
@@ -646,13 +655,20 @@ def _mix64(z):
 
 
 @triton.jit
+def _uniforms_at(seed, counter, j):
+    """Numbers ``counter + j`` of the stream ``seed`` (integer scalars, ``j`` a range): ``counter_uniforms``."""
+    key = _mix64(seed.to(tl.int64) * _GOLDEN + _GOLDEN)
+    z = _mix64(key + (counter.to(tl.int64) + j + 1) * _GOLDEN)
+    return _shr64(z, 40).to(tl.float32) * (1.0 / (1 << 24))
+
+
+@triton.jit
 def _counter_uniforms_kernel(seed_ptr, counter_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
     b = tl.program_id(0)
-    key = _mix64(tl.load(seed_ptr + b).to(tl.int64) * _GOLDEN + _GOLDEN)
     j = tl.arange(0, BLOCK)
-    z = _mix64(key + (tl.load(counter_ptr + b).to(tl.int64) + j + 1) * _GOLDEN)
-    tl.store(out_ptr + b * n + j, _shr64(z, 40).to(tl.float32) * (1.0 / (1 << 24)), mask=j < n)
+    u = _uniforms_at(tl.load(seed_ptr + b), tl.load(counter_ptr + b), j)
+    tl.store(out_ptr + b * n + j, u, mask=j < n)
 
 
 def counter_uniforms(seeds: torch.Tensor, counters: torch.Tensor, n: int) -> torch.Tensor:
@@ -808,11 +824,11 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     assert rank % block_r == 0, f"block_r {block_r} must divide the Markov rank {rank}"
     tail_rows = triton.next_power_of_2(bsz)  # the tail's tiles: 4096 elements, its rows x blocks (or hidden)
     tokens = torch.empty(bsz, g, dtype=torch.int64, device=base.device)
-    conf = torch.zeros(bsz, g, dtype=torch.float32, device=base.device)
+    has_conf = conf_w is not None  # then every position's confidence is written: no zero fill
+    conf = (torch.empty if has_conf else torch.zeros)(bsz, g, dtype=torch.float32, device=base.device)
     part_v = torch.empty(bsz, nv, dtype=torch.float32, device=base.device)
     part_i = torch.empty(bsz, nv, dtype=torch.int32, device=base.device)
     counter = arrival_counters(base.device, 1)
-    has_conf = conf_w is not None
     wc = conf_w if has_conf else w1
     s2 = w2_scale if w2_scale is not None else w1  # a placeholder pointer when W2 has no scales
     bc = conf_b if conf_b is not None else torch.zeros(1, dtype=torch.float32, device=base.device)

@@ -313,6 +313,25 @@ class StaticProgram:
             _use_gemma4_kernels(target, draft)
         cfg = target.cfg
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
+        self._rope: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown tables: graphs may read them
+
+    def rope_table(self, rotary: nn.Module, positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [P, D] of positions 0 … P − 1 (P ≥ ``positions``, a power of two, at least 1024), by the rotary
+        module's own forward: the bits a step computing its rows' rotary would get, read by ``qk_norm_rope`` at each
+        row's position instead of 7 launches per step. Built outside graph capture (a step's warm-up runs build
+        it first) and kept: a captured graph reads the table it was captured with."""
+        key = (id(rotary), dtype)
+        have = self._rope.get(key)
+        if have is None or have[0].shape[0] < positions:
+            dev = rotary.inv_freq.device
+            assert not (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()), "rope table in a capture"
+            p = max(1024, 1 << (max(positions, 1) - 1).bit_length())
+            cos, sin = rotary(torch.arange(p, device=dev).view(1, p), dtype)
+            if have is not None:
+                self._rope_kept.append(have)
+            have = self._rope[key] = (cos.reshape(p, -1).contiguous(), sin.reshape(p, -1).contiguous())
+        return have
 
     # ------------------------------------------------------------------------------------------------ shared
     def _mask(self, limit: torch.Tensor, window: int) -> torch.Tensor:
@@ -340,7 +359,7 @@ class StaticProgram:
         (KV injection); queries are the block rows only."""
         from dspark_compile.targets.torch.kernels import qk_norm_rope, silu_mul
 
-        cos, sin, slots = inputs
+        cos, sin, positions, slots = inputs
         a = layer.self_attn
         # a product's input written as its fp16 product reads it (decode_gemm.takes_prescaled), where it is one
         pre = ctx is None and fw.qkv.takes_prescaled(x, handoff=True)
@@ -356,7 +375,7 @@ class StaticProgram:
         t = x.shape[0] // bsz
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
-                     rows=t + n_ctx, q_start=n_ctx)
+                     rows=t + n_ctx, q_start=n_ctx, positions=positions)
         # o and down hand their partials over only to add_rmsnorm_deferred: add_rmsnorm is one program per row,
         # which would read every partial of the row alone (measured slower on the H200, docs/BENCH.md)
         defer = fw.gate_up.finishes_norm()
@@ -374,24 +393,26 @@ class StaticProgram:
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
-                    window: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    window: int, *, taps_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T] at positions cache_len[b] + t; kv [L, 2, B, KV, S, D] written in place.
 
-        Returns (hidden after the final norm [B, T, H], taps [B, T, NT·H]) like ``Qwen3Target.forward``.
+        Returns (hidden after the final norm [B, T, H], taps [B, T, NT·H]) like ``Qwen3Target.forward``; the fused
+        program writes the taps into ``taps_out`` (contiguous, that shape) where given, and returns it.
         """
         tgt = self.target
         if not self.fused:
             hidden, taps, _ = tgt(tokens, cache_len, kv, cache=InPlaceCache(window), attention=self.attn)
             return hidden, taps
-        bsz, t = tokens.shape
-        pos = cache_len.view(bsz, 1) + torch.arange(t, device=tokens.device).view(1, t)
-        x = tgt.embed_tokens(tokens)
-        cos, sin = tgt.rotary(pos, x.dtype)
-        mask = self._mask(pos + 1, window)  # causal over the committed prefix and this chunk
-        return self._target_fused(x, pos, cos, sin, kv, mask, window)
+        from dspark_compile.targets.torch.round_kernels import positions
 
-    def _target_fused(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      kv: torch.Tensor, mask: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos, limit = positions(cache_len, tokens.shape[1])
+        x = tgt.embed_tokens(tokens)
+        mask = self._mask(limit, window)  # causal over the committed prefix and this chunk
+        return self._target_fused(x, pos, self.rope_table(tgt.rotary, window, x.dtype), kv, mask, window, taps_out)
+
+    def _target_fused(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                      kv: torch.Tensor, mask: torch.Tensor, window: int,
+                      taps_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         from dspark_compile.targets.torch.kernels import add_rmsnorm
 
         tgt = self.target
@@ -399,11 +420,14 @@ class StaticProgram:
         m = bsz * t
         x = x.reshape(m, hid)
         ids = tgt.tap_layer_ids
-        taps = x.new_empty(m, len(ids) * hid)
+        if taps_out is not None:
+            assert taps_out.is_contiguous() and taps_out.shape == (bsz, t, len(ids) * hid), taps_out.shape
+        taps = x.new_empty(m, len(ids) * hid) if taps_out is None else taps_out.view(m, -1)
         cols = {lid: taps[:, j * hid : (j + 1) * hid] for j, lid in enumerate(ids)}
         if -1 in cols:
             cols[-1].copy_(x)
-        inputs = (cos.reshape(m, -1), sin.reshape(m, -1), pos.reshape(m))
+        flat = pos.reshape(m)
+        inputs = (*rope, flat, flat)
         delta: torch.Tensor | Partials | None = None
         weights = self._target_weights
         for i, (layer, fw) in enumerate(zip(tgt.layers, weights, strict=True)):
@@ -426,35 +450,20 @@ class StaticProgram:
         if not self.fused:
             return d.backbone(anchor, ctx_taps, ctx_count, cache_len, kv, cache=InPlaceCache(window),
                               attention=self.attn)[0]
+        from dspark_compile.targets.torch.kernels import add_rmsnorm
+        from dspark_compile.targets.torch.round_kernels import draft_inputs
+
         bsz, c, _ = ctx_taps.shape
         g = d.block_size
-        dev = anchor.device
-        ctx_pos = cache_len.view(bsz, 1) + torch.arange(c, device=dev).view(1, c)
-        anchor_pos = cache_len + ctx_count
-        blk_pos = anchor_pos.view(bsz, 1) + torch.arange(g, device=dev).view(1, g)
-        block_ids = torch.full((bsz, g), d.cfg.mask_token_id, dtype=torch.int64, device=dev)
-        block_ids[:, 0] = anchor
+        # Rows per batch entry: the C context rows, then the G block rows (the queries).
+        block_ids, pos, slots, limit = draft_inputs(anchor, ctx_count, cache_len, c, g, d.cfg.mask_token_id)
         x = d.embed_tokens(block_ids)
-        mask = self._mask((anchor_pos + g).view(bsz, 1).expand(bsz, g), window)
-        return self._draft_fused(x, ctx_taps, ctx_count, ctx_pos, blk_pos, kv, mask, window)
-
-    def _draft_fused(self, x: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, ctx_pos: torch.Tensor,
-                     blk_pos: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
-        from dspark_compile.targets.torch.kernels import add_rmsnorm
-
-        d = self.draft
-        assert d is not None
-        bsz, g, hid = x.shape
-        c = ctx_taps.shape[1]
+        mask = self._mask(limit, window)
+        hid = x.shape[-1]
         x = x.reshape(bsz * g, hid)
         fc = self._draft_fc(ctx_taps.reshape(bsz * c, -1).to(d.embed_tokens.weight.dtype))
         ctx = add_rmsnorm(fc, None, d.hidden_norm.weight, d.hidden_norm.eps).view(bsz, c, hid)
-        # Rows per batch entry: the C context rows, then the G block rows (the queries).
-        pos = torch.cat((ctx_pos, blk_pos), dim=1)
-        live = torch.arange(c, device=x.device).view(1, c) < ctx_count.view(bsz, 1)
-        slots = torch.cat((torch.where(live, ctx_pos, -1), blk_pos), dim=1)
-        cos, sin = d.rotary(pos, x.dtype)
-        inputs = (cos.reshape(bsz * (c + g), -1), sin.reshape(bsz * (c + g), -1), slots.reshape(-1))
+        inputs = (*self.rope_table(d.rotary, window, x.dtype), pos.view(-1), slots.view(-1))
         delta: torch.Tensor | Partials | None = None
         for i, (layer, fw) in enumerate(zip(d.layers, self._draft_weights, strict=True)):
             delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, ctx, None)
