@@ -27,6 +27,7 @@ mkdir -p "$W"
 tests() {
   timeout ${TEST_TIMEOUT:-240} "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/targets/test_fp8_torch_target.py \
       tests/targets/test_torch_rounds.py tests/targets/test_torch_target.py tests/targets/test_gemma4_torch_target.py \
+      tests/targets/test_round_kernels.py \
       > "$W/pytest_gpu_full.txt" 2>&1
   rc=$?
   tail -25 "$W/pytest_gpu_full.txt" > "$W/pytest_gpu_pdl.txt"

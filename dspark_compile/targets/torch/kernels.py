@@ -234,12 +234,14 @@ def product_value(acc, r, dt: tl.constexpr, PARTS: tl.constexpr, NORM: tl.conste
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, d_ptr, d_scale_ptr, d_plane, d_norm_ptr, d_norm_w, d_norm_eps, w_ptr, out_ptr,
-                        tap_ptr, tap_stride, sumsq_ptr, H, eps, HAS_DELTA: tl.constexpr, HAS_TAP: tl.constexpr,
-                        BLOCK: tl.constexpr, PDL: tl.constexpr = False, PRESCALED: tl.constexpr = False,
-                        ASM: tl.constexpr = True, DEFERRED: tl.constexpr = False, PARTS: tl.constexpr = 0,
-                        SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, NORM: tl.constexpr = 0):
+                        tap_ptr, tap_stride, sumsq_ptr, H, eps, out_group, out_stride, HAS_DELTA: tl.constexpr,
+                        HAS_TAP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                        PRESCALED: tl.constexpr = False, ASM: tl.constexpr = True, DEFERRED: tl.constexpr = False,
+                        PARTS: tl.constexpr = 0, SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0,
+                        NORM: tl.constexpr = 0, GROUPED: tl.constexpr = False):
     """Program (row, chunk): ``DEFERRED`` off, one chunk is the whole row; on, the chunk's sum of squares is stored
-    instead of the row being divided by its RMS (:class:`RowNorm`)."""
+    instead of the row being divided by its RMS (:class:`RowNorm`). ``GROUPED``: output rows come in groups of
+    ``out_group``, ``out_stride`` elements apart."""
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -261,7 +263,8 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, d_scale_ptr, d_plane, d_norm_ptr, d_norm_w
     else:
         var = tl.sum(x * x, axis=0) / H
         y = _round(x * tl.rsqrt(var + eps), dt)
-    tl.store(out_ptr + row * H + offs, as_gemm_input(w * y, dt, PRESCALED, ASM), mask=mask)
+    dst = (row // out_group) * out_stride + (row % out_group) * H if GROUPED else row * H
+    tl.store(out_ptr + dst + offs, as_gemm_input(w * y, dt, PRESCALED, ASM), mask=mask)
 
 
 NORM_CHUNK = 256
@@ -270,13 +273,16 @@ up to a power of two, extra programs storing a zero sum)."""
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: torch.Tensor, eps: float,
-                tap: torch.Tensor | None = None, *, prescaled: bool = False) -> torch.Tensor:
+                tap: torch.Tensor | None = None, *, prescaled: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """``x += delta`` in place (when given), ``tap[:] = x`` (when given), return ``weight * rmsnorm(x)``, or
     (``prescaled``) it as the decode GEMM's fp16 product input (:func:`as_gemm_input`). One program per row.
 
-    ``x``/``delta`` are contiguous [M, H]; ``tap`` is an [M, H] column slice of a contiguous tap buffer.
+    ``x``/``delta`` are contiguous [M, H]; ``tap`` is an [M, H] column slice of a contiguous tap buffer; ``out``
+    [B, M / B, H] (rows contiguous, each group's rows adjacent: a slice of a larger row buffer, as the draft's
+    context and block rows share one) is written and returned instead of a new [M, H].
     """
-    return _add_norm(x, delta, weight, eps, tap, prescaled, 0)[0]
+    return _add_norm(x, delta, weight, eps, tap, prescaled, 0, out)[0]
 
 
 def add_rmsnorm_deferred(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: torch.Tensor, eps: float,
@@ -291,12 +297,18 @@ def add_rmsnorm_deferred(x: torch.Tensor, delta: torch.Tensor | Partials | None,
 
 
 def _add_norm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: torch.Tensor, eps: float,
-              tap: torch.Tensor | None, prescaled: bool, chunk: int) -> tuple[torch.Tensor, RowNorm | None]:
+              tap: torch.Tensor | None, prescaled: bool, chunk: int,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, RowNorm | None]:
     m, h = x.shape
     assert x.is_contiguous() and (delta is None or isinstance(delta, Partials) or delta.is_contiguous())
     assert not prescaled or x.dtype == torch.bfloat16
     assert not isinstance(delta, Partials) or delta.norm is None
-    out = torch.empty_like(x, dtype=torch.float16 if prescaled else x.dtype)
+    grouped = out is not None
+    if out is None:
+        out = torch.empty_like(x, dtype=torch.float16 if prescaled else x.dtype)
+    else:
+        assert out.dim() == 3 and out.shape[0] * out.shape[1] == m and out.shape[2] == h, out.shape
+        assert out.stride(2) == 1 and out.stride(1) == h and out.dtype == (torch.float16 if prescaled else x.dtype)
     assert chunk & (chunk - 1) == 0, f"a norm chunk is a power of two of columns, not {chunk}"
     block = chunk or triton.next_power_of_2(h)
     chunks = triton.next_power_of_2(triton.cdiv(h, block))  # a power of two (the GEMM loads them as one tile):
@@ -306,11 +318,12 @@ def _add_norm(x: torch.Tensor, delta: torch.Tensor | Partials | None, weight: to
     if tap is not None:
         assert tap.stride(1) == 1 and tap.shape == x.shape
     args, parts = product_args(delta if delta is not None else x)
+    group, stride = (out.shape[1], out.stride(0)) if grouped else (m, 0)
     _add_rmsnorm_kernel[(m, chunks)](x, *args, weight, out, tap if tap is not None else x, tap_stride,
-                                     x if norm is None else norm.sumsq, h, eps, HAS_DELTA=delta is not None,
-                                     HAS_TAP=tap is not None, BLOCK=block, num_warps=max(1, min(8, block // 512)),
-                                     PRESCALED=prescaled, ASM=x.is_cuda, DEFERRED=norm is not None, **parts,
-                                     **pdl_options(x, m))
+                                     x if norm is None else norm.sumsq, h, eps, max(group, 1), stride,
+                                     HAS_DELTA=delta is not None, HAS_TAP=tap is not None, BLOCK=block,
+                                     num_warps=max(1, min(8, block // 512)), PRESCALED=prescaled, ASM=x.is_cuda,
+                                     DEFERRED=norm is not None, GROUPED=grouped, **parts, **pdl_options(x, m))
     return out, norm
 
 

@@ -1,9 +1,9 @@
 """A round's bookkeeping in a few launches: its tokens and verify lengths, positions, the commit, the draft's
 inputs and the packed output.
 
-Written as torch ops, the work of a round graph besides the model's layers was about 55 launches at batch 1
-(counted on the CPU: ``tests/targets/test_round_kernels.py``), each a few microseconds of the round, and the
-same in every dtype. It is integer work and copies only, so each kernel gives the torch ops' bits:
+Written as torch ops, the work of a round graph besides the model's layers was about 50 launches at batch 1
+(counted on the CPU; ``tests/targets/test_round_kernels.py`` counts what is left), each a few microseconds of the
+round, and the same in every dtype. It is integer work and copies only, so each kernel gives the torch ops' bits:
 :class:`~.cuda_graph_backend.CudaGraphBackend` runs these on a GPU (and the interpreter tests on the CPU) and the
 torch ops elsewhere; the interpreter test checks the two against each other.
 """

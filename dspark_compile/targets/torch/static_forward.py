@@ -340,14 +340,16 @@ class StaticProgram:
 
     @staticmethod
     def _norm(x: torch.Tensor, delta: torch.Tensor | Partials | None, norm: nn.Module, tap: torch.Tensor | None,
-              *, prescaled: bool, deferred: bool) -> tuple[torch.Tensor, RowNorm | None]:
-        """``add_rmsnorm``, or (``deferred``: its product finishes it, :meth:`_Linear.finishes_norm`)
-        ``add_rmsnorm_deferred``."""
+              *, prescaled: bool, deferred: bool, out: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, RowNorm | None]:
+        """``add_rmsnorm`` (into ``out`` where given), or (``deferred``: its product finishes it,
+        :meth:`_Linear.finishes_norm`) ``add_rmsnorm_deferred``."""
         from dspark_compile.targets.torch.kernels import add_rmsnorm, add_rmsnorm_deferred
 
         if deferred:
+            assert out is None
             return add_rmsnorm_deferred(x, delta, norm.weight, norm.eps, tap, prescaled=prescaled)
-        return add_rmsnorm(x, delta, norm.weight, norm.eps, tap, prescaled=prescaled), None
+        return add_rmsnorm(x, delta, norm.weight, norm.eps, tap, prescaled=prescaled, out=out), None
 
     def _fused_layer(self, layer: nn.Module, fw: _Fused, x: torch.Tensor, delta: torch.Tensor | Partials | None,
                      inputs: tuple[torch.Tensor, ...], kv: torch.Tensor, mask: torch.Tensor, window: int,
@@ -355,24 +357,23 @@ class StaticProgram:
                      hand_down: bool = False) -> torch.Tensor | Partials:
         """One decoder layer; ``x`` [M, H] is the residual stream, updated in place. Returns the MLP output
         (added to ``x`` by the next layer's norm kernel; ``hand_down``: that kernel is ``add_rmsnorm_deferred``,
-        which takes down's split-K partials). ``ctx`` [B, C, H] (draft): context rows whose k/v are written too
-        (KV injection); queries are the block rows only."""
+        which takes down's split-K partials). ``ctx`` [B, C + T, H] (draft): the rows q|k|v reads, the first C of
+        each batch entry the context rows (whose k/v are written too: KV injection), the other T written here by
+        the input norm (no concatenation per layer); queries are the block rows only."""
         from dspark_compile.targets.torch.kernels import qk_norm_rope, silu_mul
 
         cos, sin, positions, slots = inputs
         a = layer.self_attn
+        bsz = kv.shape[1]
+        t = x.shape[0] // bsz
+        n_ctx = 0 if ctx is None else ctx.shape[1] - t
         # a product's input written as its fp16 product reads it (decode_gemm.takes_prescaled), where it is one
         pre = ctx is None and fw.qkv.takes_prescaled(x, handoff=True)
         defer = ctx is None and fw.qkv.finishes_norm()  # the draft's q|k|v also reads context rows, normalised
-        h, norm = self._norm(x, delta, layer.input_layernorm, tap, prescaled=pre, deferred=defer)
-        rows_in = h
-        n_ctx = 0
-        bsz = kv.shape[1]
-        if ctx is not None:
-            n_ctx = ctx.shape[1]
-            rows_in = torch.cat((ctx, h.view(bsz, -1, h.shape[-1])), dim=1).view(-1, h.shape[-1])
+        h, norm = self._norm(x, delta, layer.input_layernorm, tap, prescaled=pre, deferred=defer,
+                             out=None if ctx is None else ctx[:, n_ctx:])
+        rows_in = h if ctx is None else ctx.view(-1, h.shape[-1])
         qkv = fw.qkv(rows_in, handoff=True, prescaled=pre, row_norm=norm)
-        t = x.shape[0] // bsz
         q = x.new_empty(bsz, a.num_heads, t, a.head_dim)
         qk_norm_rope(qkv, cos, sin, slots, a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q, kv[0], kv[1],
                      rows=t + n_ctx, q_start=n_ctx, positions=positions)
@@ -462,7 +463,8 @@ class StaticProgram:
         hid = x.shape[-1]
         x = x.reshape(bsz * g, hid)
         fc = self._draft_fc(ctx_taps.reshape(bsz * c, -1).to(d.embed_tokens.weight.dtype))
-        ctx = add_rmsnorm(fc, None, d.hidden_norm.weight, d.hidden_norm.eps).view(bsz, c, hid)
+        ctx = x.new_empty(bsz, c + g, hid)  # each layer's q|k|v rows: the context rows, then its block rows
+        add_rmsnorm(fc, None, d.hidden_norm.weight, d.hidden_norm.eps, out=ctx[:, :c])
         inputs = (*self.rope_table(d.rotary, window, x.dtype), pos.view(-1), slots.view(-1))
         delta: torch.Tensor | Partials | None = None
         for i, (layer, fw) in enumerate(zip(d.layers, self._draft_weights, strict=True)):
