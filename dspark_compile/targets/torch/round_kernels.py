@@ -85,7 +85,7 @@ def _draft_inputs_kernel(anchor_ptr, count_ptr, len_ptr, ids_ptr, pos_ptr, slot_
     k = j - C
     block = (j >= C) & inside
     tl.store(ids_ptr + b * G + k, tl.where(k == 0, tl.load(anchor_ptr + b), MASK_ID), mask=block)
-    tl.store(limit_ptr + b * G + k, anchor_pos + G + k * 0, mask=block)
+    tl.store(limit_ptr + b * G + k, anchor_pos + G, mask=block)
 
 
 def draft_inputs(anchor: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor, c: int, g: int,
@@ -173,7 +173,8 @@ def finish(accepted: torch.Tensor, next_token: torch.Tensor, count: torch.Tensor
     out = torch.empty(rows, 2 + g + c, dtype=torch.float32, device=drafts.device)
     length, seed, counter, ref, prof, vocab, key = replay or (count, count, count, count, confidence, 1, 0)
     if proposals is not None:
-        assert proposals.is_contiguous() and proposals.shape == drafts.shape
+        assert proposals.shape == drafts.shape, (proposals.shape, drafts.shape)
+        proposals = proposals.contiguous()
     _finish_kernel[(rows,)](accepted, next_token, count, draft_len, proposals if proposals is not None else drafts,
                             drafts, confidence, confidence.stride(0), out, g, c, length, seed, counter, ref,
                             ref.shape[-1], prof, vocab, key, DRAFT=proposals is not None, REPLAY=replay is not None,
