@@ -652,13 +652,13 @@ class CudaGraphBackend:
         per_call = uniforms_per_call(g)
         probs = st.ensure_probs()[:rows] if sampling and g > 0 else None
 
-        kernels_ = self.fused_bookkeeping  # round_kernels' few launches (the same bits), or torch ops
-        taps_in_place = kernels_ and self.program.fused and g > 0 and width == g + 1
+        in_kernels = self.fused_bookkeeping  # round_kernels' few launches (the same bits), or torch ops
+        taps_in_place = self.program.fused and g > 0 and width == g + 1  # the target writes them into the state
 
         def fn(inp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             live = v["live"]
             drafts = v["drafts"][:, : width - 1]
-            if kernels_:
+            if in_kernels:
                 tokens, vlen = round_kernels.round_inputs(v["anchor"], v["drafts"], inp["verify_len"], live, width)
             else:
                 tokens = torch.cat((v["anchor"][:, None], drafts), dim=1)  # [R, width]
@@ -678,7 +678,7 @@ class CudaGraphBackend:
             if replay == FORCED_REPLAY:  # timing only (set_replay)
                 acc, nxt = self._forced(v, vlen)
             # commit: the caches already hold the accepted rows (rollback is free); count = the rows committed
-            if kernels_:
+            if in_kernels:
                 round_kernels.commit(acc, nxt, live, v["length"], v["anchor"], v["counter"], v["count"], per_call)
             else:
                 step = torch.where(live, acc + 1, 0)
@@ -699,7 +699,7 @@ class CudaGraphBackend:
                 if probs is not None:
                     probs.copy_(p)
             # One output, one copy to the host: ids < 2^24 are exact in float32 (checked at construction).
-            if kernels_:
+            if in_kernels:
                 ref = None
                 if replay != NO_REPLAY and g > 0:
                     assert self.replay is not None

@@ -463,12 +463,12 @@ class StaticProgram:
         hid = x.shape[-1]
         x = x.reshape(bsz * g, hid)
         fc = self._draft_fc(ctx_taps.reshape(bsz * c, -1).to(d.embed_tokens.weight.dtype))
-        ctx = x.new_empty(bsz, c + g, hid)  # each layer's q|k|v rows: the context rows, then its block rows
-        add_rmsnorm(fc, None, d.hidden_norm.weight, d.hidden_norm.eps, out=ctx[:, :c])
+        rows = x.new_empty(bsz, c + g, hid)  # each layer's q|k|v rows: the context rows, then its block rows
+        add_rmsnorm(fc, None, d.hidden_norm.weight, d.hidden_norm.eps, out=rows[:, :c])
         inputs = (*self.rope_table(d.rotary, window, x.dtype), pos.view(-1), slots.view(-1))
         delta: torch.Tensor | Partials | None = None
         for i, (layer, fw) in enumerate(zip(d.layers, self._draft_weights, strict=True)):
-            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, ctx, None)
+            delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, rows, None)
         return add_rmsnorm(x, delta, d.norm.weight, d.norm.eps).view(bsz, g, hid)
 
     def propose(self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
