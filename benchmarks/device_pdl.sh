@@ -10,7 +10,7 @@
 # and down's partials handed to the norm; DSPARK_FRAGMENT_ORDER: e4m3 weights stored in fragment order;
 # DSPARK_GEMM_KEEP_ASYNC: the decode GEMM's accumulator stored through a select, its wgmma left asynchronous by
 # ptxas, best with CHOICES=0); CHAIN=0 skips the launch chains;
-# TESTS_LAST=1 runs the GPU tests after the rounds; BATCH (e.g. 4,16), NEW (new tokens) and ROUND_TIMEOUT (s per
+# TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files); BATCH (e.g. 4,16), NEW (new tokens), TEMP (> 0: sampling rounds too) and ROUND_TIMEOUT (s per
 # mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent, e.g. made with
 # `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that fp8_bench.py, when
 # the copy has one) instead, for changes with no switch. Both modes share the decode GEMM's timed choices
@@ -25,9 +25,9 @@ PY=${PYTHON:-python}
 W=$(mktemp -d)/pdl
 mkdir -p "$W"
 tests() {
-  timeout ${TEST_TIMEOUT:-240} "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/targets/test_fp8_torch_target.py \
+  timeout ${TEST_TIMEOUT:-240} "$PY" -m pytest -q -m gpu -p no:cacheprovider ${TEST_FILES:-tests/targets/test_fp8_torch_target.py \
       tests/targets/test_torch_rounds.py tests/targets/test_torch_target.py tests/targets/test_gemma4_torch_target.py \
-      tests/targets/test_round_kernels.py \
+      tests/targets/test_round_kernels.py} \
       > "$W/pytest_gpu_full.txt" 2>&1
   rc=$?
   tail -25 "$W/pytest_gpu_full.txt" > "$W/pytest_gpu_pdl.txt"
@@ -54,7 +54,7 @@ for m in ${MODES:-0 1}; do
   fi
   env PYTHONPATH=$PP $AB=$m timeout ${ROUND_TIMEOUT:-150} "$PY" $BENCH --out "$W/rounds_pdl$m" \
       --sections rounds,head_draft --batch ${BATCH:-1} --kinds ${KINDS:-bf16,fp8,fp8_head_draft} \
-      --new-tokens ${NEW:-128} 2>&1 | grep -v Warning \
+      --new-tokens ${NEW:-128} ${TEMP:+--temperature $TEMP} 2>&1 | grep -v Warning \
       > "$W/rounds_pdl$m.log"
   echo "$AB=$m"; grep -E "B=" "$W/rounds_pdl$m.log" | cut -c1-300
 done

@@ -202,6 +202,8 @@ def main() -> int:
     ap.add_argument("--sections", default="gemm,kl,rounds")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="> 0: the rounds section also times sampling rounds at this temperature")
     ap.add_argument("--gemm-rows", default="1,8,64,512")
     ap.add_argument("--tune-shapes", default="qwen3-8b", help="shapes whose products the tune section times")
     ap.add_argument("--tune-rows", default="1,8,64,512", help="row counts the tune section times")
@@ -283,7 +285,8 @@ def main() -> int:
         for b in batches:
             prompts = [rng.integers(0, shape.vocab_size - 1, size=args.context).tolist() for _ in range(b)]
             t0 = time.perf_counter()
-            row = rounds_bench(be, prompts, max_new_tokens=args.new_tokens, replays=("b",))
+            row = rounds_bench(be, prompts, max_new_tokens=args.new_tokens, replays=("b",),
+                               temperature=args.temperature)
             row["target_bytes"] = target_bytes(target)
             row["target_floor_ms"] = floor
             row["target_vs_floor"] = row["target_only"]["round_graph_ms"] / floor
@@ -296,6 +299,11 @@ def main() -> int:
                 f"{row['speculative']['identical_to_target_only']}, replay b "
                 f"{row['replay_b']['tokens_per_s']:.0f} tok/s tau {row['replay_b']['tau']:.2f} "
                 f"identical {row['replay_b']['identical_to_target_only']} ({row['seconds']:.0f} s)")
+            if "sampling" in row:
+                say(f"{dtype} B={b} T={args.temperature}: target {row['sampling_target_only']['round_graph_ms']:.3f} "
+                    f"ms {row['sampling_target_only']['tokens_per_s']:.0f} tok/s, spec round "
+                    f"{row['sampling']['round_graph_ms']:.3f} ms {row['sampling']['tokens_per_s']:.0f} tok/s "
+                    f"tau {row['sampling']['tau']:.2f}")
             write()
         del be
         gc.collect()

@@ -42,7 +42,8 @@ def _compile(kernel: Any, consts: dict[str, Any], pdl: bool, *, ptr: str = "*bf1
                 kind = "*i1"
             fp32 = name.startswith(("part_o", "part_m", "part_l", "part_v", "part_ptr", "s_ptr")) or "scale" in name \
                 or (consts.get("PARTS") and name in ("qkv_ptr", "gu_ptr", "d_ptr")) or name == "s2_ptr" \
-                or "norm_ptr" in name or name == "sumsq_ptr"
+                or "norm_ptr" in name or name == "sumsq_ptr" or name == "part_s" \
+                or name in ("temp_ptr", "unif_ptr", "probs_ptr", "stats_ptr")  # markov_sample's float32
             e4m3 = name == "w_ptr" or (name == "w2_ptr" and consts.get("W2_SCALED"))
             sig[name] = "*fp32" if fp32 else "*fp8e4nv" if e4m3 else kind
         else:
@@ -101,6 +102,10 @@ def _kernels() -> list[tuple[str, Any, dict[str, Any]]]:
                                                          "TAIL_ROWS": 4, "BLOCK_H": 1024, "BLOCK_C": 1024,
                                                          "HAS_CONF": True, "CONF_MARKOV": True, "PRECISION": None,
                                                          "W2_SCALED": True}),
+        ("markov_sample", k._markov_sample_kernel, {"R": 256, "BLOCK_V": 128, "BLOCK_B": 16, "BLOCK_R": 64,
+                                                    "TAIL_ROWS": 1, "BLOCK_H": 4096, "BLOCK_C": 2048,
+                                                    "HAS_CONF": True, "CONF_MARKOV": True, "PRECISION": None}),
+        ("softmax_rows", k._softmax_kernel, {"BLOCK_V": 128, "BLOCK_B": 16}),
         ("decode_gemm", _decode_gemm_kernel, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": True,
                                               "EVEN": True, "PRECISION": None, "FAST_CVT": 1, "WIDE": False,
                                               "ASM": True, "TMA": False, "SPLIT_K": True}),

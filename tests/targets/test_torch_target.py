@@ -259,12 +259,69 @@ def test_fused_kernels_and_layers_match_module_ops_in_interpreter(golden_dir: Pa
     assert "kernels ok" in proc.stdout
 
 
+SAMPLE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import torch
+    from dspark_compile.plugins.spec_verify.reference import inverse_cdf_torch
+    from dspark_compile.program import build_program
+    from dspark_compile.targets.torch.kernels import markov_sample
+    from dspark_compile.targets.torch.static_forward import StaticProgram
+
+    torch.manual_seed(0)
+    pair = Path(sys.argv[1])
+    prog = build_program(pair / "target", pair / "draft")
+    plain = StaticProgram(prog.target, prog.draft, fused=False, attention="reference")
+    fused = StaticProgram(prog.target, prog.draft, fused=True, attention="reference")
+    g, hid = prog.draft.block_size, prog.target.cfg.hidden_size
+    for rows, temps in ((1, [0.8]), (3, [0.8, 0.0, 1.7]), (5, [0.5, 1.0, -1.0, 2.0, 0.3])):
+        hidden, anchor, temp = torch.randn(rows, g, hid), torch.randint(0, 300, (rows,)), torch.tensor(temps)
+        u = torch.rand(rows, g + 3)[:, 2:]  # a strided slice, as a round passes it
+        u[0, 0] = 0.99999994  # the far end of the inverse CDF
+        t1, c1, p1 = plain.propose(hidden, anchor, temp, u, distributions=True)
+        out = torch.full((rows, g, p1.shape[-1]), float("nan"))
+        t2, c2, p2 = fused.propose(hidden, anchor, temp, u, distributions=True, probs_out=out)
+        assert p2.data_ptr() == out.data_ptr() and torch.equal(t1, t2), (rows, t1, t2)
+        assert (p1 - p2).abs().max() < 2e-6, (p1 - p2).abs().max()  # the sums' order: last bits
+        assert (c1 - c2).abs().max() < 2e-5
+    # 16 rows, 258 vocabulary blocks (more than the tail's chunk of 256): each draw is inverse_cdf of the
+    # distribution the module computes; row 3 at T = 0 takes argmax
+    rows, vocab, rank = 16, 33000, 16
+    base, h = torch.randn(rows, 2, vocab) * 3, torch.randn(rows, 2, 64)
+    w1, w2 = torch.randn(vocab, rank), torch.randn(vocab, rank) * 0.2
+    temp, u = torch.rand(rows) + 0.2, torch.rand(rows, 2)
+    temp[3] = 0.0
+    tok, _, probs = markov_sample(base, h, torch.arange(rows), w1, w2, None, None, False, temp, u, block_v=128)
+    prev = torch.arange(rows)
+    for k in range(2):
+        logits = base[:, k] + w1[prev] @ w2.T
+        p = torch.softmax(logits * (1.0 / torch.where(temp > 0, temp, torch.ones_like(temp)))[:, None], -1)
+        assert ((p - probs[:, k]).abs() / p.clamp_min(1e-30)).max() < 1e-4  # logits' sums: float32 order
+        assert torch.equal(torch.where(temp > 0, inverse_cdf_torch(p, u[:, k]), logits.argmax(-1)), tok[:, k]), k
+        prev = tok[:, k]
+    print("markov sample ok")
+    """
+)
+
+
+def test_markov_sample_draws_the_module_tokens_in_interpreter(golden_dir: Path, triton_interpreter: Any) -> None:
+    """kernels.markov_sample (a sampling round's Markov head, one launch per position) against the module's loop
+    through StaticProgram.propose: the same tokens (greedy and sampling rows mixed, u at the CDF's far end), the
+    distributions within 2e-6 and written into the round's buffer; and, on 16 rows of a 33000 vocabulary, each
+    draw is the module's inverse CDF."""
+    proc = triton_interpreter(SAMPLE_SCRIPT, golden_dir / "dspark_tiny", 300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "markov sample ok" in proc.stdout
+
+
 def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Which drafts StaticProgram.propose hands to kernels.markov_greedy (stubbed here: its numerics are the
-    interpreter test's): greedy rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program, W2 full
-    precision or e4m3 (its scales passed on); sampling rounds, larger batches, the unfused program, a W2 with e4m3
-    inputs and DSPARK_FUSED_PROPOSE=0 keep the module's loop."""
+    """Which drafts StaticProgram.propose hands to kernels.markov_greedy and markov_sample (stubbed here: their
+    numerics are the interpreter tests'): rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program,
+    W2 full precision or e4m3 (its scales passed on), greedy to the one and sampling (with its distributions'
+    buffer) to the other; larger batches, the unfused program, a W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0
+    keep the module's loop."""
     import torch
 
     from dspark_compile.models.layers import Fp8Linear
@@ -281,22 +338,34 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
         scales.append(w2_scale)
         return torch.zeros(base.shape[:2], dtype=torch.int64), torch.zeros(base.shape[:2])
 
+    sampled: list[tuple[int, torch.Tensor | None]] = []
+
+    def sample_stub(base: torch.Tensor, *args: Any, probs_out: torch.Tensor | None = None,
+                    w2_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sampled.append((base.shape[0], probs_out))
+        return torch.ones(base.shape[:2], dtype=torch.int64), torch.zeros(base.shape[:2]), torch.zeros(1)
+
     monkeypatch.setattr(kernels, "markov_greedy", stub)
+    monkeypatch.setattr(kernels, "markov_sample", sample_stub)
     prog = build_program(golden_dir / "dspark_tiny" / "target", golden_dir / "dspark_tiny" / "draft")
     fused = StaticProgram(prog.target, prog.draft, fused=True, attention="reference")
     plain = StaticProgram(prog.target, prog.draft, fused=False, attention="reference")
     g = prog.draft.block_size
 
-    def propose(program: StaticProgram, rows: int, temperature: torch.Tensor | None = None) -> torch.Tensor:
+    def propose(program: StaticProgram, rows: int, temperature: torch.Tensor | None = None,
+                probs_out: torch.Tensor | None = None) -> torch.Tensor:
         hidden = torch.randn(rows, g, prog.target.cfg.hidden_size)
         uniforms = None if temperature is None else torch.rand(rows, g)
         return program.propose(hidden, torch.zeros(rows, dtype=torch.int64), temperature, uniforms,
-                               distributions=temperature is not None)[0]
+                               distributions=temperature is not None, probs_out=probs_out)[0]
 
     assert not propose(fused, 3).any() and calls == [3]  # the stub's zeros
     with torch.inference_mode():
         assert propose(fused, kernels.MARKOV_ROWS + 1).shape == (kernels.MARKOV_ROWS + 1, g)
-        propose(fused, 2, torch.full((2,), 0.7))
+        buffer = torch.empty(2, g, prog.target.cfg.vocab_size)
+        assert propose(fused, 2, torch.full((2,), 0.7), buffer).eq(1).all()  # the sampling stub's ones
+        assert sampled == [(2, buffer)]
+        assert propose(plain, 2, torch.full((2,), 0.7)).shape == (2, g) and len(sampled) == 1
         propose(plain, 3)
         head = prog.draft.markov_head
         head.markov_w2 = Fp8Linear.quantize(head.markov_w2)  # --quantize-draft's W2: the kernel, with its scales
@@ -306,7 +375,8 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
         propose(fused, 3)
         monkeypatch.setenv("DSPARK_FUSED_PROPOSE", "off")
         propose(fused, 3)
-    assert calls == [3, 3]
+        propose(fused, 2, torch.full((2,), 0.7))
+    assert calls == [3, 3] and len(sampled) == 1
 
 
 # --------------------------------------------------------------------------------------------- bookkeeping

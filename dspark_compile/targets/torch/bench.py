@@ -573,7 +573,8 @@ def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 
 def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 replays: Sequence[str] = ("a", "b"), warmup: bool = True, forced: bool = False) -> dict[str, Any]:
+                 replays: Sequence[str] = ("a", "b"), warmup: bool = True, forced: bool = False,
+                 temperature: float = 0.0) -> dict[str, Any]:
     """One batch, in one run: target-only and speculative greedy decoding through the round graph, τ,
     tokens/s, host time per round (wall minus graph), losslessness (speculative tokens == target-only), and
     the acceptance replays (labelled "replayed": the draft runs, its proposals are then overwritten on the
@@ -584,6 +585,8 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     that run is checked against target-only decoding too. ``forced`` adds each profile again as forced replay
     (``replay_{name}_forced``, timing only: rounds commit the reference at the profile's acceptance whatever the
     verify says, for batches whose rows leave the reference once the batch shrinks; ``set_replay``).
+    ``temperature`` > 0 adds sampling rounds at that temperature, speculative (``sampling``, its τ as drawn) and
+    target-only (``sampling_target_only``): their own streams, so no token comparison (the greedy rows' is it).
     """
     g = backend.info.block_size
 
@@ -640,6 +643,12 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
                         "profile_tau": 1 + sum(surv[:g]), "survival": surv}
                 res[f"replay_{name}_forced" if force else f"replay_{name}"] = row
         backend.set_replay(None, None)
+    if temperature > 0:
+        plain = timed(speculative=False, temperature=temperature, seed=1)
+        res["sampling_target_only"] = summary(plain, None) | {"temperature": temperature}
+        drawn = summary(timed(temperature=temperature, seed=1), None) | {"temperature": temperature}
+        drawn["speedup"] = drawn["tokens_per_s"] / res["sampling_target_only"]["tokens_per_s"]
+        res["sampling"] = drawn
     return res
 
 

@@ -695,8 +695,9 @@ class CudaGraphBackend:
                     v["taps"][:, :width].copy_(taps)  # rows >= count are not read (ctx_count)
                 dh = self.program.draft_step(nxt, v["taps"], v["count"], v["draft_len"], dkv, window)
                 new, conf, p = self.program.propose(dh, nxt, v["temperature"] if sampling else None,
-                                                    u[:, g + 1:] if u is not None else None, distributions=sampling)
-                if probs is not None:
+                                                    u[:, g + 1:] if u is not None else None, distributions=sampling,
+                                                    probs_out=probs)
+                if probs is not None and p.data_ptr() != probs.data_ptr():  # the module's loop: a copy
                     probs.copy_(p)
             # One output, one copy to the host: ids < 2^24 are exact in float32 (checked at construction).
             if in_kernels:

@@ -742,22 +742,17 @@ def _markov_confidence(hidden_ptr, prev_ptr, prev_stride, w1_ptr, wc_ptr, bc_ptr
 
 
 @triton.jit
-def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
-                          part_v, part_i, count_ptr, tok_ptr, conf_ptr, k, B, V, H, NV, G, stride_lb, stride_hb,
-                          R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
-                          TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-                          HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
-                          W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False):
-    """Position ``k`` of greedy Markov sampling: program v scores vocabulary block v for every row (base logits
-    + W2·W1[prev], the bias rounded to the model dtype as ``nn.Linear`` returns it) and keeps its best; the
-    last program to finish (an atomic counter) takes the first maximum over the blocks in order — argmax's
-    choice — and writes the token. The confidence head's logit needs only h_k and the previous token, so
-    program 0 computes it beside its block, off the final reduction's path. The tail works on ``TAIL_ROWS``
-    rows at a time with wide tiles (one load of every block's best at batch 1). ``W2_SCALED``: W2 is e4m3 with
-    a scale per vocabulary row, widened to the model dtype as ``Fp8Linear`` dequantizes it (half the bytes)."""
-    if PDL:
-        gdc_wait()
-    pid = tl.program_id(0)
+def _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
+                         conf_ptr, k, B, V, H, G, stride_lb, stride_hb, pid, R: tl.constexpr,
+                         BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                         TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_CONF: tl.constexpr,
+                         CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr, W2_SCALED: tl.constexpr,
+                         PDL: tl.constexpr):
+    """Vocabulary block ``pid`` of position ``k``'s logits for every row, [BLOCK_V, BLOCK_B] float32 (−inf past
+    V): base logits + W2·W1[prev], the bias rounded to the model dtype as ``nn.Linear`` returns it. The
+    confidence head's logit needs only h_k and the previous token, so program 0 computes it beside its block.
+    ``W2_SCALED``: W2 is e4m3 with a scale per vocabulary row, widened to the model dtype as ``Fp8Linear``
+    dequantizes it (half the bytes)."""
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
     prev = tl.load(prev_ptr + rows * prev_stride, mask=rmask, other=0)
@@ -782,7 +777,29 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
         bias = tl.dot(w2, e, bias, input_precision=PRECISION)
     if PDL:  # the next position's blocks are dispatched once this one's transition rows are read (not earlier:
         gdc_launch_dependents()  # waiting blocks would hold SM slots the stream needs, as for the decode GEMM)
-    s = tl.where(vmask[:, None], base.to(tl.float32) + _round(bias, dt), float("-inf"))
+    return tl.where(vmask[:, None], base.to(tl.float32) + _round(bias, dt), float("-inf"))
+
+
+@triton.jit
+def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
+                          part_v, part_i, count_ptr, tok_ptr, conf_ptr, k, B, V, H, NV, G, stride_lb, stride_hb,
+                          R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                          TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                          HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
+                          W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False):
+    """Position ``k`` of greedy Markov sampling: program v scores vocabulary block v for every row
+    (:func:`_markov_block_logits`) and keeps its best; the last program to finish (an atomic counter) takes the
+    first maximum over the blocks in order — argmax's choice — and writes the token. The tail works on
+    ``TAIL_ROWS`` rows at a time with wide tiles (one load of every block's best at batch 1)."""
+    if PDL:
+        gdc_wait()
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    s = _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
+                             conf_ptr, k, B, V, H, G, stride_lb, stride_hb, pid, R, BLOCK_V, BLOCK_B, BLOCK_R,
+                             TAIL_ROWS, BLOCK_H, HAS_CONF, CONF_MARKOV, PRECISION, W2_SCALED, PDL)
     best = tl.max(s, axis=0)
     idx = tl.min(tl.where(s == best[None, :], v[:, None], V), axis=0)
     tl.store(part_v + rows * NV + pid, best, mask=rmask)
@@ -792,21 +809,152 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
         for r0 in range(0, B, TAIL_ROWS):
             tr = r0 + tl.arange(0, TAIL_ROWS)
             tm = tr < B
-            top = tl.full((TAIL_ROWS,), float("-inf"), tl.float32)
-            arg = tl.full((TAIL_ROWS,), V, tl.int32)
-            for c0 in range(0, NV, BLOCK_C):  # blocks in vocabulary order, a later one only if strictly greater
-                c = c0 + tl.arange(0, BLOCK_C)
-                cm = tm[:, None] & (c < NV)[None, :]
-                pv = tl.load(part_v + tr[:, None] * NV + c[None, :], mask=cm, other=float("-inf"),
-                             cache_modifier=".cg")
-                pi = tl.load(part_i + tr[:, None] * NV + c[None, :], mask=cm, other=V, cache_modifier=".cg")
-                cb = tl.max(pv, axis=1)
-                ci = tl.min(tl.where(pv == cb[:, None], pi, V), axis=1)
-                take = cb > top
-                arg = tl.where(take, ci, arg)
-                top = tl.where(take, cb, top)
+            _, arg = _blocks_argmax(part_v, part_i, tr, tm, V, NV, TAIL_ROWS, BLOCK_C)
             tl.store(tok_ptr + tr * G + k, tl.where(arg == V, 0, arg).to(tl.int64), mask=tm)
         tl.atomic_xchg(count_ptr, 0)
+
+
+@triton.jit
+def _blocks_argmax(part_v, part_i, tr, tm, V, NV, TAIL_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The first maximum over the blocks' bests in vocabulary order (a later block wins only if strictly
+    greater): argmax's choice, and the maximum, for rows ``tr``."""
+    top = tl.full((TAIL_ROWS,), float("-inf"), tl.float32)
+    arg = tl.full((TAIL_ROWS,), V, tl.int32)
+    for c0 in range(0, NV, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = tm[:, None] & (c < NV)[None, :]
+        pv = tl.load(part_v + tr[:, None] * NV + c[None, :], mask=cm, other=float("-inf"), cache_modifier=".cg")
+        pi = tl.load(part_i + tr[:, None] * NV + c[None, :], mask=cm, other=V, cache_modifier=".cg")
+        cb = tl.max(pv, axis=1)
+        ci = tl.min(tl.where(pv == cb[:, None], pi, V), axis=1)
+        take = cb > top
+        arg = tl.where(take, ci, arg)
+        top = tl.where(take, cb, top)
+    return top, arg
+
+
+@triton.jit
+def _softmax_rows(probs_ptr, stats_ptr, k, B, V, G, pid, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Block ``pid`` of position ``k``'s distribution, stored as z = logits / T: exp(z − max) / Σ, softmax's
+    values (the max and the sum are the position's stats)."""
+    rows = tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    mk = (v < V)[:, None] & rmask[None, :]
+    m = tl.load(stats_ptr + (rows * G + k) * 2, mask=rmask, other=0.0)
+    total = tl.load(stats_ptr + (rows * G + k) * 2 + 1, mask=rmask, other=1.0)
+    ptr = probs_ptr + (rows[None, :].to(tl.int64) * G + k) * V + v[:, None]
+    z = tl.load(ptr, mask=mk, other=float("-inf"))
+    tl.store(ptr, tl.math.div_rn(tl.exp(z - m[None, :]), total[None, :]), mask=mk)
+
+
+@triton.jit
+def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
+                          temp_ptr, unif_ptr, unif_stride, probs_ptr, stats_ptr, part_m, part_s, part_i, count_ptr,
+                          tok_ptr, conf_ptr, k, B, V, H, NV, G, stride_lb, stride_hb, R: tl.constexpr,
+                          BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                          TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                          HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
+                          W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False):
+    """Position ``k`` of Markov sampling at temperature T: program v first finishes position k − 1's block v of
+    the distribution (its stats are known once that launch's tail ran), then scores its block of position k
+    (:func:`_markov_block_logits`), stores z = logits / T there and keeps the block's max, first argmax and
+    Σ exp(z − max). The last program to finish takes the position's max and sum, each block's share of the
+    mass, and draws by inverse CDF: the first block whose running share passes u · the total, then the first
+    index inside it (reading the block's z back); rows at T ≤ 0 take argmax. One launch per position replaces
+    the module's ~20 (softmax, cumulative sum, comparisons, argmaxes over the vocabulary)."""
+    if PDL:
+        gdc_wait()
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    if k > 0:
+        _softmax_rows(probs_ptr, stats_ptr, k - 1, B, V, G, pid, BLOCK_V, BLOCK_B)
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    s = _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
+                             conf_ptr, k, B, V, H, G, stride_lb, stride_hb, pid, R, BLOCK_V, BLOCK_B, BLOCK_R,
+                             TAIL_ROWS, BLOCK_H, HAS_CONF, CONF_MARKOV, PRECISION, W2_SCALED, PDL)
+    t = tl.load(temp_ptr + rows, mask=rmask, other=1.0)
+    z = s * tl.math.div_rn(1.0, tl.where(t > 0, t, 1.0))[None, :]  # the module's logits · (1 / T); T ≤ 0: 1
+    tl.store(probs_ptr + (rows[None, :].to(tl.int64) * G + k) * V + v[:, None], z,
+             mask=(v < V)[:, None] & rmask[None, :])
+    best = tl.max(z, axis=0)
+    idx = tl.min(tl.where(z == best[None, :], v[:, None], V), axis=0)
+    mass = tl.sum(tl.exp(z - best[None, :]), axis=0)
+    tl.store(part_m + rows * NV + pid, best, mask=rmask)
+    tl.store(part_i + rows * NV + pid, idx, mask=rmask)
+    tl.store(part_s + rows * NV + pid, mass, mask=rmask)
+    tl.debug_barrier()  # every thread's partial is written before the release below publishes it
+    if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NV - 1:
+        for r0 in range(0, B, TAIL_ROWS):
+            tr = r0 + tl.arange(0, TAIL_ROWS)
+            tm = tr < B
+            top, arg = _blocks_argmax(part_m, part_i, tr, tm, V, NV, TAIL_ROWS, BLOCK_C)
+            top = tl.where(tm, top, 0.0)
+            total = tl.zeros((TAIL_ROWS,), tl.float32)
+            for c0 in range(0, NV, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                cm = tm[:, None] & (c < NV)[None, :]
+                pm = tl.load(part_m + tr[:, None] * NV + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+                ps = tl.load(part_s + tr[:, None] * NV + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+                total += tl.sum(ps * tl.exp(pm - top[:, None]), axis=1)
+            total = tl.where(tm, total, 1.0)
+            share_sum = tl.zeros((TAIL_ROWS,), tl.float32)  # Σ of the blocks' shares: the module's Σ probs
+            for c0 in range(0, NV, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                share = _block_shares(part_m, part_s, tr, tm, c, NV, top, total)
+                share_sum += tl.sum(share, axis=1)
+            u = tl.load(unif_ptr + tr * unif_stride + k, mask=tm, other=0.0)
+            threshold = u * share_sum
+            found = tl.full((TAIL_ROWS,), NV, tl.int32)  # the first block whose running share passes it
+            before = tl.zeros((TAIL_ROWS,), tl.float32)  # the running share before that block
+            last = tl.full((TAIL_ROWS,), -1, tl.int32)  # else the last block with mass (rounding at u ≈ 1)
+            carry = tl.zeros((TAIL_ROWS,), tl.float32)
+            for c0 in range(0, NV, BLOCK_C):
+                c = c0 + tl.arange(0, BLOCK_C)
+                share = _block_shares(part_m, part_s, tr, tm, c, NV, top, total)
+                run = tl.cumsum(share, axis=1) + carry[:, None]
+                hit = tl.min(tl.where(run > threshold[:, None], c[None, :], NV), axis=1)
+                first = (found == NV) & (hit < NV)
+                before = tl.where(first, tl.sum(tl.where(c[None, :] == hit[:, None], run - share, 0.0), axis=1),
+                                  before)
+                found = tl.where(first, hit, found)
+                last = tl.maximum(last, tl.max(tl.where(share > 0, c[None, :], -1), axis=1))
+                carry += tl.sum(share, axis=1)
+            crossed = found < NV
+            blk = tl.where(crossed, found, tl.maximum(last, 0))
+            vv = blk[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+            mv = tm[:, None] & (vv < V)
+            zz = tl.load(probs_ptr + (tr[:, None].to(tl.int64) * G + k) * V + vv, mask=mv, other=float("-inf"),
+                         cache_modifier=".cg")
+            p = tl.math.div_rn(tl.exp(zz - top[:, None]), total[:, None])
+            run = tl.cumsum(p, axis=1) + before[:, None]
+            inside = tl.min(tl.where((run > threshold[:, None]) & mv & crossed[:, None], vv, V), axis=1)
+            positive = tl.max(tl.where((p > 0) & mv, vv, -1), axis=1)
+            drawn = tl.where(inside < V, inside, positive)
+            drawing = tl.load(temp_ptr + tr, mask=tm, other=0.0) > 0  # T ≤ 0 (or NaN): argmax, as the z above
+            tok = tl.where(drawing, drawn, tl.where(arg == V, 0, arg))
+            tl.store(tok_ptr + tr * G + k, tok.to(tl.int64), mask=tm)
+            tl.store(stats_ptr + (tr * G + k) * 2, top, mask=tm)
+            tl.store(stats_ptr + (tr * G + k) * 2 + 1, total, mask=tm)
+        tl.atomic_xchg(count_ptr, 0)
+
+
+@triton.jit
+def _block_shares(part_m, part_s, tr, tm, c, NV, top, total):
+    """Blocks ``c``'s shares of rows ``tr``'s probability mass: Σ exp(z − max) over the block / Σ over all."""
+    cm = tm[:, None] & (c < NV)[None, :]
+    pm = tl.load(part_m + tr[:, None] * NV + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+    ps = tl.load(part_s + tr[:, None] * NV + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
+    return tl.math.div_rn(ps * tl.exp(pm - top[:, None]), total[:, None])
+
+
+@triton.jit
+def _softmax_kernel(probs_ptr, stats_ptr, k, B, V, G, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr,
+                    PDL: tl.constexpr = False):
+    """The last position's distribution (no launch after it finishes it)."""
+    pdl_enter(PDL)
+    _softmax_rows(probs_ptr, stats_ptr, k, B, V, G, tl.program_id(0), BLOCK_V, BLOCK_B)
 
 
 def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor,
@@ -825,6 +973,39 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     measured at batches 1, 4 and 16; every choice gives argmax's tokens); ``block_r``: rank columns per step of
     the W2 loop (default 64; a sweep's knob: smaller steps take fewer registers, 74 against 116 per thread at
     128 × 4 in the sm_90 build)."""
+    tokens, conf, _ = _markov(base, hidden, anchor, w1, w2, conf_w, conf_b, conf_markov, None, w2_scale=w2_scale,
+                              block_v=block_v, warps=warps, block_r=block_r)
+    return tokens, conf
+
+
+def markov_sample(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor,
+                  w2: torch.Tensor, conf_w: torch.Tensor | None, conf_b: torch.Tensor | None, conf_markov: bool,
+                  temperature: torch.Tensor, uniforms: torch.Tensor, *, probs_out: torch.Tensor | None = None,
+                  w2_scale: torch.Tensor | None = None, block_v: int | None = None, warps: int | None = None,
+                  block_r: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Markov sampling at temperature T (``DSparkDraft.propose`` with uniforms, vanilla Markov head) in one kernel
+    per position plus one: the module's loop is about 20 launches a position (softmax, cumulative sum,
+    comparisons and argmaxes over the vocabulary), ~135 of a batch-1 sampling round. temperature [B] (T ≤ 0:
+    argmax), uniforms [B, G] (column k draws position k). Returns (tokens [B, G] int64, confidence logits [B, G],
+    the distributions [B, G, V] float32 the drafts were drawn from, which verification reads), written into
+    ``probs_out`` when given (contiguous). The draws are the module's inverse CDF; the sums behind them are
+    taken in another order, so a probability or a draw may differ from the module's in the last bits."""
+    bsz, g, vocab = base.shape
+    assert temperature.shape == (bsz,) and uniforms.shape[0] == bsz and uniforms.shape[1] >= g
+    assert uniforms.stride(1) == 1 and temperature.is_contiguous()
+    probs = probs_out if probs_out is not None else torch.empty(bsz, g, vocab, dtype=torch.float32,
+                                                                device=base.device)
+    assert probs.shape == (bsz, g, vocab) and probs.dtype == torch.float32 and probs.is_contiguous()
+    return _markov(base, hidden, anchor, w1, w2, conf_w, conf_b, conf_markov, (temperature, uniforms, probs),
+                   w2_scale=w2_scale, block_v=block_v, warps=warps, block_r=block_r)
+
+
+def _markov(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+            conf_w: torch.Tensor | None, conf_b: torch.Tensor | None, conf_markov: bool,
+            sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, *, w2_scale: torch.Tensor | None,
+            block_v: int | None, warps: int | None, block_r: int | None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The launches of :func:`markov_greedy` (``sampling`` None) and :func:`markov_sample`."""
     bsz, g, vocab = base.shape
     rank = w2.shape[1]
     hid = hidden.shape[-1]
@@ -846,14 +1027,27 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     s2 = w2_scale if w2_scale is not None else w1  # a placeholder pointer when W2 has no scales
     bc = conf_b if conf_b is not None else torch.zeros(1, dtype=torch.float32, device=base.device)
     wide = max(256, 4096 // tail_rows)
+    consts = dict(R=rank, BLOCK_V=block_v, BLOCK_B=block_b, BLOCK_R=block_r, TAIL_ROWS=tail_rows,
+                  BLOCK_H=min(wide, triton.next_power_of_2(hid)), BLOCK_C=min(wide, triton.next_power_of_2(nv)),
+                  HAS_CONF=has_conf, CONF_MARKOV=conf_markov,
+                  PRECISION="ieee" if w1.dtype == torch.float32 else None, W2_SCALED=w2_scale is not None,
+                  num_warps=warps, **pdl_options(base, bsz))
+    if sampling is not None:
+        temperature, uniforms, probs = sampling
+        part_s = torch.empty(bsz, nv, dtype=torch.float32, device=base.device)
+        stats = torch.empty(bsz, g, 2, dtype=torch.float32, device=base.device)  # each position's max and sum
     for k in range(g):
         prev, stride = (anchor, anchor.stride(0)) if k == 0 else (tokens[:, k - 1], g)
-        _markov_greedy_kernel[(nv,)](base[:, k], hidden[:, k], prev, stride, w1, w2, s2, wc, bc, part_v, part_i,
-                                     counter, tokens, conf, k, bsz, vocab, hid, nv, g, base.stride(0),
-                                     hidden.stride(0),
-                                     R=rank, BLOCK_V=block_v, BLOCK_B=block_b, BLOCK_R=block_r, TAIL_ROWS=tail_rows,
-                                     BLOCK_H=min(wide, triton.next_power_of_2(hid)),
-                                     BLOCK_C=min(wide, triton.next_power_of_2(nv)), HAS_CONF=has_conf,
-                                     CONF_MARKOV=conf_markov, PRECISION="ieee" if w1.dtype == torch.float32 else None,
-                                     W2_SCALED=w2_scale is not None, num_warps=warps, **pdl_options(base, bsz))
-    return tokens, conf
+        head = (base[:, k], hidden[:, k], prev, stride, w1, w2, s2, wc, bc)
+        tail = (tokens, conf, k, bsz, vocab, hid, nv, g, base.stride(0), hidden.stride(0))
+        if sampling is None:
+            _markov_greedy_kernel[(nv,)](*head, part_v, part_i, counter, *tail, **consts)
+        else:
+            _markov_sample_kernel[(nv,)](*head, temperature, uniforms, uniforms.stride(0), probs, stats, part_v,
+                                         part_s, part_i, counter, *tail, **consts)
+    if sampling is None:
+        return tokens, conf, None
+    if g:
+        _softmax_kernel[(nv,)](probs, stats, g - 1, bsz, vocab, g, BLOCK_V=block_v, BLOCK_B=block_b,
+                               num_warps=warps, **pdl_options(base, bsz))
+    return tokens, conf, probs

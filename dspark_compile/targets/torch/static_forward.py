@@ -472,12 +472,13 @@ class StaticProgram:
         return add_rmsnorm(x, delta, d.norm.weight, d.norm.eps).view(bsz, g, hid)
 
     def propose(self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
-                uniforms: torch.Tensor | None, *, distributions: bool = True,
+                uniforms: torch.Tensor | None, *, distributions: bool = True, probs_out: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``DSparkDraft.propose``; greedy rounds (no temperature) of a vanilla Markov head run
-        :func:`~.kernels.markov_greedy` (one kernel per position) on the GPU, and in the fused program; a W2
-        quantized by ``--quantize-draft`` (per-channel e4m3, model-dtype inputs) too."""
-        from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy, switched_on
+        """``DSparkDraft.propose``; a vanilla Markov head runs :func:`~.kernels.markov_greedy` (greedy rounds) or
+        :func:`~.kernels.markov_sample` (sampling rounds, their distributions written into ``probs_out`` when
+        given), one kernel per position, on the GPU and in the fused program; a W2 quantized by
+        ``--quantize-draft`` (per-channel e4m3, model-dtype inputs) too."""
+        from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy, markov_sample, switched_on
 
         d = self.draft
         assert d is not None
@@ -485,12 +486,17 @@ class StaticProgram:
         bsz, g, _ = hidden.shape
         w2 = None if head is None else head.markov_w2
         fp8_w2 = type(w2) is Fp8Linear and w2.weight_scale.dim() == 1 and w2.input_scale is None and not w2.act_group
-        if (temperature is not None or not (self.fused or hidden.is_cuda) or not switched_on("DSPARK_FUSED_PROPOSE")
+        sampling = temperature is not None and uniforms is not None
+        if ((sampling and not distributions) or (temperature is not None and not sampling)
+                or not (self.fused or hidden.is_cuda) or not switched_on("DSPARK_FUSED_PROPOSE")
                 or head is None or head.kind != "vanilla" or not (type(w2) is nn.Linear or fp8_w2)
                 or d.cfg.markov_rank % 16 or bsz > MARKOV_ROWS):
             return d.propose(hidden, anchor, temperature, uniforms, distributions=distributions)
-        tokens, logits = markov_greedy(
-            d.block_logits(hidden), hidden, anchor, head.markov_w1.weight, w2.weight,
-            None if conf is None else conf.proj.weight.view(-1), None if conf is None else conf.proj.bias,
-            d.cfg.confidence_head_with_markov, w2_scale=w2.weight_scale if fp8_w2 else None)
+        args = (d.block_logits(hidden), hidden, anchor, head.markov_w1.weight, w2.weight,
+                None if conf is None else conf.proj.weight.view(-1), None if conf is None else conf.proj.bias,
+                d.cfg.confidence_head_with_markov)
+        scale = w2.weight_scale if fp8_w2 else None
+        if sampling:
+            return markov_sample(*args, temperature, uniforms, probs_out=probs_out, w2_scale=scale)
+        tokens, logits = markov_greedy(*args, w2_scale=scale)
         return tokens, logits, hidden.new_empty(bsz, g, 0, dtype=torch.float32)
