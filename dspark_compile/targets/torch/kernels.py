@@ -13,7 +13,8 @@ microseconds, which at batch 1 is as much as the weights' read time, so the step
   projection output;
 * :func:`decode_attention` — split-K attention for decode-sized queries (a batch-1 step is otherwise a
   handful of thread blocks reading the whole cache window);
-* :func:`markov_greedy` — the draft's greedy Markov sampling, one launch per position instead of about ten.
+* :func:`markov_greedy` / :func:`markov_sample` — the draft's Markov sampling, greedy or at temperature T, one
+  launch per position instead of about ten (twenty at T > 0).
 
 ``add_rmsnorm`` and ``silu_mul`` write their output as the decode GEMM's fp16 product reads it where it runs that
 product (:func:`as_gemm_input`).
