@@ -801,10 +801,7 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
     s = _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
                              conf_ptr, k, B, V, H, G, stride_lb, stride_hb, pid, R, BLOCK_V, BLOCK_B, BLOCK_R,
                              TAIL_ROWS, BLOCK_H, HAS_CONF, CONF_MARKOV, PRECISION, W2_SCALED, PDL)
-    best = tl.max(s, axis=0)
-    idx = tl.min(tl.where(s == best[None, :], v[:, None], V), axis=0)
-    tl.store(part_v + rows * NV + pid, best, mask=rmask)
-    tl.store(part_i + rows * NV + pid, idx, mask=rmask)
+    _block_best(s, v, V, part_v, part_i, rows, rmask, NV, pid)
     tl.debug_barrier()  # every thread's partial is written before the release below publishes it
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NV - 1:
         for r0 in range(0, B, TAIL_ROWS):
@@ -813,6 +810,16 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
             _, arg = _blocks_argmax(part_v, part_i, tr, tm, V, NV, TAIL_ROWS, BLOCK_C)
             tl.store(tok_ptr + tr * G + k, tl.where(arg == V, 0, arg).to(tl.int64), mask=tm)
         tl.atomic_xchg(count_ptr, 0)
+
+
+@triton.jit
+def _block_best(x, v, V, part_v, part_i, rows, rmask, NV, pid):
+    """Block ``pid``'s max and first argmax of ``x`` [BLOCK_V, BLOCK_B] for every row, stored as its partials;
+    returns the max."""
+    best = tl.max(x, axis=0)
+    tl.store(part_v + rows * NV + pid, best, mask=rmask)
+    tl.store(part_i + rows * NV + pid, tl.min(tl.where(x == best[None, :], v[:, None], V), axis=0), mask=rmask)
+    return best
 
 
 @triton.jit
@@ -879,12 +886,8 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
     z = s * tl.math.div_rn(1.0, tl.where(t > 0, t, 1.0))[None, :]  # the module's logits · (1 / T); T ≤ 0: 1
     tl.store(probs_ptr + (rows[None, :].to(tl.int64) * G + k) * V + v[:, None], z,
              mask=(v < V)[:, None] & rmask[None, :])
-    best = tl.max(z, axis=0)
-    idx = tl.min(tl.where(z == best[None, :], v[:, None], V), axis=0)
-    mass = tl.sum(tl.exp(z - best[None, :]), axis=0)
-    tl.store(part_m + rows * NV + pid, best, mask=rmask)
-    tl.store(part_i + rows * NV + pid, idx, mask=rmask)
-    tl.store(part_s + rows * NV + pid, mass, mask=rmask)
+    best = _block_best(z, v, V, part_m, part_i, rows, rmask, NV, pid)
+    tl.store(part_s + rows * NV + pid, tl.sum(tl.exp(z - best[None, :]), axis=0), mask=rmask)
     tl.debug_barrier()  # every thread's partial is written before the release below publishes it
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NV - 1:
         for r0 in range(0, B, TAIL_ROWS):
