@@ -300,6 +300,15 @@ SAMPLE_SCRIPT = textwrap.dedent(
         assert ((p - probs[:, k]).abs() / p.clamp_min(1e-30)).max() < 1e-4  # logits' sums: float32 order
         assert torch.equal(torch.where(temp > 0, inverse_cdf_torch(p, u[:, k]), logits.argmax(-1)), tok[:, k]), k
         prev = tok[:, k]
+    # the draw's strict ">" across blocks: two equal logits in blocks 0 and 2, the rest −inf (block 1 all −inf);
+    # u = 0.5 lands exactly on the first one's cumulative mass, so the module's inverse CDF takes the second
+    base = torch.full((3, 1, 384), float("-inf")); base[..., [70, 300]] = 0.0
+    u = torch.tensor([[0.5], [0.49999997], [0.0]])
+    tok, _, probs = markov_sample(base, torch.randn(3, 1, 64), torch.zeros(3, dtype=torch.int64),
+                                  torch.randn(384, 16), torch.zeros(384, 16), None, None, False, torch.ones(3), u,
+                                  block_v=128)
+    assert tok[:, 0].tolist() == [300, 70, 70] and torch.equal(tok[:, 0], inverse_cdf_torch(probs[:, 0], u[:, 0]))
+    assert probs[:, 0, [70, 300]].eq(0.5).all() and probs.sum() == 3
     print("markov sample ok")
     """
 )

@@ -887,7 +887,8 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
     tl.store(probs_ptr + (rows[None, :].to(tl.int64) * G + k) * V + v[:, None], z,
              mask=(v < V)[:, None] & rmask[None, :])
     best = _block_best(z, v, V, part_m, part_i, rows, rmask, NV, pid)
-    tl.store(part_s + rows * NV + pid, tl.sum(tl.exp(z - best[None, :]), axis=0), mask=rmask)
+    mass = tl.where(z > float("-inf"), tl.exp(z - best[None, :]), 0.0)  # a block of −inf only: 0, not NaN
+    tl.store(part_s + rows * NV + pid, tl.sum(mass, axis=0), mask=rmask)
     tl.debug_barrier()  # every thread's partial is written before the release below publishes it
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NV - 1:
         for r0 in range(0, B, TAIL_ROWS):
