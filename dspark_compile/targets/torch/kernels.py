@@ -898,17 +898,13 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
             top = tl.where(tm, top, 0.0)
             total = tl.zeros((TAIL_ROWS,), tl.float32)
             for c0 in range(0, NV, BLOCK_C):
-                c = c0 + tl.arange(0, BLOCK_C)
-                cm = tm[:, None] & (c < NV)[None, :]
-                pm = tl.load(part_m + tr[:, None] * NV + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
-                ps = tl.load(part_s + tr[:, None] * NV + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
-                total += tl.sum(ps * tl.exp(pm - top[:, None]), axis=1)
+                total += tl.sum(_block_mass(part_m, part_s, tr, tm, c0 + tl.arange(0, BLOCK_C), NV, top), axis=1)
             total = tl.where(tm, total, 1.0)
             share_sum = tl.zeros((TAIL_ROWS,), tl.float32)  # Σ of the blocks' shares: the module's Σ probs
             for c0 in range(0, NV, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
-                share = _block_shares(part_m, part_s, tr, tm, c, NV, top, total)
-                share_sum += tl.sum(share, axis=1)
+                share_sum += tl.sum(tl.math.div_rn(_block_mass(part_m, part_s, tr, tm, c, NV, top),
+                                                   total[:, None]), axis=1)
             u = tl.load(unif_ptr + tr * unif_stride + k, mask=tm, other=0.0)
             threshold = u * share_sum
             found = tl.full((TAIL_ROWS,), NV, tl.int32)  # the first block whose running share passes it
@@ -917,7 +913,7 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
             carry = tl.zeros((TAIL_ROWS,), tl.float32)
             for c0 in range(0, NV, BLOCK_C):
                 c = c0 + tl.arange(0, BLOCK_C)
-                share = _block_shares(part_m, part_s, tr, tm, c, NV, top, total)
+                share = tl.math.div_rn(_block_mass(part_m, part_s, tr, tm, c, NV, top), total[:, None])
                 run = tl.cumsum(share, axis=1) + carry[:, None]
                 hit = tl.min(tl.where(run > threshold[:, None], c[None, :], NV), axis=1)
                 first = (found == NV) & (hit < NV)
@@ -946,12 +942,13 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
 
 
 @triton.jit
-def _block_shares(part_m, part_s, tr, tm, c, NV, top, total):
-    """Blocks ``c``'s shares of rows ``tr``'s probability mass: Σ exp(z − max) over the block / Σ over all."""
+def _block_mass(part_m, part_s, tr, tm, c, NV, top):
+    """Blocks ``c``'s probability mass for rows ``tr``, unnormalized: Σ exp(z − top) over each block, from its
+    max and Σ exp(z − max)."""
     cm = tm[:, None] & (c < NV)[None, :]
     pm = tl.load(part_m + tr[:, None] * NV + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
     ps = tl.load(part_s + tr[:, None] * NV + c[None, :], mask=cm, other=0.0, cache_modifier=".cg")
-    return tl.math.div_rn(ps * tl.exp(pm - top[:, None]), total[:, None])
+    return ps * tl.exp(pm - top[:, None])
 
 
 @triton.jit

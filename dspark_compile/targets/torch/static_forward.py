@@ -487,9 +487,9 @@ class StaticProgram:
         w2 = None if head is None else head.markov_w2
         fp8_w2 = type(w2) is Fp8Linear and w2.weight_scale.dim() == 1 and w2.input_scale is None and not w2.act_group
         sampling = temperature is not None and uniforms is not None
-        if ((sampling and not distributions) or (temperature is not None and not sampling)
-                or not (self.fused or hidden.is_cuda) or not switched_on("DSPARK_FUSED_PROPOSE")
-                or head is None or head.kind != "vanilla" or not (type(w2) is nn.Linear or fp8_w2)
+        if ((temperature is not None and not (sampling and distributions)) or not (self.fused or hidden.is_cuda)
+                or not switched_on("DSPARK_FUSED_PROPOSE") or head is None or head.kind != "vanilla"
+                or not (type(w2) is nn.Linear or fp8_w2)
                 or d.cfg.markov_rank % 16 or bsz > MARKOV_ROWS):
             return d.propose(hidden, anchor, temperature, uniforms, distributions=distributions)
         args = (d.block_logits(hidden), hidden, anchor, head.markov_w1.weight, w2.weight,
