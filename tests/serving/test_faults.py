@@ -259,9 +259,25 @@ LONG = MAX_CONTEXT - 3 - 9 - 4  # the longest request [9, 10, 11] may make (prom
 
 
 def test_cancelled_request(fx: Fixture) -> None:
+    # The cancel races the stream: on a loaded machine all LONG tokens may go out before the server sees it, and
+    # such an attempt shows nothing about cancelling (it ends as completed), so it is tried again, up to 3 times.
+    for _ in range(3):
+        before = fx.stats()
+        received, others = _cancel_at_first_response(fx)
+        assert_solo(fx, others)
+        assert received == fx.solo([9, 10, 11], LONG)[: len(received)]
+        after = fx.assert_back_to_baseline()
+        if len(received) < LONG:
+            break
+        assert after["completed"] == before["completed"] + 5, after  # the cancel came too late: retried
+    assert 0 < len(received) < LONG
+    assert after["cancelled"] == before["cancelled"] + 1, after
+
+
+def _cancel_at_first_response(fx: Fixture) -> tuple[list[int], list[Result]]:
+    """Stream [9, 10, 11] for LONG tokens beside four other streams, cancelling it at its first response."""
     import tritonclient.grpc as grpcclient
 
-    before = fx.stats()
     got: list[Any] = []
     client = grpcclient.InferenceServerClient(f"{fx.host}:{fx.server.endpoints.grpc_port}")
     ids = grpcclient.InferInput("prompt_ids", [3], "INT64")
@@ -284,12 +300,7 @@ def test_cancelled_request(fx: Fixture) -> None:
         client.close()
     side.join(WAIT_S)
     assert not side.is_alive()
-    assert_solo(fx, others)
-    received = [t for r, e in got if e is None and r is not None for t in r.as_numpy("tokens").tolist()]
-    assert 0 < len(received) < LONG
-    assert received == fx.solo([9, 10, 11], LONG)[: len(received)]
-    after = fx.assert_back_to_baseline()
-    assert after["cancelled"] == before["cancelled"] + 1, after
+    return [t for r, e in got if e is None and r is not None for t in r.as_numpy("tokens").tolist()], others
 
 
 MALFORMED: list[tuple[dict[str, Any], str]] = [
