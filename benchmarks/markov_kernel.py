@@ -1,9 +1,11 @@
 """Greedy Markov sampling (``kernels.markov_greedy``, the draft step's last γ launches) on the GPU, alone: GPU ms
 per draft block (γ launches in one CUDA graph) for each (vocabulary rows per program, warps), at batches 1, 4
-and 16, against the byte floor (the transition matrix W2 read once per position), with the tokens checked
-against the module's loop (``DSparkDraft.propose``'s ops, written out) in the same run. JSON on stdout.
+and 16, against the byte floor (the transition matrix W2 read once per position) and the module's loop
+(``DSparkDraft.propose``'s ops, written out), whose tokens each configuration must equal, in the same run.
+Batches above ``kernels.MARKOV_ROWS`` run each configuration twice: on row chunks of that size (W2 read once per
+chunk), and in one launch ("…@one"), to decide how large rounds take the kernel. JSON on stdout.
 
-    PYTHONPATH=. python benchmarks/markov_kernel.py [--shape qwen3-8b] [--batch 1,4,16] [--e4m3-w2]
+    PYTHONPATH=. python benchmarks/markov_kernel.py [--shape qwen3-8b] [--batch 1,4,16,32,64] [--e4m3-w2]
         [--configs default,128x4,64x2x32,...]
 """
 
@@ -19,7 +21,7 @@ from torch.nn import functional as F
 from dspark_compile.models.layers import fp8_dequantize, quantize_fp8
 from dspark_compile.targets.torch.bench import SHAPES, byte_floor_ms, measure_copy_bandwidth
 from dspark_compile.targets.torch.decode_gemm import graph_ms
-from dspark_compile.targets.torch.kernels import markov_greedy
+from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy
 
 
 def module_loop(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -66,17 +68,20 @@ def main() -> int:
         base, hidden = randn(bsz, g, v), randn(bsz, g, h)
         anchor = torch.randint(0, v, (bsz,), generator=gen, device="cuda")
         ref_tok, ref_conf = module_loop(base, hidden, anchor, w1, w2, wc, bc)
-        row: dict[str, object] = {}
+        loop = functools.partial(module_loop, base, hidden, anchor, w1, w2, wc, bc)
+        row: dict[str, object] = {"module_loop": {"ms_per_block": graph_ms([loop] * 4)}}
         for cfg in args.configs.split(","):  # "default": no keywords (an earlier kernel, run from a copy)
             kw: dict[str, object] = {} if cfg == "default" else dict(
                 zip(("block_v", "warps", "block_r"), map(int, cfg.split("x")), strict=False))
             if w2_scale is not None:
                 kw["w2_scale"] = w2_scale
-            call = functools.partial(markov_greedy, base, hidden, anchor, w1, kernel_w2, wc, bc, True, **kw)
-            tok, conf = call()
-            row[cfg] = {"ms_per_block": graph_ms([call] * 4),
-                        "tokens_equal_module_loop": bool(torch.equal(tok, ref_tok)),
-                        "conf_max_abs_err": float((conf - ref_conf).abs().max())}
+            for name, rows in ((cfg, MARKOV_ROWS), (f"{cfg}@one", bsz))[:1 + (bsz > MARKOV_ROWS)]:
+                call = functools.partial(markov_greedy, base, hidden, anchor, w1, kernel_w2, wc, bc, True,
+                                         launch_rows=rows, **kw)
+                tok, conf = call()
+                row[name] = {"ms_per_block": graph_ms([call] * 4),
+                             "tokens_equal_module_loop": bool(torch.equal(tok, ref_tok)),
+                             "conf_max_abs_err": float((conf - ref_conf).abs().max())}
         out["rows"][f"b{bsz}"] = row  # type: ignore[index]
     print(json.dumps(out, indent=1))
     return 0

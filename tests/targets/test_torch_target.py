@@ -275,7 +275,8 @@ SAMPLE_SCRIPT = textwrap.dedent(
     plain = StaticProgram(prog.target, prog.draft, fused=False, attention="reference")
     fused = StaticProgram(prog.target, prog.draft, fused=True, attention="reference")
     g, hid = prog.draft.block_size, prog.target.cfg.hidden_size
-    for rows, temps in ((1, [0.8]), (3, [0.8, 0.0, 1.7]), (5, [0.5, 1.0, -1.0, 2.0, 0.3])):
+    many = [0.8, 0.0, 1.7, 0.5, 1.0, -1.0, 2.0, 0.3, 0.9] * 2  # 18 rows: chunks of MARKOV_ROWS rows
+    for rows, temps in ((1, [0.8]), (3, [0.8, 0.0, 1.7]), (5, [0.5, 1.0, -1.0, 2.0, 0.3]), (18, many)):
         hidden, anchor, temp = torch.randn(rows, g, hid), torch.randint(0, 300, (rows,)), torch.tensor(temps)
         u = torch.rand(rows, g + 3)[:, 2:]  # a strided slice, as a round passes it
         u[0, 0] = 0.99999994  # the far end of the inverse CDF
@@ -285,6 +286,8 @@ SAMPLE_SCRIPT = textwrap.dedent(
         assert p2.data_ptr() == out.data_ptr() and torch.equal(t1, t2), (rows, t1, t2)
         assert (p1 - p2).abs().max() < 2e-6, (p1 - p2).abs().max()  # the sums' order: last bits
         assert (c1 - c2).abs().max() < 2e-5
+        (t1, c1, _), (t2, c2, _) = (p.propose(hidden, anchor, None, None, distributions=False) for p in (plain, fused))
+        assert torch.equal(t1, t2) and (c1 - c2).abs().max() < 2e-5, ("greedy", rows, t1, t2)
     # 16 rows, 258 vocabulary blocks (more than the tail's chunk of 256): each draw is inverse_cdf of the
     # distribution the module computes; row 3 at T = 0 takes argmax
     rows, vocab, rank = 16, 33000, 16
@@ -316,9 +319,9 @@ SAMPLE_SCRIPT = textwrap.dedent(
 
 def test_markov_sample_draws_the_module_tokens_in_interpreter(golden_dir: Path, triton_interpreter: Any) -> None:
     """kernels.markov_sample (a sampling round's Markov head, one launch per position) against the module's loop
-    through StaticProgram.propose: the same tokens (greedy and sampling rows mixed, u at the CDF's far end), the
-    distributions within 2e-6 and written into the round's buffer; and, on 16 rows of a 33000 vocabulary, each
-    draw is the module's inverse CDF."""
+    through StaticProgram.propose: the same tokens (greedy and sampling rows mixed, u at the CDF's far end; 18
+    rows run as two chunks; greedy rounds through markov_greedy too), the distributions within 2e-6 and written
+    into the round's buffer; and, on 16 rows of a 33000 vocabulary, each draw is the module's inverse CDF."""
     proc = triton_interpreter(SAMPLE_SCRIPT, golden_dir / "dspark_tiny", 300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "markov sample ok" in proc.stdout
@@ -327,10 +330,9 @@ def test_markov_sample_draws_the_module_tokens_in_interpreter(golden_dir: Path, 
 def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Which drafts StaticProgram.propose hands to kernels.markov_greedy and markov_sample (stubbed here: their
-    numerics are the interpreter tests'): rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program,
-    W2 full precision or e4m3 (its scales passed on), greedy to the one and sampling (with its distributions'
-    buffer) to the other; larger batches, the unfused program, a W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0
-    keep the module's loop."""
+    numerics are the interpreter tests'): rounds of a vanilla head, of any batch, in the fused program, W2 full
+    precision or e4m3 (its scales passed on), greedy to the one and sampling (with its distributions' buffer) to
+    the other; the unfused program, a W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0 keep the module's loop."""
     import torch
 
     from dspark_compile.models.layers import Fp8Linear
@@ -370,7 +372,8 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
 
     assert not propose(fused, 3).any() and calls == [3]  # the stub's zeros
     with torch.inference_mode():
-        assert propose(fused, kernels.MARKOV_ROWS + 1).shape == (kernels.MARKOV_ROWS + 1, g)
+        big = kernels.MARKOV_ROWS + 1  # the kernels take it in row chunks
+        assert not propose(fused, big).any() and calls == [3, big]
         buffer = torch.empty(2, g, prog.target.cfg.vocab_size)
         assert propose(fused, 2, torch.full((2,), 0.7), buffer).eq(1).all()  # the sampling stub's ones
         assert sampled == [(2, buffer)]
@@ -379,13 +382,13 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
         head = prog.draft.markov_head
         head.markov_w2 = Fp8Linear.quantize(head.markov_w2)  # --quantize-draft's W2: the kernel, with its scales
         propose(fused, 3)
-        assert calls == [3, 3] and scales[0] is None and scales[1] is head.markov_w2.weight_scale
+        assert calls == [3, big, 3] and scales[0] is None and scales[2] is head.markov_w2.weight_scale
         head.markov_w2.quantize_activations()  # e4m3 inputs: the module's loop
         propose(fused, 3)
         monkeypatch.setenv("DSPARK_FUSED_PROPOSE", "off")
         propose(fused, 3)
         propose(fused, 2, torch.full((2,), 0.7))
-    assert calls == [3, 3] and len(sampled) == 1
+    assert calls == [3, big, 3] and len(sampled) == 1
 
 
 # --------------------------------------------------------------------------------------------- bookkeeping
