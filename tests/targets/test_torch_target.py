@@ -591,6 +591,23 @@ def test_cuda_graphs_equal_torch_backend_random_pair_batch3(make_pair: Any) -> N
 
 @pytest.mark.gpu
 @needs_cuda
+def test_cuda_graphs_equal_torch_backend_at_18_rows(make_pair: Any) -> None:
+    """18 rows: the Markov kernels run in two row chunks (kernels.MARKOV_ROWS) inside the captured graphs,
+    greedy and sampling, and give the module's tokens, drafts and acceptance."""
+    from dspark_compile.targets.torch.kernels import MARKOV_ROWS
+
+    target_dir, draft_dir = make_pair(seed=3)
+    prompts = [[(7 * i + j) % 300 + 1 for j in range(3 + i % 7)] for i in range(MARKOV_ROWS + 2)]
+    ref = TorchBackend.from_pair(target_dir, draft_dir, device="cuda")
+    prog = build_program(target_dir, draft_dir, device="cuda")
+    be = CudaGraphBackend(prog.target, prog.draft)
+    for kw in ({}, {"temperature": 0.8, "seed": 5}):
+        _same(_decode(be, prompts, **kw), _decode(ref, prompts, **kw))
+    assert be.stats["replays"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_graphs_are_recaptured_after_the_batch_bucket_changes(golden_dir: Path) -> None:
     """start() with a new bucket drops the graphs; the next captures need a fresh pool (an H100 run once fell
     back to eager here: PyTorch's allocator asserts when capturing into a pool whose graphs are all gone)."""
