@@ -2,8 +2,9 @@
 per draft block (γ launches in one CUDA graph) for each (vocabulary rows per program, warps), at batches 1, 4
 and 16, against the byte floor (the transition matrix W2 read once per position) and the module's loop
 (``DSparkDraft.propose``'s ops, written out), whose tokens each configuration must equal, in the same run.
-Batches above ``kernels.MARKOV_ROWS`` run each configuration twice: on row chunks of that size (W2 read once per
-chunk), and in one launch ("…@one"), to decide how large rounds take the kernel. JSON on stdout.
+Above ``kernels.MARKOV_ROWS`` rows (rounds there run the module's loop) each configuration runs in one launch
+and, as "…@16", on row chunks of MARKOV_ROWS (W2 read once per chunk): which, if any, larger rounds should take.
+JSON on stdout.
 
     PYTHONPATH=. python benchmarks/markov_kernel.py [--shape qwen3-8b] [--batch 1,4,16,32,64] [--e4m3-w2]
         [--configs default,128x4,64x2x32,...]
@@ -35,6 +36,14 @@ def module_loop(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, 
         prev = logits.argmax(-1)
         tokens.append(prev)
     return torch.stack(tokens, 1), torch.stack(confs, 1)
+
+
+def chunked(call: functools.partial) -> tuple[torch.Tensor, torch.Tensor]:
+    """``call`` (markov_greedy, batch-first tensors first) on MARKOV_ROWS rows at a time."""
+    base, hidden, anchor, *rest = call.args
+    parts = [call.func(base[r:r + MARKOV_ROWS], hidden[r:r + MARKOV_ROWS], anchor[r:r + MARKOV_ROWS], *rest,
+                       **call.keywords) for r in range(0, base.shape[0], MARKOV_ROWS)]
+    return torch.cat([t for t, _ in parts]), torch.cat([c for _, c in parts])
 
 
 def main() -> int:
@@ -75,9 +84,10 @@ def main() -> int:
                 zip(("block_v", "warps", "block_r"), map(int, cfg.split("x")), strict=False))
             if w2_scale is not None:
                 kw["w2_scale"] = w2_scale
-            for name, rows in ((cfg, MARKOV_ROWS), (f"{cfg}@one", bsz))[:1 + (bsz > MARKOV_ROWS)]:
-                call = functools.partial(markov_greedy, base, hidden, anchor, w1, kernel_w2, wc, bc, True,
-                                         launch_rows=rows, **kw)
+            one = functools.partial(markov_greedy, base, hidden, anchor, w1, kernel_w2, wc, bc, True, **kw)
+            runs = [(cfg, one)] + ([(f"{cfg}@{MARKOV_ROWS}", functools.partial(chunked, one))]
+                                   if bsz > MARKOV_ROWS else [])
+            for name, call in runs:
                 tok, conf = call()
                 row[name] = {"ms_per_block": graph_ms([call] * 4),
                              "tokens_equal_module_loop": bool(torch.equal(tok, ref_tok)),

@@ -266,7 +266,7 @@ SAMPLE_SCRIPT = textwrap.dedent(
     import torch
     from dspark_compile.plugins.spec_verify.reference import inverse_cdf_torch
     from dspark_compile.program import build_program
-    from dspark_compile.targets.torch.kernels import markov_sample
+    from dspark_compile.targets.torch.kernels import markov_greedy, markov_sample
     from dspark_compile.targets.torch.static_forward import StaticProgram
 
     torch.manual_seed(0)
@@ -275,8 +275,7 @@ SAMPLE_SCRIPT = textwrap.dedent(
     plain = StaticProgram(prog.target, prog.draft, fused=False, attention="reference")
     fused = StaticProgram(prog.target, prog.draft, fused=True, attention="reference")
     g, hid = prog.draft.block_size, prog.target.cfg.hidden_size
-    many = [0.8, 0.0, 1.7, 0.5, 1.0, -1.0, 2.0, 0.3, 0.9] * 2  # 18 rows: chunks of MARKOV_ROWS rows
-    for rows, temps in ((1, [0.8]), (3, [0.8, 0.0, 1.7]), (5, [0.5, 1.0, -1.0, 2.0, 0.3]), (18, many)):
+    for rows, temps in ((1, [0.8]), (3, [0.8, 0.0, 1.7]), (5, [0.5, 1.0, -1.0, 2.0, 0.3])):
         hidden, anchor, temp = torch.randn(rows, g, hid), torch.randint(0, 300, (rows,)), torch.tensor(temps)
         u = torch.rand(rows, g + 3)[:, 2:]  # a strided slice, as a round passes it
         u[0, 0] = 0.99999994  # the far end of the inverse CDF
@@ -286,8 +285,6 @@ SAMPLE_SCRIPT = textwrap.dedent(
         assert p2.data_ptr() == out.data_ptr() and torch.equal(t1, t2), (rows, t1, t2)
         assert (p1 - p2).abs().max() < 2e-6, (p1 - p2).abs().max()  # the sums' order: last bits
         assert (c1 - c2).abs().max() < 2e-5
-        (t1, c1, _), (t2, c2, _) = (p.propose(hidden, anchor, None, None, distributions=False) for p in (plain, fused))
-        assert torch.equal(t1, t2) and (c1 - c2).abs().max() < 2e-5, ("greedy", rows, t1, t2)
     # 16 rows, 258 vocabulary blocks (more than the tail's chunk of 256): each draw is inverse_cdf of the
     # distribution the module computes; row 3 at T = 0 takes argmax
     rows, vocab, rank = 16, 33000, 16
@@ -312,6 +309,21 @@ SAMPLE_SCRIPT = textwrap.dedent(
                                   block_v=128)
     assert tok[:, 0].tolist() == [300, 70, 70] and torch.equal(tok[:, 0], inverse_cdf_torch(probs[:, 0], u[:, 0]))
     assert probs[:, 0, [70, 300]].eq(0.5).all() and probs.sum() == 3
+    # 18 rows in one launch (rounds route at most MARKOV_ROWS; markov_kernel.py times larger batches): the
+    # module's loop, called directly, greedy and sampling rows mixed
+    rows, d = 18, prog.draft
+    hidden, anchor = torch.randn(rows, g, hid), torch.randint(0, 300, (rows,))
+    temp, u = torch.rand(rows) + 0.3, torch.rand(rows, g)
+    temp[[2, 17]] = 0.0
+    t1, c1, p1 = d.propose(hidden, anchor, temp, u, distributions=True)
+    head, conf = d.markov_head, d.confidence_head
+    args = (d.block_logits(hidden), hidden, anchor, head.markov_w1.weight, head.markov_w2.weight,
+            conf.proj.weight.view(-1), conf.proj.bias, d.cfg.confidence_head_with_markov)
+    t2, c2, p2 = markov_sample(*args, temp, u)
+    assert torch.equal(t1, t2) and (p1 - p2).abs().max() < 2e-6 and (c1 - c2).abs().max() < 2e-5, (t1, t2)
+    t1, c1, _ = d.propose(hidden, anchor, None, None, distributions=False)
+    t2, c2 = markov_greedy(*args)
+    assert torch.equal(t1, t2) and (c1 - c2).abs().max() < 2e-5, ("greedy", t1, t2)
     print("markov sample ok")
     """
 )
@@ -319,9 +331,9 @@ SAMPLE_SCRIPT = textwrap.dedent(
 
 def test_markov_sample_draws_the_module_tokens_in_interpreter(golden_dir: Path, triton_interpreter: Any) -> None:
     """kernels.markov_sample (a sampling round's Markov head, one launch per position) against the module's loop
-    through StaticProgram.propose: the same tokens (greedy and sampling rows mixed, u at the CDF's far end; 18
-    rows run as two chunks; greedy rounds through markov_greedy too), the distributions within 2e-6 and written
-    into the round's buffer; and, on 16 rows of a 33000 vocabulary, each draw is the module's inverse CDF."""
+    through StaticProgram.propose: the same tokens (greedy and sampling rows mixed, u at the CDF's far end), the
+    distributions within 2e-6 and written into the round's buffer; on 16 rows of a 33000 vocabulary, each draw is
+    the module's inverse CDF; 18 rows in one launch of either kernel give the module's tokens."""
     proc = triton_interpreter(SAMPLE_SCRIPT, golden_dir / "dspark_tiny", 300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "markov sample ok" in proc.stdout
@@ -330,9 +342,10 @@ def test_markov_sample_draws_the_module_tokens_in_interpreter(golden_dir: Path, 
 def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Which drafts StaticProgram.propose hands to kernels.markov_greedy and markov_sample (stubbed here: their
-    numerics are the interpreter tests'): rounds of a vanilla head, of any batch, in the fused program, W2 full
-    precision or e4m3 (its scales passed on), greedy to the one and sampling (with its distributions' buffer) to
-    the other; the unfused program, a W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0 keep the module's loop."""
+    numerics are the interpreter tests'): rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program,
+    W2 full precision or e4m3 (its scales passed on), greedy to the one and sampling (with its distributions'
+    buffer) to the other; larger batches, the unfused program, a W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0
+    keep the module's loop."""
     import torch
 
     from dspark_compile.models.layers import Fp8Linear
@@ -372,8 +385,7 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
 
     assert not propose(fused, 3).any() and calls == [3]  # the stub's zeros
     with torch.inference_mode():
-        big = kernels.MARKOV_ROWS + 1  # the kernels take it in row chunks
-        assert not propose(fused, big).any() and calls == [3, big]
+        assert propose(fused, kernels.MARKOV_ROWS + 1).shape == (kernels.MARKOV_ROWS + 1, g)
         buffer = torch.empty(2, g, prog.target.cfg.vocab_size)
         assert propose(fused, 2, torch.full((2,), 0.7), buffer).eq(1).all()  # the sampling stub's ones
         assert sampled == [(2, buffer)]
@@ -382,13 +394,13 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
         head = prog.draft.markov_head
         head.markov_w2 = Fp8Linear.quantize(head.markov_w2)  # --quantize-draft's W2: the kernel, with its scales
         propose(fused, 3)
-        assert calls == [3, big, 3] and scales[0] is None and scales[2] is head.markov_w2.weight_scale
+        assert calls == [3, 3] and scales[0] is None and scales[1] is head.markov_w2.weight_scale
         head.markov_w2.quantize_activations()  # e4m3 inputs: the module's loop
         propose(fused, 3)
         monkeypatch.setenv("DSPARK_FUSED_PROPOSE", "off")
         propose(fused, 3)
         propose(fused, 2, torch.full((2,), 0.7))
-    assert calls == [3, big, 3] and len(sampled) == 1
+    assert calls == [3, 3] and len(sampled) == 1
 
 
 # --------------------------------------------------------------------------------------------- bookkeeping
@@ -586,23 +598,6 @@ def test_cuda_graphs_equal_torch_backend_random_pair_batch3(make_pair: Any) -> N
     eos = baseline[1].tokens[5]
     a = _decode(CudaGraphBackend(prog.target, prog.draft, eos_token_ids=(eos,)), prompts)
     _same(a, _decode(TorchBackend(ref.target_model, ref.draft_model, eos_token_ids=(eos,)), prompts))
-    assert be.stats["replays"] > 0
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_graphs_equal_torch_backend_at_18_rows(make_pair: Any) -> None:
-    """18 rows: the Markov kernels run in two row chunks (kernels.MARKOV_ROWS) inside the captured graphs,
-    greedy and sampling, and give the module's tokens, drafts and acceptance."""
-    from dspark_compile.targets.torch.kernels import MARKOV_ROWS
-
-    target_dir, draft_dir = make_pair(seed=3)
-    prompts = [[(7 * i + j) % 300 + 1 for j in range(3 + i % 7)] for i in range(MARKOV_ROWS + 2)]
-    ref = TorchBackend.from_pair(target_dir, draft_dir, device="cuda")
-    prog = build_program(target_dir, draft_dir, device="cuda")
-    be = CudaGraphBackend(prog.target, prog.draft)
-    for kw in ({}, {"temperature": 0.8, "seed": 5}):
-        _same(_decode(be, prompts, **kw), _decode(ref, prompts, **kw))
     assert be.stats["replays"] > 0
 
 

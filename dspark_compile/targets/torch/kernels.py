@@ -711,9 +711,9 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 MARKOV_ROWS = 16
-"""Batch rows per launch of :func:`markov_greedy` and :func:`markov_sample` (one row block, so the transition
-matrix is read once per position; measured at batches 1, 4 and 16, docs/BENCH.md); larger batches run them on
-chunks of this many rows."""
+"""Batch rows up to which rounds run :func:`markov_greedy` and :func:`markov_sample` (one row block, so the
+transition matrix is read once per position; measured at batches 1, 4 and 16, docs/BENCH.md). The kernels take
+any batch; ``benchmarks/markov_kernel.py`` times larger ones against the module's loop."""
 
 
 @triton.jit
@@ -963,8 +963,7 @@ def _softmax_kernel(probs_ptr, stats_ptr, k, B, V, G, BLOCK_V: tl.constexpr, BLO
 def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor,
                   w2: torch.Tensor, conf_w: torch.Tensor | None, conf_b: torch.Tensor | None,
                   conf_markov: bool, *, w2_scale: torch.Tensor | None = None, block_v: int | None = None,
-                  warps: int | None = None, block_r: int | None = None, launch_rows: int = MARKOV_ROWS,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  warps: int | None = None, block_r: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy Markov sampling (``DSparkDraft.propose`` at temperature 0, vanilla Markov head) with one kernel per
     position instead of about ten torch ops (embedding, W2 product, cast, add, argmax, concatenation, the
     confidence product and its casts): at batch 1 each of those is a launch of a few microseconds.
@@ -976,9 +975,9 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     and ``warps``: 128 and 4 below 4 rows, 256 and 8 from 4 (H200, ``benchmarks/markov_kernel.py``: the fastest
     measured at batches 1, 4 and 16; every choice gives argmax's tokens); ``block_r``: rank columns per step of
     the W2 loop (default 64; a sweep's knob: smaller steps take fewer registers, 74 against 116 per thread at
-    128 × 4 in the sm_90 build); ``launch_rows``: rows per launch (larger batches run in chunks)."""
+    128 × 4 in the sm_90 build)."""
     tokens, conf, _ = _markov(base, hidden, anchor, w1, w2, conf_w, conf_b, conf_markov, None, w2_scale=w2_scale,
-                              block_v=block_v, warps=warps, block_r=block_r, launch_rows=launch_rows)
+                              block_v=block_v, warps=warps, block_r=block_r)
     return tokens, conf
 
 
@@ -986,8 +985,7 @@ def markov_sample(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
                   w2: torch.Tensor, conf_w: torch.Tensor | None, conf_b: torch.Tensor | None, conf_markov: bool,
                   temperature: torch.Tensor, uniforms: torch.Tensor, *, probs_out: torch.Tensor | None = None,
                   w2_scale: torch.Tensor | None = None, block_v: int | None = None, warps: int | None = None,
-                  block_r: int | None = None, launch_rows: int = MARKOV_ROWS,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  block_r: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Markov sampling at temperature T (``DSparkDraft.propose`` with uniforms, vanilla Markov head) in one kernel
     per position plus one: the module's loop is about 20 launches a position (softmax, cumulative sum,
     comparisons and argmaxes over the vocabulary), ~135 of a batch-1 sampling round. temperature [B] (T ≤ 0:
@@ -1002,25 +1000,16 @@ def markov_sample(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
                                                                 device=base.device)
     assert probs.shape == (bsz, g, vocab) and probs.dtype == torch.float32 and probs.is_contiguous()
     return _markov(base, hidden, anchor, w1, w2, conf_w, conf_b, conf_markov, (temperature, uniforms, probs),
-                   w2_scale=w2_scale, block_v=block_v, warps=warps, block_r=block_r, launch_rows=launch_rows)
+                   w2_scale=w2_scale, block_v=block_v, warps=warps, block_r=block_r)
 
 
 def _markov(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
             conf_w: torch.Tensor | None, conf_b: torch.Tensor | None, conf_markov: bool,
             sampling: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, *, w2_scale: torch.Tensor | None,
-            block_v: int | None, warps: int | None, block_r: int | None, launch_rows: int,
+            block_v: int | None, warps: int | None, block_r: int | None,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The launches of :func:`markov_greedy` (``sampling`` None) and :func:`markov_sample`; above ``launch_rows``
-    rows, one set per chunk of that many rows (rows are independent; W2 is read once per chunk)."""
+    """The launches of :func:`markov_greedy` (``sampling`` None) and :func:`markov_sample`."""
     bsz, g, vocab = base.shape
-    if bsz > launch_rows:
-        chunks = [slice(r, r + launch_rows) for r in range(0, bsz, launch_rows)]
-        parts = [_markov(base[c], hidden[c], anchor[c], w1, w2, conf_w, conf_b, conf_markov,
-                         None if sampling is None else (sampling[0][c], sampling[1][c], sampling[2][c]),
-                         w2_scale=w2_scale, block_v=block_v, warps=warps, block_r=block_r, launch_rows=launch_rows)
-                 for c in chunks]
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                None if sampling is None else sampling[2])
     rank = w2.shape[1]
     hid = hidden.shape[-1]
     assert rank % 16 == 0 and base.stride(-1) == 1 and hidden.stride(-1) == 1

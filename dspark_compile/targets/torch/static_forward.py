@@ -478,7 +478,7 @@ class StaticProgram:
         :func:`~.kernels.markov_sample` (sampling rounds, their distributions written into ``probs_out`` when
         given), one kernel per position, on the GPU and in the fused program; a W2 quantized by
         ``--quantize-draft`` (per-channel e4m3, model-dtype inputs) too."""
-        from dspark_compile.targets.torch.kernels import markov_greedy, markov_sample, switched_on
+        from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy, markov_sample, switched_on
 
         d = self.draft
         assert d is not None
@@ -490,7 +490,7 @@ class StaticProgram:
         if ((temperature is not None and not (sampling and distributions)) or not (self.fused or hidden.is_cuda)
                 or not switched_on("DSPARK_FUSED_PROPOSE") or head is None or head.kind != "vanilla"
                 or not (type(w2) is nn.Linear or fp8_w2)
-                or d.cfg.markov_rank % 16):
+                or d.cfg.markov_rank % 16 or bsz > MARKOV_ROWS):
             return d.propose(hidden, anchor, temperature, uniforms, distributions=distributions)
         args = (d.block_logits(hidden), hidden, anchor, head.markov_w1.weight, w2.weight,
                 None if conf is None else conf.proj.weight.view(-1), None if conf is None else conf.proj.bias,
