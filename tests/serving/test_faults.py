@@ -260,7 +260,8 @@ LONG = MAX_CONTEXT - 3 - 9 - 4  # the longest request [9, 10, 11] may make (prom
 
 def test_cancelled_request(fx: Fixture) -> None:
     # The cancel races the stream: on a loaded machine all LONG tokens may go out before the server sees it, and
-    # such an attempt shows nothing about cancelling (it ends as completed), so it is tried again, up to 3 times.
+    # such an attempt shows nothing about cancelling (it ends as completed, or cancelled after its last token), so it
+    # is tried again, up to 3 times.
     for _ in range(3):
         before = fx.stats()
         received, others = _cancel_at_first_response(fx)
@@ -269,7 +270,8 @@ def test_cancelled_request(fx: Fixture) -> None:
         after = fx.assert_back_to_baseline()
         if len(received) < LONG:
             break
-        assert after["completed"] == before["completed"] + 5, after  # the cancel came too late: retried
+        ended = [after[k] - before[k] for k in ("completed", "cancelled", "failed")]
+        assert sum(ended[:2]) == 5 and not ended[2], after  # the cancel came too late: tried again
     assert 0 < len(received) < LONG
     assert after["cancelled"] == before["cancelled"] + 1, after
 
