@@ -1019,7 +1019,7 @@ def _markov(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: 
     block_b = max(16, triton.next_power_of_2(bsz))
     block_r = block_r or next(r for r in (64, 32, 16) if rank % r == 0)
     assert rank % block_r == 0, f"block_r {block_r} must divide the Markov rank {rank}"
-    tail_rows = triton.next_power_of_2(bsz)  # the tail's tiles: 4096 elements, its rows x blocks (or hidden)
+    tail_rows = min(MARKOV_ROWS, triton.next_power_of_2(bsz))  # the tail: tiles of 4096 elements, rows x blocks
     tokens = torch.empty(bsz, g, dtype=torch.int64, device=base.device)
     has_conf = conf_w is not None  # then every position's confidence is written: no zero fill
     conf = (torch.empty if has_conf else torch.zeros)(bsz, g, dtype=torch.float32, device=base.device)
