@@ -4,10 +4,12 @@ and 16, against the byte floor (the transition matrix W2 read once per position)
 (``DSparkDraft.propose``'s ops, written out), whose tokens each configuration must equal, in the same run.
 Above ``kernels.MARKOV_ROWS`` rows (rounds there run the module's loop) each configuration runs in one launch
 and, as "…@16", on row chunks of MARKOV_ROWS (W2 read once per chunk): which, if any, larger rounds should take.
-JSON on stdout.
+``--temperature T`` times sampling instead (``kernels.markov_sample``, its distributions written into a
+buffer, against the module's softmax and inverse CDF: the sums' order may move a draw in rare rows). JSON on
+stdout.
 
     PYTHONPATH=. python benchmarks/markov_kernel.py [--shape qwen3-8b] [--batch 1,4,16,32,64] [--e4m3-w2]
-        [--configs default,128x4,64x2x32,...]
+        [--temperature 0.8] [--configs default,128x4,64x2x32,...]
 """
 
 from __future__ import annotations
@@ -20,30 +22,41 @@ import torch
 from torch.nn import functional as F
 
 from dspark_compile.models.layers import fp8_dequantize, quantize_fp8
+from dspark_compile.plugins.spec_verify.reference import inverse_cdf_torch
 from dspark_compile.targets.torch.bench import SHAPES, byte_floor_ms, measure_copy_bandwidth
 from dspark_compile.targets.torch.decode_gemm import graph_ms
-from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy
+from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy, markov_sample
 
 
 def module_loop(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                wc: torch.Tensor, bc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``DSparkDraft.propose`` at temperature 0 with a vanilla Markov head and a confidence head over [h, W1]."""
+                wc: torch.Tensor, bc: torch.Tensor, temperature: torch.Tensor | None = None,
+                uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``DSparkDraft.propose`` with a vanilla Markov head and a confidence head over [h, W1]: argmax, or with
+    ``temperature`` [B] and ``uniforms`` [B, G] the inverse CDF of softmax(logits / T)."""
     prev, tokens, confs = anchor, [], []
     for k in range(base.shape[1]):
         e = F.embedding(prev, w1)
         logits = base[:, k].float() + F.linear(e, w2).float()
         confs.append(F.linear(torch.cat((hidden[:, k], e), -1), wc.view(1, -1), bc).squeeze(-1).float())
-        prev = logits.argmax(-1)
+        if temperature is None or uniforms is None:
+            prev = logits.argmax(-1)
+        else:
+            prev = inverse_cdf_torch(torch.softmax(logits / temperature[:, None], -1), uniforms[:, k])
         tokens.append(prev)
     return torch.stack(tokens, 1), torch.stack(confs, 1)
 
 
-def chunked(call: functools.partial) -> tuple[torch.Tensor, torch.Tensor]:
-    """``call`` (markov_greedy, batch-first tensors first) on MARKOV_ROWS rows at a time."""
-    base, hidden, anchor, *rest = call.args
-    parts = [call.func(base[r:r + MARKOV_ROWS], hidden[r:r + MARKOV_ROWS], anchor[r:r + MARKOV_ROWS], *rest,
-                       **call.keywords) for r in range(0, base.shape[0], MARKOV_ROWS)]
-    return torch.cat([t for t, _ in parts]), torch.cat([c for _, c in parts])
+def chunked(call: functools.partial) -> tuple[torch.Tensor, ...]:
+    """``call`` (markov_greedy or markov_sample) on MARKOV_ROWS rows at a time: every tensor argument but the
+    weights (the 4th to 7th) is batch-first."""
+    def rows(i: int, a: object, c: slice) -> object:
+        return a[c] if isinstance(a, torch.Tensor) and not 3 <= i <= 6 else a
+
+    n = call.args[0].shape[0]
+    parts = [call.func(*(rows(i, a, slice(r, r + MARKOV_ROWS)) for i, a in enumerate(call.args)),
+                       **{k: a[r:r + MARKOV_ROWS] if k == "probs_out" else a for k, a in call.keywords.items()})
+             for r in range(0, n, MARKOV_ROWS)]
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(2))
 
 
 def main() -> int:
@@ -51,6 +64,7 @@ def main() -> int:
     ap.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
     ap.add_argument("--batch", default="1,4,16")
     ap.add_argument("--e4m3-w2", action="store_true", help="W2 per-channel e4m3, as --quantize-draft leaves it")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: time sampling at this temperature")
     ap.add_argument("--configs", default="default,128x4,64x4,256x4,256x8",
                     help="vocabulary rows per program x warps [x rank columns per W2 step], or default")
     args = ap.parse_args()
@@ -71,25 +85,32 @@ def main() -> int:
     bandwidth = measure_copy_bandwidth("cuda")
     out: dict[str, object] = {"device": torch.cuda.get_device_name(), "shape": args.shape,
                               "copy_bandwidth_gb_s": bandwidth / 1e9,
-                              "e4m3_w2": args.e4m3_w2,
+                              "e4m3_w2": args.e4m3_w2, "temperature": args.temperature,
                               "floor_ms_per_block": byte_floor_ms(g * kernel_w2.nbytes, bandwidth), "rows": {}}
     for bsz in (int(b) for b in args.batch.split(",")):
         base, hidden = randn(bsz, g, v), randn(bsz, g, h)
         anchor = torch.randint(0, v, (bsz,), generator=gen, device="cuda")
-        ref_tok, ref_conf = module_loop(base, hidden, anchor, w1, w2, wc, bc)
-        loop = functools.partial(module_loop, base, hidden, anchor, w1, w2, wc, bc)
+        sampling: tuple[torch.Tensor, ...] = ()
+        if args.temperature > 0:
+            sampling = (torch.full((bsz,), args.temperature, device="cuda"),
+                        torch.rand(bsz, g, generator=gen, device="cuda"))
+        loop = functools.partial(module_loop, base, hidden, anchor, w1, w2, wc, bc, *sampling)
+        ref_tok, ref_conf = loop()
         row: dict[str, object] = {"module_loop": {"ms_per_block": graph_ms([loop] * 4)}}
         for cfg in args.configs.split(","):  # "default": no keywords (an earlier kernel, run from a copy)
             kw: dict[str, object] = {} if cfg == "default" else dict(
                 zip(("block_v", "warps", "block_r"), map(int, cfg.split("x")), strict=False))
             if w2_scale is not None:
                 kw["w2_scale"] = w2_scale
-            one = functools.partial(markov_greedy, base, hidden, anchor, w1, kernel_w2, wc, bc, True, **kw)
+            if sampling:
+                kw["probs_out"] = torch.empty(bsz, g, v, device="cuda")
+            kernel = markov_sample if sampling else markov_greedy
+            one = functools.partial(kernel, base, hidden, anchor, w1, kernel_w2, wc, bc, True, *sampling, **kw)
             runs = [(cfg, one)] + ([(f"{cfg}@{MARKOV_ROWS}", functools.partial(chunked, one))]
                                    if bsz > MARKOV_ROWS else [])
             for name, call in runs:
                 try:
-                    tok, conf = call()
+                    tok, conf = call()[:2]
                     row[name] = {"ms_per_block": graph_ms([call] * 4),
                                  "tokens_equal_module_loop": bool(torch.equal(tok, ref_tok)),
                                  "conf_max_abs_err": float((conf - ref_conf).abs().max())}
