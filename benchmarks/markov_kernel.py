@@ -2,14 +2,15 @@
 per draft block (γ launches in one CUDA graph) for each (vocabulary rows per program, warps), at batches 1, 4
 and 16, against the byte floor (the transition matrix W2 read once per position) and the module's loop
 (``DSparkDraft.propose``'s ops, written out), whose tokens each configuration must equal, in the same run.
-Above ``kernels.MARKOV_ROWS`` rows (rounds there run the module's loop) each configuration runs in one launch
-and, as "…@16", on row chunks of MARKOV_ROWS (W2 read once per chunk): which, if any, larger rounds should take.
+Above ``--chunk`` rows (default 16) each configuration runs in one launch and, as "…@16", on row chunks of that
+many rows (W2 read once per chunk): how large rounds should take the kernel (``kernels.MARKOV_ROWS``).
 ``--temperature T`` times sampling instead (``kernels.markov_sample``, its distributions written into a
 buffer, against the module's softmax and inverse CDF: the sums' order may move a draw in rare rows). JSON on
 stdout.
 
     PYTHONPATH=. python benchmarks/markov_kernel.py [--shape qwen3-8b] [--batch 1,4,16,32,64] [--e4m3-w2]
-        [--temperature 0.8] [--configs default,128x4,64x2x32,...]
+        [--temperature 0.8] [--chunk 16] [--configs default,128x4,64x2x32,...] [--png OUT.png]
+    python benchmarks/markov_kernel.py --plot RESULT.json [RESULT.json ...] --png OUT.png   (no GPU)
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -25,7 +28,7 @@ from dspark_compile.models.layers import fp8_dequantize, quantize_fp8
 from dspark_compile.plugins.spec_verify.reference import inverse_cdf_torch
 from dspark_compile.targets.torch.bench import SHAPES, byte_floor_ms, measure_copy_bandwidth
 from dspark_compile.targets.torch.decode_gemm import graph_ms
-from dspark_compile.targets.torch.kernels import MARKOV_ROWS, markov_greedy, markov_sample
+from dspark_compile.targets.torch.kernels import markov_greedy, markov_sample
 
 
 def module_loop(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -46,17 +49,42 @@ def module_loop(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, 
     return torch.stack(tokens, 1), torch.stack(confs, 1)
 
 
-def chunked(call: functools.partial) -> tuple[torch.Tensor, ...]:
-    """``call`` (markov_greedy or markov_sample) on MARKOV_ROWS rows at a time: every tensor argument but the
-    weights (the 4th to 7th) is batch-first."""
+def chunked(call: functools.partial, size: int) -> tuple[torch.Tensor, ...]:
+    """``call`` (markov_greedy or markov_sample) on ``size`` rows at a time: every tensor argument but the weights
+    (the 4th to 7th) is batch-first."""
     def rows(i: int, a: object, c: slice) -> object:
         return a[c] if isinstance(a, torch.Tensor) and not 3 <= i <= 6 else a
 
     n = call.args[0].shape[0]
-    parts = [call.func(*(rows(i, a, slice(r, r + MARKOV_ROWS)) for i, a in enumerate(call.args)),
-                       **{k: a[r:r + MARKOV_ROWS] if k == "probs_out" else a for k, a in call.keywords.items()})
-             for r in range(0, n, MARKOV_ROWS)]
+    parts = [call.func(*(rows(i, a, slice(r, r + size)) for i, a in enumerate(call.args)),
+                       **{k: a[r:r + size] if k == "probs_out" else a for k, a in call.keywords.items()})
+             for r in range(0, n, size)]
     return tuple(torch.cat([p[j] for p in parts]) for j in range(2))
+
+def plot(results: list[dict[str, Any]], png: str) -> None:
+    """ms per draft block against the batch: the module's loop, and each configuration in one launch and in
+    chunks, one panel per result (bf16 / e4m3 W2, greedy / sampling)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for ax, res in zip(axes[0], results, strict=True):
+        batches = [int(b[1:]) for b in res["rows"]]
+        names = dict.fromkeys(n for row in res["rows"].values() for n in row)
+        for name in names:
+            pts = [(b, row[name]["ms_per_block"]) for b, row in zip(batches, res["rows"].values(), strict=True)
+                   if "ms_per_block" in row.get(name, {})]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name,
+                    linestyle="--" if "@" in name else "-", linewidth=2.5 if name == "module_loop" else 1.2)
+        ax.axhline(res["floor_ms_per_block"], color="grey", linestyle=":", label="W2 byte floor")
+        mode = f"T = {res['temperature']:g}" if res.get("temperature") else "greedy"
+        ax.set(xscale="log", xticks=batches, xticklabels=batches, xlabel="batch rows", ylabel="ms per draft block",
+               title=f"{res['device']}: {'e4m3' if res['e4m3_w2'] else 'bf16'} W2, {mode}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
 
 
 def main() -> int:
@@ -65,9 +93,17 @@ def main() -> int:
     ap.add_argument("--batch", default="1,4,16")
     ap.add_argument("--e4m3-w2", action="store_true", help="W2 per-channel e4m3, as --quantize-draft leaves it")
     ap.add_argument("--temperature", type=float, default=0.0, help="> 0: time sampling at this temperature")
+    ap.add_argument("--chunk", type=int, default=16, help="rows per launch of the chunked runs above it")
+    ap.add_argument("--png", help="also draw the result (with --plot: the given results) here")
+    ap.add_argument("--plot", nargs="+", metavar="RESULT.json", help="only draw these results (needs --png)")
     ap.add_argument("--configs", default="default,128x4,64x4,256x4,256x8",
                     help="vocabulary rows per program x warps [x rank columns per W2 step], or default")
     args = ap.parse_args()
+    if args.plot:
+        if not args.png:
+            ap.error("--plot needs --png")
+        plot([json.loads(Path(f).read_text()) for f in args.plot], args.png)
+        return 0
     shape = SHAPES[args.shape]
     v, h, r, g = shape.vocab_size, shape.hidden_size, shape.markov_rank, shape.block_size
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -106,8 +142,8 @@ def main() -> int:
                 kw["probs_out"] = torch.empty(bsz, g, v, device="cuda")
             kernel = markov_sample if sampling else markov_greedy
             one = functools.partial(kernel, base, hidden, anchor, w1, kernel_w2, wc, bc, True, *sampling, **kw)
-            runs = [(cfg, one)] + ([(f"{cfg}@{MARKOV_ROWS}", functools.partial(chunked, one))]
-                                   if bsz > MARKOV_ROWS else [])
+            runs = [(cfg, one)] + ([(f"{cfg}@{args.chunk}", functools.partial(chunked, one, args.chunk))]
+                                   if bsz > args.chunk else [])
             for name, call in runs:
                 try:
                     tok, conf = call()[:2]
@@ -118,6 +154,8 @@ def main() -> int:
                     row[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         out["rows"][f"b{bsz}"] = row  # type: ignore[index]
     print(json.dumps(out, indent=1))
+    if args.png:
+        plot([out], args.png)
     return 0
 
 

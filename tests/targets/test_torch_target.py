@@ -309,7 +309,7 @@ SAMPLE_SCRIPT = textwrap.dedent(
                                   block_v=128)
     assert tok[:, 0].tolist() == [300, 70, 70] and torch.equal(tok[:, 0], inverse_cdf_torch(probs[:, 0], u[:, 0]))
     assert probs[:, 0, [70, 300]].eq(0.5).all() and probs.sum() == 3
-    # 18 rows in one launch (rounds route at most MARKOV_ROWS; markov_kernel.py times larger batches): the
+    # 18 rows in one launch (greedy rounds take up to MARKOV_ROWS, sampling rounds MARKOV_SAMPLE_ROWS): the
     # module's loop, called directly, greedy and sampling rows mixed
     rows, d = 18, prog.draft
     hidden, anchor = torch.randn(rows, g, hid), torch.randint(0, 300, (rows,))
@@ -342,10 +342,10 @@ def test_markov_sample_draws_the_module_tokens_in_interpreter(golden_dir: Path, 
 def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Which drafts StaticProgram.propose hands to kernels.markov_greedy and markov_sample (stubbed here: their
-    numerics are the interpreter tests'): rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program,
-    W2 full precision or e4m3 (its scales passed on), greedy to the one and sampling (with its distributions'
-    buffer) to the other; larger batches, the unfused program, a W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0
-    keep the module's loop."""
+    numerics are the interpreter tests'): rounds of a vanilla head, up to MARKOV_ROWS rows (greedy) or
+    MARKOV_SAMPLE_ROWS (sampling), in the fused program, W2 full precision or e4m3 (its scales passed on), greedy
+    to the one and sampling (with its distributions' buffer) to the other; larger batches, the unfused program, a
+    W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0 keep the module's loop."""
     import torch
 
     from dspark_compile.models.layers import Fp8Linear
@@ -386,6 +386,9 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
     assert not propose(fused, 3).any() and calls == [3]  # the stub's zeros
     with torch.inference_mode():
         assert propose(fused, kernels.MARKOV_ROWS + 1).shape == (kernels.MARKOV_ROWS + 1, g)
+        rows = kernels.MARKOV_SAMPLE_ROWS + 1  # a sampling round of that many rows: the module's loop
+        assert propose(fused, rows, torch.full((rows,), 0.7)).shape == (rows, g) and not sampled
+        assert not propose(fused, rows).any() and calls == [3, rows]  # a greedy one: the kernel
         buffer = torch.empty(2, g, prog.target.cfg.vocab_size)
         assert propose(fused, 2, torch.full((2,), 0.7), buffer).eq(1).all()  # the sampling stub's ones
         assert sampled == [(2, buffer)]
@@ -394,13 +397,13 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
         head = prog.draft.markov_head
         head.markov_w2 = Fp8Linear.quantize(head.markov_w2)  # --quantize-draft's W2: the kernel, with its scales
         propose(fused, 3)
-        assert calls == [3, 3] and scales[0] is None and scales[1] is head.markov_w2.weight_scale
+        assert calls == [3, rows, 3] and scales[0] is None and scales[2] is head.markov_w2.weight_scale
         head.markov_w2.quantize_activations()  # e4m3 inputs: the module's loop
         propose(fused, 3)
         monkeypatch.setenv("DSPARK_FUSED_PROPOSE", "off")
         propose(fused, 3)
         propose(fused, 2, torch.full((2,), 0.7))
-    assert calls == [3, 3] and len(sampled) == 1
+    assert calls == [3, rows, 3] and len(sampled) == 1
 
 
 # --------------------------------------------------------------------------------------------- bookkeeping
@@ -598,6 +601,22 @@ def test_cuda_graphs_equal_torch_backend_random_pair_batch3(make_pair: Any) -> N
     eos = baseline[1].tokens[5]
     a = _decode(CudaGraphBackend(prog.target, prog.draft, eos_token_ids=(eos,)), prompts)
     _same(a, _decode(TorchBackend(ref.target_model, ref.draft_model, eos_token_ids=(eos,)), prompts))
+    assert be.stats["replays"] > 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graphs_equal_torch_backend_at_18_rows(make_pair: Any) -> None:
+    """18 rows (batch bucket 32): greedy rounds run kernels.markov_greedy on all rows in one launch inside the
+    captured graphs (above MARKOV_SAMPLE_ROWS sampling rounds keep the module's loop); tokens, drafts and
+    acceptance equal TorchBackend's, greedy and sampling."""
+    target_dir, draft_dir = make_pair(seed=3)
+    prompts = [[(7 * i + j) % 300 + 1 for j in range(3 + i % 7)] for i in range(18)]
+    ref = TorchBackend.from_pair(target_dir, draft_dir, device="cuda")
+    prog = build_program(target_dir, draft_dir, device="cuda")
+    be = CudaGraphBackend(prog.target, prog.draft)
+    for kw in ({}, {"temperature": 0.8, "seed": 5}):
+        _same(_decode(be, prompts, **kw), _decode(ref, prompts, **kw))
     assert be.stats["replays"] > 0
 
 

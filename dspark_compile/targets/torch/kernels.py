@@ -710,10 +710,15 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return counters
 
 
-MARKOV_ROWS = 16
-"""Batch rows up to which rounds run :func:`markov_greedy` and :func:`markov_sample` (one row block, so the
-transition matrix is read once per position; measured at batches 1, 4 and 16, docs/BENCH.md). The kernels take
-any batch; ``benchmarks/markov_kernel.py`` times larger ones against the module's loop."""
+MARKOV_ROWS = 64
+"""Batch rows up to which greedy rounds run :func:`markov_greedy`, all rows in one launch (the transition matrix read
+once per position): faster than the module's loop at 1, 16, 32 and 64 rows on the H200, and than row chunks of 16
+at 32 and 64 (``benchmarks/markov_kernel.py``, docs/BENCH.md); not measured above."""
+MARKOV_SAMPLE_ROWS = 16
+"""Batch rows up to which sampling rounds run :func:`markov_sample` (measured in rounds at batch 1; larger batches
+not yet timed against the module's loop)."""
+MARKOV_TAIL_ROWS = 16
+"""Rows the kernels' last program works on at a time (its tiles: 4096 elements, rows × blocks or hidden)."""
 
 
 @triton.jit
@@ -1019,7 +1024,7 @@ def _markov(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: 
     block_b = max(16, triton.next_power_of_2(bsz))
     block_r = block_r or next(r for r in (64, 32, 16) if rank % r == 0)
     assert rank % block_r == 0, f"block_r {block_r} must divide the Markov rank {rank}"
-    tail_rows = min(MARKOV_ROWS, triton.next_power_of_2(bsz))  # the tail: tiles of 4096 elements, rows x blocks
+    tail_rows = min(MARKOV_TAIL_ROWS, triton.next_power_of_2(bsz))
     tokens = torch.empty(bsz, g, dtype=torch.int64, device=base.device)
     has_conf = conf_w is not None  # then every position's confidence is written: no zero fill
     conf = (torch.empty if has_conf else torch.zeros)(bsz, g, dtype=torch.float32, device=base.device)
