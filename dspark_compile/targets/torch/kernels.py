@@ -978,9 +978,9 @@ def markov_greedy(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor
     ``Fp8Linear``'s per-channel scales); conf_w [H (+ r)] and conf_b [1] the confidence head (None: zeros).
     Returns (tokens [B, G] int64, confidence logits [B, G] float32). ``block_v`` (vocabulary rows per program)
     and ``warps``: 128 and 4 below 4 rows, 256 and 8 from 4 (H200, ``benchmarks/markov_kernel.py``: the fastest
-    measured at batches 1, 4 and 16; every choice gives argmax's tokens); ``block_r``: rank columns per step of
-    the W2 loop (default 64; a sweep's knob: smaller steps take fewer registers, 74 against 116 per thread at
-    128 × 4 in the sm_90 build)."""
+    measured at batches 1, 4 and 16, and of three at 32 and 64; every choice gives argmax's tokens); ``block_r``:
+    rank columns per step of the W2 loop (default 64; a sweep's knob: smaller steps take fewer registers, 74
+    against 116 per thread at 128 × 4 in the sm_90 build)."""
     tokens, conf, _ = _markov(base, hidden, anchor, w1, w2, conf_w, conf_b, conf_markov, None, w2_scale=w2_scale,
                               block_v=block_v, warps=warps, block_r=block_r)
     return tokens, conf
