@@ -49,17 +49,16 @@ def module_loop(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, 
     return torch.stack(tokens, 1), torch.stack(confs, 1)
 
 
-def chunked(call: functools.partial, size: int) -> tuple[torch.Tensor, ...]:
-    """``call`` (markov_greedy or markov_sample) on ``size`` rows at a time: every tensor argument but the weights
-    (the 4th to 7th) is batch-first."""
-    def rows(i: int, a: object, c: slice) -> object:
-        return a[c] if isinstance(a, torch.Tensor) and not 3 <= i <= 6 else a
+ROW_ARGS = ("base", "hidden", "anchor", "temperature", "uniforms", "probs_out")
+"""The kernels' batch-first arguments: a chunk of rows slices these and keeps the weights."""
 
-    n = call.args[0].shape[0]
-    parts = [call.func(*(rows(i, a, slice(r, r + size)) for i, a in enumerate(call.args)),
-                       **{k: a[r:r + size] if k == "probs_out" else a for k, a in call.keywords.items()})
-             for r in range(0, n, size)]
+
+def chunked(call: functools.partial, size: int) -> tuple[torch.Tensor, ...]:
+    """``call`` (markov_greedy or markov_sample, every argument a keyword) on ``size`` rows at a time."""
+    rows = {k: t for k, t in call.keywords.items() if k in ROW_ARGS}
+    parts = [call(**{k: t[r:r + size] for k, t in rows.items()}) for r in range(0, rows["base"].shape[0], size)]
     return tuple(torch.cat([p[j] for p in parts]) for j in range(2))
+
 
 def plot(results: list[dict[str, Any]], png: str) -> None:
     """ms per draft block against the batch: the module's loop, and each configuration in one launch and in
@@ -126,11 +125,11 @@ def main() -> int:
     for bsz in (int(b) for b in args.batch.split(",")):
         base, hidden = randn(bsz, g, v), randn(bsz, g, h)
         anchor = torch.randint(0, v, (bsz,), generator=gen, device="cuda")
-        sampling: tuple[torch.Tensor, ...] = ()
+        sampling: dict[str, torch.Tensor] = {}
         if args.temperature > 0:
-            sampling = (torch.full((bsz,), args.temperature, device="cuda"),
-                        torch.rand(bsz, g, generator=gen, device="cuda"))
-        loop = functools.partial(module_loop, base, hidden, anchor, w1, w2, wc, bc, *sampling)
+            sampling = {"temperature": torch.full((bsz,), args.temperature, device="cuda"),
+                        "uniforms": torch.rand(bsz, g, generator=gen, device="cuda")}
+        loop = functools.partial(module_loop, base, hidden, anchor, w1, w2, wc, bc, **sampling)
         ref_tok, ref_conf = loop()
         row: dict[str, object] = {"module_loop": {"ms_per_block": graph_ms([loop] * 4)}}
         for cfg in args.configs.split(","):  # "default": no keywords (an earlier kernel, run from a copy)
@@ -141,7 +140,8 @@ def main() -> int:
             if sampling:
                 kw["probs_out"] = torch.empty(bsz, g, v, device="cuda")
             kernel = markov_sample if sampling else markov_greedy
-            one = functools.partial(kernel, base, hidden, anchor, w1, kernel_w2, wc, bc, True, *sampling, **kw)
+            one = functools.partial(kernel, base=base, hidden=hidden, anchor=anchor, w1=w1, w2=kernel_w2, conf_w=wc,
+                                    conf_b=bc, conf_markov=True, **sampling, **kw)
             runs = [(cfg, one)] + ([(f"{cfg}@{args.chunk}", functools.partial(chunked, one, args.chunk))]
                                    if bsz > args.chunk else [])
             for name, call in runs:
