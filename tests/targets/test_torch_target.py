@@ -309,8 +309,8 @@ SAMPLE_SCRIPT = textwrap.dedent(
                                   block_v=128)
     assert tok[:, 0].tolist() == [300, 70, 70] and torch.equal(tok[:, 0], inverse_cdf_torch(probs[:, 0], u[:, 0]))
     assert probs[:, 0, [70, 300]].eq(0.5).all() and probs.sum() == 3
-    # 18 rows in one launch (greedy rounds take up to MARKOV_ROWS, sampling rounds MARKOV_SAMPLE_ROWS): the
-    # module's loop, called directly, greedy and sampling rows mixed
+    # 18 rows in one launch (rounds take up to MARKOV_ROWS): the module's loop, called directly, greedy and
+    # sampling rows mixed
     rows, d = 18, prog.draft
     hidden, anchor = torch.randn(rows, g, hid), torch.randint(0, 300, (rows,))
     temp, u = torch.rand(rows) + 0.3, torch.rand(rows, g)
@@ -342,8 +342,8 @@ def test_markov_sample_draws_the_module_tokens_in_interpreter(golden_dir: Path, 
 def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Which drafts StaticProgram.propose hands to kernels.markov_greedy and markov_sample (stubbed here: their
-    numerics are the interpreter tests'): rounds of a vanilla head, up to MARKOV_ROWS rows (greedy) or
-    MARKOV_SAMPLE_ROWS (sampling), in the fused program, W2 full precision or e4m3 (its scales passed on), greedy
+    numerics are the interpreter tests'): rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program,
+    W2 full precision or e4m3 (its scales passed on), greedy
     to the one and sampling (with its distributions' buffer) to the other; larger batches, the unfused program, a
     W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0 keep the module's loop."""
     import torch
@@ -386,9 +386,12 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
     assert not propose(fused, 3).any() and calls == [3]  # the stub's zeros
     with torch.inference_mode():
         assert propose(fused, kernels.MARKOV_ROWS + 1).shape == (kernels.MARKOV_ROWS + 1, g)
-        rows = kernels.MARKOV_SAMPLE_ROWS + 1  # a sampling round of that many rows: the module's loop
+        rows = kernels.MARKOV_ROWS + 1  # a sampling round of that many rows: the module's loop too
         assert propose(fused, rows, torch.full((rows,), 0.7)).shape == (rows, g) and not sampled
-        assert not propose(fused, rows).any() and calls == [3, rows]  # a greedy one: the kernel
+        rows = kernels.MARKOV_ROWS  # the largest rounds the kernels take, greedy and sampling
+        assert not propose(fused, rows).any() and calls == [3, rows]
+        assert propose(fused, rows, torch.full((rows,), 0.7)).eq(1).all() and sampled[0][0] == rows
+        sampled.clear()
         buffer = torch.empty(2, g, prog.target.cfg.vocab_size)
         assert propose(fused, 2, torch.full((2,), 0.7), buffer).eq(1).all()  # the sampling stub's ones
         assert sampled == [(2, buffer)]
@@ -607,9 +610,9 @@ def test_cuda_graphs_equal_torch_backend_random_pair_batch3(make_pair: Any) -> N
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_graphs_equal_torch_backend_at_18_rows(make_pair: Any) -> None:
-    """18 rows (batch bucket 32): greedy rounds run kernels.markov_greedy on all rows in one launch inside the
-    captured graphs (above MARKOV_SAMPLE_ROWS sampling rounds keep the module's loop); tokens, drafts and
-    acceptance equal TorchBackend's, greedy and sampling."""
+    """18 rows (batch bucket 32): rounds run kernels.markov_greedy and markov_sample on all rows in one launch
+    inside the captured graphs; tokens, drafts and acceptance equal TorchBackend's (the module's loop), greedy and
+    sampling."""
     target_dir, draft_dir = make_pair(seed=3)
     prompts = [[(7 * i + j) % 300 + 1 for j in range(3 + i % 7)] for i in range(18)]
     ref = TorchBackend.from_pair(target_dir, draft_dir, device="cuda")

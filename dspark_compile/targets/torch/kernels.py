@@ -711,12 +711,10 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 MARKOV_ROWS = 64
-"""Batch rows up to which greedy rounds run :func:`markov_greedy`, all rows in one launch (the transition matrix read
-once per position): faster than the module's loop at 1, 16, 32 and 64 rows on the H200, and than row chunks of 16
-at 32 and 64 (``benchmarks/markov_kernel.py``, docs/BENCH.md); not measured above."""
-MARKOV_SAMPLE_ROWS = 16
-"""Batch rows up to which sampling rounds run :func:`markov_sample` (measured in rounds at batch 1; larger batches
-not yet timed against the module's loop)."""
+"""Batch rows up to which rounds run :func:`markov_greedy` (greedy) or :func:`markov_sample` (sampling), all rows in
+one launch (the transition matrix read once per position): faster than the module's loop at every batch measured up
+to 64 rows, and than row chunks of 16 at 32 and 64 (greedy, H200; sampling at 64, H100; ``benchmarks/
+markov_kernel.py``, docs/BENCH.md); not measured above."""
 MARKOV_TAIL_ROWS = 16
 """Rows the kernels' last program works on at a time (its tiles: 4096 elements, rows × blocks or hidden)."""
 

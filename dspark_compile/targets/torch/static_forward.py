@@ -476,9 +476,9 @@ class StaticProgram:
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``DSparkDraft.propose``; a vanilla Markov head runs :func:`~.kernels.markov_greedy` (greedy rounds) or
         :func:`~.kernels.markov_sample` (sampling rounds, their distributions written into ``probs_out`` when
-        given), one kernel per position, on the GPU and in the fused program, up to the batch each was measured
-        faster at (``MARKOV_ROWS``, ``MARKOV_SAMPLE_ROWS``); a W2 quantized by ``--quantize-draft`` (per-channel
-        e4m3, model-dtype inputs) too."""
+        given), one kernel per position, on the GPU and in the fused program, up to the batch they were measured
+        faster at (``MARKOV_ROWS``); a W2 quantized by ``--quantize-draft`` (per-channel e4m3, model-dtype inputs)
+        too."""
         from dspark_compile.targets.torch import kernels
 
         d = self.draft
@@ -491,7 +491,7 @@ class StaticProgram:
         if ((temperature is not None and not (sampling and distributions)) or not (self.fused or hidden.is_cuda)
                 or not kernels.switched_on("DSPARK_FUSED_PROPOSE") or head is None or head.kind != "vanilla"
                 or not (type(w2) is nn.Linear or fp8_w2)
-                or d.cfg.markov_rank % 16 or bsz > (kernels.MARKOV_SAMPLE_ROWS if sampling else kernels.MARKOV_ROWS)):
+                or d.cfg.markov_rank % 16 or bsz > kernels.MARKOV_ROWS):
             return d.propose(hidden, anchor, temperature, uniforms, distributions=distributions)
         args = (d.block_logits(hidden), hidden, anchor, head.markov_w1.weight, w2.weight,
                 None if conf is None else conf.proj.weight.view(-1), None if conf is None else conf.proj.bias,
