@@ -101,6 +101,9 @@ def main() -> int:
     if args.plot:
         if not args.png:
             ap.error("--plot needs --png")
+        missing = [f for f in args.plot if not Path(f).is_file()]
+        if missing:
+            ap.error(f"--plot: no such result file: {missing[0]}")
         plot([json.loads(Path(f).read_text()) for f in args.plot], args.png)
         return 0
     shape = SHAPES[args.shape]
