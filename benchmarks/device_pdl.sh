@@ -41,7 +41,9 @@ tests() {
 }
 AB=${AB_VAR:-DSPARK_PDL}
 if [ "${CHOICES:-1}" = 1 ]; then export DSPARK_GEMM_CHOICES=$W/gemm_choices.json; fi
-if [ -n "${CHOICES_FROM:-}" ]; then cp "$CHOICES_FROM" "$W/gemm_choices.json"; fi  # both modes start from them
+if [ -n "${CHOICES_FROM:-}" ]; then  # both modes start from them
+  cp "$CHOICES_FROM" "$W/gemm_choices.json" 2> /dev/null || { echo "CHOICES_FROM=$CHOICES_FROM: no such file" >&2; exit 2; }
+fi
 if [ "${TESTS:-1}" = 1 ] && [ "${TESTS_LAST:-0}" = 0 ]; then tests; fi
 if [ "${ROUNDS:-1}" = 1 ]; then
 if [ "${CHAIN:-1}" = 1 ]; then
