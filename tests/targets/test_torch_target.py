@@ -343,9 +343,9 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Which drafts StaticProgram.propose hands to kernels.markov_greedy and markov_sample (stubbed here: their
     numerics are the interpreter tests'): rounds of a vanilla head, up to MARKOV_ROWS rows, in the fused program,
-    W2 full precision or e4m3 (its scales passed on), greedy
-    to the one and sampling (with its distributions' buffer) to the other; larger batches, the unfused program, a
-    W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0 keep the module's loop."""
+    W2 full precision or e4m3 (its scales passed on), greedy to the one and sampling (with its distributions'
+    buffer) to the other; larger batches, the unfused program, a W2 with e4m3 inputs and DSPARK_FUSED_PROPOSE=0
+    keep the module's loop."""
     import torch
 
     from dspark_compile.models.layers import Fp8Linear
@@ -385,8 +385,8 @@ def test_propose_takes_the_markov_kernel_only_where_it_applies(golden_dir: Path,
 
     assert not propose(fused, 3).any() and calls == [3]  # the stub's zeros
     with torch.inference_mode():
-        assert propose(fused, kernels.MARKOV_ROWS + 1).shape == (kernels.MARKOV_ROWS + 1, g)
-        rows = kernels.MARKOV_ROWS + 1  # a sampling round of that many rows: the module's loop too
+        rows = kernels.MARKOV_ROWS + 1  # larger rounds keep the module's loop, greedy and sampling
+        assert propose(fused, rows).shape == (rows, g)
         assert propose(fused, rows, torch.full((rows,), 0.7)).shape == (rows, g) and not sampled
         rows = kernels.MARKOV_ROWS  # the largest rounds the kernels take, greedy and sampling
         assert not propose(fused, rows).any() and calls == [3, rows]
