@@ -13,9 +13,10 @@
 # TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files); BATCH (e.g. 4,16), NEW (new tokens), TEMP (> 0: sampling rounds too) and ROUND_TIMEOUT (s per
 # mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent, e.g. made with
 # `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that fp8_bench.py, when
-# the copy has one) instead, for changes with no switch. Both modes share the decode GEMM's timed choices
-# (DSPARK_GEMM_CHOICES, $W/gemm_choices.json, kept in the archive): the second runs the first's configurations
-# for every product the switch leaves alone, instead of a choice among near-equal candidates of its own;
+# the copy has one) instead, for changes with no switch. Without AB_VAR it then flips no switch: until 2026-12-05
+# it flipped DSPARK_PDL, so such an A/B's base half ran with PDL off (docs/BENCH.md, "The base half without PDL").
+# Both modes share the decode GEMM's timed choices (DSPARK_GEMM_CHOICES, $W/gemm_choices.json, kept in the
+# archive): the second runs the first's configurations for every product the switch leaves alone, instead of a choice among near-equal candidates of its own;
 # CHOICES=0 lets each time its own. CHOICES_FROM=file seeds them from an earlier call's file (e.g.
 # benchmarks/results/gemm_choices_h100.json): a base half then skips the timing that cut a B = 32 A/B; a file of
 # another GPU or candidate set is left alone, and that half times its own.
@@ -40,6 +41,7 @@ tests() {
   tail -2 "$W/pytest_gpu_pdl.txt"
 }
 AB=${AB_VAR:-DSPARK_PDL}
+if [ -n "${BASE:-}" ] && [ -z "${AB_VAR:-}" ]; then AB=DSPARK_AB_HALF; fi  # a BASE A/B flips no switch
 if [ "${CHOICES:-1}" = 1 ]; then export DSPARK_GEMM_CHOICES=$W/gemm_choices.json; fi
 if [ -n "${CHOICES_FROM:-}" ]; then  # both modes start from them
   cp "$CHOICES_FROM" "$W/gemm_choices.json" 2> /dev/null || { echo "CHOICES_FROM=$CHOICES_FROM: no such file" >&2; exit 2; }
