@@ -17,9 +17,10 @@
 # it flipped DSPARK_PDL, so such an A/B's base half ran with PDL off (docs/BENCH.md, "The base half without PDL").
 # Both modes share the decode GEMM's timed choices (DSPARK_GEMM_CHOICES, $W/gemm_choices.json, kept in the
 # archive): the second runs the first's configurations for every product the switch leaves alone, instead of a
-# choice among near-equal candidates of its own; CHOICES=0 lets each time its own. CHOICES_FROM=file seeds them from an earlier call's file (e.g.
-# benchmarks/results/gemm_choices_h100.json): a base half then skips the timing that cut a B = 32 A/B; a file of
-# another GPU or candidate set is left alone, and that half times its own.
+# choice among near-equal candidates of its own; CHOICES=0 lets each time its own. CHOICES_FROM=file seeds them
+# from an earlier call's file (e.g. benchmarks/results/gemm_choices_h100.json or gemm_choices_h200.json): a base
+# half then skips the timing that cut a B = 32 A/B; a file of another GPU or candidate set is left alone, and that
+# half times its own.
 # Usage (repository root): OUT=$OUT [TESTS=0] [ROUNDS=0] [GEMMA=1] [AB_VAR=...] bash benchmarks/device_pdl.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
