@@ -10,11 +10,14 @@
 # and down's partials handed to the norm; DSPARK_FRAGMENT_ORDER: e4m3 weights stored in fragment order;
 # DSPARK_GEMM_KEEP_ASYNC: the decode GEMM's accumulator stored through a select, its wgmma left asynchronous by
 # ptxas, best with CHOICES=0); CHAIN=0 skips the launch chains;
-# TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files); BATCH (e.g. 4,16), NEW (new tokens), TEMP (> 0: sampling rounds too) and ROUND_TIMEOUT (s per
-# mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent, e.g. made with
-# `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that fp8_bench.py, when
-# the copy has one) instead, for changes with no switch. Without AB_VAR it then flips no switch: until 2026-12-05
-# it flipped DSPARK_PDL, so such an A/B's base half ran with PDL off (docs/BENCH.md, "The base half without PDL").
+# TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files);
+# BATCH (e.g. 4,16), NEW (new tokens), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
+# again verifying at most that many drafts; not with BASE code older than fp8_bench --verify-caps) and
+# ROUND_TIMEOUT (s per mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent,
+# e.g. made with `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that
+# fp8_bench.py, when the copy has one) instead, for changes with no switch. Without AB_VAR it then flips no
+# switch: until 2026-12-05 it flipped DSPARK_PDL, so such an A/B's base half ran with PDL off (docs/BENCH.md, "The
+# base half without PDL").
 # Both modes share the decode GEMM's timed choices (DSPARK_GEMM_CHOICES, $W/gemm_choices.json, kept in the
 # archive): the second runs the first's configurations for every product the switch leaves alone, instead of a
 # choice among near-equal candidates of its own; CHOICES=0 lets each time its own. CHOICES_FROM=file seeds them
@@ -62,7 +65,7 @@ for m in ${MODES:-0 1}; do
   fi
   env PYTHONPATH=$PP $AB=$m timeout ${ROUND_TIMEOUT:-150} "$PY" $BENCH --out "$W/rounds_pdl$m" \
       --sections rounds,head_draft --batch ${BATCH:-1} --kinds ${KINDS:-bf16,fp8,fp8_head_draft} \
-      --new-tokens ${NEW:-128} ${TEMP:+--temperature $TEMP} 2>&1 | grep -v Warning \
+      --new-tokens ${NEW:-128} ${TEMP:+--temperature $TEMP} ${CAPS:+--verify-caps $CAPS} 2>&1 | grep -v Warning \
       > "$W/rounds_pdl$m.log"
   echo "$AB=$m"; grep -E "B=" "$W/rounds_pdl$m.log" | cut -c1-300
 done

@@ -204,6 +204,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="> 0: the rounds section also times sampling rounds at this temperature")
+    ap.add_argument("--verify-caps", default="",
+                    help="e.g. 1,3: the rounds run narrow (a round verifies max ℓ + 1 positions, a power of two) and "
+                         "replay b again with at most that many drafts verified a round")
     ap.add_argument("--gemm-rows", default="1,8,64,512")
     ap.add_argument("--tune-shapes", default="qwen3-8b", help="shapes whose products the tune section times")
     ap.add_argument("--tune-rows", default="1,8,64,512", help="row counts the tune section times")
@@ -220,6 +223,7 @@ def main() -> int:
     shape = SMOKE if args.smoke else QWEN3_8B
     sections = args.sections.split(",")
     batches = [int(b) for b in args.batch.split(",")]
+    caps = [int(c) for c in args.verify_caps.split(",") if c]
     bandwidth = measure_copy_bandwidth("cuda")
     if "tune" in sections:
         res_tune: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": bandwidth / 1e9}
@@ -280,13 +284,13 @@ def main() -> int:
         torch.cuda.empty_cache()
         if "rounds" not in sections:
             continue
-        be = CudaGraphBackend(target, draft)
+        be = CudaGraphBackend(target, draft, narrow_rounds=bool(caps))
         floor = byte_floor_ms(target_bytes(target), bandwidth)
         for b in batches:
             prompts = [rng.integers(0, shape.vocab_size - 1, size=args.context).tolist() for _ in range(b)]
             t0 = time.perf_counter()
             row = rounds_bench(be, prompts, max_new_tokens=args.new_tokens, replays=("b",),
-                               temperature=args.temperature)
+                               temperature=args.temperature, caps=caps)
             row["target_bytes"] = target_bytes(target)
             row["target_floor_ms"] = floor
             row["target_vs_floor"] = row["target_only"]["round_graph_ms"] / floor
@@ -299,6 +303,11 @@ def main() -> int:
                 f"{row['speculative']['identical_to_target_only']}, replay b "
                 f"{row['replay_b']['tokens_per_s']:.0f} tok/s tau {row['replay_b']['tau']:.2f} "
                 f"identical {row['replay_b']['identical_to_target_only']} ({row['seconds']:.0f} s)")
+            for cap in caps:
+                capped = row[f"replay_b_cap{cap}"]
+                say(f"{dtype} B={b} replay b, at most {cap} drafts: round graph {capped['round_graph_ms']:.3f} ms, "
+                    f"{capped['tokens_per_s']:.0f} tok/s tau {capped['tau']:.2f} identical "
+                    f"{capped['identical_to_target_only']}")
             if "sampling" in row:
                 say(f"{dtype} B={b} T={args.temperature}: target {row['sampling_target_only']['round_graph_ms']:.3f} "
                     f"ms {row['sampling_target_only']['tokens_per_s']:.0f} tok/s, spec round "

@@ -162,7 +162,7 @@ def inspect(target: Path, draft: Path | None, as_json: bool, allow_nonfinite: bo
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--block-size", type=int, help="Draft block γ (default: the draft's block_size).")
 @click.option("--confidence-threshold", type=float, help="Static confidence threshold for the verify length.")
-@click.option("--verify", default="fixed", show_default=True, help="fixed | threshold=X | schedule")
+@click.option("--verify", default="fixed", show_default=True, help="fixed | fixed=K | threshold=X | schedule")
 @click.option("--baseline", is_flag=True, help="Target-only decoding.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
 @click.option("--device", default="cpu", show_default=True)
@@ -253,8 +253,8 @@ def build(spec_file: Path | None, as_json: bool, stop_after: str | None, dump_af
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--verify", default="auto", show_default=True,
-              help="fixed | threshold=X | schedule | auto (schedule when the build has an SPS profile and the "
-                   "draft a confidence head, else fixed)")
+              help="fixed | fixed=K | threshold=X | schedule | auto (schedule when the build has an SPS profile and "
+                   "the draft a confidence head, else fixed)")
 @click.option("--baseline", is_flag=True, help="Target-only decoding.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per prompt.")
@@ -322,7 +322,7 @@ def calibrate(build_dir: Path, data: Path, backend: str, max_new_tokens: int, de
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--http-port", default=0, type=int, help="HTTP port (default: a free one).")
 @click.option("--grpc-port", default=0, type=int, help="gRPC port (default: a free one).")
-@click.option("--verify", help="Override the build's verify policy: fixed | threshold=X | schedule | auto.")
+@click.option("--verify", help="Override the build's verify policy: fixed | fixed=K | threshold=X | schedule | auto.")
 @click.option("--target-only", is_flag=True, help="Decode target-only with the same graphs (a baseline).")
 @click.option("--startup-timeout", default=180.0, show_default=True, type=float, help="Seconds to wait for ready.")
 @click.option("--json", "as_json", is_flag=True, help="Print the endpoints as one JSON line once ready.")

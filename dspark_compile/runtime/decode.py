@@ -85,11 +85,14 @@ def build_tokenizer(build_dir: Path) -> Path | None:
 
 @dataclass(frozen=True)
 class VerifyPolicy:
-    """How many drafted tokens each request verifies per round: ``fixed`` all G; ``threshold`` the leading
-    positions with sigmoid(confidence) >= threshold; ``schedule`` the batch-wide scheduler of DSPARK.md §5."""
+    """How many drafted tokens each request verifies per round: ``fixed`` all G, or at most ``cap``
+    (``fixed=K``: with narrow rounds a round of K + 1 positions, for batches where a whole block costs more
+    than it yields); ``threshold`` the leading positions with sigmoid(confidence) >= threshold; ``schedule``
+    the batch-wide scheduler of DSPARK.md §5."""
 
     kind: str = "fixed"
     threshold: float = 0.5
+    cap: int | None = None  # fixed: verify at most this many drafts (None: all G)
     sps: Mapping[int, float] | None = None
     temperatures: tuple[float, ...] | None = None  # Sequential Temperature Scaling of the confidence logits
     smoothed: bool = False
@@ -99,6 +102,11 @@ class VerifyPolicy:
         text = text.strip()
         if text in ("fixed", "schedule"):
             return cls(text, **kwargs)
+        if text.startswith("fixed="):
+            value = text.partition("=")[2]
+            if not value.isdigit():
+                raise UsageError(f"--verify {text!r}: the cap must be a whole number of drafts >= 0, e.g. fixed=3")
+            return cls("fixed", cap=int(value), **kwargs)
         if text.startswith("threshold"):
             _, _, value = text.partition("=")
             try:
@@ -109,7 +117,7 @@ class VerifyPolicy:
             if not 0.0 <= thr <= 1.0:
                 raise UsageError(f"--verify {text!r}: the threshold must be in [0, 1], found {thr}")
             return cls("threshold", threshold=thr, **kwargs)
-        raise UsageError(f"--verify {text!r} is not a verification mode; use fixed, threshold=X or schedule")
+        raise UsageError(f"--verify {text!r} is not a verification mode; use fixed, fixed=K, threshold=X or schedule")
 
     @classmethod
     def for_build(cls, directory: Path, verify: str, *, has_confidence: bool) -> VerifyPolicy:
@@ -151,7 +159,7 @@ class VerifyPolicy:
         ``widest``: as many positions as the longest ℓ needs (``verifies_widest``, scheduler.round_width)."""
         rows = confidence_logits.shape[0]
         if self.kind == "fixed":
-            return np.full(rows, block, dtype=np.int64)
+            return np.full(rows, block if self.cap is None else min(self.cap, block), dtype=np.int64)
         probs = self.probabilities(confidence_logits)
         if self.kind == "threshold":
             from dspark_compile.runtime.scheduler import threshold_lengths

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dspark_compile.errors import UsageError
 from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate
 from dspark_compile.runtime.torch_backend import TorchBackend
 
@@ -49,3 +50,21 @@ def test_threshold_and_schedule_policies_from_a_build_dir(tmp_path: Path) -> Non
     assert VerifyPolicy.for_build(tmp_path / "nope", "auto", has_confidence=True).kind == "fixed"
     # Calibration divides the logits by t_k before the sigmoid: logit 2 at T=2 is sigmoid(1).
     np.testing.assert_allclose(pol.probabilities(np.full((1, 7), 2.0)), 1 / (1 + np.exp(-1.0)))
+
+
+def test_a_fixed_cap_verifies_at_most_k_drafts_and_stays_lossless(golden: tuple[TorchBackend, dict]) -> None:
+    """``--verify fixed=K``: every round verifies min(K, G) drafts, and greedy output is still the target's."""
+    backend, data = golden
+    prompts = [g["prompt"] for g in data["baseline"]]
+    results = generate(backend, prompts, GenerationParams(max_new_tokens=48, policy=VerifyPolicy.parse("fixed=2")))
+    for res, want in zip(results, data["baseline"], strict=True):
+        assert res.tokens == want["tokens"]
+    assert {len(r["draft"]) for res in results for r in res.rounds} == {2}
+    assert VerifyPolicy.parse("fixed=0").lengths(np.zeros((3, 7)), 7).tolist() == [0, 0, 0]
+    assert VerifyPolicy.parse("fixed=9").lengths(np.zeros((2, 7)), 7).tolist() == [7, 7]
+
+
+@pytest.mark.parametrize("text", ["fixed=", "fixed=-1", "fixed=2.5", "fixed=x"])
+def test_a_bad_fixed_cap_is_one_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match=r"--verify .*whole number of drafts >= 0, e\.g\. fixed=3"):
+        VerifyPolicy.parse(text)

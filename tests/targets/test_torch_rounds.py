@@ -25,6 +25,7 @@ from dspark_compile.targets.torch.bench import (
     decode_rounds,
     random_pair,
     replay_reference,
+    rounds_bench,
     survival_profile,
 )
 
@@ -214,6 +215,21 @@ def test_narrow_rounds_verify_as_wide_as_the_longest_length_and_commit_the_same_
     be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, narrow_rounds=True)
     assert be.verifies_widest and not be.verifies_whole_block
     _check_narrow_rounds(be)
+
+
+def test_capped_replays_verify_at_most_the_cap_in_narrow_rounds_and_commit_the_same_tokens(
+        smoke_backend: CudaGraphBackend) -> None:
+    """rounds_bench's ``caps`` (fp8_bench --verify-caps): replay b again with policy fixed=K on narrow rounds. Each
+    capped run commits the target-only tokens, accepts at most K drafts a round (τ <= K + 1, above 1 with the
+    profile's 0.85 first survival), and runs rounds of round_width(K) positions: 2 for K = 1, 4 for K = 3."""
+    be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, narrow_rounds=True)
+    res = rounds_bench(be, PROMPTS, max_new_tokens=24, replays=("b",), warmup=False, caps=(1, 3))
+    for cap in (1, 3):
+        row = res[f"replay_b_cap{cap}"]
+        assert row["identical_to_target_only"] == 1.0
+        assert 1.0 < row["tau"] <= cap + 1
+    assert res["replay_b_cap1"]["tau"] < res["replay_b_cap3"]["tau"]
+    assert {2, 4, 8} <= {key[-1] for key in be._rounds}
 
 
 def test_a_sampling_row_does_not_depend_on_the_round_width(smoke_backend: CudaGraphBackend) -> None:

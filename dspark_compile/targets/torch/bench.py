@@ -574,7 +574,7 @@ def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  replays: Sequence[str] = ("a", "b"), warmup: bool = True, forced: bool = False,
-                 temperature: float = 0.0) -> dict[str, Any]:
+                 temperature: float = 0.0, caps: Sequence[int] = ()) -> dict[str, Any]:
     """One batch, in one run: target-only and speculative greedy decoding through the round graph, τ,
     tokens/s, host time per round (wall minus graph), losslessness (speculative tokens == target-only), and
     the acceptance replays (labelled "replayed": the draft runs, its proposals are then overwritten on the
@@ -584,7 +584,9 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     target's next token through the same verify graph), so numerics cannot make the replay diverge from it;
     that run is checked against target-only decoding too. ``forced`` adds each profile again as forced replay
     (``replay_{name}_forced``, timing only: rounds commit the reference at the profile's acceptance whatever the
-    verify says, for batches whose rows leave the reference once the batch shrinks; ``set_replay``).
+    verify says, for batches whose rows leave the reference once the batch shrinks; ``set_replay``). ``caps``
+    adds each profile again with at most that many drafts verified a round (``replay_{name}_cap{K}``, policy
+    ``fixed=K``): on a backend with narrow rounds, what a shorter verify saves against what it leaves unaccepted.
     ``temperature`` > 0 adds sampling rounds at that temperature, speculative (``sampling``, its τ as drawn) and
     target-only (``sampling_target_only``): their own streams, so no token comparison (the greedy rows' is it).
     """
@@ -642,6 +644,11 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
                 row |= {"label": "replayed, forced (timing only)" if force else "replayed",
                         "profile_tau": 1 + sum(surv[:g]), "survival": surv}
                 res[f"replay_{name}_forced" if force else f"replay_{name}"] = row
+            for cap in caps:
+                backend.set_replay(reference, profile)
+                row = summary(timed(policy=VerifyPolicy("fixed", cap=cap)), target)
+                res[f"replay_{name}_cap{cap}"] = row | {"label": f"replayed, at most {cap} drafts verified",
+                                                        "profile_tau": 1 + sum(surv[:cap]), "survival": surv}
         backend.set_replay(None, None)
     if temperature > 0:
         plain = timed(speculative=False, temperature=temperature, seed=1)

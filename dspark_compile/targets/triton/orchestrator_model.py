@@ -551,8 +551,8 @@ class TritonPythonModel:
         backend = load_backend(parameters, repository)
         max_context = int(parameters["max_context"]) if parameters.get("max_context") else None
         self.limits = Limits.of(backend.info, max_context, int(parameters.get("default_max_new_tokens", 64)))
-        # Verify lengths (DSPARK.md §5): `verify` = fixed | threshold=X | schedule | auto; the SPS profile and
-        # calibration come from the build (in-process modes) or from this model's own directory (bls).
+        # Verify lengths (DSPARK.md §5): `verify` = fixed | fixed=K | threshold=X | schedule | auto; the SPS profile
+        # and calibration come from the build (in-process modes) or from this model's own directory (bls).
         policy_dir = (repository / parameters["build_dir"] if parameters.get("build_dir")
                       else Path(args["model_repository"]))
         policy = VerifyPolicy.for_build(policy_dir, parameters.get("verify", "auto"),

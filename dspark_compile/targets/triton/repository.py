@@ -60,7 +60,7 @@ class TritonOptions:
     max_context: int | None = None
     backend_factory: str | None = None
     model_info: ProgramInfo | None = None  # default: the build's (the pipeline's, or BUILD/manifest.json)
-    verify: str = "auto"  # fixed | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
+    verify: str = "auto"  # fixed | fixed=K | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
     speculative: bool = True  # False: the same graphs decode target-only (baselines from one build)
     batching: str = "continuous"  # or static: a batch runs to its end before queued requests start
 
