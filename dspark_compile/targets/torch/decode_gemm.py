@@ -437,7 +437,8 @@ KEEP_ASYNC_ENV = "DSPARK_GEMM_KEEP_ASYNC"
 """Set (1): the accumulator passes through a select before it is stored, the same values, which keeps ptxas from
 serializing the K loop's wgmma instructions (its C7515 "non wgmma instructions defining accumulator registers"):
 13 of the 41 candidates serialized without it, none with it, the larger row class's timed choices among them
-(docs/BENCH.md, "wgmma serialized by ptxas"). Off by default until a GPU run measures it."""
+(docs/BENCH.md, "wgmma serialized by ptxas"). Off: on the H200, the same configurations with it on were no faster
+at B = 1 and 1.7 % slower at B = 64 (docs/BENCH.md, "The base half without PDL, ...")."""
 CHOICES_ENV = "DSPARK_GEMM_CHOICES"
 """Names a JSON file of timed choices: read before the first timing, rewritten as each new choice is timed. Runs
 that share it run the same kernels, without timing them again: the two halves of an A/B (the choice of near-equal
