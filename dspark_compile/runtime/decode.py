@@ -86,9 +86,9 @@ def build_tokenizer(build_dir: Path) -> Path | None:
 @dataclass(frozen=True)
 class VerifyPolicy:
     """How many drafted tokens each request verifies per round: ``fixed`` all G, or at most ``cap``
-    (``fixed=K``: with narrow rounds a round of K + 1 positions, for batches where a whole block costs more
-    than it yields); ``threshold`` the leading positions with sigmoid(confidence) >= threshold; ``schedule``
-    the batch-wide scheduler of DSPARK.md §5."""
+    (``fixed=K``: with narrow rounds a round of K + 1 positions rounded up to a power of two, for batches where
+    a whole block costs more than it yields); ``threshold`` the leading positions with sigmoid(confidence) >=
+    threshold; ``schedule`` the batch-wide scheduler of DSPARK.md §5."""
 
     kind: str = "fixed"
     threshold: float = 0.5
@@ -104,7 +104,7 @@ class VerifyPolicy:
             return cls(text, **kwargs)
         if text.startswith("fixed="):
             value = text.partition("=")[2]
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise UsageError(f"--verify {text!r}: the cap must be a whole number of drafts >= 0, e.g. fixed=3")
             return cls("fixed", cap=int(value), **kwargs)
         if text.startswith("threshold"):

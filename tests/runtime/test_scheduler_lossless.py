@@ -64,7 +64,7 @@ def test_a_fixed_cap_verifies_at_most_k_drafts_and_stays_lossless(golden: tuple[
     assert VerifyPolicy.parse("fixed=9").lengths(np.zeros((2, 7)), 7).tolist() == [7, 7]
 
 
-@pytest.mark.parametrize("text", ["fixed=", "fixed=-1", "fixed=2.5", "fixed=x"])
+@pytest.mark.parametrize("text", ["fixed=", "fixed=-1", "fixed=2.5", "fixed=x", "fixed=²"])
 def test_a_bad_fixed_cap_is_one_usage_error(text: str) -> None:
     with pytest.raises(UsageError, match=r"--verify .*whole number of drafts >= 0, e\.g\. fixed=3"):
         VerifyPolicy.parse(text)
