@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from dspark_compile.errors import UsageError
 from dspark_compile.models.layers import (
     Fp8Linear,
     activation_group,
@@ -38,6 +39,7 @@ from dspark_compile.models.layers import (
     quantize_fp8,
 )
 from dspark_compile.passes.quantize import DRAFT_KEPT, quantize_inputs, quantize_module
+from dspark_compile.runtime.decode import VerifyPolicy
 from dspark_compile.targets.torch import decode_gemm
 from dspark_compile.targets.torch.bench import (
     QWEN3_8B,
@@ -219,11 +221,14 @@ def main() -> int:
     if "bf16" in kinds and any(k != "bf16" for k in kinds[: kinds.index("bf16")]):
         ap.error(f"--kinds {args.kinds}: bf16 must come first (the rounds quantize the one model in place, so a "
                  "bf16 run after a quantized kind would measure the quantized model)")
+    try:  # the same caps `--verify fixed=K` takes, checked by the same parser
+        caps = [VerifyPolicy.parse(f"fixed={c}").cap for c in args.verify_caps.split(",") if c]
+    except UsageError as exc:
+        ap.error(f"--verify-caps {args.verify_caps}: {exc}")
     args.out.mkdir(parents=True, exist_ok=True)
     shape = SMOKE if args.smoke else QWEN3_8B
     sections = args.sections.split(",")
     batches = [int(b) for b in args.batch.split(",")]
-    caps = [int(c) for c in args.verify_caps.split(",") if c]
     bandwidth = measure_copy_bandwidth("cuda")
     if "tune" in sections:
         res_tune: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_bandwidth_gb_s": bandwidth / 1e9}
