@@ -133,19 +133,17 @@ class DSparkDraft(nn.Module):
 
         Context rows c < ctx_count[b] go to slot cache_len[b] + c; the block sits at p = cache_len + ctx_count
         and sees every committed context slot (< p) and the whole block (not causal)."""
-        bsz, c, _ = ctx_taps.shape
+        bsz = ctx_taps.shape[0]
         g = self.block_size
         dev = anchor.device
         s = draft_kv.shape[-2]
-        ctx = self.context_features(ctx_taps)
-        ctx_pos = cache_len.view(bsz, 1) + torch.arange(c, device=dev).view(1, c)
+        ctx, ctx_pos, rope_ctx = self._context(ctx_taps, cache_len)
         anchor_pos = cache_len + ctx_count
         blk_pos = anchor_pos.view(bsz, 1) + torch.arange(g, device=dev).view(1, g)
         block_ids = torch.full((bsz, g), self.cfg.mask_token_id, dtype=torch.int64, device=dev)
         block_ids = torch.cat((anchor.view(bsz, 1).to(torch.int64), block_ids[:, 1:]), dim=1)
         x = self.embed_tokens(block_ids)
         rope_blk = self.rotary(blk_pos, x.dtype)
-        rope_ctx = self.rotary(ctx_pos, x.dtype)
         group = self.cfg.base.num_attention_heads // self.cfg.base.num_key_value_heads
         if cache.in_place:  # the block was written at p..p+G-1: every row sees slots < p + G
             mask = attention.prepare((anchor_pos + g).view(bsz, 1).expand(bsz, g), cache.window, group, x.dtype)
@@ -160,6 +158,27 @@ class DSparkDraft(nn.Module):
                            cache=cache, attention=attention)
             outs.append(out)
         return self.norm(x), None if cache.in_place else torch.stack(outs)
+
+    def _context(self, ctx_taps: torch.Tensor, cache_len: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The context rows' features, positions (from ``cache_len``) and rotary."""
+        bsz, c, _ = ctx_taps.shape
+        ctx = self.context_features(ctx_taps)
+        ctx_pos = cache_len.view(bsz, 1) + torch.arange(c, device=ctx_taps.device).view(1, c)
+        return ctx, ctx_pos, self.rotary(ctx_pos, ctx.dtype)
+
+    def write_context(self, ctx_taps: torch.Tensor, cache_len: torch.Tensor, draft_kv: torch.Tensor, *,
+                      cache: CacheWrite = FUNCTIONAL) -> torch.Tensor | None:
+        """Only :meth:`backbone`'s context entries: each layer's keys/values of the context features, written
+        where backbone writes them, and no block. A round that decodes without drafting
+        (``VerifyPolicy.draft_rows``) keeps the draft's cache current with this, at a small part of a draft's
+        cost. Returns the cache output as backbone does."""
+        ctx, ctx_pos, rope_ctx = self._context(ctx_taps, cache_len)
+        outs = []
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.key_value(ctx, *rope_ctx)
+            outs.append(cache.write(draft_kv[i], k, v, cache_len, ctx_pos)[2])
+        return None if cache.in_place else torch.stack(outs)
 
     def forward(
         self, anchor: torch.Tensor, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,

@@ -79,7 +79,8 @@ class Proposal:
     ``round``: ``accepted[b]`` drafts of the block verified this round were accepted, and ``next_token[b]`` is
     the target's correction (accepted < verify_len) or bonus token; the round committed
     ``previous.drafts[b, :accepted[b]] + [next_token[b]]``. ``drafts``/``confidence_logits`` are the *next*
-    block, drafted in the same call from the context just committed ([B, 0] when decoding target-only).
+    block, drafted in the same call from the context just committed ([B, 0] when decoding target-only; −1 where
+    the round drafted nothing, ``round(..., draft=False)``: none to verify next).
     """
 
     accepted: np.ndarray  # [B] int64
@@ -106,6 +107,10 @@ class DecodeBackend(Protocol):
     # executor): a shorter ℓ saves no time, which the scheduler must know (VerifyPolicy.lengths). Read with
     # getattr(..., False): a backend whose verify cost grows with ℓ leaves it out.
     verifies_whole_block: bool
+    # round(verify_len, draft=False) / launch(..., draft=False): a round that drafts nothing (one position per row,
+    # nothing verified, only the draft's context written; VerifyPolicy.draft_rows). Read with getattr(..., False):
+    # a backend without it is never asked.
+    skips_drafts: bool
 
     def start(self, rows: int, slots: int, *, speculative: bool = True) -> None:
         """Caches for up to ``rows`` requests of up to ``slots`` positions each; no live rows yet.

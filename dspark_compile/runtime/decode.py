@@ -88,7 +88,12 @@ class VerifyPolicy:
     """How many drafted tokens each request verifies per round: ``fixed`` all G, or at most ``cap``
     (``fixed=K``: with narrow rounds a round of K + 1 positions rounded up to a power of two, for batches where
     a whole block costs more than it yields); ``threshold`` the leading positions with sigmoid(confidence) >=
-    threshold; ``schedule`` the batch-wide scheduler of DSPARK.md §5."""
+    threshold; ``schedule`` the batch-wide scheduler of DSPARK.md §5.
+
+    ``draft_rows``: with more live rows than this, a round decodes without drafting (one position per row, the
+    draft's context kept current: ``DecodeBackend.round(..., draft=False)``), on backends that can
+    (``skips_drafts``). Where a block costs more target steps than it yields (FP8 at 64 rows on an H200,
+    docs/BENCH.md), those rounds cost about a plain decoding step; below it, rounds speculate again."""
 
     kind: str = "fixed"
     threshold: float = 0.5
@@ -96,6 +101,11 @@ class VerifyPolicy:
     sps: Mapping[int, float] | None = None
     temperatures: tuple[float, ...] | None = None  # Sequential Temperature Scaling of the confidence logits
     smoothed: bool = False
+    draft_rows: int | None = None  # speculate only while at most this many rows are live (None: always)
+
+    def __post_init__(self) -> None:
+        if self.draft_rows is not None and self.draft_rows < 0:
+            raise UsageError(f"draft_rows must be a number of rows >= 0 (0: never draft), found {self.draft_rows}")
 
     @classmethod
     def parse(cls, text: str, **kwargs: Any) -> VerifyPolicy:
@@ -153,14 +163,22 @@ class VerifyPolicy:
         return 1.0 / (1.0 + np.exp(-logits))
 
     def lengths(self, confidence_logits: np.ndarray, block: int, *, whole_block: bool = False,
-                widest: bool = False) -> np.ndarray:
+                widest: bool = False, drafted: np.ndarray | None = None) -> np.ndarray:
         """ℓ per row. ``whole_block``: the backend's round verifies all G+1 positions of every row whatever ℓ
         is (``DecodeBackend.verifies_whole_block``), so the scheduler's cost term is that fixed width;
-        ``widest``: as many positions as the longest ℓ needs (``verifies_widest``, scheduler.round_width)."""
+        ``widest``: as many positions as the longest ℓ needs (``verifies_widest``, scheduler.round_width).
+        ``drafted`` [R]: the drafts each row has (a round that drafted nothing left none); ℓ never exceeds it."""
+        ell = self._lengths(confidence_logits, block, whole_block, widest, drafted)
+        return ell if drafted is None else np.minimum(ell, drafted)
+
+    def _lengths(self, confidence_logits: np.ndarray, block: int, whole_block: bool, widest: bool,
+                 drafted: np.ndarray | None) -> np.ndarray:
         rows = confidence_logits.shape[0]
         if self.kind == "fixed":
             return np.full(rows, block if self.cap is None else min(self.cap, block), dtype=np.int64)
         probs = self.probabilities(confidence_logits)
+        if drafted is not None:  # a missing draft survives with probability 0: the scheduler spends nothing on it
+            probs = np.where(np.arange(probs.shape[1]) < drafted[:, None], probs, 0.0)
         if self.kind == "threshold":
             from dspark_compile.runtime.scheduler import threshold_lengths
 
@@ -171,6 +189,27 @@ class VerifyPolicy:
         width = rows * (block + 1) if whole_block else None
         return np.asarray(fn(probs, self._curve, verify_width=width, widest=block if widest and not whole_block
                              else None), dtype=np.int64)
+
+    def check_backend(self, backend: Any) -> None:
+        """One error line, before any work, when ``draft_rows`` is set and ``backend`` cannot skip the draft."""
+        if self.draft_rows is not None and not getattr(backend, "skips_drafts", False):
+            raise UsageError(f"draft_rows={self.draft_rows}: {type(backend).__name__} cannot decode a round without "
+                             "drafting (its graphs have no context-only draft); use the CUDA-graph backend "
+                             "(CudaGraphBackend), or leave draft_rows unset")
+
+    def plan(self, pending: Proposal, *, drafted: np.ndarray | None = None, whole_block: bool = False,
+             widest: bool = False) -> tuple[np.ndarray, bool]:
+        """The next round over ``pending``'s rows: each row's verify length (:meth:`lengths`), and whether it
+        drafts (False: a plain step over ``draft_rows``, which verifies nothing). ``drafted``: the drafts each
+        row will have, where a round still in flight decides it (RoundQueue); else ``pending``'s (−1: none). The
+        one rule every decode loop (generate, the benchmark's, the server's batcher) asks."""
+        rows, g = pending.drafts.shape
+        if g == 0 or (self.draft_rows is not None and rows > self.draft_rows):
+            return np.zeros(rows, dtype=np.int64), g == 0
+        if drafted is None:
+            drafted = np.cumprod(pending.drafts >= 0, axis=1).sum(axis=1)
+        return self.lengths(pending.confidence_logits, g, drafted=drafted, whole_block=whole_block,
+                            widest=widest), True
 
     @cached_property
     def _curve(self) -> Any:
@@ -257,33 +296,48 @@ class RoundQueue:
     target-only), else 1, driven through ``round``. The loop decides which rounds are sure to run."""
 
     def __init__(self, backend: DecodeBackend, policy: VerifyPolicy, g: int) -> None:
+        policy.check_backend(backend)
         self.backend: Any = backend
         self.policy, self.g = policy, g
         self.ahead = 1
         if hasattr(backend, "launch") and (g == 0 or policy.kind == "fixed"):
             self.ahead = max(1, int(getattr(backend, "rounds_in_flight", 1)))
-        self._queued: deque[tuple[Any, np.ndarray]] = deque()
+        self._queued: deque[tuple[Any, np.ndarray, bool]] = deque()
 
     def __len__(self) -> int:
         return len(self._queued)
 
-    def room(self) -> bool:
-        return len(self._queued) < self.ahead
+    def wants(self, generated: np.ndarray, ended: bool, max_new_tokens: int) -> bool:
+        """Whether to launch one more round behind those queued: there is room, and it is sure to run — no row can
+        reach its length before it (an EOS can still end one, whose row that round then runs for nothing), and no
+        row has ended (``ended``): the queue then drains, so the loop drops the row before the next launch."""
+        if not self._queued:
+            return True
+        return (len(self._queued) < self.ahead and not ended
+                and bool((generated + len(self._queued) * (self.g + 1) <= max_new_tokens).all()))
 
-    def launch(self, rows: Any, confidence_logits: np.ndarray) -> None:
-        """Queue a round over ``rows`` verifying the pending drafts, as many as the policy takes from their
-        ``confidence_logits`` (none: target-only)."""
-        verify_len = (self.policy.lengths(confidence_logits, self.g) if self.g > 0
-                      else np.zeros(len(confidence_logits), dtype=np.int64))
+    def launch(self, rows: Any, pending: Proposal) -> None:
+        """Queue a round over ``rows`` verifying ``pending``'s drafts, as many as the policy plans
+        (:meth:`VerifyPolicy.plan`; none: target-only, or a round that drafts nothing)."""
+        drafted = None
+        if self._queued:  # the round in flight drafts what this one verifies: all G, or none if it drafts nothing
+            drafted = np.full(len(pending.drafts), self.g if self._queued[-1][2] else 0, dtype=np.int64)
+        verify_len, draft = self.policy.plan(pending, drafted=drafted)
         if self.ahead > 1:
-            self.backend.launch(verify_len)
-        self._queued.append((rows, verify_len))
+            self.backend.launch(verify_len, **round_kwargs(draft))
+        self._queued.append((rows, verify_len, draft))
 
     def collect(self) -> tuple[Any, np.ndarray, Proposal]:
         """The oldest round launched: its rows, verify lengths and Proposal."""
-        rows, verify_len = self._queued.popleft()
-        out = self.backend.collect() if self.ahead > 1 else self.backend.round(verify_len)
+        rows, verify_len, draft = self._queued.popleft()
+        out = self.backend.collect() if self.ahead > 1 else self.backend.round(verify_len, **round_kwargs(draft))
         return rows, verify_len, out
+
+
+def round_kwargs(draft: bool) -> dict[str, bool]:
+    """``round``/``launch``'s keywords for a round :meth:`VerifyPolicy.plan` gave ``draft``: ``draft=False`` only
+    for a round that drafts nothing (only backends that ``skips_drafts`` take it)."""
+    return {} if draft else {"draft": False}
 
 
 def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: GenerationParams,
@@ -307,6 +361,7 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
         seeds = [request_seed(params.seed, i) for i in range(len(prompts))]
     elif len(seeds) != len(prompts):
         raise UsageError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    queued = RoundQueue(backend, params.policy, g)  # checks the policy against the backend before any work
     reqs = [_Request(i, p, GenerationResult(prompt=p, speculative=g > 0)) for i, p in enumerate(prompts)]
     bsz = len(reqs)
     backend.start(bsz, slots, speculative=speculative)
@@ -320,7 +375,6 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
         _commit(r, [int(first.next_token[r.index])], params, info.eos_token_ids, on_round, None)
     active = reqs
     pending = first  # the drafts (and their confidences) the next round verifies
-    queued = RoundQueue(backend, params.policy, g)
     while True:
         if not queued:
             still = [i for i, r in enumerate(active) if not r.done]
@@ -332,11 +386,9 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
                 active = [active[i] for i in still]
                 pending = Proposal(pending.accepted[rows], pending.next_token[rows], pending.drafts[rows],
                                    pending.confidence_logits[rows])
-        # one more round behind those queued when it is sure to run (no request can reach its length before it;
-        # an EOS can still end one, whose row that round then ran for nothing)
-        while queued.room() and (not queued or all(
-                r.generated + len(queued) * (g + 1) <= params.max_new_tokens for r in active)):
-            queued.launch(active, pending.confidence_logits)
+        while queued.wants(np.array([r.generated for r in active]), any(r.done for r in active),
+                           params.max_new_tokens):
+            queued.launch(active, pending)
         rows_of, verify_len, out = queued.collect()
         _commit_round(rows_of, pending, out, verify_len, params, backend.info.eos_token_ids, g, on_round)
         pending = out

@@ -24,7 +24,7 @@ import numpy as np
 
 from dspark_compile.errors import DsparkError
 from dspark_compile.runtime.backend import DecodeBackend, Proposal
-from dspark_compile.runtime.decode import VerifyPolicy
+from dspark_compile.runtime.decode import VerifyPolicy, round_kwargs
 
 log = logging.getLogger(__name__)
 STATS_ENV = "DSPARK_STATS_FILE"  # a path: the Triton orchestrator keeps its stats there (tests, benchmarks)
@@ -59,7 +59,8 @@ class ContinuousBatcher:
     on_error: Callable[[str], None] = log.error
     live: list[BatchJob] = field(default_factory=list, init=False)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("rounds", "row_rounds", "verified_drafts", "accepted_drafts", "target_only_rounds", "admitted"), 0),
+        ("rounds", "row_rounds", "verified_drafts", "accepted_drafts", "target_only_rounds", "plain_rounds",
+         "admitted"), 0),
         init=False)
     # Host seconds per phase of step() (admit: prefill and first tokens; collect: the wait for the device), so a
     # serving run shows where a round's time goes.
@@ -70,6 +71,9 @@ class ContinuousBatcher:
     _undelivered: tuple[list[BatchJob], list[list[int]], np.ndarray, np.ndarray] | None = field(
         default=None, init=False, repr=False)  # the last round: its jobs, tokens, accepted, rows it ends
     _started: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.policy.check_backend(self.backend)
 
     @property
     def free_rows(self) -> int:
@@ -143,15 +147,15 @@ class ContinuousBatcher:
     def _launch(self) -> tuple[Proposal, np.ndarray, Proposal | None]:
         assert self._pending is not None
         pending = self._pending
-        g = pending.drafts.shape[1]
-        whole = bool(getattr(self.backend, "verifies_whole_block", False))
-        widest = bool(getattr(self.backend, "verifies_widest", False))
-        verify_len = (self.policy.lengths(pending.confidence_logits, g, whole_block=whole, widest=widest) if g
-                      else np.zeros(len(self.live), dtype=np.int64))
+        verify_len, draft = self.policy.plan(pending,
+                                             whole_block=bool(getattr(self.backend, "verifies_whole_block", False)),
+                                             widest=bool(getattr(self.backend, "verifies_widest", False)))
+        self.counters["plain_rounds"] += int(not draft)
+        kw = round_kwargs(draft)
         launch = getattr(self.backend, "launch", None)
         if launch is None:
-            return pending, verify_len, self.backend.round(verify_len)
-        launch(verify_len)
+            return pending, verify_len, self.backend.round(verify_len, **kw)
+        launch(verify_len, **kw)
         return pending, verify_len, None
 
     def _collect(self, pending: Proposal, verify_len: np.ndarray, out: Proposal | None) -> None:

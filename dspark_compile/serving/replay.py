@@ -115,6 +115,7 @@ class ReplayedBackend:
         self.info = replace(inner.info, max_slots=max_slots)
         self.verifies_whole_block = inner.verifies_whole_block
         self.verifies_widest = inner.verifies_widest
+        self.skips_drafts = inner.skips_drafts
         self.references: dict[tuple[int, ...], np.ndarray] = {}
         self._width = 0
         self._speculative = True
@@ -149,11 +150,11 @@ class ReplayedBackend:
             self.inner.replay[0][first : first + len(refs)] = torch.from_numpy(refs).to(self.inner.device)
         return self.inner.admit(input_ids, lengths, temperature, seeds)
 
-    def round(self, verify_len: np.ndarray) -> Proposal:
-        return self.inner.round(verify_len)
+    def round(self, verify_len: np.ndarray, *, draft: bool = True) -> Proposal:
+        return self.inner.round(verify_len, draft=draft)
 
-    def launch(self, verify_len: np.ndarray) -> None:
-        self.inner.launch(verify_len)
+    def launch(self, verify_len: np.ndarray, *, draft: bool = True) -> None:
+        self.inner.launch(verify_len, draft=draft)
 
     def collect(self) -> Proposal:
         return self.inner.collect()

@@ -3,7 +3,8 @@
 Through the Triton interpreter on the CPU (a subprocess: TRITON_INTERPRET must be set before Triton is imported):
 - each kernel against the torch expressions it replaces, on random rows (dead rows, clamped lengths, replay cuts);
 - rounds of the fused program with the kernels against the same program with torch ops: tokens, drafts,
-  acceptance, confidences and the device state all equal, greedy, sampling and replayed;
+  acceptance, confidences and the device state all equal, greedy, sampling and replayed, and rounds that draft
+  nothing (the fused ``draft_context``), whose context a drafting round then reads as it reads its own;
 - the launches a greedy or sampling round issues besides the model's (the embeddings only): counted with a
   TorchDispatchMode.
 """
@@ -46,6 +47,8 @@ for rows, g, width in ((1, 7, 8), (5, 7, 4), (3, 3, 1), (9, 15, 16)):
     assert torch.equal(dpos, torch.cat((ctx_pos, blk_pos), dim=1))
     assert torch.equal(slots, torch.cat((torch.where(torch.arange(c) < count[:, None], ctx_pos, -1), blk_pos), 1))
     assert torch.equal(dlimit, (length + count + g)[:, None].expand(rows, g))
+    _, cpos, cslots, _ = rk.draft_inputs(None, count, length, c, 0, 77)  # the context rows only: no anchor read
+    assert torch.equal(cpos, ctx_pos) and torch.equal(cslots, slots[:, :c]), "context only"
 
     acc = torch.randint(0, g + 1, (rows,)); nxt = torch.randint(0, 1000, (rows,))
     state = [torch.randint(0, 100, (rows,)) for _ in range(4)]  # length, anchor, counter, count
@@ -74,6 +77,11 @@ for rows, g, width in ((1, 7, 8), (5, 7, 4), (3, 3, 1), (9, 15, 16)):
         assert torch.equal(pend, want_new) and torch.equal(dl, dl0 + step), replay
         want = torch.cat((torch.cat((acc[:, None], nxt[:, None], want_new), 1).to(torch.float32), conf), 1)
         assert torch.equal(out, want), replay
+    pend = torch.arange(rows * g).view(rows, g); pend0, dl0 = pend.clone(), dl.clone()  # no draw: the seed's cuts stay
+    out = rk.finish(acc, nxt, step, dl, None, pend, torch.zeros(rows, g), plain=True)  # a round that drafted nothing
+    assert torch.equal(pend, pend0) and torch.equal(dl, dl0 + step), "plain: the drafts stay, the context grew"
+    want = torch.cat((acc[:, None].float(), nxt[:, None].float(), torch.full((rows, g), -1.0), torch.zeros(rows, g)), 1)
+    assert torch.equal(out, want), "plain"
     out = rk.finish(acc, nxt, step, dl, None, torch.zeros(rows, 0, dtype=torch.int64), torch.zeros(rows, 0))
     assert torch.equal(out, torch.stack((acc, nxt), 1).to(torch.float32)), "target-only"
 # the draft's q|k|v rows in one buffer: each layer's norm writes its block rows after the context rows
@@ -114,6 +122,25 @@ for be in backends:
     runs.append((greedy, sampled, replayed, state))
 for (a, b, name) in zip(runs[0][:3], runs[1][:3], ("greedy", "sampling", "replay")):
     assert a.tokens == b.tokens and a.rounds == b.rounds, name  # confidences too: the same floats
+
+# rounds that draft nothing (VerifyPolicy.draft_rows): the fused draft_context, then a drafting round, proposes what
+# a drafting round proposes after rounds that drafted and verified nothing; the same bits with kernels or torch ops
+from dspark_compile.runtime.decode import VerifyPolicy
+for be in backends:
+    plain = decode_rounds(be, prompts, max_new_tokens=4, policy=VerifyPolicy(draft_rows=0))
+    assert plain.tokens == [t[:4] for t in runs[0][0].tokens], "plain rounds: target greedy"
+ids, lens = np.array(prompts), np.array([len(prompts[0])])
+proposals = []
+for be in backends:
+    for draft in (False, True):
+        be.start(1, 64)
+        be.admit(ids, lens, np.zeros(1, np.float32), np.array([1]))
+        for _ in range(2):
+            be.round(np.zeros(1, np.int64), draft=draft)
+        proposals.append(be.round(np.zeros(1, np.int64)))
+assert all(p.drafts.tolist() == proposals[1].drafts.tolist() for p in proposals), [p.drafts for p in proposals]
+assert all(np.abs(p.confidence_logits - proposals[1].confidence_logits).max() < 1e-4 for p in proposals)
+assert proposals[0].confidence_logits.tolist() == proposals[2].confidence_logits.tolist(), "kernels = torch ops"
 assert all(torch.equal(runs[0][3][k], runs[1][3][k]) for k in runs[0][3]), "device state"
 assert any(r["accepted"] < len(r["draft"]) for rr in runs[1][2].rounds for r in rr), "a replay cut was taken"
 

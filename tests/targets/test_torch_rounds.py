@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,8 +90,8 @@ def test_a_round_launched_behind_the_running_one_decodes_the_same(smoke_backend:
     queued: list[int] = []
     launch = be.launch
 
-    def counted(verify_len: np.ndarray) -> None:
-        launch(verify_len)
+    def counted(verify_len: np.ndarray, *, draft: bool = True) -> None:
+        launch(verify_len, draft=draft)
         queued.append(len(be._inflight))
 
     be.launch = counted  # type: ignore[method-assign]
@@ -405,3 +406,98 @@ def test_replay_reference_follows_rows_through_select(smoke_backend: CudaGraphBa
         run = decode_rounds(be, PROMPTS, max_new_tokens=40)
         assert run.tokens == plain.tokens
         assert all(r["accepted"] == g + 1 for rs in run.rounds[1:] for r in rs[:-1])
+
+
+# ------------------------------------------------------------------------ rounds that draft nothing (draft_rows)
+def _trained_pair(golden_dir: Path) -> tuple[Any, list[list[int]]]:
+    """The trained golden pair and three of its prompts, the second one it drafts well (τ 3.7 in the trace)."""
+    pair = golden_dir / "dspark_tiny"
+    gold = json.loads((pair / "decode_greedy.json").read_text())["baseline"]
+    return build_program(pair / "target", pair / "draft"), [gold[i]["prompt"] for i in (1, 3, 0)]
+
+
+def test_a_plain_round_writes_the_context_a_drafting_round_writes(golden_dir: Path) -> None:
+    """``round(..., draft=False)``: one position per row, nothing verified, drafts reported −1, and the draft's
+    cache written by ``DSparkDraft.write_context`` alone. After three such rounds a drafting round proposes what
+    it proposes after four drafting rounds that verified nothing (the same committed tokens): the same drafts and
+    confidences (float32, within 1e-4, as the golden traces), and the same context entries in the draft's cache
+    (within 1e-5: a product over one row, not eight, rounds differently)."""
+    prog, prompts = _trained_pair(golden_dir)
+    lengths = np.array([len(p) for p in prompts])
+    ids = np.zeros((3, lengths.max()), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    runs = []
+    for plain in (True, False):
+        be = CudaGraphBackend(prog.target, prog.draft)
+        be.start(3, 128)
+        out = [be.admit(ids, lengths, np.zeros(3, np.float32), np.arange(3))]
+        for _ in range(3):
+            out.append(be.round(np.zeros(3, np.int64), draft=not plain))
+            assert out[-1].accepted.tolist() == [0, 0, 0]
+            assert (out[-1].drafts == -1).all() == plain and (out[-1].drafts >= 0).all() != plain
+        out.append(be.round(np.zeros(3, np.int64)))
+        st = be._state.view(3)
+        assert st["draft_len"].tolist() == st["length"].tolist()  # the context caught up with every commit
+        kv = [be._draft_kv[:, :, r, :, : int(st["draft_len"][r])] for r in range(3)]
+        runs.append((out, kv, {key[-2:] for key in be._rounds}))
+    (a, kv_a, keys_a), (b, kv_b, keys_b) = runs
+    assert keys_a == {(True, 1), (False, 8)} and keys_b == {(False, 8)}
+    assert [p.next_token.tolist() for p in a] == [p.next_token.tolist() for p in b]  # target greedy both ways
+    assert a[-1].drafts.tolist() == b[-1].drafts.tolist()
+    np.testing.assert_allclose(a[-1].confidence_logits, b[-1].confidence_logits, atol=1e-4)
+    for x, y in zip(kv_a, kv_b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_rounds_over_draft_rows_decode_plainly_and_speculation_resumes_below_it(golden_dir: Path) -> None:
+    """VerifyPolicy(draft_rows=2) on three rows, the trained pair: while three rows are live every round verifies
+    nothing (one token a round); once a row ends (an EOS) the other two speculate again (drafts accepted). Every
+    row's tokens equal target-only greedy decoding, with rounds launched ahead and without."""
+    prog, prompts = _trained_pair(golden_dir)
+    base = decode_rounds(CudaGraphBackend(prog.target, prog.draft), prompts, max_new_tokens=40, speculative=False)
+    eos = base.tokens[0][5]
+    for ahead in (1, 2):
+        be = CudaGraphBackend(prog.target, prog.draft, eos_token_ids=(eos,))
+        be.rounds_in_flight = ahead
+        want = decode_rounds(be, prompts, max_new_tokens=40, speculative=False)
+        run = decode_rounds(be, prompts, max_new_tokens=40, policy=VerifyPolicy(draft_rows=2))
+        assert run.tokens == want.tokens
+        ended = len(run.rounds[0])  # row 0 ends at its EOS: the rounds until then had three live rows
+        for rows in (run.rounds[1], run.rounds[2]):
+            # plain until row 0 is dropped (a round launched behind its last one runs with three rows too)
+            plain = [r["draft"] == [] and r["accepted"] == 1 for r in rows]
+            assert all(plain[: ended + ahead - 1]) and not all(plain)
+        later = run.rounds[1][ended + ahead :]  # the pair drafts row 1 well: τ 3.7 in its golden trace
+        assert sum(r["accepted"] for r in later) > 2 * len(later), [r["accepted"] for r in later]
+        assert {key[-2:] for key in be._rounds} >= {(True, 1), (False, 8)}
+
+
+def test_draft_rows_zero_never_drafts_and_a_backend_that_cannot_skip_refuses_it(
+        smoke_backend: CudaGraphBackend, golden_dir: Path) -> None:
+    """draft_rows=0: every round of ``generate`` is a plain step, its tokens those of rounds that draft and verify
+    nothing (``fixed=0``), greedy (also target-only's) and sampling (uniform G draws the next token whatever the
+    round's width). A backend without
+    ``skips_drafts`` (the graph executor) refuses the policy with one error before any work; a negative count is
+    a usage error."""
+    from dspark_compile.errors import UsageError
+    from dspark_compile.runtime.torch_backend import TorchBackend
+
+    be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model)
+    for temp in (0.0, 0.9):
+        want = decode_rounds(be, PROMPTS, max_new_tokens=12, temperature=temp, seed=3, policy=VerifyPolicy(cap=0))
+        if temp == 0:
+            assert decode_rounds(be, PROMPTS, max_new_tokens=12, speculative=False).tokens == want.tokens
+        params = GenerationParams(max_new_tokens=12, temperature=temp, seed=3, policy=VerifyPolicy(draft_rows=0))
+        plain_be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model)
+        res = generate(plain_be, PROMPTS, params, seeds=[3, 4, 5])
+        assert [r.tokens for r in res] == want.tokens, temp
+        # the reference evaluator's accounting: rounds while generated <= 12, the first token from admission
+        assert all(r["draft"] == [] for x in res for r in x.rounds) and all(len(x.rounds) == 12 for x in res)
+        assert {key[-2:] for key in plain_be._rounds} == {(True, 1)}
+    pair = golden_dir / "dspark_tiny"
+    with pytest.raises(UsageError, match="TorchBackend cannot decode a round without drafting"):
+        generate(TorchBackend.from_pair(pair / "target", pair / "draft"), [[5, 6, 7]],
+                 GenerationParams(max_new_tokens=4, policy=VerifyPolicy(draft_rows=1)))
+    with pytest.raises(UsageError, match="draft_rows must be"):
+        VerifyPolicy(draft_rows=-1)

@@ -26,7 +26,7 @@ from dspark_compile.errors import UsageError
 from dspark_compile.families import family_of
 from dspark_compile.model_config import DraftConfig, Gemma4Config, RopeConfig, TargetConfig
 from dspark_compile.models.dspark import DSparkDraft
-from dspark_compile.runtime.backend import DecodeBackend
+from dspark_compile.runtime.backend import DecodeBackend, Proposal
 from dspark_compile.runtime.decode import GenerationParams, GenerationResult, RoundQueue, VerifyPolicy, generate
 
 if TYPE_CHECKING:
@@ -459,11 +459,8 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
                 backend.select(np.nonzero(keep)[0])
                 active, drafts, conf = active[keep], drafts[keep], conf[keep]
             w0 = time.perf_counter()
-        # one more round behind those queued, when it is sure to run: no row can reach its length before it
-        # (an EOS can still end one: that round's row is then dropped)
-        while queued.room() and (not queued or (
-                generated[active] + len(queued) * (g + 1) <= max_new_tokens).all()):
-            queued.launch(active, conf)
+        while queued.wants(generated[active], bool(done[active].any()), max_new_tokens):
+            queued.launch(active, Proposal(np.zeros(0), np.zeros(0), drafts, conf))
         rows, vlen, prop = queued.collect()
         live = ~done[rows]  # a row that ended in the round before was run once more: its outputs are dropped
         acc, nxt = prop.accepted[live], prop.next_token[live]

@@ -247,6 +247,7 @@ class CudaGraphBackend:
 
     verifies_whole_block = True  # the round graph runs the target over every row's G+1 positions
     verifies_widest = False  # narrow_rounds: over max ℓ + 1 positions (a power of two) of every row
+    skips_drafts = True  # round(..., draft=False): one position per row, the draft's context only (DecodeBackend)
 
     def __init__(self, target: Qwen3Target, draft: DSparkDraft | None, *, block_size: int | None = None,
                  eos_token_ids: tuple[int, ...] = (), graphs: bool | None = None, fused: bool | None = None,
@@ -536,13 +537,15 @@ class CudaGraphBackend:
 
     rounds_in_flight = ROUNDS_IN_FLIGHT  # DecodeBackend.launch
 
-    def round(self, verify_len: np.ndarray) -> Proposal:
-        """Every live row: verify, commit, draft the next block — one CUDA graph replay, one sync."""
-        self.launch(verify_len)
+    def round(self, verify_len: np.ndarray, *, draft: bool = True) -> Proposal:
+        """Every live row: verify, commit, draft the next block — one CUDA graph replay, one sync.
+        ``draft=False``: a plain decoding step (one position per row, nothing verified) that writes only the
+        draft's context (``StaticProgram.draft_context``); its Proposal's drafts are −1."""
+        self.launch(verify_len, draft=draft)
         return self.collect()
 
     @torch.inference_mode()
-    def launch(self, verify_len: np.ndarray) -> None:
+    def launch(self, verify_len: np.ndarray, *, draft: bool = True) -> None:
         """The first half of :meth:`round`: replay its graph and queue the copy of its outputs, without waiting
         (the host may work meanwhile, without touching this backend, until :meth:`collect`)."""
         st = self._state
@@ -555,13 +558,14 @@ class CudaGraphBackend:
         window = self._window(int(self._len_host[:n].max()) + len(self._inflight) * (g + 1) + 2 * g + 2)
         sampling = bool((self._temp_host[:n] > 0).any())
         replay = NO_REPLAY if self.replay is None or g == 0 else FORCED_REPLAY if self.replay_forced else REPLAY
-        width = g + 1
-        if self.verifies_widest and g > 0:
+        plain = g > 0 and not draft
+        width = 1 if plain else g + 1
+        if self.verifies_widest and g > 0 and not plain:
             width = round_width(int(np.asarray(verify_len[:n]).clip(0, g).max()), g)
-        key = (rows, window, sampling, replay, g, width)
+        key = (rows, window, sampling, replay, g, plain, width)
         step = self._rounds.get(key)
         if step is None:
-            step = self._rounds[key] = self._round_step(rows, window, sampling, replay, width)
+            step = self._rounds[key] = self._round_step(rows, window, sampling, replay, width, plain)
         step.load("verify_len", np.asarray(verify_len, dtype=np.int64), n)
         if self.device.type != "cuda":
             self._inflight.append((step, n, g, self._run(step)["packed"][:n].clone().numpy(), 0.0, 0))
@@ -638,9 +642,10 @@ class CudaGraphBackend:
         return spec_verify(logits, drafts, vlen, mode="sampling", draft_probs=probs, temperature=temp,
                            uniforms=uniforms)
 
-    def _round_step(self, rows: int, window: int, sampling: bool, replay: int, width: int) -> _Step:
+    def _round_step(self, rows: int, window: int, sampling: bool, replay: int, width: int, plain: bool) -> _Step:
         """verify → SpecVerify → commit → taps → next anchor → draft → Markov sampling → confidence; the target
-        runs ``width`` positions per row (the anchor and the first width − 1 drafts)."""
+        runs ``width`` positions per row (the anchor and the first width − 1 drafts). ``plain``: width 1, and the
+        draft writes its context rows only (no block, no proposals)."""
         st = self._state
         assert st is not None and self._kv is not None
         g = st.g
@@ -687,9 +692,12 @@ class CudaGraphBackend:
                 v["counter"].add_(torch.where(live, per_call, 0))
                 v["count"].copy_(step)
             new = None
-            if g == 0:  # target-only: no confidences (with drafts, propose's replace a zero fill: one launch less)
-                conf = torch.zeros(rows, 0, dtype=torch.float32, device=tokens.device)
-            else:
+            if g == 0 or plain:  # no confidences (with drafts, propose's replace a zero fill: one launch less)
+                conf = torch.zeros(rows, g if plain else 0, dtype=torch.float32, device=tokens.device)
+            if plain:
+                assert dkv is not None
+                self.program.draft_context(taps, v["count"], v["draft_len"], dkv, window)
+            elif g > 0:
                 assert draft is not None and dkv is not None
                 if not taps_in_place:
                     v["taps"][:, :width].copy_(taps)  # rows >= count are not read (ctx_count)
@@ -707,14 +715,18 @@ class CudaGraphBackend:
                     ref = (v["length"], v["seed"], v["counter"], self.replay[0][:rows], self.replay[1],
                            self.info.vocab_size, REPLAY_KEY)
                 return {"packed": round_kernels.finish(acc, nxt, v["count"], v["draft_len"], new, v["drafts"],
-                                                       conf, replay=ref)}
+                                                       conf, replay=None if plain else ref, plain=plain)}
+            shown = v["drafts"]
+            if plain:
+                v["draft_len"].add_(v["count"])
+                shown = torch.full_like(shown, -1)
             if new is not None:
                 v["draft_len"].add_(v["count"])
                 if replay:
                     assert self.replay is not None
                     new = self._replayed(v, new, self.replay[0][:rows])
                 v["drafts"].copy_(new)
-            packed = torch.cat((acc[:, None], nxt[:, None], v["drafts"]), dim=1).to(torch.float32)
+            packed = torch.cat((acc[:, None], nxt[:, None], shown), dim=1).to(torch.float32)
             return {"packed": torch.cat((packed, conf), dim=1)}
 
         return _Step(fn, {"verify_len": ((rows,), torch.int64, np.int64, 0)}, self.device,

@@ -82,18 +82,22 @@ def _draft_inputs_kernel(anchor_ptr, count_ptr, len_ptr, ids_ptr, pos_ptr, slot_
     p = tl.where(ctx, start + j, anchor_pos + j - C)
     tl.store(pos_ptr + b * (C + G) + j, p, mask=inside)
     tl.store(slot_ptr + b * (C + G) + j, tl.where(ctx & (start + j >= anchor_pos), -1, p), mask=inside)
-    k = j - C
-    block = (j >= C) & inside
-    tl.store(ids_ptr + b * G + k, tl.where(k == 0, tl.load(anchor_ptr + b), MASK_ID), mask=block)
-    tl.store(limit_ptr + b * G + k, anchor_pos + G, mask=block)
+    if G > 0:
+        k = j - C
+        block = (j >= C) & inside
+        tl.store(ids_ptr + b * G + k, tl.where(k == 0, tl.load(anchor_ptr + b), MASK_ID), mask=block)
+        tl.store(limit_ptr + b * G + k, anchor_pos + G, mask=block)
 
 
-def draft_inputs(anchor: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor, c: int, g: int,
+def draft_inputs(anchor: torch.Tensor | None, ctx_count: torch.Tensor, cache_len: torch.Tensor, c: int, g: int,
                  mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The draft backbone's inputs (``DSparkDraft.backbone``): the block's ids [B, g] (the anchor, then mask
     tokens); the positions [B, c + g] of the ``c`` context rows (from ``cache_len``) and of the block (from
     cache_len + ctx_count); their cache slots (−1 for a context row past ``ctx_count``: not written); and the
-    block's attention limit [B, g] (it sees its whole block)."""
+    block's attention limit [B, g] (it sees its whole block). ``g`` = 0 (no ``anchor``): the context rows only
+    (``StaticProgram.draft_context``)."""
+    assert anchor is not None or g == 0
+    anchor = ctx_count if anchor is None else anchor  # not read without a block
     bsz = anchor.shape[0]
     dev = anchor.device
     ids = torch.empty(bsz, g, dtype=torch.int64, device=dev)
@@ -138,7 +142,10 @@ def _finish_kernel(acc_ptr, next_ptr, count_ptr, dlen_ptr, new_ptr, drafts_ptr, 
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK)
     out = out_ptr + b * (2 + G + C)
-    if DRAFT:
+    if DRAFT == 2:  # drafted nothing: the context grew, no drafts pending
+        tl.store(dlen_ptr + b, tl.load(dlen_ptr + b) + tl.load(count_ptr + b))
+        tl.store(out + 2 + j, tl.full([BLOCK], -1.0, tl.float32), mask=j < G)
+    if DRAFT == 1:
         tl.store(dlen_ptr + b, tl.load(dlen_ptr + b) + tl.load(count_ptr + b))
         new = tl.load(new_ptr + b * G + j, mask=j < G, other=0)
         if REPLAY:  # the rows' references from the drawn cut on made wrong (CudaGraphBackend._replayed)
@@ -158,10 +165,12 @@ def _finish_kernel(acc_ptr, next_ptr, count_ptr, dlen_ptr, new_ptr, drafts_ptr, 
 def finish(accepted: torch.Tensor, next_token: torch.Tensor, count: torch.Tensor, draft_len: torch.Tensor,
            proposals: torch.Tensor | None, drafts: torch.Tensor, confidence: torch.Tensor, *,
            replay: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None = None,
-           ) -> torch.Tensor:
+           plain: bool = False) -> torch.Tensor:
     """The round's end: the draft's cache length grows by ``count``, the ``proposals`` [R, G] become the pending
     ``drafts`` (None: target-only, nothing drafted), and the round's one output is packed as float32 [R, 2 + G + C]:
-    accepted, next token, drafts, the confidences [R, C] (ids < 2^24 are exact).
+    accepted, next token, drafts, the confidences [R, C] (ids < 2^24 are exact). ``plain`` (no ``proposals``): a
+    round that decoded without drafting (``VerifyPolicy.draft_rows``): the draft's cache length grows, the
+    pending drafts stay (the next round's tokens read them) and the output's drafts are −1 (none to verify).
 
     ``replay`` (benchmark only, ``CudaGraphBackend.set_replay``): (length, seed, counter, reference, profile,
     vocabulary, key): the proposals become each row's reference after its anchor, wrong from the first position
@@ -173,10 +182,11 @@ def finish(accepted: torch.Tensor, next_token: torch.Tensor, count: torch.Tensor
     out = torch.empty(rows, 2 + g + c, dtype=torch.float32, device=drafts.device)
     length, seed, counter, ref, prof, vocab, key = replay or (count, count, count, count, confidence, 1, 0)
     if proposals is not None:
-        assert proposals.shape == drafts.shape, (proposals.shape, drafts.shape)
+        assert proposals.shape == drafts.shape and not plain, (proposals.shape, drafts.shape)
         proposals = proposals.contiguous()
     _finish_kernel[(rows,)](accepted, next_token, count, draft_len, proposals if proposals is not None else drafts,
                             drafts, confidence, confidence.stride(0), out, g, c, length, seed, counter, ref,
-                            ref.shape[-1], prof, vocab, key, DRAFT=proposals is not None, REPLAY=replay is not None,
+                            ref.shape[-1], prof, vocab, key, DRAFT=2 if plain else int(proposals is not None),
+                            REPLAY=replay is not None,
                             BLOCK=max(2, triton.next_power_of_2(max(g, c))), **_options(out, rows))
     return out

@@ -471,6 +471,32 @@ class StaticProgram:
             delta = self._fused_layer(layer, fw, x, delta, inputs, kv[i], mask, window, rows, None)
         return add_rmsnorm(x, delta, d.norm.weight, d.norm.eps).view(bsz, g, hid)
 
+    def draft_context(self, ctx_taps: torch.Tensor, ctx_count: torch.Tensor, cache_len: torch.Tensor,
+                      kv: torch.Tensor, window: int) -> None:
+        """Only :meth:`draft_step`'s context entries (``DSparkDraft.write_context``): each draft layer's k/v of
+        the context rows ``c < ctx_count[b]`` at slot cache_len[b] + c, through the same products and
+        ``qk_norm_rope`` as :meth:`draft_step` (no queries: q_start = C), and no block."""
+        d = self.draft
+        assert d is not None
+        if not self.fused:
+            d.write_context(ctx_taps, cache_len, kv, cache=InPlaceCache(window))
+            return
+        from dspark_compile.targets.torch.kernels import add_rmsnorm, qk_norm_rope
+        from dspark_compile.targets.torch.round_kernels import draft_inputs
+
+        bsz, c, _ = ctx_taps.shape
+        dtype = d.embed_tokens.weight.dtype
+        _, pos, slots, _ = draft_inputs(None, ctx_count, cache_len, c, 0, d.cfg.mask_token_id)
+        fc = self._draft_fc(ctx_taps.reshape(bsz * c, -1).to(dtype))
+        rows = add_rmsnorm(fc, None, d.hidden_norm.weight, d.hidden_norm.eps)
+        cos, sin = self.rope_table(d.rotary, window, rows.dtype)
+        for layer, fw, layer_kv in zip(d.layers, self._draft_weights, kv, strict=True):
+            a = layer.self_attn
+            qkv = fw.qkv(rows, handoff=True)
+            q = rows.new_empty(bsz, a.num_heads, 0, a.head_dim)
+            qk_norm_rope(qkv, cos, sin, slots.view(-1), a.q_norm.weight, a.k_norm.weight, a.q_norm.eps, q,
+                         layer_kv[0], layer_kv[1], rows=c, q_start=c, positions=pos.view(-1))
+
     def propose(self, hidden: torch.Tensor, anchor: torch.Tensor, temperature: torch.Tensor | None,
                 uniforms: torch.Tensor | None, *, distributions: bool = True, probs_out: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
