@@ -12,7 +12,8 @@
 # ptxas, best with CHOICES=0); CHAIN=0 skips the launch chains;
 # TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files);
 # BATCH (e.g. 4,16), NEW (new tokens), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
-# again verifying at most that many drafts; not with BASE code older than fp8_bench --verify-caps) and
+# again verifying at most that many drafts; not with BASE code older than fp8_bench --verify-caps), PLAIN=1 (rounds
+# that draft nothing, VerifyPolicy draft_rows=0, against target-only steps; not with BASE code before them) and
 # ROUND_TIMEOUT (s per mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent,
 # e.g. made with `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that
 # fp8_bench.py, when the copy has one) instead, for changes with no switch. Without AB_VAR it then flips no
@@ -65,7 +66,7 @@ for m in ${MODES:-0 1}; do
   fi
   env PYTHONPATH=$PP $AB=$m timeout ${ROUND_TIMEOUT:-150} "$PY" $BENCH --out "$W/rounds_pdl$m" \
       --sections rounds,head_draft --batch ${BATCH:-1} --kinds ${KINDS:-bf16,fp8,fp8_head_draft} \
-      --new-tokens ${NEW:-128} ${TEMP:+--temperature $TEMP} ${CAPS:+--verify-caps $CAPS} 2>&1 | grep -v Warning \
+      --new-tokens ${NEW:-128} ${TEMP:+--temperature $TEMP} ${CAPS:+--verify-caps $CAPS} $([ "${PLAIN:-0}" = 1 ] && echo --plain-rounds) 2>&1 | grep -v Warning \
       > "$W/rounds_pdl$m.log"
   echo "$AB=$m"; grep -E "B=" "$W/rounds_pdl$m.log" | cut -c1-300
 done

@@ -209,6 +209,9 @@ def main() -> int:
     ap.add_argument("--verify-caps", default="",
                     help="e.g. 1,3: the rounds run narrow (a round verifies max ℓ + 1 positions, a power of two) and "
                          "replay b again with at most that many drafts verified a round")
+    ap.add_argument("--plain-rounds", action="store_true",
+                    help="the rounds also time rounds that draft nothing (VerifyPolicy draft_rows=0) against "
+                         "target-only steps")
     ap.add_argument("--gemm-rows", default="1,8,64,512")
     ap.add_argument("--tune-shapes", default="qwen3-8b", help="shapes whose products the tune section times")
     ap.add_argument("--tune-rows", default="1,8,64,512", help="row counts the tune section times")
@@ -295,7 +298,7 @@ def main() -> int:
             prompts = [rng.integers(0, shape.vocab_size - 1, size=args.context).tolist() for _ in range(b)]
             t0 = time.perf_counter()
             row = rounds_bench(be, prompts, max_new_tokens=args.new_tokens, replays=("b",),
-                               temperature=args.temperature, caps=caps)
+                               temperature=args.temperature, caps=caps, plain=args.plain_rounds)
             row["target_bytes"] = target_bytes(target)
             row["target_floor_ms"] = floor
             row["target_vs_floor"] = row["target_only"]["round_graph_ms"] / floor
@@ -313,6 +316,11 @@ def main() -> int:
                 say(f"{dtype} B={b} replay b, at most {cap} drafts: round graph {capped['round_graph_ms']:.3f} ms, "
                     f"{capped['tokens_per_s']:.0f} tok/s tau {capped['tau']:.2f} identical "
                     f"{capped['identical_to_target_only']}")
+            if "plain_rounds" in row:
+                pr = row["plain_rounds"]
+                say(f"{dtype} B={b} drafting nothing: round graph {pr['round_graph_ms']:.3f} ms "
+                    f"({pr.get('graph_vs_target_step', float('nan')):.3f}x the target step), "
+                    f"{pr['tokens_per_s']:.0f} tok/s identical {pr['identical_to_target_only']}")
             if "sampling" in row:
                 say(f"{dtype} B={b} T={args.temperature}: target {row['sampling_target_only']['round_graph_ms']:.3f} "
                     f"ms {row['sampling_target_only']['tokens_per_s']:.0f} tok/s, spec round "

@@ -501,3 +501,45 @@ def test_draft_rows_zero_never_drafts_and_a_backend_that_cannot_skip_refuses_it(
                  GenerationParams(max_new_tokens=4, policy=VerifyPolicy(draft_rows=1)))
     with pytest.raises(UsageError, match="draft_rows must be"):
         VerifyPolicy(draft_rows=-1)
+
+
+def test_rounds_bench_times_rounds_that_draft_nothing(smoke_backend: CudaGraphBackend) -> None:
+    """rounds_bench(plain=True) (fp8_bench --plain-rounds): the rounds of draft_rows=0 commit target-only's tokens,
+    one a round (τ 1), through width-1 graphs that draft nothing."""
+    be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model)
+    res = rounds_bench(be, PROMPTS, max_new_tokens=12, replays=(), warmup=False, plain=True)
+    row = res["plain_rounds"]
+    assert row["identical_to_target_only"] == 1.0 and row["tau"] == 1.0 and row["rounds"] == 12
+    assert (True, 1) in {key[-2:] for key in be._rounds}
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_round_graphs_that_draft_nothing_on_gpu() -> None:
+    """Captured rounds that draft nothing (the fused ``draft_context``), bf16 on the decisive pair (batch-invariant
+    tokens): draft_rows=0 commits what rounds that draft and verify nothing (fixed=0) commit, greedy and sampling;
+    after them a drafting round proposes what it proposes after drafting rounds; and with draft_rows=2 over three
+    rows (one ending at an EOS) every row's tokens are target-only's and the other two verify drafts again."""
+    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
+    be = CudaGraphBackend(target, draft)
+    for temp in (0.0, 0.8):
+        want = decode_rounds(be, PROMPTS, max_new_tokens=24, temperature=temp, seed=3, policy=VerifyPolicy(cap=0))
+        got = decode_rounds(be, PROMPTS, max_new_tokens=24, temperature=temp, seed=3,
+                            policy=VerifyPolicy(draft_rows=0))
+        assert got.tokens == want.tokens, temp
+    ids, lengths = _padded_prompts()
+    drafts = []
+    for plain in (True, False):
+        be.start(3, 128)
+        be.admit(ids, lengths, np.zeros(3, np.float32), np.arange(3))
+        for _ in range(3):
+            be.round(np.zeros(3, np.int64), draft=not plain)
+        drafts.append(be.round(np.zeros(3, np.int64)).drafts.tolist())
+    assert drafts[0] == drafts[1]
+    base = decode_rounds(be, PROMPTS, max_new_tokens=40, speculative=False)
+    eos = CudaGraphBackend(target, draft, eos_token_ids=(base.tokens[0][5],))
+    want = decode_rounds(eos, PROMPTS, max_new_tokens=40, speculative=False)
+    run = decode_rounds(eos, PROMPTS, max_new_tokens=40, policy=VerifyPolicy(draft_rows=2))
+    assert run.tokens == want.tokens
+    assert any(r["draft"] for r in run.rounds[1]), "speculation resumed (the random pair accepts few drafts)"
+    assert eos.stats["replays"] > 0 and any(key[-2:] == (True, 1) for key in eos._rounds)

@@ -571,7 +571,7 @@ def _first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  replays: Sequence[str] = ("a", "b"), warmup: bool = True, forced: bool = False,
-                 temperature: float = 0.0, caps: Sequence[int] = ()) -> dict[str, Any]:
+                 temperature: float = 0.0, caps: Sequence[int] = (), plain: bool = False) -> dict[str, Any]:
     """One batch, in one run: target-only and speculative greedy decoding through the round graph, τ,
     tokens/s, host time per round (wall minus graph), losslessness (speculative tokens == target-only), and
     the acceptance replays (labelled "replayed": the draft runs, its proposals are then overwritten on the
@@ -584,6 +584,9 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     verify says, for batches whose rows leave the reference once the batch shrinks; ``set_replay``). ``caps``
     adds each profile again with at most that many drafts verified a round (``replay_{name}_cap{K}``, policy
     ``fixed=K``): on a backend with narrow rounds, what a shorter verify saves against what it leaves unaccepted.
+    ``plain`` adds the rounds of ``VerifyPolicy(draft_rows=0)`` (``plain_rounds``: one position a row, the draft's
+    context only; on a backend that ``skips_drafts``): what decoding without drafting costs against target-only
+    steps, the floor a batch over ``draft_rows`` falls back to.
     ``temperature`` > 0 adds sampling rounds at that temperature, speculative (``sampling``, its τ as drawn) and
     target-only (``sampling_target_only``): their own streams, so no token comparison (the greedy rows' is it).
     """
@@ -647,6 +650,11 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
                 res[f"replay_{name}_cap{cap}"] = row | {"label": f"replayed, at most {cap} drafts verified",
                                                         "profile_tau": 1 + sum(surv[:cap]), "survival": surv}
         backend.set_replay(None, None)
+    if plain:
+        res["plain_rounds"] = summary(timed(policy=VerifyPolicy(draft_rows=0)), target) | {
+            "label": "rounds that draft nothing (draft_rows=0)"}
+        if res["plain_rounds"]["round_graph_ms"] and target_ms:
+            res["plain_rounds"]["graph_vs_target_step"] = res["plain_rounds"]["round_graph_ms"] / target_ms
     if temperature > 0:
         plain = timed(speculative=False, temperature=temperature, seed=1)
         res["sampling_target_only"] = summary(plain, None) | {"temperature": temperature}
