@@ -1,9 +1,9 @@
 """Serving benchmark of the device-resident torch backend under the bundled tritonserver, driven by AIPerf.
 
-    python benchmarks/serving_gpu.py prepare --work WORK [--shape qwen3_8b] [--narrow-rounds]  # needs tritonclient
+    python benchmarks/serving_gpu.py prepare --work WORK [--shape qwen3_8b] [--narrow-rounds] [--draft-rows N]
     python benchmarks/serving_gpu.py run --work WORK --aiperf "python3 -m aiperf" --out OUT [--numpy-path DIR]
 
-``prepare`` writes WORK/build (``bench_pair.json``: a random-weight pair of the shape, decisive by default —
+``prepare`` (it needs tritonclient) writes WORK/build (``bench_pair.json``: a random-weight pair of the shape, decisive by default —
 its tokens survive a batch's last-bit differences, so replayed acceptance holds at 64 streams — with drafts
 replayed with the survival profile ``b``, τ = 4.81, and a word-level tokenizer over its vocabulary) and
 WORK/triton, three ``dspark`` orchestrators over that build in ``factory`` mode
@@ -72,14 +72,19 @@ PYTHON_PATH = "@PYTHON_PATH@"
 
 
 def prepare(work: Path, shape: str, max_batch: int, max_slots: int, forced: bool = False,
-            narrow: bool = False) -> None:
+            narrow: bool = False, draft_rows: int | None = None) -> None:
+    """``draft_rows``: also ``dspark_rows{N}``, every draft verified while at most N rows are live and rounds that
+    draft nothing above (VerifyPolicy.draft_rows); a fourth copy of the weights on the GPU, so opt-in."""
     from dspark_compile.serving.replay import PairSpec
     from dspark_compile.targets.triton import pbtxt
 
     build, repo = work / "build", work / "triton"
     shutil.rmtree(work, ignore_errors=True)
     PairSpec(shape=shape, replay="b", max_slots=max_slots, forced=forced, narrow_rounds=narrow).write(build)
-    for name, opts in MODELS.items():
+    models = dict(MODELS)
+    if draft_rows is not None:
+        models[f"dspark_rows{draft_rows}"] = {"verify": "fixed", "draft_rows": str(draft_rows)}
+    for name, opts in models.items():
         model = repo / name
         (model / "1").mkdir(parents=True)
         shutil.copyfile(ROOT / "dspark_compile/targets/triton/orchestrator_model.py", model / "1" / "model.py")
@@ -292,6 +297,8 @@ def main() -> None:
     ap.add_argument("--narrow-rounds", action="store_true",
                     help="prepare: rounds verify as many positions as their longest ℓ needs (the scheduled model "
                          "then trades drafts for time at high batch; CudaGraphBackend narrow_rounds)")
+    ap.add_argument("--draft-rows", type=int,
+                    help="prepare: a fourth model, dspark_rowsN, whose rounds draft nothing above N live rows")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--aiperf", default="aiperf", help="the aiperf command (split at spaces)")
     ap.add_argument("--aiperf-path", help="PYTHONPATH for AIPerf (its wheels unpacked)")
@@ -308,7 +315,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     if args.step == "prepare":
-        prepare(args.work, args.shape, args.max_batch, args.max_slots, args.forced_replay, args.narrow_rounds)
+        prepare(args.work, args.shape, args.max_batch, args.max_slots, args.forced_replay, args.narrow_rounds,
+                args.draft_rows)
         return
     if args.out is None:
         ap.error("run needs --out")

@@ -130,15 +130,20 @@ class VerifyPolicy:
         raise UsageError(f"--verify {text!r} is not a verification mode; use fixed, fixed=K, threshold=X or schedule")
 
     @classmethod
-    def for_build(cls, directory: Path, verify: str, *, has_confidence: bool) -> VerifyPolicy:
+    def for_build(cls, directory: Path, verify: str, *, has_confidence: bool,
+                  draft_rows: int | str | None = None) -> VerifyPolicy:
         """The policy for a build (or Triton model) directory, with its ``sps_profile.json`` (`dspark-compile
         profile`) and ``calibration.json`` (`calibrate`); ``auto``: ``schedule`` when the profile exists and the
-        draft has a confidence head, else ``fixed``."""
+        draft has a confidence head, else ``fixed``. ``draft_rows``: as the field (a Triton parameter's string)."""
+        if isinstance(draft_rows, str):
+            if not (draft_rows.isascii() and draft_rows.isdigit()):
+                raise UsageError(f"draft_rows {draft_rows!r}: expected a whole number of rows >= 0, e.g. 16")
+            draft_rows = int(draft_rows)
         prof = directory / "sps_profile.json"
         if verify == "auto":
             verify = "schedule" if prof.is_file() and has_confidence else "fixed"
         if verify != "schedule":
-            return cls.parse(verify)
+            return cls.parse(verify, draft_rows=draft_rows)
         if not prof.is_file():
             raise UsageError(f"{prof}: missing; run `dspark-compile profile BUILD_DIR` before --verify schedule")
         try:
@@ -154,7 +159,7 @@ class VerifyPolicy:
             except (ValueError, KeyError, TypeError) as e:
                 raise UsageError(f"{cal}: not a valid calibration ({e}); run `dspark-compile calibrate` "
                                  "again") from None
-        return cls("schedule", sps=sps, temperatures=temps)
+        return cls("schedule", sps=sps, temperatures=temps, draft_rows=draft_rows)
 
     def probabilities(self, confidence_logits: np.ndarray) -> np.ndarray:
         logits = confidence_logits.astype(np.float64)

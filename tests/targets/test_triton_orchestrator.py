@@ -418,3 +418,35 @@ def test_fake_pb_utils_bls_backend_on_the_golden_graphs(orch: types.ModuleType, 
     results = generate(backend, [c["prompt"] for c in golden], GenerationParams(max_new_tokens=48))
     assert [r.tokens for r in results] == [c["tokens"] for c in golden]
     assert [[r["accepted"] for r in res.rounds] for res in results] == [c["acceptance_lengths"] for c in golden]
+
+
+def test_fake_pb_utils_draft_rows_parameter(orch: types.ModuleType, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's ``draft_rows`` parameter (VerifyPolicy.draft_rows) reaches the orchestrator's policy; a backend
+    that cannot skip its draft, or a value that is not a row count, fails the model's load with one error."""
+    import test_triton_standin
+
+    from dspark_compile.errors import UsageError
+
+    repo = write_triton_repository(
+        write_fake_build(tmp_path / "build"), tmp_path / "out",
+        TritonOptions(backend_mode="factory", backend_factory="test_triton_standin:StandInBackend.load"))
+    parsed = pbtxt.validate_config(repo.directory / "dspark" / "config.pbtxt")
+    config = json_format.MessageToDict(parsed, preserving_proto_field_name=True)
+
+    def load(value: str) -> Any:
+        model = orch.TritonPythonModel()
+        config["parameters"]["draft_rows"] = {"string_value": value}
+        model.initialize({"model_config": json.dumps(config), "model_repository": str(repo.directory / "dspark")})
+        return model
+
+    with pytest.raises(UsageError, match="StandInBackend cannot decode a round without drafting"):
+        load("4")
+    monkeypatch.setattr(test_triton_standin.StandInBackend, "skips_drafts", True, raising=False)
+    with pytest.raises(UsageError, match="draft_rows 'four': expected a whole number"):
+        load("four")
+    model = load("4")
+    try:
+        assert model.orchestrator.policy.draft_rows == 4
+    finally:
+        model.finalize()

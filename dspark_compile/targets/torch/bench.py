@@ -656,8 +656,8 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
         if res["plain_rounds"]["round_graph_ms"] and target_ms:
             res["plain_rounds"]["graph_vs_target_step"] = res["plain_rounds"]["round_graph_ms"] / target_ms
     if temperature > 0:
-        plain = timed(speculative=False, temperature=temperature, seed=1)
-        res["sampling_target_only"] = summary(plain, None) | {"temperature": temperature}
+        alone = timed(speculative=False, temperature=temperature, seed=1)
+        res["sampling_target_only"] = summary(alone, None) | {"temperature": temperature}
         drawn = summary(timed(temperature=temperature, seed=1), None) | {"temperature": temperature}
         drawn["speedup"] = drawn["tokens_per_s"] / res["sampling_target_only"]["tokens_per_s"]
         res["sampling"] = drawn

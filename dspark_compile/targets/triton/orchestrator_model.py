@@ -553,10 +553,13 @@ class TritonPythonModel:
         self.limits = Limits.of(backend.info, max_context, int(parameters.get("default_max_new_tokens", 64)))
         # Verify lengths (DSPARK.md §5): `verify` = fixed | fixed=K | threshold=X | schedule | auto; the SPS profile
         # and calibration come from the build (in-process modes) or from this model's own directory (bls).
+        # `draft_rows` (optional): rounds over more live rows draft nothing (VerifyPolicy.draft_rows).
         policy_dir = (repository / parameters["build_dir"] if parameters.get("build_dir")
                       else Path(args["model_repository"]))
         policy = VerifyPolicy.for_build(policy_dir, parameters.get("verify", "auto"),
-                                        has_confidence=backend.info.has_confidence)
+                                        has_confidence=backend.info.has_confidence,
+                                        draft_rows=parameters.get("draft_rows") or None)
+        policy.check_backend(backend)  # a backend that cannot skip the draft fails the load, with the reason
         self.orchestrator = Orchestrator(backend, max_batch=int(parameters.get("max_batch", 16)),
                                          max_slots=self.limits.max_context,
                                          on_error=pb_utils.Logger.log_error, policy=policy,
