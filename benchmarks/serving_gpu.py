@@ -3,13 +3,14 @@
     python benchmarks/serving_gpu.py prepare --work WORK [--shape qwen3_8b] [--narrow-rounds] [--draft-rows N]
     python benchmarks/serving_gpu.py run --work WORK --aiperf "python3 -m aiperf" --out OUT [--numpy-path DIR]
 
-``prepare`` (it needs tritonclient) writes WORK/build (``bench_pair.json``: a random-weight pair of the shape, decisive by default —
-its tokens survive a batch's last-bit differences, so replayed acceptance holds at 64 streams — with drafts
-replayed with the survival profile ``b``, τ = 4.81, and a word-level tokenizer over its vocabulary) and
-WORK/triton, three ``dspark`` orchestrators over that build in ``factory`` mode
+``prepare`` (it needs tritonclient) writes WORK/build (``bench_pair.json``: a random-weight pair of the shape,
+decisive by default — its tokens survive a batch's last-bit differences, so replayed acceptance holds at 64
+streams — with drafts replayed with the survival profile ``b``, τ = 4.81, and a word-level tokenizer over its
+vocabulary) and WORK/triton, three ``dspark`` orchestrators over that build in ``factory`` mode
 (``serving.replay.replayed_random``: CUDA graphs in bf16 on a GPU, eager fp32 on a CPU): ``dspark_sched``
 (confidence scheduler on the SPS profile measured by ``run``), ``dspark_fixed`` (every draft verified) and
-``dspark_target`` (target-only decoding, no draft).
+``dspark_target`` (target-only decoding, no draft); with ``--draft-rows N`` a fourth, ``dspark_rowsN`` (every draft
+verified up to N live rows, rounds that draft nothing above).
 
 ``run`` measures, in one process and one server: the SPS profile of the verify step; ``dspark-compile bench``'s
 end-to-end figure for the same pair at batch 1 (``rounds_bench``, replay ``b``); then starts tritonserver on

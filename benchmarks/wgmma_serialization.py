@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dspark_compile.targets.torch import decode_gemm as dg
+from dspark_compile.targets.torch.ptxas import SERIALIZED, ptxas_notes
 
 SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_desc": "*fp8e4nv", "s_ptr": "*fp32", "part_ptr": "*fp32",
              "count_ptr": "*i32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
@@ -42,16 +41,9 @@ def ptxas_report(cfg: dg.Config, keep_async: bool) -> dict[str, Any]:
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(SIGNATURE) if name not in UNALIGNED}
     src = ASTSource(dg._decode_gemm_kernel, SIGNATURE | {name: "constexpr" for name in consts}, constexprs=consts,
                     attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
-        f.write(ptx)
-        f.flush()
-        run = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True,
-                             text=True, check=True)
-    text = run.stdout + run.stderr
+    text = ptxas_notes(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"])
     registers = re.search(r"Used (\d+) registers", text)
-    return {"serialized": "serialized" in text, "registers": int(registers.group(1)) if registers else None}
+    return {"serialized": SERIALIZED in text, "registers": int(registers.group(1)) if registers else None}
 
 
 def main() -> int:
