@@ -174,13 +174,15 @@ class VerifyPolicy:
         ``widest``: as many positions as the longest ℓ needs (``verifies_widest``, scheduler.round_width).
         ``drafted`` [R]: the drafts each row has (a round that drafted nothing left none); ℓ never exceeds it."""
         ell = self._lengths(confidence_logits, block, whole_block, widest, drafted)
-        return ell if drafted is None else np.minimum(ell, drafted)
+        return ell if drafted is None or self.kind == "fixed" else np.minimum(ell, drafted)
 
     def _lengths(self, confidence_logits: np.ndarray, block: int, whole_block: bool, widest: bool,
                  drafted: np.ndarray | None) -> np.ndarray:
-        rows = confidence_logits.shape[0]
         if self.kind == "fixed":
-            return np.full(rows, block if self.cap is None else min(self.cap, block), dtype=np.int64)
+            from dspark_compile.runtime.scheduler import fixed_lengths
+
+            every = np.full(confidence_logits.shape[0], block, dtype=np.int64)
+            return fixed_lengths(every if drafted is None else drafted, block if self.cap is None else self.cap)
         probs = self.probabilities(confidence_logits)
         if drafted is not None:  # a missing draft survives with probability 0: the scheduler spends nothing on it
             probs = np.where(np.arange(probs.shape[1]) < drafted[:, None], probs, 0.0)
@@ -191,7 +193,7 @@ class VerifyPolicy:
         from dspark_compile.runtime.scheduler import schedule, schedule_smoothed
 
         fn = schedule_smoothed if self.smoothed else schedule
-        width = rows * (block + 1) if whole_block else None
+        width = confidence_logits.shape[0] * (block + 1) if whole_block else None
         return np.asarray(fn(probs, self._curve, verify_width=width, widest=block if widest and not whole_block
                              else None), dtype=np.int64)
 

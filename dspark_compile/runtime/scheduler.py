@@ -222,11 +222,12 @@ def schedule_smoothed(
     return _lengths(len(rows), request, position, admitted)
 
 
-def fixed_lengths(confidences: Sequence[Sequence[float]], gamma: int) -> list[int]:
-    """Verify min(γ, drafted) tokens of every request — the reference decoder's policy with γ = block size."""
+def fixed_lengths(drafted: Sequence[int] | np.ndarray, gamma: int) -> np.ndarray:
+    """Verify min(γ, drafted) tokens of every request — the reference decoder's policy with γ = block size, or
+    a cap (``--verify fixed=K``); ``drafted``: each request's drafts."""
     if gamma < 0:
         raise UsageError(f"fixed_lengths: gamma must be ≥ 0 drafts, found {gamma}")
-    return [min(gamma, len(row)) for row in confidences]
+    return np.minimum(np.asarray(drafted, dtype=np.int64), gamma)
 
 
 def threshold_lengths(confidence_probs: Sequence[Sequence[float]], threshold: float) -> list[int]:

@@ -131,10 +131,11 @@ def test_matches_literal_algorithm_1_on_random_rounds() -> None:
 
 def test_fixed_and_threshold_lengths() -> None:
     conf = [[0.9, 0.4, 0.9], [0.6, 0.5], [0.2], []]
-    assert fixed_lengths(conf, 2) == [2, 2, 1, 0]
-    assert fixed_lengths(conf, 7) == [3, 2, 1, 0]
+    drafted = [len(row) for row in conf]
+    assert fixed_lengths(drafted, 2).tolist() == [2, 2, 1, 0]
+    assert fixed_lengths(drafted, 7).tolist() == [3, 2, 1, 0]
     # c ≥ threshold keeps a position (0.5 at the threshold is kept); the first c < threshold cuts.
     assert threshold_lengths(conf, 0.5) == [1, 2, 0, 0]
     assert threshold_lengths(conf, 0.0) == [3, 2, 1, 0]
     with pytest.raises(UsageError):
-        fixed_lengths(conf, -1)
+        fixed_lengths(drafted, -1)
