@@ -134,11 +134,13 @@ def build_program_of(manifest: dict[str, Any], *, device: str = "cpu", dtype: st
 
 def run(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str = "onnxruntime",
         max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, verify: str = "auto",
-        baseline: bool = False, device: str = "cpu") -> list[GenerationResult]:
+        baseline: bool = False, device: str = "cpu", draft_rows: int | None = None) -> list[GenerationResult]:
     """Decode with a build's graphs (or its torch program), exactly like :func:`generate`; ``verify="auto"``
-    schedules when the build has been profiled and the draft has a confidence head, else verifies every draft."""
+    schedules when the build has been profiled and the draft has a confidence head, else verifies every draft.
+    ``draft_rows``: rounds over more rows are plain steps (VerifyPolicy.draft_rows)."""
     be = load_backend(build_dir, backend, device=device)
-    policy = VerifyPolicy.for_build(Path(build_dir), verify, has_confidence=be.info.has_confidence)
+    policy = VerifyPolicy.for_build(Path(build_dir), verify, has_confidence=be.info.has_confidence,
+                                    draft_rows=draft_rows)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, policy=policy)
     return _generate(be, prompts, params, speculative=not baseline)
 
@@ -187,13 +189,15 @@ def demo(out: str | Path, *, progress: bool = True, max_new_tokens: int = 48) ->
 
 
 def serve(build_dir: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
-          verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0) -> Any:
+          verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0,
+          draft_rows: int | None = None) -> Any:
     """A running :class:`dspark_compile.serving.serve.Server` (the bundled tritonserver) on a build's Triton
-    repository, once ready; ports 0 pick free ones, ``verify``/``target_only`` override the build's settings."""
+    repository, once ready; ports 0 pick free ones, ``verify``/``target_only``/``draft_rows`` override the build's
+    settings."""
     from dspark_compile.serving.serve import Server
 
     return Server(build_dir, host=host, http_port=http_port, grpc_port=grpc_port, verify=verify,
-                  target_only=target_only, startup_timeout_s=startup_timeout_s).start()
+                  target_only=target_only, startup_timeout_s=startup_timeout_s, draft_rows=draft_rows).start()
 
 
 def profile(build_dir: str | Path, *, backend: str = "onnxruntime", max_batch: int | None = None,

@@ -21,6 +21,8 @@ from dspark_compile.errors import DsparkError, UsageError
 from dspark_compile.runtime.decode import build_tokenizer, read_prompt_file
 
 F = TypeVar("F", bound=Callable[..., Any])
+DRAFT_ROWS_HELP = ("Rounds with more live requests than this are plain decoding steps (nothing verified, the draft's "
+                   "context kept); fewer speculate. Default: always speculate.")
 log = logging.getLogger("dspark_compile")
 
 
@@ -255,18 +257,20 @@ def build(spec_file: Path | None, as_json: bool, stop_after: str | None, dump_af
 @click.option("--verify", default="auto", show_default=True,
               help="fixed | fixed=K | threshold=X | schedule | auto (schedule when the build has an SPS profile and "
                    "the draft a confidence head, else fixed)")
+@click.option("--draft-rows", type=int, help=DRAFT_ROWS_HELP)
 @click.option("--baseline", is_flag=True, help="Target-only decoding.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per prompt.")
 @common
 def run(build_dir: Path, prompt_ids: tuple[str, ...], prompt_file: Path | None, backend: str, max_new_tokens: int,
-        temperature: float, seed: int, verify: str, baseline: bool, device: str, as_json: bool) -> None:
+        temperature: float, seed: int, verify: str, draft_rows: int | None, baseline: bool, device: str,
+        as_json: bool) -> None:
     """Decode with a build's graphs; prints the same output as `generate`."""
     from dspark_compile import api
 
     prompts = prompts_from(prompt_ids, prompt_file, build_tokenizer(build_dir))
     results = api.run(build_dir, prompts, backend=backend, max_new_tokens=max_new_tokens, temperature=temperature,
-                      seed=seed, verify=verify, baseline=baseline, device=device)
+                      seed=seed, verify=verify, baseline=baseline, device=device, draft_rows=draft_rows)
     _print_results(results, as_json)
 
 
@@ -323,12 +327,13 @@ def calibrate(build_dir: Path, data: Path, backend: str, max_new_tokens: int, de
 @click.option("--http-port", default=0, type=int, help="HTTP port (default: a free one).")
 @click.option("--grpc-port", default=0, type=int, help="gRPC port (default: a free one).")
 @click.option("--verify", help="Override the build's verify policy: fixed | fixed=K | threshold=X | schedule | auto.")
+@click.option("--draft-rows", type=int, help=DRAFT_ROWS_HELP)
 @click.option("--target-only", is_flag=True, help="Decode target-only with the same graphs (a baseline).")
 @click.option("--startup-timeout", default=180.0, show_default=True, type=float, help="Seconds to wait for ready.")
 @click.option("--json", "as_json", is_flag=True, help="Print the endpoints as one JSON line once ready.")
 @common
-def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: str | None, target_only: bool,
-          startup_timeout: float, as_json: bool) -> None:
+def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: str | None, draft_rows: int | None,
+          target_only: bool, startup_timeout: float, as_json: bool) -> None:
     """Serve a build with the bundled tritonserver until Ctrl-C (exit 130) or SIGTERM (exit 0)."""
     import signal
     import time
@@ -341,7 +346,7 @@ def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: st
     server = None
     try:
         server = api.serve(build_dir, host=host, http_port=http_port, grpc_port=grpc_port, verify=verify,
-                           target_only=target_only, startup_timeout_s=startup_timeout)
+                           target_only=target_only, startup_timeout_s=startup_timeout, draft_rows=draft_rows)
         ep = server.endpoints
         if as_json:
             click.echo(json.dumps(ep.to_json(), separators=(",", ":")))

@@ -71,6 +71,24 @@ def test_run_json_reproduces_the_golden_tokens(golden_build: Path, golden_dir: P
         assert row["mean_accepted"] == pytest.approx(want["mean_accepted"])
 
 
+
+def test_run_draft_rows(golden_build: Path, golden_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --draft-rows 1` over the four golden prompts: every round a plain step while more than one is live, the
+    tokens the golden baseline's (greedy is lossless); `--draft-rows -1` is one error line naming the flag, exit 2."""
+    base = json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())["baseline"]
+    argv = ["run", str(golden_build), "--max-new-tokens", "24", "--draft-rows", "1", "--json"]
+    for e in base:
+        argv += ["--prompt-ids", ",".join(map(str, e["prompt"]))]
+    code, stdout, err = _cli(argv, capsys)
+    assert (code, err) == (0, "")
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["tokens"] for r in rows] == [e["tokens"][:24] for e in base]
+    assert all(r["draft"] == [] for row in rows for r in row["rounds"])  # four rows live to the end: all plain
+    code, stdout, err = _cli(["run", str(golden_build), "--prompt-ids", "1,2", "--draft-rows", "-1"], capsys)
+    assert (code, stdout) == (2, "")
+    assert _one_error_line(err).startswith("error: --draft-rows")
+
+
 EVERY_FIELD = """\
 [build]
 target = "{target}"

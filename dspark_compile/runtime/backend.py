@@ -107,10 +107,12 @@ class DecodeBackend(Protocol):
     # executor): a shorter ℓ saves no time, which the scheduler must know (VerifyPolicy.lengths). Read with
     # getattr(..., False): a backend whose verify cost grows with ℓ leaves it out.
     verifies_whole_block: bool
-    # round(verify_len, draft=False) / launch(..., draft=False): a round that drafts nothing (one position per row,
-    # nothing verified, only the draft's context written; VerifyPolicy.draft_rows). Read with getattr(..., False):
-    # a backend without it is never asked.
-    skips_drafts: bool
+    # round(verify_len, draft=False) / launch(..., draft=False): a plain step (VerifyPolicy.draft_rows): the target
+    # over one position per row, nothing verified, the draft's context kept current. It need not draft:
+    # CudaGraphBackend writes only the draft's context (its Proposal's drafts −1); the graph executor, whose draft
+    # graph has no context-only form, drafts as usual. Read with getattr(..., False): a backend without it is never
+    # asked.
+    takes_plain_rounds: bool
 
     def start(self, rows: int, slots: int, *, speculative: bool = True) -> None:
         """Caches for up to ``rows`` requests of up to ``slots`` positions each; no live rows yet.

@@ -90,10 +90,11 @@ class VerifyPolicy:
     a whole block costs more than it yields); ``threshold`` the leading positions with sigmoid(confidence) >=
     threshold; ``schedule`` the batch-wide scheduler of DSPARK.md §5.
 
-    ``draft_rows``: with more live rows than this, a round decodes without drafting (one position per row, the
-    draft's context kept current: ``DecodeBackend.round(..., draft=False)``), on backends that can
-    (``skips_drafts``). Where a block costs more target steps than it yields (FP8 at 64 rows on an H200,
-    docs/BENCH.md), those rounds cost about a plain decoding step; below it, rounds speculate again."""
+    ``draft_rows``: with more live rows than this, a round is a plain step (one position per row, nothing
+    verified, the draft's context kept current: ``DecodeBackend.round(..., draft=False)``), on backends that take
+    it (``takes_plain_rounds``). Where a block costs more target steps than it yields (FP8 at 64 rows on an H200,
+    docs/BENCH.md), the CUDA-graph backend's plain round, which drafts nothing, costs about a decoding step; the
+    graph executor's verifies one position but still runs its draft graph. Below it, rounds speculate again."""
 
     kind: str = "fixed"
     threshold: float = 0.5
@@ -105,7 +106,8 @@ class VerifyPolicy:
 
     def __post_init__(self) -> None:
         if self.draft_rows is not None and self.draft_rows < 0:
-            raise UsageError(f"draft_rows must be a number of rows >= 0 (0: never draft), found {self.draft_rows}")
+            raise UsageError(f"--draft-rows (draft_rows) must be a number of rows >= 0 (0: never draft), found "
+                             f"{self.draft_rows}")
 
     @classmethod
     def parse(cls, text: str, **kwargs: Any) -> VerifyPolicy:
@@ -199,10 +201,10 @@ class VerifyPolicy:
 
     def check_backend(self, backend: Any) -> None:
         """One error line, before any work, when ``draft_rows`` is set and ``backend`` cannot skip the draft."""
-        if self.draft_rows is not None and not getattr(backend, "skips_drafts", False):
-            raise UsageError(f"draft_rows={self.draft_rows}: {type(backend).__name__} cannot decode a round without "
-                             "drafting (its graphs have no context-only draft); use the CUDA-graph backend "
-                             "(CudaGraphBackend), or leave draft_rows unset")
+        if self.draft_rows is not None and not getattr(backend, "takes_plain_rounds", False):
+            raise UsageError(f"draft_rows={self.draft_rows}: {type(backend).__name__} takes no plain rounds "
+                             "(round(..., draft=False)); use the CUDA-graph backend or the graph executor, or leave "
+                             "draft_rows unset")
 
     def plan(self, pending: Proposal, *, drafted: np.ndarray | None = None, whole_block: bool = False,
              widest: bool = False) -> tuple[np.ndarray, bool]:
@@ -343,7 +345,7 @@ class RoundQueue:
 
 def round_kwargs(draft: bool) -> dict[str, bool]:
     """``round``/``launch``'s keywords for a round :meth:`VerifyPolicy.plan` gave ``draft``: ``draft=False`` only
-    for a round that drafts nothing (only backends that ``skips_drafts`` take it)."""
+    for a plain round (only backends with ``takes_plain_rounds`` take it)."""
     return {} if draft else {"draft": False}
 
 

@@ -93,6 +93,7 @@ class GraphExecutor:
     """The device-resident decode round of docs/PROGRAM.md over any :class:`Transport`."""
 
     verifies_whole_block = True  # round() verifies every row's G+1 positions (DecodeBackend)
+    takes_plain_rounds = True  # round(..., draft=False): one position per row, verified alone; the draft still runs
 
     def __init__(self, info: ProgramInfo, transport: Transport,
                  weights: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -275,14 +276,21 @@ class GraphExecutor:
         return torch.arange(width, device=self.device).repeat(rows, 1)
 
     @torch.inference_mode()
-    def round(self, verify_len: np.ndarray) -> Proposal:
+    def round(self, verify_len: np.ndarray, *, draft: bool = True) -> Proposal:
+        """``draft=False`` (VerifyPolicy.draft_rows): the target over the anchor alone, nothing verified (uniform G
+        draws the next token, as in every round); the draft graph runs as in any round, so its context stays
+        current and the Proposal has its drafts."""
         n, g, dev = self.rows, self._g, self.device
+        width = g + 1 if draft else 1
         vlen = torch.as_tensor(np.asarray(verify_len, dtype=np.int64), device=dev)
+        if not draft:
+            vlen = torch.zeros_like(vlen)
         u = self._uniforms(self.seeds, self.calls)
         self.calls += 1
-        tokens = torch.cat((self.anchor[:, None], self.drafts), dim=1)
-        out = self._step(tokens, self.cache_len, self.kv, self.ring, self._verify_rows(n, g + 1), vlen,
-                         self.draft_probs, self.temperature, u[:, : g + 1])
+        tokens = torch.cat((self.anchor[:, None], self.drafts), dim=1) if draft else self.anchor[:, None].contiguous()
+        probs = self.draft_probs if self.draft_probs is None or draft else self.draft_probs[:, :0]
+        out = self._step(tokens, self.cache_len, self.kv, self.ring, self._verify_rows(n, width), vlen, probs,
+                         self.temperature, u[:, : g + 1] if draft else u[:, g : g + 1])
         accepted, nxt = out["accepted"], out["next_token"]
         previous = self.cache_len
         self.cache_len = previous + accepted + 1

@@ -115,7 +115,7 @@ class ReplayedBackend:
         self.info = replace(inner.info, max_slots=max_slots)
         self.verifies_whole_block = inner.verifies_whole_block
         self.verifies_widest = inner.verifies_widest
-        self.skips_drafts = inner.skips_drafts
+        self.takes_plain_rounds = inner.takes_plain_rounds
         self.references: dict[tuple[int, ...], np.ndarray] = {}
         self._width = 0
         self._speculative = True

@@ -69,9 +69,9 @@ def orchestrator_mode(repository: Path) -> str | None:
 
 
 def serving_repository(build_dir: Path, scratch: Path, *, verify: str | None = None,
-                       target_only: bool = False) -> Path:
+                       target_only: bool = False, draft_rows: int | None = None) -> Path:
     """``BUILD/triton`` when the bundled server can run it as it is, else an in-process repository under
-    ``scratch`` (also when ``verify``/``target_only`` override what the build's repository says)."""
+    ``scratch`` (also when ``verify``/``target_only``/``draft_rows`` override what the build's repository says)."""
     from dspark_compile.targets.triton.repository import TritonOptions, write_triton_repository
 
     if not (build_dir / "onnx").is_dir() and not (build_dir / "triton").is_dir():
@@ -81,8 +81,10 @@ def serving_repository(build_dir: Path, scratch: Path, *, verify: str | None = N
         from dspark_compile.runtime.decode import VerifyPolicy
 
         VerifyPolicy.for_build(build_dir, verify, has_confidence=True)
+    if draft_rows is not None and draft_rows < 0:
+        raise UsageError(f"--draft-rows {draft_rows}: a number of rows >= 0 (0: never draft)")
     mode = orchestrator_mode(build_dir / "triton")
-    if mode in IN_PROCESS_MODES and verify is None and not target_only:
+    if mode in IN_PROCESS_MODES and verify is None and not target_only and draft_rows is None:
         return build_dir / "triton"
     log.info("%s: orchestrator mode %s; serving the ONNX graphs in-process from a repository of its own (the "
              "bundled tritonserver has only the python backend)", build_dir / "triton", mode or "(no repository)")
@@ -90,7 +92,7 @@ def serving_repository(build_dir: Path, scratch: Path, *, verify: str | None = N
     options = TritonOptions(backend_mode="onnxruntime_inprocess", platform="onnxruntime_onnx",
                             instance_kind="KIND_CPU", max_batch=int(spec.get("max_batch") or 16),
                             max_context=spec.get("max_context"), verify=verify or "auto",
-                            speculative=not target_only)
+                            speculative=not target_only, draft_rows=draft_rows)
     return write_triton_repository(build_dir, scratch, options).directory
 
 
@@ -112,7 +114,8 @@ class Server:
     """A running server over a build; a context manager. ``endpoints`` says where it answers."""
 
     def __init__(self, build_dir: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
-                 verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0) -> None:
+                 verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0,
+                 draft_rows: int | None = None) -> None:
         from dspark_compile.targets.triton.server import TritonServer
 
         self.build_dir = Path(build_dir)
@@ -124,7 +127,7 @@ class Server:
         self._scratch = Path(tempfile.mkdtemp(prefix="dspark-serve-"))
         try:
             repository = serving_repository(self.build_dir.resolve(), self._scratch, verify=verify,
-                                            target_only=target_only)
+                                            target_only=target_only, draft_rows=draft_rows)
         except BaseException:
             shutil.rmtree(self._scratch, ignore_errors=True)
             raise

@@ -43,6 +43,18 @@ def test_run_reproduces_the_golden_traces(golden_build: Path, golden_trace: dict
     _assert_golden(results, golden_trace[trace])
 
 
+def test_plain_rounds_on_the_golden_graphs(golden_build: Path, golden_trace: dict[str, Any]) -> None:
+    """VerifyPolicy(draft_rows=0) through onnxruntime: every round verifies the anchor alone (a target_step of one
+    position a row) and the draft graph still runs; the golden pair decodes its target-only baseline."""
+    from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate
+
+    prompts = [e["prompt"] for e in golden_trace["baseline"]]
+    res = generate(load_onnxruntime(golden_build), prompts,
+                   GenerationParams(max_new_tokens=24, policy=VerifyPolicy(draft_rows=0)))
+    assert [r.tokens for r in res] == [e["tokens"][:24] for e in golden_trace["baseline"]]
+    assert all(r["draft"] == [] and r["accepted"] == 1 for x in res for r in x.rounds)
+
+
 def test_model_info_comes_from_the_manifest(golden_build: Path) -> None:
     backend = load_onnxruntime(golden_build)
     manifest = json.loads((golden_build / "manifest.json").read_text())

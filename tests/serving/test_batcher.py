@@ -207,24 +207,25 @@ def test_rounds_deliver_the_previous_round_while_the_device_runs(backend: Any) -
 
 
 def test_rows_over_draft_rows_decode_plainly_and_every_stream_equals_its_solo_run(backend: Any) -> None:
-    """VerifyPolicy(draft_rows=3) on the CUDA-graph backend (CPU, eager): 16 greedy streams joining two a round
-    into 8 rows. Rounds with more than 3 live rows draft nothing (one token a row); the rest speculate; rows join
-    with their admission's drafts and leave. Every stream equals its solo target greedy run. The graph executor,
-    which cannot skip its draft graph, refuses the policy when the batcher is made."""
+    """VerifyPolicy(draft_rows=3) on the CUDA-graph backend (CPU, eager) and on the graph executor: 16 greedy
+    streams joining two a round into 8 rows. Rounds with more than 3 live rows are plain steps (one token a row);
+    the rest speculate; rows join with their admission's drafts and leave. Every stream equals its solo target
+    greedy run. A backend without plain rounds refuses the policy when the batcher is made."""
     from dspark_compile.errors import UsageError
     from dspark_compile.program import build_program
     from dspark_compile.runtime.decode import VerifyPolicy
     from dspark_compile.targets.torch import CudaGraphBackend
 
     prog = build_program(*trained_tiny_pair())
-    cg = CudaGraphBackend(prog.target, prog.draft, eos_token_ids=prog.eos_token_ids)
     specs = [Spec(s.prompt, s.max_new_tokens, 0.0, s.seed) for s in _specs(16)]
-    jobs = [Job(s) for s in specs]
-    batcher = ContinuousBatcher(cg, rows=ROWS, slots=SLOTS, policy=VerifyPolicy(draft_rows=3))
-    _drive(batcher, jobs, arrivals=[i // 2 for i in range(16)])
-    for spec, job in zip(specs, jobs, strict=True):
-        assert job.error is None and job.tokens == _solo(backend, spec), spec
-    c = batcher.counters
-    assert 0 < c["plain_rounds"] < c["rounds"] and c["accepted_drafts"] > 0, c
-    with pytest.raises(UsageError, match="cannot decode a round without drafting"):
-        ContinuousBatcher(backend, rows=ROWS, slots=SLOTS, policy=VerifyPolicy(draft_rows=3))
+    solo = [_solo(backend, spec) for spec in specs]
+    for be in (CudaGraphBackend(prog.target, prog.draft, eos_token_ids=prog.eos_token_ids), backend):
+        jobs = [Job(s) for s in specs]
+        batcher = ContinuousBatcher(be, rows=ROWS, slots=SLOTS, policy=VerifyPolicy(draft_rows=3))
+        _drive(batcher, jobs, arrivals=[i // 2 for i in range(16)])
+        for spec, job, want in zip(specs, jobs, solo, strict=True):
+            assert job.error is None and job.tokens == want, (type(be).__name__, spec)
+        c = batcher.counters
+        assert 0 < c["plain_rounds"] < c["rounds"] and c["accepted_drafts"] > 0, c
+    with pytest.raises(UsageError, match="takes no plain rounds"):
+        ContinuousBatcher(object(), rows=ROWS, slots=SLOTS, policy=VerifyPolicy(draft_rows=3))

@@ -91,12 +91,21 @@ def test_serve_answers_then_stops_on_sigterm(trained_build: Path) -> None:
 
 
 def test_serve_ctrl_c_exits_130_and_frees_the_port(trained_build: Path) -> None:
+    """Also `--draft-rows 0` (every round a plain step, through the in-process repository it writes): a greedy
+    stream equals `run`'s speculative tokens."""
+    from dspark_compile import api
     from dspark_compile.targets.triton.server import free_port
 
     port = free_port()
-    proc, endpoints = _start(trained_build, "--http-port", str(port))
+    prompt = [5, 6, 7, 8, 9, 10]
+    want = api.run(trained_build, [prompt], max_new_tokens=12)[0].tokens
+    proc, endpoints = _start(trained_build, "--http-port", str(port), "--draft-rows", "0")
     assert endpoints["http"] == f"http://127.0.0.1:{port}"
-    assert _stop(proc, signal.SIGINT) == 130
+    try:
+        assert _ids(_generate_stream(endpoints["http"], {"prompt_ids": prompt, "max_new_tokens": 12})) == want
+    finally:
+        code = _stop(proc, signal.SIGINT)
+    assert code == 130
     deadline = time.monotonic() + 10
     while True:  # nothing is left listening (SO_REUSEADDR: connections in TIME_WAIT do not count)
         try:

@@ -409,20 +409,21 @@ def test_replay_reference_follows_rows_through_select(smoke_backend: CudaGraphBa
 
 
 # ------------------------------------------------------------------------ rounds that draft nothing (draft_rows)
-def _trained_pair(golden_dir: Path) -> tuple[Any, list[list[int]]]:
-    """The trained golden pair and three of its prompts, the second one it drafts well (τ 3.7 in the trace)."""
-    pair = golden_dir / "dspark_tiny"
+def _trained_pair(golden_dir: Path, name: str = "dspark_tiny") -> tuple[Any, list[list[int]]]:
+    """A golden pair and three of its prompts (dspark_tiny drafts the second well: τ 3.7 in its trace)."""
+    pair = golden_dir / name
     gold = json.loads((pair / "decode_greedy.json").read_text())["baseline"]
     return build_program(pair / "target", pair / "draft"), [gold[i]["prompt"] for i in (1, 3, 0)]
 
 
-def test_a_plain_round_writes_the_context_a_drafting_round_writes(golden_dir: Path) -> None:
+@pytest.mark.parametrize("pair", ["dspark_tiny", "dspark_tiny_gemma4"])
+def test_a_plain_round_writes_the_context_a_drafting_round_writes(golden_dir: Path, pair: str) -> None:
     """``round(..., draft=False)``: one position per row, nothing verified, drafts reported −1, and the draft's
     cache written by ``DSparkDraft.write_context`` alone. After three such rounds a drafting round proposes what
     it proposes after four drafting rounds that verified nothing (the same committed tokens): the same drafts and
     confidences (float32, within 1e-4, as the golden traces), and the same context entries in the draft's cache
-    (within 1e-5: a product over one row, not eight, rounds differently)."""
-    prog, prompts = _trained_pair(golden_dir)
+    (within 1e-5: a product over one row, not eight, rounds differently). Qwen3 and Gemma4 drafts."""
+    prog, prompts = _trained_pair(golden_dir, pair)
     lengths = np.array([len(p) for p in prompts])
     ids = np.zeros((3, lengths.max()), dtype=np.int64)
     for i, p in enumerate(prompts):
@@ -473,15 +474,14 @@ def test_rounds_over_draft_rows_decode_plainly_and_speculation_resumes_below_it(
         assert {key[-2:] for key in be._rounds} >= {(True, 1), (False, 8)}
 
 
-def test_draft_rows_zero_never_drafts_and_a_backend_that_cannot_skip_refuses_it(
-        smoke_backend: CudaGraphBackend, golden_dir: Path) -> None:
+def test_draft_rows_zero_never_drafts_and_a_backend_without_plain_rounds_refuses_it(
+        smoke_backend: CudaGraphBackend) -> None:
     """draft_rows=0: every round of ``generate`` is a plain step, its tokens those of rounds that draft and verify
     nothing (``fixed=0``), greedy (also target-only's) and sampling (uniform G draws the next token whatever the
-    round's width). A backend without
-    ``skips_drafts`` (the graph executor) refuses the policy with one error before any work; a negative count is
+    round's width). A backend without ``takes_plain_rounds`` refuses the policy with one error; a negative count is
     a usage error."""
     from dspark_compile.errors import UsageError
-    from dspark_compile.runtime.torch_backend import TorchBackend
+    from dspark_compile.runtime.backend import Proposal
 
     be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model)
     for temp in (0.0, 0.9):
@@ -495,12 +495,30 @@ def test_draft_rows_zero_never_drafts_and_a_backend_that_cannot_skip_refuses_it(
         # the reference evaluator's accounting: rounds while generated <= 12, the first token from admission
         assert all(r["draft"] == [] for x in res for r in x.rounds) and all(len(x.rounds) == 12 for x in res)
         assert {key[-2:] for key in plain_be._rounds} == {(True, 1)}
-    pair = golden_dir / "dspark_tiny"
-    with pytest.raises(UsageError, match="TorchBackend cannot decode a round without drafting"):
-        generate(TorchBackend.from_pair(pair / "target", pair / "draft"), [[5, 6, 7]],
-                 GenerationParams(max_new_tokens=4, policy=VerifyPolicy(draft_rows=1)))
-    with pytest.raises(UsageError, match="draft_rows must be"):
+    with pytest.raises(UsageError, match="Proposal takes no plain rounds"):  # any object without the attribute
+        VerifyPolicy(draft_rows=1).check_backend(Proposal(*([np.zeros(0)] * 4)))
+    with pytest.raises(UsageError, match=r"--draft-rows \(draft_rows\) must be a number of rows >= 0"):
         VerifyPolicy(draft_rows=-1)
+
+
+def test_the_graph_executor_takes_plain_rounds(golden_dir: Path) -> None:
+    """The graph executor (the PyTorch reference transport): a plain round verifies the anchor alone and still runs
+    its draft graph, so its Proposal has drafts. With draft_rows=0 the golden pair's greedy output is the target's
+    (its golden baseline), and greedy or sampled, every round commits what a round that drafts and verifies nothing
+    (fixed=0) commits."""
+    from dspark_compile.runtime.torch_backend import TorchBackend
+
+    pair = golden_dir / "dspark_tiny"
+    be = TorchBackend.from_pair(pair / "target", pair / "draft")
+    gold = json.loads((pair / "decode_greedy.json").read_text())["baseline"]
+    prompts = [g["prompt"] for g in gold]
+    res = generate(be, prompts, GenerationParams(max_new_tokens=24, policy=VerifyPolicy(draft_rows=0)))
+    assert [r.tokens for r in res] == [g["tokens"][:24] for g in gold]
+    assert all(r["draft"] == [] for x in res for r in x.rounds)
+    for temp in (0.0, 0.9):
+        runs = [generate(be, prompts, GenerationParams(max_new_tokens=16, temperature=temp, seed=2, policy=policy))
+                for policy in (VerifyPolicy(draft_rows=0), VerifyPolicy(cap=0))]
+        assert [r.tokens for r in runs[0]] == [r.tokens for r in runs[1]], temp
 
 
 def test_rounds_bench_times_rounds_that_draft_nothing(smoke_backend: CudaGraphBackend) -> None:

@@ -132,8 +132,8 @@ def test_wide_context_draft_runs_eagerly_then_graph_shapes_are_reused(golden_dir
     gold = _golden(golden_dir, "dspark_tiny")["greedy"]
     _decode(be, [gold[3]["prompt"]])
     # The wide first context is drafted eagerly at admit; then one round graph per (rows, window, greedy/
-    # sampling, replay, G, width): one window bucket for this short decode, every round G + 1 wide.
-    assert list(be._rounds) == [(1, be._rounds and next(iter(be._rounds))[1], False, False, 7, 8)]
+    # sampling, replay, G, plain, width): one window bucket for this short decode, every round drafting, G + 1 wide.
+    assert list(be._rounds) == [(1, be._rounds and next(iter(be._rounds))[1], False, False, 7, False, 8)]
     assert be.stats["eager_calls"] > 1 and not be._steps
 
 

@@ -422,15 +422,18 @@ def test_fake_pb_utils_bls_backend_on_the_golden_graphs(orch: types.ModuleType, 
 
 def test_fake_pb_utils_draft_rows_parameter(orch: types.ModuleType, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """The model's ``draft_rows`` parameter (VerifyPolicy.draft_rows) reaches the orchestrator's policy; a backend
-    that cannot skip its draft, or a value that is not a row count, fails the model's load with one error."""
+    """The model's ``draft_rows`` parameter (VerifyPolicy.draft_rows) reaches the orchestrator's policy, and two
+    streams over ``draft_rows`` = 0 (every round plain, whenever the streams are admitted) give the stand-in's
+    reference tokens; a value that is not a row count, or a backend without plain rounds, fails the model's load with
+    one error."""
     import test_triton_standin
 
     from dspark_compile.errors import UsageError
 
     repo = write_triton_repository(
         write_fake_build(tmp_path / "build"), tmp_path / "out",
-        TritonOptions(backend_mode="factory", backend_factory="test_triton_standin:StandInBackend.load"))
+        TritonOptions(backend_mode="factory", backend_factory="test_triton_standin:StandInBackend.load",
+                      default_max_new_tokens=6, batching="continuous"))
     parsed = pbtxt.validate_config(repo.directory / "dspark" / "config.pbtxt")
     config = json_format.MessageToDict(parsed, preserving_proto_field_name=True)
 
@@ -440,13 +443,22 @@ def test_fake_pb_utils_draft_rows_parameter(orch: types.ModuleType, tmp_path: Pa
         model.initialize({"model_config": json.dumps(config), "model_repository": str(repo.directory / "dspark")})
         return model
 
-    with pytest.raises(UsageError, match="StandInBackend cannot decode a round without drafting"):
-        load("4")
-    monkeypatch.setattr(test_triton_standin.StandInBackend, "skips_drafts", True, raising=False)
     with pytest.raises(UsageError, match="draft_rows 'four': expected a whole number"):
         load("four")
-    model = load("4")
+    with monkeypatch.context() as m:
+        m.setattr(test_triton_standin.StandInBackend, "takes_plain_rounds", False)
+        with pytest.raises(UsageError, match="StandInBackend takes no plain rounds"):
+            load("4")
+    model = load("0")
     try:
-        assert model.orchestrator.policy.draft_rows == 4
+        assert model.orchestrator.policy.draft_rows == 0
+        good = [FakeIncoming(prompt_ids=np.array([1, 2, 3])),
+                FakeIncoming(prompt_ids=np.array([7]), max_new_tokens=np.array([12], np.int32))]
+        model.execute(good)
+        for request in good:
+            assert request.sender.done.wait(30) and request.sender.error() is None
+        assert good[0].sender.tokens() == reference([1, 2, 3], 6)
+        assert good[1].sender.tokens() == reference([7], 12)
+        assert model.orchestrator._batcher.counters["plain_rounds"] > 0
     finally:
         model.finalize()

@@ -585,7 +585,7 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     adds each profile again with at most that many drafts verified a round (``replay_{name}_cap{K}``, policy
     ``fixed=K``): on a backend with narrow rounds, what a shorter verify saves against what it leaves unaccepted.
     ``plain`` adds the rounds of ``VerifyPolicy(draft_rows=0)`` (``plain_rounds``: one position a row, the draft's
-    context only; on a backend that ``skips_drafts``): what decoding without drafting costs against target-only
+    context only; on a backend that ``takes_plain_rounds``): what decoding without drafting costs against target-only
     steps, the floor a batch over ``draft_rows`` falls back to.
     ``temperature`` > 0 adds sampling rounds at that temperature, speculative (``sampling``, its τ as drawn) and
     target-only (``sampling_target_only``): their own streams, so no token comparison (the greedy rows' is it).

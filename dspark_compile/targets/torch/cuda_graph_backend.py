@@ -4,8 +4,8 @@ It is a **DecodeBackend** (runtime/backend.py: admit / round / select): the deco
 (`_RoundState`: lengths, anchors, pending drafts and their distributions, taps, seeds and counters). ``admit``
 prefills and drafts the first block through admission graphs (up to 8 prompts each, into a scratch cache whose
 rows are then copied: one graph serves any rows); ``round`` is **one captured graph** per (batch bucket,
-attention window, greedy/sampling, replay, G): verify the pending block → SpecVerify → commit (the caches
-already hold the rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence,
+attention window, greedy/sampling, replay, G, plain, width): verify the pending block → SpecVerify → commit (the
+caches already hold the rows: rollback is free) → taps → next anchor → draft backbone → Markov sampling → confidence,
 with per-row verify lengths, temperatures, seeds and counters (``counter_uniforms``) as device inputs, and its own
 bookkeeping (tokens, commit, the draft's inputs, the packed output) in :mod:`.round_kernels`' five launches. One host
 sync per round fetches the Proposal; ``launch`` may queue a second round behind the one running
@@ -247,7 +247,7 @@ class CudaGraphBackend:
 
     verifies_whole_block = True  # the round graph runs the target over every row's G+1 positions
     verifies_widest = False  # narrow_rounds: over max ℓ + 1 positions (a power of two) of every row
-    skips_drafts = True  # round(..., draft=False): one position per row, the draft's context only (DecodeBackend)
+    takes_plain_rounds = True  # round(..., draft=False): one position per row, the draft's context only (DecodeBackend)
 
     def __init__(self, target: Qwen3Target, draft: DSparkDraft | None, *, block_size: int | None = None,
                  eos_token_ids: tuple[int, ...] = (), graphs: bool | None = None, fused: bool | None = None,

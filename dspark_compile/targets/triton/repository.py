@@ -63,6 +63,7 @@ class TritonOptions:
     verify: str = "auto"  # fixed | fixed=K | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
     speculative: bool = True  # False: the same graphs decode target-only (baselines from one build)
     batching: str = "continuous"  # or static: a batch runs to its end before queued requests start
+    draft_rows: int | None = None  # plain rounds over more live rows (runtime.decode.VerifyPolicy.draft_rows)
 
     def __post_init__(self) -> None:
         if self.backend_mode not in BACKEND_MODES:
@@ -76,6 +77,8 @@ class TritonOptions:
         if (self.backend_mode == "factory") != (self.backend_factory is not None):
             raise UsageError("Triton backend_factory ('module:callable') is needed by, and only by, "
                              "backend_mode factory")
+        if self.draft_rows is not None and self.draft_rows < 0:
+            raise UsageError(f"Triton option draft_rows must be >= 0 rows (0: never draft), found {self.draft_rows}")
         for name in ("graph_instances", "max_batch", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"Triton option {name} must be >= 1, found {getattr(self, name)}")
@@ -249,6 +252,8 @@ def _write_orchestrator(model_dir: Path, build_dir: Path, repository: Path, grap
         "speculative": str(options.speculative).lower(),
         "batching": options.batching,
     }
+    if options.draft_rows is not None:
+        parameters["draft_rows"] = options.draft_rows
     max_context = options.max_context or (info.max_slots if info is not None else None)
     if max_context is not None:
         parameters["max_context"] = int(max_context)
