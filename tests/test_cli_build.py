@@ -55,15 +55,20 @@ def test_build_json_prints_one_line(pair: tuple[str, str], tmp_path: Path, capsy
     assert summary["engines"] is None
 
 
+def _run_json(build: Path, prompts: list[list[int]], capsys: pytest.CaptureFixture[str], *flags: str) -> list[dict]:
+    """`run BUILD --json FLAGS` over ``prompts``: one JSON row per prompt, after checking exit 0 and no stderr."""
+    argv = ["run", str(build), *flags, "--json"]
+    for prompt in prompts:
+        argv += ["--prompt-ids", ",".join(map(str, prompt))]
+    code, stdout, err = _cli(argv, capsys)
+    assert (code, err) == (0, "")
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
 def test_run_json_reproduces_the_golden_tokens(golden_build: Path, golden_dir: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     golden = json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())["greedy"]
-    argv = ["run", str(golden_build), "--max-new-tokens", "48", "--verify", "fixed", "--json"]
-    for e in golden:
-        argv += ["--prompt-ids", ",".join(map(str, e["prompt"]))]
-    code, stdout, err = _cli(argv, capsys)
-    assert (code, err) == (0, "")
-    rows = [json.loads(line) for line in stdout.splitlines()]
+    rows = _run_json(golden_build, [e["prompt"] for e in golden], capsys, "--max-new-tokens", "48", "--verify", "fixed")
     assert len(rows) == len(golden)
     for row, want in zip(rows, golden, strict=True):
         assert row["tokens"] == want["tokens"]
@@ -71,17 +76,11 @@ def test_run_json_reproduces_the_golden_tokens(golden_build: Path, golden_dir: P
         assert row["mean_accepted"] == pytest.approx(want["mean_accepted"])
 
 
-
 def test_run_draft_rows(golden_build: Path, golden_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`run --draft-rows 1` over the four golden prompts: every round a plain step while more than one is live, the
     tokens the golden baseline's (greedy is lossless); `--draft-rows -1` is one error line naming the flag, exit 2."""
     base = json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())["baseline"]
-    argv = ["run", str(golden_build), "--max-new-tokens", "24", "--draft-rows", "1", "--json"]
-    for e in base:
-        argv += ["--prompt-ids", ",".join(map(str, e["prompt"]))]
-    code, stdout, err = _cli(argv, capsys)
-    assert (code, err) == (0, "")
-    rows = [json.loads(line) for line in stdout.splitlines()]
+    rows = _run_json(golden_build, [e["prompt"] for e in base], capsys, "--max-new-tokens", "24", "--draft-rows", "1")
     assert [r["tokens"] for r in rows] == [e["tokens"][:24] for e in base]
     assert all(r["draft"] == [] for row in rows for r in row["rounds"])  # four rows live to the end: all plain
     code, stdout, err = _cli(["run", str(golden_build), "--prompt-ids", "1,2", "--draft-rows", "-1"], capsys)
