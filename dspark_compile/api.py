@@ -62,18 +62,20 @@ def inspect_pair(target_dir: str | Path, draft_dir: str | Path, *, allow_nonfini
 def generate(target_dir: str | Path, draft_dir: str | Path | None, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, block_size: int | None = None,
              verify: str = "fixed", confidence_threshold: float | None = None, baseline: bool = False,
-             dtype: str = "fp32", device: str = "cpu", allow_nonfinite: bool = False) -> list[GenerationResult]:
-    """Decode with the PyTorch reference program (speculative, or target-only with ``baseline=True``)."""
+             dtype: str = "fp32", device: str = "cpu", allow_nonfinite: bool = False,
+             draft_rows: int | None = None) -> list[GenerationResult]:
+    """Decode with the PyTorch reference program (speculative, or target-only with ``baseline=True``);
+    ``draft_rows``: rounds over more rows are plain steps (VerifyPolicy.draft_rows)."""
     from dspark_compile.errors import UsageError
     from dspark_compile.runtime.torch_backend import TorchBackend
 
     if block_size is not None and block_size < 1:
         raise UsageError(f"--block-size must be >= 1, found {block_size}")
-    policy = VerifyPolicy.parse(verify)
+    policy = VerifyPolicy.parse(verify, draft_rows=draft_rows)
     if confidence_threshold is not None:
         if not 0.0 <= confidence_threshold <= 1.0:
             raise UsageError(f"--confidence-threshold must be in [0, 1], found {confidence_threshold}")
-        policy = VerifyPolicy("threshold", threshold=confidence_threshold)
+        policy = VerifyPolicy("threshold", threshold=confidence_threshold, draft_rows=draft_rows)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, policy=policy)
     backend = TorchBackend.from_pair(Path(target_dir), None if baseline or draft_dir is None else Path(draft_dir),
                                      dtype=dtype, device=device, block_size=block_size,

@@ -165,6 +165,7 @@ def inspect(target: Path, draft: Path | None, as_json: bool, allow_nonfinite: bo
 @click.option("--block-size", type=int, help="Draft block γ (default: the draft's block_size).")
 @click.option("--confidence-threshold", type=float, help="Static confidence threshold for the verify length.")
 @click.option("--verify", default="fixed", show_default=True, help="fixed | fixed=K | threshold=X | schedule")
+@click.option("--draft-rows", type=int, help=DRAFT_ROWS_HELP)
 @click.option("--baseline", is_flag=True, help="Target-only decoding.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
 @click.option("--device", default="cpu", show_default=True)
@@ -173,8 +174,8 @@ def inspect(target: Path, draft: Path | None, as_json: bool, allow_nonfinite: bo
 @common
 def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prompt_file: Path | None,
              max_new_tokens: int, temperature: float, seed: int, block_size: int | None,
-             confidence_threshold: float | None, verify: str, baseline: bool, dtype: str, device: str,
-             allow_nonfinite: bool, as_json: bool) -> None:
+             confidence_threshold: float | None, verify: str, draft_rows: int | None, baseline: bool, dtype: str,
+             device: str, allow_nonfinite: bool, as_json: bool) -> None:
     """Decode with the PyTorch reference program."""
     from dspark_compile import api
 
@@ -184,7 +185,7 @@ def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prom
     results = api.generate(target, draft, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                            seed=seed, block_size=block_size, verify=verify,
                            confidence_threshold=confidence_threshold, baseline=baseline, dtype=dtype,
-                           device=device, allow_nonfinite=allow_nonfinite)
+                           device=device, allow_nonfinite=allow_nonfinite, draft_rows=draft_rows)
     _print_results(results, as_json)
 
 

@@ -198,6 +198,7 @@ def _build_cases(root: Path, edit_config: Callable[..., Path], edit_weights: Cal
     cases["verify_bogus"] = Case(gen(t, d, "--verify", "bogus"), ("--verify", "bogus"))
     cases["verify_threshold_out_of_range"] = Case(gen(t, d, "--verify", "threshold=1.5"), ("--verify", "1.5"))
     cases["verify_fixed_cap_negative"] = Case(gen(t, d, "--verify", "fixed=-1"), ("--verify", "fixed=-1", "fixed=3"))
+    cases["draft_rows_negative"] = Case(gen(t, d, "--draft-rows", "-3"), ("--draft-rows", "found -3"))
     # the message names --verify although --confidence-threshold was given (api.generate's range check)
     cases["confidence_threshold_out_of_range"] = Case(gen(t, d, "--confidence-threshold", "1.5"),
                                                       ("threshold", "1.5", "[0, 1]"))
@@ -251,6 +252,7 @@ CASE_NAMES = [
     "empty_prompt_ids", "prompt_id_out_of_vocab", "empty_prompt_in_file", "bad_prompt_file_line",
     "missing_prompt_file", "both_prompt_sources", "no_prompt", "block_size_zero", "negative_temperature",
     "max_new_tokens_zero", "verify_bogus", "verify_threshold_out_of_range", "verify_fixed_cap_negative",
+    "draft_rows_negative",
     "confidence_threshold_out_of_range",
     "unknown_flag", "bad_dtype_choice", "draft_missing_without_baseline",
 ]

@@ -140,6 +140,9 @@ def test_block_size_and_verify_flags(golden_pair: tuple[Path, Path], golden_trac
     assert thr["tokens"] == want
     assert [r["accepted"] for r in thr["rounds"]] == golden_thr["acceptance_lengths"][: len(thr["rounds"])]
     assert [r["draft"] for r in thr["rounds"]] == [r["draft"] for r in golden_thr["rounds"]][: len(thr["rounds"])]
+    # --draft-rows 0: every round a plain step (nothing verified), the same tokens
+    (plain,) = generate_json(golden_pair, golden_pair[0], "--prompt-ids", prompt, "--draft-rows", "0")
+    assert plain["tokens"] == want and all(r["draft"] == [] and r["accepted"] == 1 for r in plain["rounds"])
 
 
 def test_sampling_seed_flag(golden_pair: tuple[Path, Path]) -> None:
