@@ -81,8 +81,6 @@ def serving_repository(build_dir: Path, scratch: Path, *, verify: str | None = N
         from dspark_compile.runtime.decode import VerifyPolicy
 
         VerifyPolicy.for_build(build_dir, verify, has_confidence=True)
-    if draft_rows is not None and draft_rows < 0:
-        raise UsageError(f"--draft-rows {draft_rows}: a number of rows >= 0 (0: never draft)")
     mode = orchestrator_mode(build_dir / "triton")
     if mode in IN_PROCESS_MODES and verify is None and not target_only and draft_rows is None:
         return build_dir / "triton"

@@ -716,12 +716,10 @@ class CudaGraphBackend:
                            self.info.vocab_size, REPLAY_KEY)
                 return {"packed": round_kernels.finish(acc, nxt, v["count"], v["draft_len"], new, v["drafts"],
                                                        conf, replay=None if plain else ref, plain=plain)}
-            shown = v["drafts"]
-            if plain:
+            if plain or new is not None:
                 v["draft_len"].add_(v["count"])
-                shown = torch.full_like(shown, -1)
+            shown = torch.full_like(v["drafts"], -1) if plain else v["drafts"]
             if new is not None:
-                v["draft_len"].add_(v["count"])
                 if replay:
                     assert self.replay is not None
                     new = self._replayed(v, new, self.replay[0][:rows])

@@ -142,11 +142,11 @@ def _finish_kernel(acc_ptr, next_ptr, count_ptr, dlen_ptr, new_ptr, drafts_ptr, 
     b = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK)
     out = out_ptr + b * (2 + G + C)
-    if DRAFT == 2:  # drafted nothing: the context grew, no drafts pending
+    if DRAFT > 0:  # the draft's context grew
         tl.store(dlen_ptr + b, tl.load(dlen_ptr + b) + tl.load(count_ptr + b))
+    if DRAFT == 2:  # drafted nothing: no drafts pending
         tl.store(out + 2 + j, tl.full([BLOCK], -1.0, tl.float32), mask=j < G)
     if DRAFT == 1:
-        tl.store(dlen_ptr + b, tl.load(dlen_ptr + b) + tl.load(count_ptr + b))
         new = tl.load(new_ptr + b * G + j, mask=j < G, other=0)
         if REPLAY:  # the rows' references from the drawn cut on made wrong (CudaGraphBackend._replayed)
             at = tl.minimum(tl.load(len_ptr + b) + 1 + j, REF_W - 1)

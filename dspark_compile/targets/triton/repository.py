@@ -77,8 +77,10 @@ class TritonOptions:
         if (self.backend_mode == "factory") != (self.backend_factory is not None):
             raise UsageError("Triton backend_factory ('module:callable') is needed by, and only by, "
                              "backend_mode factory")
-        if self.draft_rows is not None and self.draft_rows < 0:
-            raise UsageError(f"Triton option draft_rows must be >= 0 rows (0: never draft), found {self.draft_rows}")
+        if self.draft_rows is not None:  # the policy's own check (one error line naming --draft-rows)
+            from dspark_compile.runtime.decode import VerifyPolicy
+
+            VerifyPolicy(draft_rows=self.draft_rows)
         for name in ("graph_instances", "max_batch", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"Triton option {name} must be >= 1, found {getattr(self, name)}")
