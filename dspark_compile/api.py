@@ -242,11 +242,15 @@ def calibrate(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backen
 def bench(build_dir: str | Path | None, *, batches: Sequence[int] = (1, 16, 64), max_new_tokens: int = 64,
           prompts: Sequence[Sequence[int]] | None = None, repeats: int = 10, context: int = 1024,
           dtype: str = "bf16", device: str = "auto", replay: Sequence[str] = (),
-          plot: str | Path | None = None, random_shape: str | None = None) -> dict[str, Any]:
+          plot: str | Path | None = None, random_shape: str | None = None, plain_rounds: bool = False,
+          ) -> dict[str, Any]:
     """Speed of a build's program (or of a ``random_shape`` pair of ``targets.torch.bench.SHAPES``) with the torch
     target, per batch: step times and their overhead ratio, then greedy decoding target-only and speculative
     (tokens/s, τ, host time per round, losslessness, ``replay`` profiles). CUDA graphs in ``dtype`` on a GPU,
-    else eagerly on the CPU in fp32. Without ``prompts``, 8 seeded random prompts of 64 tokens."""
+    else eagerly on the CPU in fp32. Without ``prompts``, 8 seeded random prompts of 64 tokens.
+    ``plain_rounds``: also the rounds a batch over ``--draft-rows`` falls back to, and ``draft_rows``, the value
+    these measurements suggest for each acceptance measured (the prompts' own, and each replay's): where a block
+    costs more than it yields depends on the GPU, the engine and the acceptance, so it is measured, not guessed."""
     import numpy as np
     import torch
 
@@ -258,6 +262,7 @@ def bench(build_dir: str | Path | None, *, batches: Sequence[int] = (1, 16, 64),
         random_pair,
         rounds_bench,
         run_bench,
+        suggest_draft_rows,
         survival_profile,
     )
     from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
@@ -294,7 +299,7 @@ def bench(build_dir: str | Path | None, *, batches: Sequence[int] = (1, 16, 64),
     report = run_bench(lambda: backend, batches=batches, repeats=repeats, context=context, decode=False)
     for row in report["batches"]:
         chosen = [list(prompts[i % len(prompts)]) for i in range(row["batch"])]
-        dec = rounds_bench(backend, chosen, max_new_tokens=max_new_tokens, replays=tuple(replay))
+        dec = rounds_bench(backend, chosen, max_new_tokens=max_new_tokens, replays=tuple(replay), plain=plain_rounds)
         row["decode"] = dec
         graph_ms = dec["target_only"].get("round_graph_ms")
         if graph_ms and "target_floor_ms" in report:  # the target-only step as decoding runs it (GPU time)
@@ -305,6 +310,13 @@ def bench(build_dir: str | Path | None, *, batches: Sequence[int] = (1, 16, 64),
                 "speedup": spec_row["tokens_per_s"] / dec["target_only"]["tokens_per_s"],
                 "host_ms_per_round": spec_row["host_ms_per_round"],
                 "lossless_fraction": spec_row.get("identical_to_target_only", 1.0)}
+        if "plain_rounds" in dec:  # asked for, and the build has a draft
+            row["plain_tokens_per_s"] = dec["plain_rounds"]["tokens_per_s"]
+    if plain_rounds and info.block_size > 0:  # per acceptance measured: the prompts' own, each replayed profile's
+        modes = ["speculative", *(f"replay_{name}" for name in replay)]
+        report["draft_rows"] = {mode: suggest_draft_rows([(r["batch"], r["decode"][mode]["tokens_per_s"],
+                                                           r["plain_tokens_per_s"]) for r in report["batches"]])
+                                for mode in modes}
     report["build"] = str(build_dir) if random_shape is None else f"random {random_shape}"
     report["family"] = info.family
     report["prompts"] = source

@@ -418,11 +418,14 @@ def demo(out: Path, as_json: bool) -> None:
 @click.option("--context", default=1024, show_default=True, type=int, help="Cached tokens for the step times.")
 @click.option("--dtype", default="bf16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
 @click.option("--device", default="auto", show_default=True, help="auto | cuda | cpu (auto: CUDA when visible).")
+@click.option("--plain-rounds", is_flag=True,
+              help="Also time the rounds a batch over --draft-rows falls back to (nothing drafted), and suggest "
+              "--draft-rows from them: the largest measured batch up to which speculation wins.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with every number.")
 @common
 def bench(build_dir: Path | None, random_shape: str | None, batch: str, max_new_tokens: int, replay: str,
           plot: Path | None, prompt_file: Path | None, repeats: int, context: int, dtype: str, device: str,
-          as_json: bool) -> None:
+          plain_rounds: bool, as_json: bool) -> None:
     """Decode speed with the torch target (one CUDA graph per round on a GPU): step times, overhead ratio, τ,
     tokens/s speculative vs target-only, host time per round, losslessness; optionally replayed acceptance."""
     from dspark_compile import api
@@ -439,7 +442,8 @@ def bench(build_dir: Path | None, random_shape: str | None, batch: str, max_new_
     if (build_dir is None) == (random_shape is None):
         raise UsageError("bench: give either BUILD_DIR or --random-shape (not both)")
     rep = api.bench(build_dir, batches=batches, max_new_tokens=max_new_tokens, prompts=prompts, repeats=repeats,
-                    context=context, dtype=dtype, device=device, replay=replays, plot=plot, random_shape=random_shape)
+                    context=context, dtype=dtype, device=device, replay=replays, plot=plot, random_shape=random_shape,
+                    plain_rounds=plain_rounds)
     if as_json:
         click.echo(json.dumps(rep, separators=(",", ":")))
         return
@@ -463,6 +467,18 @@ def bench(build_dir: Path | None, random_shape: str | None, batch: str, max_new_
             if d:
                 click.echo(f"       replayed {name}: tau {d['tau']:.3f} (profile {d['profile_tau']:.2f})  "
                            f"{d['tokens_per_s']:.1f} tok/s  speedup {d['speedup']:.3f}")
+        if "plain_tokens_per_s" in r:
+            p = r["decode"]["plain_rounds"]
+            click.echo(f"       plain rounds (nothing drafted): {p['tokens_per_s']:.1f} tok/s  lossless "
+                       f"{p['identical_to_target_only']:.2f}")
+    for mode, rows in rep.get("draft_rows", {}).items():
+        basis = "the prompts' acceptance" if mode == "speculative" else f"replayed profile {mode[len('replay_'):]}"
+        if rows is None:
+            click.echo(f"--draft-rows ({basis}): leave unset; speculation beat plain rounds at every batch "
+                       f"measured (up to {max(batches)})")
+        else:
+            click.echo(f"--draft-rows ({basis}): {rows}" + (" (never draft: plain rounds won at the smallest batch)"
+                                                              if rows == 0 else ""))
 
 
 def _print_results(results: list[Any], as_json: bool) -> None:

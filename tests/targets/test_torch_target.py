@@ -35,6 +35,7 @@ from dspark_compile.targets.torch.bench import (
     random_pair,
     run_bench,
     speedup_over_tau,
+    suggest_draft_rows,
     target_bytes,
 )
 
@@ -539,7 +540,8 @@ def test_cli_bench_json(tmp_path: Path, golden_dir: Path, capsys: pytest.Capture
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("[1, 2, 3, 4]\n[9, 8, 7]\n")
     main(["bench", str(build), "--batch", "1,2", "--max-new-tokens", "5", "--repeats", "1", "--context", "16",
-          "--prompt-file", str(prompts), "--replay", "b", "--plot", str(tmp_path / "b.png"), "--json", "-q"])
+          "--prompt-file", str(prompts), "--replay", "b", "--plot", str(tmp_path / "b.png"), "--plain-rounds",
+          "--json", "-q"])
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["batch"] for r in rep["batches"]] == [1, 2]
     assert rep["prompts"] == "given" and rep["gamma"] == 7
@@ -547,7 +549,23 @@ def test_cli_bench_json(tmp_path: Path, golden_dir: Path, capsys: pytest.Capture
     for r in rep["batches"]:  # greedy speculative == target-only, in the same run; the replay is labelled
         assert r["lossless_fraction"] == 1.0 and r["decode"]["replay_b"]["label"] == "replayed"
         assert r["speedup"] == pytest.approx(r["spec_tokens_per_s"] / r["target_tokens_per_s"])
+        plain = r["decode"]["plain_rounds"]  # nothing drafted: one token a row a round, the target's own
+        assert plain["identical_to_target_only"] == 1.0 and plain["tau"] == 1.0
+        assert plain["rounds"] == r["decode"]["target_only"]["rounds"]
+        assert r["plain_tokens_per_s"] == plain["tokens_per_s"]
+    for mode in ("speculative", "replay_b"):  # the suggestion follows from this run's own numbers
+        points = [(r["batch"], r["decode"][mode]["tokens_per_s"], r["plain_tokens_per_s"]) for r in rep["batches"]]
+        assert rep["draft_rows"][mode] == suggest_draft_rows(points)
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_suggested_draft_rows_stop_at_the_last_batch_where_speculation_wins() -> None:
+    assert suggest_draft_rows([(1, 300.0, 100.0), (16, 2000.0, 1500.0), (64, 7000.0, 8000.0)]) == 16
+    assert suggest_draft_rows([(64, 7000.0, 8000.0), (1, 300.0, 100.0), (16, 2000.0, 1500.0)]) == 16  # any order
+    assert suggest_draft_rows([(1, 300.0, 100.0), (16, 1400.0, 1500.0), (64, 9000.0, 8000.0)]) == 1  # first loss
+    assert suggest_draft_rows([(1, 90.0, 100.0), (16, 2000.0, 1500.0)]) == 0  # lost at the smallest: never draft
+    assert suggest_draft_rows([(1, 300.0, 100.0), (64, 9000.0, 8000.0)]) is None  # won everywhere: no limit
+    assert suggest_draft_rows([(4, 100.0, 100.0)]) == 0  # a tie is no win: plain rounds cost nothing to verify
 
 
 @no_cuda

@@ -664,6 +664,19 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
     return res
 
 
+def suggest_draft_rows(points: Sequence[tuple[int, float, float]]) -> int | None:
+    """``--draft-rows`` from measured (batch, speculative tok/s, plain-round tok/s) points: the largest measured
+    batch up to which speculation beat plain rounds at every measured batch (0: it lost at the smallest, so never
+    draft; None: it won at every one, so no limit within the batches measured). Rows between two measured batches
+    are not measured, so the suggestion stops at the last batch that won rather than guessing where they cross."""
+    best: int | None = None
+    for batch, spec, plain in sorted(points):
+        if not spec > plain:
+            return best or 0
+        best = batch
+    return None
+
+
 def plot_bench(report: dict[str, Any], png: Path) -> None:
     """Tokens/s per batch: target-only, speculative and each replayed profile; and the host ms per round."""
     import matplotlib
@@ -674,7 +687,7 @@ def plot_bench(report: dict[str, Any], png: Path) -> None:
     rows = report["batches"]
     xs = [r["batch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    modes = [m for m in ("target_only", "speculative", "replay_a", "replay_b", "replay_c")
+    modes = [m for m in ("target_only", "speculative", "plain_rounds", "replay_a", "replay_b", "replay_c")
              if any(m in r.get("decode", {}) for r in rows)]
     for mode in modes:
         ys = [r["decode"].get(mode, {}).get("tokens_per_s") for r in rows]
