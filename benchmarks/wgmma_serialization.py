@@ -48,7 +48,7 @@ def ptxas_report(cfg: dg.Config, keep_async: bool) -> dict[str, Any]:
 
 def main() -> int:
     candidates = [(16, bn, bk, ps, w, st, f) for bn, bk, ps, w, st, f in dg.SMALL_CONFIGS]
-    candidates += [(bm, bn, bk, ps, w, st, f) for bn, bm, bk, ps, w, st, f in dg.LARGE_CONFIGS]
+    candidates += [(bm, bn, bk, ps, w, st, f) for bn, bm, bk, ps, w, st, f in dg.LARGE_CONFIGS + dg.WIDE_CONFIGS]
     out: dict[str, Any] = {"triton": triton.__version__, "candidates": {}}
     for cfg in dict.fromkeys(candidates):
         row = {"as_stored": ptxas_report(cfg, False), "keep_async": ptxas_report(cfg, True)}

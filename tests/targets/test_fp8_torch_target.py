@@ -848,13 +848,32 @@ def test_decode_gemm_candidates() -> None:
 
 
 def test_a_larger_row_configuration_is_chosen_over_the_row_counts_its_class_serves() -> None:
-    """The 17-1024-row class keeps one configuration for B = 16's verify and B = 64's step and verify: the choice
-    weighs each row count's time against that row count's fastest, so the 512-row products' larger times do not
-    decide alone; one row count is the fastest time."""
+    """The 17-128-row class keeps one configuration for B = 16's verify and B = 64's step, the wide class (129-1024
+    rows) one for B = 32's and 64's verifies, which alone may take the 256-row tiles: each choice weighs each row
+    count's time against that row count's fastest, so the larger products' times do not decide alone."""
     pytest.importorskip("triton")
-    from dspark_compile.targets.torch.decode_gemm import TIMED_ROWS, least_relative_time, row_class
+    from dspark_compile.targets.torch.decode_gemm import (
+        SMALL_M,
+        SPLIT_M,
+        TIMED_ROWS,
+        WIDE_CONFIGS,
+        WIDE_M,
+        _candidates,
+        least_relative_time,
+        row_class,
+    )
 
-    assert all(row_class(r) == 1 for r in TIMED_ROWS[1])
+    assert all(row_class(r) == 1 for r in TIMED_ROWS[1]) and all(row_class(r) == 3 for r in TIMED_ROWS[3])
+    edges = (SMALL_M, SMALL_M + 1, WIDE_M, WIDE_M + 1, SPLIT_M, SPLIT_M + 1)
+    assert [row_class(m) for m in edges] == [0, 1, 1, 3, 3, 2]
+
+    def tiles(m: int) -> set[tuple[int, ...]]:  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, conversion): stages are fitted
+        return {(c[0], c[1], c[2], c[4], c[6]) for c in _candidates(m, 4096, 4096, 1)}
+
+    assert {(bm, bn, bk, w, f) for bn, bm, bk, _, w, _, f in WIDE_CONFIGS} <= tiles(512)
+    assert {t[0] for t in tiles(512)} == {64, 128, 256}  # 256-row tiles in the wide class only
+    assert {t[0] for t in tiles(64)} == {t[0] for t in tiles(4096)} == {64, 128}
+    assert set(_candidates(64, 4096, 4096, 1)) < set(_candidates(512, 4096, 4096, 1))
     a, b, c = (64, 128, 128, 0, 4, 3, 1), (128, 64, 128, 1, 4, 3, 1), (64, 256, 64, 0, 8, 4, 2)
     # a: fastest at 64 and 128 rows, 1.8x at 512; b: 1.2x, 1.1x, fastest at 512; c: fastest nowhere
     times = {a: [20.0, 27.0, 104.0], b: [24.0, 29.7, 58.0], c: [22.0, 30.0, 70.0]}
@@ -901,6 +920,15 @@ def test_decode_gemm_choices_file_pins_configurations_for_its_gpu_only(tmp_path:
     assert dg._config(x, w) == first and key not in dg._CHOSEN
     dg.remember(key, pinned, cpu)
     assert path.read_text() == before
+    # A file from before the wide class (no "wide" in its identity) keeps its other classes, not a wide choice;
+    # another set of wide candidates drops only the wide choices.
+    wide_key = (3, *key[1:])
+    for identity in ({k: v for k, v in dg._identity(cpu).items() if k != "wide"}, dg._identity(cpu) | {"wide": "0"}):
+        path.write_text(json.dumps({"identity": identity, "choices": [{"key": list(k), "config": list(pinned)}
+                                                                      for k in (key, wide_key)]}))
+        dg._CHOSEN.clear()
+        dg._LOADED.clear()
+        assert dg._config(x, w) == pinned and wide_key not in dg._CHOSEN
     path.write_text("{")
     dg._CHOSEN.clear()
     dg._LOADED.clear()

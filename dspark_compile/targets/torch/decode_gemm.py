@@ -19,8 +19,10 @@ The tile sizes and split are timed once per weight shape on the GPU (or read fro
 names, where earlier runs on the same GPU kept them) and then fixed for every row count up to
 ``SMALL_M`` (one M tile of 16 rows): the speculative round (B·(γ+1) rows) and the target-only step (B rows)
 give a row the same bits, as each output row's reduction never depends on the other rows. Larger row counts
-use wider M tiles, one configuration up to ``SPLIT_M`` rows (B = 64: step 64, verify 512) and one beyond;
-full-precision weights use cuBLAS there.
+use wider M tiles: one configuration up to ``WIDE_M`` rows (B = 16's verify, B = 64's step), one up to ``SPLIT_M``
+(B = 32 and 64's verifies: 256 and 512 rows, where the product is bound by the tensor cores, not the weight bytes)
+and one beyond; full-precision weights use cuBLAS there. A row of B = 64's step and of its verify may therefore
+differ in the last bits, as they already did for 3 <= B <= 16 (``row_class``).
 
 Activations stay in the model dtype (W8A16) unless the layer quantizes them (``--quantize fp8-dynamic``: e4m3
 per row and K tile of 128, scale amax/448, as HF "-FP8" checkpoints declare): then the product is e4m3 × e4m3 on
@@ -301,6 +303,11 @@ class DecodeWeight:
 
 
 SMALL_M = 16  # rows up to which one configuration serves every row count (decode: B and B·(γ+1) at B = 1)
+WIDE_M = 128
+"""Rows above which a product has a configuration of its own (:data:`WIDE_CONFIGS` among its candidates). One
+configuration for 17-1024 rows, timed over 64, 128 and 512 rows, ran the H200's 512-row products at about 1.5x
+the sweep's best for that row count (610 against 382 µs a layer, ``gemm_rows_sweep_h200.json``): no tile is good
+at both a weight-bound 64-row step and a compute-bound 512-row verify (docs/BENCH.md, "Wide products")."""
 SPLIT_M = 1024
 """Rows up to which the larger configurations may split K (B = 128's verify); beyond (prefill chunks) the float32
 partials would take splits · M · N · 4 bytes, so those row counts never split and form a class of their own."""
@@ -327,10 +334,15 @@ LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 6
 """BLOCK_N, BLOCK_M, BLOCK_K, programs per SM, warps, stages, fast conversion for larger M. The last eight (128-row
 tiles, K tiles of 64, 256-column tiles of the fp16 product) led ``gemm_sweep.py --rows`` on the H200 for the Qwen3-8B
 products summed over 64, 128 and 512 rows (docs/BENCH.md, "The larger row class")."""
-TIMED_ROWS = {1: (64, 128, 512)}
+WIDE_CONFIGS = ((128, 256, 64, 0, 8, 3, 1), (128, 256, 64, 0, 8, 4, 1), (64, 256, 64, 0, 4, 3, 1),
+                (64, 256, 64, 0, 4, 4, 1), (128, 128, 128, 0, 8, 3, 1), (128, 128, 64, 0, 8, 4, 1))
+"""As :data:`LARGE_CONFIGS`, added to them in the wide class (``WIDE_M`` to ``SPLIT_M`` rows): the leaders of
+``gemm_sweep.py --rows`` at 512 rows on the H200 (256-row tiles, one program per output tile), which the
+17-1024-row class could not take since they waste three quarters of their tensor-core work at 64 rows."""
+TIMED_ROWS = {1: (64, 128), 3: (256, 512)}
 """Row counts a class's candidates are timed at (other classes: the call's own), the choice the least sum of
-each time over that row count's fastest: one configuration serves every row count of the 17-1024-row class
-(B = 16's verify of 128 rows, B = 64's step of 64 and verify of 512), and on the H200 the fastest at one row
+each time over that row count's fastest: one configuration serves every row count of a class (class 1: B = 16's
+verify of 128 rows and B = 64's step; class 3: B = 32's and 64's verifies), and on the H200 the fastest at one row
 count took up to 1.8x the fastest at another (docs/BENCH.md, "The larger row class")."""
 Config = tuple[int, ...]
 """BLOCK_M, BLOCK_N, BLOCK_K, programs per SM, warps, stages, conversion, and optionally 1: the weight tiles
@@ -347,8 +359,9 @@ log = logging.getLogger(__name__)
 
 
 def row_class(m: int) -> int:
-    """0: M <= SMALL_M, 1: up to SPLIT_M, 2: more. One configuration per class and weight shape."""
-    return 0 if m <= SMALL_M else 1 if m <= SPLIT_M else 2
+    """0: M <= SMALL_M, 1: up to WIDE_M, 3: up to SPLIT_M, 2: more. One configuration per class and weight shape.
+    Class 3 is the newest (the wide products): classes 0-2 keep the numbers that choices files already hold."""
+    return 0 if m <= SMALL_M else 1 if m <= WIDE_M else 3 if m <= SPLIT_M else 2
 
 
 def _candidates(m: int, k: int, group: int, weight_bytes: int = 1, act_group: int = 0) -> list[Config]:
@@ -366,8 +379,8 @@ def _candidates(m: int, k: int, group: int, weight_bytes: int = 1, act_group: in
         return [CUBLAS]
     else:
         split = m <= SPLIT_M
-        out = list(dict.fromkeys((bm, bn, bk, per_sm if split else 0, w, st, f)
-                                 for bn, bm, bk, per_sm, w, st, f in LARGE_CONFIGS))
+        out = list(dict.fromkeys((bm, bn, bk, per_sm if split else 0, w, st, f) for bn, bm, bk, per_sm, w, st, f
+                                 in LARGE_CONFIGS + (WIDE_CONFIGS if row_class(m) == 3 else ())))
     if group < k:
         out = [c for c in out if group % c[2] == 0]
     out = out or [(16 if m <= SMALL_M else 64, 64, min(group, 64), 0, 4, 3, 0)]
@@ -451,7 +464,17 @@ def _identity(device: torch.device) -> dict[str, str]:
     """What a choice holds for: the GPU's name, Triton's version and the candidate set."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     candidates = hashlib.sha256(repr((SMALL_CONFIGS, LARGE_CONFIGS)).encode()).hexdigest()[:16]
-    return {"gpu": gpu, "triton": triton.__version__, "candidates": candidates}
+    wide = hashlib.sha256(repr((WIDE_CONFIGS, WIDE_M)).encode()).hexdigest()[:16]
+    return {"gpu": gpu, "triton": triton.__version__, "candidates": candidates, "wide": wide}
+
+
+def _holds(data: dict, mine: dict[str, str], key: tuple[int, ...]) -> bool:
+    """Whether a choices file's entry ``key`` holds for this process: the same GPU, Triton and candidates, and for
+    the wide class (3) the same wide candidates too. A file from before the wide class (no "wide") keeps its other
+    classes: their candidates and row counts are unchanged, class 1's apart from its timing rows."""
+    theirs = data.get("identity") or {}
+    same = {k: v for k, v in theirs.items() if k != "wide"} == {k: v for k, v in mine.items() if k != "wide"}
+    return same and (key[0] != 3 or theirs.get("wide") == mine["wide"])
 
 
 def _load_choices(device: torch.device) -> bool:
@@ -469,9 +492,8 @@ def _load_choices(device: torch.device) -> bool:
             except (ValueError, KeyError, TypeError) as exc:
                 raise UsageError(f"{CHOICES_ENV}={path}: not a decode GEMM choices file ({exc}); delete it or "
                                  f"point {CHOICES_ENV} at a new path") from exc
-            if data.get("identity") == mine:
-                _CHOSEN.update(entries)
-        _LOADED[path] = data.get("identity") == mine
+            _CHOSEN.update((k, c) for k, c in entries if _holds(data, mine, k))
+        _LOADED[path] = _holds(data, mine, (0,))
         if not _LOADED[path]:
             log.warning("%s=%s holds choices of %s, not of this process (%s): neither read nor written", CHOICES_ENV,
                         path, data.get("identity"), mine)
