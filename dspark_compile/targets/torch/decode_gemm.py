@@ -39,6 +39,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -468,10 +469,11 @@ def _identity(device: torch.device) -> dict[str, str]:
     return {"gpu": gpu, "triton": triton.__version__, "candidates": candidates, "wide": wide}
 
 
-def _holds(data: dict, mine: dict[str, str], key: tuple[int, ...]) -> bool:
+def _holds(data: dict[str, Any], mine: dict[str, str], key: tuple[int, ...]) -> bool:
     """Whether a choices file's entry ``key`` holds for this process: the same GPU, Triton and candidates, and for
-    the wide class (3) the same wide candidates too. A file from before the wide class (no "wide") keeps its other
-    classes: their candidates and row counts are unchanged, class 1's apart from its timing rows."""
+    the wide class (3) the same wide candidates too. A file from before the wide class (no "wide") keeps classes
+    0-2, whose candidates are unchanged; its class 1 entries were timed over 512 rows as well, and now serve only
+    up to ``WIDE_M``."""
     theirs = data.get("identity") or {}
     same = {k: v for k, v in theirs.items() if k != "wide"} == {k: v for k, v in mine.items() if k != "wide"}
     return same and (key[0] != 3 or theirs.get("wide") == mine["wide"])
