@@ -61,6 +61,17 @@ SCRIPT = textwrap.dedent(
             close(f"fp16 product, large activations {kind}", decode_linear(big, fw, cfg[:6] + (2,)),
                   F.linear(big.float(), fp8_dequantize(q, scale, group), bias), 1e-2)
 
+    # the wide class's tiles (WIDE_CONFIGS: up to 256 rows) over 300 rows, the last row tile partial; the weight in
+    # column and in fragment order (float32 activations, as above: the interpreter's bf16 loads are not the GPU's)
+    from dspark_compile.targets.torch.decode_gemm import WIDE_CONFIGS
+
+    w = torch.randn(256, 256); q, scale = quantize_fp8(w); x = torch.randn(300, 256)
+    ref = F.linear(x, fp8_dequantize(q, scale, 0))
+    for fw in (DecodeWeight.of(q, scale, 0, None), DecodeWeight.of(q, scale, 0, None).in_fragment_order()):
+        for bn, bm, bk, per_sm, warps, stages, conv in WIDE_CONFIGS:
+            cfg = (bm, bn, bk, per_sm, warps, stages, conv)
+            close(f"wide {cfg} fragment order {fw.fragment_order}", decode_linear(x, fw, cfg), ref)
+
     # full-precision weights streamed by the same kernel (WIDE), split K and not
     for m, n, k in ((1, 96, 256), (7, 64, 4096)):
         w = torch.randn(n, k); bias = torch.randn(n); x = torch.randn(m, k)
