@@ -14,7 +14,8 @@
 # BATCH (e.g. 4,16), NEW (new tokens), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
 # again verifying at most that many drafts; not with BASE code older than fp8_bench --verify-caps), PLAIN=1 (rounds
 # that draft nothing, VerifyPolicy draft_rows=0, against target-only steps; not with BASE code before them) and
-# ROUND_TIMEOUT (s per mode) shape the rounds. BASE=dir (a copy of an earlier dspark_compile package's parent,
+# ROUND_TIMEOUT (s per mode) shape the rounds. WIDE_CLASS=1 runs benchmarks/wide_class.py after the rounds (the
+# decode GEMM's wide row class against the old class-1 configuration, product by product; WIDE_TIMEOUT s). BASE=dir (a copy of an earlier dspark_compile package's parent,
 # e.g. made with `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that
 # fp8_bench.py, when the copy has one) instead, for changes with no switch. Without AB_VAR it then flips no
 # switch: until 2026-12-05 it flipped DSPARK_PDL, so such an A/B's base half ran with PDL off (docs/BENCH.md, "The
@@ -77,6 +78,10 @@ if [ "${GEMMA:-0}" = 1 ]; then
         > /dev/null 2>&1
     echo "$AB=$m"; tail -c 700 "$W/gemma4_pdl$m/gemma4_summary.json"; echo
   done
+fi
+if [ "${WIDE_CLASS:-0}" = 1 ]; then  # after the rounds: an older BASE half rejects a file the wide class wrote
+  timeout ${WIDE_TIMEOUT:-150} "$PY" benchmarks/wide_class.py "$W/wide_class.json" > "$W/wide_class.log" 2>&1
+  grep -E "^(layer|gate_up|down|qkv|o|lm_head) " "$W/wide_class.log" | cut -c1-300
 fi
 if [ "${TESTS:-1}" = 1 ] && [ "${TESTS_LAST:-0}" = 1 ]; then tests; fi
 tar czf "$OUT/pdl.tgz" -C "$(dirname "$W")" pdl
