@@ -39,7 +39,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import triton
@@ -469,16 +468,6 @@ def _identity(device: torch.device) -> dict[str, str]:
     return {"gpu": gpu, "triton": triton.__version__, "candidates": candidates, "wide": wide}
 
 
-def _holds(data: dict[str, Any], mine: dict[str, str], key: tuple[int, ...]) -> bool:
-    """Whether a choices file's entry ``key`` holds for this process: the same GPU, Triton and candidates, and for
-    the wide class (3) the same wide candidates too. A file from before the wide class (no "wide") keeps classes
-    0-2, whose candidates are unchanged; its class 1 entries were timed over 512 rows as well, and now serve only
-    up to ``WIDE_M``."""
-    theirs = data.get("identity") or {}
-    same = {k: v for k, v in theirs.items() if k != "wide"} == {k: v for k, v in mine.items() if k != "wide"}
-    return same and (key[0] != 3 or theirs.get("wide") == mine["wide"])
-
-
 def _load_choices(device: torch.device) -> bool:
     """Read ``DSPARK_GEMM_CHOICES`` once (a missing file is an empty one); whether it holds for this process."""
     path = os.environ.get(CHOICES_ENV)
@@ -486,19 +475,26 @@ def _load_choices(device: torch.device) -> bool:
         return False
     if path not in _LOADED:
         mine = _identity(device)
-        data = {"identity": mine, "choices": []}
+        theirs, entries = mine, []
         if Path(path).exists():
             try:
                 data = json.loads(Path(path).read_text())
+                theirs = dict(data["identity"])
                 entries = [(tuple(c["key"]), tuple(c["config"])) for c in data["choices"]]
             except (ValueError, KeyError, TypeError) as exc:
                 raise UsageError(f"{CHOICES_ENV}={path}: not a decode GEMM choices file ({exc}); delete it or "
                                  f"point {CHOICES_ENV} at a new path") from exc
-            _CHOSEN.update((k, c) for k, c in entries if _holds(data, mine, k))
-        _LOADED[path] = _holds(data, mine, (0,))
-        if not _LOADED[path]:
+        # A file from before the wide class (no "wide") keeps classes 0-2, whose candidates are unchanged (its class
+        # 1 entries were timed over 512 rows as well, and now serve only up to WIDE_M); class 3 entries hold only
+        # for the same wide candidates.
+        same = {k: v for k, v in theirs.items() if k != "wide"} == {k: v for k, v in mine.items() if k != "wide"}
+        wide = theirs.get("wide") == mine["wide"]
+        if same:
+            _CHOSEN.update((k, c) for k, c in entries if k[0] != 3 or wide)
+        _LOADED[path] = same
+        if not same:
             log.warning("%s=%s holds choices of %s, not of this process (%s): neither read nor written", CHOICES_ENV,
-                        path, data.get("identity"), mine)
+                        path, theirs, mine)
     return _LOADED[path]
 
 
