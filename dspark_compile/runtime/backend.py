@@ -108,10 +108,10 @@ class DecodeBackend(Protocol):
     # getattr(..., False): a backend whose verify cost grows with ℓ leaves it out.
     verifies_whole_block: bool
     # round(verify_len, draft=False) / launch(..., draft=False): a plain step (VerifyPolicy.draft_rows): the target
-    # over one position per row, nothing verified, the draft's context kept current. It need not draft:
-    # CudaGraphBackend writes only the draft's context (its Proposal's drafts −1); the graph executor, whose draft
-    # graph has no context-only form, drafts as usual. Read with getattr(..., False): a backend without it is never
-    # asked.
+    # over one position per row, nothing verified, the draft's context kept current, nothing drafted (the
+    # Proposal's drafts −1). CudaGraphBackend writes only the draft's context; the graph executor, whose draft graph
+    # has no context-only form, holds the taps for its next draft call. Read with getattr(..., False): a backend
+    # without it is never asked.
     takes_plain_rounds: bool
 
     def start(self, rows: int, slots: int, *, speculative: bool = True) -> None:

@@ -93,8 +93,8 @@ class VerifyPolicy:
     ``draft_rows``: with more live rows than this, a round is a plain step (one position per row, nothing
     verified, the draft's context kept current: ``DecodeBackend.round(..., draft=False)``), on backends that take
     it (``takes_plain_rounds``). Where a block costs more target steps than it yields (FP8 at 64 rows on an H200,
-    docs/BENCH.md), the CUDA-graph backend's plain round, which drafts nothing, costs about a decoding step; the
-    graph executor's verifies one position but still runs its draft graph. Below it, rounds speculate again."""
+    docs/BENCH.md), a plain round, which drafts nothing, costs about a decoding step (the graph executor runs its
+    draft graph once every G + 1 of them, for the context). Below it, rounds speculate again."""
 
     kind: str = "fixed"
     threshold: float = 0.5

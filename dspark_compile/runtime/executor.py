@@ -93,7 +93,7 @@ class GraphExecutor:
     """The device-resident decode round of docs/PROGRAM.md over any :class:`Transport`."""
 
     verifies_whole_block = True  # round() verifies every row's G+1 positions (DecodeBackend)
-    takes_plain_rounds = True  # round(..., draft=False): one position per row, verified alone; the draft still runs
+    takes_plain_rounds = True  # round(..., draft=False): one position per row, verified alone; the draft deferred
 
     def __init__(self, info: ProgramInfo, transport: Transport,
                  weights: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -118,6 +118,10 @@ class GraphExecutor:
         self.anchor = torch.zeros(0, dtype=i64, device=dev)
         self.drafts = torch.zeros(0, self._g, dtype=i64, device=dev)
         self.draft_probs: torch.Tensor | None = None  # [n, G, V] when the graphs sample
+        # Plain rounds' taps, not yet read by the draft (_defer): row r's first ``held[r]`` of [n, G + 1, taps]. The
+        # counts follow from the calls alone, so the host keeps them (no synchronisation to read them).
+        self.held = np.zeros(0, dtype=np.int64)
+        self.held_taps = torch.zeros(0, self._g + 1, self.info.tap_width, dtype=self.dtype, device=dev)
         self.temperature = torch.zeros(0, dtype=torch.float32, device=dev)
         self.seeds = torch.zeros(0, dtype=i64, device=dev)
         self.calls = torch.zeros(0, dtype=i64, device=dev)
@@ -268,6 +272,8 @@ class GraphExecutor:
         self.temperature = torch.cat((self.temperature, temp))
         self.seeds = torch.cat((self.seeds, seed))
         self.calls = torch.cat((self.calls, calls + 1))
+        self.held = np.concatenate((self.held, np.zeros(k, dtype=np.int64)))
+        self.held_taps = torch.cat((self.held_taps, self.held_taps.new_zeros(k, *self.held_taps.shape[1:])))
         self._buffers.clear()  # the batch changed: new shapes
         return self._proposal(zeros, first.clone(), drafts, conf)
 
@@ -278,13 +284,14 @@ class GraphExecutor:
     @torch.inference_mode()
     def round(self, verify_len: np.ndarray, *, draft: bool = True) -> Proposal:
         """``draft=False`` (VerifyPolicy.draft_rows): the target over the anchor alone, nothing verified (uniform G
-        draws the next token, as in every round); the draft graph runs as in any round, so its context stays
-        current and the Proposal has its drafts."""
+        draws the next token, as in every round), and no draft graph: its taps wait for the next one (_defer), and
+        the Proposal's drafts are −1, as the CUDA-graph backend's. A row whose context waits verifies nothing in
+        the drafting round after (its pending drafts are stale)."""
         n, g, dev = self.rows, self._g, self.device
         width = g + 1 if draft else 1
-        vlen = torch.as_tensor(np.asarray(verify_len, dtype=np.int64), device=dev)
-        if not draft:
-            vlen = torch.zeros_like(vlen)
+        # a row whose context waits has stale drafts: it verifies none of them
+        vlen = torch.as_tensor(np.where(self.held > 0, 0, verify_len) if draft else np.zeros(n), dtype=torch.int64,
+                               device=dev)
         u = self._uniforms(self.seeds, self.calls)
         self.calls += 1
         tokens = torch.cat((self.anchor[:, None], self.drafts), dim=1) if draft else self.anchor[:, None].contiguous()
@@ -295,14 +302,46 @@ class GraphExecutor:
         previous = self.cache_len
         self.cache_len = previous + accepted + 1
         self.anchor = nxt
+        conf = torch.zeros(n, g, dtype=torch.float32, device=dev)
+        if g and not draft:
+            self._defer(out["taps"], u[:, g + 1:].contiguous())
+            return self._proposal(accepted, nxt, torch.full_like(self.drafts, -1), conf)
         if g:
             assert self.draft_kv is not None
-            self.drafts, conf, new_probs = self._draft(nxt, out["taps"], accepted + 1, previous, self.draft_kv,
+            held = torch.as_tensor(self.held, device=dev)
+            taps = self._with_held(out["taps"], held)
+            self.drafts, conf, new_probs = self._draft(nxt, taps, held + accepted + 1, previous - held, self.draft_kv,
                                                        self.temperature, u[:, g + 1:].contiguous())
             self.draft_probs = new_probs
-        else:
-            conf = torch.zeros(n, 0, dtype=torch.float32, device=dev)
+            self.held[:] = 0
         return self._proposal(accepted, nxt, self.drafts, conf)
+
+    def _with_held(self, taps: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        """The draft's context: each row's ``held`` taps, then this call's, left aligned (the draft reads the
+        first ``held + accepted + 1`` of a row)."""
+        most = int(self.held.max(initial=0))
+        if not most:
+            return taps
+        both = torch.cat((self.held_taps[:, :most], taps), dim=1)
+        j = torch.arange(both.shape[1], device=self.device)[None, :]
+        idx = torch.where(j < held[:, None], j, (j - held[:, None] + most).clamp(max=both.shape[1] - 1))
+        return both.gather(1, idx[..., None].expand(-1, -1, both.shape[2]))
+
+    def _defer(self, taps: torch.Tensor, uniforms: torch.Tensor) -> None:
+        """A plain round's one tap a row waits in ``held_taps`` for the next draft call instead of a draft call
+        of its own: plain rounds then cost a target step and no draft graph (the draft graph has no context-only
+        form). The draft reads at most 2G + 1 context positions in one call (its profiles' optimum is G + 1):
+        after G + 1 plain rounds the held taps go to a draft call whose drafts are dropped."""
+        dev = self.device
+        self.held_taps[torch.arange(self.rows, device=dev), torch.as_tensor(self.held, device=dev)] = taps[:, 0]
+        self.held += 1
+        if self.held.max(initial=0) <= self._g:
+            return
+        assert self.draft_kv is not None
+        held = torch.as_tensor(self.held, device=dev)
+        self.drafts, _, self.draft_probs = self._draft(self.anchor, self.held_taps, held, self.cache_len - held,
+                                                       self.draft_kv, self.temperature, uniforms)
+        self.held[:] = 0
 
     @torch.inference_mode()
     def select(self, rows: np.ndarray) -> None:
@@ -312,7 +351,8 @@ class GraphExecutor:
             self.ring = self.ring.index_select(2, idx)
         if self.draft_kv is not None:
             self.draft_kv = self.draft_kv.index_select(2, idx)
-        for name in ("cache_len", "anchor", "drafts", "draft_probs", "temperature", "seeds", "calls"):
+        self.held = self.held[np.asarray(rows, dtype=np.int64)]
+        for name in ("cache_len", "anchor", "drafts", "draft_probs", "temperature", "seeds", "calls", "held_taps"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, idx))

@@ -4,6 +4,7 @@ admitted into a live batch keep the others' caches, and the K/V rows land where 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,3 +79,76 @@ def test_write_rows_puts_row_t_at_cache_len_plus_t() -> None:
     for b, s in enumerate(start.tolist()):
         assert torch.equal(cache[:, :, b, :, s : s + 4], rows[:, :, b])
         assert cache[:, :, b, :, :s].abs().sum() == 0 and cache[:, :, b, :, s + 4 :].abs().sum() == 0
+
+
+def test_plain_rounds_hold_their_taps_for_the_next_draft_call(backend: TorchBackend) -> None:
+    """Plain rounds (``round(..., draft=False)``) run no draft graph: their taps wait for the next draft call, which
+    reads them before its own, or, after G + 1 plain rounds in a row, one draft call whose drafts are dropped. A row
+    admitted or dropped while taps wait keeps the others' waiting. Against rounds that draft and verify nothing
+    (the same committed tokens): every round's next tokens equal; at every drafting round the same drafts and
+    confidences (float32, within 1e-4, as the golden traces), and the draft's cache the same over every committed
+    position (within 1e-5: a context of several positions in one call rounds differently). The draft graph runs
+    at the drafting rounds and once in the stretch of G + 1 = 8 plain rounds; a drafting round after plain ones
+    verifies nothing, even when asked to (its drafts were stale), and returns drafts; plain rounds return −1."""
+    g = backend.info.block_size
+    # (action, argument): plain rounds or drafting rounds (count), a new row, rows kept
+    script = [("plain", 2), ("admit", 3), ("plain", 2), ("select", [0, 2]), ("draft", 1), ("plain", 9),
+              ("draft", 2)]
+    runs = []
+    flushes: list[int] = []
+    verified: list[list[int]] = []
+    for hold in (True, False):
+        calls: list[str] = []
+        run = backend.transport.run
+
+        def counted(graph: str, feeds: Any, outputs: Any, run: Any = run, calls: list[str] = calls) -> None:
+            calls.append(graph)
+            if graph == "target_step":
+                verified.append(feeds["verify_len"].tolist())
+            run(graph, feeds, outputs)
+
+        backend.transport.run = counted  # type: ignore[method-assign]
+        try:
+            backend.start(3, 128)
+            outs = [backend.admit(np.array([PROMPTS[0] + [0] * 4, PROMPTS[2]]), np.array([4, 8]),
+                                  np.zeros(2, np.float32), np.array([0, 2]))]
+            drafting: list[int] = []
+            for action, arg in script:
+                if action == "admit":
+                    outs.append(backend.admit(np.array([PROMPTS[arg]]), np.array([len(PROMPTS[arg])]),
+                                              np.zeros(1, np.float32), np.array([arg])))
+                elif action == "select":
+                    backend.select(np.array(arg))
+                else:
+                    for _ in range(arg):
+                        plain = hold and action == "plain"
+                        before = calls.count("draft_propose")
+                        # the first drafting round after plain ones is asked for every draft: the held rows' drafts
+                        # are stale, so it verifies none (as the rounds that verify nothing)
+                        ask = g if hold and action == "draft" and (outs[-1].drafts == -1).all() else 0
+                        outs.append(backend.round(np.full(backend.rows, ask), draft=not plain))
+                        assert verified[-1] == [0] * backend.rows  # what target_step was given
+                        assert outs[-1].accepted.tolist() == [0] * backend.rows
+                        assert (outs[-1].drafts == -1).all() == plain
+                        if action == "draft":
+                            drafting.append(len(outs) - 1)
+                        elif hold:  # draft calls in each plain round
+                            flushes.append(calls.count("draft_propose") - before)
+            n = backend.rows
+            lengths = backend.cache_len.tolist()
+            dkv = [backend.draft_kv[:, :, r, :, : lengths[r]].clone() for r in range(n)]
+            runs.append((outs, drafting, dkv, calls.count("draft_propose")))
+        finally:
+            del backend.transport.run
+    (a, drafting, kv_a, drafts_a), (b, drafting_b, kv_b, drafts_b) = runs
+    assert drafting == drafting_b
+    assert [p.next_token.tolist() for p in a] == [p.next_token.tolist() for p in b]
+    for i in drafting:
+        assert a[i].drafts.tolist() == b[i].drafts.tolist(), i
+        np.testing.assert_allclose(a[i].confidence_logits, b[i].confidence_logits, atol=1e-4)
+    for x, y in zip(kv_a, kv_b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    # draft calls: 2 admissions + 3 drafting rounds, and one for the 8th of 9 plain rounds in a row (4 + 9 + 2
+    # rounds draft each without holding)
+    assert (drafts_a, drafts_b) == (2 + 3 + 1, 2 + 4 + 1 + 9 + 2) and g == 7
+    assert flushes == [0] * 4 + [0] * g + [1, 0]  # a row held G + 1 taps at the stretch's 8th round

@@ -45,7 +45,7 @@ def test_run_reproduces_the_golden_traces(golden_build: Path, golden_trace: dict
 
 def test_plain_rounds_on_the_golden_graphs(golden_build: Path, golden_trace: dict[str, Any]) -> None:
     """VerifyPolicy(draft_rows=0) through onnxruntime: every round verifies the anchor alone (a target_step of one
-    position a row) and the draft graph still runs; the golden pair decodes its target-only baseline."""
+    position a row), drafting nothing; the golden pair decodes its target-only baseline."""
     from dspark_compile.runtime.decode import GenerationParams, VerifyPolicy, generate
 
     prompts = [e["prompt"] for e in golden_trace["baseline"]]

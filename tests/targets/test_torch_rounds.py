@@ -502,8 +502,8 @@ def test_draft_rows_zero_never_drafts_and_a_backend_without_plain_rounds_refuses
 
 
 def test_the_graph_executor_takes_plain_rounds(golden_dir: Path) -> None:
-    """The graph executor (the PyTorch reference transport): a plain round verifies the anchor alone and still runs
-    its draft graph, so its Proposal has drafts. With draft_rows=0 the golden pair's greedy output is the target's
+    """The graph executor (the PyTorch reference transport): a plain round verifies the anchor alone and drafts
+    nothing (its taps wait for a later draft call). With draft_rows=0 the golden pair's greedy output is the target's
     (its golden baseline), and greedy or sampled, every round commits what a round that drafts and verifies nothing
     (fixed=0) commits."""
     from dspark_compile.runtime.torch_backend import TorchBackend
