@@ -154,9 +154,9 @@ INTERPRET_SCRIPT = textwrap.dedent(
     from dspark_compile.targets.torch.static_forward import StaticProgram
 
     torch.manual_seed(0)
-    def close(name, a, b, tol=2e-5):
-        err = (a.float() - b.float()).abs().max().item()
-        assert err < tol, f"{name}: max abs error {err}"
+    def close(name, a, b, tol=2e-5):  # float32 sums in other orders: 2e-5 of the values' scale (at least 1)
+        err, scale = (a.float() - b.float()).abs().max().item(), max(1.0, b.float().abs().max().item())
+        assert err < tol * scale, f"{name}: max abs error {err} at scale {scale}"
 
     m, h = 5, 96
     x, d = torch.randn(m, h), torch.randn(m, h)
