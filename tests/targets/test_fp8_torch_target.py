@@ -892,6 +892,24 @@ def test_a_larger_row_configuration_is_chosen_over_the_row_counts_its_class_serv
     assert least_relative_time({a: [3.0], b: [2.0]}) == b
 
 
+def test_a_candidate_that_writes_nan_or_inf_strays_from_the_reference() -> None:
+    """``relative_error``, by which timing drops a candidate over 1e-2: a NaN anywhere in its product is an infinite
+    error (a bare comparison with NaN is false and would have kept it), as is an infinite value."""
+    import math
+
+    import torch
+
+    pytest.importorskip("triton")
+    from dspark_compile.targets.torch.decode_gemm import relative_error
+
+    ref = torch.tensor([[1.0, -4.0], [2.0, 0.5]])
+    assert relative_error(ref + 0.01, ref) == pytest.approx(0.0025)
+    for bad in (math.nan, math.inf):
+        got = ref.clone()
+        got[1, 0] = bad
+        assert relative_error(got, ref) == math.inf
+
+
 def test_decode_gemm_choices_file_pins_configurations_for_its_gpu_only(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """``DSPARK_GEMM_CHOICES``: a missing file is written as choices are made; a later process reads it and runs the
