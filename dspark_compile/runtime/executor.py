@@ -302,30 +302,30 @@ class GraphExecutor:
         previous = self.cache_len
         self.cache_len = previous + accepted + 1
         self.anchor = nxt
-        conf = torch.zeros(n, g, dtype=torch.float32, device=dev)
-        if g and not draft:
-            self._defer(out["taps"], u[:, g + 1:].contiguous())
+        if not g or not draft:
+            if g:
+                self._defer(out["taps"], u[:, g + 1:].contiguous())
+            conf = torch.zeros(n, g, dtype=torch.float32, device=dev)
             return self._proposal(accepted, nxt, torch.full_like(self.drafts, -1), conf)
-        if g:
-            assert self.draft_kv is not None
-            held = torch.as_tensor(self.held, device=dev)
-            taps = self._with_held(out["taps"], held)
-            self.drafts, conf, new_probs = self._draft(nxt, taps, held + accepted + 1, previous - held, self.draft_kv,
-                                                       self.temperature, u[:, g + 1:].contiguous())
-            self.draft_probs = new_probs
-            self.held[:] = 0
+        assert self.draft_kv is not None
+        taps, count, start = self._with_held(out["taps"], accepted + 1, previous)
+        self.drafts, conf, self.draft_probs = self._draft(nxt, taps, count, start, self.draft_kv, self.temperature,
+                                                          u[:, g + 1:].contiguous())
         return self._proposal(accepted, nxt, self.drafts, conf)
 
-    def _with_held(self, taps: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-        """The draft's context: each row's ``held`` taps, then this call's, left aligned (the draft reads the
-        first ``held + accepted + 1`` of a row)."""
+    def _with_held(self, taps: torch.Tensor, count: torch.Tensor, start: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The draft's context (taps, count a row, first position): each row's held taps, then the first ``count``
+        of this call's, left aligned; as given when nothing is held (no extra work in a speculating stretch)."""
         most = int(self.held.max(initial=0))
         if not most:
-            return taps
+            return taps, count, start
+        held = torch.tensor(self.held, device=self.device)  # a copy: on the CPU as_tensor would share the array
+        self.held[:] = 0
         both = torch.cat((self.held_taps[:, :most], taps), dim=1)
         j = torch.arange(both.shape[1], device=self.device)[None, :]
         idx = torch.where(j < held[:, None], j, (j - held[:, None] + most).clamp(max=both.shape[1] - 1))
-        return both.gather(1, idx[..., None].expand(-1, -1, both.shape[2]))
+        return both.gather(1, idx[..., None].expand(-1, -1, both.shape[2])), held + count, start - held
 
     def _defer(self, taps: torch.Tensor, uniforms: torch.Tensor) -> None:
         """A plain round's one tap a row waits in ``held_taps`` for the next draft call instead of a draft call
@@ -338,7 +338,7 @@ class GraphExecutor:
         if self.held.max(initial=0) <= self._g:
             return
         assert self.draft_kv is not None
-        held = torch.as_tensor(self.held, device=dev)
+        held = torch.tensor(self.held, device=dev)
         self.drafts, _, self.draft_probs = self._draft(self.anchor, self.held_taps, held, self.cache_len - held,
                                                        self.draft_kv, self.temperature, uniforms)
         self.held[:] = 0
