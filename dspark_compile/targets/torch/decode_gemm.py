@@ -336,10 +336,12 @@ LARGE_CONFIGS = ((128, 64, 128, 0, 4, 4, 0), (128, 64, 128, 0, 4, 4, 1), (128, 6
 tiles, K tiles of 64, 256-column tiles of the fp16 product) led ``gemm_sweep.py --rows`` on the H200 for the Qwen3-8B
 products summed over 64, 128 and 512 rows (docs/BENCH.md, "The larger row class")."""
 WIDE_CONFIGS = ((128, 256, 64, 0, 8, 3, 1), (128, 256, 64, 0, 8, 4, 1), (64, 256, 64, 0, 4, 3, 1),
-                (64, 256, 64, 0, 4, 4, 1), (128, 128, 128, 0, 8, 3, 1), (128, 128, 64, 0, 8, 4, 1))
+                (64, 256, 64, 0, 4, 4, 1), (128, 128, 128, 0, 8, 3, 1))
 """As :data:`LARGE_CONFIGS`, added to them in the wide class (``WIDE_M`` to ``SPLIT_M`` rows): the leaders of
 ``gemm_sweep.py --rows`` at 512 rows on the H200 (256-row tiles, one program per output tile), which the
-17-1024-row class could not take since they waste three quarters of their tensor-core work at 64 rows."""
+17-1024-row class could not take since they waste three quarters of their tensor-core work at 64 rows. A sixth
+leader, 128 × 128 × 64 with 8 warps and 4 stages, raced on the H100 with weights in fragment order (Triton 3.6, per
+thread copies): some launches wrote inf, others the right product (docs/BENCH.md, "A wide tile that raced")."""
 TIMED_ROWS = {1: (64, 128), 3: (256, 512)}
 """Row counts a class's candidates are timed at (other classes: the call's own), the choice the least sum of
 each time over that row count's fastest: one configuration serves every row count of a class (class 1: B = 16's
@@ -403,11 +405,12 @@ def _key(m: int, w: DecodeWeight, dtype: torch.dtype, handoff: bool = False) -> 
 def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
     """The configuration of this weight for this row class, timed once per (class, N, K, group) on the GPU
     (outside CUDA-graph capture; the first call of a shape is a warm-up run) and then fixed, so a row gets
-    the same bits whatever the batch within its class. A candidate that does not compile for this GPU, or
-    whose result strays from the first's (plain conversion, or cuBLAS) by more than float32 summation order
-    can explain, is dropped. ``handoff``: candidates are timed as a consumer that sums the partials runs them,
-    without the last program's reduction, which costs a split-K product 2–3 µs at one row on the H200
-    (docs/BENCH.md); the choice is kept apart from the same shape's self-summing one."""
+    the same bits whatever the batch within its class. A candidate that does not compile for this GPU, whose
+    result strays from the first's (plain conversion, or cuBLAS) by more than float32 summation order can explain,
+    or whose launches disagree (:func:`candidate_error`), is dropped. ``handoff``: candidates are timed as a
+    consumer that sums the partials runs them, without the last program's reduction, which costs a split-K
+    product 2–3 µs at one row on the H200 (docs/BENCH.md); the choice is kept apart from the same shape's
+    self-summing one."""
     m, k = x.shape
     key = _key(m, w, x.dtype, handoff)
     chosen = _CHOSEN.get(key)
@@ -425,11 +428,10 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
     times: dict[Config, list[float]] = {}
     for cfg in candidates:
         try:
-            got = _launch(x, w, cfg).float()
+            err = candidate_error(lambda cfg=cfg: _launch(x, w, cfg).float(), reference)
         except (OutOfResources, CompilationError) as exc:  # e.g. shared memory of a smaller GPU
             log.warning("decode GEMM configuration %s dropped: %s", cfg, exc)
             continue
-        err = relative_error(got, reference)
         if err > 1e-2:
             log.warning("decode GEMM configuration %s dropped: relative error %.3g against %s", cfg, err,
                         candidates[0])
@@ -440,10 +442,20 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
     return best
 
 
+def candidate_error(launch: Callable[[], torch.Tensor], reference: torch.Tensor, launches: int = 3) -> float:
+    """:func:`relative_error` of a candidate's result, infinite unless ``launches`` launches on the same input give
+    the same bits: a race need not show in one launch. On the H100 a wide tile gave the right product (0.2 %) in
+    one launch and inf in the next two (docs/BENCH.md, "A wide tile that raced"); every other candidate repeats its
+    bits exactly, split K included (its last program sums the partials in split order)."""
+    first = launch()
+    if any(not torch.equal(launch(), first) for _ in range(launches - 1)):
+        return math.inf
+    return relative_error(first, reference)
+
+
 def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
     """A candidate's largest error relative to the reference's largest value; NaN anywhere is infinite, so a
-    candidate that writes NaN is dropped too (NaN compares false with any bound). On the H100 one wide tile,
-    128 × 128 × 64 with 8 warps, gave an infinite error at N = 24576 and 151936 (docs/BENCH.md, "Wide products")."""
+    candidate that writes NaN is dropped too (NaN compares false with any bound)."""
     err = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
     return err if err == err else math.inf
 
