@@ -136,10 +136,11 @@ def build_program_of(manifest: dict[str, Any], *, device: str = "cpu", dtype: st
 
 def run(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str = "onnxruntime",
         max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, verify: str = "auto",
-        baseline: bool = False, device: str = "cpu", draft_rows: int | None = None) -> list[GenerationResult]:
+        baseline: bool = False, device: str = "cpu", draft_rows: int | str | None = None) -> list[GenerationResult]:
     """Decode with a build's graphs (or its torch program), exactly like :func:`generate`; ``verify="auto"``
     schedules when the build has been profiled and the draft has a confidence head, else verifies every draft.
-    ``draft_rows``: rounds over more rows are plain steps (VerifyPolicy.draft_rows)."""
+    ``draft_rows``: rounds over more rows are plain steps (VerifyPolicy.draft_rows); ``"auto"``: the build's
+    measured draft_rows.json (`bench --plain-rounds`)."""
     be = load_backend(build_dir, backend, device=device)
     policy = VerifyPolicy.for_build(Path(build_dir), verify, has_confidence=be.info.has_confidence,
                                     draft_rows=draft_rows)
@@ -192,7 +193,7 @@ def demo(out: str | Path, *, progress: bool = True, max_new_tokens: int = 48) ->
 
 def serve(build_dir: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
           verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0,
-          draft_rows: int | None = None) -> Any:
+          draft_rows: int | str | None = None) -> Any:
     """A running :class:`dspark_compile.serving.serve.Server` (the bundled tritonserver) on a build's Triton
     repository, once ready; ports 0 pick free ones, ``verify``/``target_only``/``draft_rows`` override the build's
     settings."""
@@ -250,7 +251,9 @@ def bench(build_dir: str | Path | None, *, batches: Sequence[int] = (1, 16, 64),
     else eagerly on the CPU in fp32. Without ``prompts``, 8 seeded random prompts of 64 tokens.
     ``plain_rounds``: also the rounds a batch over ``--draft-rows`` falls back to, and ``draft_rows``, the value
     these measurements suggest for each acceptance measured (the prompts' own, and each replay's): where a block
-    costs more than it yields depends on the GPU, the engine and the acceptance, so it is measured, not guessed."""
+    costs more than it yields depends on the GPU, the engine and the acceptance, so it is measured, not guessed.
+    With a build and ``prompts``, the prompts' own suggestion goes into BUILD/draft_rows.json for ``--draft-rows
+    auto`` (random prompts say nothing of the traffic, so they write none)."""
     import numpy as np
     import torch
 
@@ -318,6 +321,11 @@ def bench(build_dir: str | Path | None, *, batches: Sequence[int] = (1, 16, 64),
                                                            r["plain_tokens_per_s"]) for r in report["batches"]])
                                 for mode in modes}
     report["build"] = str(build_dir) if random_shape is None else f"random {random_shape}"
+    if "draft_rows" in report and random_shape is None and source == "given":  # for --draft-rows auto
+        from dspark_compile.runtime.decode import DRAFT_ROWS_FILE, write_draft_rows
+
+        report["draft_rows_file"] = str(write_draft_rows(Path(build_dir), report))
+        _copy_into_triton(Path(build_dir), DRAFT_ROWS_FILE)
     report["family"] = info.family
     report["prompts"] = source
     if plot is not None:

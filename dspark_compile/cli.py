@@ -23,6 +23,23 @@ from dspark_compile.runtime.decode import build_tokenizer, read_prompt_file
 F = TypeVar("F", bound=Callable[..., Any])
 DRAFT_ROWS_HELP = ("Rounds with more live requests than this are plain decoding steps (nothing verified, the draft's "
                    "context kept); fewer speculate. Default: always speculate.")
+DRAFT_ROWS_AUTO_HELP = DRAFT_ROWS_HELP + (" auto: the number `bench BUILD --plain-rounds --prompt-file P` measured "
+                                          "(BUILD/draft_rows.json).")
+
+
+class DraftRows(click.ParamType):
+    """``--draft-rows``: a number of rows >= 0, or ``auto`` (the build's measured draft_rows.json)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            return int(value)
+        self.fail(f"{value!r}: expected a number of rows >= 0 (0: never draft) or auto", param, ctx)
+
+
 log = logging.getLogger("dspark_compile")
 
 
@@ -258,13 +275,13 @@ def build(spec_file: Path | None, as_json: bool, stop_after: str | None, dump_af
 @click.option("--verify", default="auto", show_default=True,
               help="fixed | fixed=K | threshold=X | schedule | auto (schedule when the build has an SPS profile and "
                    "the draft a confidence head, else fixed)")
-@click.option("--draft-rows", type=int, help=DRAFT_ROWS_HELP)
+@click.option("--draft-rows", type=DraftRows(), help=DRAFT_ROWS_AUTO_HELP)
 @click.option("--baseline", is_flag=True, help="Target-only decoding.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one object per prompt.")
 @common
 def run(build_dir: Path, prompt_ids: tuple[str, ...], prompt_file: Path | None, backend: str, max_new_tokens: int,
-        temperature: float, seed: int, verify: str, draft_rows: int | None, baseline: bool, device: str,
+        temperature: float, seed: int, verify: str, draft_rows: int | str | None, baseline: bool, device: str,
         as_json: bool) -> None:
     """Decode with a build's graphs; prints the same output as `generate`."""
     from dspark_compile import api
@@ -328,13 +345,13 @@ def calibrate(build_dir: Path, data: Path, backend: str, max_new_tokens: int, de
 @click.option("--http-port", default=0, type=int, help="HTTP port (default: a free one).")
 @click.option("--grpc-port", default=0, type=int, help="gRPC port (default: a free one).")
 @click.option("--verify", help="Override the build's verify policy: fixed | fixed=K | threshold=X | schedule | auto.")
-@click.option("--draft-rows", type=int, help=DRAFT_ROWS_HELP)
+@click.option("--draft-rows", type=DraftRows(), help=DRAFT_ROWS_AUTO_HELP)
 @click.option("--target-only", is_flag=True, help="Decode target-only with the same graphs (a baseline).")
 @click.option("--startup-timeout", default=180.0, show_default=True, type=float, help="Seconds to wait for ready.")
 @click.option("--json", "as_json", is_flag=True, help="Print the endpoints as one JSON line once ready.")
 @common
-def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: str | None, draft_rows: int | None,
-          target_only: bool, startup_timeout: float, as_json: bool) -> None:
+def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: str | None,
+          draft_rows: int | str | None, target_only: bool, startup_timeout: float, as_json: bool) -> None:
     """Serve a build with the bundled tritonserver until Ctrl-C (exit 130) or SIGTERM (exit 0)."""
     import signal
     import time
@@ -479,6 +496,10 @@ def bench(build_dir: Path | None, random_shape: str | None, batch: str, max_new_
         else:
             click.echo(f"--draft-rows ({basis}): {rows}" + (" (never draft: plain rounds won at the smallest batch)"
                                                               if rows == 0 else ""))
+    if "draft_rows_file" in rep:
+        click.echo(f"wrote {rep['draft_rows_file']} (the prompts' acceptance): `serve`/`run --draft-rows auto` use it")
+    elif rep.get("draft_rows") and rep.get("prompts") == "random":
+        click.echo("no draft_rows.json written: random prompts say nothing of the traffic; pass --prompt-file")
 
 
 def _print_results(results: list[Any], as_json: bool) -> None:

@@ -85,7 +85,35 @@ def test_run_draft_rows(golden_build: Path, golden_dir: Path, capsys: pytest.Cap
     assert all(r["draft"] == [] for row in rows for r in row["rounds"])  # four rows live to the end: all plain
     code, stdout, err = _cli(["run", str(golden_build), "--prompt-ids", "1,2", "--draft-rows", "-1"], capsys)
     assert (code, stdout) == (2, "")
-    assert _one_error_line(err).startswith("error: --draft-rows")
+    assert "--draft-rows" in _one_error_line(err)
+
+
+def test_run_draft_rows_auto_reads_what_bench_measured(golden_build: Path, golden_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`--draft-rows auto`: the number in BUILD/draft_rows.json (`bench --plain-rounds` writes it), here 1, decodes
+    as `--draft-rows 1` does; without the file, or with one that holds no row count, one error line naming the file
+    and the command that writes it, exit 2."""
+    base = json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())["baseline"]
+    measured = golden_build / "draft_rows.json"
+    code, stdout, err = _cli(["run", str(golden_build), "--prompt-ids", "1,2", "--draft-rows", "auto"], capsys)
+    assert (code, stdout) == (2, "")
+    line = _one_error_line(err)
+    assert str(measured) in line and "dspark-compile bench" in line and "--plain-rounds" in line
+    try:
+        measured.write_text(json.dumps({"draft_rows": 1}))
+        rows = _run_json(golden_build, [e["prompt"] for e in base], capsys, "--max-new-tokens", "24",
+                         "--draft-rows", "auto")
+        assert [r["tokens"] for r in rows] == [e["tokens"][:24] for e in base]
+        assert all(r["draft"] == [] for row in rows for r in row["rounds"])  # four rows live: all plain, as with 1
+        measured.write_text(json.dumps({"draft_rows": "many"}))
+        code, stdout, err = _cli(["run", str(golden_build), "--prompt-ids", "1,2", "--draft-rows", "auto"], capsys)
+        assert (code, stdout) == (2, "")
+        assert "holds draft_rows 'many'" in _one_error_line(err)
+    finally:
+        measured.unlink(missing_ok=True)
+    code, stdout, err = _cli(["run", str(golden_build), "--prompt-ids", "1,2", "--draft-rows", "most"], capsys)
+    assert (code, stdout) == (2, "")
+    assert "--draft-rows" in _one_error_line(err) and "or auto" in err
 
 
 EVERY_FIELD = """\

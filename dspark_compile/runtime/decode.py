@@ -83,6 +83,44 @@ def build_tokenizer(build_dir: Path) -> Path | None:
     return Path(target) if target else None
 
 
+DRAFT_ROWS_FILE = "draft_rows.json"
+"""Written into a build by `dspark-compile bench BUILD --plain-rounds --prompt-file P` (:func:`write_draft_rows`),
+read by ``--draft-rows auto``: the batch above which speculation lost to plain rounds on the GPU, engine and prompts
+it was measured with."""
+
+
+def write_draft_rows(directory: Path, report: Mapping[str, Any]) -> Path:
+    """``directory/draft_rows.json`` from a bench report with plain rounds: the suggestion for the prompts' own
+    acceptance, with what it was measured on (atomically: a cut run leaves the previous file)."""
+    rows = [{"batch": r["batch"], "speculative_tokens_per_s": r["decode"]["speculative"]["tokens_per_s"],
+             "plain_tokens_per_s": r["plain_tokens_per_s"]} for r in report["batches"]]
+    data = {"draft_rows": report["draft_rows"]["speculative"], "device": report.get("device"),
+            "backend": report.get("backend"), "measured": rows}
+    path = Path(directory) / DRAFT_ROWS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def measured_draft_rows(directory: Path) -> int | None:
+    """``--draft-rows auto``: the number in ``directory/draft_rows.json`` (None: speculation won at every batch
+    measured, so no limit). A missing or unreadable file is one error line naming it and the command that writes
+    it: which rows to stop drafting at depends on the GPU, the engine and the traffic, so it is measured."""
+    path = Path(directory) / DRAFT_ROWS_FILE
+    fix = ("run `dspark-compile bench BUILD --plain-rounds --prompt-file PROMPTS.jsonl --batch 1,16,32,64` on the "
+           "serving GPU first, or pass a number of rows")
+    if not path.is_file():
+        raise UsageError(f"--draft-rows auto: {path} is missing; {fix}")
+    try:
+        value = json.loads(path.read_text())["draft_rows"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--draft-rows auto: {path} is not a draft_rows file ({e}); {fix}") from None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise UsageError(f"--draft-rows auto: {path} holds draft_rows {value!r}, not a number of rows >= 0; {fix}")
+    return value
+
+
 @dataclass(frozen=True)
 class VerifyPolicy:
     """How many drafted tokens each request verifies per round: ``fixed`` all G, or at most ``cap``
@@ -136,10 +174,14 @@ class VerifyPolicy:
                   draft_rows: int | str | None = None) -> VerifyPolicy:
         """The policy for a build (or Triton model) directory, with its ``sps_profile.json`` (`dspark-compile
         profile`) and ``calibration.json`` (`calibrate`); ``auto``: ``schedule`` when the profile exists and the
-        draft has a confidence head, else ``fixed``. ``draft_rows``: as the field (a Triton parameter's string)."""
-        if isinstance(draft_rows, str):
+        draft has a confidence head, else ``fixed``. ``draft_rows``: as the field (a Triton parameter's string);
+        ``"auto"``: what `dspark-compile bench --plain-rounds` measured for this build (:func:`measured_draft_rows`)."""
+        if draft_rows == "auto":
+            draft_rows = measured_draft_rows(directory)
+        elif isinstance(draft_rows, str):
             if not (draft_rows.isascii() and draft_rows.isdigit()):
-                raise UsageError(f"draft_rows {draft_rows!r}: expected a whole number of rows >= 0, e.g. 16")
+                raise UsageError(f"draft_rows {draft_rows!r}: expected a whole number of rows >= 0, e.g. 16, "
+                                 "or auto")
             draft_rows = int(draft_rows)
         prof = directory / "sps_profile.json"
         if verify == "auto":

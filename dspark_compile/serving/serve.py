@@ -69,7 +69,7 @@ def orchestrator_mode(repository: Path) -> str | None:
 
 
 def serving_repository(build_dir: Path, scratch: Path, *, verify: str | None = None,
-                       target_only: bool = False, draft_rows: int | None = None) -> Path:
+                       target_only: bool = False, draft_rows: int | str | None = None) -> Path:
     """``BUILD/triton`` when the bundled server can run it as it is, else an in-process repository under
     ``scratch`` (also when ``verify``/``target_only``/``draft_rows`` override what the build's repository says)."""
     from dspark_compile.targets.triton.repository import TritonOptions, write_triton_repository
@@ -77,10 +77,10 @@ def serving_repository(build_dir: Path, scratch: Path, *, verify: str | None = N
     if not (build_dir / "onnx").is_dir() and not (build_dir / "triton").is_dir():
         raise UsageError(f"{build_dir}: not a build directory (no onnx/ or triton/); build one with "
                          "`dspark-compile build --targets onnx,triton ...` or `dspark-compile demo`")
-    if verify is not None:  # a bad policy fails here, not inside the server's model load
+    if verify is not None or draft_rows == "auto":  # a bad policy fails here, not inside the server's model load
         from dspark_compile.runtime.decode import VerifyPolicy
 
-        VerifyPolicy.for_build(build_dir, verify, has_confidence=True)
+        VerifyPolicy.for_build(build_dir, verify or "fixed", has_confidence=True, draft_rows=draft_rows)
     mode = orchestrator_mode(build_dir / "triton")
     if mode in IN_PROCESS_MODES and verify is None and not target_only and draft_rows is None:
         return build_dir / "triton"
@@ -113,7 +113,7 @@ class Server:
 
     def __init__(self, build_dir: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
                  verify: str | None = None, target_only: bool = False, startup_timeout_s: float = 180.0,
-                 draft_rows: int | None = None) -> None:
+                 draft_rows: int | str | None = None) -> None:
         from dspark_compile.targets.triton.server import TritonServer
 
         self.build_dir = Path(build_dir)

@@ -52,6 +52,23 @@ def test_threshold_and_schedule_policies_from_a_build_dir(tmp_path: Path) -> Non
     np.testing.assert_allclose(pol.probabilities(np.full((1, 7), 2.0)), 1 / (1 + np.exp(-1.0)))
 
 
+def test_draft_rows_auto_reads_the_measured_number_from_the_build_dir(tmp_path: Path) -> None:
+    """``draft_rows="auto"``: the build's draft_rows.json, with the schedule policy too; null (speculation won at every
+    batch measured) is no limit; a negative or non-integer value is one error naming the file."""
+    from dspark_compile.errors import UsageError
+
+    (tmp_path / "sps_profile.json").write_text(json.dumps({"batch_sizes": [1, 8], "steps_per_second": [5.0, 4.0]}))
+    (tmp_path / "draft_rows.json").write_text(json.dumps({"draft_rows": 16, "measured": []}))
+    pol = VerifyPolicy.for_build(tmp_path, "auto", has_confidence=True, draft_rows="auto")
+    assert pol.kind == "schedule" and pol.draft_rows == 16
+    (tmp_path / "draft_rows.json").write_text(json.dumps({"draft_rows": None}))
+    assert VerifyPolicy.for_build(tmp_path, "fixed", has_confidence=True, draft_rows="auto").draft_rows is None
+    for bad in (-1, 2.5, True):
+        (tmp_path / "draft_rows.json").write_text(json.dumps({"draft_rows": bad}))
+        with pytest.raises(UsageError, match=f"{tmp_path / 'draft_rows.json'} holds draft_rows"):
+            VerifyPolicy.for_build(tmp_path, "fixed", has_confidence=True, draft_rows="auto")
+
+
 def test_a_fixed_cap_verifies_at_most_k_drafts_and_stays_lossless(golden: tuple[TorchBackend, dict]) -> None:
     """``--verify fixed=K``: every round verifies min(K, G) drafts, and greedy output is still the target's."""
     backend, data = golden

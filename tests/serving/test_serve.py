@@ -134,3 +134,8 @@ def test_serve_rejects_a_busy_port_and_a_missing_build(trained_build: Path, tmp_
     run = subprocess.run([sys.executable, "-m", "dspark_compile.cli", "serve", str(tmp_path / "nope")],
                          capture_output=True, text=True, env=env, timeout=60)
     assert run.returncode == 2 and "build directory not found" in run.stderr
+    # --draft-rows auto on a build that no `bench --plain-rounds` measured: one line before any server starts
+    run = subprocess.run([sys.executable, "-m", "dspark_compile.cli", "serve", str(trained_build), "--draft-rows",
+                          "auto"], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert f"{trained_build / 'draft_rows.json'} is missing" in run.stderr and "--plain-rounds" in run.stderr

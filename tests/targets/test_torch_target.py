@@ -557,6 +557,19 @@ def test_cli_bench_json(tmp_path: Path, golden_dir: Path, capsys: pytest.Capture
         points = [(r["batch"], r["decode"][mode]["tokens_per_s"], r["plain_tokens_per_s"]) for r in rep["batches"]]
         assert rep["draft_rows"][mode] == suggest_draft_rows(points)
     assert (tmp_path / "b.png").stat().st_size > 1000
+    # the prompts' own suggestion, kept in the build for --draft-rows auto, with what it was measured on
+    measured = json.loads((build / "draft_rows.json").read_text())
+    assert rep["draft_rows_file"] == str(build / "draft_rows.json")
+    assert measured["draft_rows"] == rep["draft_rows"]["speculative"] and measured["device"] == rep["device"]
+    assert [m["batch"] for m in measured["measured"]] == [1, 2]
+    assert VerifyPolicy.for_build(build, "fixed", has_confidence=True, draft_rows="auto").draft_rows == \
+        measured["draft_rows"]
+    # random prompts say nothing of the traffic: the suggestion is printed, no file written
+    (build / "draft_rows.json").unlink()
+    main(["bench", str(build), "--batch", "1", "--max-new-tokens", "3", "--repeats", "1", "--context", "16",
+          "--plain-rounds", "-q"])
+    assert "no draft_rows.json written" in capsys.readouterr().out
+    assert not (build / "draft_rows.json").exists()
 
 
 def test_suggested_draft_rows_stop_at_the_last_batch_where_speculation_wins() -> None:

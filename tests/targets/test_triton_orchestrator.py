@@ -445,11 +445,14 @@ def test_fake_pb_utils_draft_rows_parameter(orch: types.ModuleType, tmp_path: Pa
 
     with pytest.raises(UsageError, match="draft_rows 'four': expected a whole number"):
         load("four")
+    with pytest.raises(UsageError, match=r"--draft-rows auto: .*draft_rows.json is missing; run `dspark-compile bench"):
+        load("auto")  # nothing measured for this build
     with monkeypatch.context() as m:
         m.setattr(test_triton_standin.StandInBackend, "takes_plain_rounds", False)
         with pytest.raises(UsageError, match="StandInBackend takes no plain rounds"):
             load("4")
-    model = load("0")
+    (tmp_path / "build" / "draft_rows.json").write_text('{"draft_rows": 0}')  # this mode reads the build's
+    model = load("auto")
     try:
         assert model.orchestrator.policy.draft_rows == 0
         good = [FakeIncoming(prompt_ids=np.array([1, 2, 3])),

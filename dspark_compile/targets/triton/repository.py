@@ -63,7 +63,8 @@ class TritonOptions:
     verify: str = "auto"  # fixed | fixed=K | threshold=X | schedule | auto (see runtime.decode.VerifyPolicy.for_build)
     speculative: bool = True  # False: the same graphs decode target-only (baselines from one build)
     batching: str = "continuous"  # or static: a batch runs to its end before queued requests start
-    draft_rows: int | None = None  # plain rounds over more live rows (runtime.decode.VerifyPolicy.draft_rows)
+    draft_rows: int | str | None = None  # plain rounds over more live rows (VerifyPolicy.draft_rows; "auto": the
+    # build's measured draft_rows.json)
 
     def __post_init__(self) -> None:
         if self.backend_mode not in BACKEND_MODES:
@@ -77,9 +78,11 @@ class TritonOptions:
         if (self.backend_mode == "factory") != (self.backend_factory is not None):
             raise UsageError("Triton backend_factory ('module:callable') is needed by, and only by, "
                              "backend_mode factory")
-        if self.draft_rows is not None:  # the policy's own check (one error line naming --draft-rows)
+        if self.draft_rows is not None and self.draft_rows != "auto":  # the policy's own check (one error line)
             from dspark_compile.runtime.decode import VerifyPolicy
 
+            if isinstance(self.draft_rows, str):
+                raise UsageError(f"--draft-rows {self.draft_rows!r}: expected a number of rows >= 0 or auto")
             VerifyPolicy(draft_rows=self.draft_rows)
         for name in ("graph_instances", "max_batch", "default_max_new_tokens"):
             if getattr(self, name) < 1:
