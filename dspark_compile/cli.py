@@ -359,8 +359,9 @@ def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: st
     from dspark_compile import api
     from dspark_compile.errors import BackendUnavailableError
 
-    terminated: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
+    stopped_by: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped_by.append(signum))
+    previous_int = None
     server = None
     try:
         server = api.serve(build_dir, host=host, http_port=http_port, grpc_port=grpc_port, verify=verify,
@@ -373,11 +374,16 @@ def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: st
             click.echo(f"  HTTP  {ep.http}    gRPC  {ep.grpc}    log  {ep.log}")
             click.echo(f"  try:  {ep.example_curl()}")
             click.echo("Ctrl-C stops it.")
-        while not terminated and server.is_running():
+        # From here Ctrl-C is a flag, as SIGTERM is: a KeyboardInterrupt may land anywhere, also inside the
+        # subprocess bookkeeping that the stop after it waits on (a once-seen stop that outlived 60 s under load).
+        previous_int = signal.signal(signal.SIGINT, lambda signum, frame: stopped_by.append(signum))
+        while not stopped_by and server.is_running():
             time.sleep(0.2)
-        if not terminated:
+        if not stopped_by:
             raise BackendUnavailableError(f"tritonserver exited by itself; its log {ep.log} (kept until exit):\n"
                                           + "\n".join(server.triton.read_log().splitlines()[-20:]))
+        if stopped_by[0] == signal.SIGINT:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         if server is not None:
             server.stop()
@@ -387,6 +393,8 @@ def serve(build_dir: Path, host: str, http_port: int, grpc_port: int, verify: st
         if server is not None:
             server.stop()
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
     if not as_json:
         click.echo("server stopped")
 

@@ -55,12 +55,15 @@ def _start(build: Path, *args: str) -> tuple[subprocess.Popen[str], dict[str, An
 
 
 def _stop(proc: subprocess.Popen[str], signum: int) -> int:
+    """The exit code after ``signum``, its pipes drained while it stops; a stop over 60 s fails with its stderr."""
     proc.send_signal(signum)
     try:
-        return proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"serve did not exit within 60 s of signal {signum}; its stderr ends: {err[-3000:]}")
+    return proc.returncode
 
 
 def test_serve_answers_then_stops_on_sigterm(trained_build: Path) -> None:
