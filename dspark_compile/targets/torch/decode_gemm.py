@@ -341,7 +341,8 @@ WIDE_CONFIGS = ((128, 256, 64, 0, 8, 3, 1), (128, 256, 64, 0, 8, 4, 1), (64, 256
 ``gemm_sweep.py --rows`` at 512 rows on the H200 (256-row tiles, one program per output tile), which the
 17-1024-row class could not take since they waste three quarters of their tensor-core work at 64 rows. A sixth
 leader, 128 × 128 × 64 with 8 warps and 4 stages, raced on the H100 with weights in fragment order (Triton 3.6, per
-thread copies): some launches wrote inf, others the right product (docs/BENCH.md, "A wide tile that raced")."""
+thread copies): some launches wrote inf, others the right product (docs/BENCH.md, "A wide tile that raced"; perhaps
+Triton's wgmma wait over more than 4 warps, fixed upstream after 3.6)."""
 TIMED_ROWS = {1: (64, 128), 3: (256, 512)}
 """Row counts a class's candidates are timed at (other classes: the call's own), the choice the least sum of
 each time over that row count's fastest: one configuration serves every row count of a class (class 1: B = 16's
