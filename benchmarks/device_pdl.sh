@@ -14,7 +14,9 @@
 # BATCH (e.g. 4,16), NEW (new tokens), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
 # again verifying at most that many drafts; not with BASE code older than fp8_bench --verify-caps), PLAIN=1 (rounds
 # that draft nothing, VerifyPolicy draft_rows=0, against target-only steps; not with BASE code before them) and
-# ROUND_TIMEOUT (s per mode) shape the rounds. WIDE_CLASS=1 runs benchmarks/wide_class.py after the rounds (the
+# ROUND_TIMEOUT (s per mode) shape the rounds. CANDIDATES=1 runs benchmarks/gemm_candidates.py after the rounds (every
+# decode GEMM candidate within 1e-2 and repeating its bits on this card; CANDIDATE_ROWS, CANDIDATES_TIMEOUT s).
+# WIDE_CLASS=1 runs benchmarks/wide_class.py after the rounds (the
 # decode GEMM's wide row class against the old class-1 configuration, product by product; WIDE_TIMEOUT s). BASE=dir (a copy of an earlier dspark_compile package's parent,
 # e.g. made with `git archive REV dspark_compile benchmarks/fp8_bench.py`): mode 0 runs that code (with that
 # fp8_bench.py, when the copy has one) instead, for changes with no switch. Without AB_VAR it then flips no
@@ -78,6 +80,11 @@ if [ "${GEMMA:-0}" = 1 ]; then
         > /dev/null 2>&1
     echo "$AB=$m"; tail -c 700 "$W/gemma4_pdl$m/gemma4_summary.json"; echo
   done
+fi
+if [ "${CANDIDATES:-0}" = 1 ]; then  # every decode GEMM candidate right and repeatable on this card (gemm_candidates.py)
+  timeout ${CANDIDATES_TIMEOUT:-200} "$PY" benchmarks/gemm_candidates.py "$W/gemm_candidates.json" \
+      --rows ${CANDIDATE_ROWS:-8,64,256,512} > "$W/gemm_candidates.log" 2>&1
+  echo "gemm_candidates rc=$?"; grep -E "^(failed|lm_head)" "$W/gemm_candidates.log" | tail -5 | cut -c1-200
 fi
 if [ "${WIDE_CLASS:-0}" = 1 ]; then  # after the rounds: an older BASE half rejects a file the wide class wrote
   timeout ${WIDE_TIMEOUT:-150} "$PY" benchmarks/wide_class.py "$W/wide_class.json" > "$W/wide_class.log" 2>&1
