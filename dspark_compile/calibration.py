@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dspark_compile.artifacts import write_atomically
 from dspark_compile.errors import UsageError
 
 FORMAT = "dspark-sts-calibration"
@@ -80,7 +80,7 @@ class StsCalibration:
         data = {"format": FORMAT, "version": 1, "method": METHOD, "temperatures": list(self.temperatures),
                 "ece_before": list(self.ece_before), "ece_after": list(self.ece_after),
                 "n_observed": list(self.n_observed), "n_bins": self.n_bins}
-        _write_atomically(Path(path), json.dumps(data, indent=2).encode() + b"\n")
+        write_atomically(Path(path), json.dumps(data, indent=2).encode() + b"\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> StsCalibration:
@@ -101,18 +101,6 @@ class StsCalibration:
         if not temps or not all(np.isfinite(temps)) or min(temps) <= 0:
             raise UsageError(f"{path}: temperatures must be finite and > 0, found {list(temps)}")
         return cal
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _rounds(confidence_logits: np.ndarray, accepted_drafts: np.ndarray,
@@ -215,7 +203,7 @@ def reliability_diagram(cal: StsCalibration, confidence_logits: np.ndarray, acce
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png")
-    _write_atomically(Path(path_png), png.getvalue())
+    write_atomically(Path(path_png), png.getvalue())
 
 
 def calibrate(confidence_logits: np.ndarray, accepted_drafts: np.ndarray, out_dir: str | os.PathLike[str],

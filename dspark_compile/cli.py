@@ -32,12 +32,13 @@ class DraftRows(click.ParamType):
 
     name = "N|auto"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
-        if isinstance(value, int) or value == "auto":
-            return value
-        if isinstance(value, str) and value.isascii() and value.isdigit():
-            return int(value)
-        self.fail(f"{value!r}: expected a number of rows >= 0 (0: never draft) or auto", param, ctx)
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str | None:
+        from dspark_compile.runtime.decode import parse_draft_rows
+
+        try:
+            return parse_draft_rows(value)
+        except UsageError as e:
+            self.fail(str(e), param, ctx)
 
 
 log = logging.getLogger("dspark_compile")

@@ -92,15 +92,28 @@ it was measured with."""
 def write_draft_rows(directory: Path, report: Mapping[str, Any]) -> Path:
     """``directory/draft_rows.json`` from a bench report with plain rounds: the suggestion for the prompts' own
     acceptance, with what it was measured on (atomically: a cut run leaves the previous file)."""
+    from dspark_compile.artifacts import write_atomically
+
     rows = [{"batch": r["batch"], "speculative_tokens_per_s": r["decode"]["speculative"]["tokens_per_s"],
              "plain_tokens_per_s": r["plain_tokens_per_s"]} for r in report["batches"]]
     data = {"draft_rows": report["draft_rows"]["speculative"], "device": report.get("device"),
             "backend": report.get("backend"), "measured": rows}
     path = Path(directory) / DRAFT_ROWS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(data, indent=1).encode() + b"\n")
     return path
+
+
+def parse_draft_rows(value: int | str | None) -> int | str | None:
+    """``--draft-rows`` as a flag, an API argument or a Triton parameter's string: a number of rows >= 0,
+    ``"auto"`` (read from the build by :func:`measured_draft_rows`), or None; anything else is one error."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()):
+            raise UsageError(f"draft_rows {value!r}: expected a whole number of rows >= 0, e.g. 16, or auto")
+        return int(value)
+    VerifyPolicy(draft_rows=value)  # the policy's own check: one error naming --draft-rows
+    return value
 
 
 def measured_draft_rows(directory: Path) -> int | None:
@@ -176,13 +189,9 @@ class VerifyPolicy:
         profile`) and ``calibration.json`` (`calibrate`); ``auto``: ``schedule`` when the profile exists and the
         draft has a confidence head, else ``fixed``. ``draft_rows``: as the field (a Triton parameter's string);
         ``"auto"``: what `dspark-compile bench --plain-rounds` measured for this build (:func:`measured_draft_rows`)."""
+        draft_rows = parse_draft_rows(draft_rows)
         if draft_rows == "auto":
             draft_rows = measured_draft_rows(directory)
-        elif isinstance(draft_rows, str):
-            if not (draft_rows.isascii() and draft_rows.isdigit()):
-                raise UsageError(f"draft_rows {draft_rows!r}: expected a whole number of rows >= 0, e.g. 16, "
-                                 "or auto")
-            draft_rows = int(draft_rows)
         prof = directory / "sps_profile.json"
         if verify == "auto":
             verify = "schedule" if prof.is_file() and has_confidence else "fixed"

@@ -77,7 +77,7 @@ def serving_repository(build_dir: Path, scratch: Path, *, verify: str | None = N
     if not (build_dir / "onnx").is_dir() and not (build_dir / "triton").is_dir():
         raise UsageError(f"{build_dir}: not a build directory (no onnx/ or triton/); build one with "
                          "`dspark-compile build --targets onnx,triton ...` or `dspark-compile demo`")
-    if verify is not None or draft_rows == "auto":  # a bad policy fails here, not inside the server's model load
+    if verify is not None or draft_rows is not None:  # a bad policy fails here, not inside the server's model load
         from dspark_compile.runtime.decode import VerifyPolicy
 
         VerifyPolicy.for_build(build_dir, verify or "fixed", has_confidence=True, draft_rows=draft_rows)

@@ -78,12 +78,9 @@ class TritonOptions:
         if (self.backend_mode == "factory") != (self.backend_factory is not None):
             raise UsageError("Triton backend_factory ('module:callable') is needed by, and only by, "
                              "backend_mode factory")
-        if self.draft_rows is not None and self.draft_rows != "auto":  # the policy's own check (one error line)
-            from dspark_compile.runtime.decode import VerifyPolicy
+        from dspark_compile.runtime.decode import parse_draft_rows
 
-            if isinstance(self.draft_rows, str):
-                raise UsageError(f"--draft-rows {self.draft_rows!r}: expected a number of rows >= 0 or auto")
-            VerifyPolicy(draft_rows=self.draft_rows)
+        parse_draft_rows(self.draft_rows)  # a bad value is one error line, before anything is written
         for name in ("graph_instances", "max_batch", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"Triton option {name} must be >= 1, found {getattr(self, name)}")
