@@ -26,9 +26,9 @@ from dspark_compile.targets.torch import decode_gemm as dg
 from dspark_compile.targets.torch.ptxas import SERIALIZED, ptxas_notes
 
 SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "w_desc": "*fp8e4nv", "s_ptr": "*fp32", "part_ptr": "*fp32",
-             "count_ptr": "*i32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-             "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32", "SPLITS": "i32", "stride_xm": "i32", "norm_w": "i32",
-             "norm_eps": "fp32"}
+             "count_ptr": "*i32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "xs_ptr": "*fp32", "M": "i32",
+             "N": "i32", "K": "i32", "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32", "SPLITS": "i32", "stride_xm": "i32",
+             "norm_w": "i32", "norm_eps": "fp32"}
 UNALIGNED = ("M", "KB", "GROUP", "SPLITS", "w_desc", "norm_w", "norm_eps")
 
 

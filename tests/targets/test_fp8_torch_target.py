@@ -188,6 +188,47 @@ HANDOFF_SCRIPT = textwrap.dedent(
 )
 
 
+E4M3_INPUT_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import torch
+    from dspark_compile.models.layers import Fp8Linear, fp8_group_quantize_dequantize
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear, e4m3_rows
+
+    torch.manual_seed(0)
+    # the activations quantized once (e4m3_rows) are the reference's values: e4m3 x scale per row and group
+    # (float32 inputs: the interpreter's bf16 loads are not the GPU's; the GPU test takes bf16)
+    x = torch.randn(37, 256); x[0, :128] *= 300; x[1, 128:] = 0; x[2, :5] = 1e-30
+    q, s = e4m3_rows(x, 128)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (37, 2), (q.dtype, s.shape)
+    deq = (q.float().view(37, 2, 128) * s.view(37, 2, 1)).view(37, 256)
+    assert torch.equal(deq, fp8_group_quantize_dequantize(x, 128))
+    assert torch.equal(s[1, 1], torch.tensor(1.0)), "a zero group is scaled by 1"
+    # the W8A8 product above 16 rows: the same bits as quantizing in each K tile, for tiles of 32 and 64 rows
+    # (the last partial), split K and not, per-channel and 128-column weight groups
+    for group in (0, 128):
+        n, k = 64, 512
+        if group:
+            lin = Fp8Linear((torch.randn(n, k) / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn),
+                            torch.rand(n, k // group) + 0.5, None, group=group)
+        else:
+            lin = Fp8Linear.quantize(torch.nn.Linear(k, n, bias=False))
+        lin.quantize_activations()
+        fw = DecodeWeight.of(lin.weight, lin.weight_scale, lin.group, None, lin.act_group)
+        x = torch.randn(70, k); x[3, :128] *= 300
+        for cfg in ((32, 32, 128, 0, 4, 3, 3), (64, 32, 128, 2, 4, 3, 3)):
+            outs = []
+            for on in ("0", "1"):
+                os.environ["DSPARK_E4M3_INPUT"] = on
+                outs.append(decode_linear(x, fw, cfg))
+            assert torch.equal(outs[0], outs[1]), (group, cfg)
+            err = ((outs[1] - lin(x)).abs().max() / lin(x).abs().max()).item()
+            assert err < 1e-5, (group, cfg, err)
+    print("e4m3 input ok")
+    """
+)
+
+
 FRAGMENT_SCRIPT = textwrap.dedent(
     """
     import torch
@@ -254,6 +295,14 @@ def test_weights_in_fragment_order_give_the_same_bits(golden_dir: Path, triton_i
     proc = triton_interpreter(FRAGMENT_SCRIPT, golden_dir / "dspark_tiny", 600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "fragment ok" in proc.stdout
+
+
+def test_w8a8_activations_quantized_once_give_the_same_bits(golden_dir: Path, triton_interpreter: Any) -> None:
+    """W8A8 above 16 rows: the activations quantized once by ``e4m3_rows`` (the reference's e4m3 values and
+    scales) and the product over them, bit for bit the product that quantizes in each K tile (interpreter)."""
+    proc = triton_interpreter(E4M3_INPUT_SCRIPT, golden_dir / "dspark_tiny", 300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "e4m3 input ok" in proc.stdout
 
 
 def test_split_k_partials_handed_to_the_consumer_give_the_same_bits(golden_dir: Path, triton_interpreter: Any) -> None:
@@ -570,7 +619,8 @@ def test_rmsnorm_finished_by_its_product_matches_the_norm_in_interpreter(golden_
                           (64, 1, True, "fp8e4nv", False), (16, 2, True, "fp8e4nv", False),
                           (16, 0, True, "bf16", False), (16, 3, True, "fp8e4nv", False),
                           (16, 3, False, "fp8e4nv", False), (64, 3, True, "fp8e4nv", False),
-                          (16, 3, True, "fp8e4nv", True), (16, 2, True, "fp8e4nv", True), (16, 0, True, "bf16", True)])
+                          (16, 3, True, "fp8e4nv", True), (16, 2, True, "fp8e4nv", True), (16, 0, True, "bf16", True),
+                          (64, 4, True, "fp8e4nv", False), (64, 4, False, "fp8e4nv", True)])
 def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conversion(
         block_m: int, fast: int, per_channel: bool, weight: str, tma: bool) -> None:
     """What the GPU runs, checked without one: the kernel lowers to sm_90 wgmma; its weight tiles stream through
@@ -583,13 +633,18 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
 
     from dspark_compile.targets.torch.decode_gemm import _decode_gemm_kernel
 
+    x_e4m3 = fast == 4  # (the case list's 4): W8A8 over an input quantized once (e4m3_rows), conversion 3
+    fast = 3 if x_e4m3 else fast
     desc = f"tensordesc<{weight}[128, 128]>" if tma else f"*{weight}"
     sig = {"x_ptr": "*bf16", "w_ptr": f"*{weight}", "w_desc": desc, "s_ptr": "*fp32", "part_ptr": "*fp32",
-           "count_ptr": "*i32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-           "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32", "SPLITS": "i32", "stride_xm": "i32", "norm_w": "i32",
-           "norm_eps": "fp32"}
+           "count_ptr": "*i32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "xs_ptr": "*fp32", "M": "i32", "N": "i32",
+           "K": "i32", "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32", "SPLITS": "i32", "stride_xm": "i32",
+           "norm_w": "i32", "norm_eps": "fp32"}
     consts = {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 128, "PER_CHANNEL": per_channel, "EVEN": True,
-              "PRECISION": None, "FAST_CVT": fast, "WIDE": weight == "bf16", "ASM": True, "TMA": tma, "SPLIT_K": True}
+              "PRECISION": None, "FAST_CVT": fast, "WIDE": weight == "bf16", "ASM": True, "TMA": tma, "SPLIT_K": True,
+              "X_E4M3": x_e4m3}
+    if x_e4m3:
+        sig["x_ptr"] = "*fp8e4nv"
     unaligned = ("M", "KB", "GROUP", "SPLITS", "w_desc", "norm_w", "norm_eps")
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name not in unaligned}
     src = ASTSource(_decode_gemm_kernel, sig | {name: "constexpr" for name in consts}, constexprs=consts, attrs=aligned)
@@ -622,6 +677,10 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
         assert "cp.async.bulk.tensor.2d.shared::cluster.global" in ptx and "mbarrier.try_wait" in ptx
     if weight == "bf16":
         assert "cvt.rn.f16x2.e4m3x2" not in ptx
+        return
+    if x_e4m3:  # the activations arrive in e4m3: nothing is converted or divided in the loop
+        assert f"wgmma.mma_async.sync.aligned.m64n{block_m}k32.f32.e4m3.e4m3" in ptx
+        assert "cvt.rn.satfinite.e4m3x2.f32" not in ptx and "div.rn.f32" not in ptx and "cvt.rn.f16x2.e4m3x2" not in ptx
         return
     if fast == 3:  # W8A8: e4m3 x e4m3 tensor-core products; only the activations are converted (to e4m3)
         assert f"wgmma.mma_async.sync.aligned.m64n{block_m}k32.f32.e4m3.e4m3" in ptx
@@ -807,6 +866,8 @@ def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
     """Dynamic e4m3 activations (``--quantize fp8-dynamic``): the e4m3 × e4m3 kernel against the modules'
     reference of the same model (quantize the activations per row and 128 columns, dequantize, float32
     product), one configuration for M = 1 and M = 8, and speculative == target-only through the round graphs."""
+    import os
+
     import torch
     from torch.nn import functional as F
 
@@ -816,7 +877,7 @@ def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
     from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, fp8_group_quantize_dequantize, quantize_fp8
     from dspark_compile.passes.quantize import quantize_module
     from dspark_compile.targets.torch.bench import SMOKE, random_pair
-    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_linear
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, _config, decode_linear
 
     torch.manual_seed(0)
     for m, n, k in ((1, 4096, 4096), (8, 6144, 4096), (64, 4096, 12288), (512, 4096, 4096)):
@@ -829,6 +890,12 @@ def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
         assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2
         if m <= 16:
             assert torch.equal(decode_linear(x[:1], fw), decode_linear(x, fw)[:1])
+        else:  # activations quantized once (e4m3_rows) or in each K tile: the same bits
+            os.environ["DSPARK_E4M3_INPUT"] = "0"
+            try:
+                assert torch.equal(decode_linear(x, fw, _config(x, fw)), got.to(torch.bfloat16))
+            finally:
+                del os.environ["DSPARK_E4M3_INPUT"]
 
     target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
     quantize_module(target.layers)

@@ -65,14 +65,15 @@ from dspark_compile.targets.torch.kernels import (
 
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
-def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, norm_ptr, M, N, K, KB, GROUP,
+def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, norm_ptr, xs_ptr, M, N, K, KB,
+                        GROUP,
                         K_SPLIT, SPLITS, stride_xm, norm_w, norm_eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr,
                         PRECISION: tl.constexpr, FAST_CVT: tl.constexpr, SPLIT_K: tl.constexpr,
                         WIDE: tl.constexpr = False,
                         ASM: tl.constexpr = True, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
                         HANDOFF: tl.constexpr = False, NORM: tl.constexpr = 0, FRAGMENT: tl.constexpr = False,
-                        KEEP_ASYNC: tl.constexpr = False):
+                        KEEP_ASYNC: tl.constexpr = False, X_E4M3: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -80,7 +81,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     ``SPLIT_K``: SPLITS > 1. ``HANDOFF``: every program ends at its partial, which the consumer sums
     (``kernels.Partials``). ``NORM``
     (chunks of a ``kernels.RowNorm``): the input's RMSNorm is finished here, each output row scaled by its factor
-    (handed-over partials carry the norm to their consumer instead)."""
+    (handed-over partials carry the norm to their consumer instead). ``X_E4M3`` (W8A8): ``x`` is already e4m3,
+    quantized by :func:`e4m3_rows`, its scales one per row and K tile at ``xs_ptr``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -115,16 +117,13 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
             w = tl.reshape(tl.permute(tl.reshape(w, (BLOCK_N, BLOCK_K // _FRAGMENT_K, 4, 8, 2)), (0, 1, 3, 2, 4)),
                            (BLOCK_N, BLOCK_K))  # (its 16-byte shared loads are the point: docs/BENCH.md)
         if FAST_CVT == 3:  # W8A8: this K tile is one activation group; e4m3 x e4m3 on the tensor cores
-            xf = xt.to(tl.float32)
-            amax = tl.max(tl.abs(xf), axis=0)
-            live = amax > 0
-            inv = tl.where(live, tl.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 1.0)
-            xs = tl.where(live, tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
-            xc = tl.clamp(xf * inv[None, :], -448.0, 448.0)
-            if ASM:
-                p = tl.dot(w, xc.to(tl.float8e4nv, fp_downcast_rounding="rtne"))
-            else:  # the interpreter (whose float8 rounding is not round-to-nearest-even): the same products
-                p = tl.dot(w.to(tl.float32), _round_e4m3(xc), input_precision="ieee")
+            if X_E4M3:  # quantized once, before the product (e4m3_rows), not by each column tile's program
+                xq = xt
+                xs = tl.load(xs_ptr + offs_m.to(tl.int64) * (K // BLOCK_K) + k0 // BLOCK_K, mask=m_mask, other=1.0)
+            else:
+                xq, xs = _e4m3_group(xt, 0, ASM)
+            # (the interpreter: e4m3 values in float32, the same products)
+            p = tl.dot(w, xq) if ASM else tl.dot(w.to(tl.float32), xq.to(tl.float32), input_precision="ieee")
             if PER_CHANNEL:
                 acc += p * xs[None, :]
             else:
@@ -164,6 +163,51 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL, WIDE, NORM)
     else:
         _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL, WIDE, NORM)
+
+
+@triton.jit
+def _e4m3_group(x, axis: tl.constexpr, ASM: tl.constexpr):
+    """Dynamic e4m3 activations of one group along ``axis`` of ``x``: (e4m3 values, scale amax/448 per group), as
+    ``models.layers.fp8_group_quantize_dequantize`` computes them (448/amax and amax/448 rounded to nearest, a
+    zero group scaled by 1). On the GPU the values are e4m3 (rounded to nearest even); in the interpreter, whose
+    float8 rounding is not round-to-nearest-even, float32 holding the same values."""
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), axis=axis)
+    live = amax > 0
+    inv = tl.where(live, tl.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 1.0)
+    xs = tl.where(live, tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+    xc = tl.clamp(xf * tl.expand_dims(inv, axis), -448.0, 448.0)
+    q = xc.to(tl.float8e4nv, fp_downcast_rounding="rtne") if ASM else _round_e4m3(xc)
+    return q, xs
+
+
+@triton.jit
+def _e4m3_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, ROWS: tl.constexpr, GROUP: tl.constexpr,
+                      ASM: tl.constexpr):
+    """:func:`_e4m3_group` over a tile of ``ROWS`` rows and one group of columns: e4m3 into ``q_ptr`` [M, K], the
+    scales into ``s_ptr`` [M, K / GROUP]."""
+    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    g = tl.program_id(1)
+    offs_k = g * GROUP + tl.arange(0, GROUP)
+    rows = offs_m < M
+    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=rows[:, None], other=0.0)
+    q, xs = _e4m3_group(x, 1, ASM)
+    tl.store(q_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], q.to(tl.float8e4nv), mask=rows[:, None])
+    tl.store(s_ptr + offs_m.to(tl.int64) * (K // GROUP) + g, xs, mask=rows)
+
+
+def e4m3_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [M, K] as dynamic e4m3 activations, per row and group of ``group`` columns: (e4m3 [M, K], float32
+    scales [M, K / group]), the values the W8A8 product's K loop would compute from ``x``, computed once. Above
+    ``SMALL_M`` rows each column tile's program quantized every activation tile again, and the W8A8 target's step at
+    B = 64 took 11.67 ms against W8A16's 9.19 on an H100 (docs/BENCH.md, "W8A8 at 64 rows")."""
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
+    rows = 16
+    _e4m3_rows_kernel[(triton.cdiv(m, rows), k // group)](x, q, scales, m, k, x.stride(0), ROWS=rows, GROUP=group,
+                                                          ASM=x.is_cuda)
+    return q, scales
 
 
 @triton.jit
@@ -474,6 +518,10 @@ serializing the K loop's wgmma instructions (its C7515 "non wgmma instructions d
 13 of the 41 candidates serialized without it, none with it, the larger row class's timed choices among them
 (docs/BENCH.md, "wgmma serialized by ptxas"). Off: on the H200, the same configurations with it on were no faster
 at B = 1 and 1.7 % slower at B = 64 (docs/BENCH.md, "The base half without PDL, ...")."""
+E4M3_INPUT_ENV = "DSPARK_E4M3_INPUT"
+"""On (the default; 0 turns it off): a W8A8 product of more than ``SMALL_M`` rows takes its activations quantized
+once by :func:`e4m3_rows` (one more launch), not in each column tile's K loop; the same bits either way. At up to
+``SMALL_M`` rows the products are a few microseconds and the extra launch would cost more than it saves."""
 CHOICES_ENV = "DSPARK_GEMM_CHOICES"
 """Names a JSON file of timed choices: read before the first timing, rewritten as each new choice is timed. Runs
 that share it run the same kernels, without timing them again: the two halves of an A/B (the choice of near-equal
@@ -685,9 +733,13 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
         fast == 1 and not x.is_cuda) else fast
     if out_dtype is not None:  # prescaled: the fp16 product, its conversion of x already done
         conversion = 2
+    x_scales = None
+    if conversion == 3 and m > SMALL_M and switched_on(E4M3_INPUT_ENV):
+        x, x_scales = e4m3_rows(x, w.act_group)
     desc = TensorDescriptor.from_tensor(w.weight, [bn, bk]) if tma else w.weight
     _decode_gemm_kernel[grid](x, w.weight, desc, w.scale, out if part is None else part, counters, out,
-                              w.scale if row_norm is None else row_norm.sumsq, m, n, k, w.scale.shape[1], w.group,
+                              w.scale if row_norm is None else row_norm.sumsq,
+                              w.scale if x_scales is None else x_scales, m, n, k, w.scale.shape[1], w.group,
                               k_split, splits, x.stride(0), 1 if row_norm is None else row_norm.width,
                               0.0 if row_norm is None else row_norm.eps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                               PER_CHANNEL=w.group >= k, TMA=tma,
@@ -697,6 +749,7 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff,
                               NORM=0 if row_norm is None or handoff else row_norm.sumsq.shape[1],
                               FRAGMENT=w.fragment_order, KEEP_ASYNC=switched_on(KEEP_ASYNC_ENV, default=False),
+                              X_E4M3=x_scales is not None,
                               num_warps=warps,
                               num_stages=stages, **pdl_options(x, m))
     if handoff:
