@@ -26,7 +26,8 @@ differ in the last bits, as they already did for 3 <= B <= 16 (``row_class``).
 
 Activations stay in the model dtype (W8A16) unless the layer quantizes them (``--quantize fp8-dynamic``: e4m3
 per row and K tile of 128, scale amax/448, as HF "-FP8" checkpoints declare): then the product is e4m3 × e4m3 on
-the tensor cores (conversion 3), with no widening of the weights at all.
+the tensor cores (conversion 3), with no widening of the weights at all; above ``SMALL_M`` rows the activations are
+quantized once, before the product (:func:`e4m3_rows`), instead of in each column tile's K loop.
 Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests; no inline PTX there: conversion 1
 falls back to Triton's, conversion 2 scales with Triton ops).
 """
@@ -66,8 +67,8 @@ from dspark_compile.targets.torch.kernels import (
 
 @triton.jit(do_not_specialize=["M"])  # M = 1 compiles as M = 8 does: a row gets the same code
 def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_ptr, norm_ptr, xs_ptr, M, N, K, KB,
-                        GROUP,
-                        K_SPLIT, SPLITS, stride_xm, norm_w, norm_eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        GROUP, K_SPLIT, SPLITS, stride_xm, norm_w, norm_eps, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PER_CHANNEL: tl.constexpr, EVEN: tl.constexpr,
                         PRECISION: tl.constexpr, FAST_CVT: tl.constexpr, SPLIT_K: tl.constexpr,
                         WIDE: tl.constexpr = False,
@@ -198,9 +199,9 @@ def _e4m3_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, ROWS: tl.constexpr, 
 
 def e4m3_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [M, K] as dynamic e4m3 activations, per row and group of ``group`` columns: (e4m3 [M, K], float32
-    scales [M, K / group]), the values the W8A8 product's K loop would compute from ``x``, computed once. Above
-    ``SMALL_M`` rows each column tile's program quantized every activation tile again, and the W8A8 target's step at
-    B = 64 took 11.67 ms against W8A16's 9.19 on an H100 (docs/BENCH.md, "W8A8 at 64 rows")."""
+    scales [M, K / group]), the values the W8A8 product's K loop would compute from ``x``, computed once: in the
+    loop, every column tile's program quantized every activation tile again, which made the W8A8 target slower than
+    W8A16 at 64 rows (docs/BENCH.md, "W8A8 at 64 rows")."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
