@@ -320,8 +320,7 @@ class GraphExecutor:
         most = int(self.held.max(initial=0))
         if not most:
             return taps, count, start
-        held = torch.tensor(self.held, device=self.device)  # a copy: on the CPU as_tensor would share the array
-        self.held[:] = 0
+        held = self._take_held()
         both = torch.cat((self.held_taps[:, :most], taps), dim=1)
         j = torch.arange(both.shape[1], device=self.device)[None, :]
         idx = torch.where(j < held[:, None], j, (j - held[:, None] + most).clamp(max=both.shape[1] - 1))
@@ -338,10 +337,15 @@ class GraphExecutor:
         if self.held.max(initial=0) <= self._g:
             return
         assert self.draft_kv is not None
-        held = torch.tensor(self.held, device=dev)
+        held = self._take_held()
         self.drafts, _, self.draft_probs = self._draft(self.anchor, self.held_taps, held, self.cache_len - held,
                                                        self.draft_kv, self.temperature, uniforms)
+
+    def _take_held(self) -> torch.Tensor:
+        """The rows' held-tap counts on the device, zeroed here: the next draft call takes those taps."""
+        held = torch.tensor(self.held, device=self.device)  # a copy: on the CPU as_tensor would share the array
         self.held[:] = 0
+        return held
 
     @torch.inference_mode()
     def select(self, rows: np.ndarray) -> None:
