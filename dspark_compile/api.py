@@ -144,6 +144,7 @@ def run(build_dir: str | Path, prompts: Sequence[Sequence[int]], *, backend: str
     be = load_backend(build_dir, backend, device=device)
     policy = VerifyPolicy.for_build(Path(build_dir), verify, has_confidence=be.info.has_confidence,
                                     draft_rows=draft_rows)
+    policy.warn_if_measured_elsewhere(be)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, policy=policy)
     return _generate(be, prompts, params, speculative=not baseline)
 

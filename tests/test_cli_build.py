@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -89,10 +90,12 @@ def test_run_draft_rows(golden_build: Path, golden_dir: Path, capsys: pytest.Cap
 
 
 def test_run_draft_rows_auto_reads_what_bench_measured(golden_build: Path, golden_dir: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+                                                       capsys: pytest.CaptureFixture[str],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     """`--draft-rows auto`: the number in BUILD/draft_rows.json (`bench --plain-rounds` writes it), here 1, decodes
-    as `--draft-rows 1` does; without the file, or with one that holds no row count, one error line naming the file
-    and the command that writes it, exit 2."""
+    as `--draft-rows 1` does; measured with another backend or GPU than this run's, one warning line naming the
+    file, both backends and the fix; without the file, or with one that holds no row count, one error line naming
+    the file and the command that writes it, exit 2."""
     base = json.loads((golden_dir / "dspark_tiny" / "decode_greedy.json").read_text())["baseline"]
     measured = golden_build / "draft_rows.json"
     code, stdout, err = _cli(["run", str(golden_build), "--prompt-ids", "1,2", "--draft-rows", "auto"], capsys)
@@ -105,6 +108,18 @@ def test_run_draft_rows_auto_reads_what_bench_measured(golden_build: Path, golde
                          "--draft-rows", "auto")
         assert [r["tokens"] for r in rows] == [e["tokens"][:24] for e in base]
         assert all(r["draft"] == [] for row in rows for r in row["rounds"])  # four rows live: all plain, as with 1
+        assert "measured with" not in caplog.text  # the file names no backend: nothing to compare
+        measured.write_text(json.dumps({"draft_rows": 1, "device": "NVIDIA H200",
+                                        "backend": {"backend": "torch-cuda-graph", "device": "cuda:0"}}))
+        with caplog.at_level(logging.WARNING, logger="dspark_compile"):
+            again = _run_json(golden_build, [e["prompt"] for e in base], capsys, "--max-new-tokens", "24",
+                              "--draft-rows", "auto")
+        assert [r["tokens"] for r in again] == [r["tokens"] for r in rows]
+        warned = [r.getMessage() for r in caplog.records if "measured with" in r.getMessage()]
+        assert len(warned) == 1, caplog.text
+        assert all(part in warned[0] for part in (str(measured), "torch-cuda-graph on NVIDIA H200", "on cpu",
+                                                  "measures only the torch CUDA-graph backend",
+                                                  "pass a number of rows")), warned[0]
         measured.write_text(json.dumps({"draft_rows": "many"}))
         code, stdout, err = _cli(["run", str(golden_build), "--prompt-ids", "1,2", "--draft-rows", "auto"], capsys)
         assert (code, stdout) == (2, "")

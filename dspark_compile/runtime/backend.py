@@ -146,3 +146,24 @@ def cache_slots_needed(prompt_len: int, max_new_tokens: int, block_size: int) ->
 def uniforms_per_call(block_size: int) -> int:
     """Random numbers one row consumes per device call: G+1 for verification (or the first token), G drafts."""
     return 2 * block_size + 1
+
+
+def describe_backend(backend: Any) -> dict[str, Any]:
+    """The backend's own description (``describe()``), or its class, device and dtype: what a benchmark records
+    beside its numbers, and what ``--draft-rows auto`` compares the serving backend with."""
+    if hasattr(backend, "describe"):
+        return backend.describe()
+    target = getattr(backend, "target_model", None)
+    dtype = str(target.embed_tokens.weight.dtype).removeprefix("torch.") if target is not None else "?"
+    return {"backend": type(backend).__name__, "device": str(getattr(backend, "device", "?")), "dtype": dtype}
+
+
+def backend_device(backend: Any) -> str:
+    """The GPU's name for a backend on CUDA (speed differs between GPUs of one kind, e.g. the H100 and H200), else
+    ``"cpu"``."""
+    device = getattr(backend, "device", None)
+    if device is None or not str(device).startswith("cuda"):
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))

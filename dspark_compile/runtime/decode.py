@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from dspark_compile.errors import UsageError
-from dspark_compile.runtime.backend import DecodeBackend, Proposal, cache_slots_needed
+from dspark_compile.runtime.backend import (
+    DecodeBackend,
+    Proposal,
+    backend_device,
+    cache_slots_needed,
+    describe_backend,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,22 +122,38 @@ def parse_draft_rows(value: int | str | None) -> int | str | None:
     return value
 
 
-def measured_draft_rows(directory: Path) -> int | None:
+@dataclass(frozen=True)
+class DraftRowsOrigin:
+    """Where ``draft_rows.json``'s number was measured: the file, and the backend and GPU (None where the file does
+    not say), which :meth:`VerifyPolicy.warn_if_measured_elsewhere` compares with the serving backend's."""
+
+    path: Path
+    backend: str | None = None
+    device: str | None = None
+
+
+def measured_draft_rows(directory: Path) -> tuple[int | None, DraftRowsOrigin]:
     """``--draft-rows auto``: the number in ``directory/draft_rows.json`` (None: speculation won at every batch
-    measured, so no limit). A missing or unreadable file is one error line naming it and the command that writes
-    it: which rows to stop drafting at depends on the GPU, the engine and the traffic, so it is measured."""
+    measured, so no limit) and where it was measured. A missing or unreadable file is one error line naming it and
+    the command that writes it: which rows to stop drafting at depends on the GPU, the engine and the traffic, so
+    it is measured."""
     path = Path(directory) / DRAFT_ROWS_FILE
     fix = ("run `dspark-compile bench BUILD --plain-rounds --prompt-file PROMPTS.jsonl --batch 1,16,32,64` on the "
            "serving GPU first, or pass a number of rows")
     if not path.is_file():
         raise UsageError(f"--draft-rows auto: {path} is missing; {fix}")
     try:
-        value = json.loads(path.read_text())["draft_rows"]
+        data = json.loads(path.read_text())
+        value = data["draft_rows"]
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--draft-rows auto: {path} is not a draft_rows file ({e}); {fix}") from None
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise UsageError(f"--draft-rows auto: {path} holds draft_rows {value!r}, not a number of rows >= 0; {fix}")
-    return value
+    backend = data.get("backend")
+    backend = backend.get("backend") if isinstance(backend, dict) else None
+    device = data.get("device")
+    return value, DraftRowsOrigin(path, backend if isinstance(backend, str) else None,
+                                  device if isinstance(device, str) else None)
 
 
 @dataclass(frozen=True)
@@ -154,6 +176,7 @@ class VerifyPolicy:
     temperatures: tuple[float, ...] | None = None  # Sequential Temperature Scaling of the confidence logits
     smoothed: bool = False
     draft_rows: int | None = None  # speculate only while at most this many rows are live (None: always)
+    measured_on: DraftRowsOrigin | None = None  # where draft_rows was measured, for ``auto``
 
     def __post_init__(self) -> None:
         if self.draft_rows is not None and self.draft_rows < 0:
@@ -190,13 +213,14 @@ class VerifyPolicy:
         draft has a confidence head, else ``fixed``. ``draft_rows``: as the field (a Triton parameter's string);
         ``"auto"``: what `dspark-compile bench --plain-rounds` measured for this build (:func:`measured_draft_rows`)."""
         draft_rows = parse_draft_rows(draft_rows)
+        measured = None
         if draft_rows == "auto":
-            draft_rows = measured_draft_rows(directory)
+            draft_rows, measured = measured_draft_rows(directory)
         prof = directory / "sps_profile.json"
         if verify == "auto":
             verify = "schedule" if prof.is_file() and has_confidence else "fixed"
         if verify != "schedule":
-            return cls.parse(verify, draft_rows=draft_rows)
+            return cls.parse(verify, draft_rows=draft_rows, measured_on=measured)
         if not prof.is_file():
             raise UsageError(f"{prof}: missing; run `dspark-compile profile BUILD_DIR` before --verify schedule")
         try:
@@ -212,7 +236,7 @@ class VerifyPolicy:
             except (ValueError, KeyError, TypeError) as e:
                 raise UsageError(f"{cal}: not a valid calibration ({e}); run `dspark-compile calibrate` "
                                  "again") from None
-        return cls("schedule", sps=sps, temperatures=temps, draft_rows=draft_rows)
+        return cls("schedule", sps=sps, temperatures=temps, draft_rows=draft_rows, measured_on=measured)
 
     def probabilities(self, confidence_logits: np.ndarray) -> np.ndarray:
         logits = confidence_logits.astype(np.float64)
@@ -256,6 +280,23 @@ class VerifyPolicy:
             raise UsageError(f"draft_rows={self.draft_rows}: {type(backend).__name__} takes no plain rounds "
                              "(round(..., draft=False)); use the CUDA-graph backend or the graph executor, or leave "
                              "draft_rows unset")
+
+    def warn_if_measured_elsewhere(self, backend: Any) -> None:
+        """One warning line, once where a run or a model loads, when ``draft_rows`` was measured (``auto``) with
+        another backend or on another GPU than ``backend``'s: where speculation stops paying differs between them
+        (at 64 rows FP8 speculation lost to plain decoding on an H200 and won on an H100, docs/BENCH.md)."""
+        m = self.measured_on
+        if m is None:
+            return
+        backend_here, device_here = str(describe_backend(backend).get("backend")), backend_device(backend)
+        other_backend = m.backend is not None and m.backend != backend_here
+        if not other_backend and (m.device is None or m.device == device_here):
+            return
+        fix = ("`bench` measures only the torch CUDA-graph backend: pass a number of rows for this one"
+               if other_backend else "measure on this GPU (`dspark-compile bench BUILD --plain-rounds --prompt-file "
+               "P`), or pass a number of rows")
+        log.warning("--draft-rows auto: %s was measured with %s on %s; this run decodes with %s on %s, so the number "
+                    "may not hold here; %s", m.path, m.backend or "?", m.device or "?", backend_here, device_here, fix)
 
     def plan(self, pending: Proposal, *, drafted: np.ndarray | None = None, whole_block: bool = False,
              widest: bool = False) -> tuple[np.ndarray, bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,11 @@ def test_threshold_and_schedule_policies_from_a_build_dir(tmp_path: Path) -> Non
     np.testing.assert_allclose(pol.probabilities(np.full((1, 7), 2.0)), 1 / (1 + np.exp(-1.0)))
 
 
-def test_draft_rows_auto_reads_the_measured_number_from_the_build_dir(tmp_path: Path) -> None:
+def test_draft_rows_auto_reads_the_measured_number_from_the_build_dir(tmp_path: Path, golden: tuple[TorchBackend, dict],
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """``draft_rows="auto"``: the build's draft_rows.json, with the schedule policy too; null (speculation won at every
-    batch measured) is no limit; a negative or non-integer value is one error naming the file."""
+    batch measured) is no limit; a negative or non-integer value is one error naming the file. Measured with this
+    backend on another GPU: one warning naming both GPUs and the command that measures; on this one, none."""
     from dspark_compile.errors import UsageError
 
     (tmp_path / "sps_profile.json").write_text(json.dumps({"batch_sizes": [1, 8], "steps_per_second": [5.0, 4.0]}))
@@ -67,6 +70,20 @@ def test_draft_rows_auto_reads_the_measured_number_from_the_build_dir(tmp_path: 
         (tmp_path / "draft_rows.json").write_text(json.dumps({"draft_rows": bad}))
         with pytest.raises(UsageError, match=f"{tmp_path / 'draft_rows.json'} holds draft_rows"):
             VerifyPolicy.for_build(tmp_path, "fixed", has_confidence=True, draft_rows="auto")
+    backend = golden[0]
+    for device, warned in (("NVIDIA H200", True), ("cpu", False)):
+        (tmp_path / "draft_rows.json").write_text(json.dumps({"draft_rows": 16, "device": device,
+                                                              "backend": {"backend": "TorchBackend"}}))
+        pol = VerifyPolicy.for_build(tmp_path, "fixed", has_confidence=True, draft_rows="auto")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dspark_compile"):
+            pol.warn_if_measured_elsewhere(backend)
+        lines = [r.getMessage() for r in caplog.records]
+        if warned:
+            assert len(lines) == 1 and "TorchBackend on NVIDIA H200" in lines[0] and "TorchBackend on cpu" in lines[0]
+            assert "measure on this GPU" in lines[0] and "--plain-rounds" in lines[0], lines[0]
+        else:
+            assert lines == [], lines
 
 
 def test_a_fixed_cap_verifies_at_most_k_drafts_and_stays_lossless(golden: tuple[TorchBackend, dict]) -> None:

@@ -224,6 +224,13 @@ E4M3_INPUT_SCRIPT = textwrap.dedent(
             assert torch.equal(outs[0], outs[1]), (group, cfg)
             err = ((outs[1] - lin(x)).abs().max() / lin(x).abs().max()).item()
             assert err < 1e-5, (group, cfg, err)
+    # a configuration whose K tile is not one activation group (passed in, or from a choices file) is refused
+    try:
+        decode_linear(x, fw, (32, 32, 64, 0, 4, 3, 3))
+    except ValueError as exc:
+        assert "activation group (128 columns), not 64" in str(exc), exc
+    else:
+        raise AssertionError("a 64-column K tile was taken for 128-column activation groups")
     print("e4m3 input ok")
     """
 )
@@ -862,12 +869,10 @@ def test_weights_in_fragment_order_give_the_same_bits_on_gpu() -> None:
 
 
 @pytest.mark.gpu
-def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
+def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dynamic e4m3 activations (``--quantize fp8-dynamic``): the e4m3 × e4m3 kernel against the modules'
     reference of the same model (quantize the activations per row and 128 columns, dequantize, float32
     product), one configuration for M = 1 and M = 8, and speculative == target-only through the round graphs."""
-    import os
-
     import torch
     from torch.nn import functional as F
 
@@ -891,11 +896,9 @@ def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless() -> None:
         if m <= 16:
             assert torch.equal(decode_linear(x[:1], fw), decode_linear(x, fw)[:1])
         else:  # activations quantized once (e4m3_rows) or in each K tile: the same bits
-            os.environ["DSPARK_E4M3_INPUT"] = "0"
-            try:
+            with monkeypatch.context() as mp:
+                mp.setenv("DSPARK_E4M3_INPUT", "0")
                 assert torch.equal(decode_linear(x, fw, _config(x, fw)), got.to(torch.bfloat16))
-            finally:
-                del os.environ["DSPARK_E4M3_INPUT"]
 
     target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
     quantize_module(target.layers)

@@ -26,7 +26,7 @@ from dspark_compile.errors import UsageError
 from dspark_compile.families import family_of
 from dspark_compile.model_config import DraftConfig, Gemma4Config, RopeConfig, TargetConfig
 from dspark_compile.models.dspark import DSparkDraft
-from dspark_compile.runtime.backend import DecodeBackend, Proposal
+from dspark_compile.runtime.backend import DecodeBackend, Proposal, backend_device, describe_backend
 from dspark_compile.runtime.decode import GenerationParams, GenerationResult, RoundQueue, VerifyPolicy, generate
 
 if TYPE_CHECKING:
@@ -351,8 +351,8 @@ def run_bench(backend_factory: Callable[[], CudaGraphBackend], prompts: Sequence
     bw = bandwidth if bandwidth is not None else measure_copy_bandwidth(
         device, nbytes=(1 << 30) if torch.device(device).type == "cuda" else (1 << 26))
     report: dict[str, Any] = {
-        "backend": describe(backend),
-        "device": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
+        "backend": describe_backend(backend),
+        "device": backend_device(backend),
         "gamma": info.block_size, "context": context, "repeats": repeats, "max_new_tokens": max_new_tokens,
         "copy_bandwidth_gb_s": bw / 1e9,
     }
@@ -381,17 +381,8 @@ def run_bench(backend_factory: Callable[[], CudaGraphBackend], prompts: Sequence
         if on_result is not None:
             on_result(row)
     report["batches"] = rows
-    report["backend"] = describe(backend)  # with the final capture/replay counts
+    report["backend"] = describe_backend(backend)  # with the final capture/replay counts
     return report
-
-
-def describe(backend: Any) -> dict[str, Any]:
-    """The backend's own description, or its class, device and dtype."""
-    if hasattr(backend, "describe"):
-        return backend.describe()
-    target = getattr(backend, "target_model", None)
-    dtype = str(target.embed_tokens.weight.dtype).removeprefix("torch.") if target is not None else "?"
-    return {"backend": type(backend).__name__, "device": str(getattr(backend, "device", "?")), "dtype": dtype}
 
 
 # ------------------------------------------------------------------------------------- DecodeBackend rounds

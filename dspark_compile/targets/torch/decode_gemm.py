@@ -182,7 +182,7 @@ def _e4m3_group(x, axis: tl.constexpr, ASM: tl.constexpr):
     return q, xs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # a row count first seen inside a CUDA-graph capture compiles nothing new
 def _e4m3_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, ROWS: tl.constexpr, GROUP: tl.constexpr,
                       ASM: tl.constexpr):
     """:func:`_e4m3_group` over a tile of ``ROWS`` rows and one group of columns: e4m3 into ``q_ptr`` [M, K], the
@@ -205,7 +205,7 @@ def e4m3_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
-    rows = 16
+    rows = 16  # a program's tile: 16 rows x one group (4 KB of bf16), many programs even at 17-128 rows
     _e4m3_rows_kernel[(triton.cdiv(m, rows), k // group)](x, q, scales, m, k, x.stride(0), ROWS=rows, GROUP=group,
                                                           ASM=x.is_cuda)
     return q, scales
@@ -734,6 +734,9 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
         fast == 1 and not x.is_cuda) else fast
     if out_dtype is not None:  # prescaled: the fp16 product, its conversion of x already done
         conversion = 2
+    if conversion == 3 and bk != w.act_group:  # a configuration passed in or read from a choices file
+        raise ValueError(f"a W8A8 product needs K tiles of one activation group ({w.act_group} columns), not {bk}")
+    precision = "ieee" if x.dtype == torch.float32 else None
     x_scales = None
     if conversion == 3 and m > SMALL_M and switched_on(E4M3_INPUT_ENV):
         x, x_scales = e4m3_rows(x, w.act_group)
@@ -745,7 +748,7 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               0.0 if row_norm is None else row_norm.eps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                               PER_CHANNEL=w.group >= k, TMA=tma,
                               EVEN=n % bn == 0 and k % bk == 0,
-                              PRECISION="ieee" if x.dtype == torch.float32 else None,
+                              PRECISION=precision,
                               FAST_CVT=conversion, SPLIT_K=splits > 1,
                               WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff,
                               NORM=0 if row_norm is None or handoff else row_norm.sumsq.shape[1],

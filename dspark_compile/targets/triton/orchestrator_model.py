@@ -560,6 +560,7 @@ class TritonPythonModel:
                                         has_confidence=backend.info.has_confidence,
                                         draft_rows=parameters.get("draft_rows") or None)
         policy.check_backend(backend)  # a backend that cannot skip the draft fails the load, with the reason
+        policy.warn_if_measured_elsewhere(backend)
         self.orchestrator = Orchestrator(backend, max_batch=int(parameters.get("max_batch", 16)),
                                          max_slots=self.limits.max_context,
                                          on_error=pb_utils.Logger.log_error, policy=policy,
