@@ -204,6 +204,9 @@ E4M3_INPUT_SCRIPT = textwrap.dedent(
     deq = (q.float().view(37, 2, 128) * s.view(37, 2, 1)).view(37, 256)
     assert torch.equal(deq, fp8_group_quantize_dequantize(x, 128))
     assert torch.equal(s[1, 1], torch.tensor(1.0)), "a zero group is scaled by 1"
+    # group-major scales (as cuBLAS's block-scaled product reads them): the same values, stored [K / 128, M]
+    q2, s2 = e4m3_rows(x, 128, scales_by_group=True)
+    assert s2.stride() == (1, 37) and torch.equal(s2, s) and torch.equal(q2.float(), q.float())
     # the W8A8 product above 16 rows: the same bits as quantizing in each K tile, for tiles of 32 and 64 rows
     # (the last partial), split K and not, per-channel and 128-column weight groups
     for group in (0, 128):
@@ -872,12 +875,14 @@ def test_weights_in_fragment_order_give_the_same_bits_on_gpu() -> None:
 def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dynamic e4m3 activations (``--quantize fp8-dynamic``): the e4m3 × e4m3 kernel against the modules'
     reference of the same model (quantize the activations per row and 128 columns, dequantize, float32
-    product), one configuration for M = 1 and M = 8, and speculative == target-only through the round graphs."""
+    product), one configuration for M = 1 and M = 8, and speculative == target-only through the round graphs. The
+    kernel only: cuBLAS's e4m3 product, another candidate above SMALL_M rows, has its own test."""
     import torch
     from torch.nn import functional as F
 
     if not torch.cuda.is_available():
         pytest.skip(reason="needs a CUDA GPU")
+    monkeypatch.setenv("DSPARK_SCALED_MM", "0")
 
     from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, fp8_group_quantize_dequantize, quantize_fp8
     from dspark_compile.passes.quantize import quantize_module
@@ -906,6 +911,73 @@ def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless(monkeypatch: pytest.Mo
         if isinstance(module, Fp8Linear):
             module.quantize_activations()
     _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
+
+
+@pytest.mark.gpu
+def test_w8a8_through_cublas_on_gpu_and_its_round_graph_is_lossless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SCALED_MM``: cuBLAS's block-scaled e4m3 product (``torch._scaled_mm``) against the reference of the same
+    model and the kernel's conversion 3, per-channel and 128-column weight scales, at 30 rows (padded to 32), 64 and
+    512; replayed in a CUDA graph; a candidate above SMALL_M rows on Hopper only, unless DSPARK_SCALED_MM=0; and
+    rounds whose W8A8 products above SMALL_M rows all take it, speculative == target-only."""
+    import torch
+    from torch.nn import functional as F
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(reason="needs a Hopper GPU (cuBLAS's 1 x 128 block-scaled product is built for sm_90)")
+
+    from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, quantize_fp8
+    from dspark_compile.passes.quantize import quantize_module
+    from dspark_compile.targets.torch import decode_gemm as dg
+    from dspark_compile.targets.torch.bench import SMOKE, random_pair
+
+    torch.manual_seed(0)
+    n, k = 4096, 4096
+    w = torch.randn(n, k, device="cuda") * 0.02
+    q, scale = quantize_fp8(w)
+    block = (torch.rand(n, k // 128, device="cuda") + 0.5) * scale[:, None]  # 128-column groups, as HF blocks
+    for fw, deq in ((dg.DecodeWeight.of(q, scale, 0, None, 128), fp8_dequantize(q, scale, 0)),
+                    (dg.DecodeWeight.of(q, block, 128, None, 128), q.float() * block.repeat_interleave(128, 1))):
+        assert dg.with_scaled_mm([], 64, fw) == [dg.SCALED_MM] and dg.with_scaled_mm([], dg.SMALL_M, fw) == []
+        inputs, eager = [], []
+        for m in (30, 64, 512):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x[0, :128] *= 100  # one group far louder than the rest of its row: scales are per group
+            # the product of the activations as e4m3_rows quantized them: on an H100 a row's e4m3 values once
+            # differed from the module reference's (torch's conversion), 2.6 % of the largest output apart, with
+            # both products agreeing to 2e-4 (docs/BENCH.md, "W8A8 through cuBLAS")
+            xq, xs = dg.e4m3_rows(x, 128)
+            ref = F.linear(xq.float() * xs.repeat_interleave(128, 1), deq.float())
+            got = dg.decode_linear(x, fw, dg.SCALED_MM)
+            kernel = dg.decode_linear(x, fw, (64, 128, 128, 0, 4, 3, 3)).float()
+            errors = [float((t.float() - r).abs().max() / r.abs().max()) for t, r in ((got, ref), (got, kernel))]
+            assert got.shape == (m, n) and got.dtype == torch.bfloat16
+            assert errors[0] < 1e-2 and errors[1] < 1e-2, (m, errors)  # the kernel: bf16 rounding apart
+            inputs.append(x)
+            eager.append(got)
+        for x, got in zip(inputs, eager, strict=True):  # in a graph, and after it, the same bits
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = dg.decode_linear(x, fw, dg.SCALED_MM)
+            graph.replay()
+            assert torch.equal(replayed, got) and torch.equal(dg.decode_linear(x, fw, dg.SCALED_MM), got), len(x)
+    with monkeypatch.context() as mp:
+        mp.setenv(dg.SCALED_MM_ENV, "0")
+        assert dg.with_scaled_mm([], 64, fw) == [] and "w8a8" not in dg._identity(torch.device("cuda"))
+
+    # rounds at 4 prompts: the verify's and the draft's 32-row W8A8 products through cuBLAS, the 4-row steps through
+    # the kernel (class 0); the decisive pair's tokens must not move
+    least = dg.least_relative_time
+    monkeypatch.setattr(dg, "_CHOSEN", {})
+    monkeypatch.delenv(dg.CHOICES_ENV, raising=False)
+    monkeypatch.setattr(dg, "least_relative_time",
+                        lambda times: dg.SCALED_MM if dg.SCALED_MM in times else least(times))
+    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
+    quantize_module(target.layers)
+    for module in target.modules():
+        if isinstance(module, Fp8Linear):
+            module.quantize_activations()
+    _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
+    assert dg.SCALED_MM in dg._CHOSEN.values() and any(c != dg.SCALED_MM for c in dg._CHOSEN.values())
 
 
 def test_decode_gemm_candidates() -> None:
@@ -1083,6 +1155,23 @@ def test_decode_gemm_choices_file_pins_configurations_for_its_gpu_only(tmp_path:
         dg._CHOSEN.clear()
         dg._LOADED.clear()
         assert dg._config(x, w) == pinned and wide_key not in dg._CHOSEN
+    # W8A8 entries above SMALL_M rows hold only for the same "w8a8" (cuBLAS's e4m3 product among the candidates on
+    # a Hopper GPU, unless DSPARK_SCALED_MM=0): a file from before it keeps them only where it is off
+    w8 = dg.DecodeWeight.of(*quantize_fp8(torch.randn(64, 256)), 0, None, act_group=128)
+    keys = [dg._key(m, w8, x.dtype) for m in (3, 64)] + [key]
+    old = {k: v for k, v in dg._identity(cpu).items() if k != "w8a8"}
+    for applies, kept in ((False, keys), (True, [keys[0], key])):
+        monkeypatch.setattr(dg, "scaled_mm_applies", lambda device, applies=applies: applies)
+        path.write_text(json.dumps({"identity": old, "choices": [{"key": list(k), "config": list(pinned)}
+                                                                 for k in keys]}))
+        dg._CHOSEN.clear()
+        dg._LOADED.clear()
+        assert dg._load_choices(cpu) and sorted(dg._CHOSEN) == sorted(kept), applies
+    monkeypatch.undo()
+    monkeypatch.setenv(dg.CHOICES_ENV, str(path))
+    monkeypatch.setattr(dg, "_CHOSEN", {})
+    monkeypatch.setattr(dg, "_LOADED", {})
+    assert dg.with_scaled_mm([pinned], 64, w8) == [pinned], "not on the CPU"
     path.write_text("{")
     dg._CHOSEN.clear()
     dg._LOADED.clear()

@@ -27,7 +27,9 @@ differ in the last bits, as they already did for 3 <= B <= 16 (``row_class``).
 Activations stay in the model dtype (W8A16) unless the layer quantizes them (``--quantize fp8-dynamic``: e4m3
 per row and K tile of 128, scale amax/448, as HF "-FP8" checkpoints declare): then the product is e4m3 × e4m3 on
 the tensor cores (conversion 3), with no widening of the weights at all; above ``SMALL_M`` rows the activations are
-quantized once, before the product (:func:`e4m3_rows`), instead of in each column tile's K loop.
+quantized once, before the product (:func:`e4m3_rows`), instead of in each column tile's K loop, and on Hopper
+cuBLAS's block-scaled e4m3 product (:data:`SCALED_MM`) is one more candidate there, the same products summed in
+another order, which the timing picks for most products at 32-512 rows.
 Runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (tests; no inline PTX there: conversion 1
 falls back to Triton's, conversion 2 scales with Triton ops).
 """
@@ -46,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.nn import functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 from triton.compiler.errors import CompilationError
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.runtime.errors import OutOfResources
@@ -182,11 +185,11 @@ def _e4m3_group(x, axis: tl.constexpr, ASM: tl.constexpr):
     return q, xs
 
 
-@triton.jit(do_not_specialize=["M"])  # a row count first seen inside a CUDA-graph capture compiles nothing new
-def _e4m3_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, ROWS: tl.constexpr, GROUP: tl.constexpr,
-                      ASM: tl.constexpr):
+@triton.jit(do_not_specialize=["M", "stride_sm"])  # a row count first seen in a CUDA-graph capture compiles nothing
+def _e4m3_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sm, stride_sg, ROWS: tl.constexpr,
+                      GROUP: tl.constexpr, ASM: tl.constexpr):
     """:func:`_e4m3_group` over a tile of ``ROWS`` rows and one group of columns: e4m3 into ``q_ptr`` [M, K], the
-    scales into ``s_ptr`` [M, K / GROUP]."""
+    scales into ``s_ptr`` [M, K / GROUP] (strides ``stride_sm``, ``stride_sg``)."""
     offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     g = tl.program_id(1)
     offs_k = g * GROUP + tl.arange(0, GROUP)
@@ -194,20 +197,24 @@ def _e4m3_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, ROWS: tl.constexpr, 
     x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=rows[:, None], other=0.0)
     q, xs = _e4m3_group(x, 1, ASM)
     tl.store(q_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], q.to(tl.float8e4nv), mask=rows[:, None])
-    tl.store(s_ptr + offs_m.to(tl.int64) * (K // GROUP) + g, xs, mask=rows)
+    tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + g * stride_sg, xs, mask=rows)
 
 
-def e4m3_rows(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def e4m3_rows(x: torch.Tensor, group: int, *, scales_by_group: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` [M, K] as dynamic e4m3 activations, per row and group of ``group`` columns: (e4m3 [M, K], float32
     scales [M, K / group]), the values the W8A8 product's K loop would compute from ``x``, computed once: in the
     loop, every column tile's program quantized every activation tile again, which made the W8A8 target slower than
-    W8A16 at 64 rows (docs/BENCH.md, "W8A8 at 64 rows")."""
+    W8A16 at 64 rows (docs/BENCH.md, "W8A8 at 64 rows"). ``scales_by_group``: the scales stored group-major (the
+    [M, K / group] view of a [K / group, M] tensor), as cuBLAS's block-scaled product reads them (:data:`SCALED_MM`)."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
+    if scales_by_group:
+        scales = torch.empty(k // group, m, dtype=torch.float32, device=x.device).t()
+    else:
+        scales = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
     rows = 16  # a program's tile: 16 rows x one group (4 KB of bf16), many programs even at 17-128 rows
-    _e4m3_rows_kernel[(triton.cdiv(m, rows), k // group)](x, q, scales, m, k, x.stride(0), ROWS=rows, GROUP=group,
-                                                          ASM=x.is_cuda)
+    _e4m3_rows_kernel[(triton.cdiv(m, rows), k // group)](x, q, scales, m, k, x.stride(0), *scales.stride(),
+                                                          ROWS=rows, GROUP=group, ASM=x.is_cuda)
     return q, scales
 
 
@@ -398,6 +405,20 @@ Config = tuple[int, ...]
 loaded by TMA (Hopper's tensor memory accelerator) instead of per-thread asynchronous copies."""
 CUBLAS: Config = (0, 0, 0, 0, 0, 0, 0)
 """Not the kernel: ``F.linear`` (cuBLAS), the reference and a candidate for full-precision weights."""
+SCALED_MM: Config = (0, 0, 0, 0, 0, 0, 3)
+"""Not the kernel: cuBLAS's e4m3 product (``torch._scaled_mm`` with 1 × 128 block scales on both operands: the
+activations' per-(row, group) scales of :func:`e4m3_rows`, the weight's per-channel or per-group scales repeated
+per group of 128 columns), a candidate for W8A8 products of more than ``SMALL_M`` rows on Hopper. The same products
+as conversion 3, summed in another float32 order. At 512 rows on an H100 it took 0.64-0.69× the kernel's time per
+product, and below bf16 cuBLAS's (docs/BENCH.md, "W8A8 through cuBLAS"): the kernel scales every K tile's product
+by its activation scales before adding it, which serializes its tensor-core work. Not at up to ``SMALL_M`` rows,
+whose one configuration must give a row the same bits at every row count (cuBLAS picks its algorithm by shape)."""
+SCALED_MM_ENV = "DSPARK_SCALED_MM"
+"""On (the default; 0 turns it off): :data:`SCALED_MM` is a candidate where it applies. Off, the W8A8 entries of a
+choices file made before it hold again (``_identity``'s ``w8a8``)."""
+_BLOCK_SCALES = WeakTensorKeyDictionary()
+"""A weight scale's [K / 128, N] block-scale form for :data:`SCALED_MM`, made on its first (warm-up) call, never
+inside a CUDA-graph capture, and dropped with the scale."""
 SMEM_BYTES = 200 * 1024
 """Shared memory the pipeline stages of one program may take (Hopper: 227 KB per block)."""
 _CHOSEN: dict[tuple[int, ...], Config] = {}
@@ -467,7 +488,7 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
     candidates = _candidates(m, k, w.group, w.weight.dtype.itemsize, w.act_group)
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or len(candidates) == 1:
         return candidates[0]
-    candidates = with_tma(candidates, w)
+    candidates = with_scaled_mm(with_tma(candidates, w), m, w)
     reference = _launch(x, w, candidates[0]).float()
     inputs = [x if r == m else torch.randn(r, k, dtype=x.dtype, device=x.device)
               for r in TIMED_ROWS.get(row_class(m), (m,))]
@@ -477,6 +498,11 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
             err = candidate_error(lambda cfg=cfg: _launch(x, w, cfg).float(), reference)
         except (OutOfResources, CompilationError) as exc:  # e.g. shared memory of a smaller GPU
             log.warning("decode GEMM configuration %s dropped: %s", cfg, exc)
+            continue
+        except RuntimeError as exc:  # cuBLAS without this block-scaled product (an older torch or CUDA)
+            if cfg != SCALED_MM:
+                raise
+            log.warning("decode GEMM configuration %s (torch._scaled_mm) dropped: %s", cfg, str(exc).splitlines()[0])
             continue
         if err > 1e-2:
             log.warning("decode GEMM configuration %s dropped: relative error %.3g against %s", cfg, err,
@@ -536,7 +562,10 @@ def _identity(device: torch.device) -> dict[str, str]:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     candidates = hashlib.sha256(repr((SMALL_CONFIGS, LARGE_CONFIGS)).encode()).hexdigest()[:16]
     wide = hashlib.sha256(repr((WIDE_CONFIGS, WIDE_M)).encode()).hexdigest()[:16]
-    return {"gpu": gpu, "triton": triton.__version__, "candidates": candidates, "wide": wide}
+    out = {"gpu": gpu, "triton": triton.__version__, "candidates": candidates, "wide": wide}
+    if scaled_mm_applies(device):  # W8A8 entries timed with cuBLAS among the candidates
+        out["w8a8"] = "scaled_mm"
+    return out
 
 
 def _load_choices(device: torch.device) -> bool:
@@ -557,11 +586,15 @@ def _load_choices(device: torch.device) -> bool:
                                  f"point {CHOICES_ENV} at a new path") from exc
         # A file from before the wide class (no "wide") keeps classes 0-2, whose candidates are unchanged (its class
         # 1 entries were timed over 512 rows as well, and now serve only up to WIDE_M); class 3 entries hold only
-        # for the same wide candidates.
-        same = {k: v for k, v in theirs.items() if k != "wide"} == {k: v for k, v in mine.items() if k != "wide"}
+        # for the same wide candidates. W8A8 entries (activation group k[6]) above SMALL_M hold only for the same
+        # "w8a8" (cuBLAS among the candidates or not).
+        same = ({k: v for k, v in theirs.items() if k not in ("wide", "w8a8")}
+                == {k: v for k, v in mine.items() if k not in ("wide", "w8a8")})
         wide = theirs.get("wide") == mine["wide"]
+        w8a8 = theirs.get("w8a8") == mine.get("w8a8")
         if same:
-            _CHOSEN.update((k, c) for k, c in entries if k[0] != 3 or wide)
+            _CHOSEN.update((k, c) for k, c in entries
+                           if (k[0] != 3 or wide) and (not k[6] or k[0] == 0 or w8a8))
         _LOADED[path] = same
         if not same:
             log.warning("%s=%s holds choices of %s, not of this process (%s): neither read nor written", CHOICES_ENV,
@@ -591,6 +624,37 @@ def with_tma(candidates: list[Config], w: DecodeWeight) -> list[Config]:
     if not (aligned and weight.is_cuda and torch.cuda.get_device_capability(weight.device)[0] >= 9):
         return candidates
     return candidates + [(*c, 1) for c in candidates if c != CUBLAS]
+
+
+def scaled_mm_applies(device: torch.device) -> bool:
+    """Whether :data:`SCALED_MM` is a candidate on ``device``: a Hopper GPU (torch's 1 × 128 block-scaled product is
+    cuBLAS's DeepSeek recipe, built for sm_90 only), unless ``DSPARK_SCALED_MM=0``."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and switched_on(SCALED_MM_ENV))
+
+
+def with_scaled_mm(candidates: list[Config], m: int, w: DecodeWeight) -> list[Config]:
+    """``candidates`` and :data:`SCALED_MM` for a W8A8 product of more than ``SMALL_M`` rows whose activation
+    group and weight scale groups are 128 columns (or the weight's scale is per channel), where it applies."""
+    k = w.weight.shape[1]
+    fits = (w.act_group == 128 and k % 128 == 0 and (w.group >= k or w.group % 128 == 0) and m > SMALL_M
+            and w.weight.is_cuda and scaled_mm_applies(w.weight.device))
+    return [*candidates, SCALED_MM] if fits else candidates
+
+
+def _scaled_mm(x: torch.Tensor, w: DecodeWeight, out_dtype: torch.dtype) -> torch.Tensor:
+    """:data:`SCALED_MM`'s product: ``x`` quantized by :func:`e4m3_rows` (scales group-major), its rows padded to a
+    multiple of 4 (cuBLAS's block-scaled product needs it; a padding row is zeros and is not returned)."""
+    m, k = x.shape
+    n = w.weight.shape[0]
+    scale_b = _BLOCK_SCALES.get(w.scale)
+    if scale_b is None:  # [N, ceil(K / group)] -> [K / 128, N]: each group's scale for each of its 128 columns
+        per = w.scale.expand(n, k // 128) if w.group >= k else w.scale.repeat_interleave(w.group // 128, dim=1)
+        scale_b = _BLOCK_SCALES[w.scale] = per[:, : k // 128].t().contiguous()
+    pad = -m % 4
+    xq, xs = e4m3_rows(F.pad(x, (0, 0, 0, pad)) if pad else x, 128, scales_by_group=True)
+    out = torch._scaled_mm(xq, w.weight.t(), scale_a=xs, scale_b=scale_b, out_dtype=out_dtype)
+    return out[:m] if pad else out
 
 
 ROTATION_BYTES = 256 << 20
@@ -717,6 +781,8 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
     """One launch of ``cfg``; ``out_dtype`` (bf16) marks an fp16 ``x`` as prescaled for the fp16 product."""
     if cfg == CUBLAS:
         return F.linear(x, w.weight)
+    if cfg == SCALED_MM:
+        return _scaled_mm(x, w, out_dtype or x.dtype)
     m, k = x.shape
     n = w.weight.shape[0]
     bm, bn, bk, _, warps, stages, fast = cfg[:7]
