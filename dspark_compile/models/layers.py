@@ -120,13 +120,17 @@ def fp8_group_quantize_dequantize(x: torch.Tensor, group: int) -> torch.Tensor:
     """Dynamic FP8 activations (W8A8): each row's groups of ``group`` columns as e4m3(x · 448/amax) · amax/448,
     float32. The scale comes from the row's own values, so a row's result never depends on the other rows
     (speculative and target-only give a row the same bits); multiplying by 448/amax (not dividing per element)
-    is what the decode GEMM does too."""
+    is what the decode GEMM does too. Both quotients divide tensor by tensor: on a GPU torch divides by a Python
+    number as a product with its reciprocal, a float32 ulp off the correctly rounded quotient that the kernels
+    compute, and with bf16 inputs x·448/amax often falls on a tie between two e4m3 values, which that ulp decides
+    (docs/BENCH.md, "W8A8 through cuBLAS")."""
     shape = x.shape
     xg = x.to(torch.float32).reshape(*shape[:-1], shape[-1] // group, group)
     amax = xg.abs().amax(dim=-1, keepdim=True)
     live = amax > 0
-    inv = torch.where(live, FP8_MAX / amax, torch.ones_like(amax))
-    s = torch.where(live, amax / FP8_MAX, torch.ones_like(amax))
+    fp8_max = torch.full_like(amax, FP8_MAX)
+    inv = torch.where(live, fp8_max / amax, torch.ones_like(amax))
+    s = torch.where(live, amax / fp8_max, torch.ones_like(amax))
     q = (xg * inv).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return (q.to(torch.float32) * s).reshape(shape)
 

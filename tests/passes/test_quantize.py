@@ -131,3 +131,23 @@ def test_quantized_weights_give_back_their_checkpoint_pages(tmp_path: Path) -> N
     assert before >= 4000 and resident_kib() <= before - 4000
     assert torch.equal(mapped, full)  # read back from the file
     assert torch.equal(owned, full)  # memory the process owns is left alone
+
+
+def test_dynamic_activation_scales_are_correctly_rounded_quotients() -> None:
+    """The W8A8 reference's 448/amax and amax/448 are the correctly rounded float32 quotients, as the decode GEMM's
+    ``div_rn`` computes them: torch's division by a Python number is a product with its reciprocal, an ulp off in
+    about one group in five here, and bf16 inputs often fall on a tie between two e4m3 values, which that ulp
+    decides (on an H100 it moved an output by 2.6 % of the largest, docs/BENCH.md, "W8A8 through cuBLAS")."""
+    from dspark_compile.models.layers import fp8_group_quantize_dequantize
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 4096).to(torch.bfloat16)
+    x[0, :128] *= 100
+    xg = x.float().reshape(512, 32, 128)
+    amax = xg.abs().amax(-1, keepdim=True).double()
+    inv, scale = (FP8_MAX / amax).float(), (amax / FP8_MAX).float()
+    want = ((xg * inv).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * scale).reshape(512, 4096)
+    assert torch.equal(fp8_group_quantize_dequantize(x, 128), want)
+    reciprocal = ((xg * (FP8_MAX / xg.abs().amax(-1, keepdim=True))).clamp(-FP8_MAX, FP8_MAX)
+                  .to(torch.float8_e4m3fn).float() * scale).reshape(512, 4096)
+    assert not torch.equal(reciprocal, want)  # the input has ties that an ulp of 448/amax decides
