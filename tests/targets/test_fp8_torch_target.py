@@ -723,6 +723,23 @@ def _replay_is_exact(target: Any, draft: Any, prompts: list[list[int]]) -> None:
     assert all(r["accepted"] == g + 1 for rs in speculative.rounds for r in rs[:-1])
 
 
+def _w8a8_replay_is_exact() -> None:
+    """:func:`_replay_is_exact` for a W8A8 target (the decisive smoke pair, its layers' inputs in e4m3), 4 prompts:
+    32-row verify and draft products above SMALL_M, 4-row steps below it."""
+    import torch
+
+    from dspark_compile.models.layers import Fp8Linear
+    from dspark_compile.passes.quantize import quantize_module
+    from dspark_compile.targets.torch.bench import SMOKE, random_pair
+
+    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
+    quantize_module(target.layers)
+    for module in target.modules():
+        if isinstance(module, Fp8Linear):
+            module.quantize_activations()
+    _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
+
+
 @pytest.mark.gpu
 def test_fp8_gemm_bf16_on_gpu_and_fp8_round_graph_is_lossless() -> None:
     import torch
@@ -884,9 +901,7 @@ def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless(monkeypatch: pytest.Mo
         pytest.skip(reason="needs a CUDA GPU")
     monkeypatch.setenv("DSPARK_SCALED_MM", "0")
 
-    from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, fp8_group_quantize_dequantize, quantize_fp8
-    from dspark_compile.passes.quantize import quantize_module
-    from dspark_compile.targets.torch.bench import SMOKE, random_pair
+    from dspark_compile.models.layers import fp8_dequantize, fp8_group_quantize_dequantize, quantize_fp8
     from dspark_compile.targets.torch.decode_gemm import DecodeWeight, _config, decode_linear, e4m3_rows
 
     torch.manual_seed(0)
@@ -908,12 +923,7 @@ def test_w8a8_gemm_on_gpu_and_its_round_graph_is_lossless(monkeypatch: pytest.Mo
                 mp.setenv("DSPARK_E4M3_INPUT", "0")
                 assert torch.equal(decode_linear(x, fw, _config(x, fw)), got.to(torch.bfloat16))
 
-    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
-    quantize_module(target.layers)
-    for module in target.modules():
-        if isinstance(module, Fp8Linear):
-            module.quantize_activations()
-    _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
+    _w8a8_replay_is_exact()
 
 
 @pytest.mark.gpu
@@ -928,10 +938,8 @@ def test_w8a8_through_cublas_on_gpu_and_its_round_graph_is_lossless(monkeypatch:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip(reason="needs a Hopper GPU (cuBLAS's 1 x 128 block-scaled product is built for sm_90)")
 
-    from dspark_compile.models.layers import Fp8Linear, fp8_dequantize, quantize_fp8
-    from dspark_compile.passes.quantize import quantize_module
+    from dspark_compile.models.layers import fp8_dequantize, quantize_fp8
     from dspark_compile.targets.torch import decode_gemm as dg
-    from dspark_compile.targets.torch.bench import SMOKE, random_pair
 
     torch.manual_seed(0)
     n, k = 4096, 4096
@@ -972,12 +980,7 @@ def test_w8a8_through_cublas_on_gpu_and_its_round_graph_is_lossless(monkeypatch:
     monkeypatch.delenv(dg.CHOICES_ENV, raising=False)
     monkeypatch.setattr(dg, "least_relative_time",
                         lambda times: dg.SCALED_MM if dg.SCALED_MM in times else least(times))
-    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
-    quantize_module(target.layers)
-    for module in target.modules():
-        if isinstance(module, Fp8Linear):
-            module.quantize_activations()
-    _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
+    _w8a8_replay_is_exact()
     assert dg.SCALED_MM in dg._CHOSEN.values() and any(c != dg.SCALED_MM for c in dg._CHOSEN.values())
 
 
