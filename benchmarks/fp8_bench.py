@@ -126,11 +126,12 @@ def layer_products(shape: Any) -> dict[str, tuple[int, int]]:
 def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
               rows: tuple[int, ...] = (1, 8, 64, 512)) -> dict[str, Any]:
     """Every candidate configuration of the decode GEMM per product, timed as the kernel's own choice is
-    (``decode_gemm.candidate_ms``: in a CUDA graph, over copies of the weight): µs at M = 1 and 8 (small class)
+    (``decode_gemm.candidate_ms``: in a CUDA graph, over copies of the weight; for W8A8 above 16 rows on Hopper,
+    cuBLAS's e4m3 product ``SCALED_MM`` too): µs at M = 1 and 8 (small class)
     or 64 and 512 (large class), against bf16 cuBLAS (and, for e4m3, dequantize-then-cuBLAS); whether M = 1 and
     a row of M = 8 agree bit for bit under one configuration. ``weights`` "bf16": the kernel streaming bf16
     weights; "w8a8": e4m3 weights with dynamic e4m3 activations (``--quantize fp8-dynamic``)."""
-    from dspark_compile.targets.torch.decode_gemm import SMALL_M, _candidates, with_tma
+    from dspark_compile.targets.torch.decode_gemm import SMALL_M, _candidates, with_scaled_mm, with_tma
 
     out: dict[str, Any] = {}
     wide = weights == "bf16"
@@ -149,7 +150,8 @@ def tune_gemm(shape: Any, bandwidth: float, weights: str = "fp8",
                     return F.linear(x, qw.to(torch.bfloat16) * s.view(-1, 1).to(torch.bfloat16))
 
                 row[f"dequant_cublas_m{m}_us"] = graph_ms([dequant]) * 1e3
-            for cfg in with_tma([c for c in _candidates(m, k, k, 2 if wide else 1, act) if c != CUBLAS], fw):
+            for cfg in with_scaled_mm(with_tma([c for c in _candidates(m, k, k, 2 if wide else 1, act)
+                                                if c != CUBLAS], fw), m, fw):
                 try:
                     us = candidate_ms(x, fw, cfg) * 1e3
                     row[f"{weights}_m{m}_{cfg}_us"] = us

@@ -194,10 +194,15 @@ class Fp8Linear(nn.Module):
         return nn.functional.linear(x, self.dequantized(x.dtype), bias)
 
     def quantize_activations(self) -> None:
-        """Dynamic e4m3 activations from now on (:func:`activation_group` columns per scale)."""
+        """Dynamic e4m3 activations from now on (:func:`activation_group` columns per scale). A weight that a
+        W8A16 product stored in fragment order goes back to column order (a module reused across kinds, as the
+        FP8 benchmark does): W8A8 weights are never in fragment order, as cuBLAS's e4m3 product reads columns."""
         if self.input_scale is not None:
             raise ValueError("the checkpoint's layers have static input scales (Model Optimizer W8A8), which "
                              "exclude dynamic ones")
+        if self.fragment_order:
+            self.weight = nn.Parameter(from_fragment_order(self.weight.detach()), requires_grad=False)
+            self.fragment_order = False
         self.act_group = activation_group(self.in_features, self.group)
 
     @classmethod

@@ -984,6 +984,33 @@ def test_w8a8_through_cublas_on_gpu_and_its_round_graph_is_lossless(monkeypatch:
     assert dg.SCALED_MM in dg._CHOSEN.values() and any(c != dg.SCALED_MM for c in dg._CHOSEN.values())
 
 
+def test_w8a8_weights_are_never_in_fragment_order() -> None:
+    """A module whose weight a W8A16 product stored in fragment order, then asked for dynamic e4m3 activations (the
+    FP8 benchmark reuses its modules across kinds), goes back to column order with the same forward; cuBLAS's e4m3
+    product, which reads columns in order, refuses a weight in fragment order (a configuration from a choices file)
+    with one clear error instead of a wrong product."""
+    pytest.importorskip("triton")
+    import torch
+
+    from dspark_compile.models.layers import Fp8Linear, quantize_fp8, to_fragment_order
+    from dspark_compile.targets.torch import decode_gemm as dg
+
+    torch.manual_seed(0)
+    q, scale = quantize_fp8(torch.randn(64, 256))
+    lin = Fp8Linear(to_fragment_order(q), scale, None)
+    lin.fragment_order = True
+    x = torch.randn(3, 256)
+    before = lin(x)
+    lin.quantize_activations()
+    assert not lin.fragment_order and lin.act_group == 128 and torch.equal(lin.weight.float(), q.float())
+    plain = Fp8Linear(q, scale, None)
+    plain.quantize_activations()
+    assert torch.equal(lin(x), plain(x)) and not torch.equal(lin(x), before)  # now its inputs are e4m3 too
+    frag = dg.DecodeWeight.of(to_fragment_order(q), scale, 0, None, 128, fragment_order=True)
+    with pytest.raises(ValueError, match="column order; this one is in the decode GEMM's fragment order"):
+        dg.decode_linear(torch.randn(32, 256), frag, dg.SCALED_MM)
+
+
 def test_decode_gemm_candidates() -> None:
     """Which configurations the timed choice may pick: e4m3 weights always run the kernel; full-precision ones
     weigh cuBLAS first (the reference) and use only cuBLAS beyond SMALL_M rows; every candidate's pipeline

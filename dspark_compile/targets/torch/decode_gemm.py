@@ -185,7 +185,7 @@ def _e4m3_group(x, axis: tl.constexpr, ASM: tl.constexpr):
     return q, xs
 
 
-@triton.jit(do_not_specialize=["M", "stride_sm"])  # a row count first seen in a CUDA-graph capture compiles nothing
+@triton.jit(do_not_specialize=["M", "stride_sm", "stride_sg"])  # a row count first seen in a capture compiles nothing
 def _e4m3_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sm, stride_sg, ROWS: tl.constexpr,
                       GROUP: tl.constexpr, ASM: tl.constexpr):
     """:func:`_e4m3_group` over a tile of ``ROWS`` rows and one group of columns: e4m3 into ``q_ptr`` [M, K], the
@@ -412,7 +412,9 @@ per group of 128 columns), a candidate for W8A8 products of more than ``SMALL_M`
 as conversion 3, summed in another float32 order. At 512 rows on an H100 it took 0.64-0.69× the kernel's time per
 product, and below bf16 cuBLAS's (docs/BENCH.md, "W8A8 through cuBLAS"): the kernel scales every K tile's product
 by its activation scales before adding it, which serializes its tensor-core work. Not at up to ``SMALL_M`` rows,
-whose one configuration must give a row the same bits at every row count (cuBLAS picks its algorithm by shape)."""
+whose one configuration must give a row the same bits at every row count (cuBLAS picks its algorithm by shape:
+above them a row's last bits may vary with the row count within a class, as between classes). Never for a weight
+in fragment order (cuBLAS reads columns in order; ``Fp8Linear.quantize_activations`` restores it)."""
 SCALED_MM_ENV = "DSPARK_SCALED_MM"
 """On (the default; 0 turns it off): :data:`SCALED_MM` is a candidate where it applies. Off, the W8A8 entries of a
 choices file made before it hold again (``_identity``'s ``w8a8``)."""
@@ -472,7 +474,9 @@ def _key(m: int, w: DecodeWeight, dtype: torch.dtype, handoff: bool = False) -> 
 def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
     """The configuration of this weight for this row class, timed once per (class, N, K, group) on the GPU
     (outside CUDA-graph capture; the first call of a shape is a warm-up run) and then fixed, so a row gets
-    the same bits whatever the batch within its class. A candidate that does not compile for this GPU, whose
+    the same bits whatever the batch within its class (the kernel's configurations; cuBLAS, which the classes above
+    ``SMALL_M`` may choose, picks its algorithm by shape, and a row's last bits may then vary with the row count,
+    as they already do between classes). A candidate that does not compile for this GPU, whose
     result strays from the first's (plain conversion, or cuBLAS) by more than float32 summation order can explain,
     or whose launches disagree (:func:`candidate_error`), is dropped. ``handoff``: candidates are timed as a
     consumer that sums the partials runs them, without the last program's reduction, which costs a split-K
@@ -635,10 +639,11 @@ def scaled_mm_applies(device: torch.device) -> bool:
 
 def with_scaled_mm(candidates: list[Config], m: int, w: DecodeWeight) -> list[Config]:
     """``candidates`` and :data:`SCALED_MM` for a W8A8 product of more than ``SMALL_M`` rows whose activation
-    group and weight scale groups are 128 columns (or the weight's scale is per channel), where it applies."""
+    group is 128 columns and whose weight scale groups a multiple of 128 (or per channel), its weight in column
+    order, where it applies."""
     k = w.weight.shape[1]
     fits = (w.act_group == 128 and k % 128 == 0 and (w.group >= k or w.group % 128 == 0) and m > SMALL_M
-            and w.weight.is_cuda and scaled_mm_applies(w.weight.device))
+            and not w.fragment_order and w.weight.is_cuda and scaled_mm_applies(w.weight.device))
     return [*candidates, SCALED_MM] if fits else candidates
 
 
@@ -647,10 +652,15 @@ def _scaled_mm(x: torch.Tensor, w: DecodeWeight, out_dtype: torch.dtype) -> torc
     multiple of 4 (cuBLAS's block-scaled product needs it; a padding row is zeros and is not returned)."""
     m, k = x.shape
     n = w.weight.shape[0]
+    if w.fragment_order:  # a configuration read from a choices file for a weight the timing would not offer it
+        raise ValueError("cuBLAS's e4m3 product (SCALED_MM) reads a weight in column order; this one is in the "
+                         "decode GEMM's fragment order")
     scale_b = _BLOCK_SCALES.get(w.scale)
     if scale_b is None:  # [N, ceil(K / group)] -> [K / 128, N]: each group's scale for each of its 128 columns
         per = w.scale.expand(n, k // 128) if w.group >= k else w.scale.repeat_interleave(w.group // 128, dim=1)
-        scale_b = _BLOCK_SCALES[w.scale] = per[:, : k // 128].t().contiguous()
+        scale_b = per[:, : k // 128].t().contiguous()
+        if not torch.cuda.is_current_stream_capturing():  # made in a capture, its values exist only in replays
+            _BLOCK_SCALES[w.scale] = scale_b
     pad = -m % 4
     xq, xs = e4m3_rows(F.pad(x, (0, 0, 0, pad)) if pad else x, 128, scales_by_group=True)
     out = torch._scaled_mm(xq, w.weight.t(), scale_a=xs, scale_b=scale_b, out_dtype=out_dtype)
@@ -741,7 +751,7 @@ def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *
     cfg = cfg or _config(x, w, handoff)  # prescaled: the bf16 input's configuration (same key), by takes_prescaled
     assert not prescaled or (x.dtype == torch.float16 and cfg != CUBLAS and cfg[6] == 2), \
         "a prescaled input needs the fp16 product"
-    assert row_norm is None or cfg != CUBLAS, "a deferred RMSNorm needs the kernel"
+    assert row_norm is None or cfg not in (CUBLAS, SCALED_MM), "a deferred RMSNorm needs the kernel"
     out = _launch(x, w, cfg, handoff=handoff, out_dtype=torch.bfloat16 if prescaled else None, row_norm=row_norm)
     if w.bias is not None:
         out = out + w.bias.to(out.dtype)
