@@ -1192,16 +1192,13 @@ def test_decode_gemm_choices_file_pins_configurations_for_its_gpu_only(tmp_path:
     keys = [dg._key(m, w8, x.dtype) for m in (3, 64)] + [key]
     old = {k: v for k, v in dg._identity(cpu).items() if k != "w8a8"}
     for applies, kept in ((False, keys), (True, [keys[0], key])):
-        monkeypatch.setattr(dg, "scaled_mm_applies", lambda device, applies=applies: applies)
-        path.write_text(json.dumps({"identity": old, "choices": [{"key": list(k), "config": list(pinned)}
-                                                                 for k in keys]}))
-        dg._CHOSEN.clear()
-        dg._LOADED.clear()
-        assert dg._load_choices(cpu) and sorted(dg._CHOSEN) == sorted(kept), applies
-    monkeypatch.undo()
-    monkeypatch.setenv(dg.CHOICES_ENV, str(path))
-    monkeypatch.setattr(dg, "_CHOSEN", {})
-    monkeypatch.setattr(dg, "_LOADED", {})
+        with monkeypatch.context() as mp:
+            mp.setattr(dg, "scaled_mm_applies", lambda device, applies=applies: applies)
+            path.write_text(json.dumps({"identity": old, "choices": [{"key": list(k), "config": list(pinned)}
+                                                                     for k in keys]}))
+            dg._CHOSEN.clear()
+            dg._LOADED.clear()
+            assert dg._load_choices(cpu) and sorted(dg._CHOSEN) == sorted(kept), applies
     assert dg.with_scaled_mm([pinned], 64, w8) == [pinned], "not on the CPU"
     path.write_text("{")
     dg._CHOSEN.clear()

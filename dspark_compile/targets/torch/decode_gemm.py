@@ -409,12 +409,13 @@ SCALED_MM: Config = (0, 0, 0, 0, 0, 0, 3)
 """Not the kernel: cuBLAS's e4m3 product (``torch._scaled_mm`` with 1 × 128 block scales on both operands: the
 activations' per-(row, group) scales of :func:`e4m3_rows`, the weight's per-channel or per-group scales repeated
 per group of 128 columns), a candidate for W8A8 products of more than ``SMALL_M`` rows on Hopper. The same products
-as conversion 3, summed in another float32 order. At 512 rows on an H100 it took 0.64-0.69× the kernel's time per
-product, and below bf16 cuBLAS's (docs/BENCH.md, "W8A8 through cuBLAS"): the kernel scales every K tile's product
-by its activation scales before adding it, which serializes its tensor-core work. Not at up to ``SMALL_M`` rows,
-whose one configuration must give a row the same bits at every row count (cuBLAS picks its algorithm by shape:
-above them a row's last bits may vary with the row count within a class, as between classes). Never for a weight
-in fragment order (cuBLAS reads columns in order; ``Fp8Linear.quantize_activations`` restores it)."""
+as conversion 3, summed in another float32 order. At 512 rows on an H100 it took 0.56-0.86× the kernel's time per
+product, 0.68× a layer, 0.92× bf16 cuBLAS's (docs/BENCH.md, "W8A8 through cuBLAS"): the kernel scales every K
+tile's product by its activation scales before adding it, which serializes its tensor-core work. Not at up to
+``SMALL_M`` rows, whose one configuration must give a row the same bits at every row count (cuBLAS picks its
+algorithm by shape: above them a row's last bits may vary with the row count within a class, as between classes).
+Never for a weight in fragment order (cuBLAS reads columns in order; ``Fp8Linear.quantize_activations`` restores
+it)."""
 SCALED_MM_ENV = "DSPARK_SCALED_MM"
 """On (the default; 0 turns it off): :data:`SCALED_MM` is a candidate where it applies. Off, the W8A8 entries of a
 choices file made before it hold again (``_identity``'s ``w8a8``)."""
