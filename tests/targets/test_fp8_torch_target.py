@@ -431,9 +431,9 @@ PRESCALED_PROGRAM_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     decode_gemm._config = lambda x, w, handoff=False: (16, 32, 64, 8, 4, 3, 2)
     calls = []
     launch = decode_gemm._launch
-    def counted(x, w, cfg, handoff=False, out_dtype=None, row_norm=None):
+    def counted(x, w, cfg, handoff=False, out_dtype=None, row_norm=None, **kw):
         calls.append(out_dtype is not None)
-        return launch(x, w, cfg, handoff, out_dtype, row_norm)
+        return launch(x, w, cfg, handoff, out_dtype, row_norm, **kw)
     decode_gemm._launch = counted
     outs = []
     for pre in (False, True):
@@ -580,9 +580,9 @@ DEFERRED_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     os.environ["DSPARK_FRAGMENT_ORDER"] = "0"  # whose K tiles of 32 a weight in fragment order (64) cannot take
     calls = []
     launch = decode_gemm._launch
-    def counted(x, w, cfg, handoff=False, out_dtype=None, row_norm=None):
+    def counted(x, w, cfg, handoff=False, out_dtype=None, row_norm=None, **kw):
         calls.append((row_norm is not None, handoff))
-        return launch(x, w, cfg, handoff, out_dtype, row_norm)
+        return launch(x, w, cfg, handoff, out_dtype, row_norm, **kw)
     decode_gemm._launch = counted
     outs = []
     for switch in ("0", "1", None):
@@ -621,6 +621,118 @@ def test_rmsnorm_finished_by_its_product_matches_the_norm_in_interpreter(golden_
     proc = triton_interpreter(DEFERRED_SCRIPT, golden_dir / "dspark_tiny", 900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "deferred norm ok" in proc.stdout
+
+
+GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
+    """
+    import os
+    import sys
+    from pathlib import Path
+    import torch
+    from torch.nn import functional as F
+    from dspark_compile.models.layers import Fp8Linear, quantize_fp8
+    from dspark_compile.passes.quantize import quantize_program
+    from dspark_compile.program import build_program
+    from dspark_compile.targets.torch import decode_gemm
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_glu, decode_linear, split_k
+    from dspark_compile.targets.torch.kernels import add_rmsnorm_deferred, silu_mul
+    from dspark_compile.targets.torch.static_forward import StaticProgram
+
+    torch.manual_seed(0)
+    calls = []
+    launch = decode_gemm._launch
+    def counted(x, w, cfg, handoff=False, out_dtype=None, row_norm=None, glu=None):
+        calls.append(glu is not None)
+        return launch(x, w, cfg, handoff, out_dtype, row_norm, glu)
+    decode_gemm._launch = counted
+    m, k, inter = 3, 256, 96
+    for dtype in (torch.bfloat16, torch.float32):
+        for kind in ("channel", "group", "w8a8"):
+            if kind == "channel":
+                w = DecodeWeight.of(*quantize_fp8(torch.randn(2 * inter, k)), 0, None)
+            elif kind == "group":
+                q = (torch.randn(2 * inter, k) / 0.01).clamp(-448, 448).to(torch.float8_e4m3fn)
+                w = DecodeWeight.of(q, torch.rand(2 * inter, k // 64) + 0.5, 64, None)
+            else:
+                lin = Fp8Linear.quantize(torch.nn.Linear(k, 2 * inter, bias=False)); lin.quantize_activations()
+                w = DecodeWeight.of(lin.weight, lin.weight_scale, lin.group, None, lin.act_group)
+            wp = w.in_pairs()
+            assert wp.paired and not w.paired
+            for a, b in ((wp.weight.view(torch.uint8), w.weight.view(torch.uint8)), (wp.scale, w.scale)):
+                assert torch.equal(a[0::2], b[:inter]) and torch.equal(a[1::2], b[inter:]), kind
+            x = (torch.randn(m, k) * 3).to(dtype); x[0, :8] *= 50
+            nw = (torch.rand(k) + 0.5).to(dtype)
+            bk = 128 if kind == "w8a8" else 64
+            # bf16 through the fp16 product (the interpreter's bf16 dots are not exact)
+            conv = 3 if kind == "w8a8" else 2 if dtype == torch.bfloat16 else 0
+            gu = F.linear(x.float(), w.weight.float() * w.scale.repeat_interleave(w.group, 1)[:, :k])
+            if kind == "w8a8":
+                gu = lin(x.float())
+            want = F.silu(gu[:, :inter]) * gu[:, inter:]
+            # one split (the store finishes SwiGLU), and K split 2 ways (the product, then silu_mul over pairs)
+            for cfg in ((16, 32, bk, 0, 4, 3, conv), (16, 64, bk, 0, 4, 3, conv), (16, 32, bk, 8, 4, 3, conv)):
+                fused = split_k(2 * inter, k, w.group, cfg, 4)[1] == 1
+                assert fused == (cfg[3] == 0), cfg
+                decode_gemm._CHOSEN[decode_gemm._key(m, wp, dtype, True)] = cfg
+                name = f"{kind} {dtype} {cfg}"
+                outs = [(silu_mul(decode_linear(x, w, cfg)), decode_glu(x, wp, handoff=True))]
+                if dtype == torch.bfloat16:  # written as down's fp16 product reads it
+                    outs.append((silu_mul(decode_linear(x, w, cfg), prescaled=True),
+                                 decode_glu(x, wp, handoff=True, out_prescaled=True)))
+                if kind != "w8a8":  # the input's RMSNorm finished by the product (as DSPARK_DEFERRED_NORM does)
+                    y, norm = add_rmsnorm_deferred(x.clone(), None, nw, 1e-6, chunk=64)
+                    outs.append((silu_mul(decode_linear(y, w, cfg, row_norm=norm)),
+                                 decode_glu(y, wp, handoff=True, row_norm=norm)))
+                calls.clear()
+                err = ((outs[0][1].float() - want).abs().max() / want.abs().max()).item()
+                assert err < 2e-2, (name, err)
+                for ref, got in outs:
+                    assert got.shape == (m, inter) and got.dtype == ref.dtype, name
+                    assert ref.abs().sum() > 0 and torch.equal(got, ref), name
+                rows = torch.randn(8, k).to(dtype); rows[5] = x[1]
+                assert torch.equal(decode_glu(rows, wp, handoff=True)[5], decode_glu(x, wp, handoff=True)[1]), name
+                assert calls == [fused, fused], (name, calls)
+
+    # the fused program: gate|up in pairs finishing SwiGLU in its store (no silu_mul launch), target and draft,
+    # bit for bit the same program with DSPARK_GLU_STORE=0
+    golden = Path(sys.argv[1])
+    decode_gemm._config = lambda x, w, handoff=False: (16, 32, 32, 0, 4, 3, 0)  # one split: the store's case
+    os.environ["DSPARK_FRAGMENT_ORDER"] = "0"  # whose K tiles of 32 a weight in fragment order (64) cannot take
+    outs = []
+    for switch in ("0", "1"):
+        os.environ["DSPARK_GLU_STORE"] = switch
+        p = build_program(golden / "target", golden / "draft")
+        quantize_program(p, draft=True)
+        prog = StaticProgram(p.target, p.draft, fused=True, attention="reference")
+        assert prog._target_weights[0].gate_up.weight.paired == (switch == "1")
+        outs.append(program_steps(prog, p, calls))
+    (h0, t0, k0, b0, d0, tc0, dc0), (h1, t1, k1, b1, d1, tc1, dc1) = outs
+    assert not any(tc0 + dc0) and sum(tc1) == len(p.target.layers) and sum(dc1) == len(p.draft.layers), (tc1, dc1)
+    for name, a, b in (("hidden", h0, h1), ("taps", t0, t1), ("cache", k0, k1), ("draft", b0, b1),
+                       ("draft cache", d0, d1)):
+        assert a.abs().sum() > 0 and torch.equal(a, b), name
+    # the modules' own weights are views of the pairs: their forward is the reference's
+    mlp = p.target.layers[0].mlp
+    assert mlp.gate_proj.weight.data_ptr() == prog._target_weights[0].gate_up.weight.weight.data_ptr()
+    xs = torch.randn(2, 64)
+    ref = build_program(golden / "target", golden / "draft")
+    quantize_program(ref, draft=True)
+    assert torch.equal(mlp(xs), ref.target.layers[0].mlp(xs)), "module forward"
+    print("glu ok")
+    """
+)
+
+
+@pytest.mark.slow  # the Triton interpreter runs every kernel on the CPU in a subprocess
+def test_swiglu_finished_by_the_gate_up_store_gives_the_same_bits(golden_dir: Path, triton_interpreter: Any) -> None:
+    """gate|up in pairs (``DecodeWeight.in_pairs``) with SwiGLU finished in the product's store
+    (``decode_gemm.decode_glu``): bit for bit the product then ``silu_mul``, per-channel and grouped scales, W8A8,
+    bf16 and float32, prescaled output, a deferred norm, a row of 8 equal to 3; split K falls back to ``silu_mul``
+    over the pairs; the fused program with it on against ``DSPARK_GLU_STORE=0``, one store launch per layer
+    (interpreter)."""
+    proc = triton_interpreter(GLU_SCRIPT, golden_dir / "dspark_tiny", 900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "glu ok" in proc.stdout
 
 
 @pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
@@ -704,6 +816,45 @@ def test_decode_gemm_compiles_for_hopper_pipelined_with_wgmma_and_the_fast_conve
         assert "mul.f16x2" not in ptx and "mul.rn.f16x2" not in ptx
         assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16" in ptx
         assert "shr.b32" not in ptx.split("cvt.rn.f16x2.e4m3x2")[1][:200]  # no bf16 bit shuffling
+
+
+@pytest.mark.slow  # compiles Triton kernels (no GPU needed: ptxas ships with Triton)
+@pytest.mark.parametrize("tma", [False, True])
+def test_swiglu_store_compiles_for_hopper_with_the_same_loop(tma: bool) -> None:
+    """The SwiGLU store (``GLU``) changes the decode GEMM after its loop only: the same wgmma, e4m3 conversions,
+    copies and barrier waits, no more shared memory than the plain store, the exponential of silu added (sm_90, the
+    H200's B = 1 choice for gate|up: 64 × 256 tiles, one split, the fp16 product, a deferred norm, prescaled in
+    and out)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dspark_compile.targets.torch.decode_gemm import _decode_gemm_kernel
+
+    sig = {"x_ptr": "*fp16", "w_ptr": "*fp8e4nv", "w_desc": "tensordesc<fp8e4nv[64, 256]>" if tma else "*fp8e4nv",
+           "s_ptr": "*fp32", "part_ptr": "*fp32", "count_ptr": "*i32", "out_ptr": "*fp16", "norm_ptr": "*fp32",
+           "xs_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "GROUP": "i32", "K_SPLIT": "i32",
+           "SPLITS": "i32", "stride_xm": "i32", "norm_w": "i32", "norm_eps": "fp32"}
+    consts = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "PER_CHANNEL": True, "EVEN": True, "PRECISION": None,
+              "FAST_CVT": 2, "WIDE": False, "ASM": True, "TMA": tma, "SPLIT_K": False, "NORM": 16, "PDL": True}
+    unaligned = ("M", "KB", "GROUP", "SPLITS", "w_desc", "norm_w", "norm_eps")
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name not in unaligned}
+    kernels = []
+    for glu in ({}, {"GLU": True, "GLU_PRESCALED": True}):
+        src = ASTSource(_decode_gemm_kernel, sig | {name: "constexpr" for name in consts | glu},
+                        constexprs=consts | glu, attrs=aligned)
+        try:
+            kernels.append(triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                          options={"num_warps": 4, "num_stages": 3}))
+        except RuntimeError as exc:  # no ptxas in this Triton build
+            pytest.skip(reason=f"Triton cannot compile for sm_90 here: {exc}")
+    plain, glu_kernel = (k.asm["ptx"] for k in kernels)
+    for op in ("wgmma.mma_async", "cvt.rn.f16x2.e4m3x2", "cp.async.bulk.tensor", "cp.async.cg.shared.global",
+               "mbarrier.try_wait", "griddepcontrol"):
+        assert glu_kernel.count(op) == plain.count(op), op
+    assert "ex2.approx" not in plain and "ex2.approx" in glu_kernel  # silu's exp
+    assert "0f3B800000" in glu_kernel  # the output written as down's fp16 product reads it
+    assert kernels[1].metadata.shared <= kernels[0].metadata.shared
 
 
 def _replay_is_exact(target: Any, draft: Any, prompts: list[list[int]]) -> None:
@@ -851,6 +1002,50 @@ def test_gemma4_fp8_layers_run_the_fp8_gemm_and_their_round_graph_is_lossless() 
     _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
     kinds = {type(m).__name__ for layer in target.layers for m in layer.modules()}
     assert "_KernelFp8Linear" in kinds and "Fp8Linear" not in kinds
+
+
+@pytest.mark.gpu
+def test_swiglu_store_gives_the_same_bits_on_gpu() -> None:
+    """On the GPU (inline PTX conversions, TMA, the fast exponential): gate|up in pairs with SwiGLU finished in its
+    store, bit for bit the product then ``silu_mul``, the Qwen3-8B gate|up shape at 1 and 8 rows (a row the same at
+    both), fp16 and bf16 products, weights in fragment order, prescaled output and a deferred norm; and at 64 rows
+    (the larger class's tiles, one split)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(reason="needs a CUDA GPU")
+    from dspark_compile.targets.torch import decode_gemm as dg
+    from dspark_compile.targets.torch.kernels import add_rmsnorm_deferred, silu_mul
+
+    torch.manual_seed(0)
+    inter, k = 12288, 4096
+    w = dg.DecodeWeight.of((torch.randn(2 * inter, k, device="cuda") * 0.05).to(torch.float8_e4m3fn),
+                           torch.rand(2 * inter, device="cuda") * 0.01 + 0.001, k, None).in_fragment_order()
+    wp = w.in_pairs()
+    nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    for m, cfgs in ((8, [(16, 64, 256, 0, 4, 3, 2), (16, 64, 256, 0, 4, 3, 2, 1), (16, 128, 128, 0, 4, 4, 1, 1)]),
+                    (64, [(128, 64, 128, 0, 4, 3, 1, 1), (64, 128, 128, 0, 4, 3, 1)])):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        gu = x.float() @ (w.weight.float() * w.scale).t()  # fragment order: the same column permutation of both
+        key = dg._key(m, wp, x.dtype, True)
+        kept = dg._CHOSEN.get(key)
+        for cfg in cfgs:
+            dg._CHOSEN[key] = cfg
+            product = dg.decode_linear(x, w, cfg)
+            got = dg.decode_glu(x, wp, handoff=True)
+            assert torch.equal(got, silu_mul(product)), (m, cfg)
+            want = torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+            assert float((got.float() - want).abs().max() / want.abs().max()) < 2e-2, (m, cfg)
+            assert torch.equal(dg.decode_glu(x, wp, handoff=True, out_prescaled=True),
+                               silu_mul(product, prescaled=True)), (m, cfg, "prescaled")
+            if m == 8:
+                assert torch.equal(dg.decode_glu(x[3:4], wp, handoff=True)[0], got[3]), (cfg, "row")
+                y, norm = add_rmsnorm_deferred(x.clone(), None, nw, 1e-6)
+                assert torch.equal(dg.decode_glu(y, wp, handoff=True, row_norm=norm),
+                                   silu_mul(dg.decode_linear(y, w, cfg, row_norm=norm))), (cfg, "norm")
+        dg._CHOSEN.pop(key)
+        if kept is not None:
+            dg._CHOSEN[key] = kept
 
 
 @pytest.mark.gpu

@@ -61,9 +61,12 @@ from dspark_compile.targets.torch.kernels import (
     Partials,
     RowNorm,
     arrival_counters,
+    as_gemm_input,
     bf16_to_f16_scaled,
+    glu_value,
     pdl_options,
     rstd_of_sums,
+    silu_mul,
     switched_on,
 )
 
@@ -77,7 +80,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         WIDE: tl.constexpr = False,
                         ASM: tl.constexpr = True, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
                         HANDOFF: tl.constexpr = False, NORM: tl.constexpr = 0, FRAGMENT: tl.constexpr = False,
-                        KEEP_ASYNC: tl.constexpr = False, X_E4M3: tl.constexpr = False):
+                        KEEP_ASYNC: tl.constexpr = False, X_E4M3: tl.constexpr = False, GLU: tl.constexpr = False,
+                        GLU_PRESCALED: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -86,7 +90,9 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     (``kernels.Partials``). ``NORM``
     (chunks of a ``kernels.RowNorm``): the input's RMSNorm is finished here, each output row scaled by its factor
     (handed-over partials carry the norm to their consumer instead). ``X_E4M3`` (W8A8): ``x`` is already e4m3,
-    quantized by :func:`e4m3_rows`, its scales one per row and K tile at ``xs_ptr``."""
+    quantized by :func:`e4m3_rows`, its scales one per row and K tile at ``xs_ptr``. ``GLU`` (one split, a weight
+    :meth:`DecodeWeight.in_pairs`): ``out_ptr`` [M, N / 2] takes silu(gate) · up of each pair instead of the
+    product (``GLU_PRESCALED``: as the fp16 product reads it), :func:`decode_glu`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -154,6 +160,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     if KEEP_ASYNC:  # the same values stored (masked lanes are not); stored as they left the loop, ptxas serializes
         acc = tl.where(mask, acc, 0.0)  # the loop's wgmma in most tiles (C7515): docs/BENCH.md
     if SPLIT_K:
+        tl.static_assert(not GLU, "the SwiGLU store needs one split")
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=mask)
         if not HANDOFF:
             counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
@@ -165,6 +172,9 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                     acc += tl.load(part_ptr + sp * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(counter, 0)
                 _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL, WIDE, NORM)
+    elif GLU:
+        _store_glu(out_ptr, col_scale, acc, offs_m, m_mask, pid_n, N, rn, PER_CHANNEL, WIDE, NORM, GLU_PRESCALED,
+                   ASM, BLOCK_N, BLOCK_M)
     else:
         _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL, WIDE, NORM)
 
@@ -241,6 +251,26 @@ def _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL: tl.constexpr, W
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _store_glu(out_ptr, col_scale, acc, offs_m, m_mask, pid_n, N, rn, PER_CHANNEL: tl.constexpr, WIDE: tl.constexpr,
+               NORM: tl.constexpr, PRESCALED: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """:func:`_store`'s values (scaled, rounded to the product's dtype) taken as pairs (gate, up) and finished as
+    ``kernels.silu_mul`` finishes them (``kernels.glu_value``, ``kernels.as_gemm_input``): the same bits, one
+    launch and the [M, N] round trip fewer per layer."""
+    dt = tl.bfloat16 if PRESCALED else out_ptr.dtype.element_ty  # silu_mul's rule
+    if PER_CHANNEL and not WIDE:
+        acc *= col_scale[:, None]
+    if NORM:
+        acc *= rn[None, :]
+    g, u = tl.split(tl.permute(tl.reshape(acc.to(dt).to(tl.float32), (BLOCK_N // 2, 2, BLOCK_M)), (0, 2, 1)))
+    half = N // 2
+    j = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(out_ptr + offs_m[None, :].to(tl.int64) * half + j[:, None],
+             as_gemm_input(glu_value(g, u, dt, False), dt, PRESCALED, ASM),
+             mask=(j < half)[:, None] & m_mask[None, :])
+
+
 BF16_SHIFT: tl.constexpr = tl.constexpr(2.0**112)
 """What :func:`_e4m3_to_bf16_shifted`'s values are multiplied by to give the e4m3 values back."""
 @triton.jit
@@ -309,6 +339,7 @@ class DecodeWeight:
     bias: torch.Tensor | None = None
     act_group: int = 0  # > 0: the input is quantized to e4m3 per row and this many columns (W8A8)
     fragment_order: bool = False  # the weight's columns in layers.to_fragment_order's order
+    paired: bool = False  # gate|up with its rows as pairs: gate 0, up 0, gate 1, up 1, … (in_pairs)
 
     @classmethod
     def of(cls, weight: torch.Tensor, scale: torch.Tensor, group: int, bias: torch.Tensor | None,
@@ -331,6 +362,19 @@ class DecodeWeight:
                 or (self.group < k and self.group % FRAGMENT_K)):
             return self
         return replace(self, weight=to_fragment_order(self.weight), fragment_order=True)
+
+    def in_pairs(self) -> DecodeWeight:
+        """A gate|up weight (gate's rows, then up's) with its rows, scales and bias as pairs, gate j then up j: each
+        output column's products are unchanged (same bits), and an output tile holds whole pairs, so that the
+        product's store can finish SwiGLU itself (:func:`decode_glu`)."""
+        n = self.weight.shape[0]
+        assert n % 2 == 0 and not self.paired
+
+        def pairs(t: torch.Tensor) -> torch.Tensor:
+            return torch.stack((t[: n // 2], t[n // 2 :]), 1).reshape(t.shape).contiguous()
+
+        return replace(self, weight=pairs(self.weight), scale=pairs(self.scale),
+                       bias=None if self.bias is None else pairs(self.bias), paired=True)
 
     @classmethod
     def full(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> DecodeWeight:
@@ -771,6 +815,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out if bias is None else out + bias
 
 
+def decode_glu(x: torch.Tensor, w: DecodeWeight, *, handoff: bool = False, prescaled: bool = False,
+               row_norm: RowNorm | None = None, out_prescaled: bool = False) -> torch.Tensor:
+    """silu(gate) · up [M, N / 2] of a gate|up weight in pairs (:meth:`DecodeWeight.in_pairs`): where the product's
+    configuration for these rows is the kernel in one split, its store finishes SwiGLU (one launch fewer per layer
+    than the product and ``kernels.silu_mul``, the same bits); elsewhere (split K, cuBLAS) the product, then
+    ``silu_mul`` over the pairs. ``handoff``, ``prescaled`` and ``row_norm`` as :func:`decode_linear` takes them;
+    ``out_prescaled``: the result as the next product's fp16 product reads it."""
+    assert w.paired and x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
+    handoff = handoff and w.bias is None
+    cfg = _config(x, w, handoff)  # the configuration the product alone runs: one per row class, whichever path
+    m, k = x.shape
+    n = w.weight.shape[0]
+    if cfg in (CUBLAS, SCALED_MM) or w.bias is not None or split_k(n, k, w.group, cfg, _sms(x.device))[1] > 1:
+        product = decode_linear(x, w, cfg, handoff=handoff, prescaled=prescaled, row_norm=row_norm)
+        return silu_mul(product, prescaled=out_prescaled, paired=True)
+    assert not prescaled or (x.dtype == torch.float16 and cfg[6] == 2), "a prescaled input needs the fp16 product"
+    dtype = torch.bfloat16 if prescaled else x.dtype
+    assert not out_prescaled or dtype == torch.bfloat16
+    out = torch.empty(m, n // 2, dtype=torch.float16 if out_prescaled else dtype, device=x.device)
+    return _launch(x, w, cfg, out_dtype=torch.bfloat16 if prescaled else None, row_norm=row_norm,
+                   glu=(out, out_prescaled))
+
+
 def split_k(n: int, k: int, group: int, cfg: Config, sms: int) -> tuple[int, int]:
     """(columns per split, splits): K split until the grid has ``cfg``'s programs per SM, in whole K tiles
     and whole scale groups. Depends on the weight and the configuration only, never on M."""
@@ -788,8 +855,10 @@ def _sms(device: torch.device) -> int:
 
 
 def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False,
-            out_dtype: torch.dtype | None = None, row_norm: RowNorm | None = None) -> torch.Tensor | Partials:
-    """One launch of ``cfg``; ``out_dtype`` (bf16) marks an fp16 ``x`` as prescaled for the fp16 product."""
+            out_dtype: torch.dtype | None = None, row_norm: RowNorm | None = None,
+            glu: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor | Partials:
+    """One launch of ``cfg``; ``out_dtype`` (bf16) marks an fp16 ``x`` as prescaled for the fp16 product; ``glu``
+    (output, prescaled): :func:`decode_glu`'s SwiGLU store into that output."""
     if cfg == CUBLAS:
         return F.linear(x, w.weight)
     if cfg == SCALED_MM:
@@ -805,7 +874,8 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
     handoff = handoff and splits > 1
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else None
     dtype = out_dtype or x.dtype
-    out = part if handoff else torch.empty(m, n, dtype=dtype, device=x.device)
+    assert glu is None or (splits == 1 and w.paired)
+    out = part if handoff else glu[0] if glu is not None else torch.empty(m, n, dtype=dtype, device=x.device)
     counters = arrival_counters(x.device, grid[0] * grid[2])
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
@@ -830,7 +900,8 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               WIDE=w.wide, ASM=x.is_cuda, HANDOFF=handoff,
                               NORM=0 if row_norm is None or handoff else row_norm.sumsq.shape[1],
                               FRAGMENT=w.fragment_order, KEEP_ASYNC=switched_on(KEEP_ASYNC_ENV, default=False),
-                              X_E4M3=x_scales is not None,
+                              X_E4M3=x_scales is not None, GLU=glu is not None,
+                              GLU_PRESCALED=glu is not None and glu[1],
                               num_warps=warps,
                               num_stages=stages, **pdl_options(x, m))
     if handoff:

@@ -443,29 +443,41 @@ def qk_norm_rope(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Ten
 
 
 @triton.jit
+def glu_value(g, u, dt: tl.constexpr, GELU_TANH: tl.constexpr):
+    """act(gate) · up in float32 from gate and up already rounded to ``dt`` (as the product stores them), the
+    activation rounded to ``dt`` as torch's op returns it: the one definition :func:`silu_mul` and the decode GEMM's
+    SwiGLU store (``decode_gemm.decode_glu``) share, so both give the same bits."""
+    if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)
+    else:
+        s = _round(g / (1.0 + tl.exp(-g)), dt)
+    return s * u
+
+
+@triton.jit
 def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_norm_eps, out_ptr, INTER,
                     GELU_TANH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False, PARTS: tl.constexpr = 0,
                     SCALED: tl.constexpr = False, SHIFT: tl.constexpr = 1.0, PRESCALED: tl.constexpr = False,
-                    ASM: tl.constexpr = True, NORM: tl.constexpr = 0):
+                    ASM: tl.constexpr = True, NORM: tl.constexpr = 0, PAIRED: tl.constexpr = False):
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
     dt = tl.bfloat16 if PRESCALED else out_ptr.dtype.element_ty  # prescaled: a bf16 model's fp16 product input
     start = row * 2 * INTER
-    g = product_sum(gu_ptr, p_scale_ptr, start + offs, offs, mask, p_plane, PARTS, SCALED, SHIFT)
-    u = product_sum(gu_ptr, p_scale_ptr, start + INTER + offs, INTER + offs, mask, p_plane, PARTS, SCALED, SHIFT)
+    g_col = 2 * offs if PAIRED else offs  # PAIRED: gate j and up j side by side (decode_gemm.DecodeWeight.paired)
+    u_col = g_col + 1 if PAIRED else INTER + offs
+    g = product_sum(gu_ptr, p_scale_ptr, start + g_col, g_col, mask, p_plane, PARTS, SCALED, SHIFT)
+    u = product_sum(gu_ptr, p_scale_ptr, start + u_col, u_col, mask, p_plane, PARTS, SCALED, SHIFT)
     r = row_rstd(p_norm_ptr, row, p_norm_w, p_norm_eps, NORM) if NORM else 1.0
     g, u = product_value(g, r, dt, PARTS, NORM), product_value(u, r, dt, PARTS, NORM)
-    if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)
-    else:
-        s = _round(g / (1.0 + tl.exp(-g)), dt)
-    tl.store(out_ptr + row * INTER + offs, as_gemm_input(s * u, dt, PRESCALED, ASM), mask=mask)
+    tl.store(out_ptr + row * INTER + offs, as_gemm_input(glu_value(g, u, dt, GELU_TANH), dt, PRESCALED, ASM),
+             mask=mask)
 
 
-def _act_mul(gate_up: torch.Tensor | Partials, gelu_tanh: bool, prescaled: bool = False) -> torch.Tensor:
+def _act_mul(gate_up: torch.Tensor | Partials, gelu_tanh: bool, prescaled: bool = False,
+             paired: bool = False) -> torch.Tensor:
     two_i = gate_up.shape[-1]
     inter = two_i // 2
     args, parts = product_args(gate_up)
@@ -476,14 +488,15 @@ def _act_mul(gate_up: torch.Tensor | Partials, gelu_tanh: bool, prescaled: bool 
     rows = out.numel() // inter
     _act_mul_kernel[(rows, triton.cdiv(inter, block))](*args, out, inter, GELU_TANH=gelu_tanh, BLOCK=block,
                                                         num_warps=4, PRESCALED=prescaled, ASM=out.is_cuda,
-                                                        **parts, **pdl_options(out, rows))
+                                                        PAIRED=paired, **parts, **pdl_options(out, rows))
     return out
 
 
-def silu_mul(gate_up: torch.Tensor | Partials, *, prescaled: bool = False) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor | Partials, *, prescaled: bool = False, paired: bool = False) -> torch.Tensor:
     """[..., 2I] (gate | up; a product's :class:`Partials` too) -> silu(gate) · up, [..., I] (SwiGLU: Qwen3);
-    ``prescaled``: as the decode GEMM's fp16 product input (:func:`as_gemm_input`)."""
-    return _act_mul(gate_up, False, prescaled)
+    ``prescaled``: as the decode GEMM's fp16 product input (:func:`as_gemm_input`); ``paired``: the columns are
+    gate 0, up 0, gate 1, up 1, … (a weight in ``decode_gemm.DecodeWeight.paired`` order)."""
+    return _act_mul(gate_up, False, prescaled, paired)
 
 
 def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:

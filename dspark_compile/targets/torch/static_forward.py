@@ -132,6 +132,20 @@ class _Linear:
         assert row_norm is None
         return F.linear(x, self.weight, self.bias)
 
+    def swiglu(self, x: torch.Tensor, *, prescaled: bool = False, row_norm: RowNorm | None = None,
+               out_prescaled: bool = False) -> torch.Tensor:
+        """silu(gate) · up of this gate|up product (called with ``handoff``, as its consumer takes partials):
+        finished by the product's own store where its weight is in pairs (``decode_gemm.decode_glu``), else by
+        ``kernels.silu_mul``. ``out_prescaled``: written as the next product's fp16 product reads it."""
+        from dspark_compile.targets.torch.kernels import silu_mul
+
+        if self.input_scale is None and not isinstance(self.weight, torch.Tensor) and self.weight.paired:
+            from dspark_compile.targets.torch.decode_gemm import decode_glu
+
+            return decode_glu(x, self.weight, handoff=_hands_off(True), prescaled=prescaled, row_norm=row_norm,
+                              out_prescaled=out_prescaled)
+        return silu_mul(self(x, handoff=True, prescaled=prescaled, row_norm=row_norm), prescaled=out_prescaled)
+
     def finishes_norm(self) -> bool:
         """Whether this product takes its input's RMSNorm unfinished (``kernels.add_rmsnorm_deferred``: the norm
         then runs many programs per row, so the product before it hands its split-K partials over instead of
@@ -157,11 +171,13 @@ class _Linear:
                                                                    _hands_off(handoff))
 
     @classmethod
-    def of(cls, linears: list[nn.Module]) -> _Linear:
+    def of(cls, linears: list[nn.Module], *, glu: bool = False) -> _Linear:
         """``linears`` (sharing their input) as one product: their weights concatenated by rows, the modules'
         parameters re-pointed at views of the concatenation (same values, one copy), stored in the decode GEMM's
         fragment order where it takes it (``DecodeWeight.in_fragment_order``; ``DSPARK_FRAGMENT_ORDER=0`` turns it
-        off), each module told so."""
+        off), each module told so. ``glu`` (gate, up of equal size, e4m3 without a static input scale): their rows
+        in pairs (``DecodeWeight.in_pairs``), so that :meth:`swiglu` ends in the product's store
+        (``DSPARK_GLU_STORE=0`` turns it off)."""
         if all(isinstance(lin, Fp8Linear) for lin in linears):
             from dspark_compile.targets.torch.decode_gemm import DecodeWeight
             from dspark_compile.targets.torch.kernels import switched_on
@@ -178,7 +194,11 @@ class _Linear:
             whole = DecodeWeight.cat(parts) if len(parts) > 1 else parts[0]
             if switched_on("DSPARK_FRAGMENT_ORDER"):
                 whole = whole.in_fragment_order()
-            _repoint(linears, "weight", whole.weight)
+            paired = (glu and len(parts) == 2 and parts[0].weight.shape == parts[1].weight.shape
+                      and not whole.wide and scales == {None} and switched_on("DSPARK_GLU_STORE"))
+            if paired:
+                whole = whole.in_pairs()
+            _repoint(linears, "weight", whole.weight, paired)
             for lin in linears:
                 lin.fragment_order = whole.fragment_order
             return cls(whole, None, linears[0].input_scale)
@@ -195,7 +215,13 @@ class _Linear:
         return cls(weight, bias)
 
 
-def _repoint(linears: list[nn.Module], attr: str, whole: torch.Tensor) -> torch.Tensor:
+def _repoint(linears: list[nn.Module], attr: str, whole: torch.Tensor, paired: bool = False) -> torch.Tensor:
+    """Each module's ``attr`` a view of its rows of ``whole``: consecutive, or (``paired``: two modules' rows
+    alternating, ``DecodeWeight.in_pairs``) every other row."""
+    if paired:
+        for i, lin in enumerate(linears):
+            setattr(lin, attr, nn.Parameter(whole[i::2], requires_grad=False))
+        return whole
     start = 0
     for lin in linears:
         rows = getattr(lin, attr).shape[0]
@@ -257,7 +283,7 @@ def _fuse_layer(layer: nn.Module) -> _Fused:
     """q|k|v and gate|up as one product each; o and down as they are."""
     a, mlp = layer.self_attn, layer.mlp
     return _Fused(_Linear.of([a.q_proj, a.k_proj, a.v_proj]), _Linear.of([a.o_proj]),
-                  _Linear.of([mlp.gate_proj, mlp.up_proj]), _Linear.of([mlp.down_proj]))
+                  _Linear.of([mlp.gate_proj, mlp.up_proj], glu=True), _Linear.of([mlp.down_proj]))
 
 
 def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
@@ -360,7 +386,7 @@ class StaticProgram:
         which takes down's split-K partials). ``ctx`` [B, C + T, H] (draft): the rows q|k|v reads, the first C of
         each batch entry the context rows (whose k/v are written too: KV injection), the other T written here by
         the input norm (no concatenation per layer); queries are the block rows only."""
-        from dspark_compile.targets.torch.kernels import qk_norm_rope, silu_mul
+        from dspark_compile.targets.torch.kernels import qk_norm_rope
 
         cos, sin, positions, slots = inputs
         a = layer.self_attn
@@ -388,9 +414,9 @@ class StaticProgram:
         o = fw.o(out.view(x.shape[0], -1), prescaled=pre, handoff=defer)
         pre = fw.gate_up.takes_prescaled(x, handoff=True)
         h, norm = self._norm(x, o, layer.post_attention_layernorm, None, prescaled=pre, deferred=defer)
-        gate_up = fw.gate_up(h, handoff=True, prescaled=pre, row_norm=norm)
-        pre = fw.down.takes_prescaled(x, handoff=hand_down)  # x's rows and dtype: what down reads
-        return fw.down(silu_mul(gate_up, prescaled=pre), prescaled=pre, handoff=hand_down)
+        pre_down = fw.down.takes_prescaled(x, handoff=hand_down)  # x's rows and dtype: what down reads
+        act = fw.gate_up.swiglu(h, prescaled=pre, row_norm=norm, out_prescaled=pre_down)
+        return fw.down(act, prescaled=pre_down, handoff=hand_down)
 
     # ------------------------------------------------------------------------------------------------ target
     def target_step(self, tokens: torch.Tensor, cache_len: torch.Tensor, kv: torch.Tensor,
