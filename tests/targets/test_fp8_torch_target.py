@@ -1019,14 +1019,15 @@ def test_swiglu_store_gives_the_same_bits_on_gpu() -> None:
 
     torch.manual_seed(0)
     inter, k = 12288, 4096
-    w = dg.DecodeWeight.of((torch.randn(2 * inter, k, device="cuda") * 0.05).to(torch.float8_e4m3fn),
-                           torch.rand(2 * inter, device="cuda") * 0.01 + 0.001, k, None).in_fragment_order()
+    plain = dg.DecodeWeight.of((torch.randn(2 * inter, k, device="cuda") * 0.05).to(torch.float8_e4m3fn),
+                               torch.rand(2 * inter, device="cuda") * 0.01 + 0.001, k, None)
+    w = plain.in_fragment_order()
     wp = w.in_pairs()
     nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
     for m, cfgs in ((8, [(16, 64, 256, 0, 4, 3, 2), (16, 64, 256, 0, 4, 3, 2, 1), (16, 128, 128, 0, 4, 4, 1, 1)]),
                     (64, [(128, 64, 128, 0, 4, 3, 1, 1), (64, 128, 128, 0, 4, 3, 1)])):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        gu = x.float() @ (w.weight.float() * w.scale).t()  # fragment order: the same column permutation of both
+        gu = x.float() @ (plain.weight.float() * plain.scale).t()
         key = dg._key(m, wp, x.dtype, True)
         kept = dg._CHOSEN.get(key)
         for cfg in cfgs:

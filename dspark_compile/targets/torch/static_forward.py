@@ -177,7 +177,8 @@ class _Linear:
         fragment order where it takes it (``DecodeWeight.in_fragment_order``; ``DSPARK_FRAGMENT_ORDER=0`` turns it
         off), each module told so. ``glu`` (gate, up of equal size, e4m3 without a static input scale): their rows
         in pairs (``DecodeWeight.in_pairs``), so that :meth:`swiglu` ends in the product's store
-        (``DSPARK_GLU_STORE=1``; off by default until measured on a GPU)."""
+        (``DSPARK_GLU_STORE=0`` turns it off: FP8 + head + draft replay b 982 -> 1002 tok/s at B = 1 on an H100,
+        docs/BENCH.md)."""
         if all(isinstance(lin, Fp8Linear) for lin in linears):
             from dspark_compile.targets.torch.decode_gemm import DecodeWeight
             from dspark_compile.targets.torch.kernels import switched_on
@@ -195,7 +196,7 @@ class _Linear:
             if switched_on("DSPARK_FRAGMENT_ORDER"):
                 whole = whole.in_fragment_order()
             paired = (glu and len(parts) == 2 and parts[0].weight.shape == parts[1].weight.shape
-                      and not whole.wide and scales == {None} and switched_on("DSPARK_GLU_STORE", default=False))
+                      and not whole.wide and scales == {None} and switched_on("DSPARK_GLU_STORE"))
             if paired:
                 whole = whole.in_pairs()
             _repoint(linears, "weight", whole.weight, paired)
