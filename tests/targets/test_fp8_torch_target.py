@@ -683,6 +683,8 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
                     y, norm = add_rmsnorm_deferred(x.clone(), None, nw, 1e-6, chunk=64)
                     outs.append((silu_mul(decode_linear(y, w, cfg, row_norm=norm)),
                                  decode_glu(y, wp, handoff=True, row_norm=norm)))
+                # a paired product's plain output (cuBLAS's, above 16 rows) through silu_mul over the pairs
+                outs.append((outs[0][0], silu_mul(decode_linear(x, wp, cfg), paired=True)))
                 calls.clear()
                 err = ((outs[0][1].float() - want).abs().max() / want.abs().max()).item()
                 assert err < 2e-2, (name, err)
