@@ -683,6 +683,13 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
                     y, norm = add_rmsnorm_deferred(x.clone(), None, nw, 1e-6, chunk=64)
                     outs.append((silu_mul(decode_linear(y, w, cfg, row_norm=norm)),
                                  decode_glu(y, wp, handoff=True, row_norm=norm)))
+                if conv == 2:  # the input written prescaled by its norm (the fp16 product's), the output for down's
+                    y, norm = add_rmsnorm_deferred(x.clone(), None, nw, 1e-6, prescaled=True, chunk=64)
+                    assert y.dtype == torch.float16
+                    product = decode_linear(y, w, cfg, prescaled=True, row_norm=norm)
+                    outs.append((silu_mul(product), decode_glu(y, wp, handoff=True, prescaled=True, row_norm=norm)))
+                    outs.append((silu_mul(product, prescaled=True),
+                                 decode_glu(y, wp, handoff=True, prescaled=True, row_norm=norm, out_prescaled=True)))
                 # a paired product's plain output (cuBLAS's, above 16 rows) through silu_mul over the pairs
                 outs.append((outs[0][0], silu_mul(decode_linear(x, wp, cfg), paired=True)))
                 calls.clear()
@@ -694,6 +701,16 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
                 rows = torch.randn(8, k).to(dtype); rows[5] = x[1]
                 assert torch.equal(decode_glu(rows, wp, handoff=True)[5], decode_glu(x, wp, handoff=True)[1]), name
                 assert calls == [fused, fused], (name, calls)
+
+    # an output of 2I = 160 columns in 64-column tiles: the last tile's pairs past I = 80 are not written
+    w = DecodeWeight.of(*quantize_fp8(torch.randn(160, k)), 0, None); wp = w.in_pairs()
+    x = torch.randn(m, k); cfg = (16, 64, 64, 0, 4, 3, 0)
+    decode_gemm._CHOSEN[decode_gemm._key(m, wp, x.dtype, True)] = cfg
+    buf = torch.full((m * 80 + 64,), 7.0)
+    calls.clear()
+    got = decode_gemm._launch(x, wp, cfg, glu=(buf[: m * 80].view(m, 80), False))
+    assert calls == [True] and torch.equal(got, silu_mul(decode_linear(x, w, cfg))), "partial tile"
+    assert torch.equal(buf[m * 80 :], torch.full((64,), 7.0)), "written past I"
 
     # the fused program: gate|up in pairs finishing SwiGLU in its store (no silu_mul launch), target and draft,
     # bit for bit the same program with DSPARK_GLU_STORE=0
