@@ -783,21 +783,23 @@ def takes_prescaled(m: int, w: DecodeWeight, dtype: torch.dtype, device: torch.d
 
 def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *,
                   handoff: bool = False, prescaled: bool = False, row_norm: RowNorm | None = None,
-                  ) -> torch.Tensor | Partials:
+                  glu: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor | Partials:
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
     ``cfg`` overrides the timed configuration (benchmarks). ``handoff`` (a consumer that takes
     :class:`~.kernels.Partials`): a configuration that splits K returns its partials unsummed (no bias).
     ``prescaled``: ``x`` is fp16, a bf16 input already converted for the fp16 product (:func:`takes_prescaled`);
     the result is bf16, bit for bit what the bf16 input gives. ``row_norm``: ``x`` is an RMSNorm's output before
     its division by the RMS (``kernels.add_rmsnorm_deferred``), which the product applies to its rows (or its
-    partials carry to the consumer); the kernel only, never cuBLAS."""
+    partials carry to the consumer); the kernel only, never cuBLAS. ``glu``: :func:`decode_glu`'s SwiGLU store."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
     handoff = handoff and w.bias is None
     cfg = cfg or _config(x, w, handoff)  # prescaled: the bf16 input's configuration (same key), by takes_prescaled
     assert not prescaled or (x.dtype == torch.float16 and cfg != CUBLAS and cfg[6] == 2), \
         "a prescaled input needs the fp16 product"
     assert row_norm is None or cfg not in (CUBLAS, SCALED_MM), "a deferred RMSNorm needs the kernel"
-    out = _launch(x, w, cfg, handoff=handoff, out_dtype=torch.bfloat16 if prescaled else None, row_norm=row_norm)
+    assert glu is None or w.bias is None
+    out = _launch(x, w, cfg, handoff=handoff, out_dtype=torch.bfloat16 if prescaled else None, row_norm=row_norm,
+                  glu=glu)
     if w.bias is not None:
         out = out + w.bias.to(out.dtype)
     return out
@@ -822,7 +824,7 @@ def decode_glu(x: torch.Tensor, w: DecodeWeight, *, handoff: bool = False, presc
     than the product and ``kernels.silu_mul``, the same bits); elsewhere (split K, cuBLAS) the product, then
     ``silu_mul`` over the pairs. ``handoff``, ``prescaled`` and ``row_norm`` as :func:`decode_linear` takes them;
     ``out_prescaled``: the result as the next product's fp16 product reads it."""
-    assert w.paired and x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
+    assert w.paired
     handoff = handoff and w.bias is None
     cfg = _config(x, w, handoff)  # the configuration the product alone runs: one per row class, whichever path
     m, k = x.shape
@@ -830,12 +832,10 @@ def decode_glu(x: torch.Tensor, w: DecodeWeight, *, handoff: bool = False, presc
     if cfg in (CUBLAS, SCALED_MM) or w.bias is not None or split_k(n, k, w.group, cfg, _sms(x.device))[1] > 1:
         product = decode_linear(x, w, cfg, handoff=handoff, prescaled=prescaled, row_norm=row_norm)
         return silu_mul(product, prescaled=out_prescaled, paired=True)
-    assert not prescaled or (x.dtype == torch.float16 and cfg[6] == 2), "a prescaled input needs the fp16 product"
     dtype = torch.bfloat16 if prescaled else x.dtype
     assert not out_prescaled or dtype == torch.bfloat16
     out = torch.empty(m, n // 2, dtype=torch.float16 if out_prescaled else dtype, device=x.device)
-    return _launch(x, w, cfg, out_dtype=torch.bfloat16 if prescaled else None, row_norm=row_norm,
-                   glu=(out, out_prescaled))
+    return decode_linear(x, w, cfg, prescaled=prescaled, row_norm=row_norm, glu=(out, out_prescaled))
 
 
 def split_k(n: int, k: int, group: int, cfg: Config, sms: int) -> tuple[int, int]:

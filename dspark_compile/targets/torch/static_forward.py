@@ -139,7 +139,7 @@ class _Linear:
         ``kernels.silu_mul``. ``out_prescaled``: written as the next product's fp16 product reads it."""
         from dspark_compile.targets.torch.kernels import silu_mul
 
-        if self.input_scale is None and not isinstance(self.weight, torch.Tensor) and self.weight.paired:
+        if not isinstance(self.weight, torch.Tensor) and self.weight.paired:  # (never with a static input scale)
             from dspark_compile.targets.torch.decode_gemm import decode_glu
 
             return decode_glu(x, self.weight, handoff=_hands_off(True), prescaled=prescaled, row_norm=row_norm,
