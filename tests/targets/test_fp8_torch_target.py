@@ -1381,17 +1381,19 @@ def test_decode_gemm_choices_file_pins_configurations_for_its_gpu_only(tmp_path:
     dg.remember(key, pinned, cpu)
     data = json.loads(path.read_text())
     assert data == {"identity": dg._identity(cpu), "choices": [{"key": list(key), "config": list(pinned)}]}
+    assert data["identity"]["torch"] == torch.__version__  # with its CUDA build, e.g. 2.11.0+cu130
     dg._CHOSEN.clear()
     dg._LOADED.clear()  # a new process
     assert dg._config(x, w) == pinned
-    data["identity"]["gpu"] = "NVIDIA H200"
-    path.write_text(json.dumps(data))
-    before = path.read_text()
-    dg._CHOSEN.clear()
-    dg._LOADED.clear()
-    assert dg._config(x, w) == first and key not in dg._CHOSEN
-    dg.remember(key, pinned, cpu)
-    assert path.read_text() == before
+    # another GPU's file, or another torch build's (its cuBLAS, a candidate), is neither read nor written
+    for field, theirs in (("gpu", "NVIDIA H200"), ("torch", "2.0.0+cu118")):
+        path.write_text(json.dumps(data | {"identity": data["identity"] | {field: theirs}}))
+        before = path.read_text()
+        dg._CHOSEN.clear()
+        dg._LOADED.clear()
+        assert dg._config(x, w) == first and key not in dg._CHOSEN, field
+        dg.remember(key, pinned, cpu)
+        assert path.read_text() == before
     # A file from before the wide class (no "wide" in its identity) keeps its other classes, not a wide choice;
     # another set of wide candidates drops only the wide choices.
     wide_key = (3, *key[1:])

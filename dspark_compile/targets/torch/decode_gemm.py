@@ -602,16 +602,20 @@ CHOICES_ENV = "DSPARK_GEMM_CHOICES"
 """Names a JSON file of timed choices: read before the first timing, rewritten as each new choice is timed. Runs
 that share it run the same kernels, without timing them again: the two halves of an A/B (the choice of near-equal
 candidates otherwise differs between runs, docs/BENCH.md), a server's restarts. A file made on another GPU, Triton
-version or candidate set is left alone (neither read nor written)."""
-_LOADED: dict[str, bool] = {}  # choices file -> whether it matched this process's GPU, Triton and candidates
+or torch build (cuBLAS, a candidate, comes with torch) or candidate set is left alone (neither read nor
+written)."""
+_LOADED: dict[str, bool] = {}  # choices file -> whether it matched this process's GPU, Triton, torch, candidates
 
 
 def _identity(device: torch.device) -> dict[str, str]:
-    """What a choice holds for: the GPU's name, Triton's version and the candidate set."""
+    """What a choice holds for: the GPU's name, Triton's and torch's versions (torch's names its CUDA build, whose
+    cuBLAS products are candidates: a file from another build could name one this build lacks) and the candidate
+    set."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     candidates = hashlib.sha256(repr((SMALL_CONFIGS, LARGE_CONFIGS)).encode()).hexdigest()[:16]
     wide = hashlib.sha256(repr((WIDE_CONFIGS, WIDE_M)).encode()).hexdigest()[:16]
-    out = {"gpu": gpu, "triton": triton.__version__, "candidates": candidates, "wide": wide}
+    out = {"gpu": gpu, "triton": triton.__version__, "torch": torch.__version__, "candidates": candidates,
+           "wide": wide}
     if scaled_mm_applies(device):  # W8A8 entries timed with cuBLAS among the candidates
         out["w8a8"] = "scaled_mm"
     return out
