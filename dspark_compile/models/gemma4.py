@@ -115,10 +115,11 @@ class Gemma4Attention(AttentionProjections):
     """Gemma4's projections and norms: its head shape per layer type, no v_proj when K = V, a scale-less value
     norm, attention scale 1."""
 
-    qkv: torch.Tensor | None = None
-    """q|k(|v) weights concatenated (:meth:`fuse`): the three projections as one matrix product."""
-    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.linear
-    """The fused product's matrix multiply (the CUDA-graph target sets its decode GEMM)."""
+    qkv: Any = None
+    """q|k(|v) as one matrix product: the weights concatenated (:meth:`fuse`), or whatever product ``linear``
+    takes (the CUDA-graph target's e4m3 one)."""
+    linear: Callable[[torch.Tensor, Any], torch.Tensor] = nn.functional.linear
+    """The fused product's matrix multiply, (x, ``qkv``) -> q|k(|v) (the CUDA-graph target sets its decode GEMM)."""
 
     def __init__(self, cfg: Gemma4Config, kv_heads: int, head_dim: int, shared_kv: bool) -> None:
         super().__init__(cfg, kv_heads, head_dim, norm=GemmaRMSNorm, shared_kv=shared_kv)
@@ -189,14 +190,16 @@ def corner(x: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
 class Gemma4Layer(nn.Module):
     """One Gemma4 decoder layer; sliding or global by ``cfg.layer_types[index]``."""
 
-    gate_up: torch.Tensor | None = None
-    """gate|up weights concatenated (:meth:`fuse`)."""
+    gate_up: Any = None
+    """gate|up as one matrix product: the weights concatenated (:meth:`fuse`), or whatever product ``glu_kernel``
+    takes (the CUDA-graph target's e4m3 one, its rows in pairs)."""
     qkv_kernel: Callable[..., torch.Tensor] | None = None
     """(q|k|v product, cos, sin, slots, q_norm, k_norm, eps, heads, kv_heads, kv) -> q, k/v written into the
     in-place cache, in one launch once fused (the CUDA-graph target sets
     :func:`~dspark_compile.targets.torch.gemma4_kernels.qkv_into_cache`); None: the module ops."""
-    glu_kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
-    """gate|up product -> gelu_tanh(gate) · up in one launch (``targets.torch.kernels.gelu_tanh_mul``)."""
+    glu_kernel: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+    """(input, ``gate_up``) -> gelu_tanh(gate) · up: the product, then one launch for the GLU, or the GLU in the
+    product's store (the CUDA-graph target's ``static_forward.gelu_glu``); None: ``linear`` and the module ops."""
     add_norm_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     """A sandwich norm's residual add (and ``layer_scalar``) with the norm that follows it, in one launch
     (``gemma4_kernels.add_norm_norm``): post-attention + pre-feed-forward, post-feed-forward + next input norm."""
@@ -296,12 +299,10 @@ class Gemma4Layer(nn.Module):
         if self.gate_up is None:
             mlp = self.mlp(h)
         else:
-            mm = self.linear or nn.functional.linear
-            gate_up = mm(h, self.gate_up)
             if self.glu_kernel is not None:
-                act = self.glu_kernel(gate_up)
+                act = self.glu_kernel(h, self.gate_up)
             else:
-                gate, up = gate_up.chunk(2, -1)
+                gate, up = (self.linear or nn.functional.linear)(h, self.gate_up).chunk(2, -1)
                 act = gelu_tanh(gate) * up
             mlp = down_proj(act) if self.linear is None else self.linear(act, down_proj.weight)
         post = self.post_feedforward_layernorm

@@ -634,8 +634,8 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     from dspark_compile.passes.quantize import quantize_program
     from dspark_compile.program import build_program
     from dspark_compile.targets.torch import decode_gemm
-    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, decode_glu, decode_linear, split_k
-    from dspark_compile.targets.torch.kernels import add_rmsnorm_deferred, silu_mul
+    from dspark_compile.targets.torch.decode_gemm import DecodeWeight, GluStore, decode_glu, decode_linear, split_k
+    from dspark_compile.targets.torch.kernels import add_rmsnorm_deferred, gelu_tanh_mul, silu_mul
     from dspark_compile.targets.torch.static_forward import StaticProgram
 
     torch.manual_seed(0)
@@ -669,6 +669,7 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
             if kind == "w8a8":
                 gu = lin(x.float())
             want = F.silu(gu[:, :inter]) * gu[:, inter:]
+            want_gelu = F.gelu(gu[:, :inter], approximate="tanh") * gu[:, inter:]
             # one split (the store finishes SwiGLU), and K split 2 ways (the product, then silu_mul over pairs)
             for cfg in ((16, 32, bk, 0, 4, 3, conv), (16, 64, bk, 0, 4, 3, conv), (16, 32, bk, 8, 4, 3, conv)):
                 fused = split_k(2 * inter, k, w.group, cfg, 4)[1] == 1
@@ -692,9 +693,14 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
                                  decode_glu(y, wp, handoff=True, prescaled=True, row_norm=norm, out_prescaled=True)))
                 # a paired product's plain output (cuBLAS's, above 16 rows) through silu_mul over the pairs
                 outs.append((outs[0][0], silu_mul(decode_linear(x, wp, cfg), paired=True)))
+                # GeGLU (Gemma4): the store's, and the product's through gelu_tanh_mul over the pairs
+                gelu = gelu_tanh_mul(decode_linear(x, w, cfg))
+                outs.append((gelu, decode_glu(x, wp, handoff=True, gelu_tanh=True)))
+                outs.append((gelu, gelu_tanh_mul(decode_linear(x, wp, cfg), paired=True)))
                 calls.clear()
-                err = ((outs[0][1].float() - want).abs().max() / want.abs().max()).item()
-                assert err < 2e-2, (name, err)
+                for got, ref in ((outs[0][1], want), (outs[-2][1], want_gelu)):
+                    err = ((got.float() - ref).abs().max() / ref.abs().max()).item()
+                    assert err < 2e-2, (name, err)
                 for ref, got in outs:
                     assert got.shape == (m, inter) and got.dtype == ref.dtype, name
                     assert ref.abs().sum() > 0 and torch.equal(got, ref), name
@@ -708,7 +714,7 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     decode_gemm._CHOSEN[decode_gemm._key(m, wp, x.dtype, True)] = cfg
     buf = torch.full((m * 80 + 64,), 7.0)
     calls.clear()
-    got = decode_gemm._launch(x, wp, cfg, glu=(buf[: m * 80].view(m, 80), False))
+    got = decode_gemm._launch(x, wp, cfg, glu=GluStore(buf[: m * 80].view(m, 80), False, False))
     assert calls == [True] and torch.equal(got, silu_mul(decode_linear(x, w, cfg))), "partial tile"
     assert torch.equal(buf[m * 80 :], torch.full((64,), 7.0)), "written past I"
 
@@ -737,6 +743,39 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     ref = build_program(golden / "target", golden / "draft")
     quantize_program(ref, draft=True)
     assert torch.equal(mlp(xs), ref.target.layers[0].mlp(xs)), "module forward"
+
+    # Gemma4's e4m3 layers on the CUDA-graph target's seams: q|k(|v) one product (K = V layers: q|k), gate|up in
+    # pairs with GeGLU finished in its store; bit for bit the same with DSPARK_GLU_STORE=0 (the product, then
+    # gelu_tanh_mul), within float32 summation order of the modules' own forward (each weight dequantized)
+    from dspark_compile.passes.quantize import quantize_module
+    from dspark_compile.targets.torch.static_forward import _Linear, _use_gemma4_kernels
+
+    g4 = golden.parent / "dspark_tiny_gemma4"
+    outs = []
+    for switch in ("0", "1", None):
+        p = build_program(g4 / "target", g4 / "draft")
+        quantize_module(p.target.layers)
+        if switch is not None:
+            os.environ["DSPARK_GLU_STORE"] = switch
+            _use_gemma4_kernels(p.target, p.draft)
+            layers = p.target.layers
+            assert all(isinstance(layer.self_attn.qkv, _Linear) and isinstance(layer.gate_up, _Linear)
+                       and layer.gate_up.weight.paired == (switch == "1") for layer in layers), switch
+        prog = StaticProgram(p.target, p.draft, fused=False, attention="reference")
+        steps = []
+        for t in (1, 8):
+            torch.manual_seed(t)
+            ids, cl = torch.randint(0, 384, (2, t)), torch.tensor([3, 40])
+            kv = p.target.new_cache(2, 64)
+            calls.clear()
+            steps += [*prog.target_step(ids, cl, kv, 64), kv]
+            if switch is not None:  # per layer: q|k(|v), o, gate|up (its store finishing GeGLU), down
+                assert calls == [False, False, switch == "1", False] * len(layers), (switch, calls)
+        outs.append(steps)
+    for i, (a, b, c) in enumerate(zip(*outs, strict=True)):
+        assert a.abs().sum() > 0 and torch.equal(a, b), f"gemma4 output {i}: store on against off"
+        err = ((b.float() - c.float()).abs().max() / c.float().abs().max()).item()
+        assert err < 1e-4, (f"gemma4 output {i} against the modules", err)
     print("glu ok")
     """
 )
@@ -1008,7 +1047,8 @@ def test_fp8_norms_finished_by_their_products_on_gpu_and_round_graph_is_lossless
 @pytest.mark.gpu
 def test_gemma4_fp8_layers_run_the_fp8_gemm_and_their_round_graph_is_lossless() -> None:
     """Gemma4 layers with e4m3 weights on the CUDA-graph target: each product is the FP8 decode GEMM (the
-    modules' own forward would dequantize every weight at every call), and speculative == target-only."""
+    modules' own forward would dequantize every weight at every call), q|k(|v) one product and gate|up another in
+    pairs (GeGLU finished in its store where it runs in one split), and speculative == target-only."""
     import torch
 
     if not torch.cuda.is_available():
@@ -1019,8 +1059,15 @@ def test_gemma4_fp8_layers_run_the_fp8_gemm_and_their_round_graph_is_lossless() 
     target, draft = random_pair(GEMMA4_SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
     quantize_module(target.layers)
     _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
-    kinds = {type(m).__name__ for layer in target.layers for m in layer.modules()}
-    assert "_KernelFp8Linear" in kinds and "Fp8Linear" not in kinds
+    from dspark_compile.models.layers import Fp8Linear
+    from dspark_compile.targets.torch.static_forward import _Linear
+
+    for layer in target.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert isinstance(attn.qkv, _Linear) and isinstance(layer.gate_up, _Linear) and layer.gate_up.weight.paired
+        fused = {attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj} - {None}
+        alone = {m for m in layer.modules() if type(m) is Fp8Linear}  # the fused products' members only
+        assert alone == fused and type(attn.o_proj).__name__ == type(mlp.down_proj).__name__ == "_KernelFp8Linear"
 
 
 @pytest.mark.gpu

@@ -153,7 +153,7 @@ SCRIPT = textwrap.dedent(
     close("draft cache", d1, d2, 1e-4)
     # per step of 6 layers: 6 q|k|v kernels, 6 GELU products, 6 + 5 add-and-norms (the last layer has no next norm)
     counts = {name: calls.count(name) for name in set(calls)}
-    assert counts == {"qkv_into_cache": 12, "gelu_tanh_mul": 12, "add_norm_norm": 22}, counts
+    assert counts == {"qkv_into_cache": 12, "gelu_glu": 12, "add_norm_norm": 22}, counts
     # The same steps over a ring (the CUDA-graph target's RingCache): q|k|v written into it by the kernel.
     for t in (1, 8):
         ids = torch.randint(0, 256, (2, t)); cl = torch.tensor([3, 40])

@@ -43,6 +43,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -63,6 +64,7 @@ from dspark_compile.targets.torch.kernels import (
     arrival_counters,
     as_gemm_input,
     bf16_to_f16_scaled,
+    gelu_tanh_mul,
     glu_value,
     pdl_options,
     rstd_of_sums,
@@ -81,7 +83,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                         ASM: tl.constexpr = True, TMA: tl.constexpr = False, PDL: tl.constexpr = False,
                         HANDOFF: tl.constexpr = False, NORM: tl.constexpr = 0, FRAGMENT: tl.constexpr = False,
                         KEEP_ASYNC: tl.constexpr = False, X_E4M3: tl.constexpr = False, GLU: tl.constexpr = False,
-                        GLU_PRESCALED: tl.constexpr = False):
+                        GLU_PRESCALED: tl.constexpr = False, GLU_GELU: tl.constexpr = False):
     """out[m, n] = Σ_k x[m, k]·w[n, k]·scale, computed transposed (acc [BLOCK_N, BLOCK_M] = W·xᵀ) so that the
     weight tile is the tensor cores' wide operand and the few activation rows the narrow one. Program (n, k, m)
     sums its K split; with several splits the last program of an (n, m) tile to arrive (an atomic counter)
@@ -92,7 +94,8 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
     (handed-over partials carry the norm to their consumer instead). ``X_E4M3`` (W8A8): ``x`` is already e4m3,
     quantized by :func:`e4m3_rows`, its scales one per row and K tile at ``xs_ptr``. ``GLU`` (one split, a weight
     :meth:`DecodeWeight.in_pairs`): ``out_ptr`` [M, N / 2] takes silu(gate) · up of each pair instead of the
-    product (``GLU_PRESCALED``: as the fp16 product reads it), :func:`decode_glu`."""
+    product (``GLU_GELU``: gelu_tanh(gate) · up; ``GLU_PRESCALED``: as the fp16 product reads it),
+    :func:`decode_glu`."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -174,7 +177,7 @@ def _decode_gemm_kernel(x_ptr, w_ptr, w_desc, s_ptr, part_ptr, count_ptr, out_pt
                 _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL, WIDE, NORM)
     elif GLU:
         _store_glu(out_ptr, col_scale, acc, offs_m, m_mask, pid_n, N, rn, PER_CHANNEL, WIDE, NORM, GLU_PRESCALED,
-                   ASM, BLOCK_N, BLOCK_M)
+                   GLU_GELU, ASM, BLOCK_N, BLOCK_M)
     else:
         _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL, WIDE, NORM)
 
@@ -253,11 +256,11 @@ def _store(out_ptr, col_scale, acc, tile, mask, rn, PER_CHANNEL: tl.constexpr, W
 
 @triton.jit
 def _store_glu(out_ptr, col_scale, acc, offs_m, m_mask, pid_n, N, rn, PER_CHANNEL: tl.constexpr, WIDE: tl.constexpr,
-               NORM: tl.constexpr, PRESCALED: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_M: tl.constexpr):
+               NORM: tl.constexpr, PRESCALED: tl.constexpr, GELU_TANH: tl.constexpr, ASM: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """:func:`_store`'s values (scaled, rounded to the product's dtype) taken as pairs (gate, up) and finished as
-    ``kernels.silu_mul`` finishes them (``kernels.glu_value``, ``kernels.as_gemm_input``): the same bits, one
-    launch and the [M, N] round trip fewer per layer."""
+    ``kernels.silu_mul`` (``GELU_TANH``: ``gelu_tanh_mul``) finishes them (``kernels.glu_value``,
+    ``kernels.as_gemm_input``): the same bits, one launch and the [M, N] round trip fewer per layer."""
     dt = tl.bfloat16 if PRESCALED else out_ptr.dtype.element_ty  # silu_mul's rule
     if PER_CHANNEL and not WIDE:
         acc *= col_scale[:, None]
@@ -267,7 +270,7 @@ def _store_glu(out_ptr, col_scale, acc, offs_m, m_mask, pid_n, N, rn, PER_CHANNE
     half = N // 2
     j = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     tl.store(out_ptr + offs_m[None, :].to(tl.int64) * half + j[:, None],
-             as_gemm_input(glu_value(g, u, dt, False), dt, PRESCALED, ASM),
+             as_gemm_input(glu_value(g, u, dt, GELU_TANH), dt, PRESCALED, ASM),
              mask=(j < half)[:, None] & m_mask[None, :])
 
 
@@ -326,6 +329,15 @@ def _e4m3_to_bf16_shifted(w, PACK: tl.constexpr):
                                          dtype=tl.bfloat16, is_pure=True, pack=4)
     return tl.inline_asm_elementwise(asm=_SHIFTED_2, constraints="=r,r", args=[w.to(tl.uint8, bitcast=True)],
                                      dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+class GluStore(NamedTuple):
+    """:func:`decode_glu`'s store: act(gate) · up of each pair into ``out`` [M, N / 2] (``prescaled``: as the fp16
+    product reads it; ``gelu_tanh``: GELU-tanh, else SiLU)."""
+
+    out: torch.Tensor
+    prescaled: bool
+    gelu_tanh: bool
 
 
 @dataclass(frozen=True)
@@ -787,14 +799,14 @@ def takes_prescaled(m: int, w: DecodeWeight, dtype: torch.dtype, device: torch.d
 
 def decode_linear(x: torch.Tensor, w: DecodeWeight, cfg: Config | None = None, *,
                   handoff: bool = False, prescaled: bool = False, row_norm: RowNorm | None = None,
-                  glu: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor | Partials:
+                  glu: GluStore | None = None) -> torch.Tensor | Partials:
     """``x`` [M, K] (row stride may exceed K) @ dequantized ``w``ᵀ (+ bias) -> [M, N] in ``x``'s dtype;
     ``cfg`` overrides the timed configuration (benchmarks). ``handoff`` (a consumer that takes
     :class:`~.kernels.Partials`): a configuration that splits K returns its partials unsummed (no bias).
     ``prescaled``: ``x`` is fp16, a bf16 input already converted for the fp16 product (:func:`takes_prescaled`);
     the result is bf16, bit for bit what the bf16 input gives. ``row_norm``: ``x`` is an RMSNorm's output before
     its division by the RMS (``kernels.add_rmsnorm_deferred``), which the product applies to its rows (or its
-    partials carry to the consumer); the kernel only, never cuBLAS. ``glu``: :func:`decode_glu`'s SwiGLU store."""
+    partials carry to the consumer); the kernel only, never cuBLAS. ``glu``: :func:`decode_glu`'s store."""
     assert x.stride(1) == 1 and w.weight.shape[1] == x.shape[1]
     handoff = handoff and w.bias is None
     cfg = cfg or _config(x, w, handoff)  # prescaled: the bf16 input's configuration (same key), by takes_prescaled
@@ -822,12 +834,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def decode_glu(x: torch.Tensor, w: DecodeWeight, *, handoff: bool = False, prescaled: bool = False,
-               row_norm: RowNorm | None = None, out_prescaled: bool = False) -> torch.Tensor:
-    """silu(gate) · up [M, N / 2] of a gate|up weight in pairs (:meth:`DecodeWeight.in_pairs`): where the product's
-    configuration for these rows is the kernel in one split, its store finishes SwiGLU (one launch fewer per layer
-    than the product and ``kernels.silu_mul``, the same bits); elsewhere (split K, cuBLAS) the product, then
-    ``silu_mul`` over the pairs. ``handoff``, ``prescaled`` and ``row_norm`` as :func:`decode_linear` takes them;
-    ``out_prescaled``: the result as the next product's fp16 product reads it."""
+               row_norm: RowNorm | None = None, out_prescaled: bool = False, gelu_tanh: bool = False) -> torch.Tensor:
+    """silu(gate) · up [M, N / 2] of a gate|up weight in pairs (:meth:`DecodeWeight.in_pairs`; ``gelu_tanh``:
+    gelu_tanh(gate) · up, Gemma4's GeGLU): where the product's configuration for these rows is the kernel in one
+    split, its store finishes the GLU (one launch fewer per layer than the product and ``kernels.silu_mul`` or
+    ``gelu_tanh_mul``, the same bits); elsewhere (split K, cuBLAS) the product, then that kernel over the pairs.
+    ``handoff``, ``prescaled`` and ``row_norm`` as :func:`decode_linear` takes them; ``out_prescaled``: the result
+    as the next product's fp16 product reads it."""
     assert w.paired
     handoff = handoff and w.bias is None
     cfg = _config(x, w, handoff)  # the configuration the product alone runs: one per row class, whichever path
@@ -835,11 +848,15 @@ def decode_glu(x: torch.Tensor, w: DecodeWeight, *, handoff: bool = False, presc
     n = w.weight.shape[0]
     if cfg in (CUBLAS, SCALED_MM) or w.bias is not None or split_k(n, k, w.group, cfg, _sms(x.device))[1] > 1:
         product = decode_linear(x, w, cfg, handoff=handoff, prescaled=prescaled, row_norm=row_norm)
+        if gelu_tanh:
+            assert not out_prescaled, "a prescaled GeGLU output has no consumer"
+            return gelu_tanh_mul(product, paired=True)
         return silu_mul(product, prescaled=out_prescaled, paired=True)
     dtype = torch.bfloat16 if prescaled else x.dtype
     assert not out_prescaled or dtype == torch.bfloat16
     out = torch.empty(m, n // 2, dtype=torch.float16 if out_prescaled else dtype, device=x.device)
-    return decode_linear(x, w, cfg, prescaled=prescaled, row_norm=row_norm, glu=(out, out_prescaled))
+    return decode_linear(x, w, cfg, prescaled=prescaled, row_norm=row_norm,
+                         glu=GluStore(out, out_prescaled, gelu_tanh))
 
 
 def split_k(n: int, k: int, group: int, cfg: Config, sms: int) -> tuple[int, int]:
@@ -860,9 +877,9 @@ def _sms(device: torch.device) -> int:
 
 def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False,
             out_dtype: torch.dtype | None = None, row_norm: RowNorm | None = None,
-            glu: tuple[torch.Tensor, bool] | None = None) -> torch.Tensor | Partials:
-    """One launch of ``cfg``; ``out_dtype`` (bf16) marks an fp16 ``x`` as prescaled for the fp16 product; ``glu``
-    (output, prescaled): :func:`decode_glu`'s SwiGLU store into that output."""
+            glu: GluStore | None = None) -> torch.Tensor | Partials:
+    """One launch of ``cfg``; ``out_dtype`` (bf16) marks an fp16 ``x`` as prescaled for the fp16 product; ``glu``:
+    :func:`decode_glu`'s store."""
     if cfg == CUBLAS:
         return F.linear(x, w.weight)
     if cfg == SCALED_MM:
@@ -879,7 +896,7 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
     part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device) if splits > 1 else None
     dtype = out_dtype or x.dtype
     assert glu is None or (splits == 1 and w.paired)
-    out = part if handoff else glu[0] if glu is not None else torch.empty(m, n, dtype=dtype, device=x.device)
+    out = part if handoff else glu.out if glu is not None else torch.empty(m, n, dtype=dtype, device=x.device)
     counters = arrival_counters(x.device, grid[0] * grid[2])
     conversion = 3 if w.act_group else 0 if w.wide or x.dtype != torch.bfloat16 or (
         fast == 1 and not x.is_cuda) else fast
@@ -905,7 +922,8 @@ def _launch(x: torch.Tensor, w: DecodeWeight, cfg: Config, handoff: bool = False
                               NORM=0 if row_norm is None or handoff else row_norm.sumsq.shape[1],
                               FRAGMENT=w.fragment_order, KEEP_ASYNC=switched_on(KEEP_ASYNC_ENV, default=False),
                               X_E4M3=x_scales is not None, GLU=glu is not None,
-                              GLU_PRESCALED=glu is not None and glu[1],
+                              GLU_PRESCALED=glu is not None and glu.prescaled,
+                              GLU_GELU=glu is not None and glu.gelu_tanh,
                               num_warps=warps,
                               num_stages=stages, **pdl_options(x, m))
     if handoff:

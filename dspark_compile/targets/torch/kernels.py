@@ -499,9 +499,10 @@ def silu_mul(gate_up: torch.Tensor | Partials, *, prescaled: bool = False, paire
     return _act_mul(gate_up, False, prescaled, paired)
 
 
-def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2I] (gate | up) -> gelu_tanh(gate) · up, [..., I] (GeGLU: Gemma4), the GELU rounded to the dtype first."""
-    return _act_mul(gate_up, True)
+def gelu_tanh_mul(gate_up: torch.Tensor | Partials, *, paired: bool = False) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> gelu_tanh(gate) · up, [..., I] (GeGLU: Gemma4), the GELU rounded to the dtype first;
+    ``paired`` as :func:`silu_mul` takes it."""
+    return _act_mul(gate_up, True, paired=paired)
 
 
 @triton.jit

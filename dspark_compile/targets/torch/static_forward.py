@@ -11,8 +11,9 @@ matrix product instead of three), the products through the decode GEMM of :mod:`
 ``Fp8Linear`` instead of being dequantized; bf16 ones where it beats cuBLAS), and the Triton kernels of
 :mod:`.kernels` for the elementwise work, with the residual add carried into the next layer's norm kernel.
 Gemma4 (``fused=False``) keeps its module forward on CUDA with its own seams filled in: one Triton kernel per
-norm (:mod:`.gemma4_kernels`), q|k|v and gate|up fused (``Gemma4Layer.fuse``, bf16/fp32 weights) and through the
-decode GEMM (``Gemma4Layer.linear``), and its sliding layers' ring (``models.gemma4.RingCache``) through the split-K
+norm (:mod:`.gemma4_kernels`), q|k|v and gate|up fused (``Gemma4Layer.fuse``, bf16/fp32 weights; e4m3 ones as
+:meth:`_Linear.of` fuses Qwen3's, gate|up's store finishing GeGLU) and through the decode GEMM
+(``Gemma4Layer.linear``, ``glu_kernel``), and its sliding layers' ring (``models.gemma4.RingCache``) through the split-K
 attention's ring mode.
 """
 
@@ -132,19 +133,24 @@ class _Linear:
         assert row_norm is None
         return F.linear(x, self.weight, self.bias)
 
-    def swiglu(self, x: torch.Tensor, *, prescaled: bool = False, row_norm: RowNorm | None = None,
-               out_prescaled: bool = False) -> torch.Tensor:
-        """silu(gate) · up of this gate|up product (called with ``handoff``, as its consumer takes partials):
-        finished by the product's own store where its weight is in pairs (``decode_gemm.decode_glu``), else by
-        ``kernels.silu_mul``. ``out_prescaled``: written as the next product's fp16 product reads it."""
-        from dspark_compile.targets.torch.kernels import silu_mul
+    def glu(self, x: torch.Tensor, *, gelu_tanh: bool = False, prescaled: bool = False,
+            row_norm: RowNorm | None = None, out_prescaled: bool = False) -> torch.Tensor:
+        """silu(gate) · up (``gelu_tanh``: gelu_tanh(gate) · up) of this gate|up product (called with ``handoff``,
+        as its consumer takes partials): finished by the product's own store where its weight is in pairs
+        (``decode_gemm.decode_glu``), else by ``kernels.silu_mul`` (``gelu_tanh_mul``). ``out_prescaled``: written
+        as the next product's fp16 product reads it."""
+        from dspark_compile.targets.torch.kernels import gelu_tanh_mul, silu_mul
 
         if not isinstance(self.weight, torch.Tensor) and self.weight.paired:  # (never with a static input scale)
             from dspark_compile.targets.torch.decode_gemm import decode_glu
 
             return decode_glu(x, self.weight, handoff=_hands_off(True), prescaled=prescaled, row_norm=row_norm,
-                              out_prescaled=out_prescaled)
-        return silu_mul(self(x, handoff=True, prescaled=prescaled, row_norm=row_norm), prescaled=out_prescaled)
+                              out_prescaled=out_prescaled, gelu_tanh=gelu_tanh)
+        product = self(x, handoff=True, prescaled=prescaled, row_norm=row_norm)
+        if gelu_tanh:
+            assert not out_prescaled
+            return gelu_tanh_mul(product)
+        return silu_mul(product, prescaled=out_prescaled)
 
     def finishes_norm(self) -> bool:
         """Whether this product takes its input's RMSNorm unfinished (``kernels.add_rmsnorm_deferred``: the norm
@@ -176,7 +182,7 @@ class _Linear:
         parameters re-pointed at views of the concatenation (same values, one copy), stored in the decode GEMM's
         fragment order where it takes it (``DecodeWeight.in_fragment_order``; ``DSPARK_FRAGMENT_ORDER=0`` turns it
         off), each module told so. ``glu`` (gate, up of equal size, e4m3 without a static input scale): their rows
-        in pairs (``DecodeWeight.in_pairs``), so that :meth:`swiglu` ends in the product's store
+        in pairs (``DecodeWeight.in_pairs``), so that :meth:`glu` ends in the product's store
         (``DSPARK_GLU_STORE=0`` turns it off: FP8 + head + draft replay b 982 -> 1002 tok/s at B = 1 on an H100,
         docs/BENCH.md)."""
         if all(isinstance(lin, Fp8Linear) for lin in linears):
@@ -291,10 +297,10 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
     """Gemma4's norms (with their residual adds and layer scalars) as one Triton kernel each
     (:mod:`.gemma4_kernels`), the target layers' q|k|v and gate|up as one matrix product each, and every product
     (the head's too) through the decode GEMM; the Qwen3 modules have none of these (their fused path is
-    ``fused=True``)."""
+    ``fused=True``). e4m3 layers fuse as Qwen3's do (:meth:`_Linear.of`: gate|up in pairs, GeGLU finished in its
+    store); o, down and any product whose group mixes e4m3 and full precision run alone."""
     from dspark_compile.targets.torch.decode_gemm import linear
     from dspark_compile.targets.torch.gemma4_kernels import add_norm_norm, gemma_rmsnorm, qkv_into_cache
-    from dspark_compile.targets.torch.kernels import gelu_tanh_mul
 
     for model in (target, draft):
         for module in list(model.modules()) if model is not None else ():
@@ -304,17 +310,48 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
                 module.linear = linear
             if isinstance(module, Gemma4Layer):
                 module.add_norm_kernel = add_norm_norm
-                module.glu_kernel = gelu_tanh_mul
+                module.glu_kernel = gelu_glu
                 module.qkv_kernel = qkv_into_cache  # used by the target layers' forward (the draft injects K/V)
-                plain = not any(isinstance(m, Fp8Linear) for m in module.modules())  # e4m3: per product, below
-                if module.gate_up is None and plain:
-                    module.fuse()
-                if plain:  # the decode GEMM where it beats cuBLAS
-                    module.linear = module.self_attn.linear = linear
-                else:  # e4m3 layers: each product the FP8 decode GEMM (their forward dequantizes at every call)
-                    for name, child in list(module.named_modules()):
-                        if type(child) is Fp8Linear:
-                            replace_module(module, name, _KernelFp8Linear(child))
+                attn, mlp = module.self_attn, module.mlp
+                if not any(isinstance(m, Fp8Linear) for m in module.modules()):
+                    if module.gate_up is None:
+                        module.fuse()
+                    module.linear = attn.linear = linear  # the decode GEMM where it beats cuBLAS
+                    continue
+                # e4m3 layers: the FP8 decode GEMM (the modules' forward dequantizes at every call)
+                qkv = [attn.q_proj, attn.k_proj] + ([attn.v_proj] if attn.v_proj is not None else [])
+                if all(type(lin) is Fp8Linear for lin in qkv):
+                    attn.qkv, attn.linear = _Linear.of(qkv), through
+                if all(type(lin) is Fp8Linear for lin in (mlp.gate_proj, mlp.up_proj)):
+                    module.gate_up = _Linear.of([mlp.gate_proj, mlp.up_proj], glu=True)
+                fused = {id(lin) for lin in qkv if attn.qkv is not None} | (
+                    {id(mlp.gate_proj), id(mlp.up_proj)} if module.gate_up is not None else set())
+                for name, child in list(module.named_modules()):
+                    if type(child) is Fp8Linear and id(child) not in fused:  # (a fused one's rows may be strided)
+                        replace_module(module, name, _KernelFp8Linear(child))
+
+
+def through(x: torch.Tensor, product: torch.Tensor | _Linear) -> torch.Tensor:
+    """``x`` [..., K] through a fused product (Gemma4's ``linear(x, qkv)`` seam): a :class:`_Linear` on its rows,
+    or a full-precision weight through ``decode_gemm.linear``."""
+    if not isinstance(product, _Linear):
+        from dspark_compile.targets.torch.decode_gemm import linear
+
+        return linear(x, product)
+    rows = x.reshape(-1, x.shape[-1])
+    return product(rows if rows.stride(-1) == 1 else rows.contiguous()).view(*x.shape[:-1], -1)
+
+
+def gelu_glu(x: torch.Tensor, gate_up: torch.Tensor | _Linear) -> torch.Tensor:
+    """gelu_tanh(gate) · up of ``x`` [..., K] (Gemma4's ``glu_kernel`` seam): an e4m3 gate|up in pairs finishes it
+    in its product's store (:meth:`_Linear.glu`); a full-precision weight runs its product, then
+    ``kernels.gelu_tanh_mul``."""
+    if not isinstance(gate_up, _Linear):
+        from dspark_compile.targets.torch.kernels import gelu_tanh_mul
+
+        return gelu_tanh_mul(through(x, gate_up))
+    rows = x.reshape(-1, x.shape[-1])
+    return gate_up.glu(rows if rows.stride(-1) == 1 else rows.contiguous(), gelu_tanh=True).view(*x.shape[:-1], -1)
 
 
 class StaticProgram:
@@ -416,7 +453,7 @@ class StaticProgram:
         pre = fw.gate_up.takes_prescaled(x, handoff=True)
         h, norm = self._norm(x, o, layer.post_attention_layernorm, None, prescaled=pre, deferred=defer)
         pre_down = fw.down.takes_prescaled(x, handoff=hand_down)  # x's rows and dtype: what down reads
-        act = fw.gate_up.swiglu(h, prescaled=pre, row_norm=norm, out_prescaled=pre_down)
+        act = fw.gate_up.glu(h, prescaled=pre, row_norm=norm, out_prescaled=pre_down)
         return fw.down(act, prescaled=pre_down, handoff=hand_down)
 
     # ------------------------------------------------------------------------------------------------ target
