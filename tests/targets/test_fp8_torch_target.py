@@ -882,7 +882,7 @@ def test_swiglu_store_compiles_for_hopper_with_the_same_loop(tma: bool) -> None:
     """The SwiGLU store (``GLU``) changes the decode GEMM after its loop only: the same wgmma, e4m3 conversions,
     copies and barrier waits, no more shared memory than the plain store, the exponential of silu added (sm_90, the
     H200's B = 1 choice for gate|up: 64 × 256 tiles, one split, the fp16 product, a deferred norm, prescaled in
-    and out)."""
+    and out); Gemma4's GeGLU store (``GLU_GELU``) likewise."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -898,7 +898,10 @@ def test_swiglu_store_compiles_for_hopper_with_the_same_loop(tma: bool) -> None:
     unaligned = ("M", "KB", "GROUP", "SPLITS", "w_desc", "norm_w", "norm_eps")
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name not in unaligned}
     kernels = []
-    for glu in ({}, {"GLU": True, "GLU_PRESCALED": True}):
+    # every switch named in every variant: ASTSource's cache key joins the constants' values without their names
+    for glu in ({"GLU": False, "GLU_PRESCALED": False, "GLU_GELU": False},
+                {"GLU": True, "GLU_PRESCALED": True, "GLU_GELU": False},
+                {"GLU": True, "GLU_PRESCALED": False, "GLU_GELU": True}):
         src = ASTSource(_decode_gemm_kernel, sig | {name: "constexpr" for name in consts | glu},
                         constexprs=consts | glu, attrs=aligned)
         try:
@@ -906,13 +909,15 @@ def test_swiglu_store_compiles_for_hopper_with_the_same_loop(tma: bool) -> None:
                                           options={"num_warps": 4, "num_stages": 3}))
         except RuntimeError as exc:  # no ptxas in this Triton build
             pytest.skip(reason=f"Triton cannot compile for sm_90 here: {exc}")
-    plain, glu_kernel = (k.asm["ptx"] for k in kernels)
+    plain, glu_kernel, gelu_kernel = (k.asm["ptx"] for k in kernels)
     for op in ("wgmma.mma_async", "cvt.rn.f16x2.e4m3x2", "cp.async.bulk.tensor", "cp.async.cg.shared.global",
                "mbarrier.try_wait", "griddepcontrol"):
-        assert glu_kernel.count(op) == plain.count(op), op
-    assert "ex2.approx" not in plain and "ex2.approx" in glu_kernel  # silu's exp
+        assert glu_kernel.count(op) == gelu_kernel.count(op) == plain.count(op), op
+    assert "ex2.approx" not in plain and "ex2.approx" in glu_kernel and "ex2.approx" in gelu_kernel  # their exp
     assert "0f3B800000" in glu_kernel  # the output written as down's fp16 product reads it
+    assert "0f3D372713" in gelu_kernel  # GELU-tanh's 0.044715
     assert kernels[1].metadata.shared <= kernels[0].metadata.shared
+    assert kernels[2].metadata.shared <= kernels[0].metadata.shared
 
 
 def _replay_is_exact(target: Any, draft: Any, prompts: list[list[int]]) -> None:
