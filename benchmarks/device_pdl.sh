@@ -13,7 +13,7 @@
 # product, a choices file keeping its W8A8 entries only for the same setting; DSPARK_GLU_STORE: e4m3 gate|up in pairs,
 # its store finishing SwiGLU where it runs in one split); CHAIN=0 skips the launch chains;
 # TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files);
-# BATCH (e.g. 4,16), NEW (new tokens), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
+# BATCH (e.g. 4,16), NEW (new tokens), SHAPE (fp8_bench --shape, e.g. gemma4-12b with KINDS=fp8), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
 # again verifying at most that many drafts; not with BASE code older than fp8_bench --verify-caps), PLAIN=1 (rounds
 # that draft nothing, VerifyPolicy draft_rows=0, against target-only steps; not with BASE code before them) and
 # ROUND_TIMEOUT (s per mode) shape the rounds. CANDIDATES=1 runs benchmarks/gemm_candidates.py after the rounds (every
@@ -71,7 +71,7 @@ for m in ${MODES:-0 1}; do
   fi
   env PYTHONPATH=$PP $AB=$m timeout ${ROUND_TIMEOUT:-150} "$PY" $BENCH --out "$W/rounds_pdl$m" \
       --sections rounds,head_draft --batch ${BATCH:-1} --kinds ${KINDS:-bf16,fp8,fp8_head_draft} \
-      --new-tokens ${NEW:-128} ${TEMP:+--temperature $TEMP} ${CAPS:+--verify-caps $CAPS} $([ "${PLAIN:-0}" = 1 ] && echo --plain-rounds) 2>&1 | grep -v Warning \
+      --new-tokens ${NEW:-128} ${SHAPE:+--shape $SHAPE} ${TEMP:+--temperature $TEMP} ${CAPS:+--verify-caps $CAPS} $([ "${PLAIN:-0}" = 1 ] && echo --plain-rounds) 2>&1 | grep -v Warning \
       > "$W/rounds_pdl$m.log"
   echo "$AB=$m"; grep -E "B=" "$W/rounds_pdl$m.log" | cut -c1-300
 done
