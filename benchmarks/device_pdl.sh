@@ -11,9 +11,10 @@
 # DSPARK_GEMM_KEEP_ASYNC: the decode GEMM's accumulator stored through a select, its wgmma left asynchronous by
 # ptxas, best with CHOICES=0; DSPARK_SCALED_MM: W8A8 products above 16 rows may run cuBLAS's block-scaled e4m3
 # product, a choices file keeping its W8A8 entries only for the same setting; DSPARK_GLU_STORE: e4m3 gate|up in pairs,
-# its store finishing SwiGLU where it runs in one split); CHAIN=0 skips the launch chains;
+# its store finishing SwiGLU (Gemma4: GeGLU) where it runs in one split); CHAIN=0 skips the launch chains;
 # TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files);
-# BATCH (e.g. 4,16), NEW (new tokens), SHAPE (fp8_bench --shape, e.g. gemma4-12b with KINDS=fp8), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
+# BATCH (e.g. 4,16), NEW (new tokens), SHAPE (fp8_bench --shape, e.g. gemma4-12b with KINDS=fp8; not with BASE code
+# whose fp8_bench.py predates it), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
 # again verifying at most that many drafts; not with BASE code older than fp8_bench --verify-caps), PLAIN=1 (rounds
 # that draft nothing, VerifyPolicy draft_rows=0, against target-only steps; not with BASE code before them) and
 # ROUND_TIMEOUT (s per mode) shape the rounds. CANDIDATES=1 runs benchmarks/gemm_candidates.py after the rounds (every

@@ -204,8 +204,10 @@ class Gemma4Layer(nn.Module):
     """A sandwich norm's residual add (and ``layer_scalar``) with the norm that follows it, in one launch
     (``gemma4_kernels.add_norm_norm``): post-attention + pre-feed-forward, post-feed-forward + next input norm."""
     linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    """The matrix multiply of o, gate|up and down once fused (the CUDA-graph target's decode GEMM); None: the
-    modules (and ``nn.functional.linear`` for gate|up)."""
+    """The matrix multiply of o and down (and of gate|up without ``glu_kernel``) once fused (the CUDA-graph
+    target's decode GEMM); None: the modules (and ``nn.functional.linear`` for gate|up)."""
+    reads_fused_qkv: bool = True
+    """Whether :meth:`forward` reads ``self_attn.qkv`` once fused (a draft layer's projects q, k and v apart)."""
 
     def __init__(self, cfg: Gemma4Config, index: int) -> None:
         super().__init__()

@@ -20,6 +20,7 @@ class Gemma4DraftLayer(Gemma4Layer):
     """A Gemma4 layer with KV injection: context rows are cached, block rows attended but never cached."""
 
     forward = DraftLayer.forward  # type: ignore[assignment]  # the one KV-injection forward, on Gemma4's modules
+    reads_fused_qkv = False  # it projects context and block rows apart (DraftLayer.forward)
 
 
 class Gemma4Draft(DSparkDraft):

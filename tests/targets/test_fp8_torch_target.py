@@ -746,21 +746,42 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
 
     # Gemma4's e4m3 layers on the CUDA-graph target's seams: q|k(|v) one product (K = V layers: q|k), gate|up in
     # pairs with GeGLU finished in its store; bit for bit the same with DSPARK_GLU_STORE=0 (the product, then
-    # gelu_tanh_mul), within float32 summation order of the modules' own forward (each weight dequantized)
-    from dspark_compile.passes.quantize import quantize_module
-    from dspark_compile.targets.torch.static_forward import _Linear, _use_gemma4_kernels
+    # gelu_tanh_mul) and after the seams were first set on the layers in full precision; within float32 summation
+    # order of the modules' own forward (each weight dequantized), as is a layer whose gate|up mixes e4m3 and full
+    # precision (run unfused). The draft's layers (e4m3 too) project q, k and v apart: each its own FP8 product.
+    from dspark_compile.models.gemma4_draft import Gemma4DraftLayer
+    from dspark_compile.passes.quantize import quantize_program
+    from dspark_compile.targets.torch.static_forward import _KernelFp8Linear, _Linear, _use_gemma4_kernels
 
     g4 = golden.parent / "dspark_tiny_gemma4"
-    outs = []
-    for switch in ("0", "1", None):
+    outs = {}
+    for case in ("0", "1", "again", "mixed", None):
+        os.environ["DSPARK_GLU_STORE"] = "0" if case == "0" else "1"
         p = build_program(g4 / "target", g4 / "draft")
-        quantize_module(p.target.layers)
-        if switch is not None:
-            os.environ["DSPARK_GLU_STORE"] = switch
+        if case == "again":  # the full-precision seams first (a bf16 run before an FP8 one on the same model)
             _use_gemma4_kernels(p.target, p.draft)
-            layers = p.target.layers
-            assert all(isinstance(layer.self_attn.qkv, _Linear) and isinstance(layer.gate_up, _Linear)
-                       and layer.gate_up.weight.paired == (switch == "1") for layer in layers), switch
+        quantize_program(p, draft=True)
+        layers, draft_layers = p.target.layers, p.draft.layers
+        assert all(isinstance(layer, Gemma4DraftLayer) for layer in draft_layers)
+        if case == "mixed":  # layer 0's up projection in full precision
+            up = layers[0].mlp.up_proj
+            layers[0].mlp.up_proj = torch.nn.Linear(up.in_features, up.out_features, bias=False)
+            layers[0].mlp.up_proj.weight.data = up.dequantized(torch.float32)
+        if case is not None:
+            _use_gemma4_kernels(p.target, p.draft)
+            for layer in [*layers, *draft_layers]:
+                attn, mlp = layer.self_attn, layer.mlp
+                if layer in draft_layers:
+                    assert attn.qkv is None and type(attn.q_proj) is _KernelFp8Linear, case
+                else:
+                    assert isinstance(attn.qkv, _Linear) and type(attn.q_proj) is Fp8Linear, case
+                    assert attn.q_proj.weight.data_ptr() == attn.qkv.weight.weight.data_ptr(), case  # a view
+                if case == "mixed" and layer is layers[0]:
+                    assert layer.gate_up is None and type(mlp.gate_proj) is _KernelFp8Linear, case
+                    continue
+                assert isinstance(layer.gate_up, _Linear) and layer.gate_up.weight.paired == (case != "0"), case
+                assert mlp.gate_proj.weight.data_ptr() == layer.gate_up.weight.weight.data_ptr(), case
+                assert type(attn.o_proj) is type(mlp.down_proj) is _KernelFp8Linear and layer.linear is None, case
         prog = StaticProgram(p.target, p.draft, fused=False, attention="reference")
         steps = []
         for t in (1, 8):
@@ -769,13 +790,24 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
             kv = p.target.new_cache(2, 64)
             calls.clear()
             steps += [*prog.target_step(ids, cl, kv, 64), kv]
-            if switch is not None:  # per layer: q|k(|v), o, gate|up (its store finishing GeGLU), down
-                assert calls == [False, False, switch == "1", False] * len(layers), (switch, calls)
-        outs.append(steps)
-    for i, (a, b, c) in enumerate(zip(*outs, strict=True)):
-        assert a.abs().sum() > 0 and torch.equal(a, b), f"gemma4 output {i}: store on against off"
-        err = ((b.float() - c.float()).abs().max() / c.float().abs().max()).item()
-        assert err < 1e-4, (f"gemma4 output {i} against the modules", err)
+            if case in ("0", "1", "again"):  # per layer: q|k(|v), o, gate|up (its store finishing GeGLU), down
+                assert calls == [False, False, case != "0", False] * len(layers), (case, calls)
+        d = p.draft
+        g, width = d.block_size, len(d.cfg.target_layer_ids) * d.cfg.base.hidden_size
+        torch.manual_seed(9)
+        anchor, ctx, count = torch.tensor([7, 9]), torch.randn(2, g + 1, width), torch.tensor([g + 1, 3])
+        dkv = d.new_cache(2, 64)
+        calls.clear()
+        steps += [prog.draft_step(anchor, ctx, count, torch.tensor([3, 40]), dkv, 64), dkv]
+        if case in ("1", "again"):
+            assert sum(calls) == len(draft_layers), (case, calls)
+        outs[case] = steps
+    for case in ("1", "again", "mixed"):
+        for i, (a, b, c) in enumerate(zip(outs["0"], outs[case], outs[None], strict=True)):
+            if case != "mixed":
+                assert a.abs().sum() > 0 and torch.equal(a, b), f"gemma4 output {i}: {case} against the store off"
+            err = ((b.float() - c.float()).abs().max() / c.float().abs().max()).item()
+            assert err < 1e-4, (f"gemma4 output {i}, {case}, against the modules", err)
     print("glu ok")
     """
 )
@@ -1077,16 +1109,16 @@ def test_gemma4_fp8_layers_run_the_fp8_gemm_and_their_round_graph_is_lossless() 
 
 @pytest.mark.gpu
 def test_swiglu_store_gives_the_same_bits_on_gpu() -> None:
-    """On the GPU (inline PTX conversions, TMA, the fast exponential): gate|up in pairs with SwiGLU finished in its
-    store, bit for bit the product then ``silu_mul``, the Qwen3-8B gate|up shape at 1 and 8 rows (a row the same at
-    both), fp16 and bf16 products, weights in fragment order, prescaled output and a deferred norm; and at 64 rows
-    (the larger class's tiles, one split)."""
+    """On the GPU (inline PTX conversions, TMA, the fast exponential): gate|up in pairs with SwiGLU (and Gemma4's
+    GeGLU) finished in its store, bit for bit the product then ``silu_mul`` (``gelu_tanh_mul``), the Qwen3-8B gate|up
+    shape at 1 and 8 rows (a row the same at both), fp16 and bf16 products, weights in fragment order, prescaled
+    output and a deferred norm; and at 64 rows (the larger class's tiles, one split)."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip(reason="needs a CUDA GPU")
     from dspark_compile.targets.torch import decode_gemm as dg
-    from dspark_compile.targets.torch.kernels import add_rmsnorm_deferred, silu_mul
+    from dspark_compile.targets.torch.kernels import add_rmsnorm_deferred, gelu_tanh_mul, silu_mul
 
     torch.manual_seed(0)
     inter, k = 12288, 4096
@@ -1110,6 +1142,8 @@ def test_swiglu_store_gives_the_same_bits_on_gpu() -> None:
             assert float((got.float() - want).abs().max() / want.abs().max()) < 2e-2, (m, cfg)
             assert torch.equal(dg.decode_glu(x, wp, handoff=True, out_prescaled=True),
                                silu_mul(product, prescaled=True)), (m, cfg, "prescaled")
+            assert torch.equal(dg.decode_glu(x, wp, handoff=True, gelu_tanh=True),
+                               gelu_tanh_mul(product)), (m, cfg, "GeGLU")  # Gemma4's
             if m == 8:
                 assert torch.equal(dg.decode_glu(x[3:4], wp, handoff=True)[0], got[3]), (cfg, "row")
                 y, norm = add_rmsnorm_deferred(x.clone(), None, nw, 1e-6)

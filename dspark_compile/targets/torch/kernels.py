@@ -445,8 +445,8 @@ def qk_norm_rope(qkv: torch.Tensor | Partials, cos: torch.Tensor, sin: torch.Ten
 @triton.jit
 def glu_value(g, u, dt: tl.constexpr, GELU_TANH: tl.constexpr):
     """act(gate) · up in float32 from gate and up already rounded to ``dt`` (as the product stores them), the
-    activation rounded to ``dt`` as torch's op returns it: the one definition :func:`silu_mul` and the decode GEMM's
-    SwiGLU store (``decode_gemm.decode_glu``) share, so both give the same bits."""
+    activation rounded to ``dt`` as torch's op returns it: the one definition :func:`silu_mul`,
+    :func:`gelu_tanh_mul` and the decode GEMM's GLU store (``decode_gemm.decode_glu``) share: the same bits."""
     if GELU_TANH:  # torch's GELU(approximate="tanh") in float32; tanh(z) = 1 - 2 / (1 + exp(2z))
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         s = _round(0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner))), dt)

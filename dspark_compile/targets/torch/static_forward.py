@@ -295,10 +295,11 @@ def _fuse_layer(layer: nn.Module) -> _Fused:
 
 def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
     """Gemma4's norms (with their residual adds and layer scalars) as one Triton kernel each
-    (:mod:`.gemma4_kernels`), the target layers' q|k|v and gate|up as one matrix product each, and every product
-    (the head's too) through the decode GEMM; the Qwen3 modules have none of these (their fused path is
-    ``fused=True``). e4m3 layers fuse as Qwen3's do (:meth:`_Linear.of`: gate|up in pairs, GeGLU finished in its
-    store); o, down and any product whose group mixes e4m3 and full precision run alone."""
+    (:mod:`.gemma4_kernels`), the layers' q|k|v and gate|up as one matrix product each, and every product (the
+    head's too) through the decode GEMM; the Qwen3 modules have none of these (their fused path is ``fused=True``).
+    e4m3 layers fuse as Qwen3's do (:meth:`_Linear.of`: gate|up in pairs, GeGLU finished in its store); o, down,
+    the draft layers' q/k/v (their forward projects them apart: ``Gemma4Layer.reads_fused_qkv``) and a group that
+    :func:`_fusable` refuses run alone."""
     from dspark_compile.targets.torch.decode_gemm import linear
     from dspark_compile.targets.torch.gemma4_kernels import add_norm_norm, gemma_rmsnorm, qkv_into_cache
 
@@ -318,17 +319,26 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
                         module.fuse()
                     module.linear = attn.linear = linear  # the decode GEMM where it beats cuBLAS
                     continue
-                # e4m3 layers: the FP8 decode GEMM (the modules' forward dequantizes at every call)
+                # e4m3 layers: the FP8 decode GEMM (the modules' forward dequantizes at every call); what a call on
+                # these layers before they were quantized set is replaced, not kept
+                module.linear = None
                 qkv = [attn.q_proj, attn.k_proj] + ([attn.v_proj] if attn.v_proj is not None else [])
-                if all(type(lin) is Fp8Linear for lin in qkv):
-                    attn.qkv, attn.linear = _Linear.of(qkv), through
-                if all(type(lin) is Fp8Linear for lin in (mlp.gate_proj, mlp.up_proj)):
-                    module.gate_up = _Linear.of([mlp.gate_proj, mlp.up_proj], glu=True)
-                fused = {id(lin) for lin in qkv if attn.qkv is not None} | (
-                    {id(mlp.gate_proj), id(mlp.up_proj)} if module.gate_up is not None else set())
+                gate_up = [mlp.gate_proj, mlp.up_proj]
+                fuse_qkv = module.reads_fused_qkv and _fusable(qkv)
+                attn.qkv, attn.linear = (_Linear.of(qkv), through) if fuse_qkv else (None, F.linear)
+                module.gate_up = _Linear.of(gate_up, glu=True) if _fusable(gate_up) else None
+                fused = {id(lin) for lin in (qkv if fuse_qkv else []) + (gate_up if module.gate_up is not None else [])}
                 for name, child in list(module.named_modules()):
                     if type(child) is Fp8Linear and id(child) not in fused:  # (a fused one's rows may be strided)
                         replace_module(module, name, _KernelFp8Linear(child))
+
+
+def _fusable(linears: list[nn.Module]) -> bool:
+    """Whether ``linears`` (sharing their input) run as one e4m3 product (:meth:`_Linear.of`): all ``Fp8Linear``,
+    with one static input scale and one activation quantization; else each runs alone."""
+    return (all(type(lin) is Fp8Linear for lin in linears)
+            and len({None if lin.input_scale is None else float(lin.input_scale) for lin in linears}) == 1
+            and len({lin.act_group for lin in linears}) == 1)
 
 
 def through(x: torch.Tensor, product: torch.Tensor | _Linear) -> torch.Tensor:
