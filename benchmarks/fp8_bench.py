@@ -240,7 +240,7 @@ def main() -> int:
     shape = SMOKE if args.smoke else SHAPES[args.shape]
     sections = args.sections.split(",")
     if isinstance(shape, Gemma4PairShape) and (any(k not in ("bf16", "fp8") for k in kinds)
-                                                or any(s not in ("tune", "rounds") for s in sections)):
+                                                or any(s not in ("tune", "rounds", "head_draft") for s in sections)):
         ap.error(f"--shape {args.shape}: --kinds bf16,fp8 and --sections rounds (a softcapped head stays bf16, W8A8 "
                  f"is not measured there, and the gemm and kl sections measure Qwen3's layer); found --kinds "
                  f"{args.kinds} --sections {args.sections}")
