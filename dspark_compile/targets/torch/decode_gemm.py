@@ -64,11 +64,10 @@ from dspark_compile.targets.torch.kernels import (
     arrival_counters,
     as_gemm_input,
     bf16_to_f16_scaled,
-    gelu_tanh_mul,
+    glu_mul,
     glu_value,
     pdl_options,
     rstd_of_sums,
-    silu_mul,
     switched_on,
 )
 
@@ -848,10 +847,7 @@ def decode_glu(x: torch.Tensor, w: DecodeWeight, *, handoff: bool = False, presc
     n = w.weight.shape[0]
     if cfg in (CUBLAS, SCALED_MM) or w.bias is not None or split_k(n, k, w.group, cfg, _sms(x.device))[1] > 1:
         product = decode_linear(x, w, cfg, handoff=handoff, prescaled=prescaled, row_norm=row_norm)
-        if gelu_tanh:
-            assert not out_prescaled, "a prescaled GeGLU output has no consumer"
-            return gelu_tanh_mul(product, paired=True)
-        return silu_mul(product, prescaled=out_prescaled, paired=True)
+        return glu_mul(product, gelu_tanh=gelu_tanh, prescaled=out_prescaled, paired=True)
     dtype = torch.bfloat16 if prescaled else x.dtype
     assert not out_prescaled or dtype == torch.bfloat16
     out = torch.empty(m, n // 2, dtype=torch.float16 if out_prescaled else dtype, device=x.device)

@@ -476,8 +476,10 @@ def _act_mul_kernel(gu_ptr, p_scale_ptr, p_plane, p_norm_ptr, p_norm_w, p_norm_e
              mask=mask)
 
 
-def _act_mul(gate_up: torch.Tensor | Partials, gelu_tanh: bool, prescaled: bool = False,
-             paired: bool = False) -> torch.Tensor:
+def glu_mul(gate_up: torch.Tensor | Partials, *, gelu_tanh: bool = False, prescaled: bool = False,
+            paired: bool = False) -> torch.Tensor:
+    """:func:`silu_mul` (``gelu_tanh``: :func:`gelu_tanh_mul`) for callers that serve either GLU (the decode GEMM's
+    unfused path, ``static_forward._Linear.glu``)."""
     two_i = gate_up.shape[-1]
     inter = two_i // 2
     args, parts = product_args(gate_up)
@@ -496,13 +498,13 @@ def silu_mul(gate_up: torch.Tensor | Partials, *, prescaled: bool = False, paire
     """[..., 2I] (gate | up; a product's :class:`Partials` too) -> silu(gate) · up, [..., I] (SwiGLU: Qwen3);
     ``prescaled``: as the decode GEMM's fp16 product input (:func:`as_gemm_input`); ``paired``: the columns are
     gate 0, up 0, gate 1, up 1, … (a weight in ``decode_gemm.DecodeWeight.paired`` order)."""
-    return _act_mul(gate_up, False, prescaled, paired)
+    return glu_mul(gate_up, prescaled=prescaled, paired=paired)
 
 
 def gelu_tanh_mul(gate_up: torch.Tensor | Partials, *, paired: bool = False) -> torch.Tensor:
     """[..., 2I] (gate | up) -> gelu_tanh(gate) · up, [..., I] (GeGLU: Gemma4), the GELU rounded to the dtype first;
     ``paired`` as :func:`silu_mul` takes it."""
-    return _act_mul(gate_up, True, paired=paired)
+    return glu_mul(gate_up, gelu_tanh=True, paired=paired)
 
 
 @triton.jit

@@ -19,6 +19,7 @@ attention's ring mode.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -139,18 +140,15 @@ class _Linear:
         as its consumer takes partials): finished by the product's own store where its weight is in pairs
         (``decode_gemm.decode_glu``), else by ``kernels.silu_mul`` (``gelu_tanh_mul``). ``out_prescaled``: written
         as the next product's fp16 product reads it."""
-        from dspark_compile.targets.torch.kernels import gelu_tanh_mul, silu_mul
+        from dspark_compile.targets.torch.kernels import glu_mul
 
         if not isinstance(self.weight, torch.Tensor) and self.weight.paired:  # (never with a static input scale)
             from dspark_compile.targets.torch.decode_gemm import decode_glu
 
             return decode_glu(x, self.weight, handoff=_hands_off(True), prescaled=prescaled, row_norm=row_norm,
                               out_prescaled=out_prescaled, gelu_tanh=gelu_tanh)
-        product = self(x, handoff=True, prescaled=prescaled, row_norm=row_norm)
-        if gelu_tanh:
-            assert not out_prescaled
-            return gelu_tanh_mul(product)
-        return silu_mul(product, prescaled=out_prescaled)
+        return glu_mul(self(x, handoff=True, prescaled=prescaled, row_norm=row_norm), gelu_tanh=gelu_tanh,
+                       prescaled=out_prescaled)
 
     def finishes_norm(self) -> bool:
         """Whether this product takes its input's RMSNorm unfinished (``kernels.add_rmsnorm_deferred``: the norm
@@ -185,15 +183,13 @@ class _Linear:
         in pairs (``DecodeWeight.in_pairs``), so that :meth:`glu` ends in the product's store
         (``DSPARK_GLU_STORE=0`` turns it off: FP8 + head + draft replay b 982 -> 1002 tok/s at B = 1 on an H100,
         docs/BENCH.md)."""
+        problem = _fusion_problem(linears)
+        if problem:
+            raise ValueError(problem)
         if all(isinstance(lin, Fp8Linear) for lin in linears):
             from dspark_compile.targets.torch.decode_gemm import DecodeWeight
             from dspark_compile.targets.torch.kernels import switched_on
 
-            scales = {None if lin.input_scale is None else float(lin.input_scale) for lin in linears}
-            if len(scales) > 1:
-                raise ValueError(f"fused FP8 layers need one static input scale; found {sorted(map(str, scales))}")
-            if len({lin.act_group for lin in linears}) > 1:
-                raise ValueError("fused FP8 layers need one activation quantization")
             parts = [DecodeWeight.of(lin.weight.detach(), lin.weight_scale.detach(), lin.group,
                                   None if lin.bias is None else lin.bias.detach(), lin.act_group,
                                   fragment_order=lin.fragment_order)
@@ -202,15 +198,13 @@ class _Linear:
             if switched_on("DSPARK_FRAGMENT_ORDER"):
                 whole = whole.in_fragment_order()
             paired = (glu and len(parts) == 2 and parts[0].weight.shape == parts[1].weight.shape
-                      and not whole.wide and scales == {None} and switched_on("DSPARK_GLU_STORE"))
+                      and not whole.wide and linears[0].input_scale is None and switched_on("DSPARK_GLU_STORE"))
             if paired:
                 whole = whole.in_pairs()
             _repoint(linears, "weight", whole.weight, paired)
             for lin in linears:
                 lin.fragment_order = whole.fragment_order
             return cls(whole, None, linears[0].input_scale)
-        if any(isinstance(lin, Fp8Linear) for lin in linears):
-            raise ValueError("cannot fuse FP8 and full-precision layers into one product")
         weight = _repoint(linears, "weight", torch.cat([lin.weight.detach() for lin in linears]))
         bias = None
         if linears[0].bias is not None:
@@ -256,8 +250,7 @@ class _KernelFp8Linear(Fp8Linear):
         self.product = _Linear.of([self])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        return self.product(rows if rows.stride(-1) == 1 else rows.contiguous()).view(*x.shape[:-1], -1)
+        return _on_rows(x, self.product)
 
 
 class _KernelLinear(nn.Linear):
@@ -333,12 +326,31 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
                         replace_module(module, name, _KernelFp8Linear(child))
 
 
+def _fusion_problem(linears: list[nn.Module]) -> str | None:
+    """Why ``linears`` (sharing their input) cannot be one product (:meth:`_Linear.of`), or None: e4m3 and full
+    precision mixed, or e4m3 layers with more than one static input scale or activation quantization."""
+    fp8 = [isinstance(lin, Fp8Linear) for lin in linears]
+    if not all(fp8):
+        return "cannot fuse FP8 and full-precision layers into one product" if any(fp8) else None
+    scales = {None if lin.input_scale is None else float(lin.input_scale) for lin in linears}
+    if len(scales) > 1:
+        return f"fused FP8 layers need one static input scale; found {sorted(map(str, scales))}"
+    if len({lin.act_group for lin in linears}) > 1:
+        return "fused FP8 layers need one activation quantization"
+    return None
+
+
 def _fusable(linears: list[nn.Module]) -> bool:
-    """Whether ``linears`` (sharing their input) run as one e4m3 product (:meth:`_Linear.of`): all ``Fp8Linear``,
-    with one static input scale and one activation quantization; else each runs alone."""
-    return (all(type(lin) is Fp8Linear for lin in linears)
-            and len({None if lin.input_scale is None else float(lin.input_scale) for lin in linears}) == 1
-            and len({lin.act_group for lin in linears}) == 1)
+    """Whether ``linears`` run as one e4m3 product: all ``Fp8Linear`` and no :func:`_fusion_problem`; else each runs
+    alone."""
+    return all(type(lin) is Fp8Linear for lin in linears) and _fusion_problem(linears) is None
+
+
+def _on_rows(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn`` of ``x`` [..., K] as the decode GEMM takes it, rows [M, K] with a contiguous last axis, and its
+    result viewed back to [..., N]."""
+    rows = x.reshape(-1, x.shape[-1])
+    return fn(rows if rows.stride(-1) == 1 else rows.contiguous()).view(*x.shape[:-1], -1)
 
 
 def through(x: torch.Tensor, product: torch.Tensor | _Linear) -> torch.Tensor:
@@ -348,8 +360,7 @@ def through(x: torch.Tensor, product: torch.Tensor | _Linear) -> torch.Tensor:
         from dspark_compile.targets.torch.decode_gemm import linear
 
         return linear(x, product)
-    rows = x.reshape(-1, x.shape[-1])
-    return product(rows if rows.stride(-1) == 1 else rows.contiguous()).view(*x.shape[:-1], -1)
+    return _on_rows(x, product)
 
 
 def gelu_glu(x: torch.Tensor, gate_up: torch.Tensor | _Linear) -> torch.Tensor:
@@ -360,8 +371,7 @@ def gelu_glu(x: torch.Tensor, gate_up: torch.Tensor | _Linear) -> torch.Tensor:
         from dspark_compile.targets.torch.kernels import gelu_tanh_mul
 
         return gelu_tanh_mul(through(x, gate_up))
-    rows = x.reshape(-1, x.shape[-1])
-    return gate_up.glu(rows if rows.stride(-1) == 1 else rows.contiguous(), gelu_tanh=True).view(*x.shape[:-1], -1)
+    return _on_rows(x, lambda rows: gate_up.glu(rows, gelu_tanh=True))
 
 
 class StaticProgram:
