@@ -1410,6 +1410,36 @@ def test_a_candidate_whose_launches_disagree_is_dropped() -> None:
     assert candidate_error(lambda: nan, ref) == math.inf
 
 
+def test_a_candidate_that_cannot_run_is_dropped_but_a_cuda_error_is_raised() -> None:
+    """``runnable_error``: cuBLAS without the block-scaled product (a RuntimeError from ``torch._scaled_mm``) and a
+    kernel that does not compile are dropped (None); the same RuntimeError from any other candidate, or a CUDA error
+    from ``torch._scaled_mm`` (the context is gone), is raised where it happened."""
+    import torch
+
+    pytest.importorskip("triton")
+    from triton.compiler.errors import CompilationError
+
+    from dspark_compile.targets.torch import decode_gemm as dg
+
+    ref = torch.tensor([[1.0, -4.0], [2.0, 0.5]])
+    other = dg._candidates(1, 256, 128, 1, 0)[0]
+
+    def raising(exc: Exception):
+        def launch() -> torch.Tensor:
+            raise exc
+        return launch
+
+    assert dg.runnable_error(lambda: ref + 0.01, ref, other) == pytest.approx(0.0025)
+    unsupported = RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul\nmore")
+    assert dg.runnable_error(raising(unsupported), ref, dg.SCALED_MM) is None
+    assert dg.runnable_error(raising(CompilationError("k.py", None, "out of shared memory")), ref, other) is None
+    with pytest.raises(RuntimeError, match="CUBLAS"):
+        dg.runnable_error(raising(unsupported), ref, other)
+    with pytest.raises(RuntimeError, match="illegal memory"):
+        dg.runnable_error(raising(RuntimeError("CUDA error: an illegal memory access was encountered")), ref,
+                          dg.SCALED_MM)
+
+
 @pytest.mark.gpu
 def test_every_decode_gemm_candidate_is_right_and_repeats_its_bits_on_gpu() -> None:
     """Every candidate of the small, larger and wide row classes (TMA or not) on an e4m3 weight in fragment order,

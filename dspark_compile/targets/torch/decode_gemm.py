@@ -554,15 +554,8 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
               for r in TIMED_ROWS.get(row_class(m), (m,))]
     times: dict[Config, list[float]] = {}
     for cfg in candidates:
-        try:
-            err = candidate_error(lambda cfg=cfg: _launch(x, w, cfg).float(), reference)
-        except (OutOfResources, CompilationError) as exc:  # e.g. shared memory of a smaller GPU
-            log.warning("decode GEMM configuration %s dropped: %s", cfg, exc)
-            continue
-        except RuntimeError as exc:  # cuBLAS without this block-scaled product (an older torch or CUDA)
-            if cfg != SCALED_MM:
-                raise
-            log.warning("decode GEMM configuration %s (torch._scaled_mm) dropped: %s", cfg, str(exc).splitlines()[0])
+        err = runnable_error(lambda cfg=cfg: _launch(x, w, cfg).float(), reference, cfg)
+        if err is None:
             continue
         if err > 1e-2:
             log.warning("decode GEMM configuration %s dropped: relative error %.3g against %s", cfg, err,
@@ -572,6 +565,22 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
     best = least_relative_time(times) if times else candidates[0]
     remember(key, best, x.device)
     return best
+
+
+def runnable_error(launch: Callable[[], torch.Tensor], reference: torch.Tensor, cfg: Config) -> float | None:
+    """:func:`candidate_error`, or None for a candidate this GPU or build cannot run: a kernel that does not compile
+    or fit (e.g. shared memory of a smaller GPU), or cuBLAS without the block-scaled product (an older torch or
+    CUDA). A CUDA error is never swallowed: it leaves the context unusable, and would surface later, far from its
+    cause."""
+    try:
+        return candidate_error(launch, reference)
+    except (OutOfResources, CompilationError) as exc:
+        log.warning("decode GEMM configuration %s dropped: %s", cfg, exc)
+    except RuntimeError as exc:
+        if cfg != SCALED_MM or "CUDA error" in str(exc):
+            raise
+        log.warning("decode GEMM configuration %s (torch._scaled_mm) dropped: %s", cfg, str(exc).splitlines()[0])
+    return None
 
 
 def candidate_error(launch: Callable[[], torch.Tensor], reference: torch.Tensor, launches: int = 3) -> float:
