@@ -1411,9 +1411,10 @@ def test_a_candidate_whose_launches_disagree_is_dropped() -> None:
 
 
 def test_a_candidate_that_cannot_run_is_dropped_but_a_cuda_error_is_raised() -> None:
-    """``runnable_error``: cuBLAS without the block-scaled product (a RuntimeError from ``torch._scaled_mm``) and a
-    kernel that does not compile are dropped (None); the same RuntimeError from any other candidate, or a CUDA error
-    from ``torch._scaled_mm`` (the context is gone), is raised where it happened."""
+    """``runnable_error``: cuBLAS without the block-scaled product (a RuntimeError from ``torch._scaled_mm``, worded
+    as torch's cuBLAS status check words it) and a kernel that does not compile are dropped (None); the same
+    RuntimeError from any other candidate, or an error of the CUDA runtime from ``torch._scaled_mm``
+    (``torch.AcceleratorError``: the context is gone), is raised where it happened."""
     import torch
 
     pytest.importorskip("triton")
@@ -1430,14 +1431,14 @@ def test_a_candidate_that_cannot_run_is_dropped_but_a_cuda_error_is_raised() -> 
         return launch
 
     assert dg.runnable_error(lambda: ref + 0.01, ref, other) == pytest.approx(0.0025)
-    unsupported = RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED when calling cublasLtMatmul\nmore")
+    unsupported = RuntimeError("CUDA error: CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasLtMatmul(...)`\nmore")
     assert dg.runnable_error(raising(unsupported), ref, dg.SCALED_MM) is None
     assert dg.runnable_error(raising(CompilationError("k.py", None, "out of shared memory")), ref, other) is None
     with pytest.raises(RuntimeError, match="CUBLAS"):
         dg.runnable_error(raising(unsupported), ref, other)
     with pytest.raises(RuntimeError, match="illegal memory"):
-        dg.runnable_error(raising(RuntimeError("CUDA error: an illegal memory access was encountered")), ref,
-                          dg.SCALED_MM)
+        dg.runnable_error(raising(torch.AcceleratorError("CUDA error: an illegal memory access was encountered")),
+                          ref, dg.SCALED_MM)
 
 
 @pytest.mark.gpu

@@ -570,14 +570,15 @@ def _config(x: torch.Tensor, w: DecodeWeight, handoff: bool = False) -> Config:
 def runnable_error(launch: Callable[[], torch.Tensor], reference: torch.Tensor, cfg: Config) -> float | None:
     """:func:`candidate_error`, or None for a candidate this GPU or build cannot run: a kernel that does not compile
     or fit (e.g. shared memory of a smaller GPU), or cuBLAS without the block-scaled product (an older torch or
-    CUDA). A CUDA error is never swallowed: it leaves the context unusable, and would surface later, far from its
-    cause."""
+    CUDA: a plain RuntimeError, whose text also starts "CUDA error: CUBLAS_STATUS_..."). An error of the CUDA runtime
+    (``torch.AcceleratorError``, e.g. an illegal memory access) is never swallowed: it leaves the context unusable,
+    and would surface later, far from its cause."""
     try:
         return candidate_error(launch, reference)
     except (OutOfResources, CompilationError) as exc:
         log.warning("decode GEMM configuration %s dropped: %s", cfg, exc)
     except RuntimeError as exc:
-        if cfg != SCALED_MM or "CUDA error" in str(exc):
+        if cfg != SCALED_MM or isinstance(exc, getattr(torch, "AcceleratorError", ())):  # (torch >= 2.8)
             raise
         log.warning("decode GEMM configuration %s (torch._scaled_mm) dropped: %s", cfg, str(exc).splitlines()[0])
     return None
