@@ -137,22 +137,6 @@ def test_step_kernels_wait_for_their_predecessor_before_touching_memory(name: st
     assert "griddepcontrol" not in _compile(kernel, consts, False)
 
 
-def test_attention_told_the_slots_being_written_loads_its_first_key_tile_before_the_wait() -> None:
-    """``EARLY`` (``decode_attention(written=...)``): the split-K attention loads limits, slots and the first key
-    tile's older K and V before ``griddepcontrol.wait``, and writes nothing before it; q, and the slots being
-    written, after it. That the loaded values are the same is the interpreter test's (test_torch_target)."""
-    from dspark_compile.targets.torch import kernels as k
-
-    consts = {"D": 128, "DP": 128, "BLOCK_M": 16, "BLOCK_N": 64, "HAS_LOW": False, "RING": False}
-    ptx = _compile(k._attn_split_kernel, consts | {"EARLY": True, "SLOT_BLOCK": 16}, True)
-    body = ptx[ptx.index(".entry"):]
-    before, after = body.split("griddepcontrol.wait")
-    assert not re.search(r"\b(st\.global|atom\.|red\.)", before)
-    assert before.count("ld.global") >= 4 and "ld.global" in after  # limits, slots, K, V; then q and fresh slots
-    plain = _compile(k._attn_split_kernel, consts, True)
-    assert "ld.global" not in plain[plain.index(".entry"):].split("griddepcontrol.wait")[0]
-
-
 def test_pdl_is_for_decode_sized_launches_on_hopper_and_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """The launch keywords, with the GPU query stubbed (this machine has none): on for at most PDL_TOKENS token
     rows on compute capability 9+, off beyond, before Hopper, on the CPU, and with DSPARK_PDL=0."""

@@ -199,23 +199,6 @@ INTERPRET_SCRIPT = textwrap.dedent(
         close("decode_attention", out, attend(q, kc[:, :, :w], vc[:, :, :w], mask, 0.3))
         tokens = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3, token_major=True)
         assert tokens.is_contiguous() and torch.equal(tokens.view(bsz, t, -1), out), "token-major layout"
-    # DSPARK_ATTN_EARLY: the first key tile's slots not among ``written`` loaded apart from those that are (before
-    # and after the wait for the kernel writing them): the same bits, with one tile per chunk or several, a
-    # window's lower bound, a slot written in the middle of a tile and a row writing nothing (-1)
-    import os
-    for bsz, t, w, chunk, lowed in ((2, 8, 256, 128, False), (1, 3, 200, 64, True), (3, 1, 100, None, False)):
-        hq, kvh, dh = 4, 2, 32
-        q, kc, vc = torch.randn(bsz, hq, t, dh), torch.randn(bsz, kvh, w, dh), torch.randn(bsz, kvh, w, dh)
-        limit = torch.randint(t, w + 1, (bsz, 1)) - t + 1 + torch.arange(t)
-        low = (limit - 90).clamp_min(0) if lowed else None
-        written = torch.cat((limit - 1, torch.randint(-1, w, (bsz, 3))), 1)
-        written[0, 1:] = -1
-        outs = []
-        for early in ("0", "1"):
-            os.environ["DSPARK_ATTN_EARLY"] = early
-            outs.append(decode_attention(q, kc, vc, limit, 0.3, chunk=chunk, low=low, written=written))
-        del os.environ["DSPARK_ATTN_EARLY"]
-        assert torch.equal(outs[0], outs[1]), ("early loads", bsz, t, (outs[0] - outs[1]).abs().max())
 
     golden = Path(sys.argv[1])
     for attention in ("sdpa", "reference", "triton"):
@@ -683,47 +666,3 @@ def test_graphs_are_recaptured_after_the_batch_bucket_changes(golden_dir: Path) 
     for batch in (1, 4, 16, 1):
         step_times(be, batch, context=40, repeats=2)
         assert be._steps and all(s.graph is not None for s in be._steps.values()), f"batch {batch}: eager fallback"
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_attention_loading_ahead_of_its_wait_reads_what_qk_norm_rope_just_wrote_on_gpu(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """``DSPARK_ATTN_EARLY=1``: in a CUDA graph of a fill, ``qk_norm_rope`` and the split-K attention (both with
-    programmatic dependent launch at 8 rows), the attention loads its first key tile's older slots before waiting
-    for ``qk_norm_rope``. The fill writes 1e4 into the eight slots about to be written, so a slot read too early
-    would move the output by far more than any rounding. The output equals the same attention run after the
-    writes without early loads, bit for bit, at positions whose block sits inside one key tile, across two,
-    and at the window's start."""
-    from dspark_compile.targets.torch.kernels import decode_attention, qk_norm_rope
-
-    torch.manual_seed(0)
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    hq, kvh, dh, t, w = 32, 8, 128, 8, 1152  # the Qwen3-8B layer, a verify block, a 1024-token window bucket
-    kc, vc = (torch.randn(1, kvh, w, dh, device=dev, dtype=dt) for _ in range(2))
-    qkv = torch.randn(t, (hq + 2 * kvh) * dh, device=dev, dtype=dt)
-    cos, sin = torch.randn(t, dh, device=dev, dtype=dt), torch.randn(t, dh, device=dev, dtype=dt)
-    norm_w = torch.ones(dh, device=dev, dtype=dt)
-    q = torch.empty(1, hq, t, dh, device=dev, dtype=dt)
-    pos = torch.zeros(1, t, dtype=torch.int64, device=dev)
-    monkeypatch.setenv("DSPARK_ATTN_EARLY", "1")
-
-    def step() -> torch.Tensor:
-        kc[0, :, pos[0]] = 1e4  # what the slots held before: stale values
-        vc[0, :, pos[0]] = 1e4
-        qk_norm_rope(qkv, cos, sin, pos.view(-1), norm_w, norm_w, 1e-6, q, kc, vc, rows=t, q_start=0)
-        return decode_attention(q, kc, vc, pos + 1, 0.088, token_major=True, written=pos)
-
-    for first in (0, 100, 60, 1000):
-        pos.copy_(torch.arange(first, first + t, device=dev).view(1, t))
-        step()  # compiles, outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        for _ in range(20):
-            graph.replay()
-            torch.cuda.synchronize()
-            monkeypatch.setenv("DSPARK_ATTN_EARLY", "0")
-            want = decode_attention(q, kc, vc, pos + 1, 0.088, token_major=True)
-            monkeypatch.setenv("DSPARK_ATTN_EARLY", "1")
-            assert torch.equal(out, want), (first, (out.float() - want.float()).abs().max().item())

@@ -57,11 +57,6 @@ def pdl_options(t: torch.Tensor, tokens: int) -> dict[str, object]:
     return {"PDL": True, "launch_pdl": True} if on else {}
 
 
-ATTN_EARLY_ENV = "DSPARK_ATTN_EARLY"
-"""Set (1): :func:`decode_attention` given the slots its predecessor writes loads the rest of its first key tile
-before it waits for that predecessor (off by default until it is measured on a GPU)."""
-
-
 def switched_on(name: str, default: bool = True) -> bool:
     """An environment switch (``DSPARK_PDL``, ``DSPARK_FUSED_PROPOSE``: on by default): 0, false, off or no turn it
     off, anything else on."""
@@ -513,30 +508,11 @@ def gelu_tanh_mul(gate_up: torch.Tensor | Partials, *, paired: bool = False) -> 
 
 
 @triton.jit
-def _attn_tile(q, k, v, cols, kmask, lim, low, top, m_i, l_i, acc, scale, W, RING: tl.constexpr):
-    """One key tile of :func:`_attn_split_kernel`'s online softmax: (m, l, acc) after ``k``/``v`` [BLOCK_N, DP]."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    held = cols
-    if RING:
-        held = top - (top - cols + W) % W
-        kmask = kmask & (held >= 0)
-    vis = (held[None, :] < lim[:, None]) & (held[None, :] >= low[:, None]) & kmask[None, :]
-    s = tl.where(vis, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
-    p = tl.where(vis, tl.exp(s - m_new[:, None]), 0.0)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, slot_ptr, part_o, part_m, part_l, T, GROUP,
-                       KVH, W, CHUNK, SPLITS, c_sb, c_sh, c_ss, scale, SLOT_ROWS, D: tl.constexpr, DP: tl.constexpr,
+def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, part_o, part_m, part_l, T, GROUP, KVH, W,
+                       CHUNK, SPLITS, c_sb, c_sh, c_ss, scale, D: tl.constexpr, DP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LOW: tl.constexpr, RING: tl.constexpr,
-                       PDL: tl.constexpr = False, EARLY: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 1):
-    if not EARLY:
-        pdl_enter(PDL)
+                       PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // KVH
@@ -544,15 +520,16 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, slot_pt
     mq = GROUP * T
     rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's block of query rows
     rmask = rows < mq
-    d = tl.arange(0, DP)  # the head dim padded to a power of two; lanes >= D load zeros and are not stored
-    dmask = d < D
-    # EARLY (decode_attention's ``written``): limits, bounds, ring tops and slots were written by kernels before
-    # this one's predecessor, which waited for them before it let this one's blocks be dispatched; so was every cache
-    # slot but those the predecessor writes (slot_ptr's)
     lim = tl.load(limit_ptr + b * T + rows % T, mask=rmask, other=0)  # query row g·T + t sees slots < limit[b, t]
     low = tl.zeros([BLOCK_M], tl.int64)
     if HAS_LOW:
         low = tl.load(low_ptr + b * T + rows % T, mask=rmask, other=0)  # ... and >= low[b, t]
+    d = tl.arange(0, DP)  # the head dim padded to a power of two; lanes >= D load zeros and are not stored
+    dmask = d < D
+    q = tl.load(q_ptr + (bh * mq + rows)[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, W)
     top = 0
@@ -562,26 +539,6 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, slot_pt
         first = tl.min(tl.where(rmask, low, W), axis=0)
         start = tl.maximum(start, first // BLOCK_N * BLOCK_N)  # tiles stay on the BLOCK_N grid: the same bits
     base = b * c_sb + kvh * c_sh
-    if EARLY:  # the first key tile's slots that this step does not write, loaded before the wait
-        r = tl.arange(0, SLOT_BLOCK)
-        written = tl.load(slot_ptr + b * SLOT_ROWS + r, mask=r < SLOT_ROWS, other=-1)
-        fresh = tl.min(tl.where(written >= 0, written, W), axis=0)  # the lowest slot written (W: none)
-        cols = start + tl.arange(0, BLOCK_N)
-        old = (cols < end) & (cols < fresh)
-        offs = base + cols[:, None] * c_ss + d[None, :]
-        k_old = tl.load(k_ptr + offs, mask=old[:, None] & dmask[None, :], other=0.0)
-        v_old = tl.load(v_ptr + offs, mask=old[:, None] & dmask[None, :], other=0.0)
-        pdl_enter(PDL)
-    q = tl.load(q_ptr + (bh * mq + rows)[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DP], tl.float32)
-    if EARLY:  # that tile's slots written by the predecessor, now that it is done; then the rest as below
-        new = (cols < end) & (cols >= fresh)
-        k = tl.where(new[:, None], tl.load(k_ptr + offs, mask=new[:, None] & dmask[None, :], other=0.0), k_old)
-        v = tl.where(new[:, None], tl.load(v_ptr + offs, mask=new[:, None] & dmask[None, :], other=0.0), v_old)
-        m_i, l_i, acc = _attn_tile(q, k, v, cols, cols < end, lim, low, top, m_i, l_i, acc, scale, W, RING)
-        start += BLOCK_N
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kmask = cols < end
@@ -590,7 +547,19 @@ def _attn_split_kernel(q_ptr, k_ptr, v_ptr, limit_ptr, low_ptr, top_ptr, slot_pt
         # V with K: both tiles in flight at once (a program's time is its loads' latency; measured for Gemma4's
         # wide heads in docs/BENCH.md, "Fourth pass")
         v = tl.load(v_ptr + offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        m_i, l_i, acc = _attn_tile(q, k, v, cols, kmask, lim, low, top, m_i, l_i, acc, scale, W, RING)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        held = cols
+        if RING:
+            held = top - (top - cols + W) % W
+            kmask = kmask & (held >= 0)
+        vis = (held[None, :] < lim[:, None]) & (held[None, :] >= low[:, None]) & kmask[None, :]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_i - m_new))
+        p = tl.where(vis, tl.exp(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
     part = (bh * SPLITS + split) * mq + rows
     tl.store(part_m + part, m_i, mask=rmask)
     tl.store(part_l + part, l_i, mask=rmask)
@@ -640,7 +609,7 @@ def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> i
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: torch.Tensor, scale: float, *,
                      chunk: int | None = None, low: torch.Tensor | None = None,
                      ring_top: torch.Tensor | None = None, token_major: bool = False,
-                     prescaled: bool = False, written: torch.Tensor | None = None) -> torch.Tensor:
+                     prescaled: bool = False) -> torch.Tensor:
     """Split-K ("flash decoding") attention for a few query rows per request.
 
     q [B, Hq, T, D] contiguous; k/v [B, KV, W, D] cache windows (last axis contiguous, same strides); query
@@ -657,10 +626,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     Returns [B, Hq, T, D] in q's dtype, or with ``token_major`` [B, T, Hq, D] (written so by the merge: the o
     projection's input without a transposing copy, 36 launches of a verify step before); ``prescaled`` (bf16
     q): fp16, as the decode GEMM's fp16 product reads it (:func:`as_gemm_input`). Scores and sums in float32.
-    ``written`` [B, R] int64: the cache slots that the kernel launched just before this one writes (−1: none),
-    every other input written earlier; under programmatic dependent launch each program then loads its first key
-    tile's other slots before it waits for that kernel, to hide their DRAM latency behind it (with
-    ``DSPARK_ATTN_EARLY=1``: not yet measured on a GPU). The same values either way.
     """
     bsz, hq, t, dh = q.shape
     kvh, window = k.shape[1], k.shape[2]
@@ -684,14 +649,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     block_n = min(64, chunk, max(32, 8192 // dp))  # K and V tiles of 16 KiB, 32 KiB for 512-wide heads (Gemma4's
     # global layers: half the tiles per program; 64 KiB was slower for 256-wide ones, docs/BENCH.md)
     grid = (bsz * kvh, splits, triton.cdiv(mq, block_m))
-    early = written is not None and switched_on(ATTN_EARLY_ENV, default=False)
-    assert written is None or (written.shape[0] == bsz and written.is_contiguous() and written.dtype == torch.int64)
     _attn_split_kernel[grid](q, k, v, limit, low if low is not None else limit,
-                             ring_top if ring_top is not None else limit, written if early else limit,
-                             part_o, part_m, part_l, t, group, kvh, window, chunk, splits, sb, sh, ss, scale,
-                             written.shape[1] if early else 0, D=dh, DP=dp,
+                             ring_top if ring_top is not None else limit, part_o, part_m, part_l,
+                             t, group, kvh, window, chunk, splits, sb, sh, ss, scale, D=dh, DP=dp,
                              BLOCK_M=block_m, BLOCK_N=block_n, HAS_LOW=low is not None, RING=ring_top is not None,
-                             EARLY=early, SLOT_BLOCK=triton.next_power_of_2(written.shape[1]) if early else 1,
                              num_warps=4, **pdl_options(q, bsz * t))
     assert not prescaled or q.dtype == torch.bfloat16
     shape = (bsz, t, hq, dh) if token_major else q.shape

@@ -79,10 +79,9 @@ class TritonAttention(SdpaAttention):
         return mask.dtype == torch.int64
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, *,
-                 prescaled: bool = False, written: torch.Tensor | None = None) -> torch.Tensor:
+                 prescaled: bool = False) -> torch.Tensor:
         """``prescaled``: the output as the o projection's fp16 product reads it (:meth:`_Linear.takes_prescaled`),
-        for decode-sized queries (the split-K kernel's merge writes it); ``written``: the cache slots the kernel
-        just before writes (:func:`~.kernels.decode_attention`)."""
+        for decode-sized queries (the split-K kernel's merge writes it)."""
         if not self.split_k(mask):
             assert not prescaled, "a prescaled attention output is for decode-sized queries"
             return super().__call__(q, k, v, mask, scale)
@@ -93,7 +92,7 @@ class TritonAttention(SdpaAttention):
         top = mask[2].contiguous() if mask.dim() == 3 and mask.shape[0] == 3 else None
         out = decode_attention(q.contiguous(), k, v, limit.contiguous(), scale,
                                low=None if low is None else low.contiguous(), ring_top=top, token_major=True,
-                               prescaled=prescaled, written=written)
+                               prescaled=prescaled)
         return out.view(bsz, t, hq * d)
 
 
@@ -469,10 +468,7 @@ class StaticProgram:
         pre = (isinstance(self.attn, TritonAttention) and self.attn.split_k(mask)
                and fw.o.takes_prescaled(x, handoff=defer))
         k, v = kv[0][:, :, :window], kv[1][:, :, :window]
-        if isinstance(self.attn, TritonAttention) and self.attn.split_k(mask):  # qk_norm_rope wrote these slots
-            out = self.attn(q, k, v, mask, a.scale, prescaled=pre, written=slots.view(bsz, -1))
-        else:
-            out = self.attn(q, k, v, mask, a.scale)
+        out = self.attn(q, k, v, mask, a.scale, prescaled=True) if pre else self.attn(q, k, v, mask, a.scale)
         o = fw.o(out.view(x.shape[0], -1), prescaled=pre, handoff=defer)
         pre = fw.gate_up.takes_prescaled(x, handoff=True)
         h, norm = self._norm(x, o, layer.post_attention_layernorm, None, prescaled=pre, deferred=defer)
