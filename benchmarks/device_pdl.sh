@@ -12,7 +12,9 @@
 # ptxas, best with CHOICES=0; DSPARK_SCALED_MM: W8A8 products above 16 rows may run cuBLAS's block-scaled e4m3
 # product, a choices file keeping its W8A8 entries only for the same setting; DSPARK_GLU_STORE: e4m3 gate|up in pairs,
 # its store finishing SwiGLU (Gemma4: GeGLU) where it runs in one split); CHAIN=0 skips the launch chains;
-# TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files);
+# TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files, about
+# 10 minutes on an H100 on 2026-12-06: more than one call's limit, so split them, e.g. test_fp8_torch_target.py alone,
+# about 6 minutes; a run cut by TEST_TIMEOUT still lists the tests it finished);
 # BATCH (e.g. 4,16), NEW (new tokens), SHAPE (fp8_bench --shape, e.g. gemma4-12b with KINDS=fp8; not with BASE code
 # whose fp8_bench.py predates it), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
 # again verifying at most that many drafts; not with BASE code older than fp8_bench --verify-caps), PLAIN=1 (rounds
@@ -38,13 +40,14 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 W=$(mktemp -d)/pdl
 mkdir -p "$W"
-tests() {
-  timeout ${TEST_TIMEOUT:-240} "$PY" -m pytest -q -m gpu -p no:cacheprovider ${TEST_FILES:-tests/targets/test_fp8_torch_target.py \
+tests() {  # -v: a run cut by TEST_TIMEOUT still names each test that passed or failed before the cut
+  timeout ${TEST_TIMEOUT:-240} "$PY" -m pytest -v -m gpu -p no:cacheprovider ${TEST_FILES:-tests/targets/test_fp8_torch_target.py \
       tests/targets/test_torch_rounds.py tests/targets/test_torch_target.py tests/targets/test_gemma4_torch_target.py \
       tests/targets/test_round_kernels.py} \
       > "$W/pytest_gpu_full.txt" 2>&1
   rc=$?
-  tail -25 "$W/pytest_gpu_full.txt" > "$W/pytest_gpu_pdl.txt"
+  { grep -E " (PASSED|FAILED|ERROR|SKIPPED) +\[" "$W/pytest_gpu_full.txt" | sed 's/^tests\/targets\///'
+    tail -25 "$W/pytest_gpu_full.txt" | grep -vE " (PASSED|FAILED|ERROR|SKIPPED) +\["; } > "$W/pytest_gpu_pdl.txt"
   if [ $rc = 124 ] && ! grep -qE "[0-9]+ (passed|failed)" "$W/pytest_gpu_pdl.txt"; then  # cut before the summary
     echo "cut by the ${TEST_TIMEOUT:-240} s limit (TEST_TIMEOUT) before pytest's summary" >> "$W/pytest_gpu_pdl.txt"
   fi
