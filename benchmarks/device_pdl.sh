@@ -14,7 +14,7 @@
 # its store finishing SwiGLU (Gemma4: GeGLU) where it runs in one split); CHAIN=0 skips the launch chains;
 # TESTS_LAST=1 runs the GPU tests after the rounds, TEST_FILES picks them (default: the five GPU test files, about
 # 10 minutes on an H100 on 2026-12-06: more than one call's limit, so split them, e.g. test_fp8_torch_target.py alone,
-# about 6 minutes; a run cut by TEST_TIMEOUT still lists the tests it finished);
+# under 7 minutes; a run cut by TEST_TIMEOUT still lists the tests it finished);
 # BATCH (e.g. 4,16), NEW (new tokens), SHAPE (fp8_bench --shape, e.g. gemma4-12b with KINDS=fp8; not with BASE code
 # whose fp8_bench.py predates it), TEMP (> 0: sampling rounds too), CAPS (e.g. 1,3: narrow rounds, and replay b
 # again verifying at most that many drafts; not with BASE code older than fp8_bench --verify-caps), PLAIN=1 (rounds
