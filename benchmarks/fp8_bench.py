@@ -15,8 +15,8 @@ for 64 and 512 rows).
         [--sections tune,gemm,kl,rounds,head_draft] [--tune-shapes qwen3-8b,gemma4-12b]
 
 ``--shape gemma4-12b`` runs the rounds of another shape (Gemma4's e4m3 layers take the CUDA-graph target's own
-seams: ``static_forward._use_gemma4_kernels``); its softcapped head is not an ``Fp8Linear``, so its kinds are
-bf16 and fp8 (the layers) only.
+seams: ``static_forward._use_gemma4_kernels``); its kinds are bf16, fp8 and fp8_head_draft (its soft-capped head
+in e4m3 too: ``passes.quantize.quantize_head``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from dspark_compile.models.layers import (
     fp8_group_quantize_dequantize,
     quantize_fp8,
 )
-from dspark_compile.passes.quantize import DRAFT_KEPT, quantize_inputs, quantize_module
+from dspark_compile.passes.quantize import DRAFT_KEPT, quantize_head, quantize_inputs, quantize_module
 from dspark_compile.runtime.decode import VerifyPolicy
 from dspark_compile.targets.torch import decode_gemm
 from dspark_compile.targets.torch.bench import (
@@ -239,10 +239,10 @@ def main() -> int:
         ap.error(f"--smoke runs the smoke shape; leave out --shape {args.shape} or --smoke")
     shape = SMOKE if args.smoke else SHAPES[args.shape]
     sections = args.sections.split(",")
-    if isinstance(shape, Gemma4PairShape) and (any(k not in ("bf16", "fp8") for k in kinds)
+    if isinstance(shape, Gemma4PairShape) and (any(k not in ("bf16", "fp8", "fp8_head_draft") for k in kinds)
                                                 or any(s not in ("tune", "rounds", "head_draft") for s in sections)):
-        ap.error(f"--shape {args.shape}: --kinds bf16,fp8 and --sections rounds (a softcapped head stays bf16, W8A8 "
-                 f"is not measured there, and the gemm and kl sections measure Qwen3's layer); found --kinds "
+        ap.error(f"--shape {args.shape}: --kinds bf16,fp8,fp8_head_draft and --sections rounds,head_draft (W8A8 is "
+                 f"not measured there, and the gemm and kl sections measure Qwen3's layer); found --kinds "
                  f"{args.kinds} --sections {args.sections}")
     batches = [int(b) for b in args.batch.split(",")]
     bandwidth = measure_copy_bandwidth("cuda")
@@ -293,9 +293,9 @@ def main() -> int:
         if dtype != "bf16" and not any(isinstance(m, Fp8Linear) for m in target.layers.modules()):
             quantize_module(target.layers)
         if "head_draft" in dtype and not isinstance(head, Fp8Linear):  # every weight the round reads
-            head = Fp8Linear.quantize(target.lm_head)
+            head = quantize_head(target.lm_head)
             quantize_module(draft, skip=DRAFT_KEPT)
-        target.lm_head = draft.lm_head = head  # a plain Fp8Linear: StaticProgram wraps it for this kind
+        target.lm_head = draft.lm_head = head  # its module form: StaticProgram wraps it for this kind
         for model in (target, draft):  # the modules serve every kind: activations as this kind quantizes them
             for m in model.modules():
                 if isinstance(m, Fp8Linear):

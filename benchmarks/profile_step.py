@@ -16,8 +16,7 @@ import os
 
 import numpy as np
 
-from dspark_compile.models.layers import Fp8Linear
-from dspark_compile.passes.quantize import DRAFT_KEPT, quantize_inputs, quantize_module
+from dspark_compile.passes.quantize import DRAFT_KEPT, quantize_head, quantize_inputs, quantize_module
 from dspark_compile.targets.torch.bench import SHAPES, profile_kernels, random_pair
 from dspark_compile.targets.torch.cuda_graph_backend import CudaGraphBackend
 
@@ -37,7 +36,7 @@ def main() -> int:
         quantize_module(target.layers)
     if args.quantize and args.quantize.endswith("head-draft"):
         quantize_module(draft, skip=DRAFT_KEPT)
-        target.lm_head = draft.lm_head = Fp8Linear.quantize(target.lm_head)
+        target.lm_head = draft.lm_head = quantize_head(target.lm_head)
     if args.quantize and "dynamic" in args.quantize:
         for model in (target, draft):
             quantize_inputs(model)

@@ -31,6 +31,7 @@ from dspark_compile.models.layers import (
     AttentionProjections,
     CacheWrite,
     CausalTarget,
+    Fp8Linear,
     GatedMLP,
     InPlaceCache,
     ReferenceAttention,
@@ -95,8 +96,13 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
 
 
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Final logit soft-capping, cap·tanh(logits/cap); None: the logits as they are."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 class SoftcappedHead(nn.Linear):
-    """LM head with final logit soft-capping cap·tanh(logits/cap); the draft shares it, so its base logits are
+    """LM head with final logit soft-capping (:func:`softcap`); the draft shares it, so its base logits are
     soft-capped too (as DeepSpec's ``compute_logits``)."""
 
     linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.linear
@@ -107,8 +113,24 @@ class SoftcappedHead(nn.Linear):
         self.cap = cap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(x, self.weight)
-        return logits if self.cap is None else torch.tanh(logits / self.cap) * self.cap
+        return softcap(self.linear(x, self.weight), self.cap)
+
+    def quantized(self) -> SoftcappedFp8Head:
+        """This head in e4m3 (``--quantize-lm-head``): a copy, so a tied embedding keeps its full-precision rows."""
+        head = SoftcappedFp8Head.quantize(self)
+        head.cap = self.cap
+        return head
+
+
+class SoftcappedFp8Head(Fp8Linear):
+    """:class:`SoftcappedHead` with e4m3 weights: at 262144 × 3840 (Gemma4 12B) the head is 2 GB in bf16, read by
+    every target step and every draft block, so ``--quantize-lm-head`` halves about a seventh of an FP8 step's
+    bytes."""
+
+    cap: float | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softcap(super().forward(x), self.cap)
 
 
 class Gemma4Attention(AttentionProjections):

@@ -2,10 +2,10 @@
 
 Decode at small batch reads every weight once per step, so e4m3 weights halve the target's step (docs/BENCH.md).
 Each decoder linear layer becomes an :class:`~dspark_compile.models.layers.Fp8Linear` (scale[n] =
-max|W[n]| / 448, round-to-nearest e4m3); the LM head joins with ``quantize_lm_head``, the draft's layers and
-``fc`` with ``quantize_draft``, and the Markov head's W2 (its [V, r] projection, read once per drafted position:
-the draft's largest matrix after its layers; its inputs stay in the model dtype); embeddings, norms and the
-confidence head keep their dtype.
+max|W[n]| / 448, round-to-nearest e4m3); the LM head (Gemma4's soft-capped one too) joins with
+``quantize_lm_head``, the draft's layers and ``fc`` with ``quantize_draft``, and the Markov head's W2 (its [V, r]
+projection, read once per drafted position: the draft's largest matrix after its layers; its inputs stay in the
+model dtype); embeddings, norms and the confidence head keep their dtype.
 Layers a pre-quantized checkpoint already holds in FP8 are kept as they are. ``fp8-dynamic`` also quantizes
 every FP8 layer's input dynamically, e4m3 per row and group of 128 columns (W8A8, the activation scheme HF
 "-FP8" checkpoints declare): on Hopper the decode GEMM then multiplies e4m3 by e4m3 on the tensor cores and
@@ -26,6 +26,7 @@ from torch import nn
 from dspark_compile.build_state import BuildState
 from dspark_compile.checkpoint.store import MappedPages
 from dspark_compile.errors import UsageError
+from dspark_compile.models.gemma4 import SoftcappedHead
 from dspark_compile.models.layers import Fp8Linear, replace_module
 from dspark_compile.program import DecodeProgram
 
@@ -77,6 +78,18 @@ def quantize_inputs(model: nn.Module) -> None:
             m.quantize_activations()
 
 
+def quantize_head(head: nn.Module) -> nn.Module:
+    """The LM head in e4m3 (``--quantize-lm-head``): a plain linear head, or Gemma4's soft-capped one (its cap kept
+    after the product); a head already in FP8 (a pre-quantized checkpoint's) as it is."""
+    if isinstance(head, SoftcappedHead):
+        return head.quantized()
+    if type(head) is nn.Linear:
+        return Fp8Linear.quantize(head)
+    if isinstance(head, Fp8Linear):
+        return head
+    raise UsageError(f"--quantize-lm-head: no e4m3 form of a {type(head).__name__} LM head; drop --quantize-lm-head")
+
+
 def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bool = False,
                      activations: bool = False) -> None:
     """FP8 weights in place: the target's decoder layers, its LM head (``lm_head``; the draft shares it) and
@@ -84,8 +97,8 @@ def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bo
     (dynamic scales), W2's excepted. Also how a build's torch reference is rebuilt (api.load_backend)."""
     target = program.target
     quantize_module(target.layers)
-    if lm_head and type(target.lm_head) is nn.Linear:
-        target.lm_head = Fp8Linear.quantize(target.lm_head)
+    if lm_head:
+        target.lm_head = quantize_head(target.lm_head)
     if program.draft is not None:
         program.draft.lm_head = target.lm_head  # the graft shares the target's head, quantized or not
         if draft:

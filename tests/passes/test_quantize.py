@@ -11,6 +11,7 @@ from torch import nn
 
 from dspark_compile.build_spec import BuildSpec
 from dspark_compile.build_state import BuildState
+from dspark_compile.errors import UsageError
 from dspark_compile.models.layers import FP8_MAX, Fp8Linear, quantize_fp8
 from dspark_compile.passes import graft, quantize
 from tests.passes.conftest import load_pair
@@ -72,6 +73,35 @@ def test_lm_head_and_draft_when_asked(golden_pair: tuple[Path, Path], tmp_path: 
     q = state.quantization
     assert q["lm_head"] and q["draft"] and "target.lm_head" in q["layers"] and "draft.fc" in q["layers"]
     assert "draft.layers.1.mlp.down_proj" in q["layers"] and "draft.markov_head.markov_w2" in q["layers"]
+
+
+def test_gemma4_softcapped_head_quantized_with_its_cap(golden_dir: Path, tmp_path: Path) -> None:
+    """Gemma4's soft-capped LM head in e4m3 when asked (it was left in bf16 without a word): the cap applied after
+    the e4m3 product, the draft sharing the head, the tied embedding keeping its full-precision rows; the manifest
+    says so; logits within the cap and close to the full-precision head's."""
+    from dspark_compile.models.gemma4 import SoftcappedFp8Head, SoftcappedHead, softcap
+
+    pair = (golden_dir / "dspark_tiny_gemma4" / "target", golden_dir / "dspark_tiny_gemma4" / "draft")
+    plain = _state(pair, tmp_path / "plain", quantize="fp8")
+    state = _state(pair, tmp_path / "head", quantize="fp8", quantize_lm_head=True)
+    assert type(plain.program.target.lm_head) is SoftcappedHead and not plain.quantization["lm_head"]
+    target, draft = state.program.target, state.program.draft
+    head = target.lm_head
+    assert type(head) is SoftcappedFp8Head and draft.lm_head is head and state.quantization["lm_head"]
+    assert head.cap == plain.program.target.lm_head.cap is not None and "target.lm_head" in state.quantization["layers"]
+    embed = target.embed_tokens.weight
+    assert embed.dtype != torch.float8_e4m3fn and torch.equal(embed, plain.program.target.embed_tokens.weight)
+    x = torch.randn(3, head.in_features) * 4
+    with torch.no_grad():
+        got, full = head(x), plain.program.target.lm_head(x)
+        assert torch.equal(got, softcap(Fp8Linear.forward(head, x), head.cap))
+        assert float(got.abs().max()) <= head.cap and not torch.equal(got, full)
+        assert float(nn.functional.cosine_similarity(got.flatten(), full.flatten(), dim=0)) > 0.995
+
+
+def test_a_head_without_an_e4m3_form_is_refused() -> None:
+    with pytest.raises(UsageError, match="--quantize-lm-head: no e4m3 form of a Identity LM head"):
+        quantize.quantize_head(nn.Identity())
 
 
 def test_fp8_dynamic_quantizes_the_inputs_of_every_fp8_layer(golden_pair: tuple[Path, Path], tmp_path: Path) -> None:

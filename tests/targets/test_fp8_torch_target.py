@@ -749,6 +749,7 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     # gelu_tanh_mul) and after the seams were first set on the layers in full precision; within float32 summation
     # order of the modules' own forward (each weight dequantized), as is a layer whose gate|up mixes e4m3 and full
     # precision (run unfused). The draft's layers (e4m3 too) project q, k and v apart: each its own FP8 product.
+    # The soft-capped LM head in e4m3 (--quantize-lm-head): the FP8 GEMM, then the cap, shared with the draft.
     from dspark_compile.models.gemma4_draft import Gemma4DraftLayer
     from dspark_compile.passes.quantize import quantize_program
     from dspark_compile.targets.torch.static_forward import _KernelFp8Linear, _Linear, _use_gemma4_kernels
@@ -760,7 +761,7 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
         p = build_program(g4 / "target", g4 / "draft")
         if case == "again":  # the full-precision seams first (a bf16 run before an FP8 one on the same model)
             _use_gemma4_kernels(p.target, p.draft)
-        quantize_program(p, draft=True)
+        quantize_program(p, draft=True, lm_head=True)
         layers, draft_layers = p.target.layers, p.draft.layers
         assert all(isinstance(layer, Gemma4DraftLayer) for layer in draft_layers)
         if case == "mixed":  # layer 0's up projection in full precision
@@ -768,7 +769,10 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
             layers[0].mlp.up_proj = torch.nn.Linear(up.in_features, up.out_features, bias=False)
             layers[0].mlp.up_proj.weight.data = up.dequantized(torch.float32)
         if case is not None:
+            cap = p.target.lm_head.cap
             _use_gemma4_kernels(p.target, p.draft)
+            head = p.target.lm_head
+            assert type(head) is _KernelFp8Linear and head.cap == cap is not None and p.draft.lm_head is head, case
             for layer in [*layers, *draft_layers]:
                 attn, mlp = layer.self_attn, layer.mlp
                 if layer in draft_layers:
@@ -801,6 +805,8 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
         steps += [prog.draft_step(anchor, ctx, count, torch.tensor([3, 40]), dkv, 64), dkv]
         if case in ("1", "again"):
             assert sum(calls) == len(draft_layers), (case, calls)
+        torch.manual_seed(5)
+        steps.append(p.target.lm_head(torch.randn(3, p.target.cfg.hidden_size) * 8))  # beyond the cap unless capped
         outs[case] = steps
     for case in ("1", "again", "mixed"):
         for i, (a, b, c) in enumerate(zip(outs["0"], outs[case], outs[None], strict=True)):
@@ -1105,6 +1111,35 @@ def test_gemma4_fp8_layers_run_the_fp8_gemm_and_their_round_graph_is_lossless() 
         fused = {attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj} - {None}
         alone = {m for m in layer.modules() if type(m) is Fp8Linear}  # the fused products' members only
         assert alone == fused and type(attn.o_proj).__name__ == type(mlp.down_proj).__name__ == "_KernelFp8Linear"
+
+
+@pytest.mark.gpu
+def test_gemma4_e4m3_head_and_draft_round_graph_is_lossless() -> None:
+    """Gemma4 with its soft-capped head and its draft in e4m3 too (``--quantize-lm-head --quantize-draft``): the
+    head runs the FP8 decode GEMM and then the cap, within the e4m3 reference's float32 summation order, and
+    speculative == target-only through the round graphs."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(reason="needs a CUDA GPU")
+    from dspark_compile.models.gemma4 import SoftcappedFp8Head
+    from dspark_compile.models.layers import Fp8Linear
+    from dspark_compile.passes.quantize import DRAFT_KEPT, quantize_head, quantize_module
+    from dspark_compile.targets.torch.bench import GEMMA4_SMOKE, random_pair
+
+    target, draft = random_pair(GEMMA4_SMOKE, device="cuda", dtype=torch.bfloat16, decisive=True)
+    quantize_module(target.layers)
+    quantize_module(draft, skip=DRAFT_KEPT)
+    head = target.lm_head = draft.lm_head = quantize_head(target.lm_head)
+    assert type(head) is SoftcappedFp8Head
+    _replay_is_exact(target, draft, [[int(t) for t in torch.randint(0, 300, (24,))] for _ in range(4)])
+    kernel = target.lm_head
+    assert type(kernel).__name__ == "_KernelFp8Linear" and draft.lm_head is kernel and kernel.cap == head.cap
+    x = torch.randn(3, head.in_features, device="cuda", dtype=torch.bfloat16)
+    x = x * (2 * head.cap / float(Fp8Linear.forward(head, x).float().abs().max()))  # logits up to 2x the cap
+    got, ref, uncapped = kernel(x).float(), head(x).float(), Fp8Linear.forward(head, x).float()
+    err = float((got - ref).abs().max())
+    assert err < 1e-2 * head.cap and err < float((uncapped - ref).abs().max()) / 10 and got.abs().max() <= head.cap
 
 
 @pytest.mark.gpu

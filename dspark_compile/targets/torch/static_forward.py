@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dspark_compile.models.dspark import DSparkDraft
-from dspark_compile.models.gemma4 import Gemma4Layer, GemmaRMSNorm, SoftcappedHead
+from dspark_compile.models.gemma4 import Gemma4Layer, GemmaRMSNorm, SoftcappedFp8Head, SoftcappedHead, softcap
 from dspark_compile.models.layers import (
     Fp8Linear,
     InPlaceCache,
@@ -240,17 +240,19 @@ class _Fused:
 
 
 class _KernelFp8Linear(Fp8Linear):
-    """An ``Fp8Linear`` (the same parameters) whose forward is the FP8 GEMM (``--quantize-lm-head``)."""
+    """An ``Fp8Linear`` (the same parameters) whose forward is the FP8 GEMM (``--quantize-lm-head``; Gemma4's
+    soft-capped head keeps its cap after the product)."""
 
     def __init__(self, lin: Fp8Linear) -> None:
         nn.Module.__init__(self)
         self.weight, self.weight_scale, self.bias, self.input_scale = (lin.weight, lin.weight_scale, lin.bias,
                                                                        lin.input_scale)
         self.group, self.act_group, self.fragment_order = lin.group, lin.act_group, lin.fragment_order
+        self.cap = lin.cap if isinstance(lin, SoftcappedFp8Head) else None
         self.product = _Linear.of([self])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _on_rows(x, self.product)
+        return softcap(_on_rows(x, self.product), self.cap)
 
 
 class _KernelLinear(nn.Linear):
@@ -268,11 +270,19 @@ class _KernelLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def _use_kernel_head(target: nn.Module, draft: nn.Module | None) -> None:
+    """The target's LM head through :func:`_kernel_head`, and the draft's where it shares it (as the graft does)."""
+    head = _kernel_head(target.lm_head)
+    if draft is not None and draft.lm_head is target.lm_head:
+        draft.lm_head = head
+    target.lm_head = head
+
+
 def _kernel_head(head: nn.Module) -> nn.Module:
     """The LM head, which the round calls as a module, with its product through the decode GEMM: an
     ``Fp8Linear``'s own forward would dequantize the whole vocabulary × hidden matrix at every call, and on the
     H200 cuBLAS streamed bf16 heads slower than the kernel (docs/BENCH.md, Gemma4 "Fifth pass")."""
-    if type(head) is Fp8Linear:
+    if type(head) in (Fp8Linear, SoftcappedFp8Head):
         return _KernelFp8Linear(head)
     if type(head) is nn.Linear and head.weight.is_cuda:
         return _KernelLinear(head)
@@ -296,6 +306,8 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
     from dspark_compile.targets.torch.decode_gemm import linear
     from dspark_compile.targets.torch.gemma4_kernels import add_norm_norm, gemma_rmsnorm, qkv_into_cache
 
+    if type(target.lm_head) is SoftcappedFp8Head:  # --quantize-lm-head: the FP8 GEMM, then the cap
+        _use_kernel_head(target, draft)
     for model in (target, draft):
         for module in list(model.modules()) if model is not None else ():
             if isinstance(module, GemmaRMSNorm):
@@ -389,10 +401,7 @@ class StaticProgram:
         self._draft_weights = [_fuse_layer(layer) for layer in draft.layers] if self.fused and draft is not None else []
         self._draft_fc = _Linear.of([draft.fc]) if self.fused and draft is not None else None
         if self.fused:
-            head = _kernel_head(target.lm_head)
-            if draft is not None and draft.lm_head is target.lm_head:
-                draft.lm_head = head
-            target.lm_head = head
+            _use_kernel_head(target, draft)
         if target.embed_tokens.weight.is_cuda:
             _use_gemma4_kernels(target, draft)
         cfg = target.cfg
