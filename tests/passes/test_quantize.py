@@ -181,3 +181,23 @@ def test_dynamic_activation_scales_are_correctly_rounded_quotients() -> None:
     reciprocal = ((xg * (FP8_MAX / xg.abs().amax(-1, keepdim=True))).clamp(-FP8_MAX, FP8_MAX)
                   .to(torch.float8_e4m3fn).float() * scale).reshape(512, 4096)
     assert not torch.equal(reciprocal, want)  # the input has ties that an ulp of 448/amax decides
+
+
+def test_readme_api_path_decodes_gemma4_with_e4m3_head_and_draft_losslessly(golden_dir: Path) -> None:
+    """The README's way to the quantized head (a build refuses --quantize-lm-head): ``quantize_program`` then
+    ``CudaGraphBackend``; on the CPU its rounds run the modules, Gemma4's soft-capped e4m3 head shared by the draft,
+    and speculative decoding gives the target-only tokens."""
+    from dspark_compile.models.gemma4 import SoftcappedFp8Head
+    from dspark_compile.program import build_program
+    from dspark_compile.targets.torch import CudaGraphBackend
+    from dspark_compile.targets.torch.bench import decode_rounds
+
+    g = golden_dir / "dspark_tiny_gemma4"
+    program = build_program(g / "target", g / "draft")
+    quantize.quantize_program(program, lm_head=True, draft=True)
+    assert type(program.target.lm_head) is SoftcappedFp8Head and program.draft.lm_head is program.target.lm_head
+    backend = CudaGraphBackend(program.target, program.draft)
+    prompts = [[1, 2, 3, 4], [40, 7, 300]]
+    spec = decode_rounds(backend, prompts, max_new_tokens=12)
+    alone = decode_rounds(backend, prompts, max_new_tokens=12, speculative=False)
+    assert spec.tokens == alone.tokens and all(len(t) == 12 for t in spec.tokens)
