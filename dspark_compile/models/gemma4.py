@@ -123,9 +123,8 @@ class SoftcappedHead(nn.Linear):
 
 
 class SoftcappedFp8Head(Fp8Linear):
-    """:class:`SoftcappedHead` with e4m3 weights: at 262144 × 3840 (Gemma4 12B) the head is 2 GB in bf16, read by
-    every target step and every draft block, so ``--quantize-lm-head`` halves about a seventh of an FP8 step's
-    bytes."""
+    """:class:`SoftcappedHead` with e4m3 weights (``--quantize-lm-head``): every target step and every draft block
+    reads the head, 2 GB in bf16 at gemma-4-12B's 262144 × 3840, a sixth of an FP8 step's bytes there."""
 
     cap: float | None = None
 
