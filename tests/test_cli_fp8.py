@@ -77,6 +77,38 @@ def test_build_quantize_fp8_with_acceptance_gate(golden_dir: Path, tmp_path: Pat
     assert [[x["accepted"] for x in r.rounds] for r in ort] == [[x["accepted"] for x in r.rounds] for r in ref]
 
 
+@pytest.mark.slow  # one ONNX export and three decodes
+@pytest.mark.parametrize(("pair_name", "mode"), [("dspark_tiny", "greedy"), ("dspark_tiny", "sampling"),
+                                                  ("dspark_tiny_gemma4", "greedy")])
+def test_build_with_e4m3_lm_head(golden_dir: Path, tmp_path: Path, pair_name: str, mode: str) -> None:
+    """``--quantize-lm-head``: both graphs take the e4m3 head (FLOAT8E4M3FN) and its scales as weight inputs,
+    stored once in weights.bin beside the full-precision embedding; onnxruntime decodes exactly as the torch
+    reference of the same model, and greedy speculative decoding equals the same graphs' target-only decoding.
+    Gemma4: its soft-capped head, the cap applied after the dequantized product."""
+    pair = golden_dir / pair_name
+    out = tmp_path / "build"
+    res = api.build(target=pair / "target", draft=pair / "draft", out=out, quantize="fp8", quantize_lm_head=True,
+                    quantize_draft=True, verify_mode=mode, progress=False)
+    assert res.manifest["quantization"]["lm_head"]
+    inputs = res.manifest["weight_inputs"]
+    assert {k: (v["dtype"], v["shape"]) for k, v in inputs.items()} == {
+        "embed_tokens": ("float32", [384, 64]), "lm_head": ("float8_e4m3fn", [384, 64]),
+        "lm_head_scale": ("float32", [384])}
+    for graph in ("target_step", "draft_propose"):
+        model = onnx.load(str(out / "onnx" / f"{graph}.onnx"), load_external_data=False)
+        types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+        assert types["lm_head"] == onnx.TensorProto.FLOAT8E4M3FN and types["lm_head_scale"] == onnx.TensorProto.FLOAT
+        assert [n.op_type for n in model.graph.node if "lm_head" in n.input] == ["DequantizeLinear"]
+    temperature = 0.8 if mode == "sampling" else 0.0
+    ort = api.run(out, PROMPTS, backend="onnxruntime", max_new_tokens=24, verify="fixed", temperature=temperature)
+    ref = api.run(out, PROMPTS, backend="torch", max_new_tokens=24, verify="fixed", temperature=temperature)
+    assert [r.tokens for r in ort] == [r.tokens for r in ref]
+    assert [[x["accepted"] for x in r.rounds] for r in ort] == [[x["accepted"] for x in r.rounds] for r in ref]
+    if mode == "greedy":
+        plain = api.run(out, PROMPTS, backend="onnxruntime", max_new_tokens=24, baseline=True)
+        assert [r.tokens for r in ort] == [r.tokens for r in plain]
+
+
 @pytest.mark.slow  # one ONNX export and two decodes
 def test_build_of_a_model_optimizer_fp8_checkpoint(golden_dir: Path, tmp_path: Path) -> None:
     pair = golden_dir / "dspark_tiny"

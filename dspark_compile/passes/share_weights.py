@@ -1,12 +1,13 @@
 """Pass `share_weights`: write every graph once, and every distinct weight tensor once, in `weights.bin`.
 
 The plugin and portable variants of target_step hold the same weights; on disk each tensor is written once and
-every graph's external-data entries point into the one file. The graphs' weight *inputs* (the embedding and
-LM head both graphs read, partition.WEIGHT_INPUTS) go into the same file, and ``state.weight_inputs`` (then the
-manifest) records where, so a runtime loads each of them once and binds it to both graphs. Tensors are hashed
-and written one at a time, and each module tensor's checkpoint pages are given back once written
-(checkpoint.store.MappedPages): without that, reading every weight here left the whole checkpoint resident, the
-build's peak RSS (the graphs plus the loaded bytes); with it, memory stays at the graphs plus the largest tensor.
+every graph's external-data entries point into the one file. The graphs' weight *inputs* (the embedding and LM head
+both graphs read, and an e4m3 head's scales: partition.WEIGHT_INPUTS) go into the same file, and
+``state.weight_inputs`` (then the manifest) records where, so a runtime loads each of them once and binds it to
+both graphs. Tensors are hashed and written one at a time, and each module tensor's checkpoint pages are given back
+once written (checkpoint.store.MappedPages): without that, reading every weight here left the whole checkpoint
+resident, the build's peak RSS (the graphs plus the loaded bytes); with it, memory stays at the graphs plus the
+largest tensor.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def run(state: BuildState) -> None:
         if state.parts is not None:  # the tensors behind the weight inputs (a tied LM head: one region)
             inputs = {name: tensor for gs in state.parts.graphs for name, tensor in gs.inputs.items()}
             state.weight_inputs = {}
-            for name in WEIGHT_INPUTS:
+            for name in (n for n in WEIGHT_INPUTS if n in inputs):  # lm_head_scale with an e4m3 head only
                 tensor = inputs[name].detach().contiguous()
                 offset, length = store(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy
                 pages.drop(tensor)

@@ -22,7 +22,9 @@ from dspark_compile.runtime.executor import GraphExecutor, load_weight_inputs
 from dspark_compile.runtime.onnxruntime_dtypes import check_onnxruntime_dtype
 
 log = logging.getLogger(__name__)
-NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+# Element types IOBinding takes: numpy's, or ONNX's type number where numpy has none (an e4m3 LM head's weights).
+ELEMENT_TYPES: dict[torch.dtype, Any] = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+                                         torch.float8_e4m3fn: 17}  # onnx.TensorProto.FLOAT8E4M3FN
 
 
 def read_manifest(build_dir: Path) -> dict[str, Any]:
@@ -69,7 +71,7 @@ class OrtTransport:
         index = tensor.device.index or 0
         if tensor.numel() == 0:  # an empty tensor may have no storage: give onnxruntime a 1-element one
             tensor = torch.empty(1, dtype=tensor.dtype, device=tensor.device)[:0].reshape(tensor.shape)
-        bind(name, kind, index, NP_DTYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        bind(name, kind, index, ELEMENT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
 
     def run(self, graph: str, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         session = self.sessions[graph]

@@ -119,15 +119,38 @@ def test_block_size_override_sets_the_draft_width(golden_pair: tuple[Path, Path]
     assert tokens.shape[1] == 4
 
 
-def test_quantized_lm_head_is_refused_before_export(golden_pair: tuple[Path, Path], tmp_path: Path,
-                                                    grafted: Callable[[BuildSpec], DecodeProgram]) -> None:
-    """The LM head is a weight input of both graphs; an FP8 one has no binding yet, so the build stops with
-    one line naming the flag instead of a graph that onnxruntime cannot bind."""
-    from dspark_compile.build_state import BuildState
-    from dspark_compile.errors import UsageError
-    from dspark_compile.passes import partition as partition_pass
+@torch.inference_mode()
+def test_e4m3_lm_head_is_an_input_with_its_scales_read_by_name(golden_pair: tuple[Path, Path], tmp_path: Path,
+                                                                grafted: Callable[[BuildSpec], DecodeProgram]) -> None:
+    """``--quantize-lm-head``: both graphs take the e4m3 head and its float32 scales as inputs, after the bf16
+    ones and before sampling's, and compute from those inputs, not the module's own tensors. Sampling is the
+    case where the scales' position alone would have fed them in as ``draft_probs``. For Triton the head is a
+    constant of each graph instead, computing the same outputs."""
+    from dspark_compile.passes.quantize import quantize_program
 
-    spec = _spec(golden_pair, tmp_path, quantize="fp8", quantize_lm_head=True)
-    state = BuildState(spec=spec, workdir=tmp_path, program=grafted(spec))
-    with pytest.raises(UsageError, match="--quantize-lm-head"):
-        partition_pass.run(state)
+    spec = _spec(golden_pair, tmp_path, verify_mode="sampling", quantize="fp8", quantize_lm_head=True)
+    program = grafted(spec)
+    quantize_program(program, lm_head=True)
+    step, draft = partition(program, spec).graphs
+    head = program.target.lm_head
+    assert tuple(step.inputs) == (*STEP_IN, "lm_head_scale", *SAMPLING_IN)
+    assert tuple(draft.inputs) == (*DRAFT_IN, "lm_head_scale", "temperature", "uniforms")
+    outputs = {}
+    for gs in (step, draft):
+        assert gs.inputs["lm_head"] is head.weight and gs.inputs["lm_head"].dtype == torch.float8_e4m3fn
+        assert gs.inputs["lm_head_scale"] is head.weight_scale and gs.inputs["lm_head_scale"].shape == (V,)
+        assert gs.inputs["embed_tokens"] is program.target.embed_tokens.weight  # full precision
+        got = outputs[gs.name] = gs.module(*gs.inputs.values())
+        doubled = dict(gs.inputs, lm_head_scale=2 * head.weight_scale)  # the input, not the module's tensor
+        moved = gs.module(*doubled.values())
+        if gs is step:  # the head decides next_token: its logits come from the input scales
+            assert torch.equal(got[2], moved[2]) and not torch.equal(got[1], moved[1])
+        else:  # the draft's probabilities are the head's
+            assert not torch.equal(got[2], moved[2])
+    # With a Triton repository (no FP8 graph-model inputs) each graph holds the e4m3 head as a constant.
+    spec = _spec(golden_pair, tmp_path, verify_mode="sampling", targets=("onnx", "triton"))
+    step, draft = partition(program, spec).graphs
+    assert tuple(step.inputs) == (*STEP_IN[:-1], *SAMPLING_IN)
+    assert tuple(draft.inputs) == (*DRAFT_IN[:-1], "temperature", "uniforms")
+    for gs in (step, draft):
+        assert all(torch.equal(a, b) for a, b in zip(gs.module(*gs.inputs.values()), outputs[gs.name], strict=True))

@@ -213,3 +213,24 @@ def test_golden_pair_served_with_onnxruntime_inprocess(golden_dir: Path, golden_
             assert grpc_generate(running.grpc_url, bad).error is not None
         sse = http_generate_stream(running.http_url, {"prompt_ids": golden[0]["prompt"], "max_new_tokens": 48})
         assert sse.tokens == golden[0]["tokens"]
+
+
+@pytest.mark.slow
+def test_e4m3_lm_head_build_served(golden_dir: Path, tmp_path: Path) -> None:
+    """``--quantize-lm-head`` with a Triton repository: each graph holds the e4m3 head as a constant (a graph
+    model cannot take an FP8 input), stored once in weights.bin; the server decodes what onnxruntime decodes."""
+    from dspark_compile import api
+
+    pair = golden_dir / "dspark_tiny"
+    out = tmp_path / "build"
+    res = api.build(target=pair / "target", draft=pair / "draft", out=out, targets="onnx,triton",
+                    triton_mode="onnxruntime_inprocess", verify_mode="greedy", quantize="fp8", quantize_lm_head=True,
+                    max_context=128, progress=False)
+    assert res.manifest["quantization"]["lm_head"] and list(res.manifest["weight_inputs"]) == ["embed_tokens"]
+    prompts = [[5, 17, 42, 99, 3], [250, 7, 1, 2, 3, 4, 5, 6]]
+    expected = [r.tokens for r in api.run(out, prompts, backend="onnxruntime", max_new_tokens=24)]
+    assert expected == [r.tokens for r in api.run(out, prompts, backend="onnxruntime", max_new_tokens=24,
+                                                  baseline=True)]  # lossless: the same graphs target-only
+    with TritonServer(out / "triton", extra_args=LOAD_ORCHESTRATOR_ONLY) as running:
+        replies = [grpc_generate(running.grpc_url, request(p, 24), timeout_s=120) for p in prompts]
+    assert [r.error for r in replies] == [None, None] and [r.tokens for r in replies] == expected

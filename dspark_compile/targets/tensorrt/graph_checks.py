@@ -28,7 +28,8 @@ PRECISIONS = {"fp32": "float", "fp16": "float16", "bf16": "bfloat16"}  # GraphIO
 _FLOAT_TYPES = ("float", "float16", "bfloat16", "double")
 # Dtypes an engine binding can have. DOUBLE is left out on purpose: the parser would quietly narrow it to
 # float32, and the host loop feeds every backend the graph's own dtypes.
-_BINDING_TYPES = ("float", "float16", "bfloat16", "int8", "uint8", "int32", "int64", "bool")
+# float8e4m3fn: an e4m3 LM head's weight input (TensorRT-RTX 1.7 builds it into a DEQUANTIZE layer)
+_BINDING_TYPES = ("float", "float16", "bfloat16", "float8e4m3fn", "int8", "uint8", "int32", "int64", "bool")
 _STANDARD_DOMAINS = ("", "ai.onnx")
 CACHE_INPUTS = ("kv_cache", "draft_kv")  # [layers, 2, B, KV, S, D]; axis 4 is the cache capacity
 # The sliding layers' ring (Gemma4): [sliding layers, 2, B, KV, R, D]; axis 4 is R = W + G, fixed in the graph
