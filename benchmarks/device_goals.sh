@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 12's open measurements in one device call (about 7 minutes once a machine is up; no H200 or H100 could be
+# started in the two sessions of 2026-12-07, so this is what the next lent machine runs first):
+# 1. on an H200 only, the goals run: fp8_bench's rounds at B = 1 (bf16, FP8, FP8 with LM head and draft quantized)
+#    with the SwiGLU store off, then on, from the committed H200 GEMM choices (benchmarks/device_pdl.sh, AB_VAR);
+#    its archive lands as $OUT/goals_h200.tgz;
+# 2. on either card, the Gemma4-12B shape with the e4m3 soft-capped head and draft (kinds fp8, fp8_head_draft) as
+#    $OUT/gemma4_head_<card>.tgz, then the Gemma4 GPU tests of tests/targets/test_fp8_torch_target.py.
+# Usage (repository root, on the device): OUT=$OUT bash benchmarks/device_goals.sh
+set -u
+OUT=${OUT:?set OUT to the output directory}
+nvidia-smi -L
+if nvidia-smi -L | grep -q H200; then CARD=h200; else CARD=h100; fi
+if [ $CARD = h200 ]; then
+  OUT=$OUT AB_VAR=DSPARK_GLU_STORE CHAIN=0 TESTS=0 CHOICES_FROM=benchmarks/results/gemm_choices_h200.json \
+      ROUND_TIMEOUT=${ROUND_TIMEOUT:-120} bash benchmarks/device_pdl.sh
+  mv "$OUT/pdl.tgz" "$OUT/goals_h200.tgz"
+fi
+OUT=$OUT MODES=1 CHAIN=0 TESTS=0 SHAPE=gemma4-12b KINDS=fp8,fp8_head_draft ROUND_TIMEOUT=${GEMMA_TIMEOUT:-140} \
+    CHOICES_FROM=benchmarks/results/gemm_choices_$CARD.json bash benchmarks/device_pdl.sh
+mv "$OUT/pdl.tgz" "$OUT/gemma4_head_$CARD.tgz"
+PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-100} python -m pytest -v -m gpu -p no:cacheprovider \
+    tests/targets/test_fp8_torch_target.py -k gemma4 2>&1 | tee "$OUT/pytest_gemma4_$CARD.txt" \
+    | grep -E "PASSED|FAILED|ERROR|passed|failed"
