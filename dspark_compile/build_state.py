@@ -35,6 +35,7 @@ class BuildState:
     acceptance: dict[str, Any] | None = None  # check_acceptance
     onnx: OnnxGraphs | None = None  # export_onnx, then each ONNX pass
     weight_inputs: dict[str, dict[str, Any]] | None = None  # share_weights: where each weight input is stored
+    repeated_constant_bytes: int = 0  # share_weights: bytes of the copies of constants more than one graph holds
     # segment_target: target_step's layer-range segment files per variant (portable, plugin); empty when the
     # target is one engine
     segments: dict[str, tuple[Path, ...]] = field(default_factory=dict)

@@ -58,7 +58,8 @@ def run(state: BuildState) -> None:
         "passes": [{"name": n, "seconds": round(t, 4)} for n, t in state.timings],
         "program": state.info.to_json() if state.info is not None and onnx is not None else None,
         "graphs": {"verify_mode": onnx.verify_mode, "block_size": onnx.block_size,
-                   "variants": {k: list(v) for k, v in onnx.variants.items() if v != (PORTABLE,)}} if onnx else None,
+                   "variants": {k: list(v) for k, v in onnx.variants.items() if v != (PORTABLE,)},
+                   "repeated_constant_bytes": state.repeated_constant_bytes} if onnx else None,
         "weight_inputs": state.weight_inputs,
         "engines": None if state.engines is None else {
             "flavor": state.engines.flavor, "tensorrt_version": state.engines.trt_version,
@@ -99,7 +100,8 @@ def server_memory(manifest: dict[str, Any]) -> dict[str, Any] | None:
     graphs' weight inputs once (one buffer bound to both engines), both KV caches full (the sliding layers' ring
     at its fixed slots), one execution context per engine as Triton keeps them (its largest profile; TensorRT's
     own number when a GPU was at the build, else build_tensorrt's estimate) and the executor's per-call buffers
-    (taps of a full prompt, draft probabilities). Without engines the weights are the ONNX weights file and
+    (taps of a full prompt, draft probabilities). Without engines the weights are the ONNX weights file, plus one
+    more copy of a constant per further graph that holds it (each onnxruntime session loads its own), and
     activations are unknown (0)."""
     program, spec = manifest.get("program"), manifest.get("spec") or {}
     if not program:
@@ -116,6 +118,7 @@ def server_memory(manifest: dict[str, Any]) -> dict[str, Any] | None:
         activations = sum(max(p["activation_bytes"], default=0) for p in engines)
     else:
         weights = next((a["bytes"] for a in manifest.get("artifacts", []) if a["path"] == "onnx/weights.bin"), 0)
+        weights += (manifest.get("graphs") or {}).get("repeated_constant_bytes", 0)
         activations = 0
     # A ring (Gemma4's sliding layers) is a fixed ring_slots per sequence; the full-length cache the rest.
     ring = program.get("ring_layers", 0) * program.get("ring_kv_heads", 0) * program.get("ring_head_dim", 0)

@@ -58,7 +58,8 @@ def run(state: BuildState) -> None:
                 state.weight_inputs[name] = {"file": f"onnx/{WEIGHTS_FILE}", "offset": offset, "bytes": length,
                                              "dtype": str(tensor.dtype).removeprefix("torch."),
                                              "shape": list(tensor.shape)}
-        for _, _, model in state.onnx.items():
+        users: dict[str, set[str]] = {}  # stored tensor -> the graphs holding it as a constant
+        for graph, _, model in state.onnx.items():
             for value in model.graph.initializers.values():
                 tensor = value.const_value
                 if tensor is None:
@@ -80,9 +81,13 @@ def run(state: BuildState) -> None:
                     store(data)
                     del data
                     pages.drop(raw)
+                users.setdefault(key, set()).add(graph)
                 offset, length = seen[key]
                 value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, dtype=tensor.dtype,
                                                       shape=tensor.shape, name=value.name, base_dir=directory)
+    # One file region, but a copy in each graph's session or engine (an e4m3 LM head kept as a constant of both
+    # graphs for Triton): the server's memory counts the copies (manifest.server_memory).
+    state.repeated_constant_bytes = sum(seen[key][1] * (len(graphs) - 1) for key, graphs in users.items())
     for name, variant, model in state.onnx.items():
         path = state.onnx.path(name, variant)
         ir.save(model, path)

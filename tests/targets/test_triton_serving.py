@@ -218,7 +218,8 @@ def test_golden_pair_served_with_onnxruntime_inprocess(golden_dir: Path, golden_
 @pytest.mark.slow
 def test_e4m3_lm_head_build_served(golden_dir: Path, tmp_path: Path) -> None:
     """``--quantize-lm-head`` with a Triton repository: each graph holds the e4m3 head as a constant (a graph
-    model cannot take an FP8 input), stored once in weights.bin; the server decodes what onnxruntime decodes."""
+    model cannot take an FP8 input), stored once in weights.bin and counted twice in the server's memory; the
+    server decodes what onnxruntime decodes."""
     from dspark_compile import api
 
     pair = golden_dir / "dspark_tiny"
@@ -227,6 +228,10 @@ def test_e4m3_lm_head_build_served(golden_dir: Path, tmp_path: Path) -> None:
                     triton_mode="onnxruntime_inprocess", verify_mode="greedy", quantize="fp8", quantize_lm_head=True,
                     max_context=128, progress=False)
     assert res.manifest["quantization"]["lm_head"] and list(res.manifest["weight_inputs"]) == ["embed_tokens"]
+    # one region of weights.bin, but each onnxruntime session loads its copy: the server's memory counts both
+    head = 384 * 64 + 384 * 4  # e4m3 [V, H] and float32 scales [V]
+    assert res.manifest["graphs"]["repeated_constant_bytes"] == head
+    assert res.manifest["memory"]["weight_bytes"] == (out / "onnx" / "weights.bin").stat().st_size + head
     prompts = [[5, 17, 42, 99, 3], [250, 7, 1, 2, 3, 4, 5, 6]]
     expected = [r.tokens for r in api.run(out, prompts, backend="onnxruntime", max_new_tokens=24)]
     assert expected == [r.tokens for r in api.run(out, prompts, backend="onnxruntime", max_new_tokens=24,
