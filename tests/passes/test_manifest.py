@@ -45,7 +45,8 @@ def test_sections(manifest: dict[str, Any], golden_pair: tuple[Path, Path]) -> N
         "sampling": True, "family": "qwen3"}
     assert ProgramInfo.from_json(manifest["program"]).to_json() == manifest["program"]
     assert manifest["graphs"] == {"verify_mode": "sampling", "block_size": 7,
-                                  "variants": {"target_step": ["portable", "plugin"]}}
+                                  "variants": {"target_step": ["portable", "plugin"]},
+                                  "repeated_constant_bytes": 0}  # no constant is held by both graphs
     # The graphs' weight inputs: the golden pair's embedding and LM head (untied), each stored once.
     records = manifest["weight_inputs"]
     assert sorted(records) == ["embed_tokens", "lm_head"] and records["embed_tokens"]["offset"] != records[
@@ -127,7 +128,6 @@ def test_server_memory_at_the_built_batch_and_context(manifest: dict[str, Any], 
     memory = manifest["memory"]
     assert (memory["max_batch"], memory["max_context"]) == (8, 2048)
     assert memory["weight_bytes"] == (golden_build / "onnx" / "weights.bin").stat().st_size
-    assert manifest["graphs"]["repeated_constant_bytes"] == 0  # no constant is held by both graphs
     assert memory["kv_cache_bytes"] == 8 * 2048 * 2 * 4 * (4 * 2 * 16 + 2 * 2 * 16)
     assert memory["buffer_bytes"] == 8 * 2048 * 192 * 4 + 2 * 8 * 7 * 384 * 4
     assert memory["activation_bytes"] == 0 and memory["activation_source"] == ["unknown (no engines)"]
