@@ -57,11 +57,14 @@ _PARAMETERS = {"embed_tokens": "embed_tokens.weight", "lm_head": "lm_head.weight
 ROWS = RowsCache()  # the models return the K/V rows they computed, not whole updated caches
 
 
-def shared_weights(target: Qwen3Target) -> dict[str, torch.Tensor]:
-    """The tensors behind :data:`WEIGHT_INPUTS` (the same tensor twice when the LM head is tied and not e4m3)."""
-    weights = {"embed_tokens": target.embed_tokens.weight, "lm_head": target.lm_head.weight}
-    if isinstance(target.lm_head, Fp8Linear):
-        weights["lm_head_scale"] = target.lm_head.weight_scale
+def shared_weights(target: Qwen3Target, *, head: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors behind :data:`WEIGHT_INPUTS` (the same tensor twice when the LM head is tied and not e4m3);
+    ``head=False``: the embedding only, the head a constant of each graph (:func:`head_is_input`)."""
+    weights = {"embed_tokens": target.embed_tokens.weight}
+    if head:
+        weights["lm_head"] = target.lm_head.weight
+        if isinstance(target.lm_head, Fp8Linear):
+            weights["lm_head_scale"] = target.lm_head.weight_scale
     return weights
 
 
@@ -203,7 +206,7 @@ def graph_specs(target: Qwen3Target, draft: DSparkDraft | None, block_size: int,
     tap_w = len(target.tap_layer_ids) * target.cfg.hidden_size
     i64 = torch.int64
     cache_dims = {2: "batch", 4: "cache_slots"}
-    weights = shared_weights(target) if head_input else {"embed_tokens": target.embed_tokens.weight}
+    weights = shared_weights(target, head=head_input)
     # Example: verification of 2 drafts in a chunk of 5 (rows 1..3 and 2..4): every dimension differs.
     ring = uses_ring(target)
     step_inputs = {"tokens": torch.ones(b, t, dtype=i64), "cache_len": torch.tensor([3, 4]),
