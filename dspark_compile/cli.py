@@ -89,7 +89,7 @@ def common(fn: F) -> F:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dspark-compile")
 def cli() -> None:
-    """Compile a Qwen3 target + DSpark draft head into speculative-decoding engines."""
+    """Compile a Qwen3 or Gemma4 target + DSpark draft head into speculative-decoding engines."""
 
 
 def _inspect_build(build_dir: Path, as_json: bool) -> None:
