@@ -5,7 +5,9 @@
 #    with the SwiGLU store off, then on, from the committed H200 GEMM choices (benchmarks/device_pdl.sh, AB_VAR);
 #    its archive lands as $OUT/goals_h200.tgz;
 # 2. on either card, the Gemma4-12B shape with the e4m3 soft-capped head and draft (kinds fp8, fp8_head_draft) as
-#    $OUT/gemma4_head_<card>.tgz, then the Gemma4 GPU tests of tests/targets/test_fp8_torch_target.py.
+#    $OUT/gemma4_head_<card>.tgz, then the Gemma4 GPU tests of tests/targets/test_fp8_torch_target.py;
+# 3. the Gemma4-12B step by kernel with the head and draft in e4m3 (why its FP8 step runs further above its floor
+#    than Qwen3-8B's): $OUT/profile_step_<card>_gemma4_fp8_head_draft.json (PROFILE=0 skips it).
 # Usage (repository root, on the device): OUT=$OUT bash benchmarks/device_goals.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
@@ -22,3 +24,8 @@ mv "$OUT/pdl.tgz" "$OUT/gemma4_head_$CARD.tgz"
 PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-100} python -m pytest -v -m gpu -p no:cacheprovider \
     tests/targets/test_fp8_torch_target.py -k gemma4 2>&1 | tee "$OUT/pytest_gemma4_$CARD.txt" \
     | grep -E "PASSED|FAILED|ERROR|passed|failed"
+if [ "${PROFILE:-1}" = 1 ]; then
+  PYTHONPATH=$PWD timeout ${PROFILE_TIMEOUT:-120} python benchmarks/profile_step.py --shape gemma4-12b \
+      --quantize fp8-head-draft > "$OUT/profile_step_${CARD}_gemma4_fp8_head_draft.json"
+  echo "profile rc=$?"
+fi
