@@ -7,7 +7,8 @@
 # 2. on either card, the Gemma4-12B shape with the e4m3 soft-capped head and draft (kinds fp8, fp8_head_draft) as
 #    $OUT/gemma4_head_<card>.tgz, then the Gemma4 GPU tests of tests/targets/test_fp8_torch_target.py;
 # 3. the Gemma4-12B step by kernel with the head and draft in e4m3 (why its FP8 step runs further above its floor
-#    than Qwen3-8B's): $OUT/profile_step_<card>_gemma4_fp8_head_draft.json (PROFILE=0 skips it).
+#    than Qwen3-8B's): $OUT/profile_step_<card>_gemma4_fp8_head_draft.json (PROFILE=0 skips it; GEMMA4=0 skips
+#    2 and 3, for a call with little device time left).
 # Usage (repository root, on the device): OUT=$OUT bash benchmarks/device_goals.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
@@ -18,13 +19,15 @@ if [ $CARD = h200 ]; then
       ROUND_TIMEOUT=${ROUND_TIMEOUT:-120} bash benchmarks/device_pdl.sh
   mv "$OUT/pdl.tgz" "$OUT/goals_h200.tgz"
 fi
-OUT=$OUT MODES=1 CHAIN=0 TESTS=0 SHAPE=gemma4-12b KINDS=fp8,fp8_head_draft ROUND_TIMEOUT=${GEMMA_TIMEOUT:-140} \
-    CHOICES_FROM=benchmarks/results/gemm_choices_$CARD.json bash benchmarks/device_pdl.sh
-mv "$OUT/pdl.tgz" "$OUT/gemma4_head_$CARD.tgz"
-PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-100} python -m pytest -v -m gpu -p no:cacheprovider \
-    tests/targets/test_fp8_torch_target.py -k gemma4 2>&1 | tee "$OUT/pytest_gemma4_$CARD.txt" \
-    | grep -E "PASSED|FAILED|ERROR|passed|failed"
-if [ "${PROFILE:-1}" = 1 ]; then
+if [ "${GEMMA4:-1}" = 1 ]; then
+  OUT=$OUT MODES=1 CHAIN=0 TESTS=0 SHAPE=gemma4-12b KINDS=fp8,fp8_head_draft ROUND_TIMEOUT=${GEMMA_TIMEOUT:-140} \
+      CHOICES_FROM=benchmarks/results/gemm_choices_$CARD.json bash benchmarks/device_pdl.sh
+  mv "$OUT/pdl.tgz" "$OUT/gemma4_head_$CARD.tgz"
+  PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-100} python -m pytest -v -m gpu -p no:cacheprovider \
+      tests/targets/test_fp8_torch_target.py -k gemma4 2>&1 | tee "$OUT/pytest_gemma4_$CARD.txt" \
+      | grep -E "PASSED|FAILED|ERROR|passed|failed"
+fi
+if [ "${GEMMA4:-1}" = 1 ] && [ "${PROFILE:-1}" = 1 ]; then
   PYTHONPATH=$PWD timeout ${PROFILE_TIMEOUT:-120} python benchmarks/profile_step.py --shape gemma4-12b \
       --quantize fp8-head-draft > "$OUT/profile_step_${CARD}_gemma4_fp8_head_draft.json"
   echo "profile rc=$?"
