@@ -118,16 +118,16 @@ def load_backend(build_dir: str | Path, backend: str = "onnxruntime", *, device:
 def build_program_of(manifest: dict[str, Any], *, device: str = "cpu", dtype: str | None = None) -> Any:
     """The PyTorch program a build's manifest describes: its checkpoints, grafted, and quantized as the build
     was (``quantize``: passes/quantize.py); ``dtype`` overrides the build's."""
-    from dspark_compile.passes.quantize import quantize_program
+    from dspark_compile.passes.quantize import quantize_as_built
     from dspark_compile.program import build_program
 
     spec = manifest["spec"]
     info = ProgramInfo.from_json(manifest["program"])
     program = build_program(Path(spec["target"]), Path(spec["draft"]) if spec.get("draft") else None,
                             dtype=dtype or info.dtype, device="cpu", allow_nonfinite=spec.get("allow_nonfinite", False))
-    if spec.get("quantize"):
-        quantize_program(program, lm_head=spec.get("quantize_lm_head", False), draft=spec.get("quantize_draft", False),
-                         activations=spec["quantize"] == "fp8-dynamic")
+    if manifest.get("quantization"):  # (a build before the flags were refused alone recorded them, unapplied)
+        quantize_as_built(program, spec.get("quantize"), lm_head=spec.get("quantize_lm_head", False),
+                          draft=spec.get("quantize_draft", False))
     program.target.to(device)
     if program.draft is not None:
         program.draft.to(device)

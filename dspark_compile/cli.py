@@ -231,9 +231,10 @@ def generate(target: Path, draft: Path | None, prompt_ids: tuple[str, ...], prom
 @click.option("--quantize", type=click.Choice(["fp8", "fp8-dynamic"]),
               help="FP8 (e4m3) target linear weights, per-channel scales; fp8-dynamic: their inputs too (W8A8, "
                    "dynamic scales per row and 128 columns).")
-@click.option("--quantize-lm-head", is_flag=True, default=None, help="With --quantize: the LM head too.")
+@click.option("--quantize-lm-head", is_flag=True, default=None,
+              help="With --quantize or an FP8 target checkpoint: the LM head too.")
 @click.option("--quantize-draft", is_flag=True, default=None,
-              help="With --quantize: the draft's layers, fc and Markov W2 too.")
+              help="With --quantize or an FP8 target checkpoint: the draft's layers, fc and Markov W2 too.")
 @click.option("--check-acceptance", type=click.Path(path_type=Path),
               help="Prompts (JSON Lines): decode with the build and the full-precision reference; exit 3 on a τ drop.")
 @click.option("--max-tau-drop", type=float, help="Largest relative τ drop --check-acceptance accepts (default 0.03).")

@@ -37,6 +37,19 @@ def test_bad_values_exit_2(golden_dir: Path, tmp_path: Path, capsys: pytest.Capt
     assert code == 2 and message in err
 
 
+@pytest.mark.parametrize("flag", ["--quantize-lm-head", "--quantize-draft"])
+def test_head_or_draft_flag_without_anything_to_quantize_exits_2(golden_dir: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str], flag: str) -> None:
+    """Alone on a full-precision target the flag built a full-precision model without a word."""
+    pair = golden_dir / "dspark_tiny"
+    out = tmp_path / "b"
+    code, _, err = _cli(["build", "--target", str(pair / "target"), "--draft", str(pair / "draft"), "--out",
+                         str(out), flag], capsys)
+    assert code == 2 and err.strip() == (f"error: {flag}: the target is not an FP8 checkpoint and --quantize is not "
+                                         f"set; add --quantize fp8 (or fp8-dynamic), or drop {flag}")
+    assert not out.exists()
+
+
 @pytest.mark.slow  # one ONNX export and two decodes
 @pytest.mark.parametrize(("method", "draft"), [("fp8", False), ("fp8-dynamic", False), ("fp8", True)])
 def test_build_quantize_fp8_with_acceptance_gate(golden_dir: Path, tmp_path: Path,
@@ -110,19 +123,29 @@ def test_build_with_e4m3_lm_head(golden_dir: Path, tmp_path: Path, pair_name: st
 
 
 @pytest.mark.slow  # one ONNX export and two decodes
-def test_build_of_a_model_optimizer_fp8_checkpoint(golden_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("head_and_draft", [False, True])
+def test_build_of_a_model_optimizer_fp8_checkpoint(golden_dir: Path, tmp_path: Path, head_and_draft: bool) -> None:
+    """The checkpoint's layers as they are (static input scales); ``--quantize-lm-head --quantize-draft`` without
+    ``--quantize`` quantize the head and the draft (they were ignored), and the torch reference that
+    ``api.build_program_of`` rebuilds from the manifest agrees (the torch backend's tokens)."""
     pair = golden_dir / "dspark_tiny"
     write_fp8_target(pair / "target", tmp_path / "fp8", "modelopt")
     out = tmp_path / "build"
-    res = api.build(target=tmp_path / "fp8", draft=pair / "draft", out=out, progress=False)
+    res = api.build(target=tmp_path / "fp8", draft=pair / "draft", out=out, progress=False,
+                    quantize_lm_head=head_and_draft, quantize_draft=head_and_draft)
     q = res.manifest["quantization"]
     assert q["method"] == "fp8_tensor" and q["checkpoint"]["activation"] == "static" and q["scheme"] is None
-    assert all(entry["input_scale"] is not None for entry in q["layers"].values()) and len(q["layers"]) == 28
+    assert q["lm_head"] is q["draft"] is head_and_draft
+    target_layers = {k: v for k, v in q["layers"].items() if k.startswith("target.layers.")}
+    assert all(entry["input_scale"] is not None for entry in target_layers.values()) and len(target_layers) == 28
+    assert ("target.lm_head" in q["layers"] and "draft.fc" in q["layers"]) is head_and_draft
     ops, fp8 = _ops(out / "onnx" / "target_step.onnx")
-    assert ops["QuantizeLinear"] == 28 and ops["DequantizeLinear"] == 56 and fp8 == 28
+    assert ops["QuantizeLinear"] == 28 and ops["DequantizeLinear"] == 56 + head_and_draft and fp8 == 28
+    assert res.manifest["weight_inputs"]["lm_head"]["dtype"] == ("float8_e4m3fn" if head_and_draft else "float32")
     ort = api.run(out, PROMPTS, backend="onnxruntime", max_new_tokens=24, verify="fixed")
     ref = api.run(out, PROMPTS, backend="torch", max_new_tokens=24, verify="fixed")
     assert [r.tokens for r in ort] == [r.tokens for r in ref]
+    assert [[x["draft"] for x in r.rounds] for r in ort] == [[x["draft"] for x in r.rounds] for r in ref]
 
 
 def test_fp8_dynamic_on_a_static_w8a8_checkpoint_is_one_clear_error(golden_dir: Path, tmp_path: Path,

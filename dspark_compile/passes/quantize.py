@@ -90,13 +90,14 @@ def quantize_head(head: nn.Module) -> nn.Module:
     raise UsageError(f"--quantize-lm-head: no e4m3 form of a {type(head).__name__} LM head; drop --quantize-lm-head")
 
 
-def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bool = False,
+def quantize_program(program: DecodeProgram, *, layers: bool = True, lm_head: bool = False, draft: bool = False,
                      activations: bool = False) -> None:
-    """FP8 weights in place: the target's decoder layers, its LM head (``lm_head``; the draft shares it) and
-    the draft's layers, ``fc`` and Markov W2 (``draft``); with ``activations`` every FP8 layer's input too
-    (dynamic scales), W2's excepted. Also how a build's torch reference is rebuilt (api.load_backend)."""
+    """FP8 weights in place: the target's decoder layers (``layers``), its LM head (``lm_head``; the draft shares
+    it) and the draft's layers, ``fc`` and Markov W2 (``draft``); with ``activations`` every FP8 layer's input too
+    (dynamic scales), W2's excepted."""
     target = program.target
-    quantize_module(target.layers)
+    if layers:
+        quantize_module(target.layers)
     if lm_head:
         target.lm_head = quantize_head(target.lm_head)
     if program.draft is not None:
@@ -112,15 +113,28 @@ def quantize_program(program: DecodeProgram, *, lm_head: bool = False, draft: bo
             raise UsageError(f"--quantize fp8-dynamic: {exc}; use --quantize fp8 for this target") from exc
 
 
+def quantize_as_built(program: DecodeProgram, quantize: str | None, *, lm_head: bool, draft: bool) -> None:
+    """What a build's quantize options do to its program: the pass, and ``api.build_program_of`` rebuilding a
+    build's torch reference from its manifest, must agree. ``--quantize`` quantizes the target's layers that are
+    still in full precision; without it (a pre-quantized FP8 checkpoint, whose layers are kept as they are),
+    ``--quantize-lm-head`` and ``--quantize-draft`` still quantize the head and the draft."""
+    if quantize in SCHEMES:
+        quantize_program(program, lm_head=lm_head, draft=draft, activations=quantize == "fp8-dynamic")
+    elif lm_head or draft:
+        quantize_program(program, layers=False, lm_head=lm_head, draft=draft)
+
+
 def run(state: BuildState) -> None:
     spec, program = state.spec, state.program
     assert program is not None and state.pair is not None
     pre = state.pair.target.quant
     if spec.quantize is None and pre is None:
+        if spec.quantize_lm_head or spec.quantize_draft:  # it would build in full precision without a word
+            flag = "--quantize-lm-head" if spec.quantize_lm_head else "--quantize-draft"
+            raise UsageError(f"{flag}: the target is not an FP8 checkpoint and --quantize is not set; add "
+                             f"--quantize fp8 (or fp8-dynamic), or drop {flag}")
         return
-    if spec.quantize in SCHEMES:
-        quantize_program(program, lm_head=spec.quantize_lm_head, draft=spec.quantize_draft,
-                         activations=spec.quantize == "fp8-dynamic")
+    quantize_as_built(program, spec.quantize, lm_head=spec.quantize_lm_head, draft=spec.quantize_draft)
     target, draft = program.target, program.draft
     state.quantization = {
         "method": spec.quantize or pre.layout.method,  # type: ignore[union-attr]

@@ -14,6 +14,7 @@ from dspark_compile.build_state import BuildState
 from dspark_compile.errors import UsageError
 from dspark_compile.models.layers import FP8_MAX, Fp8Linear, quantize_fp8
 from dspark_compile.passes import graft, quantize
+from tests.checkpoint.fp8_checkpoints import write_fp8_target
 from tests.passes.conftest import load_pair
 
 
@@ -73,6 +74,28 @@ def test_lm_head_and_draft_when_asked(golden_pair: tuple[Path, Path], tmp_path: 
     q = state.quantization
     assert q["lm_head"] and q["draft"] and "target.lm_head" in q["layers"] and "draft.fc" in q["layers"]
     assert "draft.layers.1.mlp.down_proj" in q["layers"] and "draft.markov_head.markov_w2" in q["layers"]
+
+
+def test_head_and_draft_of_an_fp8_checkpoint_without_quantize(golden_dir: Path, tmp_path: Path) -> None:
+    """A pre-quantized FP8 target: ``--quantize-lm-head`` / ``--quantize-draft`` apply without ``--quantize`` (they
+    were ignored), and the checkpoint's layers stay as it holds them (its block scales, [N, K / 32] here, not
+    re-quantized per channel)."""
+    pair = golden_dir / "dspark_tiny"
+    write_fp8_target(pair / "target", tmp_path / "fp8", "hf_block", block=(32, 32))
+    states = {}
+    for flags in (False, True):
+        (tmp_path / str(flags)).mkdir()
+        states[flags] = _state((tmp_path / "fp8", pair / "draft"), tmp_path / str(flags), quantize_lm_head=flags,
+                               quantize_draft=flags)
+    kept, both = states[False].program, states[True].program
+    assert type(kept.target.lm_head) is nn.Linear and not any(isinstance(m, Fp8Linear) for m in kept.draft.modules())
+    assert isinstance(both.target.lm_head, Fp8Linear) and both.draft.lm_head is both.target.lm_head
+    assert isinstance(both.draft.fc, Fp8Linear) and isinstance(both.draft.markov_head.markov_w2, Fp8Linear)
+    q, q0 = states[True].quantization, states[False].quantization
+    assert q["method"] == q0["method"] == "fp8_block" and q["scheme"] is None and q["lm_head"] and q["draft"]
+    layers = {k: v for k, v in q["layers"].items() if k.startswith("target.layers.")}
+    assert layers == q0["layers"] and len(layers) == 28
+    assert layers["target.layers.0.self_attn.q_proj"]["shape"] == [64, 2]
 
 
 def test_gemma4_softcapped_head_quantized_with_its_cap(golden_dir: Path, tmp_path: Path) -> None:
@@ -184,7 +207,7 @@ def test_dynamic_activation_scales_are_correctly_rounded_quotients() -> None:
 
 
 def test_readme_api_path_decodes_gemma4_with_e4m3_head_and_draft_losslessly(golden_dir: Path) -> None:
-    """The README's way to the quantized head (a build refuses --quantize-lm-head): ``quantize_program`` then
+    """The README's way to the quantized head on the torch CUDA-graph target: ``quantize_program`` then
     ``CudaGraphBackend``; on the CPU its rounds run the modules, Gemma4's soft-capped e4m3 head shared by the draft,
     and speculative decoding gives the target-only tokens."""
     from dspark_compile.models.gemma4 import SoftcappedFp8Head
