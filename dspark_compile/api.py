@@ -26,12 +26,17 @@ def _count(store: Any, names: Sequence[str]) -> int:
 
 
 def inspect_pair(target_dir: str | Path, draft_dir: str | Path, *, allow_nonfinite: bool = False) -> dict[str, Any]:
-    """Architecture, parameter counts, taps, block size, Markov rank, memory per dtype and a verdict."""
+    """Architecture, parameter counts, taps, block size, Markov rank, memory per dtype and a verdict. A
+    pre-quantized FP8 target's e4m3 weights count one byte in every dtype (a build keeps them so) and its scale
+    tensors as the float32 bytes they are, not as parameters."""
     target = load_target(target_dir, allow_nonfinite=allow_nonfinite)
     draft = load_draft(draft_dir, allow_nonfinite=allow_nonfinite)
     problems = validate_pair(target, draft)
     tc, dc = target.config, draft.config
-    target_params = _count(target.weights, target.weights.names())
+    scales = target.quant.extra_names() if target.quant is not None else set()
+    e4m3 = _count(target.weights, list(target.quant.tensors)) if target.quant is not None else 0
+    target_params = _count(target.weights, [n for n in target.weights.names() if n not in scales])
+    scale_bytes = 4 * _count(target.weights, sorted(scales))
     shared = ("embed_tokens.weight", "lm_head.weight")
     draft_own = [n for n in draft.weights.names() if n not in shared]
     draft_params = _count(draft.weights, draft_own)
@@ -43,6 +48,7 @@ def inspect_pair(target_dir: str | Path, draft_dir: str | Path, *, allow_nonfini
             "heads": tc.num_attention_heads, "kv_heads": tc.num_key_value_heads, "head_dim": tc.head_dim,
             "tied_embeddings": tc.tie_word_embeddings, "rope_theta": tc.rope.theta,
             "stored_dtypes": sorted({target.weights.dtype(n) for n in target.weights.names()}),
+            "quantization": target.quant.to_json() if target.quant is not None else None,
         },
         "draft": {
             "path": str(draft.path), "family": dc.base.family, "architecture": dc.base.architecture,
@@ -53,7 +59,7 @@ def inspect_pair(target_dir: str | Path, draft_dir: str | Path, *, allow_nonfini
             "confidence_head_with_markov": dc.confidence_head_with_markov,
             "stored_dtypes": sorted({draft.weights.dtype(n) for n in draft.weights.names()}),
         },
-        "memory_bytes": {k: (target_params + draft_params) * b for k, b in BYTES.items()},
+        "memory_bytes": {k: (target_params + draft_params - e4m3) * b + e4m3 + scale_bytes for k, b in BYTES.items()},
         "compatible": not problems,
         "problems": problems,
     }

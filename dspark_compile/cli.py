@@ -155,6 +155,9 @@ def inspect(target: Path, draft: Path | None, as_json: bool, allow_nonfinite: bo
         t.add_row("architecture", tg["architecture"], dr["architecture"])
         t.add_row("parameters", f"{tg['parameters']:,}", f"{dr['parameters_excluding_shared']:,} (+ shared)")
         t.add_row("layers", str(tg["layers"]), str(dr["layers"]))
+        if tg["quantization"] is not None:  # a pre-quantized FP8 checkpoint
+            q = tg["quantization"]
+            t.add_row("quantization", f"{q['method']}, {q['weights']} e4m3 weights", "")
         t.add_row("taps / block", "", f"{dr['target_layer_ids']} / γ={dr['block_size']}")
         t.add_row("markov", "", f"{dr['markov_head_type']} r={dr['markov_rank']}")
         t.add_row("confidence head", "", str(dr["confidence_head"]))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner, Result
 from safetensors import safe_open
 
@@ -186,6 +187,36 @@ def test_inspect_json_on_golden(golden_pair: tuple[Path, Path]) -> None:
                                       "bf16": 2 * (197312 + own)}
     human = run("inspect", str(target), str(draft)).stdout
     assert "compatible" in human and "NOT compatible" not in human
+
+
+@pytest.mark.parametrize("layout", ["hf_block", "modelopt"])
+def test_inspect_fp8_checkpoint_counts_e4m3_bytes(golden_pair: tuple[Path, Path], tmp_path: Path, layout: str) -> None:
+    """A pre-quantized FP8 target: its method named, the same parameters as the bf16 checkpoint it came from (the
+    scale tensors are not parameters), and memory with the e4m3 weights at one byte and the scales in float32 (it
+    counted every weight at the dtype's width)."""
+    from tests.checkpoint.fp8_checkpoints import write_fp8_target
+
+    target, draft = golden_pair
+    write_fp8_target(target, tmp_path / "fp8", layout, block=(32, 32))
+    report = json.loads(run("inspect", str(tmp_path / "fp8"), str(draft), "--json").stdout)
+    t = report["target"]
+    assert t["quantization"]["method"] == {"hf_block": "fp8_block", "modelopt": "fp8_tensor"}[layout]
+    assert t["quantization"]["weights"] == 28 and t["parameters"] == 197312 and report["compatible"]
+    own = report["draft"]["parameters_excluding_shared"]
+    e4m3 = _numel(tmp_path / "fp8", skip=tuple(n for n, dtype in _dtypes(tmp_path / "fp8").items()
+                                               if dtype != torch.float8_e4m3fn))
+    scales = _numel(tmp_path / "fp8") - 197312  # the tensors the bf16 checkpoint did not have
+    assert 0 < scales < e4m3 < 197312
+    for dtype, width in (("fp32", 4), ("bf16", 2)):
+        assert report["memory_bytes"][dtype] == width * (197312 + own - e4m3) + e4m3 + 4 * scales
+    assert "28 e4m3 weights" in run("inspect", str(tmp_path / "fp8"), str(draft)).stdout
+    plain = json.loads(run("inspect", str(target), str(draft), "--json").stdout)
+    assert plain["target"]["quantization"] is None
+
+
+def _dtypes(directory: Path) -> dict[str, torch.dtype]:
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        return {n: f.get_tensor(n).dtype for n in f.keys()}  # noqa: SIM118
 
 
 def test_inspect_incompatible_pair_lists_every_problem(make_pair: Any) -> None:
