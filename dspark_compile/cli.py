@@ -103,7 +103,10 @@ def _inspect_build(build_dir: Path, as_json: bool) -> None:
     engines = [{k: p[k] for k in ("graph", "segment", "segments", "plan_bytes", "weight_bytes", "activation_bytes",
                                   "activation_source") if k in p}
                for p in (manifest.get("engines") or {}).get("plans") or []]
-    report = {"build": str(build_dir), "memory": memory, "engines": engines}
+    q = manifest.get("quantization")
+    quantized = None if q is None else {"method": q["method"], "lm_head": q["lm_head"], "draft": q["draft"],
+                                        "fp8_products": len(q["layers"])}
+    report = {"build": str(build_dir), "memory": memory, "engines": engines, "quantization": quantized}
 
     def human(r: dict[str, Any]) -> None:
         m = r["memory"]
@@ -113,6 +116,9 @@ def _inspect_build(build_dir: Path, as_json: bool) -> None:
                  f"  activations  {gib(m['activation_bytes'])} ({', '.join(m['activation_source'])})",
                  f"  buffers      {gib(m['buffer_bytes'])}",
                  f"  total        {gib(m['total_bytes'])}"]
+        if (fp8 := r["quantization"]) is not None:
+            parts = ["the target's layers"] + ["the LM head"] * fp8["lm_head"] + ["the draft"] * fp8["draft"]
+            lines.append(f"  e4m3 weights ({fp8['method']}, {fp8['fp8_products']} products): {', '.join(parts)}")
         for e in r["engines"]:
             part = f" segment {e['segment']}/{e['segments']}" if "segment" in e else ""
             lines.append(f"  engine {e['graph']}{part}: plan {gib(e['plan_bytes'])}, weights {gib(e['weight_bytes'])}, "

@@ -93,7 +93,8 @@ def test_build_quantize_fp8_with_acceptance_gate(golden_dir: Path, tmp_path: Pat
 @pytest.mark.slow  # one ONNX export and three decodes
 @pytest.mark.parametrize(("pair_name", "mode"), [("dspark_tiny", "greedy"), ("dspark_tiny", "sampling"),
                                                   ("dspark_tiny_gemma4", "greedy")])
-def test_build_with_e4m3_lm_head(golden_dir: Path, tmp_path: Path, pair_name: str, mode: str) -> None:
+def test_build_with_e4m3_lm_head(golden_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], pair_name: str,
+                                mode: str) -> None:
     """``--quantize-lm-head``: both graphs take the e4m3 head (FLOAT8E4M3FN) and its scales as weight inputs,
     stored once in weights.bin beside the full-precision embedding; onnxruntime decodes exactly as the torch
     reference of the same model, and greedy speculative decoding equals the same graphs' target-only decoding.
@@ -103,6 +104,8 @@ def test_build_with_e4m3_lm_head(golden_dir: Path, tmp_path: Path, pair_name: st
     res = api.build(target=pair / "target", draft=pair / "draft", out=out, quantize="fp8", quantize_lm_head=True,
                     quantize_draft=True, verify_mode=mode, progress=False)
     assert res.manifest["quantization"]["lm_head"]
+    code, text, _ = _cli(["inspect", str(out)], capsys)
+    assert code == 0 and "  e4m3 weights (fp8, " in text and "): the target's layers, the LM head, the draft" in text
     inputs = res.manifest["weight_inputs"]
     assert {k: (v["dtype"], v["shape"]) for k, v in inputs.items()} == {
         "embed_tokens": ("float32", [384, 64]), "lm_head": ("float8_e4m3fn", [384, 64]),
