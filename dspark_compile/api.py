@@ -28,7 +28,7 @@ def _count(store: Any, names: Sequence[str]) -> int:
 def inspect_pair(target_dir: str | Path, draft_dir: str | Path, *, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Architecture, parameter counts, taps, block size, Markov rank, memory per dtype and a verdict. A
     pre-quantized FP8 target's e4m3 weights count one byte in every dtype (a build keeps them so) and its scale
-    tensors as the float32 bytes they are, not as parameters."""
+    tensors four (a build keeps them in float32); the scales are not parameters."""
     target = load_target(target_dir, allow_nonfinite=allow_nonfinite)
     draft = load_draft(draft_dir, allow_nonfinite=allow_nonfinite)
     problems = validate_pair(target, draft)
@@ -131,7 +131,7 @@ def build_program_of(manifest: dict[str, Any], *, device: str = "cpu", dtype: st
     info = ProgramInfo.from_json(manifest["program"])
     program = build_program(Path(spec["target"]), Path(spec["draft"]) if spec.get("draft") else None,
                             dtype=dtype or info.dtype, device="cpu", allow_nonfinite=spec.get("allow_nonfinite", False))
-    if manifest.get("quantization"):  # (a build before the flags were refused alone recorded them, unapplied)
+    if manifest.get("quantization"):  # older builds may record head/draft flags they never applied (quantization null)
         quantize_as_built(program, spec.get("quantize"), lm_head=spec.get("quantize_lm_head", False),
                           draft=spec.get("quantize_draft", False))
     program.target.to(device)

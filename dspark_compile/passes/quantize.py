@@ -118,10 +118,9 @@ def quantize_as_built(program: DecodeProgram, quantize: str | None, *, lm_head: 
     build's torch reference from its manifest, must agree. ``--quantize`` quantizes the target's layers that are
     still in full precision; without it (a pre-quantized FP8 checkpoint, whose layers are kept as they are),
     ``--quantize-lm-head`` and ``--quantize-draft`` still quantize the head and the draft."""
-    if quantize in SCHEMES:
-        quantize_program(program, lm_head=lm_head, draft=draft, activations=quantize == "fp8-dynamic")
-    elif lm_head or draft:
-        quantize_program(program, layers=False, lm_head=lm_head, draft=draft)
+    if quantize in SCHEMES or lm_head or draft:
+        quantize_program(program, layers=quantize in SCHEMES, lm_head=lm_head, draft=draft,
+                         activations=quantize == "fp8-dynamic")
 
 
 def run(state: BuildState) -> None:
