@@ -749,7 +749,8 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
     # gelu_tanh_mul) and after the seams were first set on the layers in full precision; within float32 summation
     # order of the modules' own forward (each weight dequantized), as is a layer whose gate|up mixes e4m3 and full
     # precision (run unfused). The draft's layers (e4m3 too) project q, k and v apart: each its own FP8 product.
-    # The soft-capped LM head in e4m3 (--quantize-lm-head): the FP8 GEMM, then the cap, shared with the draft.
+    # The soft-capped LM head in e4m3 (--quantize-lm-head): the FP8 GEMM, then the cap, shared with the draft. The
+    # draft's fc in e4m3 (--quantize-draft): the FP8 GEMM too.
     from dspark_compile.models.gemma4_draft import Gemma4DraftLayer
     from dspark_compile.passes.quantize import quantize_program
     from dspark_compile.targets.torch.static_forward import _KernelFp8Linear, _Linear, _use_gemma4_kernels
@@ -773,6 +774,7 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
             _use_gemma4_kernels(p.target, p.draft)
             head = p.target.lm_head
             assert type(head) is _KernelFp8Linear and head.cap == cap is not None and p.draft.lm_head is head, case
+            assert type(p.draft.fc) is _KernelFp8Linear, case  # its module forward dequantizes at every block
             for layer in [*layers, *draft_layers]:
                 attn, mlp = layer.self_attn, layer.mlp
                 if layer in draft_layers:
@@ -805,6 +807,10 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
         steps += [prog.draft_step(anchor, ctx, count, torch.tensor([3, 40]), dkv, 64), dkv]
         if case in ("1", "again"):
             assert sum(calls) == len(draft_layers), (case, calls)
+        if case is not None:  # every product the FP8 GEMM: fc, then per layer (K = V) q, k of the context rows and
+            # of the block's, o, gate|up, down
+            assert all(layer.self_attn.v_proj is None for layer in draft_layers)
+            assert len(calls) == 1 + 6 * len(draft_layers) and not calls[0], (case, calls)
         torch.manual_seed(5)
         steps.append(p.target.lm_head(torch.randn(3, p.target.cfg.hidden_size) * 8))  # beyond the cap unless capped
         outs[case] = steps

@@ -719,14 +719,17 @@ def kernel_kind(name: str) -> str:
     return "elementwise_other"
 
 
-def profile_kernels(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
+def profile_kernels(fn: Callable[[], Any], calls: int = 5, *, ops: bool = False) -> dict[str, Any]:
     """Device kernel time of ``fn`` (already warm) per call, by :func:`kernel_kind` and the top kernels. With
     programmatic dependent launch (``kernels.pdl_options``) a kernel's time includes its wait for the previous
-    one: profile a process started with ``DSPARK_PDL=0`` to compare kernels."""
+    one: profile a process started with ``DSPARK_PDL=0`` to compare kernels. ``ops``: also the torch operators
+    with the most device time, by input shapes (``fn`` run eagerly, not as a captured graph, has them): which
+    module a kernel of the by-kind table came from."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if ops else [ProfilerActivity.CUDA]
+    with profile(activities=activities, record_shapes=ops) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
@@ -741,7 +744,13 @@ def profile_kernels(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
         k[0] += us
         k[1] += 1
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
-    return {"kernel_ms_per_call": sum(kinds.values()) / calls / 1e3,
-            "by_kind_ms": {k: round(v / calls / 1e3, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [{"name": n, "ms_per_call": round(v[0] / calls / 1e3, 4), "launches_per_call": v[1] / calls}
-                            for n, v in top]}
+    out = {"kernel_ms_per_call": sum(kinds.values()) / calls / 1e3,
+           "by_kind_ms": {k: round(v / calls / 1e3, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+           "top_kernels": [{"name": n, "ms_per_call": round(v[0] / calls / 1e3, 4), "launches_per_call": v[1] / calls}
+                           for n, v in top]}
+    if ops:  # device time includes the operators' children (aten::to's copy_): read a row with those below it
+        rows = [r for r in prof.key_averages(group_by_input_shape=True) if "::" in r.key and r.device_time_total > 0]
+        out["top_ops"] = [{"op": r.key, "input_shapes": str(r.input_shapes), "calls_per_call": r.count / calls,
+                           "ms_per_call": round(r.device_time_total / calls / 1e3, 4)}
+                          for r in sorted(rows, key=lambda r: -r.device_time_total)[:20]]
+    return out

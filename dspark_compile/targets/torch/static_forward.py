@@ -308,6 +308,8 @@ def _use_gemma4_kernels(target: nn.Module, draft: nn.Module | None) -> None:
 
     if type(target.lm_head) is SoftcappedFp8Head:  # --quantize-lm-head: the FP8 GEMM, then the cap
         _use_kernel_head(target, draft)
+    if draft is not None and type(draft.fc) is Fp8Linear:  # --quantize-draft: its own forward dequantizes
+        draft.fc = _KernelFp8Linear(draft.fc)  # the whole taps x hidden matrix at every block
     for model in (target, draft):
         for module in list(model.modules()) if model is not None else ():
             if isinstance(module, GemmaRMSNorm):
