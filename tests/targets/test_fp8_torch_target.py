@@ -720,6 +720,12 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
 
     # the fused program: gate|up in pairs finishing SwiGLU in its store (no silu_mul launch), target and draft,
     # bit for bit the same program with DSPARK_GLU_STORE=0
+    dequantized = []  # e4m3 weights a module's own forward dequantized (the seams should leave none in a step)
+    module_dequantized = Fp8Linear.dequantized
+    def counted_dequantized(self, dtype):
+        dequantized.append(tuple(self.weight.shape))
+        return module_dequantized(self, dtype)
+    Fp8Linear.dequantized = counted_dequantized
     golden = Path(sys.argv[1])
     decode_gemm._config = lambda x, w, handoff=False: (16, 32, 32, 0, 4, 3, 0)  # one split: the store's case
     os.environ["DSPARK_FRAGMENT_ORDER"] = "0"  # whose K tiles of 32 a weight in fragment order (64) cannot take
@@ -730,7 +736,9 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
         quantize_program(p, draft=True)
         prog = StaticProgram(p.target, p.draft, fused=True, attention="reference")
         assert prog._target_weights[0].gate_up.weight.paired == (switch == "1")
+        dequantized.clear()
         outs.append(program_steps(prog, p, calls))
+        assert not dequantized, (switch, dequantized)
     (h0, t0, k0, b0, d0, tc0, dc0), (h1, t1, k1, b1, d1, tc1, dc1) = outs
     assert not any(tc0 + dc0) and sum(tc1) == len(p.target.layers) and sum(dc1) == len(p.draft.layers), (tc1, dc1)
     for name, a, b in (("hidden", h0, h1), ("taps", t0, t1), ("cache", k0, k1), ("draft", b0, b1),
@@ -790,6 +798,7 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
                 assert type(attn.o_proj) is type(mlp.down_proj) is _KernelFp8Linear and layer.linear is None, case
         prog = StaticProgram(p.target, p.draft, fused=False, attention="reference")
         steps = []
+        dequantized.clear()
         for t in (1, 8):
             torch.manual_seed(t)
             ids, cl = torch.randint(0, 384, (2, t)), torch.tensor([3, 40])
@@ -811,6 +820,7 @@ GLU_SCRIPT = _PROGRAM_STEPS + textwrap.dedent(
             # of the block's, o, gate|up, down
             assert all(layer.self_attn.v_proj is None for layer in draft_layers)
             assert len(calls) == 1 + 6 * len(draft_layers) and not calls[0], (case, calls)
+            assert not dequantized, (case, dequantized)  # target and draft steps: no weight dequantized
         torch.manual_seed(5)
         steps.append(p.target.lm_head(torch.randn(3, p.target.cfg.hidden_size) * 8))  # beyond the cap unless capped
         outs[case] = steps
