@@ -749,9 +749,9 @@ def profile_kernels(fn: Callable[[], Any], calls: int = 5, *, ops: bool = False)
            "top_kernels": [{"name": n, "ms_per_call": round(v[0] / calls / 1e3, 4), "launches_per_call": v[1] / calls}
                            for n, v in top]}
     if ops:  # device time includes the operators' children (aten::to's copy_): read a row with those below it
-        cpu = torch.autograd.DeviceType.CPU  # operators (their kernels are rows of their own, on the device)
+        cpu = torch.autograd.DeviceType.CPU  # operators (aten::, dspark::): not kernels, nor runtime calls
         rows = [r for r in prof.key_averages(group_by_input_shape=True)
-                if r.device_type == cpu and not r.key.startswith("cuda") and r.device_time_total > 0]
+                if r.device_type == cpu and "::" in r.key and r.device_time_total > 0]
         out["top_ops"] = [{"op": r.key, "input_shapes": str(r.input_shapes), "calls_per_call": r.count / calls,
                            "ms_per_call": round(r.device_time_total / calls / 1e3, 4)}
                           for r in sorted(rows, key=lambda r: -r.device_time_total)[:20]]
