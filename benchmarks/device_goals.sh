@@ -9,9 +9,10 @@
 # 3. the Gemma4-12B step by kernel with the head and draft in e4m3 (why its FP8 step runs further above its floor
 #    than Qwen3-8B's): $OUT/profile_step_<card>_gemma4_fp8_head_draft.json (PROFILE=0 skips it; GEMMA4=0 skips
 #    2 and 3, for a call with little device time left);
-# 4. MARKOV_L2=1 (GOALS=0 skips 1): W2's lines kept in L2 (DSPARK_MARKOV_L2) off then on, on either card: the Markov
-#    kernel alone (benchmarks/markov_kernel.py, e4m3 W2, $OUT/markov_l2_<card>_{0,1}.json), then the B = 1 rounds
-#    of bf16 and FP8 + head + draft ($OUT/markov_l2_ab_<card>.tgz).
+# 4. MARKOV_L2=1 (GOALS=0 skips 1): W2's lines kept in L2 (DSPARK_MARKOV_L2 = 0, 1, 2: off, marked once read,
+#    also asked for before the wait), on either card: the Markov kernel alone (benchmarks/markov_kernel.py, e4m3 W2,
+#    $OUT/markov_l2_<card>_<mode>.json), then the B = 1 rounds of bf16 and FP8 + head + draft in each mode
+#    ($OUT/markov_l2_ab_<card>.tgz; L2_MODES picks the modes, e.g. "0 1").
 # Usage (repository root, on the device): OUT=$OUT bash benchmarks/device_goals.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
@@ -36,13 +37,13 @@ if [ "${GEMMA4:-1}" = 1 ] && [ "${PROFILE:-1}" = 1 ]; then
   echo "profile rc=$?"
 fi
 if [ "${MARKOV_L2:-0}" = 1 ]; then
-  for m in 0 1; do
+  for m in ${L2_MODES:-0 1 2}; do
     DSPARK_MARKOV_L2=$m PYTHONPATH=$PWD timeout 100 python benchmarks/markov_kernel.py --e4m3-w2 --batch 1,4,16 \
         --configs default > "$OUT/markov_l2_${CARD}_$m.json" 2> "$OUT/markov_l2_${CARD}_$m.err"
     python -c "import json; d = json.load(open('$OUT/markov_l2_${CARD}_$m.json')); print('DSPARK_MARKOV_L2=$m', \
         {b: r['default'] for b, r in d['rows'].items()}, 'floor', d['floor_ms_per_block'])"
   done
-  OUT=$OUT AB_VAR=DSPARK_MARKOV_L2 CHAIN=0 TESTS=0 KINDS=bf16,fp8_head_draft ROUND_TIMEOUT=${ROUND_TIMEOUT:-120} \
-      CHOICES_FROM=benchmarks/results/gemm_choices_$CARD.json bash benchmarks/device_pdl.sh
+  OUT=$OUT AB_VAR=DSPARK_MARKOV_L2 MODES="${L2_MODES:-0 1 2}" CHAIN=0 TESTS=0 KINDS=bf16,fp8_head_draft \
+      ROUND_TIMEOUT=${ROUND_TIMEOUT:-120} CHOICES_FROM=benchmarks/results/gemm_choices_$CARD.json bash benchmarks/device_pdl.sh
   mv "$OUT/pdl.tgz" "$OUT/markov_l2_ab_$CARD.tgz"
 fi

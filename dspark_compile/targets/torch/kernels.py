@@ -734,9 +734,17 @@ markov_kernel.py``, docs/BENCH.md); not measured above."""
 MARKOV_TAIL_ROWS = 16
 """Rows the kernels' last program works on at a time (its tiles: 4096 elements, rows × blocks or hidden)."""
 MARKOV_L2_ENV = "DSPARK_MARKOV_L2"
-"""On (off by default, not yet measured): the Markov kernels load W2 with L2's evict_last hint. The draft reads
-W2 once per position (γ times a round, 39 MB in e4m3 at Qwen3-8B's vocabulary); every other weight a round reads
-streams through once."""
+"""1 (off by default, not yet measured): the Markov kernels mark W2's lines evict_last in L2 once read; 2: each
+program also asks for its lines (the same hint) before it waits for the kernel before it. The draft reads W2 once
+per position (γ times a round, 39 MB in e4m3 at Qwen3-8B's vocabulary); every other weight a round reads streams
+through once."""
+
+
+def _markov_l2_mode() -> int:
+    """``DSPARK_MARKOV_L2``: 2, else 1 when switched on (:func:`switched_on`), else 0."""
+    if os.environ.get(MARKOV_L2_ENV, "").strip() == "2":
+        return 2
+    return int(switched_on(MARKOV_L2_ENV, default=False))
 
 
 @triton.jit
@@ -777,8 +785,8 @@ def _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, 
     V): base logits + W2·W1[prev], the bias rounded to the model dtype as ``nn.Linear`` returns it. The
     confidence head's logit needs only h_k and the previous token, so program 0 computes it beside its block.
     ``W2_SCALED``: W2 is e4m3 with a scale per vocabulary row, widened to the model dtype as ``Fp8Linear``
-    dequantizes it (half the bytes). ``W2_KEPT``: once read, the block's W2 lines are marked evict_last in L2, so
-    the next position's read, and the next round's, may hit there instead of HBM."""
+    dequantizes it (half the bytes). ``W2_KEPT`` (:data:`MARKOV_L2_ENV`): once read, the block's W2 lines are
+    marked evict_last in L2, so the next position's read, and the next round's, may hit there instead of HBM."""
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
     prev = tl.load(prev_ptr + rows * prev_stride, mask=rmask, other=0)
@@ -801,13 +809,19 @@ def _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, 
             w2 = (w2.to(tl.float32) * s2[:, None]).to(dt)
         e = tl.load(w1_ptr + prev[None, :] * R + j[:, None], mask=rmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_B]
         bias = tl.dot(w2, e, bias, input_precision=PRECISION)
-    if W2_KEPT:  # the block's rows are contiguous: a hint per 128-byte line of them, the last line at most
-        per_line: tl.constexpr = 1024 // w2_ptr.dtype.element_ty.primitive_bitwidth
-        at = pid * BLOCK_V * R + tl.arange(0, BLOCK_V * R // per_line) * per_line
-        _l2_keep(w2_ptr + tl.minimum(at, V * R - 1))
+    if W2_KEPT:
+        _l2_keep(_w2_lines(w2_ptr, pid, V, R, BLOCK_V))
     if PDL:  # the next position's blocks are dispatched once this one's transition rows are read (not earlier:
         gdc_launch_dependents()  # waiting blocks would hold SM slots the stream needs, as for the decode GEMM)
     return tl.where(vmask[:, None], base.to(tl.float32) + _round(bias, dt), float("-inf"))
+
+
+@triton.jit
+def _w2_lines(w2_ptr, pid, V, R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One address per 128-byte line of vocabulary block ``pid``'s W2 rows (contiguous), the last line at most."""
+    per_line: tl.constexpr = 1024 // w2_ptr.dtype.element_ty.primitive_bitwidth
+    at = pid * BLOCK_V * R + tl.arange(0, BLOCK_V * R // per_line) * per_line
+    return w2_ptr + tl.minimum(at, V * R - 1)
 
 
 @triton.jit
@@ -826,14 +840,16 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
                           TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                           HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
                           W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False,
-                          W2_KEPT: tl.constexpr = False):
+                          W2_KEPT: tl.constexpr = 0):
     """Position ``k`` of greedy Markov sampling: program v scores vocabulary block v for every row
     (:func:`_markov_block_logits`) and keeps its best; the last program to finish (an atomic counter) takes the
     first maximum over the blocks in order — argmax's choice — and writes the token. The tail works on
     ``TAIL_ROWS`` rows at a time with wide tiles (one load of every block's best at batch 1)."""
+    pid = tl.program_id(0)
+    if W2_KEPT == 2:  # W2 is a weight no predecessor writes: asked for before the wait, while the one before ends
+        _l2_keep(_w2_lines(w2_ptr, pid, V, R, BLOCK_V))
     if PDL:
         gdc_wait()
-    pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -904,7 +920,7 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
                           TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                           HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
                           W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False,
-                          W2_KEPT: tl.constexpr = False):
+                          W2_KEPT: tl.constexpr = 0):
     """Position ``k`` of Markov sampling at temperature T: program v first finishes position k − 1's block v of
     the distribution (its stats are known once that launch's tail ran), then scores its block of position k
     (:func:`_markov_block_logits`), stores z = logits / T there and keeps the block's max, first argmax and
@@ -912,9 +928,11 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
     mass, and draws by inverse CDF: the first block whose running share passes u · the total, then the first
     index inside it (reading the block's z back); rows at T ≤ 0 take argmax. One launch per position replaces
     the module's ~20 (softmax, cumulative sum, comparisons, argmaxes over the vocabulary)."""
+    pid = tl.program_id(0)
+    if W2_KEPT == 2:  # W2 is a weight no predecessor writes: asked for before the wait, while the one before ends
+        _l2_keep(_w2_lines(w2_ptr, pid, V, R, BLOCK_V))
     if PDL:
         gdc_wait()
-    pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
     if k > 0:
@@ -1075,7 +1093,7 @@ def _markov(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: 
                   BLOCK_H=min(wide, triton.next_power_of_2(hid)), BLOCK_C=min(wide, triton.next_power_of_2(nv)),
                   HAS_CONF=has_conf, CONF_MARKOV=conf_markov,
                   PRECISION="ieee" if w1.dtype == torch.float32 else None, W2_SCALED=w2_scale is not None,
-                  W2_KEPT=base.is_cuda and switched_on(MARKOV_L2_ENV, default=False),
+                  W2_KEPT=_markov_l2_mode() if base.is_cuda else 0,
                   num_warps=warps, **pdl_options(base, bsz))
     if sampling is not None:
         temperature, uniforms, probs = sampling
