@@ -11,8 +11,8 @@
 #    2 and 3, for a call with little device time left);
 # 4. MARKOV_L2=1 (GOALS=0 skips 1): W2's lines kept in L2 (DSPARK_MARKOV_L2 = 0, 1, 2: off, marked once read,
 #    also asked for before the wait), on either card: the Markov kernel alone (benchmarks/markov_kernel.py, e4m3 W2,
-#    $OUT/markov_l2_<card>_<mode>.json), then the B = 1 rounds of bf16 and FP8 + head + draft in each mode
-#    ($OUT/markov_l2_ab_<card>.tgz; L2_MODES picks the modes, e.g. "0 1").
+#    $OUT/markov_l2_<card>_<mode>.json), then the B = 1 rounds of bf16 and FP8 + head + draft, off against the
+#    mode faster alone at B = 1 ($OUT/markov_l2_ab_<card>.tgz; L2_MODES picks the kernel's modes, e.g. "0 1").
 # Usage (repository root, on the device): OUT=$OUT bash benchmarks/device_goals.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
@@ -43,7 +43,10 @@ if [ "${MARKOV_L2:-0}" = 1 ]; then
     python -c "import json; d = json.load(open('$OUT/markov_l2_${CARD}_$m.json')); print('DSPARK_MARKOV_L2=$m', \
         {b: r['default'] for b, r in d['rows'].items()}, 'floor', d['floor_ms_per_block'])"
   done
-  OUT=$OUT AB_VAR=DSPARK_MARKOV_L2 MODES="${L2_MODES:-0 1 2}" CHAIN=0 TESTS=0 KINDS=bf16,fp8_head_draft \
+  best=$(python -c "import json; ms = {m: json.load(open(f'$OUT/markov_l2_${CARD}_{m}.json'))['rows']['b1']['default'] \
+      .get('ms_per_block', 1e9) for m in '${L2_MODES:-0 1 2}'.split() if m != '0'}; print(min(ms, key=ms.get))")
+  echo "rounds: DSPARK_MARKOV_L2=0 against $best (the faster kernel alone at B = 1)"
+  OUT=$OUT AB_VAR=DSPARK_MARKOV_L2 MODES="0 $best" CHAIN=0 TESTS=0 KINDS=bf16,fp8_head_draft \
       ROUND_TIMEOUT=${ROUND_TIMEOUT:-120} CHOICES_FROM=benchmarks/results/gemm_choices_$CARD.json bash benchmarks/device_pdl.sh
   mv "$OUT/pdl.tgz" "$OUT/markov_l2_ab_$CARD.tgz"
 fi
