@@ -8,17 +8,13 @@
 #    $OUT/gemma4_head_<card>.tgz, then the Gemma4 GPU tests of tests/targets/test_fp8_torch_target.py;
 # 3. the Gemma4-12B step by kernel with the head and draft in e4m3 (why its FP8 step runs further above its floor
 #    than Qwen3-8B's): $OUT/profile_step_<card>_gemma4_fp8_head_draft.json (PROFILE=0 skips it; GEMMA4=0 skips
-#    2 and 3, for a call with little device time left);
-# 4. MARKOV_L2=1 (GOALS=0 skips 1): W2's lines kept in L2 (DSPARK_MARKOV_L2 = 0, 1, 2: off, marked once read,
-#    also asked for before the wait), on either card: the Markov kernel alone (benchmarks/markov_kernel.py, e4m3 W2,
-#    $OUT/markov_l2_<card>_<mode>.json), then the B = 1 rounds of bf16 and FP8 + head + draft, off against the
-#    mode faster alone at B = 1 ($OUT/markov_l2_ab_<card>.tgz; L2_MODES picks the kernel's modes, e.g. "0 1").
+#    2 and 3, for a call with little device time left).
 # Usage (repository root, on the device): OUT=$OUT bash benchmarks/device_goals.sh
 set -u
 OUT=${OUT:?set OUT to the output directory}
 nvidia-smi -L
 if nvidia-smi -L | grep -q H200; then CARD=h200; else CARD=h100; fi
-if [ $CARD = h200 ] && [ "${GOALS:-1}" = 1 ]; then
+if [ $CARD = h200 ]; then
   OUT=$OUT AB_VAR=DSPARK_GLU_STORE CHAIN=0 TESTS=0 CHOICES_FROM=benchmarks/results/gemm_choices_h200.json \
       ROUND_TIMEOUT=${ROUND_TIMEOUT:-120} bash benchmarks/device_pdl.sh
   mv "$OUT/pdl.tgz" "$OUT/goals_h200.tgz"
@@ -35,18 +31,4 @@ if [ "${GEMMA4:-1}" = 1 ] && [ "${PROFILE:-1}" = 1 ]; then
   PYTHONPATH=$PWD timeout ${PROFILE_TIMEOUT:-120} python benchmarks/profile_step.py --shape gemma4-12b \
       --quantize fp8-head-draft > "$OUT/profile_step_${CARD}_gemma4_fp8_head_draft.json"
   echo "profile rc=$?"
-fi
-if [ "${MARKOV_L2:-0}" = 1 ]; then
-  for m in ${L2_MODES:-0 1 2}; do
-    DSPARK_MARKOV_L2=$m PYTHONPATH=$PWD timeout 100 python benchmarks/markov_kernel.py --e4m3-w2 --batch 1,4,16 \
-        --configs default > "$OUT/markov_l2_${CARD}_$m.json" 2> "$OUT/markov_l2_${CARD}_$m.err"
-    python -c "import json; d = json.load(open('$OUT/markov_l2_${CARD}_$m.json')); print('DSPARK_MARKOV_L2=$m', \
-        {b: r['default'] for b, r in d['rows'].items()}, 'floor', d['floor_ms_per_block'])"
-  done
-  best=$(python -c "import json; ms = {m: json.load(open(f'$OUT/markov_l2_${CARD}_{m}.json'))['rows']['b1']['default'] \
-      .get('ms_per_block', 1e9) for m in '${L2_MODES:-0 1 2}'.split() if m != '0'}; print(min(ms, key=ms.get))")
-  echo "rounds: DSPARK_MARKOV_L2=0 against $best (the faster kernel alone at B = 1)"
-  OUT=$OUT AB_VAR=DSPARK_MARKOV_L2 MODES="0 $best" CHAIN=0 TESTS=0 KINDS=bf16,fp8_head_draft \
-      ROUND_TIMEOUT=${ROUND_TIMEOUT:-120} CHOICES_FROM=benchmarks/results/gemm_choices_$CARD.json bash benchmarks/device_pdl.sh
-  mv "$OUT/pdl.tgz" "$OUT/markov_l2_ab_$CARD.tgz"
 fi

@@ -293,7 +293,7 @@ def main() -> int:
         if dtype != "bf16" and not any(isinstance(m, Fp8Linear) for m in target.layers.modules()):
             quantize_module(target.layers)
         if "head_draft" in dtype and not isinstance(head, Fp8Linear):  # every weight the round reads
-            head = quantize_head(target.lm_head)
+            head = quantize_head(head)  # the module form: an earlier kind's backend wrapped target.lm_head
             quantize_module(draft, skip=DRAFT_KEPT)
         target.lm_head = draft.lm_head = head  # its module form: StaticProgram wraps it for this kind
         for model in (target, draft):  # the modules serve every kind: activations as this kind quantizes them

@@ -66,28 +66,6 @@ def test_markov_kernel_loads_the_base_logits_before_the_w2_loop() -> None:
     assert not late, f"loads after the W2 loop: {late}"
 
 
-@pytest.mark.parametrize("kernel,scaled,per_thread,mode", [("greedy", True, 2, 1), ("greedy", False, 4, 1),
-                                                          ("sample", True, 2, 1), ("greedy", True, 2, 2),
-                                                          ("sample", False, 4, 2)])
-def test_markov_kernel_marks_its_w2_lines_evict_last_only_when_asked(kernel: str, scaled: bool, per_thread: int,
-                                                                     mode: int) -> None:
-    """``DSPARK_MARKOV_L2``: one L2 evict_last prefetch (``CCTL.E.PML2``) per 128-byte line of the program's W2
-    rows (128 rows of 256 e4m3 or bf16 values over 128 threads) after the W2 loop has read them, before the
-    program's best is published; with 2, the same hints before the program waits for its predecessor
-    (``ACQBULK``) too; none without it."""
-    from dspark_compile.targets.torch import kernels as k
-
-    fn = k._markov_greedy_kernel if kernel == "greedy" else k._markov_sample_kernel
-    consts = {"R": 256, "BLOCK_V": 128, "BLOCK_B": 16, "BLOCK_R": 64, "TAIL_ROWS": 1, "BLOCK_H": 4096,
-              "BLOCK_C": 2048, "HAS_CONF": True, "CONF_MARKOV": True, "PRECISION": None, "W2_SCALED": scaled}
-    ops = _sass(fn, consts | {"W2_KEPT": mode}, 4)
-    marks = [i for i, op in enumerate(ops) if op.startswith("CCTL.E.PML2")]
-    early, late = marks[: per_thread * (mode - 1)], marks[per_thread * (mode - 1):]
-    assert len(late) == per_thread and all(i < _first(ops, "ACQBULK") for i in early), marks
-    assert _last(ops, "HGMMA") < late[0] and late[-1] < _first(ops, "ATOMG")
-    assert not [op for op in _sass(fn, consts, 4) if op.startswith("CCTL.E.P")]
-
-
 @pytest.mark.parametrize("name,warps", [("qk_norm_rope", 1), ("act_mul", 4)])
 def test_consumers_of_normed_partials_issue_their_loads_before_any_shuffle(name: str, warps: int) -> None:
     from dspark_compile.targets.torch import kernels as k

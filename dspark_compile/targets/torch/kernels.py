@@ -733,18 +733,6 @@ to 64 rows, and than row chunks of 16 at 32 and 64 (greedy, H200; sampling at 64
 markov_kernel.py``, docs/BENCH.md); not measured above."""
 MARKOV_TAIL_ROWS = 16
 """Rows the kernels' last program works on at a time (its tiles: 4096 elements, rows × blocks or hidden)."""
-MARKOV_L2_ENV = "DSPARK_MARKOV_L2"
-"""1 (off by default, not yet measured): the Markov kernels mark W2's lines evict_last in L2 once read; 2: each
-program also asks for its lines (the same hint) before it waits for the kernel before it. The draft reads W2 once
-per position (γ times a round, 39 MB in e4m3 at Qwen3-8B's vocabulary); every other weight a round reads streams
-through once."""
-
-
-def _markov_l2_mode() -> int:
-    """``DSPARK_MARKOV_L2``: 2, else 1 when switched on (:func:`switched_on`), else 0."""
-    if os.environ.get(MARKOV_L2_ENV, "").strip() == "2":
-        return 2
-    return int(switched_on(MARKOV_L2_ENV, default=False))
 
 
 @triton.jit
@@ -780,13 +768,12 @@ def _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, 
                          BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                          TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, HAS_CONF: tl.constexpr,
                          CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr, W2_SCALED: tl.constexpr,
-                         PDL: tl.constexpr, W2_KEPT: tl.constexpr):
+                         PDL: tl.constexpr):
     """Vocabulary block ``pid`` of position ``k``'s logits for every row, [BLOCK_V, BLOCK_B] float32 (−inf past
     V): base logits + W2·W1[prev], the bias rounded to the model dtype as ``nn.Linear`` returns it. The
     confidence head's logit needs only h_k and the previous token, so program 0 computes it beside its block.
     ``W2_SCALED``: W2 is e4m3 with a scale per vocabulary row, widened to the model dtype as ``Fp8Linear``
-    dequantizes it (half the bytes). ``W2_KEPT`` (:data:`MARKOV_L2_ENV`): once read, the block's W2 lines are
-    marked evict_last in L2, so the next position's read, and the next round's, may hit there instead of HBM."""
+    dequantizes it (half the bytes)."""
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
     prev = tl.load(prev_ptr + rows * prev_stride, mask=rmask, other=0)
@@ -809,28 +796,9 @@ def _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, 
             w2 = (w2.to(tl.float32) * s2[:, None]).to(dt)
         e = tl.load(w1_ptr + prev[None, :] * R + j[:, None], mask=rmask[None, :], other=0.0)  # [BLOCK_R, BLOCK_B]
         bias = tl.dot(w2, e, bias, input_precision=PRECISION)
-    if W2_KEPT:
-        _l2_keep(_w2_lines(w2_ptr, pid, V, R, BLOCK_V))
     if PDL:  # the next position's blocks are dispatched once this one's transition rows are read (not earlier:
         gdc_launch_dependents()  # waiting blocks would hold SM slots the stream needs, as for the decode GEMM)
     return tl.where(vmask[:, None], base.to(tl.float32) + _round(bias, dt), float("-inf"))
-
-
-@triton.jit
-def _w2_lines(w2_ptr, pid, V, R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """One address per 128-byte line of vocabulary block ``pid``'s W2 rows (contiguous), the last line at most."""
-    per_line: tl.constexpr = 1024 // w2_ptr.dtype.element_ty.primitive_bitwidth
-    at = pid * BLOCK_V * R + tl.arange(0, BLOCK_V * R // per_line) * per_line
-    return w2_ptr + tl.minimum(at, V * R - 1)
-
-
-@triton.jit
-def _l2_keep(ptrs):
-    """Mark the lines at ``ptrs`` evict_last in L2 (a prefetch with that priority; PTX, so never in the
-    interpreter). Issued after the loads that brought them in: Triton's pipelined loads (cp.async) carry no
-    eviction hint of their own."""
-    tl.inline_asm_elementwise(asm="prefetch.global.L2::evict_last [$1];\n mov.u32 $0, 0;", constraints="=r,l",
-                              args=[ptrs.to(tl.uint64, bitcast=True)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -839,24 +807,20 @@ def _markov_greedy_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
                           R: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                           TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                           HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
-                          W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False,
-                          W2_KEPT: tl.constexpr = 0):
+                          W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False):
     """Position ``k`` of greedy Markov sampling: program v scores vocabulary block v for every row
     (:func:`_markov_block_logits`) and keeps its best; the last program to finish (an atomic counter) takes the
     first maximum over the blocks in order — argmax's choice — and writes the token. The tail works on
     ``TAIL_ROWS`` rows at a time with wide tiles (one load of every block's best at batch 1)."""
-    pid = tl.program_id(0)
-    if W2_KEPT == 2:  # W2 is a weight no predecessor writes: asked for before the wait, while the one before ends
-        _l2_keep(_w2_lines(w2_ptr, pid, V, R, BLOCK_V))
     if PDL:
         gdc_wait()
+    pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     s = _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
                              conf_ptr, k, B, V, H, G, stride_lb, stride_hb, pid, R, BLOCK_V, BLOCK_B, BLOCK_R,
-                             TAIL_ROWS, BLOCK_H, HAS_CONF, CONF_MARKOV, PRECISION, W2_SCALED, PDL,
-                             W2_KEPT)
+                             TAIL_ROWS, BLOCK_H, HAS_CONF, CONF_MARKOV, PRECISION, W2_SCALED, PDL)
     _block_best(s, v, V, part_v, part_i, rows, rmask, NV, pid)
     tl.debug_barrier()  # every thread's partial is written before the release below publishes it
     if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NV - 1:
@@ -919,8 +883,7 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
                           BLOCK_V: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
                           TAIL_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                           HAS_CONF: tl.constexpr, CONF_MARKOV: tl.constexpr, PRECISION: tl.constexpr,
-                          W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False,
-                          W2_KEPT: tl.constexpr = 0):
+                          W2_SCALED: tl.constexpr = False, PDL: tl.constexpr = False):
     """Position ``k`` of Markov sampling at temperature T: program v first finishes position k − 1's block v of
     the distribution (its stats are known once that launch's tail ran), then scores its block of position k
     (:func:`_markov_block_logits`), stores z = logits / T there and keeps the block's max, first argmax and
@@ -928,11 +891,9 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
     mass, and draws by inverse CDF: the first block whose running share passes u · the total, then the first
     index inside it (reading the block's z back); rows at T ≤ 0 take argmax. One launch per position replaces
     the module's ~20 (softmax, cumulative sum, comparisons, argmaxes over the vocabulary)."""
-    pid = tl.program_id(0)
-    if W2_KEPT == 2:  # W2 is a weight no predecessor writes: asked for before the wait, while the one before ends
-        _l2_keep(_w2_lines(w2_ptr, pid, V, R, BLOCK_V))
     if PDL:
         gdc_wait()
+    pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
     rmask = rows < B
     if k > 0:
@@ -940,8 +901,7 @@ def _markov_sample_kernel(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr,
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     s = _markov_block_logits(logits_ptr, hidden_ptr, prev_ptr, prev_stride, w1_ptr, w2_ptr, s2_ptr, wc_ptr, bc_ptr,
                              conf_ptr, k, B, V, H, G, stride_lb, stride_hb, pid, R, BLOCK_V, BLOCK_B, BLOCK_R,
-                             TAIL_ROWS, BLOCK_H, HAS_CONF, CONF_MARKOV, PRECISION, W2_SCALED, PDL,
-                             W2_KEPT)
+                             TAIL_ROWS, BLOCK_H, HAS_CONF, CONF_MARKOV, PRECISION, W2_SCALED, PDL)
     t = tl.load(temp_ptr + rows, mask=rmask, other=1.0)
     z = s * tl.math.div_rn(1.0, tl.where(t > 0, t, 1.0))[None, :]  # the module's logits · (1 / T); T ≤ 0: 1
     tl.store(probs_ptr + (rows[None, :].to(tl.int64) * G + k) * V + v[:, None], z,
@@ -1093,7 +1053,6 @@ def _markov(base: torch.Tensor, hidden: torch.Tensor, anchor: torch.Tensor, w1: 
                   BLOCK_H=min(wide, triton.next_power_of_2(hid)), BLOCK_C=min(wide, triton.next_power_of_2(nv)),
                   HAS_CONF=has_conf, CONF_MARKOV=conf_markov,
                   PRECISION="ieee" if w1.dtype == torch.float32 else None, W2_SCALED=w2_scale is not None,
-                  W2_KEPT=_markov_l2_mode() if base.is_cuda else 0,
                   num_warps=warps, **pdl_options(base, bsz))
     if sampling is not None:
         temperature, uniforms, probs = sampling
