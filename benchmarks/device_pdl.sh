@@ -38,7 +38,8 @@ set -u
 OUT=${OUT:?set OUT to the output directory}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
-W=$(mktemp -d)/pdl
+W=${PDL_DIR:-$(mktemp -d)/pdl}  # PDL_DIR (under $OUT): files land there as written, so a call cut short still
+# returns the halves it finished; then no archive is made
 mkdir -p "$W"
 tests() {  # -v: a run cut by TEST_TIMEOUT still names each test that passed or failed before the cut
   timeout ${TEST_TIMEOUT:-240} "$PY" -m pytest -v -m gpu -p no:cacheprovider ${TEST_FILES:-tests/targets/test_fp8_torch_target.py \
@@ -97,4 +98,4 @@ if [ "${WIDE_CLASS:-0}" = 1 ]; then  # after the rounds: an older BASE half reje
   grep -E "^(layer|gate_up|down|qkv|o|lm_head) " "$W/wide_class.log" | cut -c1-300
 fi
 if [ "${TESTS:-1}" = 1 ] && [ "${TESTS_LAST:-0}" = 1 ]; then tests; fi
-tar czf "$OUT/pdl.tgz" -C "$(dirname "$W")" pdl
+if [ -z "${PDL_DIR:-}" ]; then tar czf "$OUT/pdl.tgz" -C "$(dirname "$W")" pdl; fi
