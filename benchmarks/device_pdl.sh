@@ -3,7 +3,7 @@
 # with PDL on (the default), launch_chain.py (the step's kernels chained in graphs, PDL off and on), fp8_bench's
 # rounds at B = 1 (bf16, FP8, FP8 with LM head and draft quantized) with DSPARK_PDL=0 then on, and (GEMMA=1)
 # device_gemma4.sh's 12B bench with PDL off then on. Everything lands in $OUT/pdl.tgz (a device call returns
-# few files).
+# few files), or with PDL_DIR in that folder as it is written.
 # AB_VAR names the switch the A/B flips (default DSPARK_PDL; DSPARK_GEMM_EARLY: the decode GEMM's early first
 # weight tile; DSPARK_GEMM_HANDOFF: split-K partials summed by the consumer; DSPARK_PRESCALED: products' inputs
 # written in the fp16 product's format; DSPARK_DEFERRED_NORM: RMSNorms finished by the e4m3 product after them, o's
@@ -38,8 +38,7 @@ set -u
 OUT=${OUT:?set OUT to the output directory}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
-W=${PDL_DIR:-$(mktemp -d)/pdl}  # PDL_DIR (under $OUT): files land there as written, so a call cut short still
-# returns the halves it finished; then no archive is made
+W=${PDL_DIR:-$(mktemp -d)/pdl}  # PDL_DIR (under $OUT): a call cut short still returns the halves it finished
 mkdir -p "$W"
 tests() {  # -v: a run cut by TEST_TIMEOUT still names each test that passed or failed before the cut
   timeout ${TEST_TIMEOUT:-240} "$PY" -m pytest -v -m gpu -p no:cacheprovider ${TEST_FILES:-tests/targets/test_fp8_torch_target.py \
