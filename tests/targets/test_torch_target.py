@@ -197,6 +197,8 @@ INTERPRET_SCRIPT = textwrap.dedent(
         mask = (torch.arange(w).view(1, 1, w) < limit.unsqueeze(-1)).unsqueeze(1)
         out = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3).transpose(1, 2).reshape(bsz, t, -1)
         close("decode_attention", out, attend(q, kc[:, :, :w], vc[:, :, :w], mask, 0.3))
+        two_tiles = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3, chunk=128)  # DSPARK_ATTN_MIN_CHUNK
+        close("decode_attention, 128-slot splits", two_tiles.transpose(1, 2).reshape(bsz, t, -1), out)
         tokens = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3, token_major=True)
         assert tokens.is_contiguous() and torch.equal(tokens.view(bsz, t, -1), out), "token-major layout"
 
@@ -424,6 +426,22 @@ def test_buckets() -> None:
     assert attention_window(3000, 2048, 256) == 2048
 
 
+def test_split_chunk_and_its_smallest_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dspark_compile.targets.torch.kernels import ATTN_MIN_CHUNK_ENV, attention_min_chunk, split_chunk
+
+    # Qwen3-8B's 8 KV heads on 132 SMs: batch 1 at the floor, batch 8 at 128 slots, batch 64 whole 1024-slot windows
+    assert [split_chunk(p, 132) for p in (8, 64, 512)] == [64, 128, 1024]
+    assert [split_chunk(p, 132, smallest=128) for p in (8, 64, 512)] == [128, 128, 1024]
+    monkeypatch.delenv(ATTN_MIN_CHUNK_ENV, raising=False)
+    assert attention_min_chunk() == 64
+    monkeypatch.setenv(ATTN_MIN_CHUNK_ENV, "128")
+    assert attention_min_chunk() == 128
+    for bad in ("96", "8", "x", "-64"):
+        monkeypatch.setenv(ATTN_MIN_CHUNK_ENV, bad)
+        with pytest.raises(ValueError, match=ATTN_MIN_CHUNK_ENV):
+            attention_min_chunk()
+
+
 def test_floor_and_ratio_arithmetic() -> None:
     assert copy_bandwidth(10**9, 1e-3) == pytest.approx(2e12)  # 1 GB read + 1 GB written in 1 ms
     # The numbers: 16.4 GB of weights at 3.02 TB/s -> 5.43 ms.
@@ -553,6 +571,10 @@ def test_cli_bench_json(tmp_path: Path, golden_dir: Path, capsys: pytest.Capture
         assert plain["identical_to_target_only"] == 1.0 and plain["tau"] == 1.0
         assert plain["rounds"] == r["decode"]["target_only"]["rounds"]
         assert r["plain_tokens_per_s"] == plain["tokens_per_s"]
+        for run in r["decode"].values():  # every round's times, in order, beside their medians
+            if isinstance(run, dict) and "rounds" in run:
+                assert len(run["round_wall_ms_each"]) == len(run["round_graph_ms_each"]) == run["rounds"]
+                assert run["round_wall_ms"] == pytest.approx(np.median(run["round_wall_ms_each"]), abs=1e-4)
     for mode in ("speculative", "replay_b"):  # the suggestion follows from this run's own numbers
         points = [(r["batch"], r["decode"][mode]["tokens_per_s"], r["plain_tokens_per_s"]) for r in rep["batches"]]
         assert rep["draft_rows"][mode] == suggest_draft_rows(points)

@@ -599,7 +599,10 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
                "rounds": len(run.round_wall_ms), "tau": run.tau,
                "round_wall_ms": float(np.median(run.round_wall_ms)) if run.round_wall_ms else None,
                "round_graph_ms": float(np.median(run.round_graph_ms)) if run.round_graph_ms else None,
-               "host_ms_per_round": float(np.median(host)) if host else None}
+               "host_ms_per_round": float(np.median(host)) if host else None,
+               # each round's, in order: tok/s counts every round, the medians above only the typical one
+               "round_wall_ms_each": [round(x, 4) for x in run.round_wall_ms],
+               "round_graph_ms_each": [round(x, 4) for x in run.round_graph_ms]}
         if base is not None:
             same = [a[: len(b)] == b[: len(a)] for a, b in zip(run.tokens, base.tokens, strict=True)]
             out["identical_to_target_only"] = sum(same) / len(same)
