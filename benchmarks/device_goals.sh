@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 12's open measurements in one device call (about 7 minutes once a machine is up; its Gemma4 half ran on an
-# H100 on 2026-12-07, its H200 half has yet to find an H200):
+# H100 on 2026-12-07, its H200 half on an H200 that evening, twice, in about 2 minutes each: docs/BENCH.md):
 # 1. on an H200 only, the goals run: fp8_bench's rounds at B = 1 (bf16, FP8, FP8 with LM head and draft quantized)
 #    with the SwiGLU store on (the code as it stands), then off, from the committed H200 GEMM choices
 #    (benchmarks/device_pdl.sh, AB_VAR); its files land in $OUT/goals_h200/ as they are written, so a call cut by
