@@ -427,6 +427,7 @@ def test_buckets() -> None:
 
 
 def test_split_chunk_and_its_smallest_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dspark_compile.errors import UsageError
     from dspark_compile.targets.torch.kernels import ATTN_MIN_CHUNK_ENV, attention_min_chunk, split_chunk
 
     # Qwen3-8B's 8 KV heads on 132 SMs: batch 1 at the floor, batch 8 at 128 slots, batch 64 whole 1024-slot windows
@@ -438,7 +439,7 @@ def test_split_chunk_and_its_smallest_split(monkeypatch: pytest.MonkeyPatch) -> 
     assert attention_min_chunk() == 128
     for bad in ("96", "8", "x", "-64"):
         monkeypatch.setenv(ATTN_MIN_CHUNK_ENV, bad)
-        with pytest.raises(ValueError, match=ATTN_MIN_CHUNK_ENV):
+        with pytest.raises(UsageError, match=ATTN_MIN_CHUNK_ENV):
             attention_min_chunk()
 
 

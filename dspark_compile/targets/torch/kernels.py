@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from dspark_compile.errors import UsageError
 from dspark_compile.runtime import sampling
 
 PDL_TOKENS = 16
@@ -597,12 +598,13 @@ halves the partials the merge reads, for two tiles a program. An A/B knob until 
 
 
 def attention_min_chunk() -> int:
-    """``DSPARK_ATTN_MIN_CHUNK``, checked: a bad value is one clear error, not a wrong split."""
+    """``DSPARK_ATTN_MIN_CHUNK``, checked: a bad value is one error line (a UsageError, exit 2), not a wrong
+    split or a traceback."""
     value = os.environ.get(ATTN_MIN_CHUNK_ENV, "").strip()
     if not value:
         return 64
     if not value.isdigit() or int(value) < 16 or int(value) & (int(value) - 1):
-        raise ValueError(f"{ATTN_MIN_CHUNK_ENV}={value!r}: give a power of two from 16 (the default is 64)")
+        raise UsageError(f"{ATTN_MIN_CHUNK_ENV}={value!r}: give a power of two from 16 (the default is 64)")
     return int(value)
 
 
