@@ -576,6 +576,10 @@ def test_cli_bench_json(tmp_path: Path, golden_dir: Path, capsys: pytest.Capture
             if isinstance(run, dict) and "rounds" in run:
                 assert len(run["round_wall_ms_each"]) == len(run["round_graph_ms_each"]) == run["rounds"]
                 assert run["round_wall_ms"] == pytest.approx(np.median(run["round_wall_ms_each"]), abs=1e-4)
+                # launching and collecting happen inside the round's wall: their sum cannot pass it
+                parts = zip(run["round_issue_ms_each"], run["round_collect_ms_each"], run["round_wall_ms_each"],
+                            strict=True)
+                assert all(i >= 0 and c >= 0 and i + c <= w + 2e-4 for i, c, w in parts)
     for mode in ("speculative", "replay_b"):  # the suggestion follows from this run's own numbers
         points = [(r["batch"], r["decode"][mode]["tokens_per_s"], r["plain_tokens_per_s"]) for r in rep["batches"]]
         assert rep["draft_rows"][mode] == suggest_draft_rows(points)

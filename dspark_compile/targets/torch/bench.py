@@ -397,6 +397,8 @@ class RoundsRun:
     round_graph_ms: list[float] = field(default_factory=list)
     admit_seconds: float = 0.0  # prefill + first token + first draft (inside ``seconds``)
     launch_ms: list[float] = field(default_factory=list)  # host time in the graph launch call, per round
+    issue_ms: list[float] = field(default_factory=list)  # per round: host time launching what it queued
+    collect_ms: list[float] = field(default_factory=list)  # per round: host time collecting it (its wait included)
 
     @property
     def tau(self) -> float:
@@ -438,6 +440,8 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     records: list[tuple[np.ndarray, ...]] = []
     walls: list[float] = []
     graphs: list[float] = []
+    issues: list[float] = []
+    collects: list[float] = []
     positions = np.arange(g)
     queued = RoundQueue(backend, policy, g)
     w0 = time.perf_counter()
@@ -450,9 +454,13 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
                 backend.select(np.nonzero(keep)[0])
                 active, drafts, conf = active[keep], drafts[keep], conf[keep]
             w0 = time.perf_counter()
+        i0 = time.perf_counter()
         while queued.wants(generated[active], bool(done[active].any()), max_new_tokens):
             queued.launch(active, Proposal(np.zeros(0), np.zeros(0), drafts, conf))
+        i1 = time.perf_counter()
         rows, vlen, prop = queued.collect()
+        issues.append(1e3 * (i1 - i0))
+        collects.append(1e3 * (time.perf_counter() - i1))
         live = ~done[rows]  # a row that ended in the round before was run once more: its outputs are dropped
         acc, nxt = prop.accepted[live], prop.next_token[live]
         records.append((rows[live], vlen[live], drafts[live], conf[live], acc, nxt))
@@ -472,7 +480,7 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     seconds = time.perf_counter() - t0
     run = _rebuild(first, records, n, g, max_new_tokens, set(eos.tolist()), seconds, walls, graphs)
     run.admit_seconds = admit_seconds
-    run.launch_ms = launches
+    run.launch_ms, run.issue_ms, run.collect_ms = launches, issues, collects
     return run
 
 
@@ -602,7 +610,10 @@ def rounds_bench(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_toke
                "host_ms_per_round": float(np.median(host)) if host else None,
                # each round's, in order: tok/s counts every round, the medians above only the typical one
                "round_wall_ms_each": [round(x, 4) for x in run.round_wall_ms],
-               "round_graph_ms_each": [round(x, 4) for x in run.round_graph_ms]}
+               "round_graph_ms_each": [round(x, 4) for x in run.round_graph_ms],
+               # where a round's wall goes on the host: launching what it queued, collecting it (the wait), the rest
+               "round_issue_ms_each": [round(x, 4) for x in run.issue_ms],
+               "round_collect_ms_each": [round(x, 4) for x in run.collect_ms]}
         if base is not None:
             same = [a[: len(b)] == b[: len(a)] for a, b in zip(run.tokens, base.tokens, strict=True)]
             out["identical_to_target_only"] = sum(same) / len(same)
