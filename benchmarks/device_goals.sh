@@ -2,10 +2,11 @@
 # Issue 12's open measurements in one device call (about 7 minutes once a machine is up; its Gemma4 half ran on an
 # H100 on 2026-12-07, its H200 half on an H200 that evening, twice, in about 2 minutes each: docs/BENCH.md):
 # 1. on an H200 only, the goals run: fp8_bench's rounds at B = 1 (bf16, FP8, FP8 with LM head and draft quantized)
-#    as the code stands (DSPARK_ATTN_MIN_CHUNK=64, the default), then with 128-slot attention splits (the A/B the
-#    goal's last 0.3-0.5 % is asked of; AB_VAR=DSPARK_GLU_STORE MODES="1 0" repeats the SwiGLU store's), from the
-#    committed H200 GEMM choices (benchmarks/device_pdl.sh, AB_VAR); its files land in $OUT/goals_h200/ as they are
-#    written, so a call cut by the session's device time still returns the half it finished;
+#    as the code stands (DSPARK_ADMIT_AHEAD=0, the default), then with the first rounds queued behind the admission
+#    (the A/B the goal's last 0.3-0.5 % is asked of; AB_VAR=DSPARK_ATTN_MIN_CHUNK MODES="64 128" repeats the
+#    attention split's, AB_VAR=DSPARK_GLU_STORE MODES="1 0" the SwiGLU store's), from the committed H200 GEMM choices
+#    (benchmarks/device_pdl.sh, AB_VAR), then the queued admission's GPU test; its files land in $OUT/goals_h200/ as
+#    they are written, so a call cut by the session's device time still returns the half it finished;
 # 2. on either card, the Gemma4-12B shape with the e4m3 soft-capped head and draft (kinds fp8, fp8_head_draft) as
 #    $OUT/gemma4_head_<card>.tgz, then the Gemma4 GPU tests of tests/targets/test_fp8_torch_target.py;
 # 3. the Gemma4-12B step by kernel with the head and draft in e4m3 (why its FP8 step runs further above its floor
@@ -17,8 +18,11 @@ OUT=${OUT:?set OUT to the output directory}
 nvidia-smi -L
 if nvidia-smi -L | grep -q H200; then CARD=h200; else CARD=h100; fi
 if [ $CARD = h200 ]; then
-  OUT=$OUT PDL_DIR=$OUT/goals_h200 MODES="${MODES:-64 128}" AB_VAR=${AB_VAR:-DSPARK_ATTN_MIN_CHUNK} CHAIN=0 TESTS=0 \
+  OUT=$OUT PDL_DIR=$OUT/goals_h200 MODES="${MODES:-0 1}" AB_VAR=${AB_VAR:-DSPARK_ADMIT_AHEAD} CHAIN=0 TESTS=0 \
       CHOICES_FROM=benchmarks/results/gemm_choices_h200.json ROUND_TIMEOUT=${ROUND_TIMEOUT:-120} bash benchmarks/device_pdl.sh
+  PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-100} python -m pytest -v -m gpu -p no:cacheprovider \
+      tests/targets/test_torch_rounds.py -k queued_behind 2>&1 | tee "$OUT/goals_h200/pytest_admit_ahead.txt" \
+      | grep -E "PASSED|FAILED|ERROR|passed|failed"
 fi
 if [ "${GEMMA4:-1}" = 1 ]; then
   OUT=$OUT MODES=1 CHAIN=0 TESTS=0 SHAPE=gemma4-12b KINDS=fp8,fp8_head_draft ROUND_TIMEOUT=${GEMMA_TIMEOUT:-140} \

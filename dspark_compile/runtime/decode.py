@@ -428,6 +428,25 @@ class RoundQueue:
             self.backend.launch(verify_len, **round_kwargs(draft))
         self._queued.append((rows, verify_len, draft))
 
+    def admit(self, rows: Any, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
+              seeds: np.ndarray, max_new_tokens: int) -> Proposal:
+        """``backend.admit`` for a batch admitted alone (nothing live, nothing queued). Where the backend
+        ``queues_admission`` and this queue runs ahead, the rounds sure to run over ``rows`` are launched behind
+        the admission before its one sync: the device goes from the prefill into round 1 instead of idling while
+        the host turns round (a row whose first token ends it runs those rounds for nothing, as any queued round).
+        Their verify lengths need no drafts: an admission drafts a whole block, and the queue's policy is fixed."""
+        backend = self.backend
+        if self.ahead == 1 or not getattr(backend, "queues_admission", False):
+            return backend.admit(input_ids, lengths, temperature, seeds)
+        assert not self._queued, "admit() with rounds queued"
+        backend.admit_queued(input_ids, lengths, temperature, seeds)
+        n = len(lengths)
+        whole = Proposal(np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64),
+                         np.zeros((n, self.g), dtype=np.int64), np.zeros((n, self.g), dtype=np.float32))
+        while self.wants(np.ones(n, dtype=np.int64), False, max_new_tokens):
+            self.launch(rows, whole)
+        return backend.admitted()
+
     def collect(self) -> tuple[Any, np.ndarray, Proposal]:
         """The oldest round launched: its rows, verify lengths and Proposal."""
         rows, verify_len, draft = self._queued.popleft()
@@ -470,8 +489,8 @@ def generate(backend: DecodeBackend, prompts: Sequence[Sequence[int]], params: G
     ids = np.zeros((bsz, int(lengths.max())), dtype=np.int64)
     for r in reqs:
         ids[r.index, : len(r.prompt)] = r.prompt
-    first = backend.admit(ids, lengths, np.full(bsz, params.temperature, dtype=np.float32),
-                          np.asarray(seeds, dtype=np.int64))
+    first = queued.admit(reqs, ids, lengths, np.full(bsz, params.temperature, dtype=np.float32),
+                         np.asarray(seeds, dtype=np.int64), params.max_new_tokens)
     for r in reqs:
         _commit(r, [int(first.next_token[r.index])], params, info.eos_token_ids, on_round, None)
     active = reqs

@@ -120,6 +120,45 @@ def test_a_round_launched_behind_the_running_one_decodes_the_same(smoke_backend:
     assert tokens[1][-1] == eos and len(tokens[1]) < 20 and any(len(t) == 20 for t in tokens)
 
 
+def test_rounds_queued_behind_the_admission_decode_the_same(smoke_backend: CudaGraphBackend,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """DSPARK_ADMIT_AHEAD=1: the rounds sure to run are launched behind the admission, before its sync
+    (RoundQueue.admit), through runtime.generate and the benchmark's loop. Tokens, drafts and acceptance equal those
+    of rounds launched after it, greedy and sampling, speculative and target-only, also where a request's first
+    token is its EOS (the rounds queued behind run it for nothing, and it commits only that token)."""
+    base = decode_rounds(smoke_backend, PROMPTS, max_new_tokens=20)
+    behind: list[bool] = []
+    for eos in ((), (base.tokens[0][0],)):
+        be = CudaGraphBackend(smoke_backend.target_model, smoke_backend.draft_model, eos_token_ids=eos)
+        launch = be.launch
+
+        def counted(verify_len: np.ndarray, *, draft: bool = True, _launch: Any = launch, _be: Any = be) -> None:
+            behind.append(_be._admitting is not None)  # launched before admitted() waited
+            _launch(verify_len, draft=draft)
+
+        be.launch = counted  # type: ignore[method-assign]
+        runs = {}
+        for on in ("0", "1"):
+            monkeypatch.setenv("DSPARK_ADMIT_AHEAD", on)
+            assert be.queues_admission == (on == "1")
+            behind.clear()
+            for spec in (True, False):
+                for temp in (0.0, 0.9):
+                    a = decode_rounds(be, PROMPTS, max_new_tokens=20, speculative=spec, temperature=temp, seed=3)
+                    b = generate(be, PROMPTS, GenerationParams(max_new_tokens=20, temperature=temp, seed=3),
+                                 speculative=spec, seeds=[3, 4, 5])
+                    runs[on, spec, temp] = (a.tokens, [r.tokens for r in b],
+                                            [[(r["draft"], r["accepted"]) for r in rr] for rr in a.rounds],
+                                            [[(r["draft"], r["accepted"]) for r in x.rounds] for x in b])
+            # two rounds queued behind each of the 8 admissions (1 + 8 tokens <= 20: both sure to run), else none
+            assert sum(behind) == (16 if on == "1" else 0), (eos, on)
+        for key in ((True, 0.0), (True, 0.9), (False, 0.0), (False, 0.9)):
+            assert runs[("0", *key)] == runs[("1", *key)], (eos, key)
+            assert runs["1", *key][0] == runs["1", *key][1], (eos, key)  # the two loops agree
+        if eos:
+            assert runs["1", True, 0.0][0][0] == [eos[0]]
+
+
 def test_select_keeps_the_remaining_rows_state(smoke_backend: CudaGraphBackend) -> None:
     be = smoke_backend
     full = decode_rounds(be, PROMPTS, max_new_tokens=20)
@@ -323,6 +362,30 @@ def test_round_graphs_reproduce_golden_on_gpu(golden_dir: Path, pair: str) -> No
     assert be.graphs and be.program.fused and be.spec_verify == "triton"
     _check_golden(be, golden_dir, pair, "greedy")
     assert be._rounds and all(s.graph is not None for s in be._rounds.values())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_rounds_queued_behind_the_admission_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The captured round graphs launched behind a queued admission (DSPARK_ADMIT_AHEAD=1) read the admitted rows'
+    state in stream order: tokens and rounds equal those launched after admitted(), greedy and sampling, replayed."""
+    target, draft = random_pair(SMOKE, device="cuda", dtype=torch.bfloat16)
+    be = CudaGraphBackend(target, draft)
+    g = be.info.block_size
+    base = decode_rounds(be, PROMPTS, max_new_tokens=48, speculative=False)
+    width = max(len(p) for p in PROMPTS) + 48 + 2 * g + 3
+    runs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("DSPARK_ADMIT_AHEAD", on)
+        be.set_replay(None, None)
+        plain = [decode_rounds(be, PROMPTS, max_new_tokens=48, speculative=s, temperature=t, seed=3)
+                 for s in (True, False) for t in (0.0, 0.9)]
+        be.set_replay(replay_reference(PROMPTS, base.tokens, width), np.full(g, 0.85, dtype=np.float32))
+        replayed = decode_rounds(be, PROMPTS, max_new_tokens=48)
+        runs[on] = [(r.tokens, r.rounds) for r in (*plain, replayed)]
+    be.set_replay(None, None)
+    assert runs["0"] == runs["1"]  # the same bits: the same graphs and inputs, only the host's timing moved
+    assert runs["1"][2][0] == base.tokens  # target-only greedy, queued behind its admission
 
 
 @pytest.mark.gpu

@@ -425,17 +425,18 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
         ids[i, : len(p)] = p
     device = getattr(backend, "device", None)
     eos = np.array(sorted(info.eos_token_ids), dtype=np.int64)
+    queued = RoundQueue(backend, policy, g)
     backend.start(n, int(lengths.max()) + max_new_tokens + 2 * g + 3, speculative=speculative)
     _sync(device)
     t0 = time.perf_counter()
-    prop = backend.admit(ids, lengths, np.full(n, temperature, dtype=np.float32),
-                         seed + np.arange(n, dtype=np.int64))
-    admit_seconds = time.perf_counter() - t0
+    active = np.arange(n)
+    prop = queued.admit(active, ids, lengths, np.full(n, temperature, dtype=np.float32),
+                        seed + np.arange(n, dtype=np.int64), max_new_tokens)
+    admit_seconds = time.perf_counter() - t0  # the first token on the host (rounds queued behind it may run)
     first = prop.next_token.copy()
     generated = np.ones(n, dtype=np.int64)
     launches: list[float] = []
     done = (generated > max_new_tokens) | np.isin(first, eos)
-    active = np.arange(n)
     drafts, conf = prop.drafts, prop.confidence_logits
     records: list[tuple[np.ndarray, ...]] = []
     walls: list[float] = []
@@ -443,7 +444,6 @@ def decode_rounds(backend: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     issues: list[float] = []
     collects: list[float] = []
     positions = np.arange(g)
-    queued = RoundQueue(backend, policy, g)
     w0 = time.perf_counter()
     while True:
         if not queued:

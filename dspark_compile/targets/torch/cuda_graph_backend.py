@@ -110,6 +110,12 @@ on the device behind the one running, so the host's per-round work (~0.3 ms at b
 the GPU idle (docs/BENCH.md)."""
 
 
+ADMIT_AHEAD_ENV = "DSPARK_ADMIT_AHEAD"
+"""1: the decode loops launch the rounds sure to run behind an admission before its sync
+(``RoundQueue.admit``), so the first round does not wait for the host's turn-around (``ROUNDS_IN_FLIGHT``'s
+~0.3 ms at batch 1, paid once per batch). Off by default until measured (docs/BENCH.md)."""
+
+
 class _Step:
     """Static device inputs with pinned host twins, a step function, and (once captured) its CUDA graph."""
 
@@ -301,6 +307,7 @@ class CudaGraphBackend:
         self.last_host_ms: dict[str, float] = {}  # round(): graph launch call, wait for the outputs
         self._inflight: deque[tuple[Any, ...]] = deque()  # launch() -> collect(): (step, rows, G, outputs, t, slot)
         self._launches = 0
+        self._admitting: Callable[[], Proposal] | None = None  # admit_queued() -> admitted()
 
     @classmethod
     def create(cls, target_dir: str | Path, draft_dir: str | Path | None, *, dtype: str = "bf16",
@@ -373,6 +380,7 @@ class CudaGraphBackend:
             self.replay[0].copy_(self._replay_source)
         self._live = 0
         self._inflight.clear()
+        self._admitting = None
         self._len_host = np.zeros(alloc[0], dtype=np.int64)  # host mirrors: window and graph choice, no sync
         self._temp_host = np.zeros(alloc[0], dtype=np.float32)
 
@@ -446,10 +454,32 @@ class CudaGraphBackend:
             self._live = len(rows)
 
     # ------------------------------------------------------------------------------ DecodeBackend protocol
-    @torch.inference_mode()
+    @property
+    def queues_admission(self) -> bool:
+        """Whether the decode loops queue the first rounds behind the admission (:meth:`admit_queued`):
+        ``DSPARK_ADMIT_AHEAD=1``, off by default until measured (docs/BENCH.md)."""
+        return kernels.switched_on(ADMIT_AHEAD_ENV, default=False)
+
     def admit(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
               seeds: np.ndarray) -> Proposal:
-        """Prefill ``k`` prompts into rows ``n..n+k-1``, their first token and first draft block.
+        """Prefill ``k`` prompts into rows ``n..n+k-1``: their first token and first draft block (one sync)."""
+        self.admit_queued(input_ids, lengths, temperature, seeds)
+        return self.admitted()
+
+    def admitted(self) -> Proposal:
+        """The Proposal of the admission :meth:`admit_queued` queued: its one host sync."""
+        assert self._admitting is not None, "admit_queued() first"
+        fetch, self._admitting = self._admitting, None
+        return fetch()
+
+    @torch.inference_mode()
+    def admit_queued(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
+                     seeds: np.ndarray) -> None:
+        """:meth:`admit` without its wait: the prefill and the copy of its outputs are queued, and rounds may be
+        launched behind them before :meth:`admitted` waits (they read the admitted rows' state on the device), so
+        the GPU goes from the prefill into the first round without waiting on the host.
+
+        Prefill ``k`` prompts into rows ``n..n+k-1``, their first token and first draft block.
 
         Through admission graphs (:meth:`_admit_step`) in chunks of at most ``ADMIT_ROWS`` prompts: an eager
         prefill is launch-bound whatever its size, and continuous batching pays it every round that admits
@@ -459,6 +489,7 @@ class CudaGraphBackend:
         st = self._state
         assert st is not None and self._kv is not None, "start() first"
         assert not self._inflight, "collect() the rounds in flight first"
+        assert self._admitting is None, "admitted() first"
         k, t = input_ids.shape
         n = self._live
         if n + k > st.rows:
@@ -514,8 +545,13 @@ class CudaGraphBackend:
         rows = slice(n, n + k)
         conf = torch.cat(confs) if confs else torch.zeros(k, 0, dtype=torch.float32, device=self.device)
         zero = torch.zeros(k, 1, dtype=torch.int64, device=self.device)
-        got = self._fetch([torch.cat((zero, st.anchor[rows, None], st.drafts[rows]), dim=1), conf])
-        return Proposal(got[0][:, 0].copy(), got[0][:, 1].copy(), got[0][:, 2:].copy(), got[1])
+        wait = self._fetch_queued([torch.cat((zero, st.anchor[rows, None], st.drafts[rows]), dim=1), conf])
+
+        def proposal() -> Proposal:
+            got = wait()
+            return Proposal(got[0][:, 0].copy(), got[0][:, 1].copy(), got[0][:, 2:].copy(), got[1])
+
+        self._admitting = proposal
 
     def _admit_tokens(self, longest: int) -> int:
         """An admission graph's prompt width for prompts of up to ``longest`` tokens (a power of two, at least
@@ -589,6 +625,7 @@ class CudaGraphBackend:
     def collect(self) -> Proposal:
         """The second half of :meth:`round`: wait for the oldest round in flight (its one host sync) and read it."""
         assert self._inflight, "launch() a round first"
+        assert self._admitting is None, "admitted() first: the rounds behind an admission commit its drafts"
         step, n, g, packed, h1, slot = self._inflight.popleft()
         if packed is None:
             ev0, ev1, ev2 = step.events[slot]
@@ -857,11 +894,23 @@ class CudaGraphBackend:
                                "cache_len": ((rows,), torch.int64, np.int64, 0)}, capture=self.graphs)
 
     def _fetch(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        """Device tensors -> NumPy with one wait: async copies into pinned memory, then a stream sync."""
+        """Device tensors -> NumPy with one wait."""
+        return self._fetch_queued(tensors)()
+
+    def _fetch_queued(self, tensors: list[torch.Tensor]) -> Callable[[], list[np.ndarray]]:
+        """Device tensors -> NumPy: async copies into pinned memory and an event now; the returned call waits for
+        that event alone, so work queued after the copies (rounds behind an admission) runs on."""
         if self.device.type != "cuda":
-            return [t.detach().clone().numpy() for t in tensors]
+            got = [t.detach().clone().numpy() for t in tensors]
+            return lambda: got
         hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
         for h, t in zip(hosts, tensors, strict=True):
             h.copy_(t, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return [h.numpy() for h in hosts]
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> list[np.ndarray]:
+            copied.synchronize()
+            return [h.numpy() for h in hosts]
+
+        return wait
