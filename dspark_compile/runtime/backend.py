@@ -132,6 +132,9 @@ class DecodeBackend(Protocol):
     # first is collected: each verifies what the one before it drafts, so its verify_len cannot depend on those
     # drafts' confidences (VerifyPolicy "fixed", or target-only). Between launch and collect the host must not
     # call the backend otherwise. A backend without them is driven through ``round``.
+    # Optional with them, where ``queues_admission`` is true: ``admit_queued(...)`` queues what ``admit`` does and
+    # returns at once, rounds may be launched behind it, and ``admitted()`` waits for its Proposal (before any
+    # ``collect``). RoundQueue.admit uses it for a batch admitted alone, so round 1 follows the prefill on the device.
 
     def select(self, rows: np.ndarray) -> None:
         """Keep only these live rows (increasing), compacted to ``0..len(rows)-1``; all per-row state moves."""
