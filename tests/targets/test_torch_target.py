@@ -197,7 +197,7 @@ INTERPRET_SCRIPT = textwrap.dedent(
         mask = (torch.arange(w).view(1, 1, w) < limit.unsqueeze(-1)).unsqueeze(1)
         out = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3).transpose(1, 2).reshape(bsz, t, -1)
         close("decode_attention", out, attend(q, kc[:, :, :w], vc[:, :, :w], mask, 0.3))
-        two_tiles = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3, chunk=128)  # DSPARK_ATTN_MIN_CHUNK
+        two_tiles = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3, chunk=128)  # two key tiles a split
         close("decode_attention, 128-slot splits", two_tiles.transpose(1, 2).reshape(bsz, t, -1), out)
         tokens = decode_attention(q, kc[:, :, :w], vc[:, :, :w], limit, 0.3, token_major=True)
         assert tokens.is_contiguous() and torch.equal(tokens.view(bsz, t, -1), out), "token-major layout"
@@ -426,21 +426,11 @@ def test_buckets() -> None:
     assert attention_window(3000, 2048, 256) == 2048
 
 
-def test_split_chunk_and_its_smallest_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dspark_compile.errors import UsageError
-    from dspark_compile.targets.torch.kernels import ATTN_MIN_CHUNK_ENV, attention_min_chunk, split_chunk
+def test_split_chunk() -> None:
+    from dspark_compile.targets.torch.kernels import split_chunk
 
     # Qwen3-8B's 8 KV heads on 132 SMs: batch 1 at the floor, batch 8 at 128 slots, batch 64 whole 1024-slot windows
     assert [split_chunk(p, 132) for p in (8, 64, 512)] == [64, 128, 1024]
-    assert [split_chunk(p, 132, smallest=128) for p in (8, 64, 512)] == [128, 128, 1024]
-    monkeypatch.delenv(ATTN_MIN_CHUNK_ENV, raising=False)
-    assert attention_min_chunk() == 64
-    monkeypatch.setenv(ATTN_MIN_CHUNK_ENV, "128")
-    assert attention_min_chunk() == 128
-    for bad in ("96", "8", "x", "-64"):
-        monkeypatch.setenv(ATTN_MIN_CHUNK_ENV, bad)
-        with pytest.raises(UsageError, match=ATTN_MIN_CHUNK_ENV):
-            attention_min_chunk()
 
 
 def test_floor_and_ratio_arithmetic() -> None:

@@ -39,7 +39,6 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from dspark_compile.errors import UsageError
 from dspark_compile.runtime import sampling
 
 PDL_TOKENS = 16
@@ -591,34 +590,18 @@ def _attn_combine_kernel(part_o, part_m, part_l, out_ptr, MQ, SPLITS, T, GROUP, 
     tl.store(out_ptr + dst * D + d, as_gemm_input(out, out_ptr.dtype.element_ty, PRESCALED, ASM), mask=d < D)
 
 
-ATTN_MIN_CHUNK_ENV = "DSPARK_ATTN_MIN_CHUNK"
-"""The smallest split :func:`split_chunk` picks (default 64; a power of two from 16). A batch-1 step runs its
-(KV head, 64-slot split) programs one key tile each, and their float32 partials are merged by a second launch: 128
-halves the partials the merge reads, for two tiles a program. An A/B knob until measured (docs/BENCH.md)."""
-
-
-def attention_min_chunk() -> int:
-    """``DSPARK_ATTN_MIN_CHUNK``, checked: a bad value is one error line (a UsageError, exit 2), not a wrong
-    split or a traceback."""
-    value = os.environ.get(ATTN_MIN_CHUNK_ENV, "").strip()
-    if not value:
-        return 64
-    if not value.isdigit() or int(value) < 16 or int(value) & (int(value) - 1):
-        raise UsageError(f"{ATTN_MIN_CHUNK_ENV}={value!r}: give a power of two from 16 (the default is 64)")
-    return int(value)
-
-
-def split_chunk(programs: int, processors: int, nominal_window: int = 1024, smallest: int = 64) -> int:
+def split_chunk(programs: int, processors: int, nominal_window: int = 1024) -> int:
     """Slots per split-K program: about two programs per multiprocessor over a ``nominal_window``-slot window,
-    a power of two from ``smallest``. At batch 64 the (batch, KV head) pairs alone fill the GPU, and more splits
-    only add float32 partials to write and merge (20 % of the 8B verify step there with 64-slot chunks).
+    a power of two from 64. At batch 64 the (batch, KV head) pairs alone fill the GPU, and more splits only add
+    float32 partials to write and merge (20 % of the 8B verify step there with 64-slot chunks). At batch 1, 128-slot
+    splits (two key tiles a program, half the partials to merge) were slower on an H100 (docs/BENCH.md).
 
     It depends on the batch only, never on the window: slots split the same way whatever window bucket a
     round runs in (trailing splits are fully masked and add exact zeros), so a row's attention output is the
     same bits in any window — what lets a replayed run follow its reference token for token.
     """
     splits = max(1, -(-2 * processors // programs))
-    chunk = smallest
+    chunk = 64
     while chunk * 2 * splits <= nominal_window:
         chunk *= 2
     return chunk
@@ -654,7 +637,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limit: t
     assert ring_top is None or (ring_top.shape == limit.shape and ring_top.is_contiguous())
     if chunk is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
-        chunk = split_chunk(bsz * kvh, sms, smallest=attention_min_chunk())
+        chunk = split_chunk(bsz * kvh, sms)
     splits = triton.cdiv(window, chunk)
     part_o = torch.empty(bsz * kvh, splits, mq, dh, dtype=torch.float32, device=q.device)
     part_m = torch.empty(bsz * kvh, splits, mq, dtype=torch.float32, device=q.device)
