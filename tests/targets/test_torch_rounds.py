@@ -79,6 +79,19 @@ def test_sampling_rows_do_not_depend_on_their_batch(smoke_backend: CudaGraphBack
     assert other.tokens != together.tokens
 
 
+def _both_loops(be: CudaGraphBackend) -> dict[tuple[bool, float], tuple[Any, list[Any]]]:
+    """The benchmark's loop and runtime.generate over PROMPTS (20 new tokens), speculative and target-only, greedy
+    and sampling: {(speculative, temperature): (decode_rounds' run, generate's results)}."""
+    out = {}
+    for spec in (True, False):
+        for temp in (0.0, 0.9):
+            out[spec, temp] = (
+                decode_rounds(be, PROMPTS, max_new_tokens=20, speculative=spec, temperature=temp, seed=3),
+                generate(be, PROMPTS, GenerationParams(max_new_tokens=20, temperature=temp, seed=3),
+                         speculative=spec, seeds=[3, 4, 5]))
+    return out
+
+
 def test_a_round_launched_behind_the_running_one_decodes_the_same(smoke_backend: CudaGraphBackend) -> None:
     """Rounds queued behind the one running (rounds_in_flight = 2, the CUDA-graph backend's) give the tokens and
     rounds of rounds launched and collected in turn, through runtime.generate and the benchmark's loop, greedy
@@ -99,12 +112,8 @@ def test_a_round_launched_behind_the_running_one_decodes_the_same(smoke_backend:
     for ahead in (1, 2):
         be.rounds_in_flight = ahead
         queued.clear()
-        for spec in (True, False):
-            for temp in (0.0, 0.9):
-                a = decode_rounds(be, PROMPTS, max_new_tokens=20, speculative=spec, temperature=temp, seed=3)
-                b = generate(be, PROMPTS, GenerationParams(max_new_tokens=20, temperature=temp, seed=3),
-                             speculative=spec, seeds=[3, 4, 5])
-                runs[ahead, spec, temp] = (a.tokens, a.rounds, [r.tokens for r in b], [r.rounds for r in b])
+        for key, (a, b) in _both_loops(be).items():
+            runs[(ahead, *key)] = (a.tokens, a.rounds, [r.tokens for r in b], [r.rounds for r in b])
         assert max(queued) == ahead  # rounds in flight at once
     for key in ((True, 0.0), (True, 0.9), (False, 0.0), (False, 0.9)):
         one, two = runs[(1, *key)], runs[(2, *key)]
@@ -142,14 +151,10 @@ def test_rounds_queued_behind_the_admission_decode_the_same(smoke_backend: CudaG
             monkeypatch.setenv("DSPARK_ADMIT_AHEAD", on)
             assert be.queues_admission == (on == "1")
             behind.clear()
-            for spec in (True, False):
-                for temp in (0.0, 0.9):
-                    a = decode_rounds(be, PROMPTS, max_new_tokens=20, speculative=spec, temperature=temp, seed=3)
-                    b = generate(be, PROMPTS, GenerationParams(max_new_tokens=20, temperature=temp, seed=3),
-                                 speculative=spec, seeds=[3, 4, 5])
-                    runs[on, spec, temp] = (a.tokens, [r.tokens for r in b],
-                                            [[(r["draft"], r["accepted"]) for r in rr] for rr in a.rounds],
-                                            [[(r["draft"], r["accepted"]) for r in x.rounds] for x in b])
+            for key, (a, b) in _both_loops(be).items():
+                runs[(on, *key)] = (a.tokens, [r.tokens for r in b],
+                                    [[(r["draft"], r["accepted"]) for r in rr] for rr in a.rounds],
+                                    [[(r["draft"], r["accepted"]) for r in x.rounds] for x in b])
             # two rounds queued behind each of the 8 admissions (1 + 8 tokens <= 20: both sure to run), else none
             assert sum(behind) == (16 if on == "1" else 0), (eos, on)
         for key in ((True, 0.0), (True, 0.9), (False, 0.0), (False, 0.9)):
