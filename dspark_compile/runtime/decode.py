@@ -400,6 +400,7 @@ class RoundQueue:
         policy.check_backend(backend)
         self.backend: Any = backend
         self.policy, self.g = policy, g
+        self._shape = verify_shape(backend)
         self.ahead = 1
         if hasattr(backend, "launch") and (g == 0 or policy.kind == "fixed"):
             self.ahead = max(1, int(getattr(backend, "rounds_in_flight", 1)))
@@ -423,7 +424,7 @@ class RoundQueue:
         drafted = None
         if self._queued:  # the round in flight drafts what this one verifies: all G, or none if it drafts nothing
             drafted = np.full(len(pending.drafts), self.g if self._queued[-1][2] else 0, dtype=np.int64)
-        verify_len, draft = self.policy.plan(pending, drafted=drafted)
+        verify_len, draft = self.policy.plan(pending, drafted=drafted, **self._shape)
         if self.ahead > 1:
             self.backend.launch(verify_len, **round_kwargs(draft))
         self._queued.append((rows, verify_len, draft))
@@ -452,6 +453,13 @@ class RoundQueue:
         rows, verify_len, draft = self._queued.popleft()
         out = self.backend.collect() if self.ahead > 1 else self.backend.round(verify_len, **round_kwargs(draft))
         return rows, verify_len, out
+
+
+def verify_shape(backend: Any) -> dict[str, bool]:
+    """:meth:`VerifyPolicy.plan`'s ``whole_block`` and ``widest`` for ``backend`` (its ``verifies_whole_block`` and
+    ``verifies_widest``): what a round costs there, so every decode loop plans a backend's rounds alike."""
+    return {"whole_block": bool(getattr(backend, "verifies_whole_block", False)),
+            "widest": bool(getattr(backend, "verifies_widest", False))}
 
 
 def round_kwargs(draft: bool) -> dict[str, bool]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from dspark_compile.errors import DsparkError
 from dspark_compile.runtime.backend import DecodeBackend, Proposal
-from dspark_compile.runtime.decode import VerifyPolicy, round_kwargs
+from dspark_compile.runtime.decode import VerifyPolicy, round_kwargs, verify_shape
 
 log = logging.getLogger(__name__)
 STATS_ENV = "DSPARK_STATS_FILE"  # a path: the Triton orchestrator keeps its stats there (tests, benchmarks)
@@ -147,9 +147,7 @@ class ContinuousBatcher:
     def _launch(self) -> tuple[Proposal, np.ndarray, Proposal | None]:
         assert self._pending is not None
         pending = self._pending
-        verify_len, draft = self.policy.plan(pending,
-                                             whole_block=bool(getattr(self.backend, "verifies_whole_block", False)),
-                                             widest=bool(getattr(self.backend, "verifies_widest", False)))
+        verify_len, draft = self.policy.plan(pending, **verify_shape(self.backend))
         self.counters["plain_rounds"] += int(not draft)
         kw = round_kwargs(draft)
         launch = getattr(self.backend, "launch", None)

@@ -35,10 +35,11 @@ def test_scheduled_greedy_equals_target_only(golden: tuple[TorchBackend, dict], 
     for res, want in zip(results, data["baseline"], strict=True):
         assert res.tokens == want["tokens"]
     lengths = [len(r["draft"]) for res in results for r in res.rounds]
-    if sps is STEEP:
-        assert max(lengths) == 0  # nothing is verified: one committed token per round
-    if sps is FLAT:
+    if sps is FLAT or sps is STEEP:
         # Admission continues while Θ strictly grows; survival products below ~1e-12 of τ no longer count.
+        # TorchBackend's round verifies every row's G+1 positions whatever ℓ is (verifies_whole_block), so a shorter
+        # ℓ saves nothing there and even the steep curve admits (where a cost grows with ℓ it admits nothing:
+        # test_scheduler.py::test_inverse_curve_admits_nothing)
         assert min(lengths) >= 1 and np.mean(lengths) > 3.0
 
 

@@ -164,6 +164,22 @@ def test_rounds_queued_behind_the_admission_decode_the_same(smoke_backend: CudaG
             assert runs["1", True, 0.0][0][0] == [eos[0]]
 
 
+def test_both_loops_plan_a_whole_block_round_as_the_batcher_does(smoke_backend: CudaGraphBackend) -> None:
+    """The round graph verifies every row's G + 1 positions whatever ℓ is, so under the confidence scheduler a
+    shorter ℓ saves nothing: runtime.generate and the benchmark's loop plan with the backend's round shape
+    (decode.verify_shape), as the serving batcher does, and verify all G drafts even where SPS falls steeply with
+    the verified tokens (an eager backend, whose verify cost grows with ℓ, verifies none there:
+    tests/runtime/test_scheduler_lossless.py)."""
+    steep = VerifyPolicy("schedule", sps={b: 1000.0 / b for b in range(1, 65)})
+    g = smoke_backend.info.block_size
+    target_only = decode_rounds(smoke_backend, PROMPTS, max_new_tokens=20, speculative=False).tokens
+    results = generate(smoke_backend, PROMPTS, GenerationParams(max_new_tokens=20, policy=steep))
+    run = decode_rounds(smoke_backend, PROMPTS, max_new_tokens=20, policy=steep)
+    for rounds in ([x.rounds for x in results], run.rounds):
+        assert {len(r["draft"]) for rr in rounds for r in rr} == {g}
+    assert [x.tokens for x in results] == run.tokens == target_only
+
+
 def test_select_keeps_the_remaining_rows_state(smoke_backend: CudaGraphBackend) -> None:
     be = smoke_backend
     full = decode_rounds(be, PROMPTS, max_new_tokens=20)
