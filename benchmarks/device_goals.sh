@@ -2,11 +2,12 @@
 # Issue 12's open measurements in one device call (about 7 minutes once a machine is up; its Gemma4 half ran on an
 # H100 on 2026-12-07, its H200 half on an H200 that evening, twice, in about 2 minutes each: docs/BENCH.md):
 # 1. on an H200 only, the goals run: fp8_bench's rounds at B = 1 (bf16, FP8, FP8 with LM head and draft quantized)
-#    as the code stands (DSPARK_ADMIT_AHEAD=0, the default), then with the first rounds queued behind the admission
-#    (the A/B the goal's last 0.3-0.5 % is asked of; AB_VAR=DSPARK_GLU_STORE MODES="1 0" repeats the SwiGLU
-#    store's), from the committed H200 GEMM choices (benchmarks/device_pdl.sh, AB_VAR; KINDS=bf16,fp8_head_draft
-#    for a call short of device time), then the queued admission's GPU test; its files land in $OUT/goals_h200/ as
-#    they are written, so a call cut by the session's device time still returns the half it finished;
+#    with the first rounds after the admission's sync (DSPARK_ADMIT_AHEAD=0), then queued behind it (1, the
+#    default since its H100 A/B; the A/B the goal's last 0.3-0.5 % is asked of; AB_VAR=DSPARK_GLU_STORE
+#    MODES="1 0" repeats the SwiGLU store's), from the committed H200 GEMM choices (benchmarks/device_pdl.sh,
+#    AB_VAR; KINDS=bf16,fp8_head_draft for a call short of device time), then the queued admission's GPU test;
+#    its files land in $OUT/goals_h200/ as they are written, so a call cut by the session's device time still
+#    returns the half it finished;
 # 2. on either card, the Gemma4-12B shape with the e4m3 soft-capped head and draft (kinds fp8, fp8_head_draft) as
 #    $OUT/gemma4_head_<card>.tgz, then the Gemma4 GPU tests of tests/targets/test_fp8_torch_target.py;
 # 3. the Gemma4-12B step by kernel with the head and draft in e4m3 (why its FP8 step runs further above its floor

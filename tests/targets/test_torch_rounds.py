@@ -146,6 +146,8 @@ def test_rounds_queued_behind_the_admission_decode_the_same(smoke_backend: CudaG
             _launch(verify_len, draft=draft)
 
         be.launch = counted  # type: ignore[method-assign]
+        monkeypatch.delenv("DSPARK_ADMIT_AHEAD", raising=False)
+        assert be.queues_admission  # on by default
         runs = {}
         for on in ("0", "1"):
             monkeypatch.setenv("DSPARK_ADMIT_AHEAD", on)

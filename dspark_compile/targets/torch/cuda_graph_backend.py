@@ -113,7 +113,7 @@ the GPU idle (docs/BENCH.md)."""
 ADMIT_AHEAD_ENV = "DSPARK_ADMIT_AHEAD"
 """1: the decode loops launch the rounds sure to run behind an admission before its sync
 (``RoundQueue.admit``), so the first round does not wait for the host's turn-around (``ROUNDS_IN_FLIGHT``'s
-~0.3 ms at batch 1, paid once per batch). Off by default until measured (docs/BENCH.md)."""
+~0.3-0.6 ms at batch 1, paid once per batch; measured on an H100, docs/BENCH.md). ``0`` turns it off."""
 
 
 class _Step:
@@ -457,8 +457,8 @@ class CudaGraphBackend:
     @property
     def queues_admission(self) -> bool:
         """Whether the decode loops queue the first rounds behind the admission (:meth:`admit_queued`):
-        ``DSPARK_ADMIT_AHEAD=1``, off by default until measured (docs/BENCH.md)."""
-        return kernels.switched_on(ADMIT_AHEAD_ENV, default=False)
+        on unless ``DSPARK_ADMIT_AHEAD=0`` (docs/BENCH.md)."""
+        return kernels.switched_on(ADMIT_AHEAD_ENV, default=True)
 
     def admit(self, input_ids: np.ndarray, lengths: np.ndarray, temperature: np.ndarray,
               seeds: np.ndarray) -> Proposal:
