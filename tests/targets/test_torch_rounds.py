@@ -170,8 +170,8 @@ def test_both_loops_plan_a_whole_block_round_as_the_batcher_does(smoke_backend: 
     """The round graph verifies every row's G + 1 positions whatever ℓ is, so under the confidence scheduler a
     shorter ℓ saves nothing: runtime.generate and the benchmark's loop plan with the backend's round shape
     (decode.verify_shape), as the serving batcher does, and verify all G drafts even where SPS falls steeply with
-    the verified tokens (an eager backend, whose verify cost grows with ℓ, verifies none there:
-    tests/runtime/test_scheduler_lossless.py)."""
+    the verified tokens (where a round's cost grows with ℓ the scheduler verifies none there:
+    tests/runtime/test_scheduler.py::test_inverse_curve_admits_nothing)."""
     steep = VerifyPolicy("schedule", sps={b: 1000.0 / b for b in range(1, 65)})
     g = smoke_backend.info.block_size
     target_only = decode_rounds(smoke_backend, PROMPTS, max_new_tokens=20, speculative=False).tokens

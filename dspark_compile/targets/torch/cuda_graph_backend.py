@@ -111,7 +111,7 @@ the GPU idle (docs/BENCH.md)."""
 
 
 ADMIT_AHEAD_ENV = "DSPARK_ADMIT_AHEAD"
-"""1: the decode loops launch the rounds sure to run behind an admission before its sync
+"""On by default: the decode loops launch the rounds sure to run behind an admission before its sync
 (``RoundQueue.admit``), so the first round does not wait for the host's turn-around (``ROUNDS_IN_FLIGHT``'s
 ~0.3-0.6 ms at batch 1, paid once per batch; measured on an H100, docs/BENCH.md). ``0`` turns it off."""
 
